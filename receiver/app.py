@@ -1,0 +1,117 @@
+"""The Starlette application: routes, lifespan, wiring. No decisions live here."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+
+from receiver.config import Settings
+from receiver.deliveries import DeliveryStore
+from receiver.flux.cluster import Cluster
+from receiver.giturls import normalise_repo_url
+from receiver.hookindex import HookIndex
+from receiver.http import error
+from receiver.ingest import IngestService
+from receiver.metrics import Metrics
+from receiver.reconcile import Reconciler
+from receiver.status_service import StatusService
+
+log = logging.getLogger(__name__)
+
+
+def url_normaliser(settings: Settings) -> Any:
+    aliases = dict(settings.host_aliases)
+    return lambda url: normalise_repo_url(url, aliases)
+
+
+@dataclass
+class Components:
+    settings: Settings
+    cluster: Cluster
+    metrics: Metrics
+    hooks: HookIndex
+    deliveries: DeliveryStore
+    reconciler: Reconciler
+    ingest: IngestService
+    statuses: StatusService
+
+
+def build(settings: Settings, cluster: Cluster, **status_kwargs: Any) -> Components:
+    metrics = Metrics()
+    hooks = HookIndex(cluster)
+    cluster.store.subscribe(hooks.on_store_change)
+    deliveries = DeliveryStore(settings.deliveries.max_count, settings.deliveries.max_age_seconds)
+    reconciler = Reconciler(cluster, deliveries, settings.reconcile, metrics, settings.cluster_name)
+    ingest = IngestService(settings, cluster, hooks, reconciler, deliveries, metrics)
+    statuses = StatusService(settings, cluster, metrics, **status_kwargs)
+    ingest.push_listeners.append(statuses.on_push_routed)
+    reconciler.listeners.append(statuses.on_target_changed)
+    return Components(settings, cluster, metrics, hooks, deliveries, reconciler, ingest, statuses)
+
+
+def create_app(settings: Settings, cluster: Cluster, **status_kwargs: Any) -> Starlette:
+    parts = build(settings, cluster, **status_kwargs)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await cluster.start()
+        await parts.hooks.refresh_all()
+        await parts.statuses.start()
+        log.info("gitea-flux-bridge started", extra={
+            "cluster": settings.cluster_name, "objects": len(cluster.store),
+            "receivers": len(parts.hooks)})
+        try:
+            yield
+        finally:
+            await parts.statuses.stop()
+            await parts.reconciler.stop()
+            await cluster.stop()
+
+    async def healthz(request: Request) -> Response:
+        return PlainTextResponse("ok")
+
+    async def readyz(request: Request) -> Response:
+        if not cluster.synced:
+            return error(503, "caches are not synced")
+        return JSONResponse({"status": "ready", "objects": len(cluster.store),
+                             "receivers": len(parts.hooks)})
+
+    async def metrics(request: Request) -> Response:
+        parts.metrics.status_queue_depth.set(parts.statuses.queue_depth)
+        return Response(generate_latest(parts.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        return error(exc.status_code, str(exc.detail).lower())
+
+    async def unhandled(request: Request, exc: Exception) -> Response:
+        # Never a traceback to the client; the log line carries the type, not the request body.
+        log.error("unhandled error", exc_info=exc)
+        return error(500, "internal error")
+
+    routes = [
+        Route("/hook/{digest}", parts.ingest.hook, methods=["POST"]),
+        Route("/deliveries/{id}", parts.ingest.delivery, methods=["GET"]),
+        Route("/events", parts.statuses.handle_event, methods=["POST"]),
+        Route("/badge/{path:path}", parts.statuses.badge, methods=["GET"]),
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/readyz", readyz, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+    ]
+    app = Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        exception_handlers={HTTPException: http_error, Exception: unhandled},
+    )
+    app.state.parts = parts
+    return app

@@ -1,0 +1,251 @@
+"""Commands: serve, plan, hook-url, sign, badge-url. Argument handling only; no decisions."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from receiver import __version__, signatures
+
+EXIT_OK = 0
+EXIT_PAYLOAD = 1  # plan: the payload lacks what routing needs (the service would answer 422)
+EXIT_USAGE = 2  # bad arguments, unreadable files, bad configuration or manifests
+
+
+def _fail(message: str, code: int = EXIT_USAGE) -> int:
+    print(f"gitea-flux-bridge: {message}", file=sys.stderr)
+    return code
+
+
+def _read(path: str) -> bytes:
+    if path == "-":
+        return sys.stdin.buffer.read()
+    return Path(path).read_bytes()
+
+
+def _token(path: str) -> str:
+    from receiver.config import read_secret_file
+
+    return read_secret_file(Path(path))
+
+
+# -- serve -----------------------------------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from receiver import logs
+    from receiver.app import create_app, url_normaliser
+    from receiver.config import ConfigError, load_settings
+    from receiver.flux.memory import ManifestError, MemoryCluster
+    from receiver.flux.store import ObjectStore
+
+    try:
+        settings = load_settings(
+            Path(args.config) if args.config else None,
+            overrides={
+                "listen": {k: v for k, v in (("host", args.host), ("port", args.port)) if v},
+                "manifests": args.manifests,
+                "log_level": args.log_level,
+            },
+        )
+    except ConfigError as exc:
+        return _fail(str(exc))
+    logs.configure(settings.log_level)
+    store = ObjectStore(url_normaliser(settings))
+    cluster: Any
+    if settings.manifests is not None:
+        try:
+            cluster = MemoryCluster.from_directory(store, settings.manifests)
+        except (ManifestError, OSError) as exc:
+            return _fail(f"cannot load manifests: {exc}")
+    else:
+        from receiver.flux.kube import KubeCluster
+
+        try:
+            cluster = KubeCluster.from_environment(store, settings.namespaces)
+        except Exception as exc:  # the client raises several types for a missing config
+            return _fail(f"cannot configure the Kubernetes client: {exc}")
+    app = create_app(settings, cluster)
+    uvicorn.run(
+        app,
+        host=settings.listen.host,
+        port=settings.listen.port,
+        loop="uvloop",
+        http="httptools",
+        log_config=None,
+        access_log=False,
+        server_header=False,
+        timeout_graceful_shutdown=20,
+        h11_max_incomplete_event_size=256 * 1024,
+    )
+    return EXIT_OK
+
+
+# -- plan ------------------------------------------------------------------------------------
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from receiver.app import url_normaliser
+    from receiver.config import ConfigError, load_settings
+    from receiver.flux.memory import ManifestError, MemoryCluster
+    from receiver.flux.store import ObjectStore
+    from receiver.gitea.payloads import PayloadError, parse_actions_body, parse_gitea_push
+    from receiver.routing import plan_push
+
+    try:
+        settings = load_settings(Path(args.config) if args.config else None)
+    except ConfigError as exc:
+        return _fail(str(exc))
+    store = ObjectStore(url_normaliser(settings))
+    try:
+        MemoryCluster.from_directory(store, Path(args.manifests))
+    except (ManifestError, OSError) as exc:
+        return _fail(f"cannot load manifests: {exc}")
+    receivers = store.list("Receiver")
+    if args.receiver:
+        namespace, _, name = args.receiver.partition("/")
+        receivers = [r for r in receivers if (r.namespace, r.name) == (namespace, name)]
+        if not receivers:
+            return _fail(f"no Receiver {args.receiver} in the manifests")
+    elif len(receivers) != 1:
+        return _fail(f"the manifests hold {len(receivers)} Receivers: name one with --receiver NS/NAME")
+    try:
+        raw = _read(args.payload)
+    except OSError as exc:
+        return _fail(f"cannot read payload: {exc.strerror}")
+    push = None
+    if raw.strip():
+        try:
+            doc = json.loads(raw)
+        except ValueError:
+            return _fail("payload is not valid JSON", EXIT_PAYLOAD)
+        try:
+            if isinstance(doc, dict) and isinstance(doc.get("repository"), dict):
+                push = parse_gitea_push(doc)
+            elif doc not in ({}, None):
+                push = parse_actions_body(doc)
+        except PayloadError as exc:
+            return _fail(f"payload rejected: {exc}", EXIT_PAYLOAD)
+    plan = plan_push(receivers[0], push, store,
+                     allow_cross_namespace=settings.allow_cross_namespace_refs)
+    print(json.dumps(plan.as_dict(), indent=2))
+    return EXIT_OK
+
+
+# -- hook-url, sign, badge-url ---------------------------------------------------------------
+
+
+def cmd_hook_url(args: argparse.Namespace) -> int:
+    try:
+        token = _token(args.token_file)
+    except Exception as exc:
+        return _fail(str(exc))
+    path = "/hook/" + signatures.hook_digest(token, args.name, args.namespace)
+    print((args.base_url.rstrip("/") if args.base_url else "") + path)
+    return EXIT_OK
+
+
+SIGN_SCHEMES = ("timestamped", "generic-hmac", "gitea", "hub", "bearer")
+
+
+def sign_headers(scheme: str, token: str, body: bytes, now: int, algorithm: str) -> dict[str, str]:
+    if scheme == "timestamped":
+        return {"X-Signature": signatures.sign_timestamped(token, body, now)}
+    if scheme == "generic-hmac":
+        return {"X-Signature": f"{algorithm}={signatures.hmac_hex(algorithm, token, body)}"}
+    if scheme == "gitea":
+        return {"X-Gitea-Signature": signatures.hmac_hex("sha256", token, body)}
+    if scheme == "hub":
+        return {"X-Hub-Signature-256": "sha256=" + signatures.hmac_hex("sha256", token, body)}
+    return {"Authorization": f"Bearer {token}"}
+
+
+def cmd_sign(args: argparse.Namespace) -> int:
+    try:
+        token = _token(args.token_file)
+        body = _read(args.body_file) if args.body_file else b""
+    except Exception as exc:
+        return _fail(str(exc))
+    headers = {"Content-Type": "application/json"} if body else {}
+    headers.update(sign_headers(args.scheme, token, body, int(args.timestamp or time.time()),
+                                args.algorithm))
+    for name, value in headers.items():
+        print(f"-H '{name}: {value}'" if args.format == "curl" else f"{name}: {value}")
+    return EXIT_OK
+
+
+def cmd_badge_url(args: argparse.Namespace) -> int:
+    from urllib.parse import urlencode
+
+    from receiver.badges import mint_badge_token
+
+    try:
+        key = _token(args.key_file)
+    except Exception as exc:
+        return _fail(str(exc))
+    token = mint_badge_token(key, args.owner, args.repo, args.branch)
+    query = urlencode({"branch": args.branch, "token": token})
+    print(f"{args.base_url.rstrip('/')}/badge/{args.owner}/{args.repo}.svg?{query}")
+    return EXIT_OK
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gitea-flux-bridge", description=__doc__)
+    p.add_argument("--version", action="version", version=__version__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="run the service")
+    s.add_argument("--config", help="YAML configuration file (also GFB_CONFIG)")
+    s.add_argument("--manifests", help="run on an in-memory cluster loaded from this directory")
+    s.add_argument("--host")
+    s.add_argument("--port", type=int)
+    s.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    s.set_defaults(func=cmd_serve)
+
+    s = sub.add_parser("plan", help="print what a push would reconcile, offline")
+    s.add_argument("--manifests", required=True)
+    s.add_argument("--payload", required=True, help="Gitea push JSON or Actions body; - for stdin")
+    s.add_argument("--receiver", help="NS/NAME, when the manifests hold several Receivers")
+    s.add_argument("--config")
+    s.set_defaults(func=cmd_plan)
+
+    s = sub.add_parser("hook-url", help="print a Receiver's /hook/<digest> path")
+    s.add_argument("--name", required=True)
+    s.add_argument("--namespace", required=True)
+    s.add_argument("--token-file", required=True)
+    s.add_argument("--base-url", help="prefix the path with this URL")
+    s.set_defaults(func=cmd_hook_url)
+
+    s = sub.add_parser("sign", help="print the headers a curl step sends for a body")
+    s.add_argument("--scheme", choices=SIGN_SCHEMES, default="timestamped")
+    s.add_argument("--token-file", required=True)
+    s.add_argument("--body-file", help="the exact bytes to send; - for stdin; none for no body")
+    s.add_argument("--algorithm", choices=["sha1", "sha256", "sha512"], default="sha256")
+    s.add_argument("--timestamp", type=int, help="unix time to sign (default: now)")
+    s.add_argument("--format", choices=["headers", "curl"], default="headers")
+    s.set_defaults(func=cmd_sign)
+
+    s = sub.add_parser("badge-url", help="mint a signed badge URL for a private repository")
+    s.add_argument("--key-file", required=True)
+    s.add_argument("--owner", required=True)
+    s.add_argument("--repo", required=True)
+    s.add_argument("--branch", required=True)
+    s.add_argument("--base-url", required=True)
+    s.set_defaults(func=cmd_badge_url)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    code: int = args.func(args)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,209 @@
+"""Settings: one YAML file, then `GFB_*` environment overrides, then CLI flags (pydantic).
+
+Secrets never appear here as values: a `SecretSource` names a file or a Kubernetes Secret.
+Unknown keys are errors, so a typo fails at start with the key's dotted name.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+ENV_PREFIX = "GFB_"
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names the offending key."""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SecretSource(_Model):
+    """Where a secret comes from: a file (mounted Secret) or a Kubernetes Secret key."""
+
+    file: Path | None = None
+    secret: str | None = Field(default=None, description="namespace/name of a Kubernetes Secret")
+    key: str = "token"
+
+    @model_validator(mode="after")
+    def _one_source(self) -> SecretSource:
+        if (self.file is None) == (self.secret is None):
+            raise ValueError("set exactly one of file or secret")
+        if self.secret is not None and self.secret.count("/") != 1:
+            raise ValueError("secret must be namespace/name")
+        return self
+
+
+class ListenConfig(_Model):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=1, le=65535)
+
+
+class RateLimitConfig(_Model):
+    requests_per_second: float = Field(default=50.0, gt=0)
+    burst: int = Field(default=100, ge=1)
+
+
+class ReconcileConfig(_Model):
+    source_timeout_seconds: float = Field(default=300.0, gt=0)
+    consumer_timeout_seconds: float = Field(default=900.0, gt=0)
+    coalesce_window_seconds: float = Field(default=0.5, ge=0)
+    patch_attempts: int = Field(default=5, ge=1)
+    poll_interval_seconds: float = Field(default=2.0, gt=0)
+
+
+class DeliveriesConfig(_Model):
+    max_count: int = Field(default=10_000, ge=1)
+    max_age_seconds: float = Field(default=3600.0, gt=0)
+    max_wait_seconds: float = Field(default=900.0, gt=0)
+
+
+class GiteaInstance(_Model):
+    name: str
+    url: str = Field(description="API base of the instance, e.g. https://gitea.example.com/sub")
+    token: SecretSource
+    hosts: list[str] = Field(default_factory=list, description="repository hosts it serves")
+    ca_bundle: Path | None = None
+    timeout_seconds: float = Field(default=10.0, gt=0)
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value.rstrip("/")
+
+
+class StatusConfig(_Model):
+    context_template: str = "flux/{cluster}/{kind}/{namespace}/{name}"
+    target_url_template: str = ""
+    queue_size: int = Field(default=10_000, ge=1)
+    max_attempts: int = Field(default=8, ge=1)
+    resync_interval_seconds: float = Field(default=300.0, gt=0)
+    lease_name: str = "gitea-flux-bridge-resync"
+    lease_duration_seconds: int = Field(default=60, ge=10)
+
+
+class EventsConfig(_Model):
+    hmac_token: SecretSource | None = None
+    bearer_token: SecretSource | None = None
+
+
+class InsecureConfig(_Model):
+    allow_unsigned_generic: bool = False
+    allow_unsigned_events: bool = False
+
+
+class Settings(_Model):
+    listen: ListenConfig = ListenConfig()
+    body_limit_bytes: int = Field(default=3 * 1024 * 1024, ge=1024)
+    rate_limit: RateLimitConfig = RateLimitConfig()
+    namespaces: list[str] = Field(default_factory=list)
+    cluster_name: str = "default"
+    host_aliases: dict[str, str] = Field(default_factory=dict)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    allow_cross_namespace_refs: bool = True
+    secret_cache_seconds: float = Field(default=30.0, ge=0)
+    delivery_dedupe_seconds: float = Field(default=3600.0, gt=0)
+    manifests: Path | None = None
+    reconcile: ReconcileConfig = ReconcileConfig()
+    deliveries: DeliveriesConfig = DeliveriesConfig()
+    gitea: list[GiteaInstance] = Field(default_factory=list)
+    statuses: StatusConfig = StatusConfig()
+    events: EventsConfig = EventsConfig()
+    badge_key: SecretSource | None = None
+    insecure: InsecureConfig = InsecureConfig()
+
+    @field_validator("cluster_name")
+    @classmethod
+    def _cluster_name(cls, value: str) -> str:
+        if not value or any(c in value for c in "{}\n"):
+            raise ValueError("must be a non-empty name without braces or newlines")
+        return value
+
+
+def _set_path(target: dict[str, Any], path: list[str], value: Any) -> None:
+    for part in path[:-1]:
+        nxt = target.get(part)
+        if not isinstance(nxt, dict):
+            nxt = {}
+            target[part] = nxt
+        target = nxt
+    target[path[-1]] = value
+
+
+def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    """`GFB_LISTEN__PORT=9000` -> {"listen": {"port": "9000"}}; YAML-parsed scalars and lists."""
+    result: dict[str, Any] = {}
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX) or name == ENV_PREFIX + "CONFIG":
+            continue
+        path = [p.lower() for p in name[len(ENV_PREFIX):].split("__") if p]
+        if path:
+            try:
+                value = yaml.safe_load(raw) if raw else raw
+            except yaml.YAMLError:
+                value = raw
+            _set_path(result, path, value)
+    return result
+
+
+def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _format_error(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(root)"
+        lines.append(f"{key}: {err['msg']}")
+    return "invalid configuration: " + "; ".join(lines)
+
+
+def load_settings(
+    path: Path | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    environ = os.environ if environ is None else environ
+    data: dict[str, Any] = {}
+    path = path or (Path(environ[ENV_PREFIX + "CONFIG"]) if environ.get(ENV_PREFIX + "CONFIG") else None)
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except OSError as exc:
+            raise ConfigError(f"cannot read configuration file {path}: {exc.strerror}") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"configuration file {path} is not valid YAML: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"configuration file {path} must hold a mapping")
+        data = loaded
+    data = _merge(data, env_overrides(environ))
+    data = _merge(data, {k: v for k, v in (overrides or {}).items() if v is not None})
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_error(exc)) from None
+
+
+def read_secret_file(path: Path) -> str:
+    """A secret from a file; one trailing newline (as `echo` leaves) is dropped."""
+    try:
+        value = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read secret file {path}: {exc.strerror}") from None
+    return value[:-1] if value.endswith("\n") else value

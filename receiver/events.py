@@ -1,0 +1,162 @@
+"""A Flux event, as notification-controller forwards it to a `generic(-hmac)` Provider. Pure.
+
+The body is Go's `json.Marshal` of fluxcd/pkg `eventv1.Event`. Everything is type-checked
+before use: a body that is not JSON is an `EventError` 400, one without what a status needs
+(the involved object, a reason) is 422. Metadata keys arrive unprefixed from
+notification-controller >= 1.8 (it strips `<group>/` and `event.toolkit.fluxcd.io/`), and
+prefixed from older ones; both are read, and the result is always unprefixed.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from receiver.flux.revisions import HELM_REVISION_META, commit_of
+
+EVENT_PREFIX = "event.toolkit.fluxcd.io/"
+SEVERITIES = frozenset({"trace", "info", "error"})
+# Internal keys notification-controller drops before forwarding; never keep them (the values
+# may be secrets or are meaningless to us).
+_DROPPED_KEYS = frozenset({"token", "checksum", "digest"})
+# A DNS-style API group before the slash: `kustomize.toolkit.fluxcd.io/revision`.
+_PREFIXED = re.compile(r"^[a-z0-9]([a-z0-9.-]*[a-z0-9])?\.[a-z0-9.-]+/(?P<key>[^/]+)$")
+
+
+class EventError(ValueError):
+    """The body is not a usable Flux event; `status` is the HTTP answer (400 or 422)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True, slots=True)
+class InvolvedObject:
+    kind: str
+    namespace: str
+    name: str
+    api_version: str = ""
+    uid: str = ""
+
+    @property
+    def group(self) -> str:
+        return self.api_version.rsplit("/", 1)[0] if "/" in self.api_version else ""
+
+
+@dataclass(frozen=True, slots=True)
+class FluxEvent:
+    involved: InvolvedObject
+    severity: str
+    reason: str
+    message: str = ""
+    timestamp: str = ""
+    reporting_controller: str = ""
+    metadata: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def revision(self) -> str:
+        """The revision Flux's `Event.GetRevision` returns: commit > originRevision > revision."""
+        for key in ("commit", "originRevision", "revision"):
+            value = self.metadata.get(key, "")
+            if value:
+                return value
+        return ""
+
+    @property
+    def commit(self) -> str | None:
+        """The full commit id the event names, if any (first key in GetRevision order that has one).
+
+        A HelmRelease's `revision` is a chart version, which names no commit by itself.
+        """
+        for key in ("commit", "originRevision", "revision"):
+            found = commit_of(self.metadata.get(key, ""))
+            if found:
+                return found
+        return None
+
+    @property
+    def chart_commit_prefix(self) -> str | None:
+        """The 12-hex commit prefix of a chart version `x.y.z+<12hex>` (reconcileStrategy Revision)."""
+        if self.involved.kind != "HelmRelease":
+            return None
+        match = HELM_REVISION_META.search(self.metadata.get("revision", ""))
+        return match.group(1) if match else None
+
+    @property
+    def commit_status_update(self) -> bool:
+        return self.metadata.get("commit_status") == "update"
+
+
+def _text(value: Any) -> str:
+    return value.strip() if isinstance(value, str) else ""
+
+
+def normalise_metadata(raw: Mapping[str, Any], group: str) -> dict[str, str]:
+    """Unprefixed keys; when several spellings of a key arrive, the strongest one wins.
+
+    Precedence mirrors notification-controller's combineEventMetadata: an unprefixed key (already
+    combined by NC >= 1.8) > the controller's own `<group>/key` > `event.toolkit.fluxcd.io/key`
+    (object annotations) > any other `<group>/key`.
+    """
+    ranked: dict[str, tuple[int, str]] = {}
+    for raw_key, raw_value in raw.items():
+        if not isinstance(raw_key, str) or not isinstance(raw_value, str):
+            continue
+        match = _PREFIXED.match(raw_key)
+        if match is None:
+            key, rank = raw_key, 3
+        else:
+            key = match.group("key")
+            prefix = raw_key[: -len(key)]
+            rank = 2 if group and prefix == group + "/" else 1 if prefix == EVENT_PREFIX else 0
+        if key in _DROPPED_KEYS:
+            continue
+        if key not in ranked or rank > ranked[key][0]:
+            ranked[key] = (rank, raw_value.strip())
+    return {key: value for key, (_, value) in ranked.items()}
+
+
+def parse_event(body: bytes) -> FluxEvent:
+    """Raw request bytes -> FluxEvent, or EventError (400 unreadable, 422 incomplete)."""
+    try:
+        doc = json.loads(body)
+    except (UnicodeDecodeError, ValueError):
+        raise EventError(400, "body is not valid JSON") from None
+    if not isinstance(doc, dict):
+        raise EventError(422, "event must be a JSON object")
+    involved_raw = doc.get("involvedObject")
+    if not isinstance(involved_raw, dict):
+        raise EventError(422, "event has no involvedObject")
+    involved = InvolvedObject(
+        kind=_text(involved_raw.get("kind")),
+        namespace=_text(involved_raw.get("namespace")),
+        name=_text(involved_raw.get("name")),
+        api_version=_text(involved_raw.get("apiVersion")),
+        uid=_text(involved_raw.get("uid")),
+    )
+    missing = [k for k in ("kind", "namespace", "name") if not getattr(involved, k)]
+    if missing:
+        raise EventError(422, "involvedObject lacks " + ", ".join(missing))
+    reason = _text(doc.get("reason"))
+    if not reason:
+        raise EventError(422, "event has no reason")
+    severity = _text(doc.get("severity")).lower()
+    if severity not in SEVERITIES:
+        raise EventError(422, "severity must be one of info, error, trace")
+    metadata_raw = doc.get("metadata")
+    if metadata_raw is not None and not isinstance(metadata_raw, dict):
+        raise EventError(422, "metadata must be an object of strings")
+    message = doc.get("message")
+    return FluxEvent(
+        involved=involved,
+        severity=severity,
+        reason=reason,
+        message=message if isinstance(message, str) else "",
+        timestamp=_text(doc.get("timestamp")),
+        reporting_controller=_text(doc.get("reportingController")),
+        metadata=normalise_metadata(metadata_raw or {}, involved.group),
+    )

@@ -1,0 +1,1 @@
+"""Typed views of Flux objects, revisions, and the two cluster backends."""

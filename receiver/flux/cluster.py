@@ -1,0 +1,65 @@
+"""The one small interface the service, `plan` and the tests share for talking to a cluster.
+
+Two implementations: `memory.MemoryCluster` (manifests from a directory; also plays Flux's part
+in tests) and `kube.KubeCluster` (the official client, list+watch). Both keep their objects in an
+`ObjectStore` and keep the webhook-path index of Receivers current.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Protocol
+
+from receiver.flux.objects import FluxObject, ObjectKey
+from receiver.flux.store import ObjectStore
+
+
+class ClusterError(Exception):
+    """A call to the cluster failed. `retryable` marks conflicts, throttling and 5xx."""
+
+    def __init__(self, message: str, *, status: int = 0, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.status = status
+        self.retryable = retryable
+
+
+class NotFound(ClusterError):
+    def __init__(self, message: str) -> None:
+        super().__init__(message, status=404)
+
+
+class Cluster(Protocol):
+    store: ObjectStore
+
+    @property
+    def synced(self) -> bool:
+        """True once every watched kind has been listed at least once."""
+        ...
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    async def read_secret(self, namespace: str, name: str, *, fresh: bool = False) -> Mapping[
+        str, bytes
+    ] | None:
+        """The Secret's decoded data, from a short-lived cache unless `fresh`. None if absent."""
+        ...
+
+    async def annotate(self, key: ObjectKey, annotations: Mapping[str, str]) -> FluxObject:
+        """JSON-merge-patch only these annotations; returns the patched object."""
+        ...
+
+    async def try_acquire_lease(self, name: str, holder: str, duration_seconds: int) -> bool:
+        """Hold (or renew) a coordination.k8s.io Lease; False while someone else holds it."""
+        ...
+
+
+def secret_token(data: Mapping[str, bytes] | None) -> str | None:
+    """The Receiver token: key `token`, used raw (untrimmed), as Flux does."""
+    if not data or "token" not in data:
+        return None
+    try:
+        return data["token"].decode()
+    except UnicodeDecodeError:
+        return None

@@ -1,0 +1,196 @@
+"""An in-memory cluster loaded from Flux YAML manifests: `serve --manifests DIR`, `plan`, tests.
+
+It behaves like the Kubernetes backend where the service can tell (annotate merges only the
+annotations and bumps resourceVersion; secrets are read whole) and it can play Flux's part in
+tests: mark a source as having fetched a revision, a consumer as applied or failed.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from receiver.flux.cluster import NotFound
+from receiver.flux.objects import API_VERSIONS, WATCHED_KINDS, FluxObject, ObjectKey
+from receiver.flux.store import ObjectStore
+
+
+class ManifestError(ValueError):
+    """A manifest file could not be read; the message names the file and document."""
+
+
+def load_documents(directory: Path) -> list[dict[str, Any]]:
+    files = sorted(p for p in directory.rglob("*") if p.suffix in (".yaml", ".yml") and p.is_file())
+    if not directory.is_dir():
+        raise ManifestError(f"{directory}: not a directory")
+    docs: list[dict[str, Any]] = []
+    for path in files:
+        try:
+            for index, doc in enumerate(yaml.safe_load_all(path.read_text())):
+                if doc is None:
+                    continue
+                if not isinstance(doc, dict) or not isinstance(doc.get("kind"), str):
+                    raise ManifestError(f"{path}: document {index} is not a Kubernetes object")
+                docs.append(doc)
+        except yaml.YAMLError as exc:
+            raise ManifestError(f"{path}: invalid YAML: {exc}") from None
+    return docs
+
+
+def _secret_data(doc: Mapping[str, Any]) -> dict[str, bytes]:
+    data: dict[str, bytes] = {}
+    for key, value in (doc.get("data") or {}).items():
+        data[str(key)] = base64.b64decode(str(value))
+    for key, value in (doc.get("stringData") or {}).items():
+        data[str(key)] = str(value).encode()
+    return data
+
+
+class MemoryCluster:
+    def __init__(self, store: ObjectStore) -> None:
+        self.store = store
+        self.secrets: dict[tuple[str, str], dict[str, bytes]] = {}
+        self.patches: list[tuple[ObjectKey, dict[str, str]]] = []
+        self.secret_reads = 0
+        self.fail_next_patches: list[int] = []  # HTTP-like statuses to fail the next patches with
+        self._leases: dict[str, tuple[str, float]] = {}
+        self._version = 0
+        self._synced = False
+
+    @classmethod
+    def from_directory(cls, store: ObjectStore, directory: Path) -> MemoryCluster:
+        cluster = cls(store)
+        cluster.load(load_documents(directory))
+        return cluster
+
+    def load(self, docs: Iterable[Mapping[str, Any]]) -> None:
+        for doc in docs:
+            self.apply(doc)
+
+    def apply(self, doc: Mapping[str, Any]) -> FluxObject | None:
+        """Create or replace one object (a Secret goes to the secret store)."""
+        doc = copy.deepcopy(dict(doc))
+        meta = doc.setdefault("metadata", {})
+        meta.setdefault("namespace", "default")
+        if doc.get("kind") == "Secret":
+            self.secrets[(meta["namespace"], meta.get("name", ""))] = _secret_data(doc)
+            return None
+        if doc.get("kind") not in WATCHED_KINDS:
+            return None
+        doc.setdefault("apiVersion", API_VERSIONS[doc["kind"]])
+        meta.setdefault("generation", 1)
+        self._version += 1
+        meta["resourceVersion"] = str(self._version)
+        return self.store.upsert(doc)
+
+    # -- Cluster protocol ----------------------------------------------------------------------
+
+    @property
+    def synced(self) -> bool:
+        return self._synced
+
+    async def start(self) -> None:
+        self._synced = True
+
+    async def stop(self) -> None:
+        self._synced = False
+
+    async def read_secret(
+        self, namespace: str, name: str, *, fresh: bool = False
+    ) -> Mapping[str, bytes] | None:
+        self.secret_reads += 1
+        return self.secrets.get((namespace, name))
+
+    async def annotate(self, key: ObjectKey, annotations: Mapping[str, str]) -> FluxObject:
+        if self.fail_next_patches:
+            from receiver.flux.cluster import ClusterError
+
+            status = self.fail_next_patches.pop(0)
+            raise ClusterError(
+                f"patch {key} failed with {status}", status=status, retryable=status >= 409
+            )
+        current = self.store.get(key)
+        if current is None:
+            raise NotFound(f"{key.kind} {key.namespace}/{key.name} not found")
+        raw = copy.deepcopy(dict(current.raw))
+        raw["metadata"].setdefault("annotations", {}).update(annotations)
+        self._version += 1
+        raw["metadata"]["resourceVersion"] = str(self._version)
+        self.patches.append((key, dict(annotations)))
+        return self.store.upsert(raw)
+
+    async def try_acquire_lease(self, name: str, holder: str, duration_seconds: int) -> bool:
+        now = time.monotonic()
+        current = self._leases.get(name)
+        if current is None or current[0] == holder or current[1] < now:
+            self._leases[name] = (holder, now + duration_seconds)
+            return True
+        return False
+
+    # -- playing Flux in tests -----------------------------------------------------------------
+
+    def _update_status(self, key: ObjectKey, **status: Any) -> FluxObject:
+        current = self.store.get(key)
+        if current is None:
+            raise NotFound(str(key))
+        raw = copy.deepcopy(dict(current.raw))
+        raw.setdefault("status", {}).update(status)
+        raw["status"]["observedGeneration"] = raw["metadata"].get("generation", 1)
+        handled = raw["metadata"].get("annotations", {}).get("reconcile.fluxcd.io/requestedAt")
+        if handled:
+            raw["status"]["lastHandledReconcileAt"] = handled
+        self._version += 1
+        raw["metadata"]["resourceVersion"] = str(self._version)
+        return self.store.upsert(raw)
+
+    @staticmethod
+    def _ready(ok: bool, reason: str, message: str) -> list[dict[str, str]]:
+        return [
+            {
+                "type": "Ready",
+                "status": "True" if ok else "False",
+                "reason": reason,
+                "message": message,
+                "lastTransitionTime": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            }
+        ]
+
+    def mark_source_fetched(self, key: ObjectKey, revision: str) -> FluxObject:
+        return self._update_status(
+            key,
+            artifact={"revision": revision},
+            conditions=self._ready(True, "Succeeded", f"stored artifact for revision '{revision}'"),
+        )
+
+    def mark_applied(self, key: ObjectKey, revision: str) -> FluxObject:
+        return self._update_status(
+            key,
+            lastAppliedRevision=revision,
+            lastAttemptedRevision=revision,
+            conditions=self._ready(True, "ReconciliationSucceeded", f"Applied revision: {revision}"),
+        )
+
+    def mark_progressing(self, key: ObjectKey, revision: str) -> FluxObject:
+        return self._update_status(
+            key,
+            lastAttemptedRevision=revision,
+            conditions=[
+                {"type": "Ready", "status": "Unknown", "reason": "Progressing",
+                 "message": f"Reconciliation in progress for revision {revision}"},
+                {"type": "Reconciling", "status": "True", "reason": "Progressing",
+                 "message": "Reconciliation in progress"},
+            ],
+        )
+
+    def mark_failed(
+        self, key: ObjectKey, revision: str, reason: str = "BuildFailed", message: str = "failed"
+    ) -> FluxObject:
+        return self._update_status(
+            key, lastAttemptedRevision=revision, conditions=self._ready(False, reason, message)
+        )

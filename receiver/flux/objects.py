@@ -1,0 +1,202 @@
+"""Typed, read-only views over Flux objects kept as plain dicts.
+
+The cache keeps what the API server (or a manifest file) gave us; these views give the routing
+and status code named accessors without copying or validating the whole object.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+RECONCILE_ANNOTATION = "reconcile.fluxcd.io/requestedAt"
+# Our own annotation prefix: extra paths for a consumer, and the like.
+BRIDGE_PREFIX = "gitea-flux-bridge.io/"
+PATHS_ANNOTATION = BRIDGE_PREFIX + "paths"
+
+SOURCE_GROUP = "source.toolkit.fluxcd.io"
+KUSTOMIZE_GROUP = "kustomize.toolkit.fluxcd.io"
+HELM_GROUP = "helm.toolkit.fluxcd.io"
+NOTIFICATION_GROUP = "notification.toolkit.fluxcd.io"
+
+# The versions served by the Flux release we target (flux2 v2.9.x); each CRD serves one.
+API_VERSIONS: dict[str, str] = {
+    "GitRepository": f"{SOURCE_GROUP}/v1",
+    "OCIRepository": f"{SOURCE_GROUP}/v1",
+    "Bucket": f"{SOURCE_GROUP}/v1",
+    "HelmChart": f"{SOURCE_GROUP}/v1",
+    "HelmRepository": f"{SOURCE_GROUP}/v1",
+    "Kustomization": f"{KUSTOMIZE_GROUP}/v1",
+    "HelmRelease": f"{HELM_GROUP}/v2",
+    "Receiver": f"{NOTIFICATION_GROUP}/v1",
+}
+# The kinds the bridge caches (list+watch) and may annotate.
+WATCHED_KINDS = ("Receiver", "GitRepository", "OCIRepository", "Kustomization", "HelmRelease")
+SOURCE_KINDS = frozenset({"GitRepository", "OCIRepository", "Bucket", "HelmChart", "HelmRepository"})
+CONSUMER_KINDS = frozenset({"Kustomization", "HelmRelease"})
+
+# Flux's receiver fills in apiVersion only for these kinds (receiver_handlers.go defaults);
+# Kustomization and HelmRelease entries must carry one.
+RECEIVER_DEFAULT_API_VERSIONS: dict[str, str] = {
+    "Bucket": f"{SOURCE_GROUP}/v1",
+    "HelmChart": f"{SOURCE_GROUP}/v1",
+    "HelmRepository": f"{SOURCE_GROUP}/v1",
+    "GitRepository": f"{SOURCE_GROUP}/v1",
+    "OCIRepository": f"{SOURCE_GROUP}/v1",
+    "ImageRepository": "image.toolkit.fluxcd.io/v1",
+    "ArtifactGenerator": "source.extensions.fluxcd.io/v1beta1",
+}
+
+
+class ObjectKey(NamedTuple):
+    """Identity of a namespaced object in the cache."""
+
+    kind: str
+    namespace: str
+    name: str
+
+    def __str__(self) -> str:
+        return f"{self.kind}/{self.namespace}/{self.name}"
+
+
+def _dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _str(value: Any) -> str:
+    return value if isinstance(value, str) else ""
+
+
+@dataclass(frozen=True, slots=True)
+class FluxObject:
+    """One cached object. `raw` is never mutated after it enters the cache."""
+
+    raw: Mapping[str, Any]
+
+    @property
+    def kind(self) -> str:
+        return _str(self.raw.get("kind"))
+
+    @property
+    def api_version(self) -> str:
+        return _str(self.raw.get("apiVersion")) or API_VERSIONS.get(self.kind, "")
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        return _dict(self.raw.get("metadata"))
+
+    @property
+    def name(self) -> str:
+        return _str(self.metadata.get("name"))
+
+    @property
+    def namespace(self) -> str:
+        return _str(self.metadata.get("namespace")) or "default"
+
+    @property
+    def key(self) -> ObjectKey:
+        return ObjectKey(self.kind, self.namespace, self.name)
+
+    @property
+    def labels(self) -> dict[str, str]:
+        return {k: v for k, v in _dict(self.metadata.get("labels")).items() if isinstance(v, str)}
+
+    @property
+    def annotations(self) -> dict[str, str]:
+        raw = _dict(self.metadata.get("annotations"))
+        return {k: v for k, v in raw.items() if isinstance(v, str)}
+
+    @property
+    def generation(self) -> int:
+        value = self.metadata.get("generation")
+        return value if isinstance(value, int) else 0
+
+    @property
+    def resource_version(self) -> str:
+        return _str(self.metadata.get("resourceVersion"))
+
+    @property
+    def spec(self) -> dict[str, Any]:
+        return _dict(self.raw.get("spec"))
+
+    @property
+    def status(self) -> dict[str, Any]:
+        return _dict(self.raw.get("status"))
+
+    @property
+    def suspended(self) -> bool:
+        return self.spec.get("suspend") is True
+
+    def condition(self, type_: str) -> dict[str, Any] | None:
+        for cond in self.status.get("conditions") or []:
+            if isinstance(cond, dict) and cond.get("type") == type_:
+                return cond
+        return None
+
+    def ref_dict(self) -> dict[str, str]:
+        return {
+            "apiVersion": self.api_version,
+            "kind": self.kind,
+            "namespace": self.namespace,
+            "name": self.name,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class SourceRef:
+    """A consumer's pointer to its source, with Flux's namespace defaulting applied."""
+
+    kind: str
+    namespace: str
+    name: str
+
+    @property
+    def key(self) -> ObjectKey:
+        return ObjectKey(self.kind, self.namespace, self.name)
+
+
+def consumer_source(obj: FluxObject) -> SourceRef | None:
+    """The source a Kustomization or HelmRelease reads from, or None if it has none we follow.
+
+    A HelmRelease with `spec.chart` names its source in `spec.chart.spec.sourceRef`; with
+    `spec.chartRef` it points at an OCIRepository/HelmChart directly.
+    """
+    spec = obj.spec
+    if obj.kind == "Kustomization":
+        ref = _dict(spec.get("sourceRef"))
+    elif obj.kind == "HelmRelease":
+        chart_spec = _dict(_dict(spec.get("chart")).get("spec"))
+        ref = _dict(chart_spec.get("sourceRef")) or _dict(spec.get("chartRef"))
+    else:
+        return None
+    kind, name = _str(ref.get("kind")), _str(ref.get("name"))
+    if not kind or not name:
+        return None
+    return SourceRef(kind, _str(ref.get("namespace")) or obj.namespace, name)
+
+
+def normalise_path(path: str) -> str:
+    """`./apps`, `apps/`, `/apps` and `apps` name the same directory; the root is ''."""
+    parts = [p for p in path.replace("\\", "/").split("/") if p not in ("", ".")]
+    return "/".join(parts)
+
+
+def consumer_paths(obj: FluxObject) -> tuple[str, ...]:
+    """The repository paths whose change touches a consumer (normalised, root = '')."""
+    paths: list[str] = []
+    if obj.kind == "Kustomization":
+        paths.append(normalise_path(_str(obj.spec.get("path"))))
+    elif obj.kind == "HelmRelease":
+        chart_spec = _dict(_dict(obj.spec.get("chart")).get("spec"))
+        chart = _str(chart_spec.get("chart"))
+        if chart:
+            paths.append(normalise_path(chart))
+        for values_file in chart_spec.get("valuesFiles") or []:
+            if isinstance(values_file, str):
+                paths.append(normalise_path(values_file))
+    extra = obj.annotations.get(PATHS_ANNOTATION, "")
+    for item in extra.replace(",", ";").split(";"):
+        if item.strip():
+            paths.append(normalise_path(item.strip()))
+    return tuple(dict.fromkeys(paths))

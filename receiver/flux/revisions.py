@@ -1,0 +1,128 @@
+"""Flux revision strings and "is this object done at commit S?". Pure.
+
+Revisions: `main@sha1:<hex>`, `v1.2.0@sha1:<hex>`, `sha1:<hex>`, `refs/pull/1/head@sha1:<hex>`,
+SHA-256 object names (`@sha256:<64 hex>`), and the legacy `main/<hex>` / bare `<hex>`. The hash
+is what follows the last ':' or else the last '/' (fluxcd/pkg ExtractHashFromRevision).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from receiver.flux.objects import FluxObject
+
+_HEX = re.compile(r"^(?:[0-9a-f]{40}|[0-9a-f]{64})$")
+HELM_REVISION_META = re.compile(r"\+([0-9a-f]{12})(?:\.\d+)?$")
+
+
+def commit_of(revision: str) -> str | None:
+    """The commit id a Git revision names, lower-case; None if it names none."""
+    if not isinstance(revision, str) or not revision.strip():
+        return None
+    text = revision.strip()
+    if ":" in text:
+        tail = text.rsplit(":", 1)[1]
+    elif "/" in text:
+        tail = text.rsplit("/", 1)[1]
+    else:
+        tail = text
+    tail = tail.lower()
+    return tail if _HEX.match(tail) else None
+
+
+def ref_of(revision: str) -> str | None:
+    """The named pointer of a revision (`main` in `main@sha1:...`), if it has one."""
+    if "@" in revision:
+        return revision.split("@", 1)[0] or None
+    if "/" in revision:
+        return revision.rsplit("/", 1)[0] or None
+    return None
+
+
+def same_commit(revision: str, sha: str) -> bool:
+    found = commit_of(revision)
+    return found is not None and found == sha.lower()
+
+
+def _helm_commit_prefix(chart_version: str) -> str | None:
+    """A HelmRelease from Git with reconcileStrategy Revision: `6.5.0+5394cb7f48ab[.3]`."""
+    match = HELM_REVISION_META.search(chart_version or "")
+    return match.group(1) if match else None
+
+
+# Target states a delivery reports, in the order they normally occur.
+QUEUED = "queued"
+ANNOTATED = "annotated"
+RECONCILING = "reconciling"
+READY = "ready"
+FAILED = "failed"
+TIMED_OUT = "timed_out"
+SKIPPED = "skipped"
+FINAL_STATES = frozenset({READY, FAILED, TIMED_OUT, SKIPPED})
+
+# Ready=False reasons that are terminal for this attempt (flux-status.md §5.4).
+_FAILURE_REASONS = frozenset({
+    "BuildFailed", "ReconciliationFailed", "HealthCheckFailed", "PruneFailed", "ArtifactFailed",
+    "ValidationFailed", "InstallFailed", "UpgradeFailed", "TestFailed", "RollbackFailed",
+    "UninstallFailed", "RetriesExceeded", "Remediated", "FetchFailed", "GitOperationFailed",
+    "StorageOperationFailed", "InvalidChartReference", "AccessDenied", "InvalidPath",
+})
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    state: str  # RECONCILING, READY or FAILED (never the bookkeeping states)
+    reason: str = ""
+    message: str = ""
+
+
+def _ready(obj: FluxObject) -> tuple[str, str, str]:
+    cond = obj.condition("Ready") or {}
+    return str(cond.get("status", "Unknown")), str(cond.get("reason", "")), str(cond.get("message", ""))
+
+
+def _current_generation(obj: FluxObject) -> bool:
+    observed = obj.status.get("observedGeneration")
+    return not isinstance(observed, int) or observed >= obj.generation
+
+
+def applied_revision(obj: FluxObject) -> str:
+    """The revision an object last applied (consumer) or fetched (source)."""
+    if obj.kind in ("GitRepository", "OCIRepository", "Bucket", "HelmChart"):
+        artifact = obj.status.get("artifact")
+        return str(artifact.get("revision", "")) if isinstance(artifact, dict) else ""
+    if obj.kind == "HelmRelease":
+        history = obj.status.get("history")
+        if isinstance(history, list) and history and isinstance(history[0], dict):
+            return str(history[0].get("chartVersion", ""))
+        return str(obj.status.get("lastAppliedRevision", ""))
+    return str(obj.status.get("lastAppliedRevision", ""))
+
+
+def attempted_revision(obj: FluxObject) -> str:
+    return str(obj.status.get("lastAttemptedRevision", "")) or applied_revision(obj)
+
+
+def _matches(obj: FluxObject, revision: str, sha: str) -> bool:
+    if obj.kind == "HelmRelease":
+        prefix = _helm_commit_prefix(revision)
+        if prefix is not None:
+            return sha.lower().startswith(prefix)
+        commit = obj.annotations.get("event.toolkit.fluxcd.io/commit", "")
+        return bool(commit) and commit.lower() == sha.lower()
+    return same_commit(revision, sha)
+
+
+def progress_at(obj: FluxObject, sha: str) -> Progress:
+    """Where an object stands for commit `sha` (flux-status.md §5.4, per kind)."""
+    status, reason, message = _ready(obj)
+    if status == "True" and _current_generation(obj) and _matches(obj, applied_revision(obj), sha):
+        return Progress(READY, reason, message)
+    stalled = obj.condition("Stalled") or {}
+    attempted_here = _matches(obj, attempted_revision(obj), sha)
+    if stalled.get("status") == "True" and attempted_here:
+        return Progress(FAILED, str(stalled.get("reason", reason)), str(stalled.get("message", "")))
+    if status == "False" and attempted_here and reason in _FAILURE_REASONS:
+        return Progress(FAILED, reason, message)
+    return Progress(RECONCILING, reason, message)

@@ -1,0 +1,134 @@
+"""The indexed object cache both cluster backends fill, and routing reads.
+
+Every lookup routing needs is a dict access, so the work per push does not grow with the
+number of cached objects: Git sources by normalised URL, consumers by source, objects by
+(kind, namespace) and by key. Mutations come from one place (`upsert` / `delete`), called on
+the event loop by the backend that owns the store.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from receiver.flux.objects import FluxObject, ObjectKey, SourceRef, consumer_source
+
+UrlNormaliser = Callable[[str], "str | None"]
+
+
+class ObjectStore:
+    def __init__(self, normalise_url: UrlNormaliser) -> None:
+        self._normalise_url = normalise_url
+        self._objects: dict[ObjectKey, FluxObject] = {}
+        self._by_kind_ns: dict[tuple[str, str], dict[str, FluxObject]] = defaultdict(dict)
+        self._sources_by_url: dict[str, set[ObjectKey]] = defaultdict(set)
+        self._url_of: dict[ObjectKey, str] = {}
+        self._consumers_by_source: dict[ObjectKey, set[ObjectKey]] = defaultdict(set)
+        self._source_of: dict[ObjectKey, ObjectKey] = {}
+        self._includers: dict[ObjectKey, set[ObjectKey]] = defaultdict(set)
+        self._includes_of: dict[ObjectKey, set[ObjectKey]] = {}
+        self._listeners: list[Callable[[str, FluxObject], None]] = []
+
+    # -- reads -------------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self._objects)
+
+    def get(self, key: ObjectKey) -> FluxObject | None:
+        return self._objects.get(key)
+
+    def list(
+        self, kind: str, namespace: str | None = None, labels: Mapping[str, str] | None = None
+    ) -> list[FluxObject]:
+        if namespace is None:
+            found: Iterable[FluxObject] = (o for o in self._objects.values() if o.kind == kind)
+        else:
+            found = self._by_kind_ns.get((kind, namespace), {}).values()
+        if labels:
+            return [o for o in found if all(o.labels.get(k) == v for k, v in labels.items())]
+        return list(found)
+
+    def sources_for_url(self, normalised_url: str) -> list[FluxObject]:
+        keys = self._sources_by_url.get(normalised_url, ())
+        return [self._objects[k] for k in sorted(keys)]
+
+    def consumers_of(self, source: ObjectKey) -> list[FluxObject]:
+        keys = self._consumers_by_source.get(source, ())
+        return [self._objects[k] for k in sorted(keys)]
+
+    def includers_of(self, source: ObjectKey) -> list[FluxObject]:
+        """GitRepositories that `spec.include` this one."""
+        keys = self._includers.get(source, ())
+        return [self._objects[k] for k in sorted(keys) if k in self._objects]
+
+    def normalise_url(self, url: str) -> str | None:
+        return self._normalise_url(url)
+
+    # -- writes ------------------------------------------------------------------------------
+
+    def subscribe(self, listener: Callable[[str, FluxObject], None]) -> None:
+        """Called with ("upsert"|"delete", object) after every change."""
+        self._listeners.append(listener)
+
+    def replace_all(self, kind: str, objects: Iterable[Mapping[str, Any]]) -> None:
+        """Make the cache hold exactly `objects` for `kind` (a fresh list after a relist)."""
+        fresh = {FluxObject(raw).key: raw for raw in objects}
+        for key in [k for k in self._objects if k.kind == kind and k not in fresh]:
+            self.delete(key)
+        for raw in fresh.values():
+            self.upsert(raw)
+
+    def upsert(self, raw: Mapping[str, Any]) -> FluxObject:
+        obj = FluxObject(raw)
+        key = obj.key
+        self._unindex(key)
+        self._objects[key] = obj
+        self._by_kind_ns[(key.kind, key.namespace)][key.name] = obj
+        if obj.kind == "GitRepository":
+            url = self._normalise_url(str(obj.spec.get("url") or ""))
+            if url:
+                self._url_of[key] = url
+                self._sources_by_url[url].add(key)
+            included = {
+                ObjectKey("GitRepository", key.namespace, str(inc["repository"]["name"]))
+                for inc in obj.spec.get("include") or []
+                if isinstance(inc, dict)
+                and isinstance(inc.get("repository"), dict)
+                and inc["repository"].get("name")
+            }
+            self._includes_of[key] = included
+            for inc_key in included:
+                self._includers[inc_key].add(key)
+        source: SourceRef | None = consumer_source(obj)
+        if source is not None:
+            self._source_of[key] = source.key
+            self._consumers_by_source[source.key].add(key)
+        for listener in self._listeners:
+            listener("upsert", obj)
+        return obj
+
+    def delete(self, key: ObjectKey) -> None:
+        obj = self._objects.get(key)
+        if obj is None:
+            return
+        self._unindex(key)
+        for listener in self._listeners:
+            listener("delete", obj)
+
+    def _unindex(self, key: ObjectKey) -> None:
+        if self._objects.pop(key, None) is None:
+            return
+        self._by_kind_ns[(key.kind, key.namespace)].pop(key.name, None)
+        url = self._url_of.pop(key, None)
+        if url is not None:
+            self._sources_by_url[url].discard(key)
+            if not self._sources_by_url[url]:
+                del self._sources_by_url[url]
+        for inc_key in self._includes_of.pop(key, set()):
+            self._includers[inc_key].discard(key)
+        source = self._source_of.pop(key, None)
+        if source is not None:
+            self._consumers_by_source[source].discard(key)
+            if not self._consumers_by_source[source]:
+                del self._consumers_by_source[source]

@@ -1,0 +1,1 @@
+"""Gitea: push payload models and the commit status client."""

@@ -1,0 +1,155 @@
+"""What a push says, read defensively from Gitea's webhook JSON or an Actions step's body.
+
+Gitea's payloads are large and vary by version; routing needs a handful of fields. Everything
+is checked for type before use (Argo CD's webhook CVEs were crashes on missing fields), and a
+payload without what routing needs is a `PayloadError` (HTTP 422), never an exception trace.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+_HEX = re.compile(r"^[0-9a-f]{40}$|^[0-9a-f]{64}$")
+MAX_PATHS = 20_000
+
+
+class PayloadError(ValueError):
+    """The payload lacks or garbles something routing needs (HTTP 422)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Push:
+    """A push, reduced to what routing and statuses need."""
+
+    repo_urls: tuple[str, ...]  # clone_url, html_url, ssh_url: any may match a source URL
+    full_name: str  # owner/repo, "" when unknown
+    ref: str  # full ref: refs/heads/main, refs/tags/v1.0.0
+    sha: str  # the commit the ref now points at ("" for a deletion)
+    paths: frozenset[str] = field(default_factory=frozenset)
+    # False when the file list may be missing changes (truncated commits, tag pushes,
+    # an Actions call that sent none): routing then touches every consumer.
+    paths_complete: bool = False
+    deleted: bool = False
+
+    @property
+    def branch(self) -> str | None:
+        return self.ref.removeprefix("refs/heads/") if self.ref.startswith("refs/heads/") else None
+
+    @property
+    def tag(self) -> str | None:
+        return self.ref.removeprefix("refs/tags/") if self.ref.startswith("refs/tags/") else None
+
+
+def _obj(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _text(value: Any) -> str:
+    return value.strip() if isinstance(value, str) else ""
+
+
+def _full_ref(ref: str) -> str:
+    if ref.startswith("refs/"):
+        return ref
+    return f"refs/heads/{ref}"
+
+
+def _sha(value: Any) -> str:
+    sha = _text(value).lower()
+    return sha if _HEX.match(sha) else ""
+
+
+def _is_zero(sha: str) -> bool:
+    return bool(sha) and set(sha) == {"0"}
+
+
+def _paths_of(commit: dict[str, Any]) -> set[str]:
+    found: set[str] = set()
+    for key in ("added", "removed", "modified"):
+        items = commit.get(key)
+        if isinstance(items, list):
+            found.update(p.strip().lstrip("/") for p in items if isinstance(p, str) and p.strip())
+    return found
+
+
+def parse_gitea_push(doc: Any) -> Push:
+    """A Gitea `push` webhook payload (JSON already decoded)."""
+    if not isinstance(doc, dict):
+        raise PayloadError("payload must be a JSON object")
+    repo = _obj(doc.get("repository"))
+    urls = tuple(u for u in (_text(repo.get(k)) for k in ("clone_url", "html_url", "ssh_url")) if u)
+    if not urls:
+        raise PayloadError("payload has no repository.clone_url, html_url or ssh_url")
+    ref = _text(doc.get("ref"))
+    if not ref:
+        raise PayloadError("payload has no ref")
+    after = _sha(doc.get("after"))
+    deleted = _is_zero(after)
+    # An annotated tag's `after` is the tag object; head_commit names the commit.
+    head = _sha(_obj(doc.get("head_commit")).get("id"))
+    sha = "" if deleted else (head or after)
+    if not sha and not deleted:
+        raise PayloadError("payload has no commit id (after / head_commit.id)")
+    commits = doc.get("commits")
+    commits = [c for c in commits if isinstance(c, dict)] if isinstance(commits, list) else []
+    paths: set[str] = set()
+    for commit in commits:
+        paths |= _paths_of(commit)
+    total = doc.get("total_commits")
+    # Gitea keeps only the newest FEED_MAX_COMMIT_NUM commits; older payloads lack the count.
+    complete = (
+        isinstance(total, int)
+        and total == len(commits)
+        and total > 0
+        and not ref.startswith("refs/tags/")
+        and len(paths) <= MAX_PATHS
+    )
+    return Push(
+        repo_urls=urls,
+        full_name=_text(repo.get("full_name")),
+        ref=_full_ref(ref),
+        sha=sha,
+        paths=frozenset(paths) if complete else frozenset(),
+        paths_complete=complete,
+        deleted=deleted,
+    )
+
+
+def parse_actions_body(doc: Any) -> Push:
+    """The optional JSON body of an Actions step: {repository, ref, sha, paths?}.
+
+    `repository` is a clone or web URL (`$GITHUB_SERVER_URL/$GITHUB_REPOSITORY`). Without
+    `paths` the file list is incomplete and every consumer of the matched source is touched.
+    """
+    if not isinstance(doc, dict):
+        raise PayloadError("body must be a JSON object")
+    repository = _text(doc.get("repository"))
+    if "://" not in repository and "@" not in repository:
+        raise PayloadError("repository must be the repository's URL")
+    ref = _text(doc.get("ref"))
+    if not ref:
+        raise PayloadError("ref is required")
+    sha = _sha(doc.get("sha"))
+    if not sha:
+        raise PayloadError("sha must be a full 40- or 64-character commit id")
+    raw_paths = doc.get("paths")
+    paths: set[str] = set()
+    complete = False
+    if isinstance(raw_paths, list):
+        if not all(isinstance(p, str) for p in raw_paths) or len(raw_paths) > MAX_PATHS:
+            raise PayloadError("paths must be a list of strings")
+        paths = {p.strip().lstrip("/") for p in raw_paths if p.strip()}
+        complete = bool(paths)
+    elif raw_paths is not None:
+        raise PayloadError("paths must be a list of strings")
+    full_name = "/".join(repository.rstrip("/").removesuffix(".git").split("/")[-2:])
+    return Push(
+        repo_urls=(repository,),
+        full_name=full_name,
+        ref=_full_ref(ref),
+        sha=sha,
+        paths=frozenset(paths),
+        paths_complete=complete,
+    )

@@ -1,0 +1,305 @@
+"""Annotate in Flux's `--with-source` order, coalesce bursts, retry, and follow each delivery.
+
+The decisions (what to annotate, what "done" means) live in `routing` and `flux.revisions`;
+this module is the shell that acts on them: it sends patches, listens to cache changes, and
+moves each delivery's targets through queued -> annotated -> reconciling -> ready | failed |
+timed out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from receiver.config import ReconcileConfig
+from receiver.deliveries import ROLE_ANNOTATE, Delivery, DeliveryStore
+from receiver.flux.cluster import Cluster, ClusterError
+from receiver.flux.objects import RECONCILE_ANNOTATION, FluxObject, ObjectKey, consumer_source
+from receiver.flux.revisions import (
+    ANNOTATED,
+    FAILED,
+    FINAL_STATES,
+    QUEUED,
+    READY,
+    RECONCILING,
+    TIMED_OUT,
+    attempted_revision,
+    progress_at,
+    same_commit,
+)
+from receiver.metrics import Metrics
+from receiver.routing import PHASE_SOURCE
+
+log = logging.getLogger(__name__)
+
+
+def request_value(delivery_id: str, now: datetime | None = None) -> str:
+    """A `requestedAt` value unique to the delivery: RFC 3339 nano time, as the flux CLI, + id."""
+    now = now or datetime.now(UTC)
+    stamp = now.strftime("%Y-%m-%dT%H:%M:%S.%f") + "000Z"
+    return f"{stamp} {delivery_id}"
+
+
+@dataclass
+class PatchOutcome:
+    ok: bool
+    value: str = ""
+    error: str = ""
+    status: int = 0
+
+
+@dataclass
+class _KeyState:
+    last_sent: float = -1e9
+    trailing: asyncio.Future[PatchOutcome] | None = None
+    trailing_delivery: str = ""
+    deliveries: list[str] = field(default_factory=list)
+
+
+class PatchCoalescer:
+    """At most two patches per object per window: one at once, one trailing for the rest."""
+
+    def __init__(
+        self, cluster: Cluster, config: ReconcileConfig, metrics: Metrics,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._cluster = cluster
+        self._config = config
+        self._metrics = metrics
+        self._clock = clock
+        self._keys: dict[ObjectKey, _KeyState] = {}
+
+    def request(self, key: ObjectKey, delivery_id: str) -> tuple[asyncio.Future[PatchOutcome], bool]:
+        """Ask for a patch; returns (its outcome, whether it is being sent right now)."""
+        loop = asyncio.get_running_loop()
+        state = self._keys.setdefault(key, _KeyState())
+        now = self._clock()
+        window = self._config.coalesce_window_seconds
+        if state.trailing is None and now - state.last_sent >= window:
+            state.last_sent = now
+            return asyncio.ensure_future(self._send(key, delivery_id)), True
+        self._metrics.patches_coalesced.inc()
+        if state.trailing is None:
+            state.trailing = loop.create_future()
+            delay = max(0.0, state.last_sent + window - now)
+            loop.call_later(delay, self._flush_trailing, key)
+        state.trailing_delivery = delivery_id
+        return state.trailing, False
+
+    def _flush_trailing(self, key: ObjectKey) -> None:
+        state = self._keys[key]
+        future, state.trailing = state.trailing, None
+        state.last_sent = self._clock()
+        if future is None:
+            return
+        task = asyncio.ensure_future(self._send(key, state.trailing_delivery))
+
+        def _done(t: asyncio.Task[PatchOutcome]) -> None:
+            if not future.done():
+                future.set_result(t.result())
+
+        task.add_done_callback(_done)
+
+    async def _send(self, key: ObjectKey, delivery_id: str) -> PatchOutcome:
+        value = request_value(delivery_id)
+        attempts = self._config.patch_attempts
+        for attempt in range(1, attempts + 1):
+            started = time.perf_counter()
+            try:
+                await self._cluster.annotate(key, {RECONCILE_ANNOTATION: value})
+            except ClusterError as exc:
+                self._metrics.kube_latency.labels("patch", "true").observe(
+                    time.perf_counter() - started)
+                if exc.retryable and attempt < attempts:
+                    await asyncio.sleep(min(5.0, 0.1 * 2**attempt) * (0.5 + random.random()))  # noqa: S311
+                    continue
+                self._metrics.annotate_errors.labels(key.kind, str(exc.status or "error")).inc()
+                return PatchOutcome(False, error=str(exc), status=exc.status)
+            self._metrics.kube_latency.labels("patch", "false").observe(
+                time.perf_counter() - started)
+            self._metrics.targets_annotated.labels(key.kind).inc()
+            return PatchOutcome(True, value=value)
+        return PatchOutcome(False, error="no attempt made")  # unreachable with attempts >= 1
+
+
+DeliveryListener = Callable[[Delivery, ObjectKey, str], None]
+
+
+class Reconciler:
+    def __init__(
+        self,
+        cluster: Cluster,
+        deliveries: DeliveryStore,
+        config: ReconcileConfig,
+        metrics: Metrics,
+        cluster_name: str,
+    ) -> None:
+        self._cluster = cluster
+        self._deliveries = deliveries
+        self._config = config
+        self._metrics = metrics
+        self._cluster_name = cluster_name
+        self.patches = PatchCoalescer(cluster, config, metrics)
+        self._watching: dict[ObjectKey, set[str]] = defaultdict(set)
+        self._tokens: dict[tuple[str, ObjectKey], str] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.listeners: list[DeliveryListener] = []
+        cluster.store.subscribe(self._on_change)
+
+    # -- entry point -----------------------------------------------------------------------
+
+    async def start_delivery(self, delivery: Delivery, wait_seconds: float = 3.0) -> None:
+        """Register a delivery, send its source patches, and wait briefly for the ones sent now.
+
+        Consumers are annotated later, when their source reports the pushed commit.
+        """
+        self._deliveries.add(delivery)
+        for key in delivery.targets:
+            self._watching[key].add(delivery.id)
+            obj = self._cluster.store.get(key)
+            if obj is not None and obj.kind != "GitRepository":
+                src = consumer_source(obj)
+                if src is not None:
+                    self._watching[src.key].add(delivery.id)
+        immediate: list[asyncio.Future[PatchOutcome]] = []
+        for key, target in list(delivery.targets.items()):
+            if target.role == ROLE_ANNOTATE and target.target.phase == PHASE_SOURCE:
+                future, now = self.patches.request(key, delivery.id)
+                self._spawn(self._after_patch(delivery, key, future))
+                if now:
+                    immediate.append(future)
+        # Consumers of a source whose commit is already there need no wait.
+        self._spawn(self._evaluate(delivery))
+        self._spawn(self._deadline(delivery))
+        if immediate:
+            await asyncio.wait(immediate, timeout=wait_seconds)
+            await asyncio.sleep(0)  # let _after_patch record the outcome
+
+    def _spawn(self, coro: object) -> None:
+        task = asyncio.ensure_future(coro)  # type: ignore[arg-type]
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _after_patch(
+        self, delivery: Delivery, key: ObjectKey, future: asyncio.Future[PatchOutcome]
+    ) -> None:
+        outcome = await future
+        if outcome.ok:
+            self._tokens[(delivery.id, key)] = outcome.value
+            await self._set(delivery, key, ANNOTATED)
+            await self._evaluate(delivery)
+        else:
+            await self._set(delivery, key, FAILED, "AnnotateFailed", outcome.error)
+            await self._evaluate(delivery)
+
+    async def _set(self, delivery: Delivery, key: ObjectKey, state: str, reason: str = "",
+                   message: str = "") -> None:
+        if await delivery.set_state(key, state, reason, message):
+            if state == READY and delivery.targets[key].target.phase != PHASE_SOURCE:
+                self._metrics.lead_time.labels(self._cluster_name).observe(
+                    time.monotonic() - delivery.received)
+            for listener in self.listeners:
+                listener(delivery, key, state)
+            if delivery.final:
+                self._finish(delivery)
+
+    def _finish(self, delivery: Delivery) -> None:
+        self._metrics.deliveries.labels(delivery.outcome()).inc()
+        for key in list(self._watching):
+            self._watching[key].discard(delivery.id)
+            if not self._watching[key]:
+                del self._watching[key]
+            self._tokens.pop((delivery.id, key), None)
+
+    # -- following progress ----------------------------------------------------------------
+
+    def _on_change(self, op: str, obj: FluxObject) -> None:
+        ids = self._watching.get(obj.key)
+        if not ids:
+            return
+        for id_ in list(ids):
+            delivery = self._deliveries.get(id_)
+            if delivery is not None:
+                self._spawn(self._evaluate(delivery))
+
+    def _progress(self, delivery: Delivery, key: ObjectKey, obj: FluxObject) -> tuple[str, str, str]:
+        if delivery.sha:
+            p = progress_at(obj, delivery.sha)
+            return p.state, p.reason, p.message
+        # No commit known (a bare Actions call): done when our request was handled.
+        token = self._tokens.get((delivery.id, key))
+        if token is None or obj.status.get("lastHandledReconcileAt") != token:
+            return RECONCILING, "", ""
+        cond = obj.condition("Ready") or {}
+        state = {"True": READY, "False": FAILED}.get(str(cond.get("status")), RECONCILING)
+        return state, str(cond.get("reason", "")), str(cond.get("message", ""))
+
+    def _source_ready(self, delivery: Delivery, consumer: FluxObject) -> bool | None:
+        """Has the consumer's source got the pushed commit? None: it never will (failed)."""
+        src_ref = consumer_source(consumer)
+        src = self._cluster.store.get(src_ref.key) if src_ref else None
+        if src is None:
+            return False
+        mine = delivery.targets.get(src.key)
+        if mine is not None and mine.state in (FAILED, TIMED_OUT):
+            return None
+        if not delivery.sha:
+            return mine is None or mine.state == READY
+        return progress_at(src, delivery.sha).state == READY
+
+    async def _evaluate(self, delivery: Delivery) -> None:
+        store = self._cluster.store
+        for key, target in list(delivery.targets.items()):
+            if target.state in FINAL_STATES:
+                continue
+            obj = store.get(key)
+            if obj is None:
+                await self._set(delivery, key, FAILED, "NotFound", "object was deleted")
+                continue
+            is_source = target.target.phase == PHASE_SOURCE
+            if not is_source and target.role == ROLE_ANNOTATE and target.state == QUEUED:
+                ready = self._source_ready(delivery, obj)
+                if ready is None:
+                    await self._set(delivery, key, FAILED, "SourceFailed",
+                                    "its source did not get the pushed commit")
+                    continue
+                if not ready:
+                    continue
+                if delivery.sha and same_commit(attempted_revision(obj), delivery.sha):
+                    # Flux already started on this commit by itself: annotating is redundant.
+                    await self._set(delivery, key, RECONCILING, "AlreadyStarted", "")
+                else:
+                    future, _ = self.patches.request(key, delivery.id)
+                    self._spawn(self._after_patch(delivery, key, future))
+                    continue
+            if target.state == QUEUED and is_source:
+                continue  # its patch is still on the way
+            state, reason, message = self._progress(delivery, key, obj)
+            if state == RECONCILING and target.state == ANNOTATED and not reason:
+                continue
+            await self._set(delivery, key, state, reason, message)
+
+    async def _deadline(self, delivery: Delivery) -> None:
+        await asyncio.sleep(self._config.source_timeout_seconds)
+        for key, target in list(delivery.targets.items()):
+            if target.target.phase == PHASE_SOURCE and target.state not in FINAL_STATES:
+                await self._set(delivery, key, TIMED_OUT, "SourceTimeout",
+                                f"no pushed commit after {self._config.source_timeout_seconds:g}s")
+        await self._evaluate(delivery)
+        rest = self._config.consumer_timeout_seconds - self._config.source_timeout_seconds
+        await asyncio.sleep(max(0.0, rest))
+        for key, target in list(delivery.targets.items()):
+            if target.state not in FINAL_STATES:
+                await self._set(delivery, key, TIMED_OUT, "Timeout",
+                                f"not ready after {self._config.consumer_timeout_seconds:g}s")
+
+    async def stop(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)

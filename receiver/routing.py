@@ -1,0 +1,270 @@
+"""Push + Receiver + cache -> the ordered objects to annotate, the ones to follow, and why. Pure.
+
+The decisions, in the order a reader meets them:
+1. which GitRepositories the push feeds (normalised URL, then `spec.ref` with Flux's precedence);
+2. which GitRepositories include those (annotated after them, as Flux needs);
+3. which consumers (Kustomizations, HelmReleases from Git) the changed files touch;
+4. what the Receiver's `resources` allow us to annotate (listed), and what we only track.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from receiver.flux.objects import (
+    CONSUMER_KINDS,
+    SOURCE_KINDS,
+    FluxObject,
+    ObjectKey,
+    consumer_paths,
+    consumer_source,
+)
+from receiver.flux.store import ObjectStore
+from receiver.gitea.payloads import Push
+from receiver.resources import Resolved, resolve_resources
+from receiver.semver import ConstraintError, tag_selected
+
+PHASE_SOURCE = "source"
+PHASE_CONSUMER = "consumer"
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    api_version: str
+    kind: str
+    namespace: str
+    name: str
+    reason: str
+
+    @property
+    def key(self) -> ObjectKey:
+        return ObjectKey(self.kind, self.namespace, self.name)
+
+    @property
+    def phase(self) -> str:
+        return PHASE_SOURCE if self.kind in SOURCE_KINDS else PHASE_CONSUMER
+
+    def as_dict(self) -> dict[str, str]:
+        return {
+            "apiVersion": self.api_version,
+            "kind": self.kind,
+            "namespace": self.namespace,
+            "name": self.name,
+            "reason": self.reason,
+        }
+
+
+def _target(obj: FluxObject, reason: str) -> Target:
+    return Target(obj.api_version, obj.kind, obj.namespace, obj.name, reason)
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    receiver: str
+    targets: tuple[Target, ...]  # annotate in this order: sources, then consumers
+    tracked: tuple[Target, ...]  # touched consumers, listed or not: what a delivery follows
+    skipped: tuple[Target, ...] = field(default=())
+
+    @property
+    def sources(self) -> tuple[Target, ...]:
+        return tuple(t for t in self.targets if t.phase == PHASE_SOURCE)
+
+    @property
+    def consumers(self) -> tuple[Target, ...]:
+        return tuple(t for t in self.targets if t.phase == PHASE_CONSUMER)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "receiver": self.receiver,
+            "targets": [t.as_dict() for t in self.targets],
+            "tracked": [t.as_dict() for t in self.tracked],
+            "skipped": [t.as_dict() for t in self.skipped],
+        }
+
+
+# -- 1. refs -------------------------------------------------------------------------------
+
+
+def ref_match(spec_ref: Any, push: Push) -> tuple[bool, str]:
+    """Would a GitRepository with this `spec.ref` take the pushed ref? With the reason.
+
+    Flux's effective precedence is commit > name > tag > semver > branch, and no ref at all
+    means branch `master` (not the remote's default branch).
+    """
+    ref = spec_ref if isinstance(spec_ref, dict) else {}
+
+    def field_(name: str) -> str:
+        value = ref.get(name)
+        return value.strip() if isinstance(value, str) else ""
+
+    if field_("commit"):
+        return False, "pinned to a commit"
+    if name := field_("name"):
+        return (name == push.ref), f"ref name {name}"
+    if tag := field_("tag"):
+        return (push.tag == tag), f"tag {tag}"
+    if constraint := field_("semver"):
+        if push.tag is None:
+            return False, f"semver {constraint} follows tags"
+        try:
+            selected = tag_selected(push.tag, constraint)
+        except ConstraintError:
+            return False, f"invalid semver constraint {constraint!r}"
+        return selected, f"semver {constraint}"
+    branch = field_("branch") or "master"
+    return (push.branch == branch), f"branch {branch}"
+
+
+# -- 3. paths ------------------------------------------------------------------------------
+
+
+def _under(path: str, directory: str) -> bool:
+    return directory == "" or path == directory or path.startswith(directory + "/")
+
+
+def touched_paths(paths: Iterable[str], directories: Iterable[str]) -> list[str]:
+    dirs = list(directories)
+    return sorted(p for p in paths if any(_under(p, d) for d in dirs))
+
+
+def consumer_touch(
+    consumer: FluxObject, push: Push, known_paths: frozenset[str], via_include: bool
+) -> str | None:
+    """Why the push touches this consumer of a matched source, or None if it does not."""
+    if via_include:
+        return "its source includes the pushed repository"
+    if not push.paths_complete:
+        return "file list incomplete: every consumer of the source counts as touched"
+    if consumer.kind == "HelmRelease":
+        chart_spec = (consumer.spec.get("chart") or {}).get("spec") or {}
+        if isinstance(chart_spec, dict) and chart_spec.get("reconcileStrategy") == "Revision":
+            return "chart reconcileStrategy Revision: every commit is a new chart version"
+    hits = touched_paths(push.paths, consumer_paths(consumer))
+    if hits:
+        return f"changed files under its path: {', '.join(hits[:3])}" + (
+            f" (+{len(hits) - 3} more)" if len(hits) > 3 else ""
+        )
+    orphans = [p for p in push.paths if not any(_under(p, d) for d in known_paths)]
+    if orphans:
+        return f"changed file outside every known path of the source: {sorted(orphans)[0]}"
+    return None
+
+
+# -- the plan ------------------------------------------------------------------------------
+
+
+def _sorted_sources(objs: Iterable[FluxObject]) -> list[FluxObject]:
+    return sorted(objs, key=lambda o: o.key)
+
+
+def plan_without_push(receiver: FluxObject, resolved: Resolved) -> Plan:
+    """No push details (a bare Actions call): reconcile the listed resources, as Flux does."""
+    targets: list[Target] = []
+    skipped: list[Target] = [
+        Target(i.api_version, i.kind, i.namespace, i.name, i.reason) for i in resolved.issues
+    ]
+    ordered = sorted(resolved.objects, key=lambda o: (o.kind not in SOURCE_KINDS, o.key))
+    for obj in ordered:
+        if obj.suspended:
+            skipped.append(_target(obj, "suspended"))
+        else:
+            targets.append(_target(obj, "listed in the receiver (no push details)"))
+    tracked = tuple(t for t in targets if t.kind in CONSUMER_KINDS)
+    return Plan(f"{receiver.namespace}/{receiver.name}", tuple(targets), tracked, tuple(skipped))
+
+
+def plan_push(
+    receiver: FluxObject,
+    push: Push | None,
+    store: ObjectStore,
+    *,
+    allow_cross_namespace: bool = True,
+) -> Plan:
+    resolved = resolve_resources(receiver, store, allow_cross_namespace=allow_cross_namespace)
+    if push is None:
+        return plan_without_push(receiver, resolved)
+    listed = resolved.keys
+    skipped: dict[ObjectKey, Target] = {}
+    # Entries of spec.resources that could not be used are always reported.
+    issues = {
+        t.key: t
+        for t in (Target(i.api_version, i.kind, i.namespace, i.name, i.reason)
+                  for i in resolved.issues)
+    }
+
+    # 1. sources fed by the pushed repository and ref
+    candidates: dict[ObjectKey, FluxObject] = {}
+    for url in push.repo_urls:
+        normalised = store.normalise_url(url)
+        if normalised:
+            for src in store.sources_for_url(normalised):
+                candidates[src.key] = src
+    matched: dict[ObjectKey, tuple[FluxObject, str]] = {}
+    for src in _sorted_sources(candidates.values()):
+        if push.deleted:
+            skipped[src.key] = _target(src, "the push deletes the ref")
+            continue
+        ok, why = ref_match(src.spec.get("ref"), push)
+        if not ok:
+            skipped[src.key] = _target(src, f"{why} does not take {push.ref}")
+        elif src.suspended:
+            skipped[src.key] = _target(src, "suspended")
+        else:
+            matched[src.key] = (src, f"repository and {why} match the push")
+
+    # 2. sources that include a matched one, transitively, after it
+    included_by_push: set[ObjectKey] = set()
+    frontier = list(matched)
+    while frontier:
+        inner = frontier.pop(0)
+        for outer in store.includers_of(inner):
+            if outer.key in matched or outer.suspended:
+                continue
+            matched[outer.key] = (outer, f"includes {inner.kind}/{inner.namespace}/{inner.name}")
+            included_by_push.add(outer.key)
+            frontier.append(outer.key)
+
+    # 3. consumers of matched sources that the changed files touch
+    touched: dict[ObjectKey, Target] = {}
+    for src_key, (_src, _) in matched.items():
+        consumers = store.consumers_of(src_key)
+        known = frozenset(p for c in consumers for p in consumer_paths(c))
+        for consumer in consumers:
+            if consumer.key in touched:
+                continue
+            why_touch = consumer_touch(consumer, push, known, src_key in included_by_push)
+            if why_touch is None:
+                skipped.setdefault(
+                    consumer.key, _target(consumer, "no changed file under its paths")
+                )
+            elif consumer.suspended:
+                skipped[consumer.key] = _target(consumer, "suspended")
+            else:
+                touched[consumer.key] = _target(consumer, why_touch)
+                skipped.pop(consumer.key, None)
+
+    # 4. annotate only what the Receiver lists; track every touched consumer
+    targets = [
+        _target(src, why) for key, (src, why) in matched.items() if key in listed
+    ] + [t for key, t in sorted(touched.items()) if key in listed]
+    for obj in resolved.objects:
+        if obj.key in matched or obj.key in touched or obj.key in skipped:
+            continue
+        if obj.kind in SOURCE_KINDS:
+            reason = "not a source of the pushed repository"
+        else:
+            source = consumer_source(obj)
+            reason = (
+                f"its source {source.kind}/{source.namespace}/{source.name} is not fed by the push"
+                if source
+                else "has no source the bridge follows"
+            )
+        skipped[obj.key] = _target(obj, reason)
+    return Plan(
+        receiver=f"{receiver.namespace}/{receiver.name}",
+        targets=tuple(targets),
+        tracked=tuple(t for _, t in sorted(touched.items())),
+        skipped=tuple(t for _, t in sorted({**skipped, **issues}.items())),
+    )

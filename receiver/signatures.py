@@ -1,0 +1,156 @@
+"""Every request-signature scheme the bridge accepts. Pure: no I/O, no clock of its own.
+
+One function per Receiver type, in the spirit of notification-controller's handlers: each takes
+the request headers, the bytes the sender signed and the Receiver's token, and returns a
+`Verdict`. Comparisons are constant-time (`hmac.compare_digest`); a verdict never says *why*
+a signature failed beyond a short internal reason that is logged, never sent to the client.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+TIMESTAMP_TOLERANCE_SECONDS = 300
+
+_HASHES = {"sha1": hashlib.sha1, "sha256": hashlib.sha256, "sha512": hashlib.sha512}
+_HEX_LENGTHS = {"sha1": 40, "sha256": 64, "sha512": 128}
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    ok: bool
+    scheme: str
+    # Why it failed, for logs and metrics only ("missing", "mismatch", "stale", ...).
+    reason: str = ""
+    # For one-time signatures: the value the caller must remember until `replay_until`.
+    replay_key: str = ""
+    replay_until: float = 0.0
+
+
+def hook_digest(token: str, name: str, namespace: str) -> str:
+    """Flux's webhook path digest: hex(sha256(token + name + namespace)), no separators."""
+    return hashlib.sha256((token + name + namespace).encode()).hexdigest()
+
+
+def hmac_hex(algorithm: str, key: str | bytes, message: bytes) -> str:
+    key_bytes = key.encode() if isinstance(key, str) else key
+    return hmac.new(key_bytes, message, _HASHES[algorithm]).hexdigest()
+
+
+def _equal_hex(expected: str, given: str) -> bool:
+    return hmac.compare_digest(expected.encode(), given.strip().lower().encode("ascii", "replace"))
+
+
+def _split_prefixed(value: str) -> tuple[str, str]:
+    """'sha256=abc' -> ('sha256', 'abc'); a value without '=' has no algorithm."""
+    algorithm, sep, digest = value.strip().partition("=")
+    return (algorithm.strip().lower(), digest.strip()) if sep else ("", value.strip())
+
+
+def verify_gitea(headers: Mapping[str, str], signed: bytes, token: str) -> Verdict:
+    """A Gitea (or GitHub-style) webhook: `X-Gitea-Signature` or `X-Hub-Signature-256`.
+
+    `signed` is the JSON document Gitea signed: the raw body for the JSON content type, the
+    decoded `payload` field for the form content type. Gitea sends the headers even for a
+    webhook without a secret, empty or as a bare `sha256=`: that counts as unsigned. The
+    SHA-1 `X-Hub-Signature` alone is refused.
+    """
+    expected = hmac_hex("sha256", token, signed)
+    gitea = headers.get("x-gitea-signature", "").strip()
+    if gitea:
+        ok = _equal_hex(expected, gitea)
+        return Verdict(ok, "gitea-sha256", "" if ok else "mismatch")
+    algorithm, digest = _split_prefixed(headers.get("x-hub-signature-256", ""))
+    if digest:
+        ok = algorithm == "sha256" and _equal_hex(expected, digest)
+        return Verdict(ok, "hub-sha256", "" if ok else "mismatch")
+    if headers.get("x-hub-signature", "").partition("=")[2].strip():
+        return Verdict(False, "hub-sha1", "sha1-refused")
+    return Verdict(False, "gitea-sha256", "missing")
+
+
+def verify_generic_hmac(headers: Mapping[str, str], body: bytes, token: str) -> Verdict:
+    """Flux `generic-hmac`: `X-Signature: sha1|sha256|sha512=<hex>` over the raw body."""
+    algorithm, digest = _split_prefixed(headers.get("x-signature", ""))
+    if not digest:
+        return Verdict(False, "x-signature", "missing")
+    if algorithm not in _HASHES or len(digest) != _HEX_LENGTHS[algorithm]:
+        return Verdict(False, "x-signature", "malformed")
+    ok = _equal_hex(hmac_hex(algorithm, token, body), digest)
+    return Verdict(ok, f"x-signature-{algorithm}", "" if ok else "mismatch")
+
+
+def parse_timestamped(value: str) -> tuple[int, list[str]] | None:
+    """`t=<unix>,v1=<hex>[,v1=<hex>...]` -> (t, [hex, ...]); None if it is not that shape."""
+    timestamp: int | None = None
+    signatures: list[str] = []
+    for part in value.split(","):
+        key, sep, item = part.strip().partition("=")
+        if not sep:
+            return None
+        if key == "t":
+            if not item.isdigit() or len(item) > 12 or timestamp is not None:
+                return None
+            timestamp = int(item)
+        elif key == "v1":
+            signatures.append(item.strip())
+    if timestamp is None or not signatures:
+        return None
+    return timestamp, signatures
+
+
+def sign_timestamped(token: str, body: bytes, timestamp: int) -> str:
+    """The header value a client sends: `t=<unix>,v1=<hex HMAC-SHA256 of "<unix>." + body>`."""
+    return f"t={timestamp},v1={hmac_hex('sha256', token, str(timestamp).encode() + b'.' + body)}"
+
+
+def verify_timestamped(value: str, body: bytes, token: str, now: float) -> Verdict:
+    parsed = parse_timestamped(value)
+    if parsed is None:
+        return Verdict(False, "timestamped", "malformed")
+    timestamp, signatures = parsed
+    if abs(now - timestamp) > TIMESTAMP_TOLERANCE_SECONDS:
+        return Verdict(False, "timestamped", "stale")
+    expected = hmac_hex("sha256", token, str(timestamp).encode() + b"." + body)
+    # Check every candidate (rotation) without stopping early.
+    matched = [s for s in signatures if _equal_hex(expected, s)]
+    if not matched:
+        return Verdict(False, "timestamped", "mismatch")
+    return Verdict(
+        True,
+        "timestamped",
+        replay_key=f"{timestamp}:{expected}",
+        replay_until=timestamp + TIMESTAMP_TOLERANCE_SECONDS + 1,
+    )
+
+
+def verify_bearer(headers: Mapping[str, str], token: str) -> Verdict:
+    scheme, _, given = headers.get("authorization", "").strip().partition(" ")
+    if scheme.lower() != "bearer" or not given.strip():
+        return Verdict(False, "bearer", "missing")
+    ok = hmac.compare_digest(given.strip().encode(), token.encode())
+    return Verdict(ok, "bearer", "" if ok else "mismatch")
+
+
+def verify_generic(
+    headers: Mapping[str, str], body: bytes, token: str, now: float, *, allow_unsigned: bool
+) -> Verdict:
+    """Flux `generic`, hardened: a bearer token or the timestamped signature is required.
+
+    Unauthenticated requests pass only when the operator turned on the insecure switch.
+    """
+    if headers.get("x-signature", "").strip():
+        return verify_timestamped(headers["x-signature"], body, token, now)
+    if headers.get("authorization", "").strip():
+        return verify_bearer(headers, token)
+    if allow_unsigned:
+        return Verdict(True, "unsigned")
+    return Verdict(False, "generic", "missing")
+
+
+def verify_event(headers: Mapping[str, str], body: bytes, token: str) -> Verdict:
+    """A Flux Provider of type `generic-hmac`: `X-Signature: sha256=<hex>` over the raw bytes."""
+    return verify_generic_hmac(headers, body, token)

@@ -1,0 +1,451 @@
+"""Flux event or live object state -> the Gitea commit status it should produce. Pure.
+
+One table (`STATE_TABLE`) decides the Gitea state from a Flux reason and severity; the rest
+renders the context, description and target URL, finds the commit and the repository, and picks
+the Gitea instances that host it. The shell (`status_service`) looks objects up and posts.
+
+Descriptions are built so that the same outcome always reads the same: Flux repeats
+`ReconciliationSucceeded` on every interval with a new duration in its message, and a status
+derived from the live object (resync) must read like the one derived from the event, or every
+resync would post again. Durations are masked when two statuses are compared.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from receiver.events import FluxEvent
+from receiver.flux.objects import CONSUMER_KINDS, FluxObject
+from receiver.flux.revisions import HELM_REVISION_META, applied_revision, commit_of
+
+PENDING, SUCCESS, FAILURE, ERROR, WARNING, SKIPPED = (
+    "pending", "success", "failure", "error", "warning", "skipped")
+GITEA_STATES = frozenset({PENDING, SUCCESS, FAILURE, ERROR, WARNING, SKIPPED})
+
+# Flux reason -> (state for an info event, state for an error event). None: post nothing.
+# Rows are grouped by why they map as they do; `gitea_state` applies the defaults below them.
+STATE_TABLE: dict[str, tuple[str | None, str | None]] = {
+    # Still working, or waiting on something else: the verdict on the commit is not in yet.
+    "Progressing": (PENDING, PENDING),
+    "ProgressingWithRetry": (PENDING, FAILURE),  # as an error: the last attempt failed
+    "DependencyNotReady": (PENDING, PENDING),
+    "SourceNotReady": (PENDING, PENDING),
+    # The commit is deployed (Kustomization, HelmRelease) or fetched (GitRepository).
+    "ReconciliationSucceeded": (SUCCESS, None),
+    "Succeeded": (SUCCESS, None),
+    "NewArtifact": (SUCCESS, None),
+    "InstallSucceeded": (SUCCESS, None),
+    "UpgradeSucceeded": (SUCCESS, None),
+    "TestSucceeded": (SUCCESS, None),
+    # The commit's content failed: build, apply, health, Helm release, or a remediation after
+    # one (a rollback that succeeded still means this commit's release failed).
+    "BuildFailed": (FAILURE, FAILURE),
+    "ReconciliationFailed": (FAILURE, FAILURE),
+    "HealthCheckFailed": (FAILURE, FAILURE),
+    "PruneFailed": (FAILURE, FAILURE),
+    "ValidationFailed": (FAILURE, FAILURE),
+    "InstallFailed": (FAILURE, FAILURE),
+    "UpgradeFailed": (FAILURE, FAILURE),
+    "TestFailed": (FAILURE, FAILURE),
+    "RollbackSucceeded": (FAILURE, FAILURE),
+    "RollbackFailed": (FAILURE, FAILURE),
+    "UninstallSucceeded": (FAILURE, FAILURE),
+    "UninstallFailed": (FAILURE, FAILURE),
+    "RetriesExceeded": (FAILURE, FAILURE),
+    "MissingRollbackTarget": (FAILURE, FAILURE),
+    # Not the commit's fault: the source, credentials, permissions or Flux's own configuration.
+    # (ArtifactFailed also covers a missing path; Flux cannot tell us which, so: error.)
+    "ArtifactFailed": (ERROR, ERROR),
+    "AccessDenied": (ERROR, ERROR),
+    "AuthenticationFailed": (ERROR, ERROR),
+    "FetchFailed": (ERROR, ERROR),
+    "GitOperationFailed": (ERROR, ERROR),
+    "StorageOperationFailed": (ERROR, ERROR),
+    "DirectoryCreationFailed": (ERROR, ERROR),
+    "InvalidCELExpression": (ERROR, ERROR),
+    "FeatureGateDisabled": (ERROR, ERROR),
+    "ValuesError": (ERROR, ERROR),
+    "InvalidChartReference": (ERROR, ERROR),
+    "ChartPullFailed": (ERROR, ERROR),
+    "StateError": (ERROR, ERROR),
+    # A newer revision cancelled the health check: no verdict, and none will come for this
+    # commit. Not success, not the commit's failure; `warning` ends the pending.
+    "HealthCheckCanceled": (WARNING, WARNING),
+}
+# Defaults: an unknown error reason is a failure (as Flux's own gitea Provider does); an
+# unknown info reason says nothing about the commit (drift notices, change sets of other
+# kinds) and is not posted. Trace events never reach a Provider.
+_DEFAULT = (None, FAILURE)
+
+DESCRIPTION_LIMIT = 140
+ELLIPSIS = "\u2026"
+PUSH_DESCRIPTION = "Push received, waiting for Flux"
+
+# Messages that repeat what the status already says and change on every run.
+_VOLATILE_MESSAGES = (
+    re.compile(r"^Reconciliation finished in \S+, next run in \S+$"),
+    re.compile(r"^Applied revision: \S+$"),
+    re.compile(r"^Reconciliation in progress(?: for revision \S+)?$"),
+)
+_CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])")
+# Go time.Duration strings: 1.2s, 10m0s, 250ms, 1h2m3.5s.
+_DURATION = re.compile(r"\b\d+(?:\.\d+)?(?:h|m|s|ms|us|µs|ns)(?:\d+(?:\.\d+)?(?:h|m|s|ms|us|µs|ns))*\b")
+
+TARGET_URL_FIELDS = frozenset({"cluster", "kind", "namespace", "name", "sha", "repo", "owner",
+                               "host"})
+# A context names the object, never the commit: Gitea keeps one latest status per context.
+CONTEXT_FIELDS = TARGET_URL_FIELDS - {"sha"}
+
+
+# -- state and text ------------------------------------------------------------------------
+
+
+def gitea_state(reason: str, severity: str) -> str | None:
+    """The Gitea state for a Flux reason and severity (`STATE_TABLE`); None: post nothing."""
+    if severity not in ("info", "error"):
+        return None
+    info, error = STATE_TABLE.get(reason, _DEFAULT)
+    return info if severity == "info" else error
+
+
+def reason_words(reason: str) -> str:
+    """`HealthCheckFailed` -> `Health check failed` (Flux's gitea Provider lower-cases it)."""
+    words = _CAMEL.sub(" ", reason.strip()).lower()
+    return words[:1].upper() + words[1:]
+
+
+def truncate(text: str, limit: int = DESCRIPTION_LIMIT) -> str:
+    return text if len(text) <= limit else text[: limit - 1].rstrip() + ELLIPSIS
+
+
+def describe(reason: str, message: str) -> str:
+    """A one-line description: reason in words, then the message unless it is noise."""
+    words = reason_words(reason)
+    text = " ".join(message.split())
+    if any(p.match(text) for p in _VOLATILE_MESSAGES):
+        text = ""
+    return truncate(f"{words}: {text}" if text and words else text or words)
+
+
+def comparable(description: str) -> str:
+    """A description with durations masked: `... after 5m0.3s` equals `... after 5m1.2s`."""
+    return _DURATION.sub("<d>", description)
+
+
+# -- templates ------------------------------------------------------------------------------
+
+
+def template_fields(template: str) -> set[str]:
+    """The placeholder names a template uses; ValueError if it is malformed."""
+    names: set[str] = set()
+    for _, name, spec, conversion in string.Formatter().parse(template):
+        if name is not None:
+            if not name.isidentifier() or spec or conversion:
+                raise ValueError(f"unsupported placeholder {{{name}}} in {template!r}")
+            names.add(name)
+    return names
+
+
+def check_template(template: str, allowed: frozenset[str]) -> str | None:
+    """An error message for a template with unknown or malformed placeholders, else None."""
+    try:
+        unknown = template_fields(template) - allowed
+    except ValueError as exc:
+        return str(exc)
+    if unknown:
+        return f"unknown placeholder(s) {sorted(unknown)} in {template!r}; use {sorted(allowed)}"
+    return None
+
+
+class _Keep(dict[str, str]):
+    def __missing__(self, key: str) -> str:
+        return "{" + key + "}"
+
+
+def render(template: str, values: Mapping[str, str]) -> str:
+    """Fill a template; never raises (an unknown placeholder stays as written)."""
+    try:
+        return template.format_map(_Keep(values))
+    except (ValueError, IndexError, AttributeError, KeyError):
+        return template
+
+
+@dataclass(frozen=True, slots=True)
+class StatusTemplates:
+    cluster: str
+    context: str = "flux/{cluster}/{kind}/{namespace}/{name}"
+    target_url: str = ""
+
+
+# -- repositories and instances -------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RepoRef:
+    key: str  # normalised host[:port][/sub-path]/owner/repo
+    host: str
+    owner: str
+    name: str
+
+    @property
+    def full_name(self) -> str:
+        return f"{self.owner}/{self.name}"
+
+
+def repo_ref(normalised: str | None) -> RepoRef | None:
+    """Split a normalised repository key; the last two path segments are owner and name."""
+    if not normalised:
+        return None
+    parts = normalised.strip("/").split("/")
+    if len(parts) < 3 or not all(parts):
+        return None
+    return RepoRef(normalised, parts[0], parts[-2], parts[-1])
+
+
+Normaliser = Callable[[str], "str | None"]
+
+
+def git_source_of(obj: FluxObject, source: FluxObject | None) -> FluxObject | None:
+    """The GitRepository whose URL names the object's repository, if it has one."""
+    if obj.kind == "GitRepository":
+        return obj
+    if obj.kind in CONSUMER_KINDS and source is not None and source.kind == "GitRepository":
+        return source
+    return None
+
+
+def repo_of(obj: FluxObject, source: FluxObject | None, normalise: Normaliser) -> RepoRef | None:
+    git = git_source_of(obj, source)
+    if git is None:
+        return None
+    url = git.spec.get("url")
+    return repo_ref(normalise(url)) if isinstance(url, str) and url else None
+
+
+def instance_hosts(
+    instances: Iterable[tuple[str, str, Iterable[str]]], host_key: Callable[[str], str]
+) -> dict[str, tuple[str, ...]]:
+    """(name, url, hosts) per instance -> {normalised repository host: instance names}.
+
+    An instance serves the hosts it lists, or else the host of its own URL.
+    """
+    table: dict[str, list[str]] = {}
+    for name, url, hosts in instances:
+        served = [h for h in hosts if h] or [url.split("://", 1)[-1].split("/", 1)[0]]
+        for host in served:
+            names = table.setdefault(host_key(host), [])
+            if name not in names:
+                names.append(name)
+    return {host: tuple(names) for host, names in table.items()}
+
+
+def instances_for(repo_key: str, table: Mapping[str, tuple[str, ...]]) -> tuple[str, ...]:
+    """Every instance that hosts the repository: mirrors in several regions all get it."""
+    return table.get(repo_key.split("/", 1)[0], ())
+
+
+# -- the desired status ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class DesiredStatus:
+    repo_key: str
+    owner: str
+    repo: str
+    sha: str
+    context: str
+    state: str
+    description: str
+    target_url: str = ""
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        """What Gitea keeps one latest status for (per instance)."""
+        return (self.repo_key, self.sha, self.context)
+
+
+def same_status(a: tuple[str, str, str], b: tuple[str, str, str], *, state_only: bool) -> bool:
+    """(state, description, target_url) equality, durations masked; or the state alone."""
+    if state_only:
+        return a[0] == b[0]
+    return a[0] == b[0] and comparable(a[1]) == comparable(b[1]) and a[2] == b[2]
+
+
+def build_status(
+    templates: StatusTemplates, obj_kind: str, namespace: str, name: str, repo: RepoRef,
+    sha: str, state: str, description: str,
+) -> DesiredStatus:
+    values = {
+        "cluster": templates.cluster, "kind": obj_kind.lower(), "namespace": namespace,
+        "name": name, "sha": sha, "repo": repo.full_name, "owner": repo.owner, "host": repo.host,
+    }
+    return DesiredStatus(
+        repo_key=repo.key, owner=repo.owner, repo=repo.name, sha=sha,
+        context=render(templates.context, values), state=state,
+        description=description, target_url=render(templates.target_url, values),
+    )
+
+
+def helm_commit(revision: str, obj: FluxObject, source: FluxObject | None) -> str | None:
+    """The full commit a HelmRelease revision stands for, if it can be known.
+
+    `x.y.z+<12hex>` (reconcileStrategy Revision) names a commit prefix: it is resolved only
+    against the source's current artifact, the one commit we can vouch for. Otherwise the
+    object's `event.toolkit.fluxcd.io/commit` annotation (RFC-0008) names it, if set.
+    """
+    match = HELM_REVISION_META.search(revision or "")
+    if match is not None:
+        source_commit = commit_of(applied_revision(source)) if source is not None else None
+        if source_commit and source_commit.startswith(match.group(1)):
+            return source_commit
+        return None
+    return commit_of(obj.annotations.get("event.toolkit.fluxcd.io/commit", ""))
+
+
+def _commit_for(obj: FluxObject, source: FluxObject | None, revision: str) -> str | None:
+    if obj.kind == "HelmRelease":
+        return helm_commit(revision, obj, source)
+    return commit_of(revision)
+
+
+# Why an event produced no status; the shell counts these as `events{outcome}`.
+MAPPED, IGNORED, NO_COMMIT, UNMAPPED = "mapped", "ignored", "no_commit", "unmapped"
+
+
+@dataclass(frozen=True, slots=True)
+class EventMapping:
+    outcome: str
+    status: DesiredStatus | None = None
+
+
+def event_commit(event: FluxEvent, obj: FluxObject, source: FluxObject | None) -> str | None:
+    found = event.commit
+    if found or event.involved.kind != "HelmRelease":
+        return found
+    return helm_commit(event.metadata.get("revision", ""), obj, source)
+
+
+def desired_from_event(
+    event: FluxEvent, obj: FluxObject | None, source: FluxObject | None,
+    templates: StatusTemplates, normalise: Normaliser,
+) -> EventMapping:
+    """The status a Flux event asks for. `obj` is the involved object from the cache."""
+    if obj is None:
+        return EventMapping(UNMAPPED)
+    repo = repo_of(obj, source, normalise)
+    if repo is None:
+        return EventMapping(UNMAPPED)
+    state = gitea_state(event.reason, event.severity)
+    if state is None:
+        return EventMapping(IGNORED)
+    sha = event_commit(event, obj, source)
+    if sha is None:
+        return EventMapping(NO_COMMIT)
+    inv = event.involved
+    return EventMapping(MAPPED, build_status(
+        templates, inv.kind, inv.namespace, inv.name, repo, sha, state,
+        describe(event.reason, event.message)))
+
+
+def _condition(obj: FluxObject, type_: str) -> tuple[str, str, str]:
+    cond = obj.condition(type_) or {}
+    return (str(cond.get("status", "")), str(cond.get("reason", "")),
+            str(cond.get("message", "")))
+
+
+def _applied(obj: FluxObject) -> str:
+    return applied_revision(obj) if obj.kind == "HelmRelease" else str(
+        obj.status.get("lastAppliedRevision", ""))
+
+
+def desired_from_object(
+    obj: FluxObject, source_obj: FluxObject | None, templates: StatusTemplates,
+    normalise: Normaliser,
+) -> DesiredStatus | None:
+    """The status a consumer's live state implies (resync), or None if it implies none.
+
+    Ready True -> the Ready reason's state at the last applied commit; Ready False (or Stalled)
+    -> its reason's state at the last attempted commit; still reconciling a new commit ->
+    pending at that commit. A re-run at the applied commit never turns it back to pending, and
+    a suspended object is left alone (its status is stale by design).
+    """
+    if obj.kind not in CONSUMER_KINDS or obj.suspended:
+        return None
+    repo = repo_of(obj, source_obj, normalise)
+    if repo is None:
+        return None
+    applied = _commit_for(obj, source_obj, _applied(obj))
+    attempted_rev = str(obj.status.get("lastAttemptedRevision", ""))
+    attempted = _commit_for(obj, source_obj, attempted_rev) if attempted_rev else applied
+    ready, reason, message = _condition(obj, "Ready")
+    stalled, stalled_reason, stalled_message = _condition(obj, "Stalled")
+
+    def status(sha: str | None, state: str | None, why: str, text: str) -> DesiredStatus | None:
+        if sha is None or state is None:
+            return None
+        return build_status(templates, obj.kind, obj.namespace, obj.name, repo, sha, state,
+                            describe(why, text))
+
+    if stalled == "True":
+        return status(attempted, gitea_state(stalled_reason, "error"), stalled_reason,
+                      stalled_message)
+    if ready == "True":
+        return status(applied, SUCCESS, reason or "Succeeded", message)
+    if ready == "False":
+        state = gitea_state(reason, "error")
+        if state == PENDING and attempted == applied:
+            return None
+        return status(attempted, state, reason, message)
+    if attempted is not None and attempted != applied:
+        return status(attempted, PENDING, "Progressing", message)
+    return None
+
+
+def pending_for_push(
+    obj: FluxObject, source_obj: FluxObject | None, sha: str, templates: StatusTemplates,
+    normalise: Normaliser,
+) -> DesiredStatus | None:
+    """`pending` on the pushed commit for a consumer the push touches (not for suspended ones)."""
+    if not sha or obj.suspended:
+        return None
+    repo = repo_of(obj, source_obj, normalise)
+    if repo is None:
+        return None
+    return build_status(templates, obj.kind, obj.namespace, obj.name, repo, sha.lower(), PENDING,
+                        PUSH_DESCRIPTION)
+
+
+def desired_after_timeout(
+    obj: FluxObject, source_obj: FluxObject | None, sha: str, templates: StatusTemplates,
+    normalise: Normaliser,
+) -> DesiredStatus | None:
+    """Ends the `pending` of a push Flux never deployed within the delivery's wait.
+
+    When the source is Ready at another commit, the branch moved on and Flux skipped ours:
+    `skipped` (Gitea >= 1.25 counts it as success). Otherwise something is stuck: `error`.
+    """
+    repo = repo_of(obj, source_obj, normalise)
+    if repo is None or obj.suspended:
+        return None
+    source_commit = commit_of(applied_revision(source_obj)) if source_obj is not None else None
+    source_ready = source_obj is not None and _condition(source_obj, "Ready")[0] == "True"
+    if source_ready and source_commit and source_commit != sha:
+        state, text = SKIPPED, f"Superseded: Flux deployed {source_commit[:12]} instead"
+    else:
+        _, reason, message = _condition(obj, "Ready")
+        detail = " ".join(f"{reason_words(reason).lower()}: {message}".split()) if reason else ""
+        state, text = ERROR, "Flux did not deploy this commit in time" + (
+            f" ({detail})" if detail else "")
+    return build_status(templates, obj.kind, obj.namespace, obj.name, repo, sha, state,
+                        truncate(text))
+
+
+def as_json(status: DesiredStatus) -> dict[str, Any]:
+    """The status as plain data (logs, debugging)."""
+    return {"repo": status.repo_key, "sha": status.sha, "context": status.context,
+            "state": status.state, "description": status.description,
+            "target_url": status.target_url}

@@ -1,0 +1,216 @@
+#!/usr/bin/env bash
+# Build the real test peers (etcd, kube-apiserver, helm, Flux controllers, Gitea)
+# from their Go modules into a cache dir outside the repo.
+#
+# Usage:
+#   scripts/testbin.sh [core|flux|gitea|all|<component>...]   (default: core)
+#   scripts/testbin.sh --print-dir          print the binary cache dir
+#   scripts/testbin.sh --moddir <component> print the component's module source dir
+#                                           (Gitea STATIC_ROOT_PATH, Flux CRDs)
+#
+# Groups: core = etcd kube-apiserver helm
+#         flux = source-controller kustomize-controller notification-controller
+#
+# Env: GFB_TESTBIN (cache dir), GFB_TESTBIN_P (go build -p, default 2).
+# Pins and background: shared/reference/test-peers.md.
+set -euo pipefail
+
+# --- pins -------------------------------------------------------------------
+ETCD_VERSION=v3.6.16                      # go.etcd.io/etcd/server/v3
+K8S_VERSION=v1.36.3                       # k8s.io/kubernetes (kube-apiserver)
+HELM_VERSION=v3.21.4                      # helm.sh/helm/v3
+SOURCE_CONTROLLER_VERSION=v1.9.4          # github.com/fluxcd/source-controller
+KUSTOMIZE_CONTROLLER_VERSION=v1.9.4       # github.com/fluxcd/kustomize-controller
+NOTIFICATION_CONTROLLER_VERSION=v1.9.3    # github.com/fluxcd/notification-controller
+GITEA_VERSION=v1.26.3                     # code.gitea.io/gitea
+
+CACHE=${GFB_TESTBIN:-$HOME/.cache/gitea-flux-bridge/testbin}
+JOBS=${GFB_TESTBIN_P:-2}   # 2 cores; k8s compile units are memory hungry
+
+# k8s staging modules are tagged v0.<minor>.<patch> for k/k v1.<minor>.<patch>.
+K8S_STAGING_VERSION="v0.${K8S_VERSION#v1.}"
+K8S_MINOR=${K8S_VERSION#v1.}; K8S_MINOR=${K8S_MINOR%%.*}
+
+CORE=(etcd kube-apiserver helm)
+FLUX=(source-controller kustomize-controller notification-controller)
+ALL=("${CORE[@]}" "${FLUX[@]}" gitea)
+
+die() { echo "testbin: ERROR: $*" >&2; exit 1; }
+
+# Run go outside any module (and outside the repo), for downloads/queries.
+go_outside() { (cd / && GOWORK=off GOFLAGS=-mod=mod go "$@"); }
+
+# Extract a string field from `go mod download -json` output.
+json_field() { sed -n 's/^[[:space:]]*"'"$1"'": "\(.*\)",\{0,1\}$/\1/p'; }
+
+# --- component table ----------------------------------------------------------
+# Sets: MOD VER PKG CGO TAGS LDFLAGS. Extra wrapper replace lines come from
+# wrapper_replaces (repeats the component's *non-local* replaces; local ones
+# like `=> ./api` point into directories the module zip does not contain, and
+# their targets are published modules at the same version anyway).
+component_info() {
+	TAGS=""; CGO=0; LDFLAGS="-s -w"
+	case $1 in
+	etcd)
+		MOD=go.etcd.io/etcd/server/v3; VER=$ETCD_VERSION; PKG=$MOD ;;
+	kube-apiserver)
+		MOD=k8s.io/kubernetes; VER=$K8S_VERSION; PKG=$MOD/cmd/kube-apiserver
+		# Without these /version says v0.0.0-master+$Format:%H$ and Helm's
+		# kubeVersion checks / .Capabilities.KubeVersion break.
+		local v
+		for v in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+			LDFLAGS+=" -X $v.gitVersion=$K8S_VERSION -X $v.gitMajor=1 -X $v.gitMinor=$K8S_MINOR -X $v.gitTreeState=clean"
+		done ;;
+	helm)
+		MOD=helm.sh/helm/v3; VER=$HELM_VERSION; PKG=$MOD/cmd/helm
+		# Without these `helm version` says v3.21 and helm template/lint assume k8s 1.20.
+		LDFLAGS+=" -X $MOD/internal/version.version=$HELM_VERSION"
+		local p
+		for p in pkg/chartutil pkg/lint/rules; do
+			LDFLAGS+=" -X $MOD/$p.k8sVersionMajor=1 -X $MOD/$p.k8sVersionMinor=$K8S_MINOR"
+		done ;;
+	source-controller)
+		MOD=github.com/fluxcd/source-controller; VER=$SOURCE_CONTROLLER_VERSION; PKG=$MOD ;;
+	kustomize-controller)
+		MOD=github.com/fluxcd/kustomize-controller; VER=$KUSTOMIZE_CONTROLLER_VERSION; PKG=$MOD ;;
+	notification-controller)
+		MOD=github.com/fluxcd/notification-controller; VER=$NOTIFICATION_CONTROLLER_VERSION; PKG=$MOD ;;
+	gitea)
+		MOD=code.gitea.io/gitea; VER=$GITEA_VERSION; PKG=$MOD
+		# sqlite3 DB_TYPE needs the cgo mattn driver (build tag `sqlite`).
+		CGO=1; TAGS="sqlite sqlite_unlock_notify"
+		# A real version: Flux's gitea provider (Gitea SDK) rejects "development".
+		LDFLAGS+=" -X main.Version=${GITEA_VERSION#v} -X 'main.Tags=$TAGS'" ;;
+	*) die "unknown component '$1' (known: ${ALL[*]}, core, flux, all)" ;;
+	esac
+}
+
+wrapper_replaces() {
+	case $1 in
+	kube-apiserver) k8s_staging_replaces ;;
+	source-controller) cat <<-'EOF'
+		replace github.com/opencontainers/go-digest => github.com/opencontainers/go-digest v1.0.1-0.20220411205349-bde1400a84be
+		EOF
+		;;
+	kustomize-controller) cat <<-'EOF'
+		replace github.com/opencontainers/go-digest => github.com/opencontainers/go-digest v1.0.1-0.20220411205349-bde1400a84be
+		replace sigs.k8s.io/kustomize/api => sigs.k8s.io/kustomize/api v0.21.1
+		replace sigs.k8s.io/kustomize/kyaml => sigs.k8s.io/kustomize/kyaml v0.21.1
+		replace gopkg.in/yaml.v3 => gopkg.in/yaml.v3 v3.0.1
+		EOF
+		;;
+	notification-controller) cat <<-'EOF'
+		replace gopkg.in/yaml.v3 => gopkg.in/yaml.v3 v3.0.1
+		EOF
+		;;
+	gitea) cat <<-'EOF'
+		godebug x509negativeserial=1
+		replace github.com/jaytaylor/html2text => github.com/Necoro/html2text v0.0.0-20250804200300-7bf1ce1c7347
+		replace github.com/nektos/act => gitea.com/gitea/act v0.261.10
+		replace github.com/urfave/cli/v3 => github.com/urfave/cli/v3 v3.4.1
+		replace go.yaml.in/yaml/v4 => go.yaml.in/yaml/v4 v4.0.0-rc.3
+		replace github.com/Azure/azure-sdk-for-go/sdk/azcore => github.com/Azure/azure-sdk-for-go/sdk/azcore v1.19.0
+		replace github.com/Azure/azure-sdk-for-go/sdk/storage/azblob => github.com/Azure/azure-sdk-for-go/sdk/storage/azblob v1.6.2
+		replace github.com/microsoft/go-mssqldb => github.com/microsoft/go-mssqldb v1.9.7
+		EOF
+		;;
+	esac   # etcd: only local replaces; helm: none
+}
+
+# k/k requires every staging module as `k8s.io/<name> v0.0.0` and maps it to
+# ./staging/src/...; v0.0.0 is not served, so pin each to the published
+# v0.<minor>.<patch>. The list is read from k/k's own go.mod (not hard-coded).
+k8s_staging_replaces() {
+	local gomod names
+	gomod=$(go_outside mod download -json "k8s.io/kubernetes@$K8S_VERSION" | json_field GoMod) ||
+		die "kube-apiserver: cannot download k8s.io/kubernetes@$K8S_VERSION"
+	[[ -f $gomod ]] || die "kube-apiserver: no go.mod for k8s.io/kubernetes@$K8S_VERSION"
+	names=$(
+		sed -E 's/^[[:space:]]*(require|replace)[[:space:]]+//' "$gomod" | awk '
+			$1 ~ /^k8s\.io\// && $2 == "v0.0.0"                { print $1 }
+			$1 ~ /^k8s\.io\// && $2 == "=>" && $3 ~ /^\.\/staging\/src\// { print $1 }' | sort -u
+	)
+	[[ -n $names ]] || die "kube-apiserver: found no staging modules in $gomod"
+	local n
+	for n in $names; do echo "replace $n => $n $K8S_STAGING_VERSION"; done
+}
+
+# --- build ----------------------------------------------------------------------
+build_one() {
+	local name=$1
+	component_info "$name"
+	local bin="$CACHE/$name-$VER" src="$CACHE/src/$name"
+	if [[ -x $bin ]]; then
+		ln -sfn "$name-$VER" "$CACHE/$name"
+		echo "cached $name $VER"
+		return 0
+	fi
+	echo "building $name $VER ($MOD) ..."
+	local start=$SECONDS
+
+	# Wrapper module: `go install pkg@ver` refuses modules whose go.mod has
+	# replace directives, so require the component from our own tiny module
+	# (one per component, so MVS does not mix their dependency pins).
+	# The replace lines must be in place BEFORE `go get`.
+	rm -rf "$src"; mkdir -p "$src"
+	local replaces
+	replaces=$(wrapper_replaces "$name") || die "$name: generating wrapper replaces failed"
+	cat >"$src/go.mod" <<-EOF
+		// Generated by gitea-flux-bridge scripts/testbin.sh; do not edit.
+		module gfb-testbin/$name
+
+		go 1.26.0
+
+		$replaces
+	EOF
+
+	local -a buildflags=(-trimpath "-p=$JOBS")
+	[[ -n $TAGS ]] && buildflags+=("-tags=${TAGS// /,}")
+	(
+		cd "$src"
+		export GOWORK=off GOFLAGS="${GOFLAGS:-}" CGO_ENABLED=$CGO
+		# Gitea's Makefile raises SQLite's variable limit for big IN() queries.
+		[[ $name == gitea ]] && export CGO_CFLAGS="${CGO_CFLAGS:--O2 -g} -DSQLITE_MAX_VARIABLE_NUMBER=32766"
+		# `tool` directive (Go >= 1.24) records the main package in the wrapper.
+		go get -tool "${buildflags[@]}" "$PKG@$VER" ||
+			die "$name: 'go get -tool $PKG@$VER' failed (see output above; wrapper in $src)"
+		go build "${buildflags[@]}" -ldflags "$LDFLAGS" -o "$bin.tmp" "$PKG" ||
+			die "$name: 'go build $PKG' failed (see output above; wrapper in $src)"
+	) || exit 1
+	mv -f "$bin.tmp" "$bin"
+	ln -sfn "$name-$VER" "$CACHE/$name"
+	echo "built $name $VER in $((SECONDS - start)) s ($(du -h "$bin" | cut -f1))"
+}
+
+print_moddir() {
+	component_info "$1"
+	local out dir
+	out=$(go_outside mod download -json "$MOD@$VER") || die "$1: 'go mod download $MOD@$VER' failed: $out"
+	dir=$(json_field Dir <<<"$out")
+	[[ -d $dir ]] || die "$1: no module dir for $MOD@$VER"
+	echo "$dir"
+}
+
+main() {
+	case ${1:-} in
+	--print-dir) echo "$CACHE"; return ;;
+	--moddir) [[ $# -eq 2 ]] || die "usage: $0 --moddir <component>"; print_moddir "$2"; return ;;
+	-h|--help) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; return ;;
+	esac
+	command -v go >/dev/null || die "go not found in PATH"
+	(($# > 0)) || set -- core
+	local -a todo=()
+	local a
+	for a in "$@"; do
+		case $a in
+		core) todo+=("${CORE[@]}") ;;
+		flux) todo+=("${FLUX[@]}") ;;
+		all) todo+=("${ALL[@]}") ;;
+		*) component_info "$a"; todo+=("$a") ;;   # validates the name
+		esac
+	done
+	mkdir -p "$CACHE"
+	for a in "${todo[@]}"; do build_one "$a"; done
+}
+
+main "$@"

@@ -1,0 +1,81 @@
+"""Shared fixtures: the fleet fixture on an in-memory cluster, and the app over HTTP."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from receiver.app import create_app, url_normaliser
+from receiver.config import Settings, load_settings
+from receiver.flux.memory import MemoryCluster
+from receiver.flux.store import ObjectStore
+
+FIXTURES = Path(__file__).parent / "fixtures"
+FLEET = FIXTURES / "fleet"
+GITEA_TOKEN = "gitea-secret-token"
+ACTIONS_TOKEN = "actions-secret-token"
+HMAC_TOKEN = "hmac-secret-token"
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def make_settings(**overrides: Any) -> Settings:
+    base: dict[str, Any] = {
+        "cluster_name": "eu-west",
+        "host_aliases": {"gitea-http.gitea.svc.cluster.local:3000": "gitea.example.com"},
+        "reconcile": {"coalesce_window_seconds": 0.2, "source_timeout_seconds": 30,
+                      "poll_interval_seconds": 0.05},
+    }
+    base.update(overrides)
+    return load_settings(environ={}, overrides=base)
+
+
+@dataclass
+class Bridge:
+    app: Any
+    client: httpx.AsyncClient
+    cluster: MemoryCluster
+
+    @property
+    def parts(self) -> Any:
+        return self.app.state.parts
+
+
+BridgeFactory = Callable[..., Any]
+
+
+@pytest.fixture
+async def bridge_factory() -> AsyncIterator[BridgeFactory]:
+    stack: list[Any] = []
+
+    async def make(settings: Settings | None = None, directory: Path = FLEET,
+                   **kwargs: Any) -> Bridge:
+        settings = settings or make_settings()
+        store = ObjectStore(url_normaliser(settings))
+        cluster = MemoryCluster.from_directory(store, directory)
+        app = create_app(settings, cluster, **kwargs)
+        lifespan = app.router.lifespan_context(app)
+        await lifespan.__aenter__()
+        client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                   base_url="http://bridge.test")
+        stack.append((lifespan, client))
+        return Bridge(app, client, cluster)
+
+    yield make
+    for lifespan, client in reversed(stack):
+        await client.aclose()
+        await lifespan.__aexit__(None, None, None)
+
+
+@pytest.fixture
+async def bridge(bridge_factory: BridgeFactory) -> Bridge:
+    result: Bridge = await bridge_factory()
+    return result

@@ -1,0 +1,125 @@
+"""Every signature scheme, directly and with hypothesis."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from receiver import signatures as sig
+
+TOKEN = "s3cret-token"
+BODY = b'{\n  "ref": "refs/heads/main"\n}'
+
+
+def hexmac(algo: str, key: str, msg: bytes) -> str:
+    return hmac.new(key.encode(), msg, getattr(hashlib, algo)).hexdigest()
+
+
+def test_flux_digest_rule() -> None:
+    # Flux: hex(sha256(token + name + namespace)), plain concatenation
+    expected = hashlib.sha256(b"tokenwebappflux-system").hexdigest()
+    assert sig.hook_digest("token", "webapp", "flux-system") == expected
+    assert len(expected) == 64
+
+
+def test_gitea_bare_hex_and_hub_header() -> None:
+    good = hexmac("sha256", TOKEN, BODY)
+    assert sig.verify_gitea({"x-gitea-signature": good}, BODY, TOKEN).ok
+    assert sig.verify_gitea({"x-hub-signature-256": f"sha256={good}"}, BODY, TOKEN).ok
+    assert sig.verify_gitea({"x-gitea-signature": good.upper()}, BODY, TOKEN).ok
+
+
+def test_gitea_unsigned_webhook_headers_count_as_missing() -> None:
+    # A Gitea webhook without a secret still sends the headers, empty or as bare prefixes.
+    headers = {"x-gitea-signature": "", "x-hub-signature": "sha1=", "x-hub-signature-256": "sha256="}
+    verdict = sig.verify_gitea(headers, BODY, TOKEN)
+    assert not verdict.ok and verdict.reason == "missing"
+
+
+def test_gitea_sha1_alone_is_refused() -> None:
+    headers = {"x-hub-signature": "sha1=" + hexmac("sha1", TOKEN, BODY)}
+    verdict = sig.verify_gitea(headers, BODY, TOKEN)
+    assert not verdict.ok and verdict.reason == "sha1-refused"
+
+
+def test_gitea_wrong_algorithm_prefix_is_refused() -> None:
+    headers = {"x-hub-signature-256": "sha1=" + hexmac("sha256", TOKEN, BODY)}
+    assert not sig.verify_gitea(headers, BODY, TOKEN).ok
+
+
+def test_generic_hmac_all_algorithms() -> None:
+    for algo in ("sha1", "sha256", "sha512"):
+        header = {"x-signature": f"{algo}={hexmac(algo, TOKEN, BODY)}"}
+        assert sig.verify_generic_hmac(header, BODY, TOKEN).ok, algo
+    assert sig.verify_generic_hmac({"x-signature": "md5=abcd"}, BODY, TOKEN).reason == "malformed"
+    assert sig.verify_generic_hmac({}, BODY, TOKEN).reason == "missing"
+
+
+def test_timestamped_window_and_shape() -> None:
+    now = 1_800_000_000
+    header = sig.sign_timestamped(TOKEN, BODY, now)
+    verdict = sig.verify_timestamped(header, BODY, TOKEN, now + 10)
+    assert verdict.ok and verdict.replay_key and verdict.replay_until > now + 300
+    assert sig.verify_timestamped(header, BODY, TOKEN, now + 301).reason == "stale"
+    assert sig.verify_timestamped(header, BODY, TOKEN, now - 301).reason == "stale"
+    assert sig.verify_timestamped(header, BODY + b" ", TOKEN, now).reason == "mismatch"
+    assert sig.verify_timestamped("v1=abc", BODY, TOKEN, now).reason == "malformed"
+    # the timestamp is inside the signed message: changing it breaks the signature
+    forged = header.replace(f"t={now}", f"t={now + 1}")
+    assert sig.verify_timestamped(forged, BODY, TOKEN, now).reason == "mismatch"
+
+
+def test_timestamped_accepts_one_of_several_signatures_for_rotation() -> None:
+    now = 1_800_000_000
+    good = sig.sign_timestamped(TOKEN, BODY, now)
+    rotated = f"t={now},v1={'0' * 64},{good.split(',')[1]}"
+    assert sig.verify_timestamped(rotated, BODY, TOKEN, now).ok
+
+
+def test_generic_requires_auth_unless_insecure() -> None:
+    assert not sig.verify_generic({}, BODY, TOKEN, 0, allow_unsigned=False).ok
+    assert sig.verify_generic({}, BODY, TOKEN, 0, allow_unsigned=True).ok
+    bearer = {"authorization": f"Bearer {TOKEN}"}
+    assert sig.verify_generic(bearer, BODY, TOKEN, 0, allow_unsigned=False).ok
+    assert not sig.verify_generic({"authorization": "Bearer nope"}, BODY, TOKEN, 0,
+                                  allow_unsigned=False).ok
+    assert not sig.verify_generic({"authorization": f"Basic {TOKEN}"}, BODY, TOKEN, 0,
+                                  allow_unsigned=False).ok
+
+
+@given(token=st.text(min_size=1, max_size=40), body=st.binary(max_size=512),
+       algo=st.sampled_from(["sha1", "sha256", "sha512"]))
+def test_generic_hmac_roundtrip_and_any_bit_flip_fails(token: str, body: bytes, algo: str) -> None:
+    good = f"{algo}={sig.hmac_hex(algo, token, body)}"
+    assert sig.verify_generic_hmac({"x-signature": good}, body, token).ok
+    assert not sig.verify_generic_hmac({"x-signature": good}, body + b"x", token).ok
+
+
+@given(token=st.text(min_size=1, max_size=40), body=st.binary(max_size=512),
+       now=st.integers(min_value=0, max_value=2**33), skew=st.integers(-300, 300))
+def test_timestamped_roundtrip_within_window(token: str, body: bytes, now: int, skew: int) -> None:
+    header = sig.sign_timestamped(token, body, now)
+    assert sig.verify_timestamped(header, body, token, now + skew).ok
+
+
+@given(value=st.text(max_size=200))
+def test_header_parsers_never_raise(value: str) -> None:
+    headers = {"x-signature": value, "x-gitea-signature": value, "x-hub-signature-256": value,
+               "authorization": value}
+    for verdict in (
+        sig.verify_gitea(headers, BODY, TOKEN),
+        sig.verify_generic_hmac(headers, BODY, TOKEN),
+        sig.verify_generic(headers, BODY, TOKEN, 0, allow_unsigned=False),
+    ):
+        assert not verdict.ok
+
+
+@given(name=st.text(min_size=1, max_size=30), ns=st.text(min_size=1, max_size=30),
+       token=st.text(max_size=30))
+def test_digest_is_64_lowercase_hex(name: str, ns: str, token: str) -> None:
+    digest = sig.hook_digest(token, name, ns)
+    assert len(digest) == 64 and digest == digest.lower()
+    assert digest == hashlib.sha256((token + name + ns).encode()).hexdigest()
