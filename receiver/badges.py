@@ -56,7 +56,8 @@ def _text(x: float, ltl: int, text: str, *, shadow: bool) -> str:
     if shadow:
         return (f'<text aria-hidden="true" x="{x:g}" y="150" fill="#010101" fill-opacity=".3" '
                 f'transform="scale(.1)" textLength="{ltl}">{text}</text>')
-    return f'<text x="{x:g}" y="140" transform="scale(.1)" fill="#fff" textLength="{ltl}">{text}</text>'
+    return (f'<text x="{x:g}" y="140" transform="scale(.1)" fill="#fff" textLength="{ltl}">'
+            f"{text}</text>")
 
 
 def render_badge(label: str, message: str, colour: str, style: str = "flat") -> str:
@@ -118,7 +119,7 @@ def token_allows(key: str, token: str, owner: str, repo: str, branch: str) -> bo
         return False
     except Exception:  # a token that decodes to garbage is just a bad token
         return False
-    return value == [owner.lower(), repo.lower(), branch]
+    return bool(value == [owner.lower(), repo.lower(), branch])
 
 
 # -- state -----------------------------------------------------------------------------------

@@ -63,13 +63,18 @@ class Delivery:
         return all(t.state in FINAL_STATES for t in self.targets.values())
 
     def outcome(self) -> str:
+        """failed as soon as any target failed (a CI job can stop there); else the final word."""
         states = {t.state for t in self.targets.values()}
+        if "failed" in states:
+            return "failed"
         if not self.final:
             return "in_progress"
-        for bad in ("failed", "timed_out"):
-            if bad in states:
-                return bad
-        return "ready"
+        return "timed_out" if "timed_out" in states else "ready"
+
+    @property
+    def settled(self) -> bool:
+        """Nothing more to wait for: every target is final, or one has failed."""
+        return self.final or any(t.state == "failed" for t in self.targets.values())
 
     async def set_state(self, key: ObjectKey, state: str, reason: str = "", message: str = "") -> bool:
         """Record a target's new state; False if nothing changed or it was already final."""
@@ -101,6 +106,7 @@ class Delivery:
 class DeliveryStore:
     def __init__(self, max_count: int, max_age_seconds: float) -> None:
         self._items: OrderedDict[str, Delivery] = OrderedDict()
+        self._active: set[str] = set()
         self._max_count = max_count
         self._max_age = max_age_seconds
 
@@ -110,13 +116,22 @@ class DeliveryStore:
     def add(self, delivery: Delivery) -> None:
         self._items[delivery.id] = delivery
         self._items.move_to_end(delivery.id)
+        if not delivery.final:
+            self._active.add(delivery.id)
         self.expire(time.monotonic())
+
+    def finished(self, delivery: Delivery) -> None:
+        self._active.discard(delivery.id)
+
+    @property
+    def active_count(self) -> int:
+        return len(self._active)
 
     def get(self, id_: str) -> Delivery | None:
         return self._items.get(id_)
 
     def active(self) -> list[Delivery]:
-        return [d for d in self._items.values() if not d.final]
+        return [self._items[i] for i in self._active if i in self._items]
 
     def expire(self, now: float) -> list[Delivery]:
         """Drop deliveries past the age or count bound; returns what was dropped."""
@@ -125,5 +140,7 @@ class DeliveryStore:
             oldest = next(iter(self._items.values()))
             if len(self._items) <= self._max_count and now - oldest.received < self._max_age:
                 break
-            dropped.append(self._items.popitem(last=False)[1])
+            old = self._items.popitem(last=False)[1]
+            self._active.discard(old.id)
+            dropped.append(old)
         return dropped

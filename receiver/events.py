@@ -80,7 +80,7 @@ class FluxEvent:
 
     @property
     def chart_commit_prefix(self) -> str | None:
-        """The 12-hex commit prefix of a chart version `x.y.z+<12hex>` (reconcileStrategy Revision)."""
+        """The commit prefix in a chart version `x.y.z+<12hex>` (reconcileStrategy Revision)."""
         if self.involved.kind != "HelmRelease":
             return None
         match = HELM_REVISION_META.search(self.metadata.get("revision", ""))

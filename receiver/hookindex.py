@@ -37,7 +37,7 @@ class HookIndex:
         self._miss_refresh = miss_refresh_seconds
         self._clock = clock
         self._last_full = -1e9
-        self._pending: set[asyncio.Task[None]] = set()
+        self._pending: set[asyncio.Task[str | None]] = set()
 
     def __len__(self) -> int:
         return len(self._by_digest)

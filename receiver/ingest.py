@@ -10,6 +10,7 @@ only for authenticated requests so strangers cannot use up a receiver's budget),
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -209,7 +210,7 @@ class IngestService:
                     push = parse_actions_body(doc)
                 except PayloadError as exc:
                     return self._count(name, "unprocessable", error(422, str(exc)))
-        if len(self.deliveries.active()) >= self.settings.deliveries.max_count:
+        if self.deliveries.active_count >= self.settings.deliveries.max_count:
             return self._count(name, "overloaded", error(503, "too many deliveries in flight"))
         plan = plan_push(
             receiver, push, self.cluster.store,
@@ -284,18 +285,20 @@ async def _stream(delivery: Delivery, wait: float) -> Any:
             seen = delivery.version
             yield json.dumps(delivery.as_dict()) + "\n"
         remaining = deadline - time.monotonic()
-        if delivery.final or remaining <= 0:
-            if not delivery.final:
+        if delivery.settled or remaining <= 0:
+            if not delivery.settled:
                 yield json.dumps({"delivery": delivery.id, "timeout": True,
                                   "outcome": delivery.outcome()}) + "\n"
             return
         async with delivery.changed:
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(
-                    delivery.changed.wait_for(lambda: delivery.version != seen),
+                    delivery.changed.wait_for(_changed_since(delivery, seen)),
                     timeout=min(remaining, 15.0))
-            except TimeoutError:
-                pass
+
+
+def _changed_since(delivery: Delivery, version: int) -> Callable[[], bool]:
+    return lambda: delivery.version != version
 
 
 _INVALID = object()

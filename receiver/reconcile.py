@@ -13,9 +13,10 @@ import logging
 import random
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 from receiver.config import ReconcileConfig
 from receiver.deliveries import ROLE_ANNOTATE, Delivery, DeliveryStore
@@ -147,6 +148,7 @@ class Reconciler:
         self._cluster_name = cluster_name
         self.patches = PatchCoalescer(cluster, config, metrics)
         self._watching: dict[ObjectKey, set[str]] = defaultdict(set)
+        self._watched_by: dict[str, set[ObjectKey]] = {}
         self._tokens: dict[tuple[str, ObjectKey], str] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self.listeners: list[DeliveryListener] = []
@@ -160,13 +162,18 @@ class Reconciler:
         Consumers are annotated later, when their source reports the pushed commit.
         """
         self._deliveries.add(delivery)
+        if delivery.final:  # nothing to do or follow
+            self._finish(delivery)
+            return
+        watched = set(delivery.targets)
         for key in delivery.targets:
-            self._watching[key].add(delivery.id)
             obj = self._cluster.store.get(key)
-            if obj is not None and obj.kind != "GitRepository":
-                src = consumer_source(obj)
-                if src is not None:
-                    self._watching[src.key].add(delivery.id)
+            src = consumer_source(obj) if obj is not None else None
+            if src is not None:
+                watched.add(src.key)
+        self._watched_by[delivery.id] = watched
+        for key in watched:
+            self._watching[key].add(delivery.id)
         immediate: list[asyncio.Future[PatchOutcome]] = []
         for key, target in list(delivery.targets.items()):
             if target.role == ROLE_ANNOTATE and target.target.phase == PHASE_SOURCE:
@@ -181,8 +188,8 @@ class Reconciler:
             await asyncio.wait(immediate, timeout=wait_seconds)
             await asyncio.sleep(0)  # let _after_patch record the outcome
 
-    def _spawn(self, coro: object) -> None:
-        task = asyncio.ensure_future(coro)  # type: ignore[arg-type]
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -211,10 +218,13 @@ class Reconciler:
 
     def _finish(self, delivery: Delivery) -> None:
         self._metrics.deliveries.labels(delivery.outcome()).inc()
-        for key in list(self._watching):
-            self._watching[key].discard(delivery.id)
-            if not self._watching[key]:
-                del self._watching[key]
+        self._deliveries.finished(delivery)
+        for key in self._watched_by.pop(delivery.id, set()):
+            ids = self._watching.get(key)
+            if ids is not None:
+                ids.discard(delivery.id)
+                if not ids:
+                    del self._watching[key]
             self._tokens.pop((delivery.id, key), None)
 
     # -- following progress ----------------------------------------------------------------
@@ -240,15 +250,15 @@ class Reconciler:
         state = {"True": READY, "False": FAILED}.get(str(cond.get("status")), RECONCILING)
         return state, str(cond.get("reason", "")), str(cond.get("message", ""))
 
-    def _source_ready(self, delivery: Delivery, consumer: FluxObject) -> bool | None:
-        """Has the consumer's source got the pushed commit? None: it never will (failed)."""
+    def _source_ready(self, delivery: Delivery, consumer: FluxObject) -> bool | str:
+        """Has the consumer's source got the pushed commit? A state string: it never will."""
         src_ref = consumer_source(consumer)
         src = self._cluster.store.get(src_ref.key) if src_ref else None
         if src is None:
             return False
         mine = delivery.targets.get(src.key)
         if mine is not None and mine.state in (FAILED, TIMED_OUT):
-            return None
+            return mine.state
         if not delivery.sha:
             return mine is None or mine.state == READY
         return progress_at(src, delivery.sha).state == READY
@@ -265,8 +275,9 @@ class Reconciler:
             is_source = target.target.phase == PHASE_SOURCE
             if not is_source and target.role == ROLE_ANNOTATE and target.state == QUEUED:
                 ready = self._source_ready(delivery, obj)
-                if ready is None:
-                    await self._set(delivery, key, FAILED, "SourceFailed",
+                if isinstance(ready, str):
+                    reason = "SourceTimeout" if ready == TIMED_OUT else "SourceFailed"
+                    await self._set(delivery, key, ready, reason,
                                     "its source did not get the pushed commit")
                     continue
                 if not ready:

@@ -12,7 +12,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from receiver.flux.objects import RECEIVER_DEFAULT_API_VERSIONS, WATCHED_KINDS, FluxObject, ObjectKey
+from receiver.flux.objects import (
+    RECEIVER_DEFAULT_API_VERSIONS,
+    WATCHED_KINDS,
+    FluxObject,
+    ObjectKey,
+)
 from receiver.flux.store import ObjectStore
 
 
@@ -74,9 +79,9 @@ def resolve_resources(
             for obj in sorted(store.list(kind, namespace, selector), key=lambda o: o.key):
                 found.setdefault(obj.key, obj)
         else:
-            obj = store.get(ObjectKey(kind, namespace, name))
-            if obj is None:
+            named = store.get(ObjectKey(kind, namespace, name))
+            if named is None:
                 issue(f"unable to read {kind} {namespace}/{name}: not found")
             else:
-                found.setdefault(obj.key, obj)
+                found.setdefault(named.key, named)
     return Resolved(tuple(found.values()), tuple(issues))

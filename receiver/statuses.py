@@ -93,7 +93,8 @@ _VOLATILE_MESSAGES = (
 )
 _CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])")
 # Go time.Duration strings: 1.2s, 10m0s, 250ms, 1h2m3.5s.
-_DURATION = re.compile(r"\b\d+(?:\.\d+)?(?:h|m|s|ms|us|µs|ns)(?:\d+(?:\.\d+)?(?:h|m|s|ms|us|µs|ns))*\b")
+_UNIT = r"\d+(?:\.\d+)?(?:h|ms|m|s|us|µs|ns)"
+_DURATION = re.compile(rf"\b{_UNIT}(?:{_UNIT})*\b")
 
 TARGET_URL_FIELDS = frozenset({"cluster", "kind", "namespace", "name", "sha", "repo", "owner",
                                "host"})

@@ -266,8 +266,10 @@ async def test_with_source_order_and_delivery_tracking(bridge: Bridge) -> None:
     assert patched(bridge) == ["GitRepository/flux-system"]
     auth = {"Authorization": f"Bearer {GITEA_TOKEN}"}
     state = (await bridge.client.get(f"/deliveries/{delivery}", headers=auth)).json()
-    assert {t["name"]: t["state"] for t in state["targets"]} == {
-        "flux-system": "annotated", "apps": "queued"}
+    assert {t["name"]: (t["role"], t["state"]) for t in state["targets"]} == {
+        "flux-system": ("annotate", "annotated"), "apps": ("annotate", "queued"),
+        # reconcileStrategy Revision: touched by every commit, followed but not listed
+        "podinfo-canary": ("track", "reconciling")}
 
     bridge.cluster.mark_source_fetched(SOURCE, f"main@sha1:{sha}")
     await asyncio.sleep(0.05)
@@ -275,10 +277,15 @@ async def test_with_source_order_and_delivery_tracking(bridge: Bridge) -> None:
     bridge.cluster.mark_applied(APPS, f"main@sha1:{sha}")
     await asyncio.sleep(0.05)
     state = (await bridge.client.get(f"/deliveries/{delivery}", headers=auth)).json()
+    assert state["outcome"] == "in_progress"
+    canary = ObjectKey("HelmRelease", "flux-system", "podinfo-canary")
+    bridge.cluster.mark_applied(canary, f"6.5.0+{sha[:12]}")
+    await asyncio.sleep(0.05)
+    state = (await bridge.client.get(f"/deliveries/{delivery}", headers=auth)).json()
     assert state["outcome"] == "ready" and state["final"] is True
     assert (await bridge.client.get(f"/deliveries/{delivery}")).status_code == 404
     metrics = (await bridge.client.get("/metrics")).text
-    assert 'gfb_push_to_ready_seconds_count{cluster="eu-west"} 1.0' in metrics
+    assert 'gfb_push_to_ready_seconds_count{cluster="eu-west"} 2.0' in metrics
 
 
 async def test_failed_deploy_and_streaming_wait(bridge: Bridge) -> None:
@@ -363,7 +370,8 @@ async def test_no_secret_in_logs_or_replies(bridge: Bridge, caplog: pytest.LogCa
         await bridge.client.post(GITEA_PATH, content=b"{", headers=gitea_headers(b"{")),
     ]
     formatter = JsonFormatter()
-    lines = [formatter.format(record) for record in caplog.records]
+    # The httpx records are this test's own client logging its request URLs.
+    lines = [formatter.format(r) for r in caplog.records if r.name != "httpx"]
     assert lines, "the requests above must have logged something"
     for text in lines + [r.text for r in replies]:
         for secret in secrets:

@@ -89,7 +89,8 @@ def test_table(store: ObjectStore, title: str, doc: dict[str, Any], targets: lis
 
 def test_shared_base_outside_every_path_touches_all_consumers(store: ObjectStore) -> None:
     plan = route(store, changed("bases/monitoring/alerts.yaml"))
-    assert names(plan.targets) == [SRC] + [
+    assert names(plan.targets) == [
+        SRC,
         "HelmRelease/flux-system/podinfo",
         "Kustomization/flux-system/apps",
         "Kustomization/flux-system/infrastructure",

@@ -147,7 +147,8 @@ class KubeCluster:
         self._last_error: str | None = None
         self._stopping = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._secrets: dict[tuple[str, str], tuple[float, _SecretData | None]] = {}
+        # (namespace, name) -> (expires, data, when the read started)
+        self._secrets: dict[tuple[str, str], tuple[float, _SecretData | None, float]] = {}
         self._secret_reads: dict[tuple[str, str], asyncio.Future[_SecretData | None]] = {}
 
     @classmethod
@@ -431,11 +432,16 @@ class KubeCluster:
             done.exception()  # retrieved here, so a read whose callers all left is not logged
 
     async def _fetch_secret(self, namespace: str, name: str) -> _SecretData | None:
+        started = time.monotonic()
         data = await asyncio.to_thread(
             self._timed, "get_secret", lambda: self._read_secret_sync(namespace, name)
         )
-        ttl = self._secret_ttl if data is not None else min(self._secret_ttl, _NEGATIVE_SECRET_TTL)
-        self._secrets[(namespace, name)] = (time.monotonic() + ttl, data)
+        key = (namespace, name)
+        cached = self._secrets.get(key)
+        # A read that started before a `fresh` one finished must not put older data back.
+        if cached is None or cached[2] <= started:
+            ttl = self._secret_ttl if data is not None else _NEGATIVE_SECRET_TTL
+            self._secrets[key] = (time.monotonic() + min(ttl, self._secret_ttl), data, started)
         return data
 
     def _read_secret_sync(self, namespace: str, name: str) -> _SecretData | None:

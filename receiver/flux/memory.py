@@ -75,19 +75,19 @@ class MemoryCluster:
 
     def apply(self, doc: Mapping[str, Any]) -> FluxObject | None:
         """Create or replace one object (a Secret goes to the secret store)."""
-        doc = copy.deepcopy(dict(doc))
-        meta = doc.setdefault("metadata", {})
+        raw: dict[str, Any] = copy.deepcopy(dict(doc))
+        meta = raw.setdefault("metadata", {})
         meta.setdefault("namespace", "default")
-        if doc.get("kind") == "Secret":
-            self.secrets[(meta["namespace"], meta.get("name", ""))] = _secret_data(doc)
+        if raw.get("kind") == "Secret":
+            self.secrets[(meta["namespace"], meta.get("name", ""))] = _secret_data(raw)
             return None
-        if doc.get("kind") not in WATCHED_KINDS:
+        if raw.get("kind") not in WATCHED_KINDS:
             return None
-        doc.setdefault("apiVersion", API_VERSIONS[doc["kind"]])
+        raw.setdefault("apiVersion", API_VERSIONS[raw["kind"]])
         meta.setdefault("generation", 1)
         self._version += 1
         meta["resourceVersion"] = str(self._version)
-        return self.store.upsert(doc)
+        return self.store.upsert(raw)
 
     # -- Cluster protocol ----------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ the event loop by the backend that owns the store.
 
 from __future__ import annotations
 
+import builtins
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -28,6 +29,8 @@ class ObjectStore:
         self._source_of: dict[ObjectKey, ObjectKey] = {}
         self._includers: dict[ObjectKey, set[ObjectKey]] = defaultdict(set)
         self._includes_of: dict[ObjectKey, set[ObjectKey]] = {}
+        # (kind, namespace, label, value) -> keys: `name: "*"` selectors without a scan.
+        self._by_label: dict[tuple[str, str, str, str], set[ObjectKey]] = defaultdict(set)
         self._listeners: list[Callable[[str, FluxObject], None]] = []
 
     # -- reads -------------------------------------------------------------------------------
@@ -40,7 +43,11 @@ class ObjectStore:
 
     def list(
         self, kind: str, namespace: str | None = None, labels: Mapping[str, str] | None = None
-    ) -> list[FluxObject]:
+    ) -> builtins.list[FluxObject]:
+        if labels and namespace is not None:
+            sets = [self._by_label.get((kind, namespace, k, v), set()) for k, v in labels.items()]
+            keys = set.intersection(*sets) if sets else set()
+            return [self._objects[k] for k in sorted(keys)]
         if namespace is None:
             found: Iterable[FluxObject] = (o for o in self._objects.values() if o.kind == kind)
         else:
@@ -49,15 +56,15 @@ class ObjectStore:
             return [o for o in found if all(o.labels.get(k) == v for k, v in labels.items())]
         return list(found)
 
-    def sources_for_url(self, normalised_url: str) -> list[FluxObject]:
+    def sources_for_url(self, normalised_url: str) -> builtins.list[FluxObject]:
         keys = self._sources_by_url.get(normalised_url, ())
         return [self._objects[k] for k in sorted(keys)]
 
-    def consumers_of(self, source: ObjectKey) -> list[FluxObject]:
+    def consumers_of(self, source: ObjectKey) -> builtins.list[FluxObject]:
         keys = self._consumers_by_source.get(source, ())
         return [self._objects[k] for k in sorted(keys)]
 
-    def includers_of(self, source: ObjectKey) -> list[FluxObject]:
+    def includers_of(self, source: ObjectKey) -> builtins.list[FluxObject]:
         """GitRepositories that `spec.include` this one."""
         keys = self._includers.get(source, ())
         return [self._objects[k] for k in sorted(keys) if k in self._objects]
@@ -85,6 +92,8 @@ class ObjectStore:
         self._unindex(key)
         self._objects[key] = obj
         self._by_kind_ns[(key.kind, key.namespace)][key.name] = obj
+        for label, value in obj.labels.items():
+            self._by_label[(key.kind, key.namespace, label, value)].add(key)
         if obj.kind == "GitRepository":
             url = self._normalise_url(str(obj.spec.get("url") or ""))
             if url:
@@ -117,8 +126,14 @@ class ObjectStore:
             listener("delete", obj)
 
     def _unindex(self, key: ObjectKey) -> None:
-        if self._objects.pop(key, None) is None:
+        old = self._objects.pop(key, None)
+        if old is None:
             return
+        for label, value in old.labels.items():
+            index_key = (key.kind, key.namespace, label, value)
+            self._by_label[index_key].discard(key)
+            if not self._by_label[index_key]:
+                del self._by_label[index_key]
         self._by_kind_ns[(key.kind, key.namespace)].pop(key.name, None)
         url = self._url_of.pop(key, None)
         if url is not None:

@@ -1,0 +1,98 @@
+{{/* Chart name, truncated to the 63 characters a label value may hold. */}}
+{{- define "gfb.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* Full name of the release's objects. */}}
+{{- define "gfb.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "gfb.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "gfb.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "gfb.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "gfb.labels" -}}
+helm.sh/chart: {{ include "gfb.chart" . }}
+{{ include "gfb.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: gitea-flux-bridge
+{{- end -}}
+
+{{- define "gfb.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "gfb.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "gfb.image" -}}
+{{- if .Values.image.digest -}}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest -}}
+{{- else -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Where the configuration file and the existing Secret's files are mounted. */}}
+{{- define "gfb.configDir" -}}/etc/gitea-flux-bridge{{- end -}}
+{{- define "gfb.secretsDir" -}}/etc/gitea-flux-bridge/secrets{{- end -}}
+{{- define "gfb.containerPort" -}}8080{{- end -}}
+
+{{/*
+The configuration file: the `config` values 1:1, plus what the chart owns (listen address,
+watched namespaces). Fails when the configuration names a file of the existing Secret but no
+existingSecret is set.
+*/}}
+{{- define "gfb.config" -}}
+{{- $cfg := deepCopy (default (dict) .Values.config) -}}
+{{- $_ := set $cfg "listen" (dict "host" "0.0.0.0" "port" 8080) -}}
+{{- $_ := set $cfg "namespaces" (default (list) .Values.watchNamespaces) -}}
+{{- $text := toYaml $cfg -}}
+{{- if and (contains (include "gfb.secretsDir" .) $text) (not .Values.existingSecret) -}}
+{{- fail (printf "config refers to files in %s: set existingSecret to the Secret that holds them" (include "gfb.secretsDir" .)) -}}
+{{- end -}}
+{{- $text -}}
+{{- end -}}
+
+{{/* The Lease's name, from the configuration (the Role is restricted to it). */}}
+{{- define "gfb.leaseName" -}}
+{{- $statuses := default (dict) .Values.config.statuses -}}
+{{- default "gitea-flux-bridge-resync" $statuses.lease_name -}}
+{{- end -}}
+
+{{/* The RBAC rules on Flux objects and Secrets (DESIGN section 3), for a ClusterRole or Role. */}}
+{{- define "gfb.fluxRules" -}}
+- apiGroups: ["notification.toolkit.fluxcd.io"]
+  resources: ["receivers"]
+  verbs: ["get", "list", "watch"]
+- apiGroups: ["source.toolkit.fluxcd.io"]
+  resources: ["gitrepositories", "ocirepositories"]
+  verbs: ["get", "list", "watch", "patch"]
+- apiGroups: ["kustomize.toolkit.fluxcd.io"]
+  resources: ["kustomizations"]
+  verbs: ["get", "list", "watch", "patch"]
+- apiGroups: ["helm.toolkit.fluxcd.io"]
+  resources: ["helmreleases"]
+  verbs: ["get", "list", "watch", "patch"]
+# Only the Secrets that Receivers reference, by name: get, never list or watch.
+- apiGroups: [""]
+  resources: ["secrets"]
+  verbs: ["get"]
+{{- end -}}
