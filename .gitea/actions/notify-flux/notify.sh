@@ -1,0 +1,344 @@
+#!/usr/bin/env bash
+# notify-flux: tell gitea-flux-bridge about a push, signed with the timestamped scheme, and
+# optionally wait until Flux has deployed it. Needs only bash, openssl and curl.
+#
+# Configuration (the composite action sets these from its inputs; set them yourself to run it
+# anywhere else):
+#   FLUX_BRIDGE_URL         base URL of the bridge, e.g. https://flux-bridge.example.com
+#   FLUX_BRIDGE_HOOK        the Receiver's hook path (/hook/<digest>), the bare digest, or a full
+#                           URL (then FLUX_BRIDGE_URL may be empty)
+#   FLUX_BRIDGE_TOKEN       the Receiver's token (or FLUX_BRIDGE_TOKEN_FILE: a file holding it)
+#   FLUX_BRIDGE_PATHS       optional changed paths: one per line (paths may contain spaces), or
+#                           separated by spaces on a single line. Omit them and every consumer
+#                           of the matched sources counts as touched.
+#   FLUX_BRIDGE_WAIT        seconds to wait for the deployment; 0 (default) does not wait
+#   FLUX_BRIDGE_REPOSITORY  repository URL  (default: $GITHUB_SERVER_URL/$GITHUB_REPOSITORY)
+#   FLUX_BRIDGE_REF         pushed ref      (default: $GITHUB_REF)
+#   FLUX_BRIDGE_SHA         pushed commit   (default: $GITHUB_SHA)
+#   FLUX_BRIDGE_CA_FILE     CA bundle for the bridge's TLS certificate (curl --cacert)
+#   FLUX_BRIDGE_RETRIES     attempts when the bridge is unreachable, busy (429/503) or
+#                           failing (5xx); each attempt is signed afresh (default 3)
+#
+# Exit status: 0 accepted (and, when waiting, every target Ready at the commit);
+#              1 the deployment failed or timed out, or the wait ran out first;
+#              2 bad configuration; 3 the bridge refused the request or could not be reached.
+#
+# The token is never printed and never passed on a command line: the HMAC is computed here
+# (RFC 2104 over openssl's SHA-256), so `ps` on a shared runner cannot see the key.
+set +x
+set -uo pipefail
+shopt -u patsub_replacement 2>/dev/null || true
+shopt -s lastpipe
+export LC_ALL=C
+
+me=notify-flux
+say() { printf '%s: %s\n' "$me" "$*" >&2; }
+die() {
+	local code=$1
+	shift
+	say "$*"
+	exit "$code"
+}
+
+# --- configuration ----------------------------------------------------------------------------
+
+base_url=${FLUX_BRIDGE_URL:-}
+hook=${FLUX_BRIDGE_HOOK:-}
+wait_seconds=${FLUX_BRIDGE_WAIT:-0}
+retries=${FLUX_BRIDGE_RETRIES:-3}
+repository=${FLUX_BRIDGE_REPOSITORY:-}
+ref=${FLUX_BRIDGE_REF:-${GITHUB_REF:-${GITEA_REF:-}}}
+sha=${FLUX_BRIDGE_SHA:-${GITHUB_SHA:-${GITEA_SHA:-}}}
+raw_paths=${FLUX_BRIDGE_PATHS:-}
+
+if [[ -z $repository ]]; then
+	server=${GITHUB_SERVER_URL:-${GITEA_SERVER_URL:-}}
+	repo=${GITHUB_REPOSITORY:-${GITEA_REPOSITORY:-}}
+	[[ -n $server && -n $repo ]] && repository="${server%/}/$repo"
+fi
+
+token=${FLUX_BRIDGE_TOKEN:-}
+if [[ -z $token && -n ${FLUX_BRIDGE_TOKEN_FILE:-} ]]; then
+	[[ -r $FLUX_BRIDGE_TOKEN_FILE ]] || die 2 "cannot read FLUX_BRIDGE_TOKEN_FILE"
+	IFS= read -r -d '' token <"$FLUX_BRIDGE_TOKEN_FILE" || true
+	token=${token%$'\n'} # one trailing newline, as `echo` leaves it
+fi
+[[ -n $token ]] || die 2 "no token: set the token input (FLUX_BRIDGE_TOKEN or FLUX_BRIDGE_TOKEN_FILE)"
+
+[[ -n $hook ]] || die 2 "no hook path: set hook-path (FLUX_BRIDGE_HOOK), e.g. the output of 'gitea-flux-bridge hook-url'"
+if [[ $hook =~ ^https?:// ]]; then
+	hook_url=$hook
+	[[ -n $base_url ]] || base_url=${hook%%/hook/*}
+else
+	[[ $base_url =~ ^https?:// ]] || die 2 "url (FLUX_BRIDGE_URL) must be the bridge's http(s) base URL"
+	[[ $hook =~ ^[0-9a-fA-F]{64}$ ]] && hook="/hook/$hook"
+	[[ $hook == /* ]] || hook="/$hook"
+	hook_url="${base_url%/}$hook"
+fi
+base_url=${base_url%/}
+
+[[ $wait_seconds =~ ^[0-9]+$ ]] || die 2 "wait-seconds (FLUX_BRIDGE_WAIT) must be a whole number of seconds"
+wait_seconds=$((10#$wait_seconds))
+[[ $retries =~ ^[1-9][0-9]*$ ]] || die 2 "FLUX_BRIDGE_RETRIES must be a positive number"
+[[ -n $repository ]] || die 2 "no repository: set GITHUB_SERVER_URL and GITHUB_REPOSITORY, or FLUX_BRIDGE_REPOSITORY"
+[[ -n $ref ]] || die 2 "no ref: set GITHUB_REF or FLUX_BRIDGE_REF"
+[[ $sha =~ ^([0-9a-fA-F]{40}|[0-9a-fA-F]{64})$ ]] || die 2 "GITHUB_SHA / FLUX_BRIDGE_SHA must be a full commit id"
+
+curl_opts=(--silent --show-error --connect-timeout 10)
+if [[ -n ${FLUX_BRIDGE_CA_FILE:-} ]]; then
+	curl_opts+=(--cacert "$FLUX_BRIDGE_CA_FILE")
+fi
+
+command -v openssl >/dev/null || die 2 "openssl is required"
+command -v curl >/dev/null || die 2 "curl is required"
+
+tmp=$(umask 077 && mktemp -d "${TMPDIR:-/tmp}/notify-flux.XXXXXX") || die 2 "cannot create a temporary directory"
+trap 'rm -rf "$tmp"' EXIT
+
+# --- JSON -------------------------------------------------------------------------------------
+
+# A JSON string literal for $1: backslash, quote and control characters escaped; other bytes
+# (UTF-8) pass through unchanged.
+json_string() {
+	local s=$1 i c hex rep
+	local bs='\\' q='\"' nl='\n' cr='\r' tab='\t' bsp='\b' ff='\f'
+	s=${s//\\/"$bs"}
+	s=${s//\"/"$q"}
+	s=${s//$'\n'/"$nl"}
+	s=${s//$'\r'/"$cr"}
+	s=${s//$'\t'/"$tab"}
+	s=${s//$'\b'/"$bsp"}
+	s=${s//$'\f'/"$ff"}
+	if [[ $s == *[$'\x01'-$'\x1f']* ]]; then
+		for ((i = 1; i < 32; i++)); do
+			printf -v hex '%02x' "$i"
+			printf -v c "\\x$hex"
+			rep="\\u00$hex"
+			s=${s//"$c"/"$rep"}
+		done
+	fi
+	printf '"%s"' "$s"
+}
+
+paths=()
+if [[ $raw_paths == *$'\n'* ]]; then
+	while IFS= read -r line; do
+		line=${line%$'\r'}
+		[[ $line =~ ^[[:space:]]*$ ]] || paths+=("$line")
+	done <<<"$raw_paths"
+elif [[ -n $raw_paths ]]; then
+	read -r -a paths <<<"$raw_paths"
+fi
+
+body="{\"repository\":$(json_string "$repository"),\"ref\":$(json_string "$ref"),\"sha\":$(json_string "$sha")"
+if ((${#paths[@]} > 0)); then
+	body+=',"paths":['
+	sep=''
+	for p in "${paths[@]}"; do
+		body+="$sep$(json_string "$p")"
+		sep=','
+	done
+	body+=']'
+fi
+body+='}'
+printf '%s' "$body" >"$tmp/body"
+
+# Field of a flat JSON reply: the first "name": "value" (or true/false/number) in $2.
+json_field() {
+	local re="\"$1\"[[:space:]]*:[[:space:]]*(\"([^\"\\\\]|\\\\.)*\"|true|false|null|[0-9.]+)"
+	[[ $2 =~ $re ]] || return 1
+	local v=${BASH_REMATCH[1]}
+	v=${v#\"}
+	v=${v%\"}
+	printf '%s' "$v"
+}
+
+# --- signing ----------------------------------------------------------------------------------
+
+# hex(HMAC-SHA256(key=$1, message=$2)), RFC 2104 with openssl doing SHA-256. The key stays in
+# this shell (printf is a builtin): it never appears in any process's arguments.
+hmac_sha256_hex() {
+	local key=$1 msg=$2 keyhex="" i b v ipad="" opad="" out
+	if ((${#key} > 64)); then
+		out=$(printf '%s' "$key" | openssl dgst -sha256 -hex) || return 1
+		keyhex=${out##* }
+	else
+		for ((i = 0; i < ${#key}; i++)); do
+			printf -v v '%d' "'${key:i:1}"
+			printf -v b '%02x' $((v & 255))
+			keyhex+=$b
+		done
+	fi
+	for ((i = 0; i < 64; i++)); do
+		b=0
+		((2 * i < ${#keyhex})) && b=$((16#${keyhex:2*i:2}))
+		printf -v v '\\x%02x' $((b ^ 0x36))
+		ipad+=$v
+		printf -v v '\\x%02x' $((b ^ 0x5c))
+		opad+=$v
+	done
+	# shellcheck disable=SC2059 # the formats are built from \xHH escapes only
+	out=$({
+		printf "$opad"
+		{
+			printf "$ipad"
+			printf '%s' "$msg"
+		} | openssl dgst -sha256 -binary
+	} | openssl dgst -sha256 -hex) || return 1
+	out=${out##* }
+	[[ $out =~ ^[0-9a-f]{64}$ ]] || return 1
+	printf '%s' "$out"
+}
+
+# Write the X-Signature header for "$1" (the exact body, empty for a GET) into $tmp/headers.
+sign_into_headers() {
+	local now sig
+	printf -v now '%(%s)T' -1
+	sig=$(hmac_sha256_hex "$token" "$now.$1") || die 2 "openssl could not compute the signature"
+	printf 'X-Signature: t=%s,v1=%s\n' "$now" "$sig" >"$tmp/headers"
+}
+
+# --- reporting --------------------------------------------------------------------------------
+
+# One line per target of a reply or progress line: "Kind namespace/name: state (reason)".
+summarise_targets() {
+	local doc=${1#*\"targets\"} obj kind ns name state reason message
+	doc=${doc%%\"tracked\"*}
+	grep -oE '\{"apiVersion": ?"[^{}]*(\{[^{}]*\}[^{}]*)?\}' <<<"$doc" | while IFS= read -r obj; do
+		kind=$(json_field kind "$obj") || continue
+		ns=$(json_field namespace "$obj") || ns=""
+		name=$(json_field name "$obj") || name=""
+		state=$(json_field state "$obj") || state="?"
+		reason=$(json_field reason "$obj") || reason=""
+		message=$(json_field message "$obj") || message=""
+		printf '  %s %s/%s: %s%s%s\n' "$kind" "$ns" "$name" "$state" \
+			"${reason:+ ($reason)}" "${message:+: $message}"
+	done
+}
+
+set_output() {
+	if [[ -n ${GITHUB_OUTPUT:-} ]]; then
+		printf '%s=%s\n' "$1" "$2" >>"$GITHUB_OUTPUT" 2>/dev/null || true
+	fi
+}
+
+urlencode() {
+	local s=$1 out="" c i v
+	for ((i = 0; i < ${#s}; i++)); do
+		c=${s:i:1}
+		if [[ $c == [A-Za-z0-9._~-] ]]; then
+			out+=$c
+		else
+			printf -v v '%%%02X' "'$c"
+			out+=$v
+		fi
+	done
+	printf '%s' "$out"
+}
+
+# --- send -------------------------------------------------------------------------------------
+
+say "notifying $hook_url about $repository $ref @ $sha (${#paths[@]} changed paths)"
+attempt=0
+status=000
+while :; do
+	attempt=$((attempt + 1))
+	sign_into_headers "$body"
+	status=$(curl "${curl_opts[@]}" --max-time 30 -X POST \
+		-H 'Content-Type: application/json' -H @"$tmp/headers" \
+		--data-binary @"$tmp/body" -o "$tmp/reply" -w '%{http_code}' "$hook_url")
+	curl_rc=$?
+	[[ $status =~ ^[0-9]{3}$ ]] || status=000
+	case $status in
+	000 | 429 | 5??)
+		if ((attempt < retries)); then
+			if [[ $status == 000 ]]; then say "bridge not reachable (curl exit $curl_rc); retrying"; else say "bridge answered $status; retrying"; fi
+			sleep $((2 ** attempt))
+			continue
+		fi
+		;;
+	esac
+	break
+done
+
+reply=""
+[[ -f $tmp/reply ]] && reply=$(<"$tmp/reply")
+[[ -n $reply ]] && printf '%s\n' "$reply"
+
+case $status in
+202) ;;
+200)
+	say "the bridge answered 200 ($(json_field status "$reply" || echo ok)): nothing was started"
+	exit 0
+	;;
+000) die 3 "could not reach the bridge at $hook_url (curl exit $curl_rc)" ;;
+401) die 3 "401: signature refused: check the token, the hook path and the runner's clock (300 s window)" ;;
+404) die 3 "404: no Receiver at this hook path: check hook-path (gitea-flux-bridge hook-url)" ;;
+*) die 3 "the bridge answered $status" ;;
+esac
+
+delivery=$(json_field delivery "$reply") || die 3 "the bridge's reply names no delivery"
+say "accepted as delivery $delivery; targets:"
+summarise_targets "$reply" >&2
+set_output delivery "$delivery"
+
+if ((wait_seconds == 0)); then
+	set_output outcome accepted
+	exit 0
+fi
+
+# --- wait -------------------------------------------------------------------------------------
+
+printf -v started '%(%s)T' -1
+deadline=$((started + wait_seconds))
+deliveries_url="$base_url/deliveries/$(urlencode "$delivery")"
+outcome=in_progress
+while :; do
+	printf -v now '%(%s)T' -1
+	remaining=$((deadline - now))
+	((remaining > 0)) || break
+	sign_into_headers ""
+	final=""
+	timed_out=""
+	: >"$tmp/response-headers"
+	curl "${curl_opts[@]}" --no-buffer --max-time $((remaining + 30)) -D "$tmp/response-headers" \
+		-H @"$tmp/headers" "$deliveries_url?wait=$remaining" |
+		while IFS= read -r line || [[ -n $line ]]; do
+			[[ -n $line ]] || continue
+			printf '%s\n' "$line"
+			if [[ $(json_field timeout "$line") == true ]]; then
+				timed_out=1
+			fi
+			outcome=$(json_field outcome "$line") || outcome=${outcome:-in_progress}
+			if [[ $(json_field final "$line") == true ]]; then
+				final=1
+				say "outcome: $outcome"
+				summarise_targets "$line" >&2
+			elif [[ -z $timed_out ]]; then
+				say "progress: $outcome"
+				summarise_targets "$line" >&2
+			fi
+		done
+	curl_rc=${PIPESTATUS[0]}
+	get_status=$(grep -E '^HTTP/' "$tmp/response-headers" | tail -n 1 | cut -d ' ' -f 2)
+	if [[ -n $final ]]; then
+		set_output outcome "$outcome"
+		case $outcome in
+		ready)
+			say "deployed: every target is Ready at $sha"
+			exit 0
+			;;
+		*) die 1 "deployment $outcome" ;;
+		esac
+	fi
+	case ${get_status:-000} in
+	200) ;;
+	404) die 3 "404: delivery $delivery is unknown to this bridge replica or expired" ;;
+	000 | 429 | 5??) say "could not follow the delivery (HTTP ${get_status:-none}, curl exit $curl_rc); retrying" ;;
+	*) die 3 "following the delivery failed with HTTP $get_status" ;;
+	esac
+	[[ -n $timed_out ]] || sleep 1
+done
+
+set_output outcome "$outcome"
+die 1 "the wait of ${wait_seconds}s ran out; outcome so far: $outcome"

@@ -1,0 +1,206 @@
+"""A Gitea stand-in for the status tests, and a validator of requests against Gitea's swagger.
+
+`SwaggerValidator` checks a request against `fixtures/gitea/swagger.v1.json` (v1.26.3): the
+path matches a template under `/api/v1` (after the instance's sub-path), the method exists
+there, every query parameter is declared (type and enum checked), and a JSON body matches the
+referenced definition (known keys, types, enums). `FakeGitea` keeps commit statuses the way
+Gitea does (per repo and commit, an increasing index, the newest per context wins), answers
+with the `status` field quirk, and can be told to fail. Requests go through respx, which keeps
+every call for the validator.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote
+
+import httpx
+import respx
+from respx.transports import MockTransport
+
+SWAGGER = Path(__file__).parent / "fixtures" / "gitea" / "swagger.v1.json"
+_TYPES: dict[str, tuple[type, ...]] = {
+    "string": (str,), "integer": (int,), "boolean": (bool,), "number": (int, float),
+    "array": (list,), "object": (dict,),
+}
+
+
+@cache
+def load_spec() -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(SWAGGER.read_text())
+    return data
+
+
+def _template_regex(template: str) -> re.Pattern[str]:
+    parts = re.split(r"(\{[^}]+\})", template)
+    pattern = "".join(f"(?P<{p[1:-1]}>[^/]+)" if p.startswith("{") else re.escape(p)
+                      for p in parts)
+    return re.compile(f"^{pattern}$")
+
+
+class SwaggerValidator:
+    def __init__(self, spec: dict[str, Any] | None = None) -> None:
+        self.spec = spec or load_spec()
+        self._paths = [(t, _template_regex(t), ops) for t, ops in self.spec["paths"].items()]
+
+    def _resolve(self, schema: dict[str, Any]) -> dict[str, Any]:
+        while "$ref" in schema:
+            name = schema["$ref"].rsplit("/", 1)[-1]
+            schema = self.spec["definitions"][name]
+        return schema
+
+    def _check_value(self, where: str, value: Any, schema: dict[str, Any]) -> list[str]:
+        schema = self._resolve(schema)
+        problems: list[str] = []
+        kind = schema.get("type", "object")
+        allowed = _TYPES.get(kind, (object,))
+        if isinstance(value, bool) and kind != "boolean" or not isinstance(value, allowed):
+            return [f"{where}: {value!r} is not {kind}"]
+        if "enum" in schema and value not in schema["enum"]:
+            problems.append(f"{where}: {value!r} not in {schema['enum']}")
+        if kind == "object":
+            props = schema.get("properties", {})
+            for key, item in value.items():
+                if key not in props:
+                    problems.append(f"{where}.{key}: not in the definition")
+                else:
+                    problems += self._check_value(f"{where}.{key}", item, props[key])
+            problems += [f"{where}.{k}: required" for k in schema.get("required", [])
+                         if k not in value]
+        if kind == "array" and "items" in schema:
+            for i, item in enumerate(value):
+                problems += self._check_value(f"{where}[{i}]", item, schema["items"])
+        return problems
+
+    def match(self, path: str, method: str) -> tuple[str, dict[str, Any]] | None:
+        """The template and operation for a path relative to /api/v1, most literal first."""
+        found = []
+        for template, regex, ops in self._paths:
+            if regex.match(path) and method.lower() in ops:
+                found.append((template.count("{"), template, ops[method.lower()]))
+        if not found:
+            return None
+        _, template, op = min(found)
+        return template, op
+
+    def problems(self, request: httpx.Request, api_prefix: str = "/api/v1") -> list[str]:
+        path = request.url.path
+        if not path.startswith(api_prefix + "/"):
+            return [f"{path}: not under {api_prefix}"]
+        matched = self.match(path[len(api_prefix):], request.method)
+        if matched is None:
+            return [f"{request.method} {path}: no such operation in the spec"]
+        template, op = matched
+        where = f"{request.method} {template}"
+        problems: list[str] = []
+        params = op.get("parameters", [])
+        regex = _template_regex(template)
+        m = regex.match(path[len(api_prefix):])
+        assert m is not None
+        for p in params:
+            if p["in"] == "path" and not unquote(m.group(p["name"])):
+                problems.append(f"{where}: empty path parameter {p['name']}")
+        declared = {p["name"]: p for p in params if p["in"] == "query"}
+        for name, value in request.url.params.multi_items():
+            if name not in declared:
+                problems.append(f"{where}: undeclared query parameter {name}")
+                continue
+            spec = declared[name]
+            if spec.get("type") == "integer" and not re.fullmatch(r"-?\d+", value):
+                problems.append(f"{where}: query {name}={value!r} is not an integer")
+            if "enum" in spec and value not in spec["enum"]:
+                problems.append(f"{where}: query {name}={value!r} not in {spec['enum']}")
+        body_params = [p for p in params if p["in"] == "body"]
+        content = request.content
+        if body_params:
+            if request.headers.get("content-type", "").split(";")[0] != "application/json":
+                problems.append(f"{where}: body is not application/json")
+            try:
+                body = json.loads(content)
+            except ValueError:
+                return [*problems, f"{where}: body is not JSON"]
+            problems += self._check_value(f"{where} body", body, body_params[0]["schema"])
+        elif content:
+            problems.append(f"{where}: the operation takes no body")
+        if not request.headers.get("authorization", "").startswith("token "):
+            problems.append(f"{where}: no `Authorization: token ...` header")
+        return problems
+
+
+@dataclass
+class FakeGitea:
+    """Gitea's commit statuses for any repository; `fail` queues failures for the next calls."""
+
+    token: str = "gitea-token"
+    prefix: str = "/api/v1"
+    statuses: dict[tuple[str, str, str], list[dict[str, Any]]] = field(default_factory=dict)
+    fail: list[int | Exception] = field(default_factory=list)
+    posts: list[tuple[str, str, str, dict[str, Any]]] = field(default_factory=list)
+    gets: int = 0
+    validator: SwaggerValidator = field(default_factory=SwaggerValidator)
+    problems: list[str] = field(default_factory=list)
+
+    _PATH = re.compile(r"^/repos/(?P<owner>[^/]+)/(?P<repo>[^/]+)/statuses/(?P<sha>[^/]+)$")
+
+    def handle(self, request: httpx.Request) -> httpx.Response:
+        self.problems += self.validator.problems(request, self.prefix)
+        if self.fail:
+            failure = self.fail.pop(0)
+            if isinstance(failure, Exception):
+                raise failure
+            return httpx.Response(failure, json={"message": "injected failure", "url": ""})
+        if request.headers.get("authorization") != f"token {self.token}":
+            return httpx.Response(401, json={"message": "token is required", "url": ""})
+        m = self._PATH.match(request.url.path.removeprefix(self.prefix))
+        if m is None:
+            return httpx.Response(404, json={"message": "not found", "url": ""})
+        key = (unquote(m["owner"]), unquote(m["repo"]), unquote(m["sha"]))
+        items = self.statuses.setdefault(key, [])
+        if request.method == "GET":
+            self.gets += 1
+            ordered = sorted(items, key=lambda s: s["index"],
+                             reverse=request.url.params.get("sort") != "oldest")
+            limit = int(request.url.params.get("limit", "30"))
+            return httpx.Response(200, json=ordered[:limit])
+        body = json.loads(request.content)
+        status = {
+            "id": sum(len(v) for v in self.statuses.values()) + 1,
+            "index": len(items) + 1,
+            "status": body.get("state", ""),
+            "target_url": body.get("target_url", "").strip(),
+            "description": body.get("description", "").strip(),
+            "context": body.get("context", "").strip(),
+            "url": f"https://gitea.test/api/v1/repos/{key[0]}/{key[1]}/statuses/{key[2]}",
+            "created_at": "2026-08-07T13:04:05Z",
+            "updated_at": "2026-08-07T13:04:05Z",
+        }
+        items.append(status)
+        self.posts.append((*key, body))
+        return httpx.Response(201, json=status)
+
+    def latest(self, owner: str, repo: str, sha: str, context: str) -> dict[str, Any] | None:
+        items = [s for s in self.statuses.get((owner, repo, sha), []) if s["context"] == context]
+        return max(items, key=lambda s: s["index"]) if items else None
+
+    def contexts(self, owner: str, repo: str, sha: str) -> dict[str, str]:
+        """Latest state per context, as Gitea's combined view shows them."""
+        out: dict[str, str] = {}
+        for s in sorted(self.statuses.get((owner, repo, sha), []), key=lambda s: s["index"]):
+            out[s["context"]] = s["status"]
+        return out
+
+
+def gitea_transport(
+    fakes: dict[str, FakeGitea] | Iterable[tuple[str, FakeGitea]],
+) -> tuple[MockTransport, respx.Router]:
+    """A respx transport routing each host to its fake; the router keeps every call."""
+    router = respx.Router(assert_all_called=False)
+    for host, fake in dict(fakes).items():
+        router.route(host=host).mock(side_effect=fake.handle)
+    return MockTransport(router=router), router

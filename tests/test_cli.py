@@ -1,0 +1,110 @@
+"""The commands, run as a user would run them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from receiver import signatures as sig
+from receiver.cli import EXIT_OK, EXIT_PAYLOAD, EXIT_USAGE, main
+from tests import gitea_payloads as gp
+from tests.conftest import FLEET
+
+REPO = Path(__file__).parent.parent
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_plan_prints_targets_tracked_and_skipped(tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    payload = tmp_path / "push.json"
+    doc = gp.push("platform/fleet", "refs/heads/main",
+                  [gp.commit("platform/fleet", "m", modified=["clusters/eu-west/monitoring/a.yaml"])])
+    payload.write_bytes(gp.gitea_bytes(doc))
+    code, out, _ = run(capsys, "plan", "--manifests", str(FLEET), "--payload", str(payload),
+                       "--receiver", "flux-system/gitea")
+    assert code == EXIT_OK
+    plan = json.loads(out)
+    assert plan["receiver"] == "flux-system/gitea"
+    assert [(t["kind"], t["name"]) for t in plan["targets"]] == [
+        ("GitRepository", "flux-system"), ("Kustomization", "monitoring")]
+    assert set(plan["targets"][0]) == {"apiVersion", "kind", "namespace", "name", "reason"}
+    assert {t["name"] for t in plan["skipped"]} >= {"infrastructure", "fleet-staging"}
+
+
+def test_plan_needs_receiver_when_several(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    payload = tmp_path / "p.json"
+    payload.write_text("{}")
+    code, _, err = run(capsys, "plan", "--manifests", str(FLEET), "--payload", str(payload))
+    assert code == EXIT_USAGE and "--receiver" in err
+
+
+def test_plan_bad_payload_exit_code(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    payload = tmp_path / "p.json"
+    payload.write_text('{"repository": {}, "ref": "main"}')
+    code, _, err = run(capsys, "plan", "--manifests", str(FLEET), "--payload", str(payload),
+                       "--receiver", "flux-system/gitea")
+    assert code == EXIT_PAYLOAD and "payload rejected" in err
+    payload.write_text("{not json")
+    code, _, _ = run(capsys, "plan", "--manifests", str(FLEET), "--payload", str(payload),
+                     "--receiver", "flux-system/gitea")
+    assert code == EXIT_PAYLOAD
+
+
+def test_plan_bad_manifests(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "bad.yaml").write_text("kind: [unterminated")
+    code, _, err = run(capsys, "plan", "--manifests", str(tmp_path), "--payload", "-")
+    assert code == EXIT_USAGE and "bad.yaml" in err
+
+
+def test_hook_url_matches_flux(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    token = tmp_path / "t"
+    token.write_text("gitea-secret-token\n")
+    code, out, _ = run(capsys, "hook-url", "--name", "gitea", "--namespace", "flux-system",
+                       "--token-file", str(token), "--base-url", "https://bridge.example.com/")
+    assert code == EXIT_OK
+    assert out.strip() == "https://bridge.example.com/hook/" + sig.hook_digest(
+        "gitea-secret-token", "gitea", "flux-system")
+
+
+@pytest.mark.parametrize(("scheme", "header"), [
+    ("timestamped", "X-Signature: t=1800000000,v1="), ("generic-hmac", "X-Signature: sha256="),
+    ("gitea", "X-Gitea-Signature: "), ("hub", "X-Hub-Signature-256: sha256="),
+])
+def test_sign_prints_verifiable_headers(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                        scheme: str, header: str) -> None:
+    token, body = tmp_path / "t", tmp_path / "b"
+    token.write_text("tok")
+    body.write_bytes(b'{"a": 1}')
+    code, out, _ = run(capsys, "sign", "--scheme", scheme, "--token-file", str(token),
+                       "--body-file", str(body), "--timestamp", "1800000000")
+    assert code == EXIT_OK
+    lines = dict(line.split(": ", 1) for line in out.strip().splitlines())
+    assert lines["Content-Type"] == "application/json"
+    assert any(line.startswith(header) for line in out.splitlines())
+    headers = {k.lower(): v for k, v in lines.items()}
+    checks = {
+        "timestamped": lambda: sig.verify_timestamped(headers["x-signature"], b'{"a": 1}', "tok",
+                                                      1800000000).ok,
+        "generic-hmac": lambda: sig.verify_generic_hmac(headers, b'{"a": 1}', "tok").ok,
+        "gitea": lambda: sig.verify_gitea(headers, b'{"a": 1}', "tok").ok,
+        "hub": lambda: sig.verify_gitea(headers, b'{"a": 1}', "tok").ok,
+    }
+    assert checks[scheme]()
+
+
+def test_serve_rejects_bad_config_naming_the_key(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text("listen: {port: 99999}\nrate_limit: {burst: 0}\n")
+    proc = subprocess.run([sys.executable, "-m", "receiver.cli", "serve", "--config", str(config)],
+                          capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert proc.returncode == EXIT_USAGE
+    assert "listen.port" in proc.stderr and "rate_limit.burst" in proc.stderr
