@@ -18,7 +18,7 @@ from starlette.routing import Route
 from receiver.config import Settings
 from receiver.deliveries import DeliveryStore
 from receiver.flux.cluster import Cluster
-from receiver.giturls import normalise_repo_url
+from receiver.giturls import normalise_aliases, normalise_repo_url
 from receiver.hookindex import HookIndex
 from receiver.http import error
 from receiver.ingest import IngestService
@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 
 def url_normaliser(settings: Settings) -> Any:
-    aliases = dict(settings.host_aliases)
+    aliases = normalise_aliases(settings.host_aliases)
     return lambda url: normalise_repo_url(url, aliases)
 
 
@@ -113,5 +113,7 @@ def create_app(settings: Settings, cluster: Cluster, **status_kwargs: Any) -> St
         lifespan=lifespan,
         exception_handlers={HTTPException: http_error, Exception: unhandled},
     )
+    # A POST to /hook/<digest>/ must not be redirected: Gitea would not follow it.
+    app.router.redirect_slashes = False
     app.state.parts = parts
     return app

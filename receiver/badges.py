@@ -60,13 +60,20 @@ def _text(x: float, ltl: int, text: str, *, shadow: bool) -> str:
             f"{text}</text>")
 
 
+def _xml_text(text: str) -> str:
+    """Escaped for text and attributes; characters XML 1.0 cannot hold at all are dropped."""
+    kept = "".join(ch for ch in text if ch >= " " and ch not in "\ufffe\uffff"
+                   and not "\ud800" <= ch <= "\udfff")
+    return escape(kept, {'"': "&quot;"})
+
+
 def render_badge(label: str, message: str, colour: str, style: str = "flat") -> str:
     """A shields-style two-part badge. Text is escaped; an unknown style renders flat."""
+    label, message = " ".join(label.split()), " ".join(message.split())
     lw = round(text_width(label) + 10)
     mw = round(text_width(message) + 10)
     width = lw + mw
-    lab, msg = escape(label), escape(message)
-    col = escape(colour, {'"': "&quot;"})
+    lab, msg, col = _xml_text(label), _xml_text(message), _xml_text(colour)
     title = f"{lab}: {msg}"
     # Text is laid out at 10x and scaled down, as shields does, for sub-pixel centring.
     lx, mx = lw * 5, (lw + mw / 2) * 10

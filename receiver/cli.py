@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -68,7 +69,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from receiver.flux.kube import KubeCluster
 
         try:
-            cluster = KubeCluster.from_environment(store, settings.namespaces)
+            # The chart grants the Lease in the release namespace (POD_NAMESPACE).
+            cluster = KubeCluster.from_environment(
+                store, settings.namespaces, secret_ttl_seconds=settings.secret_cache_seconds,
+                lease_namespace=os.environ.get("POD_NAMESPACE") or None)
         except Exception as exc:  # the client raises several types for a missing config
             return _fail(f"cannot configure the Kubernetes client: {exc}")
     app = create_app(settings, cluster)

@@ -149,6 +149,7 @@ class Reconciler:
         self.patches = PatchCoalescer(cluster, config, metrics)
         self._watching: dict[ObjectKey, set[str]] = defaultdict(set)
         self._watched_by: dict[str, set[ObjectKey]] = {}
+        self._last_seen: dict[ObjectKey, tuple[Any, ...]] = {}
         self._tokens: dict[tuple[str, ObjectKey], str] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self.listeners: list[DeliveryListener] = []
@@ -225,6 +226,7 @@ class Reconciler:
                 ids.discard(delivery.id)
                 if not ids:
                     del self._watching[key]
+                    self._last_seen.pop(key, None)
             self._tokens.pop((delivery.id, key), None)
 
     # -- following progress ----------------------------------------------------------------
@@ -233,6 +235,12 @@ class Reconciler:
         ids = self._watching.get(obj.key)
         if not ids:
             return
+        # Our own annotation patches change only metadata: progress cannot have moved, and
+        # re-evaluating every delivery that watches a busy source would cost O(deliveries).
+        fingerprint = (op, obj.generation, obj.raw.get("status"), obj.suspended)
+        if self._last_seen.get(obj.key) == fingerprint:
+            return
+        self._last_seen[obj.key] = fingerprint
         for id_ in list(ids):
             delivery = self._deliveries.get(id_)
             if delivery is not None:

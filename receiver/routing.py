@@ -124,13 +124,51 @@ def _under(path: str, directory: str) -> bool:
     return directory == "" or path == directory or path.startswith(directory + "/")
 
 
-def touched_paths(paths: Iterable[str], directories: Iterable[str]) -> list[str]:
-    dirs = list(directories)
-    return sorted(p for p in paths if any(_under(p, d) for d in dirs))
+def ancestors(paths: Iterable[str]) -> frozenset[str]:
+    """Every directory that holds a changed file, and the files themselves, plus the root ''.
+
+    A consumer path is touched exactly when it is in this set, so each consumer costs a few
+    set lookups however many files the push changed.
+    """
+    found = {""}
+    for path in paths:
+        # Walk up until a directory we already have: siblings share their parents.
+        while path and path not in found:
+            found.add(path)
+            cut = path.rfind("/")
+            path = path[:cut] if cut > 0 else ""
+    return frozenset(found)
+
+
+def _outside(paths: Iterable[str], known: frozenset[str]) -> str | None:
+    """The first changed file that lies under none of the known paths (a shared base?)."""
+    if "" in known:
+        return None
+    verdicts: dict[str, bool] = {}  # directory -> lies under a known path
+    for path in sorted(paths):
+        walked: list[str] = []
+        inside = False
+        current = path
+        while current:
+            if current in verdicts:
+                inside = verdicts[current]
+                break
+            walked.append(current)
+            if current in known:
+                inside = True
+                break
+            cut = current.rfind("/")
+            current = current[:cut] if cut > 0 else ""
+        for seen in walked:
+            verdicts[seen] = inside
+        if not inside:
+            return path
+    return None
 
 
 def consumer_touch(
-    consumer: FluxObject, push: Push, known_paths: frozenset[str], via_include: bool
+    consumer: FluxObject, push: Push, touched_dirs: frozenset[str], orphan: str | None,
+    via_include: bool,
 ) -> str | None:
     """Why the push touches this consumer of a matched source, or None if it does not."""
     if via_include:
@@ -141,14 +179,14 @@ def consumer_touch(
         chart_spec = (consumer.spec.get("chart") or {}).get("spec") or {}
         if isinstance(chart_spec, dict) and chart_spec.get("reconcileStrategy") == "Revision":
             return "chart reconcileStrategy Revision: every commit is a new chart version"
-    hits = touched_paths(push.paths, consumer_paths(consumer))
-    if hits:
-        return f"changed files under its path: {', '.join(hits[:3])}" + (
-            f" (+{len(hits) - 3} more)" if len(hits) > 3 else ""
+    hit = [d for d in consumer_paths(consumer) if d in touched_dirs]
+    if hit:
+        files = sorted(p for p in push.paths if any(_under(p, d) for d in hit))
+        return f"changed files under its path: {', '.join(files[:3])}" + (
+            f" (+{len(files) - 3} more)" if len(files) > 3 else ""
         )
-    orphans = [p for p in push.paths if not any(_under(p, d) for d in known_paths)]
-    if orphans:
-        return f"changed file outside every known path of the source: {sorted(orphans)[0]}"
+    if orphan is not None:
+        return f"changed file outside every known path of the source: {orphan}"
     return None
 
 
@@ -228,13 +266,16 @@ def plan_push(
 
     # 3. consumers of matched sources that the changed files touch
     touched: dict[ObjectKey, Target] = {}
+    touched_dirs = ancestors(push.paths)
     for src_key, (_src, _) in matched.items():
         consumers = store.consumers_of(src_key)
         known = frozenset(p for c in consumers for p in consumer_paths(c))
+        orphan = _outside(push.paths, known) if push.paths_complete else None
         for consumer in consumers:
             if consumer.key in touched:
                 continue
-            why_touch = consumer_touch(consumer, push, known, src_key in included_by_push)
+            why_touch = consumer_touch(
+                consumer, push, touched_dirs, orphan, src_key in included_by_push)
             if why_touch is None:
                 skipped.setdefault(
                     consumer.key, _target(consumer, "no changed file under its paths")

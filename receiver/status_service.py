@@ -102,8 +102,10 @@ class StatusService:
     retry_base_seconds = 0.5
     retry_cap_seconds = 30.0
     posted_cache_size = 100_000
-    # The resync never fills more than this share of the queue: events keep room.
+    # The resync never fills more than this share of the queue: events keep room. When it
+    # reaches it, it waits for the workers up to `resync_wait_seconds`, then tries next round.
     resync_queue_share = 0.8
+    resync_wait_seconds = 30.0
 
     def __init__(
         self,
@@ -287,10 +289,14 @@ class StatusService:
         headers = request.headers
         events = self._settings.events
         presented = False
-        if headers.get("x-signature", "").strip():
+        signature = headers.get("x-signature", "").strip()
+        if signature:
             presented = True
             token = await self._secret_or_none(events.hmac_token)
-            if token is not None:
+            # Flux's generic-hmac Provider signs with SHA-256 only; accept nothing weaker.
+            if token is not None and not signature.lower().startswith("sha256="):
+                self._metrics.signature_failures.labels("events-hmac", "algorithm").inc()
+            elif token is not None:
                 verdict = verify_event(headers, body, token)
                 if verdict.ok:
                     return True
@@ -358,7 +364,7 @@ class StatusService:
         no queue space and no Gitea call.
         """
         store = self._cluster.store
-        room = int(self._settings.statuses.queue_size * self.resync_queue_share)
+        room = max(1, int(self._settings.statuses.queue_size * self.resync_queue_share))
         count = 0
         for kind in ("Kustomization", "HelmRelease"):
             for index, obj in enumerate(store.list(kind)):
@@ -377,11 +383,19 @@ class StatusService:
                 ]
                 if not fresh:
                     continue
-                if len(self._latest) >= room:
-                    log.warning("status queue nearly full; resync continues next round")
+                if not await self._room_for_resync(room):
+                    log.warning("status queue stays full; resync continues next round")
                     return count
                 count += self._enqueue([desired], state_only=True) or 0
         return count
+
+    async def _room_for_resync(self, room: int) -> bool:
+        deadline = time.monotonic() + self.resync_wait_seconds
+        while len(self._latest) >= room:
+            if time.monotonic() >= deadline or not self._tasks:
+                return False
+            await asyncio.sleep(0.05)
+        return True
 
     async def _resync_loop(self) -> None:
         cfg = self._settings.statuses

@@ -90,6 +90,9 @@ wrapper_replaces() {
 	kube-apiserver) k8s_staging_replaces ;;
 	source-controller) cat <<-'EOF'
 		replace github.com/opencontainers/go-digest => github.com/opencontainers/go-digest v1.0.1-0.20220411205349-bde1400a84be
+		// Not upstream: the module proxy reachable here refuses artifact v0.18.2
+		// (403 "not available"); v0.18.0 is the nearest served release.
+		replace github.com/fluxcd/pkg/artifact => github.com/fluxcd/pkg/artifact v0.18.0
 		EOF
 		;;
 	kustomize-controller) cat <<-'EOF'
@@ -132,7 +135,9 @@ k8s_staging_replaces() {
 	)
 	[[ -n $names ]] || die "kube-apiserver: found no staging modules in $gomod"
 	local n
-	for n in $names; do echo "replace $n => $n $K8S_STAGING_VERSION"; done
+	echo "replace ("
+	for n in $names; do printf '\t%s => %s %s\n' "$n" "$n" "$K8S_STAGING_VERSION"; done
+	echo ")"
 }
 
 # --- build ----------------------------------------------------------------------
@@ -172,8 +177,11 @@ build_one() {
 		# Gitea's Makefile raises SQLite's variable limit for big IN() queries.
 		[[ $name == gitea ]] && export CGO_CFLAGS="${CGO_CFLAGS:--O2 -g} -DSQLITE_MAX_VARIABLE_NUMBER=32766"
 		# `tool` directive (Go >= 1.24) records the main package in the wrapper.
-		go get -tool "${buildflags[@]}" "$PKG@$VER" ||
-			die "$name: 'go get -tool $PKG@$VER' failed (see output above; wrapper in $src)"
+		# (its per-module chatter goes to a log, shown only on failure)
+		go get -tool "${buildflags[@]}" "$PKG@$VER" >"$src/go-get.log" 2>&1 || {
+			tail -n 40 "$src/go-get.log" >&2
+			die "$name: 'go get -tool $PKG@$VER' failed (log: $src/go-get.log)"
+		}
 		go build "${buildflags[@]}" -ldflags "$LDFLAGS" -o "$bin.tmp" "$PKG" ||
 			die "$name: 'go build $PKG' failed (see output above; wrapper in $src)"
 	) || exit 1

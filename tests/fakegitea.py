@@ -22,7 +22,6 @@ from urllib.parse import unquote
 
 import httpx
 import respx
-from respx.transports import MockTransport
 
 SWAGGER = Path(__file__).parent / "fixtures" / "gitea" / "swagger.v1.json"
 _TYPES: dict[str, tuple[type, ...]] = {
@@ -60,21 +59,22 @@ class SwaggerValidator:
         problems: list[str] = []
         kind = schema.get("type", "object")
         allowed = _TYPES.get(kind, (object,))
-        if isinstance(value, bool) and kind != "boolean" or not isinstance(value, allowed):
+        if (isinstance(value, bool) and kind != "boolean") or not isinstance(value, allowed):
             return [f"{where}: {value!r} is not {kind}"]
+        data: Any = value
         if "enum" in schema and value not in schema["enum"]:
             problems.append(f"{where}: {value!r} not in {schema['enum']}")
         if kind == "object":
             props = schema.get("properties", {})
-            for key, item in value.items():
+            for key, item in data.items():
                 if key not in props:
                     problems.append(f"{where}.{key}: not in the definition")
                 else:
                     problems += self._check_value(f"{where}.{key}", item, props[key])
             problems += [f"{where}.{k}: required" for k in schema.get("required", [])
-                         if k not in value]
+                         if k not in data]
         if kind == "array" and "items" in schema:
-            for i, item in enumerate(value):
+            for i, item in enumerate(data):
                 problems += self._check_value(f"{where}[{i}]", item, schema["items"])
         return problems
 
@@ -198,9 +198,9 @@ class FakeGitea:
 
 def gitea_transport(
     fakes: dict[str, FakeGitea] | Iterable[tuple[str, FakeGitea]],
-) -> tuple[MockTransport, respx.Router]:
+) -> tuple[httpx.MockTransport, respx.Router]:
     """A respx transport routing each host to its fake; the router keeps every call."""
     router = respx.Router(assert_all_called=False)
     for host, fake in dict(fakes).items():
         router.route(host=host).mock(side_effect=fake.handle)
-    return MockTransport(router=router), router
+    return httpx.MockTransport(router.handler), router

@@ -102,7 +102,7 @@ def test_metadata_precedence_and_dropped_keys() -> None:
         f"{group}/token": "secret-values-digest",
         "event.toolkit.fluxcd.io/commit": SHA,
         "summary": "prod",
-        "not-a-string": 3,  # type: ignore[dict-item]
+        "not-a-string": 3,
     }, group)
     assert meta == {"revision": "controller", "commit": SHA, "summary": "prod"}
     assert normalise_metadata({"revision": "plain", f"{group}/revision": "prefixed"}, group) == {

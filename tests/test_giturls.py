@@ -188,12 +188,21 @@ def test_repo_full_name_and_base(url: str, full_name: str | None, base: str | No
 
 # --- properties ---------------------------------------------------------------------------
 
-_label = st.from_regex(r"[a-z]([a-z0-9-]{0,8}[a-z0-9])?", fullmatch=True)
-hosts = st.builds(lambda labels: ".".join(labels), st.lists(_label, min_size=1, max_size=3))
-# Gitea names: ASCII letters, digits, `_.-`; never ending in `.git`.
-names = st.from_regex(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,15}", fullmatch=True).filter(
-    lambda n: not n.lower().endswith(".git")
+_LOWER = "abcdefghijklmnopqrstuvwxyz"
+_ALNUM = _LOWER + _LOWER.upper() + "0123456789"
+# DNS labels: a letter, then letters, digits and inner hyphens.
+_label = st.builds(
+    lambda first, rest: first + rest.strip("-"),
+    st.sampled_from(_LOWER),
+    st.text(_LOWER + "0123456789-", max_size=8),
 )
+hosts = st.lists(_label, min_size=1, max_size=3).map(".".join)
+# Gitea names: ASCII letters, digits, `_.-`; never ending in `.git`.
+names = st.builds(
+    lambda first, rest: first + rest,
+    st.sampled_from(_ALNUM + "_"),
+    st.text(_ALNUM + "_.-", max_size=15),
+).filter(lambda n: not n.lower().endswith(".git"))
 sub_paths = st.lists(names, max_size=2).map(lambda parts: "".join(f"/{p}" for p in parts))
 
 

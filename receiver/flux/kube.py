@@ -228,26 +228,26 @@ class KubeCluster:
         failures = 0
         while not self._stopping.is_set():
             target.progress = False
+            error: str | None = None
             try:
                 if target.resource_version is None:
                     self._list(target)
-                self._watch(target)
-                failures = 0  # ended normally (server-side timeout): resume at once
-                continue
+                self._watch(target)  # returns when the server ends the watch (its timeout)
             except _Gone:
                 log.info("watch of %s expired; relisting", target.label)
                 target.resource_version = None
-                error: str | None = None
             except Exception as exc:
                 if self._stopping.is_set():
                     return
                 error = _describe(exc)
-            failures = 1 if target.progress else failures + 1
+            # Back off over a streak of rounds without a single event, so a server that keeps
+            # failing, expiring or closing watches at once is not hammered; after a watch that
+            # delivered events the backoff starts over.
+            failures = 0 if target.progress else failures + 1
             if error is not None:
                 self._record_error(target, error)
-                self._stopping.wait(self._backoff.delay(failures))
+                self._stopping.wait(self._backoff.delay(max(failures, 1)))
             elif failures > 1:
-                # Repeated 410s without progress: do not spin on list+watch.
                 self._stopping.wait(self._backoff.delay(failures - 1))
 
     def _list(self, target: _Target) -> None:

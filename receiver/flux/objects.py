@@ -68,15 +68,28 @@ def _str(value: Any) -> str:
     return value if isinstance(value, str) else ""
 
 
-@dataclass(frozen=True, slots=True)
 class FluxObject:
-    """One cached object. `raw` is never mutated after it enters the cache."""
+    """One cached object. `raw` is never mutated after it enters the cache, so the identity
+    fields are read once here (routing reads them thousands of times per second)."""
 
-    raw: Mapping[str, Any]
+    __slots__ = ("key", "kind", "name", "namespace", "raw")
 
-    @property
-    def kind(self) -> str:
-        return _str(self.raw.get("kind"))
+    def __init__(self, raw: Mapping[str, Any]) -> None:
+        self.raw = raw
+        self.kind = _str(raw.get("kind"))
+        metadata = _dict(raw.get("metadata"))
+        self.name = _str(metadata.get("name"))
+        self.namespace = _str(metadata.get("namespace")) or "default"
+        self.key = ObjectKey(self.kind, self.namespace, self.name)
+
+    def __repr__(self) -> str:
+        return f"FluxObject({self.key})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, FluxObject) and self.raw == other.raw
+
+    def __hash__(self) -> int:
+        return hash(self.key)
 
     @property
     def api_version(self) -> str:
@@ -85,18 +98,6 @@ class FluxObject:
     @property
     def metadata(self) -> dict[str, Any]:
         return _dict(self.raw.get("metadata"))
-
-    @property
-    def name(self) -> str:
-        return _str(self.metadata.get("name"))
-
-    @property
-    def namespace(self) -> str:
-        return _str(self.metadata.get("namespace")) or "default"
-
-    @property
-    def key(self) -> ObjectKey:
-        return ObjectKey(self.kind, self.namespace, self.name)
 
     @property
     def labels(self) -> dict[str, str]:

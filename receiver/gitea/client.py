@@ -183,8 +183,8 @@ class GiteaClient:
         if name not in self._clients:
             raise GiteaError(f"no Gitea instance named {name}")
         client = self._clients[name]
-        for fresh in (False, True):
-            token = await self._token(name, fresh)
+        token = await self._token(name, False)
+        for first in (True, False):
             try:
                 response = await client.request(
                     method, path, params=params, json=body,
@@ -195,10 +195,11 @@ class GiteaClient:
             except httpx.HTTPError as exc:
                 raise GiteaError(f"{method} {path} on {name}: {type(exc).__name__}",
                                  retryable=True) from None
-            if response.status_code == 401 and not fresh:
-                previous = token
-                if await self._token(name, True) != previous:
-                    continue  # rotated: try once more with the new token
+            if response.status_code == 401 and first:
+                rotated = await self._token(name, True)
+                if rotated != token:
+                    token = rotated
+                    continue  # the Secret changed under us: once more with the new token
             if response.is_success:
                 return response
             detail = _error_detail(response)

@@ -18,6 +18,7 @@
 #   FLUX_BRIDGE_CA_FILE     CA bundle for the bridge's TLS certificate (curl --cacert)
 #   FLUX_BRIDGE_RETRIES     attempts when the bridge is unreachable, busy (429/503) or
 #                           failing (5xx); each attempt is signed afresh (default 3)
+#   FLUX_BRIDGE_DRY_RUN     1: print the body and the X-Signature header, send nothing
 #
 # Exit status: 0 accepted (and, when waiting, every target Ready at the commit);
 #              1 the deployment failed or timed out, or the wait ran out first;
@@ -47,13 +48,13 @@ hook=${FLUX_BRIDGE_HOOK:-}
 wait_seconds=${FLUX_BRIDGE_WAIT:-0}
 retries=${FLUX_BRIDGE_RETRIES:-3}
 repository=${FLUX_BRIDGE_REPOSITORY:-}
-ref=${FLUX_BRIDGE_REF:-${GITHUB_REF:-${GITEA_REF:-}}}
-sha=${FLUX_BRIDGE_SHA:-${GITHUB_SHA:-${GITEA_SHA:-}}}
+ref=${FLUX_BRIDGE_REF:-${GITHUB_REF:-}}
+sha=${FLUX_BRIDGE_SHA:-${GITHUB_SHA:-}}
 raw_paths=${FLUX_BRIDGE_PATHS:-}
 
 if [[ -z $repository ]]; then
-	server=${GITHUB_SERVER_URL:-${GITEA_SERVER_URL:-}}
-	repo=${GITHUB_REPOSITORY:-${GITEA_REPOSITORY:-}}
+	server=${GITHUB_SERVER_URL:-}
+	repo=${GITHUB_REPOSITORY:-}
 	[[ -n $server && -n $repo ]] && repository="${server%/}/$repo"
 fi
 
@@ -63,26 +64,33 @@ if [[ -z $token && -n ${FLUX_BRIDGE_TOKEN_FILE:-} ]]; then
 	IFS= read -r -d '' token <"$FLUX_BRIDGE_TOKEN_FILE" || true
 	token=${token%$'\n'} # one trailing newline, as `echo` leaves it
 fi
-[[ -n $token ]] || die 2 "no token: set the token input (FLUX_BRIDGE_TOKEN or FLUX_BRIDGE_TOKEN_FILE)"
+[[ -n $token ]] || die 2 "no token: set the token input (FLUX_BRIDGE_TOKEN or _TOKEN_FILE)"
+# Child processes (openssl, curl) have no need of it.
+unset FLUX_BRIDGE_TOKEN
 
-[[ -n $hook ]] || die 2 "no hook path: set hook-path (FLUX_BRIDGE_HOOK), e.g. the output of 'gitea-flux-bridge hook-url'"
+[[ -n $hook ]] ||
+	die 2 "no hook path: set hook-path (FLUX_BRIDGE_HOOK): see 'gitea-flux-bridge hook-url'"
 if [[ $hook =~ ^https?:// ]]; then
 	hook_url=$hook
 	[[ -n $base_url ]] || base_url=${hook%%/hook/*}
 else
-	[[ $base_url =~ ^https?:// ]] || die 2 "url (FLUX_BRIDGE_URL) must be the bridge's http(s) base URL"
+	[[ $base_url =~ ^https?:// ]] ||
+		die 2 "url (FLUX_BRIDGE_URL) must be the bridge's http(s) base URL"
 	[[ $hook =~ ^[0-9a-fA-F]{64}$ ]] && hook="/hook/$hook"
 	[[ $hook == /* ]] || hook="/$hook"
 	hook_url="${base_url%/}$hook"
 fi
 base_url=${base_url%/}
 
-[[ $wait_seconds =~ ^[0-9]+$ ]] || die 2 "wait-seconds (FLUX_BRIDGE_WAIT) must be a whole number of seconds"
+[[ $wait_seconds =~ ^[0-9]{1,6}$ ]] ||
+	die 2 "wait-seconds (FLUX_BRIDGE_WAIT) must be a whole number of seconds"
 wait_seconds=$((10#$wait_seconds))
 [[ $retries =~ ^[1-9][0-9]*$ ]] || die 2 "FLUX_BRIDGE_RETRIES must be a positive number"
-[[ -n $repository ]] || die 2 "no repository: set GITHUB_SERVER_URL and GITHUB_REPOSITORY, or FLUX_BRIDGE_REPOSITORY"
+[[ -n $repository ]] ||
+	die 2 "no repository: set GITHUB_SERVER_URL and GITHUB_REPOSITORY, or FLUX_BRIDGE_REPOSITORY"
 [[ -n $ref ]] || die 2 "no ref: set GITHUB_REF or FLUX_BRIDGE_REF"
-[[ $sha =~ ^([0-9a-fA-F]{40}|[0-9a-fA-F]{64})$ ]] || die 2 "GITHUB_SHA / FLUX_BRIDGE_SHA must be a full commit id"
+[[ $sha =~ ^([0-9a-fA-F]{40}|[0-9a-fA-F]{64})$ ]] ||
+	die 2 "GITHUB_SHA / FLUX_BRIDGE_SHA must be a full commit id"
 
 curl_opts=(--silent --show-error --connect-timeout 10)
 if [[ -n ${FLUX_BRIDGE_CA_FILE:-} ]]; then
@@ -92,8 +100,13 @@ fi
 command -v openssl >/dev/null || die 2 "openssl is required"
 command -v curl >/dev/null || die 2 "curl is required"
 
-tmp=$(umask 077 && mktemp -d "${TMPDIR:-/tmp}/notify-flux.XXXXXX") || die 2 "cannot create a temporary directory"
+tmp=$(umask 077 && mktemp -d "${TMPDIR:-/tmp}/notify-flux.XXXXXX") ||
+	die 2 "cannot create a temporary directory"
 trap 'rm -rf "$tmp"' EXIT
+# Cookies are kept between the push and the delivery requests, so that an ingress with cookie
+# affinity sends both to the same replica (deliveries live in the memory of one replica).
+: >"$tmp/cookies"
+curl_opts+=(--cookie "$tmp/cookies" --cookie-jar "$tmp/cookies")
 
 # --- JSON -------------------------------------------------------------------------------------
 
@@ -101,6 +114,7 @@ trap 'rm -rf "$tmp"' EXIT
 # (UTF-8) pass through unchanged.
 json_string() {
 	local s=$1 i c hex rep
+	# shellcheck disable=SC1003 # these are the two-character JSON escapes, quoted literally
 	local bs='\\' q='\"' nl='\n' cr='\r' tab='\t' bsp='\b' ff='\f'
 	s=${s//\\/"$bs"}
 	s=${s//\"/"$q"}
@@ -112,6 +126,7 @@ json_string() {
 	if [[ $s == *[$'\x01'-$'\x1f']* ]]; then
 		for ((i = 1; i < 32; i++)); do
 			printf -v hex '%02x' "$i"
+			# shellcheck disable=SC2059 # \xHH with HH from %02x: the control character itself
 			printf -v c "\\x$hex"
 			rep="\\u00$hex"
 			s=${s//"$c"/"$rep"}
@@ -130,7 +145,8 @@ elif [[ -n $raw_paths ]]; then
 	read -r -a paths <<<"$raw_paths"
 fi
 
-body="{\"repository\":$(json_string "$repository"),\"ref\":$(json_string "$ref"),\"sha\":$(json_string "$sha")"
+body="{\"repository\":$(json_string "$repository")"
+body+=",\"ref\":$(json_string "$ref"),\"sha\":$(json_string "$sha")"
 if ((${#paths[@]} > 0)); then
 	body+=',"paths":['
 	sep=''
@@ -217,8 +233,9 @@ summarise_targets() {
 }
 
 set_output() {
-	if [[ -n ${GITHUB_OUTPUT:-} ]]; then
-		printf '%s=%s\n' "$1" "$2" >>"$GITHUB_OUTPUT" 2>/dev/null || true
+	local file=${GITHUB_OUTPUT:-${GITEA_OUTPUT:-}}
+	if [[ -n $file ]]; then
+		printf '%s=%s\n' "$1" "$2" >>"$file" 2>/dev/null || true
 	fi
 }
 
@@ -238,6 +255,13 @@ urlencode() {
 
 # --- send -------------------------------------------------------------------------------------
 
+if [[ ${FLUX_BRIDGE_DRY_RUN:-0} == 1 ]]; then
+	sign_into_headers "$body"
+	printf '%s\n' "$body"
+	cat "$tmp/headers"
+	exit 0
+fi
+
 say "notifying $hook_url about $repository $ref @ $sha (${#paths[@]} changed paths)"
 attempt=0
 status=000
@@ -252,7 +276,11 @@ while :; do
 	case $status in
 	000 | 429 | 5??)
 		if ((attempt < retries)); then
-			if [[ $status == 000 ]]; then say "bridge not reachable (curl exit $curl_rc); retrying"; else say "bridge answered $status; retrying"; fi
+			if [[ $status == 000 ]]; then
+				say "bridge not reachable (curl exit $curl_rc); retrying"
+			else
+				say "bridge answered $status; retrying"
+			fi
 			sleep $((2 ** attempt))
 			continue
 		fi
@@ -272,7 +300,7 @@ case $status in
 	exit 0
 	;;
 000) die 3 "could not reach the bridge at $hook_url (curl exit $curl_rc)" ;;
-401) die 3 "401: signature refused: check the token, the hook path and the runner's clock (300 s window)" ;;
+401) die 3 "401: signature refused: check the token, the hook path and the clock (300 s window)" ;;
 404) die 3 "404: no Receiver at this hook path: check hook-path (gitea-flux-bridge hook-url)" ;;
 *) die 3 "the bridge answered $status" ;;
 esac
@@ -293,6 +321,7 @@ printf -v started '%(%s)T' -1
 deadline=$((started + wait_seconds))
 deliveries_url="$base_url/deliveries/$(urlencode "$delivery")"
 outcome=in_progress
+not_found=0
 while :; do
 	printf -v now '%(%s)T' -1
 	remaining=$((deadline - now))
@@ -306,15 +335,16 @@ while :; do
 		while IFS= read -r line || [[ -n $line ]]; do
 			[[ -n $line ]] || continue
 			printf '%s\n' "$line"
+			# Only progress lines carry an outcome (an error reply does not).
+			seen=$(json_field outcome "$line") || continue
+			outcome=$seen
 			if [[ $(json_field timeout "$line") == true ]]; then
 				timed_out=1
-			fi
-			outcome=$(json_field outcome "$line") || outcome=${outcome:-in_progress}
-			if [[ $(json_field final "$line") == true ]]; then
+			elif [[ $(json_field final "$line") == true ]]; then
 				final=1
 				say "outcome: $outcome"
 				summarise_targets "$line" >&2
-			elif [[ -z $timed_out ]]; then
+			else
 				say "progress: $outcome"
 				summarise_targets "$line" >&2
 			fi
@@ -333,8 +363,16 @@ while :; do
 	fi
 	case ${get_status:-000} in
 	200) ;;
-	404) die 3 "404: delivery $delivery is unknown to this bridge replica or expired" ;;
-	000 | 429 | 5??) say "could not follow the delivery (HTTP ${get_status:-none}, curl exit $curl_rc); retrying" ;;
+	404)
+		# Deliveries live in one replica's memory: without affinity another replica may answer.
+		not_found=$((not_found + 1))
+		((not_found < 10)) || die 3 "404: delivery $delivery is unknown to the bridge (expired," \
+			"or held by a replica this client cannot reach: configure session affinity)"
+		say "delivery not found on the replica that answered; retrying"
+		;;
+	000 | 429 | 5??)
+		say "could not follow the delivery (HTTP ${get_status:-none}, curl exit $curl_rc); retrying"
+		;;
 	*) die 3 "following the delivery failed with HTTP $get_status" ;;
 	esac
 	[[ -n $timed_out ]] || sleep 1

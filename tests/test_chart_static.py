@@ -1,0 +1,351 @@
+"""The Helm chart and the Containerfile, checked without helm or a container engine.
+
+The chart renders `config:` 1:1 into the service's configuration file (plus `listen` and
+`namespaces`), so every value it documents must be a Settings key with the same default, and the
+schema must describe exactly those keys. The real `helm lint` / `helm template` checks are in
+test_chart_helm.py.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import tomllib
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+from pydantic import BaseModel
+
+from receiver.config import SecretSource, Settings, env_overrides, load_settings
+
+ROOT = Path(__file__).resolve().parent.parent
+CHART = ROOT / "charts" / "gitea-flux-bridge"
+SECRETS_DIR = "/etc/gitea-flux-bridge/secrets/"
+# Keys the chart sets itself rather than taking from `config:`.
+CHART_OWNED = {"listen", "namespaces", "manifests"}
+
+
+def load_yaml(path: Path) -> Any:
+    return yaml.safe_load(path.read_text())
+
+
+def helm_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Helm's values coalescing: maps merge recursively, anything else replaces; null deletes."""
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if value is None:
+            out.pop(key, None)
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = helm_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def rendered_config(values: dict[str, Any]) -> dict[str, Any]:
+    """What templates/_helpers.tpl `gfb.config` writes into the ConfigMap."""
+    config = copy.deepcopy(values.get("config") or {})
+    config["listen"] = {"host": "0.0.0.0", "port": 8080}
+    config["namespaces"] = list(values.get("watchNamespaces") or [])
+    return config
+
+
+DEFAULTS = load_yaml(CHART / "values.yaml")
+FULL = helm_merge(DEFAULTS, load_yaml(CHART / "ci" / "full-values.yaml"))
+SCHEMA = json.loads((CHART / "values.schema.json").read_text())
+VALUE_SETS = {"default": DEFAULTS, "full": FULL}
+
+
+def test_chart_metadata() -> None:
+    chart = load_yaml(CHART / "Chart.yaml")
+    assert chart["apiVersion"] == "v2"
+    assert chart["name"] == "gitea-flux-bridge"
+    assert chart["appVersion"] == "0.1.0"
+    assert chart["kubeVersion"] == ">=1.28.0-0"
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert chart["appVersion"] == pyproject["project"]["version"]
+
+
+def test_values_files_are_mappings() -> None:
+    assert isinstance(DEFAULTS, dict)
+    assert isinstance(load_yaml(CHART / "ci" / "full-values.yaml"), dict)
+    assert SCHEMA["$schema"] == "http://json-schema.org/draft-07/schema#"
+
+
+@pytest.mark.parametrize("name", sorted(VALUE_SETS))
+def test_rendered_config_is_accepted_by_the_service(name: str) -> None:
+    values = VALUE_SETS[name]
+    settings = load_settings(environ={}, overrides=rendered_config(values))
+    assert settings.listen.host == "0.0.0.0"
+    assert settings.listen.port == 8080
+    assert settings.namespaces == list(values["watchNamespaces"])
+    assert settings.manifests is None
+
+
+@pytest.mark.parametrize("name", sorted(VALUE_SETS))
+def test_rendered_config_file_is_accepted(name: str, tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(rendered_config(VALUE_SETS[name])))
+    settings = load_settings(path, environ={})
+    assert settings.cluster_name == VALUE_SETS[name]["config"]["cluster_name"]
+
+
+def test_full_values_use_every_optional_part() -> None:
+    assert FULL["ingress"]["enabled"]
+    assert FULL["autoscaling"]["enabled"]
+    assert FULL["serviceMonitor"]["enabled"]
+    assert FULL["networkPolicy"]["enabled"]
+    assert FULL["podDisruptionBudget"]["enabled"]
+    assert FULL["watchNamespaces"]
+    assert FULL["existingSecret"]
+    assert len(FULL["config"]["gitea"]) == 2
+    settings = load_settings(environ={}, overrides=rendered_config(FULL))
+    assert settings.events.hmac_token is not None
+    assert settings.badge_key is not None
+
+
+def _secret_files(settings: Settings) -> list[Path]:
+    sources: list[SecretSource | None] = [settings.events.hmac_token,
+                                          settings.events.bearer_token, settings.badge_key]
+    sources += [g.token for g in settings.gitea]
+    return [s.file for s in sources if s is not None and s.file is not None]
+
+
+def test_full_values_read_secrets_from_the_mounted_secret() -> None:
+    files = _secret_files(load_settings(environ={}, overrides=rendered_config(FULL)))
+    assert len(files) == 4
+    assert all(str(f).startswith(SECRETS_DIR) for f in files)
+
+
+def test_documented_defaults_equal_the_service_defaults() -> None:
+    """values.yaml `config:` documents each key with the service's own default."""
+    defaults = Settings().model_dump(mode="json")
+
+    def compare(documented: dict[str, Any], actual: dict[str, Any], where: str) -> None:
+        for key, value in documented.items():
+            assert key in actual, f"{where}{key} is not a configuration key"
+            if isinstance(value, dict) and isinstance(actual[key], dict) and value:
+                compare(value, actual[key], f"{where}{key}.")
+            elif isinstance(actual[key], dict) and not value:
+                assert not actual[key] or all(v is None for v in actual[key].values()), where + key
+            else:
+                assert value == actual[key], f"{where}{key}: {value!r} != {actual[key]!r}"
+
+    compare(DEFAULTS["config"], defaults, "config.")
+
+
+def test_every_configuration_key_is_in_values_or_documented() -> None:
+    text = (CHART / "values.yaml").read_text()
+    for key in set(Settings.model_fields) - CHART_OWNED:
+        assert key in DEFAULTS["config"] or re.search(rf"#\s*{key}:", text), key
+
+
+# -- the schema describes exactly the Settings keys ---------------------------------------------
+
+
+def _model_of(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model inside `X`, `X | None` or `list[X]`, if any."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType, list):
+        for arg in typing.get_args(annotation):
+            model = _model_of(arg)
+            if model is not None:
+                return model
+    return None
+
+
+def _resolve(schema: dict[str, Any]) -> dict[str, Any]:
+    ref = schema.get("$ref")
+    if ref:
+        node: Any = SCHEMA
+        for part in ref.removeprefix("#/").split("/"):
+            node = node[part]
+        return _resolve(node)
+    if schema.get("type") == "array":
+        return _resolve(schema["items"])
+    return schema
+
+
+def _compare_schema(model: type[BaseModel], schema: dict[str, Any], where: str,
+                    skip: set[str] = frozenset()) -> None:  # type: ignore[assignment]
+    schema = _resolve(schema)
+    assert schema.get("additionalProperties") is False, f"{where} accepts unknown keys"
+    fields = set(model.model_fields) - skip
+    assert set(schema["properties"]) == fields, where
+    for name, field in model.model_fields.items():
+        sub = _model_of(field.annotation)
+        if sub is not None and name in schema["properties"]:
+            _compare_schema(sub, schema["properties"][name], f"{where}.{name}")
+
+
+def test_schema_config_matches_settings() -> None:
+    _compare_schema(Settings, SCHEMA["properties"]["config"], "config", CHART_OWNED)
+
+
+def test_schema_log_levels_match_settings() -> None:
+    levels = typing.get_args(Settings.model_fields["log_level"].annotation)
+    assert SCHEMA["properties"]["config"]["properties"]["log_level"]["enum"] == list(levels)
+
+
+def _keys_covered(values: Any, schema: dict[str, Any], where: str) -> None:
+    schema = _resolve(schema) if "$ref" in schema else schema
+    if isinstance(values, dict) and "properties" in schema:
+        for key, value in values.items():
+            if key in schema["properties"]:
+                _keys_covered(value, schema["properties"][key], f"{where}.{key}")
+            else:
+                assert schema.get("additionalProperties", True) is not False, f"{where}.{key}"
+    elif isinstance(values, list) and isinstance(schema.get("items"), dict):
+        for i, item in enumerate(values):
+            _keys_covered(item, schema["items"], f"{where}[{i}]")
+
+
+@pytest.mark.parametrize("name", sorted(VALUE_SETS))
+def test_schema_knows_every_value(name: str) -> None:
+    assert SCHEMA["additionalProperties"] is False
+    _keys_covered(VALUE_SETS[name], SCHEMA, "values")
+
+
+def test_schema_top_level_keys_are_all_documented() -> None:
+    assert set(SCHEMA["properties"]) - {"global"} == set(DEFAULTS)
+
+
+def test_schema_rejects_basic_mistakes() -> None:
+    props = SCHEMA["properties"]
+    assert props["replicaCount"] == {"type": "integer", "minimum": 1}
+    assert props["service"]["properties"]["port"]["maximum"] == 65535
+    assert props["service"]["properties"]["port"]["minimum"] == 1
+
+
+# -- RBAC, as written in the helper the (Cluster)Roles include ----------------------------------
+
+
+def test_rbac_rules_are_exactly_design_section_3() -> None:
+    helpers = (CHART / "templates" / "_helpers.tpl").read_text()
+    block = helpers.split('{{- define "gfb.fluxRules" -}}', 1)[1].split("{{- end -}}", 1)[0]
+    rules = yaml.safe_load(block)
+    granted = {(g, r, v) for rule in rules for g in rule["apiGroups"]
+               for r in rule["resources"] for v in rule["verbs"]}
+    read = {"get", "list", "watch"}
+    expected = {("notification.toolkit.fluxcd.io", "receivers", v) for v in read}
+    for group, resources in (("source.toolkit.fluxcd.io", ("gitrepositories", "ocirepositories")),
+                             ("kustomize.toolkit.fluxcd.io", ("kustomizations",)),
+                             ("helm.toolkit.fluxcd.io", ("helmreleases",))):
+        expected |= {(group, r, v) for r in resources for v in read | {"patch"}}
+    expected.add(("", "secrets", "get"))
+    assert granted == expected
+
+
+# -- the Containerfile ---------------------------------------------------------------------------
+
+
+def _containerfile() -> list[tuple[str, str]]:
+    text = (ROOT / "Containerfile").read_text().replace("\\\n", " ")
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            instruction, _, rest = line.partition(" ")
+            out.append((instruction.upper(), rest.strip()))
+    return out
+
+
+def test_containerfile_shape() -> None:
+    lines = _containerfile()
+    args = dict(rest.split("=", 1) for ins, rest in lines if ins == "ARG")
+    assert args["PYTHON_IMAGE"] == "python:3.11-slim"
+    froms = [rest for ins, rest in lines if ins == "FROM"]
+    assert froms == ["${PYTHON_IMAGE} AS builder", "${PYTHON_IMAGE}"]
+    final = lines[max(i for i, (ins, _) in enumerate(lines) if ins == "FROM"):]
+    final_text = " ".join(rest for _, rest in final)
+    assert ("USER", "10001:10001") in final
+    assert ("EXPOSE", "8080") in final
+    assert ("ENTRYPOINT", '["gitea-flux-bridge"]') in final
+    assert ("CMD", '["serve"]') in final
+    assert "COPY --from=builder /opt/venv /opt/venv" in " ".join(f"{i} {r}" for i, r in final)
+    # Nothing is built or installed in the final stage.
+    for tool in ("apt-get", "pip", "gcc", "build-essential", "COPY . "):
+        assert tool not in final_text, tool
+    # The user the image runs as is the user the chart runs it as.
+    assert DEFAULTS["securityContext"]["runAsUser"] == 10001
+    assert DEFAULTS["podSecurityContext"]["runAsUser"] == 10001
+
+
+def test_containerfile_entrypoint_is_the_console_script() -> None:
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert pyproject["project"]["scripts"]["gitea-flux-bridge"] == "receiver.cli:main"
+
+
+def test_container_environment_listens_on_all_interfaces() -> None:
+    env = dict(item.split("=", 1) for ins, rest in _containerfile() if ins == "ENV"
+               for item in rest.split())
+    assert env["GFB_LISTEN__HOST"] == "0.0.0.0"
+    settings = load_settings(environ={k: v for k, v in env.items() if k.startswith("GFB_")})
+    assert settings.listen.host == "0.0.0.0"
+    assert settings.listen.port == 8080
+    assert env_overrides({"GFB_LISTEN__HOST": "0.0.0.0"}) == {"listen": {"host": "0.0.0.0"}}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def test_the_command_the_image_and_chart_run_works(tmp_path: Path) -> None:
+    """`gitea-flux-bridge serve --config /etc/gitea-flux-bridge/config.yaml`, with the config the
+    chart renders from its default values and the image's environment, serves and stops cleanly
+    on SIGTERM (the in-memory cluster stands in for Kubernetes)."""
+    port = _free_port()
+    config = rendered_config(DEFAULTS)
+    config["listen"]["host"] = "127.0.0.1"  # the test binds loopback only
+    config["listen"]["port"] = port
+    config["manifests"] = str(ROOT / "examples" / "fleet")
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GFB_")}
+    env.update(PYTHONDONTWRITEBYTECODE="1", PYTHONUNBUFFERED="1", POD_NAMESPACE="flux-system")
+    process = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from receiver.cli import main; sys.exit(main())",
+         "serve", "--config", str(path)],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            assert process.poll() is None, process.stdout.read() if process.stdout else ""
+            assert time.monotonic() < deadline, "not ready within 30 s"
+            try:
+                response = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2)
+            except httpx.TransportError:
+                time.sleep(0.1)
+                continue
+            if response.status_code == 200:
+                assert response.json()["status"] == "ready"
+                break
+            time.sleep(0.1)
+        assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200
+        process.terminate()
+        # uvicorn finishes the shutdown, then re-raises SIGTERM (exit 143 in a container).
+        code = process.wait(timeout=DEFAULTS["terminationGracePeriodSeconds"])
+        assert code in (0, -signal.SIGTERM)
+        output = process.stdout.read().decode() if process.stdout else ""
+        assert "Application shutdown complete" in output
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()

@@ -1,0 +1,784 @@
+"""The status service end to end: events in, statuses out in a fake Gitea, nothing lost.
+
+Cluster state lives in a MemoryCluster that plays Flux; Gitea is `FakeGitea` behind respx, and
+every request the client makes is checked against Gitea's swagger (`fake.problems`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.routing import Route
+
+from receiver.badges import mint_badge_token
+from receiver.config import ConfigError, Settings, load_settings
+from receiver.deliveries import Delivery
+from receiver.flux.memory import MemoryCluster
+from receiver.flux.objects import ObjectKey
+from receiver.flux.revisions import READY, RECONCILING, TIMED_OUT
+from receiver.flux.store import ObjectStore
+from receiver.gitea.payloads import Push
+from receiver.giturls import normalise_repo_url
+from receiver.metrics import Metrics
+from receiver.routing import Plan, Target
+from receiver.signatures import hmac_hex, hook_digest
+from receiver.status_service import StatusService, backoff_delay
+from tests import gitea_payloads as gp
+from tests.conftest import GITEA_TOKEN as RECEIVER_TOKEN
+from tests.conftest import make_settings as app_settings
+from tests.fakegitea import FakeGitea, gitea_transport
+
+EVENTS = Path(__file__).parent / "fixtures" / "events"
+SHA = "5394cb7f48ab9fd33a7a95f6ee1f7b9c4b2b8a3e"
+OLD = "1111111111111111111111111111111111111111"
+HMAC = "events-hmac-token"
+BEARER = "events-bearer-token"
+GITEA_TOKEN = "gitea-api-token"
+ALIASES = {"gitea-http.gitea.svc.cluster.local:3000": "gitea.example.com"}
+WEBAPP = ObjectKey("Kustomization", "apps", "webapp")
+API = ObjectKey("Kustomization", "apps", "api")
+PODINFO = ObjectKey("HelmRelease", "apps", "podinfo")
+SOURCE = ObjectKey("GitRepository", "flux-system", "webapp")
+CONTEXT = "flux/eu-west/kustomization/apps/webapp"
+REPO = ("team", "webapp", SHA)
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def make_settings(**overrides: Any) -> Settings:
+    base: dict[str, Any] = {
+        "cluster_name": "eu-west",
+        "host_aliases": ALIASES,
+        "gitea": [{"name": "eu", "url": "https://gitea.example.com",
+                   "token": {"secret": "gitea/api-token"}}],
+        "events": {"hmac_token": {"secret": "flux-system/events"}},
+        "statuses": {"resync_interval_seconds": 3600},
+    }
+    base.update(overrides)
+    return load_settings(environ={}, overrides=base)
+
+
+def manifests() -> list[dict[str, Any]]:
+    source_ref = {"kind": "GitRepository", "name": "webapp", "namespace": "flux-system"}
+    return [
+        {"apiVersion": "v1", "kind": "Secret",
+         "metadata": {"name": "api-token", "namespace": "gitea"},
+         "stringData": {"token": GITEA_TOKEN}},
+        {"apiVersion": "v1", "kind": "Secret",
+         "metadata": {"name": "events", "namespace": "flux-system"},
+         "stringData": {"token": HMAC}},
+        {"kind": "GitRepository", "metadata": {"name": "webapp", "namespace": "flux-system"},
+         "spec": {"url": "http://gitea-http.gitea.svc.cluster.local:3000/team/webapp.git",
+                  "ref": {"branch": "main"}}},
+        {"kind": "OCIRepository", "metadata": {"name": "oci", "namespace": "flux-system"},
+         "spec": {"url": "oci://ghcr.io/team/webapp"}},
+        {"kind": "Kustomization", "metadata": {"name": "webapp", "namespace": "apps"},
+         "spec": {"sourceRef": source_ref, "path": "./apps/webapp"}},
+        {"kind": "Kustomization", "metadata": {"name": "api", "namespace": "apps"},
+         "spec": {"sourceRef": source_ref, "path": "./apps/api"}},
+        {"kind": "Kustomization", "metadata": {"name": "from-oci", "namespace": "apps"},
+         "spec": {"sourceRef": {"kind": "OCIRepository", "name": "oci",
+                                "namespace": "flux-system"}, "path": "./"}},
+        {"kind": "HelmRelease", "metadata": {"name": "podinfo", "namespace": "apps"},
+         "spec": {"chart": {"spec": {"chart": "./charts/podinfo", "sourceRef": source_ref,
+                                     "reconcileStrategy": "Revision"}}}},
+        {"kind": "HelmRelease", "metadata": {"name": "redis", "namespace": "apps"},
+         "spec": {"chart": {"spec": {"chart": "./charts/redis", "sourceRef": source_ref}}}},
+    ]
+
+
+@dataclass
+class Rig:
+    settings: Settings
+    cluster: MemoryCluster
+    fakes: dict[str, FakeGitea]
+    transport: httpx.AsyncBaseTransport
+    service: StatusService
+    metrics: Metrics
+    client: httpx.AsyncClient
+
+    @property
+    def gitea(self) -> FakeGitea:
+        return next(iter(self.fakes.values()))
+
+    def metric(self, name: str, **labels: str) -> float:
+        return self.metrics.registry.get_sample_value(name, labels) or 0.0
+
+    def posted(self) -> float:
+        return self.metric("gfb_statuses_total", result="posted")
+
+    async def send(self, body: bytes, *, sign: bool = True,
+                   headers: dict[str, str] | None = None) -> httpx.Response:
+        sent = {"Content-Type": "application/json", **(headers or {})}
+        if sign:
+            sent["X-Signature"] = "sha256=" + hmac_hex("sha256", HMAC, body)
+        return await self.client.post("/events", content=body, headers=sent)
+
+    def new_service(self) -> StatusService:
+        """A fresh process: same cluster and Gitea, nothing remembered."""
+        self.metrics = Metrics()
+        self.service = fast(StatusService(self.settings, self.cluster, self.metrics,
+                                          transport=self.transport))
+        self.client = http_client(self.service)
+        return self.service
+
+
+def fast(service: StatusService) -> StatusService:
+    service.retry_base_seconds = 0.01
+    service.retry_cap_seconds = 0.05
+    return service
+
+
+def http_client(service: StatusService) -> httpx.AsyncClient:
+    app = Starlette(routes=[
+        Route("/events", service.handle_event, methods=["POST"]),
+        Route("/badge/{path:path}", service.badge, methods=["GET"]),
+    ])
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://bridge")
+
+
+@asynccontextmanager
+async def rig(settings: Settings | None = None, *, start: bool = True,
+              fakes: dict[str, FakeGitea] | None = None,
+              setup: Callable[[MemoryCluster], None] | None = None) -> AsyncIterator[Rig]:
+    settings = settings or make_settings()
+    store = ObjectStore(lambda u: normalise_repo_url(u, ALIASES))
+    cluster = MemoryCluster(store)
+    cluster.load(manifests())
+    if setup is not None:
+        setup(cluster)
+    await cluster.start()
+    fakes = fakes or {"gitea.example.com": FakeGitea(token=GITEA_TOKEN)}
+    transport, _ = gitea_transport(fakes)
+    metrics = Metrics()
+    service = fast(StatusService(settings, cluster, metrics, transport=transport))
+    r = Rig(settings, cluster, fakes, transport, service, metrics, http_client(service))
+    if start:
+        await service.start()
+    try:
+        yield r
+    finally:
+        await r.service.stop(grace_seconds=0)
+        for fake in fakes.values():
+            assert fake.problems == [], fake.problems
+
+
+async def eventually(check: Callable[[], bool], timeout: float = 3.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.01)
+
+
+async def settled(r: Rig) -> None:
+    await eventually(lambda: r.service.queue_depth == 0)
+
+
+def fixture(name: str) -> bytes:
+    return (EVENTS / name).read_bytes()
+
+
+def with_message(body: bytes, message: str) -> bytes:
+    doc = json.loads(body)
+    doc["message"] = message
+    return json.dumps(doc, separators=(",", ":")).encode()
+
+
+# -- POST /events ------------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_success_event_becomes_a_status() -> None:
+    async with rig() as r:
+        reply = await r.send(fixture("kustomization-succeeded.json"))
+        assert reply.status_code == 202
+        assert reply.json() == {"accepted": True, "statuses": 1}
+        await eventually(lambda: r.gitea.latest(*REPO, CONTEXT) is not None)
+        latest = r.gitea.latest(*REPO, CONTEXT)
+        assert latest is not None
+        assert (latest["status"], latest["description"], latest["target_url"]) == (
+            "success", "Reconciliation succeeded", "")
+        assert r.metric("gfb_events_total", outcome="accepted") == 1
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("name, state", [
+    ("kustomization-progressing.json", "pending"),
+    ("kustomization-build-failed.json", "failure"),
+    ("kustomization-health-check-failed.json", "failure"),
+])
+async def test_kustomization_events(name: str, state: str) -> None:
+    async with rig() as r:
+        assert (await r.send(fixture(name))).status_code == 202
+        await eventually(lambda: r.gitea.contexts(*REPO).get(CONTEXT) == state)
+
+
+@pytest.mark.anyio
+async def test_gitrepository_and_helmrelease_events() -> None:
+    def fetched(cluster: MemoryCluster) -> None:
+        cluster.mark_source_fetched(SOURCE, f"main@sha1:{SHA}")
+
+    async with rig(setup=fetched) as r:
+        for name in ("gitrepository-new-artifact.json", "helmrelease-chart-revision.json"):
+            assert (await r.send(fixture(name))).json() == {"accepted": True, "statuses": 1}
+        reply = await r.send(fixture("helmrelease-without-commit.json"))
+        assert reply.json() == {"accepted": True, "statuses": 0}
+        await eventually(lambda: len(r.gitea.contexts(*REPO)) == 2)
+        assert r.gitea.contexts(*REPO) == {
+            "flux/eu-west/gitrepository/flux-system/webapp": "success",
+            "flux/eu-west/helmrelease/apps/podinfo": "failure"}
+        assert r.metric("gfb_events_total", outcome="no_commit") == 1
+
+
+@pytest.mark.anyio
+async def test_unmapped_events_are_accepted_with_no_status() -> None:
+    async with rig() as r:
+        body = fixture("kustomization-succeeded.json")
+        unknown = body.replace(b'"name":"webapp"', b'"name":"ghost"')
+        oci = body.replace(b'"name":"webapp"', b'"name":"from-oci"')
+        for sent in (unknown, oci):
+            reply = await r.send(sent)
+            assert (reply.status_code, reply.json()) == (202, {"accepted": True, "statuses": 0})
+        assert r.metric("gfb_events_total", outcome="unmapped") == 2
+        await settled(r)
+        assert r.gitea.posts == []
+
+
+@pytest.mark.anyio
+async def test_repo_without_a_gitea_instance() -> None:
+    async with rig(make_settings(gitea=[{"name": "x", "url": "https://other.example.com",
+                                         "token": {"secret": "gitea/api-token"}}])) as r:
+        reply = await r.send(fixture("kustomization-succeeded.json"))
+        assert reply.json() == {"accepted": True, "statuses": 0}
+        assert r.metric("gfb_events_total", outcome="no_instance") == 1
+
+
+@pytest.mark.anyio
+async def test_authentication() -> None:
+    body = fixture("kustomization-succeeded.json")
+    bearer = {"events": {"hmac_token": {"secret": "flux-system/events"},
+                         "bearer_token": {"secret": "flux-system/bearer"}}}
+
+    def with_bearer(cluster: MemoryCluster) -> None:
+        cluster.secrets[("flux-system", "bearer")] = {"token": BEARER.encode()}
+
+    async with rig(make_settings(**bearer), setup=with_bearer) as r:
+        refusals = [
+            await r.send(body, sign=False),
+            await r.send(body, sign=False, headers={"X-Signature": "sha256=" + "0" * 64}),
+            await r.send(body, sign=False, headers={
+                "X-Signature": "sha1=" + hmac_hex("sha1", HMAC, body)}),
+            await r.send(body + b" ", sign=False, headers={
+                "X-Signature": "sha256=" + hmac_hex("sha256", HMAC, body)}),
+            await r.send(body, sign=False, headers={"Authorization": "Bearer nope"}),
+            await r.send(body, sign=False, headers={"Authorization": f"token {BEARER}"}),
+        ]
+        assert {(x.status_code, x.content) for x in refusals} == {
+            (401, b'{"error":"unauthorized"}')}
+        ok = await r.send(body, sign=False, headers={"Authorization": f"Bearer {BEARER}"})
+        assert ok.status_code == 202
+        assert (await r.send(body)).status_code == 202
+        assert r.metric("gfb_events_total", outcome="unauthorized") == len(refusals)
+
+
+@pytest.mark.anyio
+async def test_unsigned_only_behind_the_insecure_switch() -> None:
+    body = fixture("kustomization-succeeded.json")
+    async with rig(make_settings(events={}, insecure={"allow_unsigned_events": True})) as r:
+        assert (await r.send(body, sign=False)).status_code == 202
+        wrong = await r.send(body, sign=False, headers={"X-Signature": "sha256=" + "0" * 64})
+        assert wrong.status_code == 401
+    async with rig(make_settings(events={})) as r:
+        assert (await r.send(body, sign=False)).status_code == 401
+        assert (await r.send(body)).status_code == 401  # no token configured: nothing verifies
+
+
+@pytest.mark.anyio
+async def test_hmac_token_from_a_file(tmp_path: Path) -> None:
+    token_file = tmp_path / "hmac"
+    token_file.write_text(HMAC + "\n")
+    async with rig(make_settings(events={"hmac_token": {"file": str(token_file)}})) as r:
+        assert (await r.send(fixture("kustomization-succeeded.json"))).status_code == 202
+
+
+@pytest.mark.anyio
+async def test_bad_requests() -> None:
+    async with rig(make_settings(body_limit_bytes=2048)) as r:
+        good = fixture("kustomization-succeeded.json")
+        wrong_type = await r.client.post("/events", content=good,
+                                         headers={"Content-Type": "text/plain"})
+        assert wrong_type.status_code == 415
+        big = b"{" + b" " * 4096 + b"}"
+        declared = await r.send(big)
+        assert declared.status_code == 413
+
+        async def chunks() -> AsyncIterator[bytes]:
+            for _ in range(5):
+                yield b" " * 1024
+
+        streamed = await r.client.post("/events", content=chunks(),
+                                       headers={"Content-Type": "application/json"})
+        assert streamed.status_code == 413
+        assert (await r.send(b"{nope")).status_code == 400
+        missing = await r.send(b'{"involvedObject":{"kind":"Kustomization"},"reason":"X"}')
+        assert missing.status_code == 422 and "error" in missing.json()
+        for reply in (wrong_type, declared, streamed):
+            assert "error" in reply.json()
+        assert r.gitea.posts == []
+
+
+# -- dedupe ---------------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_repeated_success_events_post_once() -> None:
+    async with rig() as r:
+        body = fixture("kustomization-succeeded.json")
+        for i in range(20):
+            reply = await r.send(with_message(body, f"Reconciliation finished in {i}.{i}s, "
+                                                    "next run in 10m0s"))
+            assert reply.status_code == 202
+            await settled(r)  # one at a time: dedupe, not queue coalescing, saves the posts
+        assert len(r.gitea.posts) == 1
+        assert r.metric("gfb_statuses_total", result="deduplicated") == 19
+        assert r.gitea.gets == 1  # Gitea asked once, then the memory answers
+
+
+@pytest.mark.anyio
+async def test_a_restarted_bridge_asks_gitea_before_posting() -> None:
+    async with rig() as r:
+        body = fixture("kustomization-succeeded.json")
+        await r.send(body)
+        await eventually(lambda: len(r.gitea.posts) == 1)
+        await r.service.stop()
+        r.new_service()
+        await r.service.start()
+        assert (await r.send(body)).status_code == 202
+        await settled(r)
+        assert len(r.gitea.posts) == 1
+        assert r.metric("gfb_statuses_total", result="deduplicated") == 1
+
+
+@pytest.mark.anyio
+async def test_changed_status_is_posted_and_order_is_kept() -> None:
+    async with rig() as r:
+        await r.send(fixture("kustomization-progressing.json"))
+        await r.send(fixture("kustomization-build-failed.json"))
+        await r.send(fixture("kustomization-succeeded.json"))
+        await settled(r)
+        assert r.gitea.contexts(*REPO)[CONTEXT] == "success"
+
+
+# -- Gitea failures ------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_gitea_down_then_back_posts_once() -> None:
+    async with rig() as r:
+        r.gitea.fail = [503, httpx.ConnectError("refused"), httpx.ReadTimeout("slow"), 502]
+        await r.send(fixture("kustomization-succeeded.json"))
+        await eventually(lambda: r.gitea.latest(*REPO, CONTEXT) is not None)
+        await settled(r)
+        assert len(r.gitea.posts) == 1
+        assert r.metric("gfb_statuses_total", result="retried") == 4
+        assert r.metric("gfb_statuses_total", result="posted") == 1
+
+
+@pytest.mark.anyio
+async def test_4xx_is_reported_not_retried(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    async with rig() as r:
+        r.gitea.fail = [404]
+        await r.send(fixture("kustomization-succeeded.json"))
+        await settled(r)
+        await asyncio.sleep(0.1)
+        assert r.gitea.posts == [] and not r.gitea.fail
+        assert r.metric("gfb_statuses_total", result="failed") == 1
+        assert r.metric("gfb_statuses_total", result="retried") == 0
+    lines = [rec.getMessage() + json.dumps(rec.__dict__, default=str) for rec in caplog.records]
+    assert any("not posted" in line for line in lines)
+    assert not any(GITEA_TOKEN in line or HMAC in line for line in lines)
+
+
+@pytest.mark.anyio
+async def test_retries_stop_at_max_attempts() -> None:
+    settings = make_settings(statuses={"max_attempts": 3, "resync_interval_seconds": 3600})
+    async with rig(settings) as r:
+        r.gitea.fail = [500] * 10
+        await r.send(fixture("kustomization-succeeded.json"))
+        await eventually(lambda: r.metric("gfb_statuses_total", result="failed") == 1)
+        assert r.metric("gfb_statuses_total", result="retried") == 2
+        assert len(r.gitea.fail) == 7
+
+
+def test_backoff_grows_with_jitter_and_is_capped() -> None:
+    assert backoff_delay(1, 1.0, 30.0, lambda: 0.0) == 0.5
+    assert backoff_delay(1, 1.0, 30.0, lambda: 1.0) == 1.0
+    assert backoff_delay(4, 1.0, 30.0, lambda: 1.0) == 8.0
+    assert backoff_delay(20, 1.0, 30.0, lambda: 1.0) == 30.0
+
+
+@pytest.mark.anyio
+async def test_fan_out_to_every_instance_hosting_the_repo() -> None:
+    fakes = {"gitea-eu.example.com": FakeGitea(token=GITEA_TOKEN),
+             "gitea-us.example.com": FakeGitea(token=GITEA_TOKEN, prefix="/git/api/v1"),
+             "unrelated.example.com": FakeGitea(token=GITEA_TOKEN)}
+    instances = [
+        {"name": "eu", "url": "https://gitea-eu.example.com",
+         "token": {"secret": "gitea/api-token"}, "hosts": ["gitea.example.com"]},
+        {"name": "us", "url": "https://gitea-us.example.com/git/",
+         "token": {"secret": "gitea/api-token"}, "hosts": ["GITEA.example.com:443"]},
+        {"name": "other", "url": "https://unrelated.example.com",
+         "token": {"secret": "gitea/api-token"}},
+    ]
+    async with rig(make_settings(gitea=instances), fakes=fakes) as r:
+        fakes["gitea-us.example.com"].fail = [503]  # one region down must not hold the other
+        reply = await r.send(fixture("kustomization-succeeded.json"))
+        assert reply.json() == {"accepted": True, "statuses": 2}
+        for host in ("gitea-eu.example.com", "gitea-us.example.com"):
+            await eventually(lambda h=host: fakes[h].latest(*REPO, CONTEXT) is not None)  # type: ignore[misc]
+        assert fakes["unrelated.example.com"].posts == []
+
+
+@pytest.mark.anyio
+async def test_gitea_token_from_a_file(tmp_path: Path) -> None:
+    token_file = tmp_path / "gitea-token"
+    token_file.write_text(GITEA_TOKEN + "\n")
+    instances = [{"name": "eu", "url": "https://gitea.example.com",
+                  "token": {"file": str(token_file)}}]
+    async with rig(make_settings(gitea=instances)) as r:
+        await r.send(fixture("kustomization-succeeded.json"))
+        await eventually(lambda: len(r.gitea.posts) == 1)
+
+
+# -- queue full, restart, lost events: resync ----------------------------------------------
+
+
+def applied(cluster: MemoryCluster) -> None:
+    cluster.mark_source_fetched(SOURCE, f"main@sha1:{SHA}")
+    cluster.mark_applied(WEBAPP, f"main@sha1:{SHA}")
+    cluster.mark_failed(API, f"main@sha1:{SHA}", "HealthCheckFailed", "timeout waiting")
+
+
+@pytest.mark.anyio
+async def test_restart_with_a_full_queue_is_repaired_by_resync() -> None:
+    settings = make_settings(statuses={"queue_size": 1, "resync_interval_seconds": 3600})
+    async with rig(settings, start=False, setup=applied) as r:
+        # No workers yet (a stalled process): the queue fills and /events says 503.
+        assert (await r.send(fixture("kustomization-succeeded.json"))).status_code == 202
+        failed = fixture("kustomization-health-check-failed.json").replace(
+            b'"name":"webapp"', b'"name":"api"')
+        full = await r.send(failed)
+        assert (full.status_code, full.json()) == (503, {"error": "status queue is full"})
+        assert r.metric("gfb_events_total", outcome="queue_full") == 1
+        await r.service.stop(grace_seconds=0)  # the process dies with its queue
+        assert r.gitea.posts == []
+        r.new_service()
+        await r.service.start()  # resync at start, from live state
+        await eventually(lambda: len(r.gitea.contexts(*REPO)) == 2)
+        assert r.gitea.contexts(*REPO) == {CONTEXT: "success",
+                                           "flux/eu-west/kustomization/apps/api": "failure"}
+
+
+@pytest.mark.anyio
+async def test_lost_event_is_repaired_by_resync() -> None:
+    async with rig(setup=applied) as r:
+        # Never an event: the resync at start reads the live state.
+        await eventually(lambda: len(r.gitea.contexts(*REPO)) == 2)
+        assert r.gitea.contexts(*REPO)[CONTEXT] == "success"
+        await settled(r)
+        posts = len(r.gitea.posts)
+        assert await r.service.resync_once() == 0  # nothing missing any more
+        # Flux moves on; the event is lost again; the next resync catches up.
+        r.cluster.mark_progressing(WEBAPP, f"main@sha1:{OLD}")
+        assert await r.service.resync_once() == 1
+        await settled(r)
+        assert r.gitea.contexts("team", "webapp", OLD) == {CONTEXT: "pending"}
+        assert len(r.gitea.posts) == posts + 1
+
+
+@pytest.mark.anyio
+async def test_resync_does_not_rewrite_an_events_wording() -> None:
+    async with rig(setup=applied) as r:
+        await eventually(lambda: len(r.gitea.contexts(*REPO)) == 2)
+        await settled(r)
+        before = len(r.gitea.posts)
+        failed = fixture("kustomization-health-check-failed.json").replace(
+            b'"name":"webapp"', b'"name":"api"')
+        await r.send(failed)  # another wording of the same failure
+        await settled(r)
+        assert len(r.gitea.posts) == before + 1
+        assert await r.service.resync_once() == 0
+
+
+@pytest.mark.anyio
+async def test_resync_only_with_the_lease() -> None:
+    async def other_holder(cluster: MemoryCluster) -> None:
+        assert await cluster.try_acquire_lease("gitea-flux-bridge-resync", "other-pod", 60)
+
+    settings = make_settings()
+    store = ObjectStore(lambda u: normalise_repo_url(u, ALIASES))
+    cluster = MemoryCluster(store)
+    cluster.load(manifests())
+    applied(cluster)
+    await cluster.start()
+    await other_holder(cluster)
+    fake = FakeGitea(token=GITEA_TOKEN)
+    transport, _ = gitea_transport({"gitea.example.com": fake})
+    service = fast(StatusService(settings, cluster, Metrics(), transport=transport))
+    await service.start()
+    await asyncio.sleep(0.3)
+    assert fake.posts == []
+    await service.stop(grace_seconds=0)
+
+
+@pytest.mark.anyio
+async def test_stop_flushes_the_queue() -> None:
+    async with rig(start=False) as r:
+        await r.send(fixture("kustomization-succeeded.json"))
+        await r.send(fixture("kustomization-progressing.json").replace(
+            b'"name":"webapp"', b'"name":"api"'))
+        assert r.service.queue_depth == 2
+        await r.service.start()
+        await r.service.stop(grace_seconds=5)
+        assert len(r.gitea.posts) == 2 and r.service.queue_depth == 0
+        stopped = await r.send(fixture("kustomization-succeeded.json"))
+        assert stopped.status_code == 503
+
+
+# -- pushes and delivery outcomes ------------------------------------------------------------
+
+
+def delivery(sha: str = SHA, keys: tuple[ObjectKey, ...] = (WEBAPP, API)) -> Delivery:
+    tracked = tuple(Target("kustomize.toolkit.fluxcd.io/v1", k.kind, k.namespace, k.name,
+                           "touched") for k in keys)
+    return Delivery.create("d-1", "flux-system/gitea", "refs/heads/main", sha,
+                           Plan("flux-system/gitea", (), tracked))
+
+
+def push(sha: str = SHA) -> Push:
+    return Push(repo_urls=("https://gitea.example.com/team/webapp.git",),
+                full_name="team/webapp", ref="refs/heads/main", sha=sha)
+
+
+@pytest.mark.anyio
+async def test_pending_for_every_tracked_consumer_at_push_time() -> None:
+    async with rig() as r:
+        r.service.on_push_routed(delivery(), push())
+        await settled(r)
+        assert r.gitea.contexts(*REPO) == {CONTEXT: "pending",
+                                           "flux/eu-west/kustomization/apps/api": "pending"}
+        latest = r.gitea.latest(*REPO, CONTEXT)
+        assert latest is not None and latest["description"] == "Push received, waiting for Flux"
+        r.service.on_push_routed(delivery(""), push(""))  # a branch deletion: no commit
+        await settled(r)
+        assert len(r.gitea.posts) == 2
+
+
+@pytest.mark.anyio
+async def test_no_pending_for_a_commit_already_deployed() -> None:
+    async with rig(setup=applied) as r:
+        await eventually(lambda: len(r.gitea.contexts(*REPO)) == 2)
+        await settled(r)
+        r.service.on_push_routed(delivery(keys=(WEBAPP,)), push())
+        await settled(r)
+        assert r.gitea.contexts(*REPO)[CONTEXT] == "success"
+
+
+@pytest.mark.anyio
+async def test_delivery_outcomes_close_the_loop_without_events() -> None:
+    async with rig() as r:
+        d = delivery()
+        r.service.on_push_routed(d, push())
+        await settled(r)
+        r.cluster.mark_source_fetched(SOURCE, f"main@sha1:{SHA}")
+        r.cluster.mark_applied(WEBAPP, f"main@sha1:{SHA}")
+        r.service.on_target_changed(d, WEBAPP, RECONCILING)  # not an outcome: nothing
+        r.service.on_target_changed(d, WEBAPP, READY)
+        await settled(r)
+        assert r.gitea.contexts(*REPO)[CONTEXT] == "success"
+        # The same success from the event afterwards is not posted again.
+        posts = len(r.gitea.posts)
+        await r.send(fixture("kustomization-succeeded.json"))
+        await settled(r)
+        assert len(r.gitea.posts) == posts
+
+
+@pytest.mark.anyio
+async def test_timed_out_pending_is_ended() -> None:
+    async with rig() as r:
+        d = delivery(keys=(API,))
+        r.service.on_push_routed(d, push())
+        await settled(r)
+        # The branch moved on before Flux fetched our commit.
+        r.cluster.mark_source_fetched(SOURCE, f"main@sha1:{OLD}")
+        r.cluster.mark_applied(API, f"main@sha1:{OLD}")
+        r.service.on_target_changed(d, API, TIMED_OUT)
+        await settled(r)
+        latest = r.gitea.latest(*REPO, "flux/eu-west/kustomization/apps/api")
+        assert latest is not None and latest["status"] == "skipped"
+
+
+# -- badges ----------------------------------------------------------------------------------
+
+
+def svg_state(response: httpx.Response) -> tuple[str, str]:
+    root = ET.fromstring(response.text)  # noqa: S314 (our own SVG)
+    ns = "{http://www.w3.org/2000/svg}"
+    texts = [t.text for t in root.iter(f"{ns}text")]
+    colours = [rect.get("fill") for rect in root.iter(f"{ns}rect")
+               if rect.get("fill") in ("#4c1", "#e05d44", "#dfb317", "#9f9f9f")]
+    assert len(colours) == 1
+    return str(texts[-1]), str(colours[0])
+
+
+@pytest.mark.anyio
+async def test_public_badges() -> None:
+    async with rig(setup=applied) as r:
+        ok = await r.client.get("/badge/team/webapp.svg", params={"branch": "main"})
+        assert ok.status_code == 200 and ok.headers["content-type"].startswith("image/svg+xml")
+        assert ok.headers["cache-control"] == "no-cache, max-age=0"
+        assert svg_state(ok) == ("failed", "#e05d44")  # api failed: the worst wins
+        r.cluster.mark_applied(API, f"main@sha1:{SHA}")
+        good = await r.client.get("/badge/Team/WebApp.svg?branch=main&cluster=eu-west"
+                                  "&style=flat-square")
+        assert svg_state(good) == ("deployed", "#4c1")
+        cached = await r.client.get("/badge/Team/WebApp.svg?branch=main&cluster=eu-west"
+                                    "&style=flat-square",
+                                    headers={"If-None-Match": good.headers["etag"]})
+        assert cached.status_code == 304 and cached.headers["etag"] == good.headers["etag"]
+        r.cluster.mark_progressing(API, f"main@sha1:{OLD}")
+        assert svg_state(await r.client.get("/badge/team/webapp.svg")) == ("deploying",
+                                                                           "#dfb317")
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("path", [
+    "/badge/team/webapp.svg?branch=other",
+    "/badge/team/webapp.svg?cluster=us-east",
+    "/badge/team/webapp.png",
+    "/badge/only.svg",
+    "/badge/a/b/c.svg",
+    "/badge/nobody/nothing.svg?style=%3Cscript%3E",
+])
+async def test_unknown_badges_are_grey_never_errors(path: str) -> None:
+    async with rig(setup=applied) as r:
+        reply = await r.client.get(path)
+        assert reply.status_code == 200
+        assert svg_state(reply) == ("unknown", "#9f9f9f")
+
+
+@pytest.mark.anyio
+async def test_private_badges_need_a_signed_token() -> None:
+    def keyed(cluster: MemoryCluster) -> None:
+        applied(cluster)
+        cluster.mark_applied(API, f"main@sha1:{SHA}")
+        cluster.secrets[("gitea-flux-bridge", "badge")] = {"token": b"badge-signing-key"}
+
+    settings = make_settings(badge_key={"secret": "gitea-flux-bridge/badge"})
+    async with rig(settings, setup=keyed) as r:
+        token = mint_badge_token("badge-signing-key", "team", "webapp", "main")
+        ok = await r.client.get("/badge/team/webapp.svg", params={"branch": "main",
+                                                                  "token": token})
+        assert svg_state(ok) == ("deployed", "#4c1")
+        for params in ({"branch": "main"}, {"branch": "main", "token": token[:-3]},
+                       {"branch": "dev", "token": token},
+                       {"branch": "main", "token": mint_badge_token("x", "team", "webapp",
+                                                                    "main")}):
+            reply = await r.client.get("/badge/team/webapp.svg", params=params)
+            assert reply.status_code == 200 and svg_state(reply) == ("unknown", "#9f9f9f")
+
+
+@pytest.mark.anyio
+async def test_badge_with_an_unreadable_key_is_grey() -> None:
+    settings = make_settings(badge_key={"secret": "gitea-flux-bridge/missing"})
+    async with rig(settings, setup=applied) as r:
+        token = mint_badge_token("k", "team", "webapp", "main")
+        reply = await r.client.get(f"/badge/team/webapp.svg?branch=main&token={token}")
+        assert reply.status_code == 200 and svg_state(reply) == ("unknown", "#9f9f9f")
+
+
+# -- configuration and the app -----------------------------------------------------------------
+
+
+def test_bad_templates_fail_at_start() -> None:
+    store = ObjectStore(lambda u: normalise_repo_url(u, {}))
+    for statuses in ({"context_template": "flux/{sha}"},
+                     {"target_url_template": "https://x/{nope}"},
+                     {"context_template": "flux/{cluster"}):
+        with pytest.raises(ConfigError):
+            StatusService(make_settings(statuses=statuses), MemoryCluster(store), Metrics())
+
+
+@pytest.mark.anyio
+async def test_queue_depth_gauge() -> None:
+    async with rig(start=False) as r:
+        await r.send(fixture("kustomization-succeeded.json"))
+        assert r.metric("gfb_status_queue_depth") == 1 == r.service.queue_depth
+
+
+# -- wired into the whole app ----------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_whole_app_push_pending_then_ready_success(
+    bridge_factory: Any, tmp_path: Path
+) -> None:
+    (tmp_path / "gitea").write_text(GITEA_TOKEN)
+    (tmp_path / "hmac").write_text(HMAC)
+    fake = FakeGitea(token=GITEA_TOKEN)
+    transport, _ = gitea_transport({"gitea.example.com": fake})
+    settings = app_settings(
+        gitea=[{"name": "eu", "url": "https://gitea.example.com",
+                "token": {"file": str(tmp_path / "gitea")}}],
+        events={"hmac_token": {"file": str(tmp_path / "hmac")}})
+    bridge = await bridge_factory(settings, transport=transport)
+    doc = gp.push("platform/fleet", "refs/heads/main", [gp.commit(
+        "platform/fleet", "bump", modified=["clusters/eu-west/apps/podinfo.yaml"])])
+    body = gp.gitea_bytes(doc)
+    mac = hmac_hex("sha256", RECEIVER_TOKEN, body)
+    reply = await bridge.client.post(
+        "/hook/" + hook_digest(RECEIVER_TOKEN, "gitea", "flux-system"),
+        content=body, headers={"Content-Type": "application/json", "X-Gitea-Event": "push",
+                               "X-Gitea-Delivery": "d-status", "X-Gitea-Signature": mac})
+    assert reply.status_code == 202, reply.text
+    sha = doc["after"]
+    context = "flux/eu-west/kustomization/flux-system/apps"
+    await eventually(lambda: fake.contexts("platform", "fleet", sha).get(context) == "pending")
+    # Flux fetches and applies; the delivery's outcome turns the pending into success.
+    bridge.cluster.mark_source_fetched(
+        ObjectKey("GitRepository", "flux-system", "flux-system"), f"main@sha1:{sha}")
+    bridge.cluster.mark_applied(ObjectKey("Kustomization", "flux-system", "apps"),
+                                f"main@sha1:{sha}")
+    await eventually(lambda: fake.contexts("platform", "fleet", sha).get(context) == "success",
+                     timeout=5)
+    event = json.loads(fixture("kustomization-succeeded.json"))
+    event["involvedObject"].update(namespace="flux-system", name="apps")
+    event["metadata"]["revision"] = f"main@sha1:{sha}"
+    event_body = json.dumps(event, separators=(",", ":")).encode()
+    sent = await bridge.client.post("/events", content=event_body, headers={
+        "Content-Type": "application/json",
+        "X-Signature": "sha256=" + hmac_hex("sha256", HMAC, event_body)})
+    assert sent.json() == {"accepted": True, "statuses": 1}
+    badge = await bridge.client.get("/badge/platform/fleet.svg?branch=main")
+    assert badge.status_code == 200 and "image/svg+xml" in badge.headers["content-type"]
+    await asyncio.sleep(0.1)
+    assert [p[3]["state"] for p in fake.posts if p[3]["context"] == context] == [
+        "pending", "success"]
+    assert fake.problems == []

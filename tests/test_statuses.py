@@ -1,0 +1,419 @@
+"""The pure status mapping: table, text, templates, repositories, instances, live state."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from receiver.events import parse_event
+from receiver.flux.objects import FluxObject
+from receiver.giturls import normalise_host, normalise_repo_url
+from receiver.statuses import (
+    CONTEXT_FIELDS,
+    DESCRIPTION_LIMIT,
+    ELLIPSIS,
+    ERROR,
+    FAILURE,
+    GITEA_STATES,
+    IGNORED,
+    MAPPED,
+    NO_COMMIT,
+    PENDING,
+    SKIPPED,
+    STATE_TABLE,
+    SUCCESS,
+    TARGET_URL_FIELDS,
+    UNMAPPED,
+    WARNING,
+    StatusTemplates,
+    check_template,
+    comparable,
+    describe,
+    desired_after_timeout,
+    desired_from_event,
+    desired_from_object,
+    gitea_state,
+    helm_commit,
+    instance_hosts,
+    instances_for,
+    pending_for_push,
+    reason_words,
+    render,
+    repo_ref,
+    same_status,
+)
+
+EVENTS = Path(__file__).parent / "fixtures" / "events"
+SHA = "5394cb7f48ab9fd33a7a95f6ee1f7b9c4b2b8a3e"
+OLD = "1111111111111111111111111111111111111111"
+ALIASES = {"gitea-http.gitea.svc.cluster.local:3000": "gitea.example.com"}
+T = StatusTemplates(cluster="eu-west")
+
+
+def normalise(url: str) -> str | None:
+    return normalise_repo_url(url, ALIASES)
+
+
+def gitrepo(url: str = "https://gitea.example.com/Team/WebApp.git", revision: str = "",
+            ready: str = "True", kind: str = "GitRepository") -> FluxObject:
+    raw: dict[str, Any] = {
+        "apiVersion": "source.toolkit.fluxcd.io/v1", "kind": kind,
+        "metadata": {"name": "webapp", "namespace": "flux-system", "generation": 1},
+        "spec": {"url": url, "ref": {"branch": "main"}}, "status": {"conditions": [
+            {"type": "Ready", "status": ready, "reason": "Succeeded", "message": "stored"}]},
+    }
+    if revision:
+        raw["status"]["artifact"] = {"revision": revision}
+    return FluxObject(raw)
+
+
+def kustomization(status: dict[str, Any] | None = None, **spec: Any) -> FluxObject:
+    return FluxObject({
+        "apiVersion": "kustomize.toolkit.fluxcd.io/v1", "kind": "Kustomization",
+        "metadata": {"name": "webapp", "namespace": "apps", "generation": 1},
+        "spec": {"sourceRef": {"kind": "GitRepository", "name": "webapp",
+                               "namespace": "flux-system"}, "path": "./apps", **spec},
+        "status": status or {},
+    })
+
+
+def helmrelease(status: dict[str, Any] | None = None,
+                annotations: dict[str, str] | None = None) -> FluxObject:
+    return FluxObject({
+        "apiVersion": "helm.toolkit.fluxcd.io/v2", "kind": "HelmRelease",
+        "metadata": {"name": "podinfo", "namespace": "apps", "annotations": annotations or {}},
+        "spec": {"chart": {"spec": {"chart": "./charts/podinfo", "reconcileStrategy": "Revision",
+                                    "sourceRef": {"kind": "GitRepository", "name": "webapp",
+                                                  "namespace": "flux-system"}}}},
+        "status": status or {},
+    })
+
+
+def ready(status: str, reason: str, message: str = "") -> list[dict[str, str]]:
+    return [{"type": "Ready", "status": status, "reason": reason, "message": message}]
+
+
+# -- the table -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("reason, severity, state", [
+    ("Progressing", "info", PENDING),
+    ("DependencyNotReady", "info", PENDING),
+    ("ReconciliationSucceeded", "info", SUCCESS),
+    ("NewArtifact", "info", SUCCESS),
+    ("Succeeded", "info", SUCCESS),
+    ("InstallSucceeded", "info", SUCCESS),
+    ("UpgradeSucceeded", "info", SUCCESS),
+    ("BuildFailed", "error", FAILURE),
+    ("HealthCheckFailed", "error", FAILURE),
+    ("ReconciliationFailed", "error", FAILURE),
+    ("UpgradeFailed", "error", FAILURE),
+    ("RollbackSucceeded", "info", FAILURE),
+    ("ArtifactFailed", "error", ERROR),
+    ("AccessDenied", "error", ERROR),
+    ("HealthCheckCanceled", "error", WARNING),
+    ("SomethingNew", "error", FAILURE),
+    ("SomethingNew", "info", None),
+    ("DriftDetected", "info", None),
+    ("ReconciliationSucceeded", "trace", None),
+])
+def test_state_table(reason: str, severity: str, state: str | None) -> None:
+    assert gitea_state(reason, severity) == state
+
+
+def test_table_only_names_gitea_states() -> None:
+    for info, error in STATE_TABLE.values():
+        assert {info, error} - {None} <= GITEA_STATES
+
+
+# -- text -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("reason, words", [
+    ("ReconciliationSucceeded", "Reconciliation succeeded"),
+    ("HealthCheckFailed", "Health check failed"),
+    ("NewArtifact", "New artifact"),
+    ("CELError", "Cel error"),
+    ("Progressing", "Progressing"),
+])
+def test_reason_words(reason: str, words: str) -> None:
+    assert reason_words(reason) == words
+
+
+def test_description_drops_volatile_messages() -> None:
+    a = describe("ReconciliationSucceeded", "Reconciliation finished in 1.2s, next run in 10m0s")
+    b = describe("ReconciliationSucceeded", "Reconciliation finished in 3s, next run in 1h0m0s")
+    c = describe("ReconciliationSucceeded", f"Applied revision: main@sha1:{SHA}")
+    assert a == b == c == "Reconciliation succeeded"
+
+
+def test_description_joins_lines_and_truncates() -> None:
+    text = describe("BuildFailed", "kustomize build failed:\n  line 3: `<nil>` & " + "x" * 300)
+    assert text.startswith("Build failed: kustomize build failed: line 3: `<nil>` & xxx")
+    assert len(text) == DESCRIPTION_LIMIT and text.endswith(ELLIPSIS)
+
+
+def test_comparable_masks_go_durations() -> None:
+    assert comparable("health check failed after 5m0.012s: timeout") == comparable(
+        "health check failed after 5m3.2s: timeout")
+    assert comparable("v1.2.3 in 250ms") == "v1.2.3 in <d>"
+
+
+@given(st.text(max_size=500), st.text(alphabet=st.characters(categories=["Lu", "Ll"]),
+                                      max_size=40))
+def test_description_is_bounded_and_one_line(message: str, reason: str) -> None:
+    text = describe(reason, message)
+    assert len(text) <= DESCRIPTION_LIMIT
+    assert "\n" not in text and "\r" not in text
+
+
+# -- templates ------------------------------------------------------------------------------
+
+
+def test_context_default_names_cluster_kind_namespace_name() -> None:
+    status = pending_for_push(kustomization(), gitrepo(), SHA, T, normalise)
+    assert status is not None
+    assert status.context == "flux/eu-west/kustomization/apps/webapp"
+    assert status.target_url == ""
+
+
+def test_target_url_template() -> None:
+    templates = StatusTemplates("eu-west", "deploy/{cluster}/{name}",
+                                "https://ui.example.com/{cluster}/{kind}/{namespace}/{name}"
+                                "?sha={sha}&repo={repo}")
+    status = pending_for_push(kustomization(), gitrepo(), SHA, templates, normalise)
+    assert status is not None and status.context == "deploy/eu-west/webapp"
+    assert status.target_url == (
+        f"https://ui.example.com/eu-west/kustomization/apps/webapp?sha={SHA}&repo=team/webapp")
+
+
+def test_template_checks() -> None:
+    assert check_template("flux/{cluster}/{name}", CONTEXT_FIELDS) is None
+    assert "sha" in (check_template("flux/{sha}", CONTEXT_FIELDS) or "")
+    assert check_template("{repo}/{sha}", TARGET_URL_FIELDS) is None
+    assert check_template("flux/{cluster", CONTEXT_FIELDS) is not None
+    assert check_template("{name!r}", CONTEXT_FIELDS) is not None
+    assert check_template("{0}", CONTEXT_FIELDS) is not None
+
+
+def test_render_never_raises() -> None:
+    assert render("a/{unknown}/{name}", {"name": "n"}) == "a/{unknown}/n"
+    assert render("broken {", {}) == "broken {"
+
+
+# -- repositories and instances -------------------------------------------------------------
+
+
+def test_repo_ref_keeps_sub_path_and_splits_owner() -> None:
+    ref = repo_ref(normalise("https://git.example.com/gitea/Org/Repo.git"))
+    assert ref is not None
+    assert (ref.key, ref.host, ref.owner, ref.name) == (
+        "git.example.com/gitea/org/repo", "git.example.com", "org", "repo")
+    assert repo_ref(None) is None and repo_ref("host/only") is None
+
+
+def test_repository_comes_from_the_git_source_through_aliases() -> None:
+    source = gitrepo("http://gitea-http.gitea.svc.cluster.local:3000/team/webapp")
+    status = pending_for_push(kustomization(), source, SHA, T, normalise)
+    assert status is not None
+    assert (status.repo_key, status.owner, status.repo) == (
+        "gitea.example.com/team/webapp", "team", "webapp")
+
+
+def test_oci_and_missing_sources_map_to_nothing() -> None:
+    oci = gitrepo("oci://ghcr.io/team/webapp", kind="OCIRepository")
+    assert pending_for_push(kustomization(), oci, SHA, T, normalise) is None
+    assert pending_for_push(kustomization(), None, SHA, T, normalise) is None
+
+
+def test_every_instance_hosting_the_repo_gets_it() -> None:
+    table = instance_hosts([
+        ("eu", "https://gitea-eu.example.com/", ["gitea.example.com", "gitea.example.com:443"]),
+        ("us", "https://gitea-us.example.com/sub", ["gitea.example.com"]),
+        ("other", "https://other.example.com:8443/git", []),
+    ], lambda h: normalise_host(h))
+    assert instances_for("gitea.example.com/team/webapp", table) == ("eu", "us")
+    assert instances_for("other.example.com:8443/a/b", table) == ("other",)
+    assert instances_for("nowhere.example.com/a/b", table) == ()
+
+
+# -- events --------------------------------------------------------------------------------
+
+
+def from_fixture(name: str, obj: FluxObject | None, source: FluxObject | None) -> Any:
+    return desired_from_event(parse_event((EVENTS / name).read_bytes()), obj, source, T,
+                              normalise)
+
+
+@pytest.mark.parametrize("name, state, description", [
+    ("kustomization-succeeded.json", SUCCESS, "Reconciliation succeeded"),
+    ("kustomization-succeeded-prefixed.json", SUCCESS, "Reconciliation succeeded"),
+    ("kustomization-progressing.json", PENDING,
+     "Progressing: Deployment/apps/webapp configured Service/apps/webapp unchanged"),
+    ("kustomization-health-check-failed.json", FAILURE,
+     "Health check failed: health check failed after 5m0.012s: timeout waiting for: "
+     "[Deployment/apps/webapp status: 'InProgress']"),
+])
+def test_kustomization_events(name: str, state: str, description: str) -> None:
+    mapping = from_fixture(name, kustomization(), gitrepo())
+    assert mapping.outcome == MAPPED and mapping.status is not None
+    assert (mapping.status.state, mapping.status.sha) == (state, SHA)
+    assert mapping.status.description == description
+    assert mapping.status.key == ("gitea.example.com/team/webapp", SHA,
+                                  "flux/eu-west/kustomization/apps/webapp")
+
+
+def test_build_failure_keeps_angle_brackets_in_description() -> None:
+    mapping = from_fixture("kustomization-build-failed.json", kustomization(), gitrepo())
+    assert mapping.status is not None and mapping.status.state == FAILURE
+    assert "`<nil>`" in mapping.status.description
+
+
+def test_gitrepository_event_uses_its_own_url() -> None:
+    mapping = from_fixture("gitrepository-new-artifact.json", gitrepo(), None)
+    assert mapping.status is not None
+    assert mapping.status.state == SUCCESS
+    assert mapping.status.context == "flux/eu-west/gitrepository/flux-system/webapp"
+    assert mapping.status.description.startswith("New artifact: stored artifact for commit")
+
+
+def test_helmrelease_events() -> None:
+    with_commit = from_fixture("helmrelease-with-commit.json", helmrelease(), gitrepo())
+    assert with_commit.status is not None and with_commit.status.state == SUCCESS
+    # A chart version names a prefix: resolved against the source's artifact, if it matches.
+    fetched = gitrepo(revision=f"main@sha1:{SHA}")
+    resolved = from_fixture("helmrelease-chart-revision.json", helmrelease(), fetched)
+    assert resolved.status is not None
+    assert (resolved.status.sha, resolved.status.state) == (SHA, FAILURE)
+    moved_on = gitrepo(revision=f"main@sha1:{OLD}")
+    assert from_fixture("helmrelease-chart-revision.json", helmrelease(), moved_on).outcome == (
+        NO_COMMIT)
+    assert from_fixture("helmrelease-without-commit.json", helmrelease(), gitrepo()).outcome == (
+        NO_COMMIT)
+
+
+def test_unmapped_and_ignored_events() -> None:
+    assert from_fixture("kustomization-succeeded.json", None, None).outcome == UNMAPPED
+    assert from_fixture("kustomization-succeeded.json", kustomization(), None).outcome == UNMAPPED
+    ev = parse_event((EVENTS / "kustomization-succeeded.json").read_bytes()
+                     .replace(b"ReconciliationSucceeded", b"DriftDetected"))
+    assert desired_from_event(ev, kustomization(), gitrepo(), T, normalise).outcome == IGNORED
+
+
+# -- live state (resync) ----------------------------------------------------------------------
+
+
+def test_ready_at_applied_is_success() -> None:
+    obj = kustomization({"lastAppliedRevision": f"main@sha1:{SHA}",
+                         "lastAttemptedRevision": f"main@sha1:{SHA}",
+                         "conditions": ready("True", "ReconciliationSucceeded",
+                                             f"Applied revision: main@sha1:{SHA}")})
+    status = desired_from_object(obj, gitrepo(), T, normalise)
+    assert status is not None
+    assert (status.sha, status.state, status.description) == (
+        SHA, SUCCESS, "Reconciliation succeeded")
+    # The same words as the event: a resync after the event posts nothing new.
+    event = from_fixture("kustomization-succeeded.json", kustomization(), gitrepo()).status
+    assert status == event
+
+
+def test_failed_at_attempted_is_failure_or_error() -> None:
+    base = {"lastAppliedRevision": f"main@sha1:{OLD}", "lastAttemptedRevision": f"main@sha1:{SHA}"}
+    failed = kustomization({**base, "conditions": ready("False", "BuildFailed", "boom")})
+    status = desired_from_object(failed, gitrepo(), T, normalise)
+    assert status is not None and (status.sha, status.state) == (SHA, FAILURE)
+    broken = kustomization({**base, "conditions": ready("False", "ArtifactFailed", "gone")})
+    status = desired_from_object(broken, gitrepo(), T, normalise)
+    assert status is not None and status.state == ERROR
+
+
+def test_reconciling_a_new_commit_is_pending_but_never_downgrades() -> None:
+    progressing = [{"type": "Ready", "status": "Unknown", "reason": "Progressing",
+                    "message": "Reconciliation in progress"},
+                   {"type": "Reconciling", "status": "True", "reason": "Progressing"}]
+    new = kustomization({"lastAppliedRevision": f"main@sha1:{OLD}",
+                         "lastAttemptedRevision": f"main@sha1:{SHA}", "conditions": progressing})
+    status = desired_from_object(new, gitrepo(), T, normalise)
+    assert status is not None and (status.sha, status.state) == (SHA, PENDING)
+    rerun = kustomization({"lastAppliedRevision": f"main@sha1:{SHA}",
+                           "lastAttemptedRevision": f"main@sha1:{SHA}", "conditions": progressing})
+    assert desired_from_object(rerun, gitrepo(), T, normalise) is None
+    waiting = kustomization({"lastAppliedRevision": f"main@sha1:{SHA}",
+                             "lastAttemptedRevision": f"main@sha1:{SHA}",
+                             "conditions": ready("False", "DependencyNotReady", "waiting")})
+    assert desired_from_object(waiting, gitrepo(), T, normalise) is None
+
+
+def test_stalled_and_suspended_and_unknown() -> None:
+    stalled = kustomization({"lastAttemptedRevision": f"main@sha1:{SHA}", "conditions": [
+        *ready("False", "ReconciliationFailed", "x"),
+        {"type": "Stalled", "status": "True", "reason": "AccessDenied", "message": "denied"}]})
+    status = desired_from_object(stalled, gitrepo(), T, normalise)
+    assert status is not None and status.state == ERROR
+    suspended = kustomization({"lastAppliedRevision": f"main@sha1:{SHA}",
+                               "conditions": ready("True", "ReconciliationSucceeded")},
+                              suspend=True)
+    assert desired_from_object(suspended, gitrepo(), T, normalise) is None
+    assert desired_from_object(kustomization(), gitrepo(), T, normalise) is None
+    assert desired_from_object(gitrepo(), None, T, normalise) is None
+
+
+def test_helmrelease_live_state() -> None:
+    chart = f"6.5.0+{SHA[:12]}"
+    deployed = helmrelease({"history": [{"chartVersion": chart, "status": "deployed"}],
+                            "lastAttemptedRevision": chart,
+                            "conditions": ready("True", "UpgradeSucceeded", "Helm upgrade ok")})
+    status = desired_from_object(deployed, gitrepo(revision=f"main@sha1:{SHA}"), T, normalise)
+    assert status is not None and (status.sha, status.state) == (SHA, SUCCESS)
+    assert desired_from_object(deployed, gitrepo(revision=f"main@sha1:{OLD}"), T,
+                               normalise) is None
+    annotated = helmrelease({"history": [{"chartVersion": "6.5.0"}], "conditions": ready(
+        "True", "UpgradeSucceeded")}, annotations={"event.toolkit.fluxcd.io/commit": SHA})
+    status = desired_from_object(annotated, gitrepo(), T, normalise)
+    assert status is not None and status.sha == SHA
+
+
+def test_helm_commit() -> None:
+    fetched = gitrepo(revision=f"main@sha1:{SHA}")
+    assert helm_commit(f"1.0.0+{SHA[:12]}", helmrelease(), fetched) == SHA
+    assert helm_commit(f"1.0.0+{SHA[:12]}.3", helmrelease(), fetched) == SHA
+    assert helm_commit(f"1.0.0+{OLD[:12]}", helmrelease(), fetched) is None
+    assert helm_commit("1.0.0", helmrelease(), fetched) is None
+
+
+def test_timeout_is_skipped_when_superseded_else_error() -> None:
+    obj = kustomization({"lastAppliedRevision": f"main@sha1:{OLD}",
+                         "conditions": ready("True", "ReconciliationSucceeded")})
+    superseded = desired_after_timeout(obj, gitrepo(revision=f"main@sha1:{OLD}"), SHA, T,
+                                       normalise)
+    assert superseded is not None and superseded.state == SKIPPED
+    assert OLD[:12] in superseded.description
+    stuck = kustomization({"lastAppliedRevision": f"main@sha1:{OLD}",
+                           "conditions": ready("False", "DependencyNotReady", "dep not ready")})
+    failing_source = gitrepo(revision=f"main@sha1:{OLD}", ready="False")
+    status = desired_after_timeout(stuck, failing_source, SHA, T, normalise)
+    assert status is not None and status.state == ERROR
+    assert status.description == ("Flux did not deploy this commit in time "
+                                  "(dependency not ready: dep not ready)")
+
+
+def test_same_status() -> None:
+    a = (SUCCESS, "Health check failed after 1.5s", "")
+    b = (SUCCESS, "Health check failed after 2s", "")
+    assert same_status(a, b, state_only=False)
+    assert not same_status(a, (SUCCESS, "other", ""), state_only=False)
+    assert same_status(a, (SUCCESS, "other", "u"), state_only=True)
+    assert not same_status(a, (FAILURE, a[1], ""), state_only=True)
+
+
+def test_inputs_are_not_mutated() -> None:
+    raw = kustomization({"lastAppliedRevision": f"main@sha1:{SHA}",
+                         "conditions": ready("True", "ReconciliationSucceeded")}).raw
+    before = copy.deepcopy(raw)
+    desired_from_object(FluxObject(raw), gitrepo(), T, normalise)
+    assert raw == before
