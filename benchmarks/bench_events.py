@@ -241,10 +241,50 @@ async def settle(client: httpx.AsyncClient, gitea: str, want: int, timeout: floa
     return count
 
 
+async def drain(gitea: str, quiet: float = 1.0, timeout: float = 120.0) -> int:
+    """Wait until the stand-in has seen no new post for `quiet` seconds."""
+    async with httpx.AsyncClient(timeout=10) as client:
+        deadline = time.monotonic() + timeout
+        last, since = -1, time.monotonic()
+        while time.monotonic() < deadline:
+            count = len((await records(client, gitea))["posts"])
+            if count != last:
+                last, since = count, time.monotonic()
+            elif time.monotonic() - since >= quiet:
+                break
+            await asyncio.sleep(0.1)
+        return last
+
+
+async def backlog_phase(bridge: str, gitea: str, events: int, objects: int) -> dict[str, float]:
+    """A burst of new commits as fast as the driver can send: how fast the queue drains."""
+    limits = httpx.Limits(max_connections=32, max_keepalive_connections=32)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(60, pool=None), limits=limits) as client:
+        await client.post(f"{gitea}/_reset")
+        sem = asyncio.Semaphore(32)
+
+        async def one(i: int) -> None:
+            body = event_body(i % objects, sha_for("backlog", i))
+            async with sem:
+                reply = await client.post(f"{bridge}/events", content=body, headers={
+                    "Content-Type": "application/json", "X-Signature": signature(body)})
+            assert reply.status_code == 202, reply.text
+
+        start = time.monotonic()
+        await asyncio.gather(*(one(i) for i in range(events)))
+        sent = time.monotonic() - start
+        posted = await settle(client, gitea, events, 120)
+        posts = (await records(client, gitea))["posts"]
+    done = max(arrived for *_, arrived in posts) - start if posts else 0.0
+    return {"events": events, "posted": posted, "send_s": sent, "drain_s": done,
+            "rate": posted / done if done else 0.0}
+
+
 async def latency_phase(bridge: str, gitea: str, events: int, rate: float,
                         objects: int) -> dict[str, float]:
     """Open-loop events at `rate`/s, each a new commit; event sent -> status POST arrived."""
-    async with httpx.AsyncClient(timeout=10) as client:
+    limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(30, pool=None), limits=limits) as client:
         await client.post(f"{gitea}/_reset")
         sent: dict[str, float] = {}
         accept_ms: list[float] = []
@@ -304,8 +344,9 @@ def main() -> int:
     parser.add_argument("--objects", type=int, default=1000)
     parser.add_argument("--duration", type=int, default=10)
     parser.add_argument("--connections", type=int, default=64)
-    parser.add_argument("--latency-events", type=int, default=2000)
-    parser.add_argument("--latency-rate", type=float, default=500.0)
+    parser.add_argument("--backlog-events", type=int, default=2000)
+    parser.add_argument("--latency-events", type=int, default=1000)
+    parser.add_argument("--latency-rate", type=float, default=100.0)
     parser.add_argument("--dedupe-objects", type=int, default=100)
     parser.add_argument("--dedupe-repeats", type=int, default=20)
     args = parser.parse_args()
@@ -333,11 +374,18 @@ def main() -> int:
         wait_port(bridge_port)
         bodies = [event_body(i, sha_for("wrk", i)) for i in range(args.objects)]
         bare = wrk(bridge_port, "/bare", bodies, args.duration, args.connections)
+        print(f"bare: {bare}", file=sys.stderr)
         ours = wrk(bridge_port, "/events", bodies, args.duration, args.connections)
-        time.sleep(2)  # let the queue from the wrk run drain before timing latency
+        print(f"events: {ours}", file=sys.stderr)
         bridge, gitea = f"http://127.0.0.1:{bridge_port}", f"http://127.0.0.1:{gitea_port}"
+        asyncio.run(drain(gitea))  # the wrk run's statuses, before anything is timed
+        backlog = asyncio.run(backlog_phase(bridge, gitea, args.backlog_events, args.objects))
+        print(f"backlog: {backlog}", file=sys.stderr)
+        asyncio.run(drain(gitea))
         lat = asyncio.run(latency_phase(bridge, gitea, args.latency_events, args.latency_rate,
                                         args.objects))
+        print(f"latency: {lat}", file=sys.stderr)
+        asyncio.run(drain(gitea))
         dedupe = asyncio.run(dedupe_phase(bridge, gitea, args.dedupe_objects,
                                           args.dedupe_repeats))
     finally:
@@ -361,6 +409,9 @@ def main() -> int:
           f"{lat['p50_ms']:.1f} / {lat['p99_ms']:.1f} / {lat['max_ms']:.1f} ms |")
     print(f"| POST /events answer time p99 during that run | {lat['accept_p99_ms']:.1f} ms |")
     print(f"| statuses posted in that run | {lat['posted']:.0f} of {lat['events']:.0f} |")
+    print(f"| burst of {backlog['events']:.0f} new commits: posted, drain rate | "
+          f"{backlog['posted']:.0f} in {backlog['drain_s']:.1f} s = {backlog['rate']:,.0f} "
+          f"statuses/s (list + post each) |")
     print(f"| repeated ReconciliationSucceeded: events -> posts | {dedupe['events']:.0f} -> "
           f"{dedupe['posts']:.0f} ({saved:.0f} posts saved, "
           f"{100 * saved / dedupe['events']:.1f}%) |")

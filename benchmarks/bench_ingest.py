@@ -20,8 +20,9 @@ import time
 import urllib.request
 from pathlib import Path
 
-from benchmarks.fleetgen import generate, repo_url
+from benchmarks.fleetgen import HOST, generate
 from receiver.signatures import hmac_hex, hook_digest
+from tests import gitea_payloads as gp
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGET_BYTES = 8 * 1024
@@ -34,27 +35,19 @@ def free_port() -> int:
 
 
 def push_body(repo: int, seq: int) -> bytes:
-    """A Gitea-shaped push of about 8 KiB touching one region's apps path."""
-    files = []
-    doc: dict[str, object] = {}
+    """A push shaped exactly as Gitea sends it (repository, pusher, sender, up to five commits
+    with their file lists), grown commit by commit to about 8 KiB, touching one region's apps."""
+    full_name = f"org-{repo % 50}/repo-{repo}"
+    root = f"https://{HOST}/"
+    commits: list[dict[str, object]] = []
     n = 0
     while True:
-        files.append(f"clusters/region-0/apps/service-{n:04d}/deployment.yaml")
+        files = [f"clusters/region-0/apps/service-{n}/deployment.yaml",
+                 f"clusters/region-0/apps/service-{n}/kustomization.yaml"]
+        commits.insert(0, gp.commit(full_name, f"change {seq}-{n}", modified=files, root=root))
         n += 1
-        sha = f"{repo:08x}{seq:08x}".ljust(40, "a")
-        doc = {
-            "ref": "refs/heads/main", "before": "b" * 40, "after": sha,
-            "compare_url": "", "total_commits": 1,
-            "commits": [{"id": sha, "message": "bench\n", "url": "", "added": [],
-                         "removed": [], "modified": files,
-                         "author": {"name": "b", "email": "b@example.com", "username": "b"}}],
-            "head_commit": None,
-            "repository": {"full_name": f"org-{repo % 50}/repo-{repo}",
-                           "clone_url": repo_url(repo),
-                           "html_url": repo_url(repo).removesuffix(".git")},
-        }
-        body = json.dumps(doc, indent=2).encode()
-        if len(body) >= TARGET_BYTES:
+        body = gp.gitea_bytes(gp.push(full_name, "refs/heads/main", commits, root=root))
+        if len(body) >= TARGET_BYTES or n > 40:
             return body
 
 

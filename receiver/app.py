@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,9 +30,16 @@ from receiver.status_service import StatusService
 log = logging.getLogger(__name__)
 
 
-def url_normaliser(settings: Settings) -> Any:
+def url_normaliser(settings: Settings) -> Callable[[str], str | None]:
+    """The one URL normaliser of a running service: aliases applied, results memoised
+    (pushes name the same few repositories over and over)."""
     aliases = normalise_aliases(settings.host_aliases)
-    return lambda url: normalise_repo_url(url, aliases)
+
+    @functools.lru_cache(maxsize=8192)
+    def normalise(url: str) -> str | None:
+        return normalise_repo_url(url, aliases)
+
+    return normalise
 
 
 @dataclass

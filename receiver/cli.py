@@ -138,7 +138,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
             return _fail(f"payload rejected: {exc}", EXIT_PAYLOAD)
     plan = plan_push(receivers[0], push, store,
                      allow_cross_namespace=settings.allow_cross_namespace_refs)
-    print(json.dumps(plan.as_dict(), indent=2))
+    print(json.dumps(plan.as_dict(store), indent=2))
     return EXIT_OK
 
 

@@ -27,7 +27,7 @@ from receiver import signatures
 from receiver.config import Settings
 from receiver.deliveries import Delivery, DeliveryStore
 from receiver.flux.cluster import Cluster
-from receiver.flux.objects import FluxObject
+from receiver.flux.objects import FluxObject, ObjectKey
 from receiver.gitea.payloads import PayloadError, Push, parse_actions_body, parse_gitea_push
 from receiver.hookindex import HookIndex
 from receiver.http import (
@@ -43,6 +43,7 @@ from receiver.metrics import Metrics
 from receiver.ratelimit import RateLimiter
 from receiver.reconcile import Reconciler
 from receiver.replay import SeenOnce
+from receiver.resources import Resolved, resolve_resources
 from receiver.routing import plan_push
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,7 @@ class IngestService:
         limits = settings.rate_limit
         self.rate = RateLimiter(limits.requests_per_second, limits.burst)
         self.push_listeners: list[PushListener] = []
+        self._resolutions: dict[ObjectKey, tuple[tuple[str, int], Resolved]] = {}
 
     # -- authentication ---------------------------------------------------------------------
 
@@ -215,6 +217,7 @@ class IngestService:
         plan = plan_push(
             receiver, push, self.cluster.store,
             allow_cross_namespace=self.settings.allow_cross_namespace_refs,
+            resolved=self._resolved(receiver),
         )
         delivery = Delivery.create(
             delivery_id, name, push.ref if push else "", push.sha if push else "", plan
@@ -237,6 +240,20 @@ class IngestService:
             {"delivery": delivery_id, "commit": delivery.sha, "ref": delivery.ref, **reply},
             status_code=202))
 
+    def _resolved(self, receiver: FluxObject) -> Resolved:
+        """The Receiver's resources, resolved again only when the cache's shape changed."""
+        store = self.cluster.store
+        stamp = (receiver.resource_version, store.shape_version)
+        cached = self._resolutions.get(receiver.key)
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
+        resolved = resolve_resources(
+            receiver, store, allow_cross_namespace=self.settings.allow_cross_namespace_refs)
+        if len(self._resolutions) > 10_000:
+            self._resolutions.clear()
+        self._resolutions[receiver.key] = (stamp, resolved)
+        return resolved
+
     def _count(self, receiver: str, outcome: str, response: Response) -> Response:
         self.metrics.hook_requests.labels(receiver, outcome).inc()
         return response
@@ -247,8 +264,6 @@ class IngestService:
         """Read access needs the receiver's token: bearer, or a fresh timestamped signature
         over the empty body. (Read-only, so the one-time rule of the push is not applied.)"""
         namespace, _, rname = delivery.receiver.partition("/")
-        from receiver.flux.objects import ObjectKey
-
         token = self.hooks.token_of(ObjectKey("Receiver", namespace, rname))
         if token is None:
             return False

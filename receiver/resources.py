@@ -34,12 +34,16 @@ class ResourceIssue:
 
 @dataclass(frozen=True, slots=True)
 class Resolved:
-    objects: tuple[FluxObject, ...]
-    issues: tuple[ResourceIssue, ...]
+    """Which objects a Receiver lists. Keys, not objects: a cached resolution stays right
+    while the objects' status and annotations change (see `ObjectStore.shape_version`)."""
 
-    @property
-    def keys(self) -> frozenset[ObjectKey]:
-        return frozenset(o.key for o in self.objects)
+    ordered: tuple[ObjectKey, ...]
+    issues: tuple[ResourceIssue, ...]
+    keys: frozenset[ObjectKey]
+
+    def objects(self, store: ObjectStore) -> list[FluxObject]:
+        """The listed objects as they are in the cache now."""
+        return [o for o in (store.get(k) for k in self.ordered) if o is not None]
 
 
 def _text(value: Any) -> str:
@@ -84,4 +88,4 @@ def resolve_resources(
                 issue(f"unable to read {kind} {namespace}/{name}: not found")
             else:
                 found.setdefault(named.key, named)
-    return Resolved(tuple(found.values()), tuple(issues))
+    return Resolved(tuple(found), tuple(issues), frozenset(found))

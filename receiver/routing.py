@@ -60,12 +60,32 @@ def _target(obj: FluxObject, reason: str) -> Target:
     return Target(obj.api_version, obj.kind, obj.namespace, obj.name, reason)
 
 
+def _unrelated_reason(obj: FluxObject) -> str:
+    if obj.kind in SOURCE_KINDS:
+        return "not a source of the pushed repository"
+    source = consumer_source(obj)
+    if source is None:
+        return "has no source the bridge follows"
+    return f"its source {source.kind}/{source.namespace}/{source.name} is not fed by the push"
+
+
 @dataclass(frozen=True, slots=True)
 class Plan:
     receiver: str
     targets: tuple[Target, ...]  # annotate in this order: sources, then consumers
     tracked: tuple[Target, ...]  # touched consumers, listed or not: what a delivery follows
+    # Candidates left out: sources of the pushed repository, consumers of matched sources,
+    # unusable `resources` entries.
     skipped: tuple[Target, ...] = field(default=())
+    # Listed objects that have nothing to do with the pushed repository. Their skip reasons
+    # are built only when asked for (`plan` prints them; the /hook reply counts them), so a
+    # Receiver that lists hundreds of objects does not cost hundreds of entries per push.
+    unrelated: frozenset[ObjectKey] = field(default=frozenset())
+
+    def all_skipped(self, store: ObjectStore) -> tuple[Target, ...]:
+        objs = (store.get(k) for k in self.unrelated)
+        extra = [_target(o, _unrelated_reason(o)) for o in objs if o is not None]
+        return tuple(sorted((*self.skipped, *extra), key=lambda t: t.key))
 
     @property
     def sources(self) -> tuple[Target, ...]:
@@ -75,13 +95,20 @@ class Plan:
     def consumers(self) -> tuple[Target, ...]:
         return tuple(t for t in self.targets if t.phase == PHASE_CONSUMER)
 
-    def as_dict(self) -> dict[str, Any]:
-        return {
+    def as_dict(self, store: ObjectStore | None = None) -> dict[str, Any]:
+        """With `store`: every skipped object with its reason (what `plan` prints); without:
+        the related ones and a count of the unrelated ones (what the /hook reply carries)."""
+        out: dict[str, Any] = {
             "receiver": self.receiver,
             "targets": [t.as_dict() for t in self.targets],
             "tracked": [t.as_dict() for t in self.tracked],
-            "skipped": [t.as_dict() for t in self.skipped],
         }
+        if store is not None:
+            out["skipped"] = [t.as_dict() for t in self.all_skipped(store)]
+        else:
+            out["skipped"] = [t.as_dict() for t in self.skipped]
+            out["skipped_unrelated"] = len(self.unrelated)
+        return out
 
 
 # -- 1. refs -------------------------------------------------------------------------------
@@ -197,13 +224,13 @@ def _sorted_sources(objs: Iterable[FluxObject]) -> list[FluxObject]:
     return sorted(objs, key=lambda o: o.key)
 
 
-def plan_without_push(receiver: FluxObject, resolved: Resolved) -> Plan:
+def plan_without_push(receiver: FluxObject, resolved: Resolved, store: ObjectStore) -> Plan:
     """No push details (a bare Actions call): reconcile the listed resources, as Flux does."""
     targets: list[Target] = []
     skipped: list[Target] = [
         Target(i.api_version, i.kind, i.namespace, i.name, i.reason) for i in resolved.issues
     ]
-    ordered = sorted(resolved.objects, key=lambda o: (o.kind not in SOURCE_KINDS, o.key))
+    ordered = sorted(resolved.objects(store), key=lambda o: (o.kind not in SOURCE_KINDS, o.key))
     for obj in ordered:
         if obj.suspended:
             skipped.append(_target(obj, "suspended"))
@@ -219,10 +246,13 @@ def plan_push(
     store: ObjectStore,
     *,
     allow_cross_namespace: bool = True,
+    resolved: Resolved | None = None,
 ) -> Plan:
-    resolved = resolve_resources(receiver, store, allow_cross_namespace=allow_cross_namespace)
+    """`resolved`: the Receiver's resources already resolved against this store (a cache)."""
+    if resolved is None:
+        resolved = resolve_resources(receiver, store, allow_cross_namespace=allow_cross_namespace)
     if push is None:
-        return plan_without_push(receiver, resolved)
+        return plan_without_push(receiver, resolved, store)
     listed = resolved.keys
     skipped: dict[ObjectKey, Target] = {}
     # Entries of spec.resources that could not be used are always reported.
@@ -290,22 +320,11 @@ def plan_push(
     targets = [
         _target(src, why) for key, (src, why) in matched.items() if key in listed
     ] + [t for key, t in sorted(touched.items()) if key in listed]
-    for obj in resolved.objects:
-        if obj.key in matched or obj.key in touched or obj.key in skipped:
-            continue
-        if obj.kind in SOURCE_KINDS:
-            reason = "not a source of the pushed repository"
-        else:
-            source = consumer_source(obj)
-            reason = (
-                f"its source {source.kind}/{source.namespace}/{source.name} is not fed by the push"
-                if source
-                else "has no source the bridge follows"
-            )
-        skipped[obj.key] = _target(obj, reason)
+    unrelated = resolved.keys - matched.keys() - touched.keys() - skipped.keys()
     return Plan(
         receiver=f"{receiver.namespace}/{receiver.name}",
         targets=tuple(targets),
         tracked=tuple(t for _, t in sorted(touched.items())),
         skipped=tuple(t for _, t in sorted({**skipped, **issues}.items())),
+        unrelated=unrelated,
     )

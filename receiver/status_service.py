@@ -143,9 +143,11 @@ class StatusService:
         self._busy: set[JobKey] = set()  # being posted, or waiting for a retry
         self._keys: asyncio.Queue[JobKey] = asyncio.Queue()
         self._posted: OrderedDict[JobKey, Fields] = OrderedDict()
+        self._listed: OrderedDict[tuple[str, str, str], None] = OrderedDict()  # commits read
         self._timers: dict[JobKey, asyncio.TimerHandle] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._secrets: dict[SecretSource, tuple[float, str]] = {}
+        self._urls: dict[str, str | None] = {}
         self._accepting = True  # until stop(); jobs queued before start() wait for workers
         self._rng = random.random
 
@@ -424,7 +426,7 @@ class StatusService:
         now = self._clock()
         jobs = [_Job(instance, status, state_only, now)
                 for status in wanted for instance in instances_for(status.repo_key, self._hosts)]
-        new_keys = {job.key for job in jobs} - self._latest.keys()
+        new_keys = {job.key for job in jobs if job.key not in self._latest}
         if len(self._latest) + len(new_keys) > self._settings.statuses.queue_size:
             return None
         for job in jobs:
@@ -478,18 +480,11 @@ class StatusService:
         """Post one job unless Gitea has it; None when done, else seconds until a retry."""
         status = job.status
         try:
-            if self._known_same(job.key, job.fields, state_only=job.state_only,
-                                missing=False):
+            if job.key not in self._posted:
+                await self._learn_commit(job)
+            if self._known_same(job.key, job.fields, state_only=job.state_only):
                 self._metrics.statuses.labels("deduplicated").inc()
                 return None
-            if job.key not in self._posted:
-                latest = await self._client.latest_status(
-                    job.instance, status.owner, status.repo, status.sha, status.context)
-                if latest is not None:
-                    self._remember(job.key, (latest.state, latest.description, latest.target_url))
-                    if same_status(self._posted[job.key], job.fields, state_only=job.state_only):
-                        self._metrics.statuses.labels("deduplicated").inc()
-                        return None
             await self._client.post_status(
                 job.instance, status.owner, status.repo, status.sha,
                 CreateStatusOption(status.state, status.target_url, status.description,
@@ -511,12 +506,29 @@ class StatusService:
         self._metrics.statuses.labels("posted").inc()
         return None
 
-    def _known_same(self, key: JobKey, fields: Fields, *, state_only: bool = True,
-                    missing: bool = False) -> bool:
+    async def _learn_commit(self, job: _Job) -> None:
+        """Read Gitea's newest status per context of the job's commit, once per commit.
+
+        One listing answers for every context on the commit (a push touching twenty
+        consumers costs one GET, not twenty); a context it does not show has no status.
+        """
+        commit = job.key[:3]
+        if commit in self._listed:
+            return
+        status = job.status
+        found = await self._client.list_statuses(job.instance, status.owner, status.repo,
+                                                 status.sha)
+        for item in found:  # newest first: the first of each context is its latest
+            key = (*commit, item.context)
+            if item.state and key not in self._posted:
+                self._remember(key, (item.state, item.description, item.target_url))
+        self._listed[commit] = None
+        while len(self._listed) > self.posted_cache_size // 10:
+            self._listed.popitem(last=False)
+
+    def _known_same(self, key: JobKey, fields: Fields, *, state_only: bool = True) -> bool:
         known = self._posted.get(key)
-        if known is None:
-            return missing
-        return same_status(known, fields, state_only=state_only)
+        return known is not None and same_status(known, fields, state_only=state_only)
 
     def _remember(self, key: JobKey, fields: Fields) -> None:
         self._posted[key] = fields
@@ -527,7 +539,14 @@ class StatusService:
     # -- cluster and secrets -----------------------------------------------------------------
 
     def _normalise(self, url: str) -> str | None:
-        return self._cluster.store.normalise_url(url)
+        # Every event re-reads its source's URL; normalising is pure, so remember it.
+        try:
+            return self._urls[url]
+        except KeyError:
+            if len(self._urls) >= 10_000:
+                self._urls.clear()
+            found = self._urls[url] = self._cluster.store.normalise_url(url)
+            return found
 
     def _object_and_source(self, key: ObjectKey) -> tuple[FluxObject | None, FluxObject | None]:
         store = self._cluster.store

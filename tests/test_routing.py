@@ -155,8 +155,9 @@ def test_included_repository_is_annotated_before_its_includer(store: ObjectStore
 def test_unrelated_repository_annotates_nothing(store: ObjectStore) -> None:
     plan = route(store, changed("x", full_name="someone/else"))
     assert plan.targets == () and plan.tracked == ()
-    listed = {t.name: t.reason for t in plan.skipped}
+    listed = {t.name: t.reason for t in plan.all_skipped(store)}
     assert listed["flux-system"] == "not a source of the pushed repository"
+    assert plan.as_dict()["skipped_unrelated"] == len(plan.unrelated) > 0
 
 
 def test_branch_deletion_is_skipped(store: ObjectStore) -> None:

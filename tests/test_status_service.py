@@ -586,6 +586,7 @@ async def test_pending_for_every_tracked_consumer_at_push_time() -> None:
                                            "flux/eu-west/kustomization/apps/api": "pending"}
         latest = r.gitea.latest(*REPO, CONTEXT)
         assert latest is not None and latest["description"] == "Push received, waiting for Flux"
+        assert r.gitea.gets == 1  # one listing of the commit answers for both contexts
         r.service.on_push_routed(delivery(""), push(""))  # a branch deletion: no commit
         await settled(r)
         assert len(r.gitea.posts) == 2

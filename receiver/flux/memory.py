@@ -118,10 +118,13 @@ class MemoryCluster:
         current = self.store.get(key)
         if current is None:
             raise NotFound(f"{key.kind} {key.namespace}/{key.name} not found")
-        raw = copy.deepcopy(dict(current.raw))
-        raw["metadata"].setdefault("annotations", {}).update(annotations)
+        # Copy only what changes: cached objects are never mutated in place.
+        raw = dict(current.raw)
+        meta = dict(raw["metadata"])
+        meta["annotations"] = {**(meta.get("annotations") or {}), **annotations}
         self._version += 1
-        raw["metadata"]["resourceVersion"] = str(self._version)
+        meta["resourceVersion"] = str(self._version)
+        raw["metadata"] = meta
         self.patches.append((key, dict(annotations)))
         return self.store.upsert(raw)
 

@@ -60,6 +60,9 @@ class ObjectKey(NamedTuple):
         return f"{self.kind}/{self.namespace}/{self.name}"
 
 
+_UNSET = object()
+
+
 def _dict(value: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
@@ -72,15 +75,19 @@ class FluxObject:
     """One cached object. `raw` is never mutated after it enters the cache, so the identity
     fields are read once here (routing reads them thousands of times per second)."""
 
-    __slots__ = ("key", "kind", "name", "namespace", "raw")
+    __slots__ = ("_paths", "_source", "api_version", "key", "kind", "name", "namespace", "raw")
 
     def __init__(self, raw: Mapping[str, Any]) -> None:
         self.raw = raw
+        # Derived once on first use by consumer_source / consumer_paths.
+        self._source: SourceRef | object | None = _UNSET
+        self._paths: tuple[str, ...] | None = None
         self.kind = _str(raw.get("kind"))
         metadata = _dict(raw.get("metadata"))
         self.name = _str(metadata.get("name"))
         self.namespace = _str(metadata.get("namespace")) or "default"
         self.key = ObjectKey(self.kind, self.namespace, self.name)
+        self.api_version = _str(raw.get("apiVersion")) or API_VERSIONS.get(self.kind, "")
 
     def __repr__(self) -> str:
         return f"FluxObject({self.key})"
@@ -90,10 +97,6 @@ class FluxObject:
 
     def __hash__(self) -> int:
         return hash(self.key)
-
-    @property
-    def api_version(self) -> str:
-        return _str(self.raw.get("apiVersion")) or API_VERSIONS.get(self.kind, "")
 
     @property
     def metadata(self) -> dict[str, Any]:
@@ -163,18 +166,22 @@ def consumer_source(obj: FluxObject) -> SourceRef | None:
     A HelmRelease with `spec.chart` names its source in `spec.chart.spec.sourceRef`; with
     `spec.chartRef` it points at an OCIRepository/HelmChart directly.
     """
+    if obj._source is not _UNSET:
+        return obj._source  # type: ignore[return-value]
     spec = obj.spec
+    found: SourceRef | None = None
     if obj.kind == "Kustomization":
         ref = _dict(spec.get("sourceRef"))
     elif obj.kind == "HelmRelease":
         chart_spec = _dict(_dict(spec.get("chart")).get("spec"))
         ref = _dict(chart_spec.get("sourceRef")) or _dict(spec.get("chartRef"))
     else:
-        return None
+        ref = {}
     kind, name = _str(ref.get("kind")), _str(ref.get("name"))
-    if not kind or not name:
-        return None
-    return SourceRef(kind, _str(ref.get("namespace")) or obj.namespace, name)
+    if kind and name:
+        found = SourceRef(kind, _str(ref.get("namespace")) or obj.namespace, name)
+    obj._source = found
+    return found
 
 
 def normalise_path(path: str) -> str:
@@ -185,6 +192,8 @@ def normalise_path(path: str) -> str:
 
 def consumer_paths(obj: FluxObject) -> tuple[str, ...]:
     """The repository paths whose change touches a consumer (normalised, root = '')."""
+    if obj._paths is not None:
+        return obj._paths
     paths: list[str] = []
     if obj.kind == "Kustomization":
         paths.append(normalise_path(_str(obj.spec.get("path"))))
@@ -200,4 +209,5 @@ def consumer_paths(obj: FluxObject) -> tuple[str, ...]:
     for item in extra.replace(",", ";").split(";"):
         if item.strip():
             paths.append(normalise_path(item.strip()))
-    return tuple(dict.fromkeys(paths))
+    obj._paths = tuple(dict.fromkeys(paths))
+    return obj._paths

@@ -32,6 +32,9 @@ class ObjectStore:
         # (kind, namespace, label, value) -> keys: `name: "*"` selectors without a scan.
         self._by_label: dict[tuple[str, str, str, str], set[ObjectKey]] = defaultdict(set)
         self._listeners: list[Callable[[str, FluxObject], None]] = []
+        # Bumped when an object appears, disappears or changes labels, spec or ownership of
+        # a name: what a Receiver's `resources` resolve to can only change then.
+        self.shape_version = 0
 
     # -- reads -------------------------------------------------------------------------------
 
@@ -89,6 +92,9 @@ class ObjectStore:
     def upsert(self, raw: Mapping[str, Any]) -> FluxObject:
         obj = FluxObject(raw)
         key = obj.key
+        old = self._objects.get(key)
+        if old is None or old.labels != obj.labels or old.spec != obj.spec:
+            self.shape_version += 1
         self._unindex(key)
         self._objects[key] = obj
         self._by_kind_ns[(key.kind, key.namespace)][key.name] = obj
@@ -121,6 +127,7 @@ class ObjectStore:
         obj = self._objects.get(key)
         if obj is None:
             return
+        self.shape_version += 1
         self._unindex(key)
         for listener in self._listeners:
             listener("delete", obj)

@@ -222,10 +222,10 @@ class GiteaClient:
         except ValueError:
             return None
 
-    async def latest_status(
-        self, instance: str, owner: str, repo: str, sha: str, context: str
-    ) -> CommitStatus | None:
-        """The newest status of `context` on the commit, among the newest 50 (as Flux looks)."""
+    async def list_statuses(
+        self, instance: str, owner: str, repo: str, sha: str
+    ) -> list[CommitStatus]:
+        """The newest 50 statuses of a commit, newest first (by Gitea's per-commit index)."""
         response = await self._request(
             instance, "GET", status_path(owner, repo, sha),
             params={"sort": "highestindex", "limit": STATUS_PAGE_SIZE},
@@ -237,4 +237,10 @@ class GiteaClient:
         if not isinstance(doc, list):
             raise GiteaError(f"GET statuses on {instance}: not a list", retryable=True)
         parsed = (CommitStatus.from_json(item) for item in doc)
-        return pick_latest((s for s in parsed if s is not None), context)
+        return [s for s in parsed if s is not None]
+
+    async def latest_status(
+        self, instance: str, owner: str, repo: str, sha: str, context: str
+    ) -> CommitStatus | None:
+        """The newest status of `context` on the commit, among the newest 50 (as Flux looks)."""
+        return pick_latest(await self.list_statuses(instance, owner, repo, sha), context)
