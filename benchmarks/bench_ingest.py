@@ -177,6 +177,8 @@ def main() -> None:
             rounds["bridge"].append(run_wrk(f"http://127.0.0.1:{bport}", script, a.duration,
                                             a.connections, a.threads))
         rss_after = rss_mb(bridge.pid)
+        with urllib.request.urlopen(f"http://127.0.0.1:{bport}/metrics", timeout=10) as r:
+            metrics = r.read().decode()
     finally:
         for proc in (bridge, bare):
             proc.terminate()
@@ -197,6 +199,13 @@ def main() -> None:
         print(f"| {name} | {med(name, 'rps'):.0f} | {med(name, 'p50'):.2f} | "
               f"{med(name, 'p99'):.2f} | {med(name, 'non2xx'):.0f} | {rss} |")
     print(f"\nbridge / bare throughput ratio: {ratio:.2f}")
+    annotated = sum(float(m) for m in re.findall(
+        r'gfb_targets_annotated_total\{kind="GitRepository"\} ([\d.e+]+)', metrics))
+    accepted = sum(r["requests"] - r["non2xx"] for r in rounds["bridge"])
+    seconds = a.duration * a.rounds
+    print(f"pushes accepted: {accepted:.0f}; GitRepository patches: {annotated:.0f} over "
+          f"{a.receivers} sources in {seconds} s of load = "
+          f"{annotated / a.receivers / seconds:.2f} patches per object per second")
     print("per-round requests/s: " + json.dumps({k: [round(r['rps']) for r in v]
                                                  for k, v in rounds.items()}))
 

@@ -54,7 +54,7 @@ class RateLimitConfig(_Model):
 class ReconcileConfig(_Model):
     source_timeout_seconds: float = Field(default=300.0, gt=0)
     consumer_timeout_seconds: float = Field(default=900.0, gt=0)
-    coalesce_window_seconds: float = Field(default=0.5, ge=0)
+    coalesce_window_seconds: float = Field(default=1.0, ge=0)
     patch_attempts: int = Field(default=5, ge=1)
     poll_interval_seconds: float = Field(default=2.0, gt=0)
 
