@@ -147,7 +147,14 @@ def bridge_app(gitea_port: int, objects: int, secret_dir: Path) -> Any:
         cluster.apply({"kind": "Kustomization",
                        "metadata": {"name": f"ks-{i:05d}", "namespace": "apps"},
                        "spec": {"sourceRef": ref, "path": f"./apps/{i}"}})
-    service = StatusService(settings, cluster, Metrics())
+    metrics = Metrics()
+    service = StatusService(settings, cluster, metrics)
+
+    async def counters(request: Request) -> Response:
+        values = {f"{s.name}{sorted(s.labels.items())}": s.value
+                  for family in metrics.registry.collect() for s in family.samples
+                  if s.name in ("gfb_statuses_total", "gfb_events_total")}
+        return JSONResponse(values)
 
     async def bare(request: Request) -> Response:
         body = await request.body()
@@ -167,6 +174,7 @@ def bridge_app(gitea_port: int, objects: int, secret_dir: Path) -> Any:
     return Starlette(lifespan=lifespan, routes=[
         Route("/events", service.handle_event, methods=["POST"]),
         Route("/bare", bare, methods=["POST"]),
+        Route("/_metrics", counters),
     ])
 
 
@@ -344,9 +352,9 @@ def main() -> int:
     parser.add_argument("--objects", type=int, default=1000)
     parser.add_argument("--duration", type=int, default=10)
     parser.add_argument("--connections", type=int, default=64)
-    parser.add_argument("--backlog-events", type=int, default=2000)
-    parser.add_argument("--latency-events", type=int, default=1000)
-    parser.add_argument("--latency-rate", type=float, default=100.0)
+    parser.add_argument("--backlog-events", type=int, default=1000)
+    parser.add_argument("--latency-events", type=int, default=400)
+    parser.add_argument("--latency-rate", type=float, default=20.0)
     parser.add_argument("--dedupe-objects", type=int, default=100)
     parser.add_argument("--dedupe-repeats", type=int, default=20)
     args = parser.parse_args()
@@ -388,6 +396,8 @@ def main() -> int:
         asyncio.run(drain(gitea))
         dedupe = asyncio.run(dedupe_phase(bridge, gitea, args.dedupe_objects,
                                           args.dedupe_repeats))
+        counters = httpx.get(f"{bridge}/_metrics").json()
+        print(f"bridge counters: {counters}", file=sys.stderr)
     finally:
         for proc in procs:
             proc.terminate()

@@ -7,7 +7,8 @@ Gitea keeps one latest status per key, so a newer job for a key replaces a waiti
 key is never posted by two workers at once (the order of posts is the order of truth).
 
 Before posting, a job is compared with what we last posted for its key (bounded LRU), or, for
-the first post of a key since start, with Gitea's newest status of that context. Event and
+the first post on a commit since start, with Gitea's newest status of that context (one
+listing of the commit answers for all its contexts). Event and
 push jobs compare state, description and target URL; jobs derived from live state (resync,
 delivery outcomes) compare the state only, so they repair what is missing without rewriting
 an event's wording.
@@ -378,13 +379,10 @@ class StatusService:
                 desired = desired_from_object(obj, source, self._templates, self._normalise)
                 if desired is None:
                     continue
-                fresh = [
-                    d for d in [desired]
-                    for instance in instances_for(d.repo_key, self._hosts)
-                    if not self._known_same((instance, *d.key), (d.state, "", ""))
-                ]
-                if not fresh:
-                    continue
+                instances = instances_for(desired.repo_key, self._hosts)
+                if all(self._known_same((i, *desired.key), (desired.state, "", ""))
+                       for i in instances):
+                    continue  # Gitea has it (or no instance hosts the repository)
                 if not await self._room_for_resync(room):
                     log.warning("status queue stays full; resync continues next round")
                     return count

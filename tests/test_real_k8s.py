@@ -248,14 +248,18 @@ class Bridge:
     cluster: KubeCluster
     settings: Settings
 
-    async def wait_ready(self, timeout: float = 30.0, receivers: int = 0) -> dict[str, Any]:
-        """/readyz answers 200 (and counts at least `receivers` indexed Receivers)."""
+    async def wait_ready(self, timeout: float = 30.0, *, indexed: bool = True
+                         ) -> dict[str, Any]:
+        """/readyz answers 200 and, with `indexed`, every cached Receiver has been indexed
+        (its Secret read). `test_ready_means_every_receiver_answers` checks that the first
+        200 already means the latter; the other tests do not lean on it."""
         deadline = time.monotonic() + timeout
         while True:
             response = await self.client.get("/readyz")
             if response.status_code == 200:
                 body: dict[str, Any] = response.json()
-                if body["receivers"] >= receivers:
+                cached = len(self.cluster.store.list("Receiver"))
+                if not indexed or body["receivers"] >= cached:
                     return body
             if time.monotonic() >= deadline:
                 raise AssertionError(f"/readyz still {response.status_code} after {timeout:g}s: "
@@ -467,7 +471,7 @@ async def test_signed_push_annotates_exactly_the_expected_objects(
     namespace = "push"
     hook = await asyncio.to_thread(make_fleet, admin, namespace)
     async with run_bridge(control_plane, cluster_wide.token, kubeconfig=sa_kubeconfig) as bridge:
-        await bridge.wait_ready(receivers=1)
+        await bridge.wait_ready()
         body, sha = gitea_push("clusters/realk8s/apps/podinfo.yaml", message="bump podinfo")
         reply = await bridge.push(hook, body)
         assert reply["receiver"] == f"{namespace}/gitea"
@@ -506,6 +510,32 @@ async def test_signed_push_annotates_exactly_the_expected_objects(
         assert admin.annotations("Kustomization", namespace, "apps")[RECONCILE_ANNOTATION] == apps
         # Only the annotation changed: the patch is a merge patch of metadata.annotations.
         assert admin.get_flux("GitRepository", namespace, "fleet")["spec"]["url"] == REPO_URL
+
+
+@pytest.mark.anyio
+async def test_ready_means_every_receiver_answers(
+        control_plane: ControlPlane, admin: Admin, cluster_wide: Install) -> None:  # noqa: F811
+    """The first /readyz 200 is when a pod starts getting pushes: by then every Receiver in the
+    cache must be resolvable, or Gitea (which does not retry) gets 404 for a valid hook."""
+    namespace, count = "many-receivers", 30
+
+    def make_receivers() -> None:
+        make_fleet(admin, namespace)
+        for i in range(count):  # each its own Secret, as separate teams would have
+            admin.create_secret(namespace, f"token-{i:02d}", {"token": RECEIVER_TOKEN})
+            admin.create_flux("Receiver", namespace, f"r{i:02d}", {
+                "type": "github", "secretRef": {"name": f"token-{i:02d}"},
+                "resources": [{"kind": "GitRepository", "name": "fleet"}]})
+
+    await asyncio.to_thread(make_receivers)
+    last = "/hook/" + sig.hook_digest(RECEIVER_TOKEN, f"r{count - 1:02d}", namespace)
+    async with run_bridge(control_plane, cluster_wide.token) as bridge:
+        await bridge.wait_ready(indexed=False)
+        body, _ = gitea_push("clusters/realk8s/apps/x.yaml", message="right after ready")
+        response = await bridge.client.post(last, content=body, headers=gitea_headers(body))
+        assert response.status_code == 202, (
+            f"a push right after the first /readyz 200 got {response.status_code} "
+            f"{response.text}: readiness came before the Receivers were indexed")
 
 
 def test_cluster_wide_rbac_refuses_what_it_must(admin: Admin, cluster_wide: Install) -> None:
@@ -559,9 +589,8 @@ async def test_namespaced_install_syncs_its_namespaces_only(
         await asyncio.to_thread(make_fleet, admin, namespace)
     async with run_bridge(control_plane, scoped.token, WATCHED,
                           lease_name=SCOPED_LEASE) as bridge:
-        await bridge.wait_ready()
         # Both Receivers get indexed (their Secrets are read with `get`, by name).
-        await bridge.wait_ready(receivers=len(WATCHED))
+        assert (await bridge.wait_ready())["receivers"] == len(WATCHED)
         assert bridge.cluster.sync_errors == {}
         keys = {obj.key for obj in bridge.cluster.store.list("Kustomization", None)}
         assert keys == {ObjectKey("Kustomization", ns, n) for ns in WATCHED
