@@ -56,6 +56,12 @@ class Components:
 
 def build(settings: Settings, cluster: Cluster, **status_kwargs: Any) -> Components:
     metrics = Metrics()
+    if hasattr(cluster, "observe"):
+        # The Kubernetes backend reports every API call (list, watch, get, patch, lease).
+        def observe(call: str, seconds: float, failed: bool) -> None:
+            metrics.kube_latency.labels(call, str(failed).lower()).observe(seconds)
+
+        cluster.observe = observe
     hooks = HookIndex(cluster)
     cluster.store.subscribe(hooks.on_store_change)
     deliveries = DeliveryStore(settings.deliveries.max_count, settings.deliveries.max_age_seconds)
@@ -91,6 +97,10 @@ def create_app(settings: Settings, cluster: Cluster, **status_kwargs: Any) -> St
     async def readyz(request: Request) -> Response:
         if not cluster.synced:
             return error(503, "caches are not synced")
+        failing = dict(getattr(cluster, "sync_errors", {}) or {})
+        if failing:
+            # A watch that keeps failing means the cache is going stale: stop taking traffic.
+            return error(503, "cannot reach Kubernetes for some kinds", failing=sorted(failing))
         return JSONResponse({"status": "ready", "objects": len(cluster.store),
                              "receivers": len(parts.hooks)})
 

@@ -29,9 +29,11 @@ def _read(path: str) -> bytes:
 
 
 def _token(path: str) -> str:
-    from receiver.config import read_secret_file
-
-    return read_secret_file(Path(path))
+    """A Receiver token exactly as Flux uses it: the file's raw bytes, newline included."""
+    try:
+        return Path(path).read_bytes().decode()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read token file {path}: {exc}") from None
 
 
 # -- serve -----------------------------------------------------------------------------------
@@ -75,7 +77,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 lease_namespace=os.environ.get("POD_NAMESPACE") or None)
         except Exception as exc:  # the client raises several types for a missing config
             return _fail(f"cannot configure the Kubernetes client: {exc}")
-    app = create_app(settings, cluster)
+    try:
+        app = create_app(settings, cluster)
+    except ConfigError as exc:
+        return _fail(str(exc))
     uvicorn.run(
         app,
         host=settings.listen.host,
@@ -85,7 +90,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         log_config=None,
         access_log=False,
         server_header=False,
-        timeout_graceful_shutdown=20,
+        # Leaves room inside the chart's 30 s grace period for the status queue flush (10 s).
+        timeout_graceful_shutdown=15,
         h11_max_incomplete_event_size=256 * 1024,
     )
     return EXIT_OK

@@ -56,7 +56,6 @@ class ReconcileConfig(_Model):
     consumer_timeout_seconds: float = Field(default=900.0, gt=0)
     coalesce_window_seconds: float = Field(default=1.0, ge=0)
     patch_attempts: int = Field(default=5, ge=1)
-    poll_interval_seconds: float = Field(default=2.0, gt=0)
 
 
 class DeliveriesConfig(_Model):
@@ -84,6 +83,26 @@ class GiteaInstance(_Model):
 class StatusConfig(_Model):
     context_template: str = "flux/{cluster}/{kind}/{namespace}/{name}"
     target_url_template: str = ""
+
+    @field_validator("context_template")
+    @classmethod
+    def _context(cls, value: str) -> str:
+        from receiver.statuses import CONTEXT_FIELDS, check_template
+
+        problem = check_template(value, CONTEXT_FIELDS)
+        if problem:
+            raise ValueError(problem)
+        return value
+
+    @field_validator("target_url_template")
+    @classmethod
+    def _target_url(cls, value: str) -> str:
+        from receiver.statuses import TARGET_URL_FIELDS, check_template
+
+        problem = check_template(value, TARGET_URL_FIELDS)
+        if problem:
+            raise ValueError(problem)
+        return value
     queue_size: int = Field(default=10_000, ge=1)
     max_attempts: int = Field(default=8, ge=1)
     resync_interval_seconds: float = Field(default=300.0, gt=0)

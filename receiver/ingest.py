@@ -1,10 +1,11 @@
 """`POST /hook/{digest}` and `GET /deliveries/{id}`: validate, then act.
 
-Order of checks, cheapest and least revealing first: declared size (413), known path (404),
-cache synced (503), suspended receiver (503), capped body read (413), content type (415),
-signature (401, one body for every failure), replay (200 duplicate / 401), rate (429, counted
-only for authenticated requests so strangers cannot use up a receiver's budget), event type
-(200 ignored / pong), JSON (400), payload shape (422), capacity (503), then routing and 202.
+Order of checks, cheapest and least revealing first: declared size (413), cache synced (503),
+known path (404), suspended receiver (503), capped body read (413), content type (415),
+signature (401, one body for every failure), one-time signature replay (401), rate (429,
+counted only for authenticated requests so strangers cannot use up a receiver's budget), event
+type (200 pong / ignored), repeated X-Gitea-Delivery (200 duplicate), JSON (400), payload shape
+(422), capacity (503), then routing and 202.
 """
 
 from __future__ import annotations
@@ -129,14 +130,15 @@ class IngestService:
         limit = self.settings.body_limit_bytes
         if declared_too_large(request, limit):
             return self._count("-", "too_large", error(413, f"body exceeds {limit} bytes"))
+        if not self.cluster.synced:
+            # Before the first list a real Receiver's path would look unknown: not a 404.
+            return self._count("-", "not_ready", error(503, "caches are not synced yet"))
         digest = request.path_params["digest"]
         found = await self.hooks.lookup_or_refresh(digest) if len(digest) == 64 else None
         if found is None:
             return self._count("-", "not_found", error(404, "no receiver for this path"))
         receiver, token = found
         name = f"{receiver.namespace}/{receiver.name}"
-        if not self.cluster.synced:
-            return self._count(name, "not_ready", error(503, "caches are not synced yet"))
         if receiver.suspended:
             return self._count(name, "suspended", error(503, "receiver is suspended"))
         try:
@@ -174,6 +176,9 @@ class IngestService:
                  or "").strip().lower()
         gitea_id = request.headers.get("x-gitea-delivery", "").strip()[:128]
         delivery = gitea_id or str(uuid.uuid4())
+        if gitea_id and self.deliveries.get(gitea_id) is not None:
+            # The id is another receiver's (dedupe is per receiver): never overwrite its record.
+            delivery = str(uuid.uuid4())
         token_ctx = delivery_ctx.set(delivery)
         try:
             if event == "ping":

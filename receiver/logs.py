@@ -15,7 +15,8 @@ from typing import Any
 
 delivery_id: ContextVar[str] = ContextVar("delivery_id", default="")
 
-_RESERVED = set(vars(logging.makeLogRecord({})))
+# uvicorn adds an ANSI-coloured copy of each message: noise in JSON.
+_RESERVED = set(vars(logging.makeLogRecord({}))) | {"color_message"}
 
 
 class JsonFormatter(logging.Formatter):

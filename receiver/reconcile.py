@@ -111,19 +111,14 @@ class PatchCoalescer:
         value = request_value(delivery_id)
         attempts = self._config.patch_attempts
         for attempt in range(1, attempts + 1):
-            started = time.perf_counter()
             try:
                 await self._cluster.annotate(key, {RECONCILE_ANNOTATION: value})
             except ClusterError as exc:
-                self._metrics.kube_latency.labels("patch", "true").observe(
-                    time.perf_counter() - started)
                 if exc.retryable and attempt < attempts:
                     await asyncio.sleep(min(5.0, 0.1 * 2**attempt) * (0.5 + random.random()))  # noqa: S311
                     continue
                 self._metrics.annotate_errors.labels(key.kind, str(exc.status or "error")).inc()
                 return PatchOutcome(False, error=str(exc), status=exc.status)
-            self._metrics.kube_latency.labels("patch", "false").observe(
-                time.perf_counter() - started)
             self._metrics.targets_annotated.labels(key.kind).inc()
             return PatchOutcome(True, value=value)
         return PatchOutcome(False, error="no attempt made")  # unreachable with attempts >= 1

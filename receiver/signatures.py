@@ -152,5 +152,10 @@ def verify_generic(
 
 
 def verify_event(headers: Mapping[str, str], body: bytes, token: str) -> Verdict:
-    """A Flux Provider of type `generic-hmac`: `X-Signature: sha256=<hex>` over the raw bytes."""
+    """A Flux Provider of type `generic-hmac`: `X-Signature: sha256=<hex>` over the raw bytes.
+
+    notification-controller only ever sends SHA-256, so nothing weaker is taken here."""
+    algorithm, _ = _split_prefixed(headers.get("x-signature", ""))
+    if algorithm and algorithm != "sha256":
+        return Verdict(False, "event-signature", "malformed")
     return verify_generic_hmac(headers, body, token)

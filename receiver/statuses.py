@@ -358,28 +358,24 @@ def _condition(obj: FluxObject, type_: str) -> tuple[str, str, str]:
             str(cond.get("message", "")))
 
 
-def _applied(obj: FluxObject) -> str:
-    return applied_revision(obj) if obj.kind == "HelmRelease" else str(
-        obj.status.get("lastAppliedRevision", ""))
-
-
 def desired_from_object(
     obj: FluxObject, source_obj: FluxObject | None, templates: StatusTemplates,
     normalise: Normaliser,
 ) -> DesiredStatus | None:
     """The status a consumer's live state implies (resync), or None if it implies none.
 
-    Ready True -> the Ready reason's state at the last applied commit; Ready False (or Stalled)
-    -> its reason's state at the last attempted commit; still reconciling a new commit ->
-    pending at that commit. A re-run at the applied commit never turns it back to pending, and
-    a suspended object is left alone (its status is stale by design).
+    Ready True -> success at the last applied commit (a HelmRelease: its deployed chart
+    version's commit); Ready False (or Stalled) -> its reason's state (`STATE_TABLE`, as an
+    error) at the last attempted commit; still reconciling a new commit -> pending at it.
+    A re-run at the applied commit never turns it back to pending, and a suspended object
+    is left alone (its status is stale by design).
     """
     if obj.kind not in CONSUMER_KINDS or obj.suspended:
         return None
     repo = repo_of(obj, source_obj, normalise)
     if repo is None:
         return None
-    applied = _commit_for(obj, source_obj, _applied(obj))
+    applied = _commit_for(obj, source_obj, applied_revision(obj))
     attempted_rev = str(obj.status.get("lastAttemptedRevision", ""))
     attempted = _commit_for(obj, source_obj, attempted_rev) if attempted_rev else applied
     ready, reason, message = _condition(obj, "Ready")

@@ -31,8 +31,7 @@ def make_settings(**overrides: Any) -> Settings:
     base: dict[str, Any] = {
         "cluster_name": "eu-west",
         "host_aliases": {"gitea-http.gitea.svc.cluster.local:3000": "gitea.example.com"},
-        "reconcile": {"coalesce_window_seconds": 0.2, "source_timeout_seconds": 30,
-                      "poll_interval_seconds": 0.05},
+        "reconcile": {"coalesce_window_seconds": 0.2, "source_timeout_seconds": 30},
     }
     base.update(overrides)
     return load_settings(environ={}, overrides=base)

@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import json
+import logging
 import os
 import secrets
 import shutil
@@ -49,6 +51,7 @@ CORE_BINARIES = ("etcd", "kube-apiserver", "helm")
 ADMIN_USER = "realk8s-admin"
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 class ControlPlaneError(RuntimeError):
@@ -133,7 +136,7 @@ class Process:
         with self.log.open("ab") as out:
             out.write(f"\n=== {time.strftime('%H:%M:%S')} start: {' '.join(self.args)}\n".encode())
             out.flush()
-            self._popen = subprocess.Popen(  # noqa: S603 - our own pinned binaries
+            self._popen = subprocess.Popen(  # our own pinned binaries
                 self.args, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                 cwd=self.cwd, start_new_session=True)
 
@@ -146,21 +149,22 @@ class Process:
         return None if self._popen is None else self._popen.poll()
 
     def stop(self, grace: float = 10.0) -> None:
-        """SIGTERM the process group, SIGKILL it after `grace` seconds; reap the child."""
+        """SIGTERM the process group, SIGKILL it after `grace` seconds; then reap the child.
+
+        The group is killed once more while the exited leader is still a zombie (its pid, and
+        so the group id, cannot have been reused yet), so nothing it started outlives it.
+        """
         popen, self._popen = self._popen, None
         if popen is None:
             return
         for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(popen.pid, sig)
-            try:
-                popen.wait(wait)
+            if _wait_exited(popen.pid, wait):
                 break
-            except subprocess.TimeoutExpired:
-                continue
-        # Anything the child left in its group (it has none, but be sure): gone too.
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(popen.pid, signal.SIGKILL)
+        popen.wait()
 
     def tail(self, lines: int = 40) -> str:
         try:
@@ -169,6 +173,20 @@ class Process:
             return f"--- {self.name}: no log at {self.log}"
         body = "\n".join(text.splitlines()[-lines:])
         return f"--- last {lines} lines of {self.log}:\n{body}"
+
+
+def _wait_exited(pid: int, timeout: float) -> bool:
+    """Wait until the child `pid` has exited, without reaping it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
+                return True
+        except ChildProcessError:  # already reaped
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
 
 
 # -- the control plane ----------------------------------------------------------------------------
@@ -243,9 +261,10 @@ class ControlPlane:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
     def restart_apiserver(self) -> float:
-        """Stop kube-apiserver and start it again on the same port with the same etcd.
+        """Stop kube-apiserver (SIGTERM, graceful) and start it again on the same port, with
+        the same etcd, certificates and keys (tokens stay valid).
 
-        Returns the seconds it was unavailable.
+        Returns the seconds from the stop until /readyz answered 200 again.
         """
         assert self.apiserver is not None, "not started"
         started = time.monotonic()
@@ -321,6 +340,9 @@ class ControlPlane:
             f"--service-account-issuer=https://127.0.0.1:{self.port}/",
             f"--service-account-key-file={self.workdir / 'sa.pub'}",
             f"--service-account-signing-key-file={self.workdir / 'sa.key'}",
+            # On SIGTERM, end open watches after 2s instead of holding them until the HTTP
+            # server's shutdown timeout (60s): clients see the stream end and reconnect.
+            "--shutdown-watch-termination-grace-period=2s",
         ]
 
     def _start_apiserver(self, *, fresh: bool = True) -> None:
@@ -403,7 +425,7 @@ class ControlPlane:
         if token is not None:
             headers["Authorization"] = f"Bearer {token}"
         content = None if body is None else (
-            body if isinstance(body, bytes) else httpx_json(body))
+            body if isinstance(body, bytes) else _json_bytes(body))
         response = self.http().request(method, path, content=content, params=params,
                                        headers=headers)
         if response.status_code not in set(ok):
@@ -427,17 +449,23 @@ class ControlPlane:
                          ok=(201, 409))
             names.append(doc["metadata"]["name"])
         for name in names:
-            path = f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{name}"
             crd = wait_until(f"CRD {name} to be Established",
-                             lambda path=path: _established(self.request("GET", path)), timeout)
+                             functools.partial(self._established, name), timeout)
             group = crd["spec"]["group"]
             plural = crd["spec"]["names"]["plural"]
             for version in crd["spec"]["versions"]:
                 if version.get("served"):
                     # Established can precede the group showing up in discovery by a moment.
                     wait_until(f"{group}/{version['name']} {plural} to be served",
-                               lambda g=group, v=version["name"], p=plural:
-                               self._serves(g, v, p), timeout)
+                               functools.partial(self._serves, group, version["name"], plural),
+                               timeout)
+
+    def _established(self, name: str) -> dict[str, Any] | None:
+        crd = self.request("GET", f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{name}")
+        conditions = (crd.get("status") or {}).get("conditions") or []
+        if any(c.get("type") == "Established" and c.get("status") == "True" for c in conditions):
+            return crd
+        return None
 
     def _serves(self, group: str, version: str, plural: str) -> bool:
         body = self.request("GET", f"/apis/{group}/{version}", ok=(200, 404))
@@ -462,14 +490,7 @@ class ControlPlane:
         return token
 
 
-def _established(crd: Mapping[str, Any]) -> Mapping[str, Any] | None:
-    conditions = (crd.get("status") or {}).get("conditions") or []
-    if any(c.get("type") == "Established" and c.get("status") == "True" for c in conditions):
-        return crd
-    return None
-
-
-def httpx_json(body: Any) -> bytes:
+def _json_bytes(body: Any) -> bytes:
     return json.dumps(body).encode()
 
 
@@ -500,6 +521,8 @@ def control_plane() -> Iterator[ControlPlane]:
         plane.start()
     except ControlPlaneError as exc:
         pytest.fail(f"the control plane did not start: {exc}", pytrace=False)
+    log.info("control plane up at %s in %s", plane.url,
+             ", ".join(f"{k} {v:.1f}s" for k, v in plane.timings.items()))
     try:
         yield plane
     finally:

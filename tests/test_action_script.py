@@ -54,7 +54,7 @@ def random_sha() -> str:
 
 def hook_path(tmp_path: Path) -> str:
     token_file = tmp_path / "actions-token"
-    token_file.write_text(TOKEN + "\n")
+    token_file.write_text(TOKEN)  # raw, as Flux hashes it
     out = subprocess.run(
         [sys.executable, "-m", "receiver.cli", "hook-url", "--name", "actions",
          "--namespace", "apps", "--token-file", str(token_file)],
@@ -545,6 +545,22 @@ def test_wait_fails_when_the_deploy_does(scripted: Callable[..., ScriptedBridge]
     assert result.returncode == 1
     assert f"deployment {outcome}" in result.stderr
     assert "deployment/app not ready" in result.stderr
+
+
+def test_wait_stops_at_the_first_failure_even_before_every_target_settles(
+    scripted: Callable[..., ScriptedBridge]
+) -> None:
+    # The server ends the stream when one target failed while another still runs
+    # (outcome failed, final false): the step must fail at once, not poll until the deadline.
+    bridge = scripted([(200, [_progress("in_progress", False, "annotated"),
+                              _progress("failed", False, "failed", reason="BuildFailed",
+                                        message="kustomize build failed")])])
+    started = time.monotonic()
+    result = run_notify(actions_env(bridge.url, "/hook/x", FLUX_BRIDGE_WAIT="30"))
+    assert result.returncode == 1
+    assert "deployment failed" in result.stderr
+    assert time.monotonic() - started < 15
+    assert len([r for r in bridge.requests if r[0] == "GET"]) == 1
 
 
 def test_wait_follows_again_after_a_server_side_timeout(

@@ -67,12 +67,17 @@ def test_plan_bad_manifests(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
 
 def test_hook_url_matches_flux(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     token = tmp_path / "t"
-    token.write_text("gitea-secret-token\n")
+    token.write_text("gitea-secret-token")
     code, out, _ = run(capsys, "hook-url", "--name", "gitea", "--namespace", "flux-system",
                        "--token-file", str(token), "--base-url", "https://bridge.example.com/")
     assert code == EXIT_OK
     assert out.strip() == "https://bridge.example.com/hook/" + sig.hook_digest(
         "gitea-secret-token", "gitea", "flux-system")
+    # Flux hashes the Secret's raw bytes: a trailing newline is part of the token.
+    token.write_text("gitea-secret-token\n")
+    _, out, _ = run(capsys, "hook-url", "--name", "gitea", "--namespace", "flux-system",
+                    "--token-file", str(token))
+    assert out.strip() == "/hook/" + sig.hook_digest("gitea-secret-token\n", "gitea", "flux-system")
 
 
 @pytest.mark.parametrize(("scheme", "header"), [
@@ -99,6 +104,16 @@ def test_sign_prints_verifiable_headers(tmp_path: Path, capsys: pytest.CaptureFi
         "hub": lambda: sig.verify_gitea(headers, b'{"a": 1}', "tok").ok,
     }
     assert checks[scheme]()
+
+
+def test_serve_rejects_a_bad_status_template_naming_the_key(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text("statuses: {context_template: 'flux/{cluster}/{commit}'}\n")
+    proc = subprocess.run([sys.executable, "-m", "receiver.cli", "serve", "--config", str(config),
+                           "--manifests", str(FLEET)],
+                          capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert proc.returncode == EXIT_USAGE
+    assert "statuses.context_template" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_serve_rejects_bad_config_naming_the_key(tmp_path: Path) -> None:

@@ -123,3 +123,10 @@ def test_digest_is_64_lowercase_hex(name: str, ns: str, token: str) -> None:
     digest = sig.hook_digest(token, name, ns)
     assert len(digest) == 64 and digest == digest.lower()
     assert digest == hashlib.sha256((token + name + ns).encode()).hexdigest()
+
+
+def test_event_signature_is_sha256_only() -> None:
+    good = {"x-signature": "sha256=" + hexmac("sha256", TOKEN, BODY)}
+    assert sig.verify_event(good, BODY, TOKEN).ok
+    weak = {"x-signature": "sha1=" + hexmac("sha1", TOKEN, BODY)}
+    assert not sig.verify_event(weak, BODY, TOKEN).ok

@@ -135,7 +135,7 @@ class KubeCluster:
             or os.environ.get("POD_NAMESPACE")
             or "flux-system"
         )
-        self._observe = observe
+        self.observe = observe
         self._backoff = backoff or Backoff()
         self._timeout = (_CONNECT_TIMEOUT, request_timeout_seconds)
         self._page_size = list_page_size
@@ -586,9 +586,9 @@ class KubeCluster:
             failed = status not in _EXPECTED_STATUSES and not isinstance(exc, _Gone)
             raise
         finally:
-            if self._observe is not None:
+            if self.observe is not None:
                 try:
-                    self._observe(call, time.perf_counter() - started, failed)
+                    self.observe(call, time.perf_counter() - started, failed)
                 except Exception:
                     log.exception("observe hook failed")
 

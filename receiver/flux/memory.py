@@ -37,7 +37,10 @@ def load_documents(directory: Path) -> list[dict[str, Any]]:
                     continue
                 if not isinstance(doc, dict) or not isinstance(doc.get("kind"), str):
                     raise ManifestError(f"{path}: document {index} is not a Kubernetes object")
-                docs.append(doc)
+                if doc["kind"] == "List":  # `kubectl get -o yaml` output
+                    docs.extend(i for i in doc.get("items") or [] if isinstance(i, dict))
+                else:
+                    docs.append(doc)
         except yaml.YAMLError as exc:
             raise ManifestError(f"{path}: invalid YAML: {exc}") from None
     return docs

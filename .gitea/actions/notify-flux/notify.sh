@@ -340,7 +340,8 @@ while :; do
 			outcome=$seen
 			if [[ $(json_field timeout "$line") == true ]]; then
 				timed_out=1
-			elif [[ $(json_field final "$line") == true ]]; then
+			elif [[ $(json_field final "$line") == true || $seen == failed ]]; then
+				# A failed target settles the delivery: no need to wait for the rest.
 				final=1
 				say "outcome: $outcome"
 				summarise_targets "$line" >&2
