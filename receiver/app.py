@@ -94,13 +94,21 @@ def create_app(settings: Settings, cluster: Cluster, **status_kwargs: Any) -> St
     async def healthz(request: Request) -> Response:
         return PlainTextResponse("ok")
 
+    indexed_once = False
+
     async def readyz(request: Request) -> Response:
+        nonlocal indexed_once
         if not cluster.synced:
             return error(503, "caches are not synced")
         failing = dict(getattr(cluster, "sync_errors", {}) or {})
         if failing:
             # A watch that keeps failing means the cache is going stale: stop taking traffic.
             return error(503, "cannot reach Kubernetes for some kinds", failing=sorted(failing))
+        if not indexed_once:
+            # The first Ready sends pushes here: every cached Receiver must resolve by then.
+            if parts.hooks.indexing:
+                return error(503, "receivers are being indexed")
+            indexed_once = True
         return JSONResponse({"status": "ready", "objects": len(cluster.store),
                              "receivers": len(parts.hooks)})
 

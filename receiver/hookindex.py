@@ -110,10 +110,20 @@ class HookIndex:
 
     async def lookup_or_refresh(self, digest: str) -> tuple[FluxObject, str] | None:
         found = self.lookup(digest)
+        if found is None and self._pending:
+            # Receivers being indexed right now (at start-up, or just created or changed):
+            # their Secrets are being read. Wait for them before answering 404.
+            await asyncio.wait(set(self._pending), timeout=self._miss_refresh)
+            found = self.lookup(digest)
         if found is None and self._clock() - self._last_full >= self._miss_refresh:
             await self.refresh_all()
             found = self.lookup(digest)
         return found
+
+    @property
+    def indexing(self) -> bool:
+        """Some Receiver's Secret is being read right now."""
+        return bool(self._pending)
 
     def digest_of(self, key: ObjectKey) -> str | None:
         return self._digest_of.get(key)

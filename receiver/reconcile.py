@@ -147,6 +147,7 @@ class Reconciler:
         self._last_seen: dict[ObjectKey, tuple[Any, ...]] = {}
         self._tokens: dict[tuple[str, ObjectKey], str] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._patching: set[tuple[str, ObjectKey]] = set()  # (delivery, consumer) in flight
         self.listeners: list[DeliveryListener] = []
         cluster.store.subscribe(self._on_change)
 
@@ -192,7 +193,10 @@ class Reconciler:
     async def _after_patch(
         self, delivery: Delivery, key: ObjectKey, future: asyncio.Future[PatchOutcome]
     ) -> None:
-        outcome = await future
+        try:
+            outcome = await future
+        finally:
+            self._patching.discard((delivery.id, key))
         if outcome.ok:
             self._tokens[(delivery.id, key)] = outcome.value
             await self._set(delivery, key, ANNOTATED)
@@ -289,8 +293,13 @@ class Reconciler:
                     # Flux already started on this commit by itself: annotating is redundant.
                     await self._set(delivery, key, RECONCILING, "AlreadyStarted", "")
                 else:
-                    future, _ = self.patches.request(key, delivery.id)
-                    self._spawn(self._after_patch(delivery, key, future))
+                    # Once per delivery: evaluations that run while the patch is in flight
+                    # (the source's status event, our own patch's store update) must not
+                    # queue a second, trailing patch with a new requestedAt.
+                    if (delivery.id, key) not in self._patching:
+                        self._patching.add((delivery.id, key))
+                        future, _ = self.patches.request(key, delivery.id)
+                        self._spawn(self._after_patch(delivery, key, future))
                     continue
             if target.state == QUEUED and is_source:
                 continue  # its patch is still on the way

@@ -23,6 +23,9 @@ from typing import Any, NamedTuple
 from urllib.parse import parse_qs, urlsplit
 
 MERGE_PATCH = "application/merge-patch+json"
+# The Flux CRDs' spec.names.plural (tests/fixtures/crds): not always lower-case kind + "s".
+_PLURALS = {"GitRepository": "gitrepositories", "OCIRepository": "ocirepositories",
+            "HelmRepository": "helmrepositories"}
 
 
 class Resource(NamedTuple):
@@ -45,7 +48,8 @@ class Request(NamedTuple):
 
 def resource_of(api_version: str, kind: str) -> Resource:
     group, _, version = api_version.rpartition("/")
-    return Resource(group, version, kind.lower() + "s")
+    # Real plurals (the fake used to share kube.py's wrong lower-case-kind + "s" rule).
+    return Resource(group, version, _PLURALS.get(kind) or kind.lower() + "s")
 
 
 def merge_patch(target: Any, patch: Any) -> Any:

@@ -6,7 +6,8 @@ with a key made here, self-generated serving certificates whose written `.crt` i
 CA), waits for `/readyz`, writes an admin kubeconfig and installs the Flux CRDs from
 `tests/fixtures/crds`. Everything lives in one temporary directory, each process in its own
 process group; `stop()` kills the groups and removes the directory. Logs go to files in that
-directory and their tails are part of every startup error.
+directory and their tails are part of every startup error (GFB_REALK8S_KEEP=1 keeps the
+directory, logs included, for a post-mortem).
 
 The binaries come from the cache `scripts/testbin.sh` builds into (`--print-dir`); when one is
 missing, `ensure_binaries()` runs `scripts/testbin.sh core` to build them. A build that fails is

@@ -52,13 +52,27 @@ _NEGATIVE_SECRET_TTL = 5.0
 _SecretData = Mapping[str, bytes]
 
 
+# The CRDs' spec.names.plural: not lower-case kind + "s" (GitRepository -> gitrepositories).
+PLURALS: dict[str, str] = {
+    "Receiver": "receivers",
+    "GitRepository": "gitrepositories",
+    "OCIRepository": "ocirepositories",
+    "Bucket": "buckets",
+    "HelmChart": "helmcharts",
+    "HelmRepository": "helmrepositories",
+    "Kustomization": "kustomizations",
+    "HelmRelease": "helmreleases",
+}
+
+
 def resource_for(kind: str) -> tuple[str, str, str]:
-    """(group, version, plural) of a Flux kind; the plurals are all lower-case kind + 's'."""
+    """(group, version, plural) of a Flux kind, as its CRD names them."""
     api_version = API_VERSIONS.get(kind)
-    if api_version is None:
+    plural = PLURALS.get(kind)
+    if api_version is None or plural is None:
         raise ClusterError(f"unsupported kind {kind!r}")
     group, _, version = api_version.partition("/")
-    return group, version, kind.lower() + "s"
+    return group, version, plural
 
 
 @dataclass(frozen=True, slots=True)
