@@ -113,12 +113,13 @@ class DeliveryStore:
     def __len__(self) -> int:
         return len(self._items)
 
-    def add(self, delivery: Delivery) -> None:
+    def add(self, delivery: Delivery) -> list[Delivery]:
+        """Keep a new delivery; returns the ones dropped to stay within the bounds."""
         self._items[delivery.id] = delivery
         self._items.move_to_end(delivery.id)
         if not delivery.final:
             self._active.add(delivery.id)
-        self.expire(time.monotonic())
+        return self.expire(time.monotonic())
 
     def finished(self, delivery: Delivery) -> None:
         self._active.discard(delivery.id)

@@ -9,6 +9,7 @@ timed out.
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
 import random
 import time
@@ -148,6 +149,8 @@ class Reconciler:
         self._tokens: dict[tuple[str, ObjectKey], str] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._patching: set[tuple[str, ObjectKey]] = set()  # (delivery, consumer) in flight
+        self._deadlines: list[tuple[float, int, str]] = []  # (due, phase, delivery id)
+        self._sweeper: asyncio.Task[None] | None = None
         self.listeners: list[DeliveryListener] = []
         cluster.store.subscribe(self._on_change)
 
@@ -158,7 +161,12 @@ class Reconciler:
 
         Consumers are annotated later, when their source reports the pushed commit.
         """
-        self._deliveries.add(delivery)
+        for evicted in self._deliveries.add(delivery):
+            # Past the store's count or age bound: Flux still gets the patches already sent,
+            # but nobody can follow this delivery any more. Counted, never silent.
+            if not evicted.final:
+                self._metrics.deliveries.labels("evicted").inc()
+                self._forget(evicted)
         if delivery.final:  # nothing to do or follow
             self._finish(delivery)
             return
@@ -180,7 +188,7 @@ class Reconciler:
                     immediate.append(future)
         # Consumers of a source whose commit is already there need no wait.
         self._spawn(self._evaluate(delivery))
-        self._spawn(self._deadline(delivery))
+        self._schedule_deadlines(delivery)
         if immediate:
             await asyncio.wait(immediate, timeout=wait_seconds)
             await asyncio.sleep(0)  # let _after_patch record the outcome
@@ -219,6 +227,10 @@ class Reconciler:
     def _finish(self, delivery: Delivery) -> None:
         self._metrics.deliveries.labels(delivery.outcome()).inc()
         self._deliveries.finished(delivery)
+        self._forget(delivery)
+
+    def _forget(self, delivery: Delivery) -> None:
+        """Stop following a delivery: drop its watches and tokens."""
         for key in self._watched_by.pop(delivery.id, set()):
             ids = self._watching.get(key)
             if ids is not None:
@@ -308,21 +320,50 @@ class Reconciler:
                 continue
             await self._set(delivery, key, state, reason, message)
 
-    async def _deadline(self, delivery: Delivery) -> None:
-        await asyncio.sleep(self._config.source_timeout_seconds)
-        for key, target in list(delivery.targets.items()):
-            if target.target.phase == PHASE_SOURCE and target.state not in FINAL_STATES:
-                await self._set(delivery, key, TIMED_OUT, "SourceTimeout",
-                                f"no pushed commit after {self._config.source_timeout_seconds:g}s")
-        await self._evaluate(delivery)
-        rest = self._config.consumer_timeout_seconds - self._config.source_timeout_seconds
-        await asyncio.sleep(max(0.0, rest))
+    # -- deadlines: one sweeper for all deliveries, not one sleeping task each ---------------
+
+    def _schedule_deadlines(self, delivery: Delivery) -> None:
+        now = time.monotonic()
+        if len(self._deadlines) > 4 * len(self._watched_by) + 1000:
+            # Most entries belong to deliveries already finished or evicted: drop them.
+            self._deadlines = [d for d in self._deadlines if d[2] in self._watched_by]
+            heapq.heapify(self._deadlines)
+        heapq.heappush(self._deadlines, (now + self._config.source_timeout_seconds, 0,
+                                         delivery.id))
+        heapq.heappush(self._deadlines, (now + self._config.consumer_timeout_seconds, 1,
+                                         delivery.id))
+        if self._sweeper is None or self._sweeper.done():
+            self._sweeper = asyncio.create_task(self._sweep())
+
+    async def _sweep(self) -> None:
+        while self._deadlines:
+            due, phase, id_ = self._deadlines[0]
+            wait = due - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(min(wait, 1.0))
+                continue
+            heapq.heappop(self._deadlines)
+            delivery = self._deliveries.get(id_)
+            if delivery is not None and id_ in self._watched_by and not delivery.final:
+                await self._expire(delivery, phase)
+
+    async def _expire(self, delivery: Delivery, phase: int) -> None:
+        if phase == 0:
+            for key, target in list(delivery.targets.items()):
+                if target.target.phase == PHASE_SOURCE and target.state not in FINAL_STATES:
+                    await self._set(delivery, key, TIMED_OUT, "SourceTimeout",
+                                    f"no pushed commit after {self._config.source_timeout_seconds:g}s")
+            await self._evaluate(delivery)
+            return
         for key, target in list(delivery.targets.items()):
             if target.state not in FINAL_STATES:
                 await self._set(delivery, key, TIMED_OUT, "Timeout",
                                 f"not ready after {self._config.consumer_timeout_seconds:g}s")
 
     async def stop(self) -> None:
-        for task in list(self._tasks):
+        pending: list[asyncio.Future[None]] = list(self._tasks)
+        if self._sweeper is not None:
+            pending.append(self._sweeper)
+        for task in pending:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*pending, return_exceptions=True)

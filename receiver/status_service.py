@@ -198,7 +198,7 @@ class StatusService:
 
     def on_push_routed(self, delivery: Delivery, push: Push) -> None:
         """`pending` on the pushed commit for every consumer the push touches."""
-        if not push.sha or not self._accepting:
+        if not push.sha or not self._accepting or not self._settings.gitea:
             return
         wanted: list[DesiredStatus] = []
         for target in delivery.plan.tracked:
@@ -221,7 +221,8 @@ class StatusService:
         This is what closes the loop when no Flux Provider points at us, and what ends the
         `pending` of a commit Flux never deployed (timed out: skipped or error).
         """
-        if key.kind not in CONSUMER_KINDS or not delivery.sha or not self._accepting:
+        if (key.kind not in CONSUMER_KINDS or not delivery.sha or not self._accepting
+                or not self._settings.gitea):
             return
         if state not in (READY, FAILED, TIMED_OUT):
             return

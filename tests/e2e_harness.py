@@ -21,6 +21,7 @@ from __future__ import annotations
 import atexit
 import base64
 import contextlib
+import functools
 import getpass
 import os
 import secrets
@@ -93,7 +94,7 @@ def install_source_crds(plane: ControlPlane) -> list[str]:
     """Install source-controller's CRDs that `tests/fixtures/crds` lacks, read at run time from
     its module (`config/crd/bases`). Returns the plurals installed."""
     bases = module_dir("source-controller") / "config" / "crd" / "bases"
-    docs = []
+    docs: list[dict[str, Any]] = []
     for plural in EXTRA_SOURCE_CRDS:
         path = bases / f"source.toolkit.fluxcd.io_{plural}.yaml"
         if not path.is_file():
@@ -474,9 +475,9 @@ class FluxControllers:
                 started = time.monotonic()
                 proc.start()
                 self.processes[name] = proc
-                wait_until(f"{name} /readyz", lambda n=name: self._ready(n),
+                wait_until(f"{name} /readyz", functools.partial(self._ready, name),
                            self.startup_timeout, interval=0.2,
-                           on_timeout=lambda n=name: self.processes[n].tail(60))
+                           on_timeout=functools.partial(proc.tail, 60))
                 self.timings[name] = time.monotonic() - started
         except BaseException:
             self.stop()
@@ -547,6 +548,9 @@ class BridgeProcess:
         env["PYTHONPATH"] = os.pathsep.join(
             p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
         env.pop("POD_NAMESPACE", None)
+        # GFB_* is the bridge's configuration namespace: test knobs must not reach it.
+        for name in [n for n in env if n.startswith("GFB_")]:
+            del env[name]
         self.process = _EnvProcess(
             "bridge", [os.environ.get("GFB_E2E_PYTHON", _python()), "-m", "receiver.cli",
                        "serve", "--config", str(self.config_file)],
