@@ -23,7 +23,9 @@ import base64
 import contextlib
 import functools
 import getpass
+import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -31,6 +33,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -233,15 +236,17 @@ DISABLE_REGISTRATION = true
 [mailer]
 ENABLED = false
 
-[picture]
-DISABLE_GRAVATAR = true
-
 [session]
 PROVIDER = memory
 
 [webhook]
 ALLOWED_HOST_LIST = loopback
 DELIVER_TIMEOUT   = 10
+
+; A commit's push (and so its webhook tasks) is processed within the API call that made it,
+; as in Gitea's own integration tests: a webhook created later never sees an earlier commit.
+[queue.push_update]
+TYPE = immediate
 
 [cron]
 ENABLED = false
@@ -285,10 +290,13 @@ logger.router.MODE =
                 self._cli("admin", "user", "create", "--username", self.admin,
                           f"--password={self.password}", "--email", "gfb-admin@example.com",
                           "--admin", "--must-change-password=false")
-                self.token = self._cli("admin", "user", "generate-access-token", "-u", self.admin,
-                                       "-t", "e2e", "--scopes", "all", "--raw").strip()
-                if not self.token:
-                    raise GiteaError("generate-access-token printed no token")
+                out = self._cli("admin", "user", "generate-access-token", "-u", self.admin,
+                                "-t", "e2e", "--scopes", "all", "--raw")
+                # Gitea's console log shares stdout: the token is the line that is only hex.
+                found = [line for line in out.split() if re.fullmatch(r"[0-9a-f]{40,64}", line)]
+                if not found:
+                    raise GiteaError(f"generate-access-token printed no token:\n{out[-2000:]}")
+                self.token = found[-1]
                 self.timings["admin"] = time.monotonic() - started - self.timings["migrate"]
             self.process = _EnvProcess(
                 "gitea", [str(self.binary), "web", "--config", str(self.ini),
@@ -554,7 +562,7 @@ class BridgeProcess:
         self.process = _EnvProcess(
             "bridge", [os.environ.get("GFB_E2E_PYTHON", _python()), "-m", "receiver.cli",
                        "serve", "--config", str(self.config_file)],
-            self.workdir / "bridge.log", ROOT, env)
+            self.log, ROOT, env)
         started = time.monotonic()
         self.process.start()
         try:
@@ -578,6 +586,33 @@ class BridgeProcess:
     def wait_receivers(self, count: int, timeout: float = 30.0) -> None:
         wait_until(f"the bridge to index {count} Receivers", lambda: self._ready(count), timeout,
                    interval=0.2, on_timeout=self.tail)
+
+    def records(self, message: str) -> list[dict[str, Any]]:
+        """The bridge's JSON log records with this message, oldest first; `unix` is added (the
+        record's time as a unix timestamp)."""
+        try:
+            lines = self.log.read_text(errors="replace").splitlines()
+        except OSError:
+            return []
+        found = []
+        needle = json.dumps(message)
+        for line in lines:
+            if needle not in line:
+                continue
+            with contextlib.suppress(ValueError, KeyError):
+                record = json.loads(line)
+                if record.get("msg") == message:
+                    stamp = datetime.fromisoformat(str(record["ts"]).replace("Z", "+00:00"))
+                    found.append({**record, "unix": stamp.timestamp()})
+        return found
+
+    def accepted(self, sha: str) -> list[dict[str, Any]]:
+        """The bridge's "push accepted" log records for commit `sha` (oldest first)."""
+        return [r for r in self.records("push accepted") if r.get("commit") == sha]
+
+    @property
+    def log(self) -> Path:
+        return self.workdir / "bridge.log"
 
     def metrics(self) -> str:
         with httpx.Client(trust_env=False, timeout=10.0) as client:

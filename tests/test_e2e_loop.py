@@ -265,7 +265,7 @@ def loop(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Loop]:
             "cluster_name": CLUSTER,
             "log_level": "info",
             "reconcile": {"source_timeout_seconds": 120, "consumer_timeout_seconds": 240,
-                          "coalesce_window_seconds": 0.2, "poll_interval_seconds": 0.5},
+                          "coalesce_window_seconds": 0.2},
             "gitea": [{"name": "e2e", "url": gitea.url,
                        "token": {"file": str(workdir / "gitea-token")}}],
             "events": {"hmac_token": {"file": str(workdir / "events-token")}},
@@ -367,9 +367,13 @@ def test_push_annotates_the_source_and_the_touched_kustomization_only(loop: Loop
     loop.commits["apps-2"] = sha
 
     # Gitea's webhook reaches the bridge, which annotates the GitRepository at once.
+    accepted = loop.wait("the bridge to accept Gitea's push", lambda: loop.bridge.accepted(sha) or None,
+                         30)
+    assert len(accepted) == 1, accepted
+    delivery_id = accepted[0]["delivery"]
     value = loop.wait("the GitRepository annotated", lambda: _changed(
         loop.annotations("GitRepository", "fleet").get(RECONCILE), before), 30)
-    delivery_id = value.split(" ", 1)[1]
+    assert value.endswith(" " + delivery_id), (value, delivery_id)
     loop.wait("source-controller to fetch the commit", lambda: loop.source_at(sha), 60)
     apps = loop.wait("kustomize-controller to apply it", lambda: loop.deployed("apps", sha),
                      DEPLOY_TIMEOUT)
@@ -415,13 +419,13 @@ def test_commit_statuses_pending_then_success_and_failure_with_flux_reason(loop:
     started = time.monotonic()
     broken = loop.push({BROKEN_FILE: "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: [x\n"},
                        "infra: broken manifest")
-    loop.wait("infra to fail at the broken commit", lambda: loop.failed("infra", broken),
-              DEPLOY_TIMEOUT)
+    infra = loop.wait("infra to fail at the broken commit", lambda: loop.failed("infra", broken),
+                      DEPLOY_TIMEOUT)
     history = loop.wait_status(broken, "infra", "failure")
     loop.timings["push -> failure status (broken build)"] = time.monotonic() - started
     print(f"  infra on {broken[:12]}: {_history(history)}")
-    reason = _condition(loop.get("Kustomization", "infra"), "Ready")["reason"]
-    assert reason == "BuildFailed", reason
+    reason = _condition(infra, "Ready")["reason"]
+    assert reason == "BuildFailed", infra["status"]
     assert history[-1]["description"].startswith("Build failed"), history[-1]
     # apps was not touched by that push, but kustomize-controller applied the new revision to
     # it too: its status on that commit (from Flux's events) is success.
@@ -450,21 +454,36 @@ def test_status_missed_while_gitea_is_down_is_repaired_by_the_resync(loop: Loop)
         loop.flux.resume("kustomize-controller")
     loop.wait("apps to deploy while Gitea is down", lambda: loop.deployed("apps", sha),
               DEPLOY_TIMEOUT)
-    # The bridge tried to post the outcome and gave up (max_attempts: 3).
+    # The bridge tried to post the outcome and gave up (max_attempts: 3): nothing is left
+    # queued or waiting for a retry, so only a resync can bring the status now.
     loop.wait("the bridge to give up posting", lambda: loop.metric(
         "gfb_statuses_total", result="failed") > failed_before, 60)
+    loop.wait("the status queue to drain", lambda: loop.metric("gfb_status_queue_depth") == 0, 60)
     accepted = loop.metric("gfb_hook_requests_total", outcome="accepted")
+    events = loop.metric("gfb_events_total")
     down = time.monotonic() - stopped
 
-    restarted = time.monotonic()
+    restarted, restarted_wall = time.monotonic(), time.time()
     loop.gitea.start()
     loop.timings["gitea restart"] = time.monotonic() - restarted
     history = loop.wait_status(sha, "apps", "success", 60)
     loop.timings["gitea back -> missing success (resync)"] = time.monotonic() - restarted
     print(f"  gitea down {down:.1f}s; apps on {sha[:12]}: {_history(history)}")
-    # No push (and no webhook) brought it: the resync did.
+    # No push (and no webhook) brought it ...
     assert loop.metric("gfb_hook_requests_total", outcome="accepted") == accepted
     assert loop.gitea.api("GET", f"/repos/{ORG}/{REPO}/branches/main")["commit"]["id"] == sha
+    # ... the resync did: after the bridge gave the success up, a round found it missing and
+    # queued it again (while Gitea was still down, its retries then reach the restarted Gitea).
+    given_up = [r for r in loop.bridge.records("commit status not posted")
+                if r.get("commit") == sha and r.get("context") == context("apps")]
+    assert given_up, "the bridge never gave up the success while Gitea was down"
+    rounds = [r for r in loop.bridge.records("resync done") if r["unix"] >= given_up[0]["unix"]]
+    assert any(r.get("statuses", 0) >= 1 for r in rounds), rounds
+    late_events = loop.metric("gfb_events_total") - events
+    print(f"  resync rounds after the give-up: "
+          f"{[(round(r['unix'] - restarted_wall, 1), r.get('statuses')) for r in rounds]} "
+          f"(s relative to the restart, statuses queued); Flux events since the queue drained: "
+          f"{late_events:g}")
 
 
 def test_notify_action_waits_for_the_real_outcome(loop: Loop) -> None:
@@ -480,8 +499,10 @@ def test_notify_action_waits_for_the_real_outcome(loop: Loop) -> None:
         print("  notify.sh stderr:\n    " + "\n    ".join(result.stderr.splitlines()[-12:]))
         assert result.returncode == 0, (result.returncode, result.stdout, result.stderr)
         assert "deployed: every target is Ready" in result.stderr
-        assert loop.deployed("apps", sha) is not None
+        # Ready at the commit when the script said so; kustomize-controller may be in a second
+        # run for the bridge's annotation (it had started by itself on the new revision too).
         assert loop.configmap_data(APPS_NS, "apps-settings") == {"release": "4"}
+        loop.wait("apps Ready at the commit", lambda: loop.deployed("apps", sha), 60)
         loop.wait_status(sha, "apps", "success")
 
         # A broken build: the script reports the failure (exit 1), not just "accepted".
