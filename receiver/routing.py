@@ -133,8 +133,8 @@ def ref_match(spec_ref: Any, push: Push) -> tuple[bool, str]:
     if tag := field_("tag"):
         return (push.tag == tag), f"tag {tag}"
     if constraint := field_("semver"):
-        if push.tag is None:
-            return False, f"semver {constraint} follows tags"
+        if push.tag is None:  # semver follows tags only
+            return False, f"semver {constraint}"
         try:
             selected = tag_selected(push.tag, constraint)
         except ConstraintError:
