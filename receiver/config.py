@@ -54,6 +54,9 @@ class RateLimitConfig(_Model):
 class ReconcileConfig(_Model):
     source_timeout_seconds: float = Field(default=300.0, gt=0)
     consumer_timeout_seconds: float = Field(default=900.0, gt=0)
+    # After a consumer's source has the pushed commit, how long to let Flux start on it by
+    # itself before annotating it (an annotation then would cost a second reconcile).
+    consumer_grace_seconds: float = Field(default=3.0, ge=0)
     coalesce_window_seconds: float = Field(default=1.0, ge=0)
     patch_attempts: int = Field(default=5, ge=1)
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-LEAD_TIME_BUCKETS = (5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800, 3600, float("inf"))
+LEAD_TIME_BUCKETS = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800, 3600, float("inf"))
 
 
 @dataclass

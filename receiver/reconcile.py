@@ -149,6 +149,7 @@ class Reconciler:
         self._tokens: dict[tuple[str, ObjectKey], str] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._patching: set[tuple[str, ObjectKey]] = set()  # (delivery, consumer) in flight
+        self._grace: dict[tuple[str, ObjectKey], float] = {}  # (delivery, consumer) -> until
         self._deadlines: list[tuple[float, int, str]] = []  # (due, phase, delivery id)
         self._sweeper: asyncio.Task[None] | None = None
         self.listeners: list[DeliveryListener] = []
@@ -239,6 +240,7 @@ class Reconciler:
                     del self._watching[key]
                     self._last_seen.pop(key, None)
             self._tokens.pop((delivery.id, key), None)
+            self._grace.pop((delivery.id, key), None)
 
     # -- following progress ----------------------------------------------------------------
 
@@ -303,7 +305,12 @@ class Reconciler:
                     continue
                 if delivery.sha and same_commit(attempted_revision(obj), delivery.sha):
                     # Flux already started on this commit by itself: annotating is redundant.
+                    self._grace.pop((delivery.id, key), None)
                     await self._set(delivery, key, RECONCILING, "AlreadyStarted", "")
+                elif delivery.sha and self._in_grace(delivery, key):
+                    # kustomize-controller reacts to a new artifact by itself; give it a
+                    # moment so our annotation does not cause a second reconcile of the commit.
+                    continue
                 else:
                     # Once per delivery: evaluations that run while the patch is in flight
                     # (the source's status event, our own patch's store update) must not
@@ -319,6 +326,23 @@ class Reconciler:
             if state == RECONCILING and target.state == ANNOTATED and not reason:
                 continue
             await self._set(delivery, key, state, reason, message)
+
+    def _in_grace(self, delivery: Delivery, key: ObjectKey) -> bool:
+        """True while a consumer whose source is ready is left to start on its own."""
+        grace = self._config.consumer_grace_seconds
+        if grace <= 0:
+            return False
+        now = time.monotonic()
+        due = self._grace.get((delivery.id, key))
+        if due is None:
+            self._grace[(delivery.id, key)] = now + grace
+            asyncio.get_running_loop().call_later(
+                grace, lambda: self._spawn(self._evaluate(delivery)))
+            return True
+        if now < due:
+            return True
+        del self._grace[(delivery.id, key)]
+        return False
 
     # -- deadlines: one sweeper for all deliveries, not one sleeping task each ---------------
 

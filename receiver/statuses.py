@@ -123,10 +123,15 @@ def truncate(text: str, limit: int = DESCRIPTION_LIMIT) -> str:
     return text if len(text) <= limit else text[: limit - 1].rstrip() + ELLIPSIS
 
 
+_BUILD_DIR = re.compile(r"/tmp/kustomization-\d+/")  # noqa: S108 - a pattern, not a path we use
+
+
 def describe(reason: str, message: str) -> str:
     """A one-line description: reason in words, then the message unless it is noise."""
     words = reason_words(reason)
-    text = " ".join(message.split())
+    # kustomize-controller builds in a fresh temp dir each run: drop it, or every repeat of
+    # the same failure reads as a new description (and a new status post).
+    text = " ".join(_BUILD_DIR.sub("", message).split())
     if any(p.match(text) for p in _VOLATILE_MESSAGES):
         text = ""
     return truncate(f"{words}: {text}" if text and words else text or words)

@@ -11,7 +11,7 @@
 # Groups: core = etcd kube-apiserver helm
 #         flux = source-controller kustomize-controller notification-controller
 #
-# Env: GFB_TESTBIN (cache dir), GFB_TESTBIN_P (go build -p, default 2).
+# Env: GFBTEST_BIN (cache dir), GFBTEST_GO_P (go build -p, default 2).
 # Pins and background: shared/reference/test-peers.md.
 set -euo pipefail
 
@@ -24,8 +24,8 @@ KUSTOMIZE_CONTROLLER_VERSION=v1.9.4       # github.com/fluxcd/kustomize-controll
 NOTIFICATION_CONTROLLER_VERSION=v1.9.3    # github.com/fluxcd/notification-controller
 GITEA_VERSION=v1.26.3                     # code.gitea.io/gitea
 
-CACHE=${GFB_TESTBIN:-$HOME/.cache/gitea-flux-bridge/testbin}
-JOBS=${GFB_TESTBIN_P:-2}   # 2 cores; k8s compile units are memory hungry
+CACHE=${GFBTEST_BIN:-$HOME/.cache/gitea-flux-bridge/testbin}
+JOBS=${GFBTEST_GO_P:-2}   # 2 cores; k8s compile units are memory hungry
 
 # k8s staging modules are tagged v0.<minor>.<patch> for k/k v1.<minor>.<patch>.
 K8S_STAGING_VERSION="v0.${K8S_VERSION#v1.}"

@@ -31,7 +31,8 @@ def make_settings(**overrides: Any) -> Settings:
     base: dict[str, Any] = {
         "cluster_name": "eu-west",
         "host_aliases": {"gitea-http.gitea.svc.cluster.local:3000": "gitea.example.com"},
-        "reconcile": {"coalesce_window_seconds": 0.2, "source_timeout_seconds": 30},
+        "reconcile": {"coalesce_window_seconds": 0.2, "source_timeout_seconds": 30,
+                      "consumer_grace_seconds": 0},
     }
     base.update(overrides)
     return load_settings(environ={}, overrides=base)

@@ -327,7 +327,7 @@ logger.router.MODE =
             self.process.stop(grace=15.0)
         if remove:
             atexit.unregister(self.stop)
-            if self._owns_workdir and not os.environ.get("GFB_E2E_KEEP"):
+            if self._owns_workdir and not os.environ.get("GFBTEST_E2E_KEEP"):
                 shutil.rmtree(self.workdir, ignore_errors=True)
 
     def close(self) -> None:
@@ -516,7 +516,7 @@ class FluxControllers:
             with contextlib.suppress(ProcessLookupError):
                 proc.signal_group(signal.SIGCONT)  # a paused one must be able to exit
             proc.stop(grace=10.0)
-        if self._owns_workdir and not os.environ.get("GFB_E2E_KEEP"):
+        if self._owns_workdir and not os.environ.get("GFBTEST_E2E_KEEP"):
             shutil.rmtree(self.workdir, ignore_errors=True)
 
     def logs(self, lines: int = 40) -> str:
@@ -560,7 +560,7 @@ class BridgeProcess:
         for name in [n for n in env if n.startswith("GFB_")]:
             del env[name]
         self.process = _EnvProcess(
-            "bridge", [os.environ.get("GFB_E2E_PYTHON", _python()), "-m", "receiver.cli",
+            "bridge", [os.environ.get("GFBTEST_E2E_PYTHON", _python()), "-m", "receiver.cli",
                        "serve", "--config", str(self.config_file)],
             self.log, ROOT, env)
         started = time.monotonic()

@@ -6,7 +6,7 @@ with a key made here, self-generated serving certificates whose written `.crt` i
 CA), waits for `/readyz`, writes an admin kubeconfig and installs the Flux CRDs from
 `tests/fixtures/crds`. Everything lives in one temporary directory, each process in its own
 process group; `stop()` kills the groups and removes the directory. Logs go to files in that
-directory and their tails are part of every startup error (GFB_REALK8S_KEEP=1 keeps the
+directory and their tails are part of every startup error (GFBTEST_KEEP=1 keeps the
 directory, logs included, for a post-mortem).
 
 The binaries come from the cache `scripts/testbin.sh` builds into (`--print-dir`); when one is
@@ -63,7 +63,7 @@ class ControlPlaneError(RuntimeError):
 
 
 def testbin_dir() -> Path:
-    """The cache dir `scripts/testbin.sh` builds into (honours GFB_TESTBIN)."""
+    """The cache dir `scripts/testbin.sh` builds into (honours GFBTEST_BIN)."""
     out = subprocess.run(["bash", str(TESTBIN_SCRIPT), "--print-dir"], capture_output=True,
                          text=True, cwd=ROOT, timeout=60, check=False)
     if out.returncode != 0 or not out.stdout.strip():
@@ -258,7 +258,7 @@ class ControlPlane:
         for proc in (self.apiserver, self.etcd):
             if proc is not None:
                 proc.stop()
-        if self._owns_workdir and not os.environ.get("GFB_REALK8S_KEEP"):
+        if self._owns_workdir and not os.environ.get("GFBTEST_KEEP"):
             shutil.rmtree(self.workdir, ignore_errors=True)
 
     def restart_apiserver(self) -> float:

@@ -218,6 +218,9 @@ def _timed(timings: dict[str, float], name: str, started: float) -> None:
 
 @pytest.fixture(scope="module")
 def loop(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Loop]:
+    unavailable = os.environ.get("GFBTEST_E2E_UNAVAILABLE")
+    if unavailable:  # set by .ci/run when the peers could not be built within its budget
+        pytest.skip(f"Flux controllers / Gitea unavailable: {unavailable}")
     module_started = time.monotonic()
     timings: dict[str, float] = {}
     workdir = tmp_path_factory.mktemp("e2e")
@@ -398,8 +401,11 @@ def test_push_annotates_the_source_and_the_touched_kustomization_only(loop: Loop
         assert loop.metric("gfb_targets_annotated_total",
                            kind="Kustomization") == annotated_before + 1
     else:
-        assert detail.get("reason") == "AlreadyStarted", (apps_value, delivery)
-        print("  apps: kustomize-controller started on the commit first (AlreadyStarted)")
+        # No redundant patch: the bridge saw kustomize-controller start on the commit itself
+        # (AlreadyStarted, since overwritten by the final Ready detail).
+        assert loop.metric("gfb_targets_annotated_total",
+                           kind="Kustomization") == annotated_before, (apps_value, delivery, detail)
+        print("  apps: kustomize-controller started on the commit first (no bridge patch)")
     # The other Kustomization: never annotated (kustomize-controller itself still applies the
     # new revision to it, since it follows the source; that is Flux, not the bridge).
     assert RECONCILE not in loop.annotations("Kustomization", "infra")

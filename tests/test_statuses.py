@@ -417,3 +417,12 @@ def test_inputs_are_not_mutated() -> None:
     before = copy.deepcopy(raw)
     desired_from_object(FluxObject(raw), gitrepo(), T, normalise)
     assert raw == before
+
+
+def test_descriptions_of_repeated_build_failures_do_not_differ_by_temp_dir() -> None:
+    from receiver.statuses import describe
+
+    first = describe("BuildFailed", "kustomize build failed: /tmp/kustomization-3186746475/apps/x.yaml: bad")
+    again = describe("BuildFailed", "kustomize build failed: /tmp/kustomization-99/apps/x.yaml: bad")
+    assert first == again
+    assert "apps/x.yaml" in first
