@@ -12,7 +12,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 ENV_PREFIX = "GFB_"
 
@@ -86,31 +94,22 @@ class GiteaInstance(_Model):
 class StatusConfig(_Model):
     context_template: str = "flux/{cluster}/{kind}/{namespace}/{name}"
     target_url_template: str = ""
-
-    @field_validator("context_template")
-    @classmethod
-    def _context(cls, value: str) -> str:
-        from receiver.statuses import CONTEXT_FIELDS, check_template
-
-        problem = check_template(value, CONTEXT_FIELDS)
-        if problem:
-            raise ValueError(problem)
-        return value
-
-    @field_validator("target_url_template")
-    @classmethod
-    def _target_url(cls, value: str) -> str:
-        from receiver.statuses import TARGET_URL_FIELDS, check_template
-
-        problem = check_template(value, TARGET_URL_FIELDS)
-        if problem:
-            raise ValueError(problem)
-        return value
     queue_size: int = Field(default=10_000, ge=1)
     max_attempts: int = Field(default=8, ge=1)
     resync_interval_seconds: float = Field(default=300.0, gt=0)
     lease_name: str = "gitea-flux-bridge-resync"
     lease_duration_seconds: int = Field(default=60, ge=10)
+
+    @field_validator("context_template", "target_url_template")
+    @classmethod
+    def _template(cls, value: str, info: ValidationInfo) -> str:
+        from receiver.statuses import CONTEXT_FIELDS, TARGET_URL_FIELDS, check_template
+
+        allowed = CONTEXT_FIELDS if info.field_name == "context_template" else TARGET_URL_FIELDS
+        problem = check_template(value, allowed)
+        if problem:
+            raise ValueError(problem)
+        return value
 
 
 class EventsConfig(_Model):
