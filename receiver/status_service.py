@@ -367,6 +367,8 @@ class StatusService:
         Statuses we already posted with that state are skipped here, so a steady cluster costs
         no queue space and no Gitea call.
         """
+        if not self._settings.gitea:
+            return 0  # nowhere to post: deriving statuses would be wasted work
         store = self._cluster.store
         room = max(1, int(self._settings.statuses.queue_size * self.resync_queue_share))
         count = 0
