@@ -304,7 +304,8 @@ def test_rbac_cluster_wide_by_default(helm: str) -> None:
     assert _plain(_rules(cluster_role)) == FLUX_RULES
     (lease_role,) = objects("default", "Role")
     assert lease_role["metadata"]["namespace"] == NAMESPACE
-    assert _rules(lease_role) == _lease_rules("gitea-flux-bridge-resync")
+    # One Lease per release by default, so two releases in a namespace never share a leader.
+    assert _rules(lease_role) == _lease_rules(FULLNAME + "-resync")
     _check_bindings("default")
 
 

@@ -53,7 +53,7 @@ CLUSTER_RELEASE = "rel"
 SCOPED_RELEASE = "scoped"
 WATCHED = ("team-a", "team-b")
 OUTSIDE = "team-c"
-CHART_LEASE = "gitea-flux-bridge-resync"  # values.yaml config.statuses.lease_name
+CHART_LEASE = CLUSTER_RELEASE + "-gitea-flux-bridge-resync"  # the chart default: <fullname>-resync
 SCOPED_LEASE = "gfb-scoped-resync"
 RBAC_KINDS = ("ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding")
 

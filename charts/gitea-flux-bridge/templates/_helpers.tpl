@@ -64,6 +64,9 @@ existingSecret is set.
 {{- $cfg := deepCopy (default (dict) .Values.config) -}}
 {{- $_ := set $cfg "listen" (dict "host" "0.0.0.0" "port" 8080) -}}
 {{- $_ := set $cfg "namespaces" (default (list) .Values.watchNamespaces) -}}
+{{- $statuses := deepCopy (default (dict) $cfg.statuses) -}}
+{{- $_ := set $statuses "lease_name" (include "gfb.leaseName" .) -}}
+{{- $_ := set $cfg "statuses" $statuses -}}
 {{- $text := toYaml $cfg -}}
 {{- if and (contains (include "gfb.secretsDir" .) $text) (not .Values.existingSecret) -}}
 {{- fail (printf "config refers to files in %s: set existingSecret to the Secret that holds them" (include "gfb.secretsDir" .)) -}}
@@ -74,7 +77,7 @@ existingSecret is set.
 {{/* The Lease's name, from the configuration (the Role is restricted to it). */}}
 {{- define "gfb.leaseName" -}}
 {{- $statuses := default (dict) .Values.config.statuses -}}
-{{- default "gitea-flux-bridge-resync" $statuses.lease_name -}}
+{{- default (printf "%s-resync" (include "gfb.fullname" .)) $statuses.lease_name -}}
 {{- end -}}
 
 {{/* The RBAC rules on Flux objects and Secrets (DESIGN section 3), for a ClusterRole or Role. */}}
