@@ -30,8 +30,10 @@ from receiver.flux.revisions import (
     QUEUED,
     READY,
     RECONCILING,
+    SKIPPED,
     TIMED_OUT,
     attempted_revision,
+    followable,
     progress_at,
     same_commit,
 )
@@ -208,7 +210,14 @@ class Reconciler:
             self._patching.discard((delivery.id, key))
         if outcome.ok:
             self._tokens[(delivery.id, key)] = outcome.value
-            await self._set(delivery, key, ANNOTATED)
+            obj = self._cluster.store.get(key)
+            if delivery.sha and obj is not None and not followable(obj):
+                # Asked to reconcile, but its status will never name the commit.
+                await self._set(delivery, key, SKIPPED, "NotFollowed",
+                                "annotated; its chart version does not name a commit "
+                                "(use reconcileStrategy Revision or the commit annotation)")
+            else:
+                await self._set(delivery, key, ANNOTATED)
             await self._evaluate(delivery)
         else:
             await self._set(delivery, key, FAILED, "AnnotateFailed", outcome.error)

@@ -21,6 +21,7 @@ from receiver.flux.objects import (
     consumer_paths,
     consumer_source,
 )
+from receiver.flux.revisions import followable
 from receiver.flux.store import ObjectStore
 from receiver.gitea.payloads import Push
 from receiver.resources import Resolved, resolve_resources
@@ -73,7 +74,9 @@ def _unrelated_reason(obj: FluxObject) -> str:
 class Plan:
     receiver: str
     targets: tuple[Target, ...]  # annotate in this order: sources, then consumers
-    tracked: tuple[Target, ...]  # touched consumers, listed or not: what a delivery follows
+    # Touched consumers, listed or not, whose readiness at the commit can be told: what a
+    # delivery follows and what gets `pending` statuses.
+    tracked: tuple[Target, ...]
     # Candidates left out: sources of the pushed repository, consumers of matched sources,
     # unusable `resources` entries.
     skipped: tuple[Target, ...] = field(default=())
@@ -296,6 +299,7 @@ def plan_push(
 
     # 3. consumers of matched sources that the changed files touch
     touched: dict[ObjectKey, Target] = {}
+    followable_keys: dict[ObjectKey, bool] = {}
     touched_dirs = ancestors(push.paths)
     for src_key, (_src, _) in matched.items():
         consumers = store.consumers_of(src_key)
@@ -314,6 +318,7 @@ def plan_push(
                 skipped[consumer.key] = _target(consumer, "suspended")
             else:
                 touched[consumer.key] = _target(consumer, why_touch)
+                followable_keys[consumer.key] = followable(consumer)
                 skipped.pop(consumer.key, None)
 
     # 4. annotate only what the Receiver lists; track every touched consumer
@@ -324,7 +329,8 @@ def plan_push(
     return Plan(
         receiver=f"{receiver.namespace}/{receiver.name}",
         targets=tuple(targets),
-        tracked=tuple(t for _, t in sorted(touched.items())),
+        # Followed are the touched consumers whose readiness at the commit can be told.
+        tracked=tuple(t for key, t in sorted(touched.items()) if followable_keys.get(key, True)),
         skipped=tuple(t for _, t in sorted({**skipped, **issues}.items())),
         unrelated=unrelated,
     )

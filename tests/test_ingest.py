@@ -376,3 +376,21 @@ async def test_no_secret_in_logs_or_replies(bridge: Bridge, caplog: pytest.LogCa
     for text in lines + [r.text for r in replies]:
         for secret in secrets:
             assert secret not in text
+
+
+async def test_chart_version_helm_release_is_annotated_but_not_followed(bridge: Bridge) -> None:
+    # podinfo uses reconcileStrategy ChartVersion: its status names a chart version, never the
+    # commit, so the bridge annotates it (it is listed and touched) and then stops following
+    # it instead of waiting for a readiness it can never see (and posting a bogus error).
+    doc = app_push("clusters/eu-west/values/podinfo.yaml")
+    sha = doc["after"]
+    reply = (await post_gitea(bridge, doc)).json()
+    assert [t["name"] for t in reply["targets"]] == ["flux-system", "podinfo"]
+    assert "podinfo" not in [t["name"] for t in reply["tracked"]]
+    bridge.cluster.mark_source_fetched(SOURCE, f"main@sha1:{sha}")
+    await asyncio.sleep(0.1)
+    assert patched(bridge) == ["GitRepository/flux-system", "HelmRelease/podinfo"]
+    state = (await bridge.client.get(f"/deliveries/{reply['delivery']}",
+                                     headers={"Authorization": f"Bearer {GITEA_TOKEN}"})).json()
+    podinfo = next(t for t in state["targets"] if t["name"] == "podinfo")
+    assert (podinfo["state"], podinfo["detail"]["reason"]) == ("skipped", "NotFollowed")

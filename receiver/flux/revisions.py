@@ -114,6 +114,21 @@ def _matches(obj: FluxObject, revision: str, sha: str) -> bool:
     return same_commit(revision, sha)
 
 
+def followable(obj: FluxObject) -> bool:
+    """Can we tell that this object is done at a given commit?
+
+    A HelmRelease from Git names the commit only with reconcileStrategy Revision (the chart
+    version carries it) or the `event.toolkit.fluxcd.io/commit` annotation; otherwise its
+    status says a chart version, never which commit produced it.
+    """
+    if obj.kind != "HelmRelease":
+        return True
+    if obj.annotations.get("event.toolkit.fluxcd.io/commit"):
+        return True
+    chart_spec = (obj.spec.get("chart") or {}).get("spec") or {}
+    return isinstance(chart_spec, dict) and chart_spec.get("reconcileStrategy") == "Revision"
+
+
 def progress_at(obj: FluxObject, sha: str) -> Progress:
     """Where an object stands for commit `sha` (flux-status.md §5.4, per kind)."""
     status, reason, message = _ready(obj)
