@@ -18,7 +18,6 @@ import hashlib
 import hmac
 import json
 import os
-import re
 import shutil
 import socket
 import statistics
@@ -33,15 +32,13 @@ from typing import Any
 
 import httpx
 
+from benchmarks.common import free_port, parse_wrk
+
 ROOT = Path(__file__).resolve().parent.parent
 HMAC_KEY = "bench-events-hmac"
 GITEA_TOKEN = "bench-gitea-token"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def go_json(doc: Any) -> bytes:
@@ -224,12 +221,8 @@ def wrk(port: int, path: str, bodies: list[bytes], duration: int,
         ["wrk", "-t2", f"-c{connections}", f"-d{duration}s", "--latency", "-s", script.name,
          f"http://127.0.0.1:{port}{path}"], capture_output=True, text=True, check=True).stdout
     os.unlink(script.name)
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
-    p99 = re.search(r"99%\s+([\d.]+)(us|ms|s)", out)
-    scale = {"us": 0.001, "ms": 1.0, "s": 1000.0}
-    non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
-    return {"rps": rps, "p99_ms": float(p99.group(1)) * scale[p99.group(2)] if p99 else 0.0,
-            "errors": float(non2xx.group(1)) if non2xx else 0.0}
+    parsed = parse_wrk(out)
+    return {"rps": parsed["rps"], "p99_ms": parsed["p99"], "errors": parsed["non2xx"]}
 
 
 async def records(client: httpx.AsyncClient, gitea: str) -> dict[str, Any]:

@@ -11,7 +11,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -20,6 +19,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+from benchmarks.common import free_port, parse_wrk, rss_mb
 from benchmarks.fleetgen import HOST, generate
 from receiver.signatures import hmac_hex, hook_digest
 from tests import gitea_payloads as gp
@@ -28,10 +28,6 @@ ROOT = Path(__file__).resolve().parent.parent
 TARGET_BYTES = 8 * 1024
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def push_body(repo: int, seq: int) -> bytes:
@@ -87,25 +83,8 @@ def wait_ready(url: str, timeout: float = 120) -> None:
     raise RuntimeError(f"{url} not ready")
 
 
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
 
 
-def parse_wrk(out: str) -> dict[str, float]:
-    def ms(text: str) -> float:
-        value, unit = re.match(r"([\d.]+)(\w+)", text).groups()  # type: ignore[union-attr]
-        return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
-
-    result = {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))}  # type: ignore[union-attr]
-    for pct in ("50", "99"):
-        result[f"p{pct}"] = ms(re.search(rf"\s{pct}(?:\.000)?%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
-    non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
-    result["non2xx"] = float(non2xx.group(1)) if non2xx else 0.0
-    result["requests"] = float(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
-    return result
 
 
 def run_wrk(url: str, script: Path, duration: int, connections: int, threads: int) -> dict[str, float]:

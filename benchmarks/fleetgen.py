@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -17,7 +18,9 @@ def repo_url(i: int) -> str:
 def generate(directory: Path, repos: int, kustomizations: int, receivers: int) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     per_repo = max(1, kustomizations // repos)
-    sources, consumers, hooks = [], [], []
+    sources: list[dict[str, Any]] = []
+    consumers: list[dict[str, Any]] = []
+    hooks: list[dict[str, Any]] = []
     for i in range(repos):
         sources.append({
             "apiVersion": "source.toolkit.fluxcd.io/v1", "kind": "GitRepository",
@@ -34,7 +37,7 @@ def generate(directory: Path, repos: int, kustomizations: int, receivers: int) -
                      "sourceRef": {"kind": "GitRepository", "name": f"repo-{i}"}},
         })
     for r in range(receivers):
-        resources = [{"kind": "GitRepository", "name": f"repo-{i}"}
+        resources: list[dict[str, Any]] = [{"kind": "GitRepository", "name": f"repo-{i}"}
                      for i in range(r, repos, receivers)]
         resources.append({"apiVersion": "kustomize.toolkit.fluxcd.io/v1", "kind": "Kustomization",
                           "name": "*", "matchLabels": {"bench/receiver": str(r)}})

@@ -235,7 +235,7 @@ class IngestService:
             "receiver": name, "ref": delivery.ref, "commit": delivery.sha,
             "targets": len(plan.targets), "tracked": len(plan.tracked)})
         reply = plan.as_dict()
-        states = {k: t for k, t in delivery.targets.items()}
+        states = delivery.targets
         reply["targets"] = [
             {**t.as_dict(), "state": states[t.key].state,
              **({"error": states[t.key].message} if states[t.key].state == "failed" else {})}

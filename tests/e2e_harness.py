@@ -48,9 +48,9 @@ from tests.realk8s import (
     ControlPlaneError,
     Process,
     free_port,
-    testbin_dir,
     wait_until,
 )
+from tests.realk8s import ensure_binaries as realk8s_ensure_binaries
 
 FLUX_BINARIES = ("source-controller", "kustomize-controller", "notification-controller")
 E2E_BINARIES = (*CORE_BINARIES, *FLUX_BINARIES, "gitea")
@@ -65,21 +65,9 @@ class HarnessError(ControlPlaneError):
 # -- binaries and module dirs ----------------------------------------------------------------------
 
 
-def ensure_binaries(names: Sequence[str] = E2E_BINARIES, *, build_timeout: float = 4 * 3600
-                    ) -> Path:
-    """The testbin dir with every one of `names`; builds the missing ones with testbin.sh."""
-    directory = testbin_dir()
-    missing = [n for n in names if not (directory / n).is_file()]
-    if missing:
-        build = subprocess.run(["bash", str(TESTBIN_SCRIPT), *missing], capture_output=True,
-                               text=True, cwd=ROOT, timeout=build_timeout, check=False)
-        still = [n for n in names if not (directory / n).is_file()]
-        if build.returncode != 0 or still:
-            raise HarnessError(
-                f"{', '.join(missing)} missing from {directory} and `scripts/testbin.sh "
-                f"{' '.join(missing)}` could not build them (exit {build.returncode}):\n"
-                f"{build.stdout[-3000:]}\n{build.stderr[-5000:]}")
-    return directory
+def ensure_binaries(names: Sequence[str] = E2E_BINARIES) -> Path:
+    """The testbin dir with every one of `names`, built by testbin.sh when missing."""
+    return realk8s_ensure_binaries(names)
 
 
 def module_dir(component: str) -> Path:

@@ -10,7 +10,7 @@ directory and their tails are part of every startup error (GFBTEST_KEEP=1 keeps 
 directory, logs included, for a post-mortem).
 
 The binaries come from the cache `scripts/testbin.sh` builds into (`--print-dir`); when one is
-missing, `ensure_binaries()` runs `scripts/testbin.sh core` to build them. A build that fails is
+missing, `ensure_binaries()` runs `scripts/testbin.sh` to build them. A build that fails is
 an error, never a skip.
 
 Use it from a test module with::
@@ -73,18 +73,18 @@ def testbin_dir() -> Path:
 
 def ensure_binaries(names: Sequence[str] = CORE_BINARIES, *, build_timeout: float = 4 * 3600
                     ) -> Path:
-    """The testbin dir with `names` in it; builds the core set when any is missing."""
+    """The testbin dir with `names` in it; builds the missing ones with testbin.sh."""
     directory = testbin_dir()
     missing = [n for n in names if not (directory / n).is_file()]
     if missing:
         # Pinned builds from the Go modules; the script reuses whatever is cached already.
-        build = subprocess.run(["bash", str(TESTBIN_SCRIPT), "core"], capture_output=True,
+        build = subprocess.run(["bash", str(TESTBIN_SCRIPT), *missing], capture_output=True,
                                text=True, cwd=ROOT, timeout=build_timeout, check=False)
         still = [n for n in names if not (directory / n).is_file()]
         if build.returncode != 0 or still:
             raise ControlPlaneError(
-                f"{', '.join(missing)} missing from {directory} and `scripts/testbin.sh core` "
-                f"could not build them (exit {build.returncode}):\n"
+                f"{', '.join(missing)} missing from {directory} and `scripts/testbin.sh "
+                f"{' '.join(missing)}` could not build them (exit {build.returncode}):\n"
                 f"{build.stdout[-3000:]}\n{build.stderr[-5000:]}")
     return directory
 

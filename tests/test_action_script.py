@@ -639,6 +639,8 @@ def test_example_workflow_uses_the_signed_action() -> None:
 def test_shellcheck_is_clean() -> None:
     shellcheck = shutil.which("shellcheck")
     if shellcheck is None:
+        # .ci/run installs it, so in CI a missing shellcheck is a failure, not a skip.
+        assert not os.environ.get("CI"), "shellcheck must be installed in CI"
         pytest.skip("shellcheck is not installed (apt-get install shellcheck)")
     result = subprocess.run([shellcheck, "--severity=style", str(NOTIFY)],
                             capture_output=True, text=True)

@@ -55,11 +55,6 @@ CONTEXT = "flux/eu-west/kustomization/apps/webapp"
 REPO = ("team", "webapp", SHA)
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 def make_settings(**overrides: Any) -> Settings:
     base: dict[str, Any] = {
         "cluster_name": "eu-west",
