@@ -17,6 +17,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
+from receiver import signatures
 from receiver.config import Settings
 from receiver.deliveries import DeliveryStore
 from receiver.flux.cluster import Cluster
@@ -66,7 +67,10 @@ def build(settings: Settings, cluster: Cluster, **status_kwargs: Any) -> Compone
     hooks = HookIndex(cluster)
     cluster.store.subscribe(hooks.on_store_change)
     deliveries = DeliveryStore(settings.deliveries.max_count, settings.deliveries.max_age_seconds)
-    reconciler = Reconciler(cluster, deliveries, settings.reconcile, metrics, settings.cluster_name)
+    # Marks must outlive every repeat we promise to refuse: Gitea redeliveries and signatures.
+    keep_marks = max(settings.delivery_dedupe_seconds, signatures.TIMESTAMP_TOLERANCE_SECONDS * 2)
+    reconciler = Reconciler(cluster, deliveries, settings.reconcile, metrics, settings.cluster_name,
+                            keep_marks_seconds=keep_marks)
     ingest = IngestService(settings, cluster, hooks, reconciler, deliveries, metrics)
     statuses = StatusService(settings, cluster, metrics, **status_kwargs)
     ingest.push_listeners.append(statuses.on_push_routed)

@@ -1,7 +1,9 @@
-"""Deliveries: what one accepted push asked for, and where each of its targets stands.
+"""Deliveries this replica is following: the record, its latest view, and who waits on it.
 
-Bounded in memory by count and age. Waiters (`GET /deliveries/{id}?wait=`) are woken on every
-change through a per-delivery version counter and an asyncio.Condition.
+The truth of a delivery is its record (carried in its id) and the live objects; this replica
+keeps the deliveries it accepted only to act on them (annotate consumers once their source has
+the commit, post statuses, observe lead time) and to wake local waiters quickly. Bounded by
+count and age; losing one (a restart, an eviction) loses no answer, only local speed.
 """
 
 from __future__ import annotations
@@ -12,95 +14,95 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
+from receiver.delivery_record import ROLE_ANNOTATE, ROLE_TRACK, DeliveryRecord, RecordTarget
+from receiver.delivery_state import DeliveryView, TargetView
 from receiver.flux.objects import ObjectKey
-from receiver.flux.revisions import FINAL_STATES, QUEUED
-from receiver.routing import Plan, Target
+from receiver.flux.revisions import QUEUED
+from receiver.routing import Plan
 
-ROLE_ANNOTATE = "annotate"
-ROLE_TRACK = "track"
+__all__ = ["ROLE_ANNOTATE", "ROLE_TRACK", "Delivery", "DeliveryStore", "describe", "record_targets"]
 
 
-@dataclass
-class TargetState:
-    target: Target
-    role: str
-    state: str = QUEUED
-    reason: str = ""
-    message: str = ""
-    updated: float = field(default_factory=time.time)
+def record_targets(plan: Plan) -> tuple[RecordTarget, ...]:
+    """The plan's targets in annotation order, then the tracked ones not annotated."""
+    out = [RecordTarget(t.key, ROLE_ANNOTATE) for t in plan.targets]
+    annotated = {t.key for t in plan.targets}
+    out.extend(RecordTarget(t.key, ROLE_TRACK) for t in plan.tracked if t.key not in annotated)
+    return tuple(out)
 
-    def as_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {**self.target.as_dict(), "role": self.role, "state": self.state}
-        if self.message or self.reason:
-            out["detail"] = {"reason": self.reason, "message": self.message}
-        return out
+
+def describe(delivery_id: str, record: DeliveryRecord, view: DeliveryView,
+             api_versions: dict[str, str] | None = None) -> dict[str, Any]:
+    """The JSON a client reads for a delivery (`GET /deliveries/{id}` and each stream line)."""
+    versions = api_versions or {}
+    out: dict[str, Any] = {
+        "delivery": delivery_id,
+        "receiver": record.receiver,
+        "ref": record.ref,
+        "commit": record.sha,
+        "received": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(record.received)),
+        "outcome": view.outcome(),
+        "final": view.final,
+        "targets": [t.as_dict(versions.get(t.key.kind, "")) for t in view.targets],
+    }
+    if record.omitted:
+        out["omitted_targets"] = record.omitted
+    return out
 
 
 @dataclass
 class Delivery:
     id: str
-    receiver: str
-    ref: str
-    sha: str
+    record: DeliveryRecord
     plan: Plan
-    received_wall: float = field(default_factory=time.time)
-    received: float = field(default_factory=time.monotonic)
-    targets: dict[ObjectKey, TargetState] = field(default_factory=dict)
+    view: DeliveryView
+    # Outcomes only this replica knows (a refused patch); see delivery_state.
+    local: dict[ObjectKey, tuple[str, str, str]] = field(default_factory=dict)
     version: int = 0
     changed: asyncio.Condition = field(default_factory=asyncio.Condition)
 
     @classmethod
-    def create(cls, id_: str, receiver: str, ref: str, sha: str, plan: Plan) -> Delivery:
-        delivery = cls(id=id_, receiver=receiver, ref=ref, sha=sha, plan=plan)
-        for target in plan.targets:
-            delivery.targets[target.key] = TargetState(target, ROLE_ANNOTATE)
-        for target in plan.tracked:
-            delivery.targets.setdefault(target.key, TargetState(target, ROLE_TRACK))
-        return delivery
+    def create(cls, id_: str, receiver: str, ref: str, sha: str, plan: Plan, *,
+               received: float | None = None, mark: str = "") -> Delivery:
+        record = DeliveryRecord(receiver, sha, ref, time.time() if received is None else received,
+                                mark, record_targets(plan))
+        return cls.from_record(id_, record, plan)
+
+    @classmethod
+    def from_record(cls, id_: str, record: DeliveryRecord, plan: Plan) -> Delivery:
+        view = DeliveryView(tuple(TargetView(t.key, t.role, QUEUED) for t in record.targets))
+        return cls(id=id_, record=record, plan=plan, view=view)
+
+    @property
+    def receiver(self) -> str:
+        return self.record.receiver
+
+    @property
+    def sha(self) -> str:
+        return self.record.sha
+
+    @property
+    def ref(self) -> str:
+        return self.record.ref
 
     @property
     def final(self) -> bool:
-        return all(t.state in FINAL_STATES for t in self.targets.values())
+        return self.view.final
 
-    def outcome(self) -> str:
-        """failed as soon as any target failed (a CI job can stop there); else the final word."""
-        states = {t.state for t in self.targets.values()}
-        if "failed" in states:
-            return "failed"
-        if not self.final:
-            return "in_progress"
-        return "timed_out" if "timed_out" in states else "ready"
-
-    @property
-    def settled(self) -> bool:
-        """Nothing more to wait for: every target is final, or one has failed."""
-        return self.final or any(t.state == "failed" for t in self.targets.values())
-
-    async def set_state(self, key: ObjectKey, state: str, reason: str = "", message: str = "") -> bool:
-        """Record a target's new state; False if nothing changed or it was already final."""
-        current = self.targets.get(key)
-        if current is None or current.state in FINAL_STATES:
-            return False
-        if (current.state, current.reason, current.message) == (state, reason, message):
-            return False
-        current.state, current.reason, current.message = state, reason, message
-        current.updated = time.time()
+    async def update(self, view: DeliveryView) -> list[TargetView]:
+        """Take a newly computed view; returns the targets whose state changed."""
+        old = {t.key: t for t in self.view.targets}
+        changed = [t for t in view.targets if old.get(t.key) != t]
+        if not changed:
+            return []
+        self.view = view
         async with self.changed:
             self.version += 1
             self.changed.notify_all()
-        return True
+        return changed
 
     def as_dict(self) -> dict[str, Any]:
-        return {
-            "delivery": self.id,
-            "receiver": self.receiver,
-            "ref": self.ref,
-            "commit": self.sha,
-            "received": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.received_wall)),
-            "outcome": self.outcome(),
-            "final": self.final,
-            "targets": [t.as_dict() for t in self.targets.values()],
-        }
+        return describe(self.id, self.record, self.view)
 
 
 class DeliveryStore:
@@ -119,7 +121,7 @@ class DeliveryStore:
         self._items.move_to_end(delivery.id)
         if not delivery.final:
             self._active.add(delivery.id)
-        return self.expire(time.monotonic())
+        return self.expire(time.time())
 
     def finished(self, delivery: Delivery) -> None:
         self._active.discard(delivery.id)
@@ -139,7 +141,7 @@ class DeliveryStore:
         dropped: list[Delivery] = []
         while self._items:
             oldest = next(iter(self._items.values()))
-            if len(self._items) <= self._max_count and now - oldest.received < self._max_age:
+            if len(self._items) <= self._max_count and now - oldest.record.received < self._max_age:
                 break
             old = self._items.popitem(last=False)[1]
             self._active.discard(old.id)

@@ -14,8 +14,8 @@ import asyncio
 import contextlib
 import json
 import logging
+import secrets
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -24,11 +24,14 @@ from urllib.parse import parse_qs
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from receiver import signatures
+from receiver import delivery_marks, signatures
+from receiver.changes import ChangeFeed, watched_keys
 from receiver.config import Settings
-from receiver.deliveries import Delivery, DeliveryStore
+from receiver.deliveries import Delivery, DeliveryStore, describe, record_targets
+from receiver.delivery_record import DeliveryRecord, decode, encode, mark_for, receiver_of
+from receiver.delivery_state import DeliveryView
 from receiver.flux.cluster import Cluster
-from receiver.flux.objects import FluxObject, ObjectKey
+from receiver.flux.objects import API_VERSIONS, FluxObject, ObjectKey
 from receiver.gitea.payloads import PayloadError, Push, parse_actions_body, parse_gitea_push
 from receiver.hookindex import HookIndex
 from receiver.http import (
@@ -45,12 +48,21 @@ from receiver.ratelimit import RateLimiter
 from receiver.reconcile import Reconciler
 from receiver.replay import SeenOnce
 from receiver.resources import Resolved, resolve_resources
-from receiver.routing import plan_push
+from receiver.routing import Plan, plan_push
 
 log = logging.getLogger(__name__)
 JSON_TYPES = frozenset({"application/json"})
 FORM_TYPE = "application/x-www-form-urlencoded"
 PushListener = Callable[[Delivery, Push], None]
+
+
+@dataclass(frozen=True, slots=True)
+class _Once:
+    mark: str  # written on the objects this request annotates
+    until: float  # how long this replica remembers it (unix)
+    scheme_replay: bool  # a one-time signature (a repeat is 401), else a Gitea delivery id
+    label: str  # for log lines
+    gitea_id: str = ""
 
 
 @dataclass
@@ -78,8 +90,8 @@ class IngestService:
         self.deliveries = deliveries
         self.metrics = metrics
         self.wall_clock = wall_clock
-        self.seen_deliveries = SeenOnce()
-        self.seen_signatures = SeenOnce()
+        self.seen = SeenOnce()
+        self.changes = ChangeFeed(cluster.store)
         limits = settings.rate_limit
         self.rate = RateLimiter(limits.requests_per_second, limits.burst)
         self.push_listeners: list[PushListener] = []
@@ -163,40 +175,62 @@ class IngestService:
                                                   "reason": verdict.reason})
             return self._count(name, "unauthorized", JSONResponse(UNAUTHORIZED, 401))
         now = self.wall_clock()
-        if verdict.replay_key and not self.seen_signatures.first(
-            verdict.replay_key, verdict.replay_until, now
-        ):
-            self.metrics.signature_failures.labels(verdict.scheme, "replayed").inc()
-            log.info("signature replayed", extra={"receiver": name})
-            return self._count(name, "unauthorized", JSONResponse(UNAUTHORIZED, 401))
+        once = self._once(name, verdict, request, now)
+        if once is not None and once.scheme_replay and once.mark in self.seen:
+            return self._replayed(name, verdict)
         if not self.rate.allow(name, time.monotonic()):
             return self._count(name, "rate_limited", error(429, "rate limit exceeded"))
 
         event = (request.headers.get("x-gitea-event") or request.headers.get("x-github-event")
                  or "").strip().lower()
-        gitea_id = request.headers.get("x-gitea-delivery", "").strip()[:128]
-        delivery = gitea_id or str(uuid.uuid4())
-        if gitea_id and self.deliveries.get(gitea_id) is not None:
-            # The id is another receiver's (dedupe is per receiver): never overwrite its record.
-            delivery = str(uuid.uuid4())
-        token_ctx = delivery_ctx.set(delivery)
+        token_ctx = delivery_ctx.set(once.label if once is not None else "-")
         try:
             if event == "ping":
                 return self._count(name, "ping", JSONResponse({"status": "pong"}))
             if event and event != "push":
                 return self._count(name, "ignored", JSONResponse(
                     {"status": "ignored", "event": event[:64]}))
-            if gitea_id and not self.seen_deliveries.first(
-                f"{name}/{gitea_id}", now + self.settings.delivery_dedupe_seconds, now
-            ):
-                return self._count(name, "duplicate", JSONResponse(
-                    {"status": "duplicate", "delivery": gitea_id}))
-            return await self._accept(request, receiver, name, delivery, event, auth.signed, body)
+            if once is not None and not once.scheme_replay and once.mark in self.seen:
+                return self._duplicate(name, once)
+            return await self._accept(receiver, token, name, once, event, auth.signed, body)
         finally:
             delivery_ctx.reset(token_ctx)
 
+    def _once(self, name: str, verdict: signatures.Verdict, request: Request,
+              now: float) -> _Once | None:
+        """What makes this request one of a kind: its one-time signature, or Gitea's delivery
+        id. Its mark is written on every object the push annotates, so a repeat is known on
+        every replica, not only the one that saw the first."""
+        if verdict.replay_key:
+            return _Once(mark_for(name, "sig:" + verdict.replay_key), verdict.replay_until,
+                         scheme_replay=True, label="signed")
+        gitea_id = request.headers.get("x-gitea-delivery", "").strip()[:128]
+        if gitea_id:
+            return _Once(mark_for(name, "gitea:" + gitea_id),
+                         now + self.settings.delivery_dedupe_seconds, scheme_replay=False,
+                         label=gitea_id, gitea_id=gitea_id)
+        return None
+
+    def _replayed(self, name: str, verdict: signatures.Verdict) -> Response:
+        self.metrics.signature_failures.labels(verdict.scheme, "replayed").inc()
+        log.info("signature replayed", extra={"receiver": name})
+        return self._count(name, "unauthorized", JSONResponse(UNAUTHORIZED, 401))
+
+    def _duplicate(self, name: str, once: _Once) -> Response:
+        return self._count(name, "duplicate", JSONResponse(
+            {"status": "duplicate", "delivery": once.gitea_id}))
+
+    def _seen_in_cluster(self, plan: Plan, mark: str) -> bool:
+        """Has any replica annotated an object of this plan for the same request already?"""
+        store = self.cluster.store
+        for target in plan.targets:
+            obj = store.get(target.key)
+            if obj is not None and delivery_marks.has(obj.annotations, mark):
+                return True
+        return False
+
     async def _accept(
-        self, request: Request, receiver: FluxObject, name: str, delivery_id: str, event: str,
+        self, receiver: FluxObject, token: str, name: str, once: _Once | None, event: str,
         signed: bytes, body: bytes,
     ) -> Response:
         push: Push | None = None
@@ -224,9 +258,21 @@ class IngestService:
             allow_cross_namespace=self.settings.allow_cross_namespace_refs,
             resolved=self._resolved(receiver),
         )
-        delivery = Delivery.create(
-            delivery_id, name, push.ref if push else "", push.sha if push else "", plan
-        )
+        now = self.wall_clock()
+        if once is not None:
+            # No await from this check to `remember`: two copies of one request on this replica
+            # cannot both pass. Across replicas the mark on the objects decides (see reconcile).
+            if once.mark in self.seen or self._seen_in_cluster(plan, once.mark):
+                self.seen.remember(once.mark, once.until, now)
+                if once.scheme_replay:
+                    return self._replayed(name, signatures.Verdict(True, "timestamped", ""))
+                return self._duplicate(name, once)
+            self.seen.remember(once.mark, once.until, now)
+        mark = once.mark if once is not None else secrets.token_hex(8)
+        record = DeliveryRecord(name, push.sha if push else "", push.ref if push else "",
+                                round(now, 3), mark, record_targets(plan))
+        delivery_id, _ = encode(record, token)
+        delivery = Delivery.from_record(delivery_id, record, plan)
         for listener in self.push_listeners:
             if push is not None:
                 listener(delivery, push)
@@ -235,12 +281,14 @@ class IngestService:
             "receiver": name, "ref": delivery.ref, "commit": delivery.sha,
             "targets": len(plan.targets), "tracked": len(plan.tracked)})
         reply = plan.as_dict()
-        states = delivery.targets
-        reply["targets"] = [
-            {**t.as_dict(), "state": states[t.key].state,
-             **({"error": states[t.key].message} if states[t.key].state == "failed" else {})}
-            for t in plan.targets
-        ]
+        states = delivery.view
+        reply["targets"] = []
+        for target in plan.targets:
+            view = states.get(target.key)
+            entry = {**target.as_dict(), "state": view.state if view else "queued"}
+            if view is not None and view.state == "failed":
+                entry["error"] = view.message
+            reply["targets"].append(entry)
         return self._count(name, "accepted", JSONResponse(
             {"delivery": delivery_id, "commit": delivery.sha, "ref": delivery.ref, **reply},
             status_code=202))
@@ -265,60 +313,78 @@ class IngestService:
 
     # -- GET /deliveries/{id} ---------------------------------------------------------------
 
-    def _authorised_for(self, request: Request, delivery: Delivery) -> bool:
+    def _authorised(self, request: Request, token: str) -> bool:
         """Read access needs the receiver's token: bearer, or a fresh timestamped signature
         over the empty body. (Read-only, so the one-time rule of the push is not applied.)"""
-        namespace, _, rname = delivery.receiver.partition("/")
-        token = self.hooks.token_of(ObjectKey("Receiver", namespace, rname))
-        if token is None:
-            return False
         headers = request.headers
         if headers.get("x-signature"):
             return signatures.verify_timestamped(
                 headers["x-signature"], b"", token, self.wall_clock()).ok
         return signatures.verify_bearer(headers, token).ok
 
+    def _record(self, request: Request) -> tuple[str, DeliveryRecord] | None:
+        """The record an id carries, if its signature and the caller's credential hold."""
+        delivery_id = request.path_params["id"]
+        claimed = receiver_of(delivery_id)
+        if claimed is None:
+            return None
+        namespace, _, rname = claimed.partition("/")
+        token = self.hooks.token_of(ObjectKey("Receiver", namespace, rname))
+        if token is None:
+            return None
+        record = decode(delivery_id, token)
+        if record is None or not self._authorised(request, token):
+            return None
+        return delivery_id, record
+
     async def delivery(self, request: Request) -> Response:
-        found = self.deliveries.get(request.path_params["id"][:128])
-        # Unknown and unauthorised look the same, so ids cannot be probed.
-        if found is None or not self._authorised_for(request, found):
+        found = self._record(request)
+        # Unknown, forged and unauthorised look the same, so ids cannot be probed.
+        if found is None:
             return error(404, "no such delivery")
-        delivery = found
+        delivery_id, record = found
         raw_wait = request.query_params.get("wait")
         if raw_wait is None:
-            return JSONResponse(delivery.as_dict())
+            return JSONResponse(self._describe(delivery_id, record))
         try:
             wait = min(float(raw_wait), self.settings.deliveries.max_wait_seconds)
         except ValueError:
             return error(400, "wait must be a number of seconds")
         if wait != wait or wait < 0:  # NaN or negative
             return error(400, "wait must be a number of seconds")
-        return StreamingResponse(_stream(delivery, wait), media_type="application/x-ndjson")
+        return StreamingResponse(self._stream(delivery_id, record, wait),
+                                 media_type="application/x-ndjson")
 
+    def _view(self, delivery_id: str, record: DeliveryRecord) -> DeliveryView:
+        local = self.deliveries.get(delivery_id)
+        return self.reconciler.view(record, local.local if local is not None else None)
 
-async def _stream(delivery: Delivery, wait: float) -> Any:
-    """Newline-delimited JSON: the state now, then on every change, until final or time is up."""
-    deadline = time.monotonic() + wait
-    seen = -1
-    while True:
-        if delivery.version != seen:
-            seen = delivery.version
-            yield json.dumps(delivery.as_dict()) + "\n"
-        remaining = deadline - time.monotonic()
-        if delivery.settled or remaining <= 0:
-            if not delivery.settled:
-                yield json.dumps({"delivery": delivery.id, "timeout": True,
-                                  "outcome": delivery.outcome()}) + "\n"
-            return
-        async with delivery.changed:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(
-                    delivery.changed.wait_for(_changed_since(delivery, seen)),
-                    timeout=min(remaining, 15.0))
+    def _describe(self, delivery_id: str, record: DeliveryRecord,
+                  view: DeliveryView | None = None) -> dict[str, Any]:
+        return describe(delivery_id, record, view or self._view(delivery_id, record), API_VERSIONS)
 
-
-def _changed_since(delivery: Delivery, version: int) -> Callable[[], bool]:
-    return lambda: delivery.version != version
+    async def _stream(self, delivery_id: str, record: DeliveryRecord, wait: float) -> Any:
+        """Newline-delimited JSON: the state now, then on every change, until it settles or
+        time is up. Any replica can serve it: the state is computed from the live objects."""
+        deadline = time.monotonic() + wait
+        keys = watched_keys(record, self.cluster.store.get)
+        last: DeliveryView | None = None
+        with self.changes.watching(keys) as changed:
+            while True:
+                changed.clear()
+                view = self._view(delivery_id, record)
+                if view != last:
+                    last = view
+                    yield json.dumps(self._describe(delivery_id, record, view)) + "\n"
+                remaining = deadline - time.monotonic()
+                if view.settled or remaining <= 0:
+                    if not view.settled:
+                        yield json.dumps({"delivery": delivery_id, "timeout": True,
+                                          "outcome": view.outcome()}) + "\n"
+                    return
+                # Time-outs are part of the state: look again at least every few seconds.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(changed.wait(), timeout=min(remaining, 5.0))
 
 
 _INVALID = object()

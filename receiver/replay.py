@@ -28,6 +28,15 @@ class SeenOnce:
         self._expire(now)
         return True
 
+    def __contains__(self, key: object) -> bool:
+        """Offered before and not yet expired (by this replica's clock, at the last offer)."""
+        return isinstance(key, str) and key in self._entries
+
+    def remember(self, key: str, until: float, now: float) -> None:
+        self._entries[key] = until
+        self._entries.move_to_end(key)
+        self._expire(now)
+
     def forget(self, key: str) -> None:
         self._entries.pop(key, None)
 

@@ -46,8 +46,17 @@ class Cluster(Protocol):
         """The Secret's decoded data, from a short-lived cache unless `fresh`. None if absent."""
         ...
 
-    async def annotate(self, key: ObjectKey, annotations: Mapping[str, str]) -> FluxObject:
-        """JSON-merge-patch only these annotations; returns the patched object."""
+    async def annotate(self, key: ObjectKey, annotations: Mapping[str, str], *,
+                       resource_version: str | None = None) -> FluxObject:
+        """JSON-merge-patch only these annotations; returns the patched object.
+
+        With `resource_version` the patch applies only to that version of the object (a 409
+        `ClusterError` otherwise): how two replicas agree on who annotated first.
+        """
+        ...
+
+    async def read_object(self, key: ObjectKey) -> FluxObject | None:
+        """The object as the API server has it now (not the cache); None if it is gone."""
         ...
 
     async def try_acquire_lease(self, name: str, holder: str, duration_seconds: int) -> bool:

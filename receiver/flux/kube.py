@@ -485,10 +485,15 @@ class KubeCluster:
 
     # -- annotations --------------------------------------------------------------------------
 
-    async def annotate(self, key: ObjectKey, annotations: Mapping[str, str]) -> FluxObject:
-        """JSON merge patch of only `metadata.annotations`, no resourceVersion (no lock)."""
+    async def annotate(self, key: ObjectKey, annotations: Mapping[str, str], *,
+                       resource_version: str | None = None) -> FluxObject:
+        """JSON merge patch of only `metadata.annotations`; with `resource_version` the API
+        server applies it only to that version (optimistic concurrency, 409 otherwise)."""
         group, version, plural = resource_for(key.kind)
-        body = {"metadata": {"annotations": dict(annotations)}}
+        meta: dict[str, Any] = {"annotations": dict(annotations)}
+        if resource_version is not None:
+            meta["resourceVersion"] = resource_version
+        body = {"metadata": meta}
 
         def patch() -> dict[str, Any]:
             try:
@@ -508,6 +513,33 @@ class KubeCluster:
                 raise _cluster_error(f"annotating {key}", exc) from None
 
         raw = await asyncio.to_thread(self._timed, "patch", patch)
+        raw.setdefault("kind", key.kind)
+        raw.setdefault("apiVersion", API_VERSIONS[key.kind])
+        obj = FluxObject(raw)
+        if self._caches(key) and _not_older(obj, self.store.get(key)):
+            self.store.upsert(raw)
+        return obj
+
+    async def read_object(self, key: ObjectKey) -> FluxObject | None:
+        """GET the object from the API server (same RBAC verb as the watch cache's list)."""
+        group, version, plural = resource_for(key.kind)
+
+        def get() -> dict[str, Any] | None:
+            try:
+                response = self._custom.get_namespaced_custom_object(
+                    group, version, key.namespace, plural, key.name,
+                    _preload_content=False, _request_timeout=self._timeout,
+                )
+                return _read_json(response)
+            except Exception as exc:
+                error = _cluster_error(f"reading {key}", exc)
+                if error.status == 404:
+                    return None
+                raise error from None
+
+        raw = await asyncio.to_thread(self._timed, "get", get)
+        if raw is None:
+            return None
         raw.setdefault("kind", key.kind)
         raw.setdefault("apiVersion", API_VERSIONS[key.kind])
         obj = FluxObject(raw)

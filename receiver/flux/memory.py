@@ -110,7 +110,8 @@ class MemoryCluster:
         self.secret_reads += 1
         return self.secrets.get((namespace, name))
 
-    async def annotate(self, key: ObjectKey, annotations: Mapping[str, str]) -> FluxObject:
+    async def annotate(self, key: ObjectKey, annotations: Mapping[str, str], *,
+                       resource_version: str | None = None) -> FluxObject:
         if self.fail_next_patches:
             from receiver.flux.cluster import ClusterError
 
@@ -121,6 +122,11 @@ class MemoryCluster:
         current = self.store.get(key)
         if current is None:
             raise NotFound(f"{key.kind} {key.namespace}/{key.name} not found")
+        if resource_version is not None and resource_version != current.resource_version:
+            from receiver.flux.cluster import ClusterError
+
+            raise ClusterError(f"patch {key}: the object has been modified", status=409,
+                               retryable=True)
         # Copy only what changes: cached objects are never mutated in place.
         raw = dict(current.raw)
         meta = dict(raw["metadata"])
@@ -130,6 +136,9 @@ class MemoryCluster:
         raw["metadata"] = meta
         self.patches.append((key, dict(annotations)))
         return self.store.upsert(raw)
+
+    async def read_object(self, key: ObjectKey) -> FluxObject | None:
+        return self.store.get(key)
 
     async def try_acquire_lease(self, name: str, holder: str, duration_seconds: int) -> bool:
         now = time.monotonic()

@@ -1,0 +1,234 @@
+"""A delivery's state: a pure function of (record, live objects, now).
+
+`GET /deliveries/{id}` on any replica, the reconcile loop (which acts on it: consumer patches,
+`pending` and final statuses, the lead-time metric) and the tests all call `evaluate`. Nothing
+here depends on which replica accepted the push: what was annotated is read from the bridge's
+mark on the objects (`delivery_marks`), progress from their status, time-outs from `now`.
+
+The one input a replica may add is `local`: outcomes only it can know (a patch the API server
+refused). Other replicas then report that target as timed out once its time is up.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from receiver import delivery_marks
+from receiver.delivery_record import ROLE_ANNOTATE, DeliveryRecord, RecordTarget
+from receiver.flux.objects import SOURCE_KINDS, FluxObject, ObjectKey, consumer_source
+from receiver.flux.revisions import (
+    ANNOTATED,
+    FAILED,
+    FINAL_STATES,
+    QUEUED,
+    READY,
+    RECONCILING,
+    SKIPPED,
+    TIMED_OUT,
+    attempted_revision,
+    followable,
+    progress_at,
+    same_commit,
+)
+
+Lookup = Callable[[ObjectKey], FluxObject | None]
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    source_seconds: float
+    consumer_seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class TargetView:
+    key: ObjectKey
+    role: str
+    state: str
+    reason: str = ""
+    message: str = ""
+
+    @property
+    def is_source(self) -> bool:
+        return self.key.kind in SOURCE_KINDS
+
+    @property
+    def final(self) -> bool:
+        return self.state in FINAL_STATES
+
+    def as_dict(self, api_version: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {"kind": self.key.kind, "namespace": self.key.namespace,
+                               "name": self.key.name, "role": self.role, "state": self.state}
+        if api_version:
+            out = {"apiVersion": api_version, **out}
+        if self.reason or self.message:
+            out["detail"] = {"reason": self.reason, "message": self.message}
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryView:
+    targets: tuple[TargetView, ...]
+
+    @property
+    def final(self) -> bool:
+        return all(t.final for t in self.targets)
+
+    @property
+    def settled(self) -> bool:
+        """Nothing more to wait for: every target is final, or one has failed."""
+        return self.final or any(t.state == FAILED for t in self.targets)
+
+    def outcome(self) -> str:
+        """failed as soon as any target failed (a CI job can stop there); else the final word."""
+        states = {t.state for t in self.targets}
+        if FAILED in states:
+            return "failed"
+        if not self.final:
+            return "in_progress"
+        return "timed_out" if TIMED_OUT in states else "ready"
+
+    def get(self, key: ObjectKey) -> TargetView | None:
+        for target in self.targets:
+            if target.key == key:
+                return target
+        return None
+
+
+Local = Mapping[ObjectKey, tuple[str, str, str]]
+
+
+def evaluate(record: DeliveryRecord, lookup: Lookup, now: float, timeouts: Timeouts,
+             local: Local | None = None) -> DeliveryView:
+    """Every target's state, sources first (a consumer's state may depend on its source's)."""
+    local = local or {}
+    views: dict[ObjectKey, TargetView] = {}
+    ordered = sorted(record.targets, key=lambda t: t.key.kind not in SOURCE_KINDS)
+    for target in ordered:
+        views[target.key] = _target(record, target, lookup, now, timeouts, local, views)
+    return DeliveryView(tuple(views[t.key] for t in record.targets))
+
+
+def _target(record: DeliveryRecord, target: RecordTarget, lookup: Lookup, now: float,
+            timeouts: Timeouts, local: Local, done: Mapping[ObjectKey, TargetView]) -> TargetView:
+    key, role = target.key, target.role
+
+    def view(state: str, reason: str = "", message: str = "") -> TargetView:
+        return TargetView(key, role, state, reason, message)
+
+    known = local.get(key)
+    if known is not None and known[0] in FINAL_STATES:
+        return view(*known)
+    obj = lookup(key)
+    if obj is None:
+        return view(FAILED, "NotFound", "object was deleted")
+    age = now - record.received
+    marked = role == ROLE_ANNOTATE and delivery_marks.has(obj.annotations, record.mark)
+    if key.kind in SOURCE_KINDS:
+        return _source(record, obj, view, marked, age, timeouts)
+    return _consumer(record, obj, role, view, marked, age, timeouts, lookup, done)
+
+
+def _source(record: DeliveryRecord, obj: FluxObject, view: Callable[..., TargetView],
+            marked: bool, age: float, timeouts: Timeouts) -> TargetView:
+    done = _done(record, obj, marked)
+    if done is not None:
+        return view(*done)
+    if marked and record.sha and not followable(obj):
+        return view(SKIPPED, "NotFollowed", "annotated; its status will never name the commit")
+    if record.sha and _superseded(record, obj):
+        return view(SKIPPED, "Superseded", "a later push was annotated before this commit arrived")
+    if age > timeouts.source_seconds:
+        return view(TIMED_OUT, "SourceTimeout", f"no pushed commit after {timeouts.source_seconds:g}s")
+    return _waiting(record, obj, view, marked)
+
+
+def _consumer(record: DeliveryRecord, obj: FluxObject, role: str, view: Callable[..., TargetView],
+              marked: bool, age: float, timeouts: Timeouts, lookup: Lookup,
+              done_views: Mapping[ObjectKey, TargetView]) -> TargetView:
+    src_ref = consumer_source(obj)
+    src_view = done_views.get(src_ref.key) if src_ref is not None else None
+    if src_view is not None and src_view.state in (FAILED, TIMED_OUT):
+        reason = "SourceTimeout" if src_view.state == TIMED_OUT else "SourceFailed"
+        return view(src_view.state, reason, "its source did not get the pushed commit")
+    done = _done(record, obj, marked)
+    if done is not None:
+        return view(*done)
+    if marked and record.sha and not followable(obj):
+        return view(SKIPPED, "NotFollowed", "annotated; its status will never name the commit")
+    source = lookup(src_ref.key) if src_ref is not None else None
+    if record.sha and (_superseded(record, obj) or (
+            source is not None and _superseded(record, source)
+            and not same_commit(attempted_revision(obj), record.sha))):
+        return view(SKIPPED, "Superseded", "a later push was annotated before this commit applied")
+    if age > timeouts.consumer_seconds:
+        return view(TIMED_OUT, "Timeout", f"not ready after {timeouts.consumer_seconds:g}s")
+    if role != ROLE_ANNOTATE:
+        # Tracked: Flux reconciles it by itself once its source has the commit.
+        progress = progress_at(obj, record.sha) if record.sha else None
+        return view(RECONCILING, progress.reason if progress else "",
+                    progress.message if progress else "")
+    if not marked and record.sha and same_commit(attempted_revision(obj), record.sha):
+        return view(RECONCILING, "AlreadyStarted", "")
+    return _waiting(record, obj, view, marked)
+
+
+def _done(record: DeliveryRecord, obj: FluxObject, marked: bool) -> tuple[str, str, str] | None:
+    """Ready or failed at the pushed commit (or, with no commit, at our request)."""
+    if record.sha:
+        progress = progress_at(obj, record.sha)
+        if progress.state in (READY, FAILED):
+            return progress.state, progress.reason, progress.message
+        return None
+    if not marked or not handled_since(obj, record.received):
+        return None
+    cond = obj.condition("Ready") or {}
+    state = {"True": READY, "False": FAILED}.get(str(cond.get("status")))
+    if state is None:
+        return None
+    return state, str(cond.get("reason", "")), str(cond.get("message", ""))
+
+
+def _waiting(record: DeliveryRecord, obj: FluxObject, view: Callable[..., TargetView],
+             marked: bool) -> TargetView:
+    if not marked:
+        return view(QUEUED)
+    if record.sha:
+        progress = progress_at(obj, record.sha)
+        if progress.reason:
+            return view(RECONCILING, progress.reason, progress.message)
+    return view(ANNOTATED)
+
+
+def _superseded(record: DeliveryRecord, obj: FluxObject) -> bool:
+    """Another push was annotated on it after ours and it has moved to another commit."""
+    return (delivery_marks.newer_than(obj.annotations, record.received, record.mark)
+            and not same_commit(attempted_revision(obj), record.sha))
+
+
+def handled_since(obj: FluxObject, since: float) -> bool:
+    """Has the controller handled a reconcile request made at or after `since` (unix)?"""
+    handled = obj.status.get("lastHandledReconcileAt")
+    stamp = parse_requested_at(handled) if isinstance(handled, str) else None
+    return stamp is not None and stamp >= since - 0.001
+
+
+def parse_requested_at(value: str) -> float | None:
+    """Unix seconds of a `requestedAt` value (RFC 3339, any sub-second precision), or None."""
+    text = value.strip().split(" ", 1)[0]
+    if not text:
+        return None
+    if text.endswith("Z"):
+        text = text[:-1] + "+00:00"
+    head, dot, rest = text.partition(".")
+    if dot:
+        digits = "".join(c for c in rest if c.isdigit())
+        zone = rest[len(digits):]
+        text = f"{head}.{digits[:6]}{zone}"
+    try:
+        return datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        return None

@@ -1,0 +1,162 @@
+"""A delivery's state as a pure function of (record, live objects, now)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from receiver.delivery_marks import DELIVERIES_ANNOTATION
+from receiver.delivery_record import ROLE_ANNOTATE, ROLE_TRACK, DeliveryRecord, RecordTarget
+from receiver.delivery_state import Timeouts, evaluate, parse_requested_at
+from receiver.flux.objects import FluxObject, ObjectKey
+
+SHA = "5394cb7f48ab0b1c2d3e4f5a6b7c8d9e0f1a2b3c"
+OTHER = "1111111111111111111111111111111111111111"
+MARK = "0123456789abcdef"
+LATER = "fedcba9876543210"
+T0 = 1_700_000_000.0
+SRC = ObjectKey("GitRepository", "flux-system", "fleet")
+APPS = ObjectKey("Kustomization", "flux-system", "apps")
+INFRA = ObjectKey("Kustomization", "flux-system", "infra")
+LIMITS = Timeouts(source_seconds=300, consumer_seconds=900)
+
+
+def obj(key: ObjectKey, *, marks: str = "", status: dict[str, Any] | None = None) -> FluxObject:
+    spec: dict[str, Any] = {}
+    if key.kind == "Kustomization":
+        spec = {"sourceRef": {"kind": "GitRepository", "name": SRC.name}, "path": "./apps"}
+    annotations = {DELIVERIES_ANNOTATION: marks} if marks else {}
+    return FluxObject({"apiVersion": "x/v1", "kind": key.kind,
+                       "metadata": {"name": key.name, "namespace": key.namespace,
+                                    "generation": 1, "annotations": annotations},
+                       "spec": spec, "status": status or {}})
+
+
+def ready(revision: str, **extra: Any) -> dict[str, Any]:
+    return {"observedGeneration": 1, "artifact": {"revision": revision},
+            "lastAppliedRevision": revision, "lastAttemptedRevision": revision,
+            "conditions": [{"type": "Ready", "status": "True", "reason": "Succeeded"}], **extra}
+
+
+def failed(revision: str) -> dict[str, Any]:
+    return {"observedGeneration": 1, "lastAttemptedRevision": revision,
+            "conditions": [{"type": "Ready", "status": "False", "reason": "BuildFailed",
+                            "message": "kustomize build failed"}]}
+
+
+def record(sha: str = SHA, *targets: RecordTarget) -> DeliveryRecord:
+    return DeliveryRecord("flux-system/gitea", sha, "refs/heads/main", T0, MARK, targets or (
+        RecordTarget(SRC, ROLE_ANNOTATE), RecordTarget(APPS, ROLE_ANNOTATE),
+        RecordTarget(INFRA, ROLE_TRACK)))
+
+
+def states(objects: list[FluxObject], now: float = T0 + 1, rec: DeliveryRecord | None = None,
+           **kw: Any) -> dict[str, tuple[str, str]]:
+    table = {o.key: o for o in objects}
+    view = evaluate(rec or record(), table.get, now, LIMITS, **kw)
+    return {t.key.name: (t.state, t.reason) for t in view.targets}
+
+
+def test_queued_until_the_mark_is_seen_then_annotated() -> None:
+    assert states([obj(SRC), obj(APPS), obj(INFRA)]) == {
+        "fleet": ("queued", ""), "apps": ("queued", ""), "infra": ("reconciling", "")}
+    assert states([obj(SRC, marks=f"{MARK}@{T0}"), obj(APPS), obj(INFRA)])["fleet"] == (
+        "annotated", "")
+
+
+def test_ready_at_the_commit_whoever_annotated() -> None:
+    rev = f"main@sha1:{SHA}"
+    got = states([obj(SRC, status=ready(rev)), obj(APPS, status=ready(rev)),
+                  obj(INFRA, status=ready(rev))])
+    assert {name: state for name, (state, _) in got.items()} == {
+        "fleet": "ready", "apps": "ready", "infra": "ready"}
+
+
+def test_a_failed_consumer_fails_the_delivery() -> None:
+    rev = f"main@sha1:{SHA}"
+    table = {o.key: o for o in [obj(SRC, status=ready(rev)), obj(APPS, status=failed(rev)),
+                                obj(INFRA)]}
+    view = evaluate(record(), table.get, T0 + 1, LIMITS)
+    assert view.outcome() == "failed" and view.settled and not view.final
+
+
+def test_time_outs_come_from_now_alone() -> None:
+    objects = [obj(SRC, marks=f"{MARK}@{T0}"), obj(APPS), obj(INFRA)]
+    assert states(objects, now=T0 + 299)["fleet"][0] == "annotated"
+    late = states(objects, now=T0 + 301)
+    assert late["fleet"] == ("timed_out", "SourceTimeout")
+    assert late["apps"] == ("timed_out", "SourceTimeout")
+    assert late["infra"] == ("timed_out", "SourceTimeout")
+    fetched = [obj(SRC, status=ready(f"main@sha1:{SHA}")), obj(APPS, marks=f"{MARK}@{T0}"),
+               obj(INFRA)]
+    assert states(fetched, now=T0 + 899)["apps"][0] == "annotated"
+    assert states(fetched, now=T0 + 901)["apps"] == ("timed_out", "Timeout")
+    assert states(fetched, now=T0 + 901)["infra"] == ("timed_out", "Timeout")
+
+
+def test_a_deleted_object_fails_its_target() -> None:
+    assert states([obj(SRC), obj(INFRA)])["apps"] == ("failed", "NotFound")
+
+
+def test_a_later_push_supersedes_a_commit_that_never_arrived() -> None:
+    newer = f"{LATER}@{T0 + 5} {MARK}@{T0}"
+    got = states([obj(SRC, marks=newer, status=ready(f"main@sha1:{OTHER}")), obj(APPS),
+                  obj(INFRA)])
+    assert got["fleet"] == ("skipped", "Superseded")
+
+
+def test_flux_already_started_needs_no_annotation() -> None:
+    rev = f"main@sha1:{SHA}"
+    started = {"observedGeneration": 1, "lastAttemptedRevision": rev,
+               "conditions": [{"type": "Ready", "status": "Unknown", "reason": "Progressing"}]}
+    got = states([obj(SRC, status=ready(rev)), obj(APPS, status=started), obj(INFRA)])
+    assert got["apps"] == ("reconciling", "AlreadyStarted")
+
+
+def test_without_a_commit_done_means_our_request_was_handled() -> None:
+    rec = record("", RecordTarget(SRC, ROLE_ANNOTATE))
+    handled = {"lastHandledReconcileAt": "2023-11-14T22:13:21.500000000Z",
+               "conditions": [{"type": "Ready", "status": "True", "reason": "Succeeded"}]}
+    before = {**handled, "lastHandledReconcileAt": "2023-11-14T22:13:19.000000000Z"}
+    assert states([obj(SRC, marks=f"{MARK}@{T0}", status=before)], rec=rec)["fleet"][0] == (
+        "annotated")
+    assert states([obj(SRC, marks=f"{MARK}@{T0}", status=handled)], rec=rec)["fleet"][0] == (
+        "ready")
+
+
+def test_what_only_this_replica_knows_is_added() -> None:
+    local = {SRC: ("failed", "AnnotateFailed", "forbidden")}
+    assert states([obj(SRC), obj(APPS), obj(INFRA)], local=local)["fleet"] == (
+        "failed", "AnnotateFailed")
+
+
+def test_requested_at_values() -> None:
+    assert parse_requested_at("2023-11-14T22:13:20.123456789Z") == T0 + 0.123456
+    assert parse_requested_at("2023-11-14T22:13:20Z") == T0
+    assert parse_requested_at("2023-11-14T22:13:20.5Z some-id") == T0 + 0.5
+    assert parse_requested_at("yesterday") is None
+    assert parse_requested_at("") is None
+
+
+@given(st.lists(st.sampled_from(["none", "marked", "ready", "failed", "other"]), min_size=3,
+                max_size=3), st.floats(min_value=0, max_value=2000))
+def test_same_inputs_same_answer_and_final_is_consistent(kinds: list[str], dt: float) -> None:
+    def make(key: ObjectKey, kind: str) -> FluxObject:
+        rev = f"main@sha1:{SHA}"
+        return {
+            "none": lambda: obj(key),
+            "marked": lambda: obj(key, marks=f"{MARK}@{T0}"),
+            "ready": lambda: obj(key, status=ready(rev)),
+            "failed": lambda: obj(key, status=failed(rev)),
+            "other": lambda: obj(key, marks=f"{LATER}@{T0 + 1}", status=ready(f"x@sha1:{OTHER}")),
+        }[kind]()
+
+    objects = [make(k, kind) for k, kind in zip((SRC, APPS, INFRA), kinds, strict=True)]
+    table = {o.key: o for o in objects}
+    first = evaluate(record(), table.get, T0 + dt, LIMITS)
+    assert first == evaluate(record(), dict(table).get, T0 + dt, LIMITS)
+    if dt > LIMITS.consumer_seconds:
+        assert first.final  # past every time-out nothing is left in progress
+    assert first.outcome() in {"ready", "failed", "timed_out", "in_progress"}
