@@ -32,6 +32,7 @@ from kubernetes.dynamic.exceptions import NotFoundError
 from receiver import signatures as sig
 from receiver.app import create_app, url_normaliser
 from receiver.config import Settings, load_settings
+from receiver.delivery_marks import DELIVERIES_ANNOTATION
 from receiver.flux.cluster import ClusterError
 from receiver.flux.kube import Backoff, KubeCluster
 from receiver.flux.objects import RECONCILE_ANNOTATION, ObjectKey
@@ -688,3 +689,45 @@ async def test_watches_survive_an_apiserver_restart(
                                          "fleet"))[RECONCILE_ANNOTATION]
         assert after != before
 
+
+
+@pytest.mark.anyio
+async def test_two_replicas_one_request_one_annotation(
+        control_plane: ControlPlane, admin: Admin, cluster_wide: Install,  # noqa: F811
+        sa_kubeconfig: Path) -> None:
+    """Two bridges, each with its own watch cache, against one API server: a Gitea delivery
+    sent to both at once, then again to each, annotates the source once. The loser of the race
+    finds the winner's mark when its conditional patch is refused (409) and it reads again."""
+    namespace = "replicas"
+    hook = await asyncio.to_thread(make_fleet, admin, namespace)
+    async with run_bridge(control_plane, cluster_wide.token, kubeconfig=sa_kubeconfig) as a, \
+            run_bridge(control_plane, cluster_wide.token, kubeconfig=sa_kubeconfig) as b:
+        await a.wait_ready()
+        await b.wait_ready()
+        body, sha = gitea_push("clusters/realk8s/apps/podinfo.yaml", message="race")
+        headers = gitea_headers(body)
+        first = await asyncio.gather(*(bridge.client.post(hook, content=body, headers=headers)
+                                       for bridge in (a, b)))
+        assert {r.status_code for r in first} <= {200, 202}
+        accepted = [r.json() for r in first if r.status_code == 202]
+        assert accepted
+        # Both caches see the mark; then the same delivery again to each replica.
+        for bridge in (a, b):
+            await eventually("the mark in this replica's cache", lambda bridge=bridge: any(
+                DELIVERIES_ANNOTATION in (o.annotations or {})
+                for o in bridge.cluster.store.list("GitRepository") if o.namespace == namespace))
+        again = [await bridge.client.post(hook, content=body, headers=headers) for bridge in (a, b)]
+        assert [r.status_code for r in again] == [200, 200]
+        assert all(r.json()["status"] == "duplicate" for r in again)
+
+        source = await asyncio.to_thread(admin.annotations, "GitRepository", namespace, "fleet")
+        assert len(source[DELIVERIES_ANNOTATION].split()) == 1
+        sent = sum(bridge.app.state.parts.metrics.registry.get_sample_value(
+            "gfb_targets_annotated_total", {"kind": "GitRepository"}) or 0 for bridge in (a, b))
+        assert sent == 1
+
+        # Either replica answers for the delivery, with the same targets and states.
+        delivery_id = accepted[0]["delivery"]
+        seen = [await bridge.delivery(delivery_id) for bridge in (a, b)]
+        assert seen[0]["targets"] == seen[1]["targets"]
+        assert seen[0]["commit"] == sha
