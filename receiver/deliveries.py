@@ -105,10 +105,16 @@ class Delivery:
         return describe(self.id, self.record, self.view)
 
 
+def _push_key(delivery: Delivery) -> tuple[str, str, str]:
+    return delivery.receiver, delivery.sha, delivery.ref
+
+
 class DeliveryStore:
     def __init__(self, max_count: int, max_age_seconds: float) -> None:
         self._items: OrderedDict[str, Delivery] = OrderedDict()
         self._active: set[str] = set()
+        # (receiver, commit, ref) -> id of the delivery in flight for it: a repeat joins it.
+        self._in_flight: dict[tuple[str, str, str], str] = {}
         self._max_count = max_count
         self._max_age = max_age_seconds
 
@@ -121,10 +127,19 @@ class DeliveryStore:
         self._items.move_to_end(delivery.id)
         if not delivery.final:
             self._active.add(delivery.id)
+            if delivery.sha:
+                self._in_flight[_push_key(delivery)] = delivery.id
         return self.expire(time.time())
 
     def finished(self, delivery: Delivery) -> None:
         self._active.discard(delivery.id)
+        if self._in_flight.get(_push_key(delivery)) == delivery.id:
+            del self._in_flight[_push_key(delivery)]
+
+    def in_flight(self, receiver: str, sha: str, ref: str) -> Delivery | None:
+        """The delivery still in progress for this push of this commit, if any."""
+        id_ = self._in_flight.get((receiver, sha, ref)) if sha else None
+        return self._items.get(id_) if id_ is not None else None
 
     @property
     def active_count(self) -> int:
@@ -144,6 +159,6 @@ class DeliveryStore:
             if len(self._items) <= self._max_count and now - oldest.record.received < self._max_age:
                 break
             old = self._items.popitem(last=False)[1]
-            self._active.discard(old.id)
+            self.finished(old)
             dropped.append(old)
         return dropped

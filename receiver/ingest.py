@@ -251,6 +251,9 @@ class IngestService:
                     push = parse_actions_body(doc)
                 except PayloadError as exc:
                     return self._count(name, "unprocessable", error(422, str(exc)))
+        joined = self._joined(name, push, once)
+        if joined is not None:
+            return joined
         if self.deliveries.active_count >= self.settings.deliveries.max_count:
             return self._count(name, "overloaded", error(503, "too many deliveries in flight"))
         plan = plan_push(
@@ -280,18 +283,21 @@ class IngestService:
         log.info("push accepted", extra={
             "receiver": name, "ref": delivery.ref, "commit": delivery.sha,
             "targets": len(plan.targets), "tracked": len(plan.tracked)})
-        reply = plan.as_dict()
-        states = delivery.view
-        reply["targets"] = []
-        for target in plan.targets:
-            view = states.get(target.key)
-            entry = {**target.as_dict(), "state": view.state if view else "queued"}
-            if view is not None and view.state == "failed":
-                entry["error"] = view.message
-            reply["targets"].append(entry)
-        return self._count(name, "accepted", JSONResponse(
-            {"delivery": delivery_id, "commit": delivery.sha, "ref": delivery.ref, **reply},
-            status_code=202))
+        return self._count(name, "accepted", _accepted(delivery))
+
+    def _joined(self, name: str, push: Push | None, once: _Once | None) -> Response | None:
+        """A push of a commit whose delivery is still in flight here (a retried CI job, a
+        webhook fired twice, a redelivery under a new id) joins it: same id, no new patch."""
+        if push is None:
+            return None
+        delivery = self.deliveries.in_flight(name, push.sha, push.ref)
+        if delivery is None:
+            return None
+        if once is not None:
+            self.seen.remember(once.mark, once.until, self.wall_clock())
+        log.info("push joined its delivery in flight", extra={
+            "receiver": name, "ref": push.ref, "commit": push.sha})
+        return self._count(name, "joined", _accepted(delivery))
 
     def _resolved(self, receiver: FluxObject) -> Resolved:
         """The Receiver's resources, resolved again only when the cache's shape changed."""
@@ -385,6 +391,20 @@ class IngestService:
                 # Time-outs are part of the state: look again at least every few seconds.
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(changed.wait(), timeout=min(remaining, 5.0))
+
+
+def _accepted(delivery: Delivery) -> JSONResponse:
+    """The 202 reply: the plan with each annotated target's state now."""
+    reply = delivery.plan.as_dict()
+    reply["targets"] = []
+    for target in delivery.plan.targets:
+        view = delivery.view.get(target.key)
+        entry = {**target.as_dict(), "state": view.state if view else "queued"}
+        if view is not None and view.state == "failed":
+            entry["error"] = view.message
+        reply["targets"].append(entry)
+    return JSONResponse({"delivery": delivery.id, "commit": delivery.sha, "ref": delivery.ref,
+                         **reply}, status_code=202)
 
 
 _INVALID = object()

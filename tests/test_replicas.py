@@ -222,3 +222,35 @@ async def test_ids_cannot_be_forged_or_read_without_the_token(replicas: Replicas
     tampered = delivery[:-3] + ("AAA" if not delivery.endswith("AAA") else "BBB")
     assert (await b.get(f"/deliveries/{tampered}", headers=AUTH)).status_code == 404
     assert (await b.get("/deliveries/a/b", headers=AUTH)).status_code == 404
+
+
+async def test_a_repeated_push_of_a_commit_in_flight_joins_its_delivery(
+    replicas: Replicas,
+) -> None:
+    a, _ = replicas.clients
+    body = gp.gitea_bytes(push_doc())
+    first = await a.post(GITEA_PATH, content=body, headers=gitea_headers(body, "join-1"))
+    patches = len(replicas.cluster.patches)
+    # The webhook fired again under a new delivery id, and a CI job retried: same commit.
+    again = await a.post(GITEA_PATH, content=body, headers=gitea_headers(body, "join-2"))
+    assert again.status_code == 202
+    assert again.json()["delivery"] == first.json()["delivery"]
+    assert len(replicas.cluster.patches) == patches
+    parts = a._transport.app.state.parts  # type: ignore[attr-defined]
+    assert len(parts.deliveries) == 1
+
+
+async def test_the_same_commits_pushed_over_and_over_never_fill_the_store() -> None:
+    settings = make_settings(deliveries={"max_count": 5})
+    cluster = MemoryCluster.from_directory(ObjectStore(url_normaliser(settings)), FLEET)
+    group = Replicas(cluster)
+    client = await group.start(deliveries={"max_count": 5})
+    try:
+        bodies = [gp.gitea_bytes(push_doc(f"clusters/eu-west/apps/{i}.yaml")) for i in range(5)]
+        codes = [
+            (await client.post(GITEA_PATH, content=body,
+                               headers=gitea_headers(body, f"flood-{round_}-{i}"))).status_code
+            for round_ in range(4) for i, body in enumerate(bodies)]
+        assert codes == [202] * 20
+    finally:
+        await group.close()
