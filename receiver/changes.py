@@ -32,6 +32,11 @@ class ChangeFeed:
         self._waiters: dict[ObjectKey, set[asyncio.Event]] = defaultdict(set)
         store.subscribe(self._on_change)
 
+    @property
+    def waiting(self) -> int:
+        """How many objects someone waits on now."""
+        return len(self._waiters)
+
     def _on_change(self, op: str, obj: FluxObject) -> None:
         for event in self._waiters.get(obj.key, ()):
             event.set()

@@ -78,6 +78,12 @@ class PatchCoalescer:
         self._keep_marks = keep_marks_seconds
         self._clock = clock
         self._keys: dict[ObjectKey, _KeyState] = {}
+        self._sending = 0
+
+    @property
+    def idle(self) -> bool:
+        """No patch in flight and none waiting for its window."""
+        return self._sending == 0 and all(s.trailing is None for s in self._keys.values())
 
     def request(self, key: ObjectKey, mark: Mark) -> tuple[asyncio.Future[PatchOutcome], bool]:
         """Ask for a patch; returns (its outcome, whether it is being sent right now)."""
@@ -114,6 +120,13 @@ class PatchCoalescer:
             self._keys.pop(key, None)
 
     async def _send(self, key: ObjectKey, marks: list[Mark]) -> PatchOutcome:
+        self._sending += 1
+        try:
+            return await self._send_once(key, marks)
+        finally:
+            self._sending -= 1
+
+    async def _send_once(self, key: ObjectKey, marks: list[Mark]) -> PatchOutcome:
         attempts = self._config.patch_attempts
         obj = self._cluster.store.get(key)
         for attempt in range(1, attempts + 1):

@@ -14,7 +14,7 @@ import pytest
 from receiver import signatures as sig
 from receiver.flux.objects import RECONCILE_ANNOTATION, ObjectKey
 from tests import gitea_payloads as gp
-from tests.conftest import ACTIONS_TOKEN, GITEA_TOKEN, HMAC_TOKEN, Bridge, make_settings
+from tests.conftest import ACTIONS_TOKEN, GITEA_TOKEN, HMAC_TOKEN, Bridge, make_settings, until
 
 pytestmark = pytest.mark.anyio
 
@@ -212,7 +212,8 @@ async def test_not_synced_and_suspended_are_503(bridge: Bridge) -> None:
     raw = dict(bridge.cluster.store.get(ObjectKey("Receiver", "flux-system", "gitea")).raw)  # type: ignore[union-attr]
     raw["spec"] = {**raw["spec"], "suspend": True}
     bridge.cluster.apply(raw)
-    await asyncio.sleep(0.05)
+    await until(lambda: bridge.cluster.store.get(  # type: ignore[union-attr]
+        ObjectKey("Receiver", "flux-system", "gitea")).suspended, what="the suspended Receiver")
     r = await post_gitea(bridge, app_push("x"))
     assert r.status_code == 503 and r.json()["error"] == "receiver is suspended"
 
@@ -236,7 +237,7 @@ async def test_ping_other_events_and_duplicates(bridge: Bridge) -> None:
     before = len(bridge.cluster.patches)
     dup = await post_gitea(bridge, doc, delivery="same-id")
     assert (dup.status_code, dup.json()["status"]) == (200, "duplicate")
-    await asyncio.sleep(0.3)
+    await until(lambda: bridge.parts.reconciler.patches.idle, what="no patch in flight")
     assert len(bridge.cluster.patches) == before
 
 
@@ -272,17 +273,17 @@ async def test_with_source_order_and_delivery_tracking(bridge: Bridge) -> None:
         "podinfo-canary": ("track", "reconciling")}
 
     bridge.cluster.mark_source_fetched(SOURCE, f"main@sha1:{sha}")
-    await asyncio.sleep(0.05)
+    await until(lambda: len(patched(bridge)) == 2, what="the consumer patch")
     assert patched(bridge) == ["GitRepository/flux-system", "Kustomization/apps"]
     bridge.cluster.mark_applied(APPS, f"main@sha1:{sha}")
-    await asyncio.sleep(0.05)
     state = (await bridge.client.get(f"/deliveries/{delivery}", headers=auth)).json()
     assert state["outcome"] == "in_progress"
     canary = ObjectKey("HelmRelease", "flux-system", "podinfo-canary")
     bridge.cluster.mark_applied(canary, f"6.5.0+{sha[:12]}")
-    await asyncio.sleep(0.05)
     state = (await bridge.client.get(f"/deliveries/{delivery}", headers=auth)).json()
     assert state["outcome"] == "ready" and state["final"] is True
+    # The lead time is observed by the replica that follows the delivery, as it sees it.
+    await until(lambda: bridge.parts.deliveries.active_count == 0, what="the delivery to finish")
     assert (await bridge.client.get(f"/deliveries/{delivery}")).status_code == 404
     metrics = (await bridge.client.get("/metrics")).text
     assert 'gfb_push_to_ready_seconds_count{cluster="eu-west"} 2.0' in metrics
@@ -294,18 +295,20 @@ async def test_failed_deploy_and_streaming_wait(bridge: Bridge) -> None:
     delivery = (await post_gitea(bridge, doc)).json()["delivery"]
 
     async def flux() -> None:
-        await asyncio.sleep(0.1)
+        # Once the stream is waiting on the delivery's objects, Flux moves.
+        await until(lambda: bridge.parts.ingest.changes.waiting, what="the stream to wait")
         bridge.cluster.mark_source_fetched(SOURCE, f"main@sha1:{sha}")
-        await asyncio.sleep(0.1)
+        await until(lambda: len(patched(bridge)) == 2, what="the consumer patch")
         bridge.cluster.mark_failed(APPS, f"main@sha1:{sha}", "BuildFailed",
                                    "kustomize build failed: accumulating resources")
 
     task = asyncio.create_task(flux())
     ts = int(time.time())
-    r = await bridge.client.get(f"/deliveries/{delivery}?wait=5", headers={
+    r = await bridge.client.get(f"/deliveries/{delivery}?wait=10", headers={
         "X-Signature": sig.sign_timestamped(GITEA_TOKEN, b"", ts)})
     await task
     lines = [json.loads(line) for line in r.text.splitlines()]
+    assert lines[0]["outcome"] == "in_progress"
     assert len(lines) >= 2
     last = lines[-1]
     assert last["outcome"] == "failed"
@@ -317,9 +320,10 @@ async def test_source_timeout_is_reported(bridge_factory: Any) -> None:
     quick = await bridge_factory(make_settings(reconcile={"source_timeout_seconds": 0.2,
                                                           "consumer_timeout_seconds": 0.3}))
     delivery = (await post_gitea(quick, app_push("clusters/eu-west/apps/c"))).json()["delivery"]
-    await asyncio.sleep(0.5)
-    state = (await quick.client.get(f"/deliveries/{delivery}",
-                                    headers={"Authorization": f"Bearer {GITEA_TOKEN}"})).json()
+    # The stream ends when the delivery settles: here, when its deadlines pass.
+    r = await quick.client.get(f"/deliveries/{delivery}?wait=10",
+                               headers={"Authorization": f"Bearer {GITEA_TOKEN}"})
+    state = json.loads(r.text.splitlines()[-1])
     assert {t["name"]: t["state"] for t in state["targets"]}["flux-system"] == "timed_out"
     assert state["outcome"] == "timed_out"
 
@@ -328,13 +332,13 @@ async def test_a_burst_costs_at_most_two_patches_per_object(bridge: Bridge) -> N
     replies = await asyncio.gather(*(
         post_gitea(bridge, app_push(f"clusters/eu-west/apps/{i}.yaml")) for i in range(60)))
     assert {r.status_code for r in replies} == {202}
-    await asyncio.sleep(0.5)
-    assert patched(bridge).count("GitRepository/flux-system") <= 2
+    await until(lambda: bridge.parts.reconciler.patches.idle, what="the trailing patch")
+    assert patched(bridge).count("GitRepository/flux-system") == 2
 
 
-async def test_requested_at_is_unique_per_delivery(bridge: Bridge) -> None:
+async def test_requested_at_is_unique_per_delivery(bridge_factory: Any) -> None:
+    bridge = await bridge_factory(make_settings(reconcile={"coalesce_window_seconds": 0}))
     await post_gitea(bridge, app_push("clusters/eu-west/apps/a"))
-    await asyncio.sleep(0.3)
     await post_gitea(bridge, app_push("clusters/eu-west/apps/b"))
     values = [a[RECONCILE_ANNOTATION] for k, a in bridge.cluster.patches if k == SOURCE]
     assert len(values) == 2 and len(set(values)) == 2
@@ -388,7 +392,7 @@ async def test_chart_version_helm_release_is_annotated_but_not_followed(bridge: 
     assert [t["name"] for t in reply["targets"]] == ["flux-system", "podinfo"]
     assert "podinfo" not in [t["name"] for t in reply["tracked"]]
     bridge.cluster.mark_source_fetched(SOURCE, f"main@sha1:{sha}")
-    await asyncio.sleep(0.1)
+    await until(lambda: len(patched(bridge)) == 2, what="the consumer patch")
     assert patched(bridge) == ["GitRepository/flux-system", "HelmRelease/podinfo"]
     state = (await bridge.client.get(f"/deliveries/{reply['delivery']}",
                                      headers={"Authorization": f"Bearer {GITEA_TOKEN}"})).json()

@@ -508,7 +508,9 @@ async def test_signed_push_annotates_exactly_the_expected_objects(
         assert states[("Kustomization", "apps")] in ("annotated", "reconciling"), states
         assert ("Kustomization", "infra") not in states
 
-        await asyncio.sleep(1.0)  # give a wrong or a second patch the time to land
+        # Nothing left to send: a wrong or a second patch would have gone out by now.
+        await eventually("no patch in flight",
+                         lambda: bridge.app.state.parts.reconciler.patches.idle)
         assert RECONCILE_ANNOTATION not in await asyncio.to_thread(
             admin.annotations, "Kustomization", namespace, "infra")
         # One push, one reconcile request per object: a second patch would make Flux reconcile
