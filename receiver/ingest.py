@@ -202,8 +202,8 @@ class IngestService:
         id. Its mark is written on every object the push annotates, so a repeat is known on
         every replica, not only the one that saw the first."""
         if verdict.replay_key:
-            return _Once(mark_for(name, "sig:" + verdict.replay_key), verdict.replay_until,
-                         scheme_replay=True, label="signed")
+            mark = mark_for(name, "sig:" + verdict.replay_key)
+            return _Once(mark, verdict.replay_until, scheme_replay=True, label=mark)
         gitea_id = request.headers.get("x-gitea-delivery", "").strip()[:128]
         if gitea_id:
             return _Once(mark_for(name, "gitea:" + gitea_id),
