@@ -3,8 +3,8 @@
 Two calls: create a status, and list a commit's statuses one page at a time, newest first (to
 see what Gitea shows before posting, and for the resync). Errors come out as `GiteaError` with
 `retryable` set for timeouts, connection errors, 429 and 5xx, which the caller backs off on;
-any other 4xx is final. A 401
-re-reads the token once (it may have been rotated in its Secret) before it counts as final.
+any other 4xx is final. A 401 re-reads the token once (it may have been rotated in its Secret)
+before it counts as final.
 Tokens are sent as `Authorization: token <T>` and never appear in an error message.
 """
 
