@@ -571,8 +571,7 @@ class StatusService:
         try:
             known, shown = self._recall(job.key)
             if not known:
-                await self._check_commit(job)
-                known, shown = self._recall(job.key)
+                known, shown = await self._check_commit(job)
             # Unknown even now (a listing too long to read whole): post, Gitea keeps the latest.
             if known and not needs_post(shown, job.fields, state_only=job.state_only):
                 self._metrics.statuses.labels("deduplicated").inc()
@@ -598,8 +597,8 @@ class StatusService:
         self._metrics.statuses.labels("posted").inc()
         return None
 
-    async def _check_commit(self, job: _Job) -> None:
-        """Read what Gitea shows on the job's commit, unless a concurrent job just did.
+    async def _check_commit(self, job: _Job) -> tuple[bool, Fields | None]:
+        """What Gitea shows for the job's key: read now, or by a concurrent job just before.
 
         Jobs of one commit share the read: the first reads, the others wait and then find a
         fresh answer (a push touching twenty consumers costs one listing, not twenty).
@@ -609,10 +608,16 @@ class StatusService:
         self._reading[commit] = (lock, users + 1)
         try:
             async with lock:
-                if not self._recall(job.key)[0]:
-                    await self._read_commit(
-                        commit, job.status.owner, job.status.repo,
-                        frozenset({job.status.context}), _Budget(self.check_max_pages), "check")
+                known, shown = self._recall(job.key)
+                if known:
+                    return known, shown
+                context = job.status.context
+                listing = await self._read_commit(
+                    commit, job.status.owner, job.status.repo, frozenset({context}),
+                    _Budget(self.check_max_pages), "check")
+                if context in listing.shown:
+                    return True, listing.shown[context]
+                return listing.complete, None
         finally:
             lock, users = self._reading[commit]
             if users <= 1:

@@ -23,7 +23,7 @@ from starlette.applications import Starlette
 from starlette.routing import Route
 
 from receiver.badges import mint_badge_token
-from receiver.config import ConfigError, Settings, load_settings
+from receiver.config import ConfigError, Settings, StatusConfig, load_settings
 from receiver.deliveries import Delivery
 from receiver.flux.memory import MemoryCluster
 from receiver.flux.objects import ObjectKey
@@ -106,6 +106,7 @@ class Rig:
     service: StatusService
     metrics: Metrics
     client: httpx.AsyncClient
+    clock: Callable[[], float] = time.monotonic
 
     @property
     def gitea(self) -> FakeGitea:
@@ -128,7 +129,7 @@ class Rig:
         """A fresh process: same cluster and Gitea, nothing remembered."""
         self.metrics = Metrics()
         self.service = fast(StatusService(self.settings, self.cluster, self.metrics,
-                                          transport=self.transport))
+                                          transport=self.transport, clock=self.clock))
         self.client = http_client(self.service)
         return self.service
 
@@ -147,10 +148,27 @@ def http_client(service: StatusService) -> httpx.AsyncClient:
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://bridge")
 
 
+class Clock:
+    """A clock the test moves: the repeat window passes when the test says so, not by pausing."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+WINDOW = StatusConfig().repeat_window_seconds
+
+
 @asynccontextmanager
 async def rig(settings: Settings | None = None, *, start: bool = True,
               fakes: dict[str, FakeGitea] | None = None,
-              setup: Callable[[MemoryCluster], None] | None = None) -> AsyncIterator[Rig]:
+              setup: Callable[[MemoryCluster], None] | None = None,
+              clock: Callable[[], float] = time.monotonic) -> AsyncIterator[Rig]:
     settings = settings or make_settings()
     store = ObjectStore(lambda u: normalise_repo_url(u, ALIASES))
     cluster = MemoryCluster(store)
@@ -161,8 +179,8 @@ async def rig(settings: Settings | None = None, *, start: bool = True,
     fakes = fakes or {"gitea.example.com": FakeGitea(token=GITEA_TOKEN)}
     transport, _ = gitea_transport(fakes)
     metrics = Metrics()
-    service = fast(StatusService(settings, cluster, metrics, transport=transport))
-    r = Rig(settings, cluster, fakes, transport, service, metrics, http_client(service))
+    service = fast(StatusService(settings, cluster, metrics, transport=transport, clock=clock))
+    r = Rig(settings, cluster, fakes, transport, service, metrics, http_client(service), clock)
     if start:
         await service.start()
     try:
@@ -342,17 +360,48 @@ async def test_bad_requests() -> None:
 
 
 @pytest.mark.anyio
-async def test_repeated_success_events_post_once() -> None:
-    async with rig() as r:
+async def test_exact_repeat_within_the_window_is_posted_once() -> None:
+    clock = Clock()
+    async with rig(clock=clock) as r:
         body = fixture("kustomization-succeeded.json")
         for i in range(20):
             reply = await r.send(with_message(body, f"Reconciliation finished in {i}.{i}s, "
                                                     "next run in 10m0s"))
             assert reply.status_code == 202
             await settled(r)  # one at a time: dedupe, not queue coalescing, saves the posts
+            clock.advance(WINDOW / 40)  # all twenty inside one window
         assert len(r.gitea.posts) == 1
         assert r.metric("gfb_statuses_total", result="deduplicated") == 19
-        assert r.gitea.gets == 1  # Gitea asked once, then the memory answers
+        assert r.gitea.gets == 1  # Gitea asked once, then the short memory answers
+        # After the window the memory is not believed: Gitea is asked, and it has the status.
+        clock.advance(WINDOW)
+        await r.send(body)
+        await settled(r)
+        assert (len(r.gitea.posts), r.gitea.gets) == (1, 2)
+        assert r.metric("gfb_status_reads_total", purpose="check") == 2
+
+
+@pytest.mark.anyio
+async def test_a_change_is_never_suppressed_within_the_window() -> None:
+    clock = Clock()
+    async with rig(clock=clock) as r:
+        for name in ("kustomization-succeeded.json", "kustomization-health-check-failed.json",
+                     "kustomization-succeeded.json"):
+            await r.send(fixture(name))
+            await settled(r)
+        assert [p[3]["state"] for p in r.gitea.posts] == ["success", "failure", "success"]
+        assert r.gitea.gets == 1
+
+
+@pytest.mark.anyio
+async def test_window_zero_always_asks_gitea() -> None:
+    settings = make_settings(statuses={"repeat_window_seconds": 0,
+                                       "resync_interval_seconds": 3600})
+    async with rig(settings) as r:
+        for _ in range(3):
+            await r.send(fixture("kustomization-succeeded.json"))
+            await settled(r)
+        assert (len(r.gitea.posts), r.gitea.gets) == (1, 3)
 
 
 @pytest.mark.anyio
@@ -368,6 +417,24 @@ async def test_a_restarted_bridge_asks_gitea_before_posting() -> None:
         await settled(r)
         assert len(r.gitea.posts) == 1
         assert r.metric("gfb_statuses_total", result="deduplicated") == 1
+
+
+@pytest.mark.anyio
+async def test_a_status_posted_elsewhere_is_seen_after_the_window() -> None:
+    clock = Clock()
+    async with rig(clock=clock) as r:
+        await r.send(fixture("kustomization-succeeded.json"))
+        await settled(r)
+        r.gitea.add(*REPO, CONTEXT, "failure", "posted by someone else")
+        # Within the window an exact repeat is believed (the documented bound) ...
+        await r.send(fixture("kustomization-succeeded.json"))
+        await settled(r)
+        assert r.gitea.contexts(*REPO)[CONTEXT] == "failure"
+        # ... and no longer: the next delivery of the same event reads Gitea and repairs.
+        clock.advance(WINDOW)
+        await r.send(fixture("kustomization-succeeded.json"))
+        await settled(r)
+        assert r.gitea.contexts(*REPO)[CONTEXT] == "success"
 
 
 @pytest.mark.anyio
