@@ -19,6 +19,8 @@ from typing import Any
 
 import httpx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from starlette.applications import Starlette
 from starlette.routing import Route
 
@@ -35,6 +37,7 @@ from receiver.metrics import Metrics
 from receiver.routing import Plan, Target
 from receiver.signatures import hmac_hex, hook_digest
 from receiver.status_service import StatusService, backoff_delay
+from receiver.statuses import describe, gitea_state
 from tests import gitea_payloads as gp
 from tests.conftest import GITEA_TOKEN as RECEIVER_TOKEN
 from tests.conftest import make_settings as app_settings
@@ -445,6 +448,155 @@ async def test_changed_status_is_posted_and_order_is_kept() -> None:
         await r.send(fixture("kustomization-succeeded.json"))
         await settled(r)
         assert r.gitea.contexts(*REPO)[CONTEXT] == "success"
+
+
+# -- several replicas, one Gitea --------------------------------------------------------------
+
+
+@asynccontextmanager
+async def replicas(count: int = 2, *, settings: Settings | None = None,
+                   setup: Callable[[MemoryCluster], None] | None = None,
+                   clock: Callable[[], float] = time.monotonic) -> AsyncIterator[list[Rig]]:
+    """`count` status services, each with its own memory, on one cluster and ONE Gitea."""
+    settings = settings or make_settings()
+    store = ObjectStore(lambda u: normalise_repo_url(u, ALIASES))
+    cluster = MemoryCluster(store)
+    cluster.load(manifests())
+    if setup is not None:
+        setup(cluster)
+    await cluster.start()
+    fakes = {"gitea.example.com": FakeGitea(token=GITEA_TOKEN)}
+    transport, _ = gitea_transport(fakes)
+    rigs = []
+    for _ in range(count):
+        metrics = Metrics()
+        service = fast(StatusService(settings, cluster, metrics, transport=transport,
+                                     clock=clock))
+        rigs.append(Rig(settings, cluster, fakes, transport, service, metrics,
+                        http_client(service), clock))
+        await service.start()
+    try:
+        yield rigs
+    finally:
+        for r in rigs:
+            await r.service.stop(grace_seconds=0)
+        assert fakes["gitea.example.com"].problems == []
+
+
+async def all_settled(rigs: list[Rig]) -> None:
+    await eventually(lambda: all(r.service.queue_depth == 0 for r in rigs))
+
+
+SUCCEEDED = fixture("kustomization-succeeded.json")
+FAILED = fixture("kustomization-health-check-failed.json")
+EVENT_KINDS: dict[str, bytes] = {
+    "succeeded": SUCCEEDED,
+    "succeeded-again": with_message(SUCCEEDED, "Reconciliation finished in 2.5s, next run in 5m0s"),
+    "health-check-failed": FAILED,
+    "health-check-failed-again": with_message(FAILED, "timeout waiting for: [Deployment/x]"),
+    "build-failed": fixture("kustomization-build-failed.json"),
+    "progressing": fixture("kustomization-progressing.json"),
+}
+
+
+def shown_for(kind: str) -> tuple[str, str]:
+    """The (state, description) an event of `kind` asks Gitea to show."""
+    doc = json.loads(EVENT_KINDS[kind])
+    return gitea_state(doc["reason"], doc["severity"]) or "", describe(doc["reason"],
+                                                                        doc["message"])
+
+
+def gitea_shows(gitea: FakeGitea) -> tuple[str, str] | None:
+    latest = gitea.latest(*REPO, CONTEXT)
+    return None if latest is None else (latest["status"], latest["description"])
+
+
+@pytest.mark.anyio
+async def test_issue_9_one_replicas_memory_never_hides_another_replicas_post() -> None:
+    clock = Clock()
+    async with replicas(clock=clock) as (a, b):
+        await a.send(SUCCEEDED)  # A posted success, some time ago
+        await settled(a)
+        clock.advance(10 * WINDOW)
+        await b.send(FAILED)  # B posts the health check failure
+        await settled(b)
+        reply = await a.send(SUCCEEDED)  # the recovery reaches A, right after
+        assert reply.json() == {"accepted": True, "statuses": 1}
+        await settled(a)
+        assert gitea_shows(a.gitea) == shown_for("succeeded")
+        assert [p[3]["state"] for p in a.gitea.posts] == ["success", "failure", "success"]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("first, second", [("succeeded", "health-check-failed"),
+                                           ("health-check-failed", "succeeded"),
+                                           ("progressing", "succeeded"),
+                                           ("succeeded", "progressing")])
+@pytest.mark.parametrize("order", ["ab", "ba"])
+async def test_events_in_either_order_across_replicas_end_at_the_latest(
+        first: str, second: str, order: str) -> None:
+    clock = Clock()
+    async with replicas(clock=clock) as rigs:
+        x, y = (rigs[0], rigs[1]) if order == "ab" else (rigs[1], rigs[0])
+        # Both replicas once posted the state the last event asks for (stale memory).
+        for r in (x, y):
+            await r.send(EVENT_KINDS[second])
+            await settled(r)
+        clock.advance(2 * WINDOW)
+        await x.send(EVENT_KINDS[first])
+        await settled(x)
+        clock.advance(WINDOW)  # events of one object reach replicas at least a window apart
+        await y.send(EVENT_KINDS[second])
+        await settled(y)
+        assert gitea_shows(x.gitea) == shown_for(second)
+
+
+async def deliver_sequence(steps: list[tuple[int, str, float]], *, spaced: bool,
+                           final: int | None) -> tuple[tuple[str, str] | None, str]:
+    clock = Clock()
+    async with replicas(clock=clock) as rigs:
+        previous: int | None = None
+        for replica, kind, gap in steps:
+            if spaced and previous is not None and replica != previous:
+                gap = max(gap, 1.0)
+            clock.advance(gap * WINDOW)
+            reply = await rigs[replica].send(EVENT_KINDS[kind])
+            assert reply.status_code == 202
+            await all_settled(rigs)  # wait for the queues to drain, not for time to pass
+            previous = replica
+        last = steps[-1][1]
+        if final is not None:  # the next delivery of the last event, once the window passed
+            clock.advance(WINDOW)
+            await rigs[final].send(EVENT_KINDS[last])
+            await all_settled(rigs)
+        return gitea_shows(rigs[0].gitea), last
+
+
+STEPS = st.lists(st.tuples(st.integers(0, 1), st.sampled_from(sorted(EVENT_KINDS)),
+                           st.sampled_from([0.0, 0.3, 1.0, 3.0])), min_size=1, max_size=8)
+
+
+@settings(max_examples=40, deadline=None)
+@given(STEPS)
+def test_replicas_converge_on_the_latest_event(steps: list[tuple[int, str, float]]) -> None:
+    """Any sequence of events, each to a random replica: Gitea ends at the last one.
+
+    Events of one object that reach *different* replicas are at least a repeat window apart
+    (Flux reports an object's runs seconds to minutes apart; the window is a few seconds).
+    """
+    shown, last = asyncio.run(deliver_sequence(steps, spaced=True, final=None))
+    assert shown == shown_for(last)
+
+
+@settings(max_examples=25, deadline=None)
+@given(STEPS, st.integers(0, 1))
+def test_replicas_converge_once_the_window_has_passed(
+        steps: list[tuple[int, str, float]], final: int) -> None:
+    """Without spacing, an exact repeat may be believed for one window (e.g. A: build failed,
+    B: health check failed, A: build failed again, all within seconds); the next delivery
+    after the window, to any replica, ends at the latest."""
+    shown, last = asyncio.run(deliver_sequence(steps, spaced=False, final=final))
+    assert shown == shown_for(last)
 
 
 # -- Gitea failures ------------------------------------------------------------------------
