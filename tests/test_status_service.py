@@ -741,6 +741,103 @@ async def test_resync_does_not_rewrite_an_events_wording() -> None:
         assert await r.service.resync_once() == 0
 
 
+API_CONTEXT = "flux/eu-west/kustomization/apps/api"
+
+
+@pytest.mark.anyio
+async def test_resync_repairs_what_was_changed_behind_the_bridges_back() -> None:
+    clock = Clock()
+    async with replicas(setup=applied, clock=clock) as (leader, other):
+        await eventually(lambda: len(leader.gitea.contexts(*REPO)) == 2)
+        await all_settled([leader, other])
+        # Another replica posts a stale event it got late; someone posts by hand.
+        stale = fixture("kustomization-progressing.json")
+        await other.send(stale)
+        await settled(other)
+        leader.gitea.add(*REPO, API_CONTEXT, "success", "set by hand")
+        assert leader.gitea.contexts(*REPO) == {CONTEXT: "pending", API_CONTEXT: "success"}
+        # Within the leader's repeat window: it still reads Gitea, it does not trust itself.
+        reads = len(leader.gitea.reads)
+        repairs = leader.metric("gfb_status_repairs_total")  # the resync at start made some
+        assert await leader.service.resync_once() == 2
+        await settled(leader)
+        assert leader.gitea.contexts(*REPO) == {CONTEXT: "success", API_CONTEXT: "failure"}
+        assert len(leader.gitea.reads) == reads + 1  # one listing answered both contexts
+        assert leader.metric("gfb_status_repairs_total") == repairs + 2
+        clock.advance(WINDOW)
+        assert await leader.service.resync_once() == 0  # now Gitea shows the truth
+
+
+def many_commits(count: int) -> Callable[[MemoryCluster], None]:
+    """`count` Kustomizations from the webapp source, each deployed at its own commit."""
+    def setup(cluster: MemoryCluster) -> None:
+        cluster.mark_source_fetched(SOURCE, f"main@sha1:{SHA}")
+        for i in range(count):
+            cluster.apply({"kind": "Kustomization",
+                           "metadata": {"name": f"k{i}", "namespace": "apps"},
+                           "spec": {"sourceRef": {"kind": "GitRepository", "name": "webapp",
+                                                  "namespace": "flux-system"},
+                                    "path": f"./k{i}"}})
+            cluster.mark_applied(ObjectKey("Kustomization", "apps", f"k{i}"),
+                                 f"main@sha1:{commit_sha(i)}")
+    return setup
+
+
+def commit_sha(i: int) -> str:
+    return f"{i:x}" * 40
+
+
+@pytest.mark.anyio
+async def test_resync_read_budget_and_round_robin() -> None:
+    settings = make_settings(statuses={"resync_read_budget": 3,
+                                       "resync_interval_seconds": 3600})
+    async with rig(settings, start=False, setup=many_commits(7)) as r:
+        gitea = r.gitea
+        for i in range(7):
+            context = f"flux/eu-west/kustomization/apps/k{i}"
+            gitea.add("team", "webapp", commit_sha(i), context,
+                      "failure" if i == 3 else "success")  # commit 3 shows a stale state
+        for n in range(120):  # commit 5: our status is the oldest of 121, three pages away
+            gitea.add("team", "webapp", commit_sha(5), "ci/build", "success", f"#{n}")
+
+        async def run() -> tuple[int, list[tuple[int, int]]]:
+            before = len(gitea.reads)
+            queued = await r.service.resync_once()
+            return queued, [(int(sha[0], 16), page) for *_, sha, page in gitea.reads[before:]]
+
+        assert await run() == (0, [(0, 1), (1, 1), (2, 1)])
+        # Commit 5 needs three pages; one is left: it is started, then it comes first next run.
+        assert await run() == (1, [(3, 1), (4, 1), (5, 1)])
+        assert await run() == (0, [(5, 1), (5, 2), (5, 3)])
+        assert await run() == (0, [(6, 1), (0, 1), (1, 1)])  # round robin wraps around
+        assert r.metric("gfb_status_reads_total", purpose="resync") == 12
+        assert r.metric("gfb_status_repairs_total") == 1
+        # The repair queued in the second run goes out once workers run.
+        await r.service.start()
+        await settled(r)
+        assert gitea.contexts("team", "webapp", commit_sha(3)) == {
+            "flux/eu-west/kustomization/apps/k3": "success"}
+
+
+@pytest.mark.anyio
+async def test_resync_skips_a_repository_gitea_does_not_host() -> None:
+    fakes = {"gitea.example.com": FakeGitea(token=GITEA_TOKEN, repos={("team", "other")})}
+    async with rig(start=False, setup=many_commits(2), fakes=fakes) as r:
+        assert await r.service.resync_once() == 0
+        assert r.metric("gfb_status_reads_total", purpose="resync") == 2  # one 404 each
+        assert r.gitea.posts == []
+
+
+@pytest.mark.anyio
+async def test_resync_leaves_a_down_instance_for_the_next_run() -> None:
+    async with rig(start=False, setup=many_commits(3)) as r:
+        r.gitea.fail = [503]
+        assert await r.service.resync_once() == 0
+        assert r.metric("gfb_status_reads_total", purpose="resync") == 1  # then it stopped
+        assert await r.service.resync_once() == 3  # starts again where it was: all three
+        assert [int(sha[0], 16) for *_, sha, _ in r.gitea.reads] == [0, 1, 2]
+
+
 @pytest.mark.anyio
 async def test_resync_only_with_the_lease() -> None:
     async def other_holder(cluster: MemoryCluster) -> None:
