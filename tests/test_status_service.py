@@ -1038,6 +1038,19 @@ def test_bad_templates_fail_at_start() -> None:
             StatusService(make_settings(statuses=statuses), MemoryCluster(store), Metrics())
 
 
+def test_repeat_window_and_read_budget_are_validated() -> None:
+    defaults = StatusConfig()
+    assert (defaults.repeat_window_seconds, defaults.resync_read_budget) == (5.0, 200)
+    for bad, key in (({"repeat_window_seconds": -1}, "repeat_window_seconds"),
+                     ({"repeat_window_seconds": 3600}, "repeat_window_seconds"),
+                     ({"resync_read_budget": 0}, "resync_read_budget")):
+        with pytest.raises(ConfigError, match=f"statuses.{key}"):
+            make_settings(statuses=bad)
+    env = load_settings(environ={"GFB_STATUSES__REPEAT_WINDOW_SECONDS": "2",
+                                 "GFB_STATUSES__RESYNC_READ_BUDGET": "50"})
+    assert (env.statuses.repeat_window_seconds, env.statuses.resync_read_budget) == (2.0, 50)
+
+
 @pytest.mark.anyio
 async def test_queue_depth_gauge() -> None:
     async with rig(start=False) as r:
