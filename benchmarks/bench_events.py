@@ -80,24 +80,28 @@ def gitea_app() -> Any:
 
     records: list[tuple[str, str, str, float]] = []
     gets = [0]
+    shown: dict[str, dict[str, dict[str, object]]] = {}  # sha -> context -> latest status
 
     async def statuses(request: Request) -> Response:
-        if request.method == "GET":
+        sha = request.path_params["sha"]
+        if request.method == "GET":  # the latest per context is all the bridge looks for
             gets[0] += 1
-            return JSONResponse([])
+            latest = sorted(shown.get(sha, {}).values(), key=lambda s: -int(str(s["id"])))
+            return JSONResponse(latest, headers={"X-Total-Count": str(len(latest))})
         arrived = time.monotonic()
         body = json.loads(await request.body())
-        sha = request.path_params["sha"]
         records.append((sha, body["context"], body["state"], arrived))
-        return JSONResponse({"id": len(records), "status": body["state"],
-                             "context": body["context"], "description": body["description"],
-                             "target_url": body["target_url"]}, status_code=201)
+        status: dict[str, object] = {
+            "id": len(records), "status": body["state"], "context": body["context"],
+            "description": body["description"], "target_url": body["target_url"]}
+        shown.setdefault(sha, {})[body["context"]] = status
+        return JSONResponse(status, status_code=201)
 
     async def dump(request: Request) -> Response:
         return JSONResponse({"posts": records, "gets": gets[0]})
 
     async def reset(request: Request) -> Response:
-        records.clear()
+        records.clear()  # the counters; what Gitea shows stays, as in a real Gitea
         gets[0] = 0
         return JSONResponse({})
 

@@ -99,6 +99,12 @@ class StatusConfig(_Model):
     resync_interval_seconds: float = Field(default=300.0, gt=0)
     lease_name: str = "gitea-flux-bridge-resync"
     lease_duration_seconds: int = Field(default=60, ge=10)
+    # How long a replica believes what it posted or read from Gitea. It only ever suppresses
+    # an exact repeat; other replicas post to the same Gitea, so it stays short (0: always
+    # ask Gitea before posting).
+    repeat_window_seconds: float = Field(default=5.0, ge=0, le=60)
+    # Gitea GET requests (listing pages) one resync run may make; the next run carries on.
+    resync_read_budget: int = Field(default=200, ge=1)
 
     @field_validator("context_template", "target_url_template")
     @classmethod

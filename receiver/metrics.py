@@ -42,6 +42,12 @@ class Metrics:
             "retried, failed)", ["result"], registry=r)
         self.status_queue_depth = Gauge(
             "gfb_status_queue_depth", "Commit statuses waiting to be posted", registry=r)
+        self.status_reads = Counter(
+            "gfb_status_reads_total", "Gitea status listing requests (one per page) by purpose "
+            "(check: before a post, resync: the resync's comparison)", ["purpose"], registry=r)
+        self.status_repairs = Counter(
+            "gfb_status_repairs_total", "Statuses the resync found Gitea showing differently "
+            "from live state, and queued", registry=r)
         self.lead_time = Histogram(
             "gfb_push_to_ready_seconds", "Push received to touched object Ready at that commit",
             ["cluster"], buckets=LEAD_TIME_BUCKETS, registry=r)

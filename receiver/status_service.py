@@ -6,12 +6,20 @@ Gitea instance that hosts the repository. Jobs are keyed by (instance, repo, sha
 Gitea keeps one latest status per key, so a newer job for a key replaces a waiting one, and a
 key is never posted by two workers at once (the order of posts is the order of truth).
 
-Before posting, a job is compared with what we last posted for its key (bounded LRU), or, for
-the first post on a commit since start, with Gitea's newest status of that context (one
-listing of the commit answers for all its contexts). Event and
-push jobs compare state, description and target URL; jobs derived from live state (resync,
-delivery outcomes) compare the state only, so they repair what is missing without rewriting
-an event's wording.
+Several replicas post to one Gitea, so before posting a job is compared with what *Gitea*
+shows for its key, never with a replica's own history. A replica remembers what it posted or
+read for `statuses.repeat_window_seconds` only (`statuses.recall`): within that window an exact
+repeat is skipped and one listing of a commit answers for all its contexts; after it, the
+commit's statuses are read again (one paged listing per commit, shared by concurrent jobs).
+Memory can only ever say "same": a changed status is always posted. Event and push jobs
+compare state, description and target URL; jobs derived from live state (resync, delivery
+outcomes) compare the state only, so they repair what is missing without rewriting an event's
+wording.
+
+The resync (Lease holder) derives every status from live state and compares it with what Gitea
+shows, read fresh: one listing per (instance, repository, commit), newest first, paged, within
+a budget of `statuses.resync_read_budget` reads per run; the next run carries on where the last
+stopped (`statuses.resync_schedule`).
 """
 
 from __future__ import annotations
@@ -39,7 +47,13 @@ from receiver.events import EventError, FluxEvent, parse_event
 from receiver.flux.cluster import Cluster
 from receiver.flux.objects import CONSUMER_KINDS, FluxObject, ObjectKey, consumer_source
 from receiver.flux.revisions import FAILED, READY, TIMED_OUT, progress_at
-from receiver.gitea.client import CreateStatusOption, GiteaClient, GiteaError
+from receiver.gitea.client import (
+    CommitStatus,
+    CreateStatusOption,
+    GiteaClient,
+    GiteaError,
+    more_pages,
+)
 from receiver.gitea.payloads import Push
 from receiver.giturls import normalise_aliases, normalise_host
 from receiver.http import (
@@ -56,7 +70,10 @@ from receiver.statuses import (
     CONTEXT_FIELDS,
     MAPPED,
     TARGET_URL_FIELDS,
+    CommitKey,
     DesiredStatus,
+    Fields,
+    Seen,
     StatusTemplates,
     check_template,
     desired_after_timeout,
@@ -64,14 +81,17 @@ from receiver.statuses import (
     desired_from_object,
     instance_hosts,
     instances_for,
+    latest_per_context,
+    needs_post,
     pending_for_push,
-    same_status,
+    plan_repairs,
+    recall,
+    resync_schedule,
 )
 
 log = logging.getLogger(__name__)
 
 JobKey = tuple[str, str, str, str]  # (instance, repo key, sha, context)
-Fields = tuple[str, str, str]  # (state, description, target_url)
 
 
 @dataclass
@@ -88,7 +108,21 @@ class _Job:
 
     @property
     def fields(self) -> Fields:
-        return (self.status.state, self.status.description, self.status.target_url)
+        return self.status.fields
+
+
+@dataclass
+class _Budget:
+    """Gitea reads a piece of work may still make."""
+
+    left: int
+
+
+@dataclass(frozen=True)
+class _Listing:
+    shown: dict[str, Fields]  # latest per context among the statuses read
+    complete: bool  # every page read: a context not in `shown` has no status
+    covered: bool  # complete, or every wanted context found
 
 
 def backoff_delay(attempt: int, base: float, cap: float, rng: Callable[[], float]) -> float:
@@ -102,7 +136,8 @@ class StatusService:
     workers = 8
     retry_base_seconds = 0.5
     retry_cap_seconds = 30.0
-    posted_cache_size = 100_000
+    memory_size = 100_000  # observations kept; they also expire after the repeat window
+    check_max_pages = 20  # pages read before a post (1,000 statuses); beyond: post anyway
     # The resync never fills more than this share of the queue: events keep room. When it
     # reaches it, it waits for the workers up to `resync_wait_seconds`, then tries next round.
     resync_queue_share = 0.8
@@ -143,8 +178,12 @@ class StatusService:
         self._latest: dict[JobKey, _Job] = {}  # waiting to be taken, newest per key
         self._busy: set[JobKey] = set()  # being posted, or waiting for a retry
         self._keys: asyncio.Queue[JobKey] = asyncio.Queue()
-        self._posted: OrderedDict[JobKey, Fields] = OrderedDict()
-        self._listed: OrderedDict[tuple[str, str, str], None] = OrderedDict()  # commits read
+        # What this replica saw Gitea show (posted or read), oldest first; believed only for
+        # the repeat window. `_listed`: when a commit's listing was last read to the end.
+        self._seen: OrderedDict[JobKey, Seen] = OrderedDict()
+        self._listed: OrderedDict[CommitKey, float] = OrderedDict()
+        self._reading: dict[CommitKey, tuple[asyncio.Lock, int]] = {}  # shared reads
+        self._cursors: dict[str, CommitKey] = {}  # per instance: where the resync stopped
         self._timers: dict[JobKey, asyncio.TimerHandle] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._secrets: dict[SecretSource, tuple[float, str]] = {}
@@ -362,16 +401,68 @@ class StatusService:
     # -- resync ------------------------------------------------------------------------------
 
     async def resync_once(self) -> int:
-        """Enqueue the status every Git-sourced consumer should have; returns how many.
+        """Queue the live-state status of every Git-sourced consumer that Gitea shows otherwise.
 
-        Statuses we already posted with that state are skipped here, so a steady cluster costs
-        no queue space and no Gitea call.
+        Desired statuses are grouped by (instance, repository, commit); each group costs one
+        listing of the commit in Gitea (pages = ceil(statuses / 50), fewer when the wanted
+        contexts show up early), at most `statuses.resync_read_budget` reads per run. The next
+        run carries on after the last commit checked. Returns how many statuses were queued.
         """
         if not self._settings.gitea:
             return 0  # nowhere to post: deriving statuses would be wasted work
+        cfg = self._settings.statuses
+        wanted = await self._desired_by_commit()
+        room = max(1, int(cfg.queue_size * self.resync_queue_share))
+        budget = _Budget(cfg.resync_read_budget)
+        down: set[str] = set()  # instances that failed to answer in this run
+        count = checked = 0
+        for commit in resync_schedule(wanted, self._cursors):
+            instance = commit[0]
+            if budget.left <= 0:
+                break
+            if instance in down:
+                continue
+            desired = wanted[commit]
+            full_budget = budget.left == cfg.resync_read_budget
+            try:
+                listing = await self._read_commit(
+                    commit, desired[0].owner, desired[0].repo,
+                    frozenset(d.context for d in desired), budget, "resync")
+            except GiteaError as exc:
+                if exc.retryable:  # down or throttled: its commits wait for the next run
+                    down.add(instance)
+                else:  # no such repository or commit there, or no access: nothing to repair
+                    self._cursors[instance] = commit
+                log.warning("resync could not read statuses", extra={
+                    "instance": instance, "repo": desired[0].repo_key, "commit": commit[2],
+                    "error": str(exc)})
+                continue
+            if not listing.covered and not full_budget:
+                break  # out of reads mid-listing: this commit comes first next run
+            repairs = plan_repairs(desired, listing.shown)
+            queued = 0
+            for repair in repairs:
+                added = (self._enqueue([repair], state_only=True, instance=instance)
+                         if await self._room_for_resync(room) else None)
+                if added is None:
+                    break
+                queued += added
+            count += queued
+            self._metrics.status_repairs.inc(queued)
+            if queued < len(repairs):
+                log.warning("status queue stays full; resync continues next round")
+                break  # this commit comes first next run
+            self._cursors[instance] = commit
+            checked += 1
+        log.info("resync done", extra={
+            "statuses": count, "commits": checked, "of": len(wanted),
+            "reads": cfg.resync_read_budget - budget.left})
+        return count
+
+    async def _desired_by_commit(self) -> dict[CommitKey, list[DesiredStatus]]:
+        """Every consumer's live-state status, per hosting instance and commit."""
         store = self._cluster.store
-        room = max(1, int(self._settings.statuses.queue_size * self.resync_queue_share))
-        count = 0
+        wanted: dict[CommitKey, list[DesiredStatus]] = {}
         for kind in ("Kustomization", "HelmRelease"):
             for index, obj in enumerate(store.list(kind)):
                 if index % 500 == 499:
@@ -382,15 +473,10 @@ class StatusService:
                 desired = desired_from_object(obj, source, self._templates, self._normalise)
                 if desired is None:
                     continue
-                instances = instances_for(desired.repo_key, self._hosts)
-                if all(self._known_same((i, *desired.key), (desired.state, "", ""))
-                       for i in instances):
-                    continue  # Gitea has it (or no instance hosts the repository)
-                if not await self._room_for_resync(room):
-                    log.warning("status queue stays full; resync continues next round")
-                    return count
-                count += self._enqueue([desired], state_only=True) or 0
-        return count
+                for instance in instances_for(desired.repo_key, self._hosts):
+                    wanted.setdefault((instance, desired.repo_key, desired.sha), []).append(
+                        desired)
+        return wanted
 
     async def _room_for_resync(self, room: int) -> bool:
         deadline = time.monotonic() + self.resync_wait_seconds
@@ -414,19 +500,21 @@ class StatusService:
                     last_run = None  # on taking over, resync at once
                 elif last_run is None or self._clock() - last_run >= cfg.resync_interval_seconds:
                     last_run = self._clock()
-                    count = await self.resync_once()
-                    log.info("resync done", extra={"statuses": count})
+                    await self.resync_once()
             except Exception:
                 log.exception("resync failed; retrying next round")
             await asyncio.sleep(tick)
 
     # -- queue -------------------------------------------------------------------------------
 
-    def _enqueue(self, wanted: Iterable[DesiredStatus], *, state_only: bool) -> int | None:
-        """One job per (status, hosting instance); None, and nothing queued, if full."""
+    def _enqueue(
+        self, wanted: Iterable[DesiredStatus], *, state_only: bool, instance: str | None = None,
+    ) -> int | None:
+        """One job per (status, hosting instance, or just `instance`); None if full."""
         now = self._clock()
-        jobs = [_Job(instance, status, state_only, now)
-                for status in wanted for instance in instances_for(status.repo_key, self._hosts)]
+        jobs = [_Job(name, status, state_only, now)
+                for status in wanted for name in instances_for(status.repo_key, self._hosts)
+                if instance is None or name == instance]
         new_keys = {job.key for job in jobs if job.key not in self._latest}
         if len(self._latest) + len(new_keys) > self._settings.statuses.queue_size:
             return None
@@ -478,12 +566,14 @@ class StatusService:
                 retry_in, self._release, key)
 
     async def _deliver(self, job: _Job) -> float | None:
-        """Post one job unless Gitea has it; None when done, else seconds until a retry."""
+        """Post one job unless Gitea shows it; None when done, else seconds until a retry."""
         status = job.status
         try:
-            if job.key not in self._posted:
-                await self._learn_commit(job)
-            if self._known_same(job.key, job.fields, state_only=job.state_only):
+            known, shown = self._recall(job.key)
+            if not known:
+                known, shown = await self._check_commit(job)
+            # Unknown even now (a listing too long to read whole): post, Gitea keeps the latest.
+            if known and not needs_post(shown, job.fields, state_only=job.state_only):
                 self._metrics.statuses.labels("deduplicated").inc()
                 return None
             await self._client.post_status(
@@ -503,39 +593,93 @@ class StatusService:
                 "context": status.context, "state": status.state, "attempts": job.attempts,
                 "error": str(exc)})
             return None
-        self._remember(job.key, job.fields)
+        self._observe(job.key, job.fields, self._clock())
         self._metrics.statuses.labels("posted").inc()
         return None
 
-    async def _learn_commit(self, job: _Job) -> None:
-        """Read Gitea's newest status per context of the job's commit, once per commit.
+    async def _check_commit(self, job: _Job) -> tuple[bool, Fields | None]:
+        """What Gitea shows for the job's key: read now, or by a concurrent job just before.
 
-        One listing answers for every context on the commit (a push touching twenty
-        consumers costs one GET, not twenty); a context it does not show has no status.
+        Jobs of one commit share the read: the first reads, the others wait and then find a
+        fresh answer (a push touching twenty consumers costs one listing, not twenty).
         """
-        commit = job.key[:3]
-        if commit in self._listed:
-            return
-        status = job.status
-        found = await self._client.list_statuses(job.instance, status.owner, status.repo,
-                                                 status.sha)
-        for item in found:  # newest first: the first of each context is its latest
-            key = (*commit, item.context)
-            if item.state and key not in self._posted:
-                self._remember(key, (item.state, item.description, item.target_url))
-        self._listed[commit] = None
-        while len(self._listed) > self.posted_cache_size // 10:
+        commit: CommitKey = job.key[:3]
+        lock, users = self._reading.get(commit, (asyncio.Lock(), 0))
+        self._reading[commit] = (lock, users + 1)
+        try:
+            async with lock:
+                known, shown = self._recall(job.key)
+                if known:
+                    return known, shown
+                context = job.status.context
+                listing = await self._read_commit(
+                    commit, job.status.owner, job.status.repo, frozenset({context}),
+                    _Budget(self.check_max_pages), "check")
+                if context in listing.shown:
+                    return True, listing.shown[context]
+                return listing.complete, None
+        finally:
+            lock, users = self._reading[commit]
+            if users <= 1:
+                del self._reading[commit]
+            else:
+                self._reading[commit] = (lock, users - 1)
+
+    async def _read_commit(
+        self, commit: CommitKey, owner: str, repo: str, wanted: frozenset[str],
+        budget: _Budget, purpose: str,
+    ) -> _Listing:
+        """List a commit's statuses newest first, page by page, and remember what it shows.
+
+        Stops at the last page, when every wanted context has shown up (its first appearance
+        is its latest), or when the budget is spent. Raises `GiteaError`.
+        """
+        instance, _, sha = commit
+        at = self._clock()  # as of the first request: later posts are not in it
+        items: list[CommitStatus] = []
+        complete = False
+        number = 0
+        while budget.left > 0:
+            number += 1
+            budget.left -= 1
+            self._metrics.status_reads.labels(purpose).inc()
+            page = await self._client.status_page(instance, owner, repo, sha, number)
+            items.extend(page.items)
+            if not more_pages(page, len(items)):
+                complete = True
+                break
+            if wanted <= {item.context for item in items}:
+                break
+        shown = latest_per_context(items)
+        for context, fields in shown.items():
+            self._observe((*commit, context), fields, at)
+        if complete:
+            self._listed[commit] = at
+            self._listed.move_to_end(commit)
+        self._forget(self._clock())
+        return _Listing(shown, complete, complete or wanted <= shown.keys())
+
+    def _recall(self, key: JobKey) -> tuple[bool, Fields | None]:
+        return recall(self._seen.get(key), self._listed.get(key[:3]), self._clock(),
+                      self._settings.statuses.repeat_window_seconds)
+
+    def _observe(self, key: JobKey, fields: Fields, at: float) -> None:
+        current = self._seen.get(key)
+        if current is not None and current.at > at:
+            return  # a post made while a listing was under way is newer than the listing
+        self._seen[key] = Seen(fields, at)
+        self._seen.move_to_end(key)
+        self._forget(at)
+
+    def _forget(self, now: float) -> None:
+        """Drop what may no longer be believed: older than the window, or over the size."""
+        horizon = now - self._settings.statuses.repeat_window_seconds
+        while self._seen and (len(self._seen) > self.memory_size
+                              or next(iter(self._seen.values())).at <= horizon):
+            self._seen.popitem(last=False)
+        while self._listed and (len(self._listed) > self.memory_size
+                                or next(iter(self._listed.values())) <= horizon):
             self._listed.popitem(last=False)
-
-    def _known_same(self, key: JobKey, fields: Fields, *, state_only: bool = True) -> bool:
-        known = self._posted.get(key)
-        return known is not None and same_status(known, fields, state_only=state_only)
-
-    def _remember(self, key: JobKey, fields: Fields) -> None:
-        self._posted[key] = fields
-        self._posted.move_to_end(key)
-        while len(self._posted) > self.posted_cache_size:
-            self._posted.popitem(last=False)
 
     # -- cluster and secrets -----------------------------------------------------------------
 

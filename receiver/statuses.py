@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import re
 import string
-from collections.abc import Callable, Iterable, Mapping
+from bisect import bisect_right
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from receiver.events import FluxEvent
 from receiver.flux.objects import CONSUMER_KINDS, FluxObject
@@ -256,6 +257,8 @@ def instances_for(repo_key: str, table: Mapping[str, tuple[str, ...]]) -> tuple[
 
 # -- the desired status ----------------------------------------------------------------------
 
+Fields = tuple[str, str, str]  # (state, description, target_url): what a status shows
+
 
 @dataclass(frozen=True, slots=True)
 class DesiredStatus:
@@ -272,6 +275,10 @@ class DesiredStatus:
     def key(self) -> tuple[str, str, str]:
         """What Gitea keeps one latest status for (per instance)."""
         return (self.repo_key, self.sha, self.context)
+
+    @property
+    def fields(self) -> Fields:
+        return (self.state, self.description, self.target_url)
 
 
 def same_status(a: tuple[str, str, str], b: tuple[str, str, str], *, state_only: bool) -> bool:
@@ -451,3 +458,115 @@ def as_json(status: DesiredStatus) -> dict[str, Any]:
     return {"repo": status.repo_key, "sha": status.sha, "context": status.context,
             "state": status.state, "description": status.description,
             "target_url": status.target_url}
+
+
+# -- what Gitea shows, and what differs --------------------------------------------------------
+#
+# Several replicas post to one Gitea, so no replica's memory of its own posts is the truth.
+# A replica may believe what it posted or read for `repeat_window` seconds (that suppresses an
+# exact repeat, and lets one listing of a commit answer for all its contexts); after that it
+# asks Gitea. A change is never suppressed: memory can only say "same", and "same" expires.
+
+
+class ShownStatus(Protocol):
+    """One status as a Gitea listing returns it (`gitea.client.CommitStatus` fits)."""
+
+    @property
+    def state(self) -> str: ...
+    @property
+    def description(self) -> str: ...
+    @property
+    def target_url(self) -> str: ...
+    @property
+    def context(self) -> str: ...
+    @property
+    def id(self) -> int: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Seen:
+    """What a replica saw Gitea show for one context at `at`: posted or read. None: nothing."""
+
+    fields: Fields | None
+    at: float
+
+
+def is_fresh(observed_at: float, now: float, window: float) -> bool:
+    """An observation may be believed for `window` seconds, never longer (0: never)."""
+    return 0 <= now - observed_at < window
+
+
+def recall(
+    seen: Seen | None, listed_at: float | None, now: float, window: float
+) -> tuple[bool, Fields | None]:
+    """(known, fields): what the replica may still believe Gitea shows for a context.
+
+    A fresh post or read of the context answers. Otherwise a fresh *complete* listing of the
+    commit answers "no status" (a listing records every context it shows, so a context it did
+    not refresh was not in it). Anything older is unknown: ask Gitea.
+    """
+    if seen is not None and is_fresh(seen.at, now, window):
+        return True, seen.fields
+    if listed_at is not None and is_fresh(listed_at, now, window):
+        return True, None
+    return False, None
+
+
+def needs_post(shown: Fields | None, wanted: Fields, *, state_only: bool) -> bool:
+    """Post unless Gitea (as far as we may know) shows the same latest status already."""
+    return shown is None or not same_status(shown, wanted, state_only=state_only)
+
+
+def latest_per_context(items: Iterable[ShownStatus]) -> dict[str, Fields]:
+    """Gitea's latest status per context from listed statuses, whatever order they came in.
+
+    Gitea's ids grow with every status, so the highest id of a context is its latest; without
+    ids the first listed wins (we ask for newest first). Empty states and contexts are skipped.
+    """
+    best: dict[str, tuple[tuple[int, int], Fields]] = {}
+    for position, item in enumerate(items):
+        if not item.state or not item.context:
+            continue
+        rank = (item.id, -position)
+        current = best.get(item.context)
+        if current is None or rank > current[0]:
+            best[item.context] = (rank, (item.state, item.description, item.target_url))
+    return {context: fields for context, (_, fields) in best.items()}
+
+
+def plan_repairs(
+    desired: Iterable[DesiredStatus], shown: Mapping[str, Fields]
+) -> list[DesiredStatus]:
+    """The live-state statuses Gitea does not show: missing, or another state (resync).
+
+    The state alone is compared: an event's own wording of the same outcome stays.
+    """
+    return [d for d in desired
+            if needs_post(shown.get(d.context), d.fields, state_only=True)]
+
+
+CommitKey = tuple[str, str, str]  # (instance, repository key, sha): one listing in Gitea
+
+
+def resync_schedule(
+    commits: Iterable[CommitKey], cursors: Mapping[str, CommitKey]
+) -> list[CommitKey]:
+    """The order a resync reads commits in: round robin, carrying on where the last run stopped.
+
+    Per instance, commits in sorted order starting after that instance's cursor (the last one
+    checked), wrapping around; instances interleave, so a read budget is shared fairly and a
+    large fleet is covered over several runs.
+    """
+    per_instance: dict[str, list[CommitKey]] = {}
+    for commit in commits:
+        per_instance.setdefault(commit[0], []).append(commit)
+    rotated: list[Sequence[CommitKey]] = []
+    for instance in sorted(per_instance):
+        ordered = sorted(set(per_instance[instance]))
+        cursor = cursors.get(instance)
+        start = bisect_right(ordered, cursor) if cursor is not None else 0
+        rotated.append(ordered[start:] + ordered[:start])
+    out: list[CommitKey] = []
+    for turn in range(max((len(r) for r in rotated), default=0)):
+        out.extend(r[turn] for r in rotated if turn < len(r))
+    return out

@@ -5,8 +5,10 @@ path matches a template under `/api/v1` (after the instance's sub-path), the met
 there, every query parameter is declared (type and enum checked), and a JSON body matches the
 referenced definition (known keys, types, enums). `FakeGitea` keeps commit statuses the way
 Gitea does (per repo and commit, an increasing index, the newest per context wins), answers
-with the `status` field quirk, and can be told to fail. Requests go through respx, which keeps
-every call for the validator.
+with the `status` field quirk, lists them as Gitea 1.26 does (the `sort` values with their
+real, inverted meaning for the index sorts; `page`; `limit` defaulting to 30 and capped at 50;
+`X-Total-Count`), answers 404 for a repository it does not host (when told which it hosts),
+and can be told to fail. Requests go through respx, which keeps every call for the validator.
 """
 
 from __future__ import annotations
@@ -133,9 +135,29 @@ class SwaggerValidator:
         return problems
 
 
+# Gitea's [api] DEFAULT_PAGING_NUM and MAX_RESPONSE_ITEMS defaults.
+DEFAULT_PAGE_SIZE = 30
+MAX_PAGE_SIZE = 50
+# models/git/commit_status.go: how each `sort` orders, as (field, descending). Note the index
+# sorts: `leastindex` is index DESC (newest first), `highestindex` index ASC.
+_SORTS: dict[str, tuple[str, bool]] = {
+    "oldest": ("id", False), "recentupdate": ("id", True), "leastupdate": ("id", False),
+    "leastindex": ("index", True), "highestindex": ("index", False), "": ("id", True),
+}
+def _public(status: dict[str, Any]) -> dict[str, Any]:
+    """A stored status as the API shows it: the per-commit index is not part of the JSON."""
+    return {k: v for k, v in status.items() if k != "index"}
+
+
+NOT_FOUND = {"errors": None, "message": "The target couldn't be found.", "url": ""}
+
+
 @dataclass
 class FakeGitea:
-    """Gitea's commit statuses for any repository; `fail` queues failures for the next calls."""
+    """Gitea's commit statuses; `fail` queues failures for the next calls.
+
+    `repos` lists the (owner, name) it hosts; None hosts every repository.
+    """
 
     token: str = "gitea-token"
     prefix: str = "/api/v1"
@@ -143,10 +165,14 @@ class FakeGitea:
     fail: list[int | Exception] = field(default_factory=list)
     posts: list[tuple[str, str, str, dict[str, Any]]] = field(default_factory=list)
     gets: int = 0
+    reads: list[tuple[str, str, str, int]] = field(default_factory=list)  # (..., page)
+    repos: set[tuple[str, str]] | None = None
     validator: SwaggerValidator = field(default_factory=SwaggerValidator)
     problems: list[str] = field(default_factory=list)
+    _next_id: int = 0
 
-    _PATH = re.compile(r"^/repos/(?P<owner>[^/]+)/(?P<repo>[^/]+)/statuses/(?P<sha>[^/]+)$")
+    _PATH = re.compile(r"^/repos/(?P<owner>[^/]+)/(?P<repo>[^/]+)/"
+                       r"(?:statuses/(?P<sha>[^/]+)|commits/(?P<ref>[^/]+)/statuses)$")
 
     def handle(self, request: httpx.Request) -> httpx.Response:
         self.problems += self.validator.problems(request, self.prefix)
@@ -158,31 +184,52 @@ class FakeGitea:
         if request.headers.get("authorization") != f"token {self.token}":
             return httpx.Response(401, json={"message": "token is required", "url": ""})
         m = self._PATH.match(request.url.path.removeprefix(self.prefix))
-        if m is None:
-            return httpx.Response(404, json={"message": "not found", "url": ""})
-        key = (unquote(m["owner"]), unquote(m["repo"]), unquote(m["sha"]))
-        items = self.statuses.setdefault(key, [])
+        if m is None or (m["ref"] is not None and request.method != "GET"):
+            return httpx.Response(404, json=NOT_FOUND)
+        owner, repo = unquote(m["owner"]), unquote(m["repo"])
+        if self.repos is not None and (owner, repo) not in self.repos:
+            return httpx.Response(404, json=NOT_FOUND)
+        key = (owner, repo, unquote(m["sha"] or m["ref"]))
         if request.method == "GET":
-            self.gets += 1
-            ordered = sorted(items, key=lambda s: s["index"],
-                             reverse=request.url.params.get("sort") != "oldest")
-            limit = int(request.url.params.get("limit", "30"))
-            return httpx.Response(200, json=ordered[:limit])
+            return self._list(key, request.url.params)
         body = json.loads(request.content)
+        status = self.add(*key, body.get("context", ""), body.get("state", ""),
+                          body.get("description", ""), body.get("target_url", ""))
+        self.posts.append((*key, body))
+        return httpx.Response(201, json=_public(status))
+
+    def _list(self, key: tuple[str, str, str], params: httpx.QueryParams) -> httpx.Response:
+        self.gets += 1
+        page = max(int(params.get("page", "0") or 0), 1)
+        limit = int(params.get("limit", "0") or 0)
+        limit = DEFAULT_PAGE_SIZE if limit <= 0 else min(limit, MAX_PAGE_SIZE)
+        self.reads.append((*key, page))
+        items = self.statuses.get(key, [])
+        if params.get("state"):
+            items = [s for s in items if s["status"] == params["state"]]
+        by, descending = _SORTS.get(params.get("sort", ""), _SORTS[""])
+        ordered = sorted(items, key=lambda s: s[by], reverse=descending)
+        shown = [_public(s) for s in ordered[(page - 1) * limit: page * limit]]
+        return httpx.Response(200, json=shown, headers={"X-Total-Count": str(len(items))})
+
+    def add(self, owner: str, repo: str, sha: str, context: str, state: str,
+            description: str = "", target_url: str = "") -> dict[str, Any]:
+        """Store a status as Gitea would (also: someone posting behind the bridge's back)."""
+        items = self.statuses.setdefault((owner, repo, sha), [])
+        self._next_id += 1
         status = {
-            "id": sum(len(v) for v in self.statuses.values()) + 1,
+            "id": self._next_id,
             "index": len(items) + 1,
-            "status": body.get("state", ""),
-            "target_url": body.get("target_url", "").strip(),
-            "description": body.get("description", "").strip(),
-            "context": body.get("context", "").strip(),
-            "url": f"https://gitea.test/api/v1/repos/{key[0]}/{key[1]}/statuses/{key[2]}",
+            "status": state,
+            "target_url": target_url.strip(),
+            "description": description.strip(),
+            "context": context.strip(),
+            "url": f"https://gitea.test/api/v1/repos/{owner}/{repo}/statuses/{sha}",
             "created_at": "2026-08-07T13:04:05Z",
             "updated_at": "2026-08-07T13:04:05Z",
         }
         items.append(status)
-        self.posts.append((*key, body))
-        return httpx.Response(201, json=status)
+        return status
 
     def latest(self, owner: str, repo: str, sha: str, context: str) -> dict[str, Any] | None:
         items = [s for s in self.statuses.get((owner, repo, sha), []) if s["context"] == context]

@@ -17,6 +17,8 @@ from receiver.gitea.client import (
     CreateStatusOption,
     GiteaClient,
     GiteaError,
+    StatusPage,
+    more_pages,
     parse_retry_after,
     pick_latest,
     retryable_status,
@@ -120,8 +122,10 @@ async def test_request_shape() -> None:
     assert post.headers["content-type"] == "application/json"
     assert post.headers["user-agent"].startswith("gitea-flux-bridge/")
     assert json.loads(post.content) == OPTION.as_json()
-    assert get.method == "GET" and get.url.params["sort"] == "highestindex"
-    assert get.url.params["limit"] == "50" and not get.content
+    # `leastindex` is Gitea's index-descending sort: newest first, despite its name.
+    assert get.method == "GET" and get.url.params["sort"] == "leastindex"
+    assert get.url.params["limit"] == "50" and get.url.params["page"] == "1"
+    assert not get.content
     assert fake.problems == []
 
 
@@ -147,6 +151,93 @@ def test_pick_latest_skips_other_contexts_and_empty_states() -> None:
              CommitStatus("success", "z", "", "c", 1)]
     assert pick_latest(items, " c ") == items[2]
     assert pick_latest(items, "e") is None
+    # Whatever order a listing came in, the highest id is the latest.
+    older_first = [CommitStatus("pending", "", "", "c", 4), CommitStatus("failure", "", "", "c", 9)]
+    assert pick_latest(older_first, "c") == older_first[1]
+
+
+# -- paging ------------------------------------------------------------------------------------
+
+
+def test_more_pages() -> None:
+    one = CommitStatus("success", "", "", "c", 1)
+    assert not more_pages(StatusPage((), 1, 50, 10), 0)  # an empty page ends it
+    assert more_pages(StatusPage((one,) * 50, 1, 50, 120), 50)
+    assert not more_pages(StatusPage((one,) * 20, 3, 50, 120), 120)
+    # Without X-Total-Count: a full page may have a successor, a short one does not.
+    assert more_pages(StatusPage((one,) * 50, 1, 50), 50)
+    assert not more_pages(StatusPage((one,) * 49, 1, 50), 49)
+
+
+def seeded(count: int, contexts: int = 1) -> FakeGitea:
+    fake = FakeGitea()
+    for i in range(count):
+        fake.add("team", "webapp", SHA, f"c{i % contexts}", "pending" if i % 2 else "success",
+                 f"#{i}")
+    return fake
+
+
+@pytest.mark.anyio
+async def test_listing_reads_every_page_newest_first() -> None:
+    fake = seeded(120)
+    client, _ = client_for(fake, url="https://gitea.example.com")
+    found = await client.list_statuses("eu", "team", "webapp", SHA)
+    await client.aclose()
+    assert [p for *_, p in fake.reads] == [1, 2, 3]  # ceil(120 / 50)
+    assert [s.description for s in found] == [f"#{i}" for i in reversed(range(120))]
+    assert fake.problems == []
+
+
+@pytest.mark.anyio
+async def test_latest_status_reads_pages_until_the_context_shows() -> None:
+    fake = seeded(3, contexts=3)  # c0, c1, c2 once each; then 100 statuses of another context
+    for i in range(100):
+        fake.add("team", "webapp", SHA, "busy", "success", f"busy #{i}")
+    fake.add("team", "webapp", SHA, "c2", "failure", "newer c2")
+    client, _ = client_for(fake, url="https://gitea.example.com")
+    assert (await client.latest_status("eu", "team", "webapp", SHA, "c2")).description == (  # type: ignore[union-attr]
+        "newer c2")
+    assert len(fake.reads) == 1
+    latest = await client.latest_status("eu", "team", "webapp", SHA, "c0")
+    assert latest is not None and latest.description == "#0"
+    assert len(fake.reads) == 1 + 3
+    assert await client.latest_status("eu", "team", "webapp", SHA, "none") is None
+    await client.aclose()
+
+
+@pytest.mark.anyio
+async def test_fake_gitea_pages_and_sorts_as_gitea_does() -> None:
+    fake = seeded(70)
+    fake.repos = {("team", "webapp")}
+    transport, _ = gitea_transport({"gitea.example.com": fake})
+    base = "https://gitea.example.com/api/v1/repos/team/webapp"
+    auth = {"Authorization": f"token {fake.token}"}
+    async with httpx.AsyncClient(transport=transport) as http:
+        default = await http.get(f"{base}/statuses/{SHA}", headers=auth)
+        assert len(default.json()) == 30 and default.headers["x-total-count"] == "70"
+        capped = await http.get(f"{base}/statuses/{SHA}", headers=auth, params={"limit": 500})
+        assert len(capped.json()) == 50
+        last = await http.get(f"{base}/statuses/{SHA}", headers=auth,
+                              params={"limit": 50, "page": 2, "sort": "leastindex"})
+        assert [s["description"] for s in last.json()] == [f"#{i}" for i in reversed(range(20))]
+        ascending = await http.get(f"{base}/commits/{SHA}/statuses", headers=auth,
+                                   params={"sort": "highestindex", "limit": 2})
+        assert [s["description"] for s in ascending.json()] == ["#0", "#1"]
+        assert "index" not in ascending.json()[0]  # not part of Gitea's JSON
+        unknown = await http.get(f"https://gitea.example.com/api/v1/repos/team/other/statuses/"
+                                 f"{SHA}", headers=auth)
+        assert unknown.status_code == 404
+    assert fake.problems == []
+
+
+@pytest.mark.anyio
+async def test_unknown_repository_is_a_final_404() -> None:
+    fake = FakeGitea(repos={("team", "webapp")})
+    client, _ = client_for(fake, url="https://gitea.example.com")
+    with pytest.raises(GiteaError) as info:
+        await client.status_page("eu", "team", "gone", SHA)
+    await client.aclose()
+    assert info.value.status == 404 and not info.value.retryable
 
 
 # -- errors ----------------------------------------------------------------------------------

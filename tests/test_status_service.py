@@ -19,11 +19,13 @@ from typing import Any
 
 import httpx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from starlette.applications import Starlette
 from starlette.routing import Route
 
 from receiver.badges import mint_badge_token
-from receiver.config import ConfigError, Settings, load_settings
+from receiver.config import ConfigError, Settings, StatusConfig, load_settings
 from receiver.deliveries import Delivery
 from receiver.flux.memory import MemoryCluster
 from receiver.flux.objects import ObjectKey
@@ -35,6 +37,7 @@ from receiver.metrics import Metrics
 from receiver.routing import Plan, Target
 from receiver.signatures import hmac_hex, hook_digest
 from receiver.status_service import StatusService, backoff_delay
+from receiver.statuses import describe, gitea_state
 from tests import gitea_payloads as gp
 from tests.conftest import GITEA_TOKEN as RECEIVER_TOKEN
 from tests.conftest import make_settings as app_settings
@@ -106,6 +109,7 @@ class Rig:
     service: StatusService
     metrics: Metrics
     client: httpx.AsyncClient
+    clock: Callable[[], float] = time.monotonic
 
     @property
     def gitea(self) -> FakeGitea:
@@ -128,7 +132,7 @@ class Rig:
         """A fresh process: same cluster and Gitea, nothing remembered."""
         self.metrics = Metrics()
         self.service = fast(StatusService(self.settings, self.cluster, self.metrics,
-                                          transport=self.transport))
+                                          transport=self.transport, clock=self.clock))
         self.client = http_client(self.service)
         return self.service
 
@@ -147,10 +151,27 @@ def http_client(service: StatusService) -> httpx.AsyncClient:
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://bridge")
 
 
+class Clock:
+    """A clock the test moves: the repeat window passes when the test says so, not by pausing."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+WINDOW = StatusConfig().repeat_window_seconds
+
+
 @asynccontextmanager
 async def rig(settings: Settings | None = None, *, start: bool = True,
               fakes: dict[str, FakeGitea] | None = None,
-              setup: Callable[[MemoryCluster], None] | None = None) -> AsyncIterator[Rig]:
+              setup: Callable[[MemoryCluster], None] | None = None,
+              clock: Callable[[], float] = time.monotonic) -> AsyncIterator[Rig]:
     settings = settings or make_settings()
     store = ObjectStore(lambda u: normalise_repo_url(u, ALIASES))
     cluster = MemoryCluster(store)
@@ -161,8 +182,8 @@ async def rig(settings: Settings | None = None, *, start: bool = True,
     fakes = fakes or {"gitea.example.com": FakeGitea(token=GITEA_TOKEN)}
     transport, _ = gitea_transport(fakes)
     metrics = Metrics()
-    service = fast(StatusService(settings, cluster, metrics, transport=transport))
-    r = Rig(settings, cluster, fakes, transport, service, metrics, http_client(service))
+    service = fast(StatusService(settings, cluster, metrics, transport=transport, clock=clock))
+    r = Rig(settings, cluster, fakes, transport, service, metrics, http_client(service), clock)
     if start:
         await service.start()
     try:
@@ -342,17 +363,48 @@ async def test_bad_requests() -> None:
 
 
 @pytest.mark.anyio
-async def test_repeated_success_events_post_once() -> None:
-    async with rig() as r:
+async def test_exact_repeat_within_the_window_is_posted_once() -> None:
+    clock = Clock()
+    async with rig(clock=clock) as r:
         body = fixture("kustomization-succeeded.json")
         for i in range(20):
             reply = await r.send(with_message(body, f"Reconciliation finished in {i}.{i}s, "
                                                     "next run in 10m0s"))
             assert reply.status_code == 202
             await settled(r)  # one at a time: dedupe, not queue coalescing, saves the posts
+            clock.advance(WINDOW / 40)  # all twenty inside one window
         assert len(r.gitea.posts) == 1
         assert r.metric("gfb_statuses_total", result="deduplicated") == 19
-        assert r.gitea.gets == 1  # Gitea asked once, then the memory answers
+        assert r.gitea.gets == 1  # Gitea asked once, then the short memory answers
+        # After the window the memory is not believed: Gitea is asked, and it has the status.
+        clock.advance(WINDOW)
+        await r.send(body)
+        await settled(r)
+        assert (len(r.gitea.posts), r.gitea.gets) == (1, 2)
+        assert r.metric("gfb_status_reads_total", purpose="check") == 2
+
+
+@pytest.mark.anyio
+async def test_a_change_is_never_suppressed_within_the_window() -> None:
+    clock = Clock()
+    async with rig(clock=clock) as r:
+        for name in ("kustomization-succeeded.json", "kustomization-health-check-failed.json",
+                     "kustomization-succeeded.json"):
+            await r.send(fixture(name))
+            await settled(r)
+        assert [p[3]["state"] for p in r.gitea.posts] == ["success", "failure", "success"]
+        assert r.gitea.gets == 1
+
+
+@pytest.mark.anyio
+async def test_window_zero_always_asks_gitea() -> None:
+    settings = make_settings(statuses={"repeat_window_seconds": 0,
+                                       "resync_interval_seconds": 3600})
+    async with rig(settings) as r:
+        for _ in range(3):
+            await r.send(fixture("kustomization-succeeded.json"))
+            await settled(r)
+        assert (len(r.gitea.posts), r.gitea.gets) == (1, 3)
 
 
 @pytest.mark.anyio
@@ -371,6 +423,24 @@ async def test_a_restarted_bridge_asks_gitea_before_posting() -> None:
 
 
 @pytest.mark.anyio
+async def test_a_status_posted_elsewhere_is_seen_after_the_window() -> None:
+    clock = Clock()
+    async with rig(clock=clock) as r:
+        await r.send(fixture("kustomization-succeeded.json"))
+        await settled(r)
+        r.gitea.add(*REPO, CONTEXT, "failure", "posted by someone else")
+        # Within the window an exact repeat is believed (the documented bound) ...
+        await r.send(fixture("kustomization-succeeded.json"))
+        await settled(r)
+        assert r.gitea.contexts(*REPO)[CONTEXT] == "failure"
+        # ... and no longer: the next delivery of the same event reads Gitea and repairs.
+        clock.advance(WINDOW)
+        await r.send(fixture("kustomization-succeeded.json"))
+        await settled(r)
+        assert r.gitea.contexts(*REPO)[CONTEXT] == "success"
+
+
+@pytest.mark.anyio
 async def test_changed_status_is_posted_and_order_is_kept() -> None:
     async with rig() as r:
         await r.send(fixture("kustomization-progressing.json"))
@@ -378,6 +448,155 @@ async def test_changed_status_is_posted_and_order_is_kept() -> None:
         await r.send(fixture("kustomization-succeeded.json"))
         await settled(r)
         assert r.gitea.contexts(*REPO)[CONTEXT] == "success"
+
+
+# -- several replicas, one Gitea --------------------------------------------------------------
+
+
+@asynccontextmanager
+async def replicas(count: int = 2, *, settings: Settings | None = None,
+                   setup: Callable[[MemoryCluster], None] | None = None,
+                   clock: Callable[[], float] = time.monotonic) -> AsyncIterator[list[Rig]]:
+    """`count` status services, each with its own memory, on one cluster and ONE Gitea."""
+    settings = settings or make_settings()
+    store = ObjectStore(lambda u: normalise_repo_url(u, ALIASES))
+    cluster = MemoryCluster(store)
+    cluster.load(manifests())
+    if setup is not None:
+        setup(cluster)
+    await cluster.start()
+    fakes = {"gitea.example.com": FakeGitea(token=GITEA_TOKEN)}
+    transport, _ = gitea_transport(fakes)
+    rigs = []
+    for _ in range(count):
+        metrics = Metrics()
+        service = fast(StatusService(settings, cluster, metrics, transport=transport,
+                                     clock=clock))
+        rigs.append(Rig(settings, cluster, fakes, transport, service, metrics,
+                        http_client(service), clock))
+        await service.start()
+    try:
+        yield rigs
+    finally:
+        for r in rigs:
+            await r.service.stop(grace_seconds=0)
+        assert fakes["gitea.example.com"].problems == []
+
+
+async def all_settled(rigs: list[Rig]) -> None:
+    await eventually(lambda: all(r.service.queue_depth == 0 for r in rigs))
+
+
+SUCCEEDED = fixture("kustomization-succeeded.json")
+FAILED = fixture("kustomization-health-check-failed.json")
+EVENT_KINDS: dict[str, bytes] = {
+    "succeeded": SUCCEEDED,
+    "succeeded-again": with_message(SUCCEEDED, "Reconciliation finished in 2.5s, next run in 5m0s"),
+    "health-check-failed": FAILED,
+    "health-check-failed-again": with_message(FAILED, "timeout waiting for: [Deployment/x]"),
+    "build-failed": fixture("kustomization-build-failed.json"),
+    "progressing": fixture("kustomization-progressing.json"),
+}
+
+
+def shown_for(kind: str) -> tuple[str, str]:
+    """The (state, description) an event of `kind` asks Gitea to show."""
+    doc = json.loads(EVENT_KINDS[kind])
+    return gitea_state(doc["reason"], doc["severity"]) or "", describe(doc["reason"],
+                                                                        doc["message"])
+
+
+def gitea_shows(gitea: FakeGitea) -> tuple[str, str] | None:
+    latest = gitea.latest(*REPO, CONTEXT)
+    return None if latest is None else (latest["status"], latest["description"])
+
+
+@pytest.mark.anyio
+async def test_issue_9_one_replicas_memory_never_hides_another_replicas_post() -> None:
+    clock = Clock()
+    async with replicas(clock=clock) as (a, b):
+        await a.send(SUCCEEDED)  # A posted success, some time ago
+        await settled(a)
+        clock.advance(10 * WINDOW)
+        await b.send(FAILED)  # B posts the health check failure
+        await settled(b)
+        reply = await a.send(SUCCEEDED)  # the recovery reaches A, right after
+        assert reply.json() == {"accepted": True, "statuses": 1}
+        await settled(a)
+        assert gitea_shows(a.gitea) == shown_for("succeeded")
+        assert [p[3]["state"] for p in a.gitea.posts] == ["success", "failure", "success"]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("first, second", [("succeeded", "health-check-failed"),
+                                           ("health-check-failed", "succeeded"),
+                                           ("progressing", "succeeded"),
+                                           ("succeeded", "progressing")])
+@pytest.mark.parametrize("order", ["ab", "ba"])
+async def test_events_in_either_order_across_replicas_end_at_the_latest(
+        first: str, second: str, order: str) -> None:
+    clock = Clock()
+    async with replicas(clock=clock) as rigs:
+        x, y = (rigs[0], rigs[1]) if order == "ab" else (rigs[1], rigs[0])
+        # Both replicas once posted the state the last event asks for (stale memory).
+        for r in (x, y):
+            await r.send(EVENT_KINDS[second])
+            await settled(r)
+        clock.advance(2 * WINDOW)
+        await x.send(EVENT_KINDS[first])
+        await settled(x)
+        clock.advance(WINDOW)  # events of one object reach replicas at least a window apart
+        await y.send(EVENT_KINDS[second])
+        await settled(y)
+        assert gitea_shows(x.gitea) == shown_for(second)
+
+
+async def deliver_sequence(steps: list[tuple[int, str, float]], *, spaced: bool,
+                           final: int | None) -> tuple[tuple[str, str] | None, str]:
+    clock = Clock()
+    async with replicas(clock=clock) as rigs:
+        previous: int | None = None
+        for replica, kind, gap in steps:
+            if spaced and previous is not None and replica != previous:
+                gap = max(gap, 1.0)
+            clock.advance(gap * WINDOW)
+            reply = await rigs[replica].send(EVENT_KINDS[kind])
+            assert reply.status_code == 202
+            await all_settled(rigs)  # wait for the queues to drain, not for time to pass
+            previous = replica
+        last = steps[-1][1]
+        if final is not None:  # the next delivery of the last event, once the window passed
+            clock.advance(WINDOW)
+            await rigs[final].send(EVENT_KINDS[last])
+            await all_settled(rigs)
+        return gitea_shows(rigs[0].gitea), last
+
+
+STEPS = st.lists(st.tuples(st.integers(0, 1), st.sampled_from(sorted(EVENT_KINDS)),
+                           st.sampled_from([0.0, 0.3, 1.0, 3.0])), min_size=1, max_size=8)
+
+
+@settings(max_examples=40, deadline=None)
+@given(STEPS)
+def test_replicas_converge_on_the_latest_event(steps: list[tuple[int, str, float]]) -> None:
+    """Any sequence of events, each to a random replica: Gitea ends at the last one.
+
+    Events of one object that reach *different* replicas are at least a repeat window apart
+    (Flux reports an object's runs seconds to minutes apart; the window is a few seconds).
+    """
+    shown, last = asyncio.run(deliver_sequence(steps, spaced=True, final=None))
+    assert shown == shown_for(last)
+
+
+@settings(max_examples=25, deadline=None)
+@given(STEPS, st.integers(0, 1))
+def test_replicas_converge_once_the_window_has_passed(
+        steps: list[tuple[int, str, float]], final: int) -> None:
+    """Without spacing, an exact repeat may be believed for one window (e.g. A: build failed,
+    B: health check failed, A: build failed again, all within seconds); the next delivery
+    after the window, to any replica, ends at the latest."""
+    shown, last = asyncio.run(deliver_sequence(steps, spaced=False, final=final))
+    assert shown == shown_for(last)
 
 
 # -- Gitea failures ------------------------------------------------------------------------
@@ -520,6 +739,103 @@ async def test_resync_does_not_rewrite_an_events_wording() -> None:
         await settled(r)
         assert len(r.gitea.posts) == before + 1
         assert await r.service.resync_once() == 0
+
+
+API_CONTEXT = "flux/eu-west/kustomization/apps/api"
+
+
+@pytest.mark.anyio
+async def test_resync_repairs_what_was_changed_behind_the_bridges_back() -> None:
+    clock = Clock()
+    async with replicas(setup=applied, clock=clock) as (leader, other):
+        await eventually(lambda: len(leader.gitea.contexts(*REPO)) == 2)
+        await all_settled([leader, other])
+        # Another replica posts a stale event it got late; someone posts by hand.
+        stale = fixture("kustomization-progressing.json")
+        await other.send(stale)
+        await settled(other)
+        leader.gitea.add(*REPO, API_CONTEXT, "success", "set by hand")
+        assert leader.gitea.contexts(*REPO) == {CONTEXT: "pending", API_CONTEXT: "success"}
+        # Within the leader's repeat window: it still reads Gitea, it does not trust itself.
+        reads = len(leader.gitea.reads)
+        repairs = leader.metric("gfb_status_repairs_total")  # the resync at start made some
+        assert await leader.service.resync_once() == 2
+        await settled(leader)
+        assert leader.gitea.contexts(*REPO) == {CONTEXT: "success", API_CONTEXT: "failure"}
+        assert len(leader.gitea.reads) == reads + 1  # one listing answered both contexts
+        assert leader.metric("gfb_status_repairs_total") == repairs + 2
+        clock.advance(WINDOW)
+        assert await leader.service.resync_once() == 0  # now Gitea shows the truth
+
+
+def many_commits(count: int) -> Callable[[MemoryCluster], None]:
+    """`count` Kustomizations from the webapp source, each deployed at its own commit."""
+    def setup(cluster: MemoryCluster) -> None:
+        cluster.mark_source_fetched(SOURCE, f"main@sha1:{SHA}")
+        for i in range(count):
+            cluster.apply({"kind": "Kustomization",
+                           "metadata": {"name": f"k{i}", "namespace": "apps"},
+                           "spec": {"sourceRef": {"kind": "GitRepository", "name": "webapp",
+                                                  "namespace": "flux-system"},
+                                    "path": f"./k{i}"}})
+            cluster.mark_applied(ObjectKey("Kustomization", "apps", f"k{i}"),
+                                 f"main@sha1:{commit_sha(i)}")
+    return setup
+
+
+def commit_sha(i: int) -> str:
+    return f"{i:x}" * 40
+
+
+@pytest.mark.anyio
+async def test_resync_read_budget_and_round_robin() -> None:
+    settings = make_settings(statuses={"resync_read_budget": 3,
+                                       "resync_interval_seconds": 3600})
+    async with rig(settings, start=False, setup=many_commits(7)) as r:
+        gitea = r.gitea
+        for i in range(7):
+            context = f"flux/eu-west/kustomization/apps/k{i}"
+            gitea.add("team", "webapp", commit_sha(i), context,
+                      "failure" if i == 3 else "success")  # commit 3 shows a stale state
+        for n in range(120):  # commit 5: our status is the oldest of 121, three pages away
+            gitea.add("team", "webapp", commit_sha(5), "ci/build", "success", f"#{n}")
+
+        async def run() -> tuple[int, list[tuple[int, int]]]:
+            before = len(gitea.reads)
+            queued = await r.service.resync_once()
+            return queued, [(int(sha[0], 16), page) for *_, sha, page in gitea.reads[before:]]
+
+        assert await run() == (0, [(0, 1), (1, 1), (2, 1)])
+        # Commit 5 needs three pages; one is left: it is started, then it comes first next run.
+        assert await run() == (1, [(3, 1), (4, 1), (5, 1)])
+        assert await run() == (0, [(5, 1), (5, 2), (5, 3)])
+        assert await run() == (0, [(6, 1), (0, 1), (1, 1)])  # round robin wraps around
+        assert r.metric("gfb_status_reads_total", purpose="resync") == 12
+        assert r.metric("gfb_status_repairs_total") == 1
+        # The repair queued in the second run goes out once workers run.
+        await r.service.start()
+        await settled(r)
+        assert gitea.contexts("team", "webapp", commit_sha(3)) == {
+            "flux/eu-west/kustomization/apps/k3": "success"}
+
+
+@pytest.mark.anyio
+async def test_resync_skips_a_repository_gitea_does_not_host() -> None:
+    fakes = {"gitea.example.com": FakeGitea(token=GITEA_TOKEN, repos={("team", "other")})}
+    async with rig(start=False, setup=many_commits(2), fakes=fakes) as r:
+        assert await r.service.resync_once() == 0
+        assert r.metric("gfb_status_reads_total", purpose="resync") == 2  # one 404 each
+        assert r.gitea.posts == []
+
+
+@pytest.mark.anyio
+async def test_resync_leaves_a_down_instance_for_the_next_run() -> None:
+    async with rig(start=False, setup=many_commits(3)) as r:
+        r.gitea.fail = [503]
+        assert await r.service.resync_once() == 0
+        assert r.metric("gfb_status_reads_total", purpose="resync") == 1  # then it stopped
+        assert await r.service.resync_once() == 3  # starts again where it was: all three
+        assert [int(sha[0], 16) for *_, sha, _ in r.gitea.reads] == [0, 1, 2]
 
 
 @pytest.mark.anyio
@@ -720,6 +1036,19 @@ def test_bad_templates_fail_at_start() -> None:
                      {"context_template": "flux/{cluster"}):
         with pytest.raises(ConfigError):
             StatusService(make_settings(statuses=statuses), MemoryCluster(store), Metrics())
+
+
+def test_repeat_window_and_read_budget_are_validated() -> None:
+    defaults = StatusConfig()
+    assert (defaults.repeat_window_seconds, defaults.resync_read_budget) == (5.0, 200)
+    for bad, key in (({"repeat_window_seconds": -1}, "repeat_window_seconds"),
+                     ({"repeat_window_seconds": 3600}, "repeat_window_seconds"),
+                     ({"resync_read_budget": 0}, "resync_read_budget")):
+        with pytest.raises(ConfigError, match=f"statuses.{key}"):
+            make_settings(statuses=bad)
+    env = load_settings(environ={"GFB_STATUSES__REPEAT_WINDOW_SECONDS": "2",
+                                 "GFB_STATUSES__RESYNC_READ_BUDGET": "50"})
+    assert (env.statuses.repeat_window_seconds, env.statuses.resync_read_budget) == (2.0, 50)
 
 
 @pytest.mark.anyio

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,8 @@ from receiver.statuses import (
     TARGET_URL_FIELDS,
     UNMAPPED,
     WARNING,
+    DesiredStatus,
+    Seen,
     StatusTemplates,
     check_template,
     comparable,
@@ -41,10 +44,16 @@ from receiver.statuses import (
     helm_commit,
     instance_hosts,
     instances_for,
+    is_fresh,
+    latest_per_context,
+    needs_post,
     pending_for_push,
+    plan_repairs,
     reason_words,
+    recall,
     render,
     repo_ref,
+    resync_schedule,
     same_status,
 )
 
@@ -426,3 +435,102 @@ def test_descriptions_of_repeated_build_failures_do_not_differ_by_temp_dir() -> 
     again = describe("BuildFailed", "kustomize build failed: /tmp/kustomization-99/apps/x.yaml: bad")
     assert first == again
     assert "apps/x.yaml" in first
+
+
+# -- what Gitea shows, and what differs --------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Listed:
+    context: str
+    state: str
+    id: int = 0
+    description: str = ""
+    target_url: str = ""
+
+
+def test_observations_are_believed_for_the_window_only() -> None:
+    assert is_fresh(10.0, 10.0, 5.0) and is_fresh(10.0, 14.9, 5.0)
+    assert not is_fresh(10.0, 15.0, 5.0)
+    assert not is_fresh(10.0, 10.0, 0.0)  # window 0: never believed, always ask Gitea
+    assert not is_fresh(10.0, 9.0, 5.0)  # from the future (a clock reset): not believed
+
+
+def test_recall_prefers_a_fresh_observation_then_a_fresh_complete_listing() -> None:
+    posted = (SUCCESS, "Reconciliation succeeded", "")
+    assert recall(Seen(posted, 100.0), None, 103.0, 5.0) == (True, posted)
+    assert recall(Seen(None, 100.0), None, 103.0, 5.0) == (True, None)
+    # Stale observation, fresh complete listing that did not refresh it: no status shown.
+    assert recall(Seen(posted, 90.0), 100.0, 103.0, 5.0) == (True, None)
+    assert recall(None, 100.0, 103.0, 5.0) == (True, None)
+    # Everything stale: unknown, however sure we once were.
+    assert recall(Seen(posted, 90.0), 95.0, 103.0, 5.0) == (False, None)
+    assert recall(None, None, 103.0, 5.0) == (False, None)
+
+
+def test_needs_post_only_skips_what_gitea_shows_already() -> None:
+    wanted = (SUCCESS, "Reconciliation succeeded", "")
+    assert needs_post(None, wanted, state_only=False)
+    assert not needs_post(wanted, wanted, state_only=False)
+    assert needs_post((FAILURE, wanted[1], ""), wanted, state_only=False)
+    assert needs_post((SUCCESS, "other words", ""), wanted, state_only=False)
+    assert not needs_post((SUCCESS, "other words", ""), wanted, state_only=True)
+    assert needs_post((FAILURE, "x", ""), wanted, state_only=True)
+
+
+def test_latest_per_context_by_id_in_any_order() -> None:
+    newest_first = [Listed("a", SUCCESS, 9), Listed("b", FAILURE, 8), Listed("a", FAILURE, 3)]
+    oldest_first = list(reversed(newest_first))
+    for items in (newest_first, oldest_first):
+        assert latest_per_context(items) == {"a": (SUCCESS, "", ""), "b": (FAILURE, "", "")}
+    # Without ids the first listed wins (we ask Gitea for newest first); blanks are skipped.
+    no_ids = [Listed("a", PENDING, description="new"), Listed("a", SUCCESS), Listed("", SUCCESS),
+              Listed("c", "")]
+    assert latest_per_context(no_ids) == {"a": (PENDING, "new", "")}
+
+
+@given(st.lists(st.tuples(st.sampled_from("abc"), st.sampled_from([PENDING, SUCCESS, FAILURE])),
+                max_size=30), st.randoms())
+def test_latest_per_context_is_the_last_posted(posts: list[tuple[str, str]], rnd: Any) -> None:
+    listed = [Listed(c, state, i + 1) for i, (c, state) in enumerate(posts)]
+    rnd.shuffle(listed)
+    expected = {c: (state, "", "") for c, state in posts}  # later posts overwrite earlier
+    assert latest_per_context(listed) == expected
+
+
+def desired_status(context: str, state: str, sha: str = SHA) -> DesiredStatus:
+    return DesiredStatus("gitea.example.com/team/webapp", "team", "webapp", sha, context, state,
+                         f"{state} in words")
+
+
+def test_plan_repairs_compares_the_state_with_what_gitea_shows() -> None:
+    desired = [desired_status("a", SUCCESS), desired_status("b", FAILURE),
+               desired_status("c", PENDING)]
+    shown = {"a": (SUCCESS, "an event's own wording", ""), "b": (SUCCESS, "stale", "")}
+    assert plan_repairs(desired, shown) == desired[1:]  # b differs, c is missing
+    assert plan_repairs(desired[:1], shown) == []
+
+
+def test_resync_schedule_is_round_robin_from_the_cursor() -> None:
+    eu = [("eu", "r", s) for s in "abcd"]
+    us = [("us", "r", s) for s in "xy"]
+    assert resync_schedule(eu + us, {}) == [eu[0], us[0], eu[1], us[1], eu[2], eu[3]]
+    # Carry on after the last commit checked, wrapping around.
+    assert resync_schedule(eu, {"eu": eu[1]}) == [eu[2], eu[3], eu[0], eu[1]]
+    # A cursor whose commit is gone (deployed on) still places the next run.
+    assert resync_schedule(eu, {"eu": ("eu", "r", "bb")}) == [eu[2], eu[3], eu[0], eu[1]]
+    assert resync_schedule([], {"eu": eu[0]}) == []
+
+
+@given(st.sets(st.sampled_from([("eu", r, s) for r in "rs" for s in "abcdef"]), max_size=12),
+       st.integers(min_value=1, max_value=5))
+def test_resync_schedule_covers_everything_in_enough_runs(
+        commits: set[tuple[str, str, str]], per_run: int) -> None:
+    cursors: dict[str, tuple[str, str, str]] = {}
+    seen: set[tuple[str, str, str]] = set()
+    runs = -(-len(commits) // per_run)  # ceil
+    for _ in range(runs):
+        for commit in resync_schedule(commits, cursors)[:per_run]:
+            seen.add(commit)
+            cursors[commit[0]] = commit
+    assert seen == commits

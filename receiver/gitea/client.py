@@ -1,9 +1,10 @@
 """Gitea's commit status API (1.26.3), one pooled httpx client per configured instance.
 
-Two calls: create a status, and read the newest status of one context on a commit (to skip a
-post Gitea already has). Errors come out as `GiteaError` with `retryable` set for timeouts,
-connection errors, 429 and 5xx, which the caller backs off on; any other 4xx is final. A 401
-re-reads the token once (it may have been rotated in its Secret) before it counts as final.
+Two calls: create a status, and list a commit's statuses one page at a time, newest first (to
+see what Gitea shows before posting, and for the resync). Errors come out as `GiteaError` with
+`retryable` set for timeouts, connection errors, 429 and 5xx, which the caller backs off on;
+any other 4xx is final. A 401 re-reads the token once (it may have been rotated in its Secret)
+before it counts as final.
 Tokens are sent as `Authorization: token <T>` and never appear in an error message.
 """
 
@@ -23,8 +24,12 @@ from receiver import __version__
 from receiver.config import GiteaInstance, SecretSource
 
 USER_AGENT = f"gitea-flux-bridge/{__version__}"
-# Gitea caps a page at [api] MAX_RESPONSE_ITEMS, 50 by default.
+# Gitea caps a page at [api] MAX_RESPONSE_ITEMS, 50 by default (without `limit` it sends
+# [api] DEFAULT_PAGING_NUM, 30 by default); we always ask for the cap.
 STATUS_PAGE_SIZE = 50
+# Gitea's names are the wrong way round: `leastindex` orders by the per-commit index
+# *descending* (newest first) and `highestindex` ascending (models/git/commit_status.go).
+NEWEST_FIRST = "leastindex"
 MAX_RETRY_AFTER_SECONDS = 300.0
 
 TokenReader = Callable[[SecretSource, bool], Awaitable[str]]
@@ -116,12 +121,44 @@ def _error_detail(response: httpx.Response) -> str:
 
 
 def pick_latest(statuses: Iterable[CommitStatus], context: str) -> CommitStatus | None:
-    """The newest status of a context in a list sorted newest first (as we ask Gitea to sort)."""
+    """The newest status of a context: the highest id (ids grow), else the first listed."""
     wanted = context.strip()
+    found: CommitStatus | None = None
     for status in statuses:
-        if status.context == wanted and status.state:
-            return status
-    return None
+        if status.context == wanted and status.state and (found is None or status.id > found.id):
+            found = status
+    return found
+
+
+@dataclass(frozen=True, slots=True)
+class StatusPage:
+    """One page of a commit's statuses; `total` is Gitea's X-Total-Count, if it sent one."""
+
+    items: tuple[CommitStatus, ...]
+    page: int
+    limit: int
+    total: int | None = None
+
+
+def more_pages(page: StatusPage, read_so_far: int) -> bool:
+    """Whether a listing goes on after `page`, having read `read_so_far` statuses in all.
+
+    X-Total-Count decides when Gitea sends it; else a short page is the last one. An empty
+    page always ends the listing.
+    """
+    if not page.items:
+        return False
+    if page.total is not None:
+        return read_so_far < page.total
+    return len(page.items) >= page.limit
+
+
+def _total_count(response: httpx.Response) -> int | None:
+    try:
+        total = int(response.headers.get("x-total-count", ""))
+    except ValueError:
+        return None
+    return total if total >= 0 else None
 
 
 class GiteaClient:
@@ -222,13 +259,14 @@ class GiteaClient:
         except ValueError:
             return None
 
-    async def list_statuses(
-        self, instance: str, owner: str, repo: str, sha: str
-    ) -> list[CommitStatus]:
-        """The newest 50 statuses of a commit, newest first (by Gitea's per-commit index)."""
+    async def status_page(
+        self, instance: str, owner: str, repo: str, sha: str, page: int = 1,
+        limit: int = STATUS_PAGE_SIZE,
+    ) -> StatusPage:
+        """One page of a commit's statuses, newest first (one GET)."""
         response = await self._request(
             instance, "GET", status_path(owner, repo, sha),
-            params={"sort": "highestindex", "limit": STATUS_PAGE_SIZE},
+            params={"sort": NEWEST_FIRST, "page": page, "limit": limit},
         )
         try:
             doc = response.json()
@@ -237,10 +275,33 @@ class GiteaClient:
         if not isinstance(doc, list):
             raise GiteaError(f"GET statuses on {instance}: not a list", retryable=True)
         parsed = (CommitStatus.from_json(item) for item in doc)
-        return [s for s in parsed if s is not None]
+        return StatusPage(tuple(s for s in parsed if s is not None), page, limit,
+                          _total_count(response))
+
+    async def list_statuses(
+        self, instance: str, owner: str, repo: str, sha: str, *, max_pages: int = 20
+    ) -> list[CommitStatus]:
+        """A commit's statuses, newest first, reading up to `max_pages` pages."""
+        found: list[CommitStatus] = []
+        for number in range(1, max_pages + 1):
+            page = await self.status_page(instance, owner, repo, sha, number)
+            found.extend(page.items)
+            if not more_pages(page, len(found)):
+                break
+        return found
 
     async def latest_status(
-        self, instance: str, owner: str, repo: str, sha: str, context: str
+        self, instance: str, owner: str, repo: str, sha: str, context: str,
+        *, max_pages: int = 20,
     ) -> CommitStatus | None:
-        """The newest status of `context` on the commit, among the newest 50 (as Flux looks)."""
-        return pick_latest(await self.list_statuses(instance, owner, repo, sha), context)
+        """The newest status of `context` on the commit; pages are read until it shows up."""
+        read = 0
+        for number in range(1, max_pages + 1):
+            page = await self.status_page(instance, owner, repo, sha, number)
+            read += len(page.items)
+            latest = pick_latest(page.items, context)
+            if latest is not None:
+                return latest  # newest first: a context's first appearance is its latest
+            if not more_pages(page, read):
+                break
+        return None
