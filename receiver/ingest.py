@@ -11,7 +11,6 @@ type (200 pong / ignored), repeated X-Gitea-Delivery (200 duplicate), JSON (400)
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import time
@@ -27,6 +26,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from receiver import signatures
 from receiver.config import Settings
 from receiver.deliveries import Delivery, DeliveryStore
+from receiver.drain import Drain
 from receiver.flux.cluster import Cluster
 from receiver.flux.objects import FluxObject, ObjectKey
 from receiver.gitea.payloads import PayloadError, Push, parse_actions_body, parse_gitea_push
@@ -293,11 +293,13 @@ class IngestService:
             return error(400, "wait must be a number of seconds")
         if wait != wait or wait < 0:  # NaN or negative
             return error(400, "wait must be a number of seconds")
-        return StreamingResponse(_stream(delivery, wait), media_type="application/x-ndjson")
+        return StreamingResponse(_stream(delivery, wait, request.app.state.parts.drain),
+                                 media_type="application/x-ndjson")
 
 
-async def _stream(delivery: Delivery, wait: float) -> Any:
-    """Newline-delimited JSON: the state now, then on every change, until final or time is up."""
+async def _stream(delivery: Delivery, wait: float, drain: Drain) -> Any:
+    """Newline-delimited JSON: the state now, then on every change, until final or time is up.
+    A draining replica ends the stream with a line that tells the client to ask again."""
     deadline = time.monotonic() + wait
     seen = -1
     while True:
@@ -310,11 +312,26 @@ async def _stream(delivery: Delivery, wait: float) -> Any:
                 yield json.dumps({"delivery": delivery.id, "timeout": True,
                                   "outcome": delivery.outcome()}) + "\n"
             return
+        if drain.draining:
+            yield json.dumps({"delivery": delivery.id, "retry": True,
+                              "reason": drain.reason}) + "\n"
+            return
+        await _change_or_drain(delivery, seen, drain, min(remaining, 15.0))
+
+
+async def _change_or_drain(delivery: Delivery, seen: int, drain: Drain, timeout: float) -> None:
+    """Return when the delivery changes after version `seen`, the drain begins, or on timeout."""
+
+    async def changed() -> None:
         async with delivery.changed:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(
-                    delivery.changed.wait_for(_changed_since(delivery, seen)),
-                    timeout=min(remaining, 15.0))
+            await delivery.changed.wait_for(_changed_since(delivery, seen))
+
+    waiters = (asyncio.ensure_future(changed()), asyncio.ensure_future(drain.wait()))
+    try:
+        await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
 
 
 def _changed_since(delivery: Delivery, version: int) -> Callable[[], bool]:
