@@ -13,6 +13,7 @@ from typing import Any
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
@@ -20,6 +21,7 @@ from starlette.routing import Route
 from receiver import signatures
 from receiver.config import Settings
 from receiver.deliveries import DeliveryStore
+from receiver.drain import CloseWhileDraining, Drain
 from receiver.flux.cluster import Cluster
 from receiver.giturls import normalise_aliases, normalise_repo_url
 from receiver.hookindex import HookIndex
@@ -54,6 +56,7 @@ class Components:
     reconciler: Reconciler
     ingest: IngestService
     statuses: StatusService
+    drain: Drain
 
 
 def build(settings: Settings, cluster: Cluster, **status_kwargs: Any) -> Components:
@@ -75,7 +78,8 @@ def build(settings: Settings, cluster: Cluster, **status_kwargs: Any) -> Compone
     statuses = StatusService(settings, cluster, metrics, **status_kwargs)
     ingest.push_listeners.append(statuses.on_push_routed)
     reconciler.listeners.append(statuses.on_target_changed)
-    return Components(settings, cluster, metrics, hooks, deliveries, reconciler, ingest, statuses)
+    return Components(settings, cluster, metrics, hooks, deliveries, reconciler, ingest, statuses,
+                      Drain())
 
 
 def create_app(settings: Settings, cluster: Cluster, **status_kwargs: Any) -> Starlette:
@@ -99,7 +103,9 @@ def create_app(settings: Settings, cluster: Cluster, **status_kwargs: Any) -> St
         try:
             yield
         finally:
-            await parts.statuses.stop()
+            # Shutdown without a drain (tests, a server that got no signal): waits end now.
+            parts.drain.begin("shutting_down")
+            await parts.statuses.stop(settings.shutdown.flush_seconds)
             await parts.reconciler.stop()
             await cluster.stop()
 
@@ -110,6 +116,9 @@ def create_app(settings: Settings, cluster: Cluster, **status_kwargs: Any) -> St
 
     async def readyz(request: Request) -> Response:
         nonlocal indexed_once
+        if parts.drain.draining:
+            # First thing at SIGTERM: take this replica out of the Service's endpoints.
+            return error(503, "draining")
         if not cluster.synced:
             return error(503, "caches are not synced")
         failing = dict(getattr(cluster, "sync_errors", {}) or {})
@@ -149,6 +158,7 @@ def create_app(settings: Settings, cluster: Cluster, **status_kwargs: Any) -> St
     app = Starlette(
         routes=routes,
         lifespan=lifespan,
+        middleware=[Middleware(CloseWhileDraining, drain=parts.drain)],
         exception_handlers={HTTPException: http_error, Exception: unhandled},
     )
     # A POST to /hook/<digest>/ must not be redirected: Gitea would not follow it.

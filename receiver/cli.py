@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -15,6 +16,7 @@ from receiver import __version__, signatures
 EXIT_OK = 0
 EXIT_PAYLOAD = 1  # plan: the payload lacks what routing needs (the service would answer 422)
 EXIT_USAGE = 2  # bad arguments, unreadable files, bad configuration or manifests
+EXIT_STARTUP = 3  # serve: the service could not start (uvicorn's code for it)
 
 
 def _fail(message: str, code: int = EXIT_USAGE) -> int:
@@ -45,6 +47,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from receiver import logs
     from receiver.app import create_app, url_normaliser
     from receiver.config import ConfigError, load_settings
+    from receiver.drain import DrainingServer
     from receiver.flux.memory import ManifestError, MemoryCluster
     from receiver.flux.store import ObjectStore
 
@@ -55,6 +58,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 "listen": {k: v for k, v in (("host", args.host), ("port", args.port)) if v},
                 "manifests": args.manifests,
                 "log_level": args.log_level,
+                "shutdown": ({"drain_seconds": args.drain_seconds}
+                             if args.drain_seconds is not None else None),
             },
         )
     except ConfigError as exc:
@@ -81,7 +86,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         app = create_app(settings, cluster)
     except ConfigError as exc:
         return _fail(str(exc))
-    uvicorn.run(
+    config = uvicorn.Config(
         app,
         host=settings.listen.host,
         port=settings.listen.port,
@@ -90,10 +95,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
         log_config=None,
         access_log=False,
         server_header=False,
-        # Leaves room inside the chart's 30 s grace period for the status queue flush (10 s).
-        timeout_graceful_shutdown=15,
+        # After the drain: how long requests in progress may take (the chart's grace period
+        # adds this to the drain and the status queue flush).
+        timeout_graceful_shutdown=max(1, round(settings.shutdown.in_flight_seconds)),
         h11_max_incomplete_event_size=256 * 1024,
     )
+    server = DrainingServer(config, app.state.parts.drain, settings.shutdown.drain_seconds)
+    with contextlib.suppress(KeyboardInterrupt):
+        server.run()
+    if not server.started:
+        return EXIT_STARTUP
     return EXIT_OK
 
 
@@ -216,6 +227,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--host")
     s.add_argument("--port", type=int)
     s.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    s.add_argument("--drain-seconds", type=float,
+                   help="after SIGTERM, serve this long with /readyz 503 before shutting down "
+                        "(shutdown.drain_seconds)")
     s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser("plan", help="print what a push would reconcile, offline")

@@ -75,6 +75,23 @@ class DeliveriesConfig(_Model):
     max_wait_seconds: float = Field(default=900.0, gt=0)
 
 
+class ShutdownConfig(_Model):
+    """SIGTERM to exit. The drain comes first: readiness is false, `?wait` streams end with a
+    line that tells the client to ask again, and the listener still accepts and serves, so that
+    the endpoints controllers and kube-proxy stop sending traffic here before it stops
+    listening. Then requests in progress get `in_flight_seconds` to finish, and the status
+    queue `flush_seconds` to drain."""
+
+    drain_seconds: float = Field(default=5.0, ge=0, le=300)
+    in_flight_seconds: float = Field(default=10.0, gt=0, le=300)
+    flush_seconds: float = Field(default=10.0, ge=0, le=300)
+
+    @property
+    def worst_case_seconds(self) -> float:
+        """The longest a shutdown takes once SIGTERM arrived (before the watches close)."""
+        return self.drain_seconds + self.in_flight_seconds + self.flush_seconds
+
+
 class GiteaInstance(_Model):
     name: str
     url: str = Field(description="API base of the instance, e.g. https://gitea.example.com/sub")
@@ -142,6 +159,7 @@ class Settings(_Model):
     manifests: Path | None = None
     reconcile: ReconcileConfig = ReconcileConfig()
     deliveries: DeliveriesConfig = DeliveriesConfig()
+    shutdown: ShutdownConfig = ShutdownConfig()
     gitea: list[GiteaInstance] = Field(default_factory=list)
     statuses: StatusConfig = StatusConfig()
     events: EventsConfig = EventsConfig()

@@ -11,7 +11,6 @@ type (200 pong / ignored), repeated X-Gitea-Delivery (200 duplicate), JSON (400)
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import secrets
@@ -30,6 +29,7 @@ from receiver.config import Settings
 from receiver.deliveries import Delivery, DeliveryStore, describe, record_targets
 from receiver.delivery_record import DeliveryRecord, decode, encode, mark_for, receiver_of
 from receiver.delivery_state import DeliveryView
+from receiver.drain import Drain
 from receiver.flux.cluster import Cluster
 from receiver.flux.objects import API_VERSIONS, FluxObject, ObjectKey
 from receiver.gitea.payloads import PayloadError, Push, parse_actions_body, parse_gitea_push
@@ -358,8 +358,9 @@ class IngestService:
             return error(400, "wait must be a number of seconds")
         if wait != wait or wait < 0:  # NaN or negative
             return error(400, "wait must be a number of seconds")
-        return StreamingResponse(self._stream(delivery_id, record, wait),
-                                 media_type="application/x-ndjson")
+        return StreamingResponse(
+            self._stream(delivery_id, record, wait, request.app.state.parts.drain),
+            media_type="application/x-ndjson")
 
     def _view(self, delivery_id: str, record: DeliveryRecord) -> DeliveryView:
         local = self.deliveries.get(delivery_id)
@@ -369,9 +370,11 @@ class IngestService:
                   view: DeliveryView | None = None) -> dict[str, Any]:
         return describe(delivery_id, record, view or self._view(delivery_id, record), API_VERSIONS)
 
-    async def _stream(self, delivery_id: str, record: DeliveryRecord, wait: float) -> Any:
+    async def _stream(self, delivery_id: str, record: DeliveryRecord, wait: float,
+                      drain: Drain) -> Any:
         """Newline-delimited JSON: the state now, then on every change, until it settles or
-        time is up. Any replica can serve it: the state is computed from the live objects."""
+        time is up. Any replica can serve it: the state is computed from the live objects. A
+        draining replica ends it with a line that tells the client to ask again (elsewhere)."""
         deadline = time.monotonic() + wait
         keys = watched_keys(record, self.cluster.store.get)
         last: DeliveryView | None = None
@@ -388,9 +391,22 @@ class IngestService:
                         yield json.dumps({"delivery": delivery_id, "timeout": True,
                                           "outcome": view.outcome()}) + "\n"
                     return
+                if drain.draining:
+                    yield json.dumps({"delivery": delivery_id, "retry": True,
+                                      "reason": drain.reason}) + "\n"
+                    return
                 # Time-outs are part of the state: look again at least every few seconds.
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(changed.wait(), timeout=min(remaining, 5.0))
+                await _change_or_drain(changed, drain, min(remaining, 5.0))
+
+
+async def _change_or_drain(changed: asyncio.Event, drain: Drain, timeout: float) -> None:
+    """Return when a watched object changes, the drain begins, or after `timeout`."""
+    waiters = (asyncio.ensure_future(changed.wait()), asyncio.ensure_future(drain.wait()))
+    try:
+        await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
 
 
 def _accepted(delivery: Delivery) -> JSONResponse:

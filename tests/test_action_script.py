@@ -91,6 +91,8 @@ class Service:
 
 
 def start_service(tmp: Path, *extra: str, env: dict[str, str] | None = None) -> Service:
+    """The service on a free port. No drain unless asked for (`--drain-seconds` or env): a
+    test's SIGTERM then stops it at once."""
     port = free_port()
     log = tmp / f"service-{port}.log"
     with log.open("wb") as out:
@@ -98,7 +100,7 @@ def start_service(tmp: Path, *extra: str, env: dict[str, str] | None = None) -> 
             [sys.executable, "-m", "receiver.cli", "serve", "--manifests", str(FLEET),
              "--port", str(port), *extra],
             cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-            env={**os.environ, **(env or {})},
+            env={**os.environ, "GFB_SHUTDOWN__DRAIN_SECONDS": "0", **(env or {})},
         )
     service = Service(f"http://127.0.0.1:{port}", process, log)
     deadline = time.monotonic() + 30
@@ -416,6 +418,12 @@ def test_unreachable_bridge_exits_3() -> None:
 # -- against a scripted peer: the outcomes the in-memory cluster never reaches ---------------------
 
 
+# In a scripted reply: the connection drops here, before the body promised is complete.
+CUT: dict[str, Any] = {"cut": "here"}
+# A scripted status: the connection closes without any reply.
+NO_REPLY = 0
+
+
 class ScriptedBridge(http.server.ThreadingHTTPServer):
     """Answers the hook with 202 and each GET /deliveries with the next scripted reply.
 
@@ -448,11 +456,22 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         return verdict.ok
 
     def _send(self, status: int, lines: list[dict[str, Any]], *, pause: float = 0.0) -> None:
+        if status == NO_REPLY:
+            self.close_connection = True
+            return
         self.send_response(status)
         self.send_header("Content-Type", "application/x-ndjson")
         self.send_header("Connection", "close")
+        if CUT in lines:
+            self.send_header("Content-Length", "1000000")  # more than will ever come
         self.end_headers()
         for doc in lines:
+            if doc is CUT:
+                self.wfile.write(b'{"delivery": "d-1", "outco')
+                self.wfile.flush()
+                self.connection.shutdown(socket.SHUT_RDWR)
+                self.close_connection = True
+                return
             self.wfile.write(json.dumps(doc).encode() + b"\n")
             self.wfile.flush()
             time.sleep(pause)
@@ -573,6 +592,64 @@ def test_wait_follows_again_after_a_server_side_timeout(
     assert all(ok for _, _, ok in gets)
     assert "HTTP 503" in result.stderr
     assert "not found on the replica that answered" in result.stderr
+
+
+def test_a_draining_replica_sends_the_client_elsewhere(
+    scripted: Callable[..., ScriptedBridge], tmp_path: Path
+) -> None:
+    # The replica following the delivery starts draining: its stream ends with the retry line
+    # long before the wait is up. The next ask (through the same URL: the Service sends it to
+    # another replica) sees the deployment through to ready.
+    bridge = scripted([
+        (200, [_progress("in_progress", False, "annotated"),
+               {"delivery": "d-1", "retry": True, "reason": "draining"}]),
+        (200, [_progress("in_progress", False, "progressing"), _progress("ready", True, "ready")]),
+    ])
+    outputs = tmp_path / "out"
+    started = time.monotonic()
+    result = run_notify(actions_env(bridge.url, "/hook/x", FLUX_BRIDGE_WAIT="120",
+                                    GITHUB_OUTPUT=str(outputs)))
+    assert result.returncode == 0, result.stderr
+    assert time.monotonic() - started < 30
+    assert "going away (draining); asking again" in result.stderr
+    assert "deployed" in result.stderr
+    gets = [r for r in bridge.requests if r[0] == "GET"]
+    assert len(gets) == 2 and all(ok for _, _, ok in gets)
+    assert all(re.fullmatch(r"/deliveries/d-1\?wait=1[12][0-9]", path) for _, path, _ in gets)
+    written = dict(line.split("=", 1) for line in outputs.read_text().splitlines())
+    assert written == {"delivery": "d-1", "outcome": "ready"}
+
+
+@pytest.mark.parametrize(("broken", "message"), [
+    # dropped mid-stream: curl reports the body cut short (exit 18)
+    ([(200, [_progress("in_progress", False, "annotated"), CUT])],
+     "the stream ended early (curl exit 18); asking again"),
+    # closed before any reply (exit 52)
+    ([(NO_REPLY, [])], "could not follow the delivery (HTTP none, curl exit 52)"),
+    ([(503, [{"error": "draining"}]), (NO_REPLY, [])], "could not follow the delivery (HTTP 503"),
+])
+def test_a_dropped_connection_is_asked_again(
+    scripted: Callable[..., ScriptedBridge], broken: list[tuple[int, list[dict[str, Any]]]],
+    message: str,
+) -> None:
+    bridge = scripted([*broken, (200, [_progress("ready", True, "ready")])])
+    result = run_notify(actions_env(bridge.url, "/hook/x", FLUX_BRIDGE_WAIT="120"))
+    assert result.returncode == 0, result.stderr
+    assert "deployed" in result.stderr
+    assert message in result.stderr
+    gets = [r for r in bridge.requests if r[0] == "GET"]
+    assert len(gets) == len(broken) + 1 and all(ok for _, _, ok in gets)
+
+
+def test_retry_lines_until_the_wait_runs_out_end_like_a_wait_that_ran_out(
+    scripted: Callable[..., ScriptedBridge]
+) -> None:
+    retry = (200, [_progress("in_progress", False, "annotated"),
+                   {"delivery": "d-1", "retry": True, "reason": "draining"}])
+    bridge = scripted([retry] * 50)
+    result = run_notify(actions_env(bridge.url, "/hook/x", FLUX_BRIDGE_WAIT="3"))
+    assert result.returncode == 1
+    assert "the wait of 3s ran out; outcome so far: in_progress" in result.stderr
 
 
 def test_busy_bridge_is_retried_with_a_fresh_signature(

@@ -196,7 +196,8 @@ def test_deployment_runtime(helm: str, variant: str) -> None:
     assert container["ports"] == [{"name": "http", "containerPort": 8080, "protocol": "TCP"}]
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
     assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
-    assert pod["terminationGracePeriodSeconds"] == 30
+    # Computed (default) or set and at least what a shutdown takes (full).
+    assert pod["terminationGracePeriodSeconds"] == (60 if variant == "full" else 35)
     env = {e["name"]: e for e in container["env"]}
     assert env["POD_NAMESPACE"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
     mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
@@ -220,6 +221,73 @@ def test_deployment_runtime(helm: str, variant: str) -> None:
     else:
         assert deployment["spec"]["replicas"] == 2
         assert SECRETS_DIR not in mounts
+
+
+# -- rollouts: preStop, grace period, spread --------------------------------------------------------
+
+
+def _pod(*sets: str, kube_version: str | None = None) -> dict[str, Any]:
+    args = ["template", RELEASE, str(CHART), "--namespace", NAMESPACE]
+    for item in sets:
+        args += ["--set-json", item]
+    if kube_version:
+        args += ["--kube-version", kube_version]
+    docs = [d for d in yaml.safe_load_all(run_helm(*args).stdout) if d]
+    pod: dict[str, Any] = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"][
+        "spec"]
+    return pod
+
+
+def test_prestop_is_the_native_sleep(helm: str) -> None:
+    (container,) = _pod()["containers"]
+    assert container["lifecycle"] == {"preStop": {"sleep": {"seconds": 5}}}
+    # Before 1.30 the sleep action is off by default: the image's sleep does it.
+    (old,) = _pod("preStopSleepSeconds=7", kube_version="1.29.4")["containers"]
+    assert old["lifecycle"] == {"preStop": {"exec": {"command": ["sleep", "7"]}}}
+    (none,) = _pod("preStopSleepSeconds=0")["containers"]
+    assert "lifecycle" not in none
+
+
+@pytest.mark.parametrize(("sets", "grace"), [
+    ((), 35),  # 5 preStop + 5 drain + 10 in flight + 10 flush + 5
+    (("preStopSleepSeconds=0",), 30),
+    (('config.shutdown={"drain_seconds": 0.5, "flush_seconds": 30}',), 51),
+    (("config.shutdown.in_flight_seconds=60",), 85),
+    (("terminationGracePeriodSeconds=35",), 35),
+    (("terminationGracePeriodSeconds=600",), 600),
+])
+def test_grace_period_covers_every_step_of_the_shutdown(
+    helm: str, sets: tuple[str, ...], grace: int
+) -> None:
+    assert _pod(*sets)["terminationGracePeriodSeconds"] == grace
+
+
+@pytest.mark.parametrize("sets", [
+    ("terminationGracePeriodSeconds=34",),
+    ("terminationGracePeriodSeconds=30", "preStopSleepSeconds=10"),
+    ("terminationGracePeriodSeconds=40", 'config.shutdown={"flush_seconds": 20.5}'),
+])
+def test_a_grace_period_shorter_than_the_shutdown_fails(helm: str, sets: tuple[str, ...]) -> None:
+    args = ["template", RELEASE, str(CHART)]
+    for item in sets:
+        args += ["--set-json", item]
+    result = run_helm(*args, check=False)
+    assert result.returncode != 0
+    assert "is shorter than a shutdown may take" in result.stderr
+
+
+def test_replicas_spread_across_nodes(helm: str) -> None:
+    deployment = one("default", "Deployment")
+    (spread,) = deployment["spec"]["template"]["spec"]["topologySpreadConstraints"]
+    assert spread == {
+        "maxSkew": 1, "topologyKey": "kubernetes.io/hostname",
+        "whenUnsatisfiable": "ScheduleAnyway",
+        "labelSelector": {"matchLabels": deployment["spec"]["selector"]["matchLabels"]}}
+    assert deployment["spec"]["replicas"] == 2
+    assert deployment["spec"]["strategy"]["rollingUpdate"] == {"maxUnavailable": 0, "maxSurge": 1}
+    for variant in VARIANTS:
+        assert "sessionAffinity" not in one(variant, "Service")["spec"]
+        assert one(variant, "PodDisruptionBudget")
 
 
 def test_config_checksum_rolls_the_pods(helm: str) -> None:
@@ -412,6 +480,12 @@ def test_service_monitor_scrapes_metrics(helm: str) -> None:
     "networkPolicy.egress.dns.ports[0].port=0",
     "autoscaling.minReplicas=0",
     "ingress.hosts[0].paths[0].pathType=Anything",
+    "preStopSleepSeconds=-1",
+    "terminationGracePeriodSeconds=0",
+    "config.shutdown.drain_seconds=-1",
+    "config.shutdown.in_flight_seconds=0",
+    "config.shutdown.later=1",
+    "service.sessionAffinity=ClientIP",
 ])
 def test_schema_rejects(helm: str, setting: str) -> None:
     result = run_helm("lint", str(CHART), "--set", setting, check=False)

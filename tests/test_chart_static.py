@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -60,6 +60,14 @@ def rendered_config(values: dict[str, Any]) -> dict[str, Any]:
     config["listen"] = {"host": "0.0.0.0", "port": 8080}
     config["namespaces"] = list(values.get("watchNamespaces") or [])
     return config
+
+
+def grace_period(values: dict[str, Any]) -> int:
+    """What templates/_helpers.tpl `gfb.terminationGracePeriodSeconds` computes: the preStop
+    sleep, then the service's own shutdown (drain, requests in progress, status flush) as the
+    rendered configuration sets it, and 5 s to close the watches and exit."""
+    settings = load_settings(environ={}, overrides=rendered_config(values))
+    return math.ceil(values["preStopSleepSeconds"] + settings.shutdown.worst_case_seconds + 5)
 
 
 DEFAULTS = load_yaml(CHART / "values.yaml")
@@ -223,6 +231,49 @@ def test_schema_top_level_keys_are_all_documented() -> None:
     assert set(SCHEMA["properties"]) - {"global"} == set(DEFAULTS)
 
 
+# -- rollouts: preStop, grace period, spread, no affinity ----------------------------------------
+
+
+def test_grace_period_covers_prestop_drain_requests_and_flush() -> None:
+    assert DEFAULTS["terminationGracePeriodSeconds"] is None  # computed by the template
+    assert DEFAULTS["preStopSleepSeconds"] == 5
+    assert grace_period(DEFAULTS) == 5 + 5 + 10 + 10 + 5 == 35
+    # An explicit value in the full values is at least what it must cover.
+    assert FULL["terminationGracePeriodSeconds"] >= grace_period(FULL) == math.ceil(
+        10 + 2.5 + 15 + 20 + 5)
+    # The template names the same parts, and fails below their sum.
+    helpers = (CHART / "templates" / "_helpers.tpl").read_text()
+    block = helpers.split('{{- define "gfb.terminationGracePeriodSeconds" -}}', 1)[1]
+    for part in ("preStopSleepSeconds", '"drain_seconds" 5', '"in_flight_seconds" 10',
+                 '"flush_seconds" 10', "addf $need 5", "fail"):
+        assert part in block, part
+    shutdown = Settings().shutdown
+    assert (shutdown.drain_seconds, shutdown.in_flight_seconds, shutdown.flush_seconds) == (
+        5, 10, 10)
+
+
+def test_replicas_spread_across_nodes_by_default() -> None:
+    assert DEFAULTS["replicaCount"] >= 2
+    assert DEFAULTS["topologySpreadConstraints"] == [{
+        "maxSkew": 1, "topologyKey": "kubernetes.io/hostname",
+        "whenUnsatisfiable": "ScheduleAnyway"}]
+    assert DEFAULTS["podDisruptionBudget"]["enabled"] is True
+
+
+def test_no_session_affinity_anywhere() -> None:
+    """Any replica answers any request; nothing tells users to pin clients to one."""
+    assert "sessionAffinity" not in DEFAULTS["service"]
+    assert "sessionAffinity" not in SCHEMA["properties"]["service"]["properties"]
+    places = [*CHART.rglob("*"), *(ROOT / "docs").rglob("*.md"), ROOT / "README.md",
+              *(ROOT / ".gitea").rglob("*"), *(ROOT / "examples").rglob("*")]
+    for path in places:
+        if path.is_file():
+            text = path.read_text(errors="replace").lower()
+            for phrase in ("sessionaffinity", "session affinity", "ingress.kubernetes.io/affinity",
+                           "cookie affinity"):
+                assert phrase not in text, f"{path.relative_to(ROOT)}: {phrase}"
+
+
 def test_schema_rejects_basic_mistakes() -> None:
     props = SCHEMA["properties"]
     assert props["replicaCount"] == {"type": "integer", "minimum": 1}
@@ -340,10 +391,12 @@ def test_the_command_the_image_and_chart_run_works(tmp_path: Path) -> None:
             time.sleep(0.1)
         assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200
         process.terminate()
-        # uvicorn finishes the shutdown, then re-raises SIGTERM (exit 143 in a container).
-        code = process.wait(timeout=DEFAULTS["terminationGracePeriodSeconds"])
-        assert code in (0, -signal.SIGTERM)
+        # The drain (config.shutdown.drain_seconds), then the graceful shutdown, then exit 0;
+        # all of it within the grace period the chart computes (the preStop sleep came first).
+        code = process.wait(timeout=grace_period(DEFAULTS) - DEFAULTS["preStopSleepSeconds"])
+        assert code == 0
         output = process.stdout.read().decode() if process.stdout else ""
+        assert "draining: not ready, still serving" in output
         assert "Application shutdown complete" in output
     finally:
         if process.poll() is None:

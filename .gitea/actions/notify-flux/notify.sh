@@ -103,10 +103,6 @@ command -v curl >/dev/null || die 2 "curl is required"
 tmp=$(umask 077 && mktemp -d "${TMPDIR:-/tmp}/notify-flux.XXXXXX") ||
 	die 2 "cannot create a temporary directory"
 trap 'rm -rf "$tmp"' EXIT
-# Cookies are kept between the push and the delivery requests, so that an ingress with cookie
-# affinity sends both to the same replica (deliveries live in the memory of one replica).
-: >"$tmp/cookies"
-curl_opts+=(--cookie "$tmp/cookies" --cookie-jar "$tmp/cookies")
 
 # --- JSON -------------------------------------------------------------------------------------
 
@@ -317,6 +313,11 @@ fi
 
 # --- wait -------------------------------------------------------------------------------------
 
+# Any replica may answer, and each ask is signed afresh. A replica that is going away (a
+# rollout, a node drain) ends the stream with {"retry": true}; a cut stream, a refused
+# connection, a 5xx or a 429 mean the same: ask again, through the same URL, which reaches
+# another replica, until the wait runs out. Only a final line or the deadline ends the wait.
+
 printf -v started '%(%s)T' -1
 deadline=$((started + wait_seconds))
 deliveries_url="$base_url/deliveries/$(urlencode "$delivery")"
@@ -329,12 +330,17 @@ while :; do
 	sign_into_headers ""
 	final=""
 	timed_out=""
+	retry=""
 	: >"$tmp/response-headers"
 	curl "${curl_opts[@]}" --no-buffer --max-time $((remaining + 30)) -D "$tmp/response-headers" \
 		-H @"$tmp/headers" "$deliveries_url?wait=$remaining" |
 		while IFS= read -r line || [[ -n $line ]]; do
 			[[ -n $line ]] || continue
 			printf '%s\n' "$line"
+			if [[ $(json_field retry "$line") == true ]]; then
+				retry=$(json_field reason "$line") || retry=draining
+				continue
+			fi
 			# Only progress lines carry an outcome (an error reply does not).
 			seen=$(json_field outcome "$line") || continue
 			outcome=$seen
@@ -363,12 +369,16 @@ while :; do
 		esac
 	fi
 	case ${get_status:-000} in
-	200) ;;
+	200)
+		if [[ -n $retry ]]; then
+			say "the replica that answered is going away ($retry); asking again"
+		elif [[ -z $timed_out ]]; then
+			say "the stream ended early (curl exit $curl_rc); asking again"
+		fi
+		;;
 	404)
-		# Deliveries live in one replica's memory: without affinity another replica may answer.
 		not_found=$((not_found + 1))
-		((not_found < 10)) || die 3 "404: delivery $delivery is unknown to the bridge (expired," \
-			"or held by a replica this client cannot reach: configure session affinity)"
+		((not_found < 10)) || die 3 "404: delivery $delivery is unknown to the bridge (expired?)"
 		say "delivery not found on the replica that answered; retrying"
 		;;
 	000 | 429 | 5??)

@@ -99,3 +99,26 @@ existingSecret is set.
   resources: ["secrets"]
   verbs: ["get"]
 {{- end -}}
+
+{{/*
+The pod's grace period, from the start of the preStop hook to SIGKILL: the preStop sleep, the
+drain, requests in progress, the status queue flush (config.shutdown) and 5 s to close the
+watches and exit. ?wait streams (up to config.deliveries.max_wait_seconds) are not part of it:
+they end with a `retry` line when the drain begins. An explicit value below the sum fails.
+*/}}
+{{- define "gfb.terminationGracePeriodSeconds" -}}
+{{- $shutdown := default (dict) .Values.config.shutdown -}}
+{{- $need := float64 (default 0 .Values.preStopSleepSeconds) -}}
+{{- range $key, $fallback := dict "drain_seconds" 5 "in_flight_seconds" 10 "flush_seconds" 10 -}}
+{{- $need = addf $need (ternary (index $shutdown $key) $fallback (hasKey $shutdown $key)) -}}
+{{- end -}}
+{{- $need = addf $need 5 | ceil | int -}}
+{{- $set := .Values.terminationGracePeriodSeconds -}}
+{{- if kindIs "invalid" $set -}}
+{{- $need -}}
+{{- else if lt (int $set) $need -}}
+{{- fail (printf "terminationGracePeriodSeconds %d is shorter than a shutdown may take: %d s (preStopSleepSeconds + config.shutdown.drain_seconds + in_flight_seconds + flush_seconds + 5)" (int $set) $need) -}}
+{{- else -}}
+{{- int $set -}}
+{{- end -}}
+{{- end -}}
