@@ -161,10 +161,13 @@ def cmd_hook_url(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-SIGN_SCHEMES = ("timestamped", "generic-hmac", "gitea", "hub", "bearer")
+SIGN_SCHEMES = ("timestamped", "generic-hmac", "gitea", "hub", "bearer", "read")
 
 
-def sign_headers(scheme: str, token: str, body: bytes, now: int, algorithm: str) -> dict[str, str]:
+def sign_headers(scheme: str, token: str, body: bytes, now: int, algorithm: str,
+                 delivery: str = "") -> dict[str, str]:
+    if scheme == "read":
+        return {"X-Signature": signatures.sign_read(token, delivery, now)}
     if scheme == "timestamped":
         return {"X-Signature": signatures.sign_timestamped(token, body, now)}
     if scheme == "generic-hmac":
@@ -177,6 +180,10 @@ def sign_headers(scheme: str, token: str, body: bytes, now: int, algorithm: str)
 
 
 def cmd_sign(args: argparse.Namespace) -> int:
+    if (args.scheme == "read") != bool(args.delivery):
+        return _fail("--delivery ID goes with --scheme read, and only with it")
+    if args.scheme == "read" and args.body_file:
+        return _fail("a read (GET /deliveries/ID) has no body")
     try:
         token = _token(args.token_file)
         body = _read(args.body_file) if args.body_file else b""
@@ -184,7 +191,7 @@ def cmd_sign(args: argparse.Namespace) -> int:
         return _fail(str(exc))
     headers = {"Content-Type": "application/json"} if body else {}
     headers.update(sign_headers(args.scheme, token, body, int(args.timestamp or time.time()),
-                                args.algorithm))
+                                args.algorithm, args.delivery or ""))
     for name, value in headers.items():
         print(f"-H '{name}: {value}'" if args.format == "curl" else f"{name}: {value}")
     return EXIT_OK
@@ -236,6 +243,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--scheme", choices=SIGN_SCHEMES, default="timestamped")
     s.add_argument("--token-file", required=True)
     s.add_argument("--body-file", help="the exact bytes to send; - for stdin; none for no body")
+    s.add_argument("--delivery", help="with --scheme read: the delivery id to read "
+                   "(GET /deliveries/ID); a push credential never reads, nor a read one pushes")
     s.add_argument("--algorithm", choices=["sha1", "sha256", "sha512"], default="sha256")
     s.add_argument("--timestamp", type=int, help="unix time to sign (default: now)")
     s.add_argument("--format", choices=["headers", "curl"], default="headers")

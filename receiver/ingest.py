@@ -266,16 +266,17 @@ class IngestService:
     # -- GET /deliveries/{id} ---------------------------------------------------------------
 
     def _authorised_for(self, request: Request, delivery: Delivery) -> bool:
-        """Read access needs the receiver's token: bearer, or a fresh timestamped signature
-        over the empty body. (Read-only, so the one-time rule of the push is not applied.)"""
+        """Read access needs the receiver's token: bearer, or a fresh read signature for this
+        delivery (`signatures.verify_read`: never valid as a push, nor a push as it). Read-only,
+        so the one-time rule of the push is not applied."""
         namespace, _, rname = delivery.receiver.partition("/")
         token = self.hooks.token_of(ObjectKey("Receiver", namespace, rname))
         if token is None:
             return False
         headers = request.headers
         if headers.get("x-signature"):
-            return signatures.verify_timestamped(
-                headers["x-signature"], b"", token, self.wall_clock()).ok
+            return signatures.verify_read(
+                headers["x-signature"], delivery.id, token, self.wall_clock()).ok
         return signatures.verify_bearer(headers, token).ok
 
     async def delivery(self, request: Request) -> Response:

@@ -123,3 +123,20 @@ def test_serve_rejects_bad_config_naming_the_key(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=60, cwd=REPO)
     assert proc.returncode == EXIT_USAGE
     assert "listen.port" in proc.stderr and "rate_limit.burst" in proc.stderr
+
+
+def test_sign_read_prints_a_read_credential_only(tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    token = tmp_path / "t"
+    token.write_text("tok")
+    code, out, _ = run(capsys, "sign", "--scheme", "read", "--delivery", "d-1", "--token-file",
+                       str(token), "--timestamp", "1800000000")
+    assert code == EXIT_OK
+    name, _, value = out.strip().partition(": ")
+    assert name == "X-Signature"
+    assert sig.verify_read(value, "d-1", "tok", 1800000000).ok
+    assert not sig.verify_timestamped(value, b"", "tok", 1800000000).ok
+    code, _, err = run(capsys, "sign", "--delivery", "d-1", "--token-file", str(token))
+    assert code == EXIT_USAGE and "--scheme read" in err
+    code, _, err = run(capsys, "sign", "--scheme", "read", "--token-file", str(token))
+    assert code == EXIT_USAGE

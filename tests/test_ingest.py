@@ -303,7 +303,7 @@ async def test_failed_deploy_and_streaming_wait(bridge: Bridge) -> None:
     task = asyncio.create_task(flux())
     ts = int(time.time())
     r = await bridge.client.get(f"/deliveries/{delivery}?wait=5", headers={
-        "X-Signature": sig.sign_timestamped(GITEA_TOKEN, b"", ts)})
+        "X-Signature": sig.sign_read(GITEA_TOKEN, delivery, ts)})
     await task
     lines = [json.loads(line) for line in r.text.splitlines()]
     assert len(lines) >= 2
@@ -394,3 +394,34 @@ async def test_chart_version_helm_release_is_annotated_but_not_followed(bridge: 
                                      headers={"Authorization": f"Bearer {GITEA_TOKEN}"})).json()
     podinfo = next(t for t in state["targets"] if t["name"] == "podinfo")
     assert (podinfo["state"], podinfo["detail"]["reason"]) == ("skipped", "NotFollowed")
+
+
+# -- hardening (issue 10) --------------------------------------------------------------------
+
+
+async def test_a_read_credential_replayed_as_a_push_annotates_nothing(bridge: Bridge) -> None:
+    delivery = (await bridge.client.post(ACTIONS_PATH, headers={
+        "Authorization": f"Bearer {ACTIONS_TOKEN}"})).json()["delivery"]
+    await bridge.parts.reconciler.stop()
+    before = len(bridge.cluster.patches)
+    read = {"X-Signature": sig.sign_read(ACTIONS_TOKEN, delivery, int(time.time()))}
+    assert (await bridge.client.get(f"/deliveries/{delivery}", headers=read)).status_code == 200
+    # M2: a poll's credential, replayed as an empty-body push (what it used to be valid as).
+    replayed = await bridge.client.post(ACTIONS_PATH, headers=read)
+    assert replayed.status_code == 401
+    assert len(bridge.cluster.patches) == before
+    # ... and a push credential does not read.
+    push = {"X-Signature": sig.sign_timestamped(ACTIONS_TOKEN, b"", int(time.time()))}
+    assert (await bridge.client.get(f"/deliveries/{delivery}", headers=push)).status_code == 404
+
+
+async def test_a_non_ascii_digit_timestamp_is_refused_not_a_500(bridge: Bridge) -> None:
+    delivery = (await bridge.client.post(ACTIONS_PATH, headers={
+        "Authorization": f"Bearer {ACTIONS_TOKEN}"})).json()["delivery"]
+    header = {"X-Signature": "t=\u00b2,v1=" + "0" * 64}
+    # Starlette decodes header bytes as latin-1: byte 0xb2 arrives as "\u00b2".
+    encoded = {k: v.encode("latin-1") for k, v in header.items()}
+    hook = await bridge.client.post(ACTIONS_PATH, headers=encoded)
+    assert hook.status_code == 401
+    read = await bridge.client.get(f"/deliveries/{delivery}", headers=encoded)
+    assert read.status_code == 404
