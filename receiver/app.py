@@ -63,7 +63,7 @@ def build(settings: Settings, cluster: Cluster, **status_kwargs: Any) -> Compone
             metrics.kube_latency.labels(call, str(failed).lower()).observe(seconds)
 
         cluster.observe = observe
-    hooks = HookIndex(cluster)
+    hooks = HookIndex(cluster, metrics=metrics)
     cluster.store.subscribe(hooks.on_store_change)
     deliveries = DeliveryStore(settings.deliveries.max_count, settings.deliveries.max_age_seconds)
     reconciler = Reconciler(cluster, deliveries, settings.reconcile, metrics, settings.cluster_name)

@@ -425,3 +425,27 @@ async def test_a_non_ascii_digit_timestamp_is_refused_not_a_500(bridge: Bridge) 
     assert hook.status_code == 401
     read = await bridge.client.get(f"/deliveries/{delivery}", headers=encoded)
     assert read.status_code == 404
+
+
+async def test_a_receiver_with_a_blank_token_is_closed(bridge: Bridge) -> None:
+    bridge.cluster.secrets[("flux-system", "gitea-token")] = {"token": b" \n"}
+    await bridge.parts.hooks.refresh_all()
+    body = gp.gitea_bytes(app_push("clusters/eu-west/apps/a.yaml"))
+    for token in ("", " \n"):
+        path = "/hook/" + sig.hook_digest(token, "gitea", "flux-system")
+        r = await bridge.client.post(path, content=body, headers=gitea_headers(body, token=token))
+        assert r.status_code == 404
+    assert bridge.cluster.patches == []
+    assert bridge.parts.hooks.unusable() == {"flux-system/gitea": "blank token"}
+    metrics = (await bridge.client.get("/metrics")).text
+    assert "gfb_receivers_unusable 1.0" in metrics
+
+
+async def test_wrong_signatures_do_not_each_read_the_secret(bridge: Bridge) -> None:
+    body = gp.gitea_bytes(app_push("x"))
+    before = bridge.cluster.secret_reads
+    for _ in range(50):
+        r = await bridge.client.post(GITEA_PATH, content=body,
+                                     headers=gitea_headers(body, token="wrong"))
+        assert r.status_code == 401
+    assert bridge.cluster.secret_reads - before <= 1
