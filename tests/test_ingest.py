@@ -449,3 +449,18 @@ async def test_wrong_signatures_do_not_each_read_the_secret(bridge: Bridge) -> N
                                      headers=gitea_headers(body, token="wrong"))
         assert r.status_code == 401
     assert bridge.cluster.secret_reads - before <= 1
+
+
+@pytest.mark.parametrize(("ref", "message"), [
+    ("refs/heads/" + "r" * 3_000_000, "ref is longer than 1024 bytes"),
+    ("refs/heads/main\ud800", "ref is not valid UTF-8 text"),
+])
+async def test_a_hostile_ref_is_a_422_before_anything_is_annotated(
+    bridge: Bridge, ref: str, message: str
+) -> None:
+    body = json.dumps({"repository": "https://gitea.example.com/teams/apps", "ref": ref,
+                       "sha": "d" * 40, "paths": ["deploy/app.yaml"]}).encode()
+    r = await bridge.client.post(ACTIONS_PATH, content=body, headers={
+        "Content-Type": "application/json", "Authorization": f"Bearer {ACTIONS_TOKEN}"})
+    assert (r.status_code, r.json()) == (422, {"error": message})
+    assert bridge.cluster.patches == []
