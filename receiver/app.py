@@ -13,7 +13,7 @@ from typing import Any
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
@@ -22,7 +22,7 @@ from receiver.deliveries import DeliveryStore
 from receiver.flux.cluster import Cluster
 from receiver.giturls import normalise_aliases, normalise_repo_url
 from receiver.hookindex import HookIndex
-from receiver.http import error
+from receiver.http import client_disconnected, error
 from receiver.ingest import IngestService
 from receiver.metrics import Metrics
 from receiver.reconcile import Reconciler
@@ -145,7 +145,8 @@ def create_app(settings: Settings, cluster: Cluster, **status_kwargs: Any) -> St
     app = Starlette(
         routes=routes,
         lifespan=lifespan,
-        exception_handlers={HTTPException: http_error, Exception: unhandled},
+        exception_handlers={HTTPException: http_error, ClientDisconnect: client_disconnected,
+                            Exception: unhandled},
     )
     # A POST to /hook/<digest>/ must not be redirected: Gitea would not follow it.
     app.router.redirect_slashes = False

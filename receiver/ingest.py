@@ -19,7 +19,6 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import parse_qs
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -29,7 +28,13 @@ from receiver.config import Settings
 from receiver.deliveries import Delivery, DeliveryStore
 from receiver.flux.cluster import Cluster
 from receiver.flux.objects import FluxObject, ObjectKey
-from receiver.gitea.payloads import PayloadError, Push, parse_actions_body, parse_gitea_push
+from receiver.gitea.payloads import (
+    PayloadError,
+    Push,
+    form_payload,
+    parse_actions_body,
+    parse_gitea_push,
+)
 from receiver.hookindex import HookIndex
 from receiver.http import (
     UNAUTHORIZED,
@@ -50,6 +55,8 @@ from receiver.routing import plan_push
 log = logging.getLogger(__name__)
 JSON_TYPES = frozenset({"application/json"})
 FORM_TYPE = "application/x-www-form-urlencoded"
+UNSUPPORTED_MEDIA = ("content type must be application/json "
+                     "(or application/x-www-form-urlencoded for Gitea webhooks)")
 PushListener = Callable[[Delivery, Push], None]
 
 
@@ -93,14 +100,15 @@ class IngestService:
         headers = request.headers
         rtype = receiver.spec.get("type")
         signed = body
+        if kind == FORM_TYPE and body:
+            # Decoded for every type, so the answer before authentication says nothing of it.
+            try:
+                payload = form_payload(body)
+            except PayloadError as exc:
+                return error(400, str(exc))
+            # Gitea signs the JSON document, not the form-encoded body it sends.
+            signed = payload if rtype == "github" else body
         if rtype == "github":
-            if kind == FORM_TYPE:
-                # Gitea signs the JSON document, not the form-encoded body it sends.
-                values = parse_qs(body.decode("utf-8", "replace"), max_num_fields=50)
-                payload = values.get("payload")
-                if not payload:
-                    return error(400, "form body has no payload field")
-                signed = payload[0].encode()
             verdict = signatures.verify_gitea(headers, signed, token)
         elif rtype == "generic-hmac":
             verdict = signatures.verify_generic_hmac(headers, body, token)
@@ -146,13 +154,9 @@ class IngestService:
         except BodyTooLarge:
             return self._count(name, "too_large", error(413, f"body exceeds {limit} bytes"))
         kind = media_type(request)
-        if body and kind not in JSON_TYPES and not (
-            kind == FORM_TYPE and receiver.spec.get("type") == "github"
-        ):
-            return self._count(name, "unsupported_media", error(
-                415, "content type must be application/json"
-                + (" or application/x-www-form-urlencoded" if receiver.spec.get("type") == "github"
-                   else "")))
+        # Before authentication every answer is the same whatever the Receiver's type.
+        if body and kind not in JSON_TYPES and kind != FORM_TYPE:
+            return self._count(name, "unsupported_media", error(415, UNSUPPORTED_MEDIA))
         auth = await self._authenticate(receiver, token, request, body, kind)
         if isinstance(auth, Response):
             return self._count(name, "bad_request", auth)
@@ -162,6 +166,9 @@ class IngestService:
             log.info("signature rejected", extra={"receiver": name, "scheme": verdict.scheme,
                                                   "reason": verdict.reason})
             return self._count(name, "unauthorized", JSONResponse(UNAUTHORIZED, 401))
+        if body and kind == FORM_TYPE and receiver.spec.get("type") != "github":
+            return self._count(name, "unsupported_media", error(
+                415, "content type must be application/json"))
         now = self.wall_clock()
         if verdict.replay_key and not self.seen_signatures.first(
             verdict.replay_key, verdict.replay_until, now

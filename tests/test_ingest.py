@@ -176,9 +176,11 @@ async def test_body_limit_by_header_and_by_stream(bridge_factory: Any) -> None:
 async def test_unsupported_content_type_is_415(bridge: Bridge) -> None:
     r = await bridge.client.post(GITEA_PATH, content=b"hello", headers={"Content-Type": "text/plain"})
     assert r.status_code == 415
+    # A form body is decoded for every type before authentication (so that answer cannot tell
+    # the types apart); an unsigned one is then a 401 like any other.
     r = await bridge.client.post(HMAC_PATH, content=b"payload=x", headers={
         "Content-Type": "application/x-www-form-urlencoded"})
-    assert r.status_code == 415
+    assert r.status_code == 401
 
 
 async def test_invalid_json_is_400_and_incomplete_payload_is_422(bridge: Bridge) -> None:
@@ -463,4 +465,74 @@ async def test_a_hostile_ref_is_a_422_before_anything_is_annotated(
     r = await bridge.client.post(ACTIONS_PATH, content=body, headers={
         "Content-Type": "application/json", "Authorization": f"Bearer {ACTIONS_TOKEN}"})
     assert (r.status_code, r.json()) == (422, {"error": message})
+    assert bridge.cluster.patches == []
+
+
+async def test_form_bodies_that_cannot_be_decoded_are_400_for_every_type(bridge: Bridge) -> None:
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    many = "&".join(f"f{i}=x" for i in range(51)).encode()
+    for path in (GITEA_PATH, HMAC_PATH, ACTIONS_PATH):
+        r = await bridge.client.post(path, content=many, headers=form)
+        assert (r.status_code, r.json()) == (400, {"error": "form body has more than 50 fields"})
+        r = await bridge.client.post(path, content=b"a=b", headers=form)
+        assert (r.status_code, r.json()) == (400, {"error": "form body has no payload field"})
+    assert bridge.cluster.patches == []
+
+
+async def test_answers_before_authentication_do_not_depend_on_the_receiver_type(
+    bridge: Bridge,
+) -> None:
+    requests: list[tuple[bytes, dict[str, str]]] = [
+        (b"", {}),
+        (b"", {"Content-Type": "application/x-www-form-urlencoded"}),
+        (b"", {"Content-Type": "text/plain"}),
+        (b"hello", {"Content-Type": "text/plain"}),
+        (b"payload=%7B%7D", {"Content-Type": "application/x-www-form-urlencoded"}),
+        (b"{}", {"Content-Type": "application/json"}),
+        (b"x=1", {"Content-Type": "application/x-www-form-urlencoded"}),
+    ]
+    for body, headers in requests:
+        answers = set()
+        for path in (GITEA_PATH, HMAC_PATH, ACTIONS_PATH):
+            r = await bridge.client.post(path, content=body, headers=headers)
+            answers.add((r.status_code, r.content))
+        assert len(answers) == 1, (body, headers, answers)
+    assert bridge.cluster.patches == []
+
+
+async def test_a_signed_form_body_on_a_receiver_that_takes_json_only_is_415(
+    bridge: Bridge,
+) -> None:
+    body = b"payload=%7B%7D"
+    r = await bridge.client.post(HMAC_PATH, content=body, headers={
+        "Content-Type": "application/x-www-form-urlencoded",
+        "X-Signature": "sha256=" + sig.hmac_hex("sha256", HMAC_TOKEN, body)})
+    assert (r.status_code, r.json()) == (415, {"error": "content type must be application/json"})
+
+
+async def test_a_client_that_disconnects_mid_body_is_one_quiet_line(
+    bridge: Bridge, caplog: pytest.LogCaptureFixture
+) -> None:
+    messages = [{"type": "http.request", "body": b'{"ref": ', "more_body": True},
+                {"type": "http.disconnect"}]
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+             "method": "POST", "scheme": "http", "path": ACTIONS_PATH, "raw_path":
+             ACTIONS_PATH.encode(), "query_string": b"", "root_path": "",
+             "headers": [(b"content-type", b"application/json"),
+                         (b"authorization", f"Bearer {ACTIONS_TOKEN}".encode())],
+             "client": ("127.0.0.1", 5), "server": ("bridge.test", 80)}
+    caplog.set_level(logging.INFO)
+    await bridge.app(scope, receive, send)  # nothing escapes to the server
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == []
+    gone = [r for r in caplog.records if "disconnected" in r.getMessage()]
+    assert len(gone) == 1
     assert bridge.cluster.patches == []

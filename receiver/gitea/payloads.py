@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import parse_qs
 
 _HEX = re.compile(r"^[0-9a-f]{40}$|^[0-9a-f]{64}$")
 MAX_PATHS = 20_000
@@ -110,6 +111,23 @@ def _paths_of(commit: dict[str, Any], index: int) -> set[str]:
                 checked(p.strip().lstrip("/"), f"commits[{index}].{key}[{i}]", MAX_PATH_BYTES)
                 for i, p in enumerate(items) if isinstance(p, str) and p.strip())
     return found
+
+
+MAX_FORM_FIELDS = 50
+
+
+def form_payload(body: bytes) -> bytes:
+    """The `payload` field of a form-encoded webhook body (`payload=<url-encoded JSON>`): the
+    JSON document Gitea signed. PayloadError (HTTP 400) for a form without it or with more
+    than MAX_FORM_FIELDS fields, never an exception of the parser."""
+    try:
+        values = parse_qs(body.decode("utf-8", "replace"), max_num_fields=MAX_FORM_FIELDS)
+    except ValueError:
+        raise PayloadError(f"form body has more than {MAX_FORM_FIELDS} fields") from None
+    payload = values.get("payload")
+    if not payload:
+        raise PayloadError("form body has no payload field")
+    return payload[0].encode("utf-8", "surrogatepass")
 
 
 def parse_gitea_push(doc: Any) -> Push:
