@@ -29,11 +29,11 @@ def _read(path: str) -> bytes:
 
 
 def _token(path: str) -> str:
-    """A Receiver token exactly as Flux uses it: the file's raw bytes, newline included."""
-    try:
-        return Path(path).read_bytes().decode()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ValueError(f"cannot read token file {path}: {exc}") from None
+    """A token or key file, read as the service and notify-flux read theirs (one trailing
+    newline dropped; `-` is standard input): `config.read_secret_file`."""
+    from receiver.config import read_secret_file
+
+    return read_secret_file(path, dash_is_stdin=True)
 
 
 # -- serve -----------------------------------------------------------------------------------
@@ -184,6 +184,8 @@ def cmd_sign(args: argparse.Namespace) -> int:
         return _fail("--delivery ID goes with --scheme read, and only with it")
     if args.scheme == "read" and args.body_file:
         return _fail("a read (GET /deliveries/ID) has no body")
+    if {args.token_file, args.body_file} == {"-"}:
+        return _fail("the token and the body cannot both come from standard input")
     try:
         token = _token(args.token_file)
         body = _read(args.body_file) if args.body_file else b""
@@ -212,6 +214,10 @@ def cmd_badge_url(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+FILE_ARG_HELP = ("file holding it; - for standard input. One trailing newline is dropped, "
+                   "as the service and notify-flux drop it")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gitea-flux-bridge", description=__doc__)
     p.add_argument("--version", action="version", version=__version__)
@@ -235,13 +241,13 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("hook-url", help="print a Receiver's /hook/<digest> path")
     s.add_argument("--name", required=True)
     s.add_argument("--namespace", required=True)
-    s.add_argument("--token-file", required=True)
+    s.add_argument("--token-file", required=True, help=FILE_ARG_HELP)
     s.add_argument("--base-url", help="prefix the path with this URL")
     s.set_defaults(func=cmd_hook_url)
 
     s = sub.add_parser("sign", help="print the headers a curl step sends for a body")
     s.add_argument("--scheme", choices=SIGN_SCHEMES, default="timestamped")
-    s.add_argument("--token-file", required=True)
+    s.add_argument("--token-file", required=True, help=FILE_ARG_HELP)
     s.add_argument("--body-file", help="the exact bytes to send; - for stdin; none for no body")
     s.add_argument("--delivery", help="with --scheme read: the delivery id to read "
                    "(GET /deliveries/ID); a push credential never reads, nor a read one pushes")
@@ -251,7 +257,7 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_sign)
 
     s = sub.add_parser("badge-url", help="mint a signed badge URL for a private repository")
-    s.add_argument("--key-file", required=True)
+    s.add_argument("--key-file", required=True, help=FILE_ARG_HELP)
     s.add_argument("--owner", required=True)
     s.add_argument("--repo", required=True)
     s.add_argument("--branch", required=True)

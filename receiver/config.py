@@ -7,6 +7,7 @@ Unknown keys are errors, so a typo fails at start with the key's dotted name.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -221,10 +222,25 @@ def load_settings(
         raise ConfigError(_format_error(exc)) from None
 
 
-def read_secret_file(path: Path) -> str:
-    """A secret from a file; one trailing newline (as `echo` leaves) is dropped."""
+def secret_text(raw: bytes, source: str = "secret") -> str:
+    """A secret's text, the one way every tool reads it: UTF-8, and one trailing newline (as
+    `echo` or an editor leaves it) dropped. Nothing else is trimmed."""
     try:
-        value = path.read_text()
+        value = raw.decode()
+    except UnicodeDecodeError:
+        raise ConfigError(f"{source} is not UTF-8 text") from None
+    return value[:-1] if value.endswith("\n") else value
+
+
+def read_secret_file(path: Path | str, *, dash_is_stdin: bool = False) -> str:
+    """A secret from a file (`secret_text`). Used by the service's `{file: ...}` settings and by
+    every command's `--token-file` / `--key-file`, so a hook URL, a signature and a badge URL
+    minted from a file always agree with the service reading the same file. With
+    `dash_is_stdin` (the commands), `-` is standard input."""
+    if dash_is_stdin and str(path) == "-":
+        return secret_text(sys.stdin.buffer.read(), "standard input")
+    try:
+        raw = Path(path).read_bytes()
     except OSError as exc:
         raise ConfigError(f"cannot read secret file {path}: {exc.strerror}") from None
-    return value[:-1] if value.endswith("\n") else value
+    return secret_text(raw, f"secret file {path}")
