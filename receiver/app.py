@@ -13,6 +13,7 @@ from typing import Any
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
@@ -22,7 +23,7 @@ from receiver.deliveries import DeliveryStore
 from receiver.flux.cluster import Cluster
 from receiver.giturls import normalise_aliases, normalise_repo_url
 from receiver.hookindex import HookIndex
-from receiver.http import client_disconnected, error
+from receiver.http import BodyDeadline, BodyTimeout, body_timeout, client_disconnected, error
 from receiver.ingest import IngestService
 from receiver.metrics import Metrics
 from receiver.reconcile import Reconciler
@@ -146,7 +147,8 @@ def create_app(settings: Settings, cluster: Cluster, **status_kwargs: Any) -> St
         routes=routes,
         lifespan=lifespan,
         exception_handlers={HTTPException: http_error, ClientDisconnect: client_disconnected,
-                            Exception: unhandled},
+                            BodyTimeout: body_timeout, Exception: unhandled},
+        middleware=[Middleware(BodyDeadline, seconds=settings.server.body_timeout_seconds)],
     )
     # A POST to /hook/<digest>/ must not be redirected: Gitea would not follow it.
     app.router.redirect_slashes = False

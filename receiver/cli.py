@@ -86,13 +86,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         host=settings.listen.host,
         port=settings.listen.port,
         loop="uvloop",
-        http="httptools",
         log_config=None,
         access_log=False,
         server_header=False,
         # Leaves room inside the chart's 30 s grace period for the status queue flush (10 s).
         timeout_graceful_shutdown=15,
-        h11_max_incomplete_event_size=256 * 1024,
+        **settings.server.uvicorn_options(),  # connection limits and timeouts (server.*)
     )
     return EXIT_OK
 

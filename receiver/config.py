@@ -55,6 +55,37 @@ class ListenConfig(_Model):
     port: int = Field(default=8080, ge=1, le=65535)
 
 
+class ServerConfig(_Model):
+    """Connection limits of the HTTP server (uvicorn), and the body deadline the app enforces.
+
+    What these cannot bound (a slow body inside its deadline, header size with httptools,
+    connections per client) needs a proxy in front: see docs/security.md.
+    """
+
+    # Concurrent connections plus in-flight requests; beyond it uvicorn answers 503.
+    limit_concurrency: int = Field(default=1000, ge=1)
+    # Pending connections the kernel queues before accept.
+    backlog: int = Field(default=2048, ge=1)
+    # An idle keep-alive connection is closed after this long.
+    timeout_keep_alive_seconds: float = Field(default=5.0, gt=0)
+    # The whole request body must arrive within this (408 otherwise); 0 turns it off.
+    body_timeout_seconds: float = Field(default=30.0, ge=0)
+    # httptools (fast, the default) sets no limit on header size; h11 takes
+    # `h11_max_incomplete_event_size` as its limit on a request's head.
+    http: Literal["httptools", "h11"] = "httptools"
+    h11_max_incomplete_event_size: int = Field(default=64 * 1024, ge=4096)
+
+    def uvicorn_options(self) -> dict[str, Any]:
+        """Keyword arguments for `uvicorn.run` / `uvicorn.Config`."""
+        return {
+            "http": self.http,
+            "limit_concurrency": self.limit_concurrency,
+            "backlog": self.backlog,
+            "timeout_keep_alive": self.timeout_keep_alive_seconds,
+            "h11_max_incomplete_event_size": self.h11_max_incomplete_event_size,
+        }
+
+
 class RateLimitConfig(_Model):
     requests_per_second: float = Field(default=50.0, gt=0)
     burst: int = Field(default=100, ge=1)
@@ -125,6 +156,7 @@ class InsecureConfig(_Model):
 
 class Settings(_Model):
     listen: ListenConfig = ListenConfig()
+    server: ServerConfig = ServerConfig()
     body_limit_bytes: int = Field(default=3 * 1024 * 1024, ge=1024)
     rate_limit: RateLimitConfig = RateLimitConfig()
     namespaces: list[str] = Field(default_factory=list)
