@@ -14,7 +14,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
@@ -25,7 +25,7 @@ from receiver.drain import CloseWhileDraining, Drain
 from receiver.flux.cluster import Cluster
 from receiver.giturls import normalise_aliases, normalise_repo_url
 from receiver.hookindex import HookIndex
-from receiver.http import error
+from receiver.http import BodyDeadline, BodyTimeout, body_timeout, client_disconnected, error
 from receiver.ingest import IngestService
 from receiver.metrics import Metrics
 from receiver.reconcile import Reconciler
@@ -67,7 +67,7 @@ def build(settings: Settings, cluster: Cluster, **status_kwargs: Any) -> Compone
             metrics.kube_latency.labels(call, str(failed).lower()).observe(seconds)
 
         cluster.observe = observe
-    hooks = HookIndex(cluster)
+    hooks = HookIndex(cluster, metrics=metrics)
     cluster.store.subscribe(hooks.on_store_change)
     deliveries = DeliveryStore(settings.deliveries.max_count, settings.deliveries.max_age_seconds)
     # Marks must outlive every repeat we promise to refuse: Gitea redeliveries and signatures.
@@ -158,8 +158,10 @@ def create_app(settings: Settings, cluster: Cluster, **status_kwargs: Any) -> St
     app = Starlette(
         routes=routes,
         lifespan=lifespan,
-        middleware=[Middleware(CloseWhileDraining, drain=parts.drain)],
-        exception_handlers={HTTPException: http_error, Exception: unhandled},
+        middleware=[Middleware(CloseWhileDraining, drain=parts.drain),
+                    Middleware(BodyDeadline, seconds=settings.server.body_timeout_seconds)],
+        exception_handlers={HTTPException: http_error, ClientDisconnect: client_disconnected,
+                            BodyTimeout: body_timeout, Exception: unhandled},
     )
     # A POST to /hook/<digest>/ must not be redirected: Gitea would not follow it.
     app.router.redirect_slashes = False

@@ -31,11 +31,11 @@ def _read(path: str) -> bytes:
 
 
 def _token(path: str) -> str:
-    """A Receiver token exactly as Flux uses it: the file's raw bytes, newline included."""
-    try:
-        return Path(path).read_bytes().decode()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ValueError(f"cannot read token file {path}: {exc}") from None
+    """A token or key file, read as the service and notify-flux read theirs (one trailing
+    newline dropped; `-` is standard input): `config.read_secret_file`."""
+    from receiver.config import read_secret_file
+
+    return read_secret_file(path, dash_is_stdin=True)
 
 
 # -- serve -----------------------------------------------------------------------------------
@@ -91,14 +91,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         host=settings.listen.host,
         port=settings.listen.port,
         loop="uvloop",
-        http="httptools",
         log_config=None,
         access_log=False,
         server_header=False,
         # After the drain: how long requests in progress may take (the chart's grace period
         # adds this to the drain and the status queue flush).
         timeout_graceful_shutdown=max(1, round(settings.shutdown.in_flight_seconds)),
-        h11_max_incomplete_event_size=256 * 1024,
+        **settings.server.uvicorn_options(),  # connection limits and timeouts (server.*)
     )
     server = DrainingServer(config, app.state.parts.drain, settings.shutdown.drain_seconds)
     with contextlib.suppress(KeyboardInterrupt):
@@ -172,10 +171,13 @@ def cmd_hook_url(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-SIGN_SCHEMES = ("timestamped", "generic-hmac", "gitea", "hub", "bearer")
+SIGN_SCHEMES = ("timestamped", "generic-hmac", "gitea", "hub", "bearer", "read")
 
 
-def sign_headers(scheme: str, token: str, body: bytes, now: int, algorithm: str) -> dict[str, str]:
+def sign_headers(scheme: str, token: str, body: bytes, now: int, algorithm: str,
+                 delivery: str = "") -> dict[str, str]:
+    if scheme == "read":
+        return {"X-Signature": signatures.sign_read(token, delivery, now)}
     if scheme == "timestamped":
         return {"X-Signature": signatures.sign_timestamped(token, body, now)}
     if scheme == "generic-hmac":
@@ -188,6 +190,12 @@ def sign_headers(scheme: str, token: str, body: bytes, now: int, algorithm: str)
 
 
 def cmd_sign(args: argparse.Namespace) -> int:
+    if (args.scheme == "read") != bool(args.delivery):
+        return _fail("--delivery ID goes with --scheme read, and only with it")
+    if args.scheme == "read" and args.body_file:
+        return _fail("a read (GET /deliveries/ID) has no body")
+    if {args.token_file, args.body_file} == {"-"}:
+        return _fail("the token and the body cannot both come from standard input")
     try:
         token = _token(args.token_file)
         body = _read(args.body_file) if args.body_file else b""
@@ -195,7 +203,7 @@ def cmd_sign(args: argparse.Namespace) -> int:
         return _fail(str(exc))
     headers = {"Content-Type": "application/json"} if body else {}
     headers.update(sign_headers(args.scheme, token, body, int(args.timestamp or time.time()),
-                                args.algorithm))
+                                args.algorithm, args.delivery or ""))
     for name, value in headers.items():
         print(f"-H '{name}: {value}'" if args.format == "curl" else f"{name}: {value}")
     return EXIT_OK
@@ -214,6 +222,10 @@ def cmd_badge_url(args: argparse.Namespace) -> int:
     query = urlencode({"branch": args.branch, "token": token})
     print(f"{args.base_url.rstrip('/')}/badge/{args.owner}/{args.repo}.svg?{query}")
     return EXIT_OK
+
+
+FILE_ARG_HELP = ("file holding it; - for standard input. One trailing newline is dropped, "
+                   "as the service and notify-flux drop it")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -242,21 +254,23 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("hook-url", help="print a Receiver's /hook/<digest> path")
     s.add_argument("--name", required=True)
     s.add_argument("--namespace", required=True)
-    s.add_argument("--token-file", required=True)
+    s.add_argument("--token-file", required=True, help=FILE_ARG_HELP)
     s.add_argument("--base-url", help="prefix the path with this URL")
     s.set_defaults(func=cmd_hook_url)
 
     s = sub.add_parser("sign", help="print the headers a curl step sends for a body")
     s.add_argument("--scheme", choices=SIGN_SCHEMES, default="timestamped")
-    s.add_argument("--token-file", required=True)
+    s.add_argument("--token-file", required=True, help=FILE_ARG_HELP)
     s.add_argument("--body-file", help="the exact bytes to send; - for stdin; none for no body")
+    s.add_argument("--delivery", help="with --scheme read: the delivery id to read "
+                   "(GET /deliveries/ID); a push credential never reads, nor a read one pushes")
     s.add_argument("--algorithm", choices=["sha1", "sha256", "sha512"], default="sha256")
     s.add_argument("--timestamp", type=int, help="unix time to sign (default: now)")
     s.add_argument("--format", choices=["headers", "curl"], default="headers")
     s.set_defaults(func=cmd_sign)
 
     s = sub.add_parser("badge-url", help="mint a signed badge URL for a private repository")
-    s.add_argument("--key-file", required=True)
+    s.add_argument("--key-file", required=True, help=FILE_ARG_HELP)
     s.add_argument("--owner", required=True)
     s.add_argument("--repo", required=True)
     s.add_argument("--branch", required=True)

@@ -7,6 +7,7 @@ Unknown keys are errors, so a typo fails at start with the key's dotted name.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -52,6 +53,37 @@ class SecretSource(_Model):
 class ListenConfig(_Model):
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=1, le=65535)
+
+
+class ServerConfig(_Model):
+    """Connection limits of the HTTP server (uvicorn), and the body deadline the app enforces.
+
+    What these cannot bound (a slow body inside its deadline, header size with httptools,
+    connections per client) needs a proxy in front: see docs/security.md.
+    """
+
+    # Concurrent connections plus in-flight requests; beyond it uvicorn answers 503.
+    limit_concurrency: int = Field(default=1000, ge=1)
+    # Pending connections the kernel queues before accept.
+    backlog: int = Field(default=2048, ge=1)
+    # An idle keep-alive connection is closed after this long.
+    timeout_keep_alive_seconds: float = Field(default=5.0, gt=0)
+    # The whole request body must arrive within this (408 otherwise); 0 turns it off.
+    body_timeout_seconds: float = Field(default=30.0, ge=0)
+    # httptools (fast, the default) sets no limit on header size; h11 takes
+    # `h11_max_incomplete_event_size` as its limit on a request's head.
+    http: Literal["httptools", "h11"] = "httptools"
+    h11_max_incomplete_event_size: int = Field(default=64 * 1024, ge=4096)
+
+    def uvicorn_options(self) -> dict[str, Any]:
+        """Keyword arguments for `uvicorn.run` / `uvicorn.Config`."""
+        return {
+            "http": self.http,
+            "limit_concurrency": self.limit_concurrency,
+            "backlog": self.backlog,
+            "timeout_keep_alive": self.timeout_keep_alive_seconds,
+            "h11_max_incomplete_event_size": self.h11_max_incomplete_event_size,
+        }
 
 
 class RateLimitConfig(_Model):
@@ -147,6 +179,7 @@ class InsecureConfig(_Model):
 
 class Settings(_Model):
     listen: ListenConfig = ListenConfig()
+    server: ServerConfig = ServerConfig()
     body_limit_bytes: int = Field(default=3 * 1024 * 1024, ge=1024)
     rate_limit: RateLimitConfig = RateLimitConfig()
     namespaces: list[str] = Field(default_factory=list)
@@ -245,10 +278,25 @@ def load_settings(
         raise ConfigError(_format_error(exc)) from None
 
 
-def read_secret_file(path: Path) -> str:
-    """A secret from a file; one trailing newline (as `echo` leaves) is dropped."""
+def secret_text(raw: bytes, source: str = "secret") -> str:
+    """A secret's text, the one way every tool reads it: UTF-8, and one trailing newline (as
+    `echo` or an editor leaves it) dropped. Nothing else is trimmed."""
     try:
-        value = path.read_text()
+        value = raw.decode()
+    except UnicodeDecodeError:
+        raise ConfigError(f"{source} is not UTF-8 text") from None
+    return value[:-1] if value.endswith("\n") else value
+
+
+def read_secret_file(path: Path | str, *, dash_is_stdin: bool = False) -> str:
+    """A secret from a file (`secret_text`). Used by the service's `{file: ...}` settings and by
+    every command's `--token-file` / `--key-file`, so a hook URL, a signature and a badge URL
+    minted from a file always agree with the service reading the same file. With
+    `dash_is_stdin` (the commands), `-` is standard input."""
+    if dash_is_stdin and str(path) == "-":
+        return secret_text(sys.stdin.buffer.read(), "standard input")
+    try:
+        raw = Path(path).read_bytes()
     except OSError as exc:
         raise ConfigError(f"cannot read secret file {path}: {exc.strerror}") from None
-    return value[:-1] if value.endswith("\n") else value
+    return secret_text(raw, f"secret file {path}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import string
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,8 +23,18 @@ SEVERITIES = frozenset({"trace", "info", "error"})
 # Internal keys notification-controller drops before forwarding; never keep them (the values
 # may be secrets or are meaningless to us).
 _DROPPED_KEYS = frozenset({"token", "checksum", "digest"})
-# A DNS-style API group before the slash: `kustomize.toolkit.fluxcd.io/revision`.
-_PREFIXED = re.compile(r"^[a-z0-9]([a-z0-9.-]*[a-z0-9])?\.[a-z0-9.-]+/(?P<key>[^/]+)$")
+# Bounds on what an event may carry. A metadata key is `[<DNS prefix>/]<name>`: a prefix is a
+# DNS subdomain (at most 253 characters) and an annotation name at most 63, so no key Flux
+# sends is longer; longer keys and over-long values are ignored, never parsed.
+MAX_KEY_PREFIX = 253
+MAX_KEY_NAME = 63
+MAX_METADATA_VALUE = 8192
+# A message only feeds a 140-character description: keep far more than that, never megabytes.
+MAX_MESSAGE = 32 * 1024
+_DNS_CHARS = frozenset(string.ascii_lowercase + string.digits + ".-")
+_ALNUM = frozenset(string.ascii_lowercase + string.digits)
+# Lone UTF-16 surrogates: JSON may carry them (`"\ud800"`), UTF-8 cannot. Linear to replace.
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class EventError(ValueError):
@@ -91,8 +102,30 @@ class FluxEvent:
         return self.metadata.get("commit_status") == "update"
 
 
+def clean_text(value: str) -> str:
+    """`value` with every lone surrogate replaced by U+FFFD, so it can always be encoded."""
+    return _SURROGATE.sub("\ufffd", value)
+
+
 def _text(value: Any) -> str:
-    return value.strip() if isinstance(value, str) else ""
+    return clean_text(value.strip()) if isinstance(value, str) else ""
+
+
+def split_prefixed(key: str) -> tuple[str, str] | None:
+    """`<group>/<name>` -> (`<group>/`, `<name>`); None when `key` has no API-group prefix.
+
+    A prefix is lower-case DNS characters, starts with a letter or digit and holds a dot that
+    follows a letter or digit and is not its last character (`kustomize.toolkit.fluxcd.io`).
+    One pass over the key, whatever it holds (a backtracking pattern here was quadratic).
+    """
+    prefix, sep, name = key.partition("/")
+    if not sep or not name or "/" in name or len(prefix) < 3:
+        return None
+    if prefix[0] not in _ALNUM or not set(prefix) <= _DNS_CHARS:
+        return None
+    dotted = any(
+        prefix[i] == "." and prefix[i - 1] in _ALNUM for i in range(1, len(prefix) - 1))
+    return (prefix + "/", name) if dotted else None
 
 
 def normalise_metadata(raw: Mapping[str, Any], group: str) -> dict[str, str]:
@@ -101,22 +134,28 @@ def normalise_metadata(raw: Mapping[str, Any], group: str) -> dict[str, str]:
     Precedence mirrors notification-controller's combineEventMetadata: an unprefixed key (already
     combined by NC >= 1.8) > the controller's own `<group>/key` > `event.toolkit.fluxcd.io/key`
     (object annotations) > any other `<group>/key`.
+
+    Keys longer than a prefix and an annotation name allow, and values longer than
+    `MAX_METADATA_VALUE`, are ignored: Flux never sends them.
     """
     ranked: dict[str, tuple[int, str]] = {}
     for raw_key, raw_value in raw.items():
         if not isinstance(raw_key, str) or not isinstance(raw_value, str):
             continue
-        match = _PREFIXED.match(raw_key)
-        if match is None:
+        if len(raw_key) > MAX_KEY_PREFIX + 1 + MAX_KEY_NAME or len(raw_value) > MAX_METADATA_VALUE:
+            continue
+        split = split_prefixed(raw_key)
+        if split is None:
             key, rank = raw_key, 3
         else:
-            key = match.group("key")
-            prefix = raw_key[: -len(key)]
+            prefix, key = split
+            if len(prefix) > MAX_KEY_PREFIX + 1:
+                continue
             rank = 2 if group and prefix == group + "/" else 1 if prefix == EVENT_PREFIX else 0
-        if key in _DROPPED_KEYS:
+        if len(key) > MAX_KEY_NAME or key in _DROPPED_KEYS:
             continue
         if key not in ranked or rank > ranked[key][0]:
-            ranked[key] = (rank, raw_value.strip())
+            ranked[key] = (rank, clean_text(raw_value.strip()))
     return {key: value for key, (_, value) in ranked.items()}
 
 
@@ -126,6 +165,8 @@ def parse_event(body: bytes) -> FluxEvent:
         doc = json.loads(body)
     except (UnicodeDecodeError, ValueError):
         raise EventError(400, "body is not valid JSON") from None
+    except RecursionError:
+        raise EventError(400, "body is nested too deeply") from None
     if not isinstance(doc, dict):
         raise EventError(422, "event must be a JSON object")
     involved_raw = doc.get("involvedObject")
@@ -155,7 +196,7 @@ def parse_event(body: bytes) -> FluxEvent:
         involved=involved,
         severity=severity,
         reason=reason,
-        message=message if isinstance(message, str) else "",
+        message=clean_text(message[:MAX_MESSAGE]) if isinstance(message, str) else "",
         timestamp=_text(doc.get("timestamp")),
         reporting_controller=_text(doc.get("reportingController")),
         metadata=normalise_metadata(metadata_raw or {}, involved.group),

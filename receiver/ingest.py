@@ -18,7 +18,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import parse_qs
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -32,7 +31,13 @@ from receiver.delivery_state import DeliveryView
 from receiver.drain import Drain
 from receiver.flux.cluster import Cluster
 from receiver.flux.objects import API_VERSIONS, FluxObject, ObjectKey
-from receiver.gitea.payloads import PayloadError, Push, parse_actions_body, parse_gitea_push
+from receiver.gitea.payloads import (
+    PayloadError,
+    Push,
+    form_payload,
+    parse_actions_body,
+    parse_gitea_push,
+)
 from receiver.hookindex import HookIndex
 from receiver.http import (
     UNAUTHORIZED,
@@ -53,6 +58,8 @@ from receiver.routing import Plan, plan_push
 log = logging.getLogger(__name__)
 JSON_TYPES = frozenset({"application/json"})
 FORM_TYPE = "application/x-www-form-urlencoded"
+UNSUPPORTED_MEDIA = ("content type must be application/json "
+                     "(or application/x-www-form-urlencoded for Gitea webhooks)")
 PushListener = Callable[[Delivery, Push], None]
 
 
@@ -105,14 +112,15 @@ class IngestService:
         headers = request.headers
         rtype = receiver.spec.get("type")
         signed = body
+        if kind == FORM_TYPE and body:
+            # Decoded for every type, so the answer before authentication says nothing of it.
+            try:
+                payload = form_payload(body)
+            except PayloadError as exc:
+                return error(400, str(exc))
+            # Gitea signs the JSON document, not the form-encoded body it sends.
+            signed = payload if rtype == "github" else body
         if rtype == "github":
-            if kind == FORM_TYPE:
-                # Gitea signs the JSON document, not the form-encoded body it sends.
-                values = parse_qs(body.decode("utf-8", "replace"), max_num_fields=50)
-                payload = values.get("payload")
-                if not payload:
-                    return error(400, "form body has no payload field")
-                signed = payload[0].encode()
             verdict = signatures.verify_gitea(headers, signed, token)
         elif rtype == "generic-hmac":
             verdict = signatures.verify_generic_hmac(headers, body, token)
@@ -158,13 +166,9 @@ class IngestService:
         except BodyTooLarge:
             return self._count(name, "too_large", error(413, f"body exceeds {limit} bytes"))
         kind = media_type(request)
-        if body and kind not in JSON_TYPES and not (
-            kind == FORM_TYPE and receiver.spec.get("type") == "github"
-        ):
-            return self._count(name, "unsupported_media", error(
-                415, "content type must be application/json"
-                + (" or application/x-www-form-urlencoded" if receiver.spec.get("type") == "github"
-                   else "")))
+        # Before authentication every answer is the same whatever the Receiver's type.
+        if body and kind not in JSON_TYPES and kind != FORM_TYPE:
+            return self._count(name, "unsupported_media", error(415, UNSUPPORTED_MEDIA))
         auth = await self._authenticate(receiver, token, request, body, kind)
         if isinstance(auth, Response):
             return self._count(name, "bad_request", auth)
@@ -174,6 +178,9 @@ class IngestService:
             log.info("signature rejected", extra={"receiver": name, "scheme": verdict.scheme,
                                                   "reason": verdict.reason})
             return self._count(name, "unauthorized", JSONResponse(UNAUTHORIZED, 401))
+        if body and kind == FORM_TYPE and receiver.spec.get("type") != "github":
+            return self._count(name, "unsupported_media", error(
+                415, "content type must be application/json"))
         now = self.wall_clock()
         once = self._once(name, verdict, request, now)
         if once is not None and once.scheme_replay and once.mark in self.seen:
@@ -319,13 +326,14 @@ class IngestService:
 
     # -- GET /deliveries/{id} ---------------------------------------------------------------
 
-    def _authorised(self, request: Request, token: str) -> bool:
-        """Read access needs the receiver's token: bearer, or a fresh timestamped signature
-        over the empty body. (Read-only, so the one-time rule of the push is not applied.)"""
+    def _authorised(self, request: Request, delivery_id: str, token: str) -> bool:
+        """Read access needs the receiver's token: bearer, or a fresh read signature for this
+        delivery (`signatures.verify_read`: never valid as a push, nor a push as it). Read-only,
+        so the one-time rule of the push is not applied."""
         headers = request.headers
         if headers.get("x-signature"):
-            return signatures.verify_timestamped(
-                headers["x-signature"], b"", token, self.wall_clock()).ok
+            return signatures.verify_read(
+                headers["x-signature"], delivery_id, token, self.wall_clock()).ok
         return signatures.verify_bearer(headers, token).ok
 
     def _record(self, request: Request) -> tuple[str, DeliveryRecord] | None:
@@ -339,7 +347,7 @@ class IngestService:
         if token is None:
             return None
         record = decode(delivery_id, token)
-        if record is None or not self._authorised(request, token):
+        if record is None or not self._authorised(request, delivery_id, token):
             return None
         return delivery_id, record
 

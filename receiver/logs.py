@@ -1,7 +1,8 @@
 """Structured JSON logs. Every line carries the delivery id of the request it belongs to.
 
 Nothing here redacts: callers never pass tokens, secrets or signatures to a logger, and a test
-reads every captured line to prove it.
+reads every captured line to prove it. Every text field is cut to `MAX_FIELD_CHARS`, so a
+request's ref, path or message cannot turn one line into megabytes.
 """
 
 from __future__ import annotations
@@ -17,6 +18,22 @@ delivery_id: ContextVar[str] = ContextVar("delivery_id", default="")
 
 # uvicorn adds an ANSI-coloured copy of each message: noise in JSON.
 _RESERVED = set(vars(logging.makeLogRecord({}))) | {"color_message"}
+MAX_FIELD_CHARS = 512
+
+
+def clip(value: Any, limit: int = MAX_FIELD_CHARS) -> Any:
+    """A log field of bounded size: a string longer than `limit` is cut to it, saying how much
+    was left out; a list or mapping whose JSON is longer becomes that JSON, cut."""
+    if isinstance(value, bool | int | float | None):
+        return value
+    if not isinstance(value, str):
+        text = json.dumps(value, default=str)
+        if len(text) <= limit:
+            return value
+        value = text
+    if len(value) > limit:
+        return f"{value[:limit]}...(+{len(value) - limit} chars)"
+    return value
 
 
 class JsonFormatter(logging.Formatter):
@@ -26,16 +43,16 @@ class JsonFormatter(logging.Formatter):
             + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
-            "msg": record.getMessage(),
+            "msg": clip(record.getMessage(), 4 * MAX_FIELD_CHARS),
         }
         current = getattr(record, "delivery", None) or delivery_id.get()
         if current:
-            line["delivery"] = current
+            line["delivery"] = clip(current)
         for key, value in vars(record).items():
             if key not in _RESERVED and key not in line and key != "delivery":
-                line[key] = value
+                line[key] = clip(value)
         if record.exc_info and record.exc_info[0] is not None:
-            line["error"] = f"{record.exc_info[0].__name__}: {record.exc_info[1]}"
+            line["error"] = clip(f"{record.exc_info[0].__name__}: {record.exc_info[1]}")
         return json.dumps(line, default=str)
 
 

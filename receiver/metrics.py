@@ -40,6 +40,9 @@ class Metrics:
         self.statuses = Counter(
             "gfb_statuses_total", "Gitea commit statuses by result (posted, deduplicated, "
             "retried, failed)", ["result"], registry=r)
+        self.receivers_unusable = Gauge(
+            "gfb_receivers_unusable", "Receivers whose Secret holds no usable token (missing, "
+            "empty or whitespace only): their hook path answers 404", registry=r)
         self.status_queue_depth = Gauge(
             "gfb_status_queue_depth", "Commit statuses waiting to be posted", registry=r)
         self.status_reads = Counter(

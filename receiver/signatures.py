@@ -92,7 +92,8 @@ def parse_timestamped(value: str) -> tuple[int, list[str]] | None:
         if not sep:
             return None
         if key == "t":
-            if not item.isdigit() or len(item) > 12 or timestamp is not None:
+            # ASCII digits only: `"²".isdigit()` is true and `int("²")` raises.
+            if not (item.isascii() and item.isdigit()) or len(item) > 12 or timestamp is not None:
                 return None
             timestamp = int(item)
         elif key == "v1":
@@ -103,7 +104,10 @@ def parse_timestamped(value: str) -> tuple[int, list[str]] | None:
 
 
 def sign_timestamped(token: str, body: bytes, timestamp: int) -> str:
-    """The header value a client sends: `t=<unix>,v1=<hex HMAC-SHA256 of "<unix>." + body>`."""
+    """The header value a client sends: `t=<unix>,v1=<hex HMAC-SHA256 of "<unix>." + body>`.
+
+    The documented push format, kept as it is for existing callers; reads sign differently
+    (`sign_read`)."""
     return f"t={timestamp},v1={hmac_hex('sha256', token, str(timestamp).encode() + b'.' + body)}"
 
 
@@ -125,6 +129,48 @@ def verify_timestamped(value: str, body: bytes, token: str, now: float) -> Verdi
         replay_key=f"{timestamp}:{expected}",
         replay_until=timestamp + TIMESTAMP_TOLERANCE_SECONDS + 1,
     )
+
+
+# -- reading a delivery: a credential of its own -------------------------------------------
+#
+# A push signature is an HMAC under the token itself over bytes the sender chooses (a `github`
+# or `generic-hmac` Receiver signs the bare body, a `generic` one `"<t>." + body`), so any
+# string signed with the token is a push credential for some body. A read credential must
+# never be one: it is an HMAC under a key *derived* from the token, over a text that names the
+# method, the path and the time. Nothing signs with the derived key but a reader, and nothing
+# verifies a push with it, so neither credential passes for the other, whatever the bytes.
+
+READ_KEY_LABEL = b"gitea-flux-bridge delivery-read v1"
+
+
+def read_key(token: str) -> str:
+    """The delivery-read key: hex(HMAC-SHA256(token, READ_KEY_LABEL)), used as ASCII text."""
+    return hmac_hex("sha256", token, READ_KEY_LABEL)
+
+
+def read_message(timestamp: int, delivery_id: str) -> bytes:
+    """What a read signature covers: `"<unix>.GET /deliveries/<id>"` (the id as decoded)."""
+    return f"{timestamp}.GET /deliveries/{delivery_id}".encode("utf-8", "surrogatepass")
+
+
+def sign_read(token: str, delivery_id: str, timestamp: int) -> str:
+    """The `X-Signature` value of `GET /deliveries/<id>`: `t=<unix>,v1=<hex>`."""
+    mac = hmac_hex("sha256", read_key(token), read_message(timestamp, delivery_id))
+    return f"t={timestamp},v1={mac}"
+
+
+def verify_read(value: str, delivery_id: str, token: str, now: float) -> Verdict:
+    """A read signature for this delivery, within the window. Reusable within it (a read
+    changes nothing), so no replay key."""
+    parsed = parse_timestamped(value)
+    if parsed is None:
+        return Verdict(False, "read", "malformed")
+    timestamp, given = parsed
+    if abs(now - timestamp) > TIMESTAMP_TOLERANCE_SECONDS:
+        return Verdict(False, "read", "stale")
+    expected = hmac_hex("sha256", read_key(token), read_message(timestamp, delivery_id))
+    ok = bool([s for s in given if _equal_hex(expected, s)])
+    return Verdict(ok, "read", "" if ok else "mismatch")
 
 
 def verify_bearer(headers: Mapping[str, str], token: str) -> Verdict:

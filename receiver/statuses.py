@@ -120,7 +120,24 @@ def reason_words(reason: str) -> str:
     return words[:1].upper() + words[1:]
 
 
+# What a description must never carry: C0 and C1 control characters (NUL makes Gitea on
+# PostgreSQL refuse the status; ESC starts terminal sequences), the bidirectional controls
+# (U+061C, U+200E/F, U+202A-E, U+2066-9: they reorder what a reader sees) and lone surrogates.
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069"
+                     "\ud800-\udfff]")
+
+
+# A terminal escape sequence (ESC [ ... final byte) goes whole, not only its ESC.
+_ANSI_CSI = re.compile("\x1b\\[[0-?]*[ -/]*[@-~]")
+
+
+def _safe(text: str) -> str:
+    return _UNSAFE.sub(" ", _ANSI_CSI.sub("", text))
+
+
 def truncate(text: str, limit: int = DESCRIPTION_LIMIT) -> str:
+    """At most `limit` characters, controls replaced by spaces."""
+    text = _safe(text)
     return text if len(text) <= limit else text[: limit - 1].rstrip() + ELLIPSIS
 
 
@@ -129,10 +146,10 @@ _BUILD_DIR = re.compile(r"/tmp/kustomization-\d+/")  # noqa: S108 - a pattern, n
 
 def describe(reason: str, message: str) -> str:
     """A one-line description: reason in words, then the message unless it is noise."""
-    words = reason_words(reason)
+    words = " ".join(reason_words(_safe(reason)).split())
     # kustomize-controller builds in a fresh temp dir each run: drop it, or every repeat of
     # the same failure reads as a new description (and a new status post).
-    text = " ".join(_BUILD_DIR.sub("", message).split())
+    text = " ".join(_BUILD_DIR.sub("", _safe(message)).split())
     if any(p.match(text) for p in _VOLATILE_MESSAGES):
         text = ""
     return truncate(f"{words}: {text}" if text and words else text or words)

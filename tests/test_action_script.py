@@ -449,9 +449,15 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         pass
 
-    def _check(self, body: bytes) -> bool:
-        verdict = signatures.verify_timestamped(self.headers.get("X-Signature", ""), body,
-                                                TOKEN, time.time())
+    def _check(self, body: bytes | None) -> bool:
+        """A push's signature over `body`, or (`None`) a read's of delivery d-1."""
+        header = self.headers.get("X-Signature", "")
+        if body is None:
+            verdict = signatures.verify_read(header, "d-1", TOKEN, time.time())
+            # A read credential is never a push one (issue 10, M2).
+            assert not signatures.verify_timestamped(header, b"", TOKEN, time.time()).ok
+        else:
+            verdict = signatures.verify_timestamped(header, body, TOKEN, time.time())
         self.server.requests.append((self.command, self.path, verdict.ok))
         return verdict.ok
 
@@ -491,7 +497,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                           "targets": [_target("queued")], "tracked": [], "skipped": []}])
 
     def do_GET(self) -> None:
-        if not self._check(b"") or not self.path.startswith("/deliveries/d-1?wait="):
+        if not self._check(None) or not self.path.startswith("/deliveries/d-1?wait="):
             self._send(404, [{"error": "no such delivery"}])
             return
         status, lines = self.server.replies.pop(0) if self.server.replies else (404, [])

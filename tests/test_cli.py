@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
@@ -73,11 +75,11 @@ def test_hook_url_matches_flux(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert code == EXIT_OK
     assert out.strip() == "https://bridge.example.com/hook/" + sig.hook_digest(
         "gitea-secret-token", "gitea", "flux-system")
-    # Flux hashes the Secret's raw bytes: a trailing newline is part of the token.
+    # `echo token > file` leaves a newline: every tool drops it, as the service does.
     token.write_text("gitea-secret-token\n")
     _, out, _ = run(capsys, "hook-url", "--name", "gitea", "--namespace", "flux-system",
                     "--token-file", str(token))
-    assert out.strip() == "/hook/" + sig.hook_digest("gitea-secret-token\n", "gitea", "flux-system")
+    assert out.strip() == "/hook/" + sig.hook_digest("gitea-secret-token", "gitea", "flux-system")
 
 
 @pytest.mark.parametrize(("scheme", "header"), [
@@ -123,3 +125,97 @@ def test_serve_rejects_bad_config_naming_the_key(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=60, cwd=REPO)
     assert proc.returncode == EXIT_USAGE
     assert "listen.port" in proc.stderr and "rate_limit.burst" in proc.stderr
+
+
+def test_sign_read_prints_a_read_credential_only(tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    token = tmp_path / "t"
+    token.write_text("tok")
+    code, out, _ = run(capsys, "sign", "--scheme", "read", "--delivery", "d-1", "--token-file",
+                       str(token), "--timestamp", "1800000000")
+    assert code == EXIT_OK
+    name, _, value = out.strip().partition(": ")
+    assert name == "X-Signature"
+    assert sig.verify_read(value, "d-1", "tok", 1800000000).ok
+    assert not sig.verify_timestamped(value, b"", "tok", 1800000000).ok
+    code, _, err = run(capsys, "sign", "--delivery", "d-1", "--token-file", str(token))
+    assert code == EXIT_USAGE and "--scheme read" in err
+    code, _, err = run(capsys, "sign", "--scheme", "read", "--token-file", str(token))
+    assert code == EXIT_USAGE
+
+
+# -- token files: one reader for every tool (issue 10) ---------------------------------------
+
+NOTIFY = REPO / ".gitea" / "actions" / "notify-flux" / "notify.sh"
+
+
+def notify_token_signature(token_file: Path, timestamp_check: str) -> bool:
+    """Does notify-flux, reading `token_file`, sign as `timestamp_check`'s token would?"""
+    env = {"PATH": "/usr/bin:/bin", "FLUX_BRIDGE_DRY_RUN": "1",
+           "FLUX_BRIDGE_URL": "http://bridge.invalid", "FLUX_BRIDGE_HOOK": "/hook/abc",
+           "FLUX_BRIDGE_TOKEN_FILE": str(token_file),
+           "FLUX_BRIDGE_REPOSITORY": "https://gitea.example.com/teams/apps",
+           "FLUX_BRIDGE_REF": "refs/heads/main", "FLUX_BRIDGE_SHA": "a" * 40}
+    out = subprocess.run(["bash", str(NOTIFY)], env=env, capture_output=True, check=True,
+                         timeout=60).stdout
+    body, header, *_ = out.split(b"\n")
+    value = header.decode().partition(": ")[2]
+    return sig.verify_timestamped(value, body, timestamp_check, float(value[2:12])).ok
+
+
+@pytest.mark.parametrize(("content", "token"), [
+    (b"tok", "tok"),
+    (b"tok\n", "tok"),  # echo tok > file
+    (b"tok\n\n", "tok\n"),  # only one newline is dropped
+    (b" tok ", " tok "),  # nothing else is trimmed
+])
+def test_every_tool_reads_a_token_file_the_same_way(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], content: bytes, token: str
+) -> None:
+    from receiver.badges import mint_badge_token
+    from receiver.config import read_secret_file
+
+    path = tmp_path / "token"
+    path.write_bytes(content)
+    # The service's `{file: ...}` settings.
+    assert read_secret_file(path) == token
+    # hook-url
+    _, out, _ = run(capsys, "hook-url", "--name", "n", "--namespace", "ns", "--token-file",
+                    str(path))
+    assert out.strip() == "/hook/" + sig.hook_digest(token, "n", "ns")
+    # sign
+    _, out, _ = run(capsys, "sign", "--token-file", str(path), "--timestamp", "1800000000")
+    value = out.strip().partition(": ")[2]
+    assert sig.verify_timestamped(value, b"", token, 1800000000).ok
+    # badge-url: the badge the service would verify with the key it reads from the same file.
+    _, out, _ = run(capsys, "badge-url", "--key-file", str(path), "--owner", "o", "--repo", "r",
+                    "--branch", "main", "--base-url", "https://b")
+    query = parse_qs(urlsplit(out.strip()).query)
+    assert query["token"] == [mint_badge_token(token, "o", "r", "main")]
+    # notify-flux
+    assert notify_token_signature(path, token)
+
+
+def test_token_file_dash_reads_standard_input(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"from-stdin\n")))
+    code, out, _ = run(capsys, "hook-url", "--name", "n", "--namespace", "ns",
+                       "--token-file", "-")
+    assert code == EXIT_OK
+    assert out.strip() == "/hook/" + sig.hook_digest("from-stdin", "n", "ns")
+    code, _, err = run(capsys, "sign", "--token-file", "-", "--body-file", "-")
+    assert code == EXIT_USAGE and "standard input" in err
+
+
+def test_an_unreadable_token_file_is_a_usage_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = run(capsys, "hook-url", "--name", "n", "--namespace", "ns", "--token-file",
+                       str(tmp_path / "missing"))
+    assert code == EXIT_USAGE and "cannot read secret file" in err
+    bad = tmp_path / "bad"
+    bad.write_bytes(b"\xff\xfe")
+    code, _, err = run(capsys, "hook-url", "--name", "n", "--namespace", "ns", "--token-file",
+                       str(bad))
+    assert code == EXIT_USAGE and "not UTF-8" in err

@@ -3,13 +3,25 @@
 from __future__ import annotations
 
 import json
+import re
+import time
 from pathlib import Path
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from receiver.events import EventError, FluxEvent, normalise_metadata, parse_event
+from receiver.events import (
+    MAX_KEY_NAME,
+    MAX_KEY_PREFIX,
+    MAX_MESSAGE,
+    MAX_METADATA_VALUE,
+    EventError,
+    FluxEvent,
+    normalise_metadata,
+    parse_event,
+    split_prefixed,
+)
 from receiver.signatures import hmac_hex, verify_event
 
 EVENTS = Path(__file__).parent / "fixtures" / "events"
@@ -165,6 +177,8 @@ _json = st.recursive(
     lambda children: st.lists(children) | st.dictionaries(st.text(), children), max_leaves=20)
 
 
+# No deadline: on a busy shared machine one example may take longer than 200 ms.
+@settings(deadline=None)
 @given(st.binary(max_size=300))
 def test_any_bytes_parse_or_fail_cleanly(body: bytes) -> None:
     try:
@@ -173,6 +187,7 @@ def test_any_bytes_parse_or_fail_cleanly(body: bytes) -> None:
         assert exc.status in (400, 422)
 
 
+@settings(deadline=None)
 @given(st.dictionaries(st.sampled_from(["involvedObject", "severity", "reason", "metadata",
                                         "message", "timestamp"]), _json))
 def test_any_json_shape_parses_or_fails_cleanly(doc: dict[str, object]) -> None:
@@ -180,3 +195,65 @@ def test_any_json_shape_parses_or_fails_cleanly(doc: dict[str, object]) -> None:
         parse_event(json.dumps(doc).encode())
     except EventError as exc:
         assert exc.status == 422
+
+
+# -- hostile metadata, nesting and text (issue 10: M1, L4) ----------------------------------
+
+_OLD_PREFIXED = re.compile(r"^[a-z0-9]([a-z0-9.-]*[a-z0-9])?\.[a-z0-9.-]+/(?P<key>[^/]+)$")
+
+
+@settings(deadline=None)
+@given(st.text(alphabet="ab0.-/Z_", max_size=24))
+def test_prefix_split_means_what_the_dns_pattern_meant(key: str) -> None:
+    match = _OLD_PREFIXED.match(key)
+    expected = None if match is None else (key[: -len(match["key"])], match["key"])
+    assert split_prefixed(key) == expected
+
+
+def test_a_pathological_key_is_parsed_in_linear_time() -> None:
+    # A backtracking pattern took seconds on this key (minutes on a 3 MB one): a linear
+    # pass takes well under a millisecond, so the bound below has a margin of thousands.
+    hostile = "a." * 70_000
+    started = time.perf_counter()
+    assert split_prefixed(hostile) is None
+    assert split_prefixed(hostile + "/x") == (hostile + "/", "x")
+    meta = normalise_metadata({hostile: "v", hostile + "a/x": "v", "revision": "r"}, "g")
+    assert time.perf_counter() - started < 0.5
+    assert meta == {"revision": "r"}
+
+
+def test_over_long_metadata_keys_and_values_are_ignored() -> None:
+    name = "n" * MAX_KEY_NAME
+    prefix = ".".join(["p" * 63] * 4)[:MAX_KEY_PREFIX]
+    meta = normalise_metadata({
+        f"{prefix}/{name}": "longest key Flux can send",
+        f"{prefix}/{name}x": "name too long",
+        f"x{prefix}/short": "prefix too long",
+        "m" * (MAX_KEY_NAME + 1): "unprefixed name too long",
+        "revision": "r" * (MAX_METADATA_VALUE + 1),
+        "commit": SHA,
+    }, "")
+    assert meta == {name: "longest key Flux can send", "commit": SHA}
+
+
+def test_a_deeply_nested_event_is_a_400() -> None:
+    body = b'{"metadata":' + b"[" * 200_000 + b"]" * 200_000 + b"}"
+    with pytest.raises(EventError) as info:
+        parse_event(body)
+    assert info.value.status == 400
+
+
+def test_lone_surrogates_are_replaced_so_every_field_encodes() -> None:
+    body = event(message="bad \ud800 byte", reason="Progressing\udfff",
+                 metadata={"revision": f"main@sha1:{SHA}", "summary": "s\ud83d"})
+    assert b"\\ud800" in body
+    ev = parse_event(body)
+    assert ev.message == "bad \ufffd byte" and ev.reason == "Progressing\ufffd"
+    assert ev.metadata["summary"] == "s\ufffd"
+    for text in (ev.message, ev.reason, *ev.metadata.values()):
+        text.encode()  # never UnicodeEncodeError
+
+
+def test_a_huge_message_is_cut() -> None:
+    ev = parse_event(event(message="x" * (MAX_MESSAGE * 4)))
+    assert len(ev.message) == MAX_MESSAGE

@@ -176,9 +176,11 @@ async def test_body_limit_by_header_and_by_stream(bridge_factory: Any) -> None:
 async def test_unsupported_content_type_is_415(bridge: Bridge) -> None:
     r = await bridge.client.post(GITEA_PATH, content=b"hello", headers={"Content-Type": "text/plain"})
     assert r.status_code == 415
+    # A form body is decoded for every type before authentication (so that answer cannot tell
+    # the types apart); an unsigned one is then a 401 like any other.
     r = await bridge.client.post(HMAC_PATH, content=b"payload=x", headers={
         "Content-Type": "application/x-www-form-urlencoded"})
-    assert r.status_code == 415
+    assert r.status_code == 401
 
 
 async def test_invalid_json_is_400_and_incomplete_payload_is_422(bridge: Bridge) -> None:
@@ -305,7 +307,7 @@ async def test_failed_deploy_and_streaming_wait(bridge: Bridge) -> None:
     task = asyncio.create_task(flux())
     ts = int(time.time())
     r = await bridge.client.get(f"/deliveries/{delivery}?wait=10", headers={
-        "X-Signature": sig.sign_timestamped(GITEA_TOKEN, b"", ts)})
+        "X-Signature": sig.sign_read(GITEA_TOKEN, delivery, ts)})
     await task
     lines = [json.loads(line) for line in r.text.splitlines()]
     assert lines[0]["outcome"] == "in_progress"
@@ -398,3 +400,143 @@ async def test_chart_version_helm_release_is_annotated_but_not_followed(bridge: 
                                      headers={"Authorization": f"Bearer {GITEA_TOKEN}"})).json()
     podinfo = next(t for t in state["targets"] if t["name"] == "podinfo")
     assert (podinfo["state"], podinfo["detail"]["reason"]) == ("skipped", "NotFollowed")
+
+
+# -- hardening (issue 10) --------------------------------------------------------------------
+
+
+async def test_a_read_credential_replayed_as_a_push_annotates_nothing(bridge: Bridge) -> None:
+    delivery = (await bridge.client.post(ACTIONS_PATH, headers={
+        "Authorization": f"Bearer {ACTIONS_TOKEN}"})).json()["delivery"]
+    await bridge.parts.reconciler.stop()
+    before = len(bridge.cluster.patches)
+    read = {"X-Signature": sig.sign_read(ACTIONS_TOKEN, delivery, int(time.time()))}
+    assert (await bridge.client.get(f"/deliveries/{delivery}", headers=read)).status_code == 200
+    # M2: a poll's credential, replayed as an empty-body push (what it used to be valid as).
+    replayed = await bridge.client.post(ACTIONS_PATH, headers=read)
+    assert replayed.status_code == 401
+    assert len(bridge.cluster.patches) == before
+    # ... and a push credential does not read.
+    push = {"X-Signature": sig.sign_timestamped(ACTIONS_TOKEN, b"", int(time.time()))}
+    assert (await bridge.client.get(f"/deliveries/{delivery}", headers=push)).status_code == 404
+
+
+async def test_a_non_ascii_digit_timestamp_is_refused_not_a_500(bridge: Bridge) -> None:
+    delivery = (await bridge.client.post(ACTIONS_PATH, headers={
+        "Authorization": f"Bearer {ACTIONS_TOKEN}"})).json()["delivery"]
+    header = {"X-Signature": "t=\u00b2,v1=" + "0" * 64}
+    # Starlette decodes header bytes as latin-1: byte 0xb2 arrives as "\u00b2".
+    encoded = {k: v.encode("latin-1") for k, v in header.items()}
+    hook = await bridge.client.post(ACTIONS_PATH, headers=encoded)
+    assert hook.status_code == 401
+    read = await bridge.client.get(f"/deliveries/{delivery}", headers=encoded)
+    assert read.status_code == 404
+
+
+async def test_a_receiver_with_a_blank_token_is_closed(bridge: Bridge) -> None:
+    bridge.cluster.secrets[("flux-system", "gitea-token")] = {"token": b" \n"}
+    await bridge.parts.hooks.refresh_all()
+    body = gp.gitea_bytes(app_push("clusters/eu-west/apps/a.yaml"))
+    for token in ("", " \n"):
+        path = "/hook/" + sig.hook_digest(token, "gitea", "flux-system")
+        r = await bridge.client.post(path, content=body, headers=gitea_headers(body, token=token))
+        assert r.status_code == 404
+    assert bridge.cluster.patches == []
+    assert bridge.parts.hooks.unusable() == {"flux-system/gitea": "blank token"}
+    metrics = (await bridge.client.get("/metrics")).text
+    assert "gfb_receivers_unusable 1.0" in metrics
+
+
+async def test_wrong_signatures_do_not_each_read_the_secret(bridge: Bridge) -> None:
+    body = gp.gitea_bytes(app_push("x"))
+    before = bridge.cluster.secret_reads
+    for _ in range(50):
+        r = await bridge.client.post(GITEA_PATH, content=body,
+                                     headers=gitea_headers(body, token="wrong"))
+        assert r.status_code == 401
+    assert bridge.cluster.secret_reads - before <= 1
+
+
+@pytest.mark.parametrize(("ref", "message"), [
+    ("refs/heads/" + "r" * 3_000_000, "ref is longer than 1024 bytes"),
+    ("refs/heads/main\ud800", "ref is not valid UTF-8 text"),
+])
+async def test_a_hostile_ref_is_a_422_before_anything_is_annotated(
+    bridge: Bridge, ref: str, message: str
+) -> None:
+    body = json.dumps({"repository": "https://gitea.example.com/teams/apps", "ref": ref,
+                       "sha": "d" * 40, "paths": ["deploy/app.yaml"]}).encode()
+    r = await bridge.client.post(ACTIONS_PATH, content=body, headers={
+        "Content-Type": "application/json", "Authorization": f"Bearer {ACTIONS_TOKEN}"})
+    assert (r.status_code, r.json()) == (422, {"error": message})
+    assert bridge.cluster.patches == []
+
+
+async def test_form_bodies_that_cannot_be_decoded_are_400_for_every_type(bridge: Bridge) -> None:
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    many = "&".join(f"f{i}=x" for i in range(51)).encode()
+    for path in (GITEA_PATH, HMAC_PATH, ACTIONS_PATH):
+        r = await bridge.client.post(path, content=many, headers=form)
+        assert (r.status_code, r.json()) == (400, {"error": "form body has more than 50 fields"})
+        r = await bridge.client.post(path, content=b"a=b", headers=form)
+        assert (r.status_code, r.json()) == (400, {"error": "form body has no payload field"})
+    assert bridge.cluster.patches == []
+
+
+async def test_answers_before_authentication_do_not_depend_on_the_receiver_type(
+    bridge: Bridge,
+) -> None:
+    requests: list[tuple[bytes, dict[str, str]]] = [
+        (b"", {}),
+        (b"", {"Content-Type": "application/x-www-form-urlencoded"}),
+        (b"", {"Content-Type": "text/plain"}),
+        (b"hello", {"Content-Type": "text/plain"}),
+        (b"payload=%7B%7D", {"Content-Type": "application/x-www-form-urlencoded"}),
+        (b"{}", {"Content-Type": "application/json"}),
+        (b"x=1", {"Content-Type": "application/x-www-form-urlencoded"}),
+    ]
+    for body, headers in requests:
+        answers = set()
+        for path in (GITEA_PATH, HMAC_PATH, ACTIONS_PATH):
+            r = await bridge.client.post(path, content=body, headers=headers)
+            answers.add((r.status_code, r.content))
+        assert len(answers) == 1, (body, headers, answers)
+    assert bridge.cluster.patches == []
+
+
+async def test_a_signed_form_body_on_a_receiver_that_takes_json_only_is_415(
+    bridge: Bridge,
+) -> None:
+    body = b"payload=%7B%7D"
+    r = await bridge.client.post(HMAC_PATH, content=body, headers={
+        "Content-Type": "application/x-www-form-urlencoded",
+        "X-Signature": "sha256=" + sig.hmac_hex("sha256", HMAC_TOKEN, body)})
+    assert (r.status_code, r.json()) == (415, {"error": "content type must be application/json"})
+
+
+async def test_a_client_that_disconnects_mid_body_is_one_quiet_line(
+    bridge: Bridge, caplog: pytest.LogCaptureFixture
+) -> None:
+    messages = [{"type": "http.request", "body": b'{"ref": ', "more_body": True},
+                {"type": "http.disconnect"}]
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+             "method": "POST", "scheme": "http", "path": ACTIONS_PATH, "raw_path":
+             ACTIONS_PATH.encode(), "query_string": b"", "root_path": "",
+             "headers": [(b"content-type", b"application/json"),
+                         (b"authorization", f"Bearer {ACTIONS_TOKEN}".encode())],
+             "client": ("127.0.0.1", 5), "server": ("bridge.test", 80)}
+    caplog.set_level(logging.INFO)
+    await bridge.app(scope, receive, send)  # nothing escapes to the server
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == []
+    gone = [r for r in caplog.records if "disconnected" in r.getMessage()]
+    assert len(gone) == 1
+    assert bridge.cluster.patches == []

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from receiver import signatures as sig
@@ -130,3 +130,74 @@ def test_event_signature_is_sha256_only() -> None:
     assert sig.verify_event(good, BODY, TOKEN).ok
     weak = {"x-signature": "sha1=" + hexmac("sha1", TOKEN, BODY)}
     assert not sig.verify_event(weak, BODY, TOKEN).ok
+
+
+# -- one credential, one use (issue 10: M2, L3) ----------------------------------------------
+
+_ids = st.text(alphabet=st.characters(blacklist_categories=["Cs"]), max_size=40)
+_times = st.integers(min_value=0, max_value=10**12 - 1)
+
+
+def _push_verdicts(value: str, body: bytes, token: str, now: int) -> list[sig.Verdict]:
+    """`value` presented as every push credential the bridge takes, over `body`."""
+    _, _, v1 = value.rpartition("v1=")
+    headers = {"x-signature": value, "x-gitea-signature": v1, "x-hub-signature-256": "sha256=" + v1}
+    return [
+        sig.verify_timestamped(value, body, token, now),
+        sig.verify_generic(headers, body, token, now, allow_unsigned=False),
+        sig.verify_gitea(headers, body, token),
+        sig.verify_generic_hmac({"x-signature": "sha256=" + v1}, body, token),
+        sig.verify_event({"x-signature": "sha256=" + v1}, body, token),
+    ]
+
+
+@settings(deadline=None, max_examples=300)
+@given(token=st.text(max_size=40), delivery=_ids, now=_times, body=st.binary(max_size=200))
+def test_a_read_credential_is_never_a_push_credential(token: str, delivery: str, now: int,
+                                                      body: bytes) -> None:
+    read = sig.sign_read(token, delivery, now)
+    assert sig.verify_read(read, delivery, token, now).ok
+    # Every body a replay could carry, including the empty one (the finding: `"<t>."`) and
+    # the read's own text.
+    for candidate in (body, b"", sig.read_message(now, delivery), f"{now}.".encode()):
+        assert not any(v.ok for v in _push_verdicts(read, candidate, token, now)), candidate
+
+
+@settings(deadline=None, max_examples=300)
+@given(token=st.text(max_size=40), delivery=_ids, now=_times, body=st.binary(max_size=200))
+def test_a_push_credential_is_never_a_read_credential(token: str, delivery: str, now: int,
+                                                      body: bytes) -> None:
+    pushes = [
+        sig.sign_timestamped(token, body, now),
+        sig.sign_timestamped(token, b"", now),  # what notify-flux used to send on every poll
+        sig.sign_timestamped(token, f"GET /deliveries/{delivery}".encode(), now),
+        f"t={now},v1={sig.hmac_hex('sha256', token, body)}",
+        f"t={now},v1={sig.hmac_hex('sha256', token, sig.read_message(now, delivery))}",
+    ]
+    for value in pushes:
+        assert not sig.verify_read(value, delivery, token, now).ok
+
+
+def test_a_read_is_bound_to_its_delivery_time_and_token() -> None:
+    now = 1_800_000_000
+    read = sig.sign_read(TOKEN, "d-1", now)
+    assert sig.verify_read(read, "d-1", TOKEN, now + 300).ok
+    assert sig.verify_read(read, "d-2", TOKEN, now).reason == "mismatch"
+    assert sig.verify_read(read, "d-1", TOKEN + "x", now).reason == "mismatch"
+    assert sig.verify_read(read, "d-1", TOKEN, now + 301).reason == "stale"
+    assert sig.verify_read("v1=abc", "d-1", TOKEN, now).reason == "malformed"
+
+
+def test_a_read_signature_is_documented_arithmetic() -> None:
+    # What notify.sh computes in bash: the read key is the hex text of HMAC(token, label).
+    key = hexmac("sha256", TOKEN, b"gitea-flux-bridge delivery-read v1")
+    mac = hexmac("sha256", key, b"1800000000.GET /deliveries/d-1")
+    assert sig.sign_read(TOKEN, "d-1", 1_800_000_000) == f"t=1800000000,v1={mac}"
+
+
+def test_non_ascii_digits_in_the_timestamp_are_malformed_not_a_crash() -> None:
+    for t in ("\u00b2", "\u0663", "1\u00b2", "\uff11"):  # superscript, Arabic-Indic, fullwidth
+        value = f"t={t},v1={'0' * 64}"
+        assert sig.parse_timestamped(value) is None
+        assert sig.verify_timestamped(value, BODY, TOKEN, 0).reason == "malformed"
+        assert sig.verify_read(value, "d", TOKEN, 0).reason == "malformed"

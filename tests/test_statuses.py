@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from receiver.events import parse_event
@@ -55,6 +55,7 @@ from receiver.statuses import (
     repo_ref,
     resync_schedule,
     same_status,
+    truncate,
 )
 
 EVENTS = Path(__file__).parent / "fixtures" / "events"
@@ -534,3 +535,27 @@ def test_resync_schedule_covers_everything_in_enough_runs(
             seen.add(commit)
             cursors[commit[0]] = commit
     assert seen == commits
+
+
+# -- descriptions carry no control characters (issue 10, L6) --------------------------------
+
+_CONTROLS = ["\x00", "\x1b", "\x07", "\x7f", "\x85", "\x9b", "\u061c", "\u200e", "\u200f",
+             "\u202a", "\u202b", "\u202c", "\u202d", "\u202e", "\u2066", "\u2067", "\u2068",
+             "\u2069", "\ud800"]
+
+
+def test_description_strips_control_and_bidi_characters() -> None:
+    text = describe("Build\x1bFailed", "kustomize\x00 build \x1b[31mfailed\x1b[0m: "
+                    "\u202eevil\u202c <b>tag</b>\x9b")
+    assert not any(c in text for c in _CONTROLS)
+    assert text == "Build failed: kustomize build failed: evil <b>tag</b>"
+
+
+@settings(deadline=None)
+@given(st.text(alphabet=st.sampled_from(_CONTROLS + list("ab <>&\n\t[3m")), max_size=300),
+       st.text(alphabet=st.sampled_from(_CONTROLS + list("AbC")), max_size=20))
+def test_no_description_holds_a_control_character(message: str, reason: str) -> None:
+    for text in (describe(reason, message), truncate(message)):
+        assert not any(c in text for c in _CONTROLS)
+        assert len(text) <= 140
+        text.encode()

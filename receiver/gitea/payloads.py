@@ -10,9 +10,27 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import parse_qs
 
 _HEX = re.compile(r"^[0-9a-f]{40}$|^[0-9a-f]{64}$")
 MAX_PATHS = 20_000
+# Field limits, in UTF-8 bytes; a longer field is a 422 that names it. Each value is copied
+# into the delivery, its reply and its log lines, so none may run to megabytes.
+# - A path: Linux's PATH_MAX. Git stores longer names, but no checkout (Flux's included) can
+#   write them, so no Kustomization path can be under one.
+MAX_PATH_BYTES = 4096
+# - A ref: Git keeps a loose ref as a file, so each `/`-separated part is at most 255 bytes
+#   (NAME_MAX), and Gitea stores branch and tag names in 255-character columns. 1024 bytes is
+#   several such parts; it is also copied into every skip reason, so it stays well below 4096.
+MAX_REF_BYTES = 1024
+# - A repository URL: Gitea's own are its ROOT_URL plus owner (<= 40) and name (<= 100).
+MAX_URL_BYTES = 2048
+MAX_FULL_NAME_BYTES = 256
+# Routing lists every directory above each changed file; a deep path costs about its depth
+# times its length. Above this bound the file list counts as incomplete (every consumer of the
+# matched source is touched, as for a push of more than MAX_PATHS files): never less work
+# than the push needs, never quadratic memory.
+MAX_PATH_WORK = 16 * 1024 * 1024
 
 
 class PayloadError(ValueError):
@@ -50,6 +68,25 @@ def _text(value: Any) -> str:
     return value.strip() if isinstance(value, str) else ""
 
 
+def checked(value: str, field: str, limit: int) -> str:
+    """`value` if it is valid Unicode (no lone surrogate, which JSON allows and UTF-8 cannot
+    carry) of at most `limit` UTF-8 bytes; else a PayloadError naming `field`."""
+    if len(value) > limit:  # characters >= bytes / 4: cheap rejection of the huge ones
+        raise PayloadError(f"{field} is longer than {limit} bytes")
+    try:
+        size = len(value.encode())
+    except UnicodeEncodeError:
+        raise PayloadError(f"{field} is not valid UTF-8 text") from None
+    if size > limit:
+        raise PayloadError(f"{field} is longer than {limit} bytes")
+    return value
+
+
+def _path_work(paths: set[str]) -> int:
+    """An upper bound of what listing every ancestor directory of `paths` costs (characters)."""
+    return sum((p.count("/") + 1) * len(p) for p in paths)
+
+
 def _full_ref(ref: str) -> str:
     if ref.startswith("refs/"):
         return ref
@@ -65,13 +102,32 @@ def _is_zero(sha: str) -> bool:
     return bool(sha) and set(sha) == {"0"}
 
 
-def _paths_of(commit: dict[str, Any]) -> set[str]:
+def _paths_of(commit: dict[str, Any], index: int) -> set[str]:
     found: set[str] = set()
     for key in ("added", "removed", "modified"):
         items = commit.get(key)
         if isinstance(items, list):
-            found.update(p.strip().lstrip("/") for p in items if isinstance(p, str) and p.strip())
+            found.update(
+                checked(p.strip().lstrip("/"), f"commits[{index}].{key}[{i}]", MAX_PATH_BYTES)
+                for i, p in enumerate(items) if isinstance(p, str) and p.strip())
     return found
+
+
+MAX_FORM_FIELDS = 50
+
+
+def form_payload(body: bytes) -> bytes:
+    """The `payload` field of a form-encoded webhook body (`payload=<url-encoded JSON>`): the
+    JSON document Gitea signed. PayloadError (HTTP 400) for a form without it or with more
+    than MAX_FORM_FIELDS fields, never an exception of the parser."""
+    try:
+        values = parse_qs(body.decode("utf-8", "replace"), max_num_fields=MAX_FORM_FIELDS)
+    except ValueError:
+        raise PayloadError(f"form body has more than {MAX_FORM_FIELDS} fields") from None
+    payload = values.get("payload")
+    if not payload:
+        raise PayloadError("form body has no payload field")
+    return payload[0].encode("utf-8", "surrogatepass")
 
 
 def parse_gitea_push(doc: Any) -> Push:
@@ -79,12 +135,15 @@ def parse_gitea_push(doc: Any) -> Push:
     if not isinstance(doc, dict):
         raise PayloadError("payload must be a JSON object")
     repo = _obj(doc.get("repository"))
-    urls = tuple(u for u in (_text(repo.get(k)) for k in ("clone_url", "html_url", "ssh_url")) if u)
+    urls = tuple(
+        checked(u, f"repository.{k}", MAX_URL_BYTES)
+        for k, u in ((k, _text(repo.get(k))) for k in ("clone_url", "html_url", "ssh_url")) if u)
     if not urls:
         raise PayloadError("payload has no repository.clone_url, html_url or ssh_url")
-    ref = _text(doc.get("ref"))
+    ref = checked(_text(doc.get("ref")), "ref", MAX_REF_BYTES)
     if not ref:
         raise PayloadError("payload has no ref")
+    full_name = checked(_text(repo.get("full_name")), "repository.full_name", MAX_FULL_NAME_BYTES)
     after = _sha(doc.get("after"))
     deleted = _is_zero(after)
     # An annotated tag's `after` is the tag object; head_commit names the commit.
@@ -95,8 +154,8 @@ def parse_gitea_push(doc: Any) -> Push:
     commits = doc.get("commits")
     commits = [c for c in commits if isinstance(c, dict)] if isinstance(commits, list) else []
     paths: set[str] = set()
-    for commit in commits:
-        paths |= _paths_of(commit)
+    for index, commit in enumerate(commits):
+        paths |= _paths_of(commit, index)
     total = doc.get("total_commits")
     # Gitea keeps only the newest FEED_MAX_COMMIT_NUM commits; older payloads lack the count.
     complete = (
@@ -105,10 +164,11 @@ def parse_gitea_push(doc: Any) -> Push:
         and total > 0
         and not ref.startswith("refs/tags/")
         and len(paths) <= MAX_PATHS
+        and _path_work(paths) <= MAX_PATH_WORK
     )
     return Push(
         repo_urls=urls,
-        full_name=_text(repo.get("full_name")),
+        full_name=full_name,
         ref=_full_ref(ref),
         sha=sha,
         paths=frozenset(paths) if complete else frozenset(),
@@ -125,10 +185,10 @@ def parse_actions_body(doc: Any) -> Push:
     """
     if not isinstance(doc, dict):
         raise PayloadError("body must be a JSON object")
-    repository = _text(doc.get("repository"))
+    repository = checked(_text(doc.get("repository")), "repository", MAX_URL_BYTES)
     if "://" not in repository and "@" not in repository:
         raise PayloadError("repository must be the repository's URL")
-    ref = _text(doc.get("ref"))
+    ref = checked(_text(doc.get("ref")), "ref", MAX_REF_BYTES)
     if not ref:
         raise PayloadError("ref is required")
     sha = _sha(doc.get("sha"))
@@ -140,8 +200,11 @@ def parse_actions_body(doc: Any) -> Push:
     if isinstance(raw_paths, list):
         if not all(isinstance(p, str) for p in raw_paths) or len(raw_paths) > MAX_PATHS:
             raise PayloadError("paths must be a list of strings")
-        paths = {p.strip().lstrip("/") for p in raw_paths if p.strip()}
+        paths = {checked(p.strip().lstrip("/"), f"paths[{i}]", MAX_PATH_BYTES)
+                 for i, p in enumerate(raw_paths) if p.strip()}
         complete = bool(paths)
+        if _path_work(paths) > MAX_PATH_WORK:
+            paths, complete = set(), False
     elif raw_paths is not None:
         raise PayloadError("paths must be a list of strings")
     full_name = "/".join(repository.rstrip("/").removesuffix(".git").split("/")[-2:])

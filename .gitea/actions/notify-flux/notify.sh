@@ -202,11 +202,28 @@ hmac_sha256_hex() {
 	printf '%s' "$out"
 }
 
-# Write the X-Signature header for "$1" (the exact body, empty for a GET) into $tmp/headers.
+# Write the push's X-Signature header for "$1" (the exact body) into $tmp/headers:
+# HMAC-SHA256 under the token of "<unix>." + body.
 sign_into_headers() {
 	local now sig
 	printf -v now '%(%s)T' -1
 	sig=$(hmac_sha256_hex "$token" "$now.$1") || die 2 "openssl could not compute the signature"
+	printf 'X-Signature: t=%s,v1=%s\n' "$now" "$sig" >"$tmp/headers"
+}
+
+# Write the X-Signature header of GET /deliveries/"$1" into $tmp/headers. A read is signed
+# under a key derived from the token (hex HMAC of a fixed label, used as text) over
+# "<unix>.GET /deliveries/<id>": it can never pass for a push, nor a push for it.
+read_key=""
+sign_read_into_headers() {
+	local now sig
+	if [[ -z $read_key ]]; then
+		read_key=$(hmac_sha256_hex "$token" "gitea-flux-bridge delivery-read v1") ||
+			die 2 "openssl could not compute the signature"
+	fi
+	printf -v now '%(%s)T' -1
+	sig=$(hmac_sha256_hex "$read_key" "$now.GET /deliveries/$1") ||
+		die 2 "openssl could not compute the signature"
 	printf 'X-Signature: t=%s,v1=%s\n' "$now" "$sig" >"$tmp/headers"
 }
 
@@ -327,7 +344,7 @@ while :; do
 	printf -v now '%(%s)T' -1
 	remaining=$((deadline - now))
 	((remaining > 0)) || break
-	sign_into_headers ""
+	sign_read_into_headers "$delivery"
 	final=""
 	timed_out=""
 	retry=""
