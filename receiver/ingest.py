@@ -370,6 +370,14 @@ class IngestService:
             self._stream(delivery_id, record, wait, request.app.state.parts.drain),
             media_type="application/x-ndjson")
 
+    def _next_deadline(self, record: DeliveryRecord) -> float:
+        """Seconds until the record's next time-out (a little after, so it has passed)."""
+        timeouts = self.reconciler.timeouts
+        now = self.wall_clock()
+        ahead = [record.received + t - now for t in (timeouts.source_seconds,
+                                                     timeouts.consumer_seconds)]
+        return min((a for a in ahead if a > 0), default=5.0) + 0.01
+
     def _view(self, delivery_id: str, record: DeliveryRecord) -> DeliveryView:
         local = self.deliveries.get(delivery_id)
         return self.reconciler.view(record, local.local if local is not None else None)
@@ -403,8 +411,9 @@ class IngestService:
                     yield json.dumps({"delivery": delivery_id, "retry": True,
                                       "reason": drain.reason}) + "\n"
                     return
-                # Time-outs are part of the state: look again at least every few seconds.
-                await _change_or_drain(changed, drain, min(remaining, 5.0))
+                # Time-outs are part of the state: look again when the next one passes.
+                await _change_or_drain(changed, drain, min(
+                    remaining, self._next_deadline(record), 5.0))
 
 
 async def _change_or_drain(changed: asyncio.Event, drain: Drain, timeout: float) -> None:
