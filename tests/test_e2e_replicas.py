@@ -21,6 +21,11 @@ order and each can count what it caused:
 Commit statuses from the tests' own events go to commits on branches of their own, which Flux
 never deploys, so only those events decide what Gitea shows for them.
 
+The tests: the harness itself (round robin, one resync leader); Flux events for one commit
+sent to alternating replicas; the notify-flux action through the proxy, alone and with a kill -9
+of the replica that took its push; a replayed timestamped push and a repeated X-Gitea-Delivery
+sent to the other replica (annotations and the audit log's PATCH count unchanged); a rolling
+restart under a steady stream of signed pushes (lost pushes: 0), and one with a job waiting.
 Every test prints a table of what it sent where and what was answered (run with -s to see it).
 
     python -m pytest tests/test_e2e_replicas.py -q -s
@@ -359,6 +364,23 @@ def replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replicas]:
                 print(f"teardown: {exc}")
 
 
+@pytest.fixture(autouse=True)
+def _all_replicas_ready(request: pytest.FixtureRequest) -> None:
+    """Before each test: every current replica ready and behind the proxy (a test that failed
+    half-way through a rollout leaves a consistent set behind)."""
+    if "replicas" not in request.fixturenames:
+        return
+    env: Replicas = request.getfixturevalue("replicas")
+    for bridge in list(env.replicas):
+        if bridge.exited() is not None or not bridge.ready():
+            env.retire(bridge)
+            bridge.stop()
+    while len(env.replicas) < REPLICAS:
+        env.replicas.append(env.spawn())
+    if sorted(env.proxy.upstreams) != sorted(b.port for b in env.replicas):
+        env.publish()
+
+
 def _stop_replicas(env: Replicas) -> None:
     for bridge in [*env.replicas, *env.retired]:
         bridge.stop()
@@ -602,7 +624,8 @@ def test_notify_action_waits_through_the_proxy(replicas: Replicas, tmp_path: Pat
     answers = _every_replica_answers(env, delivery_id)
     print("  GET /deliveries/<id> on every replica directly:")
     print(table(answers, ["replica", "answer", "outcome"]))
-    assert all(status == 200 and outcome == "ready" for _, status, outcome in answers), answers
+    assert all(status == 200 and outcome == "ready" for _, status, outcome in answers), (
+        f"GET /deliveries/<id> must give the same answer on every replica: {answers}")
     follows = [r for r in _job_requests(env, since) if r["uri"].startswith("/deliveries/")]
     assert all(r["status"] == 200 for r in follows), (
         "a replica answered the job's follow request with something other than 200: "
@@ -658,7 +681,8 @@ def test_notify_action_survives_kill_9_of_the_replica_that_accepted_the_push(
     answers = _every_replica_answers(env, _delivery_of(out))
     print("  GET /deliveries/<id> on every live replica directly:")
     print(table(answers, ["replica", "answer", "outcome"]))
-    assert all(status == 200 and outcome == "ready" for _, status, outcome in answers), answers
+    assert all(status == 200 and outcome == "ready" for _, status, outcome in answers), (
+        f"GET /deliveries/<id> must give the same answer on every live replica: {answers}")
 
 
 def _delivery_of(stdout: Path) -> str:
@@ -853,6 +877,41 @@ class PushStream:
         self._client.close()
 
 
+def rolling_restart(env: Replicas, lag: Callable[[], None], mark: Callable[[str], None]
+                    ) -> list[BridgeProcess]:
+    """Replace every replica, one at a time, as a Deployment's rolling update does: SIGTERM the
+    old one (a pod's deletion), `lag()` while the proxy still sends it traffic (the endpoints
+    lag behind the deletion), take it out of the proxy, start a new one on a new port and put
+    it in once ready. Returns the terminated replicas (they end by themselves)."""
+    terminated: list[BridgeProcess] = []
+    for old in list(env.replicas):
+        old_name = env.name(old.port)
+        old.signal(signal.SIGTERM)
+        terminated.append(old)
+        mark(f"SIGTERM {old_name}")
+        env.wait(f"{old_name} to stop being ready", lambda b=old: not b.ready(), 30)
+        mark(f"{old_name} not ready")
+        lag()
+        env.retire(old)
+        env.publish()
+        mark(f"{old_name} out of the proxy")
+        new = env.spawn()
+        env.replicas.append(new)
+        env.publish()
+        mark(f"{env.name(new.port)} started, in the proxy")
+        lag()
+    return terminated
+
+
+def wait_exited(env: Replicas, terminated: list[BridgeProcess], mark: Callable[[str], None]
+                ) -> None:
+    """The terminated replicas end by themselves once drained; then nothing is in flight."""
+    for old in terminated:
+        with contextlib.suppress(ControlPlaneError):
+            wait_until(f"{env.name(old.port)} to exit", lambda b=old: b.exited() is not None, 60)
+        mark(f"{env.name(old.port)} exited with {old.exited()}")
+
+
 def test_rolling_restart_under_a_stream_of_pushes_loses_none(replicas: Replicas) -> None:
     env = replicas
     timeline: list[tuple[str, str]] = []
@@ -861,36 +920,15 @@ def test_rolling_restart_under_a_stream_of_pushes_loses_none(replicas: Replicas)
     def mark(what: str) -> None:
         timeline.append((f"{time.monotonic() - stream.started:6.1f}s", what))
 
-    terminated: list[BridgeProcess] = []
     try:
         stream.wait_sent(10)
-        for old in list(env.replicas):
-            old_name = env.name(old.port)
-            old.signal(signal.SIGTERM)
-            terminated.append(old)
-            mark(f"SIGTERM {old_name}")
-            env.wait(f"{old_name} to stop being ready", lambda b=old: not b.ready(), 30)
-            mark(f"{old_name} not ready")
-            # The Service's endpoints lag behind the pod's deletion: the proxy keeps sending
-            # some pushes to the terminating replica before it is taken out.
-            stream.wait_sent(LAG_PUSHES)
-            env.retire(old)
-            env.publish()
-            mark(f"{old_name} out of the proxy")
-            new = env.spawn()
-            env.replicas.append(new)
-            env.publish()
-            mark(f"{env.name(new.port)} started, in the proxy")
-            stream.wait_sent(LAG_PUSHES)
+        # While the endpoints lag, the proxy still sends the next pushes to the old replica.
+        terminated = rolling_restart(env, lambda: stream.wait_sent(LAG_PUSHES), mark)
         stream.wait_sent(10)
     finally:
         stream.stop()
         mark(f"stream stopped after {stream.sent} pushes")
-    # The terminated replicas end by themselves (drain done); then nothing is in flight.
-    for old in terminated:
-        with contextlib.suppress(ControlPlaneError):
-            wait_until(f"{env.name(old.port)} to exit", lambda b=old: b.exited() is not None, 60)
-        mark(f"{env.name(old.port)} exited with {old.exited()}")
+    wait_exited(env, terminated, mark)
 
     results = stream.results
     lost = [r for r in results if not r.delivered]
@@ -916,19 +954,54 @@ def test_rolling_restart_under_a_stream_of_pushes_loses_none(replicas: Replicas)
                       f"503 to a 2xx): final answers {Counter(r.final for r in lost)}")
 
 
-@pytest.fixture(autouse=True)
-def _all_replicas_ready(request: pytest.FixtureRequest) -> None:
-    """Before each test: every current replica ready and behind the proxy (a test that failed
-    half-way through a rollout leaves a consistent set behind)."""
-    if "replicas" not in request.fixturenames:
-        return
-    env: Replicas = request.getfixturevalue("replicas")
-    for bridge in list(env.replicas):
-        if bridge.exited() is not None or not bridge.ready():
-            env.retire(bridge)
-            bridge.stop()
-    while len(env.replicas) < REPLICAS:
-        env.replicas.append(env.spawn())
-    if sorted(env.proxy.upstreams) != sorted(b.port for b in env.replicas):
-        env.publish()
 
+def test_job_waiting_through_a_rolling_restart_ends_ready(replicas: Replicas, tmp_path: Path
+                                                         ) -> None:
+    """A CI job follows its delivery while every replica is replaced: streams on a terminating
+    replica end with a line that says to ask again, and another replica gives the answer."""
+    env = replicas
+    since = time.time()
+    started = time.monotonic()
+    timeline: list[tuple[str, str]] = []
+
+    def mark(what: str) -> None:
+        timeline.append((f"{time.monotonic() - started:6.1f}s", what))
+
+    # kustomize-controller is frozen for the whole rollout: the job waits through all of it.
+    env.flux.pause("kustomize-controller")
+    proc: subprocess.Popen[bytes] | None = None
+    terminated: list[BridgeProcess] = []
+    try:
+        sha = env.gitea.commit_files(ORG, REPO, {
+            APPS_FILE: configmap("apps-settings", APPS_NS, release=secrets.token_hex(3))},
+            "apps: a release deployed during a rollout")
+        proc, out, err = _notify(env, sha, [APPS_FILE], tmp_path, wait=150)
+        env.wait("the job to be accepted and waiting", lambda: (
+            "accepted as delivery" in err.read_text(errors="replace") or proc.poll() is not None),
+            30)
+        mark("job accepted, waiting")
+        assert proc.poll() is None, f"notify.sh ended early:\n{err.read_text()}"
+        terminated = rolling_restart(env, lambda: None, mark)
+    finally:
+        env.flux.resume("kustomize-controller")
+        mark("kustomize-controller resumed")
+    try:
+        code = proc.wait(timeout=210)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    mark(f"job ended with exit {code}")
+    wait_exited(env, terminated, mark)
+    stderr = err.read_text(errors="replace")
+    print("  rollout timeline:")
+    print(table(timeline, ["at", "what"]))
+    _print_job(env, since)
+    print("  notify.sh stderr:\n    " + "\n    ".join(stderr.splitlines()[-10:]))
+    assert code == 0, f"notify.sh exited {code} during a rolling restart:\n{stderr}"
+    assert "deployed: every target is Ready" in stderr, stderr
+    answers = _every_replica_answers(env, _delivery_of(out))
+    print("  GET /deliveries/<id> on every new replica directly:")
+    print(table(answers, ["replica", "answer", "outcome"]))
+    assert all(status == 200 and outcome == "ready" for _, status, outcome in answers), (
+        f"GET /deliveries/<id> must give the same answer on every replica: {answers}")
