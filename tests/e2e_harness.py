@@ -95,6 +95,40 @@ def install_source_crds(plane: ControlPlane) -> list[str]:
     return list(EXTRA_SOURCE_CRDS)
 
 
+CHART = ROOT / "charts" / "gitea-flux-bridge"
+_RBAC_PATHS = {
+    "ServiceAccount": "/api/v1/namespaces/{namespace}/serviceaccounts",
+    "ClusterRole": "/apis/rbac.authorization.k8s.io/v1/clusterroles",
+    "ClusterRoleBinding": "/apis/rbac.authorization.k8s.io/v1/clusterrolebindings",
+    "Role": "/apis/rbac.authorization.k8s.io/v1/namespaces/{namespace}/roles",
+    "RoleBinding": "/apis/rbac.authorization.k8s.io/v1/namespaces/{namespace}/rolebindings",
+}
+
+
+def chart_service_account(plane: ControlPlane, release: str, namespace: str,
+                          *helm_args: str) -> tuple[str, str]:
+    """Render the project's chart with the real helm, apply its ServiceAccount and RBAC, and
+    return (the ServiceAccount's user name, a token for it): the bridge then runs with exactly
+    the permissions the chart grants."""
+    command = [str(plane.bin_dir / "helm"), "template", release, str(CHART),
+               "--namespace", namespace, *helm_args]
+    out = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=120,
+                         env=child_env(HOME=str(plane.workdir)), check=False)
+    if out.returncode != 0:
+        raise HarnessError(f"{' '.join(command)} failed:\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}")
+    docs = [d for d in yaml.safe_load_all(out.stdout) if isinstance(d, dict)]
+    rbac = [d for d in docs if d.get("kind") in _RBAC_PATHS]
+    accounts = [d["metadata"]["name"] for d in rbac if d["kind"] == "ServiceAccount"]
+    if len(accounts) != 1:
+        raise HarnessError(f"the chart rendered {len(accounts)} ServiceAccounts, not one")
+    for doc in rbac:
+        ns = doc["metadata"].get("namespace") or namespace
+        plane.ensure_namespace(ns)
+        plane.request("POST", _RBAC_PATHS[doc["kind"]].format(namespace=ns), doc, ok=(201, 409))
+    user = f"system:serviceaccount:{namespace}:{accounts[0]}"
+    return user, plane.service_account_token(namespace, accounts[0])
+
+
 def child_env(**extra: str) -> dict[str, str]:
     """The environment for a child: no in-cluster config, no proxy for loopback."""
     env = {k: v for k, v in os.environ.items()
@@ -365,8 +399,9 @@ logger.router.MODE =
         return str(found["sha"]) if isinstance(found, dict) and found.get("sha") else None
 
     def commit_files(self, owner: str, repo: str, files: Mapping[str, str | None], message: str,
-                     branch: str = "main") -> str:
-        """One commit writing (text) or deleting (None) each path; returns its sha."""
+                     branch: str = "main", *, new_branch: str | None = None) -> str:
+        """One commit writing (text) or deleting (None) each path; returns its sha. With
+        `new_branch`, the commit starts that branch from `branch`."""
         operations = []
         for path, content in files.items():
             if content is None:
@@ -377,8 +412,10 @@ logger.router.MODE =
             else:
                 operations.append({"operation": "upload", "path": path,
                                    "content": base64.b64encode(content.encode()).decode()})
-        answer = self.api("POST", f"/repos/{owner}/{repo}/contents", {
-            "branch": branch, "message": message, "files": operations})
+        body: dict[str, Any] = {"branch": branch, "message": message, "files": operations}
+        if new_branch:
+            body["new_branch"] = new_branch
+        answer = self.api("POST", f"/repos/{owner}/{repo}/contents", body)
         return str(answer["commit"]["sha"])
 
     def create_hook(self, owner: str, repo: str, url: str, secret: str, *,
@@ -605,6 +642,26 @@ class BridgeProcess:
     def metrics(self) -> str:
         with httpx.Client(trust_env=False, timeout=10.0) as client:
             return client.get(f"{self.url}/metrics").text
+
+    def ready(self) -> bool:
+        """/readyz answers 200 right now (False when it answers otherwise or not at all)."""
+        try:
+            with httpx.Client(trust_env=False, timeout=2.0) as client:
+                return client.get(f"{self.url}/readyz").status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def signal(self, sig: signal.Signals) -> None:
+        """Send `sig` to the bridge's process group (SIGTERM: what a pod's deletion sends)."""
+        assert self.process is not None, "not started"
+        self.process.signal_group(sig)
+
+    def kill(self) -> None:
+        """SIGKILL, no grace (a node lost, an OOM kill); reaped by `stop()`."""
+        self.signal(signal.SIGKILL)
+
+    def exited(self) -> int | None:
+        return self.process.exited() if self.process is not None else None
 
     def stop(self) -> None:
         atexit.unregister(self.stop)

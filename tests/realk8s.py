@@ -7,7 +7,8 @@ CA), waits for `/readyz`, writes an admin kubeconfig and installs the Flux CRDs 
 `tests/fixtures/crds`. Everything lives in one temporary directory, each process in its own
 process group; `stop()` kills the groups and removes the directory. Logs go to files in that
 directory and their tails are part of every startup error (GFBTEST_KEEP=1 keeps the
-directory, logs included, for a post-mortem).
+directory, logs included, for a post-mortem). With `audit_policy` (see `audit_policy()`), the
+API server writes an audit log that `count_patches()` reads: who patched which object, how often.
 
 The binaries come from the cache `scripts/testbin.sh` builds into (`--print-dir`); when one is
 missing, `ensure_binaries()` runs `scripts/testbin.sh` to build them. A build that fails is
@@ -197,8 +198,10 @@ class ControlPlane:
     """etcd + kube-apiserver on 127.0.0.1 with RBAC, an admin token and the Flux CRDs."""
 
     def __init__(self, bin_dir: Path, *, workdir: Path | None = None, crd_dir: Path = CRD_DIR,
-                 startup_timeout: float = 90.0) -> None:
+                 startup_timeout: float = 90.0,
+                 audit_policy: Mapping[str, Any] | None = None) -> None:
         self.bin_dir = bin_dir
+        self.audit_policy = dict(audit_policy) if audit_policy is not None else None
         self.crd_dir = crd_dir
         self.startup_timeout = startup_timeout
         self._owns_workdir = workdir is None
@@ -344,7 +347,65 @@ class ControlPlane:
             # On SIGTERM, end open watches after 2s instead of holding them until the HTTP
             # server's shutdown timeout (60s): clients see the stream end and reconnect.
             "--shutdown-watch-termination-grace-period=2s",
+            *self._audit_args(),
         ]
+
+    # -- audit log ----------------------------------------------------------------------------------
+
+    @property
+    def audit_log(self) -> Path:
+        return self.workdir / "audit.log"
+
+    def _audit_args(self) -> list[str]:
+        if self.audit_policy is None:
+            return []
+        policy = self.workdir / "audit-policy.yaml"
+        policy.write_text(yaml.safe_dump(self.audit_policy, sort_keys=False))
+        # Blocking: an event is in the file before the API server answers the request, so a
+        # test reads every request that has been answered. No rotation.
+        return [f"--audit-policy-file={policy}", f"--audit-log-path={self.audit_log}",
+                "--audit-log-format=json", "--audit-log-mode=blocking",
+                "--audit-log-maxsize=0", "--audit-log-maxbackup=0"]
+
+    def audit_events(self) -> list[dict[str, Any]]:
+        """Every complete audit event written so far (ResponseComplete or Panic stage), oldest
+        first. Needs `audit_policy`."""
+        if self.audit_policy is None:
+            raise ControlPlaneError("the control plane runs without an audit policy")
+        try:
+            text = self.audit_log.read_text(errors="replace")
+        except FileNotFoundError:
+            return []
+        events = []
+        for line in text.splitlines():
+            try:
+                event = json.loads(line)
+            except ValueError:  # the line being written right now
+                continue
+            if isinstance(event, dict) and event.get("stage") in ("ResponseComplete", "Panic"):
+                events.append(event)
+        return events
+
+    def count_requests(self, verb: str, *, user: str, group: str, resource: str, namespace: str,
+                       name: str, subresource: str = "") -> int:
+        """How many `verb` requests `user` made on one object (answered, whatever the answer),
+        from the audit log."""
+        count = 0
+        for event in self.audit_events():
+            ref = event.get("objectRef") or {}
+            if (event.get("verb") == verb
+                    and (event.get("user") or {}).get("username") == user
+                    and ref.get("apiGroup", "") == group and ref.get("resource") == resource
+                    and ref.get("namespace", "") == namespace and ref.get("name") == name
+                    and ref.get("subresource", "") == subresource):
+                count += 1
+        return count
+
+    def count_patches(self, user: str, group: str, resource: str, namespace: str, name: str
+                      ) -> int:
+        """PATCH requests by `user` on the object itself (not its status), from the audit log."""
+        return self.count_requests("patch", user=user, group=group, resource=resource,
+                                   namespace=namespace, name=name)
 
     def _start_apiserver(self, *, fresh: bool = True) -> None:
         if fresh or self.apiserver is None:
@@ -489,6 +550,26 @@ class ControlPlane:
         if not isinstance(token, str) or not token:
             raise ControlPlaneError(f"TokenRequest for {namespace}/{name} returned no token")
         return token
+
+
+FLUX_GROUPS = ("source.toolkit.fluxcd.io", "kustomize.toolkit.fluxcd.io",
+               "helm.toolkit.fluxcd.io", "notification.toolkit.fluxcd.io",
+               "image.toolkit.fluxcd.io")
+
+
+def audit_policy(groups: Sequence[str] = FLUX_GROUPS, verbs: Sequence[str] = ("patch", "update")
+                 ) -> dict[str, Any]:
+    """An audit.k8s.io/v1 Policy: `verbs` on the resources of `groups` at Metadata level (who,
+    what, which object, the answer; no bodies), nothing else."""
+    return {
+        "apiVersion": "audit.k8s.io/v1", "kind": "Policy",
+        "omitStages": ["RequestReceived"],
+        "rules": [
+            {"level": "Metadata", "verbs": list(verbs),
+             "resources": [{"group": g} for g in groups]},
+            {"level": "None"},
+        ],
+    }
 
 
 def _json_bytes(body: Any) -> bytes:
