@@ -86,6 +86,7 @@ from receiver.statuses import (
     pending_for_push,
     plan_repairs,
     recall,
+    recall_for_event,
     resync_schedule,
 )
 
@@ -101,6 +102,7 @@ class _Job:
     state_only: bool
     enqueued: float
     attempts: int = 0
+    origin: str = ""  # the Flux event this status comes from (digest of its bytes), if any
 
     @property
     def key(self) -> JobKey:
@@ -304,7 +306,9 @@ class StatusService:
         outcome, wanted = self._map_event(event)
         if not wanted:
             return self._count(outcome, self._accepted(0))
-        enqueued = self._enqueue(wanted, state_only=False)
+        # An identical body is a redelivery of the same event; any other event is news.
+        enqueued = self._enqueue(wanted, state_only=False,
+                                 origin=hashlib.sha256(body).hexdigest()[:16])
         if enqueued is None:
             return self._count("queue_full", error(503, "status queue is full"))
         return self._count("accepted", self._accepted(enqueued))
@@ -509,10 +513,11 @@ class StatusService:
 
     def _enqueue(
         self, wanted: Iterable[DesiredStatus], *, state_only: bool, instance: str | None = None,
+        origin: str = "",
     ) -> int | None:
         """One job per (status, hosting instance, or just `instance`); None if full."""
         now = self._clock()
-        jobs = [_Job(name, status, state_only, now)
+        jobs = [_Job(name, status, state_only, now, origin=origin)
                 for status in wanted for name in instances_for(status.repo_key, self._hosts)
                 if instance is None or name == instance]
         new_keys = {job.key for job in jobs if job.key not in self._latest}
@@ -569,7 +574,7 @@ class StatusService:
         """Post one job unless Gitea shows it; None when done, else seconds until a retry."""
         status = job.status
         try:
-            known, shown = self._recall(job.key)
+            known, shown = self._recall_job(job)
             if not known:
                 known, shown = await self._check_commit(job)
             # Unknown even now (a listing too long to read whole): post, Gitea keeps the latest.
@@ -593,7 +598,7 @@ class StatusService:
                 "context": status.context, "state": status.state, "attempts": job.attempts,
                 "error": str(exc)})
             return None
-        self._observe(job.key, job.fields, self._clock())
+        self._observe(job.key, job.fields, self._clock(), job.origin)
         self._metrics.statuses.labels("posted").inc()
         return None
 
@@ -608,7 +613,7 @@ class StatusService:
         self._reading[commit] = (lock, users + 1)
         try:
             async with lock:
-                known, shown = self._recall(job.key)
+                known, shown = self._recall_job(job)
                 if known:
                     return known, shown
                 context = job.status.context
@@ -659,15 +664,22 @@ class StatusService:
         self._forget(self._clock())
         return _Listing(shown, complete, complete or wanted <= shown.keys())
 
+    def _recall_job(self, job: _Job) -> tuple[bool, Fields | None]:
+        if not job.origin:
+            return self._recall(job.key)
+        return recall_for_event(self._seen.get(job.key), self._listed.get(job.key[:3]),
+                                self._clock(), self._settings.statuses.repeat_window_seconds,
+                                job.origin, job.enqueued)
+
     def _recall(self, key: JobKey) -> tuple[bool, Fields | None]:
         return recall(self._seen.get(key), self._listed.get(key[:3]), self._clock(),
                       self._settings.statuses.repeat_window_seconds)
 
-    def _observe(self, key: JobKey, fields: Fields, at: float) -> None:
+    def _observe(self, key: JobKey, fields: Fields, at: float, origin: str = "") -> None:
         current = self._seen.get(key)
         if current is not None and current.at > at:
             return  # a post made while a listing was under way is newer than the listing
-        self._seen[key] = Seen(fields, at)
+        self._seen[key] = Seen(fields, at, origin)
         self._seen.move_to_end(key)
         self._forget(at)
 

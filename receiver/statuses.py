@@ -502,10 +502,12 @@ class ShownStatus(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class Seen:
-    """What a replica saw Gitea show for one context at `at`: posted or read. None: nothing."""
+    """What a replica saw Gitea show for one context at `at`: posted or read. None: nothing.
+    `origin` names the event a post came from ("" for a read or a state-derived post)."""
 
     fields: Fields | None
     at: float
+    origin: str = ""
 
 
 def is_fresh(observed_at: float, now: float, window: float) -> bool:
@@ -527,6 +529,24 @@ def recall(
     if listed_at is not None and is_fresh(listed_at, now, window):
         return True, None
     return False, None
+
+
+def recall_for_event(
+    seen: Seen | None, listed_at: float | None, now: float, window: float, origin: str,
+    arrived: float,
+) -> tuple[bool, Fields | None]:
+    """`recall` for a status that comes from a Flux event (`origin` identifies the event).
+
+    Another replica may have posted since this one last looked, so only two things may be
+    believed: our own post of this very event (a redelivery of it is an exact repeat), and what
+    Gitea showed after the event arrived. A new event with the same words as an old one is not a
+    repeat: failure, success (posted elsewhere), failure again must end showing failure.
+    """
+    if seen is not None and seen.origin == origin and is_fresh(seen.at, now, window):
+        return True, seen.fields
+    return recall(seen if seen is not None and seen.at >= arrived else None,
+                  listed_at if listed_at is not None and listed_at >= arrived else None,
+                  now, window)
 
 
 def needs_post(shown: Fields | None, wanted: Fields, *, state_only: bool) -> bool:

@@ -51,6 +51,7 @@ from receiver.statuses import (
     plan_repairs,
     reason_words,
     recall,
+    recall_for_event,
     render,
     repo_ref,
     resync_schedule,
@@ -559,3 +560,17 @@ def test_no_description_holds_a_control_character(message: str, reason: str) -> 
         assert not any(c in text for c in _CONTROLS)
         assert len(text) <= 140
         text.encode()
+
+
+def test_a_new_event_believes_only_what_gitea_showed_after_it_arrived() -> None:
+    posted = (FAILURE, "Health check failed", "")
+    mine = Seen(posted, 100.0, origin="event-1")
+    # A redelivery of the very event this replica posted: an exact repeat.
+    assert recall_for_event(mine, None, 101.0, 5.0, "event-1", 101.0) == (True, posted)
+    # A new event with the same words: another replica may have posted since; ask Gitea.
+    assert recall_for_event(mine, None, 101.0, 5.0, "event-2", 101.0) == (False, None)
+    # What Gitea showed after the new event arrived may be believed (a shared listing).
+    read = Seen((SUCCESS, "ok", ""), 102.0)
+    assert recall_for_event(read, None, 102.5, 5.0, "event-2", 101.0) == (True, read.fields)
+    assert recall_for_event(None, 102.0, 102.5, 5.0, "event-2", 101.0) == (True, None)
+    assert recall_for_event(None, 100.0, 102.5, 5.0, "event-2", 101.0) == (False, None)
