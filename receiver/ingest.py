@@ -287,9 +287,10 @@ class IngestService:
             if push is not None:
                 listener(delivery, push)
         await self.reconciler.start_delivery(delivery)
+        # `mark` is short and on the objects; `id` is what a client follows with.
         log.info("push accepted", extra={
-            "receiver": name, "ref": delivery.ref, "commit": delivery.sha,
-            "targets": len(plan.targets), "tracked": len(plan.tracked)})
+            "receiver": name, "ref": delivery.ref, "commit": delivery.sha, "mark": mark,
+            "id": delivery_id, "targets": len(plan.targets), "tracked": len(plan.tracked)})
         return self._count(name, "accepted", _accepted(delivery))
 
     def _joined(self, name: str, push: Push | None, once: _Once | None) -> Response | None:
@@ -436,8 +437,8 @@ def _accepted(delivery: Delivery) -> JSONResponse:
         if view is not None and view.state == "failed":
             entry["error"] = view.message
         reply["targets"].append(entry)
-    return JSONResponse({"delivery": delivery.id, "commit": delivery.sha, "ref": delivery.ref,
-                         **reply}, status_code=202)
+    return JSONResponse({"delivery": delivery.id, "mark": delivery.record.mark,
+                         "commit": delivery.sha, "ref": delivery.ref, **reply}, status_code=202)
 
 
 _INVALID = object()

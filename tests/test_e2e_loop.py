@@ -32,6 +32,7 @@ import httpx
 import pytest
 
 from receiver import signatures as sig
+from receiver.delivery_marks import DELIVERIES_ANNOTATION
 from tests.e2e_harness import (
     BridgeProcess,
     FluxControllers,
@@ -373,10 +374,12 @@ def test_push_annotates_the_source_and_the_touched_kustomization_only(loop: Loop
     accepted = loop.wait("the bridge to accept Gitea's push", lambda: loop.bridge.accepted(sha) or None,
                          30)
     assert len(accepted) == 1, accepted
-    delivery_id = accepted[0]["delivery"]
-    value = loop.wait("the GitRepository annotated", lambda: _changed(
+    delivery_id, mark = accepted[0]["id"], accepted[0]["mark"]
+    loop.wait("the GitRepository annotated", lambda: _changed(
         loop.annotations("GitRepository", "fleet").get(RECONCILE), before), 30)
-    assert value.endswith(" " + delivery_id), (value, delivery_id)
+    # The bridge's mark, written in the same patch, names this delivery.
+    marks = loop.annotations("GitRepository", "fleet").get(DELIVERIES_ANNOTATION, "")
+    assert marks.startswith(mark + "@"), (marks, mark)
     loop.wait("source-controller to fetch the commit", lambda: loop.source_at(sha), 60)
     apps = loop.wait("kustomize-controller to apply it", lambda: loop.deployed("apps", sha),
                      DEPLOY_TIMEOUT)
@@ -394,9 +397,10 @@ def test_push_annotates_the_source_and_the_touched_kustomization_only(loop: Loop
     # The touched Kustomization: annotated by this delivery, unless kustomize-controller had
     # already started on the commit by itself (it follows its source's revision), in which case
     # the bridge records that and sends no redundant patch.
+    apps_marks = loop.annotations("Kustomization", "apps").get(DELIVERIES_ANNOTATION, "")
     apps_value = loop.annotations("Kustomization", "apps").get(RECONCILE, "")
     detail = annotated[("Kustomization", "apps")].get("detail") or {}
-    if apps_value.endswith(" " + delivery_id):
+    if apps_marks.startswith(mark + "@"):
         print("  apps: annotated by the bridge after the source had the commit")
         assert loop.metric("gfb_targets_annotated_total",
                            kind="Kustomization") == annotated_before + 1
