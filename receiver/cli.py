@@ -115,8 +115,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from receiver.config import ConfigError, load_settings
     from receiver.flux.memory import ManifestError, MemoryCluster
     from receiver.flux.store import ObjectStore
-    from receiver.gitea.payloads import PayloadError, parse_actions_body, parse_gitea_push
     from receiver.routing import plan_push
+    from receiver.selector import PayloadRefused, select_payload
 
     try:
         settings = load_settings(Path(args.config) if args.config else None)
@@ -139,21 +139,15 @@ def cmd_plan(args: argparse.Namespace) -> int:
         raw = _read(args.payload)
     except OSError as exc:
         return _fail(f"cannot read payload: {exc.strerror}")
-    push = None
-    if raw.strip():
-        try:
-            doc = json.loads(raw)
-        except ValueError:
-            return _fail("payload is not valid JSON", EXIT_PAYLOAD)
-        try:
-            if isinstance(doc, dict) and isinstance(doc.get("repository"), dict):
-                push = parse_gitea_push(doc)
-            elif doc not in ({}, None):
-                push = parse_actions_body(doc)
-        except PayloadError as exc:
-            return _fail(f"payload rejected: {exc}", EXIT_PAYLOAD)
-    plan = plan_push(receivers[0], push, store,
-                     allow_cross_namespace=settings.allow_cross_namespace_refs)
+    # The service's own selector: the same body is read the same way by both.
+    receiver = receivers[0]
+    try:
+        selection = select_payload(str(receiver.spec.get("type") or ""), raw)
+    except PayloadRefused as exc:
+        return _fail(f"payload rejected ({exc.status}): {exc}", EXIT_PAYLOAD)
+    plan = plan_push(receiver, selection.push, store,
+                     allow_cross_namespace=settings.allow_cross_namespace_refs,
+                     note=selection.note)
     print(json.dumps(plan.as_dict(store), indent=2))
     return EXIT_OK
 

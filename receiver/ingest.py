@@ -1,11 +1,12 @@
 """`POST /hook/{digest}` and `GET /deliveries/{id}`: validate, then act.
 
 Order of checks, cheapest and least revealing first: declared size (413), cache synced (503),
-known path (404), suspended receiver (503), capped body read (413), content type (415),
-signature (401, one body for every failure), one-time signature replay (401), rate (429,
-counted only for authenticated requests so strangers cannot use up a receiver's budget), event
-type (200 pong / ignored), repeated X-Gitea-Delivery (200 duplicate), JSON (400), payload shape
-(422), capacity (503), then routing and 202.
+known path (404), suspended receiver (503), capped body read (413), signature (401, one body for
+every failure), content type on a github Receiver (415), one-time signature replay (401), rate
+(429, counted only for authenticated requests so strangers cannot use up a receiver's budget),
+event type (200 pong / ignored), repeated X-Gitea-Delivery (200 duplicate), then the payload
+selector (`receiver.selector`: a push, an Actions body, or no push details; 400/422 only where
+Flux refuses too or a push contradicts itself), capacity (503), routing and 202.
 """
 
 from __future__ import annotations
@@ -31,13 +32,7 @@ from receiver.delivery_state import DeliveryView
 from receiver.drain import Drain
 from receiver.flux.cluster import Cluster
 from receiver.flux.objects import API_VERSIONS, FluxObject, ObjectKey
-from receiver.gitea.payloads import (
-    PayloadError,
-    Push,
-    form_payload,
-    parse_actions_body,
-    parse_gitea_push,
-)
+from receiver.gitea.payloads import PayloadError, Push, form_payload
 from receiver.hookindex import HookIndex
 from receiver.http import (
     UNAUTHORIZED,
@@ -54,12 +49,13 @@ from receiver.reconcile import Reconciler
 from receiver.replay import SeenOnce
 from receiver.resources import Resolved, resolve_resources
 from receiver.routing import Plan, plan_push
+from receiver.selector import PayloadRefused, select_payload
 
 log = logging.getLogger(__name__)
 JSON_TYPES = frozenset({"application/json"})
 FORM_TYPE = "application/x-www-form-urlencoded"
 UNSUPPORTED_MEDIA = ("content type must be application/json "
-                     "(or application/x-www-form-urlencoded for Gitea webhooks)")
+                     "or application/x-www-form-urlencoded on a github Receiver")
 PushListener = Callable[[Delivery, Push], None]
 
 
@@ -108,36 +104,35 @@ class IngestService:
 
     def _verify(
         self, receiver: FluxObject, token: str, request: Request, body: bytes, kind: str
-    ) -> _Authenticated | Response:
+    ) -> _Authenticated:
         headers = request.headers
         rtype = receiver.spec.get("type")
-        signed = body
-        if kind == FORM_TYPE and body:
-            # Decoded for every type, so the answer before authentication says nothing of it.
-            try:
-                payload = form_payload(body)
-            except PayloadError as exc:
-                return error(400, str(exc))
-            # Gitea signs the JSON document, not the form-encoded body it sends.
-            signed = payload if rtype == "github" else body
         if rtype == "github":
-            verdict = signatures.verify_gitea(headers, signed, token)
-        elif rtype == "generic-hmac":
+            signed = body
+            if kind == FORM_TYPE and body:
+                # Gitea signs the JSON document, not the form-encoded body it sends; a form
+                # without that document cannot carry a valid signature (go-github alike).
+                try:
+                    signed = form_payload(body)
+                except PayloadError:
+                    return _Authenticated(
+                        signatures.Verdict(False, "gitea-sha256", "undecodable-form"), body)
+            return _Authenticated(signatures.verify_gitea(headers, signed, token), signed)
+        # generic and generic-hmac sign the raw bytes, whatever their content type (as Flux).
+        if rtype == "generic-hmac":
             verdict = signatures.verify_generic_hmac(headers, body, token)
         else:
             verdict = signatures.verify_generic(
                 headers, body, token, self.wall_clock(),
                 allow_unsigned=self.settings.insecure.allow_unsigned_generic,
             )
-        return _Authenticated(verdict, signed)
+        return _Authenticated(verdict, body)
 
     async def _authenticate(
         self, receiver: FluxObject, token: str, request: Request, body: bytes, kind: str
-    ) -> _Authenticated | Response:
+    ) -> _Authenticated:
         result = self._verify(receiver, token, request, body, kind)
-        if isinstance(result, _Authenticated) and not result.verdict.ok and (
-            result.verdict.reason == "mismatch"
-        ):
+        if not result.verdict.ok and result.verdict.reason == "mismatch":
             # The token may have been rotated since we cached it: read it again, once.
             fresh = await self.hooks.refresh(receiver.key, fresh=True)
             if fresh is not None and fresh != token:
@@ -166,21 +161,20 @@ class IngestService:
         except BodyTooLarge:
             return self._count(name, "too_large", error(413, f"body exceeds {limit} bytes"))
         kind = media_type(request)
-        # Before authentication every answer is the same whatever the Receiver's type.
-        if body and kind not in JSON_TYPES and kind != FORM_TYPE:
-            return self._count(name, "unsupported_media", error(415, UNSUPPORTED_MEDIA))
+        # Before authentication every answer is the same whatever the Receiver's type: nothing
+        # about the body is judged until its signature holds.
         auth = await self._authenticate(receiver, token, request, body, kind)
-        if isinstance(auth, Response):
-            return self._count(name, "bad_request", auth)
         verdict = auth.verdict
         if not verdict.ok:
             self.metrics.signature_failures.labels(verdict.scheme, verdict.reason).inc()
             log.info("signature rejected", extra={"receiver": name, "scheme": verdict.scheme,
                                                   "reason": verdict.reason})
             return self._count(name, "unauthorized", JSONResponse(UNAUTHORIZED, 401))
-        if body and kind == FORM_TYPE and receiver.spec.get("type") != "github":
-            return self._count(name, "unsupported_media", error(
-                415, "content type must be application/json"))
+        if body and receiver.spec.get("type") == "github" and (
+            kind not in JSON_TYPES and kind != FORM_TYPE
+        ):
+            # Flux's github Receiver (go-github ValidatePayload) refuses these too.
+            return self._count(name, "unsupported_media", error(415, UNSUPPORTED_MEDIA))
         now = self.wall_clock()
         once = self._once(name, verdict, request, now)
         if once is not None and once.scheme_replay and once.mark in self.seen:
@@ -199,7 +193,7 @@ class IngestService:
                     {"status": "ignored", "event": event[:64]}))
             if once is not None and not once.scheme_replay and once.mark in self.seen:
                 return self._duplicate(name, once)
-            return await self._accept(receiver, token, name, once, event, auth.signed, body)
+            return await self._accept(receiver, token, name, once, auth.signed)
         finally:
             delivery_ctx.reset(token_ctx)
 
@@ -237,27 +231,13 @@ class IngestService:
         return False
 
     async def _accept(
-        self, receiver: FluxObject, token: str, name: str, once: _Once | None, event: str,
-        signed: bytes, body: bytes,
+        self, receiver: FluxObject, token: str, name: str, once: _Once | None, signed: bytes,
     ) -> Response:
-        push: Push | None = None
-        if event == "push" or (receiver.spec.get("type") == "github" and body):
-            doc = _load_json(signed)
-            if doc is _INVALID:
-                return self._count(name, "bad_json", error(400, "body is not valid JSON"))
-            try:
-                push = parse_gitea_push(doc)
-            except PayloadError as exc:
-                return self._count(name, "unprocessable", error(422, str(exc)))
-        elif body.strip():
-            doc = _load_json(body)
-            if doc is _INVALID:
-                return self._count(name, "bad_json", error(400, "body is not valid JSON"))
-            if doc not in ({}, None):
-                try:
-                    push = parse_actions_body(doc)
-                except PayloadError as exc:
-                    return self._count(name, "unprocessable", error(422, str(exc)))
+        try:
+            selection = select_payload(str(receiver.spec.get("type") or ""), signed)
+        except PayloadRefused as exc:
+            return self._count(name, exc.outcome, error(exc.status, exc.message))
+        push = selection.push
         joined = self._joined(name, push, once)
         if joined is not None:
             return joined
@@ -266,7 +246,7 @@ class IngestService:
         plan = plan_push(
             receiver, push, self.cluster.store,
             allow_cross_namespace=self.settings.allow_cross_namespace_refs,
-            resolved=self._resolved(receiver),
+            resolved=self._resolved(receiver), note=selection.note,
         )
         now = self.wall_clock()
         if once is not None:
@@ -440,12 +420,3 @@ def _accepted(delivery: Delivery) -> JSONResponse:
     return JSONResponse({"delivery": delivery.id, "mark": delivery.record.mark,
                          "commit": delivery.sha, "ref": delivery.ref, **reply}, status_code=202)
 
-
-_INVALID = object()
-
-
-def _load_json(data: bytes) -> Any:
-    try:
-        return json.loads(data)
-    except (ValueError, RecursionError):
-        return _INVALID

@@ -80,6 +80,8 @@ class Plan:
     # Candidates left out: sources of the pushed repository, consumers of matched sources,
     # unusable `resources` entries.
     skipped: tuple[Target, ...] = field(default=())
+    # Why the plan had no push to route by ("" when it had one): what the reply says.
+    note: str = ""
     # Listed objects that have nothing to do with the pushed repository. Their skip reasons
     # are built only when asked for (`plan` prints them; the /hook reply counts them), so a
     # Receiver that lists hundreds of objects does not cost hundreds of entries per push.
@@ -106,6 +108,8 @@ class Plan:
             "targets": [t.as_dict() for t in self.targets],
             "tracked": [t.as_dict() for t in self.tracked],
         }
+        if self.note:
+            out["note"] = self.note
         if store is not None:
             out["skipped"] = [t.as_dict() for t in self.all_skipped(store)]
         else:
@@ -227,8 +231,13 @@ def _sorted_sources(objs: Iterable[FluxObject]) -> list[FluxObject]:
     return sorted(objs, key=lambda o: o.key)
 
 
-def plan_without_push(receiver: FluxObject, resolved: Resolved, store: ObjectStore) -> Plan:
-    """No push details (a bare Actions call): reconcile the listed resources, as Flux does."""
+NO_DETAILS_NOTE = "no push details"
+
+
+def plan_without_push(receiver: FluxObject, resolved: Resolved, store: ObjectStore,
+                      note: str = NO_DETAILS_NOTE) -> Plan:
+    """No push details (a bare call, a body that is no push): reconcile the listed resources,
+    sources first, as Flux does; `note` says why, in the plan and in every target's reason."""
     targets: list[Target] = []
     skipped: list[Target] = [
         Target(i.api_version, i.kind, i.namespace, i.name, i.reason) for i in resolved.issues
@@ -238,9 +247,10 @@ def plan_without_push(receiver: FluxObject, resolved: Resolved, store: ObjectSto
         if obj.suspended:
             skipped.append(_target(obj, "suspended"))
         else:
-            targets.append(_target(obj, "listed in the receiver (no push details)"))
+            targets.append(_target(obj, f"listed in the receiver ({note})"))
     tracked = tuple(t for t in targets if t.kind in CONSUMER_KINDS)
-    return Plan(f"{receiver.namespace}/{receiver.name}", tuple(targets), tracked, tuple(skipped))
+    return Plan(f"{receiver.namespace}/{receiver.name}", tuple(targets), tracked, tuple(skipped),
+                note=note)
 
 
 def plan_push(
@@ -250,12 +260,14 @@ def plan_push(
     *,
     allow_cross_namespace: bool = True,
     resolved: Resolved | None = None,
+    note: str = NO_DETAILS_NOTE,
 ) -> Plan:
-    """`resolved`: the Receiver's resources already resolved against this store (a cache)."""
+    """`resolved`: the Receiver's resources already resolved against this store (a cache);
+    `note`: why there is no push, when `push` is None."""
     if resolved is None:
         resolved = resolve_resources(receiver, store, allow_cross_namespace=allow_cross_namespace)
     if push is None:
-        return plan_without_push(receiver, resolved, store)
+        return plan_without_push(receiver, resolved, store, note)
     listed = resolved.keys
     skipped: dict[ObjectKey, Target] = {}
     # Entries of spec.resources that could not be used are always reported.

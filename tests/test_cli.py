@@ -51,7 +51,7 @@ def test_plan_needs_receiver_when_several(tmp_path: Path, capsys: pytest.Capture
 
 def test_plan_bad_payload_exit_code(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     payload = tmp_path / "p.json"
-    payload.write_text('{"repository": {}, "ref": "main"}')
+    payload.write_text(json.dumps({"repository": {}, "ref": "main", "after": "a" * 40}))
     code, _, err = run(capsys, "plan", "--manifests", str(FLEET), "--payload", str(payload),
                        "--receiver", "flux-system/gitea")
     assert code == EXIT_PAYLOAD and "payload rejected" in err
