@@ -147,7 +147,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         return _fail(f"payload rejected ({exc.status}): {exc}", EXIT_PAYLOAD)
     plan = plan_push(receiver, selection.push, store,
                      allow_cross_namespace=settings.allow_cross_namespace_refs,
-                     note=selection.note)
+                     note=selection.note, gitea_prefixes=settings.gitea_prefixes())
     print(json.dumps(plan.as_dict(store), indent=2))
     return EXIT_OK
 

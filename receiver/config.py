@@ -199,6 +199,13 @@ class Settings(_Model):
     badge_key: SecretSource | None = None
     insecure: InsecureConfig = InsecureConfig()
 
+    def gitea_prefixes(self) -> frozenset[str]:
+        """Where the configured Gitea instances keep repositories (`owner/name` pushes)."""
+        from receiver.giturls import gitea_prefixes
+
+        return gitea_prefixes([g.url for g in self.gitea],
+                              [h for g in self.gitea for h in g.hosts], self.host_aliases)
+
     @field_validator("cluster_name")
     @classmethod
     def _cluster_name(cls, value: str) -> str:

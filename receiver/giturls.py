@@ -20,11 +20,12 @@ lower-casing well-behaved (some non-ASCII letters change length or meaning when 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 __all__ = [
     "DEFAULT_PORTS",
+    "gitea_prefixes",
     "normalise_aliases",
     "normalise_host",
     "normalise_repo_url",
@@ -174,3 +175,28 @@ def repo_base(url: str) -> str | None:
         return None
     hostport = _join_hostport(parts.host, parts.port, _default_ports(parts.scheme))
     return f"{parts.scheme}://{hostport}" + "".join(f"/{s}" for s in parts.segments[:-2])
+
+
+def gitea_prefixes(
+    urls: Iterable[str], hosts: Iterable[str], aliases: Mapping[str, str] | None = None
+) -> frozenset[str]:
+    """Where repositories live on the configured Gitea instances, as normalised keys before
+    `owner/name`: `host[:port][/sub-path]`, lower case, aliases applied on both sides.
+
+    `urls` are instance URLs (their path is the sub-path Gitea is served under), `hosts` the
+    repository hosts they serve; every alias and its target count as hosts too, so an
+    in-cluster Service address names the same repositories as the public one.
+    """
+    table = normalise_aliases(aliases or {})
+    found: set[str] = set()
+    for url in urls:
+        m = _SCHEME_URL_RE.fullmatch(url.strip())
+        if m is None:
+            continue
+        host = normalise_host(m["authority"], m["scheme"])
+        sub_path = "/".join(s for s in m["path"].split("/") if s)
+        found.add(table.get(host, host) + (f"/{sub_path}" if sub_path else ""))
+    for host in (*hosts, *table, *table.values()):
+        normalised = normalise_host(host)
+        found.add(table.get(normalised, normalised))
+    return frozenset(p.lower() for p in found if p)

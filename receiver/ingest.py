@@ -99,6 +99,7 @@ class IngestService:
         self.rate = RateLimiter(limits.requests_per_second, limits.burst)
         self.push_listeners: list[PushListener] = []
         self._resolutions: dict[ObjectKey, tuple[tuple[str, int], Resolved]] = {}
+        self.gitea_prefixes = settings.gitea_prefixes()
 
     # -- authentication ---------------------------------------------------------------------
 
@@ -247,6 +248,7 @@ class IngestService:
             receiver, push, self.cluster.store,
             allow_cross_namespace=self.settings.allow_cross_namespace_refs,
             resolved=self._resolved(receiver), note=selection.note,
+            gitea_prefixes=self.gitea_prefixes,
         )
         now = self.wall_clock()
         if once is not None:

@@ -231,6 +231,19 @@ def _sorted_sources(objs: Iterable[FluxObject]) -> list[FluxObject]:
     return sorted(objs, key=lambda o: o.key)
 
 
+def by_name(full_name: str, store: ObjectStore,
+            prefixes: frozenset[str]) -> list[tuple[FluxObject, str]]:
+    """GitRepositories an `owner/name` push names: their URL is `owner/name` on a configured
+    Gitea host (or alias), so a mirrored pair is matched on both instances. Without any
+    configured host every GitRepository whose URL ends in `owner/name` is."""
+    name = full_name.lower()
+    found = []
+    for src, url in store.sources_for_name(name):
+        if not prefixes or url.removesuffix("/" + name) in prefixes:
+            found.append((src, url))
+    return found
+
+
 NO_DETAILS_NOTE = "no push details"
 
 
@@ -261,9 +274,11 @@ def plan_push(
     allow_cross_namespace: bool = True,
     resolved: Resolved | None = None,
     note: str = NO_DETAILS_NOTE,
+    gitea_prefixes: frozenset[str] = frozenset(),
 ) -> Plan:
     """`resolved`: the Receiver's resources already resolved against this store (a cache);
-    `note`: why there is no push, when `push` is None."""
+    `note`: why there is no push, when `push` is None; `gitea_prefixes`: where the configured
+    Gitea instances keep repositories (`giturls.gitea_prefixes`), for an `owner/name` push."""
     if resolved is None:
         resolved = resolve_resources(receiver, store, allow_cross_namespace=allow_cross_namespace)
     if push is None:
@@ -279,11 +294,18 @@ def plan_push(
 
     # 1. sources fed by the pushed repository and ref
     candidates: dict[ObjectKey, FluxObject] = {}
+    repository = "repository"
     for url in push.repo_urls:
         normalised = store.normalise_url(url)
         if normalised:
             for src in store.sources_for_url(normalised):
                 candidates[src.key] = src
+    at: dict[ObjectKey, str] = {}
+    if not push.repo_urls and push.full_name:
+        repository = f"repository {push.full_name}"
+        for src, url in by_name(push.full_name, store, gitea_prefixes):
+            candidates[src.key] = src
+            at[src.key] = f" (at {url})"
     matched: dict[ObjectKey, tuple[FluxObject, str]] = {}
     for src in _sorted_sources(candidates.values()):
         if push.deleted:
@@ -295,7 +317,7 @@ def plan_push(
         elif src.suspended:
             skipped[src.key] = _target(src, "suspended")
         else:
-            matched[src.key] = (src, f"repository and {why} match the push")
+            matched[src.key] = (src, f"{repository}{at.get(src.key, '')} and {why} match the push")
 
     # 2. sources that include a matched one, transitively, after it
     included_by_push: set[ObjectKey] = set()

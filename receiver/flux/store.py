@@ -25,6 +25,8 @@ class ObjectStore:
         self._by_kind_ns: dict[tuple[str, str], dict[str, FluxObject]] = defaultdict(dict)
         self._sources_by_url: dict[str, set[ObjectKey]] = defaultdict(set)
         self._url_of: dict[ObjectKey, str] = {}
+        # Last two path segments (`owner/name`) of a normalised URL -> keys: `owner/name` pushes.
+        self._sources_by_name: dict[str, set[ObjectKey]] = defaultdict(set)
         self._consumers_by_source: dict[ObjectKey, set[ObjectKey]] = defaultdict(set)
         self._source_of: dict[ObjectKey, ObjectKey] = {}
         self._includers: dict[ObjectKey, set[ObjectKey]] = defaultdict(set)
@@ -62,6 +64,12 @@ class ObjectStore:
     def sources_for_url(self, normalised_url: str) -> builtins.list[FluxObject]:
         keys = self._sources_by_url.get(normalised_url, ())
         return [self._objects[k] for k in sorted(keys)]
+
+    def sources_for_name(self, full_name: str) -> builtins.list[tuple[FluxObject, str]]:
+        """GitRepositories whose normalised URL ends in `owner/name` (lower case), each with
+        that URL, whatever host serves it."""
+        keys = self._sources_by_name.get(full_name.lower(), ())
+        return [(self._objects[k], self._url_of[k]) for k in sorted(keys)]
 
     def consumers_of(self, source: ObjectKey) -> builtins.list[FluxObject]:
         keys = self._consumers_by_source.get(source, ())
@@ -105,6 +113,7 @@ class ObjectStore:
             if url:
                 self._url_of[key] = url
                 self._sources_by_url[url].add(key)
+                self._sources_by_name[_owner_name(url)].add(key)
             included = {
                 ObjectKey("GitRepository", key.namespace, str(inc["repository"]["name"]))
                 for inc in obj.spec.get("include") or []
@@ -147,6 +156,10 @@ class ObjectStore:
             self._sources_by_url[url].discard(key)
             if not self._sources_by_url[url]:
                 del self._sources_by_url[url]
+            name = _owner_name(url)
+            self._sources_by_name[name].discard(key)
+            if not self._sources_by_name[name]:
+                del self._sources_by_name[name]
         for inc_key in self._includes_of.pop(key, set()):
             self._includers[inc_key].discard(key)
         source = self._source_of.pop(key, None)
@@ -154,3 +167,7 @@ class ObjectStore:
             self._consumers_by_source[source].discard(key)
             if not self._consumers_by_source[source]:
                 del self._consumers_by_source[source]
+
+
+def _owner_name(normalised_url: str) -> str:
+    return "/".join(normalised_url.split("/")[-2:])

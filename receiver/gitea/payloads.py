@@ -13,6 +13,8 @@ from typing import Any
 from urllib.parse import parse_qs
 
 _HEX = re.compile(r"^[0-9a-f]{40}$|^[0-9a-f]{64}$")
+# `${{ gitea.repository }}`: Gitea owner and repository names (letters, digits, `-_.`).
+_OWNER_NAME = re.compile(r"^[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+$")
 MAX_PATHS = 20_000
 # Field limits, in UTF-8 bytes; a longer field is a 422 that names it. Each value is copied
 # into the delivery, its reply and its log lines, so none may run to megabytes.
@@ -180,14 +182,17 @@ def parse_gitea_push(doc: Any) -> Push:
 def parse_actions_body(doc: Any) -> Push:
     """The optional JSON body of an Actions step: {repository, ref, sha, paths?}.
 
-    `repository` is a clone or web URL (`$GITHUB_SERVER_URL/$GITHUB_REPOSITORY`). Without
-    `paths` the file list is incomplete and every consumer of the matched source is touched.
+    `repository` is a clone or web URL (`$GITHUB_SERVER_URL/$GITHUB_REPOSITORY`), or just
+    `owner/name` (`${{ gitea.repository }}`): then `repo_urls` is empty and routing matches the
+    name on every configured Gitea host. Without `paths` the file list is incomplete and every
+    consumer of the matched source is touched.
     """
     if not isinstance(doc, dict):
         raise PayloadError("body must be a JSON object")
     repository = checked(_text(doc.get("repository")), "repository", MAX_URL_BYTES)
-    if "://" not in repository and "@" not in repository:
-        raise PayloadError("repository must be the repository's URL")
+    by_name = bool(_OWNER_NAME.match(repository)) and not repository.endswith((".", "/"))
+    if not by_name and "://" not in repository and "@" not in repository:
+        raise PayloadError("repository must be the repository's URL or owner/name")
     ref = checked(_text(doc.get("ref")), "ref", MAX_REF_BYTES)
     if not ref:
         raise PayloadError("ref is required")
@@ -209,7 +214,7 @@ def parse_actions_body(doc: Any) -> Push:
         raise PayloadError("paths must be a list of strings")
     full_name = "/".join(repository.rstrip("/").removesuffix(".git").split("/")[-2:])
     return Push(
-        repo_urls=(repository,),
+        repo_urls=() if by_name else (repository,),
         full_name=full_name,
         ref=_full_ref(ref),
         sha=sha,
