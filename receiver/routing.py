@@ -25,7 +25,7 @@ from receiver.flux.revisions import followable
 from receiver.flux.store import ObjectStore
 from receiver.gitea.payloads import Push
 from receiver.resources import Resolved, resolve_resources
-from receiver.semver import ConstraintError, tag_selected
+from receiver.semver import ConstraintError, artifact_tag, tag_taken
 
 PHASE_SOURCE = "source"
 PHASE_CONSUMER = "consumer"
@@ -121,11 +121,12 @@ class Plan:
 # -- 1. refs -------------------------------------------------------------------------------
 
 
-def ref_match(spec_ref: Any, push: Push) -> tuple[bool, str]:
+def ref_match(spec_ref: Any, push: Push, revision: str = "") -> tuple[bool, str]:
     """Would a GitRepository with this `spec.ref` take the pushed ref? With the reason.
 
     Flux's effective precedence is commit > name > tag > semver > branch, and no ref at all
-    means branch `master` (not the remote's default branch).
+    means branch `master` (not the remote's default branch). `revision` is the source's
+    `status.artifact.revision`: a semver source takes a tag only above what it checks out.
     """
     ref = spec_ref if isinstance(spec_ref, dict) else {}
 
@@ -143,10 +144,9 @@ def ref_match(spec_ref: Any, push: Push) -> tuple[bool, str]:
         if push.tag is None:  # semver follows tags only
             return False, f"semver {constraint}"
         try:
-            selected = tag_selected(push.tag, constraint)
+            return tag_taken(push.tag, constraint, artifact_tag(revision))
         except ConstraintError:
             return False, f"invalid semver constraint {constraint!r}"
-        return selected, f"semver {constraint}"
     branch = field_("branch") or "master"
     return (push.branch == branch), f"branch {branch}"
 
@@ -311,7 +311,10 @@ def plan_push(
         if push.deleted:
             skipped[src.key] = _target(src, "the push deletes the ref")
             continue
-        ok, why = ref_match(src.spec.get("ref"), push)
+        artifact = src.status.get("artifact")
+        revision = artifact.get("revision") if isinstance(artifact, dict) else None
+        ok, why = ref_match(src.spec.get("ref"), push,
+                            revision if isinstance(revision, str) else "")
         if not ok:
             skipped[src.key] = _target(src, f"{why} does not take {push.ref}")
         elif src.suspended:

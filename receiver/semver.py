@@ -27,6 +27,7 @@ __all__ = [
     "parse_constraint",
     "parse_version",
     "tag_selected",
+    "tag_taken",
 ]
 
 # Real constraints are a few dozen characters; this only bounds work on hostile ones.
@@ -338,3 +339,35 @@ def highest(tags: Iterable[str], constraint: str) -> str | None:
         if version is not None and parsed.check(version) and (best is None or version >= best[0]):
             best = (version, tag)
     return best[1] if best else None
+
+
+def artifact_tag(revision: str) -> str:
+    """The tag a semver GitRepository checks out now, from `status.artifact.revision`
+    (`v1.2.0@sha1:<hex>`, legacy `v1.2.0/<hex>`); "" when there is none."""
+    name, at, _ = revision.rpartition("@")
+    if at:
+        return name
+    name, slash, _ = revision.rpartition("/")
+    return name if slash else ""
+
+
+def tag_taken(tag: str, constraint: str, current: str) -> tuple[bool, str]:
+    """Would a pushed `tag` become the checkout of a GitRepository with `spec.ref.semver:
+    constraint` whose artifact is at tag `current` ("" if unknown)? With the reason.
+
+    source-controller checks out the highest tag in range, so a tag in range is taken only if
+    it is not below the one checked out now: the hotfix `v1.0.5` pushed after `v1.2.0` is not.
+    Equal precedence (`1.2.0` beside `v1.2.0`, or build metadata) is broken by commit time in
+    Flux, and the pushed commit is the newer one, so it is taken. A current tag that no longer
+    satisfies the range (the range was edited) says nothing about the new checkout.
+    Raises ConstraintError for a constraint Flux would refuse.
+    """
+    if not tag_selected(tag, constraint):
+        return False, f"semver {constraint}"
+    pushed = parse_version(tag)
+    now = parse_version(current) if current else None
+    if pushed is None or now is None or not parse_constraint(constraint).check(now):
+        return True, f"semver {constraint}"
+    if pushed < now:
+        return False, f"semver {constraint} (checking out {current}, above the pushed {tag})"
+    return True, f"semver {constraint} (above the current {current})"
