@@ -30,8 +30,8 @@ from receiver.deliveries import Delivery, DeliveryStore, describe, record_target
 from receiver.delivery_record import DeliveryRecord, decode, encode, mark_for, receiver_of
 from receiver.delivery_state import DeliveryView
 from receiver.drain import Drain
-from receiver.flux.cluster import Cluster
-from receiver.flux.objects import API_VERSIONS, FluxObject, ObjectKey
+from receiver.flux.cluster import Cluster, ClusterError
+from receiver.flux.objects import API_VERSIONS, RECONCILE_ANNOTATION, FluxObject, ObjectKey
 from receiver.gitea.payloads import PayloadError, Push, form_payload
 from receiver.hookindex import HookIndex
 from receiver.http import (
@@ -45,7 +45,7 @@ from receiver.http import (
 from receiver.logs import delivery_id as delivery_ctx
 from receiver.metrics import Metrics
 from receiver.ratelimit import RateLimiter
-from receiver.reconcile import Reconciler
+from receiver.reconcile import Reconciler, request_value
 from receiver.replay import SeenOnce
 from receiver.resources import Resolved, resolve_resources
 from receiver.routing import Plan, plan_push
@@ -269,11 +269,36 @@ class IngestService:
             if push is not None:
                 listener(delivery, push)
         await self.reconciler.start_delivery(delivery)
+        annotated = await self._annotate_only(plan)
         # `mark` is short and on the objects; `id` is what a client follows with.
         log.info("push accepted", extra={
             "receiver": name, "ref": delivery.ref, "commit": delivery.sha, "mark": mark,
             "id": delivery_id, "targets": len(plan.targets), "tracked": len(plan.tracked)})
-        return self._count(name, "accepted", _accepted(delivery))
+        return self._count(name, "accepted", _accepted(delivery, annotated))
+
+    async def _annotate_only(self, plan: Plan) -> list[dict[str, str]]:
+        """Patch the listed objects of kinds the bridge does not route, as Flux does: only
+        `requestedAt`, a JSON merge patch without resourceVersion, not followed afterwards."""
+        targets = plan.annotate_only
+        if not targets:
+            return []
+        value = request_value()
+        outcomes = await asyncio.gather(
+            *(self.cluster.annotate(t.key, {RECONCILE_ANNOTATION: value}) for t in targets),
+            return_exceptions=True)
+        entries = []
+        for target, outcome in zip(targets, outcomes, strict=True):
+            entry = {**target.as_dict(), "state": "annotated"}
+            if isinstance(outcome, ClusterError):
+                status = str(outcome.status or "error")
+                self.metrics.annotate_errors.labels(target.kind, status).inc()
+                entry.update(state="failed", error=str(outcome))
+            elif isinstance(outcome, BaseException):
+                raise outcome
+            else:
+                self.metrics.targets_annotated.labels(target.kind).inc()
+            entries.append(entry)
+        return entries
 
     def _joined(self, name: str, push: Push | None, once: _Once | None) -> Response | None:
         """A push of a commit whose delivery is still in flight here (a retried CI job, a
@@ -409,9 +434,12 @@ async def _change_or_drain(changed: asyncio.Event, drain: Drain, timeout: float)
             waiter.cancel()
 
 
-def _accepted(delivery: Delivery) -> JSONResponse:
+def _accepted(delivery: Delivery, annotate_only: list[dict[str, str]] | None = None
+              ) -> JSONResponse:
     """The 202 reply: the plan with each annotated target's state now."""
     reply = delivery.plan.as_dict()
+    if annotate_only:
+        reply["annotate_only"] = annotate_only
     reply["targets"] = []
     for target in delivery.plan.targets:
         view = delivery.view.get(target.key)

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from receiver.flux.objects import (
+    ANNOTATE_ONLY_KINDS,
+    ANNOTATE_ONLY_SOURCES,
     RECEIVER_DEFAULT_API_VERSIONS,
     WATCHED_KINDS,
     FluxObject,
@@ -40,6 +42,9 @@ class Resolved:
     ordered: tuple[ObjectKey, ...]
     issues: tuple[ResourceIssue, ...]
     keys: frozenset[ObjectKey]
+    # Named objects of kinds the bridge does not route (ANNOTATE_ONLY_KINDS), with their
+    # apiVersion, sources first: annotated on every request, as Flux does.
+    annotate_only: tuple[tuple[str, ObjectKey], ...] = ()
 
     def objects(self, store: ObjectStore) -> list[FluxObject]:
         """The listed objects as they are in the cache now."""
@@ -55,6 +60,7 @@ def resolve_resources(
 ) -> Resolved:
     found: dict[ObjectKey, FluxObject] = {}
     issues: list[ResourceIssue] = []
+    blind: dict[ObjectKey, str] = {}
     for entry in receiver.spec.get("resources") or []:
         if not isinstance(entry, dict):
             continue
@@ -72,6 +78,14 @@ def resolve_resources(
             issue("cross-namespace references are not allowed")
         elif not api_version:
             issue(f"apiVersion must be specified for kind {kind!r}")
+        elif kind in ANNOTATE_ONLY_KINDS:
+            if name == "*":
+                # Listing needs `list` on the kind, which the bridge is not granted (it patches
+                # these kinds, nothing more): Flux would annotate every match.
+                issue(f"name '*' is not resolved for kind {kind}, which the bridge does not "
+                      "list: name the objects")
+            else:
+                blind.setdefault(ObjectKey(kind, namespace, name), api_version)
         elif kind not in WATCHED_KINDS or kind == "Receiver":
             issue(f"kind {kind} is not reconciled by the bridge")
         elif name == "*":
@@ -88,4 +102,6 @@ def resolve_resources(
                 issue(f"unable to read {kind} {namespace}/{name}: not found")
             else:
                 found.setdefault(named.key, named)
-    return Resolved(tuple(found), tuple(issues), frozenset(found))
+    annotate_only = tuple(sorted(((a, k) for k, a in blind.items()),
+                                 key=lambda e: (e[1].kind not in ANNOTATE_ONLY_SOURCES, e[1])))
+    return Resolved(tuple(found), tuple(issues), frozenset(found), annotate_only)

@@ -86,6 +86,9 @@ class Plan:
     # are built only when asked for (`plan` prints them; the /hook reply counts them), so a
     # Receiver that lists hundreds of objects does not cost hundreds of entries per push.
     unrelated: frozenset[ObjectKey] = field(default=frozenset())
+    # Listed objects of kinds the bridge does not route (Bucket, HelmChart, Image*...): patched
+    # with Flux's annotation on every request, as Flux does, not followed. Sources first.
+    annotate_only: tuple[Target, ...] = field(default=())
 
     def all_skipped(self, store: ObjectStore) -> tuple[Target, ...]:
         objs = (store.get(k) for k in self.unrelated)
@@ -110,6 +113,8 @@ class Plan:
         }
         if self.note:
             out["note"] = self.note
+        if self.annotate_only:
+            out["annotate_only"] = [t.as_dict() for t in self.annotate_only]
         if store is not None:
             out["skipped"] = [t.as_dict() for t in self.all_skipped(store)]
         else:
@@ -247,6 +252,15 @@ def by_name(full_name: str, store: ObjectStore,
 NO_DETAILS_NOTE = "no push details"
 
 
+def _annotate_only(resolved: Resolved, note: str) -> tuple[Target, ...]:
+    return tuple(
+        Target(api_version, key.kind, key.namespace, key.name,
+               f"listed in the receiver ({note})" if note else
+               f"{key.kind} is not routed by repository, ref or path: annotated on every "
+               "request, as Flux does")
+        for api_version, key in resolved.annotate_only)
+
+
 def plan_without_push(receiver: FluxObject, resolved: Resolved, store: ObjectStore,
                       note: str = NO_DETAILS_NOTE) -> Plan:
     """No push details (a bare call, a body that is no push): reconcile the listed resources,
@@ -263,7 +277,7 @@ def plan_without_push(receiver: FluxObject, resolved: Resolved, store: ObjectSto
             targets.append(_target(obj, f"listed in the receiver ({note})"))
     tracked = tuple(t for t in targets if t.kind in CONSUMER_KINDS)
     return Plan(f"{receiver.namespace}/{receiver.name}", tuple(targets), tracked, tuple(skipped),
-                note=note)
+                note=note, annotate_only=_annotate_only(resolved, note))
 
 
 def plan_push(
@@ -370,4 +384,5 @@ def plan_push(
         tracked=tuple(t for key, t in sorted(touched.items()) if followable_keys.get(key, True)),
         skipped=tuple(t for _, t in sorted({**skipped, **issues}.items())),
         unrelated=unrelated,
+        annotate_only=_annotate_only(resolved, ""),
     )

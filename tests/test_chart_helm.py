@@ -28,12 +28,22 @@ FULLNAME = "bridge-gitea-flux-bridge"
 SECRETS_DIR = "/etc/gitea-flux-bridge/secrets"
 
 READ = {"get", "list", "watch"}
+# Kinds a Receiver may list that the bridge annotates by name only.
+PATCH_ONLY = ("buckets", "helmcharts", "helmrepositories", "externalartifacts",
+              "imagerepositories", "imagepolicies", "imageupdateautomations",
+              "artifactgenerators")
 FLUX_RULES = (
     {("notification.toolkit.fluxcd.io", "receivers", v) for v in READ}
     | {("source.toolkit.fluxcd.io", r, v) for r in ("gitrepositories", "ocirepositories")
        for v in READ | {"patch"}}
     | {("kustomize.toolkit.fluxcd.io", "kustomizations", v) for v in READ | {"patch"}}
     | {("helm.toolkit.fluxcd.io", "helmreleases", v) for v in READ | {"patch"}}
+    # Kinds a Receiver may list that the bridge annotates by name only.
+    | {("source.toolkit.fluxcd.io", r, "patch")
+       for r in ("buckets", "helmcharts", "helmrepositories", "externalartifacts")}
+    | {("image.toolkit.fluxcd.io", r, "patch")
+       for r in ("imagerepositories", "imagepolicies", "imageupdateautomations")}
+    | {("source.extensions.fluxcd.io", "artifactgenerators", "patch")}
     | {("", "secrets", "get")}
 )
 
@@ -403,7 +413,10 @@ def test_rbac_grants_nothing_more(helm: str, variant: str) -> None:
                 assert (resource, verb) in {
                     ("gitrepositories", "patch"), ("ocirepositories", "patch"),
                     ("kustomizations", "patch"), ("helmreleases", "patch"),
+                    *((r, "patch") for r in PATCH_ONLY),
                     ("leases", "create"), ("leases", "update")}, (resource, verb)
+            if resource in PATCH_ONLY:
+                assert verb == "patch", "kinds the bridge only annotates are never read"
 
 
 def test_rbac_can_be_left_to_the_operator(helm: str) -> None:

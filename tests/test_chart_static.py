@@ -296,8 +296,30 @@ def test_rbac_rules_are_exactly_design_section_3() -> None:
                              ("kustomize.toolkit.fluxcd.io", ("kustomizations",)),
                              ("helm.toolkit.fluxcd.io", ("helmreleases",))):
         expected |= {(group, r, v) for r in resources for v in read | {"patch"}}
+    # Kinds a Receiver may list that the bridge annotates by name only: patch, nothing more.
+    for group, resources in (
+            ("source.toolkit.fluxcd.io",
+             ("buckets", "helmcharts", "helmrepositories", "externalartifacts")),
+            ("image.toolkit.fluxcd.io",
+             ("imagerepositories", "imagepolicies", "imageupdateautomations")),
+            ("source.extensions.fluxcd.io", ("artifactgenerators",))):
+        expected |= {(group, r, "patch") for r in resources}
     expected.add(("", "secrets", "get"))
     assert granted == expected
+
+
+def test_rbac_patches_every_kind_a_receiver_may_list() -> None:
+    from receiver.flux.kube import PLURALS, resource_for
+    from receiver.flux.objects import RECEIVER_KINDS
+
+    helpers = (CHART / "templates" / "_helpers.tpl").read_text()
+    block = helpers.split('{{- define "gfb.fluxRules" -}}', 1)[1].split("{{- end -}}", 1)[0]
+    patchable = {(g, r) for rule in yaml.safe_load(block) if "patch" in rule["verbs"]
+                 for g in rule["apiGroups"] for r in rule["resources"]}
+    for kind in RECEIVER_KINDS:
+        group, _, plural = resource_for(kind)
+        assert (group, plural) in patchable, kind
+    assert set(RECEIVER_KINDS) <= set(PLURALS)
 
 
 # -- the Containerfile ---------------------------------------------------------------------------

@@ -62,6 +62,11 @@ PLURALS: dict[str, str] = {
     "HelmRepository": "helmrepositories",
     "Kustomization": "kustomizations",
     "HelmRelease": "helmreleases",
+    "ExternalArtifact": "externalartifacts",
+    "ImageRepository": "imagerepositories",
+    "ImagePolicy": "imagepolicies",
+    "ImageUpdateAutomation": "imageupdateautomations",
+    "ArtifactGenerator": "artifactgenerators",
 }
 
 

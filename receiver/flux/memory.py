@@ -17,7 +17,13 @@ from typing import Any
 import yaml
 
 from receiver.flux.cluster import NotFound
-from receiver.flux.objects import API_VERSIONS, WATCHED_KINDS, FluxObject, ObjectKey
+from receiver.flux.objects import (
+    ANNOTATE_ONLY_KINDS,
+    API_VERSIONS,
+    WATCHED_KINDS,
+    FluxObject,
+    ObjectKey,
+)
 from receiver.flux.store import ObjectStore
 
 
@@ -84,7 +90,8 @@ class MemoryCluster:
         if raw.get("kind") == "Secret":
             self.secrets[(meta["namespace"], meta.get("name", ""))] = _secret_data(raw)
             return None
-        if raw.get("kind") not in WATCHED_KINDS:
+        # The kinds the bridge only annotates are kept too, so their patches land somewhere.
+        if raw.get("kind") not in WATCHED_KINDS and raw.get("kind") not in ANNOTATE_ONLY_KINDS:
             return None
         raw.setdefault("apiVersion", API_VERSIONS[raw["kind"]])
         meta.setdefault("generation", 1)

@@ -19,6 +19,8 @@ SOURCE_GROUP = "source.toolkit.fluxcd.io"
 KUSTOMIZE_GROUP = "kustomize.toolkit.fluxcd.io"
 HELM_GROUP = "helm.toolkit.fluxcd.io"
 NOTIFICATION_GROUP = "notification.toolkit.fluxcd.io"
+IMAGE_GROUP = "image.toolkit.fluxcd.io"
+SOURCE_EXTENSIONS_GROUP = "source.extensions.fluxcd.io"
 
 # The versions served by the Flux release we target (flux2 v2.9.x); each CRD serves one.
 API_VERSIONS: dict[str, str] = {
@@ -30,9 +32,25 @@ API_VERSIONS: dict[str, str] = {
     "Kustomization": f"{KUSTOMIZE_GROUP}/v1",
     "HelmRelease": f"{HELM_GROUP}/v2",
     "Receiver": f"{NOTIFICATION_GROUP}/v1",
+    # Kinds a Receiver may list that the bridge annotates but does not route (nor cache).
+    "ExternalArtifact": f"{SOURCE_GROUP}/v1",
+    "ImageRepository": f"{IMAGE_GROUP}/v1",
+    "ImagePolicy": f"{IMAGE_GROUP}/v1",
+    "ImageUpdateAutomation": f"{IMAGE_GROUP}/v1",
+    "ArtifactGenerator": f"{SOURCE_EXTENSIONS_GROUP}/v1beta1",
 }
 # The kinds the bridge caches (list+watch) and may annotate.
 WATCHED_KINDS = ("Receiver", "GitRepository", "OCIRepository", "Kustomization", "HelmRelease")
+# Every kind a Receiver's `resources` may name (the Receiver CRD's enum, NC v1.9).
+RECEIVER_KINDS = ("Bucket", "GitRepository", "Kustomization", "HelmRelease", "HelmChart",
+                  "HelmRepository", "ImageRepository", "ImagePolicy", "ImageUpdateAutomation",
+                  "OCIRepository", "ArtifactGenerator", "ExternalArtifact")
+# Listed kinds the bridge cannot route by repository, ref or path: annotated on every request,
+# as Flux does, by a patch of the named object (never cached: RBAC `patch` only).
+ANNOTATE_ONLY_KINDS = tuple(k for k in RECEIVER_KINDS if k not in WATCHED_KINDS)
+# Annotated first among those, as sources come first in Flux's `--with-source` order.
+ANNOTATE_ONLY_SOURCES = frozenset({"Bucket", "HelmChart", "HelmRepository", "ExternalArtifact",
+                                   "ArtifactGenerator", "ImageRepository"})
 SOURCE_KINDS = frozenset({"GitRepository", "OCIRepository", "Bucket", "HelmChart", "HelmRepository"})
 CONSUMER_KINDS = frozenset({"Kustomization", "HelmRelease"})
 

@@ -94,6 +94,17 @@ existingSecret is set.
 - apiGroups: ["helm.toolkit.fluxcd.io"]
   resources: ["helmreleases"]
   verbs: ["get", "list", "watch", "patch"]
+# The other kinds a Receiver may list: annotated by name on every request, as Flux does, never
+# read or cached (so `name: "*"` is not resolved for them: that would need `list`).
+- apiGroups: ["source.toolkit.fluxcd.io"]
+  resources: ["buckets", "helmcharts", "helmrepositories", "externalartifacts"]
+  verbs: ["patch"]
+- apiGroups: ["image.toolkit.fluxcd.io"]
+  resources: ["imagerepositories", "imagepolicies", "imageupdateautomations"]
+  verbs: ["patch"]
+- apiGroups: ["source.extensions.fluxcd.io"]
+  resources: ["artifactgenerators"]
+  verbs: ["patch"]
 # Only the Secrets that Receivers reference, by name: get, never list or watch.
 - apiGroups: [""]
   resources: ["secrets"]
