@@ -32,7 +32,7 @@ from typing import Any, TypeVar
 
 import kubernetes
 
-from receiver.flux.cluster import ClusterError, NotFound
+from receiver.flux.cluster import NEGATIVE_SECRET_TTL, ClusterError, error_for_status
 from receiver.flux.objects import API_VERSIONS, WATCHED_KINDS, FluxObject, ObjectKey
 from receiver.flux.store import ObjectStore
 
@@ -47,8 +47,6 @@ LEASE_GROUP, LEASE_VERSION, LEASE_PLURAL = "coordination.k8s.io", "v1", "leases"
 # Answers that are outcomes rather than failures of the API server (not counted as errors).
 _EXPECTED_STATUSES = frozenset({404, 409, 410})
 _CONNECT_TIMEOUT = 10.0
-# How long a 404 for a Secret is believed: a Receiver created just before its Secret recovers fast.
-_NEGATIVE_SECRET_TTL = 5.0
 _SecretData = Mapping[str, bytes]
 
 
@@ -454,7 +452,7 @@ class KubeCluster:
         cached = self._secrets.get(key)
         # A read that started before a `fresh` one finished must not put older data back.
         if cached is None or cached[2] <= started:
-            ttl = self._secret_ttl if data is not None else _NEGATIVE_SECRET_TTL
+            ttl = self._secret_ttl if data is not None else NEGATIVE_SECRET_TTL
             self._secrets[key] = (time.monotonic() + min(ttl, self._secret_ttl), data, started)
         return data
 
@@ -720,9 +718,7 @@ def _cluster_error(what: str, exc: BaseException, *, detail: bool = True) -> Clu
     extra = _status_message(exc) if detail else ""
     if extra:
         message += f": {extra}"
-    if status == 404:
-        return NotFound(message)
-    return ClusterError(message, status=status, retryable=status in (409, 429) or status >= 500)
+    return error_for_status(message, status)
 
 
 def _not_older(new: FluxObject, current: FluxObject | None) -> bool:
