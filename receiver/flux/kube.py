@@ -272,7 +272,8 @@ class KubeCluster:
             meta = body.get("metadata") or {}
             for item in body.get("items") or []:
                 if isinstance(item, dict):
-                    # List items carry neither kind nor apiVersion; FluxObject needs the kind.
+                    # The API server keeps kind and apiVersion on custom resource items;
+                    # FluxObject needs the kind, so a server that dropped them is covered.
                     item.setdefault("kind", target.kind)
                     item.setdefault("apiVersion", api_version)
                     items.append(item)
