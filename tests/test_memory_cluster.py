@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import kubernetes
 import pytest
+import yaml
 
 from receiver.app import url_normaliser
 from receiver.flux.cluster import NEGATIVE_SECRET_TTL, ClusterError, NotFound
 from receiver.flux.kube import _cluster_error
 from receiver.flux.memory import MemoryCluster
-from receiver.flux.objects import ObjectKey
+from receiver.flux.objects import FluxObject, ObjectKey
+from receiver.flux.revisions import READY, applied_revision, progress_at
 from receiver.flux.store import ObjectStore
 from tests.conftest import FLEET, make_settings
 
 pytestmark = pytest.mark.anyio
 SOURCE = ObjectKey("GitRepository", "flux-system", "fleet")
 SECRET = ("flux-system", "gitea-token")
+CRDS = Path(__file__).parent / "fixtures" / "crds"
 
 
 class Clock:
@@ -81,3 +86,35 @@ async def test_a_read_is_a_copy() -> None:
     assert data is not None
     data["token"] = b"changed by a caller"  # type: ignore[index]
     assert cluster.secrets[SECRET]["token"] != b"changed by a caller"
+
+
+def _crd_status_fields(kind_file: str) -> set[str]:
+    crd = yaml.safe_load((CRDS / kind_file).read_text())
+    served = [v for v in crd["spec"]["versions"] if v.get("storage")]
+    return set(served[0]["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"])
+
+
+async def test_a_released_helmrelease_has_only_the_status_fields_its_crd_has() -> None:
+    cluster = make(Clock())
+    release = next(o for o in cluster.store.list("HelmRelease"))
+    sha = "5394cb7f48ab0b1c2d3e4f5a6b7c8d9e0f1a2b3c"
+    done = cluster.mark_applied(release.key, f"6.5.0+{sha[:12]}")
+    assert set(done.status) <= _crd_status_fields("helm.toolkit.fluxcd.io_helmreleases.yaml")
+    assert "lastAppliedRevision" not in done.status
+    assert applied_revision(done) == f"6.5.0+{sha[:12]}"
+    again = cluster.mark_applied(release.key, "6.5.1+0123456789ab")
+    assert [h["version"] for h in again.status["history"]] == [2, 1]
+    assert applied_revision(again) == "6.5.1+0123456789ab"
+
+
+def test_a_helmrelease_is_not_taken_as_applied_from_a_field_its_crd_lacks() -> None:
+    sha = "5394cb7f48ab0b1c2d3e4f5a6b7c8d9e0f1a2b3c"
+    release = FluxObject({
+        "apiVersion": "helm.toolkit.fluxcd.io/v2", "kind": "HelmRelease",
+        "metadata": {"name": "web", "namespace": "apps", "generation": 1},
+        "spec": {"chart": {"spec": {"chart": "./charts/web", "reconcileStrategy": "Revision"}}},
+        "status": {"observedGeneration": 1, "lastAppliedRevision": f"6.5.0+{sha[:12]}",
+                   "conditions": [{"type": "Ready", "status": "True", "reason": "Succeeded"}]},
+    })
+    assert applied_revision(release) == ""
+    assert progress_at(release, sha).state != READY

@@ -196,11 +196,39 @@ class MemoryCluster:
         )
 
     def mark_applied(self, key: ObjectKey, revision: str) -> FluxObject:
+        if key.kind == "HelmRelease":
+            return self._mark_released(key, revision)
         return self._update_status(
             key,
             lastAppliedRevision=revision,
             lastAttemptedRevision=revision,
             conditions=self._ready(True, "ReconciliationSucceeded", f"Applied revision: {revision}"),
+        )
+
+    def _mark_released(self, key: ObjectKey, chart_version: str) -> FluxObject:
+        """What helm-controller (HelmRelease v2) writes after a release: a new `history`
+        snapshot first (its CRD has no `lastAppliedRevision`) and `lastAttemptedRevision`."""
+        current = self.store.get(key)
+        if current is None:
+            raise NotFound(str(key))
+        previous = current.status.get("history")
+        history = list(previous) if isinstance(previous, list) else []
+        chart = ((current.spec.get("chart") or {}).get("spec") or {}).get("chart") or key.name
+        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        snapshot = {
+            "name": key.name, "namespace": key.namespace, "version": len(history) + 1,
+            "status": "deployed", "chartName": str(chart), "chartVersion": chart_version,
+            "configDigest": "sha256:" + "0" * 64, "digest": "sha256:" + "1" * 64,
+            "firstDeployed": now, "lastDeployed": now,
+        }
+        return self._update_status(
+            key,
+            history=[snapshot, *history][:5],
+            lastAttemptedRevision=chart_version,
+            conditions=self._ready(True, "UpgradeSucceeded",
+                                   f"Helm upgrade succeeded for release {key.namespace}/"
+                                   f"{key.name}.v{snapshot['version']} with chart "
+                                   f"{chart}@{chart_version}"),
         )
 
     def mark_progressing(self, key: ObjectKey, revision: str) -> FluxObject:

@@ -93,10 +93,11 @@ def applied_revision(obj: FluxObject) -> str:
         artifact = obj.status.get("artifact")
         return str(artifact.get("revision", "")) if isinstance(artifact, dict) else ""
     if obj.kind == "HelmRelease":
+        # HelmRelease v2 has no lastAppliedRevision: the latest release snapshot comes first.
         history = obj.status.get("history")
         if isinstance(history, list) and history and isinstance(history[0], dict):
             return str(history[0].get("chartVersion", ""))
-        return str(obj.status.get("lastAppliedRevision", ""))
+        return ""
     return str(obj.status.get("lastAppliedRevision", ""))
 
 
