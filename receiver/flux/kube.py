@@ -156,7 +156,6 @@ class KubeCluster:
         self._targets = [_Target(kind, ns) for kind in self._kinds for ns in scopes]
         self._lock = threading.Lock()
         self._errors: dict[str, str] = {}
-        self._last_error: str | None = None
         self._stopping = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         # (namespace, name) -> (expires, data, when the read started)
@@ -200,11 +199,6 @@ class KubeCluster:
         """The list/watch streams currently failing, by label ("Kind" or "Kind in ns")."""
         with self._lock:
             return dict(self._errors)
-
-    @property
-    def last_error(self) -> str | None:
-        with self._lock:
-            return self._last_error
 
     @property
     def lease_namespace(self) -> str:
@@ -409,11 +403,9 @@ class KubeCluster:
             self.store.upsert(raw)
 
     def _record_error(self, target: _Target, message: str) -> None:
-        text = f"{target.label}: {message}"
         log.warning("list/watch of %s failed: %s", target.label, message)
         with self._lock:
             self._errors[target.label] = message
-            self._last_error = text
 
     def _clear_error(self, target: _Target) -> None:
         with self._lock:
