@@ -18,7 +18,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from receiver import signatures
+from receiver import openapi, signatures
 from receiver.config import Settings
 from receiver.deliveries import DeliveryStore
 from receiver.drain import CloseWhileDraining, Drain
@@ -137,9 +137,15 @@ def create_app(settings: Settings, cluster: Cluster, **status_kwargs: Any) -> St
         parts.metrics.status_queue_depth.set(parts.statuses.queue_depth)
         return Response(generate_latest(parts.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    async def openapi_json(request: Request) -> Response:
+        return Response(openapi.rendered(), media_type="application/json")
+
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
-        return error(exc.status_code, str(exc.detail).lower())
+        response = error(exc.status_code, str(exc.detail).lower())
+        # A 405 carries `Allow` (RFC 9110 requires it); keep whatever headers Starlette set.
+        response.headers.update(exc.headers or {})
+        return response
 
     async def unhandled(request: Request, exc: Exception) -> Response:
         # Never a traceback to the client; the log line carries the type, not the request body.
@@ -154,6 +160,7 @@ def create_app(settings: Settings, cluster: Cluster, **status_kwargs: Any) -> St
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
+        Route("/openapi.json", openapi_json, methods=["GET"]),
     ]
     app = Starlette(
         routes=routes,

@@ -69,7 +69,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     cluster: Any
     if settings.manifests is not None:
         try:
-            cluster = MemoryCluster.from_directory(store, settings.manifests)
+            cluster = MemoryCluster.from_directory(
+                store, settings.manifests, secret_ttl_seconds=settings.secret_cache_seconds)
         except (ManifestError, OSError) as exc:
             return _fail(f"cannot load manifests: {exc}")
     else:

@@ -62,13 +62,6 @@ class Delivery:
     changed: asyncio.Condition = field(default_factory=asyncio.Condition)
 
     @classmethod
-    def create(cls, id_: str, receiver: str, ref: str, sha: str, plan: Plan, *,
-               received: float | None = None, mark: str = "") -> Delivery:
-        record = DeliveryRecord(receiver, sha, ref, time.time() if received is None else received,
-                                mark, record_targets(plan))
-        return cls.from_record(id_, record, plan)
-
-    @classmethod
     def from_record(cls, id_: str, record: DeliveryRecord, plan: Plan) -> Delivery:
         view = DeliveryView(tuple(TargetView(t.key, t.role, QUEUED) for t in record.targets))
         return cls(id=id_, record=record, plan=plan, view=view)
@@ -147,9 +140,6 @@ class DeliveryStore:
 
     def get(self, id_: str) -> Delivery | None:
         return self._items.get(id_)
-
-    def active(self) -> list[Delivery]:
-        return [self._items[i] for i in self._active if i in self._items]
 
     def expire(self, now: float) -> list[Delivery]:
         """Drop deliveries past the age or count bound; returns what was dropped."""

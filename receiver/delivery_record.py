@@ -47,11 +47,6 @@ class DeliveryRecord:
     targets: tuple[RecordTarget, ...]
     omitted: int = 0  # targets that did not fit in the id
 
-    @property
-    def receiver_key(self) -> ObjectKey:
-        namespace, _, name = self.receiver.partition("/")
-        return ObjectKey("Receiver", namespace, name)
-
 
 def mark_for(receiver: str, replay_key: str) -> str:
     """The mark of a delivery: the same for every replay of one request, so a replay is known

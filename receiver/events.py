@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from receiver.flux.revisions import HELM_REVISION_META, commit_of
+from receiver.flux.revisions import commit_of
 
 EVENT_PREFIX = "event.toolkit.fluxcd.io/"
 SEVERITIES = frozenset({"trace", "info", "error"})
@@ -88,18 +88,6 @@ class FluxEvent:
             if found:
                 return found
         return None
-
-    @property
-    def chart_commit_prefix(self) -> str | None:
-        """The commit prefix in a chart version `x.y.z+<12hex>` (reconcileStrategy Revision)."""
-        if self.involved.kind != "HelmRelease":
-            return None
-        match = HELM_REVISION_META.search(self.metadata.get("revision", ""))
-        return match.group(1) if match else None
-
-    @property
-    def commit_status_update(self) -> bool:
-        return self.metadata.get("commit_status") == "update"
 
 
 def clean_text(value: str) -> str:

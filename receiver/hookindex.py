@@ -180,9 +180,6 @@ class HookIndex:
         """Some Receiver's Secret is being read right now."""
         return bool(self._pending)
 
-    def digest_of(self, key: ObjectKey) -> str | None:
-        return self._digest_of.get(key)
-
     def token_of(self, key: ObjectKey) -> str | None:
         return self._tokens.get(key)
 

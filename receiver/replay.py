@@ -37,9 +37,6 @@ class SeenOnce:
         self._entries.move_to_end(key)
         self._expire(now)
 
-    def forget(self, key: str) -> None:
-        self._entries.pop(key, None)
-
     def _expire(self, now: float) -> None:
         while self._entries:
             key, expiry = next(iter(self._entries.items()))

@@ -96,10 +96,6 @@ class Plan:
         return tuple(sorted((*self.skipped, *extra), key=lambda t: t.key))
 
     @property
-    def sources(self) -> tuple[Target, ...]:
-        return tuple(t for t in self.targets if t.phase == PHASE_SOURCE)
-
-    @property
     def consumers(self) -> tuple[Target, ...]:
         return tuple(t for t in self.targets if t.phase == PHASE_CONSUMER)
 

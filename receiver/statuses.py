@@ -25,7 +25,6 @@ from receiver.flux.revisions import HELM_REVISION_META, applied_revision, commit
 
 PENDING, SUCCESS, FAILURE, ERROR, WARNING, SKIPPED = (
     "pending", "success", "failure", "error", "warning", "skipped")
-GITEA_STATES = frozenset({PENDING, SUCCESS, FAILURE, ERROR, WARNING, SKIPPED})
 
 # Flux reason -> (state for an info event, state for an error event). None: post nothing.
 # Rows are grouped by why they map as they do; `gitea_state` applies the defaults below them.

@@ -74,7 +74,8 @@ async def bridge_factory() -> AsyncIterator[BridgeFactory]:
                    **kwargs: Any) -> Bridge:
         settings = settings or make_settings()
         store = ObjectStore(url_normaliser(settings))
-        cluster = MemoryCluster.from_directory(store, directory)
+        cluster = MemoryCluster.from_directory(
+            store, directory, secret_ttl_seconds=settings.secret_cache_seconds)
         app = create_app(settings, cluster, **kwargs)
         lifespan = app.router.lifespan_context(app)
         await lifespan.__aenter__()

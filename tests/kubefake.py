@@ -2,9 +2,12 @@
 
 It keeps objects in memory per (group, version, plural, namespace, name) with one global
 resourceVersion counter (like etcd's revision) and an event history, and serves list (with
-limit/continue), watch (chunked newline-delimited JSON, history replay, BOOKMARKs, 410 after
-compaction), get, create, update (optimistic concurrency), JSON merge patch and delete.
-Tests drive it through plain methods and assert on the request log.
+limit/continue; a continue token expires, 410 Gone with reason Expired, once the list's
+resourceVersion is compacted away or after `continue_ttl_seconds`; custom resource list items
+keep their kind and apiVersion, as the API server serves them), watch (chunked
+newline-delimited JSON, history replay, BOOKMARKs, 410 after compaction), get, create, update
+(optimistic concurrency), JSON merge patch and delete. Tests drive it through plain methods and
+assert on the request log.
 """
 
 from __future__ import annotations
@@ -124,6 +127,12 @@ class FakeKube:
         self.requests: list[Request] = []
         # Real servers report an expired watch as an ERROR event; some paths use HTTP 410.
         self.gone_as_http = False
+        # A continue token older than this is Expired (the API server's tokens die with etcd
+        # compaction, every 5 minutes by default); None: only compaction expires them.
+        self.continue_ttl_seconds: float | None = None
+        # Called once at the next continue request (e.g. `compact`: it lands between pages).
+        self.before_next_continue: Callable[[], None] | None = None
+        self._kinds: dict[Resource, str] = {}
         self._server = _Server(self)
         self._thread = threading.Thread(
             target=self._server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
@@ -269,6 +278,7 @@ class FakeKube:
             generation = old["metadata"].get("generation", 1)
             meta["generation"] = generation + (obj.get("spec") != old.get("spec"))
         self._objects[(resource, meta["namespace"], meta["name"])] = obj
+        self._kinds[resource] = obj["kind"]
         self._emit("ADDED" if old is None else "MODIFIED", resource, obj, notify)
         return copy.deepcopy(obj)
 
@@ -361,21 +371,30 @@ class FakeKube:
              if res == resource and namespace in (None, ns)),
             key=lambda o: (o["metadata"]["namespace"], o["metadata"]["name"]),
         )
-        offset, snapshot = 0, self._rv
+        offset, snapshot, issued = 0, self._rv, time.monotonic()
         if query.get("continue"):
-            first, _, rv = query["continue"].partition(":")
-            offset, snapshot = int(first), int(rv)
+            hook, self.before_next_continue = self.before_next_continue, None
+            if hook is not None:
+                hook()
+            first, rv, when = query["continue"].split(":")
+            offset, snapshot, issued = int(first), int(rv), float(when)
+            ttl = self.continue_ttl_seconds
+            if snapshot < self._compacted or (ttl is not None
+                                               and time.monotonic() - issued > ttl):
+                raise _ApiError(410, "Expired", "The provided continue parameter is too old to "
+                                "display a consistent list result. You can start a new list "
+                                "without the continue parameter.")
         limit = int(query.get("limit") or 0) or len(items) + 1
         page = items[offset : offset + limit]
         meta: dict[str, Any] = {"resourceVersion": str(snapshot)}
         if offset + limit < len(items):
-            meta["continue"] = f"{offset + limit}:{snapshot}"
-        # Like typed lists from client-go: items carry neither kind nor apiVersion.
-        stripped = [
-            {k: copy.deepcopy(v) for k, v in o.items() if k not in ("kind", "apiVersion")}
-            for o in page
-        ]
-        return {"kind": "List", "apiVersion": "v1", "metadata": meta, "items": stripped}
+            meta["continue"] = f"{offset + limit}:{snapshot}:{issued}"
+        # Custom resources are served unstructured: every item keeps its kind and apiVersion,
+        # and the list is a <Kind>List of the resource's group version.
+        group_version = f"{resource.group}/{resource.version}" if resource.group else resource.version
+        kind = self._kinds.get(resource, "")
+        return {"kind": kind + "List", "apiVersion": group_version, "metadata": meta,
+                "items": [copy.deepcopy(o) for o in page]}
 
     def _create(self, resource: Resource, namespace: str, body: Any) -> dict[str, Any]:
         if not isinstance(body, dict) or not body.get("metadata", {}).get("name"):

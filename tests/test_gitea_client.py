@@ -20,7 +20,6 @@ from receiver.gitea.client import (
     StatusPage,
     more_pages,
     parse_retry_after,
-    pick_latest,
     retryable_status,
 )
 from tests.fakegitea import FakeGitea, SwaggerValidator, gitea_transport
@@ -113,7 +112,7 @@ async def test_request_shape() -> None:
 
     client = GiteaClient([instance()], read_token, transport=transport)
     await client.post_status("eu", "team", "web app", SHA, OPTION)
-    await client.latest_status("eu", "team", "web app", SHA, OPTION.context)
+    await client.status_page("eu", "team", "web app", SHA)
     await client.aclose()
     post, get = (call.request for call in router.calls)
     assert post.method == "POST"
@@ -130,30 +129,21 @@ async def test_request_shape() -> None:
 
 
 @pytest.mark.anyio
-async def test_latest_status_reads_the_status_field_of_the_newest() -> None:
+async def test_a_status_page_lists_the_newest_first_with_the_status_field() -> None:
     fake = FakeGitea()
     client, _ = client_for(fake, url="https://gitea.example.com")
     other = CreateStatusOption("failure", "", "other", "flux/eu-west/kustomization/apps/other")
-    assert await client.latest_status("eu", "team", "webapp", SHA, OPTION.context) is None
+    assert (await client.status_page("eu", "team", "webapp", SHA)).items == ()
     await client.post_status("eu", "team", "webapp", SHA,
                              CreateStatusOption("pending", "", "Push received", OPTION.context))
     await client.post_status("eu", "team", "webapp", SHA, OPTION)
     await client.post_status("eu", "team", "webapp", SHA, other)
-    latest = await client.latest_status("eu", "team", "webapp", SHA, OPTION.context)
+    page = await client.status_page("eu", "team", "webapp", SHA)
     await client.aclose()
-    assert latest == CommitStatus("success", OPTION.description, OPTION.target_url,
-                                  OPTION.context, 2)
+    assert [s.context for s in page.items] == [other.context, OPTION.context, OPTION.context]
+    assert page.items[1] == CommitStatus("success", OPTION.description, OPTION.target_url,
+                                         OPTION.context, 2)
     assert fake.problems == []
-
-
-def test_pick_latest_skips_other_contexts_and_empty_states() -> None:
-    items = [CommitStatus("", "x", "", "c", 3), CommitStatus("failure", "y", "", "d", 2),
-             CommitStatus("success", "z", "", "c", 1)]
-    assert pick_latest(items, " c ") == items[2]
-    assert pick_latest(items, "e") is None
-    # Whatever order a listing came in, the highest id is the latest.
-    older_first = [CommitStatus("pending", "", "", "c", 4), CommitStatus("failure", "", "", "c", 9)]
-    assert pick_latest(older_first, "c") == older_first[1]
 
 
 # -- paging ------------------------------------------------------------------------------------
@@ -181,28 +171,16 @@ def seeded(count: int, contexts: int = 1) -> FakeGitea:
 async def test_listing_reads_every_page_newest_first() -> None:
     fake = seeded(120)
     client, _ = client_for(fake, url="https://gitea.example.com")
-    found = await client.list_statuses("eu", "team", "webapp", SHA)
+    found: list[CommitStatus] = []
+    for number in range(1, 10):  # as the service pages (status_service._read_commit)
+        page = await client.status_page("eu", "team", "webapp", SHA, number)
+        found.extend(page.items)
+        if not more_pages(page, len(found)):
+            break
     await client.aclose()
     assert [p for *_, p in fake.reads] == [1, 2, 3]  # ceil(120 / 50)
     assert [s.description for s in found] == [f"#{i}" for i in reversed(range(120))]
     assert fake.problems == []
-
-
-@pytest.mark.anyio
-async def test_latest_status_reads_pages_until_the_context_shows() -> None:
-    fake = seeded(3, contexts=3)  # c0, c1, c2 once each; then 100 statuses of another context
-    for i in range(100):
-        fake.add("team", "webapp", SHA, "busy", "success", f"busy #{i}")
-    fake.add("team", "webapp", SHA, "c2", "failure", "newer c2")
-    client, _ = client_for(fake, url="https://gitea.example.com")
-    assert (await client.latest_status("eu", "team", "webapp", SHA, "c2")).description == (  # type: ignore[union-attr]
-        "newer c2")
-    assert len(fake.reads) == 1
-    latest = await client.latest_status("eu", "team", "webapp", SHA, "c0")
-    assert latest is not None and latest.description == "#0"
-    assert len(fake.reads) == 1 + 3
-    assert await client.latest_status("eu", "team", "webapp", SHA, "none") is None
-    await client.aclose()
 
 
 @pytest.mark.anyio
@@ -274,7 +252,7 @@ async def test_retry_after_is_read() -> None:
     client = GiteaClient([instance()], read_token,
                          transport=httpx.MockTransport(handler))
     with pytest.raises(GiteaError) as info:
-        await client.latest_status("eu", "o", "r", SHA, "c")
+        await client.status_page("eu", "o", "r", SHA)
     await client.aclose()
     assert info.value.retry_after == 7.0 and info.value.retryable
     assert "slow down" in str(info.value)
@@ -333,7 +311,6 @@ async def test_ca_bundle_builds_a_verifying_client() -> None:
         return "t"
 
     client = GiteaClient([instance(ca_bundle=Path(certifi.where()))], read_token)
-    assert client.instance_names == ["eu"]
     await client.aclose()
 
 

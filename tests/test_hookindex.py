@@ -19,6 +19,7 @@ pytestmark = pytest.mark.anyio
 
 GITEA = ObjectKey("Receiver", "flux-system", "gitea")
 SECRET = ("flux-system", "gitea-token")
+SECRET_TTL = 30.0
 
 
 class Clock:
@@ -30,8 +31,10 @@ class Clock:
 
 
 def make_index(**kwargs: object) -> tuple[HookIndex, MemoryCluster, Clock, Metrics]:
-    cluster = MemoryCluster.from_directory(ObjectStore(url_normaliser(make_settings())), FLEET)
     clock, metrics = Clock(), Metrics()
+    # The fake caches Secrets as the Kubernetes backend does, on the same clock as the index.
+    cluster = MemoryCluster.from_directory(ObjectStore(url_normaliser(make_settings())), FLEET,
+                                           secret_ttl_seconds=SECRET_TTL, clock=clock)
     return HookIndex(cluster, clock=clock, metrics=metrics, **kwargs), cluster, clock, metrics  # type: ignore[arg-type]
 
 
@@ -63,11 +66,15 @@ async def test_a_blank_token_makes_the_receiver_unusable(
 
 
 async def test_a_receiver_becomes_usable_again_when_its_token_is_set() -> None:
-    index, cluster, _, metrics = make_index()
+    index, cluster, clock, metrics = make_index()
     cluster.secrets[SECRET] = {"token": b"  "}
     await index.refresh_all()
     assert index.unusable() and gauge(metrics) == 1
     cluster.secrets[SECRET] = {"token": GITEA_TOKEN.encode()}
+    # Until the cached read expires the blank token stands, as with a real cluster.
+    await index.refresh(GITEA)
+    assert index.unusable()
+    clock.now += SECRET_TTL + 0.1
     await index.refresh(GITEA)
     assert index.unusable() == {} and gauge(metrics) == 0
     assert index.lookup(hook_digest(GITEA_TOKEN, "gitea", "flux-system")) is not None

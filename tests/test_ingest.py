@@ -351,9 +351,16 @@ async def test_requested_at_is_unique_per_delivery(bridge_factory: Any) -> None:
     assert len(values) == 2 and len(set(values)) == 2
 
 
+def _secret_cache_expired(bridge: Bridge) -> None:
+    """Move the fake cluster's clock past its Secret cache, as time does for a real one."""
+    ttl = bridge.cluster.secret_ttl_seconds
+    bridge.cluster.clock = lambda: time.monotonic() + ttl + 1
+
+
 async def test_token_rotation_without_restart(bridge: Bridge) -> None:
     bridge.cluster.secrets[("flux-system", "gitea-token")] = {"token": b"rotated"}
     bridge.parts.hooks._miss_refresh = 0
+    _secret_cache_expired(bridge)
     body = gp.gitea_bytes(app_push("clusters/eu-west/apps/a"))
     new_path = "/hook/" + sig.hook_digest("rotated", "gitea", "flux-system")
     r = await bridge.client.post(new_path, content=body, headers=gitea_headers(body, token="rotated"))
@@ -440,6 +447,7 @@ async def test_a_non_ascii_digit_timestamp_is_refused_not_a_500(bridge: Bridge) 
 
 async def test_a_receiver_with_a_blank_token_is_closed(bridge: Bridge) -> None:
     bridge.cluster.secrets[("flux-system", "gitea-token")] = {"token": b" \n"}
+    _secret_cache_expired(bridge)
     await bridge.parts.hooks.refresh_all()
     body = gp.gitea_bytes(app_push("clusters/eu-west/apps/a.yaml"))
     for token in ("", " \n"):

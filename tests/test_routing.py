@@ -12,7 +12,7 @@ from receiver.flux.objects import ObjectKey
 from receiver.flux.store import ObjectStore
 from receiver.gitea.payloads import Push, parse_actions_body, parse_gitea_push
 from receiver.giturls import normalise_repo_url
-from receiver.routing import Plan, plan_push, ref_match
+from receiver.routing import PHASE_SOURCE, Plan, plan_push, ref_match
 from tests import gitea_payloads as gp
 
 FLEET = Path(__file__).parent / "fixtures" / "fleet"
@@ -149,7 +149,8 @@ def test_full_ref_name_and_url_case_and_trailing_slash(store: ObjectStore) -> No
 
 def test_included_repository_is_annotated_before_its_includer(store: ObjectStore) -> None:
     plan = route(store, changed("lib/x.py", full_name="platform/shared-lib"))
-    assert names(plan.sources) == ["GitRepository/flux-system/shared-lib", SRC]
+    sources = [t for t in plan.targets if t.phase == PHASE_SOURCE]
+    assert names(sources) == ["GitRepository/flux-system/shared-lib", SRC]
     assert {t.name for t in plan.consumers} == {"apps", "infrastructure", "monitoring", "podinfo"}
 
 

@@ -26,7 +26,8 @@ from starlette.routing import Route
 
 from receiver.badges import mint_badge_token
 from receiver.config import ConfigError, Settings, StatusConfig, load_settings
-from receiver.deliveries import Delivery
+from receiver.deliveries import Delivery, record_targets
+from receiver.delivery_record import DeliveryRecord
 from receiver.flux.memory import MemoryCluster
 from receiver.flux.objects import ObjectKey
 from receiver.flux.revisions import READY, RECONCILING, TIMED_OUT
@@ -889,8 +890,10 @@ async def test_stop_flushes_the_queue() -> None:
 def delivery(sha: str = SHA, keys: tuple[ObjectKey, ...] = (WEBAPP, API)) -> Delivery:
     tracked = tuple(Target("kustomize.toolkit.fluxcd.io/v1", k.kind, k.namespace, k.name,
                            "touched") for k in keys)
-    return Delivery.create("d-1", "flux-system/gitea", "refs/heads/main", sha,
-                           Plan("flux-system/gitea", (), tracked))
+    plan = Plan("flux-system/gitea", (), tracked)
+    record = DeliveryRecord("flux-system/gitea", sha, "refs/heads/main", time.time(), "m-1",
+                            record_targets(plan))
+    return Delivery.from_record("d-1", record, plan)
 
 
 def push(sha: str = SHA) -> Push:

@@ -28,6 +28,23 @@ class NotFound(ClusterError):
         super().__init__(message, status=404)
 
 
+# How long a 404 for a Secret is believed: a Receiver created just before its Secret recovers
+# fast. Both backends use it.
+NEGATIVE_SECRET_TTL = 5.0
+
+
+def retryable_status(status: int) -> bool:
+    """Which API answers are worth another try: conflicts, throttling and server errors."""
+    return status in (409, 429) or status >= 500
+
+
+def error_for_status(message: str, status: int) -> ClusterError:
+    """The error an API answer maps to, for every backend: 404 is NotFound."""
+    if status == 404:
+        return NotFound(message)
+    return ClusterError(message, status=status, retryable=retryable_status(status))
+
+
 class Cluster(Protocol):
     store: ObjectStore
 

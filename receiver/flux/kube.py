@@ -32,7 +32,7 @@ from typing import Any, TypeVar
 
 import kubernetes
 
-from receiver.flux.cluster import ClusterError, NotFound
+from receiver.flux.cluster import NEGATIVE_SECRET_TTL, ClusterError, error_for_status
 from receiver.flux.objects import API_VERSIONS, WATCHED_KINDS, FluxObject, ObjectKey
 from receiver.flux.store import ObjectStore
 
@@ -47,8 +47,6 @@ LEASE_GROUP, LEASE_VERSION, LEASE_PLURAL = "coordination.k8s.io", "v1", "leases"
 # Answers that are outcomes rather than failures of the API server (not counted as errors).
 _EXPECTED_STATUSES = frozenset({404, 409, 410})
 _CONNECT_TIMEOUT = 10.0
-# How long a 404 for a Secret is believed: a Receiver created just before its Secret recovers fast.
-_NEGATIVE_SECRET_TTL = 5.0
 _SecretData = Mapping[str, bytes]
 
 
@@ -163,7 +161,6 @@ class KubeCluster:
         self._targets = [_Target(kind, ns) for kind in self._kinds for ns in scopes]
         self._lock = threading.Lock()
         self._errors: dict[str, str] = {}
-        self._last_error: str | None = None
         self._stopping = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         # (namespace, name) -> (expires, data, when the read started)
@@ -207,11 +204,6 @@ class KubeCluster:
         """The list/watch streams currently failing, by label ("Kind" or "Kind in ns")."""
         with self._lock:
             return dict(self._errors)
-
-    @property
-    def last_error(self) -> str | None:
-        with self._lock:
-            return self._last_error
 
     @property
     def lease_namespace(self) -> str:
@@ -279,7 +271,8 @@ class KubeCluster:
             meta = body.get("metadata") or {}
             for item in body.get("items") or []:
                 if isinstance(item, dict):
-                    # List items carry neither kind nor apiVersion; FluxObject needs the kind.
+                    # The API server keeps kind and apiVersion on custom resource items;
+                    # FluxObject needs the kind, so a server that dropped them is covered.
                     item.setdefault("kind", target.kind)
                     item.setdefault("apiVersion", api_version)
                     items.append(item)
@@ -415,11 +408,9 @@ class KubeCluster:
             self.store.upsert(raw)
 
     def _record_error(self, target: _Target, message: str) -> None:
-        text = f"{target.label}: {message}"
         log.warning("list/watch of %s failed: %s", target.label, message)
         with self._lock:
             self._errors[target.label] = message
-            self._last_error = text
 
     def _clear_error(self, target: _Target) -> None:
         with self._lock:
@@ -459,7 +450,7 @@ class KubeCluster:
         cached = self._secrets.get(key)
         # A read that started before a `fresh` one finished must not put older data back.
         if cached is None or cached[2] <= started:
-            ttl = self._secret_ttl if data is not None else _NEGATIVE_SECRET_TTL
+            ttl = self._secret_ttl if data is not None else NEGATIVE_SECRET_TTL
             self._secrets[key] = (time.monotonic() + min(ttl, self._secret_ttl), data, started)
         return data
 
@@ -725,9 +716,7 @@ def _cluster_error(what: str, exc: BaseException, *, detail: bool = True) -> Clu
     extra = _status_message(exc) if detail else ""
     if extra:
         message += f": {extra}"
-    if status == 404:
-        return NotFound(message)
-    return ClusterError(message, status=status, retryable=status in (409, 429) or status >= 500)
+    return error_for_status(message, status)
 
 
 def _not_older(new: FluxObject, current: FluxObject | None) -> bool:

@@ -1,7 +1,11 @@
 """An in-memory cluster loaded from Flux YAML manifests: `serve --manifests DIR`, `plan`, tests.
 
-It behaves like the Kubernetes backend where the service can tell (annotate merges only the
-annotations and bumps resourceVersion; secrets are read whole) and it can play Flux's part in
+It behaves like the Kubernetes backend where the service can tell: annotate merges only the
+annotations and bumps resourceVersion; a failed patch is retryable for exactly the statuses the
+Kubernetes backend retries (`cluster.error_for_status`); Secrets are read whole and cached for
+`secret_ttl_seconds` as the Kubernetes backend caches them (a missing one for at most 5 s), and
+a `fresh` read bypasses that cache. Changing `secrets` therefore shows only after the cache
+expires or on a fresh read, as a changed Secret does in a cluster. It can play Flux's part in
 tests: mark a source as having fetched a revision, a consumer as applied or failed.
 """
 
@@ -10,13 +14,13 @@ from __future__ import annotations
 import base64
 import copy
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from receiver.flux.cluster import NotFound
+from receiver.flux.cluster import NEGATIVE_SECRET_TTL, NotFound, error_for_status
 from receiver.flux.objects import (
     ANNOTATE_ONLY_KINDS,
     API_VERSIONS,
@@ -62,19 +66,23 @@ def _secret_data(doc: Mapping[str, Any]) -> dict[str, bytes]:
 
 
 class MemoryCluster:
-    def __init__(self, store: ObjectStore) -> None:
+    def __init__(self, store: ObjectStore, *, secret_ttl_seconds: float = 30.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.store = store
         self.secrets: dict[tuple[str, str], dict[str, bytes]] = {}
         self.patches: list[tuple[ObjectKey, dict[str, str]]] = []
-        self.secret_reads = 0
+        self.secret_reads = 0  # reads that reached the "API server" (not the cache)
+        self.secret_ttl_seconds = secret_ttl_seconds
+        self.clock = clock
+        self._secret_cache: dict[tuple[str, str], tuple[float, dict[str, bytes] | None]] = {}
         self.fail_next_patches: list[int] = []  # HTTP-like statuses to fail the next patches with
         self._leases: dict[str, tuple[str, float]] = {}
         self._version = 0
         self._synced = False
 
     @classmethod
-    def from_directory(cls, store: ObjectStore, directory: Path) -> MemoryCluster:
-        cluster = cls(store)
+    def from_directory(cls, store: ObjectStore, directory: Path, **kwargs: Any) -> MemoryCluster:
+        cluster = cls(store, **kwargs)
         cluster.load(load_documents(directory))
         return cluster
 
@@ -114,26 +122,29 @@ class MemoryCluster:
     async def read_secret(
         self, namespace: str, name: str, *, fresh: bool = False
     ) -> Mapping[str, bytes] | None:
+        key = (namespace, name)
+        now = self.clock()
+        cached = self._secret_cache.get(key)
+        if not fresh and cached is not None and cached[0] > now:
+            return cached[1]
         self.secret_reads += 1
-        return self.secrets.get((namespace, name))
+        found = self.secrets.get(key)
+        data = dict(found) if found is not None else None  # a read is a copy, as from the API
+        ttl = self.secret_ttl_seconds if data is not None else min(
+            NEGATIVE_SECRET_TTL, self.secret_ttl_seconds)
+        self._secret_cache[key] = (now + ttl, data)
+        return data
 
     async def annotate(self, key: ObjectKey, annotations: Mapping[str, str], *,
                        resource_version: str | None = None) -> FluxObject:
         if self.fail_next_patches:
-            from receiver.flux.cluster import ClusterError
-
             status = self.fail_next_patches.pop(0)
-            raise ClusterError(
-                f"patch {key} failed with {status}", status=status, retryable=status >= 409
-            )
+            raise error_for_status(f"patch {key} failed with {status}", status)
         current = self.store.get(key)
         if current is None:
             raise NotFound(f"{key.kind} {key.namespace}/{key.name} not found")
         if resource_version is not None and resource_version != current.resource_version:
-            from receiver.flux.cluster import ClusterError
-
-            raise ClusterError(f"patch {key}: the object has been modified", status=409,
-                               retryable=True)
+            raise error_for_status(f"patch {key}: the object has been modified", 409)
         # Copy only what changes: cached objects are never mutated in place.
         raw = dict(current.raw)
         meta = dict(raw["metadata"])
@@ -191,11 +202,39 @@ class MemoryCluster:
         )
 
     def mark_applied(self, key: ObjectKey, revision: str) -> FluxObject:
+        if key.kind == "HelmRelease":
+            return self._mark_released(key, revision)
         return self._update_status(
             key,
             lastAppliedRevision=revision,
             lastAttemptedRevision=revision,
             conditions=self._ready(True, "ReconciliationSucceeded", f"Applied revision: {revision}"),
+        )
+
+    def _mark_released(self, key: ObjectKey, chart_version: str) -> FluxObject:
+        """What helm-controller (HelmRelease v2) writes after a release: a new `history`
+        snapshot first (its CRD has no `lastAppliedRevision`) and `lastAttemptedRevision`."""
+        current = self.store.get(key)
+        if current is None:
+            raise NotFound(str(key))
+        previous = current.status.get("history")
+        history = list(previous) if isinstance(previous, list) else []
+        chart = ((current.spec.get("chart") or {}).get("spec") or {}).get("chart") or key.name
+        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        snapshot = {
+            "name": key.name, "namespace": key.namespace, "version": len(history) + 1,
+            "status": "deployed", "chartName": str(chart), "chartVersion": chart_version,
+            "configDigest": "sha256:" + "0" * 64, "digest": "sha256:" + "1" * 64,
+            "firstDeployed": now, "lastDeployed": now,
+        }
+        return self._update_status(
+            key,
+            history=[snapshot, *history][:5],
+            lastAttemptedRevision=chart_version,
+            conditions=self._ready(True, "UpgradeSucceeded",
+                                   f"Helm upgrade succeeded for release {key.namespace}/"
+                                   f"{key.name}.v{snapshot['version']} with chart "
+                                   f"{chart}@{chart_version}"),
         )
 
     def mark_progressing(self, key: ObjectKey, revision: str) -> FluxObject:

@@ -156,14 +156,6 @@ class FluxObject:
                 return cond
         return None
 
-    def ref_dict(self) -> dict[str, str]:
-        return {
-            "apiVersion": self.api_version,
-            "kind": self.kind,
-            "namespace": self.namespace,
-            "name": self.name,
-        }
-
 
 @dataclass(frozen=True, slots=True)
 class SourceRef:

@@ -31,15 +31,6 @@ def commit_of(revision: str) -> str | None:
     return tail if _HEX.match(tail) else None
 
 
-def ref_of(revision: str) -> str | None:
-    """The named pointer of a revision (`main` in `main@sha1:...`), if it has one."""
-    if "@" in revision:
-        return revision.split("@", 1)[0] or None
-    if "/" in revision:
-        return revision.rsplit("/", 1)[0] or None
-    return None
-
-
 def same_commit(revision: str, sha: str) -> bool:
     found = commit_of(revision)
     return found is not None and found == sha.lower()
@@ -93,10 +84,11 @@ def applied_revision(obj: FluxObject) -> str:
         artifact = obj.status.get("artifact")
         return str(artifact.get("revision", "")) if isinstance(artifact, dict) else ""
     if obj.kind == "HelmRelease":
+        # HelmRelease v2 has no lastAppliedRevision: the latest release snapshot comes first.
         history = obj.status.get("history")
         if isinstance(history, list) and history and isinstance(history[0], dict):
             return str(history[0].get("chartVersion", ""))
-        return str(obj.status.get("lastAppliedRevision", ""))
+        return ""
     return str(obj.status.get("lastAppliedRevision", ""))
 
 

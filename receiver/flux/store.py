@@ -89,14 +89,6 @@ class ObjectStore:
         """Called with ("upsert"|"delete", object) after every change."""
         self._listeners.append(listener)
 
-    def replace_all(self, kind: str, objects: Iterable[Mapping[str, Any]]) -> None:
-        """Make the cache hold exactly `objects` for `kind` (a fresh list after a relist)."""
-        fresh = {FluxObject(raw).key: raw for raw in objects}
-        for key in [k for k in self._objects if k.kind == kind and k not in fresh]:
-            self.delete(key)
-        for raw in fresh.values():
-            self.upsert(raw)
-
     def upsert(self, raw: Mapping[str, Any]) -> FluxObject:
         obj = FluxObject(raw)
         key = obj.key

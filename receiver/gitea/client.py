@@ -120,16 +120,6 @@ def _error_detail(response: httpx.Response) -> str:
     return str(message)[:200] if message else ""
 
 
-def pick_latest(statuses: Iterable[CommitStatus], context: str) -> CommitStatus | None:
-    """The newest status of a context: the highest id (ids grow), else the first listed."""
-    wanted = context.strip()
-    found: CommitStatus | None = None
-    for status in statuses:
-        if status.context == wanted and status.state and (found is None or status.id > found.id):
-            found = status
-    return found
-
-
 @dataclass(frozen=True, slots=True)
 class StatusPage:
     """One page of a commit's statuses; `total` is Gitea's X-Total-Count, if it sent one."""
@@ -192,10 +182,6 @@ class GiteaClient:
             verify=verify,
             transport=transport,
         )
-
-    @property
-    def instance_names(self) -> list[str]:
-        return list(self._instances)
 
     async def aclose(self) -> None:
         for client in self._clients.values():
@@ -278,30 +264,4 @@ class GiteaClient:
         return StatusPage(tuple(s for s in parsed if s is not None), page, limit,
                           _total_count(response))
 
-    async def list_statuses(
-        self, instance: str, owner: str, repo: str, sha: str, *, max_pages: int = 20
-    ) -> list[CommitStatus]:
-        """A commit's statuses, newest first, reading up to `max_pages` pages."""
-        found: list[CommitStatus] = []
-        for number in range(1, max_pages + 1):
-            page = await self.status_page(instance, owner, repo, sha, number)
-            found.extend(page.items)
-            if not more_pages(page, len(found)):
-                break
-        return found
 
-    async def latest_status(
-        self, instance: str, owner: str, repo: str, sha: str, context: str,
-        *, max_pages: int = 20,
-    ) -> CommitStatus | None:
-        """The newest status of `context` on the commit; pages are read until it shows up."""
-        read = 0
-        for number in range(1, max_pages + 1):
-            page = await self.status_page(instance, owner, repo, sha, number)
-            read += len(page.items)
-            latest = pick_latest(page.items, context)
-            if latest is not None:
-                return latest  # newest first: a context's first appearance is its latest
-            if not more_pages(page, read):
-                break
-        return None
