@@ -23,6 +23,9 @@ pytestmark = pytest.mark.realk8s
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "charts" / "gitea-flux-bridge"
 FULL_VALUES = CHART / "ci" / "full-values.yaml"
+# The least a user must set (clusterName); the chart refuses to render without it.
+DEFAULT_VALUES = CHART / "ci" / "default-values.yaml"
+NAMED = ("--set", "clusterName=eu-west")
 RELEASE, NAMESPACE = "bridge", "flux-system"
 FULLNAME = "bridge-gitea-flux-bridge"
 SECRETS_DIR = "/etc/gitea-flux-bridge/secrets"
@@ -87,7 +90,7 @@ def render(values: tuple[str, ...] = (), sets: tuple[str, ...] = ()) -> tuple[di
     return tuple(docs)
 
 
-DEFAULT: tuple[str, ...] = ()
+DEFAULT: tuple[str, ...] = (str(DEFAULT_VALUES),)
 FULL: tuple[str, ...] = (str(FULL_VALUES),)
 VARIANTS = {"default": DEFAULT, "full": FULL}
 
@@ -112,8 +115,7 @@ def test_helm_version(helm: str) -> None:
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_lint(helm: str, variant: str) -> None:
     args = ["lint", str(CHART), "--strict", "--namespace", NAMESPACE]
-    if variant == "full":
-        args += ["-f", str(FULL_VALUES)]
+    args += ["-f", str(FULL_VALUES if variant == "full" else DEFAULT_VALUES)]
     result = run_helm(*args)
     assert "0 chart(s) failed" in result.stdout
 
@@ -150,6 +152,8 @@ def test_full_objects(helm: str) -> None:
     assert kinds == sorted([
         "ConfigMap", "Deployment", "Service", "ServiceAccount", "NetworkPolicy",
         "PodDisruptionBudget", "HorizontalPodAutoscaler", "Ingress", "ServiceMonitor",
+        # extraObjects: the Flux side shipped with the release
+        "Provider", "Alert", "Receiver",
         # a Role + RoleBinding per watched namespace, and the Lease's
         "Role", "RoleBinding", "Role", "RoleBinding", "Role", "RoleBinding",
     ])
@@ -158,10 +162,11 @@ def test_full_objects(helm: str) -> None:
 
 
 def test_kube_version_is_enforced(helm: str) -> None:
-    result = run_helm("template", RELEASE, str(CHART), "--kube-version", "1.27.9", check=False)
+    result = run_helm("template", RELEASE, str(CHART), *NAMED, "--kube-version", "1.27.9",
+                      check=False)
     assert result.returncode != 0
     assert "kubeVersion" in result.stderr or "incompatible" in result.stderr
-    run_helm("template", RELEASE, str(CHART), "--kube-version", "1.28.0")
+    run_helm("template", RELEASE, str(CHART), *NAMED, "--kube-version", "1.28.0")
 
 
 # -- the Deployment ------------------------------------------------------------------------------
@@ -227,7 +232,7 @@ def test_deployment_runtime(helm: str, variant: str) -> None:
 
 
 def _pod(*sets: str, kube_version: str | None = None) -> dict[str, Any]:
-    args = ["template", RELEASE, str(CHART), "--namespace", NAMESPACE]
+    args = ["template", RELEASE, str(CHART), "--namespace", NAMESPACE, *NAMED]
     for item in sets:
         args += ["--set-json", item]
     if kube_version:
@@ -268,7 +273,7 @@ def test_grace_period_covers_every_step_of_the_shutdown(
     ("terminationGracePeriodSeconds=40", 'config.shutdown={"flush_seconds": 20.5}'),
 ])
 def test_a_grace_period_shorter_than_the_shutdown_fails(helm: str, sets: tuple[str, ...]) -> None:
-    args = ["template", RELEASE, str(CHART)]
+    args = ["template", RELEASE, str(CHART), *NAMED]
     for item in sets:
         args += ["--set-json", item]
     result = run_helm(*args, check=False)
@@ -296,7 +301,7 @@ def test_config_checksum_rolls_the_pods(helm: str) -> None:
         value: str = deployment["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
         return value
 
-    assert checksum() != checksum("config.cluster_name=us-east")
+    assert checksum() != checksum("clusterName=us-east")
 
 
 # -- the configuration file ----------------------------------------------------------------------
@@ -314,8 +319,8 @@ def test_rendered_configuration_is_accepted_by_the_service(
     assert settings.listen.port == 8080
     values = yaml.safe_load(FULL_VALUES.read_text()) if variant == "full" else {}
     assert settings.namespaces == values.get("watchNamespaces", [])
+    assert settings.cluster_name == "eu-west"
     if variant == "full":
-        assert settings.cluster_name == "eu-west"
         assert [g.name for g in settings.gitea] == ["eu", "us"]
         files = [g.token.file for g in settings.gitea]
         files += [settings.events.hmac_token.file if settings.events.hmac_token else None,
@@ -328,6 +333,46 @@ def test_secret_files_without_existing_secret_fail(helm: str) -> None:
                       "--set", "existingSecret=", check=False)
     assert result.returncode != 0
     assert "existingSecret" in result.stderr
+
+
+# -- the cluster name is required ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("unset", [(), ("--set", "clusterName=")])
+def test_cluster_name_is_required(helm: str, unset: tuple[str, ...]) -> None:
+    """Two clusters installed with a default name would overwrite each other's statuses."""
+    result = run_helm("template", RELEASE, str(CHART), *unset, check=False)
+    assert result.returncode != 0
+    assert "clusterName is required" in result.stderr
+    # helm lint treats `required` leniently by design (charts lint without values), but says so.
+    lint = run_helm("lint", str(CHART), *unset, check=False)
+    assert "clusterName is required" in lint.stdout + lint.stderr
+
+
+def test_cluster_name_is_validated_and_chart_owned(helm: str) -> None:
+    result = run_helm("template", RELEASE, str(CHART), "--set", "clusterName=a{b}", check=False)
+    assert result.returncode != 0
+    # config.cluster_name is the chart's to write (from clusterName): the schema refuses it.
+    result = run_helm("lint", str(CHART), *NAMED, "--set", "config.cluster_name=x", check=False)
+    assert result.returncode != 0
+    assert "cluster_name" in result.stdout + result.stderr
+
+
+# -- extraObjects --------------------------------------------------------------------------------
+
+
+def test_extra_objects_ship_with_the_release_rendered_with_tpl(helm: str) -> None:
+    provider = one("full", "Provider")
+    assert provider["metadata"]["namespace"] == NAMESPACE
+    assert provider["spec"]["address"] == (
+        f"http://{FULLNAME}.{NAMESPACE}.svc.cluster.local/events")
+    alert = one("full", "Alert")
+    assert alert["spec"]["providerRef"] == {"name": "gitea-flux-bridge"}
+    receiver = one("full", "Receiver")  # given as a string of YAML
+    assert receiver["metadata"] == {"name": "platform", "namespace": NAMESPACE, "labels": {
+        "app.kubernetes.io/name": "gitea-flux-bridge", "app.kubernetes.io/instance": RELEASE}}
+    assert receiver["spec"]["resources"][0]["kind"] == "GitRepository"
+    assert not [d for d in objects("default") if d["kind"] in ("Provider", "Alert", "Receiver")]
 
 
 # -- RBAC ------------------------------------------------------------------------------------------
@@ -488,7 +533,7 @@ def test_service_monitor_scrapes_metrics(helm: str) -> None:
     "service.sessionAffinity=ClientIP",
 ])
 def test_schema_rejects(helm: str, setting: str) -> None:
-    result = run_helm("lint", str(CHART), "--set", setting, check=False)
+    result = run_helm("lint", str(CHART), *NAMED, "--set", setting, check=False)
     assert result.returncode != 0, setting
     assert "schema" in (result.stdout + result.stderr).lower(), result.stdout
 
@@ -499,7 +544,7 @@ def test_schema_rejects(helm: str, setting: str) -> None:
     "config.badge_key.file=/etc/gitea-flux-bridge/secrets/badge-key",
 ])
 def test_schema_accepts(helm: str, setting: str) -> None:
-    args = ["lint", str(CHART), "--set", setting]
+    args = ["lint", str(CHART), *NAMED, "--set", setting]
     if "secrets/" in setting:
         args += ["--set", "existingSecret=bridge-secrets"]
     run_helm(*args)
@@ -519,7 +564,7 @@ def _render_notes(tmp_path: Path, *args: str) -> str:
         "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: notes\ndata:\n"
         '  notes: {{ include "test.notes" . | toJson }}\n')
     out = run_helm("template", RELEASE, str(chart), "--namespace", NAMESPACE,
-                   "--show-only", "templates/notes-for-test.yaml", *args).stdout
+                   "--show-only", "templates/notes-for-test.yaml", *NAMED, *args).stdout
     text: str = yaml.safe_load(out)["data"]["notes"]
     return text
 
@@ -536,3 +581,4 @@ def test_notes_tell_how_to_get_hook_urls(helm: str, tmp_path: Path) -> None:
     assert "https://flux-bridge.example.com" in full
     assert "config.gitea is empty" not in full
     assert "flux-system, apps" in full
+    assert "Cluster name in commit statuses: eu-west" in full
