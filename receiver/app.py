@@ -130,8 +130,17 @@ def create_app(settings: Settings, cluster: Cluster, **status_kwargs: Any) -> St
             if parts.hooks.indexing:
                 return error(503, "receivers are being indexed")
             indexed_once = True
+        detail: dict[str, Any] = {}
+        unusable = parts.hooks.unusable()
+        if unusable:
+            # Not a reason to stop serving the other Receivers: named so someone can fix them.
+            detail["receivers_unusable"] = unusable
+        unreadable = await parts.statuses.unreadable_secrets()
+        if unreadable:
+            # /events would answer 401 and statuses would fail: do not take traffic yet.
+            return error(503, "configured secrets cannot be read", secrets=unreadable, **detail)
         return JSONResponse({"status": "ready", "objects": len(cluster.store),
-                             "receivers": len(parts.hooks)})
+                             "receivers": len(parts.hooks), **detail})
 
     async def metrics(request: Request) -> Response:
         parts.metrics.status_queue_depth.set(parts.statuses.queue_depth)

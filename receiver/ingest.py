@@ -49,6 +49,7 @@ from receiver.http import (
 )
 from receiver.logs import delivery_id as delivery_ctx
 from receiver.metrics import Metrics
+from receiver.mismatch import Unmatched, unmatched
 from receiver.ratelimit import RateLimiter
 from receiver.reconcile import Reconciler
 from receiver.replay import SeenOnce
@@ -268,6 +269,7 @@ class IngestService:
             allow_cross_namespace=self.settings.allow_cross_namespace_refs,
             resolved=self._resolved(receiver),
         )
+        mismatch = unmatched(push, self.cluster.store) if not plan.targets else None
         now = self.wall_clock()
         if once is not None:
             # No await from this check to `remember`: two copies of one request on this replica
@@ -287,11 +289,15 @@ class IngestService:
             if push is not None:
                 listener(delivery, push)
         await self.reconciler.start_delivery(delivery)
+        if mismatch is not None:
+            self.metrics.pushes_unmatched.labels(mismatch.reason).inc()
+            log.info("push matched no source", extra={
+                "receiver": name, "reason": mismatch.reason, "detail": mismatch.message})
         # `mark` is short and on the objects; `id` is what a client follows with.
         log.info("push accepted", extra={
             "receiver": name, "ref": delivery.ref, "commit": delivery.sha, "mark": mark,
             "id": delivery_id, "targets": len(plan.targets), "tracked": len(plan.tracked)})
-        return self._count(name, "accepted", _accepted(delivery))
+        return self._count(name, "accepted", _accepted(delivery, mismatch))
 
     def _joined(self, name: str, push: Push | None, once: _Once | None) -> Response | None:
         """A push of a commit whose delivery is still in flight here (a retried CI job, a
@@ -427,9 +433,12 @@ async def _change_or_drain(changed: asyncio.Event, drain: Drain, timeout: float)
             waiter.cancel()
 
 
-def _accepted(delivery: Delivery) -> JSONResponse:
-    """The 202 reply: the plan with each annotated target's state now."""
+def _accepted(delivery: Delivery, mismatch: Unmatched | None = None) -> JSONResponse:
+    """The 202 reply: the plan with each annotated target's state now, and why a push that
+    matched no source did not (`unmatched`)."""
     reply = delivery.plan.as_dict()
+    if mismatch is not None:
+        reply["unmatched"] = mismatch.as_dict()
     reply["targets"] = []
     for target in delivery.plan.targets:
         view = delivery.view.get(target.key)

@@ -18,6 +18,10 @@ class Metrics:
         self.hook_requests = Counter(
             "gfb_hook_requests_total", "Hook requests by receiver and outcome",
             ["receiver", "outcome"], registry=r)
+        self.pushes_unmatched = Counter(
+            "gfb_pushes_unmatched_total", "Accepted pushes whose repository no GitRepository "
+            "uses, by reason (host_alias_missing, other_repository, other_host)", ["reason"],
+            registry=r)
         self.signature_failures = Counter(
             "gfb_signature_failures_total", "Rejected signatures by scheme and reason",
             ["scheme", "reason"], registry=r)

@@ -740,5 +740,38 @@ class StatusService:
             return None
         return value or None
 
+    def configured_secrets(self) -> list[tuple[str, SecretSource]]:
+        """(setting, source) of every secret the configuration names, settings spelled as in
+        the configuration file (`gitea[eu].token`)."""
+        found: list[tuple[str, SecretSource | None]] = [
+            (f"gitea[{instance.name}].token", instance.token) for instance in self._settings.gitea]
+        found += [("events.hmac_token", self._settings.events.hmac_token),
+                  ("events.bearer_token", self._settings.events.bearer_token),
+                  ("badge_key", self._settings.badge_key)]
+        return [(setting, source) for setting, source in found if source is not None]
+
+    async def unreadable_secrets(self) -> dict[str, str]:
+        """setting -> why it cannot be used now, for every configured secret that cannot be read
+        or is blank. The reason names the file or Secret, never a value."""
+        problems: dict[str, str] = {}
+        for setting, source in self.configured_secrets():
+            try:
+                value = await self._secret(source)
+            except ConfigError as exc:
+                problems[setting] = str(exc)
+                continue
+            except UnicodeDecodeError:
+                problems[setting] = f"secret {source.secret} key {source.key} is not UTF-8 text"
+                continue
+            except Exception as exc:  # a Kubernetes API error: reported, not raised
+                problems[setting] = f"cannot read secret {source.secret}: {type(exc).__name__}"
+                continue
+            if not value.strip():
+                self._secrets.pop(source, None)  # read again next time: it may be written soon
+                where = source.file if source.file is not None else (
+                    f"secret {source.secret} key {source.key}")
+                problems[setting] = f"{where} is empty"
+        return problems
+
     async def _read_token(self, source: SecretSource, fresh: bool) -> str:
         return await self._secret(source, fresh)
