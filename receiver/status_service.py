@@ -34,7 +34,7 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import httpx
 from starlette.requests import Request
@@ -55,6 +55,7 @@ from receiver.gitea.client import (
     more_pages,
 )
 from receiver.gitea.payloads import Push
+from receiver.gitea.version import SKIPPED, accepts_skipped, state_for_version
 from receiver.giturls import normalise_aliases, normalise_host
 from receiver.http import (
     UNAUTHORIZED,
@@ -190,6 +191,7 @@ class StatusService:
         self._tasks: list[asyncio.Task[None]] = []
         self._secrets: dict[SecretSource, tuple[float, str]] = {}
         self._urls: dict[str, str | None] = {}
+        self._versions: dict[str, str] = {}  # per instance, once read ("" when Gitea sent none)
         self._accepting = True  # until stop(); jobs queued before start() wait for workers
         self._rng = random.random
 
@@ -207,6 +209,7 @@ class StatusService:
                         "answers 401 to everything")
         self._tasks = [asyncio.create_task(self._worker(), name=f"status-worker-{i}")
                        for i in range(self.workers)]
+        self._tasks.append(asyncio.create_task(self._read_versions(), name="gitea-versions"))
         self._tasks.append(asyncio.create_task(self._resync_loop(), name="status-resync"))
 
     async def stop(self, grace_seconds: float = 10.0) -> None:
@@ -443,7 +446,9 @@ class StatusService:
                 continue
             if not listing.covered and not full_budget:
                 break  # out of reads mid-listing: this commit comes first next run
-            repairs = plan_repairs(desired, listing.shown)
+            version = self._versions.get(instance)
+            repairs = plan_repairs([replace(d, state=state_for_version(d.state, version))
+                                    for d in desired], listing.shown)
             queued = 0
             for repair in repairs:
                 added = (self._enqueue([repair], state_only=True, instance=instance)
@@ -574,11 +579,12 @@ class StatusService:
         """Post one job unless Gitea shows it; None when done, else seconds until a retry."""
         status = job.status
         try:
+            status = await self._for_instance(job.instance, status)
             known, shown = self._recall_job(job)
             if not known:
                 known, shown = await self._check_commit(job)
             # Unknown even now (a listing too long to read whole): post, Gitea keeps the latest.
-            if known and not needs_post(shown, job.fields, state_only=job.state_only):
+            if known and not needs_post(shown, status.fields, state_only=job.state_only):
                 self._metrics.statuses.labels("deduplicated").inc()
                 return None
             await self._client.post_status(
@@ -598,7 +604,7 @@ class StatusService:
                 "context": status.context, "state": status.state, "attempts": job.attempts,
                 "error": str(exc)})
             return None
-        self._observe(job.key, job.fields, self._clock(), job.origin)
+        self._observe(job.key, status.fields, self._clock(), job.origin)
         self._metrics.statuses.labels("posted").inc()
         return None
 
@@ -692,6 +698,37 @@ class StatusService:
         while self._listed and (len(self._listed) > self.memory_size
                                 or next(iter(self._listed.values())) <= horizon):
             self._listed.popitem(last=False)
+
+    # -- Gitea versions ----------------------------------------------------------------------
+
+    async def _read_versions(self) -> None:
+        """Read every instance's version at start; one that does not answer now is read again
+        before a status that depends on it is posted."""
+        for name in self._client.instance_names:
+            try:
+                await self._version(name)
+            except GiteaError as exc:
+                log.warning("cannot read the Gitea version; asked again before posting a "
+                            "skipped status", extra={"instance": name, "error": str(exc)})
+            except Exception:
+                log.exception("reading the Gitea version crashed", extra={"instance": name})
+
+    async def _version(self, instance: str) -> str:
+        if instance not in self._versions:
+            version = await self._client.server_version(instance)
+            self._versions[instance] = version
+            log.info("gitea instance version", extra={
+                "instance": instance, "version": version or "unknown",
+                "skipped_posted_as": SKIPPED if accepts_skipped(version)
+                else state_for_version(SKIPPED, version)})
+        return self._versions[instance]
+
+    async def _for_instance(self, instance: str, status: DesiredStatus) -> DesiredStatus:
+        """The status as this instance accepts it (`skipped` only on Gitea >= 1.25)."""
+        if status.state != SKIPPED:
+            return status
+        state = state_for_version(status.state, await self._version(instance))
+        return status if state == status.state else replace(status, state=state)
 
     # -- cluster and secrets -----------------------------------------------------------------
 

@@ -1,7 +1,8 @@
 """Gitea's commit status API (1.26.3), one pooled httpx client per configured instance.
 
-Two calls: create a status, and list a commit's statuses one page at a time, newest first (to
-see what Gitea shows before posting, and for the resync). Errors come out as `GiteaError` with
+Three calls: create a status, list a commit's statuses one page at a time, newest first (to
+see what Gitea shows before posting, and for the resync), and read Gitea's version (which
+states it accepts, see `version`). Errors come out as `GiteaError` with
 `retryable` set for timeouts, connection errors, 429 and 5xx, which the caller backs off on;
 any other 4xx is final. A 401 re-reads the token once (it may have been rotated in its Secret)
 before it counts as final.
@@ -248,6 +249,16 @@ class GiteaClient:
                 retry_after=parse_retry_after(response.headers.get("retry-after")),
             )
         raise AssertionError("unreachable")  # pragma: no cover
+
+    async def server_version(self, instance: str) -> str:
+        """Gitea's version string (GET /version, swagger `ServerVersion`); "" when it sends none."""
+        response = await self._request(instance, "GET", "version")
+        try:
+            doc = response.json()
+        except ValueError:
+            raise GiteaError(f"GET version on {instance}: not JSON", retryable=True) from None
+        version = doc.get("version") if isinstance(doc, dict) else None
+        return version.strip()[:100] if isinstance(version, str) else ""
 
     async def post_status(
         self, instance: str, owner: str, repo: str, sha: str, option: CreateStatusOption
