@@ -84,10 +84,10 @@ def test_chart_metadata() -> None:
     chart = load_yaml(CHART / "Chart.yaml")
     assert chart["apiVersion"] == "v2"
     assert chart["name"] == "gitea-flux-bridge"
-    assert chart["appVersion"] == "0.1.0"
     assert chart["kubeVersion"] == ">=1.28.0-0"
-    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    assert chart["appVersion"] == pyproject["project"]["version"]
+    assert chart["icon"].startswith("https://")
+    assert chart["home"].startswith("https://")
+    assert chart["sources"] and all(s.startswith("https://") for s in chart["sources"])
 
 
 def test_values_files_are_mappings() -> None:
