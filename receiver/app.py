@@ -144,6 +144,8 @@ def create_app(settings: Settings, cluster: Cluster, **status_kwargs: Any) -> St
 
     async def metrics(request: Request) -> Response:
         parts.metrics.status_queue_depth.set(parts.statuses.queue_depth)
+        parts.metrics.cache_synced.set(1 if cluster.synced else 0)
+        parts.metrics.watches_failing.set(len(getattr(cluster, "sync_errors", {}) or {}))
         return Response(generate_latest(parts.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     async def http_error(request: Request, exc: Exception) -> Response:

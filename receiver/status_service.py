@@ -65,7 +65,7 @@ from receiver.http import (
     media_type,
     read_capped,
 )
-from receiver.metrics import Metrics
+from receiver.metrics import NO_INSTANCE, Metrics
 from receiver.signatures import verify_bearer, verify_event
 from receiver.statuses import (
     CONTEXT_FIELDS,
@@ -177,6 +177,11 @@ class StatusService:
 
         self._hosts = instance_hosts(((i.name, i.url, i.hosts) for i in settings.gitea), host_key)
         self._client = GiteaClient(settings.gitea, self._read_token, transport=transport)
+
+        def observe(instance: str, call: str, code: str, seconds: float) -> None:
+            metrics.gitea_requests.labels(instance, call, code).observe(seconds)
+
+        self._client.observe = observe
         self._holder = f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
         self._latest: dict[JobKey, _Job] = {}  # waiting to be taken, newest per key
         self._busy: set[JobKey] = set()  # being posted, or waiting for a retry
@@ -255,7 +260,7 @@ class StatusService:
             if desired is not None:
                 wanted.append(desired)
         if wanted and self._enqueue(wanted, state_only=False) is None:
-            self._metrics.statuses.labels("failed").inc(len(wanted))
+            self._metrics.statuses.labels(NO_INSTANCE, "failed").inc(len(wanted))
             log.warning("status queue full: pending statuses of a push dropped",
                         extra={"delivery": delivery.id, "statuses": len(wanted)})
 
@@ -457,7 +462,7 @@ class StatusService:
                     break
                 queued += added
             count += queued
-            self._metrics.status_repairs.inc(queued)
+            self._metrics.status_repairs.labels(instance).inc(queued)
             if queued < len(repairs):
                 log.warning("status queue stays full; resync continues next round")
                 break  # this commit comes first next run
@@ -505,11 +510,13 @@ class StatusService:
             try:
                 leader = await self._cluster.try_acquire_lease(
                     cfg.lease_name, self._holder, cfg.lease_duration_seconds)
+                self._metrics.resync_leader.set(1 if leader else 0)
                 if not leader:
                     last_run = None  # on taking over, resync at once
                 elif last_run is None or self._clock() - last_run >= cfg.resync_interval_seconds:
                     last_run = self._clock()
                     await self.resync_once()
+                    self._metrics.resync_last_success.set(time.time())
             except Exception:
                 log.exception("resync failed; retrying next round")
             await asyncio.sleep(tick)
@@ -565,7 +572,7 @@ class StatusService:
                 retry_in = await self._deliver(job)
             except Exception:
                 log.exception("status delivery crashed", extra={"context": job.status.context})
-                self._metrics.statuses.labels("failed").inc()
+                self._metrics.statuses.labels(job.instance, "failed").inc()
             if retry_in is None:
                 self._release(key)
                 continue
@@ -585,7 +592,7 @@ class StatusService:
                 known, shown = await self._check_commit(job)
             # Unknown even now (a listing too long to read whole): post, Gitea keeps the latest.
             if known and not needs_post(shown, status.fields, state_only=job.state_only):
-                self._metrics.statuses.labels("deduplicated").inc()
+                self._metrics.statuses.labels(job.instance, "deduplicated").inc()
                 return None
             await self._client.post_status(
                 job.instance, status.owner, status.repo, status.sha,
@@ -594,18 +601,18 @@ class StatusService:
         except GiteaError as exc:
             job.attempts += 1
             if exc.retryable and job.attempts < self._settings.statuses.max_attempts:
-                self._metrics.statuses.labels("retried").inc()
+                self._metrics.statuses.labels(job.instance, "retried").inc()
                 delay = backoff_delay(job.attempts, self.retry_base_seconds,
                                       self.retry_cap_seconds, self._rng)
                 return max(delay, exc.retry_after or 0.0)
-            self._metrics.statuses.labels("failed").inc()
+            self._metrics.statuses.labels(job.instance, "failed").inc()
             log.warning("commit status not posted", extra={
                 "instance": job.instance, "repo": status.repo_key, "commit": status.sha,
                 "context": status.context, "state": status.state, "attempts": job.attempts,
                 "error": str(exc)})
             return None
         self._observe(job.key, status.fields, self._clock(), job.origin)
-        self._metrics.statuses.labels("posted").inc()
+        self._metrics.statuses.labels(job.instance, "posted").inc()
         return None
 
     async def _check_commit(self, job: _Job) -> tuple[bool, Fields | None]:
@@ -653,7 +660,7 @@ class StatusService:
         while budget.left > 0:
             number += 1
             budget.left -= 1
-            self._metrics.status_reads.labels(purpose).inc()
+            self._metrics.status_reads.labels(instance, purpose).inc()
             page = await self._client.status_page(instance, owner, repo, sha, number)
             items.extend(page.items)
             if not more_pages(page, len(items)):
