@@ -2,7 +2,9 @@
 
 Names follow Prometheus' conventions: the unit in the name (`_seconds`), `_total` on counters,
 `_info` on the build-info gauge, `_timestamp_seconds` on times. Status metrics carry the Gitea
-`instance` (the configured `gitea[].name`), so one failing Gitea of a mirrored pair shows.
+instance (the configured `gitea[].name`) as `gitea_instance`, so one failing Gitea of a mirrored
+pair shows. (Not `instance`: Prometheus sets that target label on every series it scrapes and
+would rename ours to `exported_instance`.)
 The registry also holds the standard `process_*` and `python_*` collectors.
 """
 
@@ -66,11 +68,11 @@ class Metrics:
             "gfb_events_total", "Flux events received by outcome", ["outcome"], registry=r)
         self.statuses = Counter(
             "gfb_statuses_total", "Gitea commit statuses by Gitea instance and result (posted, "
-            "deduplicated, retried, failed)", ["instance", "result"], registry=r)
+            "deduplicated, retried, failed)", ["gitea_instance", "result"], registry=r)
         self.gitea_requests = Histogram(
             "gfb_gitea_request_duration_seconds", "Gitea API request latency by instance, call "
             "(post_status, list_statuses, version) and code (HTTP status, or error)",
-            ["instance", "call", "code"], buckets=GITEA_BUCKETS, registry=r)
+            ["gitea_instance", "call", "code"], buckets=GITEA_BUCKETS, registry=r)
         self.receivers_unusable = Gauge(
             "gfb_receivers_unusable", "Receivers whose Secret holds no usable token (missing, "
             "empty or whitespace only): their hook path answers 404", registry=r)
@@ -79,10 +81,10 @@ class Metrics:
         self.status_reads = Counter(
             "gfb_status_reads_total", "Gitea status listing requests (one per page) by instance "
             "and purpose (check: before a post, resync: the resync's comparison)",
-            ["instance", "purpose"], registry=r)
+            ["gitea_instance", "purpose"], registry=r)
         self.status_repairs = Counter(
             "gfb_status_repairs_total", "Statuses the resync found Gitea showing differently "
-            "from live state, and queued, by instance", ["instance"], registry=r)
+            "from live state, and queued, by instance", ["gitea_instance"], registry=r)
         self.resync_leader = Gauge(
             "gfb_resync_leader", "1 while this replica holds the resync Lease", registry=r)
         self.resync_last_success = Gauge(

@@ -6,6 +6,7 @@ missing). A missing helm fails these tests: it never skips them silently.
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 from collections.abc import Iterable
@@ -99,6 +100,12 @@ def objects(variant: str, kind: str | None = None) -> list[dict[str, Any]]:
     return [d for d in render(VARIANTS[variant]) if kind is None or d["kind"] == kind]
 
 
+def config_map(variant: str) -> dict[str, Any]:
+    """The configuration's ConfigMap (the dashboard may have one too)."""
+    (found,) = [d for d in objects(variant, "ConfigMap") if "config.yaml" in d.get("data", {})]
+    return found
+
+
 def one(variant: str, kind: str) -> dict[str, Any]:
     (found,) = objects(variant, kind)
     return found
@@ -154,6 +161,8 @@ def test_full_objects(helm: str) -> None:
         "PodDisruptionBudget", "HorizontalPodAutoscaler", "Ingress", "ServiceMonitor",
         # extraObjects: the Flux side shipped with the release
         "Provider", "Alert", "Receiver",
+        # alerts and the Grafana dashboard
+        "PrometheusRule", "ConfigMap",
         # a Role + RoleBinding per watched namespace, and the Lease's
         "Role", "RoleBinding", "Role", "RoleBinding", "Role", "RoleBinding",
     ])
@@ -210,7 +219,7 @@ def test_deployment_runtime(helm: str, variant: str) -> None:
     assert "emptyDir" in volumes[mounts["/tmp"]["name"]]
     config_mount = mounts["/etc/gitea-flux-bridge/config.yaml"]
     assert config_mount["readOnly"] is True
-    assert volumes[config_mount["name"]]["configMap"]["name"] == one(variant, "ConfigMap")[
+    assert volumes[config_mount["name"]]["configMap"]["name"] == config_map(variant)[
         "metadata"]["name"]
     assert pod["serviceAccountName"] == one(variant, "ServiceAccount")["metadata"]["name"]
     selector = deployment["spec"]["selector"]["matchLabels"]
@@ -311,7 +320,7 @@ def test_config_checksum_rolls_the_pods(helm: str) -> None:
 def test_rendered_configuration_is_accepted_by_the_service(
     helm: str, variant: str, tmp_path: Path
 ) -> None:
-    configmap = one(variant, "ConfigMap")
+    configmap = config_map(variant)
     path = tmp_path / "config.yaml"
     path.write_text(configmap["data"]["config.yaml"])
     settings = load_settings(path, environ={})
@@ -333,6 +342,22 @@ def test_secret_files_without_existing_secret_fail(helm: str) -> None:
                       "--set", "existingSecret=", check=False)
     assert result.returncode != 0
     assert "existingSecret" in result.stderr
+
+
+# -- alerts and dashboard ---------------------------------------------------------------------
+
+
+def test_prometheus_rule_is_the_promtool_tested_file(helm: str) -> None:
+    rule = one("full", "PrometheusRule")
+    assert rule["apiVersion"] == "monitoring.coreos.com/v1"
+    assert rule["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    assert rule["spec"] == yaml.safe_load((CHART / "files" / "prometheus-rules.yaml").read_text())
+    (dashboard,) = [d for d in objects("full", "ConfigMap") if "dashboard" in d["metadata"]["name"]]
+    assert dashboard["metadata"]["namespace"] == "monitoring"
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert json.loads(dashboard["data"]["gitea-flux-bridge.json"]) == json.loads(
+        (CHART / "files" / "grafana-dashboard.json").read_text())
+    assert not objects("default", "PrometheusRule")
 
 
 # -- the cluster name is required ------------------------------------------------------------------

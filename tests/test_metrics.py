@@ -50,14 +50,14 @@ async def test_status_metrics_name_the_gitea_instance() -> None:
         await eventually(lambda: r.metric("gfb_statuses_total", result="posted") == 1)
         registry = r.metrics.registry
         assert registry.get_sample_value(
-            "gfb_statuses_total", {"instance": "eu", "result": "posted"}) == 1
+            "gfb_statuses_total", {"gitea_instance": "eu", "result": "posted"}) == 1
         assert registry.get_sample_value(
-            "gfb_status_reads_total", {"instance": "eu", "purpose": "check"})
+            "gfb_status_reads_total", {"gitea_instance": "eu", "purpose": "check"})
         count = registry.get_sample_value(
             "gfb_gitea_request_duration_seconds_count",
-            {"instance": "eu", "call": "post_status", "code": "201"})
+            {"gitea_instance": "eu", "call": "post_status", "code": "201"})
         assert count == 1
         assert registry.get_sample_value(
             "gfb_gitea_request_duration_seconds_count",
-            {"instance": "eu", "call": "version", "code": "200"}) == 1
+            {"gitea_instance": "eu", "call": "version", "code": "200"}) == 1
         await eventually(lambda: r.metric("gfb_resync_leader") == 1)
