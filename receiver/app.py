@@ -7,7 +7,7 @@ import functools
 import gc
 import logging
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -57,6 +57,8 @@ class Components:
     ingest: IngestService
     statuses: StatusService
     drain: Drain
+    # Said in every /readyz answer (e.g. that Flux is simulated): what an operator must know.
+    notes: dict[str, str] = field(default_factory=dict)
 
 
 def build(settings: Settings, cluster: Cluster, **status_kwargs: Any) -> Components:
@@ -138,9 +140,10 @@ def create_app(settings: Settings, cluster: Cluster, **status_kwargs: Any) -> St
         unreadable = await parts.statuses.unreadable_secrets()
         if unreadable:
             # /events would answer 401 and statuses would fail: do not take traffic yet.
-            return error(503, "configured secrets cannot be read", secrets=unreadable, **detail)
+            return error(503, "configured secrets cannot be read", secrets=unreadable, **detail,
+                         **parts.notes)
         return JSONResponse({"status": "ready", "objects": len(cluster.store),
-                             "receivers": len(parts.hooks), **detail})
+                             "receivers": len(parts.hooks), **detail, **parts.notes})
 
     async def metrics(request: Request) -> Response:
         parts.metrics.status_queue_depth.set(parts.statuses.queue_depth)
