@@ -7,7 +7,7 @@ import functools
 import gc
 import logging
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -57,6 +57,8 @@ class Components:
     ingest: IngestService
     statuses: StatusService
     drain: Drain
+    # Said in every /readyz answer (e.g. that Flux is simulated): what an operator must know.
+    notes: dict[str, str] = field(default_factory=dict)
 
 
 def build(settings: Settings, cluster: Cluster, **status_kwargs: Any) -> Components:
@@ -130,11 +132,23 @@ def create_app(settings: Settings, cluster: Cluster, **status_kwargs: Any) -> St
             if parts.hooks.indexing:
                 return error(503, "receivers are being indexed")
             indexed_once = True
+        detail: dict[str, Any] = {}
+        unusable = parts.hooks.unusable()
+        if unusable:
+            # Not a reason to stop serving the other Receivers: named so someone can fix them.
+            detail["receivers_unusable"] = unusable
+        unreadable = await parts.statuses.unreadable_secrets()
+        if unreadable:
+            # /events would answer 401 and statuses would fail: do not take traffic yet.
+            return error(503, "configured secrets cannot be read", secrets=unreadable, **detail,
+                         **parts.notes)
         return JSONResponse({"status": "ready", "objects": len(cluster.store),
-                             "receivers": len(parts.hooks)})
+                             "receivers": len(parts.hooks), **detail, **parts.notes})
 
     async def metrics(request: Request) -> Response:
         parts.metrics.status_queue_depth.set(parts.statuses.queue_depth)
+        parts.metrics.cache_synced.set(1 if cluster.synced else 0)
+        parts.metrics.watches_failing.set(len(getattr(cluster, "sync_errors", {}) or {}))
         return Response(generate_latest(parts.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     async def openapi_json(request: Request) -> Response:

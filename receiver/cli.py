@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import os
 import sys
 import time
@@ -64,6 +65,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
     except ConfigError as exc:
         return _fail(str(exc))
+    if args.simulate_flux and settings.manifests is None:
+        return _fail("--simulate-flux needs --manifests: it plays Flux on the in-memory cluster")
+    if not 0 <= args.simulate_delay <= 3600:
+        return _fail("--simulate-delay must be between 0 and 3600 seconds")
     logs.configure(settings.log_level)
     store = ObjectStore(url_normaliser(settings))
     cluster: Any
@@ -87,6 +92,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         app = create_app(settings, cluster)
     except ConfigError as exc:
         return _fail(str(exc))
+    if args.simulate_flux:
+        from receiver.flux.simulate import NOTICE, FluxSimulator
+
+        assert isinstance(cluster, MemoryCluster)
+        simulator = FluxSimulator(cluster, args.simulate_delay)
+        app.state.parts.ingest.push_listeners.append(simulator.on_push)
+        app.state.parts.notes["simulation"] = NOTICE
+        logging.getLogger("receiver.flux.simulate").warning(NOTICE, extra={"simulation": True})
     config = uvicorn.Config(
         app,
         host=settings.listen.host,
@@ -234,6 +247,12 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--host")
     s.add_argument("--port", type=int)
     s.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    s.add_argument("--simulate-flux", action="store_true",
+                   help="with --manifests: play Flux, marking annotated objects reconciled at the "
+                        "pushed commit after --simulate-delay seconds (a demo; nothing is deployed)")
+    s.add_argument("--simulate-delay", type=float, default=1.0, metavar="SECONDS",
+                   help="with --simulate-flux: seconds before a source fetches, and again before "
+                        "its consumers apply (default 1)")
     s.add_argument("--drain-seconds", type=float,
                    help="after SIGTERM, serve this long with /readyz 503 before shutting down "
                         "(shutdown.drain_seconds)")

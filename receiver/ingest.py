@@ -44,6 +44,7 @@ from receiver.http import (
 )
 from receiver.logs import delivery_id as delivery_ctx
 from receiver.metrics import Metrics
+from receiver.mismatch import Unmatched, unmatched
 from receiver.ratelimit import RateLimiter
 from receiver.reconcile import Reconciler, request_value
 from receiver.replay import SeenOnce
@@ -250,6 +251,7 @@ class IngestService:
             resolved=self._resolved(receiver), note=selection.note,
             gitea_prefixes=self.gitea_prefixes,
         )
+        mismatch = unmatched(push, self.cluster.store) if not plan.targets else None
         now = self.wall_clock()
         if once is not None:
             # No await from this check to `remember`: two copies of one request on this replica
@@ -270,11 +272,15 @@ class IngestService:
                 listener(delivery, push)
         await self.reconciler.start_delivery(delivery)
         annotated = await self._annotate_only(plan)
+        if mismatch is not None:
+            self.metrics.pushes_unmatched.labels(mismatch.reason).inc()
+            log.info("push matched no source", extra={
+                "receiver": name, "reason": mismatch.reason, "detail": mismatch.message})
         # `mark` is short and on the objects; `id` is what a client follows with.
         log.info("push accepted", extra={
             "receiver": name, "ref": delivery.ref, "commit": delivery.sha, "mark": mark,
             "id": delivery_id, "targets": len(plan.targets), "tracked": len(plan.tracked)})
-        return self._count(name, "accepted", _accepted(delivery, annotated))
+        return self._count(name, "accepted", _accepted(delivery, annotated, mismatch))
 
     async def _annotate_only(self, plan: Plan) -> list[dict[str, str]]:
         """Patch the listed objects of kinds the bridge does not route, as Flux does: only
@@ -434,12 +440,15 @@ async def _change_or_drain(changed: asyncio.Event, drain: Drain, timeout: float)
             waiter.cancel()
 
 
-def _accepted(delivery: Delivery, annotate_only: list[dict[str, str]] | None = None
-              ) -> JSONResponse:
-    """The 202 reply: the plan with each annotated target's state now."""
+def _accepted(delivery: Delivery, annotate_only: list[dict[str, str]] | None = None,
+              mismatch: Unmatched | None = None) -> JSONResponse:
+    """The 202 reply: the plan with each annotated target's state now, the kinds annotated by
+    name only, and why a push that matched no source did not (`unmatched`)."""
     reply = delivery.plan.as_dict()
     if annotate_only:
         reply["annotate_only"] = annotate_only
+    if mismatch is not None:
+        reply["unmatched"] = mismatch.as_dict()
     reply["targets"] = []
     for target in delivery.plan.targets:
         view = delivery.view.get(target.key)

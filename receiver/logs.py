@@ -11,6 +11,7 @@ import json
 import logging
 import sys
 import time
+import traceback
 from contextvars import ContextVar
 from typing import Any
 
@@ -19,6 +20,7 @@ delivery_id: ContextVar[str] = ContextVar("delivery_id", default="")
 # uvicorn adds an ANSI-coloured copy of each message: noise in JSON.
 _RESERVED = set(vars(logging.makeLogRecord({}))) | {"color_message"}
 MAX_FIELD_CHARS = 512
+MAX_TRACEBACK_CHARS = 8192
 
 
 def clip(value: Any, limit: int = MAX_FIELD_CHARS) -> Any:
@@ -53,12 +55,29 @@ class JsonFormatter(logging.Formatter):
                 line[key] = clip(value)
         if record.exc_info and record.exc_info[0] is not None:
             line["error"] = clip(f"{record.exc_info[0].__name__}: {record.exc_info[1]}")
+            # An unexpected error (log.exception): where it happened, to fix it. The stack only:
+            # the exception's text is `error`, already cut.
+            stack = "".join(traceback.format_tb(record.exc_info[2]))
+            if stack:
+                line["traceback"] = clip(stack, MAX_TRACEBACK_CHARS)
         return json.dumps(line, default=str)
+
+
+class UvicornLifecycle(logging.Filter):
+    """uvicorn logs its lifecycle ("Started server process", "Shutting down") on the logger
+    `uvicorn.error`; below ERROR those lines say `uvicorn`, so that nothing routine reads as an
+    error to someone grepping the logs."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "uvicorn.error" and record.levelno < logging.ERROR:
+            record.name = "uvicorn"
+        return True
 
 
 def configure(level: str = "info") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
+    handler.addFilter(UvicornLifecycle())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
@@ -69,3 +88,6 @@ def configure(level: str = "info") -> None:
     # Access logs would repeat the hook digest (a token-derived path) on every request.
     logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
     logging.getLogger("kubernetes").setLevel(logging.WARNING)
+    # httpx logs every Gitea request at info: the latency metric and our own lines say enough.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.getLogger("httpcore").setLevel(logging.WARNING)

@@ -34,7 +34,7 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import httpx
 from starlette.requests import Request
@@ -55,6 +55,7 @@ from receiver.gitea.client import (
     more_pages,
 )
 from receiver.gitea.payloads import Push
+from receiver.gitea.version import SKIPPED, accepts_skipped, state_for_version
 from receiver.giturls import normalise_aliases, normalise_host
 from receiver.http import (
     UNAUTHORIZED,
@@ -64,7 +65,7 @@ from receiver.http import (
     media_type,
     read_capped,
 )
-from receiver.metrics import Metrics
+from receiver.metrics import NO_INSTANCE, Metrics
 from receiver.signatures import verify_bearer, verify_event
 from receiver.statuses import (
     CONTEXT_FIELDS,
@@ -176,6 +177,11 @@ class StatusService:
 
         self._hosts = instance_hosts(((i.name, i.url, i.hosts) for i in settings.gitea), host_key)
         self._client = GiteaClient(settings.gitea, self._read_token, transport=transport)
+
+        def observe(instance: str, call: str, code: str, seconds: float) -> None:
+            metrics.gitea_requests.labels(instance, call, code).observe(seconds)
+
+        self._client.observe = observe
         self._holder = f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
         self._latest: dict[JobKey, _Job] = {}  # waiting to be taken, newest per key
         self._busy: set[JobKey] = set()  # being posted, or waiting for a retry
@@ -190,6 +196,7 @@ class StatusService:
         self._tasks: list[asyncio.Task[None]] = []
         self._secrets: dict[SecretSource, tuple[float, str]] = {}
         self._urls: dict[str, str | None] = {}
+        self._versions: dict[str, str] = {}  # per instance, once read ("" when Gitea sent none)
         self._accepting = True  # until stop(); jobs queued before start() wait for workers
         self._rng = random.random
 
@@ -207,6 +214,7 @@ class StatusService:
                         "answers 401 to everything")
         self._tasks = [asyncio.create_task(self._worker(), name=f"status-worker-{i}")
                        for i in range(self.workers)]
+        self._tasks.append(asyncio.create_task(self._read_versions(), name="gitea-versions"))
         self._tasks.append(asyncio.create_task(self._resync_loop(), name="status-resync"))
 
     async def stop(self, grace_seconds: float = 10.0) -> None:
@@ -252,7 +260,7 @@ class StatusService:
             if desired is not None:
                 wanted.append(desired)
         if wanted and self._enqueue(wanted, state_only=False) is None:
-            self._metrics.statuses.labels("failed").inc(len(wanted))
+            self._metrics.statuses.labels(NO_INSTANCE, "failed").inc(len(wanted))
             log.warning("status queue full: pending statuses of a push dropped",
                         extra={"delivery": delivery.id, "statuses": len(wanted)})
 
@@ -443,7 +451,9 @@ class StatusService:
                 continue
             if not listing.covered and not full_budget:
                 break  # out of reads mid-listing: this commit comes first next run
-            repairs = plan_repairs(desired, listing.shown)
+            version = self._versions.get(instance)
+            repairs = plan_repairs([replace(d, state=state_for_version(d.state, version))
+                                    for d in desired], listing.shown)
             queued = 0
             for repair in repairs:
                 added = (self._enqueue([repair], state_only=True, instance=instance)
@@ -452,7 +462,7 @@ class StatusService:
                     break
                 queued += added
             count += queued
-            self._metrics.status_repairs.inc(queued)
+            self._metrics.status_repairs.labels(instance).inc(queued)
             if queued < len(repairs):
                 log.warning("status queue stays full; resync continues next round")
                 break  # this commit comes first next run
@@ -500,11 +510,13 @@ class StatusService:
             try:
                 leader = await self._cluster.try_acquire_lease(
                     cfg.lease_name, self._holder, cfg.lease_duration_seconds)
+                self._metrics.resync_leader.set(1 if leader else 0)
                 if not leader:
                     last_run = None  # on taking over, resync at once
                 elif last_run is None or self._clock() - last_run >= cfg.resync_interval_seconds:
                     last_run = self._clock()
                     await self.resync_once()
+                    self._metrics.resync_last_success.set(time.time())
             except Exception:
                 log.exception("resync failed; retrying next round")
             await asyncio.sleep(tick)
@@ -560,7 +572,7 @@ class StatusService:
                 retry_in = await self._deliver(job)
             except Exception:
                 log.exception("status delivery crashed", extra={"context": job.status.context})
-                self._metrics.statuses.labels("failed").inc()
+                self._metrics.statuses.labels(job.instance, "failed").inc()
             if retry_in is None:
                 self._release(key)
                 continue
@@ -574,12 +586,13 @@ class StatusService:
         """Post one job unless Gitea shows it; None when done, else seconds until a retry."""
         status = job.status
         try:
+            status = await self._for_instance(job.instance, status)
             known, shown = self._recall_job(job)
             if not known:
                 known, shown = await self._check_commit(job)
             # Unknown even now (a listing too long to read whole): post, Gitea keeps the latest.
-            if known and not needs_post(shown, job.fields, state_only=job.state_only):
-                self._metrics.statuses.labels("deduplicated").inc()
+            if known and not needs_post(shown, status.fields, state_only=job.state_only):
+                self._metrics.statuses.labels(job.instance, "deduplicated").inc()
                 return None
             await self._client.post_status(
                 job.instance, status.owner, status.repo, status.sha,
@@ -588,18 +601,18 @@ class StatusService:
         except GiteaError as exc:
             job.attempts += 1
             if exc.retryable and job.attempts < self._settings.statuses.max_attempts:
-                self._metrics.statuses.labels("retried").inc()
+                self._metrics.statuses.labels(job.instance, "retried").inc()
                 delay = backoff_delay(job.attempts, self.retry_base_seconds,
                                       self.retry_cap_seconds, self._rng)
                 return max(delay, exc.retry_after or 0.0)
-            self._metrics.statuses.labels("failed").inc()
+            self._metrics.statuses.labels(job.instance, "failed").inc()
             log.warning("commit status not posted", extra={
                 "instance": job.instance, "repo": status.repo_key, "commit": status.sha,
                 "context": status.context, "state": status.state, "attempts": job.attempts,
                 "error": str(exc)})
             return None
-        self._observe(job.key, job.fields, self._clock(), job.origin)
-        self._metrics.statuses.labels("posted").inc()
+        self._observe(job.key, status.fields, self._clock(), job.origin)
+        self._metrics.statuses.labels(job.instance, "posted").inc()
         return None
 
     async def _check_commit(self, job: _Job) -> tuple[bool, Fields | None]:
@@ -647,7 +660,7 @@ class StatusService:
         while budget.left > 0:
             number += 1
             budget.left -= 1
-            self._metrics.status_reads.labels(purpose).inc()
+            self._metrics.status_reads.labels(instance, purpose).inc()
             page = await self._client.status_page(instance, owner, repo, sha, number)
             items.extend(page.items)
             if not more_pages(page, len(items)):
@@ -692,6 +705,37 @@ class StatusService:
         while self._listed and (len(self._listed) > self.memory_size
                                 or next(iter(self._listed.values())) <= horizon):
             self._listed.popitem(last=False)
+
+    # -- Gitea versions ----------------------------------------------------------------------
+
+    async def _read_versions(self) -> None:
+        """Read every instance's version at start; one that does not answer now is read again
+        before a status that depends on it is posted."""
+        for name in self._client.instance_names:
+            try:
+                await self._version(name)
+            except GiteaError as exc:
+                log.warning("cannot read the Gitea version; asked again before posting a "
+                            "skipped status", extra={"instance": name, "error": str(exc)})
+            except Exception:
+                log.exception("reading the Gitea version crashed", extra={"instance": name})
+
+    async def _version(self, instance: str) -> str:
+        if instance not in self._versions:
+            version = await self._client.server_version(instance)
+            self._versions[instance] = version
+            log.info("gitea instance version", extra={
+                "instance": instance, "version": version or "unknown",
+                "skipped_posted_as": SKIPPED if accepts_skipped(version)
+                else state_for_version(SKIPPED, version)})
+        return self._versions[instance]
+
+    async def _for_instance(self, instance: str, status: DesiredStatus) -> DesiredStatus:
+        """The status as this instance accepts it (`skipped` only on Gitea >= 1.25)."""
+        if status.state != SKIPPED:
+            return status
+        state = state_for_version(status.state, await self._version(instance))
+        return status if state == status.state else replace(status, state=state)
 
     # -- cluster and secrets -----------------------------------------------------------------
 
@@ -739,6 +783,39 @@ class StatusService:
             log.error("cannot read a secret", extra={"error": str(exc)})
             return None
         return value or None
+
+    def configured_secrets(self) -> list[tuple[str, SecretSource]]:
+        """(setting, source) of every secret the configuration names, settings spelled as in
+        the configuration file (`gitea[eu].token`)."""
+        found: list[tuple[str, SecretSource | None]] = [
+            (f"gitea[{instance.name}].token", instance.token) for instance in self._settings.gitea]
+        found += [("events.hmac_token", self._settings.events.hmac_token),
+                  ("events.bearer_token", self._settings.events.bearer_token),
+                  ("badge_key", self._settings.badge_key)]
+        return [(setting, source) for setting, source in found if source is not None]
+
+    async def unreadable_secrets(self) -> dict[str, str]:
+        """setting -> why it cannot be used now, for every configured secret that cannot be read
+        or is blank. The reason names the file or Secret, never a value."""
+        problems: dict[str, str] = {}
+        for setting, source in self.configured_secrets():
+            try:
+                value = await self._secret(source)
+            except ConfigError as exc:
+                problems[setting] = str(exc)
+                continue
+            except UnicodeDecodeError:
+                problems[setting] = f"secret {source.secret} key {source.key} is not UTF-8 text"
+                continue
+            except Exception as exc:  # a Kubernetes API error: reported, not raised
+                problems[setting] = f"cannot read secret {source.secret}: {type(exc).__name__}"
+                continue
+            if not value.strip():
+                self._secrets.pop(source, None)  # read again next time: it may be written soon
+                where = source.file if source.file is not None else (
+                    f"secret {source.secret} key {source.key}")
+                problems[setting] = f"{where} is empty"
+        return problems
 
     async def _read_token(self, source: SecretSource, fresh: bool) -> str:
         return await self._secret(source, fresh)

@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # Build the real test peers (etcd, kube-apiserver, helm, Flux controllers, Gitea)
-# from their Go modules into a cache dir outside the repo.
+# and the lint tools (promtool, actionlint) from their Go modules into a cache
+# dir outside the repo.
 #
 # Usage:
-#   scripts/testbin.sh [core|flux|gitea|all|<component>...]   (default: core)
+#   scripts/testbin.sh [core|tools|flux|gitea|all|<component>...]   (default: core)
 #   scripts/testbin.sh --print-dir          print the binary cache dir
 #   scripts/testbin.sh --moddir <component> print the component's module source dir
 #                                           (Gitea STATIC_ROOT_PATH, Flux CRDs)
 #
 # Groups: core = etcd kube-apiserver helm
+#         tools = promtool actionlint (small: a few minutes each)
 #         flux = source-controller kustomize-controller notification-controller
 #
 # Env: GFBTEST_BIN (cache dir), GFBTEST_GO_P (go build -p, default 2).
@@ -23,6 +25,8 @@ SOURCE_CONTROLLER_VERSION=v1.9.4          # github.com/fluxcd/source-controller
 KUSTOMIZE_CONTROLLER_VERSION=v1.9.4       # github.com/fluxcd/kustomize-controller
 NOTIFICATION_CONTROLLER_VERSION=v1.9.3    # github.com/fluxcd/notification-controller
 GITEA_VERSION=v1.26.3                     # code.gitea.io/gitea
+PROMETHEUS_VERSION=v0.316.0               # github.com/prometheus/prometheus (promtool 3.16.0)
+ACTIONLINT_VERSION=v1.7.12                # github.com/rhysd/actionlint
 
 CACHE=${GFBTEST_BIN:-$HOME/.cache/gitea-flux-bridge/testbin}
 JOBS=${GFBTEST_GO_P:-2}   # 2 cores; k8s compile units are memory hungry
@@ -33,7 +37,8 @@ K8S_MINOR=${K8S_VERSION#v1.}; K8S_MINOR=${K8S_MINOR%%.*}
 
 CORE=(etcd kube-apiserver helm)
 FLUX=(source-controller kustomize-controller notification-controller)
-ALL=("${CORE[@]}" "${FLUX[@]}" gitea)
+TOOLS=(promtool actionlint)
+ALL=("${CORE[@]}" "${TOOLS[@]}" "${FLUX[@]}" gitea)
 
 die() { echo "testbin: ERROR: $*" >&2; exit 1; }
 
@@ -81,7 +86,15 @@ component_info() {
 		CGO=1; TAGS="sqlite sqlite_unlock_notify"
 		# A real version: Flux's gitea provider (Gitea SDK) rejects "development".
 		LDFLAGS+=" -X main.Version=${GITEA_VERSION#v} -X 'main.Tags=$TAGS'" ;;
-	*) die "unknown component '$1' (known: ${ALL[*]}, core, flux, all)" ;;
+	promtool)
+		# Prometheus tags its Go module v0.<3 major minor>.<patch> for release v3.<minor>.<patch>.
+		MOD=github.com/prometheus/prometheus; VER=$PROMETHEUS_VERSION; PKG=$MOD/cmd/promtool
+		local minor=${PROMETHEUS_VERSION#v0.3}; minor=${minor%%.*}; minor=$((10#$minor))
+		LDFLAGS+=" -X github.com/prometheus/common/version.Version=3.$minor.${PROMETHEUS_VERSION##*.}" ;;
+	actionlint)
+		MOD=github.com/rhysd/actionlint; VER=$ACTIONLINT_VERSION; PKG=$MOD/cmd/actionlint
+		LDFLAGS+=" -X $MOD.version=${ACTIONLINT_VERSION#v}" ;;
+	*) die "unknown component '$1' (known: ${ALL[*]}, core, tools, flux, all)" ;;
 	esac
 }
 
@@ -117,7 +130,7 @@ wrapper_replaces() {
 		replace github.com/microsoft/go-mssqldb => github.com/microsoft/go-mssqldb v1.9.7
 		EOF
 		;;
-	esac   # etcd: only local replaces; helm: none
+	esac   # etcd: only local replaces; helm, promtool, actionlint: none
 }
 
 # k/k requires every staging module as `k8s.io/<name> v0.0.0` and maps it to
@@ -203,7 +216,7 @@ main() {
 	case ${1:-} in
 	--print-dir) echo "$CACHE"; return ;;
 	--moddir) [[ $# -eq 2 ]] || die "usage: $0 --moddir <component>"; print_moddir "$2"; return ;;
-	-h|--help) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; return ;;
+	-h|--help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; return ;;
 	esac
 	command -v go >/dev/null || die "go not found in PATH"
 	(($# > 0)) || set -- core
@@ -212,6 +225,7 @@ main() {
 	for a in "$@"; do
 		case $a in
 		core) todo+=("${CORE[@]}") ;;
+		tools) todo+=("${TOOLS[@]}") ;;
 		flux) todo+=("${FLUX[@]}") ;;
 		all) todo+=("${ALL[@]}") ;;
 		*) component_info "$a"; todo+=("$a") ;;   # validates the name

@@ -144,6 +144,11 @@ _SORTS: dict[str, tuple[str, bool]] = {
     "oldest": ("id", False), "recentupdate": ("id", True), "leastupdate": ("id", False),
     "leastindex": ("index", True), "highestindex": ("index", False), "": ("id", True),
 }
+def _takes_skipped(version: str) -> bool:
+    major, minor = (int(part) for part in version.split(".")[:2])
+    return (major, minor) >= (1, 25)
+
+
 def _public(status: dict[str, Any]) -> dict[str, Any]:
     """A stored status as the API shows it: the per-commit index is not part of the JSON."""
     return {k: v for k, v in status.items() if k != "index"}
@@ -169,6 +174,10 @@ class FakeGitea:
     repos: set[tuple[str, str]] | None = None
     validator: SwaggerValidator = field(default_factory=SwaggerValidator)
     problems: list[str] = field(default_factory=list)
+    # What GET /version answers (None: 404). Before 1.25 Gitea refuses the `skipped` state (as
+    # 1.24 does: 400 with a message); from 1.25 on it takes it.
+    version: str | None = "1.26.3"
+    version_reads: int = 0
     _next_id: int = 0
 
     _PATH = re.compile(r"^/repos/(?P<owner>[^/]+)/(?P<repo>[^/]+)/"
@@ -176,6 +185,13 @@ class FakeGitea:
 
     def handle(self, request: httpx.Request) -> httpx.Response:
         self.problems += self.validator.problems(request, self.prefix)
+        # GET /version (read once at start, concurrently with what a test does) takes none of
+        # the injected failures: `version = None` makes it fail.
+        if request.url.path.removeprefix(self.prefix) == "/version" and request.method == "GET":
+            self.version_reads += 1
+            if self.version is None:
+                return httpx.Response(404, json=NOT_FOUND)
+            return httpx.Response(200, json={"version": self.version})
         if self.fail:
             failure = self.fail.pop(0)
             if isinstance(failure, Exception):
@@ -193,6 +209,8 @@ class FakeGitea:
         if request.method == "GET":
             return self._list(key, request.url.params)
         body = json.loads(request.content)
+        if body.get("state") == "skipped" and not _takes_skipped(self.version or "1.26"):
+            return httpx.Response(400, json={"message": "invalid state: skipped", "url": ""})
         status = self.add(*key, body.get("context", ""), body.get("state", ""),
                           body.get("description", ""), body.get("target_url", ""))
         self.posts.append((*key, body))

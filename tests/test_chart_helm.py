@@ -6,6 +6,7 @@ missing). A missing helm fails these tests: it never skips them silently.
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 from collections.abc import Iterable
@@ -23,6 +24,9 @@ pytestmark = pytest.mark.realk8s
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "charts" / "gitea-flux-bridge"
 FULL_VALUES = CHART / "ci" / "full-values.yaml"
+# The least a user must set (clusterName); the chart refuses to render without it.
+DEFAULT_VALUES = CHART / "ci" / "default-values.yaml"
+NAMED = ("--set", "clusterName=eu-west")
 RELEASE, NAMESPACE = "bridge", "flux-system"
 FULLNAME = "bridge-gitea-flux-bridge"
 SECRETS_DIR = "/etc/gitea-flux-bridge/secrets"
@@ -97,13 +101,19 @@ def render(values: tuple[str, ...] = (), sets: tuple[str, ...] = ()) -> tuple[di
     return tuple(docs)
 
 
-DEFAULT: tuple[str, ...] = ()
+DEFAULT: tuple[str, ...] = (str(DEFAULT_VALUES),)
 FULL: tuple[str, ...] = (str(FULL_VALUES),)
 VARIANTS = {"default": DEFAULT, "full": FULL}
 
 
 def objects(variant: str, kind: str | None = None) -> list[dict[str, Any]]:
     return [d for d in render(VARIANTS[variant]) if kind is None or d["kind"] == kind]
+
+
+def config_map(variant: str) -> dict[str, Any]:
+    """The configuration's ConfigMap (the dashboard may have one too)."""
+    (found,) = [d for d in objects(variant, "ConfigMap") if "config.yaml" in d.get("data", {})]
+    return found
 
 
 def one(variant: str, kind: str) -> dict[str, Any]:
@@ -122,8 +132,7 @@ def test_helm_version(helm: str) -> None:
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_lint(helm: str, variant: str) -> None:
     args = ["lint", str(CHART), "--strict", "--namespace", NAMESPACE]
-    if variant == "full":
-        args += ["-f", str(FULL_VALUES)]
+    args += ["-f", str(FULL_VALUES if variant == "full" else DEFAULT_VALUES)]
     result = run_helm(*args)
     assert "0 chart(s) failed" in result.stdout
 
@@ -160,6 +169,10 @@ def test_full_objects(helm: str) -> None:
     assert kinds == sorted([
         "ConfigMap", "Deployment", "Service", "ServiceAccount", "NetworkPolicy",
         "PodDisruptionBudget", "HorizontalPodAutoscaler", "Ingress", "ServiceMonitor",
+        # extraObjects: the Flux side shipped with the release
+        "Provider", "Alert", "Receiver",
+        # alerts and the Grafana dashboard
+        "PrometheusRule", "ConfigMap",
         # a Role + RoleBinding per watched namespace, and the Lease's
         "Role", "RoleBinding", "Role", "RoleBinding", "Role", "RoleBinding",
     ])
@@ -168,10 +181,11 @@ def test_full_objects(helm: str) -> None:
 
 
 def test_kube_version_is_enforced(helm: str) -> None:
-    result = run_helm("template", RELEASE, str(CHART), "--kube-version", "1.27.9", check=False)
+    result = run_helm("template", RELEASE, str(CHART), *NAMED, "--kube-version", "1.27.9",
+                      check=False)
     assert result.returncode != 0
     assert "kubeVersion" in result.stderr or "incompatible" in result.stderr
-    run_helm("template", RELEASE, str(CHART), "--kube-version", "1.28.0")
+    run_helm("template", RELEASE, str(CHART), *NAMED, "--kube-version", "1.28.0")
 
 
 # -- the Deployment ------------------------------------------------------------------------------
@@ -215,7 +229,7 @@ def test_deployment_runtime(helm: str, variant: str) -> None:
     assert "emptyDir" in volumes[mounts["/tmp"]["name"]]
     config_mount = mounts["/etc/gitea-flux-bridge/config.yaml"]
     assert config_mount["readOnly"] is True
-    assert volumes[config_mount["name"]]["configMap"]["name"] == one(variant, "ConfigMap")[
+    assert volumes[config_mount["name"]]["configMap"]["name"] == config_map(variant)[
         "metadata"]["name"]
     assert pod["serviceAccountName"] == one(variant, "ServiceAccount")["metadata"]["name"]
     selector = deployment["spec"]["selector"]["matchLabels"]
@@ -237,7 +251,7 @@ def test_deployment_runtime(helm: str, variant: str) -> None:
 
 
 def _pod(*sets: str, kube_version: str | None = None) -> dict[str, Any]:
-    args = ["template", RELEASE, str(CHART), "--namespace", NAMESPACE]
+    args = ["template", RELEASE, str(CHART), "--namespace", NAMESPACE, *NAMED]
     for item in sets:
         args += ["--set-json", item]
     if kube_version:
@@ -278,7 +292,7 @@ def test_grace_period_covers_every_step_of_the_shutdown(
     ("terminationGracePeriodSeconds=40", 'config.shutdown={"flush_seconds": 20.5}'),
 ])
 def test_a_grace_period_shorter_than_the_shutdown_fails(helm: str, sets: tuple[str, ...]) -> None:
-    args = ["template", RELEASE, str(CHART)]
+    args = ["template", RELEASE, str(CHART), *NAMED]
     for item in sets:
         args += ["--set-json", item]
     result = run_helm(*args, check=False)
@@ -306,7 +320,7 @@ def test_config_checksum_rolls_the_pods(helm: str) -> None:
         value: str = deployment["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
         return value
 
-    assert checksum() != checksum("config.cluster_name=us-east")
+    assert checksum() != checksum("clusterName=us-east")
 
 
 # -- the configuration file ----------------------------------------------------------------------
@@ -316,7 +330,7 @@ def test_config_checksum_rolls_the_pods(helm: str) -> None:
 def test_rendered_configuration_is_accepted_by_the_service(
     helm: str, variant: str, tmp_path: Path
 ) -> None:
-    configmap = one(variant, "ConfigMap")
+    configmap = config_map(variant)
     path = tmp_path / "config.yaml"
     path.write_text(configmap["data"]["config.yaml"])
     settings = load_settings(path, environ={})
@@ -324,8 +338,8 @@ def test_rendered_configuration_is_accepted_by_the_service(
     assert settings.listen.port == 8080
     values = yaml.safe_load(FULL_VALUES.read_text()) if variant == "full" else {}
     assert settings.namespaces == values.get("watchNamespaces", [])
+    assert settings.cluster_name == "eu-west"
     if variant == "full":
-        assert settings.cluster_name == "eu-west"
         assert [g.name for g in settings.gitea] == ["eu", "us"]
         files = [g.token.file for g in settings.gitea]
         files += [settings.events.hmac_token.file if settings.events.hmac_token else None,
@@ -338,6 +352,62 @@ def test_secret_files_without_existing_secret_fail(helm: str) -> None:
                       "--set", "existingSecret=", check=False)
     assert result.returncode != 0
     assert "existingSecret" in result.stderr
+
+
+# -- alerts and dashboard ---------------------------------------------------------------------
+
+
+def test_prometheus_rule_is_the_promtool_tested_file(helm: str) -> None:
+    rule = one("full", "PrometheusRule")
+    assert rule["apiVersion"] == "monitoring.coreos.com/v1"
+    assert rule["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    assert rule["spec"] == yaml.safe_load((CHART / "files" / "prometheus-rules.yaml").read_text())
+    (dashboard,) = [d for d in objects("full", "ConfigMap") if "dashboard" in d["metadata"]["name"]]
+    assert dashboard["metadata"]["namespace"] == "monitoring"
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert json.loads(dashboard["data"]["gitea-flux-bridge.json"]) == json.loads(
+        (CHART / "files" / "grafana-dashboard.json").read_text())
+    assert not objects("default", "PrometheusRule")
+
+
+# -- the cluster name is required ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("unset", [(), ("--set", "clusterName=")])
+def test_cluster_name_is_required(helm: str, unset: tuple[str, ...]) -> None:
+    """Two clusters installed with a default name would overwrite each other's statuses."""
+    result = run_helm("template", RELEASE, str(CHART), *unset, check=False)
+    assert result.returncode != 0
+    assert "clusterName is required" in result.stderr
+    # helm lint treats `required` leniently by design (charts lint without values), but says so.
+    lint = run_helm("lint", str(CHART), *unset, check=False)
+    assert "clusterName is required" in lint.stdout + lint.stderr
+
+
+def test_cluster_name_is_validated_and_chart_owned(helm: str) -> None:
+    result = run_helm("template", RELEASE, str(CHART), "--set", "clusterName=a{b}", check=False)
+    assert result.returncode != 0
+    # config.cluster_name is the chart's to write (from clusterName): the schema refuses it.
+    result = run_helm("lint", str(CHART), *NAMED, "--set", "config.cluster_name=x", check=False)
+    assert result.returncode != 0
+    assert "cluster_name" in result.stdout + result.stderr
+
+
+# -- extraObjects --------------------------------------------------------------------------------
+
+
+def test_extra_objects_ship_with_the_release_rendered_with_tpl(helm: str) -> None:
+    provider = one("full", "Provider")
+    assert provider["metadata"]["namespace"] == NAMESPACE
+    assert provider["spec"]["address"] == (
+        f"http://{FULLNAME}.{NAMESPACE}.svc.cluster.local/events")
+    alert = one("full", "Alert")
+    assert alert["spec"]["providerRef"] == {"name": "gitea-flux-bridge"}
+    receiver = one("full", "Receiver")  # given as a string of YAML
+    assert receiver["metadata"] == {"name": "platform", "namespace": NAMESPACE, "labels": {
+        "app.kubernetes.io/name": "gitea-flux-bridge", "app.kubernetes.io/instance": RELEASE}}
+    assert receiver["spec"]["resources"][0]["kind"] == "GitRepository"
+    assert not [d for d in objects("default") if d["kind"] in ("Provider", "Alert", "Receiver")]
 
 
 # -- RBAC ------------------------------------------------------------------------------------------
@@ -501,7 +571,7 @@ def test_service_monitor_scrapes_metrics(helm: str) -> None:
     "service.sessionAffinity=ClientIP",
 ])
 def test_schema_rejects(helm: str, setting: str) -> None:
-    result = run_helm("lint", str(CHART), "--set", setting, check=False)
+    result = run_helm("lint", str(CHART), *NAMED, "--set", setting, check=False)
     assert result.returncode != 0, setting
     assert "schema" in (result.stdout + result.stderr).lower(), result.stdout
 
@@ -512,7 +582,7 @@ def test_schema_rejects(helm: str, setting: str) -> None:
     "config.badge_key.file=/etc/gitea-flux-bridge/secrets/badge-key",
 ])
 def test_schema_accepts(helm: str, setting: str) -> None:
-    args = ["lint", str(CHART), "--set", setting]
+    args = ["lint", str(CHART), *NAMED, "--set", setting]
     if "secrets/" in setting:
         args += ["--set", "existingSecret=bridge-secrets"]
     run_helm(*args)
@@ -532,7 +602,7 @@ def _render_notes(tmp_path: Path, *args: str) -> str:
         "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: notes\ndata:\n"
         '  notes: {{ include "test.notes" . | toJson }}\n')
     out = run_helm("template", RELEASE, str(chart), "--namespace", NAMESPACE,
-                   "--show-only", "templates/notes-for-test.yaml", *args).stdout
+                   "--show-only", "templates/notes-for-test.yaml", *NAMED, *args).stdout
     text: str = yaml.safe_load(out)["data"]["notes"]
     return text
 
@@ -549,3 +619,4 @@ def test_notes_tell_how_to_get_hook_urls(helm: str, tmp_path: Path) -> None:
     assert "https://flux-bridge.example.com" in full
     assert "config.gitea is empty" not in full
     assert "flux-system, apps" in full
+    assert "Cluster name in commit statuses: eu-west" in full

@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "charts" / "gitea-flux-bridge"
 SECRETS_DIR = "/etc/gitea-flux-bridge/secrets/"
 # Keys the chart sets itself rather than taking from `config:`.
-CHART_OWNED = {"listen", "namespaces", "manifests"}
+CHART_OWNED = {"listen", "namespaces", "manifests", "cluster_name"}
 
 
 def load_yaml(path: Path) -> Any:
@@ -59,6 +59,8 @@ def rendered_config(values: dict[str, Any]) -> dict[str, Any]:
     config = copy.deepcopy(values.get("config") or {})
     config["listen"] = {"host": "0.0.0.0", "port": 8080}
     config["namespaces"] = list(values.get("watchNamespaces") or [])
+    assert values.get("clusterName"), "the chart refuses to render without clusterName"
+    config["cluster_name"] = values["clusterName"]
     return config
 
 
@@ -71,19 +73,21 @@ def grace_period(values: dict[str, Any]) -> int:
 
 
 DEFAULTS = load_yaml(CHART / "values.yaml")
+# What a user must set at the least (clusterName), everything else at its default.
+MINIMAL = helm_merge(DEFAULTS, load_yaml(CHART / "ci" / "default-values.yaml"))
 FULL = helm_merge(DEFAULTS, load_yaml(CHART / "ci" / "full-values.yaml"))
 SCHEMA = json.loads((CHART / "values.schema.json").read_text())
-VALUE_SETS = {"default": DEFAULTS, "full": FULL}
+VALUE_SETS = {"default": MINIMAL, "full": FULL}
 
 
 def test_chart_metadata() -> None:
     chart = load_yaml(CHART / "Chart.yaml")
     assert chart["apiVersion"] == "v2"
     assert chart["name"] == "gitea-flux-bridge"
-    assert chart["appVersion"] == "0.1.0"
     assert chart["kubeVersion"] == ">=1.28.0-0"
-    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    assert chart["appVersion"] == pyproject["project"]["version"]
+    assert chart["icon"].startswith("https://")
+    assert chart["home"].startswith("https://")
+    assert chart["sources"] and all(s.startswith("https://") for s in chart["sources"])
 
 
 def test_values_files_are_mappings() -> None:
@@ -107,7 +111,15 @@ def test_rendered_config_file_is_accepted(name: str, tmp_path: Path) -> None:
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(rendered_config(VALUE_SETS[name])))
     settings = load_settings(path, environ={})
-    assert settings.cluster_name == VALUE_SETS[name]["config"]["cluster_name"]
+    assert settings.cluster_name == VALUE_SETS[name]["clusterName"]
+
+
+def test_cluster_name_has_no_default() -> None:
+    assert DEFAULTS["clusterName"] == ""
+    assert "cluster_name" not in DEFAULTS["config"]
+    assert "cluster_name" not in SCHEMA["properties"]["config"]["properties"]
+    assert MINIMAL["clusterName"] and set(load_yaml(CHART / "ci" / "default-values.yaml")) == {
+        "clusterName"}
 
 
 def test_full_values_use_every_optional_part() -> None:
@@ -237,7 +249,7 @@ def test_schema_top_level_keys_are_all_documented() -> None:
 def test_grace_period_covers_prestop_drain_requests_and_flush() -> None:
     assert DEFAULTS["terminationGracePeriodSeconds"] is None  # computed by the template
     assert DEFAULTS["preStopSleepSeconds"] == 5
-    assert grace_period(DEFAULTS) == 5 + 5 + 10 + 10 + 5 == 35
+    assert grace_period(MINIMAL) == 5 + 5 + 10 + 10 + 5 == 35
     # An explicit value in the full values is at least what it must cover.
     assert FULL["terminationGracePeriodSeconds"] >= grace_period(FULL) == math.ceil(
         10 + 2.5 + 15 + 20 + 5)
@@ -384,7 +396,7 @@ def test_the_command_the_image_and_chart_run_works(tmp_path: Path) -> None:
     chart renders from its default values and the image's environment, serves and stops cleanly
     on SIGTERM (the in-memory cluster stands in for Kubernetes)."""
     port = _free_port()
-    config = rendered_config(DEFAULTS)
+    config = rendered_config(MINIMAL)
     config["listen"]["host"] = "127.0.0.1"  # the test binds loopback only
     config["listen"]["port"] = port
     config["manifests"] = str(ROOT / "examples" / "fleet")
@@ -415,7 +427,7 @@ def test_the_command_the_image_and_chart_run_works(tmp_path: Path) -> None:
         process.terminate()
         # The drain (config.shutdown.drain_seconds), then the graceful shutdown, then exit 0;
         # all of it within the grace period the chart computes (the preStop sleep came first).
-        code = process.wait(timeout=grace_period(DEFAULTS) - DEFAULTS["preStopSleepSeconds"])
+        code = process.wait(timeout=grace_period(MINIMAL) - DEFAULTS["preStopSleepSeconds"])
         assert code == 0
         output = process.stdout.read().decode() if process.stdout else ""
         assert "draining: not ready, still serving" in output

@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 
-from receiver.logs import MAX_FIELD_CHARS, JsonFormatter
+from receiver.logs import (
+    MAX_FIELD_CHARS,
+    MAX_TRACEBACK_CHARS,
+    JsonFormatter,
+    UvicornLifecycle,
+    configure,
+)
 
 
 def format_record(msg: str, *args: object, exc: BaseException | None = None,
@@ -39,3 +46,43 @@ def test_a_long_message_and_exception_are_cut() -> None:
     assert len(line) < 8 * MAX_FIELD_CHARS
     doc = json.loads(line)
     assert doc["msg"].startswith("bad ref xxx") and doc["error"].startswith("ValueError: yyy")
+
+
+def _raise_deep(depth: int) -> None:
+    if depth == 0:
+        raise RuntimeError("boom")
+    _raise_deep(depth - 1)
+
+
+def test_an_unexpected_error_logs_its_traceback() -> None:
+    try:
+        _raise_deep(3)
+    except RuntimeError:
+        record = logging.makeLogRecord({"name": "t", "levelno": logging.ERROR,
+                                        "levelname": "ERROR", "msg": "crashed"})
+        record.exc_info = sys.exc_info()
+    doc = json.loads(JsonFormatter().format(record))
+    assert doc["error"] == "RuntimeError: boom"
+    assert "_raise_deep" in doc["traceback"] and "test_logs.py" in doc["traceback"]
+    assert len(doc["traceback"]) <= MAX_TRACEBACK_CHARS + 40
+
+
+def test_uvicorn_lifecycle_lines_are_not_error_lines() -> None:
+    for level, name in ((logging.INFO, "uvicorn"), (logging.ERROR, "uvicorn.error")):
+        record = logging.makeLogRecord({"name": "uvicorn.error", "levelno": level,
+                                        "levelname": logging.getLevelName(level),
+                                        "msg": "Shutting down"})
+        assert UvicornLifecycle().filter(record)
+        assert json.loads(JsonFormatter().format(record))["logger"] == name
+
+
+def test_configure_quiets_httpx() -> None:
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        configure("debug")
+        assert logging.getLogger("httpx").getEffectiveLevel() == logging.WARNING
+        assert any(isinstance(f, UvicornLifecycle) for h in root.handlers for f in h.filters)
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)

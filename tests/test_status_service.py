@@ -117,7 +117,10 @@ class Rig:
         return next(iter(self.fakes.values()))
 
     def metric(self, name: str, **labels: str) -> float:
-        return self.metrics.registry.get_sample_value(name, labels) or 0.0
+        """Sum of the samples whose labels include `labels` (any Gitea instance)."""
+        return sum(sample.value for family in self.metrics.registry.collect()
+                   for sample in family.samples
+                   if sample.name == name and labels.items() <= sample.labels.items())
 
     def posted(self) -> float:
         return self.metric("gfb_statuses_total", result="posted")

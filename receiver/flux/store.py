@@ -9,7 +9,7 @@ the event loop by the backend that owns the store.
 from __future__ import annotations
 
 import builtins
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -27,6 +27,10 @@ class ObjectStore:
         self._url_of: dict[ObjectKey, str] = {}
         # Last two path segments (`owner/name`) of a normalised URL -> keys: `owner/name` pushes.
         self._sources_by_name: dict[str, set[ObjectKey]] = defaultdict(set)
+        # Normalised source URLs split at the first "/": which hosts serve a repository path,
+        # and how many URLs each host has (to tell why a push matched no source).
+        self._hosts_by_path: dict[str, Counter[str]] = defaultdict(Counter)
+        self._host_urls: Counter[str] = Counter()
         self._consumers_by_source: dict[ObjectKey, set[ObjectKey]] = defaultdict(set)
         self._source_of: dict[ObjectKey, ObjectKey] = {}
         self._includers: dict[ObjectKey, set[ObjectKey]] = defaultdict(set)
@@ -83,6 +87,15 @@ class ObjectStore:
     def normalise_url(self, url: str) -> str | None:
         return self._normalise_url(url)
 
+    def hosts_serving(self, normalised_url: str) -> builtins.list[str]:
+        """Hosts of source URLs with the same repository path as `normalised_url`, sorted."""
+        _, _, path = normalised_url.partition("/")
+        return sorted(self._hosts_by_path.get(path, ()))
+
+    def has_source_host(self, host: str) -> bool:
+        """Whether any GitRepository URL (after host aliases) is on this host[:port]."""
+        return self._host_urls.get(host, 0) > 0
+
     # -- writes ------------------------------------------------------------------------------
 
     def subscribe(self, listener: Callable[[str, FluxObject], None]) -> None:
@@ -104,6 +117,8 @@ class ObjectStore:
             url = self._normalise_url(str(obj.spec.get("url") or ""))
             if url:
                 self._url_of[key] = url
+                if url not in self._sources_by_url:
+                    self._count_url(url, 1)
                 self._sources_by_url[url].add(key)
                 self._sources_by_name[_owner_name(url)].add(key)
             included = {
@@ -148,6 +163,7 @@ class ObjectStore:
             self._sources_by_url[url].discard(key)
             if not self._sources_by_url[url]:
                 del self._sources_by_url[url]
+                self._count_url(url, -1)
             name = _owner_name(url)
             self._sources_by_name[name].discard(key)
             if not self._sources_by_name[name]:
@@ -159,6 +175,18 @@ class ObjectStore:
             self._consumers_by_source[source].discard(key)
             if not self._consumers_by_source[source]:
                 del self._consumers_by_source[source]
+
+    def _count_url(self, url: str, delta: int) -> None:
+        host, _, path = url.partition("/")
+        self._host_urls[host] += delta
+        if self._host_urls[host] <= 0:
+            del self._host_urls[host]
+        hosts = self._hosts_by_path[path]
+        hosts[host] += delta
+        if hosts[host] <= 0:
+            del hosts[host]
+        if not hosts:
+            del self._hosts_by_path[path]
 
 
 def _owner_name(normalised_url: str) -> str:

@@ -1,7 +1,8 @@
 """Gitea's commit status API (1.26.3), one pooled httpx client per configured instance.
 
-Two calls: create a status, and list a commit's statuses one page at a time, newest first (to
-see what Gitea shows before posting, and for the resync). Errors come out as `GiteaError` with
+Three calls: create a status, list a commit's statuses one page at a time, newest first (to
+see what Gitea shows before posting, and for the resync), and read Gitea's version (which
+states it accepts, see `version`). Errors come out as `GiteaError` with
 `retryable` set for timeouts, connection errors, 429 and 5xx, which the caller backs off on;
 any other 4xx is final. A 401 re-reads the token once (it may have been rotated in its Secret)
 before it counts as final.
@@ -11,6 +12,7 @@ Tokens are sent as `Authorization: token <T>` and never appear in an error messa
 from __future__ import annotations
 
 import ssl
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -33,6 +35,8 @@ NEWEST_FIRST = "leastindex"
 MAX_RETRY_AFTER_SECONDS = 300.0
 
 TokenReader = Callable[[SecretSource, bool], Awaitable[str]]
+# (instance, call, code, seconds): every request's outcome, for the latency metric.
+Observer = Callable[[str, str, str, float], None]
 
 
 class GiteaError(Exception):
@@ -161,6 +165,7 @@ class GiteaClient:
     ) -> None:
         self._instances = {i.name: i for i in instances}
         self._read_token = read_token
+        self.observe: Observer | None = None
         self._tokens: dict[str, str] = {}
         self._clients = {
             name: self._make_client(instance, transport)
@@ -183,6 +188,10 @@ class GiteaClient:
             transport=transport,
         )
 
+    @property
+    def instance_names(self) -> list[str]:
+        return list(self._instances)
+
     async def aclose(self) -> None:
         for client in self._clients.values():
             await client.aclose()
@@ -199,25 +208,33 @@ class GiteaClient:
             self._tokens[name] = token
         return self._tokens[name]
 
+    def _observed(self, name: str, call: str, code: str, started: float) -> None:
+        if self.observe is not None:
+            self.observe(name, call, code, time.monotonic() - started)
+
     async def _request(
         self, name: str, method: str, path: str, *, params: dict[str, Any] | None = None,
-        body: dict[str, Any] | None = None,
+        body: dict[str, Any] | None = None, call: str = "",
     ) -> httpx.Response:
         if name not in self._clients:
             raise GiteaError(f"no Gitea instance named {name}")
         client = self._clients[name]
         token = await self._token(name, False)
         for first in (True, False):
+            started = time.monotonic()
             try:
                 response = await client.request(
                     method, path, params=params, json=body,
                     headers={"Authorization": f"token {token}"},
                 )
             except httpx.TimeoutException:
+                self._observed(name, call, "timeout", started)
                 raise GiteaError(f"{method} {path} on {name}: timed out", retryable=True) from None
             except httpx.HTTPError as exc:
+                self._observed(name, call, "error", started)
                 raise GiteaError(f"{method} {path} on {name}: {type(exc).__name__}",
                                  retryable=True) from None
+            self._observed(name, call, str(response.status_code), started)
             if response.status_code == 401 and first:
                 rotated = await self._token(name, True)
                 if rotated != token:
@@ -235,11 +252,22 @@ class GiteaClient:
             )
         raise AssertionError("unreachable")  # pragma: no cover
 
+    async def server_version(self, instance: str) -> str:
+        """Gitea's version string (GET /version, swagger `ServerVersion`); "" when it sends none."""
+        response = await self._request(instance, "GET", "version", call="version")
+        try:
+            doc = response.json()
+        except ValueError:
+            raise GiteaError(f"GET version on {instance}: not JSON", retryable=True) from None
+        version = doc.get("version") if isinstance(doc, dict) else None
+        return version.strip()[:100] if isinstance(version, str) else ""
+
     async def post_status(
         self, instance: str, owner: str, repo: str, sha: str, option: CreateStatusOption
     ) -> CommitStatus | None:
         response = await self._request(
-            instance, "POST", status_path(owner, repo, sha), body=option.as_json())
+            instance, "POST", status_path(owner, repo, sha), body=option.as_json(),
+            call="post_status")
         try:
             return CommitStatus.from_json(response.json())
         except ValueError:
@@ -252,7 +280,7 @@ class GiteaClient:
         """One page of a commit's statuses, newest first (one GET)."""
         response = await self._request(
             instance, "GET", status_path(owner, repo, sha),
-            params={"sort": NEWEST_FIRST, "page": page, "limit": limit},
+            params={"sort": NEWEST_FIRST, "page": page, "limit": limit}, call="list_statuses",
         )
         try:
             doc = response.json()

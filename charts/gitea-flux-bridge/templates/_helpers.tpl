@@ -57,11 +57,12 @@ app.kubernetes.io/part-of: gitea-flux-bridge
 
 {{/*
 The configuration file: the `config` values 1:1, plus what the chart owns (listen address,
-watched namespaces). Fails when the configuration names a file of the existing Secret but no
-existingSecret is set.
+watched namespaces, cluster name). Fails without a clusterName, and when the configuration names
+a file of the existing Secret but no existingSecret is set.
 */}}
 {{- define "gfb.config" -}}
 {{- $cfg := deepCopy (default (dict) .Values.config) -}}
+{{- $_ := set $cfg "cluster_name" (include "gfb.clusterName" .) -}}
 {{- $_ := set $cfg "listen" (dict "host" "0.0.0.0" "port" 8080) -}}
 {{- $_ := set $cfg "namespaces" (default (list) .Values.watchNamespaces) -}}
 {{- $statuses := deepCopy (default (dict) $cfg.statuses) -}}
@@ -72,6 +73,18 @@ existingSecret is set.
 {{- fail (printf "config refers to files in %s: set existingSecret to the Secret that holds them" (include "gfb.secretsDir" .)) -}}
 {{- end -}}
 {{- $text -}}
+{{- end -}}
+
+{{/*
+The cluster name, required: two clusters installed with the same name overwrite each other's
+commit statuses in Gitea.
+*/}}
+{{- define "gfb.clusterName" -}}
+{{- $name := required "clusterName is required: set it to this cluster's (or region's) name, unique among the clusters that post statuses to the same Gitea, e.g. --set clusterName=eu-west" .Values.clusterName -}}
+{{- if regexMatch "[{}\n]" $name -}}
+{{- fail (printf "clusterName %q must not contain '{', '}' or a newline" $name) -}}
+{{- end -}}
+{{- $name -}}
 {{- end -}}
 
 {{/* The Lease's name, from the configuration (the Role is restricted to it). */}}

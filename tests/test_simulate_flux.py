@@ -1,0 +1,116 @@
+"""The local demo: `serve --manifests DIR --simulate-flux` marks annotated objects reconciled
+at the pushed commit, so the notify-flux action's wait ends `ready` without a cluster. Run as
+the README's quickstart runs it: the command as a subprocess, the action's script against it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTIFY = ROOT / ".gitea" / "actions" / "notify-flux" / "notify.sh"
+SHA = "5394cb7f48ab0b1c2d3e4f5a6b7c8d9e0f1a2b3c"
+ACTIONS_TOKEN = "example-actions-token-change-me"  # examples/fleet/receivers.yaml
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-c", "import sys; from receiver.cli import main; sys.exit(main())",
+            *args]
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GFB_", "FLUX_BRIDGE_"))}
+    env.update(PYTHONDONTWRITEBYTECODE="1", PYTHONUNBUFFERED="1")
+    return env
+
+
+@pytest.fixture
+def demo(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[str], Path]]:
+    port = _free_port()
+    log_path = tmp_path / "serve.log"
+    with log_path.open("w") as log:
+        process = subprocess.Popen(
+            _cli("serve", "--manifests", str(ROOT / "examples" / "fleet"), "--port", str(port),
+                 "--simulate-flux", "--simulate-delay", "0.2", "--drain-seconds", "0"),
+            cwd=ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            assert process.poll() is None, log_path.read_text()
+            assert time.monotonic() < deadline, "not ready within 30 s:\n" + log_path.read_text()
+            try:
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.05)
+        yield url, process, log_path
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def test_a_push_goes_from_in_progress_to_ready_with_the_actions_wait(
+    demo: tuple[str, subprocess.Popen[str], Path], tmp_path: Path
+) -> None:
+    url, process, log_path = demo
+    ready = httpx.get(f"{url}/readyz", timeout=2).json()
+    assert "simulated" in ready["simulation"]
+    token = tmp_path / "token"
+    token.write_text(ACTIONS_TOKEN)
+    hook = subprocess.run(
+        _cli("hook-url", "--name", "actions", "--namespace", "apps", "--token-file", str(token)),
+        cwd=ROOT, env=_env(), capture_output=True, text=True, check=True).stdout.strip()
+    env = _env() | {
+        "FLUX_BRIDGE_URL": url, "FLUX_BRIDGE_HOOK": hook, "FLUX_BRIDGE_TOKEN_FILE": str(token),
+        "FLUX_BRIDGE_REPOSITORY": "https://gitea.example.com/teams/apps",
+        "FLUX_BRIDGE_REF": "refs/heads/production", "FLUX_BRIDGE_SHA": SHA,
+        "FLUX_BRIDGE_WAIT": "60"}
+    notify = subprocess.run(["bash", str(NOTIFY)], env=env, capture_output=True, text=True,
+                            timeout=90, cwd=tmp_path)
+    assert notify.returncode == 0, notify.stdout + notify.stderr
+    assert "outcome: ready" in notify.stderr
+    assert f"deployed: every target is Ready at {SHA}" in notify.stderr
+    assert "Kustomization apps/team-apps: ready" in notify.stderr
+    # The progress went through a state before ready.
+    assert "progress: in_progress" in notify.stderr
+
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=30) == 0
+    lines = [json.loads(line) for line in log_path.read_text().splitlines() if line.startswith("{")]
+    simulated = [line for line in lines if line["msg"].startswith("simulated Flux")]
+    assert [line["msg"] for line in simulated] == [
+        "simulated Flux: source fetched", "simulated Flux: applied"]
+    assert all(line["simulation"] is True for line in simulated)
+    assert simulated[0]["revision"] == f"production@sha1:{SHA}"
+    assert any(line["msg"].startswith("Flux is simulated") for line in lines)
+    # A routine shutdown is clean: no error lines, nothing under uvicorn.error.
+    assert not [line for line in lines if line["level"] in ("error", "critical")]
+    assert not [line for line in lines if line["logger"] == "uvicorn.error"]
+    assert "Application shutdown complete." in [line["msg"] for line in lines]
+
+
+def test_simulation_needs_manifests() -> None:
+    result = subprocess.run(_cli("serve", "--simulate-flux"), cwd=ROOT, env=_env(),
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert "--simulate-flux needs --manifests" in result.stderr + result.stdout
