@@ -10,9 +10,12 @@ import os
 import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
+
+if TYPE_CHECKING:
+    from receiver.statuses import StatusTemplates
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -140,8 +143,16 @@ class GiteaInstance(_Model):
         return value.rstrip("/")
 
 
+DEFAULT_CONTEXT = "flux/{cluster}/{kind}/{namespace}/{name}"
+
+
 class StatusConfig(_Model):
-    context_template: str = "flux/{cluster}/{kind}/{namespace}/{name}"
+    context_template: str = DEFAULT_CONTEXT
+    # A named context template instead of `context_template`: `notification-controller`
+    # reproduces the contexts of its gitea Provider (`kind/name/<uid8>`, lower-cased), with
+    # `provider_uid` the UID of the Provider being replaced, so branch protection rules hold.
+    context_preset: Literal["notification-controller"] | None = None
+    provider_uid: str = ""
     target_url_template: str = ""
     queue_size: int = Field(default=10_000, ge=1)
     max_attempts: int = Field(default=8, ge=1)
@@ -154,6 +165,26 @@ class StatusConfig(_Model):
     repeat_window_seconds: float = Field(default=5.0, ge=0, le=60)
     # Gitea GET requests (listing pages) one resync run may make; the next run carries on.
     resync_read_budget: int = Field(default=200, ge=1)
+
+    @model_validator(mode="after")
+    def _preset(self) -> StatusConfig:
+        if self.context_preset is None:
+            return self
+        if self.context_template != DEFAULT_CONTEXT:
+            raise ValueError("set either context_template or context_preset, not both")
+        if not self.provider_uid.strip() or self.provider_uid.strip().startswith("-"):
+            raise ValueError(f"context_preset {self.context_preset} needs provider_uid: the "
+                             "metadata.uid of the Provider whose contexts it reproduces")
+        return self
+
+    def templates(self, cluster: str) -> StatusTemplates:
+        from receiver.statuses import CONTEXT_PRESETS, StatusTemplates, uid_prefix
+
+        context, lower = self.context_template, False
+        if self.context_preset is not None:
+            context, lower = CONTEXT_PRESETS[self.context_preset]
+        return StatusTemplates(cluster, context, self.target_url_template,
+                               uid_prefix(self.provider_uid), lower)
 
     @field_validator("context_template", "target_url_template")
     @classmethod

@@ -24,6 +24,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from receiver import delivery_marks, signatures
+from receiver.cel_filter import CompiledFilter, FilterCache, RequestNotJSON, request_document
 from receiver.changes import ChangeFeed, watched_keys
 from receiver.config import Settings
 from receiver.deliveries import Delivery, DeliveryStore, describe, record_targets
@@ -48,6 +49,7 @@ from receiver.mismatch import Unmatched, unmatched
 from receiver.ratelimit import RateLimiter
 from receiver.reconcile import Reconciler, request_value
 from receiver.replay import SeenOnce
+from receiver.resource_filter import filter_plan
 from receiver.resources import Resolved, resolve_resources
 from receiver.routing import Plan, plan_push
 from receiver.selector import PayloadRefused, select_payload
@@ -101,6 +103,8 @@ class IngestService:
         self.push_listeners: list[PushListener] = []
         self._resolutions: dict[ObjectKey, tuple[tuple[str, int], Resolved]] = {}
         self.gitea_prefixes = settings.gitea_prefixes()
+        self.filters = FilterCache()
+        self._filter_invalid: dict[ObjectKey, str] = {}
 
     # -- authentication ---------------------------------------------------------------------
 
@@ -158,6 +162,11 @@ class IngestService:
         name = f"{receiver.namespace}/{receiver.name}"
         if receiver.suspended:
             return self._count(name, "suspended", error(503, "receiver is suspended"))
+        compiled = self._filter(receiver)
+        if isinstance(compiled, str):
+            # Flux marks such a Receiver Stalled (InvalidCELExpression) and answers 503.
+            return self._count(name, "filter_invalid", error(
+                503, "receiver is not ready: invalid spec.resourceFilter"))
         try:
             body = await read_capped(request, limit)
         except BodyTooLarge:
@@ -177,6 +186,9 @@ class IngestService:
         ):
             # Flux's github Receiver (go-github ValidatePayload) refuses these too.
             return self._count(name, "unsupported_media", error(415, UNSUPPORTED_MEDIA))
+        refused = _event_refused(receiver, request.headers.get("x-github-event", ""))
+        if refused is not None:
+            return self._count(name, "event_refused", error(400, refused))
         now = self.wall_clock()
         once = self._once(name, verdict, request, now)
         if once is not None and once.scheme_replay and once.mark in self.seen:
@@ -188,14 +200,24 @@ class IngestService:
                  or "").strip().lower()
         token_ctx = delivery_ctx.set(once.label if once is not None else "-")
         try:
-            if event == "ping":
+            listed = _events_listed(receiver, event)
+            if event == "ping" and not listed:
                 return self._count(name, "ping", JSONResponse({"status": "pong"}))
-            if event and event != "push":
+            if event and event != "push" and not listed:
                 return self._count(name, "ignored", JSONResponse(
-                    {"status": "ignored", "event": event[:64]}))
+                    {"status": "ignored", "event": event[:64], "reason": (
+                        "not a push; list the event in the receiver's spec.events to have it "
+                        "reconcile every listed object, as Flux does")}))
             if once is not None and not once.scheme_replay and once.mark in self.seen:
                 return self._duplicate(name, once)
-            return await self._accept(receiver, token, name, once, auth.signed)
+            req: dict[str, Any] = {}
+            if compiled is not None:
+                try:
+                    req = request_document(request.headers.get("content-type", ""), body)
+                except RequestNotJSON as exc:
+                    return self._count(name, "bad_json", error(400, str(exc)))
+            return await self._accept(receiver, token, name, once, auth.signed,
+                                      compiled=compiled, req=req)
         finally:
             delivery_ctx.reset(token_ctx)
 
@@ -234,6 +256,7 @@ class IngestService:
 
     async def _accept(
         self, receiver: FluxObject, token: str, name: str, once: _Once | None, signed: bytes,
+        *, compiled: CompiledFilter | None = None, req: dict[str, Any] | None = None,
     ) -> Response:
         try:
             selection = select_payload(str(receiver.spec.get("type") or ""), signed)
@@ -251,7 +274,10 @@ class IngestService:
             resolved=self._resolved(receiver), note=selection.note,
             gitea_prefixes=self.gitea_prefixes,
         )
+        # Why nothing matched is about the push, not the filter: ask before filtering.
         mismatch = unmatched(push, self.cluster.store) if not plan.targets else None
+        if compiled is not None:
+            plan = filter_plan(plan, compiled, req or {}, self.cluster.store)
         now = self.wall_clock()
         if once is not None:
             # No await from this check to `remember`: two copies of one request on this replica
@@ -333,6 +359,28 @@ class IngestService:
             self._resolutions.clear()
         self._resolutions[receiver.key] = (stamp, resolved)
         return resolved
+
+    def _filter(self, receiver: FluxObject) -> CompiledFilter | str | None:
+        """The Receiver's compiled resourceFilter, None without one, or why it is invalid.
+        Compiled once per resourceVersion; an invalid one is logged once and counted."""
+        expression = receiver.spec.get("resourceFilter")
+        key = receiver.key
+        result: CompiledFilter | str | None = None
+        if isinstance(expression, str) and expression.strip():
+            found = self.filters.get(key, receiver.resource_version, expression)
+            result = found if isinstance(found, CompiledFilter) else str(found)
+        else:
+            self.filters.forget(key)
+        why = result if isinstance(result, str) else None
+        if why is not None and self._filter_invalid.get(key) != why:
+            log.warning("receiver resourceFilter is invalid: its hook answers 503", extra={
+                "receiver": f"{key.namespace}/{key.name}", "reason": why})
+        if why is None:
+            self._filter_invalid.pop(key, None)
+        else:
+            self._filter_invalid[key] = why
+        self.metrics.receivers_filter_invalid.set(len(self._filter_invalid))
+        return result
 
     def _count(self, receiver: str, outcome: str, response: Response) -> Response:
         self.metrics.hook_requests.labels(receiver, outcome).inc()
@@ -428,6 +476,28 @@ class IngestService:
                 # Time-outs are part of the state: look again when the next one passes.
                 await _change_or_drain(changed, drain, min(
                     remaining, self._next_deadline(record), 5.0))
+
+
+def _spec_events(receiver: FluxObject) -> list[str]:
+    events = receiver.spec.get("events")
+    return [e for e in events if isinstance(e, str)] if isinstance(events, list) else []
+
+
+def _events_listed(receiver: FluxObject, event: str) -> bool:
+    """Does the Receiver's spec.events name this event (case-insensitive, as Flux)?"""
+    return (receiver.spec.get("type") == "github" and bool(event)
+            and any(e.lower() == event for e in _spec_events(receiver)))
+
+
+def _event_refused(receiver: FluxObject, header: str) -> str | None:
+    """Flux's github Receiver refuses (400) an X-GitHub-Event not in a non-empty spec.events."""
+    if receiver.spec.get("type") != "github":
+        return None
+    events = _spec_events(receiver)
+    event = header.strip()
+    if not events or any(e.lower() == event.lower() for e in events):
+        return None
+    return f"event {event[:64]!r} is not in the receiver's spec.events"
 
 
 async def _change_or_drain(changed: asyncio.Event, drain: Drain, timeout: float) -> None:

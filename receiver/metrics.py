@@ -76,6 +76,10 @@ class Metrics:
         self.receivers_unusable = Gauge(
             "gfb_receivers_unusable", "Receivers whose Secret holds no usable token (missing, "
             "empty or whitespace only): their hook path answers 404", registry=r)
+        self.receivers_filter_invalid = Gauge(
+            "gfb_receivers_filter_invalid", "Receivers whose spec.resourceFilter does not compile "
+            "to a bool (Flux marks them Stalled, InvalidCELExpression): their hook answers 503",
+            registry=r)
         self.status_queue_depth = Gauge(
             "gfb_status_queue_depth", "Commit statuses waiting to be posted", registry=r)
         self.status_reads = Counter(

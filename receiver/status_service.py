@@ -75,7 +75,6 @@ from receiver.statuses import (
     DesiredStatus,
     Fields,
     Seen,
-    StatusTemplates,
     check_template,
     desired_after_timeout,
     desired_from_event,
@@ -167,8 +166,7 @@ class StatusService:
         self._cluster = cluster
         self._metrics = metrics
         self._clock = clock
-        self._templates = StatusTemplates(
-            settings.cluster_name, cfg.context_template, cfg.target_url_template)
+        self._templates = cfg.templates(settings.cluster_name)
         aliases = normalise_aliases(settings.host_aliases)
 
         def host_key(host: str) -> str:

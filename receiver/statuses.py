@@ -97,7 +97,7 @@ _UNIT = r"\d+(?:\.\d+)?(?:h|ms|m|s|us|µs|ns)"
 _DURATION = re.compile(rf"\b{_UNIT}(?:{_UNIT})*\b")
 
 TARGET_URL_FIELDS = frozenset({"cluster", "kind", "namespace", "name", "sha", "repo", "owner",
-                               "host"})
+                               "host", "uid8"})
 # A context names the object, never the commit: Gitea keeps one latest status per context.
 CONTEXT_FIELDS = TARGET_URL_FIELDS - {"sha"}
 
@@ -202,6 +202,23 @@ class StatusTemplates:
     cluster: str
     context: str = "flux/{cluster}/{kind}/{namespace}/{name}"
     target_url: str = ""
+    # `{uid8}`: the first segment of a Provider's UID (`statuses.provider_uid`), as
+    # notification-controller's gitea Provider puts it in its contexts.
+    uid8: str = ""
+    # notification-controller lower-cases its whole context.
+    lower: bool = False
+
+
+# Context presets (`statuses.context_preset`): template and whether it is lower-cased.
+CONTEXT_PRESETS: dict[str, tuple[str, bool]] = {
+    # notification-controller's generateDefaultCommitStatus: kind/name/<provider uid segment 1>.
+    "notification-controller": ("{kind}/{name}/{uid8}", True),
+}
+
+
+def uid_prefix(uid: str) -> str:
+    """The first dash-separated segment of a Kubernetes UID, lower-cased."""
+    return uid.strip().split("-", 1)[0].lower()
 
 
 # -- repositories and instances -------------------------------------------------------------
@@ -311,10 +328,12 @@ def build_status(
     values = {
         "cluster": templates.cluster, "kind": obj_kind.lower(), "namespace": namespace,
         "name": name, "sha": sha, "repo": repo.full_name, "owner": repo.owner, "host": repo.host,
+        "uid8": templates.uid8,
     }
+    context = render(templates.context, values)
     return DesiredStatus(
         repo_key=repo.key, owner=repo.owner, repo=repo.name, sha=sha,
-        context=render(templates.context, values), state=state,
+        context=context.lower() if templates.lower else context, state=state,
         description=description, target_url=render(templates.target_url, values),
     )
 
