@@ -37,8 +37,8 @@ def parse(value: str | None) -> tuple[Mark, ...]:
 
 # A delivery's state is evaluated on every change of the objects it follows, each evaluation
 # reads the marks of every target several times, and a value changes only when an object is
-# annotated: parse each value once. Bounded; the values are at most a few hundred bytes.
-@lru_cache(maxsize=4096)
+# annotated: parse each value once. Bounded: the objects deliveries in flight follow.
+@lru_cache(maxsize=1024)
 def _parse(value: str) -> tuple[Mark, ...]:
     found: list[Mark] = []
     for entry in value.split()[:MAX_ENTRIES * 2]:
@@ -63,7 +63,7 @@ def has(annotations: Mapping[str, str], mark: str) -> bool:
     return bool(value) and mark in _marks(value)
 
 
-@lru_cache(maxsize=4096)
+@lru_cache(maxsize=1024)
 def _marks(value: str) -> frozenset[str]:
     return frozenset(m.mark for m in _parse(value))
 

@@ -10,7 +10,7 @@ The decisions, in the order a reader meets them:
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from receiver.flux.objects import (
@@ -84,6 +84,15 @@ class Plan:
     # are built only when asked for (`plan` prints them; the /hook reply counts them), so a
     # Receiver that lists hundreds of objects does not cost hundreds of entries per push.
     unrelated: frozenset[ObjectKey] = field(default=frozenset())
+    # Set by `compact`: the unrelated objects counted, no longer listed.
+    unrelated_count: int | None = None
+
+    def compact(self) -> Plan:
+        """What a delivery keeps for its replies: the unrelated objects only counted (a set of
+        keys per push was the largest part of a stored delivery)."""
+        if self.unrelated_count is not None:
+            return self
+        return replace(self, unrelated=frozenset(), unrelated_count=len(self.unrelated))
 
     def all_skipped(self, store: ObjectStore) -> tuple[Target, ...]:
         objs = (store.get(k) for k in self.unrelated)
@@ -110,7 +119,8 @@ class Plan:
             out["skipped"] = [t.as_dict() for t in self.all_skipped(store)]
         else:
             out["skipped"] = [t.as_dict() for t in self.skipped]
-            out["skipped_unrelated"] = len(self.unrelated)
+            out["skipped_unrelated"] = (len(self.unrelated) if self.unrelated_count is None
+                                        else self.unrelated_count)
         return out
 
 
