@@ -218,9 +218,9 @@ def main() -> None:
     p.add_argument("--max-count", type=int, default=10_000, help="deliveries.max_count")
     p.add_argument("--timeout", type=float, default=2.0,
                    help="fresh: seconds until an unanswered delivery times out (no Flux runs)")
-    p.add_argument("--baseline-root", type=Path,
-                   help="also run the bridge from this checkout (e.g. a release) in each round")
-    p.add_argument("--baseline-python", default=None, help="its interpreter (its own venv)")
+    p.add_argument("--baseline", action="append", default=[], metavar="NAME=DIR[:PYTHON]",
+                   help="also run the bridge from this checkout (e.g. a release) in each round, "
+                        "with its own interpreter (default DIR/.venv/bin/python); repeatable")
     a = p.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("wrk is needed: apt-get install -y wrk")
@@ -229,14 +229,18 @@ def main() -> None:
     setup = Setup(work, a.repos, a.kustomizations, a.receivers, a.max_count, a.workload, a.timeout)
     ports = {"bare": free_port(), "bridge": free_port()}
     procs = {"bare": setup.start_bare(ports["bare"]), "bridge": setup.start_bridge(ports["bridge"])}
-    if a.baseline_root is not None:
+    baselines = []
+    for spec in a.baseline:
+        name, _, where = spec.partition("=")
+        root, _, python = where.partition(":")
         base = Setup.__new__(Setup)
         base.__dict__.update(setup.__dict__)
-        base.root = a.baseline_root.resolve()
-        base.python = a.baseline_python or str(base.root / ".venv" / "bin" / "python")
-        ports["baseline"] = free_port()
-        procs["baseline"] = base.start_bridge(ports["baseline"])
-    names = ["bare", *(["baseline"] if "baseline" in procs else []), "bridge"]
+        base.root = Path(root).resolve()
+        base.python = python or str(base.root / ".venv" / "bin" / "python")
+        ports[name] = free_port()
+        procs[name] = base.start_bridge(ports[name])
+        baselines.append(name)
+    names = ["bare", *baselines, "bridge"]
     bridges = [n for n in names if n != "bare"]
     rss_loaded: dict[str, float] = {}
     rss_after: dict[str, float] = {}
