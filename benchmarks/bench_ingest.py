@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import re
+import secrets
 import shutil
 import statistics
 import subprocess
@@ -56,7 +57,9 @@ local reqs = {{
 }}
 local i = 0
 local tid = 0
+local nonce = "00000000"
 setup = function(thread) tid = tid + 1; thread:set("tid", tid) end
+init = function(args) if args[1] then nonce = args[1] end end
 request = function()
   i = i + 1
   local r = reqs[(i % #reqs) + 1]
@@ -64,8 +67,40 @@ request = function()
   headers["Content-Type"] = "application/json"
   headers["X-Gitea-Event"] = "push"
   headers["X-Gitea-Signature"] = r.sig
-  headers["X-Gitea-Delivery"] = "bench-" .. tostring(tid) .. "-" .. tostring(i)
+  headers["X-Gitea-Delivery"] = "bench-" .. nonce .. "-" .. tostring(tid) .. "-" .. tostring(i)
   return wrk.format("POST", r.path, headers, r.body)
+end
+"""
+
+
+def fresh_lua_script(requests: list[tuple[str, list[bytes], str]]) -> str:
+    """Every request a new commit: the body's head commit id is replaced by a fresh one, so
+    nothing joins a delivery in flight and every push is routed, recorded and annotated. The
+    Receivers are `generic` ones authenticated by bearer token (a body that changes per request
+    cannot carry a precomputed HMAC)."""
+    entries = ",\n".join(
+        "{{path=\"{}\", token=\"{}\", parts={{{}}}}}".format(
+            p, t, ", ".join(f"[==[{part.decode()}]==]" for part in parts))
+        for p, parts, t in requests)
+    return f"""
+local reqs = {{
+{entries}
+}}
+local i = 0
+local tid = 0
+local nonce = "00000000"
+setup = function(thread) tid = tid + 1; thread:set("tid", tid) end
+init = function(args) if args[1] then nonce = args[1] end end
+request = function()
+  i = i + 1
+  local r = reqs[(i % #reqs) + 1]
+  local sha = nonce .. string.format("%02x%030d", tid, i)
+  local headers = {{}}
+  headers["Content-Type"] = "application/json"
+  headers["X-Gitea-Event"] = "push"
+  headers["Authorization"] = "Bearer " .. r.token
+  headers["X-Gitea-Delivery"] = "bench-" .. nonce .. "-" .. tostring(tid) .. "-" .. tostring(i)
+  return wrk.format("POST", r.path, headers, table.concat(r.parts, sha))
 end
 """
 
@@ -88,10 +123,86 @@ def wait_ready(url: str, timeout: float = 120) -> None:
 
 
 def run_wrk(url: str, script: Path, duration: int, connections: int, threads: int) -> dict[str, float]:
+    """One wrk run. Its delivery ids (and, fresh, its commits) carry a nonce of their own: a
+    round must not repeat the ids of the round before (they would be answered `duplicate`)."""
+    nonce = secrets.token_hex(4)
     out = subprocess.run(
-        ["wrk", f"-t{threads}", f"-c{connections}", f"-d{duration}s", "--latency", "-s", str(script), url],
+        ["wrk", f"-t{threads}", f"-c{connections}", f"-d{duration}s", "--latency", "-s", str(script),
+         url, "--", nonce],
         capture_output=True, text=True, check=True).stdout
     return parse_wrk(out)
+
+
+class Setup:
+    """A generated fleet, the bridge's config, and wrk scripts for the bridge and the bare app.
+
+    workload "fresh": every push a new commit (the full path: route, record, annotate; the
+    deliveries time out after `timeout` seconds, as no Flux runs, and the store keeps the last
+    `max_count`). "repeat": the same 200 commits over and over (pushes join their delivery in
+    flight once the first one is in)."""
+
+    def __init__(self, work: Path, repos: int = 2000, kustomizations: int = 10000,
+                 receivers: int = 200, max_count: int = 10_000, workload: str = "fresh",
+                 timeout: float = 2.0, root: Path = ROOT, python: str = sys.executable) -> None:
+        self.work = work
+        self.root = root
+        self.python = python
+        self.fleet = work / "fleet"
+        rtype = "generic" if workload == "fresh" else "github"
+        generate(self.fleet, repos, kustomizations, receivers, receiver_type=rtype)
+        self.config = work / "config.yaml"
+        self.config.write_text(
+            "log_level: warning\nrate_limit: {requests_per_second: 1000000000, burst: 1000000000}\n"
+            f"deliveries: {{max_count: {max_count}, max_age_seconds: 600}}\n"
+            + (f"reconcile: {{source_timeout_seconds: {timeout}, "
+               f"consumer_timeout_seconds: {timeout}}}\n" if workload == "fresh" else ""))
+        self.requests: list[tuple[str, bytes, str]] = []
+        fresh: list[tuple[str, list[bytes], str]] = []
+        for r in range(receivers):
+            token = f"bench-token-{r}"
+            body = push_body(r, r)
+            path = f"/hook/{hook_digest(token, f'hook-{r}', 'flux-system')}"
+            self.requests.append((path, body, hmac_hex("sha256", token, body)))
+            head = json.loads(body)["after"].encode()
+            fresh.append((path, body.split(head), token))
+        self.script = work / "push.lua"
+        self.script.write_text(fresh_lua_script(fresh) if workload == "fresh"
+                               else lua_script(self.requests))
+        self.bare_script = work / "bare.lua"
+        self.bare_script.write_text(lua_script(self.requests[:1]))
+        self.env = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+    def start_bridge(self, port: int, module: str = "receiver.cli",
+                     env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            [self.python, "-m", module, "serve", "--manifests", str(self.fleet), "--config",
+             str(self.config), "--port", str(port)],
+            env={**self.env, "PYTHONPATH": str(self.root), **(env or {})}, cwd=self.root)
+
+    def start_bare(self, port: int) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "benchmarks.bare_app:app", "--port", str(port),
+             "--loop", "uvloop", "--http", "httptools", "--no-access-log", "--log-level",
+             "warning"], env={**self.env, "BARE_TOKEN": "bench-token-0"}, cwd=ROOT)
+
+
+def wait_bare(port: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/hook/x", timeout=1)
+        except urllib.error.HTTPError:
+            return
+        except OSError:
+            time.sleep(0.2)
+    raise RuntimeError("bare endpoint not ready")
+
+
+def stop(*procs: subprocess.Popen[bytes]) -> None:
+    for proc in procs:
+        proc.terminate()
+    for proc in procs:
+        proc.wait(timeout=60)
 
 
 def main() -> None:
@@ -103,90 +214,86 @@ def main() -> None:
     p.add_argument("--repos", type=int, default=2000)
     p.add_argument("--kustomizations", type=int, default=10000)
     p.add_argument("--receivers", type=int, default=200)
+    p.add_argument("--workload", choices=("fresh", "repeat"), default="fresh")
+    p.add_argument("--max-count", type=int, default=10_000, help="deliveries.max_count")
+    p.add_argument("--timeout", type=float, default=2.0,
+                   help="fresh: seconds until an unanswered delivery times out (no Flux runs)")
+    p.add_argument("--baseline", action="append", default=[], metavar="NAME=DIR[:PYTHON]",
+                   help="also run the bridge from this checkout (e.g. a release) in each round, "
+                        "with its own interpreter (default DIR/.venv/bin/python); repeatable")
     a = p.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("wrk is needed: apt-get install -y wrk")
 
     work = Path(tempfile.mkdtemp(prefix="gfb-bench-"))
-    fleet = work / "fleet"
-    generate(fleet, a.repos, a.kustomizations, a.receivers)
-    config = work / "config.yaml"
-    config.write_text(
-        "log_level: warning\nrate_limit: {requests_per_second: 1000000000, burst: 1000000000}\n"
-        "deliveries: {max_count: 2000000, max_age_seconds: 600}\n")
-
-    requests = []
-    for r in range(a.receivers):
-        token = f"bench-token-{r}"
-        body = push_body(r, r)
-        requests.append((f"/hook/{hook_digest(token, f'hook-{r}', 'flux-system')}", body,
-                         hmac_hex("sha256", token, body)))
-    script = work / "push.lua"
-    script.write_text(lua_script(requests))
-    bare_script = work / "bare.lua"
-    token0 = "bench-token-0"
-    bare_script.write_text(lua_script([(requests[0][0], requests[0][1],
-                                        hmac_hex("sha256", token0, requests[0][1]))]))
-
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    bport, qport = free_port(), free_port()
-    bridge = subprocess.Popen(
-        [sys.executable, "-m", "receiver.cli", "serve", "--manifests", str(fleet), "--config",
-         str(config), "--port", str(bport)], env=env, cwd=ROOT)
-    bare = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "benchmarks.bare_app:app", "--port", str(qport),
-         "--loop", "uvloop", "--http", "httptools", "--no-access-log", "--log-level", "warning"],
-        env={**env, "BARE_TOKEN": token0}, cwd=ROOT)
+    setup = Setup(work, a.repos, a.kustomizations, a.receivers, a.max_count, a.workload, a.timeout)
+    ports = {"bare": free_port(), "bridge": free_port()}
+    procs = {"bare": setup.start_bare(ports["bare"]), "bridge": setup.start_bridge(ports["bridge"])}
+    baselines = []
+    for spec in a.baseline:
+        name, _, where = spec.partition("=")
+        root, _, python = where.partition(":")
+        base = Setup.__new__(Setup)
+        base.__dict__.update(setup.__dict__)
+        base.root = Path(root).resolve()
+        base.python = python or str(base.root / ".venv" / "bin" / "python")
+        ports[name] = free_port()
+        procs[name] = base.start_bridge(ports[name])
+        baselines.append(name)
+    names = ["bare", *baselines, "bridge"]
+    bridges = [n for n in names if n != "bare"]
+    rss_loaded: dict[str, float] = {}
+    rss_after: dict[str, float] = {}
+    metrics: dict[str, str] = {}
+    rounds: dict[str, list[dict[str, float]]] = {n: [] for n in names}
     try:
-        wait_ready(f"http://127.0.0.1:{bport}/readyz")
-        wait_ready_bare = f"http://127.0.0.1:{qport}/hook/x"
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                urllib.request.urlopen(wait_ready_bare, timeout=1)
-            except urllib.error.HTTPError:
-                break
-            except OSError:
-                time.sleep(0.2)
-        rss_loaded = rss_mb(bridge.pid)
-        rounds: dict[str, list[dict[str, float]]] = {"bridge": [], "bare": []}
+        wait_bare(ports["bare"])
+        for n in bridges:
+            wait_ready(f"http://127.0.0.1:{ports[n]}/readyz")
+            rss_loaded[n] = rss_mb(procs[n].pid)
         for _ in range(a.rounds):
-            rounds["bare"].append(run_wrk(f"http://127.0.0.1:{qport}", bare_script, a.duration,
-                                          a.connections, a.threads))
-            rounds["bridge"].append(run_wrk(f"http://127.0.0.1:{bport}", script, a.duration,
-                                            a.connections, a.threads))
-        rss_after = rss_mb(bridge.pid)
-        with urllib.request.urlopen(f"http://127.0.0.1:{bport}/metrics", timeout=10) as r:
-            metrics = r.read().decode()
+            for n in names:
+                rounds[n].append(run_wrk(f"http://127.0.0.1:{ports[n]}",
+                                         setup.bare_script if n == "bare" else setup.script,
+                                         a.duration, a.connections, a.threads))
+        for n in bridges:
+            rss_after[n] = rss_mb(procs[n].pid)
+            with urllib.request.urlopen(f"http://127.0.0.1:{ports[n]}/metrics", timeout=10) as r:
+                metrics[n] = r.read().decode()
     finally:
-        for proc in (bridge, bare):
-            proc.terminate()
-            proc.wait(timeout=30)
+        stop(*procs.values())
         shutil.rmtree(work, ignore_errors=True)
 
     def med(name: str, key: str) -> float:
         return statistics.median(r[key] for r in rounds[name])
 
-    ratio = med("bridge", "rps") / med("bare", "rps")
     print(f"\nobjects: {a.repos} GitRepositories, {a.kustomizations} Kustomizations, "
-          f"{a.receivers} Receivers; body {len(requests[0][1])} bytes; wrk -t{a.threads} "
+          f"{a.receivers} Receivers; body {len(setup.requests[0][1])} bytes; workload "
+          f"{a.workload}; deliveries.max_count {a.max_count}; wrk -t{a.threads} "
           f"-c{a.connections} -d{a.duration}s x {a.rounds} rounds (medians)\n")
-    print("| endpoint | requests/s | p50 ms | p99 ms | non-2xx | RSS MB |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for name in ("bare", "bridge"):
-        rss = f"{rss_loaded:.0f} loaded / {rss_after:.0f} after" if name == "bridge" else "-"
-        print(f"| {name} | {med(name, 'rps'):.0f} | {med(name, 'p50'):.2f} | "
-              f"{med(name, 'p99'):.2f} | {med(name, 'non2xx'):.0f} | {rss} |")
-    print(f"\nbridge / bare throughput ratio: {ratio:.2f}")
-    annotated = sum(float(m) for m in re.findall(
-        r'gfb_targets_annotated_total\{kind="GitRepository"\} ([\d.e+]+)', metrics))
-    accepted = sum(r["requests"] - r["non2xx"] for r in rounds["bridge"])
+    print("| endpoint | requests/s | ratio to bare | p50 ms | p99 ms | p99 / bare | non-2xx "
+          "| first round / median | RSS MB |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for n in names:
+        rss = f"{rss_loaded[n]:.0f} loaded / {rss_after[n]:.0f} after" if n != "bare" else "-"
+        print(f"| {n} | {med(n, 'rps'):.0f} | {med(n, 'rps') / med('bare', 'rps'):.2f} | "
+              f"{med(n, 'p50'):.2f} | {med(n, 'p99'):.2f} | {med(n, 'p99') / med('bare', 'p99'):.2f} | "
+              f"{med(n, 'non2xx'):.0f} | {rounds[n][0]['rps'] / med(n, 'rps'):.2f} | {rss} |")
+    print("\nper round (requests/s, p99 ms, ratio to bare in that round):")
+    for i in range(a.rounds):
+        bare_rps = rounds["bare"][i]["rps"]
+        print(f"  round {i + 1}: " + "; ".join(
+            f"{n} {rounds[n][i]['rps']:.0f} rps p99 {rounds[n][i]['p99']:.1f}"
+            + (f" ({rounds[n][i]['rps'] / bare_rps:.2f})" if n != "bare" else "") for n in names))
     seconds = a.duration * a.rounds
-    print(f"pushes accepted: {accepted:.0f}; GitRepository patches: {annotated:.0f} over "
-          f"{a.receivers} sources in {seconds} s of load = "
-          f"{annotated / a.receivers / seconds:.2f} patches per object per second")
-    print("per-round requests/s: " + json.dumps({k: [round(r['rps']) for r in v]
-                                                 for k, v in rounds.items()}))
+    for n in bridges:
+        annotated = sum(float(m) for m in re.findall(
+            r'gfb_targets_annotated_total\{kind="GitRepository"\} ([\d.e+]+)', metrics[n]))
+        accepted = sum(r["requests"] - r["non2xx"] for r in rounds[n])
+        print(f"{n}: pushes accepted {accepted:.0f}; GitRepository patches {annotated:.0f} over "
+              f"{a.receivers} sources in {seconds} s = "
+              f"{annotated / a.receivers / seconds:.2f} per object per second")
+    print("JSON " + json.dumps({n: rounds[n] for n in names}))
 
 
 if __name__ == "__main__":

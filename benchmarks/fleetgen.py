@@ -15,7 +15,8 @@ def repo_url(i: int) -> str:
     return f"https://{HOST}/org-{i % 50}/repo-{i}.git"
 
 
-def generate(directory: Path, repos: int, kustomizations: int, receivers: int) -> None:
+def generate(directory: Path, repos: int, kustomizations: int, receivers: int,
+             receiver_type: str = "github") -> None:
     directory.mkdir(parents=True, exist_ok=True)
     per_repo = max(1, kustomizations // repos)
     sources: list[dict[str, Any]] = []
@@ -44,7 +45,7 @@ def generate(directory: Path, repos: int, kustomizations: int, receivers: int) -
         hooks.append({
             "apiVersion": "notification.toolkit.fluxcd.io/v1", "kind": "Receiver",
             "metadata": {"name": f"hook-{r}", "namespace": "flux-system"},
-            "spec": {"type": "github", "secretRef": {"name": f"hook-{r}"}, "resources": resources},
+            "spec": {"type": receiver_type, "secretRef": {"name": f"hook-{r}"}, "resources": resources},
         })
         hooks.append({"apiVersion": "v1", "kind": "Secret",
                       "metadata": {"name": f"hook-{r}", "namespace": "flux-system"},

@@ -59,12 +59,20 @@ class Delivery:
     # Outcomes only this replica knows (a refused patch); see delivery_state.
     local: dict[ObjectKey, tuple[str, str, str]] = field(default_factory=dict)
     version: int = 0
-    changed: asyncio.Condition = field(default_factory=asyncio.Condition)
+    # Made when first asked for: most deliveries are never waited on in process, and a
+    # Condition (a lock and a deque) is the largest part of an idle one.
+    _changed: asyncio.Condition | None = field(default=None, repr=False)
+
+    @property
+    def changed(self) -> asyncio.Condition:
+        if self._changed is None:
+            self._changed = asyncio.Condition()
+        return self._changed
 
     @classmethod
     def from_record(cls, id_: str, record: DeliveryRecord, plan: Plan) -> Delivery:
         view = DeliveryView(tuple(TargetView(t.key, t.role, QUEUED) for t in record.targets))
-        return cls(id=id_, record=record, plan=plan, view=view)
+        return cls(id=id_, record=record, plan=plan.compact(), view=view)
 
     @property
     def receiver(self) -> str:
@@ -89,9 +97,10 @@ class Delivery:
         if not changed:
             return []
         self.view = view
-        async with self.changed:
-            self.version += 1
-            self.changed.notify_all()
+        self.version += 1
+        if self._changed is not None:
+            async with self._changed:
+                self._changed.notify_all()
         return changed
 
     def as_dict(self) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 
 from receiver.flux.objects import BRIDGE_PREFIX
 
@@ -31,6 +32,14 @@ def parse(value: str | None) -> tuple[Mark, ...]:
     """Entries of the annotation; malformed ones (someone edited it by hand) are ignored."""
     if not value:
         return ()
+    return _parse(value)
+
+
+# A delivery's state is evaluated on every change of the objects it follows, each evaluation
+# reads the marks of every target several times, and a value changes only when an object is
+# annotated: parse each value once. Bounded: the objects deliveries in flight follow.
+@lru_cache(maxsize=1024)
+def _parse(value: str) -> tuple[Mark, ...]:
     found: list[Mark] = []
     for entry in value.split()[:MAX_ENTRIES * 2]:
         mark, sep, at = entry.partition("@")
@@ -50,7 +59,13 @@ def of(annotations: Mapping[str, str]) -> tuple[Mark, ...]:
 
 
 def has(annotations: Mapping[str, str], mark: str) -> bool:
-    return any(m.mark == mark for m in of(annotations))
+    value = annotations.get(DELIVERIES_ANNOTATION)
+    return bool(value) and mark in _marks(value)
+
+
+@lru_cache(maxsize=1024)
+def _marks(value: str) -> frozenset[str]:
+    return frozenset(m.mark for m in _parse(value))
 
 
 def newer_than(annotations: Mapping[str, str], at: float, mine: str) -> bool:

@@ -37,6 +37,8 @@ from receiver.flux.revisions import FAILED, QUEUED, READY, progress_at
 from receiver.metrics import Metrics
 
 log = logging.getLogger(__name__)
+# Longest stretch of delivery evaluations before the loop serves requests again (seconds).
+EVALUATION_SLICE = 0.002
 
 
 def request_value(now: datetime | None = None) -> str:
@@ -190,6 +192,9 @@ class Reconciler:
         self._grace: dict[tuple[str, ObjectKey], float] = {}  # (delivery, consumer) -> until
         self._deadlines: list[tuple[float, str]] = []  # (due, delivery id)
         self._sweeper: asyncio.Task[None] | None = None
+        # Deliveries to evaluate after a change of an object they follow, in arrival order.
+        self._dirty: dict[str, None] = {}
+        self._evaluator: asyncio.Task[None] | None = None
         self.listeners: list[DeliveryListener] = []
         cluster.store.subscribe(self._on_change)
 
@@ -277,10 +282,29 @@ class Reconciler:
         if self._last_seen.get(obj.key) == fingerprint:
             return
         self._last_seen[obj.key] = fingerprint
-        for id_ in list(ids):
+        self._dirty.update(dict.fromkeys(ids))
+        if self._evaluator is None or self._evaluator.done():
+            self._evaluator = asyncio.ensure_future(self._evaluate_dirty())
+            self._tasks.add(self._evaluator)
+            self._evaluator.add_done_callback(self._tasks.discard)
+
+    async def _evaluate_dirty(self) -> None:
+        """Evaluate the deliveries changes touched, one task for all, yielding to the loop
+        every `EVALUATION_SLICE`: one patch of a busy object is followed by hundreds of
+        deliveries, and evaluating them all in one go held every request behind them."""
+        started = time.perf_counter()
+        while self._dirty:
+            id_ = next(iter(self._dirty))
+            del self._dirty[id_]
             delivery = self._deliveries.get(id_)
             if delivery is not None:
-                self._spawn(self._evaluate(delivery))
+                try:
+                    await self._evaluate(delivery)
+                except Exception:
+                    log.exception("evaluating a delivery failed", extra={"delivery": id_})
+            if time.perf_counter() - started > EVALUATION_SLICE:
+                await asyncio.sleep(0)
+                started = time.perf_counter()
 
     async def _evaluate(self, delivery: Delivery) -> None:
         if delivery.id not in self._watched_by:
@@ -358,16 +382,21 @@ class Reconciler:
             self._sweeper = asyncio.create_task(self._sweep())
 
     async def _sweep(self) -> None:
+        started = time.perf_counter()
         while self._deadlines:
             due, id_ = self._deadlines[0]
             wait = due - time.time()
             if wait > 0:
                 await asyncio.sleep(min(wait, 1.0))
+                started = time.perf_counter()
                 continue
             heapq.heappop(self._deadlines)
             delivery = self._deliveries.get(id_)
             if delivery is not None and id_ in self._watched_by:
                 await self._evaluate(delivery)
+            if time.perf_counter() - started > EVALUATION_SLICE:
+                await asyncio.sleep(0)  # a burst of pushes times out together
+                started = time.perf_counter()
 
     async def stop(self) -> None:
         pending: list[asyncio.Future[None]] = list(self._tasks)

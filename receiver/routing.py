@@ -10,7 +10,7 @@ The decisions, in the order a reader meets them:
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from receiver.flux.objects import (
@@ -89,6 +89,15 @@ class Plan:
     # Listed objects of kinds the bridge does not route (Bucket, HelmChart, Image*...): patched
     # with Flux's annotation on every request, as Flux does, not followed. Sources first.
     annotate_only: tuple[Target, ...] = field(default=())
+    # Set by `compact`: the unrelated objects counted, no longer listed.
+    unrelated_count: int | None = None
+
+    def compact(self) -> Plan:
+        """What a delivery keeps for its replies: the unrelated objects only counted (a set of
+        keys per push was the largest part of a stored delivery)."""
+        if self.unrelated_count is not None:
+            return self
+        return replace(self, unrelated=frozenset(), unrelated_count=len(self.unrelated))
 
     def all_skipped(self, store: ObjectStore) -> tuple[Target, ...]:
         objs = (store.get(k) for k in self.unrelated)
@@ -115,7 +124,8 @@ class Plan:
             out["skipped"] = [t.as_dict() for t in self.all_skipped(store)]
         else:
             out["skipped"] = [t.as_dict() for t in self.skipped]
-            out["skipped_unrelated"] = len(self.unrelated)
+            out["skipped_unrelated"] = (len(self.unrelated) if self.unrelated_count is None
+                                        else self.unrelated_count)
         return out
 
 

@@ -48,3 +48,16 @@ def test_bounded_and_keeps_every_new_mark(existing: list[Mark], new: list[Mark])
     assert len(parsed) <= dm.MAX_ENTRIES
     assert len({m.mark for m in parsed}) == len(parsed)
     assert {m.mark for m in new} <= {m.mark for m in parsed}
+
+
+def test_has_follows_the_value_it_is_given_when_values_are_parsed_once() -> None:
+    first = dm.merged({}, [Mark("a" * 16, 10.0)], 10.0, 60)
+    second = dm.merged({DELIVERIES_ANNOTATION: first}, [Mark("b" * 16, 11.0)], 11.0, 60)
+    for _ in range(2):  # the second pass is answered from the parse cache
+        assert dm.has({DELIVERIES_ANNOTATION: first}, "a" * 16)
+        assert not dm.has({DELIVERIES_ANNOTATION: first}, "b" * 16)
+        assert dm.has({DELIVERIES_ANNOTATION: second}, "b" * 16)
+        assert dm.has({DELIVERIES_ANNOTATION: second}, "a" * 16)
+    assert not dm.has({}, "a" * 16)
+    assert not dm.has({DELIVERIES_ANNOTATION: ""}, "a" * 16)
+    assert dm.parse(first) is dm.parse(first)

@@ -1,0 +1,113 @@
+"""Latency at fixed rates below saturation, the bridge and the bare endpoint in the same run.
+
+    python -m benchmarks.bench_latency [--duration 10] [--fractions 0.25 0.5 0.75]
+
+Both servers as in `bench_ingest` (fleet of 2,000 GitRepositories, 10,000 Kustomizations, 200
+Receivers; `deliveries.max_count` 10,000). Load: `oha` (cargo install oha). First the saturation
+rate of each endpoint (oha, 64 connections, unthrottled); then `oha -q <rate>` at each fraction
+of the **bridge's** saturation rate, the same absolute rate for both endpoints, with
+`--latency-correction` (no coordinated omission). Every request is a push of a new commit
+(`-Z`: one body per line) to one Receiver with its bearer token, so nothing joins or dedupes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from benchmarks.bench_ingest import Setup, stop, wait_bare, wait_ready
+from benchmarks.common import free_port
+
+OHA = shutil.which("oha") or str(Path.home() / ".cargo" / "bin" / "oha")
+
+
+def oha(url: str, bodies: Path, token: str, duration: int, rate: float | None,
+        connections: int) -> dict[str, Any]:
+    cmd = [OHA, "--no-tui", "--output-format", "json", "-z", f"{duration}s", "-c", str(connections),
+           "-m", "POST", "-T", "application/json", "-H", "X-Gitea-Event: push",
+           "-H", f"Authorization: Bearer {token}", "-Z", str(bodies)]
+    if rate is not None:
+        cmd += ["-q", str(rate), "--latency-correction"]
+    out = json.loads(subprocess.run([*cmd, url], capture_output=True, text=True, check=True).stdout)
+    pct = out["latencyPercentiles"]
+    codes = out.get("statusCodeDistribution") or {}
+    return {"rps": out["summary"]["requestsPerSec"],
+            "p50": (pct["p50"] or 0) * 1000, "p99": (pct["p99"] or 0) * 1000,
+            "p999": (pct["p99.9"] or 0) * 1000,
+            "non2xx": sum(v for k, v in codes.items() if not k.startswith("2")),
+            "errors": sum((out.get("errorDistribution") or {}).values())}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--duration", type=int, default=10)
+    p.add_argument("--saturation-seconds", type=int, default=8)
+    p.add_argument("--fractions", type=float, nargs="+", default=[0.25, 0.5, 0.75])
+    p.add_argument("--connections", type=int, default=64)
+    p.add_argument("--bodies", type=int, default=4000, help="distinct commits to cycle over")
+    p.add_argument("--probe", action="store_true",
+                   help="run the bridge under benchmarks.probe and print its report")
+    p.add_argument("--rates", type=float, nargs="*", help="fixed rates instead of fractions")
+    a = p.parse_args()
+    if not Path(OHA).exists():
+        sys.exit("oha is needed: cargo install oha")
+    work = Path(tempfile.mkdtemp(prefix="gfb-latency-"))
+    setup = Setup(work)
+    path, body, _ = setup.requests[0]
+    head = json.loads(body)["after"]
+    bodies = work / "bodies.txt"
+    with bodies.open("w") as f:
+        for i in range(a.bodies):
+            f.write(body.decode().replace(head, f"{i:040x}").replace("\n", "") + "\n")
+    ports = {"bare": free_port(), "bridge": free_port()}
+    procs = {"bare": setup.start_bare(ports["bare"]), "bridge": setup.start_bridge(
+        ports["bridge"], module="benchmarks.probe" if a.probe else "receiver.cli",
+        env={"PROBE_OUT": str(work / "probe.json")} if a.probe else None)}
+    results: dict[str, dict[str, Any]] = {}
+    try:
+        wait_bare(ports["bare"])
+        wait_ready(f"http://127.0.0.1:{ports['bridge']}/readyz")
+        url = {n: f"http://127.0.0.1:{port}{path}" for n, port in ports.items()}
+        sat = {n: oha(url[n], bodies, "bench-token-0", a.saturation_seconds, None, a.connections)
+               for n in ("bare", "bridge")}
+        base = sat["bridge"]["rps"]
+        for fraction in a.fractions:
+            rate = round(base * fraction)
+            for n in ("bare", "bridge"):
+                results[f"{n} {fraction:.0%}"] = {
+                    "rate": rate, **oha(url[n], bodies, "bench-token-0", a.duration, rate,
+                                        a.connections)}
+    finally:
+        stop(*procs.values())
+        if a.probe and (work / "probe.json").exists():
+            print("probe: " + (work / "probe.json").read_text())
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"\nsaturation (oha -c{a.connections}, {a.saturation_seconds}s): bare "
+          f"{sat['bare']['rps']:.0f} req/s (p99 {sat['bare']['p99']:.1f} ms), bridge "
+          f"{sat['bridge']['rps']:.0f} req/s (p99 {sat['bridge']['p99']:.1f} ms); ratio "
+          f"{sat['bridge']['rps'] / sat['bare']['rps']:.2f}\n")
+    print("| rate (share of bridge saturation) | endpoint | achieved req/s | p50 ms | p99 ms "
+          "| p99.9 ms | p99 / bare p99 | non-2xx |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    for fraction in a.fractions:
+        bare = results[f"bare {fraction:.0%}"]
+        for n in ("bare", "bridge"):
+            r = results[f"{n} {fraction:.0%}"]
+            ratio = r["p99"] / bare["p99"] if bare["p99"] else float("nan")
+            print(f"| {r['rate']} ({fraction:.0%}) | {n} | {r['rps']:.0f} | {r['p50']:.2f} | "
+                  f"{r['p99']:.2f} | {r['p999']:.2f} | {ratio:.2f} | {r['non2xx'] + r['errors']} |")
+    print("JSON " + json.dumps({"saturation": sat, "fixed": results,
+                                "median_p99_ratio": statistics.median(
+                                    results[f"bridge {f:.0%}"]["p99"] / results[f"bare {f:.0%}"]["p99"]
+                                    for f in a.fractions)}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,151 @@
+"""Run `gitea-flux-bridge serve` with probes that say where latency goes, without changing it.
+
+    python -m benchmarks.probe serve --manifests DIR ...   (PROBE_OUT=report.json)
+
+Probes, all written to `PROBE_OUT` as JSON when the server stops:
+- garbage collector pauses (`gc.callbacks`): count, total, max and the slowest by generation;
+- event-loop lag: a heartbeat task sleeps 5 ms and records how late it wakes;
+- watch handling: time in `ObjectStore.upsert` with its listeners (what a watch event or an
+  in-memory patch costs on the loop) and in the reconciler's evaluation of a delivery;
+- threads: CPU seconds per thread from /proc (the Kubernetes client's watch threads and the
+  `asyncio.to_thread` pool that sends patches and reads Secrets).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import gc
+import json
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+HEARTBEAT = 0.005
+
+
+class Probe:
+    def __init__(self) -> None:
+        self.gc_pauses: dict[int, list[float]] = {0: [], 1: [], 2: []}
+        self._gc_start = 0.0
+        self.lag: list[float] = []
+        self.timed: dict[str, list[float]] = {}
+        self.started = time.monotonic()
+
+    def on_gc(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._gc_start = time.perf_counter()
+        else:
+            self.gc_pauses[info["generation"]].append(time.perf_counter() - self._gc_start)
+
+    async def heartbeat(self) -> None:
+        while True:
+            before = time.perf_counter()
+            await asyncio.sleep(HEARTBEAT)
+            self.lag.append(time.perf_counter() - before - HEARTBEAT)
+
+    def wrap(self, owner: Any, name: str, label: str) -> None:
+        original = getattr(owner, name)
+        samples = self.timed.setdefault(label, [])
+        if asyncio.iscoroutinefunction(original):
+            async def timed_async(*args: Any, **kwargs: Any) -> Any:
+                # Only the synchronous stretches matter for the loop; an await inside is
+                # counted too, so this is an upper bound.
+                t = time.perf_counter()
+                try:
+                    return await original(*args, **kwargs)
+                finally:
+                    samples.append(time.perf_counter() - t)
+            setattr(owner, name, timed_async)
+        else:
+            def timed(*args: Any, **kwargs: Any) -> Any:
+                t = time.perf_counter()
+                try:
+                    return original(*args, **kwargs)
+                finally:
+                    samples.append(time.perf_counter() - t)
+            setattr(owner, name, timed)
+
+    def report(self) -> dict[str, Any]:
+        def summary(values: list[float]) -> dict[str, float]:
+            if not values:
+                return {"count": 0}
+            ordered = sorted(values)
+            def pct(p: float) -> float:
+                return round(ordered[min(len(ordered) - 1, int(p * len(ordered)))] * 1000, 3)
+            return {"count": len(values), "total_s": round(sum(values), 3), "p50_ms": pct(0.5),
+                    "p99_ms": pct(0.99), "p999_ms": pct(0.999), "max_ms": round(ordered[-1] * 1000, 3)}
+
+        return {
+            "seconds": round(time.monotonic() - self.started, 1),
+            "gc": {f"gen{g}": summary(v) for g, v in self.gc_pauses.items()},
+            "gc_threshold": gc.get_threshold(),
+            "gc_frozen": gc.get_freeze_count(),
+            "loop_lag": summary(self.lag),
+            "loop_lag_over_ms": {str(ms): sum(1 for v in self.lag if v * 1000 > ms)
+                                 for ms in (1, 5, 10, 20, 50)},
+            "timed": {k: summary(v) for k, v in self.timed.items()},
+            "threads": thread_cpu(),
+        }
+
+
+def thread_cpu() -> dict[str, float]:
+    """CPU seconds (user + system) per thread of this process, by thread name."""
+    tick = os.sysconf("SC_CLK_TCK")
+    names = {t.native_id: t.name for t in threading.enumerate()}
+    out: dict[str, float] = {}
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        seconds = (int(fields[11]) + int(fields[12])) / tick
+        name = names.get(int(task.name), "other")
+        name = "to_thread pool" if name.startswith("asyncio_") else name
+        out[name] = round(out.get(name, 0.0) + seconds, 2)
+    return out
+
+
+def install() -> Probe:
+    probe = Probe()
+    gc.callbacks.append(probe.on_gc)
+
+    from receiver.drain import DrainingServer
+    from receiver.flux.store import ObjectStore
+    from receiver.reconcile import Reconciler
+
+    probe.wrap(ObjectStore, "upsert", "store.upsert (watch event or patch, with listeners)")
+    probe.wrap(Reconciler, "_on_change", "reconciler._on_change")
+    probe.wrap(Reconciler, "_evaluate", "reconciler._evaluate (includes awaits)")
+    import receiver.ingest as ingest_module
+    from receiver.hookindex import HookIndex
+
+    probe.wrap(ingest_module, "resolve_resources", "Receiver resolution (cache miss)")
+    probe.wrap(ingest_module, "plan_push", "routing.plan_push")
+    probe.wrap(ingest_module, "encode", "delivery id encode")
+    probe.wrap(HookIndex, "lookup_or_refresh", "hook lookup")
+    startup = DrainingServer.startup
+
+    async def startup_with_heartbeat(self: Any, *args: Any, **kwargs: Any) -> Any:
+        probe.task = asyncio.get_running_loop().create_task(probe.heartbeat())  # type: ignore[attr-defined]
+        return await startup(self, *args, **kwargs)
+
+    DrainingServer.startup = startup_with_heartbeat  # type: ignore[method-assign]
+    out = os.environ.get("PROBE_OUT")
+    if out:
+        atexit.register(lambda: Path(out).write_text(json.dumps(probe.report(), indent=1)))
+    return probe
+
+
+def main() -> None:
+    install()
+    from receiver.cli import main as cli_main
+
+    sys.exit(cli_main(sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    main()
