@@ -186,7 +186,7 @@ class Reconciler:
         self.patches = PatchCoalescer(cluster, config, metrics, keep_marks_seconds)
         self._watching: dict[ObjectKey, set[str]] = defaultdict(set)
         self._watched_by: dict[str, set[ObjectKey]] = {}
-        self._last_seen: dict[ObjectKey, tuple[Any, ...]] = {}
+        self._last_seen: dict[ObjectKey, tuple[tuple[Any, ...], str | None]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._requested: set[tuple[str, ObjectKey]] = set()  # (delivery, object) patch asked
         self._grace: dict[tuple[str, ObjectKey], float] = {}  # (delivery, consumer) -> until
@@ -277,12 +277,25 @@ class Reconciler:
             return
         # Only status, generation, suspension and our marks move a delivery: anything else
         # (another tool's annotations) must not cost an evaluation of every watching delivery.
-        fingerprint = (op, obj.generation, obj.raw.get("status"), obj.suspended,
-                       obj.annotations.get(DELIVERIES_ANNOTATION))
-        if self._last_seen.get(obj.key) == fingerprint:
+        progress = (op, obj.generation, obj.raw.get("status"), obj.suspended)
+        marks = obj.annotations.get(DELIVERIES_ANNOTATION)
+        before = self._last_seen.get(obj.key)
+        if before == (progress, marks):
             return
-        self._last_seen[obj.key] = fingerprint
-        self._dirty.update(dict.fromkeys(ids))
+        self._last_seen[obj.key] = (progress, marks)
+        if before is not None and before[0] == progress:
+            # Only marks changed (a patch, ours or another replica's): only the deliveries
+            # whose mark just appeared moved (queued -> annotated). A busy source followed by
+            # thousands of deliveries must not re-evaluate them all on every patch.
+            added = ({m.mark for m in delivery_marks.parse(marks)}
+                     - {m.mark for m in delivery_marks.parse(before[1])})
+            moved = [i for i in ids if (d := self._deliveries.get(i)) is not None
+                     and d.record.mark in added]
+            if not moved:
+                return
+            self._dirty.update(dict.fromkeys(moved))
+        else:
+            self._dirty.update(dict.fromkeys(ids))
         if self._evaluator is None or self._evaluator.done():
             self._evaluator = asyncio.ensure_future(self._evaluate_dirty())
             self._tasks.add(self._evaluator)
