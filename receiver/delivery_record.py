@@ -12,12 +12,15 @@ do not fit are counted in `omitted`, never silently dropped.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
+import json
 from dataclasses import dataclass
 from typing import Any
 
 from itsdangerous import BadData, URLSafeSerializer
+from itsdangerous.encoding import base64_encode
 
 from receiver.flux.objects import ObjectKey
 
@@ -55,10 +58,26 @@ def mark_for(receiver: str, replay_key: str) -> str:
     return digest[:16]
 
 
+class _IdSerializer(URLSafeSerializer):
+    """Compresses only payloads long enough to gain from it: a typical push's few targets do
+    not, and trying zlib on every id was a measurable share of the hook path."""
+
+    def dump_payload(self, obj: Any) -> bytes:
+        raw = json.dumps(obj, separators=(",", ":")).encode()
+        if len(raw) < _COMPRESS_FROM:
+            return base64_encode(raw)
+        return super().dump_payload(obj)
+
+
+_COMPRESS_FROM = 512
+
+
+@functools.lru_cache(maxsize=1024)
 def _serializer(token: str) -> URLSafeSerializer:
-    # A key of its own: the id's signature must never double as any other credential.
+    # A key of its own: the id's signature must never double as any other credential. Cached:
+    # a Receiver's pushes all sign with the same key (a rotated token is simply a new entry).
     key = hmac.new(token.encode(), b"gitea-flux-bridge delivery id", hashlib.sha256).digest()
-    return URLSafeSerializer(key, salt=_SALT)
+    return _IdSerializer(key, salt=_SALT)
 
 
 def _payload(record: DeliveryRecord, targets: tuple[RecordTarget, ...], omitted: int) -> list[Any]:
