@@ -529,12 +529,26 @@ def test_notify_action_waits_for_the_real_outcome(loop: Loop) -> None:
 
 
 def test_lead_time_histogram_has_observations(loop: Loop) -> None:
+    # A push of its own, so the test holds in any order: its deploy adds an observation.
+    def observations() -> float:
+        return metric_value(loop.bridge.metrics(), "gfb_push_to_ready_seconds_count",
+                            {"cluster": CLUSTER})
+
+    before = observations()
+    loop.push({APPS_FILE: configmap("apps-settings", APPS_NS,
+                                    release=f"lead-{secrets.token_hex(3)}")}, "apps: lead time")
+    loop.wait("the push's lead time to be observed", lambda: observations() > before or None,
+              DEPLOY_TIMEOUT)
+    loop.wait("an event from notification-controller", lambda: metric_value(
+        loop.bridge.metrics(), "gfb_events_total", {"outcome": "accepted"}) > 0 or None, 60)
+    loop.wait("a status posted", lambda: metric_value(
+        loop.bridge.metrics(), "gfb_statuses_total", {"result": "posted"}) > 0 or None, 60)
     text = loop.bridge.metrics()
     count = metric_value(text, "gfb_push_to_ready_seconds_count", {"cluster": CLUSTER})
     total = metric_value(text, "gfb_push_to_ready_seconds_sum", {"cluster": CLUSTER})
     print(f"  gfb_push_to_ready_seconds: {count:g} observations, mean "
           f"{total / count if count else 0:.1f}s")
-    assert count >= 3, text
+    assert count >= 1, text
     assert metric_value(text, "gfb_events_total", {"outcome": "accepted"}) > 0, \
         "notification-controller's generic-hmac Provider reached /events"
     assert metric_value(text, "gfb_statuses_total", {"result": "posted"}) > 0
