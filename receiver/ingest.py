@@ -186,7 +186,10 @@ class IngestService:
         ):
             # Flux's github Receiver (go-github ValidatePayload) refuses these too.
             return self._count(name, "unsupported_media", error(415, UNSUPPORTED_MEDIA))
-        refused = _event_refused(receiver, request.headers.get("x-github-event", ""))
+        # Flux reads X-GitHub-Event; Gitea sends it and X-Gitea-Event alike, and a sender that
+        # sends only Gitea's header names its event all the same.
+        refused = _event_refused(receiver, request.headers.get("x-github-event")
+                                 or request.headers.get("x-gitea-event", ""))
         if refused is not None:
             return self._count(name, "event_refused", error(400, refused))
         now = self.wall_clock()

@@ -111,7 +111,7 @@ def chart_service_account(plane: ControlPlane, release: str, namespace: str,
     return (the ServiceAccount's user name, a token for it): the bridge then runs with exactly
     the permissions the chart grants."""
     command = [str(plane.bin_dir / "helm"), "template", release, str(CHART),
-               "--namespace", namespace, *helm_args]
+               "--namespace", namespace, "--set", "clusterName=e2e", *helm_args]
     out = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=120,
                          env=child_env(HOME=str(plane.workdir)), check=False)
     if out.returncode != 0:

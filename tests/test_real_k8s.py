@@ -68,24 +68,29 @@ RECEIVER_TOKEN = "realk8s-receiver-token"
 REPO = "platform/fleet"
 REPO_URL = "https://gitea.example.com/platform/fleet.git"
 
-# Prometheus Operator's ServiceMonitor CRD is not ours to copy: a permissive stand-in, so the
-# dry run of the full values covers the chart's ServiceMonitor too.
-SERVICE_MONITOR_CRD: dict[str, Any] = {
-    "apiVersion": "apiextensions.k8s.io/v1",
-    "kind": "CustomResourceDefinition",
-    "metadata": {"name": "servicemonitors.monitoring.coreos.com"},
-    "spec": {
-        "group": "monitoring.coreos.com",
-        "scope": "Namespaced",
-        "names": {"kind": "ServiceMonitor", "listKind": "ServiceMonitorList",
-                  "plural": "servicemonitors", "singular": "servicemonitor"},
-        "versions": [{
-            "name": "v1", "served": True, "storage": True,
-            "schema": {"openAPIV3Schema": {
-                "type": "object", "x-kubernetes-preserve-unknown-fields": True}},
-        }],
-    },
-}
+# Prometheus Operator's CRDs are not ours to copy: permissive stand-ins, so the dry run of the
+# full values covers the chart's ServiceMonitor and PrometheusRule too.
+def _operator_crd(kind: str, plural: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": f"{plural}.monitoring.coreos.com"},
+        "spec": {
+            "group": "monitoring.coreos.com",
+            "scope": "Namespaced",
+            "names": {"kind": kind, "listKind": f"{kind}List", "plural": plural,
+                      "singular": kind.lower()},
+            "versions": [{
+                "name": "v1", "served": True, "storage": True,
+                "schema": {"openAPIV3Schema": {
+                    "type": "object", "x-kubernetes-preserve-unknown-fields": True}},
+            }],
+        },
+    }
+
+
+OPERATOR_CRDS = {"ServiceMonitor": _operator_crd("ServiceMonitor", "servicemonitors"),
+                 "PrometheusRule": _operator_crd("PrometheusRule", "prometheusrules")}
 
 
 # -- helpers -----------------------------------------------------------------------------------------
@@ -94,7 +99,7 @@ SERVICE_MONITOR_CRD: dict[str, Any] = {
 def helm_template(cp: ControlPlane, release: str, *args: str) -> list[dict[str, Any]]:
     """`helm template` with the real helm (from the testbin cache) in RELEASE_NS."""
     command = [str(cp.bin_dir / "helm"), "template", release, str(CHART),
-               "--namespace", RELEASE_NS, *args]
+               "--namespace", RELEASE_NS, "--set", "clusterName=realk8s", *args]
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=120,
                             check=False)
     if result.returncode != 0:
@@ -399,8 +404,9 @@ def sa_kubeconfig(control_plane: ControlPlane, cluster_wide: Install,  # noqa: F
 def test_every_chart_object_passes_a_server_side_dry_run(admin: Admin, variant: str) -> None:
     args = ("-f", str(FULL_VALUES)) if variant == "full" else ()
     docs = helm_template(admin.plane, "dry", *args)
-    if any(d["kind"] == "ServiceMonitor" for d in docs):
-        admin.plane.install_crds([SERVICE_MONITOR_CRD])
+    needed = [crd for kind, crd in OPERATOR_CRDS.items() if any(d["kind"] == kind for d in docs)]
+    if needed:
+        admin.plane.install_crds(needed)
     admin.plane.ensure_namespace(RELEASE_NS, *{d["metadata"]["namespace"] for d in docs
                                                 if d["metadata"].get("namespace")})
     # A fresh discovery, so resources installed just now are known.
@@ -426,7 +432,9 @@ def test_every_chart_object_passes_a_server_side_dry_run(admin: Admin, variant: 
     expected = {"ConfigMap", "Deployment", "Service", "ServiceAccount", "NetworkPolicy",
                 "PodDisruptionBudget", "Role", "RoleBinding"}
     if variant == "full":
-        expected |= {"HorizontalPodAutoscaler", "Ingress", "ServiceMonitor"}
+        expected |= {"HorizontalPodAutoscaler", "Ingress", "ServiceMonitor", "PrometheusRule",
+                     # extraObjects: the Flux notification objects shipped with the release
+                     "Provider", "Alert", "Receiver"}
     else:
         expected |= {"ClusterRole", "ClusterRoleBinding"}
     assert set(seen) == expected
