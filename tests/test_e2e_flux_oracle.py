@@ -309,7 +309,8 @@ def _run(env: Oracle, case: Case, kind: str) -> Row:
         if row.nc_code == 200:
             # NC patches before it answers; wait (bounded) in case a read lags behind.
             try:
-                row.nc_set = wait_until("NC's annotations", lambda: env.changed(nc_ns, before),
+                row.nc_set = wait_until("NC's annotations",
+                                        lambda: env.changed(nc_ns, before) or None,
                                         NC_WAIT, interval=0.1)
             except ControlPlaneError:
                 row.nc_set = set()
