@@ -49,7 +49,7 @@ from receiver.mismatch import Unmatched, unmatched
 from receiver.ratelimit import RateLimiter
 from receiver.reconcile import Reconciler, request_value
 from receiver.replay import SeenOnce
-from receiver.resource_filter import filter_plan
+from receiver.resource_filter import FilterEvaluationError, filter_plan
 from receiver.resources import Resolved, resolve_resources
 from receiver.routing import Plan, plan_push
 from receiver.selector import PayloadRefused, select_payload
@@ -280,7 +280,10 @@ class IngestService:
         # Why nothing matched is about the push, not the filter: ask before filtering.
         mismatch = unmatched(push, self.cluster.store) if not plan.targets else None
         if compiled is not None:
-            plan = filter_plan(plan, compiled, req or {}, self.cluster.store)
+            try:
+                plan = filter_plan(plan, compiled, req or {}, self.cluster.store)
+            except FilterEvaluationError as exc:
+                return self._count(name, "unprocessable", error(422, str(exc)))
         now = self.wall_clock()
         if once is not None:
             # No await from this check to `remember`: two copies of one request on this replica

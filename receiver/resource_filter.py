@@ -1,7 +1,9 @@
 """A plan narrowed by the Receiver's `spec.resourceFilter`. Pure.
 
 Every object the plan would annotate is shown to the filter as `res`; one for which it is false
-(or cannot be evaluated) is not annotated and moves to `skipped` with the reason. A consumer
+is not annotated and moves to `skipped` with the reason. When the filter cannot be evaluated
+for an object (a key the request lacks), the whole request fails, as it does in Flux: a CI step
+must not read success from a request that annotated nothing by accident. A consumer
 is no longer followed when it is filtered out, nor when its source is: that source will not
 fetch the pushed commit on the bridge's request.
 """
@@ -18,6 +20,10 @@ from receiver.flux.store import ObjectStore
 from receiver.routing import Plan, Target
 
 FALSE_REASON = "resourceFilter is false"
+
+
+class FilterEvaluationError(Exception):
+    """The filter failed for an object: the request is refused and nothing is annotated."""
 
 
 def _res(target: Target, store: ObjectStore) -> dict[str, Any]:
@@ -37,9 +43,11 @@ def filter_plan(plan: Plan, compiled: CompiledFilter, req: Mapping[str, Any],
     for target, verdict in zip(candidates, verdicts, strict=True):
         if verdict is True:
             continue
-        reason = FALSE_REASON if verdict is False else (
-            f"resourceFilter could not be evaluated: {verdict}")
-        dropped[target.key] = dataclasses.replace(target, reason=reason)
+        if verdict is not False:
+            raise FilterEvaluationError(
+                f"resourceFilter could not be evaluated for {target.kind} "
+                f"{target.namespace}/{target.name}: {str(verdict)[:200]}")
+        dropped[target.key] = dataclasses.replace(target, reason=FALSE_REASON)
     if not dropped:
         return plan
 

@@ -158,13 +158,14 @@ async def test_a_false_filter_skips_the_resource_with_the_reason(
     assert {t["name"]: t["reason"] for t in reply["skipped"]} == {
         "fleet-staging": "resourceFilter is false"}
     # A body that is not JSON gives `req = {}`, as Flux: the key is missing, an error for the
-    # one resource whose name matched (CEL's `false && error` is false).
+    # one resource whose name matched (CEL's `false && error` is false). Flux fails the whole
+    # request; so does the bridge (422, nothing annotated), so a CI step sees the failure.
+    patches = len(bridge.cluster.patches)
     r = await _post_hmac(bridge, b"deploy")
-    assert r.status_code == 202, r.text
-    assert r.json()["targets"] == []
-    reasons = {t["name"]: t["reason"] for t in r.json()["skipped"]}
-    assert reasons["fleet-staging"] == "resourceFilter is false"
-    assert reasons["flux-system"].startswith("resourceFilter could not be evaluated: ")
+    assert r.status_code == 422, r.text
+    assert r.json()["error"].startswith(
+        "resourceFilter could not be evaluated for GitRepository flux-system/flux-system: ")
+    assert len(bridge.cluster.patches) == patches
     # A JSON request whose body is no JSON object is refused, as Flux refuses it (500 there).
     r = await _post_hmac(bridge, b"[1]", "application/json")
     assert r.status_code == 400
