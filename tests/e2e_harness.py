@@ -270,6 +270,11 @@ DELIVER_TIMEOUT   = 10
 [queue.push_update]
 TYPE = immediate
 
+; The package registry (OCI charts and images: tests/test_release_oci.py); on by default, said
+; here so the release test does not depend on a default.
+[packages]
+ENABLED = true
+
 [cron]
 ENABLED = false
 
@@ -312,6 +317,8 @@ logger.router.MODE =
                 self._cli("admin", "user", "create", "--username", self.admin,
                           f"--password={self.password}", "--email", "gfb-admin@example.com",
                           "--admin", "--must-change-password=false")
+                # Scope "all": repositories, organisations, statuses and write:package (the
+                # release test pushes a chart to the package registry).
                 out = self._cli("admin", "user", "generate-access-token", "-u", self.admin,
                                 "-t", "e2e", "--scopes", "all", "--raw")
                 # Gitea's console log shares stdout: the token is the line that is only hex.

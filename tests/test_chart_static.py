@@ -9,6 +9,7 @@ test_chart_helm.py.
 from __future__ import annotations
 
 import copy
+import importlib.metadata
 import json
 import math
 import os
@@ -26,6 +27,8 @@ from typing import Any
 import httpx
 import pytest
 import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 from pydantic import BaseModel
 
 from receiver.config import SecretSource, Settings, env_overrides, load_settings
@@ -351,7 +354,7 @@ def _containerfile() -> list[tuple[str, str]]:
 def test_containerfile_shape() -> None:
     lines = _containerfile()
     args = dict(rest.split("=", 1) for ins, rest in lines if ins == "ARG" and "=" in rest)
-    # A tag, or a tag pinned by digest (docs/releasing.md: the base image).
+    # A tag, or the tag pinned by digest (docs/releasing.md, "The base image").
     assert re.fullmatch(r"python:3\.11-slim(@sha256:[0-9a-f]{64})?", args["PYTHON_IMAGE"])
     froms = [rest for ins, rest in lines if ins == "FROM"]
     assert froms == ["${PYTHON_IMAGE} AS builder", "${PYTHON_IMAGE}"]
@@ -368,6 +371,98 @@ def test_containerfile_shape() -> None:
     # The user the image runs as is the user the chart runs it as.
     assert DEFAULTS["securityContext"]["runAsUser"] == 10001
     assert DEFAULTS["podSecurityContext"]["runAsUser"] == 10001
+
+
+# -- requirements.lock: the image's run-time dependencies, pinned and hashed ------------------------
+
+
+def _lock() -> dict[str, tuple[str, list[str]]]:
+    """requirements.lock as {normalized name: (version, [sha256 hashes])}."""
+    text = (ROOT / "requirements.lock").read_text().replace("\\\n", " ")
+    out: dict[str, tuple[str, list[str]]] = {}
+    for line in text.splitlines():
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        spec, *options = line.split()
+        name, _, version = spec.partition("==")
+        assert version, f"not pinned with ==: {line}"
+        assert name == Requirement(name).name, f"extras or markers in the lock: {line}"
+        hashes = [o.removeprefix("--hash=sha256:") for o in options]
+        assert all(re.fullmatch(r"[0-9a-f]{64}", h) for h in hashes), line
+        out[canonicalize_name(name)] = (version, hashes)
+    return out
+
+
+def _runtime_requirements() -> list[Requirement]:
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    return [Requirement(r) for r in pyproject["project"]["dependencies"]]
+
+
+def test_lock_pins_every_runtime_requirement_with_hashes() -> None:
+    lock = _lock()
+    for requirement in _runtime_requirements():
+        if requirement.marker is not None and not requirement.marker.evaluate():
+            continue
+        name = canonicalize_name(requirement.name)
+        assert name in lock, f"{requirement} is not in requirements.lock: run scripts/lock.sh"
+        version, hashes = lock[name]
+        assert requirement.specifier.contains(version, prereleases=True), (requirement, version)
+        assert hashes, f"{name} has no hash"
+    # The image builds the package offline with the build backend from the lock.
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    for requirement in map(Requirement, pyproject["build-system"]["requires"]):
+        version, _ = lock[canonicalize_name(requirement.name)]
+        assert requirement.specifier.contains(version), (requirement, version)
+
+
+def test_lock_is_closed_over_the_installed_dependencies() -> None:
+    """Every requirement of a locked package (as installed here, at the locked version) is locked
+    too: `pip install --require-hashes` fails on anything the lock lacks."""
+    lock = _lock()
+    checked = 0
+    for name, (version, _) in lock.items():
+        try:
+            dist = importlib.metadata.distribution(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        if dist.version != version:
+            continue
+        checked += 1
+        for requirement in map(Requirement, dist.requires or []):
+            if requirement.marker is not None and not requirement.marker.evaluate({"extra": ""}):
+                continue
+            assert canonicalize_name(requirement.name) in lock, (name, str(requirement))
+    assert checked >= len(_runtime_requirements())
+
+
+def test_runtime_requirements_are_only_what_the_service_uses() -> None:
+    names = {canonicalize_name(r.name): r for r in _runtime_requirements()}
+    # The server runs loop="uvloop" and http="httptools" (receiver/cli.py, server.http).
+    assert {"uvicorn", "uvloop", "httptools"} <= set(names)
+    assert not names["uvicorn"].extras, "uvicorn[standard] pulls in what the service never uses"
+    assert "uvloop" in (ROOT / "receiver" / "cli.py").read_text()
+    assert Settings().server.http == "httptools"
+    for unused in ("watchfiles", "websockets", "python-dotenv"):
+        assert unused not in _lock(), unused
+
+
+def test_containerfile_installs_the_lock_with_hashes() -> None:
+    runs = [rest for ins, rest in _containerfile() if ins == "RUN"]
+    copies = [rest for ins, rest in _containerfile() if ins == "COPY"]
+    assert "requirements.lock ./" in copies
+    assert any("pip install --require-hashes" in r and "-r requirements.lock" in r for r in runs)
+    # The project itself: nothing resolved, nothing downloaded.
+    assert any("pip install --no-deps --no-index --no-build-isolation ." in r for r in runs)
+    assert not any("pip wheel" in r for r in runs)
+
+
+def test_lock_script_uses_a_throwaway_pip_tools() -> None:
+    script = (ROOT / "scripts" / "lock.sh").read_text()
+    assert "pip-compile" in script and "--generate-hashes" in script
+    assert "requirements.lock" in script
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    assert "pip-tools" not in pyproject
 
 
 def test_containerfile_entrypoint_is_the_console_script() -> None:
