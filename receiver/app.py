@@ -23,7 +23,7 @@ from receiver.config import Settings
 from receiver.deliveries import DeliveryStore
 from receiver.drain import CloseWhileDraining, Drain
 from receiver.flux.cluster import Cluster
-from receiver.giturls import normalise_aliases, normalise_repo_url
+from receiver.giturls import normalise_aliases, normalise_oci_url, normalise_repo_url
 from receiver.hookindex import HookIndex
 from receiver.http import BodyDeadline, BodyTimeout, body_timeout, client_disconnected, error
 from receiver.ingest import IngestService
@@ -41,6 +41,8 @@ def url_normaliser(settings: Settings) -> Callable[[str], str | None]:
 
     @functools.lru_cache(maxsize=8192)
     def normalise(url: str) -> str | None:
+        if url[:6].lower() == "oci://":
+            return normalise_oci_url(url, aliases)
         return normalise_repo_url(url, aliases)
 
     return normalise

@@ -129,7 +129,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from receiver.config import ConfigError, load_settings
     from receiver.flux.memory import ManifestError, MemoryCluster
     from receiver.flux.store import ObjectStore
-    from receiver.routing import plan_push
+    from receiver.package_routing import plan_selection
     from receiver.selector import PayloadRefused, select_payload
 
     try:
@@ -159,9 +159,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
         selection = select_payload(str(receiver.spec.get("type") or ""), raw)
     except PayloadRefused as exc:
         return _fail(f"payload rejected ({exc.status}): {exc}", EXIT_PAYLOAD)
-    plan = plan_push(receiver, selection.push, store,
-                     allow_cross_namespace=settings.allow_cross_namespace_refs,
-                     note=selection.note, gitea_prefixes=settings.gitea_prefixes())
+    plan = plan_selection(receiver, selection, store,
+                          allow_cross_namespace=settings.allow_cross_namespace_refs,
+                          gitea_prefixes=settings.gitea_prefixes())
     print(json.dumps(plan.as_dict(store), indent=2))
     return EXIT_OK
 

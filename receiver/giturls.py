@@ -28,7 +28,9 @@ __all__ = [
     "gitea_prefixes",
     "normalise_aliases",
     "normalise_host",
+    "normalise_oci_url",
     "normalise_repo_url",
+    "registry_host",
     "repo_base",
     "repo_full_name",
 ]
@@ -200,3 +202,38 @@ def gitea_prefixes(
         normalised = normalise_host(host)
         found.add(table.get(normalised, normalised))
     return frozenset(p.lower() for p in found if p)
+
+
+# An `oci://` URL names a registry host and a repository path; OCI clients speak https (443).
+_OCI_DEFAULT_PORTS = {443}
+
+
+def normalise_oci_url(url: str, aliases: Mapping[str, str] | None = None) -> str | None:
+    """Canonical key `host[:port]/path` for an `oci://` URL (OCIRepository, HelmRepository
+    of type oci), or None if it is not one: host lower case with host aliases applied as for
+    Git URLs, port 443 dropped, path lower case (Gitea lower-cases image names) without empty
+    segments, so a trailing slash does not matter. A tag or digest is not part of the key."""
+    text = url.strip()
+    if text[:6].lower() != "oci://" or not all("!" <= ch <= "~" for ch in text):
+        return None
+    authority, _, path = text[6:].partition("/")
+    hostport = _split_hostport(authority)
+    segments = [s for s in re.split(r"[?#]", path, maxsplit=1)[0].split("/") if s]
+    if hostport is None or not segments:
+        return None
+    host = _join_hostport(*hostport, _OCI_DEFAULT_PORTS)
+    if aliases:
+        host = normalise_aliases(aliases).get(host, host)
+    return f"{host}/{'/'.join(segments)}".lower()
+
+
+def registry_host(instance_url: str) -> str | None:
+    """`host[:port]` of the container registry of a Gitea instance (`scheme://host[/sub]`):
+    Gitea serves `/v2/` on its own host, whatever sub-path its web UI has."""
+    m = _SCHEME_URL_RE.fullmatch(instance_url.strip())
+    if m is None or m["scheme"].lower() not in ("http", "https"):
+        return None
+    parsed = _split_hostport(m["authority"].rpartition("@")[2])
+    if parsed is None:
+        return None
+    return _join_hostport(*parsed, _default_ports(m["scheme"]))

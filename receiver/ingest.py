@@ -46,12 +46,13 @@ from receiver.http import (
 from receiver.logs import delivery_id as delivery_ctx
 from receiver.metrics import Metrics
 from receiver.mismatch import Unmatched, unmatched
+from receiver.package_routing import plan_selection
 from receiver.ratelimit import RateLimiter
 from receiver.reconcile import Reconciler, request_value
 from receiver.replay import SeenOnce
 from receiver.resource_filter import FilterEvaluationError, filter_plan
 from receiver.resources import Resolved, resolve_resources
-from receiver.routing import Plan, plan_push
+from receiver.routing import Plan
 from receiver.selector import PayloadRefused, select_payload
 
 log = logging.getLogger(__name__)
@@ -271,11 +272,10 @@ class IngestService:
             return joined
         if self.deliveries.active_count >= self.settings.deliveries.max_count:
             return self._count(name, "overloaded", error(503, "too many deliveries in flight"))
-        plan = plan_push(
-            receiver, push, self.cluster.store,
+        plan = plan_selection(
+            receiver, selection, self.cluster.store,
             allow_cross_namespace=self.settings.allow_cross_namespace_refs,
-            resolved=self._resolved(receiver), note=selection.note,
-            gitea_prefixes=self.gitea_prefixes,
+            resolved=self._resolved(receiver), gitea_prefixes=self.gitea_prefixes,
         )
         # Why nothing matched is about the push, not the filter: ask before filtering.
         mismatch = unmatched(push, self.cluster.store) if not plan.targets else None

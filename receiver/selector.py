@@ -9,6 +9,9 @@ has the shape of a push, and decides that by the body alone, never by headers or
 * an **Actions body**: a JSON object naming a commit (`sha`) whose `repository` is a string, the
   bridge's own small format (a Gitea `create` or `release` event has a `sha` too, but its
   `repository` is an object: another Gitea event, no push details);
+* a **Gitea package event**: a JSON object with a `package` object and none of a push's
+  keys (Gitea's PackagePayload: a container or Helm version pushed to, or deleted from, its
+  registry); routed by `receiver.package_routing`;
 * anything else (empty, `{}`, `{"action": "deploy"}`, a non-object, not JSON at all) carries
   **no push details**: every listed object is reconciled, sources first, as Flux does, and the
   reply says why.
@@ -26,7 +29,14 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from receiver.gitea.payloads import PayloadError, Push, parse_actions_body, parse_gitea_push
+from receiver.gitea.payloads import (
+    PackagePush,
+    PayloadError,
+    Push,
+    parse_actions_body,
+    parse_gitea_package,
+    parse_gitea_push,
+)
 
 # Keys only a Gitea (or GitHub) push payload has; a `create` or `release` event body has none.
 PUSH_KEYS = frozenset({"after", "commits", "head_commit"})
@@ -35,6 +45,7 @@ PARSING_TYPES = frozenset({"github"})
 
 GITEA_PUSH = "gitea-push"
 ACTIONS_BODY = "actions-body"
+GITEA_PACKAGE = "gitea-package"
 GITEA_OTHER = "gitea-other"  # another Gitea event (create, release, ...): no push details
 NO_DETAILS = "none"
 
@@ -54,9 +65,10 @@ class Selection:
     """What the body was read as. `push` is None exactly when it carries no push details,
     and then `note` says why (it goes into the reply and every target's reason)."""
 
-    shape: str  # GITEA_PUSH, ACTIONS_BODY or NO_DETAILS
+    shape: str  # GITEA_PUSH, ACTIONS_BODY, GITEA_PACKAGE, GITEA_OTHER or NO_DETAILS
     push: Push | None
     note: str = ""
+    package: PackagePush | None = None  # set exactly for GITEA_PACKAGE
 
 
 def _load(document: bytes) -> tuple[bool, Any]:
@@ -72,6 +84,8 @@ def shape_of(doc: Any) -> str:
         return NO_DETAILS
     if PUSH_KEYS & doc.keys():
         return GITEA_PUSH
+    if isinstance(doc.get("package"), dict):
+        return GITEA_PACKAGE
     if isinstance(doc.get("repository"), dict):
         return GITEA_OTHER
     if "sha" in doc:
@@ -101,6 +115,8 @@ def select_payload(receiver_type: str, document: bytes) -> Selection:
             return Selection(shape, parse_gitea_push(doc))
         if shape == ACTIONS_BODY:
             return Selection(shape, parse_actions_body(doc))
+        if shape == GITEA_PACKAGE:
+            return Selection(shape, None, package=parse_gitea_package(doc))
     except PayloadError as exc:
         raise PayloadRefused(422, str(exc), "unprocessable") from None
     if shape == GITEA_OTHER:

@@ -31,6 +31,9 @@ class ObjectStore:
         # and how many URLs each host has (to tell why a push matched no source).
         self._hosts_by_path: dict[str, Counter[str]] = defaultdict(Counter)
         self._host_urls: Counter[str] = Counter()
+        # OCIRepositories by normalised `oci://` URL: package events.
+        self._oci_by_url: dict[str, set[ObjectKey]] = defaultdict(set)
+        self._oci_url_of: dict[ObjectKey, str] = {}
         self._consumers_by_source: dict[ObjectKey, set[ObjectKey]] = defaultdict(set)
         self._source_of: dict[ObjectKey, ObjectKey] = {}
         self._includers: dict[ObjectKey, set[ObjectKey]] = defaultdict(set)
@@ -74,6 +77,11 @@ class ObjectStore:
         that URL, whatever host serves it."""
         keys = self._sources_by_name.get(full_name.lower(), ())
         return [(self._objects[k], self._url_of[k]) for k in sorted(keys)]
+
+    def oci_sources_for_url(self, normalised_url: str) -> builtins.list[FluxObject]:
+        """OCIRepositories whose normalised `spec.url` is this one."""
+        keys = self._oci_by_url.get(normalised_url, ())
+        return [self._objects[k] for k in sorted(keys)]
 
     def consumers_of(self, source: ObjectKey) -> builtins.list[FluxObject]:
         keys = self._consumers_by_source.get(source, ())
@@ -131,6 +139,11 @@ class ObjectStore:
             self._includes_of[key] = included
             for inc_key in included:
                 self._includers[inc_key].add(key)
+        if obj.kind == "OCIRepository":
+            oci_url = self._normalise_url(str(obj.spec.get("url") or ""))
+            if oci_url:
+                self._oci_url_of[key] = oci_url
+                self._oci_by_url[oci_url].add(key)
         source: SourceRef | None = consumer_source(obj)
         if source is not None:
             self._source_of[key] = source.key
@@ -168,6 +181,11 @@ class ObjectStore:
             self._sources_by_name[name].discard(key)
             if not self._sources_by_name[name]:
                 del self._sources_by_name[name]
+        oci_url = self._oci_url_of.pop(key, None)
+        if oci_url is not None:
+            self._oci_by_url[oci_url].discard(key)
+            if not self._oci_by_url[oci_url]:
+                del self._oci_by_url[oci_url]
         for inc_key in self._includes_of.pop(key, set()):
             self._includers[inc_key].discard(key)
         source = self._source_of.pop(key, None)

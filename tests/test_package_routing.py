@@ -1,0 +1,253 @@
+"""Gitea `package` events: the payload model, the OCI URL key, the tag strategies of each
+kind, the plan, and the same answer from the service and `plan`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from receiver import signatures as sig
+from receiver.app import url_normaliser
+from receiver.cli import EXIT_OK, main
+from receiver.flux.memory import MemoryCluster
+from receiver.flux.objects import ObjectKey
+from receiver.flux.store import ObjectStore
+from receiver.gitea.payloads import PackagePush, PayloadError, parse_gitea_package
+from receiver.giturls import normalise_oci_url, registry_host
+from receiver.package_routing import chart_version_match, oci_ref_match, plan_package
+from receiver.selector import GITEA_PACKAGE, select_payload
+from tests.conftest import FIXTURES, BridgeFactory, make_settings
+
+PACKAGES = FIXTURES / "packages"
+PAYLOAD = FIXTURES / "payloads" / "gitea-package-container.json"
+TOKEN = "registry-secret-token"
+ALIASES = {"gitea-http.gitea.svc.cluster.local:3000": "gitea.example.com"}
+
+
+def _doc(**package: Any) -> dict[str, Any]:
+    doc: dict[str, Any] = json.loads(PAYLOAD.read_text())
+    action = package.pop("action", None)
+    if action is not None:
+        doc["action"] = action
+    doc["package"].update(package)
+    return doc
+
+
+def _store() -> ObjectStore:
+    store = ObjectStore(url_normaliser(make_settings(host_aliases=ALIASES)))
+    MemoryCluster.from_directory(store, PACKAGES)
+    return store
+
+
+def _plan(doc: dict[str, Any]) -> dict[str, Any]:
+    store = _store()
+    receiver = store.get(ObjectKey("Receiver", "flux-system", "registry"))
+    assert receiver is not None
+    return plan_package(receiver, parse_gitea_package(doc), store).as_dict(store)
+
+
+def _names(targets: list[dict[str, str]]) -> list[str]:
+    return [f"{t['kind']}/{t['name']}" for t in targets]
+
+
+# -- the payload ----------------------------------------------------------------------------
+
+
+def test_a_container_push_is_read_from_gitea_s_package_payload() -> None:
+    package = parse_gitea_package(json.loads(PAYLOAD.read_text()))
+    assert package == PackagePush("created", "container", "platform", "manifests/apps",
+                                  "v1.4.0", "https://gitea.example.com")
+    assert select_payload("github", PAYLOAD.read_bytes()).shape == GITEA_PACKAGE
+
+
+def test_the_instance_falls_back_to_the_owner_s_or_sender_s_profile_url() -> None:
+    doc = _doc(html_url="")
+    assert parse_gitea_package(doc).instance == "https://gitea.example.com"
+    doc["package"]["owner"]["html_url"] = ""
+    doc["sender"]["html_url"] = "http://localhost:3000/sub/ci-bot"
+    assert parse_gitea_package(doc).instance == "http://localhost:3000/sub"
+    assert registry_host("http://localhost:3000/sub") == "localhost:3000"
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"action": "published"}, "action must be created or deleted"),
+    ({"name": ""}, "no package.name"),
+    ({"version": 7}, "no package.version"),
+    ({"owner": None}, "no package.owner.login"),
+])
+def test_a_package_event_without_what_routing_needs_is_refused(
+    change: dict[str, Any], message: str,
+) -> None:
+    with pytest.raises(PayloadError, match=message):
+        parse_gitea_package(_doc(**change))
+
+
+def test_a_package_event_naming_no_instance_is_refused() -> None:
+    doc = _doc(html_url="")
+    doc["package"]["owner"]["html_url"] = ""
+    doc["sender"] = None
+    with pytest.raises(PayloadError, match="names no Gitea instance"):
+        parse_gitea_package(doc)
+
+
+# -- the OCI URL key ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("url", "key"), [
+    ("oci://Gitea.Example.com/Platform/App/", "gitea.example.com/platform/app"),
+    ("oci://gitea.example.com:443/platform/team/app", "gitea.example.com/platform/team/app"),
+    ("oci://localhost:3000/o/app", "localhost:3000/o/app"),
+    ("oci://gitea-http.gitea.svc.cluster.local:3000/o/app", "gitea.example.com/o/app"),
+    ("https://gitea.example.com/o/app", None),
+    ("oci://gitea.example.com", None),
+    ("oci://bad host/o/app", None),
+])
+def test_oci_urls_normalise_host_case_aliases_and_trailing_slash(url: str,
+                                                                  key: str | None) -> None:
+    assert normalise_oci_url(url, ALIASES) == key
+
+
+_SEGMENT = st.from_regex(r"[a-zA-Z0-9][a-zA-Z0-9._-]{0,8}", fullmatch=True)
+
+
+@given(st.lists(_SEGMENT, min_size=1, max_size=4), st.booleans())
+def test_an_oci_key_ignores_case_and_a_trailing_slash(segments: list[str], slash: bool) -> None:
+    url = "oci://Gitea.Example.com/" + "/".join(segments)
+    key = normalise_oci_url(url + ("/" if slash else ""))
+    assert key == normalise_oci_url(url.lower())
+    assert key is not None and normalise_oci_url("oci://" + key) == key
+
+
+# -- tag strategies -------------------------------------------------------------------------
+
+CURRENT = "v1.3.0@sha256:" + "1" * 64
+
+
+@pytest.mark.parametrize(("ref", "version", "revision", "taken"), [
+    (None, "latest", "", True),  # no ref: tag latest
+    (None, "v1.4.0", "", False),
+    ({"tag": "v1.4.0"}, "v1.4.0", "", True),
+    ({"tag": "V1.4.0"}, "v1.4.0", "", True),  # Gitea lower-cases tags
+    ({"tag": "v1.4.0"}, "v1.4.1", "", False),
+    ({"semver": ">=1.0.0"}, "v1.4.0", CURRENT, True),
+    ({"semver": ">=1.0.0"}, "v1.2.9", CURRENT, False),  # below what it pulled
+    ({"semver": ">=1.0.0"}, "v1.2.9", "", True),
+    ({"semver": "~1.3"}, "v1.4.0", CURRENT, False),
+    ({"semver": ">=1.0.0", "semverFilter": "-rc"}, "v1.4.0", "", False),
+    ({"semver": ">=1.0.0-0", "semverFilter": "-rc"}, "v1.4.0-rc.1", "", True),
+    ({"semver": "1.x"}, "1.2.0_build.5", "", True),  # Helm's `_` stands for `+`
+    ({"semver": "not a range"}, "v1.4.0", "", False),
+    ({"digest": "sha256:" + "2" * 64, "tag": "v1.4.0"}, "v1.4.0", "", False),
+    ({"tag": "latest"}, "sha256:" + "3" * 64, "", False),  # pushed by digest
+    ({"semver": "*"}, "sha256:" + "3" * 64, "", False),
+])
+def test_each_oci_tag_strategy(ref: Any, version: str, revision: str, taken: bool) -> None:
+    assert oci_ref_match(ref, version, revision)[0] is taken
+
+
+@given(st.from_regex(r"v?[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}", fullmatch=True),
+       st.from_regex(r"v?[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}", fullmatch=True))
+def test_a_tag_ref_takes_exactly_its_own_tag(tag: str, version: str) -> None:
+    assert oci_ref_match({"tag": tag}, version)[0] is (tag == version)
+    assert oci_ref_match({"digest": "sha256:" + "0" * 64, "tag": tag}, tag)[0] is False
+
+
+@pytest.mark.parametrize(("version_range", "version", "taken"), [
+    ("", "1.0.0", True), ("*", "1.0.0-rc.1", False), (">=1.4.0 <2.0.0", "1.4.0", True),
+    (">=1.4.0 <2.0.0", "2.0.0", False), ("garbage", "1.0.0", False),
+])
+def test_chart_version_ranges(version_range: str, version: str, taken: bool) -> None:
+    assert chart_version_match(version_range, version)[0] is taken
+
+
+# -- the plan -------------------------------------------------------------------------------
+
+
+def test_a_container_push_reconciles_the_sources_it_feeds_then_their_consumers() -> None:
+    plan = _plan(_doc())
+    assert _names(plan["targets"]) == ["OCIRepository/apps-semver", "HelmRelease/podinfo",
+                                       "Kustomization/apps"]
+    assert "registry oci://gitea.example.com/platform/manifests/apps" in (
+        plan["targets"][0]["reason"])
+    # A HelmRelease from a Helm repository has no commit to be ready at: annotated, not followed.
+    assert _names(plan["tracked"]) == ["Kustomization/apps"]
+    assert _names(plan["annotate_only"]) == ["HelmRepository/charts", "ImageRepository/apps"]
+    assert all("not cached" in t["reason"] for t in plan["annotate_only"])
+    skipped = {f"{t['kind']}/{t['name']}": t["reason"] for t in plan["skipped"]}
+    assert skipped == {
+        "OCIRepository/apps-pinned": "pinned to digest sha256:" + "2" * 64
+                                     + " does not take v1.4.0",
+        "OCIRepository/apps-tag": "tag latest does not take v1.4.0",
+        "OCIRepository/other-image":
+            "its URL is not oci://gitea.example.com/platform/manifests/apps",
+    }
+
+
+def test_a_tag_below_the_pulled_one_feeds_only_the_tag_source() -> None:
+    plan = _plan(_doc(version="latest"))
+    assert _names(plan["targets"]) == ["OCIRepository/apps-tag"]
+    reasons = {t["name"]: t["reason"] for t in plan["skipped"]}
+    assert reasons["podinfo"].startswith("chart version >=1.4.0 <2.0.0 does not take")
+    assert reasons["apps-semver"] == "semver >=1.0.0 does not take latest"
+
+
+def test_a_deleted_version_reconciles_nothing_and_says_why() -> None:
+    plan = _plan(_doc(action="deleted"))
+    assert plan["targets"] == [] and plan["tracked"] == [] and "annotate_only" not in plan
+    note = "container package platform/manifests/apps:v1.4.0 deleted: deleted versions are " \
+           "not reconciled"
+    assert plan["note"] == note
+    assert len(plan["skipped"]) == 8 and all(t["reason"] == note for t in plan["skipped"])
+
+
+def test_a_package_type_no_source_reads_reconciles_nothing() -> None:
+    plan = _plan(_doc(type="npm"))
+    assert plan["targets"] == [] and plan["note"].endswith("no Flux source reads npm packages")
+
+
+def test_a_helm_package_feeds_the_helm_kinds_only() -> None:
+    plan = _plan(_doc(type="helm", name="manifests/apps", version="1.5.0"))
+    assert _names(plan["targets"]) == ["HelmRelease/podinfo"]
+    assert _names(plan["annotate_only"]) == ["HelmRepository/charts"]
+    reasons = {t["name"]: t["reason"] for t in plan["skipped"]}
+    assert reasons["apps"] == "a ImageRepository does not read helm packages" or (
+        "its source is not fed" in reasons["apps"])
+
+
+# -- the service and `plan` ----------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_a_signed_package_event_is_routed_over_http(bridge_factory: BridgeFactory) -> None:
+    bridge = await bridge_factory(make_settings(host_aliases=ALIASES), PACKAGES)
+    body = PAYLOAD.read_bytes()
+    reply = await bridge.client.post(
+        "/hook/" + sig.hook_digest(TOKEN, "registry", "flux-system"), content=body,
+        headers={"Content-Type": "application/json", "X-Gitea-Event": "package",
+                 "X-GitHub-Event": "package",
+                 "X-Hub-Signature-256": "sha256=" + sig.hmac_hex("sha256", TOKEN, body)})
+    assert reply.status_code == 202, reply.text
+    doc = reply.json()
+    assert _names(doc["targets"]) == ["OCIRepository/apps-semver", "HelmRelease/podinfo",
+                                      "Kustomization/apps"]
+    assert {t["name"] for t in doc["skipped"]} == {"apps-pinned", "apps-tag", "other-image"}
+
+
+def test_plan_explains_a_package_event(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text(json.dumps({"host_aliases": ALIASES}))
+    deleted = tmp_path / "deleted.json"
+    deleted.write_text(json.dumps(_doc(action="deleted")))
+    assert main(["plan", "--config", str(config), "--manifests", str(PACKAGES),
+                 "--payload", str(PAYLOAD)]) == EXIT_OK
+    planned = json.loads(capsys.readouterr().out)
+    assert _names(planned["targets"]) == ["OCIRepository/apps-semver", "HelmRelease/podinfo",
+                                          "Kustomization/apps"]
+    assert main(["plan", "--config", str(config), "--manifests", str(PACKAGES),
+                 "--payload", str(deleted)]) == EXIT_OK
+    assert json.loads(capsys.readouterr().out)["targets"] == []
