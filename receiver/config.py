@@ -146,6 +146,54 @@ class GiteaInstance(_Model):
 DEFAULT_CONTEXT = "flux/{cluster}/{kind}/{namespace}/{name}"
 
 
+class FleetConfig(_Model):
+    """One aggregate status per commit for the whole fleet (see receiver/fleet.py)."""
+
+    enabled: bool = False
+    # `owner/name` of the repositories that get it; empty: every repository.
+    repositories: list[str] = Field(default_factory=list)
+    # The cluster names (`cluster_name` of each region's bridge) that must all report.
+    clusters: list[str] = Field(default_factory=list)
+    context: str = "flux/fleet"
+    # A cluster that has not reported on a commit for this long makes the aggregate `error`.
+    stale_after_seconds: float = Field(default=3600.0, gt=0)
+
+    @field_validator("repositories")
+    @classmethod
+    def _repositories(cls, value: list[str]) -> list[str]:
+        for name in value:
+            owner, _, repo = name.partition("/")
+            if not owner or not repo or "/" in repo:
+                raise ValueError(f"{name!r} is not owner/name")
+        return [name.lower() for name in value]
+
+    @field_validator("clusters")
+    @classmethod
+    def _clusters(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if not name or any(c in name for c in "{}\n"):
+                raise ValueError(f"{name!r} is not a cluster name (non-empty, no braces or "
+                                 "newlines)")
+        return value
+
+    @field_validator("context")
+    @classmethod
+    def _context(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be empty")
+        return value.strip()
+
+    @model_validator(mode="after")
+    def _complete(self) -> FleetConfig:
+        if self.enabled and not self.clusters:
+            raise ValueError("clusters must list the expected cluster names when enabled")
+        return self
+
+    def covers(self, owner: str, repo: str) -> bool:
+        return self.enabled and (not self.repositories
+                                 or f"{owner}/{repo}".lower() in self.repositories)
+
+
 class StatusConfig(_Model):
     context_template: str = DEFAULT_CONTEXT
     # A named context template instead of `context_template`: `notification-controller`
@@ -165,6 +213,23 @@ class StatusConfig(_Model):
     repeat_window_seconds: float = Field(default=5.0, ge=0, le=60)
     # Gitea GET requests (listing pages) one resync run may make; the next run carries on.
     resync_read_budget: int = Field(default=200, ge=1)
+    fleet: FleetConfig = FleetConfig()
+
+    @model_validator(mode="after")
+    def _fleet(self) -> StatusConfig:
+        from receiver.fleet import FleetTemplateError, cluster_parser
+
+        if not self.fleet.enabled:
+            return self
+        if self.context_preset is not None:
+            raise ValueError(f"fleet: context_preset {self.context_preset} has no {{cluster}} in "
+                             "its contexts, so the fleet status cannot tell which cluster a "
+                             "status belongs to; use statuses.context_template with {cluster}")
+        try:
+            cluster_parser(self.context_template, self.fleet.clusters)
+        except FleetTemplateError as exc:
+            raise ValueError(f"fleet: {exc}") from None
+        return self
 
     @model_validator(mode="after")
     def _preset(self) -> StatusConfig:
@@ -236,6 +301,14 @@ class Settings(_Model):
 
         return gitea_prefixes([g.url for g in self.gitea],
                               [h for g in self.gitea for h in g.hosts], self.host_aliases)
+
+    @model_validator(mode="after")
+    def _fleet_member(self) -> Settings:
+        fleet = self.statuses.fleet
+        if fleet.enabled and self.cluster_name not in fleet.clusters:
+            raise ValueError(f"statuses.fleet.clusters {fleet.clusters} does not list this "
+                             f"bridge's cluster_name {self.cluster_name!r}")
+        return self
 
     @field_validator("cluster_name")
     @classmethod

@@ -84,7 +84,8 @@ class Metrics:
             "gfb_status_queue_depth", "Commit statuses waiting to be posted", registry=r)
         self.status_reads = Counter(
             "gfb_status_reads_total", "Gitea status listing requests (one per page) by instance "
-            "and purpose (check: before a post, resync: the resync's comparison)",
+            "and purpose (check: before a post, resync: the resync's comparison, fleet: the "
+            "fleet status)",
             ["gitea_instance", "purpose"], registry=r)
         self.status_repairs = Counter(
             "gfb_status_repairs_total", "Statuses the resync found Gitea showing differently "

@@ -20,6 +20,13 @@ The resync (Lease holder) derives every status from live state and compares it w
 shows, read fresh: one listing per (instance, repository, commit), newest first, paged, within
 a budget of `statuses.resync_read_budget` reads per run; the next run carries on where the last
 stopped (`statuses.resync_schedule`).
+
+The fleet status (`statuses.fleet`, decided by `fleet.aggregate`): after this replica posts a
+status on a commit of a fleet repository, it reads the commit's whole listing once (checks of
+one commit coalesce: posts made while a check runs cost one more read, not one each), and
+queues the aggregate; the queue posts it only if Gitea shows otherwise. The resync reads the
+whole listing of such commits and does the same, which also turns a stale cluster into `error`
+and repairs an aggregate two regions raced on.
 """
 
 from __future__ import annotations
@@ -44,6 +51,7 @@ from receiver import badges
 from receiver.config import ConfigError, SecretSource, Settings, read_secret_file
 from receiver.deliveries import Delivery
 from receiver.events import EventError, FluxEvent, parse_event
+from receiver.fleet import Report, aggregate, cluster_parser, latest_reports
 from receiver.flux.cluster import Cluster
 from receiver.flux.objects import CONSUMER_KINDS, FluxObject, ObjectKey, consumer_source
 from receiver.flux.revisions import FAILED, READY, TIMED_OUT, progress_at
@@ -124,7 +132,8 @@ class _Budget:
 class _Listing:
     shown: dict[str, Fields]  # latest per context among the statuses read
     complete: bool  # every page read: a context not in `shown` has no status
-    covered: bool  # complete, or every wanted context found
+    covered: bool  # complete, or every wanted context found (when not asked for the whole)
+    reports: dict[str, Report]  # latest state and time per context
 
 
 def backoff_delay(attempt: int, base: float, cap: float, rng: Callable[[], float]) -> float:
@@ -153,6 +162,7 @@ class StatusService:
         *,
         transport: httpx.AsyncBaseTransport | None = None,
         clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         cfg = settings.statuses
         for name, template, allowed in (
@@ -166,7 +176,14 @@ class StatusService:
         self._cluster = cluster
         self._metrics = metrics
         self._clock = clock
+        self._wall = wall_clock  # compared with the times Gitea gives statuses
         self._templates = cfg.templates(settings.cluster_name)
+        self._fleet = cfg.fleet
+        self._fleet_parser = (cluster_parser(self._templates.context, cfg.fleet.clusters)
+                              if cfg.fleet.enabled else None)
+        # Fleet checks under way per commit, and whether a post asked for another meanwhile.
+        self._fleet_checks: dict[CommitKey, bool] = {}
+        self._fleet_tasks: set[asyncio.Task[None]] = set()
         aliases = normalise_aliases(settings.host_aliases)
 
         def host_key(host: str) -> str:
@@ -229,12 +246,14 @@ class StatusService:
         for timer in self._timers.values():
             timer.cancel()
         self._timers.clear()
-        for task in self._tasks:
+        tasks = [*self._tasks, *self._fleet_tasks]
+        for task in tasks:
             task.cancel()
-        for task in self._tasks:
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._tasks = []
+        self._fleet_tasks.clear()
         await self._client.aclose()
 
     @property
@@ -434,10 +453,11 @@ class StatusService:
                 continue
             desired = wanted[commit]
             full_budget = budget.left == cfg.resync_read_budget
+            fleet = self._fleet_covers(desired[0])
             try:
                 listing = await self._read_commit(
                     commit, desired[0].owner, desired[0].repo,
-                    frozenset(d.context for d in desired), budget, "resync")
+                    frozenset(d.context for d in desired), budget, "resync", whole=fleet)
             except GiteaError as exc:
                 if exc.retryable:  # down or throttled: its commits wait for the next run
                     down.add(instance)
@@ -452,6 +472,9 @@ class StatusService:
             version = self._versions.get(instance)
             repairs = plan_repairs([replace(d, state=state_for_version(d.state, version))
                                     for d in desired], listing.shown)
+            if fleet:
+                # After the repairs are posted, their own fleet checks have the last word.
+                self._queue_fleet(commit, desired[0], listing)
             queued = 0
             for repair in repairs:
                 added = (self._enqueue([repair], state_only=True, instance=instance)
@@ -611,6 +634,8 @@ class StatusService:
             return None
         self._observe(job.key, status.fields, self._clock(), job.origin)
         self._metrics.statuses.labels(job.instance, "posted").inc()
+        if self._fleet_covers(status) and status.context != self._fleet.context:
+            self._fleet_soon(job.key[:3], status)
         return None
 
     async def _check_commit(self, job: _Job) -> tuple[bool, Fields | None]:
@@ -643,12 +668,13 @@ class StatusService:
 
     async def _read_commit(
         self, commit: CommitKey, owner: str, repo: str, wanted: frozenset[str],
-        budget: _Budget, purpose: str,
+        budget: _Budget, purpose: str, *, whole: bool = False,
     ) -> _Listing:
         """List a commit's statuses newest first, page by page, and remember what it shows.
 
         Stops at the last page, when every wanted context has shown up (its first appearance
-        is its latest), or when the budget is spent. Raises `GiteaError`.
+        is its latest) unless asked for the `whole` listing, or when the budget is spent.
+        Raises `GiteaError`.
         """
         instance, _, sha = commit
         at = self._clock()  # as of the first request: later posts are not in it
@@ -664,7 +690,7 @@ class StatusService:
             if not more_pages(page, len(items)):
                 complete = True
                 break
-            if wanted <= {item.context for item in items}:
+            if not whole and wanted <= {item.context for item in items}:
                 break
         shown = latest_per_context(items)
         for context, fields in shown.items():
@@ -673,7 +699,67 @@ class StatusService:
             self._listed[commit] = at
             self._listed.move_to_end(commit)
         self._forget(self._clock())
-        return _Listing(shown, complete, complete or wanted <= shown.keys())
+        covered = complete or (not whole and wanted <= shown.keys())
+        return _Listing(shown, complete, covered, latest_reports(items))
+
+    # -- the fleet status --------------------------------------------------------------------
+
+    def _fleet_covers(self, status: DesiredStatus) -> bool:
+        return self._fleet_parser is not None and self._fleet.covers(status.owner, status.repo)
+
+    def _fleet_soon(self, commit: CommitKey, status: DesiredStatus) -> None:
+        """Check the commit's fleet status; one check per commit at a time, plus one more
+        if posts came in while it ran."""
+        if not self._accepting:
+            return
+        if commit in self._fleet_checks:
+            self._fleet_checks[commit] = True
+            return
+        self._fleet_checks[commit] = False
+        task = asyncio.create_task(self._fleet_check(commit, status), name="fleet-check")
+        self._fleet_tasks.add(task)
+        task.add_done_callback(self._fleet_tasks.discard)
+
+    async def _fleet_check(self, commit: CommitKey, status: DesiredStatus) -> None:
+        try:
+            while True:
+                self._fleet_checks[commit] = False
+                try:
+                    listing = await self._read_commit(
+                        commit, status.owner, status.repo, frozenset(),
+                        _Budget(self.check_max_pages), "fleet", whole=True)
+                except GiteaError as exc:
+                    log.warning("cannot read statuses for the fleet status; the resync "
+                                "repairs it", extra={"instance": commit[0],
+                                                     "repo": status.repo_key,
+                                                     "commit": commit[2], "error": str(exc)})
+                    return
+                self._queue_fleet(commit, status, listing)
+                if not self._fleet_checks.get(commit):
+                    return
+        except Exception:
+            log.exception("fleet status check crashed", extra={"commit": commit[2]})
+        finally:
+            self._fleet_checks.pop(commit, None)
+
+    def _queue_fleet(self, commit: CommitKey, status: DesiredStatus, listing: _Listing) -> None:
+        """Queue the aggregate the listing implies, if Gitea shows another."""
+        if self._fleet_parser is None:
+            return
+        if not listing.complete:
+            log.warning("commit has too many statuses to read whole; fleet status not updated",
+                        extra={"instance": commit[0], "repo": status.repo_key,
+                               "commit": commit[2]})
+            return
+        fleet = self._fleet
+        verdict = aggregate(listing.reports, self._fleet_parser, fleet.clusters, fleet.context,
+                            self._wall(), fleet.stale_after_seconds)
+        if verdict is None:
+            return
+        desired = DesiredStatus(status.repo_key, status.owner, status.repo, commit[2],
+                                fleet.context, verdict.state, verdict.description)
+        if needs_post(listing.shown.get(fleet.context), desired.fields, state_only=False):
+            self._enqueue([desired], state_only=False, instance=commit[0])
 
     def _recall_job(self, job: _Job) -> tuple[bool, Fields | None]:
         if not job.origin:

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -178,6 +179,9 @@ class FakeGitea:
     # 1.24 does: 400 with a message); from 1.25 on it takes it.
     version: str | None = "1.26.3"
     version_reads: int = 0
+    # Epoch seconds a stored status is stamped with (`created_at`, `updated_at`); None: a
+    # fixed time.
+    clock: Callable[[], float] | None = None
     _next_id: int = 0
 
     _PATH = re.compile(r"^/repos/(?P<owner>[^/]+)/(?P<repo>[^/]+)/"
@@ -235,6 +239,8 @@ class FakeGitea:
         """Store a status as Gitea would (also: someone posting behind the bridge's back)."""
         items = self.statuses.setdefault((owner, repo, sha), [])
         self._next_id += 1
+        stamp = "2026-08-07T13:04:05Z" if self.clock is None else datetime.fromtimestamp(
+            self.clock(), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         status = {
             "id": self._next_id,
             "index": len(items) + 1,
@@ -243,8 +249,8 @@ class FakeGitea:
             "description": description.strip(),
             "context": context.strip(),
             "url": f"https://gitea.test/api/v1/repos/{owner}/{repo}/statuses/{sha}",
-            "created_at": "2026-08-07T13:04:05Z",
-            "updated_at": "2026-08-07T13:04:05Z",
+            "created_at": stamp,
+            "updated_at": stamp,
         }
         items.append(status)
         return status

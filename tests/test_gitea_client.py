@@ -142,7 +142,7 @@ async def test_a_status_page_lists_the_newest_first_with_the_status_field() -> N
     await client.aclose()
     assert [s.context for s in page.items] == [other.context, OPTION.context, OPTION.context]
     assert page.items[1] == CommitStatus("success", OPTION.description, OPTION.target_url,
-                                         OPTION.context, 2)
+                                         OPTION.context, 2, at=1786107845.0)
     assert fake.problems == []
 
 

@@ -73,6 +73,8 @@ class CommitStatus:
     target_url: str
     context: str
     id: int = 0
+    # When Gitea last set it (`updated_at`, else `created_at`), epoch seconds; None if unsaid.
+    at: float | None = None
 
     @classmethod
     def from_json(cls, doc: Any) -> CommitStatus | None:
@@ -90,7 +92,22 @@ class CommitStatus:
             target_url=text("target_url"),
             context=text("context"),
             id=ident if isinstance(ident, int) else 0,
+            at=parse_time(doc.get("updated_at")) or parse_time(doc.get("created_at")),
         )
+
+
+def parse_time(value: Any) -> float | None:
+    """An RFC 3339 time as Gitea writes it, as epoch seconds; None if absent or unreadable."""
+    if not isinstance(value, str) or not value.strip():
+        return None
+    try:
+        moment = datetime.fromisoformat(value.strip())
+    except ValueError:
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    seconds = moment.timestamp()
+    return seconds if seconds > 0 else None
 
 
 def status_path(owner: str, repo: str, sha: str) -> str:

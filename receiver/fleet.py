@@ -1,0 +1,155 @@
+"""One status for the whole fleet (`statuses.fleet`). Pure.
+
+Every region's bridge posts its clusters' statuses to every Gitea mirror, so the statuses of a
+commit in Gitea are the shared record of where it is deployed. From them (the latest status per
+context, with its time when Gitea gives one) this module decides the aggregate:
+
+- `failure` as soon as one expected cluster shows `failure` or `error` on any of its contexts;
+- else `error` when an expected cluster is stale: it shows a non-final status that has not
+  changed for `stale_after` seconds, or nothing at all that long after the first report of
+  any expected cluster on the commit;
+- else `success` when every expected cluster shows `success` on every one of its contexts;
+- else `pending`, naming the clusters not done yet.
+
+A context belongs to a cluster when it parses with the context template and its `{cluster}`
+field is one of the expected names; other contexts (other clusters, other tools, the aggregate
+itself) are ignored.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from receiver.statuses import ERROR, FAILURE, PENDING, SUCCESS, truncate
+
+DEFAULT_FLEET_CONTEXT = "flux/fleet"
+FAILED_STATES = frozenset({FAILURE, ERROR})
+
+
+class FleetTemplateError(ValueError):
+    """The context template cannot tell which cluster a status belongs to."""
+
+
+@dataclass(frozen=True, slots=True)
+class Report:
+    """The latest status of one context: its state and when Gitea says it was set (epoch
+    seconds; None when Gitea gave no time)."""
+
+    state: str
+    at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Aggregate:
+    state: str
+    description: str
+
+
+class TimedStatus(Protocol):
+    """One status as a Gitea listing returns it (`gitea.client.CommitStatus` fits)."""
+
+    @property
+    def state(self) -> str: ...
+    @property
+    def context(self) -> str: ...
+    @property
+    def id(self) -> int: ...
+    @property
+    def at(self) -> float | None: ...
+
+
+def latest_reports(items: Iterable[TimedStatus]) -> dict[str, Report]:
+    """The latest status per context (highest id; first listed without ids), with its time."""
+    best: dict[str, tuple[tuple[int, int], Report]] = {}
+    for position, item in enumerate(items):
+        if not item.state or not item.context:
+            continue
+        rank = (item.id, -position)
+        current = best.get(item.context)
+        if current is None or rank > current[0]:
+            best[item.context] = (rank, Report(item.state, item.at))
+    return {context: report for context, (_, report) in best.items()}
+
+
+def cluster_parser(template: str, clusters: Sequence[str]) -> re.Pattern[str]:
+    """A pattern that matches the contexts `template` renders for the expected `clusters`;
+    group `cluster` names the cluster. FleetTemplateError if the template has no `{cluster}`.
+
+    The cluster field matches only the expected names (longest first), so a name containing
+    the template's separators is still read whole; every other field matches any non-empty
+    text, and a field used twice must repeat its first value.
+    """
+    parts: list[str] = []
+    used: set[str] = set()
+    names = "|".join(re.escape(c) for c in sorted(set(clusters), key=lambda c: (-len(c), c)))
+    for literal, field, _, _ in string.Formatter().parse(template):
+        parts.append(re.escape(literal))
+        if field is None:
+            continue
+        if field in used:
+            parts.append(f"(?P={field})")
+            continue
+        used.add(field)
+        parts.append(f"(?P<{field}>{names})" if field == "cluster" else f"(?P<{field}>.+?)")
+    if "cluster" not in used:
+        raise FleetTemplateError(
+            f"context template {template!r} has no {{cluster}} placeholder, so the fleet status "
+            "cannot tell which cluster a status belongs to: add {cluster} to "
+            "statuses.context_template, or turn statuses.fleet off")
+    return re.compile("".join(parts), re.DOTALL)
+
+
+def cluster_of(context: str, parser: re.Pattern[str]) -> str | None:
+    match = parser.fullmatch(context)
+    return match["cluster"] if match else None
+
+
+def _names(clusters: Iterable[str]) -> str:
+    return ", ".join(sorted(clusters))
+
+
+def aggregate(
+    shown: Mapping[str, Report], parser: re.Pattern[str], clusters: Sequence[str],
+    fleet_context: str, now: float, stale_after: float,
+) -> Aggregate | None:
+    """The fleet status of a commit from what Gitea shows on it; None when no expected cluster
+    has reported anything on it (nothing to say yet)."""
+    per_cluster: dict[str, list[Report]] = {}
+    for context, report in shown.items():
+        if context == fleet_context:
+            continue
+        cluster = cluster_of(context, parser)
+        if cluster is not None:
+            per_cluster.setdefault(cluster, []).append(report)
+    expected = sorted(set(clusters))
+    if not any(c in per_cluster for c in expected):
+        return None
+    failed = [c for c in expected if any(r.state in FAILED_STATES for r in per_cluster.get(c, ()))]
+    if failed:
+        return Aggregate(FAILURE, truncate(f"Failed in {_names(failed)}"))
+    done = [c for c in expected if c in per_cluster
+            and all(r.state == SUCCESS for r in per_cluster[c])]
+    waiting = [c for c in expected if c not in done]
+    if not waiting:
+        return Aggregate(SUCCESS, truncate(f"Deployed in all {len(expected)} clusters"))
+    times = [r.at for c in expected for r in per_cluster.get(c, ()) if r.at is not None]
+    first = min(times, default=None)
+    stale = []
+    for cluster in waiting:
+        reports = per_cluster.get(cluster)
+        if reports:
+            known = [r.at for r in reports if r.at is not None]
+            last = max(known) if len(known) == len(reports) else None
+        else:
+            last = first
+        if last is not None and now - last >= stale_after:
+            stale.append(cluster)
+    if stale:
+        return Aggregate(ERROR, truncate(
+            f"No report for {stale_after:g}s from {_names(stale)}"))
+    return Aggregate(PENDING, truncate(
+        f"Deployed in {len(done)} of {len(expected)} clusters; waiting for {_names(waiting)}"))
