@@ -24,7 +24,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from receiver.statuses import ERROR, FAILURE, PENDING, SUCCESS, truncate
+from receiver.statuses import ERROR, FAILURE, PENDING, SUCCESS, ShownStatus, truncate
 
 DEFAULT_FLEET_CONTEXT = "flux/fleet"
 FAILED_STATES = frozenset({FAILURE, ERROR})
@@ -49,15 +49,9 @@ class Aggregate:
     description: str
 
 
-class TimedStatus(Protocol):
-    """One status as a Gitea listing returns it (`gitea.client.CommitStatus` fits)."""
+class TimedStatus(ShownStatus, Protocol):
+    """A listed status with the time Gitea stamped on it (`gitea.client.CommitStatus` fits)."""
 
-    @property
-    def state(self) -> str: ...
-    @property
-    def context(self) -> str: ...
-    @property
-    def id(self) -> int: ...
     @property
     def at(self) -> float | None: ...
 

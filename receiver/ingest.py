@@ -23,7 +23,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from receiver import delivery_marks, signatures
+from receiver import delivery_marks, signatures, spec_events
 from receiver.cel_filter import CompiledFilter, FilterCache, RequestNotJSON, request_document
 from receiver.changes import ChangeFeed, watched_keys
 from receiver.config import Settings
@@ -189,7 +189,7 @@ class IngestService:
             return self._count(name, "unsupported_media", error(415, UNSUPPORTED_MEDIA))
         # Flux reads X-GitHub-Event; Gitea sends it and X-Gitea-Event alike, and a sender that
         # sends only Gitea's header names its event all the same.
-        refused = _event_refused(receiver, request.headers.get("x-github-event")
+        refused = spec_events.refusal(receiver, request.headers.get("x-github-event")
                                  or request.headers.get("x-gitea-event", ""))
         if refused is not None:
             return self._count(name, "event_refused", error(400, refused))
@@ -204,7 +204,7 @@ class IngestService:
                  or "").strip().lower()
         token_ctx = delivery_ctx.set(once.label if once is not None else "-")
         try:
-            listed = _events_listed(receiver, event)
+            listed = spec_events.listed(receiver, event)
             if event == "ping" and not listed:
                 return self._count(name, "ping", JSONResponse({"status": "pong"}))
             if event and event != "push" and not listed:
@@ -482,28 +482,6 @@ class IngestService:
                 # Time-outs are part of the state: look again when the next one passes.
                 await _change_or_drain(changed, drain, min(
                     remaining, self._next_deadline(record), 5.0))
-
-
-def _spec_events(receiver: FluxObject) -> list[str]:
-    events = receiver.spec.get("events")
-    return [e for e in events if isinstance(e, str)] if isinstance(events, list) else []
-
-
-def _events_listed(receiver: FluxObject, event: str) -> bool:
-    """Does the Receiver's spec.events name this event (case-insensitive, as Flux)?"""
-    return (receiver.spec.get("type") == "github" and bool(event)
-            and any(e.lower() == event for e in _spec_events(receiver)))
-
-
-def _event_refused(receiver: FluxObject, header: str) -> str | None:
-    """Flux's github Receiver refuses (400) an X-GitHub-Event not in a non-empty spec.events."""
-    if receiver.spec.get("type") != "github":
-        return None
-    events = _spec_events(receiver)
-    event = header.strip()
-    if not events or any(e.lower() == event.lower() for e in events):
-        return None
-    return f"event {event[:64]!r} is not in the receiver's spec.events"
 
 
 async def _change_or_drain(changed: asyncio.Event, drain: Drain, timeout: float) -> None:

@@ -26,6 +26,7 @@ from receiver.drain import Drain
 from receiver.flux.objects import ObjectKey
 from tests import gitea_payloads as gp
 from tests.conftest import GITEA_TOKEN, Bridge
+from tests.realk8s import wait_until
 from tests.test_action_script import (
     TOKEN,
     Service,
@@ -179,16 +180,6 @@ def test_shutdown_settings() -> None:
 # -- a real process ------------------------------------------------------------------------------
 
 
-def wait_until(what: str, condition: Any, timeout: float = 20.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = condition()
-        if result:
-            return result
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
-
-
 def _readyz(service: Service) -> int:
     try:
         return service.get("/readyz")[0]
@@ -251,7 +242,7 @@ def test_a_signal_drains_then_exits_0(tmp_path: Path, processes: list[Service],
 
     service.process.send_signal(signum)
     signalled = time.monotonic()
-    wait_until("/readyz to answer 503", lambda: _readyz(service) == 503)
+    wait_until("/readyz to answer 503", lambda: _readyz(service) == 503, 20, interval=0.02)
     assert time.monotonic() - signalled < drain_seconds
     assert service.get("/readyz") == (503, b'{"error":"draining"}')
     # The stream ends at once, with the line that says ask again.
@@ -281,7 +272,7 @@ def test_a_second_signal_ends_the_drain(tmp_path: Path, processes: list[Service]
     service = start_service(tmp_path, "--drain-seconds", "120")
     processes.append(service)
     service.process.send_signal(signal.SIGTERM)
-    wait_until("/readyz to answer 503", lambda: _readyz(service) == 503)
+    wait_until("/readyz to answer 503", lambda: _readyz(service) == 503, 20, interval=0.02)
     again = time.monotonic()
     service.process.send_signal(signal.SIGINT)
     assert service.process.wait(timeout=30) == 0

@@ -37,9 +37,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import os
 import secrets
-import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -52,7 +50,7 @@ import pytest
 
 from receiver import signatures as sig
 from tests import gitea_payloads
-from tests.e2e_harness import BridgeProcess, FluxControllers, ensure_binaries, install_source_crds
+from tests.e2e_harness import BridgeProcess, FluxControllers, e2e_peers, install_source_crds
 from tests.realk8s import ControlPlane, ControlPlaneError, free_port, wait_until
 
 pytestmark = pytest.mark.e2e
@@ -179,14 +177,8 @@ def _webhook_path(plane: ControlPlane, ns: str) -> str | None:
 
 @pytest.fixture(scope="module")
 def oracle(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Oracle]:
-    unavailable = os.environ.get("GFBTEST_E2E_UNAVAILABLE")
-    if unavailable:  # set by .ci/run when the peers could not be built within its budget
-        pytest.skip(f"Flux controllers unavailable: {unavailable}")
+    bin_dir, _ = e2e_peers(gitea=False)
     workdir = tmp_path_factory.mktemp("oracle")
-    try:
-        bin_dir = ensure_binaries()
-    except (ControlPlaneError, subprocess.TimeoutExpired) as exc:
-        pytest.fail(f"cannot build the real components: {exc}", pytrace=False)
     teardown: list[Callable[[], None]] = []
     try:
         plane = ControlPlane(bin_dir)

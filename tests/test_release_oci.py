@@ -9,7 +9,6 @@ Gitea runs on 127.0.0.1 over plain HTTP, hence `--plain-http`; a real Gitea serv
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 from collections.abc import Iterator
@@ -23,11 +22,9 @@ import yaml
 from tests.e2e_harness import (
     CHART,
     ROOT,
-    ControlPlaneError,
     Gitea,
     child_env,
-    ensure_binaries,
-    module_dir,
+    e2e_peers,
 )
 
 pytestmark = pytest.mark.e2e
@@ -64,14 +61,8 @@ class Registry:
 
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
-    unavailable = os.environ.get("GFBTEST_E2E_UNAVAILABLE")
-    if unavailable:  # set by .ci/run when the peers could not be built within its budget
-        pytest.skip(f"Flux controllers / Gitea unavailable: {unavailable}")
-    try:
-        bin_dir = ensure_binaries(("helm", "gitea"))
-        static_root = module_dir("gitea")
-    except (ControlPlaneError, subprocess.TimeoutExpired) as exc:
-        pytest.fail(f"cannot build the real components: {exc}", pytrace=False)
+    bin_dir, static_root = e2e_peers(("helm", "gitea"))
+    assert static_root is not None
     workdir = tmp_path_factory.mktemp("release-oci")
     gitea = Gitea(bin_dir / "gitea", static_root, workdir=workdir / "gitea")
     gitea.workdir.mkdir()

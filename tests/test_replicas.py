@@ -20,7 +20,7 @@ from receiver.flux.memory import MemoryCluster
 from receiver.flux.objects import RECONCILE_ANNOTATION, ObjectKey
 from receiver.flux.store import ObjectStore
 from tests import gitea_payloads as gp
-from tests.conftest import ACTIONS_TOKEN, FLEET, GITEA_TOKEN, make_settings
+from tests.conftest import ACTIONS_TOKEN, FLEET, GITEA_TOKEN, make_settings, until
 
 pytestmark = pytest.mark.anyio
 
@@ -84,13 +84,6 @@ def gitea_headers(body: bytes, delivery: str) -> dict[str, str]:
     return {"Content-Type": "application/json", "X-Gitea-Event": "push",
             "X-Gitea-Delivery": delivery,
             "X-Gitea-Signature": sig.hmac_hex("sha256", GITEA_TOKEN, body)}
-
-
-async def until(check: Any, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.01)
 
 
 async def test_any_replica_answers_for_a_delivery(replicas: Replicas) -> None:

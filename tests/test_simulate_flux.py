@@ -7,27 +7,20 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
+from tests.test_action_script import start_service
+
 ROOT = Path(__file__).resolve().parent.parent
 NOTIFY = ROOT / ".gitea" / "actions" / "notify-flux" / "notify.sh"
 SHA = "5394cb7f48ab0b1c2d3e4f5a6b7c8d9e0f1a2b3c"
 ACTIONS_TOKEN = "example-actions-token-change-me"  # examples/fleet/receivers.yaml
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def _cli(*args: str) -> list[str]:
@@ -42,35 +35,19 @@ def _env() -> dict[str, str]:
 
 
 @pytest.fixture
-def demo(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[str], Path]]:
-    port = _free_port()
-    log_path = tmp_path / "serve.log"
-    with log_path.open("w") as log:
-        process = subprocess.Popen(
-            _cli("serve", "--manifests", str(ROOT / "examples" / "fleet"), "--port", str(port),
-                 "--simulate-flux", "--simulate-delay", "0.2", "--drain-seconds", "0"),
-            cwd=ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
+def demo(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[bytes], Path]]:
+    # The same start as every served test: examples/fleet, a free port, waits for /readyz.
+    service = start_service(tmp_path, "--simulate-flux", "--simulate-delay", "0.2")
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            assert process.poll() is None, log_path.read_text()
-            assert time.monotonic() < deadline, "not ready within 30 s:\n" + log_path.read_text()
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.05)
-        yield url, process, log_path
+        yield service.base_url, service.process, service.log
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+        if service.process.poll() is None:
+            service.process.kill()
+            service.process.wait()
 
 
 def test_a_push_goes_from_in_progress_to_ready_with_the_actions_wait(
-    demo: tuple[str, subprocess.Popen[str], Path], tmp_path: Path
+    demo: tuple[str, subprocess.Popen[bytes], Path], tmp_path: Path
 ) -> None:
     url, process, log_path = demo
     ready = httpx.get(f"{url}/readyz", timeout=2).json()
