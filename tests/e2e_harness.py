@@ -451,6 +451,15 @@ logger.router.MODE =
             "config": {"url": url, "content_type": "json", "secret": secret}})
         return int(hook["id"])
 
+    def create_org_hook(self, org: str, url: str, secret: str, *,
+                        events: Sequence[str] = ("package",)) -> int:
+        """An organisation webhook: Gitea sends `package` events to the owner's webhooks (a
+        repository's only when the package is linked to it)."""
+        hook = self.api("POST", f"/orgs/{org}/hooks", {
+            "type": "gitea", "active": True, "events": list(events),
+            "config": {"url": url, "content_type": "json", "secret": secret}})
+        return int(hook["id"])
+
     def set_hook_active(self, owner: str, repo: str, hook_id: int, active: bool) -> None:
         self.api("PATCH", f"/repos/{owner}/{repo}/hooks/{hook_id}", {"active": active})
 
