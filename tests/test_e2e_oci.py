@@ -153,10 +153,10 @@ class Env:
     # -- the bridge ----------------------------------------------------------------------------------
 
     def package_deliveries(self) -> list[dict[str, Any]]:
-        """The bridge's "push accepted" records of the package Receiver (a package event has no
-        commit), oldest first."""
+        """The bridge's "push accepted" records of the package Receiver (only Gitea's package
+        events reach it), oldest first."""
         return [r for r in self.bridge.records("push accepted")
-                if r.get("receiver") == f"{NS}/gitea-packages" and not r.get("commit")]
+                if r.get("receiver") == f"{NS}/gitea-packages"]
 
     def delivery(self, delivery_id: str) -> dict[str, Any]:
         with httpx.Client(trust_env=False, timeout=10.0) as client:
