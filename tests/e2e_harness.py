@@ -409,8 +409,20 @@ logger.router.MODE =
     def version(self) -> str:
         return str(self.api("GET", "/version")["version"])
 
-    def create_org(self, name: str) -> None:
-        self.api("POST", "/orgs", {"username": name, "visibility": "public"}, ok=(201, 422))
+    def create_org(self, name: str, *, visibility: str = "public") -> None:
+        self.api("POST", "/orgs", {"username": name, "visibility": visibility}, ok=(201, 422))
+
+    def create_token(self, name: str, scopes: Sequence[str]) -> str:
+        """Another access token of the admin with only these scopes (e.g. `read:package`).
+        Gitea creates tokens only for a request authenticated with the password."""
+        with httpx.Client(base_url=f"{self.url}/api/v1", timeout=30.0, trust_env=False) as client:
+            response = client.post(f"/users/{self.admin}/tokens",
+                                   json={"name": name, "scopes": list(scopes)},
+                                   auth=(self.admin, self.password))
+        if response.status_code != 201:
+            raise GiteaError(f"creating token {name}: HTTP {response.status_code}: "
+                             f"{response.text[:2000]}")
+        return str(response.json()["sha1"])
 
     def create_repo(self, owner: str, name: str, *, private: bool = True) -> dict[str, Any]:
         path = f"/orgs/{owner}/repos" if owner != self.admin else "/user/repos"

@@ -76,7 +76,8 @@ class Pushed:
 
 @dataclass
 class OCIClient:
-    """Bearer-token registry client for one registry (`base_url`: `http://host:port`)."""
+    """Bearer-token registry client for one registry (`base_url`: `http://host:port`); with
+    an empty `username`, the token is asked for anonymously."""
 
     base_url: str
     username: str
@@ -108,8 +109,8 @@ class OCIClient:
             if "service" in params:
                 query["service"] = params["service"]
             with httpx.Client(trust_env=False, timeout=self.timeout) as client:
-                response = client.get(params["realm"], params=query,
-                                      auth=(self.username, self.password))
+                response = client.get(params["realm"], params=query, auth=(
+                    (self.username, self.password) if self.username else None))
             if response.status_code != 200:
                 raise RegistryError(f"token from {params['realm']}: HTTP "
                                     f"{response.status_code}: {response.text[:500]}")

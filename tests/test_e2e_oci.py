@@ -8,16 +8,20 @@ registry's token realm is too), source-, kustomize- and notification-controller 
 (`tests.e2e_harness`). Gitea holds `platform/fleet`, whose commits the artifacts are built from;
 the tests push artifacts as `flux push artifact` does (`tests.oci_client`: Flux's media types,
 `org.opencontainers.image.source` = the repository's clone URL and
-`org.opencontainers.image.revision` = `main@sha1:<commit>`) to `platform/apps`.
+`org.opencontainers.image.revision` = `main@sha1:<commit>`).
 
-The OCIRepository `apps` reads `oci://127.0.0.1:<gitea>/platform/apps` over plain HTTP
-(`insecure: true`, anonymous pull: `platform` is a public organisation) and takes tags in
-`SEMVER`; the Kustomization `apps` applies its ConfigMap. Intervals are 1h, so once the first
-artifact is in, only the bridge's annotation makes the source look at the registry again. A
-github-type Receiver with `events: [package]` lists both; its hook URL on the bridge is
-`platform`'s organisation webhook for `package` events (Gitea sends those to the package owner's
-webhooks, not to a repository's). A generic-hmac Provider and an Alert send the OCIRepository's
-and Kustomization's events to the bridge's /events.
+Two feeds (`Feed`: an image in Gitea's registry, and an OCIRepository and a Kustomization of
+one name that deploy its ConfigMap), both read over plain HTTP (`insecure: true`):
+- `apps`: `oci://127.0.0.1:<gitea>/platform/apps`, tags in `SEMVER`, pulled anonymously
+  (`platform` is a public organisation);
+- `private-apps`: `.../private-team/apps`, tag `latest` (re-pushed), pulled with a
+  dockerconfigjson Secret holding a `read:package` token (`private-team` is private).
+Intervals are 1h, so once the first artifacts are in, only the bridge's annotation makes a
+source look at the registry again. One github-type Receiver with `events: [package]` lists the
+four objects; its hook URL on the bridge is both organisations' webhook for `package` events
+(Gitea sends those to the package owner's webhooks, not to a repository's). A generic-hmac
+Provider and an Alert send the OCIRepositories' and Kustomizations' events to the bridge's
+/events.
 
 Each test pushes versions of its own (a counter), so they pass in any order and alone.
 
@@ -26,8 +30,10 @@ Each test pushes versions of its own (a counter), so they pass in any order and 
 
 from __future__ import annotations
 
+import base64
 import functools
 import itertools
+import json
 import secrets
 import time
 from collections.abc import Callable, Iterator
@@ -48,17 +54,24 @@ from tests.e2e_harness import (
     install_source_crds,
     metric_value,
 )
-from tests.oci_client import REVISION_ANNOTATION, SOURCE_ANNOTATION, OCIClient, Pushed
+from tests.oci_client import (
+    REVISION_ANNOTATION,
+    SOURCE_ANNOTATION,
+    OCIClient,
+    Pushed,
+    RegistryError,
+)
 from tests.realk8s import ControlPlane, ControlPlaneError, wait_until
 
 pytestmark = pytest.mark.e2e
 
 T = TypeVar("T")
 
-ORG, REPO, IMAGE = "platform", "fleet", "apps"
+ORG, PRIVATE_ORG, REPO = "platform", "private-team", "fleet"
 CLUSTER = "eu-west"
 NS, APPS_NS = "flux-system", "apps"
 SEMVER = ">=1.0.0 <2.0.0"
+RECEIVER = "gitea-packages"
 RECONCILE = "reconcile.fluxcd.io/requestedAt"
 
 SOURCE_API = "/apis/source.toolkit.fluxcd.io/v1"
@@ -78,9 +91,29 @@ DEPLOY_TIMEOUT = 90.0  # package push -> Kustomization Ready at it (usually a fe
 HOOK_TIMEOUT = 30.0
 
 
-def configmap(release: str) -> str:
-    return (f"apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: apps-settings\n"
-            f"  namespace: {APPS_NS}\ndata:\n  release: \"{release}\"\n")
+@dataclass(frozen=True)
+class Feed:
+    """An image in Gitea's registry, and the OCIRepository and Kustomization (both `name`)
+    that deploy the ConfigMap `<name>-settings` it holds."""
+
+    owner: str
+    name: str
+    ref: tuple[str, str]  # the OCIRepository's spec.ref: (field, value)
+    secret: str | None = None  # the OCIRepository's secretRef
+    image: str = "apps"
+
+    @property
+    def repository(self) -> str:
+        return f"{self.owner}/{self.image}"
+
+    def configmap(self, release: str) -> str:
+        return (f"apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {self.name}-settings\n"
+                f"  namespace: {APPS_NS}\ndata:\n  release: \"{release}\"\n")
+
+
+PUBLIC = Feed(ORG, "apps", ("semver", SEMVER))
+PRIVATE = Feed(PRIVATE_ORG, "private-apps", ("tag", "latest"), secret="registry-auth")
+FEEDS = (PUBLIC, PRIVATE)
 
 
 # -- the environment ---------------------------------------------------------------------------------
@@ -107,25 +140,27 @@ class Env:
             "apiVersion": API_VERSIONS[kind], "kind": kind,
             "metadata": {"name": name, "namespace": NS}, "spec": spec})
 
-    def secret(self, name: str, data: dict[str, str]) -> None:
+    def secret(self, name: str, data: dict[str, str], type_: str = "Opaque") -> None:
         self.plane.request("POST", f"/api/v1/namespaces/{NS}/secrets", {
-            "apiVersion": "v1", "kind": "Secret", "metadata": {"name": name},
+            "apiVersion": "v1", "kind": "Secret", "metadata": {"name": name}, "type": type_,
             "stringData": data})
 
     def annotations(self, kind: str, name: str) -> dict[str, str]:
         return dict(self.get(kind, name)["metadata"].get("annotations") or {})
 
-    def artifact(self) -> dict[str, Any]:
-        return dict((self.get("OCIRepository", IMAGE).get("status") or {}).get("artifact") or {})
+    def artifact(self, feed: Feed) -> dict[str, Any]:
+        source = self.get("OCIRepository", feed.name)
+        return dict((source.get("status") or {}).get("artifact") or {})
 
-    def configmap_data(self) -> dict[str, str]:
+    def configmap_data(self, feed: Feed) -> dict[str, str]:
         found = self.plane.request(
-            "GET", f"/api/v1/namespaces/{APPS_NS}/configmaps/apps-settings", ok=(200, 404))
+            "GET", f"/api/v1/namespaces/{APPS_NS}/configmaps/{feed.name}-settings",
+            ok=(200, 404))
         return dict(found.get("data") or {})
 
-    def deployed(self, pushed: Pushed) -> dict[str, Any] | None:
-        """The Kustomization if it is Ready with this artifact applied, else None."""
-        ks = self.get("Kustomization", IMAGE)
+    def deployed(self, feed: Feed, pushed: Pushed) -> dict[str, Any] | None:
+        """The feed's Kustomization if it is Ready with this artifact applied, else None."""
+        ks = self.get("Kustomization", feed.name)
         status = ks.get("status") or {}
         if (status.get("lastAppliedRevision") == revision(pushed)
                 and _condition(ks, "Ready").get("status") == "True"):
@@ -134,20 +169,21 @@ class Env:
 
     # -- Gitea and its registry ----------------------------------------------------------------------
 
-    def commit(self, release: str) -> str:
-        """A commit in platform/fleet: the ConfigMap the next artifact is built from."""
-        return self.gitea.commit_files(ORG, REPO, {"apps/settings.yaml": configmap(release)},
-                                       f"apps: release {release}")
+    def commit(self, feed: Feed, release: str) -> str:
+        """A commit in platform/fleet: the ConfigMap the feed's next artifact is built from."""
+        return self.gitea.commit_files(ORG, REPO, {f"{feed.name}/settings.yaml":
+                                                   feed.configmap(release)},
+                                       f"{feed.name}: release {release}")
 
-    def push_artifact(self, tag: str, sha: str, release: str) -> Pushed:
-        """`flux push artifact oci://<gitea>/platform/apps:<tag> --path=apps
-        --source=<clone url> --revision=main@sha1:<sha>`."""
+    def push_artifact(self, feed: Feed, tag: str, sha: str, release: str) -> Pushed:
+        """`flux push artifact oci://<gitea>/<owner>/apps:<tag> --path=<feed.name>
+        --source=<clone url of platform/fleet> --revision=main@sha1:<sha>`."""
         started = time.monotonic()
         pushed = self.registry.push_flux_artifact(
-            f"{ORG}/{IMAGE}", tag, {"settings.yaml": configmap(release)},
+            feed.repository, tag, {"settings.yaml": feed.configmap(release)},
             source=self.gitea.clone_url(ORG, REPO), revision=f"main@sha1:{sha}")
-        print(f"  pushed {IMAGE}:{tag} ({pushed.digest[:19]}, commit {sha[:12]}) in "
-              f"{time.monotonic() - started:.2f}s")
+        print(f"  pushed {feed.repository}:{tag} ({pushed.digest[:19]}, commit {sha[:12]}) "
+              f"in {time.monotonic() - started:.2f}s")
         return pushed
 
     # -- the bridge ----------------------------------------------------------------------------------
@@ -156,7 +192,7 @@ class Env:
         """The bridge's "push accepted" records of the package Receiver (only Gitea's package
         events reach it), oldest first."""
         return [r for r in self.bridge.records("push accepted")
-                if r.get("receiver") == f"{NS}/gitea-packages"]
+                if r.get("receiver") == f"{NS}/{RECEIVER}"]
 
     def delivery(self, delivery_id: str) -> dict[str, Any]:
         with httpx.Client(trust_env=False, timeout=10.0) as client:
@@ -191,6 +227,59 @@ class Env:
         return self.wait("the package webhook to reach the bridge", lambda: (
             found[seen] if len(found := self.package_deliveries()) > seen else None),
             HOOK_TIMEOUT)
+
+    def deploys_through_the_bridge(self, feed: Feed, tag: str, release: str
+                                   ) -> tuple[str, Pushed, dict[str, Any]]:
+        """Commit, push the artifact built from it; then, in order: the package webhook reached
+        the bridge, the bridge annotated the OCIRepository, source-controller pulled the
+        artifact with its annotations, kustomize-controller applied the ConfigMap, and the
+        delivery settled Ready. Returns (commit, artifact, the settled delivery)."""
+        sha = self.commit(feed, release)
+        before = self.annotations("OCIRepository", feed.name).get(RECONCILE)
+        seen = len(self.package_deliveries())
+        accepted_before = self.metric("gfb_hook_requests_total", outcome="accepted")
+        started = time.monotonic()
+        pushed = self.push_artifact(feed, tag, sha, release)
+
+        # 1. Gitea's package webhook reached the bridge, which planned the source and its
+        # consumer.
+        record = self.next_delivery(seen)
+        assert record["targets"] == 2, record
+        assert self.metric("gfb_hook_requests_total", outcome="accepted") == accepted_before + 1
+
+        # 2. The bridge annotated the OCIRepository (its mark, written in the same patch, names
+        # this delivery); source-controller pulled the artifact from Gitea's registry, with the
+        # manifest's annotations as its metadata.
+        self.wait(f"OCIRepository {feed.name} annotated by the bridge", lambda: (
+            value if (value := self.annotations("OCIRepository", feed.name).get(RECONCILE))
+            != before else None), HOOK_TIMEOUT)
+        marks = self.annotations("OCIRepository", feed.name).get(DELIVERIES_ANNOTATION, "")
+        assert marks.startswith(record["mark"] + "@"), (marks, record)
+        artifact = self.wait("source-controller to pull the artifact", lambda: (
+            found if (found := self.artifact(feed)).get("revision") == revision(pushed)
+            else None), DEPLOY_TIMEOUT, lambda: f"artifact: {self.artifact(feed)}")
+        metadata = artifact.get("metadata") or {}
+        assert metadata.get(SOURCE_ANNOTATION) == self.gitea.clone_url(ORG, REPO), artifact
+        assert metadata.get(REVISION_ANNOTATION) == f"main@sha1:{sha}", artifact
+
+        # 3. kustomize-controller applied it: the ConfigMap has the pushed content, and the
+        # Kustomization names the Git commit the artifact was built from.
+        ks = self.wait("kustomize-controller to apply it",
+                       lambda: self.deployed(feed, pushed), DEPLOY_TIMEOUT)
+        self.timings[f"{feed.name}: package push -> Kustomization Ready"] = (
+            time.monotonic() - started)
+        assert ks["status"].get("lastAppliedOriginRevision") == f"main@sha1:{sha}", ks["status"]
+        assert self.configmap_data(feed) == {"release": release}
+
+        # The delivery the bridge followed: both objects annotated, settled Ready.
+        delivery = self.wait("the delivery to settle", lambda: (
+            found if (found := self.delivery(record["id"])).get("final") else None), 60)
+        assert delivery["outcome"] == "ready", delivery
+        annotated = {(t["kind"], t["name"]) for t in delivery["targets"]
+                     if t["role"] == "annotate"}
+        assert annotated == {("OCIRepository", feed.name), ("Kustomization", feed.name)}, \
+            delivery
+        return sha, pushed, delivery
 
 
 def revision(pushed: Pushed) -> str:
@@ -233,6 +322,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         gitea.start()
         teardown.append(gitea.close)
         gitea.create_org(ORG)
+        gitea.create_org(PRIVATE_ORG, visibility="private")
         gitea.create_repo(ORG, REPO, private=True)
         _timed(timings, "gitea (migrate, admin, web, repository)", started)
 
@@ -265,7 +355,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         env = Env(plane, gitea, flux, bridge, registry, tokens["webhook"], timings)
         started = time.monotonic()
         _first_deploy(env, tokens, workdir)
-        _timed(timings, "first artifact deployed (objects -> Kustomization Ready)", started)
+        _timed(timings, "first artifacts deployed (objects -> Kustomizations Ready)", started)
         timings["environment total"] = time.monotonic() - module_started
         print("\n=== e2e OCI environment up ===")
         for name, seconds in timings.items():
@@ -284,10 +374,18 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
 
 
 def _first_deploy(env: Env, tokens: dict[str, str], workdir: Path) -> None:
-    """The first artifact (1.0.0), the Flux objects, the Receiver and the organisation webhook;
-    waits until the Kustomization applied the artifact."""
-    sha = env.commit("1.0.0")
-    first = env.push_artifact("1.0.0", sha, "1.0.0")
+    """The first artifacts, the Flux objects, the Receiver and the organisation webhooks; waits
+    until both Kustomizations applied their artifact."""
+    first = {PUBLIC: "1.0.0", PRIVATE: "latest"}
+    pushed = {feed: env.push_artifact(feed, tag, env.commit(feed, "initial"), "initial")
+              for feed, tag in first.items()}
+    host = f"127.0.0.1:{env.gitea.port}"
+    pull_token = env.gitea.create_token("registry-pull", ["read:package"])
+    login = f"{env.gitea.admin}:{pull_token}"
+    env.secret("registry-auth", {".dockerconfigjson": json.dumps({"auths": {host: {
+        "username": env.gitea.admin, "password": pull_token,
+        "auth": base64.b64encode(login.encode()).decode()}}})},
+        "kubernetes.io/dockerconfigjson")
     env.secret("webhook-token", {"token": tokens["webhook"]})
     env.secret("bridge-events", {"token": tokens["events"]})
     env.create("Provider", "bridge", {"type": "generic-hmac", "address": f"{env.bridge.url}/events",
@@ -296,23 +394,28 @@ def _first_deploy(env: Env, tokens: dict[str, str], workdir: Path) -> None:
         "providerRef": {"name": "bridge"}, "eventSeverity": "info",
         "eventSources": [{"kind": "OCIRepository", "name": "*"},
                          {"kind": "Kustomization", "name": "*"}]})
-    env.create("OCIRepository", IMAGE, {
-        "interval": "1h", "timeout": "60s", "insecure": True,
-        "url": f"oci://127.0.0.1:{env.gitea.port}/{ORG}/{IMAGE}", "ref": {"semver": SEMVER}})
-    env.create("Kustomization", IMAGE, {
-        "interval": "1h", "timeout": "2m", "path": "./", "prune": False,
-        "sourceRef": {"kind": "OCIRepository", "name": IMAGE}})
-    env.create("Receiver", "gitea-packages", {
-        "type": "github", "events": ["package"], "secretRef": {"name": "webhook-token"},
-        "resources": [
-            {"apiVersion": API_VERSIONS["OCIRepository"], "kind": "OCIRepository", "name": IMAGE},
-            {"apiVersion": API_VERSIONS["Kustomization"], "kind": "Kustomization", "name": IMAGE},
-        ]})
+    resources = []
+    for feed in FEEDS:
+        spec: dict[str, Any] = {"interval": "1h", "timeout": "60s", "insecure": True,
+                                "url": f"oci://{host}/{feed.repository}", "ref": dict([feed.ref])}
+        if feed.secret:
+            spec["secretRef"] = {"name": feed.secret}
+        env.create("OCIRepository", feed.name, spec)
+        env.create("Kustomization", feed.name, {
+            "interval": "1h", "timeout": "2m", "path": "./", "prune": False,
+            "sourceRef": {"kind": "OCIRepository", "name": feed.name}})
+        resources += [{"apiVersion": API_VERSIONS[kind], "kind": kind, "name": feed.name}
+                      for kind in ("OCIRepository", "Kustomization")]
+    env.create("Receiver", RECEIVER, {"type": "github", "events": ["package"],
+                                      "secretRef": {"name": "webhook-token"},
+                                      "resources": resources})
     env.bridge.wait_receivers(1)
-    env.wait("first deploy of the artifact", functools.partial(env.deployed, first),
-             DEPLOY_TIMEOUT)
-    hook = "/hook/" + sig.hook_digest(tokens["webhook"], "gitea-packages", NS)
-    env.gitea.create_org_hook(ORG, f"{env.bridge.url}{hook}", tokens["webhook"])
+    for feed in FEEDS:
+        env.wait(f"first deploy of {feed.name}", functools.partial(
+            env.deployed, feed, pushed[feed]), DEPLOY_TIMEOUT)
+    hook = f"{env.bridge.url}/hook/" + sig.hook_digest(tokens["webhook"], RECEIVER, NS)
+    for org in (ORG, PRIVATE_ORG):
+        env.gitea.create_org_hook(org, hook, tokens["webhook"])
 
 
 # -- the tests -----------------------------------------------------------------------------------------
@@ -320,66 +423,35 @@ def _first_deploy(env: Env, tokens: dict[str, str], workdir: Path) -> None:
 
 def test_package_push_reconciles_the_oci_source_and_deploys_it(env: Env) -> None:
     version = f"1.{next(env.minor)}.0"
-    sha = env.commit(version)
-    before = env.annotations("OCIRepository", IMAGE).get(RECONCILE)
-    seen = len(env.package_deliveries())
-    accepted_before = env.metric("gfb_hook_requests_total", outcome="accepted")
-    started = time.monotonic()
-    pushed = env.push_artifact(version, sha, version)
-
-    # 1. Gitea's package webhook reached the bridge, which planned the source and its consumer.
-    record = env.next_delivery(seen)
-    assert record["targets"] == 2, record
-    assert env.metric("gfb_hook_requests_total", outcome="accepted") == accepted_before + 1
-
-    # 2. The bridge annotated the OCIRepository; source-controller pulled the artifact from
-    # Gitea's registry, with the manifest's annotations as its metadata.
-    env.wait("the OCIRepository annotated by the bridge", lambda: (
-        value if (value := env.annotations("OCIRepository", IMAGE).get(RECONCILE)) != before
-        else None), HOOK_TIMEOUT)
-    # The bridge's mark, written in the same patch, names this delivery.
-    marks = env.annotations("OCIRepository", IMAGE).get(DELIVERIES_ANNOTATION, "")
-    assert marks.startswith(record["mark"] + "@"), (marks, record)
-    artifact = env.wait("source-controller to pull the artifact", lambda: (
-        found if (found := env.artifact()).get("revision") == revision(pushed) else None),
-        DEPLOY_TIMEOUT, lambda: f"artifact: {env.artifact()}")
-    metadata = artifact.get("metadata") or {}
-    assert metadata.get(SOURCE_ANNOTATION) == env.gitea.clone_url(ORG, REPO), artifact
-    assert metadata.get(REVISION_ANNOTATION) == f"main@sha1:{sha}", artifact
-
-    # 3. kustomize-controller applied it: the ConfigMap has the pushed content, and the
-    # Kustomization names the Git commit the artifact was built from.
-    ks = env.wait("kustomize-controller to apply it", lambda: env.deployed(pushed),
-                  DEPLOY_TIMEOUT)
-    env.timings["package push -> Kustomization Ready (webhook)"] = time.monotonic() - started
-    assert ks["status"].get("lastAppliedOriginRevision") == f"main@sha1:{sha}", ks["status"]
-    assert env.configmap_data() == {"release": version}
-
-    # The delivery the bridge followed: both objects annotated, settled Ready.
-    delivery = env.wait("the delivery to settle", lambda: (
-        found if (found := env.delivery(record["id"])).get("final") else None), 60)
-    assert delivery["outcome"] == "ready", delivery
-    annotated = {(t["kind"], t["name"]) for t in delivery["targets"] if t["role"] == "annotate"}
-    assert annotated == {("OCIRepository", IMAGE), ("Kustomization", IMAGE)}, delivery
+    env.deploys_through_the_bridge(PUBLIC, version, version)
 
 
 def test_package_push_the_ref_does_not_select_annotates_nothing(env: Env) -> None:
     # 2.x is outside the OCIRepository's semver range: the registry has it, Flux would not
     # take it, so the bridge reconciles nothing.
     version = f"2.{next(env.minor)}.0"
-    sha = env.commit(version)
-    source_before = env.annotations("OCIRepository", IMAGE).get(RECONCILE)
-    kustomization_before = env.annotations("Kustomization", IMAGE).get(RECONCILE)
-    artifact_before = env.artifact().get("revision")
+    sha = env.commit(PUBLIC, version)
+    before = {(kind, feed.name): env.annotations(kind, feed.name).get(RECONCILE)
+              for kind in ("OCIRepository", "Kustomization") for feed in FEEDS}
+    artifact_before = env.artifact(PUBLIC).get("revision")
     annotated_before = env.metric("gfb_targets_annotated_total")
     seen = len(env.package_deliveries())
-    pushed = env.push_artifact(version, sha, version)
+    pushed = env.push_artifact(PUBLIC, version, sha, version)
 
     record = env.next_delivery(seen)
     assert record["targets"] == 0 and record["tracked"] == 0, record
     delivery = env.delivery(record["id"])
     assert delivery["targets"] == [], delivery
     assert env.metric("gfb_targets_annotated_total") == annotated_before
-    assert env.annotations("OCIRepository", IMAGE).get(RECONCILE) == source_before
-    assert env.annotations("Kustomization", IMAGE).get(RECONCILE) == kustomization_before
-    assert env.artifact().get("revision") == artifact_before != revision(pushed)
+    assert {key: env.annotations(*key).get(RECONCILE) for key in before} == before
+    assert env.artifact(PUBLIC).get("revision") == artifact_before != revision(pushed)
+
+
+def test_private_owner_artifact_is_pulled_with_a_package_token(env: Env) -> None:
+    # Re-pushing the tag `latest` sends Gitea's package event again (a new version id).
+    release = f"private-{next(env.minor)}"
+    _, pushed, _ = env.deploys_through_the_bridge(PRIVATE, "latest", release)
+    # The organisation is private: without the Secret's token the registry refuses the pull.
+    anonymous = OCIClient(env.gitea.url, "", "")
+    with pytest.raises(RegistryError, match="HTTP 401"):
+        anonymous.manifest(PRIVATE.repository, pushed.digest)
