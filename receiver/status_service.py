@@ -50,6 +50,7 @@ from starlette.responses import JSONResponse, Response
 from receiver import badges
 from receiver.config import ConfigError, SecretSource, Settings, read_secret_file
 from receiver.deliveries import Delivery
+from receiver.delivery_state import package_commit
 from receiver.events import EventError, FluxEvent, parse_event
 from receiver.fleet import Report, aggregate, cluster_parser, latest_reports
 from receiver.flux.cluster import Cluster
@@ -99,6 +100,8 @@ from receiver.statuses import (
 )
 
 log = logging.getLogger(__name__)
+# Sources whose consumers get statuses: Git URLs, or OCI artifacts that name one (`origin`).
+STATUS_SOURCE_KINDS = frozenset({"GitRepository", "OCIRepository"})
 
 JobKey = tuple[str, str, str, str]  # (instance, repo key, sha, context)
 
@@ -213,6 +216,8 @@ class StatusService:
         self._urls: dict[str, str | None] = {}
         self._versions: dict[str, str] = {}  # per instance, once read ("" when Gitea sent none)
         self._accepting = True  # until stop(); jobs queued before start() wait for workers
+        # (delivery, consumer, commit) of package deliveries whose pending is queued.
+        self._pending_sent: OrderedDict[tuple[str, ObjectKey, str], None] = OrderedDict()
         self._rng = random.random
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -287,21 +292,39 @@ class StatusService:
         This is what closes the loop when no Flux Provider points at us, and what ends the
         `pending` of a commit Flux never deployed (timed out: skipped or error).
         """
-        if (key.kind not in CONSUMER_KINDS or not delivery.sha or not self._accepting
-                or not self._settings.gitea):
-            return
-        if state not in (READY, FAILED, TIMED_OUT):
+        if key.kind not in CONSUMER_KINDS or not self._accepting or not self._settings.gitea:
             return
         obj, source = self._object_and_source(key)
         if obj is None:
             return
+        # A package push names no commit: its artifact does, once the source has pulled it.
+        sha = delivery.sha or package_commit(delivery.record, source) or ""
+        if not sha:
+            return
+        if state not in (READY, FAILED, TIMED_OUT):
+            if not delivery.sha:
+                self._package_pending(delivery, obj, source, sha)
+            return
         if state == TIMED_OUT:
-            desired = desired_after_timeout(
-                obj, source, delivery.sha, self._templates, self._normalise)
+            desired = desired_after_timeout(obj, source, sha, self._templates, self._normalise)
         else:
             desired = desired_from_object(obj, source, self._templates, self._normalise)
-        if desired is not None and desired.sha == delivery.sha:
+        if desired is not None and desired.sha == sha:
             self._enqueue([desired], state_only=True)
+
+    def _package_pending(self, delivery: Delivery, obj: FluxObject, source: FluxObject | None,
+                         sha: str) -> None:
+        """`pending` once per consumer of a package delivery, when its commit is known: the
+        package push's counterpart of `on_push_routed`."""
+        key = (delivery.id, obj.key, sha)
+        if key in self._pending_sent:
+            return
+        desired = pending_for_push(obj, source, sha, self._templates, self._normalise)
+        if desired is None or self._enqueue([desired], state_only=False) is None:
+            return
+        self._pending_sent[key] = None
+        while len(self._pending_sent) > self.memory_size:
+            self._pending_sent.popitem(last=False)
 
     # -- POST /events ----------------------------------------------------------------------
 
@@ -430,7 +453,8 @@ class StatusService:
     # -- resync ------------------------------------------------------------------------------
 
     async def resync_once(self) -> int:
-        """Queue the live-state status of every Git-sourced consumer that Gitea shows otherwise.
+        """Queue the live-state status of every consumer of a GitRepository or OCIRepository
+        that Gitea shows otherwise.
 
         Desired statuses are grouped by (instance, repository, commit); each group costs one
         listing of the commit in Gitea (pages = ceil(statuses / 50), fewer when the wanted
@@ -503,7 +527,7 @@ class StatusService:
                 if index % 500 == 499:
                     await asyncio.sleep(0)  # a big cache must not stall event intake
                 _, source = self._object_and_source(obj.key)
-                if source is None or source.kind != "GitRepository":
+                if source is None or source.kind not in STATUS_SOURCE_KINDS:
                     continue
                 desired = desired_from_object(obj, source, self._templates, self._normalise)
                 if desired is None:
