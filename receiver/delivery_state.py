@@ -36,6 +36,7 @@ from receiver.flux.revisions import (
 from receiver.origin import (
     artifact_commit,
     artifact_revision,
+    consumer_at_artifact,
     consumer_commits,
     has_pushed_artifact,
     is_oci,
@@ -164,9 +165,7 @@ def _consumer(record: DeliveryRecord, obj: FluxObject, role: str, view: Callable
         return view(src_view.state, reason, "its source did not get the pushed commit")
     source = lookup(src_ref.key) if src_ref is not None else None
     if source is not None and is_package_delivery(record) and is_oci(source):
-        pushed = _package_consumer(record, obj, source, role, view, marked, age, timeouts)
-        if pushed is not None:
-            return pushed
+        return _package_consumer(record, obj, source, role, view, marked, age, timeouts)
     done = _done(record, obj, marked)
     if done is not None:
         return view(*done)
@@ -215,30 +214,31 @@ def package_commit(record: DeliveryRecord, source: FluxObject | None) -> str | N
 
 def _package_consumer(record: DeliveryRecord, obj: FluxObject, source: FluxObject, role: str,
                       view: Callable[..., TargetView], marked: bool, age: float,
-                      timeouts: Timeouts) -> TargetView | None:
-    """A consumer of an OCI source in a package delivery: followed at the commit the pushed
-    artifact names. None when the artifact is there but names no commit (then only our
-    reconcile request can be followed, as for any delivery without a commit)."""
-    arrived = has_push(record, source)
-    sha = artifact_commit(source) if arrived else None
-    if arrived and sha is None:
-        return None
-    if sha is not None:
-        commits = consumer_commits(obj, source)
-        progress = progress_at(obj, sha, commits)
+                      timeouts: Timeouts) -> TargetView:
+    """A consumer of an OCI source in a package delivery, followed at the pushed artifact:
+    at the commit it names (`origin.consumer_commits`), or at its revision if it names none."""
+    if has_push(record, source):
+        sha = artifact_commit(source)
+        if sha is not None:
+            applied, attempted = consumer_commits(obj, source)
+            here = (applied == sha, attempted == sha)
+        else:
+            here = consumer_at_artifact(obj, source)
+        progress = progress_at(obj, sha or "", here)
         if progress.state in (READY, FAILED):
             return view(progress.state, progress.reason, progress.message)
+    else:
+        sha, here, progress = None, (False, False), None
     if age > timeouts.consumer_seconds:
         return view(TIMED_OUT, "Timeout", f"not ready after {timeouts.consumer_seconds:g}s")
-    if sha is None:
+    if role == ROLE_ANNOTATE and not marked and not here[1]:
+        return view(QUEUED)  # annotated once the source has the artifact (`reconcile`)
+    if progress is None:
         # Not there yet: a reconcile now would apply the previous artifact.
-        if role == ROLE_ANNOTATE and not marked:
-            return view(QUEUED)
         return view(ANNOTATED if marked else RECONCILING)
-    if role == ROLE_ANNOTATE and not marked and commits[1] != sha:
-        return view(QUEUED)
+    named = f"from commit {sha}" if sha else "which names no commit"
     return view(RECONCILING, progress.reason or "ArtifactPulled",
-                progress.message or f"artifact {artifact_revision(source)} from commit {sha}")
+                progress.message or f"artifact {artifact_revision(source)} {named}")
 
 
 def _done(record: DeliveryRecord, obj: FluxObject, marked: bool) -> tuple[str, str, str] | None:

@@ -147,6 +147,21 @@ def consumer_commits(obj: FluxObject, source: FluxObject) -> tuple[str | None, s
     return applied, _tied_commit(attempted_rev, source)
 
 
+def consumer_at_artifact(obj: FluxObject, source: FluxObject) -> tuple[bool, bool]:
+    """Has a consumer applied / attempted the source's current artifact? (Followed by
+    revision when the artifact names no commit.)"""
+    status = obj.status
+    if obj.kind == "HelmRelease":
+        history = status.get("history")
+        latest = history[0] if isinstance(history, list) and history else {}
+        chart = str(latest.get("chartVersion", "")) if isinstance(latest, dict) else ""
+        attempted = any(ties_to_artifact(str(status.get(k, "")), source)
+                        for k in ("lastAttemptedRevision", "lastAttemptedRevisionDigest"))
+        return ties_to_artifact(chart, source), attempted
+    return (ties_to_artifact(str(status.get("lastAppliedRevision", "")), source),
+            ties_to_artifact(str(status.get("lastAttemptedRevision", "")), source))
+
+
 def event_commit(metadata: Mapping[str, str], source: FluxObject) -> str | None:
     """The commit an event about a consumer of an OCI source is about.
 

@@ -125,18 +125,15 @@ def followable(obj: FluxObject) -> bool:
     return isinstance(chart_spec, dict) and chart_spec.get("reconcileStrategy") == "Revision"
 
 
-Commits = tuple[str | None, str | None]  # (applied, attempted), when known otherwise
-
-
-def progress_at(obj: FluxObject, sha: str, commits: Commits | None = None) -> Progress:
+def progress_at(obj: FluxObject, sha: str, here: tuple[bool, bool] | None = None) -> Progress:
     """Where an object stands for commit `sha` (flux-status.md §5.4, per kind).
 
-    `commits`: the (applied, attempted) commits when the object's revisions do not name them
-    (a consumer of an OCI source: `origin.consumer_commits`).
+    `here`: whether it applied / attempted what is followed, when its revisions do not say
+    (a consumer of an OCI source: see `delivery_state`).
     """
     status, reason, message = _ready(obj)
-    if commits is not None:
-        applied_here, attempted_here = (c is not None and c == sha.lower() for c in commits)
+    if here is not None:
+        applied_here, attempted_here = here
     else:
         applied_here = _matches(obj, applied_revision(obj), sha)
         attempted_here = _matches(obj, attempted_revision(obj), sha)
