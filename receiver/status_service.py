@@ -55,7 +55,7 @@ from receiver.events import EventError, FluxEvent, parse_event
 from receiver.fleet import Report, aggregate, cluster_parser, latest_reports
 from receiver.flux.cluster import Cluster
 from receiver.flux.objects import CONSUMER_KINDS, FluxObject, ObjectKey, consumer_source
-from receiver.flux.revisions import FAILED, READY, TIMED_OUT, progress_at
+from receiver.flux.revisions import FAILED, FINAL_STATES, READY, TIMED_OUT, progress_at
 from receiver.gitea.client import (
     CommitStatus,
     CreateStatusOption,
@@ -216,8 +216,8 @@ class StatusService:
         self._urls: dict[str, str | None] = {}
         self._versions: dict[str, str] = {}  # per instance, once read ("" when Gitea sent none)
         self._accepting = True  # until stop(); jobs queued before start() wait for workers
-        # (delivery, consumer, commit) of package deliveries whose pending is queued.
-        self._pending_sent: OrderedDict[tuple[str, ObjectKey, str], None] = OrderedDict()
+        # Package deliveries: (delivery, consumer) -> the commit its pending was queued for.
+        self._pending_sent: OrderedDict[tuple[str, ObjectKey], str] = OrderedDict()
         self._rng = random.random
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -290,25 +290,42 @@ class StatusService:
         """A tracked consumer finished for the pushed commit: post its outcome.
 
         This is what closes the loop when no Flux Provider points at us, and what ends the
-        `pending` of a commit Flux never deployed (timed out: skipped or error).
+        `pending` of a commit Flux never deployed (timed out: skipped or error). A package
+        push names no commit: the one its artifact names is found once the source has the
+        artifact, and gets `pending` then (`_package_pending`).
         """
         if key.kind not in CONSUMER_KINDS or not self._accepting or not self._settings.gitea:
             return
+        if delivery.sha and state not in (READY, FAILED, TIMED_OUT):
+            return  # its pending went out when the push was routed
         obj, source = self._object_and_source(key)
         if obj is None:
             return
-        # A package push names no commit: its artifact does, once the source has pulled it.
-        sha = delivery.sha or package_commit(delivery.record, source) or ""
-        if not sha:
+        if delivery.sha:
+            self._post_outcome(obj, source, delivery.sha, state)
             return
-        if state not in (READY, FAILED, TIMED_OUT):
-            if not delivery.sha:
-                self._package_pending(delivery, obj, source, sha)
+        sha = package_commit(delivery.record, source)
+        pended = self._pending_sent.get((delivery.id, key))
+        if pended is not None and pended != sha and (sha is not None or state in FINAL_STATES):
+            # The source moved on (the tag re-pushed, or another tag) before this commit was
+            # deployed: end its pending as a timed-out push's (skipped if Flux deployed another).
+            self._post_outcome(obj, source, pended, TIMED_OUT)
+            del self._pending_sent[(delivery.id, key)]
+        if sha is None:
             return
+        if state in FINAL_STATES:
+            self._post_outcome(obj, source, sha, state)
+        else:
+            self._package_pending(delivery, obj, source, sha)
+
+    def _post_outcome(self, obj: FluxObject, source: FluxObject | None, sha: str,
+                      state: str) -> None:
         if state == TIMED_OUT:
             desired = desired_after_timeout(obj, source, sha, self._templates, self._normalise)
-        else:
+        elif state in (READY, FAILED):
             desired = desired_from_object(obj, source, self._templates, self._normalise)
+        else:
+            return
         if desired is not None and desired.sha == sha:
             self._enqueue([desired], state_only=True)
 
@@ -316,13 +333,14 @@ class StatusService:
                          sha: str) -> None:
         """`pending` once per consumer of a package delivery, when its commit is known: the
         package push's counterpart of `on_push_routed`."""
-        key = (delivery.id, obj.key, sha)
-        if key in self._pending_sent:
+        key = (delivery.id, obj.key)
+        if self._pending_sent.get(key) == sha:
             return
         desired = pending_for_push(obj, source, sha, self._templates, self._normalise)
         if desired is None or self._enqueue([desired], state_only=False) is None:
             return
-        self._pending_sent[key] = None
+        self._pending_sent[key] = sha
+        self._pending_sent.move_to_end(key)
         while len(self._pending_sent) > self.memory_size:
             self._pending_sent.popitem(last=False)
 

@@ -402,12 +402,13 @@ async def _bridge(factory: BridgeFactory, tmp_path: Path,
     return bridge
 
 
-async def _push_package(bridge: Bridge, version: str = "latest") -> dict[str, Any]:
+async def _push_package(bridge: Bridge, version: str = "latest",
+                        receiver: str = "registry") -> dict[str, Any]:
     doc = json.loads(PAYLOAD.read_text())
     doc["package"]["version"] = version
     body = json.dumps(doc).encode()
     reply = await bridge.client.post(
-        "/hook/" + sig.hook_digest(TOKEN, "registry", "flux-system"), content=body,
+        "/hook/" + sig.hook_digest(TOKEN, receiver, "flux-system"), content=body,
         headers={"Content-Type": "application/json", "X-Gitea-Event": "package",
                  "X-GitHub-Event": "package",
                  "X-Hub-Signature-256": "sha256=" + sig.hmac_hex("sha256", TOKEN, body)})
@@ -518,3 +519,73 @@ async def test_the_resync_repairs_a_missed_oci_status(
                 what="success")
     await until(lambda: service.queue_depth == 0, what="queue drained")
     assert await service.resync_once() == 0
+
+
+@pytest.mark.anyio
+async def test_a_listed_consumer_is_annotated_once_the_artifact_is_there(
+    bridge_factory: BridgeFactory, tmp_path: Path,
+    gitea: tuple[FakeGitea, httpx.AsyncBaseTransport],
+) -> None:
+    fake, transport = gitea
+    bridge = await _bridge(bridge_factory, tmp_path, transport)
+    reply = await _push_package(bridge, receiver="registry-listed")
+    assert [t["name"] for t in reply["targets"]] == ["apps", "apps"]
+    store = bridge.cluster.store
+
+    def requested(key: ObjectKey) -> bool:
+        obj = store.get(key)
+        return obj is not None and "reconcile.fluxcd.io/requestedAt" in obj.annotations
+
+    await until(lambda: requested(OCI), what="source annotated")
+    assert not requested(APPS)  # its source still holds the previous artifact
+    bridge.cluster.mark_artifact(OCI, NEW_REV, metadata())
+    await until(lambda: requested(APPS), what="consumer annotated")
+    await until(lambda: _states(fake, SHA, APPS_CONTEXT) == ["pending"], what="pending")
+    bridge.cluster.mark_applied(APPS, NEW_REV, origin_revision=f"main@sha1:{SHA}")
+    await until(lambda: _states(fake, SHA, APPS_CONTEXT) == ["pending", "success"],
+                what="success")
+
+
+@pytest.mark.anyio
+async def test_a_pending_overtaken_by_a_newer_artifact_is_ended(
+    bridge_factory: BridgeFactory, tmp_path: Path,
+    gitea: tuple[FakeGitea, httpx.AsyncBaseTransport],
+) -> None:
+    fake, transport = gitea
+    bridge = await _bridge(bridge_factory, tmp_path, transport)
+    await _push_package(bridge)
+    bridge.cluster.mark_artifact(OCI, NEW_REV, metadata())
+    await until(lambda: _states(fake, SHA, APPS_CONTEXT) == ["pending"], what="pending")
+    # `latest` is pushed again (another commit) before kustomize-controller applied ours.
+    newer = "2" * 40
+    newer_rev = f"latest@sha256:{'c' * 64}"
+    bridge.cluster.mark_artifact(OCI, newer_rev, metadata(f"main@sha1:{newer}"))
+    bridge.cluster.mark_applied(APPS, newer_rev, origin_revision=f"main@sha1:{newer}")
+    await until(lambda: _states(fake, newer, APPS_CONTEXT)[-1:] == ["success"],
+                what="success on the newer commit")
+    await until(lambda: _states(fake, SHA, APPS_CONTEXT) == ["pending", "skipped"],
+                what="the overtaken pending ended")
+    assert "Superseded" in fake.latest("platform", "fleet", SHA, APPS_CONTEXT)["description"]
+
+
+@pytest.mark.anyio
+async def test_an_event_posts_on_the_commit_its_origin_revision_names(
+    bridge_factory: BridgeFactory, tmp_path: Path,
+    gitea: tuple[FakeGitea, httpx.AsyncBaseTransport],
+) -> None:
+    fake, transport = gitea
+    bridge = await _bridge(bridge_factory, tmp_path, transport)
+    bridge.cluster.mark_artifact(OCI, NEW_REV, metadata())
+    body = json.dumps({
+        "involvedObject": {"kind": "Kustomization", "namespace": "flux-system", "name": "infra",
+                           "apiVersion": "kustomize.toolkit.fluxcd.io/v1"},
+        "severity": "error", "reason": "HealthCheckFailed", "message": "timeout waiting",
+        "metadata": {"kustomize.toolkit.fluxcd.io/revision": NEW_REV,
+                     "kustomize.toolkit.fluxcd.io/originRevision": f"main@sha1:{SHA}"},
+        "reportingController": "kustomize-controller"}).encode()
+    sent = await bridge.client.post("/events", content=body,
+                                    headers={"Content-Type": "application/json"})
+    assert sent.json() == {"accepted": True, "statuses": 1}
+    await until(lambda: _states(fake, SHA, INFRA_CONTEXT) == ["failure"], what="failure")
+    assert fake.latest("platform", "fleet", SHA, INFRA_CONTEXT)["description"] == (
+        "Health check failed: timeout waiting")
