@@ -115,43 +115,11 @@ def _tied_commit(revision: str, source: FluxObject) -> str | None:
     return artifact_commit(source) if ties_to_artifact(revision, source) else None
 
 
-def consumer_commits(obj: FluxObject, source: FluxObject) -> tuple[str | None, str | None]:
-    """(applied, attempted) commits of a consumer of an OCI source, as far as they are known.
-
-    Kustomization: applied from `lastAppliedOriginRevision`; attempted from
-    `lastAttemptedOriginRevision` when the CRD has it (it does not as of kustomize-controller
-    v1.9), else from the source's metadata when `lastAttemptedRevision` is the source's current
-    artifact, else the applied one when it attempted what it applied.
-    HelmRelease: only through the source's current artifact (no origin revision is recorded).
-    """
-    status = obj.status
-    if obj.kind == "HelmRelease":
-        history = status.get("history")
-        latest = history[0] if isinstance(history, list) and history else {}
-        chart = str(latest.get("chartVersion", "")) if isinstance(latest, dict) else ""
-        applied = _tied_commit(chart, source)
-        attempted_rev = str(status.get("lastAttemptedRevision", ""))
-        attempted = (_tied_commit(attempted_rev, source)
-                     or _tied_commit(str(status.get("lastAttemptedRevisionDigest", "")), source))
-        if not attempted_rev:
-            attempted = attempted or applied
-        return applied, attempted
-    applied = origin_commit(status.get("lastAppliedOriginRevision"))
-    explicit = origin_commit(status.get("lastAttemptedOriginRevision"))
-    if explicit is not None:
-        return applied, explicit
-    attempted_rev = str(status.get("lastAttemptedRevision", ""))
-    applied_rev = str(status.get("lastAppliedRevision", ""))
-    if not attempted_rev or attempted_rev == applied_rev:
-        return applied, applied
-    return applied, _tied_commit(attempted_rev, source)
-
-
 def consumer_at_artifact(obj: FluxObject, source: FluxObject) -> tuple[bool, bool]:
-    """Has a consumer applied / attempted the source's current artifact? (Followed by
-    revision when the artifact names no commit.)"""
+    """Has a consumer applied / attempted the source's current artifact?"""
     status = obj.status
     if obj.kind == "HelmRelease":
+        # No lastAppliedRevision in HelmRelease v2: the latest release snapshot comes first.
         history = status.get("history")
         latest = history[0] if isinstance(history, list) and history else {}
         chart = str(latest.get("chartVersion", "")) if isinstance(latest, dict) else ""
@@ -160,6 +128,29 @@ def consumer_at_artifact(obj: FluxObject, source: FluxObject) -> tuple[bool, boo
         return ties_to_artifact(chart, source), attempted
     return (ties_to_artifact(str(status.get("lastAppliedRevision", "")), source),
             ties_to_artifact(str(status.get("lastAttemptedRevision", "")), source))
+
+
+def consumer_commits(obj: FluxObject, source: FluxObject) -> tuple[str | None, str | None]:
+    """(applied, attempted) commits of a consumer of an OCI source, as far as they are known.
+
+    Kustomization: `lastAppliedOriginRevision`, and `lastAttemptedOriginRevision` if a later
+    CRD adds it (kustomize-controller v1.9 has none). Otherwise, and for a HelmRelease (which
+    records no origin revision), the commit the source's current artifact names, when that is
+    the artifact the consumer applied / attempted (`consumer_at_artifact`).
+    """
+    commit = artifact_commit(source)
+    applied_here, attempted_here = consumer_at_artifact(obj, source)
+    applied = commit if applied_here else None
+    attempted = commit if attempted_here else None
+    if obj.kind == "HelmRelease":
+        return applied, attempted
+    status = obj.status
+    applied = origin_commit(status.get("lastAppliedOriginRevision")) or applied
+    attempted = origin_commit(status.get("lastAttemptedOriginRevision")) or attempted
+    tried = str(status.get("lastAttemptedRevision", ""))
+    if attempted is None and tried in ("", str(status.get("lastAppliedRevision", ""))):
+        attempted = applied  # it last attempted what it applied
+    return applied, attempted
 
 
 def event_commit(metadata: Mapping[str, str], source: FluxObject) -> str | None:

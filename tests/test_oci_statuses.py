@@ -9,6 +9,7 @@ cluster playing Flux and the fake Gitea.
 
 from __future__ import annotations
 
+import calendar
 import json
 import time
 from collections.abc import Iterator
@@ -313,7 +314,7 @@ def test_a_package_delivery_records_the_pushed_reference() -> None:
 
 
 def test_a_re_pushed_tag_waits_for_the_new_artifact() -> None:
-    received = time.mktime((2026, 11, 30, 6, 0, 0, 0, 0, 0)) - time.timezone
+    received = float(calendar.timegm((2026, 11, 30, 6, 0, 0)))
     before = oci_source(stored="2026-11-30T05:59:59Z")
     after = oci_source(stored="2026-11-30T06:00:00Z")
     assert not has_pushed_artifact(before, "latest", received + 0.5, False)
