@@ -89,6 +89,7 @@ API_VERSIONS = {"OCIRepository": "source.toolkit.fluxcd.io/v1",
 
 DEPLOY_TIMEOUT = 90.0  # package push -> Kustomization Ready at it (usually a few seconds)
 HOOK_TIMEOUT = 30.0
+STATUS_TIMEOUT = 60.0
 
 
 @dataclass(frozen=True)
@@ -105,6 +106,11 @@ class Feed:
     @property
     def repository(self) -> str:
         return f"{self.owner}/{self.image}"
+
+    @property
+    def context(self) -> str:
+        """The commit status context of its Kustomization: as for a Git-sourced one."""
+        return f"flux/{CLUSTER}/kustomization/{NS}/{self.name}"
 
     def configmap(self, release: str) -> str:
         return (f"apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {self.name}-settings\n"
@@ -186,6 +192,20 @@ class Env:
               f"in {time.monotonic() - started:.2f}s")
         return pushed
 
+    def statuses(self, feed: Feed, sha: str) -> list[dict[str, Any]]:
+        """Every status of the feed's context on `sha` in platform/fleet, oldest first."""
+        return [s for s in self.gitea.statuses(ORG, REPO, sha)
+                if s.get("context") == feed.context]
+
+    def wait_status(self, feed: Feed, sha: str, state: str) -> list[dict[str, Any]]:
+        """Until the newest status of the feed's context on `sha` is `state`; its history."""
+        def check() -> list[dict[str, Any]] | None:
+            found = self.statuses(feed, sha)
+            return found if found and found[-1].get("status") == state else None
+
+        return self.wait(f"{state} on {sha[:12]} for {feed.context}", check, STATUS_TIMEOUT,
+                         lambda: f"history: {_history(self.statuses(feed, sha))}")
+
     # -- the bridge ----------------------------------------------------------------------------------
 
     def package_deliveries(self) -> list[dict[str, Any]]:
@@ -232,8 +252,9 @@ class Env:
                                    ) -> tuple[str, Pushed, dict[str, Any]]:
         """Commit, push the artifact built from it; then, in order: the package webhook reached
         the bridge, the bridge annotated the OCIRepository, source-controller pulled the
-        artifact with its annotations, kustomize-controller applied the ConfigMap, and the
-        delivery settled Ready. Returns (commit, artifact, the settled delivery)."""
+        artifact with its annotations, kustomize-controller applied the ConfigMap, the
+        delivery settled Ready, and the commit shows pending then success in Gitea. Returns
+        (commit, artifact, the settled delivery)."""
         sha = self.commit(feed, release)
         before = self.annotations("OCIRepository", feed.name).get(RECONCILE)
         seen = len(self.package_deliveries())
@@ -279,6 +300,14 @@ class Env:
                      if t["role"] == "annotate"}
         assert annotated == {("OCIRepository", feed.name), ("Kustomization", feed.name)}, \
             delivery
+
+        # 4. The Git commit the artifact names shows pending, then success, in Gitea (which
+        # keeps every status posted, so a pending soon overwritten is still in the history).
+        history = self.wait_status(feed, sha, "success")
+        self.timings[f"{feed.name}: package push -> success status"] = time.monotonic() - started
+        print(f"  {feed.context} on {sha[:12]}: {_history(history)}")
+        states = [s["status"] for s in history]
+        assert "pending" in states[:-1], history
         return sha, pushed, delivery
 
 
@@ -292,6 +321,10 @@ def _condition(obj: dict[str, Any], type_: str) -> dict[str, Any]:
         if cond.get("type") == type_:
             return dict(cond)
     return {}
+
+
+def _history(statuses: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    return [(str(s.get("status")), str(s.get("description"))) for s in statuses]
 
 
 def _timed(timings: dict[str, float], name: str, started: float) -> None:
@@ -445,6 +478,10 @@ def test_package_push_the_ref_does_not_select_annotates_nothing(env: Env) -> Non
     assert env.metric("gfb_targets_annotated_total") == annotated_before
     assert {key: env.annotations(*key).get(RECONCILE) for key in before} == before
     assert env.artifact(PUBLIC).get("revision") == artifact_before != revision(pushed)
+    # Nothing deploys it, so its commit shows nothing in Gitea.
+    env.wait("the bridge's status queue to drain",
+             lambda: env.metric("gfb_status_queue_depth") == 0, STATUS_TIMEOUT)
+    assert env.gitea.statuses(ORG, REPO, sha) == []
 
 
 def test_private_owner_artifact_is_pulled_with_a_package_token(env: Env) -> None:
