@@ -34,6 +34,7 @@ from receiver.drain import Drain
 from receiver.flux.cluster import Cluster, ClusterError
 from receiver.flux.objects import API_VERSIONS, RECONCILE_ANNOTATION, FluxObject, ObjectKey
 from receiver.gitea.payloads import PayloadError, Push, form_payload
+from receiver.giturls import registry_host
 from receiver.hookindex import HookIndex
 from receiver.http import (
     UNAUTHORIZED,
@@ -46,14 +47,15 @@ from receiver.http import (
 from receiver.logs import delivery_id as delivery_ctx
 from receiver.metrics import Metrics
 from receiver.mismatch import Unmatched, unmatched
-from receiver.package_routing import plan_selection
+from receiver.origin import package_ref
+from receiver.package_routing import OCI_TYPES, plan_selection
 from receiver.ratelimit import RateLimiter
 from receiver.reconcile import Reconciler, request_value
 from receiver.replay import SeenOnce
 from receiver.resource_filter import FilterEvaluationError, filter_plan
 from receiver.resources import Resolved, resolve_resources
 from receiver.routing import Plan
-from receiver.selector import PayloadRefused, select_payload
+from receiver.selector import PayloadRefused, Selection, select_payload
 
 log = logging.getLogger(__name__)
 JSON_TYPES = frozenset({"application/json"})
@@ -295,7 +297,7 @@ class IngestService:
                 return self._duplicate(name, once)
             self.seen.remember(once.mark, once.until, now)
         mark = once.mark if once is not None else secrets.token_hex(8)
-        record = DeliveryRecord(name, push.sha if push else "", push.ref if push else "",
+        record = DeliveryRecord(name, push.sha if push else "", _record_ref(selection),
                                 round(now, 3), mark, record_targets(plan))
         delivery_id, _ = encode(record, token)
         delivery = Delivery.from_record(delivery_id, record, plan)
@@ -482,6 +484,18 @@ class IngestService:
                 # Time-outs are part of the state: look again when the next one passes.
                 await _change_or_drain(changed, drain, min(
                     remaining, self._next_deadline(record), 5.0))
+
+
+def _record_ref(selection: Selection) -> str:
+    """A push's ref; for a container package, the OCI reference pushed (`origin.package_ref`),
+    which lets any replica tell the artifact it produced (`delivery_state.has_push`)."""
+    if selection.push is not None:
+        return selection.push.ref
+    package = selection.package
+    registry = registry_host(package.instance) if package is not None else None
+    if package is None or registry is None or package.type not in OCI_TYPES:
+        return ""
+    return package_ref(registry, package.owner, package.name, package.version)
 
 
 async def _change_or_drain(changed: asyncio.Event, drain: Drain, timeout: float) -> None:

@@ -132,8 +132,11 @@ SCHEMAS: dict[str, Schema] = {
     "HookAccepted": _object({
         "delivery": _string("the delivery's signed record, for `GET /deliveries/{id}`"),
         "mark": _string("short id written on the annotated objects"),
-        "commit": _string("the pushed commit; empty for a call without push details"),
-        "ref": _string("the pushed full ref; empty for a call without push details"),
+        "commit": _string("the pushed commit; empty for a call without push details and for "
+                          "a package event"),
+        "ref": _string("the pushed full ref; for a container package event the pushed OCI "
+                       "reference `oci://<registry>/<owner>/<name>:<version>`; empty for a "
+                       "call without push details"),
         "receiver": _string("`namespace/name` of the Receiver"),
         "targets": {"type": "array", "items": {"allOf": [_TARGET_REF, _object({
             "state": {"enum": _TARGET_STATES},
@@ -151,7 +154,10 @@ SCHEMAS: dict[str, Schema] = {
                 ("status", "delivery")),
     ]},
     "Delivery": _object({
-        "delivery": _string(), "receiver": _string(), "ref": _string(), "commit": _string(),
+        "delivery": _string(), "receiver": _string(),
+        "ref": _string("as in the hook's reply: a full ref, or the pushed OCI reference"),
+        "commit": _string("the pushed commit; empty for a package event, whose consumers are "
+                          "followed at the commit the pushed artifact names"),
         "received": _string("when the push arrived (UTC)", format="date-time"),
         "outcome": {"enum": ["in_progress", "ready", "failed", "timed_out"]},
         "final": {"type": "boolean"},

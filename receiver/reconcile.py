@@ -24,7 +24,7 @@ from receiver.config import ReconcileConfig
 from receiver.deliveries import ROLE_ANNOTATE, Delivery, DeliveryStore
 from receiver.delivery_marks import DELIVERIES_ANNOTATION, Mark
 from receiver.delivery_record import DeliveryRecord
-from receiver.delivery_state import DeliveryView, Local, Timeouts, evaluate
+from receiver.delivery_state import DeliveryView, Local, Timeouts, evaluate, has_push
 from receiver.flux.cluster import Cluster, ClusterError, NotFound
 from receiver.flux.objects import (
     RECONCILE_ANNOTATION,
@@ -366,9 +366,10 @@ class Reconciler:
         mine = view.get(src_ref.key)
         if mine is not None:
             return mine.state == READY
-        if not delivery.sha:
-            return True
         src = self._cluster.store.get(src_ref.key)
+        if not delivery.sha:
+            # A package push: not before its artifact is there, or the old one is applied.
+            return src is None or has_push(delivery.record, src)
         return src is not None and progress_at(src, delivery.sha).state == READY
 
     def _in_grace(self, delivery: Delivery, key: ObjectKey) -> bool:

@@ -50,11 +50,12 @@ from starlette.responses import JSONResponse, Response
 from receiver import badges
 from receiver.config import ConfigError, SecretSource, Settings, read_secret_file
 from receiver.deliveries import Delivery
+from receiver.delivery_state import package_commit
 from receiver.events import EventError, FluxEvent, parse_event
 from receiver.fleet import Report, aggregate, cluster_parser, latest_reports
 from receiver.flux.cluster import Cluster
 from receiver.flux.objects import CONSUMER_KINDS, FluxObject, ObjectKey, consumer_source
-from receiver.flux.revisions import FAILED, READY, TIMED_OUT, progress_at
+from receiver.flux.revisions import FAILED, FINAL_STATES, READY, TIMED_OUT, progress_at
 from receiver.gitea.client import (
     CommitStatus,
     CreateStatusOption,
@@ -99,6 +100,8 @@ from receiver.statuses import (
 )
 
 log = logging.getLogger(__name__)
+# Sources whose consumers get statuses: Git URLs, or OCI artifacts that name one (`origin`).
+STATUS_SOURCE_KINDS = frozenset({"GitRepository", "OCIRepository"})
 
 JobKey = tuple[str, str, str, str]  # (instance, repo key, sha, context)
 
@@ -213,6 +216,8 @@ class StatusService:
         self._urls: dict[str, str | None] = {}
         self._versions: dict[str, str] = {}  # per instance, once read ("" when Gitea sent none)
         self._accepting = True  # until stop(); jobs queued before start() wait for workers
+        # Package deliveries: (delivery, consumer) -> the commit its pending was queued for.
+        self._pending_sent: OrderedDict[tuple[str, ObjectKey], str] = OrderedDict()
         self._rng = random.random
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -285,23 +290,59 @@ class StatusService:
         """A tracked consumer finished for the pushed commit: post its outcome.
 
         This is what closes the loop when no Flux Provider points at us, and what ends the
-        `pending` of a commit Flux never deployed (timed out: skipped or error).
+        `pending` of a commit Flux never deployed (timed out: skipped or error). A package
+        push names no commit: the one its artifact names is found once the source has the
+        artifact, and gets `pending` then (`_package_pending`).
         """
-        if (key.kind not in CONSUMER_KINDS or not delivery.sha or not self._accepting
-                or not self._settings.gitea):
+        if key.kind not in CONSUMER_KINDS or not self._accepting or not self._settings.gitea:
             return
-        if state not in (READY, FAILED, TIMED_OUT):
-            return
+        if delivery.sha and state not in (READY, FAILED, TIMED_OUT):
+            return  # its pending went out when the push was routed
         obj, source = self._object_and_source(key)
         if obj is None:
             return
-        if state == TIMED_OUT:
-            desired = desired_after_timeout(
-                obj, source, delivery.sha, self._templates, self._normalise)
+        if delivery.sha:
+            self._post_outcome(obj, source, delivery.sha, state)
+            return
+        sha = package_commit(delivery.record, source)
+        pended = self._pending_sent.get((delivery.id, key))
+        if pended is not None and pended != sha and (sha is not None or state in FINAL_STATES):
+            # The source moved on (the tag re-pushed, or another tag) before this commit was
+            # deployed: end its pending as a timed-out push's (skipped if Flux deployed another).
+            self._post_outcome(obj, source, pended, TIMED_OUT)
+            del self._pending_sent[(delivery.id, key)]
+        if sha is None:
+            return
+        if state in FINAL_STATES:
+            self._post_outcome(obj, source, sha, state)
         else:
+            self._package_pending(delivery, obj, source, sha)
+
+    def _post_outcome(self, obj: FluxObject, source: FluxObject | None, sha: str,
+                      state: str) -> None:
+        if state == TIMED_OUT:
+            desired = desired_after_timeout(obj, source, sha, self._templates, self._normalise)
+        elif state in (READY, FAILED):
             desired = desired_from_object(obj, source, self._templates, self._normalise)
-        if desired is not None and desired.sha == delivery.sha:
+        else:
+            return
+        if desired is not None and desired.sha == sha:
             self._enqueue([desired], state_only=True)
+
+    def _package_pending(self, delivery: Delivery, obj: FluxObject, source: FluxObject | None,
+                         sha: str) -> None:
+        """`pending` once per consumer of a package delivery, when its commit is known: the
+        package push's counterpart of `on_push_routed`."""
+        key = (delivery.id, obj.key)
+        if self._pending_sent.get(key) == sha:
+            return
+        desired = pending_for_push(obj, source, sha, self._templates, self._normalise)
+        if desired is None or self._enqueue([desired], state_only=False) is None:
+            return
+        self._pending_sent[key] = sha
+        self._pending_sent.move_to_end(key)
+        while len(self._pending_sent) > self.memory_size:
+            self._pending_sent.popitem(last=False)
 
     # -- POST /events ----------------------------------------------------------------------
 
@@ -430,7 +471,8 @@ class StatusService:
     # -- resync ------------------------------------------------------------------------------
 
     async def resync_once(self) -> int:
-        """Queue the live-state status of every Git-sourced consumer that Gitea shows otherwise.
+        """Queue the live-state status of every consumer of a GitRepository or OCIRepository
+        that Gitea shows otherwise.
 
         Desired statuses are grouped by (instance, repository, commit); each group costs one
         listing of the commit in Gitea (pages = ceil(statuses / 50), fewer when the wanted
@@ -503,7 +545,7 @@ class StatusService:
                 if index % 500 == 499:
                     await asyncio.sleep(0)  # a big cache must not stall event intake
                 _, source = self._object_and_source(obj.key)
-                if source is None or source.kind != "GitRepository":
+                if source is None or source.kind not in STATUS_SOURCE_KINDS:
                     continue
                 desired = desired_from_object(obj, source, self._templates, self._normalise)
                 if desired is None:

@@ -22,6 +22,8 @@ from typing import Any, Protocol
 from receiver.events import FluxEvent
 from receiver.flux.objects import CONSUMER_KINDS, FluxObject
 from receiver.flux.revisions import HELM_REVISION_META, applied_revision, commit_of
+from receiver.origin import artifact_commit, consumer_commits, is_oci, source_url
+from receiver.origin import event_commit as oci_event_commit
 
 PENDING, SUCCESS, FAILURE, ERROR, WARNING, SKIPPED = (
     "pending", "success", "failure", "error", "warning", "skipped")
@@ -259,11 +261,23 @@ def git_source_of(obj: FluxObject, source: FluxObject | None) -> FluxObject | No
 
 
 def repo_of(obj: FluxObject, source: FluxObject | None, normalise: Normaliser) -> RepoRef | None:
+    """The Gitea repository an object's statuses go to: its GitRepository's URL, or for a
+    consumer of an OCIRepository the Git URL its artifact names (`origin.source_url`)."""
     git = git_source_of(obj, source)
-    if git is None:
+    if git is not None:
+        url = git.spec.get("url")
+    elif obj.kind in CONSUMER_KINDS and source is not None and is_oci(source):
+        url = source_url(source)
+    else:
         return None
-    url = git.spec.get("url")
     return repo_ref(normalise(url)) if isinstance(url, str) and url else None
+
+
+def source_commit(source: FluxObject | None) -> str | None:
+    """The commit a source's current artifact holds (Git) or was built from (OCI)."""
+    if source is None:
+        return None
+    return artifact_commit(source) if is_oci(source) else commit_of(applied_revision(source))
 
 
 def instance_hosts(
@@ -347,9 +361,9 @@ def helm_commit(revision: str, obj: FluxObject, source: FluxObject | None) -> st
     """
     match = HELM_REVISION_META.search(revision or "")
     if match is not None:
-        source_commit = commit_of(applied_revision(source)) if source is not None else None
-        if source_commit and source_commit.startswith(match.group(1)):
-            return source_commit
+        found = commit_of(applied_revision(source)) if source is not None else None
+        if found and found.startswith(match.group(1)):
+            return found
         return None
     return commit_of(obj.annotations.get("event.toolkit.fluxcd.io/commit", ""))
 
@@ -371,6 +385,8 @@ class EventMapping:
 
 
 def event_commit(event: FluxEvent, obj: FluxObject, source: FluxObject | None) -> str | None:
+    if source is not None and is_oci(source) and obj.kind in CONSUMER_KINDS:
+        return oci_event_commit(event.metadata, source)
     found = event.commit
     if found or event.involved.kind != "HelmRelease":
         return found
@@ -405,6 +421,17 @@ def _condition(obj: FluxObject, type_: str) -> tuple[str, str, str]:
             str(cond.get("message", "")))
 
 
+def _applied_and_attempted(
+    obj: FluxObject, source: FluxObject | None
+) -> tuple[str | None, str | None]:
+    if source is not None and is_oci(source):
+        return consumer_commits(obj, source)
+    applied = _commit_for(obj, source, applied_revision(obj))
+    attempted_rev = str(obj.status.get("lastAttemptedRevision", ""))
+    attempted = _commit_for(obj, source, attempted_rev) if attempted_rev else applied
+    return applied, attempted
+
+
 def desired_from_object(
     obj: FluxObject, source_obj: FluxObject | None, templates: StatusTemplates,
     normalise: Normaliser,
@@ -422,9 +449,7 @@ def desired_from_object(
     repo = repo_of(obj, source_obj, normalise)
     if repo is None:
         return None
-    applied = _commit_for(obj, source_obj, applied_revision(obj))
-    attempted_rev = str(obj.status.get("lastAttemptedRevision", ""))
-    attempted = _commit_for(obj, source_obj, attempted_rev) if attempted_rev else applied
+    applied, attempted = _applied_and_attempted(obj, source_obj)
     ready, reason, message = _condition(obj, "Ready")
     stalled, stalled_reason, stalled_message = _condition(obj, "Stalled")
 
@@ -475,10 +500,10 @@ def desired_after_timeout(
     repo = repo_of(obj, source_obj, normalise)
     if repo is None or obj.suspended:
         return None
-    source_commit = commit_of(applied_revision(source_obj)) if source_obj is not None else None
+    current = source_commit(source_obj)
     source_ready = source_obj is not None and _condition(source_obj, "Ready")[0] == "True"
-    if source_ready and source_commit and source_commit != sha:
-        state, text = SKIPPED, f"Superseded: Flux deployed {source_commit[:12]} instead"
+    if source_ready and current and current != sha:
+        state, text = SKIPPED, f"Superseded: Flux deployed {current[:12]} instead"
     else:
         _, reason, message = _condition(obj, "Ready")
         detail = " ".join(f"{reason_words(reason).lower()}: {message}".split()) if reason else ""

@@ -201,14 +201,31 @@ class MemoryCluster:
             conditions=self._ready(True, "Succeeded", f"stored artifact for revision '{revision}'"),
         )
 
-    def mark_applied(self, key: ObjectKey, revision: str) -> FluxObject:
+    def mark_artifact(self, key: ObjectKey, revision: str,
+                      metadata: Mapping[str, str] | None = None) -> FluxObject:
+        """What source-controller writes for a new OCI artifact: its revision, the manifest's
+        annotations as `metadata`, and when it was stored (`lastUpdateTime`)."""
+        artifact: dict[str, Any] = {
+            "revision": revision,
+            "lastUpdateTime": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        if metadata:
+            artifact["metadata"] = dict(metadata)
+        return self._update_status(
+            key, artifact=artifact,
+            conditions=self._ready(True, "Succeeded", f"stored artifact for digest '{revision}'"))
+
+    def mark_applied(self, key: ObjectKey, revision: str, origin_revision: str = "") -> FluxObject:
+        """Ready at `revision`; `origin_revision`: kustomize-controller's
+        `lastAppliedOriginRevision` (the artifact's `org.opencontainers.image.revision`)."""
         if key.kind == "HelmRelease":
             return self._mark_released(key, revision)
+        origin = {"lastAppliedOriginRevision": origin_revision} if origin_revision else {}
         return self._update_status(
             key,
             lastAppliedRevision=revision,
             lastAttemptedRevision=revision,
             conditions=self._ready(True, "ReconciliationSucceeded", f"Applied revision: {revision}"),
+            **origin,
         )
 
     def _mark_released(self, key: ObjectKey, chart_version: str) -> FluxObject:

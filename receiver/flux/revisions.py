@@ -111,23 +111,35 @@ def followable(obj: FluxObject) -> bool:
 
     A HelmRelease from Git names the commit only with reconcileStrategy Revision (the chart
     version carries it) or the `event.toolkit.fluxcd.io/commit` annotation; otherwise its
-    status says a chart version, never which commit produced it.
+    status says a chart version, never which commit produced it. One with `chartRef` to an
+    OCIRepository names the artifact, and the artifact names the commit.
     """
     if obj.kind != "HelmRelease":
         return True
     if obj.annotations.get("event.toolkit.fluxcd.io/commit"):
         return True
+    chart_ref = obj.spec.get("chartRef")
+    if isinstance(chart_ref, dict) and chart_ref.get("kind") == "OCIRepository":
+        return True  # its chart version carries the artifact's digest (see `origin`)
     chart_spec = (obj.spec.get("chart") or {}).get("spec") or {}
     return isinstance(chart_spec, dict) and chart_spec.get("reconcileStrategy") == "Revision"
 
 
-def progress_at(obj: FluxObject, sha: str) -> Progress:
-    """Where an object stands for commit `sha` (flux-status.md §5.4, per kind)."""
+def progress_at(obj: FluxObject, sha: str, here: tuple[bool, bool] | None = None) -> Progress:
+    """Where an object stands for commit `sha` (flux-status.md §5.4, per kind).
+
+    `here`: whether it applied / attempted what is followed, when its revisions do not say
+    (a consumer of an OCI source: see `delivery_state`).
+    """
     status, reason, message = _ready(obj)
-    if status == "True" and _current_generation(obj) and _matches(obj, applied_revision(obj), sha):
+    if here is not None:
+        applied_here, attempted_here = here
+    else:
+        applied_here = _matches(obj, applied_revision(obj), sha)
+        attempted_here = _matches(obj, attempted_revision(obj), sha)
+    if status == "True" and _current_generation(obj) and applied_here:
         return Progress(READY, reason, message)
     stalled = obj.condition("Stalled") or {}
-    attempted_here = _matches(obj, attempted_revision(obj), sha)
     if stalled.get("status") == "True" and attempted_here:
         return Progress(FAILED, str(stalled.get("reason", reason)), str(stalled.get("message", "")))
     if status == "False" and attempted_here and reason in _FAILURE_REASONS:
