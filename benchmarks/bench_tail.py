@@ -35,6 +35,7 @@ STAGES = {
     "JSON decode": "json/decoder.py",
     "payload parse": "receiver/gitea/payloads.py",
     "routing.plan_push": "plan_push (receiver/routing.py",
+    "payload selector": "select_payload (receiver/selector.py",
     "delivery id encode (itsdangerous)": "encode (receiver/delivery_record.py",
     "reconciler.start_delivery": "start_delivery (receiver/reconcile.py",
     "reconciler._evaluate": "_evaluate (receiver/reconcile.py",
@@ -77,6 +78,7 @@ def main() -> None:
     p.add_argument("--max-count", type=int, default=10_000)
     p.add_argument("--workload", choices=("fresh", "repeat"), default="fresh")
     p.add_argument("--no-profile", action="store_true", help="probes only, no py-spy")
+    p.add_argument("--raw", type=Path, help="also keep py-spy's raw collapsed stacks here")
     a = p.parse_args()
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     if not a.no_profile and not Path(spy).exists():
@@ -123,6 +125,8 @@ def main() -> None:
     print("\nprobe:\n" + json.dumps(report, indent=1))
     if not a.no_profile and (work / "profile.txt").exists():
         print("\nprofile:\n" + json.dumps(summarise_profile(work / "profile.txt"), indent=1))
+        if a.raw is not None:
+            shutil.copyfile(work / "profile.txt", a.raw)
     shutil.rmtree(work, ignore_errors=True)
 
 

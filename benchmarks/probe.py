@@ -124,7 +124,7 @@ def install() -> Probe:
     from receiver.hookindex import HookIndex
 
     probe.wrap(ingest_module, "resolve_resources", "Receiver resolution (cache miss)")
-    probe.wrap(ingest_module, "plan_push", "routing.plan_push")
+    probe.wrap(ingest_module, "plan_selection", "routing.plan_selection")
     probe.wrap(ingest_module, "encode", "delivery id encode")
     probe.wrap(HookIndex, "lookup_or_refresh", "hook lookup")
     startup = DrainingServer.startup

@@ -50,10 +50,12 @@ def describe(delivery_id: str, record: DeliveryRecord, view: DeliveryView,
     return out
 
 
-@dataclass
+@dataclass(slots=True)
 class Delivery:
     id: str
     record: DeliveryRecord
+    # The routing plan, for the 202 reply and a repeated push's (which joins only while in
+    # flight): dropped once the delivery is finished, as nothing reads it after that.
     plan: Plan
     view: DeliveryView
     # Outcomes only this replica knows (a refused patch); see delivery_state.
@@ -135,6 +137,7 @@ class DeliveryStore:
 
     def finished(self, delivery: Delivery) -> None:
         self._active.discard(delivery.id)
+        delivery.plan = Plan(delivery.plan.receiver, (), ())
         if self._in_flight.get(_push_key(delivery)) == delivery.id:
             del self._in_flight[_push_key(delivery)]
 

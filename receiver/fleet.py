@@ -8,12 +8,18 @@ context, with its time when Gitea gives one) this module decides the aggregate:
 - else `error` when an expected cluster is stale: it shows a non-final status that has not
   changed for `stale_after` seconds, or nothing at all that long after the first report of
   any expected cluster on the commit;
-- else `success` when every expected cluster shows `success` on every one of its contexts;
+- else `success` when every expected cluster is done: it shows at least one deploying context
+  (a Kustomization's or a HelmRelease's) and `success` on every one of them;
 - else `pending`, naming the clusters not done yet.
 
+A source's `success` (a GitRepository that fetched the commit) says the commit reached the
+cluster, not that it is deployed there, so it never makes a cluster done; a source's `failure`
+still fails it, and any report counts as a sign of life against staleness.
+
 A context belongs to a cluster when it parses with the context template and its `{cluster}`
-field is one of the expected names; other contexts (other clusters, other tools, the aggregate
-itself) are ignored.
+field is one of the expected names; its `{kind}` field tells a deploying object from a source,
+so the template needs both. Other contexts (other clusters, other tools, the aggregate itself)
+are ignored.
 """
 
 from __future__ import annotations
@@ -24,14 +30,18 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from receiver.flux.objects import CONSUMER_KINDS
 from receiver.statuses import ERROR, FAILURE, PENDING, SUCCESS, ShownStatus, truncate
 
 DEFAULT_FLEET_CONTEXT = "flux/fleet"
 FAILED_STATES = frozenset({FAILURE, ERROR})
+# The `{kind}` values (lower-cased, as contexts render them) whose success means deployed.
+DEPLOYING_KINDS = frozenset(kind.lower() for kind in CONSUMER_KINDS)
 
 
 class FleetTemplateError(ValueError):
-    """The context template cannot tell which cluster a status belongs to."""
+    """The context template cannot tell which cluster a status belongs to, or whether it is a
+    deploy's."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,7 +81,8 @@ def latest_reports(items: Iterable[TimedStatus]) -> dict[str, Report]:
 
 def cluster_parser(template: str, clusters: Sequence[str]) -> re.Pattern[str]:
     """A pattern that matches the contexts `template` renders for the expected `clusters`;
-    group `cluster` names the cluster. FleetTemplateError if the template has no `{cluster}`.
+    group `cluster` names the cluster and group `kind` the object's kind. FleetTemplateError if
+    the template has no `{cluster}` or no `{kind}`.
 
     The cluster field matches only the expected names (longest first), so a name containing
     the template's separators is still read whole; every other field matches any non-empty
@@ -94,12 +105,26 @@ def cluster_parser(template: str, clusters: Sequence[str]) -> re.Pattern[str]:
             f"context template {template!r} has no {{cluster}} placeholder, so the fleet status "
             "cannot tell which cluster a status belongs to: add {cluster} to "
             "statuses.context_template, or turn statuses.fleet off")
+    if "kind" not in used:
+        raise FleetTemplateError(
+            f"context template {template!r} has no {{kind}} placeholder, so the fleet status "
+            "cannot tell a deploy (Kustomization, HelmRelease) from a fetched source: add "
+            "{kind} to statuses.context_template, or turn statuses.fleet off")
     return re.compile("".join(parts), re.DOTALL)
 
 
-def cluster_of(context: str, parser: re.Pattern[str]) -> str | None:
+def classify(context: str, parser: re.Pattern[str]) -> tuple[str, bool] | None:
+    """(its cluster, whether it is a deploying object's context) for an expected cluster's
+    context; None for any other context."""
     match = parser.fullmatch(context)
-    return match["cluster"] if match else None
+    if match is None:
+        return None
+    return match["cluster"], match["kind"].lower() in DEPLOYING_KINDS
+
+
+def cluster_of(context: str, parser: re.Pattern[str]) -> str | None:
+    found = classify(context, parser)
+    return found[0] if found else None
 
 
 def _names(clusters: Iterable[str]) -> str:
@@ -113,20 +138,25 @@ def aggregate(
     """The fleet status of a commit from what Gitea shows on it; None when no expected cluster
     has reported anything on it (nothing to say yet)."""
     per_cluster: dict[str, list[Report]] = {}
+    deployed: dict[str, list[Report]] = {}  # the deploying contexts' reports only
     for context, report in shown.items():
         if context == fleet_context:
             continue
-        cluster = cluster_of(context, parser)
-        if cluster is not None:
-            per_cluster.setdefault(cluster, []).append(report)
+        found = classify(context, parser)
+        if found is None:
+            continue
+        cluster, deploying = found
+        per_cluster.setdefault(cluster, []).append(report)
+        if deploying:
+            deployed.setdefault(cluster, []).append(report)
     expected = sorted(set(clusters))
     if not any(c in per_cluster for c in expected):
         return None
     failed = [c for c in expected if any(r.state in FAILED_STATES for r in per_cluster.get(c, ()))]
     if failed:
         return Aggregate(FAILURE, truncate(f"Failed in {_names(failed)}"))
-    done = [c for c in expected if c in per_cluster
-            and all(r.state == SUCCESS for r in per_cluster[c])]
+    done = [c for c in expected if c in deployed
+            and all(r.state == SUCCESS for r in deployed[c])]
     waiting = [c for c in expected if c not in done]
     if not waiting:
         return Aggregate(SUCCESS, truncate(f"Deployed in all {len(expected)} clusters"))

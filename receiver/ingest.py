@@ -314,7 +314,7 @@ class IngestService:
         log.info("push accepted", extra={
             "receiver": name, "ref": delivery.ref, "commit": delivery.sha, "mark": mark,
             "id": delivery_id, "targets": len(plan.targets), "tracked": len(plan.tracked)})
-        return self._count(name, "accepted", _accepted(delivery, annotated, mismatch))
+        return self._count(name, "accepted", _accepted(delivery, plan, annotated, mismatch))
 
     async def _annotate_only(self, plan: Plan) -> list[dict[str, str]]:
         """Patch the listed objects of kinds the bridge does not route, as Flux does: only
@@ -352,7 +352,7 @@ class IngestService:
             self.seen.remember(once.mark, once.until, self.wall_clock())
         log.info("push joined its delivery in flight", extra={
             "receiver": name, "ref": push.ref, "commit": push.sha})
-        return self._count(name, "joined", _accepted(delivery))
+        return self._count(name, "joined", _accepted(delivery, delivery.plan))
 
     def _resolved(self, receiver: FluxObject) -> Resolved:
         """The Receiver's resources, resolved again only when the cache's shape changed."""
@@ -508,17 +508,18 @@ async def _change_or_drain(changed: asyncio.Event, drain: Drain, timeout: float)
             waiter.cancel()
 
 
-def _accepted(delivery: Delivery, annotate_only: list[dict[str, str]] | None = None,
+def _accepted(delivery: Delivery, plan: Plan, annotate_only: list[dict[str, str]] | None = None,
               mismatch: Unmatched | None = None) -> JSONResponse:
     """The 202 reply: the plan with each annotated target's state now, the kinds annotated by
-    name only, and why a push that matched no source did not (`unmatched`)."""
-    reply = delivery.plan.as_dict()
+    name only, and why a push that matched no source did not (`unmatched`). `plan` is passed
+    in: a delivery that settled at once (a refused patch) has already dropped its own."""
+    reply = plan.compact().as_dict()
     if annotate_only:
         reply["annotate_only"] = annotate_only
     if mismatch is not None:
         reply["unmatched"] = mismatch.as_dict()
     reply["targets"] = []
-    for target in delivery.plan.targets:
+    for target in plan.targets:
         view = delivery.view.get(target.key)
         entry = {**target.as_dict(), "state": view.state if view else "queued"}
         if view is not None and view.state == "failed":

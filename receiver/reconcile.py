@@ -14,7 +14,7 @@ import logging
 import random
 import time
 from collections import defaultdict
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -250,7 +250,9 @@ class Reconciler:
         outcome = await future
         if not outcome.ok:
             delivery.local[key] = (FAILED, "AnnotateFailed", outcome.error)
-        await self._evaluate(delivery)
+        # Queued, not evaluated here: the patch's own watch event queues the same delivery,
+        # and one evaluation answers both.
+        self._queue_evaluation((delivery.id,))
 
     def _finish(self, delivery: Delivery) -> None:
         self._metrics.deliveries.labels(delivery.view.outcome()).inc()
@@ -291,11 +293,13 @@ class Reconciler:
                      - {m.mark for m in delivery_marks.parse(before[1])})
             moved = [i for i in ids if (d := self._deliveries.get(i)) is not None
                      and d.record.mark in added]
-            if not moved:
-                return
-            self._dirty.update(dict.fromkeys(moved))
+            self._queue_evaluation(moved)
         else:
-            self._dirty.update(dict.fromkeys(ids))
+            self._queue_evaluation(ids)
+
+    def _queue_evaluation(self, ids: Iterable[str]) -> None:
+        """Evaluate these deliveries soon, each once however many changes asked for it."""
+        self._dirty.update(dict.fromkeys(ids))
         if self._evaluator is None or self._evaluator.done():
             self._evaluator = asyncio.ensure_future(self._evaluate_dirty())
             self._tasks.add(self._evaluator)
@@ -320,6 +324,7 @@ class Reconciler:
                 started = time.perf_counter()
 
     async def _evaluate(self, delivery: Delivery) -> None:
+        self._dirty.pop(delivery.id, None)  # this evaluation answers a queued one too
         if delivery.id not in self._watched_by:
             return  # finished or evicted
         view = self.view(delivery.record, delivery.local)
@@ -377,7 +382,7 @@ class Reconciler:
         if due is None:
             self._grace[(delivery.id, key)] = now + grace
             asyncio.get_running_loop().call_later(
-                grace, lambda: self._spawn(self._evaluate(delivery)))
+                grace, lambda: self._queue_evaluation((delivery.id,)))
             return True
         return now < due
 

@@ -171,3 +171,11 @@ def test_fleet_needs_cluster_in_the_context(statuses: dict[str, Any]) -> None:
     with pytest.raises(ConfigError, match=r"fleet.*\{cluster\}"):
         make_settings(cluster_name="eu-west", statuses={
             **statuses, "fleet": {"enabled": True, "clusters": REGIONS}})
+
+
+def test_fleet_needs_kind_in_the_context() -> None:
+    # Without {kind}, a fetched source's `success` could not be told from a deploy's.
+    with pytest.raises(ConfigError, match=r"fleet.*\{kind\}"):
+        make_settings(cluster_name="eu-west", statuses={
+            "context_template": "flux/{cluster}/{namespace}/{name}",
+            "fleet": {"enabled": True, "clusters": REGIONS}})

@@ -93,13 +93,15 @@ class FluxObject:
     """One cached object. `raw` is never mutated after it enters the cache, so the identity
     fields are read once here (routing reads them thousands of times per second)."""
 
-    __slots__ = ("_paths", "_source", "api_version", "key", "kind", "name", "namespace", "raw")
+    __slots__ = ("_annotations", "_paths", "_source", "api_version", "key", "kind", "name",
+                 "namespace", "raw")
 
     def __init__(self, raw: Mapping[str, Any]) -> None:
         self.raw = raw
         # Derived once on first use by consumer_source / consumer_paths.
         self._source: SourceRef | object | None = _UNSET
         self._paths: tuple[str, ...] | None = None
+        self._annotations: dict[str, str] | None = None
         self.kind = _str(raw.get("kind"))
         metadata = _dict(raw.get("metadata"))
         self.name = _str(metadata.get("name"))
@@ -126,8 +128,12 @@ class FluxObject:
 
     @property
     def annotations(self) -> dict[str, str]:
-        raw = _dict(self.metadata.get("annotations"))
-        return {k: v for k, v in raw.items() if isinstance(v, str)}
+        """The string annotations, filtered once (`raw` never changes); callers only read it.
+        Every delivery evaluation reads them for each target, several times."""
+        if self._annotations is None:
+            raw = _dict(self.metadata.get("annotations"))
+            self._annotations = {k: v for k, v in raw.items() if isinstance(v, str)}
+        return self._annotations
 
     @property
     def generation(self) -> int:

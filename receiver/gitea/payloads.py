@@ -75,6 +75,8 @@ def checked(value: str, field: str, limit: int) -> str:
     carry) of at most `limit` UTF-8 bytes; else a PayloadError naming `field`."""
     if len(value) > limit:  # characters >= bytes / 4: cheap rejection of the huge ones
         raise PayloadError(f"{field} is longer than {limit} bytes")
+    if value.isascii():  # nearly every path and URL: one byte per character, no surrogate
+        return value
     try:
         size = len(value.encode())
     except UnicodeEncodeError:
