@@ -19,8 +19,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from itsdangerous import BadData, URLSafeSerializer
-from itsdangerous.encoding import base64_encode
+from itsdangerous import BadData, Signer, URLSafeSerializer
+from itsdangerous.encoding import base64_encode, want_bytes
 
 from receiver.flux.objects import ObjectKey
 
@@ -58,9 +58,33 @@ def mark_for(receiver: str, replay_key: str) -> str:
     return digest[:16]
 
 
+class _KeyedSigner(Signer):
+    """itsdangerous' signer with its derived key computed once: the stock one derives it again
+    (one more HMAC) for every id it signs or checks. Same key, same ids."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._derived: dict[bytes, bytes] = {}
+
+    def derive_key(self, secret_key: str | bytes | None = None) -> bytes:
+        raw = self.secret_keys[-1] if secret_key is None else want_bytes(secret_key)
+        key = self._derived.get(raw)
+        if key is None:
+            key = self._derived[raw] = super().derive_key(raw)
+        return key
+
+
 class _IdSerializer(URLSafeSerializer):
     """Compresses only payloads long enough to gain from it: a typical push's few targets do
-    not, and trying zlib on every id was a measurable share of the hook path."""
+    not, and trying zlib on every id was a measurable share of the hook path. One signer per
+    serializer (the stock one builds a signer, and derives its key, per id)."""
+
+    @functools.cached_property
+    def _signer(self) -> Signer:
+        return _KeyedSigner(self.secret_keys, salt=self.salt, **self.signer_kwargs)
+
+    def make_signer(self, salt: str | bytes | None = None) -> Signer:
+        return self._signer if salt is None or salt == self.salt else super().make_signer(salt)
 
     def dump_payload(self, obj: Any) -> bytes:
         raw = json.dumps(obj, separators=(",", ":")).encode()
