@@ -9,12 +9,13 @@ re-evaluates each delivery it accepted, and tells listeners (statuses, metrics) 
 from __future__ import annotations
 
 import asyncio
+import functools
 import heapq
 import logging
 import random
 import time
 from collections import defaultdict
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -230,24 +231,27 @@ class Reconciler:
             if target.role == ROLE_ANNOTATE and target.key.kind in SOURCE_KINDS:
                 self._requested.add((delivery.id, target.key))
                 future, now = self.patches.request(target.key, mark)
-                self._spawn(self._after_patch(delivery, target.key, future))
+                self._follow_patch(delivery, target.key, future)
                 if now:
                     immediate.append(future)
         self._schedule_deadlines(delivery)
         if immediate:
             await asyncio.wait(immediate, timeout=wait_seconds)
-            await asyncio.sleep(0)  # let _after_patch record the outcome
+            await asyncio.sleep(0)  # let _patched record the outcome
         await self._evaluate(delivery)
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+    def _follow_patch(self, delivery: Delivery, key: ObjectKey,
+                      future: asyncio.Future[PatchOutcome]) -> None:
+        """Learn the outcome of a patch this delivery asked for. A callback, not a task per
+        delivery: hundreds of deliveries wait on one coalesced patch of a busy source."""
+        future.add_done_callback(functools.partial(self._patched, delivery, key))
 
-    async def _after_patch(
-        self, delivery: Delivery, key: ObjectKey, future: asyncio.Future[PatchOutcome]
-    ) -> None:
-        outcome = await future
+    def _patched(self, delivery: Delivery, key: ObjectKey,
+                 future: asyncio.Future[PatchOutcome]) -> None:
+        if future.cancelled():
+            return
+        error = future.exception()
+        outcome = future.result() if error is None else PatchOutcome(False, error=str(error))
         if not outcome.ok:
             delivery.local[key] = (FAILED, "AnnotateFailed", outcome.error)
         # Queued, not evaluated here: the patch's own watch event queues the same delivery,
@@ -357,7 +361,7 @@ class Reconciler:
             return
         self._requested.add((delivery.id, key))
         future, _ = self.patches.request(key, Mark(delivery.record.mark, delivery.record.received))
-        self._spawn(self._after_patch(delivery, key, future))
+        self._follow_patch(delivery, key, future)
 
     def _source_ready(self, delivery: Delivery, view: DeliveryView, consumer: FluxObject) -> bool:
         src_ref = consumer_source(consumer)
