@@ -257,6 +257,19 @@ async def test_kubernetes_failure_is_reported_in_reply_and_metrics(bridge: Bridg
     assert 'gfb_annotate_errors_total{kind="GitRepository",status="403"} 1.0' in metrics
 
 
+async def test_a_patch_that_raises_fails_its_target_instead_of_hanging(
+    bridge: Bridge, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def broken(*_args: Any, **_kwargs: Any) -> None:
+        raise RuntimeError("client library bug")
+
+    monkeypatch.setattr(bridge.cluster, "annotate", broken)
+    r = await post_gitea(bridge, app_push("clusters/eu-west/apps/a"))
+    assert r.status_code == 202
+    source = r.json()["targets"][0]
+    assert source["state"] == "failed" and "client library bug" in source["error"]
+
+
 async def test_conflicts_are_retried(bridge: Bridge) -> None:
     bridge.cluster.fail_next_patches = [409, 500]
     r = await post_gitea(bridge, app_push("clusters/eu-west/apps/a"))
