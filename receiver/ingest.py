@@ -513,7 +513,7 @@ def _accepted(delivery: Delivery, plan: Plan, annotate_only: list[dict[str, str]
     """The 202 reply: the plan with each annotated target's state now, the kinds annotated by
     name only, and why a push that matched no source did not (`unmatched`). `plan` is passed
     in: a delivery that settled at once (a refused patch) has already dropped its own."""
-    reply = plan.compact().as_dict()
+    reply = plan.as_dict()  # without a store: unrelated objects are only counted
     if annotate_only:
         reply["annotate_only"] = annotate_only
     if mismatch is not None:

@@ -106,15 +106,20 @@ def _is_zero(sha: str) -> bool:
     return bool(sha) and set(sha) == {"0"}
 
 
-def _paths_of(commit: dict[str, Any], index: int) -> set[str]:
-    found: set[str] = set()
+def _paths_of(commit: dict[str, Any], index: int, found: set[str]) -> None:
+    """Add the commit's changed files to `found`, each checked like any other field."""
     for key in ("added", "removed", "modified"):
         items = commit.get(key)
-        if isinstance(items, list):
-            found.update(
-                checked(p.strip().lstrip("/"), f"commits[{index}].{key}[{i}]", MAX_PATH_BYTES)
-                for i, p in enumerate(items) if isinstance(p, str) and p.strip())
-    return found
+        if not isinstance(items, list):
+            continue
+        for i, item in enumerate(items):
+            if not isinstance(item, str) or not item.strip():
+                continue
+            path = item.strip().lstrip("/")
+            if not (path.isascii() and len(path) <= MAX_PATH_BYTES):
+                # The usual path is short ASCII; the rest is measured (and named if refused).
+                path = checked(path, f"commits[{index}].{key}[{i}]", MAX_PATH_BYTES)
+            found.add(path)
 
 
 MAX_FORM_FIELDS = 50
@@ -159,7 +164,7 @@ def parse_gitea_push(doc: Any) -> Push:
     commits = [c for c in commits if isinstance(c, dict)] if isinstance(commits, list) else []
     paths: set[str] = set()
     for index, commit in enumerate(commits):
-        paths |= _paths_of(commit, index)
+        _paths_of(commit, index, paths)
     total = doc.get("total_commits")
     # Gitea keeps only the newest FEED_MAX_COMMIT_NUM commits; older payloads lack the count.
     complete = (
