@@ -31,9 +31,10 @@ from receiver.semver import ConstraintError, tag_taken
 DEFAULT_EXCLUSIONS = ("^.*\\.sig$",)
 
 # Syntax both engines compile but read differently, or that only one of them accepts:
-# POSIX classes inside brackets (`[[:alpha:]]` is a plain set in Python), lookarounds,
-# backreferences, atomic groups and comments (RE2 rejects them; Python does not).
-_DIVERGENT = re.compile(r"\[\[:|\(\?[=!#>]|\(\?<[=!]|\(\?P=|\\[1-9]")
+# POSIX classes inside brackets (`[[:alpha:]]` is a plain set in Python), `{,n}` (a repeat in
+# Python, literal text in Go), lookarounds, backreferences, atomic groups, comments and `\Z`
+# (RE2 rejects them; Python does not). A false alarm only means "assumed to take".
+_DIVERGENT = re.compile(r"\[\[:|\{,|\(\?[=!#>]|\(\?<[=!]|\(\?P=|\\[1-9Z]")
 
 
 @dataclass(frozen=True, slots=True)

@@ -253,7 +253,6 @@ def _route_images(store: ObjectStore, key: str | None, image: str,
     targets: dict[ObjectKey, Target] = {}
     skipped: dict[ObjectKey, Target] = {}
     for repo in store.image_repositories_for_url(key) if key else []:
-        policies = store.image_policies_for(repo.key)
         if version.startswith("sha256:"):
             skipped[repo.key] = _target(repo, "pushed by digest, which moves no tag")
             continue
@@ -265,6 +264,7 @@ def _route_images(store: ObjectStore, key: str | None, image: str,
                                               f"drops {version} from the scan")
             continue
         where = f"ImageRepository/{repo.namespace}/{repo.name}"
+        policies = store.image_policies_for(repo.key)
         takers: list[str] = []
         for policy in policies:
             taken, why = policy_takes(policy.spec, version, latest_tag(policy.raw))
@@ -277,9 +277,8 @@ def _route_images(store: ObjectStore, key: str | None, image: str,
                 targets[policy.key] = _target(policy, f"its {where} scans {version}, and it "
                                                       f"takes it: {why}")
         if takers:
-            more = f" and {len(takers) - 1} more" if len(takers) > 1 else ""
-            targets[repo.key] = _target(repo, f"image {image}: {takers[0]}{more} takes "
-                                              f"{version}")
+            more = f" and {len(takers) - 1} more take" if len(takers) > 1 else " takes"
+            targets[repo.key] = _target(repo, f"image {image}: {takers[0]}{more} {version}")
         elif policies:
             skipped[repo.key] = _target(repo, f"image {image}, but no ImagePolicy that "
                                               f"references it takes {version}")

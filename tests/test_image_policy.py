@@ -66,6 +66,8 @@ def test_policy_takes(spec: dict[str, Any], tag: str, current: str, taken: bool)
     r"(a)\1",  # backreference
     r"\pL+",  # Unicode class: Go only
     r"^\Qa.b\E$",  # quoted text: Go only
+    r"^v{,2}1",  # a repeat in Python, literal text in Go
+    r"v1\Z",  # RE2 has no \Z
 ])
 def test_patterns_not_read_as_go_are_assumed_to_take(pattern: str) -> None:
     assert go_pattern(pattern).compiled is None

@@ -433,8 +433,14 @@ def test_any_policy_that_takes_it_routes_the_repository_and_each_is_explained() 
     assert plan["targets"] == []
     plan = _image_plan("7", _image_repo(), _image_policy(SEMVER_1, "v2.0.0"), other_ns)
     assert _names(plan["targets"]) == ["ImageRepository/app"]
-    assert plan["targets"][0]["reason"].startswith(f"image {IMAGE}: ImagePolicy/ops/ops")
+    assert plan["targets"][0]["reason"] == (
+        f"image {IMAGE}: ImagePolicy/ops/ops (numerical asc (at or past the current 5)) takes 7")
     assert _reasons(plan)["ImagePolicy/flux-system/app"].startswith("does not take 7:")
+    both = _image_plan("v2.1.0", _image_repo(), _image_policy(SEMVER_1, "v2.0.0"),
+                       _image_policy({"alphabetical": {}}, "v1", name="ops", namespace="ops",
+                                     repo={"name": "app", "namespace": "flux-system"}))
+    assert _names(both["targets"]) == ["ImageRepository/app", "ImagePolicy/app"]
+    assert both["targets"][0]["reason"].endswith(") and 1 more take v2.1.0")
 
 
 def test_the_store_indexes_images_and_policies_and_forgets_them() -> None:
