@@ -3,6 +3,7 @@ kind, the plan, and the same answer from the service and `plan`."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from receiver.gitea.payloads import PackagePush, PayloadError, parse_gitea_packa
 from receiver.giturls import normalise_oci_url, registry_host
 from receiver.package_routing import chart_version_match, oci_ref_match, plan_package
 from receiver.selector import GITEA_PACKAGE, select_payload
-from tests.conftest import FIXTURES, BridgeFactory, make_settings
+from tests.conftest import FIXTURES, BridgeFactory, make_settings, until
 
 PACKAGES = FIXTURES / "packages"
 PAYLOAD = FIXTURES / "payloads" / "gitea-package-container.json"
@@ -456,3 +457,57 @@ def test_the_store_indexes_images_and_policies_and_forgets_them() -> None:
     assert store.image_policies_for(repo.key) == []
     store.delete(repo.key)
     assert store.image_repositories_for_url("gitea.example.com/platform/moved") == []
+
+
+@pytest.mark.anyio
+async def test_an_image_delivery_is_followed_until_the_reflector_handled_it(
+    bridge_factory: BridgeFactory, tmp_path: Path,
+) -> None:
+    receiver = {"apiVersion": "notification.toolkit.fluxcd.io/v1", "kind": "Receiver",
+                "metadata": {"name": "images", "namespace": "flux-system"},
+                "spec": {"type": "github", "events": ["package"],
+                         "secretRef": {"name": "registry-token"}, "resources": [
+                             {"kind": "ImageRepository", "name": "app"},
+                             {"apiVersion": IMAGE_API, "kind": "ImagePolicy", "name": "app"}]}}
+    secret = {"apiVersion": "v1", "kind": "Secret",
+              "metadata": {"name": "registry-token", "namespace": "flux-system"},
+              "stringData": {"token": TOKEN}}
+    docs = [receiver, secret, _image_repo(), _image_policy(SEMVER_1, "v1.3.0")]
+    (tmp_path / "images.yaml").write_text("\n---\n".join(json.dumps(d) for d in docs))
+    bridge = await bridge_factory(make_settings(host_aliases=ALIASES), tmp_path)
+    body = json.dumps(_doc(name="app", version="v1.4.0")).encode()
+    reply = await bridge.client.post(
+        "/hook/" + sig.hook_digest(TOKEN, "images", "flux-system"), content=body,
+        headers={"Content-Type": "application/json", "X-Gitea-Event": "package",
+                 "X-GitHub-Event": "package",
+                 "X-Hub-Signature-256": "sha256=" + sig.hmac_hex("sha256", TOKEN, body)})
+    assert reply.status_code == 202, reply.text
+    doc = reply.json()
+    assert _names(doc["targets"]) == ["ImageRepository/app", "ImagePolicy/app"]
+    assert doc["tracked"] == [] and "annotate_only" not in doc
+
+    def annotated(kind: str) -> Any:
+        obj = bridge.cluster.store.get(ObjectKey(kind, "flux-system", "app"))
+        return obj if obj is not None and RECONCILE_ANNOTATION in obj.annotations else None
+
+    # image-reflector-controller handles the request: scanned, and the policy re-evaluated.
+    for kind in ("ImageRepository", "ImagePolicy"):
+        obj = await until(lambda k=kind: annotated(k), what=f"{kind} annotated")
+        raw = json.loads(json.dumps(obj.raw))
+        raw["status"] = {**raw.get("status", {}), "conditions": [
+            {"type": "Ready", "status": "True", "reason": "Succeeded", "message": "done"}],
+            "lastHandledReconcileAt": obj.annotations[RECONCILE_ANNOTATION]}
+        bridge.cluster.apply(raw)
+
+    async def outcome() -> Any:
+        view = await bridge.client.get(f"/deliveries/{doc['delivery']}",
+                                       headers={"Authorization": f"Bearer {TOKEN}"})
+        return view.json()
+
+    view = await outcome()
+    deadline = asyncio.get_running_loop().time() + 10
+    while view.get("outcome") != "ready" and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.02)
+        view = await outcome()
+    assert {t["kind"]: t["state"] for t in view["targets"]} == {
+        "ImageRepository": "ready", "ImagePolicy": "ready"}, view
