@@ -136,6 +136,10 @@ def create_app(settings: Settings, cluster: Cluster, **status_kwargs: Any) -> St
                 return error(503, "receivers are being indexed")
             indexed_once = True
         detail: dict[str, Any] = {}
+        absent = list(getattr(cluster, "not_installed", []) or [])
+        if absent:
+            # Optional kinds (the image CRDs) this Flux install lacks: nothing routes to them.
+            detail["kinds_not_installed"] = absent
         unusable = parts.hooks.unusable()
         if unusable:
             # Not a reason to stop serving the other Receivers: named so someone can fix them.
@@ -152,6 +156,7 @@ def create_app(settings: Settings, cluster: Cluster, **status_kwargs: Any) -> St
         parts.metrics.status_queue_depth.set(parts.statuses.queue_depth)
         parts.metrics.cache_synced.set(1 if cluster.synced else 0)
         parts.metrics.watches_failing.set(len(getattr(cluster, "sync_errors", {}) or {}))
+        parts.metrics.kinds_not_installed.set(len(getattr(cluster, "not_installed", []) or []))
         return Response(generate_latest(parts.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     async def openapi_json(request: Request) -> Response:

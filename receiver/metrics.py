@@ -100,6 +100,9 @@ class Metrics:
         self.watches_failing = Gauge(
             "gfb_watches_failing", "Watched kinds whose list/watch is failing now (the cache "
             "of those goes stale)", registry=r)
+        self.kinds_not_installed = Gauge(
+            "gfb_kinds_not_installed", "Optional kinds (ImageRepository, ImagePolicy) whose CRD "
+            "the API server does not serve: not cached, looked for again", registry=r)
         self.lead_time = Histogram(
             "gfb_push_to_ready_seconds", "Push received to touched object Ready at that commit",
             ["cluster"], buckets=LEAD_TIME_BUCKETS, registry=r)

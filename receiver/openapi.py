@@ -194,6 +194,10 @@ SCHEMAS: dict[str, Schema] = {
         "status": {"const": "ready"},
         "objects": {"type": "integer", "minimum": 0},
         "receivers": {"type": "integer", "minimum": 0},
+        "kinds_not_installed": {
+            "type": "array", "items": {"type": "string"},
+            "description": "Optional kinds (ImageRepository, ImagePolicy) whose CRD the API "
+                           "server does not serve: not cached, looked for again every minute."},
     }, ("status", "objects", "receivers")),
 }
 

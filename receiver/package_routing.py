@@ -7,23 +7,31 @@ version. The decisions, in the order a reader meets them:
    source-controller's precedence `digest` > `semver` (+ `semverFilter`) > `tag` > `latest`;
 2. their consumers (Kustomizations, HelmReleases by `chartRef`): an artifact is whole, so every
    consumer of a fed source is touched;
-3. kinds the bridge does not cache (HelmRepository, HelmChart, ImageRepository: RBAC `patch`
-   only) are annotated by name when listed, as Flux does, and their HelmReleases are touched
-   when the chart name and version range take the pushed version;
-4. a `deleted` event, or a package type no Flux source reads, reconciles nothing, and says so.
-The Receiver's `resources` bound what is annotated; touched consumers are tracked, as for Git.
+3. which ImageRepositories scan it: `spec.image` is `<host>/<owner>/<name>` (same key as an
+   OCIRepository URL), the tag is not in its `spec.exclusionList`, and at least one ImagePolicy
+   referencing it would take the tag (`image_policy.policy_takes`); those ImagePolicies are its
+   consumers. With no ImagePolicy referencing it nothing reads the scan, so it is skipped. These
+   two kinds are cached only when their CRD is installed (`objects.OPTIONAL_KINDS`);
+4. kinds the bridge does not cache (HelmRepository, HelmChart: RBAC `patch` only) are annotated
+   by name when listed, as Flux does, and their HelmReleases are touched when the chart name
+   and version range take the pushed version;
+5. a `deleted` event, or a package type no Flux source reads, reconciles nothing, and says so.
+The Receiver's `resources` bound what is annotated; touched consumers are tracked, as for Git
+(ImagePolicies are annotated when listed, not tracked: no commit status follows them).
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Any
 
-from receiver.flux.objects import FluxObject, ObjectKey
+from receiver.flux.objects import OPTIONAL_KINDS, FluxObject, ObjectKey
 from receiver.flux.revisions import followable
 from receiver.flux.store import ObjectStore
 from receiver.gitea.payloads import PackagePush
 from receiver.giturls import registry_host
+from receiver.image_policy import excluded_by, latest_tag, policy_takes
 from receiver.resources import Resolved, resolve_resources
 from receiver.routing import Plan, Target, _target, plan_push
 from receiver.selector import Selection
@@ -36,8 +44,6 @@ HELM_TYPES = frozenset({"container", "helm"})
 PACKAGE_FED_KINDS: dict[str, frozenset[str]] = {
     "HelmRepository": HELM_TYPES,
     "HelmChart": HELM_TYPES,
-    "ImageRepository": OCI_TYPES,
-    "ImagePolicy": OCI_TYPES,
 }
 
 
@@ -160,6 +166,10 @@ def plan_package(
         else:
             matched[src.key] = (src, f"registry {url} and {why} match the package")
 
+    images = _route_images(store, key if package.type in OCI_TYPES else None,
+                           url.removeprefix("oci://"), package.version)
+    skipped.update(images.skipped)
+
     touched: dict[ObjectKey, Target] = {}
     for src_key, (src, _) in matched.items():
         for consumer in store.consumers_of(src_key):
@@ -171,7 +181,20 @@ def plan_package(
                     f"{package.version}")
 
     annotate_only: list[Target] = []
+    listed_images: list[Target] = []
     for target in blind:
+        if target.kind in OPTIONAL_KINDS:
+            # Cached: routed by image and tag policy below, not annotated blindly.
+            if package.type not in OCI_TYPES:
+                skipped[target.key] = Target(
+                    target.api_version, target.kind, target.namespace, target.name,
+                    f"a {target.kind} does not read {package.type} packages")
+            elif target.key in images.targets:
+                listed_images.append(images.targets[target.key])
+            elif target.key not in skipped:
+                skipped[target.key] = Target(target.api_version, target.kind, target.namespace,
+                                             target.name, _unrelated_image(store, target, url))
+            continue
         types = PACKAGE_FED_KINDS.get(target.kind)
         if types is not None and package.type not in types:
             skipped[target.key] = Target(
@@ -199,6 +222,8 @@ def plan_package(
                 skipped.pop(release.key, None)
 
     targets = [_target(src, why) for k, (src, why) in matched.items() if k in listed]
+    # ImageRepositories before their ImagePolicies, as sources before consumers.
+    targets += sorted(listed_images, key=lambda t: (t.kind != "ImageRepository", t.key))
     targets += [t for k, t in sorted(touched.items()) if k in listed]
     related = matched.keys() | touched.keys() | skipped.keys()
     for obj in resolved.objects(store):
@@ -212,6 +237,65 @@ def plan_package(
         skipped=tuple(sorted((*skipped.values(), *issues), key=lambda t: t.key)),
         annotate_only=tuple(annotate_only),
     )
+
+
+@dataclass(frozen=True, slots=True)
+class _ImageRoutes:
+    """ImageRepositories that scan the pushed tag and the ImagePolicies that take it (targets,
+    by key), and the related ones that do not (skipped), with the reasons."""
+
+    targets: dict[ObjectKey, Target]
+    skipped: dict[ObjectKey, Target]
+
+
+def _route_images(store: ObjectStore, key: str | None, image: str,
+                  version: str) -> _ImageRoutes:
+    targets: dict[ObjectKey, Target] = {}
+    skipped: dict[ObjectKey, Target] = {}
+    for repo in store.image_repositories_for_url(key) if key else []:
+        if version.startswith("sha256:"):
+            skipped[repo.key] = _target(repo, "pushed by digest, which moves no tag")
+            continue
+        if repo.suspended:
+            skipped[repo.key] = _target(repo, "suspended")
+            continue
+        if (pattern := excluded_by(repo.spec.get("exclusionList"), version)) is not None:
+            skipped[repo.key] = _target(repo, f"its exclusionList pattern {pattern!r} "
+                                              f"drops {version} from the scan")
+            continue
+        where = f"ImageRepository/{repo.namespace}/{repo.name}"
+        policies = store.image_policies_for(repo.key)
+        takers: list[str] = []
+        for policy in policies:
+            taken, why = policy_takes(policy.spec, version, latest_tag(policy.raw))
+            if not taken:
+                skipped[policy.key] = _target(policy, f"does not take {version}: {why}")
+            elif policy.suspended:
+                skipped[policy.key] = _target(policy, "suspended")
+            else:
+                takers.append(f"ImagePolicy/{policy.namespace}/{policy.name} ({why})")
+                targets[policy.key] = _target(policy, f"its {where} scans {version}, and it "
+                                                      f"takes it: {why}")
+        if takers:
+            more = f" and {len(takers) - 1} more take" if len(takers) > 1 else " takes"
+            targets[repo.key] = _target(repo, f"image {image}: {takers[0]}{more} {version}")
+        elif policies:
+            skipped[repo.key] = _target(repo, f"image {image}, but no ImagePolicy that "
+                                              f"references it takes {version}")
+        else:
+            skipped[repo.key] = _target(repo, f"image {image}, but no ImagePolicy references "
+                                              "it: nothing would read the scan")
+    return _ImageRoutes(targets, skipped)
+
+
+def _unrelated_image(store: ObjectStore, target: Target, url: str) -> str:
+    """Why a listed ImageRepository / ImagePolicy the package does not feed is skipped."""
+    if store.get(target.key) is None:
+        return (f"{target.kind} is not in the cache (not found, or its CRD is not installed): "
+                "not annotated for a package")
+    if target.kind == "ImageRepository":
+        return f"its image is not {url.removeprefix('oci://')}"
+    return "its ImageRepository is not fed by the package"
 
 
 def _unrelated(obj: FluxObject, url: str) -> str:

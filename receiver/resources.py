@@ -16,7 +16,7 @@ from receiver.flux.objects import (
     ANNOTATE_ONLY_KINDS,
     ANNOTATE_ONLY_SOURCES,
     RECEIVER_DEFAULT_API_VERSIONS,
-    WATCHED_KINDS,
+    ROUTED_KINDS,
     FluxObject,
     ObjectKey,
 )
@@ -80,13 +80,14 @@ def resolve_resources(
             issue(f"apiVersion must be specified for kind {kind!r}")
         elif kind in ANNOTATE_ONLY_KINDS:
             if name == "*":
-                # Listing needs `list` on the kind, which the bridge is not granted (it patches
-                # these kinds, nothing more): Flux would annotate every match.
+                # Listing needs `list` on the kind, which the bridge is not granted for most (it
+                # patches them, nothing more); the cached image kinds may not be installed, so
+                # every such kind is named alike. Flux would annotate every match.
                 issue(f"name '*' is not resolved for kind {kind}, which the bridge does not "
                       "list: name the objects")
             else:
                 blind.setdefault(ObjectKey(kind, namespace, name), api_version)
-        elif kind not in WATCHED_KINDS or kind == "Receiver":
+        elif kind not in ROUTED_KINDS or kind == "Receiver":
             issue(f"kind {kind} is not reconciled by the bridge")
         elif name == "*":
             labels = entry.get("matchLabels")

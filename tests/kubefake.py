@@ -28,7 +28,8 @@ from urllib.parse import parse_qs, urlsplit
 MERGE_PATCH = "application/merge-patch+json"
 # The Flux CRDs' spec.names.plural (tests/fixtures/crds): not always lower-case kind + "s".
 _PLURALS = {"GitRepository": "gitrepositories", "OCIRepository": "ocirepositories",
-            "HelmRepository": "helmrepositories"}
+            "HelmRepository": "helmrepositories", "ImagePolicy": "imagepolicies",
+            "ImageRepository": "imagerepositories"}
 
 
 class Resource(NamedTuple):

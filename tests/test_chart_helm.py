@@ -34,8 +34,7 @@ SECRETS_DIR = "/etc/gitea-flux-bridge/secrets"
 READ = {"get", "list", "watch"}
 # Kinds a Receiver may list that the bridge annotates by name only.
 PATCH_ONLY = ("buckets", "helmcharts", "helmrepositories", "externalartifacts",
-              "imagerepositories", "imagepolicies", "imageupdateautomations",
-              "artifactgenerators")
+              "imageupdateautomations", "artifactgenerators")
 FLUX_RULES = (
     {("notification.toolkit.fluxcd.io", "receivers", v) for v in READ}
     | {("source.toolkit.fluxcd.io", r, v) for r in ("gitrepositories", "ocirepositories")
@@ -45,8 +44,10 @@ FLUX_RULES = (
     # Kinds a Receiver may list that the bridge annotates by name only.
     | {("source.toolkit.fluxcd.io", r, "patch")
        for r in ("buckets", "helmcharts", "helmrepositories", "externalartifacts")}
-    | {("image.toolkit.fluxcd.io", r, "patch")
-       for r in ("imagerepositories", "imagepolicies", "imageupdateautomations")}
+    # Cached for package events when their CRD is installed.
+    | {("image.toolkit.fluxcd.io", r, v) for r in ("imagerepositories", "imagepolicies")
+       for v in READ | {"patch"}}
+    | {("image.toolkit.fluxcd.io", "imageupdateautomations", "patch")}
     | {("source.extensions.fluxcd.io", "artifactgenerators", "patch")}
     | {("", "secrets", "get")}
 )
@@ -483,6 +484,7 @@ def test_rbac_grants_nothing_more(helm: str, variant: str) -> None:
                 assert (resource, verb) in {
                     ("gitrepositories", "patch"), ("ocirepositories", "patch"),
                     ("kustomizations", "patch"), ("helmreleases", "patch"),
+                    ("imagerepositories", "patch"), ("imagepolicies", "patch"),
                     *((r, "patch") for r in PATCH_ONLY),
                     ("leases", "create"), ("leases", "update")}, (resource, verb)
             if resource in PATCH_ONLY:

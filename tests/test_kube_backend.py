@@ -273,6 +273,47 @@ async def test_missing_crd_keeps_that_kind_unsynced(
 
 
 @pytest.mark.anyio
+async def test_an_optional_kind_without_its_crd_is_not_installed_not_unready(
+    fake: FakeKube, make: Callable[..., KubeCluster], caplog: pytest.LogCaptureFixture
+) -> None:
+    seed(fake)
+    policy = API_VERSIONS["ImagePolicy"]
+    fake.unserve(policy, "ImagePolicy")
+    fake.put(obj("ImagePolicy", "app", imageRepositoryRef={"name": "app"}))
+    caplog.set_level(logging.INFO, logger="receiver.flux.kube")
+    async with running(make(absent_recheck_seconds=0.05)) as cluster:
+        await synced(cluster)
+        assert cluster.not_installed == ["ImagePolicy"]
+        assert cluster.sync_errors == {}
+        # Looked for again, said once.
+        await eventually(lambda: fake.count("list", "imagepolicies") >= 3)
+        assert sum("ImagePolicy is not installed" in r.getMessage()
+                   for r in caplog.records) == 1
+        fake.serve(policy, "ImagePolicy")  # the CRD is installed later
+        await eventually(lambda: cluster.store.get(key("ImagePolicy", "app")) is not None)
+        assert cluster.not_installed == []
+        fake.put(obj("ImagePolicy", "web", imageRepositoryRef={"name": "web"}))
+        await eventually(lambda: cluster.store.get(key("ImagePolicy", "web")) is not None)
+        # Uninstalled again: what was cached goes, and it is reported again.
+        fake.unserve(policy, "ImagePolicy")
+        fake.drop_watches()
+        await eventually(lambda: cluster.not_installed == ["ImagePolicy"])
+        await eventually(lambda: cluster.store.list("ImagePolicy") == [])
+        await eventually(lambda: cluster.sync_errors == {})  # the dropped watches resume
+        assert cluster.synced
+
+
+@pytest.mark.anyio
+async def test_a_routed_kind_without_its_crd_is_still_a_failure(
+    fake: FakeKube, make: Callable[..., KubeCluster]
+) -> None:
+    fake.unserve(API_VERSIONS["GitRepository"], "GitRepository")
+    async with running(make(kinds=("GitRepository", "ImageRepository"))) as cluster:
+        await eventually(lambda: "GitRepository" in cluster.sync_errors)
+        assert not cluster.synced and cluster.not_installed == []
+
+
+@pytest.mark.anyio
 async def test_paged_list(fake: FakeKube, make: Callable[..., KubeCluster]) -> None:
     for i in range(5):
         fake.put(gitrepo(f"repo-{i}"))

@@ -3,6 +3,7 @@ kind, the plan, and the same answer from the service and `plan`."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 from typing import Any
@@ -15,13 +16,13 @@ from receiver import signatures as sig
 from receiver.app import url_normaliser
 from receiver.cli import EXIT_OK, main
 from receiver.flux.memory import MemoryCluster
-from receiver.flux.objects import ObjectKey
+from receiver.flux.objects import RECONCILE_ANNOTATION, ObjectKey
 from receiver.flux.store import ObjectStore
 from receiver.gitea.payloads import PackagePush, PayloadError, parse_gitea_package
 from receiver.giturls import normalise_oci_url, registry_host
 from receiver.package_routing import chart_version_match, oci_ref_match, plan_package
 from receiver.selector import GITEA_PACKAGE, select_payload
-from tests.conftest import FIXTURES, BridgeFactory, make_settings
+from tests.conftest import FIXTURES, BridgeFactory, make_settings, until
 
 PACKAGES = FIXTURES / "packages"
 PAYLOAD = FIXTURES / "payloads" / "gitea-package-container.json"
@@ -170,13 +171,17 @@ def test_chart_version_ranges(version_range: str, version: str, taken: bool) -> 
 
 def test_a_container_push_reconciles_the_sources_it_feeds_then_their_consumers() -> None:
     plan = _plan(_doc())
-    assert _names(plan["targets"]) == ["OCIRepository/apps-semver", "HelmRelease/podinfo",
-                                       "Kustomization/apps"]
+    assert _names(plan["targets"]) == ["OCIRepository/apps-semver", "ImageRepository/apps",
+                                       "HelmRelease/podinfo", "Kustomization/apps"]
     assert "registry oci://gitea.example.com/platform/manifests/apps" in (
         plan["targets"][0]["reason"])
+    # The ImageRepository's image names the registry through the host alias.
+    assert plan["targets"][1]["reason"] == (
+        "image gitea.example.com/platform/manifests/apps: ImagePolicy/flux-system/apps "
+        "(semver >=1.0.0 (above the current v1.3.0)) takes v1.4.0")
     # A HelmRelease from a Helm repository has no commit to be ready at: annotated, not followed.
     assert _names(plan["tracked"]) == ["Kustomization/apps"]
-    assert _names(plan["annotate_only"]) == ["HelmRepository/charts", "ImageRepository/apps"]
+    assert _names(plan["annotate_only"]) == ["HelmRepository/charts"]
     assert all("not cached" in t["reason"] for t in plan["annotate_only"])
     skipped = {f"{t['kind']}/{t['name']}": t["reason"] for t in plan["skipped"]}
     assert skipped == {
@@ -233,9 +238,14 @@ async def test_a_signed_package_event_is_routed_over_http(bridge_factory: Bridge
                  "X-Hub-Signature-256": "sha256=" + sig.hmac_hex("sha256", TOKEN, body)})
     assert reply.status_code == 202, reply.text
     doc = reply.json()
-    assert _names(doc["targets"]) == ["OCIRepository/apps-semver", "HelmRelease/podinfo",
-                                      "Kustomization/apps"]
+    assert _names(doc["targets"]) == ["OCIRepository/apps-semver", "ImageRepository/apps",
+                                      "HelmRelease/podinfo", "Kustomization/apps"]
     assert {t["name"] for t in doc["skipped"]} == {"apps-pinned", "apps-tag", "other-image"}
+    image = next(t for t in doc["targets"] if t["kind"] == "ImageRepository")
+    assert image["state"] == "annotated" and image["reason"].startswith(
+        "image gitea.example.com/platform/manifests/apps: ImagePolicy/flux-system/apps")
+    annotated = bridge.cluster.store.get(ObjectKey("ImageRepository", "flux-system", "apps"))
+    assert annotated is not None and RECONCILE_ANNOTATION in annotated.annotations
 
 
 def test_plan_explains_a_package_event(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -246,8 +256,258 @@ def test_plan_explains_a_package_event(tmp_path: Path, capsys: pytest.CaptureFix
     assert main(["plan", "--config", str(config), "--manifests", str(PACKAGES),
                  "--payload", str(PAYLOAD)]) == EXIT_OK
     planned = json.loads(capsys.readouterr().out)
-    assert _names(planned["targets"]) == ["OCIRepository/apps-semver", "HelmRelease/podinfo",
-                                          "Kustomization/apps"]
+    assert _names(planned["targets"]) == ["OCIRepository/apps-semver", "ImageRepository/apps",
+                                          "HelmRelease/podinfo", "Kustomization/apps"]
+    assert "ImagePolicy/flux-system/apps" in planned["targets"][1]["reason"]
     assert main(["plan", "--config", str(config), "--manifests", str(PACKAGES),
                  "--payload", str(deleted)]) == EXIT_OK
     assert json.loads(capsys.readouterr().out)["targets"] == []
+
+
+# -- ImageRepositories and their ImagePolicies ------------------------------------------------
+
+IMAGE = "gitea.example.com/platform/app"
+IMAGE_API = "image.toolkit.fluxcd.io/v1"
+
+
+def _image_repo(name: str = "app", image: str = IMAGE, **spec: Any) -> dict[str, Any]:
+    return {"apiVersion": IMAGE_API, "kind": "ImageRepository",
+            "metadata": {"name": name, "namespace": "flux-system"},
+            "spec": {"image": image, "interval": "5m", **spec}}
+
+
+def _image_policy(policy: dict[str, Any], latest: str = "", name: str = "app",
+                  namespace: str = "flux-system", repo: dict[str, str] | None = None,
+                  **spec: Any) -> dict[str, Any]:
+    doc: dict[str, Any] = {
+        "apiVersion": IMAGE_API, "kind": "ImagePolicy",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {"imageRepositoryRef": repo or {"name": "app"}, "policy": policy, **spec}}
+    if latest:
+        doc["status"] = {"latestRef": {"name": IMAGE, "tag": latest}}
+    return doc
+
+
+def _image_plan(version: str, *objects: dict[str, Any], action: str = "created",
+                package_type: str = "container") -> dict[str, Any]:
+    """Plan a push of platform/app:<version> for a Receiver listing ImageRepository `app` and
+    ImagePolicy `app` (and the OCIRepository `other`, so a Git-routed kind is listed too)."""
+    store = ObjectStore(url_normaliser(make_settings(host_aliases=ALIASES)))
+    receiver = {"apiVersion": "notification.toolkit.fluxcd.io/v1", "kind": "Receiver",
+                "metadata": {"name": "images", "namespace": "flux-system"},
+                "spec": {"type": "github", "secretRef": {"name": "t"}, "resources": [
+                    {"kind": "ImageRepository", "name": "app"},
+                    {"apiVersion": IMAGE_API, "kind": "ImagePolicy", "name": "app"}]}}
+    MemoryCluster(store).load([receiver, *objects])
+    found = store.get(ObjectKey("Receiver", "flux-system", "images"))
+    assert found is not None
+    doc = _doc(name="app", version=version, action=action, type=package_type)
+    return plan_package(found, parse_gitea_package(doc), store).as_dict(store)
+
+
+def _reasons(plan: dict[str, Any], part: str = "skipped") -> dict[str, str]:
+    return {f"{t['kind']}/{t['namespace']}/{t['name']}": t["reason"] for t in plan.get(part, [])}
+
+
+SEMVER_1 = {"semver": {"range": ">=1.0.0"}}
+
+
+def test_an_image_repository_is_routed_when_its_policy_takes_the_tag() -> None:
+    plan = _image_plan("v1.4.0", _image_repo(), _image_policy(SEMVER_1, "v1.3.0"))
+    assert _names(plan["targets"]) == ["ImageRepository/app", "ImagePolicy/app"]
+    assert _reasons(plan, "targets") == {
+        "ImageRepository/flux-system/app": f"image {IMAGE}: ImagePolicy/flux-system/app "
+                                           "(semver >=1.0.0 (above the current v1.3.0)) takes "
+                                           "v1.4.0",
+        "ImagePolicy/flux-system/app": "its ImageRepository/flux-system/app scans v1.4.0, and "
+                                       "it takes it: semver >=1.0.0 (above the current v1.3.0)",
+    }
+    # Routed, not annotated blindly; and not followed for commit statuses.
+    assert "annotate_only" not in plan and plan["tracked"] == []
+
+
+def test_a_tag_below_what_the_policy_holds_reconciles_nothing_and_says_why() -> None:
+    plan = _image_plan("v1.2.0", _image_repo(), _image_policy(SEMVER_1, "v1.3.0"))
+    assert plan["targets"] == []
+    assert _reasons(plan) == {
+        "ImageRepository/flux-system/app": f"image {IMAGE}, but no ImagePolicy that references "
+                                           "it takes v1.2.0",
+        "ImagePolicy/flux-system/app": "does not take v1.2.0: semver >=1.0.0 (holding v1.3.0, "
+                                       "above the pushed v1.2.0)",
+    }
+
+
+@pytest.mark.parametrize(("policy", "latest", "version", "taken"), [
+    ({"alphabetical": {}}, "2024-01-02", "2024-01-03", True),
+    ({"alphabetical": {"order": "asc"}}, "2024-01-02", "2024-01-01", False),
+    ({"alphabetical": {"order": "desc"}}, "b", "a", True),
+    ({"numerical": {}}, "9", "10", True),
+    ({"numerical": {"order": "asc"}}, "10", "9", False),
+    ({"numerical": {"order": "desc"}}, "10", "9", True),
+    ({"numerical": {}}, "", "latest", False),
+    (SEMVER_1, "", "v1.0.0", True),
+    (SEMVER_1, "", "v0.9.0", False),
+])
+def test_each_policy_kind(policy: dict[str, Any], latest: str, version: str,
+                          taken: bool) -> None:
+    plan = _image_plan(version, _image_repo(), _image_policy(policy, latest))
+    assert (_names(plan["targets"]) == ["ImageRepository/app", "ImagePolicy/app"]) is taken
+
+
+def test_filter_tags_and_extract_rank_the_extracted_value() -> None:
+    policy = _image_policy({"numerical": {}}, "main-0a1b-1600", filterTags={
+        "pattern": r"^main-[a-f0-9]+-(?P<ts>[0-9]+)$", "extract": "$ts"})
+    assert _names(_image_plan("main-9f8e-1700", _image_repo(), policy)["targets"]) == [
+        "ImageRepository/app", "ImagePolicy/app"]
+    plan = _image_plan("feature-9f8e-1800", _image_repo(), policy)
+    assert plan["targets"] == []
+    assert _reasons(plan)["ImagePolicy/flux-system/app"] == (
+        "does not take feature-9f8e-1800: filterTags pattern '^main-[a-f0-9]+-(?P<ts>[0-9]+)$' "
+        "does not match feature-9f8e-1800")
+
+
+def test_a_pattern_python_cannot_read_as_go_is_assumed_to_take_the_tag() -> None:
+    policy = _image_policy({"alphabetical": {}}, filterTags={"pattern": r"^[[:digit:]]+$"})
+    plan = _image_plan("123", _image_repo(), policy)
+    assert _names(plan["targets"]) == ["ImageRepository/app", "ImagePolicy/app"]
+    assert "uses syntax Go's regexp reads differently: assumed to take 123" in (
+        plan["targets"][1]["reason"])
+
+
+def test_the_exclusion_list_drops_the_tag_from_the_scan() -> None:
+    policy = _image_policy({"alphabetical": {}})
+    plan = _image_plan("dev-1", _image_repo(exclusionList=["^dev-"]), policy)
+    assert plan["targets"] == []
+    assert _reasons(plan)["ImageRepository/flux-system/app"] == (
+        "its exclusionList pattern '^dev-' drops dev-1 from the scan")
+    # Unset, the CRD's default leaves out cosign signatures.
+    plan = _image_plan("sha256-abc.sig", _image_repo(), policy)
+    assert "'^.*\\\\.sig$' drops sha256-abc.sig" in _reasons(plan)[
+        "ImageRepository/flux-system/app"]
+
+
+def test_an_image_repository_no_policy_references_is_skipped() -> None:
+    plan = _image_plan("v1.0.0", _image_repo())
+    assert plan["targets"] == []
+    skipped = _reasons(plan)
+    assert skipped["ImageRepository/flux-system/app"] == (
+        f"image {IMAGE}, but no ImagePolicy references it: nothing would read the scan")
+    assert skipped["ImagePolicy/flux-system/app"] == (
+        "ImagePolicy is not in the cache (not found, or its CRD is not installed): not "
+        "annotated for a package")
+
+
+def test_a_deleted_version_reconciles_no_image_repository() -> None:
+    plan = _image_plan("v1.4.0", _image_repo(), _image_policy(SEMVER_1), action="deleted")
+    assert plan["targets"] == [] and "deleted versions are not reconciled" in plan["note"]
+    assert {t["kind"] for t in plan["skipped"]} == {"ImageRepository", "ImagePolicy"}
+
+
+def test_host_aliases_apply_to_the_image() -> None:
+    aliased = _image_repo(image="gitea-http.gitea.svc.cluster.local:3000/Platform/App")
+    plan = _image_plan("v1.4.0", aliased, _image_policy(SEMVER_1))
+    assert _names(plan["targets"]) == ["ImageRepository/app", "ImagePolicy/app"]
+    plan = _image_plan("v1.4.0", _image_repo(image="gitea.example.com/platform/other"),
+                       _image_policy(SEMVER_1))
+    assert plan["targets"] == []
+    assert _reasons(plan)["ImageRepository/flux-system/app"] == f"its image is not {IMAGE}"
+
+
+def test_suspended_digest_pushes_and_other_package_types() -> None:
+    policy = _image_policy(SEMVER_1)
+    assert _reasons(_image_plan("v1.4.0", _image_repo(suspend=True), policy))[
+        "ImageRepository/flux-system/app"] == "suspended"
+    plan = _image_plan("v1.4.0", _image_repo(), _image_policy(SEMVER_1, suspend=True))
+    assert plan["targets"] == [] and _reasons(plan)["ImagePolicy/flux-system/app"] == "suspended"
+    assert _reasons(_image_plan("sha256:" + "3" * 64, _image_repo(), policy))[
+        "ImageRepository/flux-system/app"] == "pushed by digest, which moves no tag"
+    plan = _image_plan("1.4.0", _image_repo(), policy, package_type="helm")
+    assert _reasons(plan)["ImageRepository/flux-system/app"] == (
+        "a ImageRepository does not read helm packages")
+
+
+def test_any_policy_that_takes_it_routes_the_repository_and_each_is_explained() -> None:
+    other_ns = _image_policy({"numerical": {}}, "5", name="ops", namespace="ops",
+                             repo={"name": "app", "namespace": "flux-system"})
+    plan = _image_plan("v1.4.0", _image_repo(), _image_policy(SEMVER_1, "v2.0.0"), other_ns)
+    # Only the listed ImagePolicy would be annotated, and it does not take the tag.
+    assert plan["targets"] == []
+    plan = _image_plan("7", _image_repo(), _image_policy(SEMVER_1, "v2.0.0"), other_ns)
+    assert _names(plan["targets"]) == ["ImageRepository/app"]
+    assert plan["targets"][0]["reason"] == (
+        f"image {IMAGE}: ImagePolicy/ops/ops (numerical asc (at or past the current 5)) takes 7")
+    assert _reasons(plan)["ImagePolicy/flux-system/app"].startswith("does not take 7:")
+    both = _image_plan("v2.1.0", _image_repo(), _image_policy(SEMVER_1, "v2.0.0"),
+                       _image_policy({"alphabetical": {}}, "v1", name="ops", namespace="ops",
+                                     repo={"name": "app", "namespace": "flux-system"}))
+    assert _names(both["targets"]) == ["ImageRepository/app", "ImagePolicy/app"]
+    assert both["targets"][0]["reason"].endswith(") and 1 more take v2.1.0")
+
+
+def test_the_store_indexes_images_and_policies_and_forgets_them() -> None:
+    store = ObjectStore(url_normaliser(make_settings(host_aliases=ALIASES)))
+    repo = store.upsert(_image_repo())
+    store.upsert(_image_policy(SEMVER_1))
+    key = "gitea.example.com/platform/app"
+    assert store.image_repositories_for_url(key) == [repo]
+    assert [p.name for p in store.image_policies_for(repo.key)] == ["app"]
+    store.upsert(_image_repo(image="gitea.example.com/platform/moved"))
+    assert store.image_repositories_for_url(key) == []
+    store.upsert(_image_policy(SEMVER_1, repo={"name": "elsewhere"}))
+    assert store.image_policies_for(repo.key) == []
+    store.delete(repo.key)
+    assert store.image_repositories_for_url("gitea.example.com/platform/moved") == []
+
+
+@pytest.mark.anyio
+async def test_an_image_delivery_is_followed_until_the_reflector_handled_it(
+    bridge_factory: BridgeFactory, tmp_path: Path,
+) -> None:
+    receiver = {"apiVersion": "notification.toolkit.fluxcd.io/v1", "kind": "Receiver",
+                "metadata": {"name": "images", "namespace": "flux-system"},
+                "spec": {"type": "github", "events": ["package"],
+                         "secretRef": {"name": "registry-token"}, "resources": [
+                             {"kind": "ImageRepository", "name": "app"},
+                             {"apiVersion": IMAGE_API, "kind": "ImagePolicy", "name": "app"}]}}
+    secret = {"apiVersion": "v1", "kind": "Secret",
+              "metadata": {"name": "registry-token", "namespace": "flux-system"},
+              "stringData": {"token": TOKEN}}
+    docs = [receiver, secret, _image_repo(), _image_policy(SEMVER_1, "v1.3.0")]
+    (tmp_path / "images.yaml").write_text("\n---\n".join(json.dumps(d) for d in docs))
+    bridge = await bridge_factory(make_settings(host_aliases=ALIASES), tmp_path)
+    body = json.dumps(_doc(name="app", version="v1.4.0")).encode()
+    reply = await bridge.client.post(
+        "/hook/" + sig.hook_digest(TOKEN, "images", "flux-system"), content=body,
+        headers={"Content-Type": "application/json", "X-Gitea-Event": "package",
+                 "X-GitHub-Event": "package",
+                 "X-Hub-Signature-256": "sha256=" + sig.hmac_hex("sha256", TOKEN, body)})
+    assert reply.status_code == 202, reply.text
+    doc = reply.json()
+    assert _names(doc["targets"]) == ["ImageRepository/app", "ImagePolicy/app"]
+    assert doc["tracked"] == [] and "annotate_only" not in doc
+
+    def annotated(kind: str) -> Any:
+        obj = bridge.cluster.store.get(ObjectKey(kind, "flux-system", "app"))
+        return obj if obj is not None and RECONCILE_ANNOTATION in obj.annotations else None
+
+    # image-reflector-controller handles the request: scanned, and the policy re-evaluated.
+    for kind in ("ImageRepository", "ImagePolicy"):
+        obj = await until(lambda k=kind: annotated(k), what=f"{kind} annotated")
+        raw = json.loads(json.dumps(obj.raw))
+        raw["status"] = {**raw.get("status", {}), "conditions": [
+            {"type": "Ready", "status": "True", "reason": "Succeeded", "message": "done"}],
+            "lastHandledReconcileAt": obj.annotations[RECONCILE_ANNOTATION]}
+        bridge.cluster.apply(raw)
+
+    async def outcome() -> Any:
+        view = await bridge.client.get(f"/deliveries/{doc['delivery']}",
+                                       headers={"Authorization": f"Bearer {TOKEN}"})
+        return view.json()
+
+    view = await outcome()
+    deadline = asyncio.get_running_loop().time() + 10
+    while view.get("outcome") != "ready" and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.02)
+        view = await outcome()
+    assert {t["kind"]: t["state"] for t in view["targets"]} == {
+        "ImageRepository": "ready", "ImagePolicy": "ready"}, view

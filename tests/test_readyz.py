@@ -76,3 +76,17 @@ async def test_unusable_receivers_are_listed(bridge_factory: BridgeFactory) -> N
     r = await bridge.client.get("/readyz")
     assert r.status_code == 200  # the other Receivers still work
     assert r.json()["receivers_unusable"] == {"flux-system/gitea": "blank token"}
+
+
+async def test_kinds_not_installed_are_reported_not_blocking(bridge_factory: BridgeFactory
+                                                             ) -> None:
+    bridge = await bridge_factory()
+    r = await bridge.client.get("/readyz")
+    assert r.status_code == 200 and "kinds_not_installed" not in r.json()
+    # What KubeCluster reports when the image CRDs are not served (tests/test_kube_backend.py).
+    bridge.cluster.not_installed = ["ImagePolicy", "ImageRepository"]  # type: ignore[attr-defined]
+    r = await bridge.client.get("/readyz")
+    assert r.status_code == 200, r.text
+    assert r.json()["kinds_not_installed"] == ["ImagePolicy", "ImageRepository"]
+    metrics = (await bridge.client.get("/metrics")).text
+    assert "gfb_kinds_not_installed 2.0" in metrics

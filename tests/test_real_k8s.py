@@ -38,7 +38,7 @@ from receiver.flux.kube import Backoff, KubeCluster
 from receiver.flux.objects import RECONCILE_ANNOTATION, ObjectKey
 from receiver.flux.store import ObjectStore
 from tests import gitea_payloads as gp
-from tests.realk8s import ROOT, ControlPlane, control_plane  # noqa: F401 - the fixture
+from tests.realk8s import ROOT, ControlPlane, control_plane, load_yaml_dir  # noqa: F401
 
 pytestmark = pytest.mark.realk8s
 
@@ -47,6 +47,8 @@ ApiException = kubernetes.client.ApiException
 
 CHART = ROOT / "charts" / "gitea-flux-bridge"
 FULL_VALUES = CHART / "ci" / "full-values.yaml"
+# A minimal ImageRepository CRD (the fixture CRDs leave the image kinds out, as many installs do).
+OPTIONAL_CRDS = ROOT / "tests" / "fixtures" / "optional-crds"
 RELEASE_NS = "gfb-system"
 # Two installs side by side, as two releases in one namespace: cluster-wide (default values) and
 # namespaced. Each has its own ServiceAccount, so neither borrows the other's permissions.
@@ -293,8 +295,8 @@ class Bridge:
 
 @contextlib.asynccontextmanager
 async def run_bridge(cp: ControlPlane, token: str, namespaces: tuple[str, ...] = (), *,
-                     lease_name: str = CHART_LEASE, kubeconfig: Path | None = None
-                     ) -> AsyncIterator[Bridge]:
+                     lease_name: str = CHART_LEASE, kubeconfig: Path | None = None,
+                     **cluster_options: Any) -> AsyncIterator[Bridge]:
     """The service with `KubeCluster`, authenticated with `token`, driven in-process over HTTP.
 
     With `kubeconfig`, the cluster is built the way `serve` builds it (`from_environment`).
@@ -314,6 +316,7 @@ async def run_bridge(cp: ControlPlane, token: str, namespaces: tuple[str, ...] =
         # Reconnect fast after the API server restart; the watch timeout stays realistic.
         "backoff": Backoff(initial=0.2, maximum=2.0),
         "watch_timeout_seconds": 120,
+        **cluster_options,
     }
     if kubeconfig is not None:
         with _kubeconfig_env(kubeconfig):
@@ -530,6 +533,33 @@ async def test_signed_push_annotates_exactly_the_expected_objects(
         assert admin.annotations("Kustomization", namespace, "apps")[RECONCILE_ANNOTATION] == apps
         # Only the annotation changed: the patch is a merge patch of metadata.annotations.
         assert admin.get_flux("GitRepository", namespace, "fleet")["spec"]["url"] == REPO_URL
+
+
+@pytest.mark.anyio
+async def test_image_kinds_without_crds_are_not_installed_then_picked_up(
+        control_plane: ControlPlane, admin: Admin, cluster_wide: Install) -> None:  # noqa: F811
+    """The fixture CRDs have no image-reflector-controller kinds, as many Flux installs: the
+    bridge is ready and says so; a CRD installed later is cached without a restart."""
+    namespace = "images"
+    await asyncio.to_thread(admin.plane.ensure_namespace, namespace)
+    async with run_bridge(control_plane, cluster_wide.token, absent_recheck_seconds=0.5
+                          ) as bridge:
+        ready = await bridge.wait_ready()
+        assert ready["kinds_not_installed"] == ["ImagePolicy", "ImageRepository"]
+        assert bridge.cluster.sync_errors == {}
+        await asyncio.to_thread(control_plane.install_crds, load_yaml_dir(OPTIONAL_CRDS))
+        await asyncio.to_thread(
+            admin.custom.create_namespaced_custom_object, "image.toolkit.fluxcd.io", "v1",
+            namespace, "imagerepositories", {
+                "apiVersion": "image.toolkit.fluxcd.io/v1", "kind": "ImageRepository",
+                "metadata": {"name": "app", "namespace": namespace},
+                "spec": {"image": "gitea.example.com/platform/app", "interval": "5m"}})
+        await eventually("the ImageRepository to be cached", lambda: bridge.cluster.store.get(
+            ObjectKey("ImageRepository", namespace, "app")))
+        ready = (await bridge.client.get("/readyz")).json()
+        assert ready["kinds_not_installed"] == ["ImagePolicy"]
+        assert bridge.cluster.store.image_repositories_for_url(
+            "gitea.example.com/platform/app")[0].name == "app"
 
 
 @pytest.mark.anyio

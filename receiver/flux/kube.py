@@ -2,7 +2,9 @@
 
 One daemon thread per watched kind (and namespace, when namespaced) runs list, then watch after
 watch from the last resourceVersion; everything it learns is handed to the event loop with
-`call_soon_threadsafe`, so the `ObjectStore` is only ever touched on the loop. The request/answer
+`call_soon_threadsafe`, so the `ObjectStore` is only ever touched on the loop. An optional kind
+(`OPTIONAL_KINDS`) whose CRD is not installed (404) counts as listed and empty, is reported by
+`not_installed`, and is looked for again every `absent_recheck_seconds`. The request/answer
 calls (Secrets, patches, the Lease) run in `asyncio.to_thread`.
 
 All calls go out with `_preload_content=False` and we parse the JSON ourselves: custom objects
@@ -24,7 +26,7 @@ import random
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from types import MappingProxyType
@@ -33,7 +35,13 @@ from typing import Any, TypeVar
 import kubernetes
 
 from receiver.flux.cluster import NEGATIVE_SECRET_TTL, ClusterError, error_for_status
-from receiver.flux.objects import API_VERSIONS, WATCHED_KINDS, FluxObject, ObjectKey
+from receiver.flux.objects import (
+    API_VERSIONS,
+    OPTIONAL_KINDS,
+    WATCHED_KINDS,
+    FluxObject,
+    ObjectKey,
+)
 from receiver.flux.store import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -105,6 +113,7 @@ class _Target:
 
     kind: str
     namespace: str | None
+    optional: bool = False  # a 404 means "CRD not installed", not a failure
     thread: threading.Thread | None = None
     # Only the watch thread touches these two.
     resource_version: str | None = None
@@ -135,6 +144,8 @@ class KubeCluster:
         request_timeout_seconds: float = 30.0,
         list_page_size: int = 500,
         owns_client: bool = False,
+        optional_kinds: Collection[str] = OPTIONAL_KINDS,
+        absent_recheck_seconds: float = 60.0,
     ) -> None:
         for kind in kinds:
             resource_for(kind)  # fail at construction, not in a thread
@@ -158,9 +169,12 @@ class KubeCluster:
         self._page_size = list_page_size
         self._owns_client = owns_client
         scopes: Sequence[str | None] = self._namespaces or (None,)
-        self._targets = [_Target(kind, ns) for kind in self._kinds for ns in scopes]
+        self._targets = [_Target(kind, ns, kind in optional_kinds)
+                         for kind in self._kinds for ns in scopes]
+        self._absent_recheck = absent_recheck_seconds
         self._lock = threading.Lock()
         self._errors: dict[str, str] = {}
+        self._absent: set[str] = set()  # labels of optional targets whose CRD is missing
         self._stopping = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         # (namespace, name) -> (expires, data, when the read started)
@@ -204,6 +218,13 @@ class KubeCluster:
         """The list/watch streams currently failing, by label ("Kind" or "Kind in ns")."""
         with self._lock:
             return dict(self._errors)
+
+    @property
+    def not_installed(self) -> list[str]:
+        """Optional kinds whose CRD the API server does not serve (404), sorted."""
+        with self._lock:
+            absent = set(self._absent)
+        return sorted({t.kind for t in self._targets if t.label in absent})
 
     @property
     def lease_namespace(self) -> str:
@@ -250,6 +271,12 @@ class KubeCluster:
             except Exception as exc:
                 if self._stopping.is_set():
                     return
+                if target.optional and getattr(exc, "status", None) == 404:
+                    # Not a failure: this Flux install has no such CRD (yet). Look again later.
+                    self._mark_absent(target)
+                    failures = 0
+                    self._stopping.wait(self._absent_recheck)
+                    continue
                 error = _describe(exc)
             # Back off over a streak of rounds without a single event, so a server that keeps
             # failing, expiring or closing watches at once is not hammered; after a watch that
@@ -284,6 +311,12 @@ class KubeCluster:
             raise _WatchError(f"list of {group}/{version} {plural} has no resourceVersion")
         target.resource_version = resource_version
         self._to_loop(self._apply_list, target, items)
+        if target.optional:
+            with self._lock:
+                found = target.label in self._absent
+                self._absent.discard(target.label)
+            if found:
+                log.info("%s is installed now: cached", target.label)
 
     def _list_page(self, target: _Target, page: str | None) -> dict[str, Any]:
         group, version, plural = resource_for(target.kind)
@@ -406,6 +439,19 @@ class KubeCluster:
             self.store.delete(FluxObject(raw).key)
         else:
             self.store.upsert(raw)
+
+    def _mark_absent(self, target: _Target) -> None:
+        """The CRD of an optional kind is not installed: an empty, listed kind, said once."""
+        target.resource_version = None
+        with self._lock:
+            first = target.label not in self._absent
+            self._absent.add(target.label)
+            self._errors.pop(target.label, None)
+        if first:
+            log.warning("%s is not installed (its CRD is not served): not cached, looked for "
+                        "again every %g s", target.label, self._absent_recheck)
+        # Also drops what was cached if the CRD went away.
+        self._to_loop(self._apply_list, target, [])
 
     def _record_error(self, target: _Target, message: str) -> None:
         log.warning("list/watch of %s failed: %s", target.label, message)

@@ -32,22 +32,28 @@ API_VERSIONS: dict[str, str] = {
     "Kustomization": f"{KUSTOMIZE_GROUP}/v1",
     "HelmRelease": f"{HELM_GROUP}/v2",
     "Receiver": f"{NOTIFICATION_GROUP}/v1",
-    # Kinds a Receiver may list that the bridge annotates but does not route (nor cache).
+    # Kinds a Receiver may list that the bridge annotates but does not route by repository.
     "ExternalArtifact": f"{SOURCE_GROUP}/v1",
     "ImageRepository": f"{IMAGE_GROUP}/v1",
     "ImagePolicy": f"{IMAGE_GROUP}/v1",
     "ImageUpdateAutomation": f"{IMAGE_GROUP}/v1",
     "ArtifactGenerator": f"{SOURCE_EXTENSIONS_GROUP}/v1beta1",
 }
-# The kinds the bridge caches (list+watch) and may annotate.
-WATCHED_KINDS = ("Receiver", "GitRepository", "OCIRepository", "Kustomization", "HelmRelease")
+# The kinds routed by repository, ref and path (Git pushes) and always cached.
+ROUTED_KINDS = ("Receiver", "GitRepository", "OCIRepository", "Kustomization", "HelmRelease")
+# Cached when their CRD is installed (image-reflector-controller is an optional Flux component):
+# package events route to them; a missing CRD does not hold readiness back.
+OPTIONAL_KINDS = ("ImageRepository", "ImagePolicy")
+# The kinds the bridge caches (list+watch).
+WATCHED_KINDS = ROUTED_KINDS + OPTIONAL_KINDS
 # Every kind a Receiver's `resources` may name (the Receiver CRD's enum, NC v1.9).
 RECEIVER_KINDS = ("Bucket", "GitRepository", "Kustomization", "HelmRelease", "HelmChart",
                   "HelmRepository", "ImageRepository", "ImagePolicy", "ImageUpdateAutomation",
                   "OCIRepository", "ArtifactGenerator", "ExternalArtifact")
-# Listed kinds the bridge cannot route by repository, ref or path: annotated on every request,
-# as Flux does, by a patch of the named object (never cached: RBAC `patch` only).
-ANNOTATE_ONLY_KINDS = tuple(k for k in RECEIVER_KINDS if k not in WATCHED_KINDS)
+# Listed kinds the bridge cannot route by repository, ref or path: annotated on every Git push
+# and bare request, as Flux does, by a patch of the named object. Most are not cached (RBAC
+# `patch` only); the OPTIONAL_KINDS are, for package events (`package_routing`).
+ANNOTATE_ONLY_KINDS = tuple(k for k in RECEIVER_KINDS if k not in ROUTED_KINDS)
 # Annotated first among those, as sources come first in Flux's `--with-source` order.
 ANNOTATE_ONLY_SOURCES = frozenset({"Bucket", "HelmChart", "HelmRepository", "ExternalArtifact",
                                    "ArtifactGenerator", "ImageRepository"})

@@ -1,7 +1,8 @@
 """The indexed object cache both cluster backends fill, and routing reads.
 
 Every lookup routing needs is a dict access, so the work per push does not grow with the
-number of cached objects: Git sources by normalised URL, consumers by source, objects by
+number of cached objects: Git sources by normalised URL, OCIRepositories and ImageRepositories
+by registry URL, ImagePolicies by ImageRepository, consumers by source, objects by
 (kind, namespace) and by key. Mutations come from one place (`upsert` / `delete`), called on
 the event loop by the backend that owns the store.
 """
@@ -34,6 +35,12 @@ class ObjectStore:
         # OCIRepositories by normalised `oci://` URL: package events.
         self._oci_by_url: dict[str, set[ObjectKey]] = defaultdict(set)
         self._oci_url_of: dict[ObjectKey, str] = {}
+        # ImageRepositories by normalised `oci://` + `spec.image`, ImagePolicies by the
+        # ImageRepository they reference: package events.
+        self._images_by_url: dict[str, set[ObjectKey]] = defaultdict(set)
+        self._image_url_of: dict[ObjectKey, str] = {}
+        self._policies_by_repo: dict[ObjectKey, set[ObjectKey]] = defaultdict(set)
+        self._repo_of_policy: dict[ObjectKey, ObjectKey] = {}
         self._consumers_by_source: dict[ObjectKey, set[ObjectKey]] = defaultdict(set)
         self._source_of: dict[ObjectKey, ObjectKey] = {}
         self._includers: dict[ObjectKey, set[ObjectKey]] = defaultdict(set)
@@ -81,6 +88,16 @@ class ObjectStore:
     def oci_sources_for_url(self, normalised_url: str) -> builtins.list[FluxObject]:
         """OCIRepositories whose normalised `spec.url` is this one."""
         keys = self._oci_by_url.get(normalised_url, ())
+        return [self._objects[k] for k in sorted(keys)]
+
+    def image_repositories_for_url(self, normalised_url: str) -> builtins.list[FluxObject]:
+        """ImageRepositories whose `spec.image`, read as `oci://<image>`, normalises to this."""
+        keys = self._images_by_url.get(normalised_url, ())
+        return [self._objects[k] for k in sorted(keys)]
+
+    def image_policies_for(self, repository: ObjectKey) -> builtins.list[FluxObject]:
+        """ImagePolicies whose `spec.imageRepositoryRef` names this ImageRepository."""
+        keys = self._policies_by_repo.get(repository, ())
         return [self._objects[k] for k in sorted(keys)]
 
     def consumers_of(self, source: ObjectKey) -> builtins.list[FluxObject]:
@@ -144,6 +161,22 @@ class ObjectStore:
             if oci_url:
                 self._oci_url_of[key] = oci_url
                 self._oci_by_url[oci_url].add(key)
+        if obj.kind == "ImageRepository":
+            image = obj.spec.get("image")
+            image_url = self._normalise_url(f"oci://{image.strip()}") if isinstance(
+                image, str) and image.strip() else None
+            if image_url:
+                self._image_url_of[key] = image_url
+                self._images_by_url[image_url].add(key)
+        if obj.kind == "ImagePolicy":
+            ref = obj.spec.get("imageRepositoryRef")
+            name = ref.get("name") if isinstance(ref, dict) else None
+            if isinstance(name, str) and name:
+                namespace = ref.get("namespace") if isinstance(ref, dict) else None
+                repo = ObjectKey("ImageRepository", namespace if isinstance(namespace, str)
+                                 and namespace else key.namespace, name)
+                self._repo_of_policy[key] = repo
+                self._policies_by_repo[repo].add(key)
         source: SourceRef | None = consumer_source(obj)
         if source is not None:
             self._source_of[key] = source.key
@@ -186,6 +219,16 @@ class ObjectStore:
             self._oci_by_url[oci_url].discard(key)
             if not self._oci_by_url[oci_url]:
                 del self._oci_by_url[oci_url]
+        image_url = self._image_url_of.pop(key, None)
+        if image_url is not None:
+            self._images_by_url[image_url].discard(key)
+            if not self._images_by_url[image_url]:
+                del self._images_by_url[image_url]
+        repo = self._repo_of_policy.pop(key, None)
+        if repo is not None:
+            self._policies_by_repo[repo].discard(key)
+            if not self._policies_by_repo[repo]:
+                del self._policies_by_repo[repo]
         for inc_key in self._includes_of.pop(key, set()):
             self._includers[inc_key].discard(key)
         source = self._source_of.pop(key, None)
