@@ -136,10 +136,13 @@ def create_app(settings: Settings, cluster: Cluster, **status_kwargs: Any) -> St
                 return error(503, "receivers are being indexed")
             indexed_once = True
         detail: dict[str, Any] = {}
-        absent = list(getattr(cluster, "not_installed", []) or [])
-        if absent:
-            # Optional kinds (the image CRDs) this Flux install lacks: nothing routes to them.
-            detail["kinds_not_installed"] = absent
+        for name, attribute in (("kinds_not_installed", "not_installed"),
+                                 ("kinds_not_permitted", "not_permitted")):
+            # Optional kinds (the image CRDs) this Flux install lacks, or our RBAC leaves out:
+            # nothing routes to them, and the other kinds are served all the same.
+            absent = list(getattr(cluster, attribute, []) or [])
+            if absent:
+                detail[name] = absent
         unusable = parts.hooks.unusable()
         if unusable:
             # Not a reason to stop serving the other Receivers: named so someone can fix them.
@@ -157,6 +160,7 @@ def create_app(settings: Settings, cluster: Cluster, **status_kwargs: Any) -> St
         parts.metrics.cache_synced.set(1 if cluster.synced else 0)
         parts.metrics.watches_failing.set(len(getattr(cluster, "sync_errors", {}) or {}))
         parts.metrics.kinds_not_installed.set(len(getattr(cluster, "not_installed", []) or []))
+        parts.metrics.kinds_not_permitted.set(len(getattr(cluster, "not_permitted", []) or []))
         return Response(generate_latest(parts.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     async def openapi_json(request: Request) -> Response:

@@ -198,6 +198,10 @@ SCHEMAS: dict[str, Schema] = {
             "type": "array", "items": {"type": "string"},
             "description": "Optional kinds (ImageRepository, ImagePolicy) whose CRD the API "
                            "server does not serve: not cached, looked for again every minute."},
+        "kinds_not_permitted": {
+            "type": "array", "items": {"type": "string"},
+            "description": "Optional kinds (ImageRepository, ImagePolicy) the bridge's RBAC may "
+                           "not list or watch (403): not cached, looked for again every minute."},
     }, ("status", "objects", "receivers")),
 }
 

@@ -124,6 +124,7 @@ class FakeKube:
         self._watches: set[_Watch] = set()
         self._failures: list[_Failure] = []
         self._unserved: set[Resource] = set()
+        self._forbidden: set[Resource] = set()
         self._uid = 0
         self.requests: list[Request] = []
         # Real servers report an expired watch as an ERROR event; some paths use HTTP 410.
@@ -248,6 +249,12 @@ class FakeKube:
         with self._lock:
             self._unserved.discard(resource_of(api_version, kind))
 
+    def forbid(self, api_version: str, kind: str, forbidden: bool = True) -> None:
+        """Pretend the caller's RBAC lacks the kind: 403 for everything under it."""
+        with self._lock:
+            (self._forbidden.add if forbidden else self._forbidden.discard)(
+                resource_of(api_version, kind))
+
     def count(self, verb: str, plural: str | None = None) -> int:
         with self._lock:
             return sum(
@@ -318,11 +325,15 @@ class FakeKube:
             self.requests.append(request)
             failure = self._take_failure(verb)
             unserved = resource in self._unserved
+            forbidden = resource in self._forbidden
         if failure is not None:
             handler.send_json(failure, status_body(failure, "InternalError", "injected failure"))
             return
         if unserved:
             handler.send_json(404, status_body(404, "NotFound", "the server could not find it"))
+            return
+        if forbidden:
+            handler.send_json(403, status_body(403, "Forbidden", "RBAC: access denied"))
             return
         if verb == "watch":
             self._watch(handler, resource, namespace, query)

@@ -304,6 +304,30 @@ async def test_an_optional_kind_without_its_crd_is_not_installed_not_unready(
 
 
 @pytest.mark.anyio
+async def test_an_optional_kind_rbac_leaves_out_is_not_permitted_not_unready(
+    fake: FakeKube, make: Callable[..., KubeCluster], caplog: pytest.LogCaptureFixture
+) -> None:
+    # RBAC managed outside the chart, written before the image kinds were watched: the
+    # bridge keeps serving Git pushes and says what it cannot see, instead of going unready.
+    seed(fake)
+    repository = API_VERSIONS["ImageRepository"]
+    fake.forbid(repository, "ImageRepository")
+    fake.put(obj("ImageRepository", "app", image="gitea.example.com/platform/app"))
+    caplog.set_level(logging.INFO, logger="receiver.flux.kube")
+    async with running(make(absent_recheck_seconds=0.05)) as cluster:
+        await synced(cluster)
+        assert cluster.not_permitted == ["ImageRepository"]
+        assert cluster.not_installed == [] and cluster.sync_errors == {}
+        assert cluster.store.get(key("GitRepository", "app")) is not None
+        await eventually(lambda: fake.count("list", "imagerepositories") >= 3)
+        assert sum("ImageRepository is not permitted" in r.getMessage()
+                   for r in caplog.records) == 1
+        fake.forbid(repository, "ImageRepository", False)  # the grant is added
+        await eventually(lambda: cluster.store.get(key("ImageRepository", "app")) is not None)
+        assert cluster.not_permitted == []
+
+
+@pytest.mark.anyio
 async def test_a_routed_kind_without_its_crd_is_still_a_failure(
     fake: FakeKube, make: Callable[..., KubeCluster]
 ) -> None:

@@ -90,3 +90,16 @@ async def test_kinds_not_installed_are_reported_not_blocking(bridge_factory: Bri
     assert r.json()["kinds_not_installed"] == ["ImagePolicy", "ImageRepository"]
     metrics = (await bridge.client.get("/metrics")).text
     assert "gfb_kinds_not_installed 2.0" in metrics
+
+
+async def test_kinds_not_permitted_are_reported_not_blocking(bridge_factory: BridgeFactory
+                                                             ) -> None:
+    bridge = await bridge_factory()
+    # What KubeCluster reports when RBAC does not let it list the image kinds (403).
+    bridge.cluster.not_permitted = ["ImageRepository"]  # type: ignore[attr-defined]
+    r = await bridge.client.get("/readyz")
+    assert r.status_code == 200, r.text
+    assert r.json()["kinds_not_permitted"] == ["ImageRepository"]
+    assert "kinds_not_installed" not in r.json()
+    metrics = (await bridge.client.get("/metrics")).text
+    assert "gfb_kinds_not_permitted 1.0" in metrics

@@ -3,8 +3,9 @@
 One daemon thread per watched kind (and namespace, when namespaced) runs list, then watch after
 watch from the last resourceVersion; everything it learns is handed to the event loop with
 `call_soon_threadsafe`, so the `ObjectStore` is only ever touched on the loop. An optional kind
-(`OPTIONAL_KINDS`) whose CRD is not installed (404) counts as listed and empty, is reported by
-`not_installed`, and is looked for again every `absent_recheck_seconds`. The request/answer
+(`OPTIONAL_KINDS`) whose CRD is not installed (404), or that RBAC does not let us list (403),
+counts as listed and empty, is reported by `not_installed` / `not_permitted`, and is looked for
+again every `absent_recheck_seconds`. The request/answer
 calls (Secrets, patches, the Lease) run in `asyncio.to_thread`.
 
 All calls go out with `_preload_content=False` and we parse the JSON ourselves: custom objects
@@ -54,6 +55,9 @@ MERGE_PATCH = "application/merge-patch+json"
 LEASE_GROUP, LEASE_VERSION, LEASE_PLURAL = "coordination.k8s.io", "v1", "leases"
 # Answers that are outcomes rather than failures of the API server (not counted as errors).
 _EXPECTED_STATUSES = frozenset({404, 409, 410})
+NOT_INSTALLED, NOT_PERMITTED = "not installed", "not permitted"
+# What an optional kind's list failing with these statuses means (anything else is a failure).
+_ABSENT_STATUSES = {404: NOT_INSTALLED, 403: NOT_PERMITTED}
 _CONNECT_TIMEOUT = 10.0
 _SecretData = Mapping[str, bytes]
 
@@ -174,7 +178,8 @@ class KubeCluster:
         self._absent_recheck = absent_recheck_seconds
         self._lock = threading.Lock()
         self._errors: dict[str, str] = {}
-        self._absent: set[str] = set()  # labels of optional targets whose CRD is missing
+        # Labels of optional targets we cannot list -> why: NOT_INSTALLED (404), NOT_PERMITTED (403).
+        self._absent: dict[str, str] = {}
         self._stopping = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         # (namespace, name) -> (expires, data, when the read started)
@@ -222,9 +227,18 @@ class KubeCluster:
     @property
     def not_installed(self) -> list[str]:
         """Optional kinds whose CRD the API server does not serve (404), sorted."""
+        return self._absent_for(NOT_INSTALLED)
+
+    @property
+    def not_permitted(self) -> list[str]:
+        """Optional kinds our RBAC may not list or watch (403, e.g. RBAC managed outside the
+        chart that predates them), sorted."""
+        return self._absent_for(NOT_PERMITTED)
+
+    def _absent_for(self, why: str) -> list[str]:
         with self._lock:
-            absent = set(self._absent)
-        return sorted({t.kind for t in self._targets if t.label in absent})
+            labels = {label for label, reason in self._absent.items() if reason == why}
+        return sorted({t.kind for t in self._targets if t.label in labels})
 
     @property
     def lease_namespace(self) -> str:
@@ -271,9 +285,11 @@ class KubeCluster:
             except Exception as exc:
                 if self._stopping.is_set():
                     return
-                if target.optional and getattr(exc, "status", None) == 404:
-                    # Not a failure: this Flux install has no such CRD (yet). Look again later.
-                    self._mark_absent(target)
+                why = _ABSENT_STATUSES.get(getattr(exc, "status", None) or 0)
+                if target.optional and why is not None:
+                    # Not a failure: this Flux install has no such CRD (yet), or our RBAC
+                    # leaves it out. Nothing routes to the kind; look again later.
+                    self._mark_absent(target, why)
                     failures = 0
                     self._stopping.wait(self._absent_recheck)
                     continue
@@ -313,10 +329,9 @@ class KubeCluster:
         self._to_loop(self._apply_list, target, items)
         if target.optional:
             with self._lock:
-                found = target.label in self._absent
-                self._absent.discard(target.label)
+                found = self._absent.pop(target.label, None) is not None
             if found:
-                log.info("%s is installed now: cached", target.label)
+                log.info("%s can be listed now: cached", target.label)
 
     def _list_page(self, target: _Target, page: str | None) -> dict[str, Any]:
         group, version, plural = resource_for(target.kind)
@@ -440,16 +455,19 @@ class KubeCluster:
         else:
             self.store.upsert(raw)
 
-    def _mark_absent(self, target: _Target) -> None:
-        """The CRD of an optional kind is not installed: an empty, listed kind, said once."""
+    def _mark_absent(self, target: _Target, why: str) -> None:
+        """An optional kind we cannot list (not installed, or not permitted): an empty, listed
+        kind, said once per reason."""
         target.resource_version = None
         with self._lock:
-            first = target.label not in self._absent
-            self._absent.add(target.label)
+            first = self._absent.get(target.label) != why
+            self._absent[target.label] = why
             self._errors.pop(target.label, None)
         if first:
-            log.warning("%s is not installed (its CRD is not served): not cached, looked for "
-                        "again every %g s", target.label, self._absent_recheck)
+            cause = ("its CRD is not served" if why == NOT_INSTALLED
+                     else "RBAC does not allow list/watch")
+            log.warning("%s is %s (%s): not cached, looked for again every %g s",
+                        target.label, why, cause, self._absent_recheck)
         # Also drops what was cached if the CRD went away.
         self._to_loop(self._apply_list, target, [])
 
