@@ -1,4 +1,4 @@
-"""Would an ImageRepository scan of a pushed tag change what an ImagePolicy selects? Pure.
+r"""Would an ImageRepository scan of a pushed tag change what an ImagePolicy selects? Pure.
 
 image-reflector-controller (API `image.toolkit.fluxcd.io/v1`) builds a policy's candidates from
 the repository's tags: `spec.filterTags.pattern` (a Go regexp) keeps the tags it matches and
@@ -11,54 +11,61 @@ A pushed tag is *taken* when it passes the filter and ranks at or above the tag 
 holds now (extracted the same way); with no `latestRef` (or one the policy would not pick
 again, e.g. after the spec changed), any tag that passes is taken.
 
-Regular expressions are Go's (RE2). Python's `re` agrees on the syntax Flux users write, but
-not everywhere: a pattern that uses syntax the two read differently, or that Python cannot
-compile, is not evaluated here; the policy is then *assumed to take* the tag and the reason says
-so. Annotating one ImageRepository too many costs a registry scan; missing one loses an update.
+Regular expressions are Go's, whose syntax and semantics are RE2's: they are evaluated with
+RE2 itself (google-re2), so `[[:alpha:]]`, `\pL`, `\Q…\E` and a literal `{,n}` read as in
+Go, and matching takes linear time whatever the pattern. That matters here: the text matched is
+a tag anyone who may push a package chooses, and a backtracking engine (Python's `re`) can be
+made to run for hours by a tag against a pattern as ordinary as `^(\d+\.?)+$`. A pattern RE2
+refuses (Go refuses the same: lookarounds, backreferences, `\Z`) is not evaluated; the policy is
+then *assumed to take* the tag and the reason says so. Annotating one ImageRepository too many
+costs a registry scan; missing one loses an update.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import re2
+
 from receiver.semver import ConstraintError, tag_taken
 
 # ImageRepository `spec.exclusionList` when unset (the CRD default): cosign signature tags.
 DEFAULT_EXCLUSIONS = ("^.*\\.sig$",)
 
-# Syntax both engines compile but read differently, or that only one of them accepts:
-# POSIX classes inside brackets (`[[:alpha:]]` is a plain set in Python), `{,n}` (a repeat in
-# Python, literal text in Go), lookarounds, backreferences, atomic groups, comments and `\Z`
-# (RE2 rejects them; Python does not). A false alarm only means "assumed to take".
-_DIVERGENT = re.compile(r"\[\[:|\{,|\(\?[=!#>]|\(\?<[=!]|\(\?P=|\\[1-9Z]")
+_RE2_OPTIONS = re2.Options()
+_RE2_OPTIONS.log_errors = False  # a refused pattern is a reason in the plan, not a stderr line
 
 
 @dataclass(frozen=True, slots=True)
 class GoPattern:
-    """A Go regexp as Python compiled it, or why it cannot be evaluated here."""
+    """A Go regexp compiled by RE2, or why it cannot be evaluated here."""
 
     text: str
-    compiled: re.Pattern[str] | None
+    compiled: Any  # re2._Regexp: search() and Python-style match objects; no type stubs
     problem: str = ""
 
 
+@functools.lru_cache(maxsize=512)
 def go_pattern(text: str) -> GoPattern:
-    if _DIVERGENT.search(text):
-        return GoPattern(text, None, "uses syntax Go's regexp reads differently")
+    """Compiled once per pattern: a cluster has a handful of policies, pushed to many times."""
     try:
-        return GoPattern(text, re.compile(text))
-    except re.error as exc:
-        return GoPattern(text, None, f"cannot be compiled here ({exc.msg})")
+        return GoPattern(text, re2.compile(text, _RE2_OPTIONS))
+    except re2.error as exc:
+        message = exc.args[0] if exc.args else ""
+        if isinstance(message, bytes):
+            message = message.decode("utf-8", "replace")
+        return GoPattern(text, None, f"is not a valid Go regexp ({message})")
 
 
 _REF = re.compile(r"\$(?:\{(\w+)\}|(\w+)|(\$))", re.ASCII)
 
 
-def expand(template: str, match: re.Match[str]) -> str:
+def expand(template: str, match: Any) -> str:
     """Go's `Regexp.ExpandString`: `$$` is `$`; `$name` takes the longest run of letters,
     digits and `_` (so `$1x` names group `1x`); a number is a group index; an unknown group or
     one that did not take part expands to ''; a `$` that starts no reference stays."""

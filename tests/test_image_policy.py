@@ -61,19 +61,39 @@ def test_policy_takes(spec: dict[str, Any], tag: str, current: str, taken: bool)
 
 
 @pytest.mark.parametrize("pattern", [
-    r"[[:alpha:]]+",  # a POSIX class: a plain character set to Python
-    r"^(?=v)v\d+",  # lookahead: RE2 rejects it
+    r"^(?=v)v\d+",  # lookahead: Go (RE2) refuses it
     r"(a)\1",  # backreference
-    r"\pL+",  # Unicode class: Go only
-    r"^\Qa.b\E$",  # quoted text: Go only
-    r"^v{,2}1",  # a repeat in Python, literal text in Go
-    r"v1\Z",  # RE2 has no \Z
+    r"v1\Z",  # neither Go nor RE2 has \Z
+    r"([a-z]+",  # unbalanced
 ])
-def test_patterns_not_read_as_go_are_assumed_to_take(pattern: str) -> None:
+def test_patterns_go_refuses_are_assumed_to_take(pattern: str) -> None:
     assert go_pattern(pattern).compiled is None
     ok, why = policy_takes(_spec({"alphabetical": {}}, pattern), "v1", "")
     assert ok
     assert "assumed to take v1" in why and repr(pattern) in why
+    assert "is not a valid Go regexp" in why
+
+
+@pytest.mark.parametrize(("pattern", "tag", "matches"), [
+    (r"^[[:alpha:]]+-\d+$", "main-12", True),  # a POSIX class: a plain set to Python's re
+    (r"^[[:alpha:]]+-\d+$", ":-12", False),
+    (r"^\pL+-\d+$", "été-3", True),  # a Unicode class: Python's re has none
+    (r"^\Qv1.0\E-rc$", "v1.0-rc", True),  # quoted text
+    (r"^\Qv1.0\E-rc$", "v1x0-rc", False),
+    (r"^v{,2}1$", "v{,2}1", True),  # literal text in Go; a repeat to Python's re
+    (r"^v{,2}1$", "vv1", False),
+])
+def test_patterns_read_as_go_reads_them(pattern: str, tag: str, matches: bool) -> None:
+    ok, why = policy_takes(_spec({"alphabetical": {}}, pattern), tag, "")
+    assert ok is matches, why
+    assert "assumed" not in why
+
+
+def test_a_pathological_tag_is_matched_in_linear_time() -> None:
+    # A backtracking engine needs about 2**40 steps to fail this match; RE2 needs 41. Pushed
+    # tags are chosen by whoever may push a package, and the hook path must not hang on one.
+    ok, why = policy_takes(_spec({"numerical": {}}, r"^(\d+\.?)+$"), "1" * 40 + "x", "")
+    assert not ok and "does not match" in why
 
 
 def test_reasons_read_like_the_plan() -> None:
@@ -99,7 +119,8 @@ def test_exclusion_list() -> None:
     assert excluded_by(None, "sha256-abc.sig") == "^.*\\.sig$"  # the CRD default
     assert excluded_by([], "sha256-abc.sig") is None
     assert excluded_by(["^dev-", "^tmp"], "dev-1") == "^dev-"
-    assert excluded_by(["[[:alpha:]]"], "dev") is None  # not evaluated: excludes nothing
+    assert excluded_by(["^[[:alpha:]]+$"], "dev") == "^[[:alpha:]]+$"  # a POSIX class, as Go
+    assert excluded_by(["(?=dev)"], "dev") is None  # Go refuses it: excludes nothing
     assert excluded_by(["^dev-"], "1.0.0") is None
 
 

@@ -366,12 +366,19 @@ def test_filter_tags_and_extract_rank_the_extracted_value() -> None:
         "does not match feature-9f8e-1800")
 
 
-def test_a_pattern_python_cannot_read_as_go_is_assumed_to_take_the_tag() -> None:
-    policy = _image_policy({"alphabetical": {}}, filterTags={"pattern": r"^[[:digit:]]+$"})
+def test_a_pattern_go_refuses_is_assumed_to_take_the_tag() -> None:
+    policy = _image_policy({"alphabetical": {}}, filterTags={"pattern": r"^(?=\d)\d+$"})
     plan = _image_plan("123", _image_repo(), policy)
     assert _names(plan["targets"]) == ["ImageRepository/app", "ImagePolicy/app"]
-    assert "uses syntax Go's regexp reads differently: assumed to take 123" in (
-        plan["targets"][1]["reason"])
+    reason = plan["targets"][1]["reason"]
+    assert "is not a valid Go regexp" in reason and "assumed to take 123" in reason
+
+
+def test_a_posix_class_is_read_as_go_reads_it() -> None:
+    policy = _image_policy({"alphabetical": {}}, filterTags={"pattern": r"^[[:digit:]]+$"})
+    assert _names(_image_plan("123", _image_repo(), policy)["targets"]) == [
+        "ImageRepository/app", "ImagePolicy/app"]
+    assert _image_plan("v123", _image_repo(), policy)["targets"] == []
 
 
 def test_the_exclusion_list_drops_the_tag_from_the_scan() -> None:
