@@ -1,8 +1,8 @@
 """What the whole-loop test modules do with the peers of `tests.e2e_harness`.
 
 The harness starts processes; this module holds what every `test_e2e_*` module then does with
-them, once: bring the peers up with their teardown (`stopping`, `start_plane`, `start_gitea`,
-`start_flux`), write the bridge's configuration (`bridge_config`), make the Flux objects
+them, once: bring the peers up with their teardown (`stopping`, `start_peers`, or one by one
+with `start_plane`, `start_flux`), write the bridge's configuration (`bridge_config`), make the Flux objects
 (`create_object`, `create_secret`, `git_repository`, `kustomization`, `receiver`,
 `alert_to_bridge`), read them back (`condition`, `applied_at`, `failed_at`, `artifact_at`),
 read Gitea's status history (`context_history`, `described`), and wait on a condition with the
@@ -26,6 +26,7 @@ from tests.e2e_harness import (
     BridgeProcess,
     FluxControllers,
     Gitea,
+    e2e_peers,
     install_source_crds,
     metric_value,
 )
@@ -112,6 +113,24 @@ def start_flux(bin_dir: Path, plane: ControlPlane, workdir: Path,
     flux.start(names)
     teardown.append(flux.stop)
     return flux
+
+
+def start_peers(workdir: Path, teardown: list[Callable[[], None]], timings: dict[str, float],
+                *namespaces: str, audit_policy: Mapping[str, Any] | None = None
+                ) -> tuple[ControlPlane, Gitea, FluxControllers]:
+    """The peers every whole-loop module runs, each timed into `timings` and stopped at
+    teardown: etcd + kube-apiserver with the CRDs and `namespaces`, Gitea, the Flux
+    controllers."""
+    with timed(timings, "binaries"):
+        bin_dir, static_root = e2e_peers()
+    assert static_root is not None
+    with timed(timings, "control plane (etcd, kube-apiserver, CRDs)"):
+        plane = start_plane(bin_dir, teardown, *namespaces, audit_policy=audit_policy)
+    with timed(timings, "gitea (migrate, admin, web)"):
+        gitea = start_gitea(bin_dir, static_root, workdir / "gitea", teardown)
+    with timed(timings, "flux controllers"):
+        flux = start_flux(bin_dir, plane, workdir / "flux", teardown)
+    return plane, gitea, flux
 
 
 def bridge_config(cluster: str, gitea: Gitea, events_token: str, home: Path, *,
@@ -229,18 +248,18 @@ def condition(obj: Mapping[str, Any], type_: str) -> dict[str, Any]:
 
 def applied_at(ks: dict[str, Any], revision: str) -> dict[str, Any] | None:
     """The Kustomization if it is Ready with `revision` applied, else None."""
-    status = ks.get("status") or {}
-    if (status.get("lastAppliedRevision") == revision
-            and condition(ks, "Ready").get("status") == "True"):
-        return ks
-    return None
+    return _ready_at(ks, "lastAppliedRevision", revision, "True")
 
 
 def failed_at(ks: dict[str, Any], revision: str) -> dict[str, Any] | None:
     """The Kustomization if it is not Ready after attempting `revision`, else None."""
+    return _ready_at(ks, "lastAttemptedRevision", revision, "False")
+
+
+def _ready_at(ks: dict[str, Any], field: str, revision: str, ready: str
+              ) -> dict[str, Any] | None:
     status = ks.get("status") or {}
-    if (status.get("lastAttemptedRevision") == revision
-            and condition(ks, "Ready").get("status") == "False"):
+    if status.get(field) == revision and condition(ks, "Ready").get("status") == ready:
         return ks
     return None
 

@@ -34,33 +34,8 @@ from typing import Any
 
 import pytest
 
-from tests.e2e_env import (
-    FLUX_NS,
-    Waiting,
-    alert_to_bridge,
-    applied_at,
-    bridge_config,
-    collection,
-    condition,
-    configmap_yaml,
-    context_history,
-    create_secret,
-    failed_at,
-    get_object,
-    git_repository,
-    hook_path,
-    kustomization,
-    print_timings,
-    receiver,
-    shown,
-    start_flux,
-    start_gitea,
-    start_plane,
-    status_context,
-    stopping,
-    timed,
-)
-from tests.e2e_harness import BridgeProcess, FluxControllers, Gitea, e2e_peers
+from tests import e2e_env as e2e
+from tests.e2e_harness import BridgeProcess, FluxControllers, Gitea
 from tests.realk8s import ControlPlane
 
 pytestmark = pytest.mark.e2e
@@ -86,14 +61,14 @@ STATUS_TIMEOUT = 60.0
 
 def context(region: str) -> str:
     """The region's Kustomization context (the default template; namespace = region)."""
-    return status_context(region, "Kustomization", region, KS)
+    return e2e.status_context(region, "Kustomization", region, KS)
 
 
 def source_context(region: str) -> str:
-    return status_context(region, "GitRepository", region, "fleet")
+    return e2e.status_context(region, "GitRepository", region, "fleet")
 
 
-configmap = configmap_yaml
+configmap = e2e.configmap_yaml
 
 
 def healthy_layout(release: str) -> dict[str, str]:
@@ -104,7 +79,7 @@ def healthy_layout(release: str) -> dict[str, str]:
 
 
 @dataclass
-class Fleet(Waiting):
+class Fleet(e2e.Waiting):
     plane: ControlPlane
     gitea: Gitea
     flux: FluxControllers
@@ -115,19 +90,19 @@ class Fleet(Waiting):
     # -- Kubernetes ----------------------------------------------------------------------------------
 
     def suspend(self, region: str, suspended: bool) -> None:
-        self.plane.request("PATCH", f"{collection('Kustomization', region)}/{KS}",
+        self.plane.request("PATCH", f"{e2e.collection('Kustomization', region)}/{KS}",
                            {"spec": {"suspend": suspended}},
                            content_type="application/merge-patch+json")
 
     def kustomization(self, region: str) -> dict[str, Any]:
-        return get_object(self.plane, "Kustomization", region, KS)
+        return e2e.get_object(self.plane, "Kustomization", region, KS)
 
     def deployed(self, region: str, sha: str) -> dict[str, Any] | None:
         """The region's Kustomization if it is Ready with `sha` applied, else None."""
-        return applied_at(self.kustomization(region), f"main@sha1:{sha}")
+        return e2e.applied_at(self.kustomization(region), f"main@sha1:{sha}")
 
     def failed(self, region: str, sha: str) -> dict[str, Any] | None:
-        return failed_at(self.kustomization(region), f"main@sha1:{sha}")
+        return e2e.failed_at(self.kustomization(region), f"main@sha1:{sha}")
 
     # -- Gitea ---------------------------------------------------------------------------------------
 
@@ -139,7 +114,7 @@ class Fleet(Waiting):
 
     def history(self, sha: str, ctx: str) -> list[dict[str, Any]]:
         """Every status of `ctx` on `sha` (Gitea keeps them all), oldest first."""
-        return context_history(self.gitea, ORG, REPO, sha, ctx)
+        return e2e.context_history(self.gitea, ORG, REPO, sha, ctx)
 
     def combined(self, sha: str) -> dict[str, Any]:
         """Gitea's combined status of the commit (the latest per context)."""
@@ -166,7 +141,7 @@ def _states(statuses: list[dict[str, Any]]) -> list[str]:
 
 def _bridge_config(region: str, gitea: Gitea, events_token: str, home: Path
                    ) -> dict[str, Any]:
-    return bridge_config(
+    return e2e.bridge_config(
         region, gitea, events_token, home, source_timeout=60, consumer_timeout=120,
         namespaces=[region],  # one cluster each: only its region's Flux objects
         statuses={"resync_interval_seconds": 30, "lease_duration_seconds": 15,
@@ -179,22 +154,14 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     module_started = time.monotonic()
     timings: dict[str, float] = {}
     workdir = tmp_path_factory.mktemp("e2e-fleet")
-    bin_dir, static_root = e2e_peers()
-    assert static_root is not None
-
-    with stopping() as teardown:
-        with timed(timings, "control plane (etcd, kube-apiserver, CRDs)"):
-            plane = start_plane(bin_dir, teardown, FLUX_NS, *REGIONS)
-        with timed(timings, "gitea (migrate, admin, web, repository)"):
-            gitea = start_gitea(bin_dir, static_root, workdir / "gitea", teardown)
-            gitea.create_org(ORG)
-            gitea.create_repo(ORG, REPO, private=True)
-        with timed(timings, "flux controllers"):
-            flux = start_flux(bin_dir, plane, workdir / "flux", teardown)
+    with e2e.stopping() as teardown:
+        plane, gitea, flux = e2e.start_peers(workdir, teardown, timings, e2e.FLUX_NS, *REGIONS)
+        gitea.create_org(ORG)
+        gitea.create_repo(ORG, REPO, private=True)
 
         bridges: dict[str, BridgeProcess] = {}
         tokens: dict[str, dict[str, str]] = {}
-        with timed(timings, "two bridges"):
+        with e2e.timed(timings, "two bridges"):
             for region in REGIONS:
                 home = workdir / f"bridge-{region}"
                 home.mkdir()
@@ -207,13 +174,13 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
                 teardown.append(bridges[region].stop)
 
         env = Fleet(plane, gitea, flux, bridges, timings=timings)
-        with timed(timings, "initial deploy (both regions Ready)"):
+        with e2e.timed(timings, "initial deploy (both regions Ready)"):
             env.initial_sha = _make_regions(env, tokens)
-        with timed(timings, "initial fleet success"):
+        with e2e.timed(timings, "initial fleet success"):
             env.wait_status(env.initial_sha, FLEET, "success")
         timings["environment total"] = time.monotonic() - module_started
         yield env
-        print_timings("e2e fleet timings", timings)
+        e2e.print_timings("e2e fleet timings", timings)
         print(f"  component start: control plane {plane.timings}, gitea {gitea.timings}, "
               f"flux {flux.timings}, bridges {[b.timings for b in bridges.values()]}")
         print(f"  module total {time.monotonic() - module_started:.1f}s")
@@ -226,19 +193,19 @@ def _make_regions(env: Fleet, tokens: dict[str, dict[str, str]]) -> str:
     for region in REGIONS:
         bridge = env.bridges[region]
         plane = env.plane
-        create_secret(plane, region, "gitea-auth", {"username": env.gitea.admin,
+        e2e.create_secret(plane, region, "gitea-auth", {"username": env.gitea.admin,
                                                     "password": env.gitea.token})
-        create_secret(plane, region, "webhook-token", {"token": tokens[region]["webhook"]})
-        alert_to_bridge(plane, region, f"{bridge.url}/events", tokens[region]["events"],
+        e2e.create_secret(plane, region, "webhook-token", {"token": tokens[region]["webhook"]})
+        e2e.alert_to_bridge(plane, region, f"{bridge.url}/events", tokens[region]["events"],
                         ["GitRepository", "Kustomization"])
-        git_repository(plane, region, "fleet", env.gitea.clone_url(ORG, REPO))
-        kustomization(plane, region, KS, f"./clusters/{region}",
+        e2e.git_repository(plane, region, "fleet", env.gitea.clone_url(ORG, REPO))
+        e2e.kustomization(plane, region, KS, f"./clusters/{region}",
                       source=("GitRepository", "fleet"))
-        receiver(plane, region, "gitea", "github", "webhook-token",
+        e2e.receiver(plane, region, "gitea", "github", "webhook-token",
                  [("GitRepository", "fleet"), ("Kustomization", KS)], events=["push"])
     for region in REGIONS:
         env.bridges[region].wait_receivers(1)
-        hook = hook_path(tokens[region]["webhook"], "gitea", region)
+        hook = e2e.hook_path(tokens[region]["webhook"], "gitea", region)
         env.gitea.create_hook(ORG, REPO, f"{env.bridges[region].url}{hook}",
                               tokens[region]["webhook"])
     for region in REGIONS:
@@ -266,7 +233,7 @@ def test_fleet_is_pending_after_the_first_region_and_success_after_the_second(fl
         # eu-west's bridge decides it from what Gitea shows: eu-west done, us-east not.
         fleet.wait_status(sha, FLEET, "pending", f"Deployed in 1 of 2 clusters; waiting for {US}")
         us_east = fleet.history(sha, context(US))
-        assert "success" not in _states(us_east), shown(us_east)
+        assert "success" not in _states(us_east), e2e.shown(us_east)
         assert fleet.deployed(US, sha) is None, "us-east deployed while suspended"
         assert "success" not in _states(fleet.history(sha, FLEET))
     finally:
@@ -279,10 +246,10 @@ def test_fleet_is_pending_after_the_first_region_and_success_after_the_second(fl
     fleet.wait_status(sha, context(US), "success")
     history = fleet.wait_status(sha, FLEET, "success", "Deployed in all 2 clusters")
     fleet.timings["us-east resumed -> fleet success"] = time.monotonic() - started
-    print(f"  {FLEET} on {sha[:12]}: {[(s, d) for _, s, d in shown(history)]}")
+    print(f"  {FLEET} on {sha[:12]}: {[(s, d) for _, s, d in e2e.shown(history)]}")
     states = _states(history)
     assert states.index("pending") < states.index("success"), states
-    assert not {"failure", "error"} & set(states), shown(history)
+    assert not {"failure", "error"} & set(states), e2e.shown(history)
     combined = fleet.combined(sha)
     assert combined["state"] == "success", combined
     latest = {s["context"]: s["status"] for s in combined["statuses"]}
@@ -299,11 +266,11 @@ def test_a_failing_second_region_makes_the_fleet_status_failure(fleet: Fleet) ->
         fleet.wait_status(sha, context(EU), "success")
         us_east = fleet.wait("us-east to fail at the commit", lambda: fleet.failed(US, sha),
                              DEPLOY_TIMEOUT)
-        assert condition(us_east, "Ready")["reason"] == "BuildFailed", us_east["status"]
+        assert e2e.condition(us_east, "Ready")["reason"] == "BuildFailed", us_east["status"]
         fleet.wait_status(sha, context(US), "failure")
         history = fleet.wait_status(sha, FLEET, "failure", f"Failed in {US}")
-        print(f"  {FLEET} on {sha[:12]}: {[(s, d) for _, s, d in shown(history)]}")
-        assert "success" not in _states(history), shown(history)
+        print(f"  {FLEET} on {sha[:12]}: {[(s, d) for _, s, d in e2e.shown(history)]}")
+        assert "success" not in _states(history), e2e.shown(history)
         assert fleet.combined(sha)["state"] == "failure"
     finally:
         # Leave both regions healthy for whatever runs next.

@@ -48,21 +48,8 @@ from typing import Any
 import httpx
 import pytest
 
+from tests import e2e_env as e2e
 from tests import gitea_payloads
-from tests.e2e_env import (
-    FLUX_NS,
-    RECONCILE,
-    condition,
-    create_secret,
-    get_object,
-    git_repository,
-    hook_path,
-    kustomization,
-    receiver,
-    start_flux,
-    start_plane,
-    stopping,
-)
 from tests.e2e_harness import BridgeProcess, FluxControllers, e2e_peers
 from tests.realk8s import ControlPlane, ControlPlaneError, free_port, wait_until
 
@@ -136,8 +123,8 @@ class Oracle:
     def requested(self, ns: str) -> dict[str, str]:
         found = {}
         for kind, name in OBJECTS:
-            obj = get_object(self.plane, kind, ns, name)
-            found[f"{kind}/{name}"] = (obj["metadata"].get("annotations") or {}).get(RECONCILE, "")
+            obj = e2e.get_object(self.plane, kind, ns, name)
+            found[f"{kind}/{name}"] = (obj["metadata"].get("annotations") or {}).get(e2e.RECONCILE, "")
         return found
 
     def changed(self, ns: str, before: dict[str, str]) -> set[str]:
@@ -145,20 +132,20 @@ class Oracle:
 
 
 def _objects(plane: ControlPlane, ns: str, case: Case, token: str, repo_url: str) -> None:
-    create_secret(plane, ns, "hook-token", {"token": token})
-    git_repository(plane, ns, "fleet", repo_url, timeout="10s", auth=None)
+    e2e.create_secret(plane, ns, "hook-token", {"token": token})
+    e2e.git_repository(plane, ns, "fleet", repo_url, timeout="10s", auth=None)
     for name in ("apps", "infra"):
-        kustomization(plane, ns, name, f"./{name}", source=("GitRepository", "fleet"),
+        e2e.kustomization(plane, ns, name, f"./{name}", source=("GitRepository", "fleet"),
                       timeout=None)
-    receiver(plane, ns, RECEIVER, case.type, "hook-token", OBJECTS,
+    e2e.receiver(plane, ns, RECEIVER, case.type, "hook-token", OBJECTS,
              events=list(case.events) if case.type == "github" else None,
              resource_filter=case.resource_filter)
 
 
 def _webhook_path(plane: ControlPlane, ns: str) -> str | None:
-    obj = get_object(plane, "Receiver", ns, RECEIVER)
+    obj = e2e.get_object(plane, "Receiver", ns, RECEIVER)
     status = obj.get("status") or {}
-    ready = condition(obj, "Ready").get("status") == "True"
+    ready = e2e.condition(obj, "Ready").get("status") == "True"
     path = status.get("webhookPath")
     return str(path) if ready and path else None
 
@@ -167,9 +154,9 @@ def _webhook_path(plane: ControlPlane, ns: str) -> str | None:
 def oracle(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Oracle]:
     bin_dir, _ = e2e_peers(gitea=False)
     workdir = tmp_path_factory.mktemp("oracle")
-    with stopping() as teardown:
-        plane = start_plane(bin_dir, teardown, FLUX_NS)
-        flux = start_flux(bin_dir, plane, workdir / "flux", teardown,
+    with e2e.stopping() as teardown:
+        plane = e2e.start_plane(bin_dir, teardown, e2e.FLUX_NS)
+        flux = e2e.start_flux(bin_dir, plane, workdir / "flux", teardown,
                           ("source-controller", "notification-controller"))
         bridge = BridgeProcess({
             "log_level": "info",
@@ -193,9 +180,9 @@ def oracle(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Oracle]:
             path = wait_until(f"NC's Receiver in {nc_ns} to be ready",
                               lambda ns=nc_ns: _webhook_path(plane, ns), 60,  # type: ignore[misc]
                               interval=0.2, on_timeout=lambda: flux.logs(20))
-            assert path == hook_path(env.token, RECEIVER, nc_ns), path
+            assert path == e2e.hook_path(env.token, RECEIVER, nc_ns), path
             env.paths[nc_ns] = path
-            env.paths[br_ns] = hook_path(env.token, RECEIVER, br_ns)
+            env.paths[br_ns] = e2e.hook_path(env.token, RECEIVER, br_ns)
         yield env
 
 

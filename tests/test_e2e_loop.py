@@ -31,39 +31,15 @@ from typing import Any
 import pytest
 
 from receiver.delivery_marks import DELIVERIES_ANNOTATION
-from tests.e2e_env import (
-    FLUX_NS,
-    RECONCILE,
-    BridgeEnv,
-    alert_to_bridge,
-    applied_at,
-    artifact_at,
-    bridge_config,
-    condition,
-    configmap_yaml,
-    context_history,
-    described,
-    failed_at,
-    git_repository,
-    hook_path,
-    kustomization,
-    print_timings,
-    receiver,
-    start_flux,
-    start_gitea,
-    start_plane,
-    status_context,
-    stopping,
-    timed,
-)
-from tests.e2e_harness import BridgeProcess, e2e_peers, metric_value, rss_kib
+from tests import e2e_env as e2e
+from tests.e2e_harness import BridgeProcess, metric_value, rss_kib
 from tests.realk8s import ROOT
 
 pytestmark = pytest.mark.e2e
 
 ORG, REPO = "platform", "fleet"
 CLUSTER = "eu-west"
-NS = FLUX_NS
+NS = e2e.FLUX_NS
 APPS_NS, INFRA_NS = "eu-west-apps", "eu-west-infra"
 APPS_PATH, INFRA_PATH = "clusters/eu-west/apps", "clusters/eu-west/infra"
 APPS_FILE, INFRA_FILE = f"{APPS_PATH}/settings.yaml", f"{INFRA_PATH}/settings.yaml"
@@ -75,17 +51,17 @@ STATUS_TIMEOUT = 90.0
 
 
 def context(name: str) -> str:
-    return status_context(CLUSTER, "Kustomization", NS, name)
+    return e2e.status_context(CLUSTER, "Kustomization", NS, name)
 
 
-configmap = configmap_yaml
+configmap = e2e.configmap_yaml
 
 
 # -- the environment ---------------------------------------------------------------------------------
 
 
 @dataclass
-class Loop(BridgeEnv):
+class Loop(e2e.BridgeEnv):
     workdir: Path
     webhook_token: str
     actions_token: str
@@ -103,13 +79,13 @@ class Loop(BridgeEnv):
 
     def deployed(self, name: str, sha: str) -> dict[str, Any] | None:
         """The Kustomization if it is Ready with `sha` applied, else None."""
-        return applied_at(self.get("Kustomization", name), f"main@sha1:{sha}")
+        return e2e.applied_at(self.get("Kustomization", name), f"main@sha1:{sha}")
 
     def failed(self, name: str, sha: str) -> dict[str, Any] | None:
-        return failed_at(self.get("Kustomization", name), f"main@sha1:{sha}")
+        return e2e.failed_at(self.get("Kustomization", name), f"main@sha1:{sha}")
 
     def source_at(self, sha: str) -> dict[str, Any] | None:
-        return artifact_at(self.get("GitRepository", "fleet"), f"main@sha1:{sha}")
+        return e2e.artifact_at(self.get("GitRepository", "fleet"), f"main@sha1:{sha}")
 
     # -- Gitea ---------------------------------------------------------------------------------------
 
@@ -120,7 +96,7 @@ class Loop(BridgeEnv):
         return sha
 
     def statuses(self, sha: str, name: str) -> list[dict[str, Any]]:
-        return context_history(self.gitea, ORG, REPO, sha, context(name))
+        return e2e.context_history(self.gitea, ORG, REPO, sha, context(name))
 
     def wait_status(self, sha: str, name: str, state: str, timeout: float = STATUS_TIMEOUT
                     ) -> list[dict[str, Any]]:
@@ -134,23 +110,14 @@ def loop(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Loop]:
     module_started = time.monotonic()
     timings: dict[str, float] = {}
     workdir = tmp_path_factory.mktemp("e2e")
-    with timed(timings, "binaries"):
-        bin_dir, static_root = e2e_peers()
-    assert static_root is not None
-
-    with stopping() as teardown:
-        with timed(timings, "control plane (etcd, kube-apiserver, CRDs)"):
-            plane = start_plane(bin_dir, teardown, NS, APPS_NS, INFRA_NS)
-        with timed(timings, "gitea (migrate, admin, web)"):
-            gitea = start_gitea(bin_dir, static_root, workdir / "gitea", teardown)
+    with e2e.stopping() as teardown:
+        plane, gitea, flux = e2e.start_peers(workdir, teardown, timings, NS, APPS_NS, INFRA_NS)
         gitea.create_org(ORG)
         gitea.create_repo(ORG, REPO, private=True)
-        with timed(timings, "flux controllers"):
-            flux = start_flux(bin_dir, plane, workdir / "flux", teardown)
 
         tokens = {name: secrets.token_hex(16) for name in ("webhook", "actions", "events")}
-        with timed(timings, "bridge"):
-            bridge = BridgeProcess(bridge_config(
+        with e2e.timed(timings, "bridge"):
+            bridge = BridgeProcess(e2e.bridge_config(
                 CLUSTER, gitea, tokens["events"], workdir,
                 # Few attempts, so a status lost while Gitea is down is repaired by the resync
                 # (every 5 s), not by a late retry.
@@ -161,17 +128,17 @@ def loop(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Loop]:
 
         env = Loop(plane, gitea, flux, bridge, workdir, tokens["webhook"], tokens["actions"],
                    timings=timings)
-        with timed(timings, "initial deploy (objects -> both Kustomizations Ready)"):
+        with e2e.timed(timings, "initial deploy (objects -> both Kustomizations Ready)"):
             env.initial_sha = _make_fleet(env, tokens)
-        with timed(timings, "initial success statuses in Gitea"):
+        with e2e.timed(timings, "initial success statuses in Gitea"):
             for name in ("apps", "infra"):
                 env.wait_status(env.initial_sha, name, "success")
         timings["environment total"] = time.monotonic() - module_started
-        print_timings("e2e environment up", timings)
+        e2e.print_timings("e2e environment up", timings)
         print(f"  component start: control plane {plane.timings}, gitea {gitea.timings}, "
               f"flux {flux.timings}, bridge {bridge.timings}")
         yield env
-        print_timings("e2e timings", timings)
+        e2e.print_timings("e2e timings", timings)
         rss = {"bridge": rss_kib(bridge.pid)} | {n: rss_kib(flux.pid(n)) for n in flux.processes}
         print("  RSS (MiB): " + ", ".join(f"{k} {v / 1024:.0f}" for k, v in rss.items()))
         print(f"  module total {time.monotonic() - module_started:.1f}s")
@@ -190,20 +157,20 @@ def _make_fleet(env: Loop, tokens: dict[str, str]) -> str:
     env.secret("gitea-auth", {"username": env.gitea.admin, "password": env.gitea.token})
     env.secret("webhook-token", {"token": tokens["webhook"]})
     env.secret("actions-token", {"token": tokens["actions"]})
-    alert_to_bridge(env.plane, NS, f"{env.bridge.url}/events", tokens["events"],
+    e2e.alert_to_bridge(env.plane, NS, f"{env.bridge.url}/events", tokens["events"],
                     ["GitRepository", "Kustomization"])
-    git_repository(env.plane, NS, "fleet", env.gitea.clone_url(ORG, REPO))
+    e2e.git_repository(env.plane, NS, "fleet", env.gitea.clone_url(ORG, REPO))
     for name, path in (("apps", APPS_PATH), ("infra", INFRA_PATH)):
-        kustomization(env.plane, NS, name, f"./{path}", source=("GitRepository", "fleet"))
+        e2e.kustomization(env.plane, NS, name, f"./{path}", source=("GitRepository", "fleet"))
     resources = [("GitRepository", "fleet"), ("Kustomization", "apps"),
                  ("Kustomization", "infra")]
-    receiver(env.plane, NS, "gitea", "github", "webhook-token", resources, events=["push"])
-    receiver(env.plane, NS, "actions", "generic", "actions-token", resources)
+    e2e.receiver(env.plane, NS, "gitea", "github", "webhook-token", resources, events=["push"])
+    e2e.receiver(env.plane, NS, "actions", "generic", "actions-token", resources)
     env.bridge.wait_receivers(2)
     for name in ("apps", "infra"):
         env.wait(f"first deploy of {name}", functools.partial(env.deployed, name, sha),
                  DEPLOY_TIMEOUT)
-    hook = hook_path(tokens["webhook"], "gitea", NS)
+    hook = e2e.hook_path(tokens["webhook"], "gitea", NS)
     env.hook_id = env.gitea.create_hook(ORG, REPO, f"{env.bridge.url}{hook}", tokens["webhook"])
     return sha
 
@@ -212,8 +179,8 @@ def _make_fleet(env: Loop, tokens: dict[str, str]) -> str:
 
 
 def test_push_annotates_the_source_and_the_touched_kustomization_only(loop: Loop) -> None:
-    before = loop.annotations("GitRepository", "fleet").get(RECONCILE)
-    assert RECONCILE not in loop.annotations("Kustomization", "infra")
+    before = loop.annotations("GitRepository", "fleet").get(e2e.RECONCILE)
+    assert e2e.RECONCILE not in loop.annotations("Kustomization", "infra")
     annotated_before = loop.metric("gfb_targets_annotated_total", kind="Kustomization")
     started = time.monotonic()
     sha = loop.push({APPS_FILE: configmap("apps-settings", APPS_NS, release="2")},
@@ -226,7 +193,7 @@ def test_push_annotates_the_source_and_the_touched_kustomization_only(loop: Loop
     assert len(accepted) == 1, accepted
     delivery_id, mark = accepted[0]["id"], accepted[0]["mark"]
     loop.wait("the GitRepository annotated", lambda: _changed(
-        loop.annotations("GitRepository", "fleet").get(RECONCILE), before), 30)
+        loop.annotations("GitRepository", "fleet").get(e2e.RECONCILE), before), 30)
     # The bridge's mark, written in the same patch, names this delivery.
     marks = loop.annotations("GitRepository", "fleet").get(DELIVERIES_ANNOTATION, "")
     assert marks.startswith(mark + "@"), (marks, mark)
@@ -248,7 +215,7 @@ def test_push_annotates_the_source_and_the_touched_kustomization_only(loop: Loop
     # already started on the commit by itself (it follows its source's revision), in which case
     # the bridge records that and sends no redundant patch.
     apps_marks = loop.annotations("Kustomization", "apps").get(DELIVERIES_ANNOTATION, "")
-    apps_value = loop.annotations("Kustomization", "apps").get(RECONCILE, "")
+    apps_value = loop.annotations("Kustomization", "apps").get(e2e.RECONCILE, "")
     detail = annotated[("Kustomization", "apps")].get("detail") or {}
     if apps_marks.startswith(mark + "@"):
         print("  apps: annotated by the bridge after the source had the commit")
@@ -262,7 +229,7 @@ def test_push_annotates_the_source_and_the_touched_kustomization_only(loop: Loop
         print("  apps: kustomize-controller started on the commit first (no bridge patch)")
     # The other Kustomization: never annotated (kustomize-controller itself still applies the
     # new revision to it, since it follows the source; that is Flux, not the bridge).
-    assert RECONCILE not in loop.annotations("Kustomization", "infra")
+    assert e2e.RECONCILE not in loop.annotations("Kustomization", "infra")
 
 
 def test_commit_statuses_pending_then_success_and_failure_with_flux_reason(loop: Loop) -> None:
@@ -270,7 +237,7 @@ def test_commit_statuses_pending_then_success_and_failure_with_flux_reason(loop:
         {APPS_FILE: configmap("apps-settings", APPS_NS, release="2b")}, "apps: release 2b")
     history = loop.wait_status(sha, "apps", "success")
     states = [s["status"] for s in history]
-    print(f"  apps on {sha[:12]}: {described(history)}")
+    print(f"  apps on {sha[:12]}: {e2e.described(history)}")
     assert "pending" in states, history
     assert states.index("pending") < len(states) - 1, "pending came before the success"
     assert history[-1]["description"], history
@@ -283,8 +250,8 @@ def test_commit_statuses_pending_then_success_and_failure_with_flux_reason(loop:
                       DEPLOY_TIMEOUT)
     history = loop.wait_status(broken, "infra", "failure")
     loop.timings["push -> failure status (broken build)"] = time.monotonic() - started
-    print(f"  infra on {broken[:12]}: {described(history)}")
-    reason = condition(infra, "Ready")["reason"]
+    print(f"  infra on {broken[:12]}: {e2e.described(history)}")
+    reason = e2e.condition(infra, "Ready")["reason"]
     assert reason == "BuildFailed", infra["status"]
     assert history[-1]["description"].startswith("Build failed"), history[-1]
     # apps was not touched by that push, but kustomize-controller applied the new revision to
@@ -328,7 +295,7 @@ def test_status_missed_while_gitea_is_down_is_repaired_by_the_resync(loop: Loop)
     loop.timings["gitea restart"] = time.monotonic() - restarted
     history = loop.wait_status(sha, "apps", "success", 60)
     loop.timings["gitea back -> missing success (resync)"] = time.monotonic() - restarted
-    print(f"  gitea down {down:.1f}s; apps on {sha[:12]}: {described(history)}")
+    print(f"  gitea down {down:.1f}s; apps on {sha[:12]}: {e2e.described(history)}")
     # No push (and no webhook) brought it ...
     assert loop.metric("gfb_hook_requests_total", outcome="accepted") == accepted
     assert loop.gitea.api("GET", f"/repos/{ORG}/{REPO}/branches/main")["commit"]["id"] == sha
@@ -348,7 +315,7 @@ def test_status_missed_while_gitea_is_down_is_repaired_by_the_resync(loop: Loop)
 
 def test_notify_action_waits_for_the_real_outcome(loop: Loop) -> None:
     """The composite action's script drives the deploy alone (the webhook is off meanwhile)."""
-    hook = hook_path(loop.actions_token, "actions", NS)
+    hook = e2e.hook_path(loop.actions_token, "actions", NS)
     loop.gitea.set_hook_active(ORG, REPO, loop.hook_id, False)
     try:
         sha = loop.push({APPS_FILE: configmap("apps-settings", APPS_NS, release="4")},

@@ -43,27 +43,8 @@ from typing import Any
 import pytest
 
 from receiver.delivery_marks import DELIVERIES_ANNOTATION
-from tests.e2e_env import (
-    FLUX_NS,
-    RECONCILE,
-    BridgeEnv,
-    alert_to_bridge,
-    applied_at,
-    bridge_config,
-    context_history,
-    described,
-    hook_path,
-    kustomization,
-    print_timings,
-    receiver,
-    start_flux,
-    start_gitea,
-    start_plane,
-    status_context,
-    stopping,
-    timed,
-)
-from tests.e2e_harness import BridgeProcess, e2e_peers
+from tests import e2e_env as e2e
+from tests.e2e_harness import BridgeProcess
 from tests.oci_client import (
     REVISION_ANNOTATION,
     SOURCE_ANNOTATION,
@@ -76,7 +57,7 @@ pytestmark = pytest.mark.e2e
 
 ORG, PRIVATE_ORG, REPO = "platform", "private-team", "fleet"
 CLUSTER = "eu-west"
-NS, APPS_NS = FLUX_NS, "apps"
+NS, APPS_NS = e2e.FLUX_NS, "apps"
 SEMVER = ">=1.0.0 <2.0.0"
 RECEIVER = "gitea-packages"
 
@@ -103,7 +84,7 @@ class Feed:
     @property
     def context(self) -> str:
         """The commit status context of its Kustomization: as for a Git-sourced one."""
-        return status_context(CLUSTER, "Kustomization", NS, self.name)
+        return e2e.status_context(CLUSTER, "Kustomization", NS, self.name)
 
     def configmap(self, release: str) -> str:
         return (f"apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {self.name}-settings\n"
@@ -119,7 +100,7 @@ FEEDS = (PUBLIC, PRIVATE)
 
 
 @dataclass
-class Env(BridgeEnv):
+class Env(e2e.BridgeEnv):
     registry: OCIClient
     webhook_token: str
     timings: dict[str, float] = field(default_factory=dict)
@@ -139,7 +120,7 @@ class Env(BridgeEnv):
 
     def deployed(self, feed: Feed, pushed: Pushed) -> dict[str, Any] | None:
         """The feed's Kustomization if it is Ready with this artifact applied, else None."""
-        return applied_at(self.get("Kustomization", feed.name), revision(pushed))
+        return e2e.applied_at(self.get("Kustomization", feed.name), revision(pushed))
 
     # -- Gitea and its registry ----------------------------------------------------------------------
 
@@ -162,7 +143,7 @@ class Env(BridgeEnv):
 
     def statuses(self, feed: Feed, sha: str) -> list[dict[str, Any]]:
         """Every status of the feed's context on `sha` in platform/fleet, oldest first."""
-        return context_history(self.gitea, ORG, REPO, sha, feed.context)
+        return e2e.context_history(self.gitea, ORG, REPO, sha, feed.context)
 
     def wait_status(self, feed: Feed, sha: str, state: str) -> list[dict[str, Any]]:
         """Until the newest status of the feed's context on `sha` is `state`; its history."""
@@ -192,7 +173,7 @@ class Env(BridgeEnv):
         delivery settled Ready, and the commit shows pending then success in Gitea. Returns
         (commit, artifact, the settled delivery)."""
         sha = self.commit(feed, release)
-        before = self.annotations("OCIRepository", feed.name).get(RECONCILE)
+        before = self.annotations("OCIRepository", feed.name).get(e2e.RECONCILE)
         seen = len(self.package_deliveries())
         accepted_before = self.metric("gfb_hook_requests_total", outcome="accepted")
         started = time.monotonic()
@@ -208,7 +189,7 @@ class Env(BridgeEnv):
         # this delivery); source-controller pulled the artifact from Gitea's registry, with the
         # manifest's annotations as its metadata.
         self.wait(f"OCIRepository {feed.name} annotated by the bridge", lambda: (
-            value if (value := self.annotations("OCIRepository", feed.name).get(RECONCILE))
+            value if (value := self.annotations("OCIRepository", feed.name).get(e2e.RECONCILE))
             != before else None), HOOK_TIMEOUT)
         marks = self.annotations("OCIRepository", feed.name).get(DELIVERIES_ANNOTATION, "")
         assert marks.startswith(record["mark"] + "@"), (marks, record)
@@ -241,7 +222,7 @@ class Env(BridgeEnv):
         # keeps every status posted, so a pending soon overwritten is still in the history).
         history = self.wait_status(feed, sha, "success")
         self.timings[f"{feed.name}: package push -> success status"] = time.monotonic() - started
-        print(f"  {feed.context} on {sha[:12]}: {described(history)}")
+        print(f"  {feed.context} on {sha[:12]}: {e2e.described(history)}")
         states = [s["status"] for s in history]
         assert "pending" in states[:-1], history
         return sha, pushed, delivery
@@ -257,35 +238,27 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     module_started = time.monotonic()
     timings: dict[str, float] = {}
     workdir = tmp_path_factory.mktemp("e2e-oci")
-    bin_dir, static_root = e2e_peers()
-    assert static_root is not None
-
-    with stopping() as teardown:
-        with timed(timings, "control plane (etcd, kube-apiserver, CRDs)"):
-            plane = start_plane(bin_dir, teardown, NS, APPS_NS)
-        with timed(timings, "gitea (migrate, admin, web, repository)"):
-            gitea = start_gitea(bin_dir, static_root, workdir / "gitea", teardown)
-            gitea.create_org(ORG)
-            gitea.create_org(PRIVATE_ORG, visibility="private")
-            gitea.create_repo(ORG, REPO, private=True)
-        with timed(timings, "flux controllers"):
-            flux = start_flux(bin_dir, plane, workdir / "flux", teardown)
+    with e2e.stopping() as teardown:
+        plane, gitea, flux = e2e.start_peers(workdir, teardown, timings, NS, APPS_NS)
+        gitea.create_org(ORG)
+        gitea.create_org(PRIVATE_ORG, visibility="private")
+        gitea.create_repo(ORG, REPO, private=True)
 
         tokens = {name: secrets.token_hex(16) for name in ("webhook", "events")}
-        with timed(timings, "bridge"):
-            bridge = BridgeProcess(bridge_config(CLUSTER, gitea, tokens["events"], workdir),
+        with e2e.timed(timings, "bridge"):
+            bridge = BridgeProcess(e2e.bridge_config(CLUSTER, gitea, tokens["events"], workdir),
                                    plane.kubeconfig, workdir)
             bridge.start()
             teardown.append(bridge.stop)
 
         registry = OCIClient(gitea.url, gitea.admin, gitea.token)
         env = Env(plane, gitea, flux, bridge, registry, tokens["webhook"], timings)
-        with timed(timings, "first artifacts deployed (objects -> Kustomizations Ready)"):
+        with e2e.timed(timings, "first artifacts deployed (objects -> Kustomizations Ready)"):
             _first_deploy(env, tokens)
         timings["environment total"] = time.monotonic() - module_started
-        print_timings("e2e OCI environment up", timings)
+        e2e.print_timings("e2e OCI environment up", timings)
         yield env
-        print_timings("e2e OCI timings", timings)
+        e2e.print_timings("e2e OCI timings", timings)
         print(f"  module total {time.monotonic() - module_started:.1f}s")
 
 
@@ -303,7 +276,7 @@ def _first_deploy(env: Env, tokens: dict[str, str]) -> None:
         "auth": base64.b64encode(login.encode()).decode()}}})},
         "kubernetes.io/dockerconfigjson")
     env.secret("webhook-token", {"token": tokens["webhook"]})
-    alert_to_bridge(env.plane, NS, f"{env.bridge.url}/events", tokens["events"],
+    e2e.alert_to_bridge(env.plane, NS, f"{env.bridge.url}/events", tokens["events"],
                     ["OCIRepository", "Kustomization"])
     resources: list[tuple[str, str]] = []
     for feed in FEEDS:
@@ -312,14 +285,14 @@ def _first_deploy(env: Env, tokens: dict[str, str]) -> None:
         if feed.secret:
             spec["secretRef"] = {"name": feed.secret}
         env.create("OCIRepository", feed.name, spec)
-        kustomization(env.plane, NS, feed.name, "./", source=("OCIRepository", feed.name))
+        e2e.kustomization(env.plane, NS, feed.name, "./", source=("OCIRepository", feed.name))
         resources += [("OCIRepository", feed.name), ("Kustomization", feed.name)]
-    receiver(env.plane, NS, RECEIVER, "github", "webhook-token", resources, events=["package"])
+    e2e.receiver(env.plane, NS, RECEIVER, "github", "webhook-token", resources, events=["package"])
     env.bridge.wait_receivers(1)
     for feed in FEEDS:
         env.wait(f"first deploy of {feed.name}", functools.partial(
             env.deployed, feed, pushed[feed]), DEPLOY_TIMEOUT)
-    hook = env.bridge.url + hook_path(tokens["webhook"], RECEIVER, NS)
+    hook = env.bridge.url + e2e.hook_path(tokens["webhook"], RECEIVER, NS)
     for org in (ORG, PRIVATE_ORG):
         env.gitea.create_org_hook(org, hook, tokens["webhook"])
 
@@ -337,7 +310,7 @@ def test_package_push_the_ref_does_not_select_annotates_nothing(env: Env) -> Non
     # take it, so the bridge reconciles nothing.
     version = f"2.{next(env.minor)}.0"
     sha = env.commit(PUBLIC, version)
-    before = {(kind, feed.name): env.annotations(kind, feed.name).get(RECONCILE)
+    before = {(kind, feed.name): env.annotations(kind, feed.name).get(e2e.RECONCILE)
               for kind in ("OCIRepository", "Kustomization") for feed in FEEDS}
     artifact_before = env.artifact(PUBLIC).get("revision")
     annotated_before = env.metric("gfb_targets_annotated_total")
@@ -349,7 +322,7 @@ def test_package_push_the_ref_does_not_select_annotates_nothing(env: Env) -> Non
     delivery = env.delivery(record["id"], env.webhook_token)
     assert delivery["targets"] == [], delivery
     assert env.metric("gfb_targets_annotated_total") == annotated_before
-    assert {key: env.annotations(*key).get(RECONCILE) for key in before} == before
+    assert {key: env.annotations(*key).get(e2e.RECONCILE) for key in before} == before
     assert env.artifact(PUBLIC).get("revision") == artifact_before != revision(pushed)
     # Nothing deploys it, so its commit shows nothing in Gitea.
     env.wait("the bridge's status queue to drain",

@@ -57,37 +57,13 @@ import httpx
 import pytest
 
 from receiver import signatures as sig
+from tests import e2e_env as e2e
 from tests import gitea_payloads
-from tests.e2e_env import (
-    FLUX_KINDS,
-    FLUX_NS,
-    RECONCILE,
-    InNamespace,
-    Waiting,
-    alert_to_bridge,
-    bridge_config,
-    condition,
-    configmap_yaml,
-    context_history,
-    described,
-    git_repository,
-    hook_path,
-    kustomization,
-    print_timings,
-    receiver,
-    start_flux,
-    start_gitea,
-    start_plane,
-    status_context,
-    stopping,
-    timed,
-)
 from tests.e2e_harness import (
     BridgeProcess,
     FluxControllers,
     Gitea,
     chart_service_account,
-    e2e_peers,
 )
 from tests.proxy_harness import RoundRobinProxy, nginx_binary, table, upstream_port
 from tests.realk8s import ROOT, ControlPlane, ControlPlaneError, audit_policy, wait_until
@@ -97,7 +73,7 @@ pytestmark = pytest.mark.e2e
 REPLICAS = 2
 ORG, REPO = "platform", "fleet"
 CLUSTER = "eu-west"
-NS = FLUX_NS
+NS = e2e.FLUX_NS
 RELEASE = "gfb"  # the chart release whose ServiceAccount and RBAC the replicas run with
 LEASE = "gfb-replicas-resync"
 APPS_NS, REPLAY_NS = "eu-west-apps", "eu-west-replay"
@@ -126,10 +102,10 @@ LAG_PUSHES = 5  # pushes the proxy still sends to a replica after its SIGTERM (e
 
 
 def context(name: str) -> str:
-    return status_context(CLUSTER, "Kustomization", NS, name)
+    return e2e.status_context(CLUSTER, "Kustomization", NS, name)
 
 
-configmap = configmap_yaml
+configmap = e2e.configmap_yaml
 
 
 def now_rfc3339() -> str:
@@ -140,7 +116,7 @@ def now_rfc3339() -> str:
 
 
 @dataclass
-class Replicas(InNamespace, Waiting):
+class Replicas(e2e.InNamespace, e2e.Waiting):
     plane: ControlPlane
     gitea: Gitea
     flux: FluxControllers
@@ -191,18 +167,18 @@ class Replicas(InNamespace, Waiting):
         """The reconcile request and the bridge's own annotations of an object."""
         found = super().annotations(kind, name)
         return {k: v for k, v in found.items()
-                if k == RECONCILE or k.startswith(BRIDGE_ANNOTATION_PREFIX)}
+                if k == e2e.RECONCILE or k.startswith(BRIDGE_ANNOTATION_PREFIX)}
 
     def patches(self, kind: str, name: str) -> int:
         """PATCH requests the replicas' ServiceAccount made on the object (audit log)."""
-        api_version, plural = FLUX_KINDS[kind]
+        api_version, plural = e2e.FLUX_KINDS[kind]
         return self.plane.count_patches(self.bridge_user, api_version.split("/")[0], plural,
                                         NS, name)
 
     def ready_at(self, kind: str, name: str, sha: str) -> dict[str, Any] | None:
         obj = self.get(kind, name)
         status = obj.get("status") or {}
-        ready = condition(obj, "Ready")
+        ready = e2e.condition(obj, "Ready")
         revision = ((status.get("artifact") or {}).get("revision") if kind == "GitRepository"
                     else status.get("lastAppliedRevision"))
         if str(revision or "").endswith(f"sha1:{sha}") and ready.get("status") == "True":
@@ -215,13 +191,13 @@ class Replicas(InNamespace, Waiting):
         return f"{self.gitea.url}/{ORG}/{REPO}"
 
     def latest_status(self, sha: str, ctx: str) -> dict[str, Any] | None:
-        found = context_history(self.gitea, ORG, REPO, sha, ctx)
+        found = e2e.context_history(self.gitea, ORG, REPO, sha, ctx)
         return found[-1] if found else None
 
     # -- HTTP ------------------------------------------------------------------------------------
 
     def hook(self, receiver: str) -> str:
-        return hook_path(self.tokens[receiver], receiver, NS)
+        return e2e.hook_path(self.tokens[receiver], receiver, NS)
 
     def delivery(self, base_url: str, delivery_id: str, receiver: str) -> tuple[int, dict[str, Any]]:
         with httpx.Client(trust_env=False, timeout=10.0) as client:
@@ -239,8 +215,6 @@ class Replicas(InNamespace, Waiting):
 
 @pytest.fixture(scope="module")
 def replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replicas]:
-    bin_dir, static_root = e2e_peers()
-    assert static_root is not None
     nginx = nginx_binary()
     if nginx is None:
         pytest.skip("nginx is not installed (the round-robin proxy in front of the replicas; "
@@ -249,26 +223,22 @@ def replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replicas]:
     timings: dict[str, float] = {}
     workdir = tmp_path_factory.mktemp("replicas")
 
-    with stopping() as teardown:
-        with timed(timings, "control plane (etcd, kube-apiserver + audit, CRDs, chart RBAC)"):
-            plane = start_plane(bin_dir, teardown, NS, APPS_NS, REPLAY_NS,
-                                audit_policy=audit_policy())
+    with e2e.stopping() as teardown:
+        plane, gitea, flux = e2e.start_peers(workdir, teardown, timings, NS, APPS_NS, REPLAY_NS,
+                                         audit_policy=audit_policy())
+        with e2e.timed(timings, "chart RBAC (the replicas' ServiceAccount)"):
             bridge_user, bridge_token = chart_service_account(
                 plane, RELEASE, NS, "--set", f"config.statuses.lease_name={LEASE}")
             kubeconfig = plane.write_kubeconfig(workdir / "bridge-kubeconfig.yaml", bridge_token,
                                                 user=bridge_user)
-        with timed(timings, "gitea"):
-            gitea = start_gitea(bin_dir, static_root, workdir / "gitea", teardown)
-            gitea.create_org(ORG)
-            gitea.create_repo(ORG, REPO, private=True)
-        with timed(timings, "flux controllers"):
-            flux = start_flux(bin_dir, plane, workdir / "flux", teardown)
+        gitea.create_org(ORG)
+        gitea.create_repo(ORG, REPO, private=True)
 
         tokens = {name: secrets.token_hex(16) for name in (*RECEIVERS, "events")}
-        config = bridge_config(CLUSTER, gitea, tokens["events"], workdir, statuses={
+        config = e2e.bridge_config(CLUSTER, gitea, tokens["events"], workdir, statuses={
             "resync_interval_seconds": 5, "max_attempts": 3, "lease_duration_seconds": 15,
             "lease_name": LEASE})
-        with timed(timings, f"{REPLICAS} bridge replicas + nginx"):
+        with e2e.timed(timings, f"{REPLICAS} bridge replicas + nginx"):
             proxy = RoundRobinProxy(nginx, workdir / "nginx", [])
             env = Replicas(plane, gitea, flux, proxy, workdir, kubeconfig, bridge_user, config,
                            tokens, timings=timings)
@@ -278,10 +248,10 @@ def replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replicas]:
             proxy.start()
             teardown.append(proxy.stop)
 
-        with timed(timings, "fleet: objects, first deploys"):
+        with e2e.timed(timings, "fleet: objects, first deploys"):
             _make_fleet(env)
         timings["environment total"] = time.monotonic() - module_started
-        print_timings("replicas environment up", timings)
+        e2e.print_timings("replicas environment up", timings)
         print(f"  replicas: {', '.join(f'{env.name(b.port)}=:{b.port}' for b in env.replicas)}; "
               f"proxy {proxy.url}; bridge user {bridge_user}")
         yield env
@@ -325,14 +295,14 @@ def _make_fleet(env: Replicas) -> None:
     for name in RECEIVERS:
         env.secret(f"{name}-token", {"token": env.tokens[name]})
     # Events go through the proxy, as to a Service.
-    alert_to_bridge(env.plane, NS, f"{env.proxy.url}/events", env.tokens["events"],
+    e2e.alert_to_bridge(env.plane, NS, f"{env.proxy.url}/events", env.tokens["events"],
                     ["GitRepository", "Kustomization"])
     for name, branch in (("fleet", "main"), ("replay", "replay"), ("rollout", "rollout")):
-        git_repository(env.plane, NS, name, gitea.clone_url(ORG, REPO), branch=branch)
+        e2e.git_repository(env.plane, NS, name, gitea.clone_url(ORG, REPO), branch=branch)
     for name, source, path in (("apps", "fleet", APPS_PATH), ("replay", "replay", REPLAY_PATH)):
-        kustomization(env.plane, NS, name, f"./{path}", source=("GitRepository", source))
+        e2e.kustomization(env.plane, NS, name, f"./{path}", source=("GitRepository", source))
     for name, (rtype, _, listed) in RECEIVERS.items():
-        receiver(env.plane, NS, name, rtype, f"{name}-token", listed,
+        e2e.receiver(env.plane, NS, name, rtype, f"{name}-token", listed,
                  events=["push"] if rtype == "github" else None)
     for bridge in env.replicas:
         bridge.wait_receivers(len(RECEIVERS))
@@ -453,7 +423,7 @@ def test_events_at_alternating_replicas_leave_gitea_showing_the_latest(
             shown = str(latest.get("status")) if latest else "(nothing)"
         rows.append((step, f"{label}={env.name(bridge.port)}", state, answer, shown))
         if shown != state:
-            history = described(context_history(env.gitea, ORG, REPO, sha, ctx))
+            history = e2e.described(e2e.context_history(env.gitea, ORG, REPO, sha, ctx))
             failure = (f"after event {step} ({state} via replica {label}), Gitea still shows "
                        f"{shown!r} for {ctx} on {sha[:12]} ({STATUS_TIMEOUT:g}s later); "
                        f"history: {history}")
@@ -672,7 +642,7 @@ def test_replay_sent_to_the_other_replica_annotates_nothing(replicas: Replicas, 
     source = "GitRepository/replay"
     assert before[source][0] > before_first[source][0], \
         f"the original push patched nothing: {before_first} -> {before}"
-    assert before[source][1].get(RECONCILE) != before_first[source][1].get(RECONCILE), before
+    assert before[source][1].get(e2e.RECONCILE) != before_first[source][1].get(e2e.RECONCILE), before
 
     # The same bytes and headers again, to the replica that has not seen them.
     with httpx.Client(trust_env=False, timeout=10.0) as client:
