@@ -22,7 +22,6 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from receiver import delivery_marks
-from receiver import signatures as sig
 from receiver.delivery_record import ROLE_ANNOTATE, ROLE_TRACK, DeliveryRecord, RecordTarget
 from receiver.delivery_state import Timeouts, evaluate, has_push, package_commit
 from receiver.events import FluxEvent, InvolvedObject
@@ -50,7 +49,14 @@ from receiver.statuses import (
     desired_from_event,
     desired_from_object,
 )
-from tests.conftest import FIXTURES, Bridge, BridgeFactory, make_settings, until
+from tests.conftest import (
+    FIXTURES,
+    Bridge,
+    BridgeFactory,
+    make_settings,
+    send_package_event,
+    until,
+)
 from tests.fakegitea import FakeGitea, gitea_transport
 
 SHA = "5394cb7f48ab9fd33a7a95f6ee1f7b9c4b2b8a3e"
@@ -422,15 +428,7 @@ async def _push_package(bridge: Bridge, version: str = "latest",
                         receiver: str = "registry") -> dict[str, Any]:
     doc = json.loads(PAYLOAD.read_text())
     doc["package"]["version"] = version
-    body = json.dumps(doc).encode()
-    reply = await bridge.client.post(
-        "/hook/" + sig.hook_digest(TOKEN, receiver, "flux-system"), content=body,
-        headers={"Content-Type": "application/json", "X-Gitea-Event": "package",
-                 "X-GitHub-Event": "package",
-                 "X-Hub-Signature-256": "sha256=" + sig.hmac_hex("sha256", TOKEN, body)})
-    assert reply.status_code == 202, reply.text
-    result: dict[str, Any] = reply.json()
-    return result
+    return await send_package_event(bridge, receiver, TOKEN, json.dumps(doc).encode())
 
 
 def _states(fake: FakeGitea, sha: str, context: str) -> list[str]:
