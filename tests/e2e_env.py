@@ -1,12 +1,17 @@
-"""What the whole-loop test modules do with the peers of `tests.e2e_harness`.
+"""What the whole-loop test modules do with the peers of `tests.e2e_harness`, written once.
 
-The harness starts processes; this module holds what every `test_e2e_*` module then does with
-them, once: bring the peers up with their teardown (`stopping`, `start_peers`, or one by one
-with `start_plane`, `start_flux`), write the bridge's configuration (`bridge_config`), make the Flux objects
-(`create_object`, `create_secret`, `git_repository`, `kustomization`, `receiver`,
-`alert_to_bridge`), read them back (`condition`, `applied_at`, `failed_at`, `artifact_at`),
-read Gitea's status history (`context_history`, `described`), and wait on a condition with the
-peers' log tails when it does not come (`Waiting`, `InNamespace`, `BridgeEnv`).
+The harness starts processes; this module is what every `test_e2e_*` module then does with them,
+so that a new whole-loop module reuses it instead of copying another module:
+
+- bring the peers up, timed and torn down in reverse (`stopping`, `timed`, `start_peers`, or
+  `start_plane` / `start_flux` alone), and configure a bridge (`bridge_config`);
+- make the Flux objects (`create_object`, `create_secret`, `git_repository`, `kustomization`,
+  `receiver`, `alert_to_bridge`) and read them back (`get_object`, `condition`, `applied_at`,
+  `failed_at`, `artifact_at`);
+- push to Gitea and read a commit's status history (`push`, `context_history`, `described`,
+  `shown`);
+- wait on a condition, printing the time it took, with the peers' log tails when it does not
+  come (`Waiting`), and the env base classes (`InNamespace`, `BridgeEnv`).
 """
 
 from __future__ import annotations
@@ -280,6 +285,18 @@ def configmap_yaml(name: str, namespace: str, **data: str) -> str:
     lines = "".join(f'  {k}: "{v}"\n' for k, v in data.items())
     return (f"apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {name}\n"
             f"  namespace: {namespace}\ndata:\n{lines}")
+
+
+# -- Gitea ---------------------------------------------------------------------------------------
+
+
+def push(gitea: Gitea, owner: str, repo: str, files: Mapping[str, str | None], message: str
+         ) -> str:
+    """One commit of `files` (None deletes) on main; its sha. Prints what it took, for -s."""
+    started = time.monotonic()
+    sha = gitea.commit_files(owner, repo, files, message)
+    print(f"  pushed {sha[:12]} ({message}) in {time.monotonic() - started:.2f}s")
+    return sha
 
 
 # -- Gitea's statuses ----------------------------------------------------------------------------

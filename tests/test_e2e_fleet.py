@@ -107,10 +107,7 @@ class Fleet(e2e.Waiting):
     # -- Gitea ---------------------------------------------------------------------------------------
 
     def push(self, files: Mapping[str, str | None], message: str) -> str:
-        started = time.monotonic()
-        sha = self.gitea.commit_files(ORG, REPO, files, message)
-        print(f"  pushed {sha[:12]} ({message}) in {time.monotonic() - started:.2f}s")
-        return sha
+        return e2e.push(self.gitea, ORG, REPO, files, message)
 
     def history(self, sha: str, ctx: str) -> list[dict[str, Any]]:
         """Every status of `ctx` on `sha` (Gitea keeps them all), oldest first."""
@@ -194,15 +191,15 @@ def _make_regions(env: Fleet, tokens: dict[str, dict[str, str]]) -> str:
         bridge = env.bridges[region]
         plane = env.plane
         e2e.create_secret(plane, region, "gitea-auth", {"username": env.gitea.admin,
-                                                    "password": env.gitea.token})
+                                                        "password": env.gitea.token})
         e2e.create_secret(plane, region, "webhook-token", {"token": tokens[region]["webhook"]})
         e2e.alert_to_bridge(plane, region, f"{bridge.url}/events", tokens[region]["events"],
-                        ["GitRepository", "Kustomization"])
+                            ["GitRepository", "Kustomization"])
         e2e.git_repository(plane, region, "fleet", env.gitea.clone_url(ORG, REPO))
         e2e.kustomization(plane, region, KS, f"./clusters/{region}",
-                      source=("GitRepository", "fleet"))
+                          source=("GitRepository", "fleet"))
         e2e.receiver(plane, region, "gitea", "github", "webhook-token",
-                 [("GitRepository", "fleet"), ("Kustomization", KS)], events=["push"])
+                     [("GitRepository", "fleet"), ("Kustomization", KS)], events=["push"])
     for region in REGIONS:
         env.bridges[region].wait_receivers(1)
         hook = e2e.hook_path(tokens[region]["webhook"], "gitea", region)

@@ -136,10 +136,10 @@ def _objects(plane: ControlPlane, ns: str, case: Case, token: str, repo_url: str
     e2e.git_repository(plane, ns, "fleet", repo_url, timeout="10s", auth=None)
     for name in ("apps", "infra"):
         e2e.kustomization(plane, ns, name, f"./{name}", source=("GitRepository", "fleet"),
-                      timeout=None)
+                          timeout=None)
     e2e.receiver(plane, ns, RECEIVER, case.type, "hook-token", OBJECTS,
-             events=list(case.events) if case.type == "github" else None,
-             resource_filter=case.resource_filter)
+                 events=list(case.events) if case.type == "github" else None,
+                 resource_filter=case.resource_filter)
 
 
 def _webhook_path(plane: ControlPlane, ns: str) -> str | None:
@@ -157,7 +157,7 @@ def oracle(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Oracle]:
     with e2e.stopping() as teardown:
         plane = e2e.start_plane(bin_dir, teardown, e2e.FLUX_NS)
         flux = e2e.start_flux(bin_dir, plane, workdir / "flux", teardown,
-                          ("source-controller", "notification-controller"))
+                              ("source-controller", "notification-controller"))
         bridge = BridgeProcess({
             "log_level": "info",
             "insecure": {"allow_unsigned_generic": True},

@@ -90,10 +90,7 @@ class Loop(e2e.BridgeEnv):
     # -- Gitea ---------------------------------------------------------------------------------------
 
     def push(self, files: dict[str, str | None], message: str) -> str:
-        started = time.monotonic()
-        sha = self.gitea.commit_files(ORG, REPO, files, message)
-        print(f"  pushed {sha[:12]} ({message}) in {time.monotonic() - started:.2f}s")
-        return sha
+        return e2e.push(self.gitea, ORG, REPO, files, message)
 
     def statuses(self, sha: str, name: str) -> list[dict[str, Any]]:
         return e2e.context_history(self.gitea, ORG, REPO, sha, context(name))
@@ -158,7 +155,7 @@ def _make_fleet(env: Loop, tokens: dict[str, str]) -> str:
     env.secret("webhook-token", {"token": tokens["webhook"]})
     env.secret("actions-token", {"token": tokens["actions"]})
     e2e.alert_to_bridge(env.plane, NS, f"{env.bridge.url}/events", tokens["events"],
-                    ["GitRepository", "Kustomization"])
+                        ["GitRepository", "Kustomization"])
     e2e.git_repository(env.plane, NS, "fleet", env.gitea.clone_url(ORG, REPO))
     for name, path in (("apps", APPS_PATH), ("infra", INFRA_PATH)):
         e2e.kustomization(env.plane, NS, name, f"./{path}", source=("GitRepository", "fleet"))

@@ -277,7 +277,7 @@ def _first_deploy(env: Env, tokens: dict[str, str]) -> None:
         "kubernetes.io/dockerconfigjson")
     env.secret("webhook-token", {"token": tokens["webhook"]})
     e2e.alert_to_bridge(env.plane, NS, f"{env.bridge.url}/events", tokens["events"],
-                    ["OCIRepository", "Kustomization"])
+                        ["OCIRepository", "Kustomization"])
     resources: list[tuple[str, str]] = []
     for feed in FEEDS:
         spec: dict[str, Any] = {"interval": "1h", "timeout": "60s", "insecure": True,

@@ -225,7 +225,7 @@ def replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replicas]:
 
     with e2e.stopping() as teardown:
         plane, gitea, flux = e2e.start_peers(workdir, teardown, timings, NS, APPS_NS, REPLAY_NS,
-                                         audit_policy=audit_policy())
+                                             audit_policy=audit_policy())
         with e2e.timed(timings, "chart RBAC (the replicas' ServiceAccount)"):
             bridge_user, bridge_token = chart_service_account(
                 plane, RELEASE, NS, "--set", f"config.statuses.lease_name={LEASE}")
@@ -296,14 +296,14 @@ def _make_fleet(env: Replicas) -> None:
         env.secret(f"{name}-token", {"token": env.tokens[name]})
     # Events go through the proxy, as to a Service.
     e2e.alert_to_bridge(env.plane, NS, f"{env.proxy.url}/events", env.tokens["events"],
-                    ["GitRepository", "Kustomization"])
+                        ["GitRepository", "Kustomization"])
     for name, branch in (("fleet", "main"), ("replay", "replay"), ("rollout", "rollout")):
         e2e.git_repository(env.plane, NS, name, gitea.clone_url(ORG, REPO), branch=branch)
     for name, source, path in (("apps", "fleet", APPS_PATH), ("replay", "replay", REPLAY_PATH)):
         e2e.kustomization(env.plane, NS, name, f"./{path}", source=("GitRepository", source))
     for name, (rtype, _, listed) in RECEIVERS.items():
         e2e.receiver(env.plane, NS, name, rtype, f"{name}-token", listed,
-                 events=["push"] if rtype == "github" else None)
+                     events=["push"] if rtype == "github" else None)
     for bridge in env.replicas:
         bridge.wait_receivers(len(RECEIVERS))
     for kind, name, branch in (("Kustomization", "apps", "main"),
