@@ -368,15 +368,19 @@ class InNamespace:
     namespace: ClassVar[str] = FLUX_NS
 
     def get(self, kind: str, name: str) -> dict[str, Any]:
+        """The object `kind`/`name` of the env's namespace."""
         return get_object(self.plane, kind, self.namespace, name)
 
     def create(self, kind: str, name: str, spec: Mapping[str, Any]) -> None:
+        """Create `kind`/`name` with `spec` in the env's namespace."""
         create_object(self.plane, kind, self.namespace, name, spec)
 
     def secret(self, name: str, data: Mapping[str, str], type_: str | None = None) -> None:
+        """A Secret in the env's namespace (Opaque unless `type_`)."""
         create_secret(self.plane, self.namespace, name, data, type_)
 
     def annotations(self, kind: str, name: str) -> dict[str, str]:
+        """The object's annotations now (the reconcile request, the bridge's marks)."""
         return dict(self.get(kind, name)["metadata"].get("annotations") or {})
 
 
@@ -390,6 +394,7 @@ class BridgeEnv(InNamespace, Waiting):
     bridge: BridgeProcess
 
     def diagnostics(self) -> list[str]:
+        """The bridge's, the Flux controllers' and Gitea's log tails."""
         return [self.bridge.tail(30), self.flux.logs(15), self.gitea.tail(15)]
 
     def delivery(self, delivery_id: str, token: str) -> dict[str, Any]:
