@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
+from receiver import signatures as sig
 from receiver.app import create_app, url_normaliser
 from receiver.config import Settings, load_settings
 from receiver.flux.memory import MemoryCluster
@@ -64,6 +65,20 @@ class Bridge:
 
 
 BridgeFactory = Callable[..., Any]
+
+
+async def send_package_event(bridge: Bridge, receiver: str, token: str, body: bytes
+                             ) -> dict[str, Any]:
+    """Gitea's signed `package` event to the Receiver `receiver` in flux-system; the bridge's
+    202 reply. The package-routing and OCI-status tests both send it."""
+    reply = await bridge.client.post(
+        "/hook/" + sig.hook_digest(token, receiver, "flux-system"), content=body,
+        headers={"Content-Type": "application/json", "X-Gitea-Event": "package",
+                 "X-GitHub-Event": "package",
+                 "X-Hub-Signature-256": "sha256=" + sig.hmac_hex("sha256", token, body)})
+    assert reply.status_code == 202, reply.text
+    doc: dict[str, Any] = reply.json()
+    return doc
 
 
 @pytest.fixture

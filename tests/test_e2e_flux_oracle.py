@@ -40,7 +40,7 @@ import json
 import secrets
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,23 +48,14 @@ from typing import Any
 import httpx
 import pytest
 
-from receiver import signatures as sig
+from tests import e2e_env as e2e
 from tests import gitea_payloads
-from tests.e2e_harness import BridgeProcess, FluxControllers, e2e_peers, install_source_crds
+from tests.e2e_harness import BridgeProcess, FluxControllers, e2e_peers
 from tests.realk8s import ControlPlane, ControlPlaneError, free_port, wait_until
 
 pytestmark = pytest.mark.e2e
 
-RECONCILE = "reconcile.fluxcd.io/requestedAt"
-SOURCE_API = "source.toolkit.fluxcd.io/v1"
-KUSTOMIZE_API = "kustomize.toolkit.fluxcd.io/v1"
-RECEIVER_API = "notification.toolkit.fluxcd.io/v1"
 OBJECTS = (("GitRepository", "fleet"), ("Kustomization", "apps"), ("Kustomization", "infra"))
-PLURAL = {"GitRepository": f"/apis/{SOURCE_API}/namespaces/{{ns}}/gitrepositories",
-          "Kustomization": f"/apis/{KUSTOMIZE_API}/namespaces/{{ns}}/kustomizations",
-          "Receiver": f"/apis/{RECEIVER_API}/namespaces/{{ns}}/receivers"}
-VERSIONS = {"GitRepository": SOURCE_API, "Kustomization": KUSTOMIZE_API,
-            "Receiver": RECEIVER_API}
 RECEIVER = "hook"
 BRIDGE_WAIT = 4.0  # seconds a delivery may take to settle before the bridge's set is read
 NC_WAIT = 1.5  # after a 200 from NC: its patches are synchronous, this only bounds a slow read
@@ -132,45 +123,29 @@ class Oracle:
     def requested(self, ns: str) -> dict[str, str]:
         found = {}
         for kind, name in OBJECTS:
-            obj = self.plane.request("GET", f"{PLURAL[kind].format(ns=ns)}/{name}")
-            found[f"{kind}/{name}"] = (obj["metadata"].get("annotations") or {}).get(RECONCILE, "")
+            obj = e2e.get_object(self.plane, kind, ns, name)
+            found[f"{kind}/{name}"] = (obj["metadata"].get("annotations") or {}).get(e2e.RECONCILE, "")
         return found
 
     def changed(self, ns: str, before: dict[str, str]) -> set[str]:
         return {k for k, v in self.requested(ns).items() if v != before.get(k, "")}
 
 
-def _create(plane: ControlPlane, kind: str, ns: str, name: str, spec: dict[str, Any]) -> None:
-    plane.request("POST", PLURAL[kind].format(ns=ns), {
-        "apiVersion": VERSIONS[kind], "kind": kind,
-        "metadata": {"name": name, "namespace": ns}, "spec": spec})
-
-
 def _objects(plane: ControlPlane, ns: str, case: Case, token: str, repo_url: str) -> None:
-    plane.request("POST", f"/api/v1/namespaces/{ns}/secrets", {
-        "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "hook-token"},
-        "stringData": {"token": token}})
-    _create(plane, "GitRepository", ns, "fleet", {
-        "interval": "1h", "timeout": "10s", "url": repo_url, "ref": {"branch": "main"}})
+    e2e.create_secret(plane, ns, "hook-token", {"token": token})
+    e2e.git_repository(plane, ns, "fleet", repo_url, timeout="10s", auth=None)
     for name in ("apps", "infra"):
-        _create(plane, "Kustomization", ns, name, {
-            "interval": "1h", "path": f"./{name}", "prune": False,
-            "sourceRef": {"kind": "GitRepository", "name": "fleet"}})
-    spec: dict[str, Any] = {
-        "type": case.type, "secretRef": {"name": "hook-token"},
-        "resources": [{"apiVersion": VERSIONS[k], "kind": k, "name": n} for k, n in OBJECTS]}
-    if case.type == "github":
-        spec["events"] = list(case.events)
-    if case.resource_filter:
-        spec["resourceFilter"] = case.resource_filter
-    _create(plane, "Receiver", ns, RECEIVER, spec)
+        e2e.kustomization(plane, ns, name, f"./{name}", source=("GitRepository", "fleet"),
+                          timeout=None)
+    e2e.receiver(plane, ns, RECEIVER, case.type, "hook-token", OBJECTS,
+                 events=list(case.events) if case.type == "github" else None,
+                 resource_filter=case.resource_filter)
 
 
 def _webhook_path(plane: ControlPlane, ns: str) -> str | None:
-    obj = plane.request("GET", f"{PLURAL['Receiver'].format(ns=ns)}/{RECEIVER}")
+    obj = e2e.get_object(plane, "Receiver", ns, RECEIVER)
     status = obj.get("status") or {}
-    ready = any(c.get("type") == "Ready" and c.get("status") == "True"
-                for c in status.get("conditions") or [])
+    ready = e2e.condition(obj, "Ready").get("status") == "True"
     path = status.get("webhookPath")
     return str(path) if ready and path else None
 
@@ -179,17 +154,10 @@ def _webhook_path(plane: ControlPlane, ns: str) -> str | None:
 def oracle(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Oracle]:
     bin_dir, _ = e2e_peers(gitea=False)
     workdir = tmp_path_factory.mktemp("oracle")
-    teardown: list[Callable[[], None]] = []
-    try:
-        plane = ControlPlane(bin_dir)
-        plane.start()
-        teardown.append(plane.stop)
-        install_source_crds(plane)
-        plane.ensure_namespace("flux-system")
-        flux = FluxControllers(bin_dir, plane.kubeconfig, workdir=workdir / "flux")
-        flux.workdir.mkdir()
-        flux.start(("source-controller", "notification-controller"))
-        teardown.append(flux.stop)
+    with e2e.stopping() as teardown:
+        plane = e2e.start_plane(bin_dir, teardown, e2e.FLUX_NS)
+        flux = e2e.start_flux(bin_dir, plane, workdir / "flux", teardown,
+                              ("source-controller", "notification-controller"))
         bridge = BridgeProcess({
             "log_level": "info",
             "insecure": {"allow_unsigned_generic": True},
@@ -212,16 +180,10 @@ def oracle(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Oracle]:
             path = wait_until(f"NC's Receiver in {nc_ns} to be ready",
                               lambda ns=nc_ns: _webhook_path(plane, ns), 60,  # type: ignore[misc]
                               interval=0.2, on_timeout=lambda: flux.logs(20))
-            assert path == "/hook/" + sig.hook_digest(env.token, RECEIVER, nc_ns), path
+            assert path == e2e.hook_path(env.token, RECEIVER, nc_ns), path
             env.paths[nc_ns] = path
-            env.paths[br_ns] = "/hook/" + sig.hook_digest(env.token, RECEIVER, br_ns)
+            env.paths[br_ns] = e2e.hook_path(env.token, RECEIVER, br_ns)
         yield env
-    finally:
-        for stop in reversed(teardown):
-            try:
-                stop()
-            except Exception as exc:  # keep tearing down the rest
-                print(f"teardown: {exc}")
 
 
 # -- requests ---------------------------------------------------------------------------------

@@ -23,78 +23,45 @@ import os
 import secrets
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-import httpx
 import pytest
 
-from receiver import signatures as sig
 from receiver.delivery_marks import DELIVERIES_ANNOTATION
-from tests.e2e_harness import (
-    BridgeProcess,
-    FluxControllers,
-    Gitea,
-    e2e_peers,
-    install_source_crds,
-    metric_value,
-    rss_kib,
-)
-from tests.realk8s import ROOT, ControlPlane, ControlPlaneError, wait_until
+from tests import e2e_env as e2e
+from tests.e2e_harness import BridgeProcess, metric_value, rss_kib
+from tests.realk8s import ROOT
 
 pytestmark = pytest.mark.e2e
 
-T = TypeVar("T")
-
 ORG, REPO = "platform", "fleet"
 CLUSTER = "eu-west"
-NS = "flux-system"
+NS = e2e.FLUX_NS
 APPS_NS, INFRA_NS = "eu-west-apps", "eu-west-infra"
 APPS_PATH, INFRA_PATH = "clusters/eu-west/apps", "clusters/eu-west/infra"
 APPS_FILE, INFRA_FILE = f"{APPS_PATH}/settings.yaml", f"{INFRA_PATH}/settings.yaml"
 BROKEN_FILE = f"{INFRA_PATH}/broken.yaml"
 NOTIFY = ROOT / ".gitea" / "actions" / "notify-flux" / "notify.sh"
-RECONCILE = "reconcile.fluxcd.io/requestedAt"
-
-SOURCE_API = "/apis/source.toolkit.fluxcd.io/v1"
-KUSTOMIZE_API = "/apis/kustomize.toolkit.fluxcd.io/v1"
-NOTIFICATION_API = "/apis/notification.toolkit.fluxcd.io"
-PLURALS = {"GitRepository": f"{SOURCE_API}/namespaces/{NS}/gitrepositories",
-           "Kustomization": f"{KUSTOMIZE_API}/namespaces/{NS}/kustomizations",
-           "Receiver": f"{NOTIFICATION_API}/v1/namespaces/{NS}/receivers",
-           "Provider": f"{NOTIFICATION_API}/v1beta3/namespaces/{NS}/providers",
-           "Alert": f"{NOTIFICATION_API}/v1beta3/namespaces/{NS}/alerts"}
-API_VERSIONS = {"GitRepository": "source.toolkit.fluxcd.io/v1",
-                "Kustomization": "kustomize.toolkit.fluxcd.io/v1",
-                "Receiver": "notification.toolkit.fluxcd.io/v1",
-                "Provider": "notification.toolkit.fluxcd.io/v1beta3",
-                "Alert": "notification.toolkit.fluxcd.io/v1beta3"}
 
 DEPLOY_TIMEOUT = 120.0  # push -> Kustomization Ready at the commit (usually a few seconds)
 STATUS_TIMEOUT = 90.0
 
 
 def context(name: str) -> str:
-    return f"flux/{CLUSTER}/kustomization/{NS}/{name}"
+    return e2e.status_context(CLUSTER, "Kustomization", NS, name)
 
 
-def configmap(name: str, namespace: str, **data: str) -> str:
-    lines = "".join(f'  {k}: "{v}"\n' for k, v in data.items())
-    return (f"apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {name}\n"
-            f"  namespace: {namespace}\ndata:\n{lines}")
+configmap = e2e.configmap_yaml
 
 
 # -- the environment ---------------------------------------------------------------------------------
 
 
 @dataclass
-class Loop:
-    plane: ControlPlane
-    gitea: Gitea
-    flux: FluxControllers
-    bridge: BridgeProcess
+class Loop(e2e.BridgeEnv):
     workdir: Path
     webhook_token: str
     actions_token: str
@@ -105,22 +72,6 @@ class Loop:
 
     # -- Kubernetes ----------------------------------------------------------------------------------
 
-    def get(self, kind: str, name: str) -> dict[str, Any]:
-        return self.plane.request("GET", f"{PLURALS[kind]}/{name}")
-
-    def create(self, kind: str, name: str, spec: dict[str, Any]) -> None:
-        self.plane.request("POST", PLURALS[kind], {
-            "apiVersion": API_VERSIONS[kind], "kind": kind,
-            "metadata": {"name": name, "namespace": NS}, "spec": spec})
-
-    def secret(self, name: str, data: dict[str, str]) -> None:
-        self.plane.request("POST", f"/api/v1/namespaces/{NS}/secrets", {
-            "apiVersion": "v1", "kind": "Secret", "metadata": {"name": name},
-            "stringData": data})
-
-    def annotations(self, kind: str, name: str) -> dict[str, str]:
-        return dict(self.get(kind, name)["metadata"].get("annotations") or {})
-
     def configmap_data(self, namespace: str, name: str) -> dict[str, str]:
         found = self.plane.request("GET", f"/api/v1/namespaces/{namespace}/configmaps/{name}",
                                    ok=(200, 404))
@@ -128,92 +79,27 @@ class Loop:
 
     def deployed(self, name: str, sha: str) -> dict[str, Any] | None:
         """The Kustomization if it is Ready with `sha` applied, else None."""
-        ks = self.get("Kustomization", name)
-        status = ks.get("status") or {}
-        ready = _condition(ks, "Ready")
-        if status.get("lastAppliedRevision") == f"main@sha1:{sha}" and ready.get("status") == "True":
-            return ks
-        return None
+        return e2e.applied_at(self.get("Kustomization", name), f"main@sha1:{sha}")
 
     def failed(self, name: str, sha: str) -> dict[str, Any] | None:
-        ks = self.get("Kustomization", name)
-        status = ks.get("status") or {}
-        ready = _condition(ks, "Ready")
-        if status.get("lastAttemptedRevision") == f"main@sha1:{sha}" and ready.get("status") == "False":
-            return ks
-        return None
+        return e2e.failed_at(self.get("Kustomization", name), f"main@sha1:{sha}")
 
     def source_at(self, sha: str) -> dict[str, Any] | None:
-        repo = self.get("GitRepository", "fleet")
-        artifact = (repo.get("status") or {}).get("artifact") or {}
-        return repo if artifact.get("revision") == f"main@sha1:{sha}" else None
+        return e2e.artifact_at(self.get("GitRepository", "fleet"), f"main@sha1:{sha}")
 
     # -- Gitea ---------------------------------------------------------------------------------------
 
     def push(self, files: dict[str, str | None], message: str) -> str:
-        started = time.monotonic()
-        sha = self.gitea.commit_files(ORG, REPO, files, message)
-        print(f"  pushed {sha[:12]} ({message}) in {time.monotonic() - started:.2f}s")
-        return sha
+        return e2e.push(self.gitea, ORG, REPO, files, message)
 
     def statuses(self, sha: str, name: str) -> list[dict[str, Any]]:
-        return [s for s in self.gitea.statuses(ORG, REPO, sha) if s.get("context") == context(name)]
+        return e2e.context_history(self.gitea, ORG, REPO, sha, context(name))
 
     def wait_status(self, sha: str, name: str, state: str, timeout: float = STATUS_TIMEOUT
                     ) -> list[dict[str, Any]]:
         """Until the newest status of the Kustomization's context on `sha` is `state`; returns
         the context's whole history, oldest first."""
-        def check() -> list[dict[str, Any]] | None:
-            found = self.statuses(sha, name)
-            return found if found and found[-1].get("status") == state else None
-
-        return self.wait(f"{state} on {sha[:12]} for {context(name)}", check, timeout,
-                         lambda: f"history: {_history(self.statuses(sha, name))}")
-
-    # -- the bridge ----------------------------------------------------------------------------------
-
-    def delivery(self, delivery_id: str, token: str) -> dict[str, Any]:
-        with httpx.Client(trust_env=False, timeout=10.0) as client:
-            response = client.get(f"{self.bridge.url}/deliveries/{delivery_id}",
-                                  headers={"Authorization": f"Bearer {token}"})
-        assert response.status_code == 200, response.text
-        body: dict[str, Any] = response.json()
-        return body
-
-    def metric(self, name: str, **labels: str) -> float:
-        return metric_value(self.bridge.metrics(), name, labels)
-
-    # -- waiting -------------------------------------------------------------------------------------
-
-    def wait(self, what: str, check: Callable[[], T | None], timeout: float,
-             extra: Callable[[], str] | None = None) -> T:
-        def diagnostics() -> str:
-            parts = [extra()] if extra is not None else []
-            parts += [self.bridge.tail(30), self.flux.logs(15), self.gitea.tail(15)]
-            return "\n".join(parts)
-
-        started = time.monotonic()
-        try:
-            result = wait_until(what, check, timeout, interval=0.25, on_timeout=diagnostics)
-        except ControlPlaneError as exc:
-            raise AssertionError(str(exc)) from None
-        print(f"  {what}: {time.monotonic() - started:.1f}s")
-        return result
-
-
-def _condition(obj: dict[str, Any], type_: str) -> dict[str, Any]:
-    for cond in (obj.get("status") or {}).get("conditions") or []:
-        if cond.get("type") == type_:
-            return dict(cond)
-    return {}
-
-
-def _history(statuses: list[dict[str, Any]]) -> list[tuple[str, str]]:
-    return [(str(s.get("status")), str(s.get("description"))) for s in statuses]
-
-
-def _timed(timings: dict[str, float], name: str, started: float) -> None:
-    timings[name] = time.monotonic() - started
+        return self.wait_state(self.gitea, ORG, REPO, sha, context(name), state, timeout)
 
 
 @pytest.fixture(scope="module")
@@ -221,88 +107,38 @@ def loop(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Loop]:
     module_started = time.monotonic()
     timings: dict[str, float] = {}
     workdir = tmp_path_factory.mktemp("e2e")
-    started = time.monotonic()
-    bin_dir, static_root = e2e_peers()
-    assert static_root is not None
-    _timed(timings, "binaries", started)
-
-    teardown: list[Callable[[], None]] = []
-    try:
-        started = time.monotonic()
-        plane = ControlPlane(bin_dir)
-        plane.start()
-        teardown.append(plane.stop)
-        install_source_crds(plane)
-        plane.ensure_namespace(NS, APPS_NS, INFRA_NS)
-        _timed(timings, "control plane (etcd, kube-apiserver, CRDs)", started)
-
-        started = time.monotonic()
-        gitea = Gitea(bin_dir / "gitea", static_root, workdir=workdir / "gitea")
-        gitea.workdir.mkdir()
-        gitea.start()
-        teardown.append(gitea.close)
-        _timed(timings, "gitea (migrate, admin, web)", started)
+    with e2e.stopping() as teardown:
+        plane, gitea, flux = e2e.start_peers(workdir, teardown, timings, NS, APPS_NS, INFRA_NS)
         gitea.create_org(ORG)
         gitea.create_repo(ORG, REPO, private=True)
 
-        started = time.monotonic()
-        flux = FluxControllers(bin_dir, plane.kubeconfig, workdir=workdir / "flux")
-        flux.workdir.mkdir()
-        flux.start()
-        teardown.append(flux.stop)
-        _timed(timings, "flux controllers", started)
-
         tokens = {name: secrets.token_hex(16) for name in ("webhook", "actions", "events")}
-        files = {"gitea-token": gitea.token, "events-token": tokens["events"]}
-        for name, value in files.items():
-            (workdir / name).write_text(value)
-            (workdir / name).chmod(0o600)
-        started = time.monotonic()
-        bridge = BridgeProcess({
-            "cluster_name": CLUSTER,
-            "log_level": "info",
-            "reconcile": {"source_timeout_seconds": 120, "consumer_timeout_seconds": 240,
-                          "coalesce_window_seconds": 0.2},
-            "gitea": [{"name": "e2e", "url": gitea.url,
-                       "token": {"file": str(workdir / "gitea-token")}}],
-            "events": {"hmac_token": {"file": str(workdir / "events-token")}},
-            # Few attempts, so a status lost while Gitea is down is repaired by the resync
-            # (every 5 s), not by a late retry.
-            "statuses": {"resync_interval_seconds": 5, "max_attempts": 3,
-                         "lease_duration_seconds": 15},
-        }, plane.kubeconfig, workdir)
-        bridge.start()
-        teardown.append(bridge.stop)
-        _timed(timings, "bridge", started)
+        with e2e.timed(timings, "bridge"):
+            bridge = BridgeProcess(e2e.bridge_config(
+                CLUSTER, gitea, tokens["events"], workdir,
+                # Few attempts, so a status lost while Gitea is down is repaired by the resync
+                # (every 5 s), not by a late retry.
+                statuses={"resync_interval_seconds": 5, "max_attempts": 3,
+                          "lease_duration_seconds": 15}), plane.kubeconfig, workdir)
+            bridge.start()
+            teardown.append(bridge.stop)
 
         env = Loop(plane, gitea, flux, bridge, workdir, tokens["webhook"], tokens["actions"],
                    timings=timings)
-        started = time.monotonic()
-        env.initial_sha = _make_fleet(env, tokens)
-        _timed(timings, "initial deploy (objects -> both Kustomizations Ready)", started)
-        started = time.monotonic()
-        for name in ("apps", "infra"):
-            env.wait_status(env.initial_sha, name, "success")
-        _timed(timings, "initial success statuses in Gitea", started)
+        with e2e.timed(timings, "initial deploy (objects -> both Kustomizations Ready)"):
+            env.initial_sha = _make_fleet(env, tokens)
+        with e2e.timed(timings, "initial success statuses in Gitea"):
+            for name in ("apps", "infra"):
+                env.wait_status(env.initial_sha, name, "success")
         timings["environment total"] = time.monotonic() - module_started
-        print("\n=== e2e environment up ===")
-        for name, seconds in timings.items():
-            print(f"  {name:<55} {seconds:6.1f}s")
+        e2e.print_timings("e2e environment up", timings)
         print(f"  component start: control plane {plane.timings}, gitea {gitea.timings}, "
               f"flux {flux.timings}, bridge {bridge.timings}")
         yield env
-        print("\n=== e2e timings ===")
-        for name, seconds in timings.items():
-            print(f"  {name:<55} {seconds:6.1f}s")
+        e2e.print_timings("e2e timings", timings)
         rss = {"bridge": rss_kib(bridge.pid)} | {n: rss_kib(flux.pid(n)) for n in flux.processes}
         print("  RSS (MiB): " + ", ".join(f"{k} {v / 1024:.0f}" for k, v in rss.items()))
         print(f"  module total {time.monotonic() - module_started:.1f}s")
-    finally:
-        for stop in reversed(teardown):
-            try:
-                stop()
-            except Exception as exc:  # keep tearing down the rest
-                print(f"teardown: {exc}")
 
 
 def _make_fleet(env: Loop, tokens: dict[str, str]) -> str:
@@ -318,35 +154,20 @@ def _make_fleet(env: Loop, tokens: dict[str, str]) -> str:
     env.secret("gitea-auth", {"username": env.gitea.admin, "password": env.gitea.token})
     env.secret("webhook-token", {"token": tokens["webhook"]})
     env.secret("actions-token", {"token": tokens["actions"]})
-    env.secret("bridge-events", {"token": tokens["events"]})
-    env.create("Provider", "bridge", {"type": "generic-hmac", "address": f"{env.bridge.url}/events",
-                                      "secretRef": {"name": "bridge-events"}})
-    env.create("Alert", "bridge", {
-        "providerRef": {"name": "bridge"}, "eventSeverity": "info",
-        "eventSources": [{"kind": "GitRepository", "name": "*"},
-                         {"kind": "Kustomization", "name": "*"}]})
-    env.create("GitRepository", "fleet", {
-        "interval": "1h", "timeout": "60s", "url": env.gitea.clone_url(ORG, REPO),
-        "ref": {"branch": "main"}, "secretRef": {"name": "gitea-auth"}})
+    e2e.alert_to_bridge(env.plane, NS, f"{env.bridge.url}/events", tokens["events"],
+                        ["GitRepository", "Kustomization"])
+    e2e.git_repository(env.plane, NS, "fleet", env.gitea.clone_url(ORG, REPO))
     for name, path in (("apps", APPS_PATH), ("infra", INFRA_PATH)):
-        env.create("Kustomization", name, {
-            "interval": "1h", "timeout": "2m", "path": f"./{path}", "prune": False,
-            "sourceRef": {"kind": "GitRepository", "name": "fleet"}})
-    resources = [
-        {"apiVersion": API_VERSIONS["GitRepository"], "kind": "GitRepository", "name": "fleet"},
-        {"apiVersion": API_VERSIONS["Kustomization"], "kind": "Kustomization", "name": "apps"},
-        {"apiVersion": API_VERSIONS["Kustomization"], "kind": "Kustomization", "name": "infra"},
-    ]
-    env.create("Receiver", "gitea", {"type": "github", "events": ["push"],
-                                     "secretRef": {"name": "webhook-token"},
-                                     "resources": resources})
-    env.create("Receiver", "actions", {"type": "generic", "secretRef": {"name": "actions-token"},
-                                       "resources": resources})
+        e2e.kustomization(env.plane, NS, name, f"./{path}", source=("GitRepository", "fleet"))
+    resources = [("GitRepository", "fleet"), ("Kustomization", "apps"),
+                 ("Kustomization", "infra")]
+    e2e.receiver(env.plane, NS, "gitea", "github", "webhook-token", resources, events=["push"])
+    e2e.receiver(env.plane, NS, "actions", "generic", "actions-token", resources)
     env.bridge.wait_receivers(2)
     for name in ("apps", "infra"):
         env.wait(f"first deploy of {name}", functools.partial(env.deployed, name, sha),
                  DEPLOY_TIMEOUT)
-    hook = "/hook/" + sig.hook_digest(tokens["webhook"], "gitea", NS)
+    hook = e2e.hook_path(tokens["webhook"], "gitea", NS)
     env.hook_id = env.gitea.create_hook(ORG, REPO, f"{env.bridge.url}{hook}", tokens["webhook"])
     return sha
 
@@ -355,8 +176,8 @@ def _make_fleet(env: Loop, tokens: dict[str, str]) -> str:
 
 
 def test_push_annotates_the_source_and_the_touched_kustomization_only(loop: Loop) -> None:
-    before = loop.annotations("GitRepository", "fleet").get(RECONCILE)
-    assert RECONCILE not in loop.annotations("Kustomization", "infra")
+    before = loop.annotations("GitRepository", "fleet").get(e2e.RECONCILE)
+    assert e2e.RECONCILE not in loop.annotations("Kustomization", "infra")
     annotated_before = loop.metric("gfb_targets_annotated_total", kind="Kustomization")
     started = time.monotonic()
     sha = loop.push({APPS_FILE: configmap("apps-settings", APPS_NS, release="2")},
@@ -369,7 +190,7 @@ def test_push_annotates_the_source_and_the_touched_kustomization_only(loop: Loop
     assert len(accepted) == 1, accepted
     delivery_id, mark = accepted[0]["id"], accepted[0]["mark"]
     loop.wait("the GitRepository annotated", lambda: _changed(
-        loop.annotations("GitRepository", "fleet").get(RECONCILE), before), 30)
+        loop.annotations("GitRepository", "fleet").get(e2e.RECONCILE), before), 30)
     # The bridge's mark, written in the same patch, names this delivery.
     marks = loop.annotations("GitRepository", "fleet").get(DELIVERIES_ANNOTATION, "")
     assert marks.startswith(mark + "@"), (marks, mark)
@@ -391,7 +212,7 @@ def test_push_annotates_the_source_and_the_touched_kustomization_only(loop: Loop
     # already started on the commit by itself (it follows its source's revision), in which case
     # the bridge records that and sends no redundant patch.
     apps_marks = loop.annotations("Kustomization", "apps").get(DELIVERIES_ANNOTATION, "")
-    apps_value = loop.annotations("Kustomization", "apps").get(RECONCILE, "")
+    apps_value = loop.annotations("Kustomization", "apps").get(e2e.RECONCILE, "")
     detail = annotated[("Kustomization", "apps")].get("detail") or {}
     if apps_marks.startswith(mark + "@"):
         print("  apps: annotated by the bridge after the source had the commit")
@@ -405,7 +226,7 @@ def test_push_annotates_the_source_and_the_touched_kustomization_only(loop: Loop
         print("  apps: kustomize-controller started on the commit first (no bridge patch)")
     # The other Kustomization: never annotated (kustomize-controller itself still applies the
     # new revision to it, since it follows the source; that is Flux, not the bridge).
-    assert RECONCILE not in loop.annotations("Kustomization", "infra")
+    assert e2e.RECONCILE not in loop.annotations("Kustomization", "infra")
 
 
 def test_commit_statuses_pending_then_success_and_failure_with_flux_reason(loop: Loop) -> None:
@@ -413,7 +234,7 @@ def test_commit_statuses_pending_then_success_and_failure_with_flux_reason(loop:
         {APPS_FILE: configmap("apps-settings", APPS_NS, release="2b")}, "apps: release 2b")
     history = loop.wait_status(sha, "apps", "success")
     states = [s["status"] for s in history]
-    print(f"  apps on {sha[:12]}: {_history(history)}")
+    print(f"  apps on {sha[:12]}: {e2e.described(history)}")
     assert "pending" in states, history
     assert states.index("pending") < len(states) - 1, "pending came before the success"
     assert history[-1]["description"], history
@@ -426,8 +247,8 @@ def test_commit_statuses_pending_then_success_and_failure_with_flux_reason(loop:
                       DEPLOY_TIMEOUT)
     history = loop.wait_status(broken, "infra", "failure")
     loop.timings["push -> failure status (broken build)"] = time.monotonic() - started
-    print(f"  infra on {broken[:12]}: {_history(history)}")
-    reason = _condition(infra, "Ready")["reason"]
+    print(f"  infra on {broken[:12]}: {e2e.described(history)}")
+    reason = e2e.condition(infra, "Ready")["reason"]
     assert reason == "BuildFailed", infra["status"]
     assert history[-1]["description"].startswith("Build failed"), history[-1]
     # apps was not touched by that push, but kustomize-controller applied the new revision to
@@ -471,7 +292,7 @@ def test_status_missed_while_gitea_is_down_is_repaired_by_the_resync(loop: Loop)
     loop.timings["gitea restart"] = time.monotonic() - restarted
     history = loop.wait_status(sha, "apps", "success", 60)
     loop.timings["gitea back -> missing success (resync)"] = time.monotonic() - restarted
-    print(f"  gitea down {down:.1f}s; apps on {sha[:12]}: {_history(history)}")
+    print(f"  gitea down {down:.1f}s; apps on {sha[:12]}: {e2e.described(history)}")
     # No push (and no webhook) brought it ...
     assert loop.metric("gfb_hook_requests_total", outcome="accepted") == accepted
     assert loop.gitea.api("GET", f"/repos/{ORG}/{REPO}/branches/main")["commit"]["id"] == sha
@@ -491,7 +312,7 @@ def test_status_missed_while_gitea_is_down_is_repaired_by_the_resync(loop: Loop)
 
 def test_notify_action_waits_for_the_real_outcome(loop: Loop) -> None:
     """The composite action's script drives the deploy alone (the webhook is off meanwhile)."""
-    hook = "/hook/" + sig.hook_digest(loop.actions_token, "actions", NS)
+    hook = e2e.hook_path(loop.actions_token, "actions", NS)
     loop.gitea.set_hook_active(ORG, REPO, loop.hook_id, False)
     try:
         sha = loop.push({APPS_FILE: configmap("apps-settings", APPS_NS, release="4")},

@@ -36,24 +36,15 @@ import itertools
 import json
 import secrets
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-import httpx
 import pytest
 
-from receiver import signatures as sig
 from receiver.delivery_marks import DELIVERIES_ANNOTATION
-from tests.e2e_harness import (
-    BridgeProcess,
-    FluxControllers,
-    Gitea,
-    e2e_peers,
-    install_source_crds,
-    metric_value,
-)
+from tests import e2e_env as e2e
+from tests.e2e_harness import BridgeProcess
 from tests.oci_client import (
     REVISION_ANNOTATION,
     SOURCE_ANNOTATION,
@@ -61,31 +52,14 @@ from tests.oci_client import (
     Pushed,
     RegistryError,
 )
-from tests.realk8s import ControlPlane, ControlPlaneError, wait_until
 
 pytestmark = pytest.mark.e2e
 
-T = TypeVar("T")
-
 ORG, PRIVATE_ORG, REPO = "platform", "private-team", "fleet"
 CLUSTER = "eu-west"
-NS, APPS_NS = "flux-system", "apps"
+NS, APPS_NS = e2e.FLUX_NS, "apps"
 SEMVER = ">=1.0.0 <2.0.0"
 RECEIVER = "gitea-packages"
-RECONCILE = "reconcile.fluxcd.io/requestedAt"
-
-SOURCE_API = "/apis/source.toolkit.fluxcd.io/v1"
-NOTIFICATION_API = "/apis/notification.toolkit.fluxcd.io"
-PLURALS = {"OCIRepository": f"{SOURCE_API}/namespaces/{NS}/ocirepositories",
-           "Kustomization": f"/apis/kustomize.toolkit.fluxcd.io/v1/namespaces/{NS}/kustomizations",
-           "Receiver": f"{NOTIFICATION_API}/v1/namespaces/{NS}/receivers",
-           "Provider": f"{NOTIFICATION_API}/v1beta3/namespaces/{NS}/providers",
-           "Alert": f"{NOTIFICATION_API}/v1beta3/namespaces/{NS}/alerts"}
-API_VERSIONS = {"OCIRepository": "source.toolkit.fluxcd.io/v1",
-                "Kustomization": "kustomize.toolkit.fluxcd.io/v1",
-                "Receiver": "notification.toolkit.fluxcd.io/v1",
-                "Provider": "notification.toolkit.fluxcd.io/v1beta3",
-                "Alert": "notification.toolkit.fluxcd.io/v1beta3"}
 
 DEPLOY_TIMEOUT = 90.0  # package push -> Kustomization Ready at it (usually a few seconds)
 HOOK_TIMEOUT = 30.0
@@ -110,7 +84,7 @@ class Feed:
     @property
     def context(self) -> str:
         """The commit status context of its Kustomization: as for a Git-sourced one."""
-        return f"flux/{CLUSTER}/kustomization/{NS}/{self.name}"
+        return e2e.status_context(CLUSTER, "Kustomization", NS, self.name)
 
     def configmap(self, release: str) -> str:
         return (f"apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {self.name}-settings\n"
@@ -126,33 +100,13 @@ FEEDS = (PUBLIC, PRIVATE)
 
 
 @dataclass
-class Env:
-    plane: ControlPlane
-    gitea: Gitea
-    flux: FluxControllers
-    bridge: BridgeProcess
+class Env(e2e.BridgeEnv):
     registry: OCIClient
     webhook_token: str
     timings: dict[str, float] = field(default_factory=dict)
     minor: Iterator[int] = field(default_factory=lambda: itertools.count(1))
 
     # -- Kubernetes ----------------------------------------------------------------------------------
-
-    def get(self, kind: str, name: str) -> dict[str, Any]:
-        return self.plane.request("GET", f"{PLURALS[kind]}/{name}")
-
-    def create(self, kind: str, name: str, spec: dict[str, Any]) -> None:
-        self.plane.request("POST", PLURALS[kind], {
-            "apiVersion": API_VERSIONS[kind], "kind": kind,
-            "metadata": {"name": name, "namespace": NS}, "spec": spec})
-
-    def secret(self, name: str, data: dict[str, str], type_: str = "Opaque") -> None:
-        self.plane.request("POST", f"/api/v1/namespaces/{NS}/secrets", {
-            "apiVersion": "v1", "kind": "Secret", "metadata": {"name": name}, "type": type_,
-            "stringData": data})
-
-    def annotations(self, kind: str, name: str) -> dict[str, str]:
-        return dict(self.get(kind, name)["metadata"].get("annotations") or {})
 
     def artifact(self, feed: Feed) -> dict[str, Any]:
         source = self.get("OCIRepository", feed.name)
@@ -166,12 +120,7 @@ class Env:
 
     def deployed(self, feed: Feed, pushed: Pushed) -> dict[str, Any] | None:
         """The feed's Kustomization if it is Ready with this artifact applied, else None."""
-        ks = self.get("Kustomization", feed.name)
-        status = ks.get("status") or {}
-        if (status.get("lastAppliedRevision") == revision(pushed)
-                and _condition(ks, "Ready").get("status") == "True"):
-            return ks
-        return None
+        return e2e.applied_at(self.get("Kustomization", feed.name), revision(pushed))
 
     # -- Gitea and its registry ----------------------------------------------------------------------
 
@@ -194,17 +143,11 @@ class Env:
 
     def statuses(self, feed: Feed, sha: str) -> list[dict[str, Any]]:
         """Every status of the feed's context on `sha` in platform/fleet, oldest first."""
-        return [s for s in self.gitea.statuses(ORG, REPO, sha)
-                if s.get("context") == feed.context]
+        return e2e.context_history(self.gitea, ORG, REPO, sha, feed.context)
 
     def wait_status(self, feed: Feed, sha: str, state: str) -> list[dict[str, Any]]:
         """Until the newest status of the feed's context on `sha` is `state`; its history."""
-        def check() -> list[dict[str, Any]] | None:
-            found = self.statuses(feed, sha)
-            return found if found and found[-1].get("status") == state else None
-
-        return self.wait(f"{state} on {sha[:12]} for {feed.context}", check, STATUS_TIMEOUT,
-                         lambda: f"history: {_history(self.statuses(feed, sha))}")
+        return self.wait_state(self.gitea, ORG, REPO, sha, feed.context, state, STATUS_TIMEOUT)
 
     # -- the bridge ----------------------------------------------------------------------------------
 
@@ -214,33 +157,7 @@ class Env:
         return [r for r in self.bridge.records("push accepted")
                 if r.get("receiver") == f"{NS}/{RECEIVER}"]
 
-    def delivery(self, delivery_id: str) -> dict[str, Any]:
-        with httpx.Client(trust_env=False, timeout=10.0) as client:
-            response = client.get(f"{self.bridge.url}/deliveries/{delivery_id}",
-                                  headers={"Authorization": f"Bearer {self.webhook_token}"})
-        assert response.status_code == 200, response.text
-        body: dict[str, Any] = response.json()
-        return body
-
-    def metric(self, name: str, **labels: str) -> float:
-        return metric_value(self.bridge.metrics(), name, labels)
-
     # -- waiting -------------------------------------------------------------------------------------
-
-    def wait(self, what: str, check: Callable[[], T | None], timeout: float,
-             extra: Callable[[], str] | None = None) -> T:
-        def diagnostics() -> str:
-            parts = [extra()] if extra is not None else []
-            parts += [self.bridge.tail(30), self.flux.logs(15), self.gitea.tail(15)]
-            return "\n".join(parts)
-
-        started = time.monotonic()
-        try:
-            result = wait_until(what, check, timeout, interval=0.2, on_timeout=diagnostics)
-        except ControlPlaneError as exc:
-            raise AssertionError(str(exc)) from None
-        print(f"  {what}: {time.monotonic() - started:.1f}s")
-        return result
 
     def next_delivery(self, seen: int) -> dict[str, Any]:
         """The package delivery after the first `seen` ones, once the bridge has logged it."""
@@ -256,7 +173,7 @@ class Env:
         delivery settled Ready, and the commit shows pending then success in Gitea. Returns
         (commit, artifact, the settled delivery)."""
         sha = self.commit(feed, release)
-        before = self.annotations("OCIRepository", feed.name).get(RECONCILE)
+        before = self.annotations("OCIRepository", feed.name).get(e2e.RECONCILE)
         seen = len(self.package_deliveries())
         accepted_before = self.metric("gfb_hook_requests_total", outcome="accepted")
         started = time.monotonic()
@@ -272,7 +189,7 @@ class Env:
         # this delivery); source-controller pulled the artifact from Gitea's registry, with the
         # manifest's annotations as its metadata.
         self.wait(f"OCIRepository {feed.name} annotated by the bridge", lambda: (
-            value if (value := self.annotations("OCIRepository", feed.name).get(RECONCILE))
+            value if (value := self.annotations("OCIRepository", feed.name).get(e2e.RECONCILE))
             != before else None), HOOK_TIMEOUT)
         marks = self.annotations("OCIRepository", feed.name).get(DELIVERIES_ANNOTATION, "")
         assert marks.startswith(record["mark"] + "@"), (marks, record)
@@ -294,7 +211,7 @@ class Env:
 
         # The delivery the bridge followed: both objects annotated, settled Ready.
         delivery = self.wait("the delivery to settle", lambda: (
-            found if (found := self.delivery(record["id"])).get("final") else None), 60)
+            found if (found := self.delivery(record["id"], self.webhook_token)).get("final") else None), 60)
         assert delivery["outcome"] == "ready", delivery
         annotated = {(t["kind"], t["name"]) for t in delivery["targets"]
                      if t["role"] == "annotate"}
@@ -305,7 +222,7 @@ class Env:
         # keeps every status posted, so a pending soon overwritten is still in the history).
         history = self.wait_status(feed, sha, "success")
         self.timings[f"{feed.name}: package push -> success status"] = time.monotonic() - started
-        print(f"  {feed.context} on {sha[:12]}: {_history(history)}")
+        print(f"  {feed.context} on {sha[:12]}: {e2e.described(history)}")
         states = [s["status"] for s in history]
         assert "pending" in states[:-1], history
         return sha, pushed, delivery
@@ -316,97 +233,36 @@ def revision(pushed: Pushed) -> str:
     return f"{pushed.tag}@{pushed.digest}"
 
 
-def _condition(obj: dict[str, Any], type_: str) -> dict[str, Any]:
-    for cond in (obj.get("status") or {}).get("conditions") or []:
-        if cond.get("type") == type_:
-            return dict(cond)
-    return {}
-
-
-def _history(statuses: list[dict[str, Any]]) -> list[tuple[str, str]]:
-    return [(str(s.get("status")), str(s.get("description"))) for s in statuses]
-
-
-def _timed(timings: dict[str, float], name: str, started: float) -> None:
-    timings[name] = time.monotonic() - started
-
-
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     module_started = time.monotonic()
     timings: dict[str, float] = {}
     workdir = tmp_path_factory.mktemp("e2e-oci")
-    bin_dir, static_root = e2e_peers()
-    assert static_root is not None
-
-    teardown: list[Callable[[], None]] = []
-    try:
-        started = time.monotonic()
-        plane = ControlPlane(bin_dir)
-        plane.start()
-        teardown.append(plane.stop)
-        install_source_crds(plane)
-        plane.ensure_namespace(NS, APPS_NS)
-        _timed(timings, "control plane (etcd, kube-apiserver, CRDs)", started)
-
-        started = time.monotonic()
-        gitea = Gitea(bin_dir / "gitea", static_root, workdir=workdir / "gitea")
-        gitea.workdir.mkdir()
-        gitea.start()
-        teardown.append(gitea.close)
+    with e2e.stopping() as teardown:
+        plane, gitea, flux = e2e.start_peers(workdir, teardown, timings, NS, APPS_NS)
         gitea.create_org(ORG)
         gitea.create_org(PRIVATE_ORG, visibility="private")
         gitea.create_repo(ORG, REPO, private=True)
-        _timed(timings, "gitea (migrate, admin, web, repository)", started)
-
-        started = time.monotonic()
-        flux = FluxControllers(bin_dir, plane.kubeconfig, workdir=workdir / "flux")
-        flux.workdir.mkdir()
-        flux.start()
-        teardown.append(flux.stop)
-        _timed(timings, "flux controllers", started)
 
         tokens = {name: secrets.token_hex(16) for name in ("webhook", "events")}
-        for name, value in {"gitea-token": gitea.token, "events-token": tokens["events"]}.items():
-            (workdir / name).write_text(value)
-            (workdir / name).chmod(0o600)
-        started = time.monotonic()
-        bridge = BridgeProcess({
-            "cluster_name": CLUSTER,
-            "log_level": "info",
-            "reconcile": {"source_timeout_seconds": 120, "consumer_timeout_seconds": 240,
-                          "coalesce_window_seconds": 0.2},
-            "gitea": [{"name": "e2e", "url": gitea.url,
-                       "token": {"file": str(workdir / "gitea-token")}}],
-            "events": {"hmac_token": {"file": str(workdir / "events-token")}},
-        }, plane.kubeconfig, workdir)
-        bridge.start()
-        teardown.append(bridge.stop)
-        _timed(timings, "bridge", started)
+        with e2e.timed(timings, "bridge"):
+            bridge = BridgeProcess(e2e.bridge_config(CLUSTER, gitea, tokens["events"], workdir),
+                                   plane.kubeconfig, workdir)
+            bridge.start()
+            teardown.append(bridge.stop)
 
         registry = OCIClient(gitea.url, gitea.admin, gitea.token)
         env = Env(plane, gitea, flux, bridge, registry, tokens["webhook"], timings)
-        started = time.monotonic()
-        _first_deploy(env, tokens, workdir)
-        _timed(timings, "first artifacts deployed (objects -> Kustomizations Ready)", started)
+        with e2e.timed(timings, "first artifacts deployed (objects -> Kustomizations Ready)"):
+            _first_deploy(env, tokens)
         timings["environment total"] = time.monotonic() - module_started
-        print("\n=== e2e OCI environment up ===")
-        for name, seconds in timings.items():
-            print(f"  {name:<58} {seconds:6.1f}s")
+        e2e.print_timings("e2e OCI environment up", timings)
         yield env
-        print("\n=== e2e OCI timings ===")
-        for name, seconds in timings.items():
-            print(f"  {name:<58} {seconds:6.1f}s")
+        e2e.print_timings("e2e OCI timings", timings)
         print(f"  module total {time.monotonic() - module_started:.1f}s")
-    finally:
-        for stop in reversed(teardown):
-            try:
-                stop()
-            except Exception as exc:  # keep tearing down the rest
-                print(f"teardown: {exc}")
 
 
-def _first_deploy(env: Env, tokens: dict[str, str], workdir: Path) -> None:
+def _first_deploy(env: Env, tokens: dict[str, str]) -> None:
     """The first artifacts, the Flux objects, the Receiver and the organisation webhooks; waits
     until both Kustomizations applied their artifact."""
     first = {PUBLIC: "1.0.0", PRIVATE: "latest"}
@@ -420,33 +276,23 @@ def _first_deploy(env: Env, tokens: dict[str, str], workdir: Path) -> None:
         "auth": base64.b64encode(login.encode()).decode()}}})},
         "kubernetes.io/dockerconfigjson")
     env.secret("webhook-token", {"token": tokens["webhook"]})
-    env.secret("bridge-events", {"token": tokens["events"]})
-    env.create("Provider", "bridge", {"type": "generic-hmac", "address": f"{env.bridge.url}/events",
-                                      "secretRef": {"name": "bridge-events"}})
-    env.create("Alert", "bridge", {
-        "providerRef": {"name": "bridge"}, "eventSeverity": "info",
-        "eventSources": [{"kind": "OCIRepository", "name": "*"},
-                         {"kind": "Kustomization", "name": "*"}]})
-    resources = []
+    e2e.alert_to_bridge(env.plane, NS, f"{env.bridge.url}/events", tokens["events"],
+                        ["OCIRepository", "Kustomization"])
+    resources: list[tuple[str, str]] = []
     for feed in FEEDS:
         spec: dict[str, Any] = {"interval": "1h", "timeout": "60s", "insecure": True,
                                 "url": f"oci://{host}/{feed.repository}", "ref": dict([feed.ref])}
         if feed.secret:
             spec["secretRef"] = {"name": feed.secret}
         env.create("OCIRepository", feed.name, spec)
-        env.create("Kustomization", feed.name, {
-            "interval": "1h", "timeout": "2m", "path": "./", "prune": False,
-            "sourceRef": {"kind": "OCIRepository", "name": feed.name}})
-        resources += [{"apiVersion": API_VERSIONS[kind], "kind": kind, "name": feed.name}
-                      for kind in ("OCIRepository", "Kustomization")]
-    env.create("Receiver", RECEIVER, {"type": "github", "events": ["package"],
-                                      "secretRef": {"name": "webhook-token"},
-                                      "resources": resources})
+        e2e.kustomization(env.plane, NS, feed.name, "./", source=("OCIRepository", feed.name))
+        resources += [("OCIRepository", feed.name), ("Kustomization", feed.name)]
+    e2e.receiver(env.plane, NS, RECEIVER, "github", "webhook-token", resources, events=["package"])
     env.bridge.wait_receivers(1)
     for feed in FEEDS:
         env.wait(f"first deploy of {feed.name}", functools.partial(
             env.deployed, feed, pushed[feed]), DEPLOY_TIMEOUT)
-    hook = f"{env.bridge.url}/hook/" + sig.hook_digest(tokens["webhook"], RECEIVER, NS)
+    hook = env.bridge.url + e2e.hook_path(tokens["webhook"], RECEIVER, NS)
     for org in (ORG, PRIVATE_ORG):
         env.gitea.create_org_hook(org, hook, tokens["webhook"])
 
@@ -464,7 +310,7 @@ def test_package_push_the_ref_does_not_select_annotates_nothing(env: Env) -> Non
     # take it, so the bridge reconciles nothing.
     version = f"2.{next(env.minor)}.0"
     sha = env.commit(PUBLIC, version)
-    before = {(kind, feed.name): env.annotations(kind, feed.name).get(RECONCILE)
+    before = {(kind, feed.name): env.annotations(kind, feed.name).get(e2e.RECONCILE)
               for kind in ("OCIRepository", "Kustomization") for feed in FEEDS}
     artifact_before = env.artifact(PUBLIC).get("revision")
     annotated_before = env.metric("gfb_targets_annotated_total")
@@ -473,10 +319,10 @@ def test_package_push_the_ref_does_not_select_annotates_nothing(env: Env) -> Non
 
     record = env.next_delivery(seen)
     assert record["targets"] == 0 and record["tracked"] == 0, record
-    delivery = env.delivery(record["id"])
+    delivery = env.delivery(record["id"], env.webhook_token)
     assert delivery["targets"] == [], delivery
     assert env.metric("gfb_targets_annotated_total") == annotated_before
-    assert {key: env.annotations(*key).get(RECONCILE) for key in before} == before
+    assert {key: env.annotations(*key).get(e2e.RECONCILE) for key in before} == before
     assert env.artifact(PUBLIC).get("revision") == artifact_before != revision(pushed)
     # Nothing deploys it, so its commit shows nothing in Gitea.
     env.wait("the bridge's status queue to drain",

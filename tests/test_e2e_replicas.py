@@ -51,60 +51,37 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
 import pytest
 
 from receiver import signatures as sig
+from tests import e2e_env as e2e
 from tests import gitea_payloads
 from tests.e2e_harness import (
     BridgeProcess,
     FluxControllers,
     Gitea,
     chart_service_account,
-    e2e_peers,
-    install_source_crds,
 )
 from tests.proxy_harness import RoundRobinProxy, nginx_binary, table, upstream_port
 from tests.realk8s import ROOT, ControlPlane, ControlPlaneError, audit_policy, wait_until
 
 pytestmark = pytest.mark.e2e
 
-T = TypeVar("T")
-
 REPLICAS = 2
 ORG, REPO = "platform", "fleet"
 CLUSTER = "eu-west"
-NS = "flux-system"
+NS = e2e.FLUX_NS
 RELEASE = "gfb"  # the chart release whose ServiceAccount and RBAC the replicas run with
 LEASE = "gfb-replicas-resync"
 APPS_NS, REPLAY_NS = "eu-west-apps", "eu-west-replay"
 APPS_PATH, REPLAY_PATH = "clusters/eu-west/apps", "clusters/eu-west/replay"
 APPS_FILE, REPLAY_FILE = f"{APPS_PATH}/settings.yaml", f"{REPLAY_PATH}/settings.yaml"
 NOTIFY = ROOT / ".gitea" / "actions" / "notify-flux" / "notify.sh"
-RECONCILE = "reconcile.fluxcd.io/requestedAt"
 BRIDGE_ANNOTATION_PREFIX = "gitea-flux-bridge.io/"  # the bridge's own annotations
 
-SOURCE_API = "/apis/source.toolkit.fluxcd.io/v1"
-KUSTOMIZE_API = "/apis/kustomize.toolkit.fluxcd.io/v1"
-NOTIFICATION_API = "/apis/notification.toolkit.fluxcd.io"
-KINDS = {  # kind -> (apiVersion, collection path, API group, plural)
-    "GitRepository": ("source.toolkit.fluxcd.io/v1", f"{SOURCE_API}/namespaces/{NS}/gitrepositories",
-                      "source.toolkit.fluxcd.io", "gitrepositories"),
-    "Kustomization": ("kustomize.toolkit.fluxcd.io/v1",
-                      f"{KUSTOMIZE_API}/namespaces/{NS}/kustomizations",
-                      "kustomize.toolkit.fluxcd.io", "kustomizations"),
-    "Receiver": ("notification.toolkit.fluxcd.io/v1",
-                 f"{NOTIFICATION_API}/v1/namespaces/{NS}/receivers",
-                 "notification.toolkit.fluxcd.io", "receivers"),
-    "Provider": ("notification.toolkit.fluxcd.io/v1beta3",
-                 f"{NOTIFICATION_API}/v1beta3/namespaces/{NS}/providers",
-                 "notification.toolkit.fluxcd.io", "providers"),
-    "Alert": ("notification.toolkit.fluxcd.io/v1beta3",
-              f"{NOTIFICATION_API}/v1beta3/namespaces/{NS}/alerts",
-              "notification.toolkit.fluxcd.io", "alerts"),
-}
 # Receiver -> (Flux type, branch, the objects it lists)
 RECEIVERS = {
     "actions": ("generic", "main", [("GitRepository", "fleet"), ("Kustomization", "apps")]),
@@ -125,13 +102,10 @@ LAG_PUSHES = 5  # pushes the proxy still sends to a replica after its SIGTERM (e
 
 
 def context(name: str) -> str:
-    return f"flux/{CLUSTER}/kustomization/{NS}/{name}"
+    return e2e.status_context(CLUSTER, "Kustomization", NS, name)
 
 
-def configmap(name: str, namespace: str, **data: str) -> str:
-    lines = "".join(f'  {k}: "{v}"\n' for k, v in data.items())
-    return (f"apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {name}\n"
-            f"  namespace: {namespace}\ndata:\n{lines}")
+configmap = e2e.configmap_yaml
 
 
 def now_rfc3339() -> str:
@@ -142,7 +116,7 @@ def now_rfc3339() -> str:
 
 
 @dataclass
-class Replicas:
+class Replicas(e2e.InNamespace, e2e.Waiting):
     plane: ControlPlane
     gitea: Gitea
     flux: FluxControllers
@@ -189,33 +163,22 @@ class Replicas:
 
     # -- Kubernetes ------------------------------------------------------------------------------
 
-    def get(self, kind: str, name: str) -> dict[str, Any]:
-        return self.plane.request("GET", f"{KINDS[kind][1]}/{name}")
-
-    def create(self, kind: str, name: str, spec: dict[str, Any]) -> None:
-        self.plane.request("POST", KINDS[kind][1], {
-            "apiVersion": KINDS[kind][0], "kind": kind,
-            "metadata": {"name": name, "namespace": NS}, "spec": spec})
-
-    def secret(self, name: str, data: dict[str, str]) -> None:
-        self.plane.request("POST", f"/api/v1/namespaces/{NS}/secrets", {
-            "apiVersion": "v1", "kind": "Secret", "metadata": {"name": name}, "stringData": data})
-
     def annotations(self, kind: str, name: str) -> dict[str, str]:
         """The reconcile request and the bridge's own annotations of an object."""
-        found = self.get(kind, name)["metadata"].get("annotations") or {}
+        found = super().annotations(kind, name)
         return {k: v for k, v in found.items()
-                if k == RECONCILE or k.startswith(BRIDGE_ANNOTATION_PREFIX)}
+                if k == e2e.RECONCILE or k.startswith(BRIDGE_ANNOTATION_PREFIX)}
 
     def patches(self, kind: str, name: str) -> int:
         """PATCH requests the replicas' ServiceAccount made on the object (audit log)."""
-        _, _, group, plural = KINDS[kind]
-        return self.plane.count_patches(self.bridge_user, group, plural, NS, name)
+        api_version, plural = e2e.FLUX_KINDS[kind]
+        return self.plane.count_patches(self.bridge_user, api_version.split("/")[0], plural,
+                                        NS, name)
 
     def ready_at(self, kind: str, name: str, sha: str) -> dict[str, Any] | None:
         obj = self.get(kind, name)
         status = obj.get("status") or {}
-        ready = next((c for c in status.get("conditions") or [] if c.get("type") == "Ready"), {})
+        ready = e2e.condition(obj, "Ready")
         revision = ((status.get("artifact") or {}).get("revision") if kind == "GitRepository"
                     else status.get("lastAppliedRevision"))
         if str(revision or "").endswith(f"sha1:{sha}") and ready.get("status") == "True":
@@ -228,13 +191,13 @@ class Replicas:
         return f"{self.gitea.url}/{ORG}/{REPO}"
 
     def latest_status(self, sha: str, ctx: str) -> dict[str, Any] | None:
-        found = [s for s in self.gitea.statuses(ORG, REPO, sha) if s.get("context") == ctx]
+        found = e2e.context_history(self.gitea, ORG, REPO, sha, ctx)
         return found[-1] if found else None
 
     # -- HTTP ------------------------------------------------------------------------------------
 
     def hook(self, receiver: str) -> str:
-        return "/hook/" + sig.hook_digest(self.tokens[receiver], receiver, NS)
+        return e2e.hook_path(self.tokens[receiver], receiver, NS)
 
     def delivery(self, base_url: str, delivery_id: str, receiver: str) -> tuple[int, dict[str, Any]]:
         with httpx.Client(trust_env=False, timeout=10.0) as client:
@@ -246,31 +209,12 @@ class Replicas:
             body = {"raw": response.text[:200]}
         return response.status_code, body if isinstance(body, dict) else {"body": body}
 
-    def wait(self, what: str, check: Callable[[], T | None], timeout: float,
-             extra: Callable[[], str] | None = None) -> T:
-        def diagnostics() -> str:
-            parts = [extra()] if extra is not None else []
-            parts += [b.tail(20) for b in self.replicas]
-            parts += [self.flux.logs(10), self.proxy.tail(10)]
-            return "\n".join(parts)
-
-        started = time.monotonic()
-        try:
-            result = wait_until(what, check, timeout, interval=0.2, on_timeout=diagnostics)
-        except ControlPlaneError as exc:
-            raise AssertionError(str(exc)) from None
-        print(f"  {what}: {time.monotonic() - started:.1f}s")
-        return result
-
-
-def _timed(timings: dict[str, float], name: str, started: float) -> None:
-    timings[name] = time.monotonic() - started
+    def diagnostics(self) -> list[str]:
+        return [*(b.tail(20) for b in self.replicas), self.flux.logs(10), self.proxy.tail(10)]
 
 
 @pytest.fixture(scope="module")
 def replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replicas]:
-    bin_dir, static_root = e2e_peers()
-    assert static_root is not None
     nginx = nginx_binary()
     if nginx is None:
         pytest.skip("nginx is not installed (the round-robin proxy in front of the replicas; "
@@ -279,80 +223,39 @@ def replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replicas]:
     timings: dict[str, float] = {}
     workdir = tmp_path_factory.mktemp("replicas")
 
-    teardown: list[Callable[[], None]] = []
-    env: Replicas | None = None
-    try:
-        started = time.monotonic()
-        plane = ControlPlane(bin_dir, audit_policy=audit_policy())
-        plane.start()
-        teardown.append(plane.stop)
-        install_source_crds(plane)
-        plane.ensure_namespace(NS, APPS_NS, REPLAY_NS)
-        bridge_user, bridge_token = chart_service_account(
-            plane, RELEASE, NS, "--set", f"config.statuses.lease_name={LEASE}")
-        kubeconfig = plane.write_kubeconfig(workdir / "bridge-kubeconfig.yaml", bridge_token,
-                                            user=bridge_user)
-        _timed(timings, "control plane (etcd, kube-apiserver + audit, CRDs, chart RBAC)", started)
-
-        started = time.monotonic()
-        gitea = Gitea(bin_dir / "gitea", static_root, workdir=workdir / "gitea")
-        gitea.workdir.mkdir()
-        gitea.start()
-        teardown.append(gitea.close)
+    with e2e.stopping() as teardown:
+        plane, gitea, flux = e2e.start_peers(workdir, teardown, timings, NS, APPS_NS, REPLAY_NS,
+                                             audit_policy=audit_policy())
+        with e2e.timed(timings, "chart RBAC (the replicas' ServiceAccount)"):
+            bridge_user, bridge_token = chart_service_account(
+                plane, RELEASE, NS, "--set", f"config.statuses.lease_name={LEASE}")
+            kubeconfig = plane.write_kubeconfig(workdir / "bridge-kubeconfig.yaml", bridge_token,
+                                                user=bridge_user)
         gitea.create_org(ORG)
         gitea.create_repo(ORG, REPO, private=True)
-        _timed(timings, "gitea", started)
-
-        started = time.monotonic()
-        flux = FluxControllers(bin_dir, plane.kubeconfig, workdir=workdir / "flux")
-        flux.workdir.mkdir()
-        flux.start()
-        teardown.append(flux.stop)
-        _timed(timings, "flux controllers", started)
 
         tokens = {name: secrets.token_hex(16) for name in (*RECEIVERS, "events")}
-        for name, value in (("gitea-token", gitea.token), ("events-token", tokens["events"])):
-            (workdir / name).write_text(value)
-            (workdir / name).chmod(0o600)
-        config = {
-            "cluster_name": CLUSTER,
-            "log_level": "info",
-            "reconcile": {"source_timeout_seconds": 120, "consumer_timeout_seconds": 240,
-                          "coalesce_window_seconds": 0.2},
-            "gitea": [{"name": "e2e", "url": gitea.url,
-                       "token": {"file": str(workdir / "gitea-token")}}],
-            "events": {"hmac_token": {"file": str(workdir / "events-token")}},
-            "statuses": {"resync_interval_seconds": 5, "max_attempts": 3,
-                         "lease_duration_seconds": 15, "lease_name": LEASE},
-        }
-        started = time.monotonic()
-        proxy = RoundRobinProxy(nginx, workdir / "nginx", [])
-        env = Replicas(plane, gitea, flux, proxy, workdir, kubeconfig, bridge_user, config,
-                       tokens, timings=timings)
-        teardown.append(lambda: _stop_replicas(env))
-        env.replicas = [env.spawn(min_receivers=0) for _ in range(REPLICAS)]
-        proxy.upstreams = [b.port for b in env.replicas]
-        proxy.start()
-        teardown.append(proxy.stop)
-        _timed(timings, f"{REPLICAS} bridge replicas + nginx", started)
+        config = e2e.bridge_config(CLUSTER, gitea, tokens["events"], workdir, statuses={
+            "resync_interval_seconds": 5, "max_attempts": 3, "lease_duration_seconds": 15,
+            "lease_name": LEASE})
+        with e2e.timed(timings, f"{REPLICAS} bridge replicas + nginx"):
+            proxy = RoundRobinProxy(nginx, workdir / "nginx", [])
+            env = Replicas(plane, gitea, flux, proxy, workdir, kubeconfig, bridge_user, config,
+                           tokens, timings=timings)
+            teardown.append(lambda: _stop_replicas(env))
+            env.replicas = [env.spawn(min_receivers=0) for _ in range(REPLICAS)]
+            proxy.upstreams = [b.port for b in env.replicas]
+            proxy.start()
+            teardown.append(proxy.stop)
 
-        started = time.monotonic()
-        _make_fleet(env)
-        _timed(timings, "fleet: objects, first deploys", started)
+        with e2e.timed(timings, "fleet: objects, first deploys"):
+            _make_fleet(env)
         timings["environment total"] = time.monotonic() - module_started
-        print("\n=== replicas environment up ===")
-        for name, seconds in timings.items():
-            print(f"  {name:<62} {seconds:6.1f}s")
+        e2e.print_timings("replicas environment up", timings)
         print(f"  replicas: {', '.join(f'{env.name(b.port)}=:{b.port}' for b in env.replicas)}; "
               f"proxy {proxy.url}; bridge user {bridge_user}")
         yield env
         print(f"\n=== replicas module total {time.monotonic() - module_started:.1f}s ===")
-    finally:
-        for stop in reversed(teardown):
-            try:
-                stop()
-            except Exception as exc:  # keep tearing down the rest
-                print(f"teardown: {exc}")
 
 
 @pytest.fixture(autouse=True)
@@ -389,30 +292,18 @@ def _make_fleet(env: Replicas) -> None:
         env.heads[branch] = gitea.commit_files(
             ORG, REPO, {f"{branch}.txt": f"{branch}\n"}, f"{branch}: start", new_branch=branch)
     env.secret("gitea-auth", {"username": gitea.admin, "password": gitea.token})
-    env.secret("bridge-events", {"token": env.tokens["events"]})
     for name in RECEIVERS:
         env.secret(f"{name}-token", {"token": env.tokens[name]})
-    env.create("Provider", "bridge", {"type": "generic-hmac", "address": f"{env.proxy.url}/events",
-                                      "secretRef": {"name": "bridge-events"}})
-    env.create("Alert", "bridge", {
-        "providerRef": {"name": "bridge"}, "eventSeverity": "info",
-        "eventSources": [{"kind": "GitRepository", "name": "*"},
-                         {"kind": "Kustomization", "name": "*"}]})
+    # Events go through the proxy, as to a Service.
+    e2e.alert_to_bridge(env.plane, NS, f"{env.proxy.url}/events", env.tokens["events"],
+                        ["GitRepository", "Kustomization"])
     for name, branch in (("fleet", "main"), ("replay", "replay"), ("rollout", "rollout")):
-        env.create("GitRepository", name, {
-            "interval": "1h", "timeout": "60s", "url": gitea.clone_url(ORG, REPO),
-            "ref": {"branch": branch}, "secretRef": {"name": "gitea-auth"}})
+        e2e.git_repository(env.plane, NS, name, gitea.clone_url(ORG, REPO), branch=branch)
     for name, source, path in (("apps", "fleet", APPS_PATH), ("replay", "replay", REPLAY_PATH)):
-        env.create("Kustomization", name, {
-            "interval": "1h", "timeout": "2m", "path": f"./{path}", "prune": False,
-            "sourceRef": {"kind": "GitRepository", "name": source}})
+        e2e.kustomization(env.plane, NS, name, f"./{path}", source=("GitRepository", source))
     for name, (rtype, _, listed) in RECEIVERS.items():
-        spec: dict[str, Any] = {
-            "type": rtype, "secretRef": {"name": f"{name}-token"},
-            "resources": [{"apiVersion": KINDS[k][0], "kind": k, "name": n} for k, n in listed]}
-        if rtype == "github":
-            spec["events"] = ["push"]
-        env.create("Receiver", name, spec)
+        e2e.receiver(env.plane, NS, name, rtype, f"{name}-token", listed,
+                     events=["push"] if rtype == "github" else None)
     for bridge in env.replicas:
         bridge.wait_receivers(len(RECEIVERS))
     for kind, name, branch in (("Kustomization", "apps", "main"),
@@ -532,8 +423,7 @@ def test_events_at_alternating_replicas_leave_gitea_showing_the_latest(
             shown = str(latest.get("status")) if latest else "(nothing)"
         rows.append((step, f"{label}={env.name(bridge.port)}", state, answer, shown))
         if shown != state:
-            history = [(s.get("status"), s.get("description"))
-                       for s in env.gitea.statuses(ORG, REPO, sha) if s.get("context") == ctx]
+            history = e2e.described(e2e.context_history(env.gitea, ORG, REPO, sha, ctx))
             failure = (f"after event {step} ({state} via replica {label}), Gitea still shows "
                        f"{shown!r} for {ctx} on {sha[:12]} ({STATUS_TIMEOUT:g}s later); "
                        f"history: {history}")
@@ -752,7 +642,7 @@ def test_replay_sent_to_the_other_replica_annotates_nothing(replicas: Replicas, 
     source = "GitRepository/replay"
     assert before[source][0] > before_first[source][0], \
         f"the original push patched nothing: {before_first} -> {before}"
-    assert before[source][1].get(RECONCILE) != before_first[source][1].get(RECONCILE), before
+    assert before[source][1].get(e2e.RECONCILE) != before_first[source][1].get(e2e.RECONCILE), before
 
     # The same bytes and headers again, to the replica that has not seen them.
     with httpx.Client(trust_env=False, timeout=10.0) as client:

@@ -22,7 +22,6 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from receiver import delivery_marks
-from receiver import signatures as sig
 from receiver.delivery_record import ROLE_ANNOTATE, ROLE_TRACK, DeliveryRecord, RecordTarget
 from receiver.delivery_state import Timeouts, evaluate, has_push, package_commit
 from receiver.events import FluxEvent, InvolvedObject
@@ -50,7 +49,14 @@ from receiver.statuses import (
     desired_from_event,
     desired_from_object,
 )
-from tests.conftest import FIXTURES, Bridge, BridgeFactory, make_settings, until
+from tests.conftest import (
+    FIXTURES,
+    Bridge,
+    BridgeFactory,
+    make_settings,
+    send_package_event,
+    until,
+)
 from tests.fakegitea import FakeGitea, gitea_transport
 
 SHA = "5394cb7f48ab9fd33a7a95f6ee1f7b9c4b2b8a3e"
@@ -398,31 +404,31 @@ def gitea() -> Iterator[tuple[FakeGitea, httpx.AsyncBaseTransport]]:
     assert fake.problems == []
 
 
-async def _bridge(factory: BridgeFactory, tmp_path: Path,
-                  transport: httpx.AsyncBaseTransport) -> Bridge:
+Served = tuple[FakeGitea, Bridge]  # the fake Gitea, and the bridge posting to it
+
+
+@pytest.fixture
+async def served(bridge_factory: BridgeFactory, tmp_path: Path,
+                 gitea: tuple[FakeGitea, httpx.AsyncBaseTransport]
+                 ) -> Served:
+    """The fake Gitea, and the bridge over the OCI manifests posting to it: every service test's
+    start."""
+    fake, transport = gitea
     (tmp_path / "gitea").write_text(GITEA_TOKEN)
     settings = make_settings(
         gitea=[{"name": "eu", "url": "https://gitea.example.com",
                 "token": {"file": str(tmp_path / "gitea")}}],
         insecure={"allow_unsigned_events": True},
         statuses={"resync_interval_seconds": 3600})
-    bridge: Bridge = await factory(settings, MANIFESTS, transport=transport)
-    return bridge
+    bridge: Bridge = await bridge_factory(settings, MANIFESTS, transport=transport)
+    return fake, bridge
 
 
 async def _push_package(bridge: Bridge, version: str = "latest",
                         receiver: str = "registry") -> dict[str, Any]:
     doc = json.loads(PAYLOAD.read_text())
     doc["package"]["version"] = version
-    body = json.dumps(doc).encode()
-    reply = await bridge.client.post(
-        "/hook/" + sig.hook_digest(TOKEN, receiver, "flux-system"), content=body,
-        headers={"Content-Type": "application/json", "X-Gitea-Event": "package",
-                 "X-GitHub-Event": "package",
-                 "X-Hub-Signature-256": "sha256=" + sig.hmac_hex("sha256", TOKEN, body)})
-    assert reply.status_code == 202, reply.text
-    result: dict[str, Any] = reply.json()
-    return result
+    return await send_package_event(bridge, receiver, TOKEN, json.dumps(doc).encode())
 
 
 def _states(fake: FakeGitea, sha: str, context: str) -> list[str]:
@@ -431,12 +437,8 @@ def _states(fake: FakeGitea, sha: str, context: str) -> list[str]:
 
 
 @pytest.mark.anyio
-async def test_package_push_pending_then_success_and_failure(
-    bridge_factory: BridgeFactory, tmp_path: Path,
-    gitea: tuple[FakeGitea, httpx.AsyncBaseTransport],
-) -> None:
-    fake, transport = gitea
-    bridge = await _bridge(bridge_factory, tmp_path, transport)
+async def test_package_push_pending_then_success_and_failure(served: Served) -> None:
+    fake, bridge = served
     reply = await _push_package(bridge)
     assert reply["ref"] == "oci://gitea.example.com/platform/manifests/apps:latest"
     assert reply["commit"] == ""
@@ -466,12 +468,8 @@ async def test_package_push_pending_then_success_and_failure(
 
 
 @pytest.mark.anyio
-async def test_an_artifact_without_annotations_posts_nothing(
-    bridge_factory: BridgeFactory, tmp_path: Path,
-    gitea: tuple[FakeGitea, httpx.AsyncBaseTransport],
-) -> None:
-    fake, transport = gitea
-    bridge = await _bridge(bridge_factory, tmp_path, transport)
+async def test_an_artifact_without_annotations_posts_nothing(served: Served) -> None:
+    fake, bridge = served
     reply = await _push_package(bridge)
     bridge.cluster.mark_artifact(OCI, NEW_REV, {})  # pushed without --source/--revision
     bridge.cluster.mark_applied(APPS, NEW_REV)
@@ -510,12 +508,8 @@ async def test_an_artifact_without_annotations_posts_nothing(
 
 
 @pytest.mark.anyio
-async def test_the_resync_repairs_a_missed_oci_status(
-    bridge_factory: BridgeFactory, tmp_path: Path,
-    gitea: tuple[FakeGitea, httpx.AsyncBaseTransport],
-) -> None:
-    fake, transport = gitea
-    bridge = await _bridge(bridge_factory, tmp_path, transport)
+async def test_the_resync_repairs_a_missed_oci_status(served: Served) -> None:
+    fake, bridge = served
     service = bridge.parts.statuses
     # The startup resync covers what the fixture says: success on the old commit.
     await until(lambda: fake.contexts("platform", "fleet", OLD).get(APPS_CONTEXT) == "success",
@@ -535,12 +529,8 @@ async def test_the_resync_repairs_a_missed_oci_status(
 
 
 @pytest.mark.anyio
-async def test_a_listed_consumer_is_annotated_once_the_artifact_is_there(
-    bridge_factory: BridgeFactory, tmp_path: Path,
-    gitea: tuple[FakeGitea, httpx.AsyncBaseTransport],
-) -> None:
-    fake, transport = gitea
-    bridge = await _bridge(bridge_factory, tmp_path, transport)
+async def test_a_listed_consumer_is_annotated_once_the_artifact_is_there(served: Served) -> None:
+    fake, bridge = served
     reply = await _push_package(bridge, receiver="registry-listed")
     assert [t["name"] for t in reply["targets"]] == ["apps", "apps"]
     store = bridge.cluster.store
@@ -560,12 +550,8 @@ async def test_a_listed_consumer_is_annotated_once_the_artifact_is_there(
 
 
 @pytest.mark.anyio
-async def test_a_pending_overtaken_by_a_newer_artifact_is_ended(
-    bridge_factory: BridgeFactory, tmp_path: Path,
-    gitea: tuple[FakeGitea, httpx.AsyncBaseTransport],
-) -> None:
-    fake, transport = gitea
-    bridge = await _bridge(bridge_factory, tmp_path, transport)
+async def test_a_pending_overtaken_by_a_newer_artifact_is_ended(served: Served) -> None:
+    fake, bridge = served
     await _push_package(bridge)
     bridge.cluster.mark_artifact(OCI, NEW_REV, metadata())
     await until(lambda: _states(fake, SHA, APPS_CONTEXT) == ["pending"], what="pending")
@@ -582,12 +568,8 @@ async def test_a_pending_overtaken_by_a_newer_artifact_is_ended(
 
 
 @pytest.mark.anyio
-async def test_an_event_posts_on_the_commit_its_origin_revision_names(
-    bridge_factory: BridgeFactory, tmp_path: Path,
-    gitea: tuple[FakeGitea, httpx.AsyncBaseTransport],
-) -> None:
-    fake, transport = gitea
-    bridge = await _bridge(bridge_factory, tmp_path, transport)
+async def test_an_event_posts_on_the_commit_its_origin_revision_names(served: Served) -> None:
+    fake, bridge = served
     bridge.cluster.mark_artifact(OCI, NEW_REV, metadata())
     body = json.dumps({
         "involvedObject": {"kind": "Kustomization", "namespace": "flux-system", "name": "infra",

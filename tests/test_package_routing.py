@@ -12,7 +12,6 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from receiver import signatures as sig
 from receiver.app import url_normaliser
 from receiver.cli import EXIT_OK, main
 from receiver.flux.memory import MemoryCluster
@@ -22,7 +21,7 @@ from receiver.gitea.payloads import PackagePush, PayloadError, parse_gitea_packa
 from receiver.giturls import normalise_oci_url, registry_host
 from receiver.package_routing import chart_version_match, oci_ref_match, plan_package
 from receiver.selector import GITEA_PACKAGE, select_payload
-from tests.conftest import FIXTURES, BridgeFactory, make_settings, until
+from tests.conftest import FIXTURES, BridgeFactory, make_settings, send_package_event, until
 
 PACKAGES = FIXTURES / "packages"
 PAYLOAD = FIXTURES / "payloads" / "gitea-package-container.json"
@@ -230,14 +229,7 @@ def test_a_helm_package_feeds_the_helm_kinds_only() -> None:
 @pytest.mark.anyio
 async def test_a_signed_package_event_is_routed_over_http(bridge_factory: BridgeFactory) -> None:
     bridge = await bridge_factory(make_settings(host_aliases=ALIASES), PACKAGES)
-    body = PAYLOAD.read_bytes()
-    reply = await bridge.client.post(
-        "/hook/" + sig.hook_digest(TOKEN, "registry", "flux-system"), content=body,
-        headers={"Content-Type": "application/json", "X-Gitea-Event": "package",
-                 "X-GitHub-Event": "package",
-                 "X-Hub-Signature-256": "sha256=" + sig.hmac_hex("sha256", TOKEN, body)})
-    assert reply.status_code == 202, reply.text
-    doc = reply.json()
+    doc = await send_package_event(bridge, "registry", TOKEN, PAYLOAD.read_bytes())
     assert _names(doc["targets"]) == ["OCIRepository/apps-semver", "ImageRepository/apps",
                                       "HelmRelease/podinfo", "Kustomization/apps"]
     assert {t["name"] for t in doc["skipped"]} == {"apps-pinned", "apps-tag", "other-image"}
@@ -482,14 +474,8 @@ async def test_an_image_delivery_is_followed_until_the_reflector_handled_it(
     docs = [receiver, secret, _image_repo(), _image_policy(SEMVER_1, "v1.3.0")]
     (tmp_path / "images.yaml").write_text("\n---\n".join(json.dumps(d) for d in docs))
     bridge = await bridge_factory(make_settings(host_aliases=ALIASES), tmp_path)
-    body = json.dumps(_doc(name="app", version="v1.4.0")).encode()
-    reply = await bridge.client.post(
-        "/hook/" + sig.hook_digest(TOKEN, "images", "flux-system"), content=body,
-        headers={"Content-Type": "application/json", "X-Gitea-Event": "package",
-                 "X-GitHub-Event": "package",
-                 "X-Hub-Signature-256": "sha256=" + sig.hmac_hex("sha256", TOKEN, body)})
-    assert reply.status_code == 202, reply.text
-    doc = reply.json()
+    doc = await send_package_event(bridge, "images", TOKEN,
+                                   json.dumps(_doc(name="app", version="v1.4.0")).encode())
     assert _names(doc["targets"]) == ["ImageRepository/app", "ImagePolicy/app"]
     assert doc["tracked"] == [] and "annotate_only" not in doc
 
