@@ -33,6 +33,7 @@ from receiver.flux.objects import (
     FluxObject,
     ObjectKey,
     consumer_source,
+    helm_chart_of,
 )
 from receiver.flux.revisions import FAILED, QUEUED, READY, progress_at
 from receiver.metrics import Metrics
@@ -364,6 +365,11 @@ class Reconciler:
         self._follow_patch(delivery, key, future)
 
     def _source_ready(self, delivery: Delivery, view: DeliveryView, consumer: FluxObject) -> bool:
+        # A HelmRelease installs from the HelmChart between it and its HelmRepository: when
+        # this delivery annotates that HelmChart, it is the source to wait for.
+        chart = helm_chart_of(consumer)
+        if chart is not None and (fetched := view.get(chart)) is not None:
+            return fetched.state == READY
         src_ref = consumer_source(consumer)
         if src_ref is None:
             return True
