@@ -14,12 +14,13 @@ import pytest
 
 from receiver import signatures as sig
 from receiver.app import url_normaliser
+from receiver.delivery_state import awaited_source
 from receiver.flux.memory import MemoryCluster
 from receiver.flux.objects import RECONCILE_ANNOTATION, ObjectKey, helm_chart_of
 from receiver.flux.store import ObjectStore
 from receiver.gitea.payloads import parse_gitea_package
 from receiver.package_routing import plan_package
-from tests.conftest import FIXTURES, BridgeFactory, make_settings, until
+from tests.conftest import FIXTURES, Bridge, BridgeFactory, make_settings, until
 
 PAYLOAD = FIXTURES / "payloads" / "gitea-package-container.json"
 TOKEN = "registry-secret-token"
@@ -310,63 +311,99 @@ def test_a_helm_push_does_not_feed_an_oci_or_another_http_repository() -> None:
 # -- the service ------------------------------------------------------------------------------
 
 
+def test_a_helm_release_waits_for_its_chart_when_the_delivery_annotates_it() -> None:
+    release = _store().upsert(_release())
+    chart, repo = ObjectKey("HelmChart", NS, GENERATED), ObjectKey("HelmRepository", NS, "charts")
+    assert awaited_source(release, {chart, repo}.__contains__) == chart
+    assert awaited_source(release, {repo}.__contains__) == repo
+
+
+class _Service:
+    """The bridge with a Receiver listing the HelmRepository, HelmChart and HelmRelease."""
+
+    def __init__(self, bridge: Bridge, delivery: str) -> None:
+        self.bridge, self.delivery = bridge, delivery
+
+    @classmethod
+    async def push(cls, bridge_factory: BridgeFactory, tmp_path: Path) -> tuple[_Service, Any]:
+        secret = {"apiVersion": "v1", "kind": "Secret",
+                  "metadata": {"name": "registry-token", "namespace": NS},
+                  "stringData": {"token": TOKEN}}
+        docs = [_receiver(), secret,
+                _repo(url="oci://gitea-http.gitea.svc.cluster.local:3000/platform"),
+                _chart(version=">=1.0.0"), _release()]
+        (tmp_path / "helm.yaml").write_text("\n---\n".join(json.dumps(d) for d in docs))
+        bridge = await bridge_factory(make_settings(host_aliases=ALIASES), tmp_path)
+        body = json.dumps(_event()).encode()
+        reply = await bridge.client.post(
+            "/hook/" + sig.hook_digest(TOKEN, "registry", NS), content=body,
+            headers={"Content-Type": "application/json", "X-Gitea-Event": "package",
+                     "X-GitHub-Event": "package",
+                     "X-Hub-Signature-256": "sha256=" + sig.hmac_hex("sha256", TOKEN, body)})
+        assert reply.status_code == 202, reply.text
+        doc = reply.json()
+        return cls(bridge, doc["delivery"]), doc
+
+    def patched(self) -> list[str]:
+        return [f"{k.kind}/{k.name}" for k, a in self.bridge.cluster.patches
+                if RECONCILE_ANNOTATION in a]
+
+    def handled(self, kind: str, name: str, ready: bool = True) -> None:
+        """The controller handles our request: Ready (or not), `lastHandledReconcileAt` set."""
+        obj = self.bridge.cluster.store.get(ObjectKey(kind, NS, name))
+        assert obj is not None and RECONCILE_ANNOTATION in obj.annotations, (kind, name)
+        raw = json.loads(json.dumps(obj.raw))
+        raw["status"] = {**raw.get("status", {}), "conditions": [
+            {"type": "Ready", "status": "True" if ready else "False",
+             "reason": "Succeeded" if ready else "ArtifactFailed", "message": "done"}],
+            "lastHandledReconcileAt": obj.annotations[RECONCILE_ANNOTATION]}
+        self.bridge.cluster.apply(raw)
+
+    async def states(self) -> dict[str, tuple[str, str]]:
+        view = await self.bridge.client.get(f"/deliveries/{self.delivery}",
+                                            headers={"Authorization": f"Bearer {TOKEN}"})
+        return {t["kind"]: (t["state"], t.get("detail", {}).get("reason", ""))
+                for t in view.json()["targets"]}
+
+    async def reach(self, kind: str, state: str) -> dict[str, tuple[str, str]]:
+        deadline = time.monotonic() + 10
+        found = await self.states()
+        while found.get(kind, ("", ""))[0] != state:
+            assert time.monotonic() < deadline, (kind, state, found)
+            await asyncio.sleep(0.02)
+            found = await self.states()
+        return found
+
+
 @pytest.mark.anyio
 async def test_a_signed_chart_push_annotates_repository_then_chart_then_release(
     bridge_factory: BridgeFactory, tmp_path: Path,
 ) -> None:
-    secret = {"apiVersion": "v1", "kind": "Secret",
-              "metadata": {"name": "registry-token", "namespace": NS},
-              "stringData": {"token": TOKEN}}
-    docs = [_receiver(), secret, _repo(url="oci://gitea-http.gitea.svc.cluster.local:3000/platform"),
-            _chart(version=">=1.0.0"), _release()]
-    (tmp_path / "helm.yaml").write_text("\n---\n".join(json.dumps(d) for d in docs))
-    bridge = await bridge_factory(make_settings(host_aliases=ALIASES), tmp_path)
-    body = json.dumps(_event()).encode()
-    reply = await bridge.client.post(
-        "/hook/" + sig.hook_digest(TOKEN, "registry", NS), content=body,
-        headers={"Content-Type": "application/json", "X-Gitea-Event": "package",
-                 "X-GitHub-Event": "package",
-                 "X-Hub-Signature-256": "sha256=" + sig.hmac_hex("sha256", TOKEN, body)})
-    assert reply.status_code == 202, reply.text
-    doc = reply.json()
+    service, doc = await _Service.push(bridge_factory, tmp_path)
     assert _names(doc) == ALL and "annotate_only" not in doc
-
-    def patched() -> list[str]:
-        return [f"{k.kind}/{k.name}" for k, a in bridge.cluster.patches
-                if RECONCILE_ANNOTATION in a]
-
-    def handled(key: ObjectKey) -> None:
-        """The controller handles our request: Ready, `lastHandledReconcileAt` set."""
-        obj = bridge.cluster.store.get(key)
-        assert obj is not None and RECONCILE_ANNOTATION in obj.annotations, key
-        raw = json.loads(json.dumps(obj.raw))
-        raw["status"] = {**raw.get("status", {}), "conditions": [
-            {"type": "Ready", "status": "True", "reason": "Succeeded", "message": "done"}],
-            "lastHandledReconcileAt": obj.annotations[RECONCILE_ANNOTATION]}
-        bridge.cluster.apply(raw)
-
-    async def states() -> dict[str, str]:
-        view = await bridge.client.get(f"/deliveries/{doc['delivery']}",
-                                       headers={"Authorization": f"Bearer {TOKEN}"})
-        return {t["kind"]: t["state"] for t in view.json()["targets"]}
-
-    async def reach(kind: str, state: str) -> dict[str, str]:
-        deadline = time.monotonic() + 10
-        found = await states()
-        while found.get(kind) != state:
-            assert time.monotonic() < deadline, (kind, state, found)
-            await asyncio.sleep(0.02)
-            found = await states()
-        return found
-
     # `--with-source` order: the HelmRepository and HelmChart first; the HelmRelease once the
     # HelmChart it installs from has handled the request (what it waits for: its HelmRepository
     # is still busy here).
-    await until(lambda: patched() == ALL[:2], what="HelmRepository, then HelmChart annotated")
-    assert (await states())["HelmRelease"] == "queued"
-    handled(ObjectKey("HelmChart", NS, GENERATED))
-    await until(lambda: patched() == ALL, what="the HelmRelease annotated after its HelmChart")
-    handled(ObjectKey("HelmRepository", NS, "charts"))
-    handled(ObjectKey("HelmRelease", NS, "web"))
-    view = await reach("HelmRelease", "ready")
-    assert view == dict.fromkeys(("HelmRepository", "HelmChart", "HelmRelease"), "ready")
+    await until(lambda: service.patched() == ALL[:2],
+                what="HelmRepository, then HelmChart annotated")
+    assert (await service.states())["HelmRelease"][0] == "queued"
+    service.handled("HelmChart", GENERATED)
+    await until(lambda: service.patched() == ALL,
+                what="the HelmRelease annotated after its HelmChart")
+    service.handled("HelmRepository", "charts")
+    service.handled("HelmRelease", "web")
+    states = await service.reach("HelmRelease", "ready")
+    assert {kind: state for kind, (state, _) in states.items()} == dict.fromkeys(
+        ("HelmRepository", "HelmChart", "HelmRelease"), "ready")
+
+
+@pytest.mark.anyio
+async def test_a_release_whose_chart_fails_is_not_annotated_and_fails_with_it(
+    bridge_factory: BridgeFactory, tmp_path: Path,
+) -> None:
+    service, _ = await _Service.push(bridge_factory, tmp_path)
+    await until(lambda: service.patched() == ALL[:2], what="HelmRepository and HelmChart")
+    service.handled("HelmChart", GENERATED, ready=False)
+    states = await service.reach("HelmRelease", "failed")
+    assert states["HelmRelease"] == ("failed", "SourceFailed")
+    assert service.patched() == ALL[:2]
