@@ -49,6 +49,7 @@ OCI_TYPES = frozenset({"container"})  # images, Flux artifacts and Helm charts o
 HELM_TYPES = frozenset({"container", "helm"})
 # The package types each cached kind a Receiver names by name may be fed by
 # (`objects.OPTIONAL_KINDS`); any other listed kind is annotated on every request, as Flux does.
+HELM_KINDS = frozenset({"HelmRepository", "HelmChart"})
 PACKAGE_FED_KINDS: dict[str, frozenset[str]] = {
     "ImageRepository": OCI_TYPES,
     "ImagePolicy": OCI_TYPES,
@@ -315,8 +316,13 @@ def _helm_http_url(package: PackagePush) -> str:
     return f"{package.instance.rstrip('/')}/api/packages/{package.owner}/helm"
 
 
-def _helm_type(repo: FluxObject) -> str:
-    return _str(repo.spec.get("type")) or "default"
+def _other_type(repo: FluxObject, package: PackagePush) -> str | None:
+    """Why a HelmRepository cannot read this package type, or None: an `oci` one reads the
+    container registry, one of another type (`default`) an HTTP Helm repository."""
+    repo_type = _str(repo.spec.get("type")) or "default"
+    if (repo_type == "oci") is (package.type in OCI_TYPES):
+        return None
+    return f"a HelmRepository of type {repo_type} does not read {package.type} packages"
 
 
 def _route_helm(store: ObjectStore, package: PackagePush, host: str) -> _HelmRoutes:
@@ -324,11 +330,9 @@ def _route_helm(store: ObjectStore, package: PackagePush, host: str) -> _HelmRou
     consumers: dict[ObjectKey, Target] = {}
     skipped: dict[ObjectKey, Target] = {}
     version = package.version
-    wants_oci = package.type in OCI_TYPES
     for repo, url, chart in _helm_repositories(store, package, host):
-        if (_helm_type(repo) == "oci") is not wants_oci:
-            skipped[repo.key] = _target(repo, f"a HelmRepository of type {_helm_type(repo)} "
-                                              f"does not read {package.type} packages")
+        if (other := _other_type(repo, package)) is not None:
+            skipped[repo.key] = _target(repo, other)
             continue
         if version.startswith("sha256:"):
             skipped[repo.key] = _target(repo, "pushed by digest, which moves no tag")
@@ -384,16 +388,16 @@ def _unrelated_cached(store: ObjectStore, target: Target, package: PackagePush,
     skipped."""
     obj = store.get(target.key)
     if obj is None:
-        why = ("its CRD is not installed" if target.kind.startswith("Image") else
-               "RBAC does not let the bridge list it")
+        # The Helm kinds' CRDs come with source-controller: an older RBAC is what keeps them out.
+        why = ("RBAC does not let the bridge list it" if target.kind in HELM_KINDS else
+               "its CRD is not installed")
         return f"{target.kind} is not in the cache (not found, or {why}): not annotated for a " \
                "package"
     if target.kind == "ImageRepository":
         return f"its image is not {url.removeprefix('oci://')}"
     if target.kind == "HelmRepository":
-        if (_helm_type(obj) == "oci") is not (package.type in OCI_TYPES):
-            return f"a HelmRepository of type {_helm_type(obj)} does not read {package.type} " \
-                   "packages"
+        if (other := _other_type(obj, package)) is not None:
+            return other
         if package.type in OCI_TYPES:
             return f"its URL and HelmCharts do not name {url}"
         return f"its URL is not {_helm_http_url(package)}"

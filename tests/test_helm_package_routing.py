@@ -16,10 +16,10 @@ from receiver import signatures as sig
 from receiver.app import url_normaliser
 from receiver.delivery_state import awaited_source
 from receiver.flux.memory import MemoryCluster
-from receiver.flux.objects import RECONCILE_ANNOTATION, ObjectKey, helm_chart_of
+from receiver.flux.objects import OPTIONAL_KINDS, RECONCILE_ANNOTATION, ObjectKey, helm_chart_of
 from receiver.flux.store import ObjectStore
 from receiver.gitea.payloads import parse_gitea_package
-from receiver.package_routing import plan_package
+from receiver.package_routing import PACKAGE_FED_KINDS, plan_package
 from tests.conftest import FIXTURES, Bridge, BridgeFactory, make_settings, until
 
 PAYLOAD = FIXTURES / "payloads" / "gitea-package-container.json"
@@ -108,6 +108,10 @@ ALL = ["HelmRepository/charts", f"HelmChart/{GENERATED}", "HelmRelease/web"]
 
 
 # -- which HelmChart a HelmRelease installs from ----------------------------------------------
+
+
+def test_every_cached_optional_kind_says_which_package_types_feed_it() -> None:
+    assert set(PACKAGE_FED_KINDS) == set(OPTIONAL_KINDS)
 
 
 def test_a_helm_release_installs_from_the_generated_chart_or_its_chart_ref() -> None:
