@@ -18,7 +18,13 @@ from typing import Any
 
 from receiver import delivery_marks
 from receiver.delivery_record import ROLE_ANNOTATE, DeliveryRecord, RecordTarget
-from receiver.flux.objects import SOURCE_KINDS, FluxObject, ObjectKey, consumer_source
+from receiver.flux.objects import (
+    SOURCE_KINDS,
+    FluxObject,
+    ObjectKey,
+    consumer_source,
+    helm_chart_of,
+)
 from receiver.flux.revisions import (
     ANNOTATED,
     FAILED,
@@ -155,11 +161,24 @@ def _source(record: DeliveryRecord, obj: FluxObject, view: Callable[..., TargetV
     return _waiting(record, obj, view, marked)
 
 
+def awaited_source(consumer: FluxObject,
+                   in_delivery: Callable[[ObjectKey], bool]) -> ObjectKey | None:
+    """The source a consumer waits for in a delivery: its `sourceRef`, except that a HelmRelease
+    waits for the HelmChart it installs from (between it and its HelmRepository) when the same
+    delivery annotates that HelmChart, as `flux reconcile --with-source` does."""
+    chart = helm_chart_of(consumer)
+    if chart is not None and in_delivery(chart):
+        return chart
+    src_ref = consumer_source(consumer)
+    return src_ref.key if src_ref is not None else None
+
+
 def _consumer(record: DeliveryRecord, obj: FluxObject, role: str, view: Callable[..., TargetView],
               marked: bool, age: float, timeouts: Timeouts, lookup: Lookup,
               done_views: Mapping[ObjectKey, TargetView]) -> TargetView:
     src_ref = consumer_source(obj)
-    src_view = done_views.get(src_ref.key) if src_ref is not None else None
+    awaited = awaited_source(obj, done_views.__contains__)
+    src_view = done_views.get(awaited) if awaited is not None else None
     if src_view is not None and src_view.state in (FAILED, TIMED_OUT):
         reason = "SourceTimeout" if src_view.state == TIMED_OUT else "SourceFailed"
         return view(src_view.state, reason, "its source did not get the pushed commit")

@@ -10,11 +10,18 @@ version. The decisions, in the order a reader meets them:
 3. which ImageRepositories scan it: `spec.image` is `<host>/<owner>/<name>` (same key as an
    OCIRepository URL), the tag is not in its `spec.exclusionList`, and at least one ImagePolicy
    referencing it would take the tag (`image_policy.policy_takes`); those ImagePolicies are its
-   consumers. With no ImagePolicy referencing it nothing reads the scan, so it is skipped. These
-   two kinds are cached only when their CRD is installed (`objects.OPTIONAL_KINDS`);
-4. kinds the bridge does not cache (HelmRepository, HelmChart: RBAC `patch` only) are annotated
-   by name when listed, as Flux does, and their HelmReleases are touched when the chart name
-   and version range take the pushed version;
+   consumers. With no ImagePolicy referencing it nothing reads the scan, so it is skipped;
+4. which HelmRepositories and HelmCharts would fetch it as a chart: a `container` push feeds a
+   HelmRepository of `spec.type: oci` whose `spec.url` + `/` + a HelmChart's `spec.chart` is
+   `oci://<host>/<owner>/<name>` (aliases apply), a `helm` push (Gitea's HTTP Helm repository)
+   one of another type at `<instance>/api/packages/<owner>/helm` whose HelmChart's `spec.chart`
+   is `<name>`; the HelmChart's `spec.version` range (default `*`, `_` read as `+`) takes the
+   version, not below the chart version it holds. A HelmRepository with no such HelmChart is
+   skipped (nothing would fetch the chart); the HelmReleases installing from those HelmCharts
+   (`objects.helm_chart_of`) are their consumers, after them, as `flux reconcile
+   --with-source` orders them. The image and Helm kinds are cached only when their CRD is
+   installed and RBAC lets the bridge list them (`objects.OPTIONAL_KINDS`): one that is not in
+   the cache is not annotated for a package;
 5. a `deleted` event, or a package type no Flux source reads, reconciles nothing, and says so.
 The Receiver's `resources` bound what is annotated; touched consumers are tracked, as for Git
 (ImagePolicies are annotated when listed, not tracked: no commit status follows them).
@@ -26,7 +33,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from receiver.flux.objects import OPTIONAL_KINDS, FluxObject, ObjectKey
+from receiver.flux.objects import FluxObject, ObjectKey
 from receiver.flux.revisions import followable
 from receiver.flux.store import ObjectStore
 from receiver.gitea.payloads import PackagePush
@@ -35,13 +42,17 @@ from receiver.image_policy import excluded_by, latest_tag, policy_takes
 from receiver.resources import Resolved, resolve_resources
 from receiver.routing import Plan, Target, _target, plan_push
 from receiver.selector import Selection
-from receiver.semver import ConstraintError, artifact_tag, tag_selected, tag_taken
+from receiver.semver import ConstraintError, artifact_tag, tag_taken
 
 # Package types whose versions a Flux source can pull.
 OCI_TYPES = frozenset({"container"})  # images, Flux artifacts and Helm charts over OCI alike
 HELM_TYPES = frozenset({"container", "helm"})
-# Listed kinds the bridge does not cache but a package of these types may feed.
+# The package types each cached kind a Receiver names by name may be fed by
+# (`objects.OPTIONAL_KINDS`); any other listed kind is annotated on every request, as Flux does.
+HELM_KINDS = frozenset({"HelmRepository", "HelmChart"})
 PACKAGE_FED_KINDS: dict[str, frozenset[str]] = {
+    "ImageRepository": OCI_TYPES,
+    "ImagePolicy": OCI_TYPES,
     "HelmRepository": HELM_TYPES,
     "HelmChart": HELM_TYPES,
 }
@@ -87,13 +98,20 @@ def oci_ref_match(spec_ref: Any, version: str, revision: str = "") -> tuple[bool
     return version == tag.lower(), f"tag {tag}"
 
 
-def chart_version_match(version_range: str, version: str) -> tuple[bool, str]:
-    """Would a chart `spec.version` range (default `*`) take the pushed chart version?"""
-    constraint = version_range or "*"
+def chart_version_match(version_range: str, version: str, current: str = "") -> tuple[bool, str]:
+    """Would a HelmChart with this `spec.version` range (default `*`) holding chart version
+    `current` ("" if unknown) take the pushed chart version? With the reason.
+
+    source-controller fetches the highest version in range, so, as for a semver source, a
+    version below the one it holds is not taken.
+    """
+    constraint = version_range.strip() or "*"
     try:
-        return tag_selected(_semver_text(version), constraint), f"chart version {constraint}"
+        taken, why = tag_taken(_semver_text(version), constraint, _semver_text(current))
     except ConstraintError:
         return False, f"invalid chart version {constraint!r}"
+    # `tag_taken` words it for a semver source: "semver <range>[ (...)]".
+    return taken, "chart version " + why.removeprefix("semver ")
 
 
 def _revision(obj: FluxObject) -> str:
@@ -102,25 +120,9 @@ def _revision(obj: FluxObject) -> str:
     return revision if isinstance(revision, str) else ""
 
 
-def _dict(value: Any) -> dict[str, Any]:
-    return value if isinstance(value, dict) else {}
-
-
-def _helm_release_takes(release: FluxObject, source: ObjectKey,
-                        package: PackagePush) -> tuple[bool, str]:
-    """Does a HelmRelease reading an uncached HelmRepository / HelmChart take this chart?"""
-    where = f"{source.kind}/{source.namespace}/{source.name}"
-    if source.kind == "HelmChart":
-        return True, (f"its chart comes from {where}, which is listed and not cached: "
-                      "chart name and version range not checked")
-    chart_spec = _dict(_dict(release.spec.get("chart")).get("spec"))
-    chart = _str(chart_spec.get("chart"))
-    if chart.lower() != package.name.lower():
-        return False, f"its chart {chart or '(none)'} is not the package {package.name}"
-    ok, why = chart_version_match(_str(chart_spec.get("version")), package.version)
-    if not ok:
-        return False, f"{why} does not take {package.version}"
-    return True, f"chart {chart} from {where} (listed, not cached: URL not checked) and {why}"
+def _chart_held(chart: FluxObject) -> str:
+    """The chart version a HelmChart holds: its `status.artifact.revision`, without a digest."""
+    return _revision(chart).partition("@")[0]
 
 
 def plan_package(
@@ -169,6 +171,8 @@ def plan_package(
     images = _route_images(store, key if package.type in OCI_TYPES else None,
                            url.removeprefix("oci://"), package.version)
     skipped.update(images.skipped)
+    helm = _route_helm(store, package, host)
+    skipped.update(helm.skipped)
 
     touched: dict[ObjectKey, Target] = {}
     for src_key, (src, _) in matched.items():
@@ -179,51 +183,32 @@ def plan_package(
                 touched[consumer.key] = _target(
                     consumer, f"its source {src.kind}/{src.namespace}/{src.name} takes "
                     f"{package.version}")
+    touched.update(helm.consumers)
 
     annotate_only: list[Target] = []
-    listed_images: list[Target] = []
+    routed = {**helm.sources, **images.targets}
+    listed_routed: list[Target] = []
     for target in blind:
-        if target.kind in OPTIONAL_KINDS:
-            # Cached: routed by image and tag policy below, not annotated blindly.
-            if package.type not in OCI_TYPES:
-                skipped[target.key] = Target(
-                    target.api_version, target.kind, target.namespace, target.name,
-                    f"a {target.kind} does not read {package.type} packages")
-            elif target.key in images.targets:
-                listed_images.append(images.targets[target.key])
-            elif target.key not in skipped:
-                skipped[target.key] = Target(target.api_version, target.kind, target.namespace,
-                                             target.name, _unrelated_image(store, target, url))
-            continue
         types = PACKAGE_FED_KINDS.get(target.kind)
-        if types is not None and package.type not in types:
+        if types is None:
+            annotate_only.append(Target(
+                target.api_version, target.kind, target.namespace, target.name,
+                f"{target.kind} is not routed by registry or version: annotated on every "
+                "request, as Flux does"))
+        elif package.type not in types:
             skipped[target.key] = Target(
                 target.api_version, target.kind, target.namespace, target.name,
                 f"a {target.kind} does not read {package.type} packages")
-            continue
-        reason = (f"{target.kind} is not cached: its URL and version selection are not "
-                  "checked, annotated by name as Flux does" if types is not None else
-                  f"{target.kind} is not routed by registry or version: annotated on every "
-                  "request, as Flux does")
-        annotate_only.append(Target(target.api_version, target.kind, target.namespace,
-                                    target.name, reason))
-        if target.kind not in ("HelmRepository", "HelmChart"):
-            continue
-        for release in store.consumers_of(target.key):
-            if release.kind != "HelmRelease" or release.key in touched:
-                continue
-            ok, why = _helm_release_takes(release, target.key, package)
-            if not ok:
-                skipped.setdefault(release.key, _target(release, why))
-            elif release.suspended:
-                skipped[release.key] = _target(release, "suspended")
-            else:
-                touched[release.key] = _target(release, why)
-                skipped.pop(release.key, None)
+        elif target.key in routed:
+            listed_routed.append(routed[target.key])
+        elif target.key not in skipped:
+            skipped[target.key] = Target(target.api_version, target.kind, target.namespace,
+                                         target.name, _unrelated_cached(store, target, package, url))
 
     targets = [_target(src, why) for k, (src, why) in matched.items() if k in listed]
-    # ImageRepositories before their ImagePolicies, as sources before consumers.
-    targets += sorted(listed_images, key=lambda t: (t.kind != "ImageRepository", t.key))
+    # Sources before what reads them (`--with-source`): HelmRepositories, HelmCharts, then
+    # ImageRepositories before their ImagePolicies.
+    targets += sorted(listed_routed, key=lambda t: (_ROUTED_ORDER[t.kind], t.key))
     targets += [t for k, t in sorted(touched.items()) if k in listed]
     related = matched.keys() | touched.keys() | skipped.keys()
     for obj in resolved.objects(store):
@@ -288,13 +273,136 @@ def _route_images(store: ObjectStore, key: str | None, image: str,
     return _ImageRoutes(targets, skipped)
 
 
-def _unrelated_image(store: ObjectStore, target: Target, url: str) -> str:
-    """Why a listed ImageRepository / ImagePolicy the package does not feed is skipped."""
-    if store.get(target.key) is None:
-        return (f"{target.kind} is not in the cache (not found, or its CRD is not installed): "
-                "not annotated for a package")
+_ROUTED_ORDER = {"HelmRepository": 0, "HelmChart": 1, "ImageRepository": 2, "ImagePolicy": 3}
+
+
+@dataclass(frozen=True, slots=True)
+class _HelmRoutes:
+    """HelmRepositories and HelmCharts that would fetch the pushed chart (sources), the
+    HelmReleases installing from those HelmCharts (consumers), and the related ones that do
+    not (skipped), by key, with the reasons."""
+
+    sources: dict[ObjectKey, Target]
+    consumers: dict[ObjectKey, Target]
+    skipped: dict[ObjectKey, Target]
+
+
+def _helm_repositories(store: ObjectStore, package: PackagePush,
+                       host: str) -> list[tuple[FluxObject, str, str]]:
+    """HelmRepositories the pushed chart may be fetched through, each with its URL as routed
+    and the `spec.chart` that names the package there."""
+    if package.type not in OCI_TYPES:
+        # Gitea's HTTP Helm repository serves every chart of an owner at one URL.
+        url = _helm_http_url(package)
+        key = store.normalise_url(url)
+        return [(r, url, package.name) for r in store.helm_repositories_for_url(key)] if key \
+            else []
+    if not host:
+        return []
+    # `spec.url` + "/" + `spec.chart` is the pushed repository: a nested package name may be
+    # split anywhere between the two, so each split is one index lookup.
+    found: list[tuple[FluxObject, str, str]] = []
+    segments = package.name.split("/")
+    for cut in range(len(segments)):
+        url = "/".join((f"oci://{host}", package.owner, *segments[:cut]))
+        key = store.normalise_url(url)
+        chart = "/".join(segments[cut:])
+        found += [(r, url, chart) for r in store.helm_repositories_for_url(key)] if key else []
+    return found
+
+
+def _helm_http_url(package: PackagePush) -> str:
+    """Gitea's HTTP Helm repository of the package's owner (`helm` packages)."""
+    return f"{package.instance.rstrip('/')}/api/packages/{package.owner}/helm"
+
+
+def _other_type(repo: FluxObject, package: PackagePush) -> str | None:
+    """Why a HelmRepository cannot read this package type, or None: an `oci` one reads the
+    container registry, one of another type (`default`) an HTTP Helm repository."""
+    repo_type = _str(repo.spec.get("type")) or "default"
+    if (repo_type == "oci") is (package.type in OCI_TYPES):
+        return None
+    return f"a HelmRepository of type {repo_type} does not read {package.type} packages"
+
+
+def _route_helm(store: ObjectStore, package: PackagePush, host: str) -> _HelmRoutes:
+    sources: dict[ObjectKey, Target] = {}
+    consumers: dict[ObjectKey, Target] = {}
+    skipped: dict[ObjectKey, Target] = {}
+    version = package.version
+    for repo, url, chart in _helm_repositories(store, package, host):
+        if (other := _other_type(repo, package)) is not None:
+            skipped[repo.key] = _target(repo, other)
+            continue
+        if version.startswith("sha256:"):
+            skipped[repo.key] = _target(repo, "pushed by digest, which moves no tag")
+            continue
+        where = f"HelmRepository/{repo.namespace}/{repo.name}"
+        charts = store.helm_charts_for(repo.key, chart)
+        takers: dict[ObjectKey, Target] = {}
+        for obj in charts:
+            ok, why = chart_version_match(_str(obj.spec.get("version")), version,
+                                          _chart_held(obj))
+            if not ok:
+                skipped[obj.key] = _target(obj, f"{why} does not take {version}")
+                reader = f"{why} does not take {version} (its source {obj.key})"
+            elif obj.suspended or repo.suspended:
+                # A HelmChart fetches through its HelmRepository (the index of an HTTP one).
+                skipped[obj.key] = _target(obj, "suspended" if obj.suspended else
+                                           f"its {where} is suspended")
+                reader = f"its source {obj.key} is suspended"
+            else:
+                takers[obj.key] = _target(obj, f"chart {chart} from {where}: {why} takes "
+                                               f"{version}")
+                continue
+            # Its HelmReleases are related: say why they are not touched.
+            for release in store.helm_releases_for(obj.key):
+                skipped[release.key] = _target(release, reader)
+        if repo.suspended:
+            skipped[repo.key] = _target(repo, "suspended")
+        elif takers:
+            first = next(iter(takers))
+            more = f" and {len(takers) - 1} more take" if len(takers) > 1 else " takes"
+            sources[repo.key] = _target(repo, f"registry {url}: {first} (chart {chart}){more} "
+                                              f"{version}")
+        elif charts:
+            skipped[repo.key] = _target(repo, f"registry {url}, but no HelmChart of chart "
+                                              f"{chart} from it takes {version}")
+        else:
+            skipped[repo.key] = _target(repo, f"registry {url}, but no HelmChart reads chart "
+                                              f"{chart} from it: nothing would fetch it")
+        sources.update(takers)
+        for chart_key in takers:
+            for release in store.helm_releases_for(chart_key):
+                if release.suspended:
+                    skipped[release.key] = _target(release, "suspended")
+                else:
+                    consumers[release.key] = _target(release, f"its source {chart_key} takes "
+                                                              f"{version}")
+    return _HelmRoutes(sources, consumers, skipped)
+
+
+def _unrelated_cached(store: ObjectStore, target: Target, package: PackagePush,
+                      url: str) -> str:
+    """Why a listed cached kind (`objects.OPTIONAL_KINDS`) the package does not feed is
+    skipped."""
+    obj = store.get(target.key)
+    if obj is None:
+        # The Helm kinds' CRDs come with source-controller: an older RBAC is what keeps them out.
+        why = ("RBAC does not let the bridge list it" if target.kind in HELM_KINDS else
+               "its CRD is not installed")
+        return f"{target.kind} is not in the cache (not found, or {why}): not annotated for a " \
+               "package"
     if target.kind == "ImageRepository":
         return f"its image is not {url.removeprefix('oci://')}"
+    if target.kind == "HelmRepository":
+        if (other := _other_type(obj, package)) is not None:
+            return other
+        if package.type in OCI_TYPES:
+            return f"its URL and HelmCharts do not name {url}"
+        return f"its URL is not {_helm_http_url(package)}"
+    if target.kind == "HelmChart":
+        return f"its chart {_str(obj.spec.get('chart')) or '(none)'} is not fed by the package"
     return "its ImageRepository is not fed by the package"
 
 

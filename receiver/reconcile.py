@@ -25,7 +25,14 @@ from receiver.config import ReconcileConfig
 from receiver.deliveries import ROLE_ANNOTATE, Delivery, DeliveryStore
 from receiver.delivery_marks import DELIVERIES_ANNOTATION, Mark
 from receiver.delivery_record import DeliveryRecord
-from receiver.delivery_state import DeliveryView, Local, Timeouts, evaluate, has_push
+from receiver.delivery_state import (
+    DeliveryView,
+    Local,
+    Timeouts,
+    awaited_source,
+    evaluate,
+    has_push,
+)
 from receiver.flux.cluster import Cluster, ClusterError, NotFound
 from receiver.flux.objects import (
     RECONCILE_ANNOTATION,
@@ -364,13 +371,13 @@ class Reconciler:
         self._follow_patch(delivery, key, future)
 
     def _source_ready(self, delivery: Delivery, view: DeliveryView, consumer: FluxObject) -> bool:
-        src_ref = consumer_source(consumer)
-        if src_ref is None:
+        awaited = awaited_source(consumer, lambda key: view.get(key) is not None)
+        if awaited is None:
             return True
-        mine = view.get(src_ref.key)
+        mine = view.get(awaited)
         if mine is not None:
             return mine.state == READY
-        src = self._cluster.store.get(src_ref.key)
+        src = self._cluster.store.get(awaited)
         if not delivery.sha:
             # A package push: not before its artifact is there, or the old one is applied.
             return src is None or has_push(delivery.record, src)

@@ -33,8 +33,7 @@ SECRETS_DIR = "/etc/gitea-flux-bridge/secrets"
 
 READ = {"get", "list", "watch"}
 # Kinds a Receiver may list that the bridge annotates by name only.
-PATCH_ONLY = ("buckets", "helmcharts", "helmrepositories", "externalartifacts",
-              "imageupdateautomations", "artifactgenerators")
+PATCH_ONLY = ("buckets", "externalartifacts", "imageupdateautomations", "artifactgenerators")
 FLUX_RULES = (
     {("notification.toolkit.fluxcd.io", "receivers", v) for v in READ}
     | {("source.toolkit.fluxcd.io", r, v) for r in ("gitrepositories", "ocirepositories")
@@ -42,9 +41,10 @@ FLUX_RULES = (
     | {("kustomize.toolkit.fluxcd.io", "kustomizations", v) for v in READ | {"patch"}}
     | {("helm.toolkit.fluxcd.io", "helmreleases", v) for v in READ | {"patch"}}
     # Kinds a Receiver may list that the bridge annotates by name only.
-    | {("source.toolkit.fluxcd.io", r, "patch")
-       for r in ("buckets", "helmcharts", "helmrepositories", "externalartifacts")}
+    | {("source.toolkit.fluxcd.io", r, "patch") for r in ("buckets", "externalartifacts")}
     # Cached for package events when their CRD is installed.
+    | {("source.toolkit.fluxcd.io", r, v) for r in ("helmrepositories", "helmcharts")
+       for v in READ | {"patch"}}
     | {("image.toolkit.fluxcd.io", r, v) for r in ("imagerepositories", "imagepolicies")
        for v in READ | {"patch"}}
     | {("image.toolkit.fluxcd.io", "imageupdateautomations", "patch")}
@@ -485,6 +485,7 @@ def test_rbac_grants_nothing_more(helm: str, variant: str) -> None:
                     ("gitrepositories", "patch"), ("ocirepositories", "patch"),
                     ("kustomizations", "patch"), ("helmreleases", "patch"),
                     ("imagerepositories", "patch"), ("imagepolicies", "patch"),
+                    ("helmrepositories", "patch"), ("helmcharts", "patch"),
                     *((r, "patch") for r in PATCH_ONLY),
                     ("leases", "create"), ("leases", "update")}, (resource, verb)
             if resource in PATCH_ONLY:

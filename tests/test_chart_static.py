@@ -311,12 +311,12 @@ def test_rbac_rules_are_exactly_design_section_3() -> None:
                              ("kustomize.toolkit.fluxcd.io", ("kustomizations",)),
                              ("helm.toolkit.fluxcd.io", ("helmreleases",)),
                              # cached for package events (receiver.flux.objects.OPTIONAL_KINDS)
+                             ("source.toolkit.fluxcd.io", ("helmrepositories", "helmcharts")),
                              ("image.toolkit.fluxcd.io", ("imagerepositories", "imagepolicies"))):
         expected |= {(group, r, v) for r in resources for v in read | {"patch"}}
     # Kinds a Receiver may list that the bridge annotates by name only: patch, nothing more.
     for group, resources in (
-            ("source.toolkit.fluxcd.io",
-             ("buckets", "helmcharts", "helmrepositories", "externalartifacts")),
+            ("source.toolkit.fluxcd.io", ("buckets", "externalartifacts")),
             ("image.toolkit.fluxcd.io", ("imageupdateautomations",)),
             ("source.extensions.fluxcd.io", ("artifactgenerators",))):
         expected |= {(group, r, "patch") for r in resources}

@@ -626,3 +626,33 @@ async def test_racing_replicas_get_exactly_one_lease(
     assert won.count(True) == 1
     lease = fake.get(LEASE, "Lease", "bridge", "resync")
     assert lease is not None and lease["spec"]["holderIdentity"] == f"r{won.index(True)}"
+
+
+@pytest.mark.anyio
+async def test_the_helm_source_kinds_are_optional_and_indexed_once_permitted(
+    fake: FakeKube, make: Callable[..., KubeCluster]
+) -> None:
+    # RBAC managed outside the chart, from before HelmRepository / HelmChart were watched (it
+    # grants them `patch` only): reported, not unready; cached and indexed once granted.
+    seed(fake)
+    for kind in ("HelmRepository", "HelmChart"):
+        fake.forbid(API_VERSIONS[kind], kind)
+    fake.put(obj("HelmRepository", "charts", type="oci", url="oci://gitea.example.com/platform"))
+    fake.put(obj("HelmChart", "flux-system-web", chart="web",
+                 sourceRef={"kind": "HelmRepository", "name": "charts"}))
+    async with running(make(absent_recheck_seconds=0.05)) as cluster:
+        await synced(cluster)
+        assert cluster.not_permitted == ["HelmChart", "HelmRepository"]
+        assert cluster.sync_errors == {}
+        for kind in ("HelmRepository", "HelmChart"):
+            fake.forbid(API_VERSIONS[kind], kind, False)
+        # (This store's URL normaliser is the identity.)
+        url = "oci://gitea.example.com/platform"
+        await eventually(lambda: bool(cluster.store.helm_repositories_for_url(url)))
+        repos = cluster.store.helm_repositories_for_url(url)
+        assert [r.name for r in repos] == ["charts"]
+        await eventually(lambda: cluster.store.get(key("HelmChart", "flux-system-web"))
+                         is not None)
+        assert [c.name for c in cluster.store.helm_charts_for(repos[0].key, "WEB")] == [
+            "flux-system-web"]
+        assert cluster.not_permitted == []

@@ -170,18 +170,19 @@ def test_chart_version_ranges(version_range: str, version: str, taken: bool) -> 
 
 def test_a_container_push_reconciles_the_sources_it_feeds_then_their_consumers() -> None:
     plan = _plan(_doc())
-    assert _names(plan["targets"]) == ["OCIRepository/apps-semver", "ImageRepository/apps",
-                                       "HelmRelease/podinfo", "Kustomization/apps"]
+    assert _names(plan["targets"]) == ["OCIRepository/apps-semver", "HelmRepository/charts",
+                                       "ImageRepository/apps", "HelmRelease/podinfo",
+                                       "Kustomization/apps"]
     assert "registry oci://gitea.example.com/platform/manifests/apps" in (
         plan["targets"][0]["reason"])
     # The ImageRepository's image names the registry through the host alias.
-    assert plan["targets"][1]["reason"] == (
+    assert plan["targets"][2]["reason"] == (
         "image gitea.example.com/platform/manifests/apps: ImagePolicy/flux-system/apps "
         "(semver >=1.0.0 (above the current v1.3.0)) takes v1.4.0")
     # A HelmRelease from a Helm repository has no commit to be ready at: annotated, not followed.
     assert _names(plan["tracked"]) == ["Kustomization/apps"]
-    assert _names(plan["annotate_only"]) == ["HelmRepository/charts"]
-    assert all("not cached" in t["reason"] for t in plan["annotate_only"])
+    # The HelmRepository is cached and routed through the HelmChart generated for podinfo.
+    assert "annotate_only" not in plan
     skipped = {f"{t['kind']}/{t['name']}": t["reason"] for t in plan["skipped"]}
     assert skipped == {
         "OCIRepository/apps-pinned": "pinned to digest sha256:" + "2" * 64
@@ -216,9 +217,10 @@ def test_a_package_type_no_source_reads_reconciles_nothing() -> None:
 
 def test_a_helm_package_feeds_the_helm_kinds_only() -> None:
     plan = _plan(_doc(type="helm", name="manifests/apps", version="1.5.0"))
-    assert _names(plan["targets"]) == ["HelmRelease/podinfo"]
-    assert _names(plan["annotate_only"]) == ["HelmRepository/charts"]
+    # Gitea's `helm` type is its HTTP Helm repository: not the OCI HelmRepository here.
+    assert plan["targets"] == [] and "annotate_only" not in plan
     reasons = {t["name"]: t["reason"] for t in plan["skipped"]}
+    assert reasons["charts"] == "a HelmRepository of type oci does not read helm packages"
     assert reasons["apps"] == "a ImageRepository does not read helm packages" or (
         "its source is not fed" in reasons["apps"])
 
@@ -230,8 +232,9 @@ def test_a_helm_package_feeds_the_helm_kinds_only() -> None:
 async def test_a_signed_package_event_is_routed_over_http(bridge_factory: BridgeFactory) -> None:
     bridge = await bridge_factory(make_settings(host_aliases=ALIASES), PACKAGES)
     doc = await send_package_event(bridge, "registry", TOKEN, PAYLOAD.read_bytes())
-    assert _names(doc["targets"]) == ["OCIRepository/apps-semver", "ImageRepository/apps",
-                                      "HelmRelease/podinfo", "Kustomization/apps"]
+    assert _names(doc["targets"]) == ["OCIRepository/apps-semver", "HelmRepository/charts",
+                                      "ImageRepository/apps", "HelmRelease/podinfo",
+                                      "Kustomization/apps"]
     assert {t["name"] for t in doc["skipped"]} == {"apps-pinned", "apps-tag", "other-image"}
     image = next(t for t in doc["targets"] if t["kind"] == "ImageRepository")
     assert image["state"] == "annotated" and image["reason"].startswith(
@@ -248,9 +251,10 @@ def test_plan_explains_a_package_event(tmp_path: Path, capsys: pytest.CaptureFix
     assert main(["plan", "--config", str(config), "--manifests", str(PACKAGES),
                  "--payload", str(PAYLOAD)]) == EXIT_OK
     planned = json.loads(capsys.readouterr().out)
-    assert _names(planned["targets"]) == ["OCIRepository/apps-semver", "ImageRepository/apps",
-                                          "HelmRelease/podinfo", "Kustomization/apps"]
-    assert "ImagePolicy/flux-system/apps" in planned["targets"][1]["reason"]
+    assert _names(planned["targets"]) == ["OCIRepository/apps-semver", "HelmRepository/charts",
+                                          "ImageRepository/apps", "HelmRelease/podinfo",
+                                          "Kustomization/apps"]
+    assert "ImagePolicy/flux-system/apps" in planned["targets"][2]["reason"]
     assert main(["plan", "--config", str(config), "--manifests", str(PACKAGES),
                  "--payload", str(deleted)]) == EXIT_OK
     assert json.loads(capsys.readouterr().out)["targets"] == []

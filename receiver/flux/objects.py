@@ -41,9 +41,10 @@ API_VERSIONS: dict[str, str] = {
 }
 # The kinds routed by repository, ref and path (Git pushes) and always cached.
 ROUTED_KINDS = ("Receiver", "GitRepository", "OCIRepository", "Kustomization", "HelmRelease")
-# Cached when their CRD is installed (image-reflector-controller is an optional Flux component):
-# package events route to them; a missing CRD does not hold readiness back.
-OPTIONAL_KINDS = ("ImageRepository", "ImagePolicy")
+# Cached when their CRD is installed and RBAC lets us list them, for package events: a missing
+# CRD (image-reflector-controller is an optional Flux component) or grant (RBAC managed outside
+# the chart, older than the Helm kinds' list/watch) is reported and does not hold readiness back.
+OPTIONAL_KINDS = ("ImageRepository", "ImagePolicy", "HelmRepository", "HelmChart")
 # The kinds the bridge caches (list+watch).
 WATCHED_KINDS = ROUTED_KINDS + OPTIONAL_KINDS
 # Every kind a Receiver's `resources` may name (the Receiver CRD's enum, NC v1.9).
@@ -204,6 +205,25 @@ def consumer_source(obj: FluxObject) -> SourceRef | None:
         found = SourceRef(kind, _str(ref.get("namespace")) or obj.namespace, name)
     obj._source = found
     return found
+
+
+def helm_chart_of(obj: FluxObject) -> ObjectKey | None:
+    """The HelmChart a HelmRelease installs from: its `chartRef` when that names a HelmChart,
+    else the one helm-controller generates from `spec.chart`, named `<namespace>-<name>` of the
+    HelmRelease, in `spec.chart.spec.sourceRef.namespace` or the HelmRelease's namespace.
+    (`consumer_source` gives the HelmRepository for `spec.chart`: the chart sits in between.)"""
+    if obj.kind != "HelmRelease":
+        return None
+    chart_ref = _dict(obj.spec.get("chartRef"))
+    if _str(chart_ref.get("kind")) == "HelmChart" and _str(chart_ref.get("name")):
+        return ObjectKey("HelmChart", _str(chart_ref.get("namespace")) or obj.namespace,
+                         _str(chart_ref.get("name")))
+    chart = _dict(obj.spec.get("chart"))
+    source = _dict(_dict(chart.get("spec")).get("sourceRef"))
+    if not _str(source.get("name")):
+        return None
+    return ObjectKey("HelmChart", _str(source.get("namespace")) or obj.namespace,
+                     f"{obj.namespace}-{obj.name}")
 
 
 def normalise_path(path: str) -> str:

@@ -1,8 +1,9 @@
 """The indexed object cache both cluster backends fill, and routing reads.
 
 Every lookup routing needs is a dict access, so the work per push does not grow with the
-number of cached objects: Git sources by normalised URL, OCIRepositories and ImageRepositories
-by registry URL, ImagePolicies by ImageRepository, consumers by source, objects by
+number of cached objects: Git sources by normalised URL, OCIRepositories, ImageRepositories
+and HelmRepositories by registry URL, ImagePolicies by ImageRepository, HelmCharts by
+HelmRepository and chart name, HelmReleases by HelmChart, consumers by source, objects by
 (kind, namespace) and by key. Mutations come from one place (`upsert` / `delete`), called on
 the event loop by the backend that owns the store.
 """
@@ -14,7 +15,13 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from receiver.flux.objects import FluxObject, ObjectKey, SourceRef, consumer_source
+from receiver.flux.objects import (
+    FluxObject,
+    ObjectKey,
+    SourceRef,
+    consumer_source,
+    helm_chart_of,
+)
 
 UrlNormaliser = Callable[[str], "str | None"]
 
@@ -41,6 +48,15 @@ class ObjectStore:
         self._image_url_of: dict[ObjectKey, str] = {}
         self._policies_by_repo: dict[ObjectKey, set[ObjectKey]] = defaultdict(set)
         self._repo_of_policy: dict[ObjectKey, ObjectKey] = {}
+        # HelmRepositories by normalised `spec.url` (any type: routing checks it), HelmCharts by
+        # (HelmRepository, lower-case `spec.chart`), HelmReleases by the HelmChart they install
+        # from (`objects.helm_chart_of`): package events.
+        self._helm_repos_by_url: dict[str, set[ObjectKey]] = defaultdict(set)
+        self._helm_url_of: dict[ObjectKey, str] = {}
+        self._charts_by_repo: dict[tuple[ObjectKey, str], set[ObjectKey]] = defaultdict(set)
+        self._repo_of_chart: dict[ObjectKey, tuple[ObjectKey, str]] = {}
+        self._releases_by_chart: dict[ObjectKey, set[ObjectKey]] = defaultdict(set)
+        self._chart_of_release: dict[ObjectKey, ObjectKey] = {}
         self._consumers_by_source: dict[ObjectKey, set[ObjectKey]] = defaultdict(set)
         self._source_of: dict[ObjectKey, ObjectKey] = {}
         self._includers: dict[ObjectKey, set[ObjectKey]] = defaultdict(set)
@@ -98,6 +114,22 @@ class ObjectStore:
     def image_policies_for(self, repository: ObjectKey) -> builtins.list[FluxObject]:
         """ImagePolicies whose `spec.imageRepositoryRef` names this ImageRepository."""
         keys = self._policies_by_repo.get(repository, ())
+        return [self._objects[k] for k in sorted(keys)]
+
+    def helm_repositories_for_url(self, normalised_url: str) -> builtins.list[FluxObject]:
+        """HelmRepositories whose normalised `spec.url` is this one, of any `spec.type`."""
+        keys = self._helm_repos_by_url.get(normalised_url, ())
+        return [self._objects[k] for k in sorted(keys)]
+
+    def helm_charts_for(self, repository: ObjectKey, chart: str) -> builtins.list[FluxObject]:
+        """HelmCharts whose `spec.sourceRef` is this HelmRepository and `spec.chart` this
+        chart (case-insensitive)."""
+        keys = self._charts_by_repo.get((repository, chart.lower()), ())
+        return [self._objects[k] for k in sorted(keys)]
+
+    def helm_releases_for(self, chart: ObjectKey) -> builtins.list[FluxObject]:
+        """HelmReleases that install from this HelmChart (`objects.helm_chart_of`)."""
+        keys = self._releases_by_chart.get(chart, ())
         return [self._objects[k] for k in sorted(keys)]
 
     def consumers_of(self, source: ObjectKey) -> builtins.list[FluxObject]:
@@ -177,6 +209,26 @@ class ObjectStore:
                                  and namespace else key.namespace, name)
                 self._repo_of_policy[key] = repo
                 self._policies_by_repo[repo].add(key)
+        if obj.kind == "HelmRepository":
+            helm_url = self._normalise_url(str(obj.spec.get("url") or "").strip())
+            if helm_url:
+                self._helm_url_of[key] = helm_url
+                self._helm_repos_by_url[helm_url].add(key)
+        if obj.kind == "HelmChart":
+            chart_ref = obj.spec.get("sourceRef")
+            chart_name = obj.spec.get("chart")
+            if (isinstance(chart_ref, dict) and chart_ref.get("kind") == "HelmRepository"
+                    and isinstance(chart_ref.get("name"), str) and chart_ref["name"]
+                    and isinstance(chart_name, str) and chart_name.strip()):
+                # A HelmChart's sourceRef is local: same namespace.
+                entry = (ObjectKey("HelmRepository", key.namespace, chart_ref["name"]),
+                         chart_name.strip().lower())
+                self._repo_of_chart[key] = entry
+                self._charts_by_repo[entry].add(key)
+        chart_key = helm_chart_of(obj)
+        if chart_key is not None:
+            self._chart_of_release[key] = chart_key
+            self._releases_by_chart[chart_key].add(key)
         source: SourceRef | None = consumer_source(obj)
         if source is not None:
             self._source_of[key] = source.key
@@ -229,6 +281,9 @@ class ObjectStore:
             self._policies_by_repo[repo].discard(key)
             if not self._policies_by_repo[repo]:
                 del self._policies_by_repo[repo]
+        _drop(self._helm_repos_by_url, self._helm_url_of.pop(key, None), key)
+        _drop(self._charts_by_repo, self._repo_of_chart.pop(key, None), key)
+        _drop(self._releases_by_chart, self._chart_of_release.pop(key, None), key)
         for inc_key in self._includes_of.pop(key, set()):
             self._includers[inc_key].discard(key)
         source = self._source_of.pop(key, None)
@@ -248,6 +303,17 @@ class ObjectStore:
             del hosts[host]
         if not hosts:
             del self._hosts_by_path[path]
+
+
+def _drop(index: dict[Any, set[ObjectKey]], entry: object, key: ObjectKey) -> None:
+    """Remove `key` from `index[entry]` (no-op when `entry` is None), and an emptied entry."""
+    if entry is None:
+        return
+    keys = index.get(entry)
+    if keys is not None:
+        keys.discard(key)
+        if not keys:
+            del index[entry]
 
 
 def _owner_name(normalised_url: str) -> str:

@@ -107,15 +107,18 @@ commit statuses in Gitea.
 - apiGroups: ["helm.toolkit.fluxcd.io"]
   resources: ["helmreleases"]
   verbs: ["get", "list", "watch", "patch"]
-# Cached (when their CRD is installed) to route Gitea package events by image and tag policy;
-# annotated by name on Git pushes.
+# Cached (when their CRD is installed) to route Gitea package events by registry URL, chart
+# and version range, image and tag policy; annotated by name on Git pushes.
+- apiGroups: ["source.toolkit.fluxcd.io"]
+  resources: ["helmrepositories", "helmcharts"]
+  verbs: ["get", "list", "watch", "patch"]
 - apiGroups: ["image.toolkit.fluxcd.io"]
   resources: ["imagerepositories", "imagepolicies"]
   verbs: ["get", "list", "watch", "patch"]
 # The other kinds a Receiver may list: annotated by name on every request, as Flux does, never
 # read or cached (so `name: "*"` is not resolved for them: that would need `list`).
 - apiGroups: ["source.toolkit.fluxcd.io"]
-  resources: ["buckets", "helmcharts", "helmrepositories", "externalartifacts"]
+  resources: ["buckets", "externalartifacts"]
   verbs: ["patch"]
 - apiGroups: ["image.toolkit.fluxcd.io"]
   resources: ["imageupdateautomations"]
