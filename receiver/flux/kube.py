@@ -326,12 +326,13 @@ class KubeCluster:
         if not isinstance(resource_version, str) or not resource_version:
             raise _WatchError(f"list of {group}/{version} {plural} has no resourceVersion")
         target.resource_version = resource_version
-        self._to_loop(self._apply_list, target, items)
         if target.optional:
+            # Before the objects reach the store: whoever sees one there sees the kind listed.
             with self._lock:
                 found = self._absent.pop(target.label, None) is not None
             if found:
                 log.info("%s can be listed now: cached", target.label)
+        self._to_loop(self._apply_list, target, items)
 
     def _list_page(self, target: _Target, page: str | None) -> dict[str, Any]:
         group, version, plural = resource_for(target.kind)
