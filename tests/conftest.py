@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -26,7 +27,10 @@ HMAC_TOKEN = "hmac-secret-token"
 
 
 async def until(check: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
-    """Poll `check` on the loop until it returns something truthy; fail after `timeout`."""
+    """Wait until `check` returns something truthy; fail after `timeout` (a bound for a broken
+    build, not a pace). What the in-process tests wait on (the bridge's objects, deliveries,
+    queues, the fake Gitea) only changes in a callback of this loop, so `check` is asked again
+    after every turn of the loop: no interval to tune, and no change can be missed."""
     deadline = time.monotonic() + timeout
     while True:
         result = check()
@@ -34,7 +38,7 @@ async def until(check: Callable[[], Any], timeout: float = 10.0, what: str = "co
             return result
         if time.monotonic() >= deadline:
             raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(0)  # one turn of the loop: every ready callback runs first
 
 
 @pytest.fixture
@@ -79,6 +83,20 @@ async def send_package_event(bridge: Bridge, receiver: str, token: str, body: by
     assert reply.status_code == 202, reply.text
     doc: dict[str, Any] = reply.json()
     return doc
+
+
+async def settled_delivery(bridge: Bridge, delivery_id: str, token: str,
+                           wait: float = 10.0) -> dict[str, Any]:
+    """A delivery's state once it settles, read as a client does: `GET /deliveries/{id}?wait=`
+    streams a line on every change and ends when the delivery settles (a final line with
+    `timeout` if it did not within `wait`, which fails here)."""
+    reply = await bridge.client.get(f"/deliveries/{delivery_id}?wait={wait:g}",
+                                    headers={"Authorization": f"Bearer {token}"})
+    assert reply.status_code == 200, reply.text
+    lines = [json.loads(line) for line in reply.text.splitlines() if line.strip()]
+    assert lines and not lines[-1].get("timeout"), lines[-1:]
+    last: dict[str, Any] = lines[-1]
+    return last
 
 
 @pytest.fixture

@@ -25,7 +25,7 @@ from receiver.deliveries import Delivery
 from receiver.drain import Drain
 from receiver.flux.objects import ObjectKey
 from tests import gitea_payloads as gp
-from tests.conftest import GITEA_TOKEN, Bridge
+from tests.conftest import GITEA_TOKEN, Bridge, until
 from tests.realk8s import wait_until
 from tests.test_action_script import (
     TOKEN,
@@ -118,8 +118,9 @@ async def test_wait_stream_ends_with_retry_line_when_the_drain_begins(bridge: Br
     assert first["delivery"] == delivery.id and first["outcome"] == "in_progress"
     following = asyncio.ensure_future(anext(stream))
     # The stream waits for a change: nothing comes until the drain begins.
-    done, _ = await asyncio.wait({following}, timeout=0.05)
-    assert not done
+    # It has gone as far as it can: blocked on a change or the drain (asyncio.Event's waiters).
+    await until(lambda: drain._begun._waiters, what="the stream to wait on the drain")
+    assert not following.done()
     started = time.monotonic()
     drain.begin()
     line = json.loads(await asyncio.wait_for(following, 5))

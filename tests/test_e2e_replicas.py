@@ -217,7 +217,7 @@ class Replicas(e2e.InNamespace, e2e.Waiting):
 def replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replicas]:
     nginx = nginx_binary()
     if nginx is None:
-        pytest.skip("nginx is not installed (the round-robin proxy in front of the replicas; "
+        pytest.fail("nginx is not installed (the round-robin proxy in front of the replicas; "
                     "Debian: apt-get install nginx)")
     module_started = time.monotonic()
     timings: dict[str, float] = {}

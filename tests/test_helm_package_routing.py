@@ -4,15 +4,12 @@ then the HelmReleases installing from those charts; the store's indexes; the ser
 
 from __future__ import annotations
 
-import asyncio
 import json
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from receiver import signatures as sig
 from receiver.app import url_normaliser
 from receiver.delivery_state import awaited_source
 from receiver.flux.memory import MemoryCluster
@@ -20,7 +17,15 @@ from receiver.flux.objects import OPTIONAL_KINDS, RECONCILE_ANNOTATION, ObjectKe
 from receiver.flux.store import ObjectStore
 from receiver.gitea.payloads import parse_gitea_package
 from receiver.package_routing import PACKAGE_FED_KINDS, plan_package
-from tests.conftest import FIXTURES, Bridge, BridgeFactory, make_settings, until
+from tests.conftest import (
+    FIXTURES,
+    Bridge,
+    BridgeFactory,
+    make_settings,
+    send_package_event,
+    settled_delivery,
+    until,
+)
 
 PAYLOAD = FIXTURES / "payloads" / "gitea-package-container.json"
 TOKEN = "registry-secret-token"
@@ -338,14 +343,7 @@ class _Service:
                 _chart(version=">=1.0.0"), _release()]
         (tmp_path / "helm.yaml").write_text("\n---\n".join(json.dumps(d) for d in docs))
         bridge = await bridge_factory(make_settings(host_aliases=ALIASES), tmp_path)
-        body = json.dumps(_event()).encode()
-        reply = await bridge.client.post(
-            "/hook/" + sig.hook_digest(TOKEN, "registry", NS), content=body,
-            headers={"Content-Type": "application/json", "X-Gitea-Event": "package",
-                     "X-GitHub-Event": "package",
-                     "X-Hub-Signature-256": "sha256=" + sig.hmac_hex("sha256", TOKEN, body)})
-        assert reply.status_code == 202, reply.text
-        doc = reply.json()
+        doc = await send_package_event(bridge, "registry", TOKEN, json.dumps(_event()).encode())
         return cls(bridge, doc["delivery"]), doc
 
     def patched(self) -> list[str]:
@@ -369,14 +367,11 @@ class _Service:
         return {t["kind"]: (t["state"], t.get("detail", {}).get("reason", ""))
                 for t in view.json()["targets"]}
 
-    async def reach(self, kind: str, state: str) -> dict[str, tuple[str, str]]:
-        deadline = time.monotonic() + 10
-        found = await self.states()
-        while found.get(kind, ("", ""))[0] != state:
-            assert time.monotonic() < deadline, (kind, state, found)
-            await asyncio.sleep(0.02)
-            found = await self.states()
-        return found
+    async def settled(self) -> dict[str, tuple[str, str]]:
+        """Each target's (state, reason) once the delivery settles."""
+        view = await settled_delivery(self.bridge, self.delivery, TOKEN)
+        return {t["kind"]: (t["state"], t.get("detail", {}).get("reason", ""))
+                for t in view["targets"]}
 
 
 @pytest.mark.anyio
@@ -396,7 +391,7 @@ async def test_a_signed_chart_push_annotates_repository_then_chart_then_release(
                 what="the HelmRelease annotated after its HelmChart")
     service.handled("HelmRepository", "charts")
     service.handled("HelmRelease", "web")
-    states = await service.reach("HelmRelease", "ready")
+    states = await service.settled()
     assert {kind: state for kind, (state, _) in states.items()} == dict.fromkeys(
         ("HelmRepository", "HelmChart", "HelmRelease"), "ready")
 
@@ -408,6 +403,6 @@ async def test_a_release_whose_chart_fails_is_not_annotated_and_fails_with_it(
     service, _ = await _Service.push(bridge_factory, tmp_path)
     await until(lambda: service.patched() == ALL[:2], what="HelmRepository and HelmChart")
     service.handled("HelmChart", GENERATED, ready=False)
-    states = await service.reach("HelmRelease", "failed")
+    states = await service.settled()
     assert states["HelmRelease"] == ("failed", "SourceFailed")
     assert service.patched() == ALL[:2]

@@ -235,7 +235,9 @@ async def test_bookmarks_advance_the_resume_point(
         await eventually(lambda: fake.open_watches() == 1)
         fake.put(gitrepo("elsewhere"), notify=False)
         fake.send_bookmark()
-        await asyncio.sleep(0.1)
+        # The watch thread has taken the bookmark's resourceVersion as its resume point.
+        await eventually(lambda: [t.resource_version for t in cluster._targets] == [
+            str(fake.resource_version)])
         fake.drop_watches()
         await eventually(lambda: fake.count("watch") == 2)
         resume = [r for r in fake.requests if r.verb == "watch"][-1]

@@ -3,7 +3,6 @@ kind, the plan, and the same answer from the service and `plan`."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,14 @@ from receiver.gitea.payloads import PackagePush, PayloadError, parse_gitea_packa
 from receiver.giturls import normalise_oci_url, registry_host
 from receiver.package_routing import chart_version_match, oci_ref_match, plan_package
 from receiver.selector import GITEA_PACKAGE, select_payload
-from tests.conftest import FIXTURES, BridgeFactory, make_settings, send_package_event, until
+from tests.conftest import (
+    FIXTURES,
+    BridgeFactory,
+    make_settings,
+    send_package_event,
+    settled_delivery,
+    until,
+)
 
 PACKAGES = FIXTURES / "packages"
 PAYLOAD = FIXTURES / "payloads" / "gitea-package-container.json"
@@ -496,15 +502,6 @@ async def test_an_image_delivery_is_followed_until_the_reflector_handled_it(
             "lastHandledReconcileAt": obj.annotations[RECONCILE_ANNOTATION]}
         bridge.cluster.apply(raw)
 
-    async def outcome() -> Any:
-        view = await bridge.client.get(f"/deliveries/{doc['delivery']}",
-                                       headers={"Authorization": f"Bearer {TOKEN}"})
-        return view.json()
-
-    view = await outcome()
-    deadline = asyncio.get_running_loop().time() + 10
-    while view.get("outcome") != "ready" and asyncio.get_running_loop().time() < deadline:
-        await asyncio.sleep(0.02)
-        view = await outcome()
+    view = await settled_delivery(bridge, doc["delivery"], TOKEN)
     assert {t["kind"]: t["state"] for t in view["targets"]} == {
         "ImageRepository": "ready", "ImagePolicy": "ready"}, view

@@ -72,7 +72,8 @@ async def test_unusable_receivers_are_listed(bridge_factory: BridgeFactory) -> N
     receiver = bridge.cluster.store.get(ObjectKey("Receiver", "flux-system", "gitea"))
     assert receiver is not None
     bridge.cluster.apply(dict(receiver.raw))  # re-indexed with the blank token
-    await until(lambda: bridge.parts.hooks.unusable(), what="the receiver to be unusable")
+    await until(lambda: bridge.parts.hooks.unusable() and not bridge.parts.hooks.indexing,
+                what="the receiver re-indexed, unusable")
     r = await bridge.client.get("/readyz")
     assert r.status_code == 200  # the other Receivers still work
     assert r.json()["receivers_unusable"] == {"flux-system/gitea": "blank token"}

@@ -42,6 +42,7 @@ from receiver.statuses import describe, gitea_state
 from tests import gitea_payloads as gp
 from tests.conftest import GITEA_TOKEN as RECEIVER_TOKEN
 from tests.conftest import make_settings as app_settings
+from tests.conftest import until
 from tests.fakegitea import FakeGitea, gitea_transport
 
 EVENTS = Path(__file__).parent / "fixtures" / "events"
@@ -198,12 +199,8 @@ async def rig(settings: Settings | None = None, *, start: bool = True,
             assert fake.problems == [], fake.problems
 
 
-async def eventually(check: Callable[[], bool], timeout: float = 3.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.01)
+async def eventually(check: Callable[[], bool], timeout: float = 10.0) -> None:
+    await until(check, timeout)
 
 
 async def settled(r: Rig) -> None:
@@ -634,8 +631,7 @@ async def test_4xx_is_reported_not_retried(caplog: pytest.LogCaptureFixture) -> 
     async with rig() as r:
         r.gitea.fail = [404]
         await r.send(fixture("kustomization-succeeded.json"))
-        await settled(r)
-        await asyncio.sleep(0.1)
+        await settled(r)  # the one attempt is over: a retry would still be queued
         assert r.gitea.posts == [] and not r.gitea.fail
         assert r.metric("gfb_statuses_total", result="failed") == 1
         assert r.metric("gfb_statuses_total", result="retried") == 0
@@ -866,9 +862,19 @@ async def test_resync_only_with_the_lease() -> None:
     await other_holder(cluster)
     fake = FakeGitea(token=GITEA_TOKEN)
     transport, _ = gitea_transport({"gitea.example.com": fake})
+    answers: list[bool] = []
+    ask = cluster.try_acquire_lease
+
+    async def counted(*args: Any, **kwargs: Any) -> bool:
+        answers.append(await ask(*args, **kwargs))
+        return answers[-1]
+
+    cluster.try_acquire_lease = counted  # type: ignore[method-assign]
     service = fast(StatusService(settings, cluster, Metrics(), transport=transport))
     await service.start()
-    await asyncio.sleep(0.3)
+    # The resync loop has asked for the lease, been refused, and decided on that answer.
+    await until(lambda: answers, what="the resync loop's lease request")
+    assert answers == [False]
     assert fake.posts == []
     await service.stop(grace_seconds=0)
 
@@ -1119,7 +1125,7 @@ async def test_whole_app_push_pending_then_ready_success(
     assert sent.json() == {"accepted": True, "statuses": 1}
     badge = await bridge.client.get("/badge/platform/fleet.svg?branch=main")
     assert badge.status_code == 200 and "image/svg+xml" in badge.headers["content-type"]
-    await asyncio.sleep(0.1)
+    await eventually(lambda: bridge.parts.statuses.queue_depth == 0)
     assert [p[3]["state"] for p in fake.posts if p[3]["context"] == context] == [
         "pending", "success"]
     assert fake.problems == []
