@@ -31,7 +31,15 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from receiver.flux.objects import CONSUMER_KINDS
-from receiver.statuses import ERROR, FAILURE, PENDING, SUCCESS, ShownStatus, truncate
+from receiver.statuses import (
+    ERROR,
+    FAILURE,
+    PENDING,
+    SUCCESS,
+    ShownStatus,
+    latest_by_context,
+    truncate,
+)
 
 DEFAULT_FLEET_CONTEXT = "flux/fleet"
 FAILED_STATES = frozenset({FAILURE, ERROR})
@@ -67,16 +75,9 @@ class TimedStatus(ShownStatus, Protocol):
 
 
 def latest_reports(items: Iterable[TimedStatus]) -> dict[str, Report]:
-    """The latest status per context (highest id; first listed without ids), with its time."""
-    best: dict[str, tuple[tuple[int, int], Report]] = {}
-    for position, item in enumerate(items):
-        if not item.state or not item.context:
-            continue
-        rank = (item.id, -position)
-        current = best.get(item.context)
-        if current is None or rank > current[0]:
-            best[item.context] = (rank, Report(item.state, item.at))
-    return {context: report for context, (_, report) in best.items()}
+    """The latest status per context (`statuses.latest_by_context`), with its time."""
+    return {context: Report(item.state, item.at)
+            for context, item in latest_by_context(items).items()}
 
 
 def cluster_parser(template: str, clusters: Sequence[str]) -> re.Pattern[str]:

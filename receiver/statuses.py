@@ -17,7 +17,7 @@ import string
 from bisect import bisect_right
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from receiver.events import FluxEvent
 from receiver.flux.objects import CONSUMER_KINDS, FluxObject
@@ -597,21 +597,30 @@ def needs_post(shown: Fields | None, wanted: Fields, *, state_only: bool) -> boo
     return shown is None or not same_status(shown, wanted, state_only=state_only)
 
 
-def latest_per_context(items: Iterable[ShownStatus]) -> dict[str, Fields]:
+Shown = TypeVar("Shown", bound=ShownStatus)
+
+
+def latest_by_context(items: Iterable[Shown]) -> dict[str, Shown]:
     """Gitea's latest status per context from listed statuses, whatever order they came in.
 
     Gitea's ids grow with every status, so the highest id of a context is its latest; without
     ids the first listed wins (we ask for newest first). Empty states and contexts are skipped.
     """
-    best: dict[str, tuple[tuple[int, int], Fields]] = {}
+    best: dict[str, tuple[tuple[int, int], Shown]] = {}
     for position, item in enumerate(items):
         if not item.state or not item.context:
             continue
         rank = (item.id, -position)
         current = best.get(item.context)
         if current is None or rank > current[0]:
-            best[item.context] = (rank, (item.state, item.description, item.target_url))
-    return {context: fields for context, (_, fields) in best.items()}
+            best[item.context] = (rank, item)
+    return {context: item for context, (_, item) in best.items()}
+
+
+def latest_per_context(items: Iterable[ShownStatus]) -> dict[str, Fields]:
+    """What Gitea shows per context: the latest status's (state, description, target_url)."""
+    return {context: (item.state, item.description, item.target_url)
+            for context, item in latest_by_context(items).items()}
 
 
 def plan_repairs(

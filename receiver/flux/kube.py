@@ -574,12 +574,7 @@ class KubeCluster:
                 raise _cluster_error(f"annotating {key}", exc) from None
 
         raw = await asyncio.to_thread(self._timed, "patch", patch)
-        raw.setdefault("kind", key.kind)
-        raw.setdefault("apiVersion", API_VERSIONS[key.kind])
-        obj = FluxObject(raw)
-        if self._caches(key) and _not_older(obj, self.store.get(key)):
-            self.store.upsert(raw)
-        return obj
+        return self._adopt(key, raw)
 
     async def read_object(self, key: ObjectKey) -> FluxObject | None:
         """GET the object from the API server (same RBAC verb as the watch cache's list)."""
@@ -599,8 +594,11 @@ class KubeCluster:
                 raise error from None
 
         raw = await asyncio.to_thread(self._timed, "get", get)
-        if raw is None:
-            return None
+        return None if raw is None else self._adopt(key, raw)
+
+    def _adopt(self, key: ObjectKey, raw: dict[str, Any]) -> FluxObject:
+        """An object the API server just returned: into the cache too, unless the watch has
+        already brought something newer (read-your-writes without going back in time)."""
         raw.setdefault("kind", key.kind)
         raw.setdefault("apiVersion", API_VERSIONS[key.kind])
         obj = FluxObject(raw)
