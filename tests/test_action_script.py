@@ -90,14 +90,15 @@ class Service:
 
 
 
-def start_service(tmp: Path, *extra: str, env: dict[str, str] | None = None) -> Service:
+def start_service(tmp: Path, *extra: str, env: dict[str, str] | None = None,
+                  manifests: Path = FLEET) -> Service:
     """The service on a free port. No drain unless asked for (`--drain-seconds` or env): a
     test's SIGTERM then stops it at once."""
     port = free_port()
     log = tmp / f"service-{port}.log"
     with log.open("wb") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "receiver.cli", "serve", "--manifests", str(FLEET),
+            [sys.executable, "-m", "receiver.cli", "serve", "--manifests", str(manifests),
              "--port", str(port), *extra],
             cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
             env={**os.environ, "GFB_SHUTDOWN__DRAIN_SECONDS": "0", **(env or {})},
