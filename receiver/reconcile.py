@@ -26,12 +26,14 @@ from receiver.deliveries import ROLE_ANNOTATE, Delivery, DeliveryStore
 from receiver.delivery_marks import DELIVERIES_ANNOTATION, Mark
 from receiver.delivery_record import DeliveryRecord
 from receiver.delivery_state import (
+    Contains,
     DeliveryView,
     Local,
     Timeouts,
     awaited_source,
     evaluate,
     has_push,
+    never_known,
 )
 from receiver.flux.cluster import Cluster, ClusterError, NotFound
 from receiver.flux.objects import (
@@ -215,10 +217,17 @@ class Reconciler:
         self._dirty: dict[str, None] = {}
         self._evaluator: asyncio.Task[None] | None = None
         self.listeners: list[DeliveryListener] = []
+        # Whether a later commit contains a pushed one (`receiver.ancestry`); set by the app.
+        self.contains: Contains = never_known
         cluster.store.subscribe(self._on_change)
 
     def view(self, record: DeliveryRecord, local: Local | None = None) -> DeliveryView:
-        return evaluate(record, self._cluster.store.get, time.time(), self.timeouts, local)
+        return evaluate(record, self._cluster.store.get, time.time(), self.timeouts, local,
+                        self.contains)
+
+    def reevaluate_following(self, key: ObjectKey) -> None:
+        """Evaluate again every delivery that follows `key` (an answer about its history)."""
+        self._queue_evaluation(tuple(self._watching.get(key, ())))
 
     # -- entry point -----------------------------------------------------------------------
 

@@ -97,6 +97,7 @@ from receiver.statuses import (
     plan_repairs,
     recall,
     recall_for_event,
+    repo_of,
     resync_schedule,
 )
 
@@ -870,6 +871,15 @@ class StatusService:
             return status
         state = state_for_version(status.state, await self._version(instance))
         return status if state == status.state else replace(status, state=state)
+
+    async def ask_contains(self, source: FluxObject, ours: str, held: str) -> bool | None:
+        """`ancestry.Ask`: does `held` contain `ours` in the repository `source` fetches? None
+        when no configured Gitea instance serves that repository."""
+        repo = repo_of(source, None, self._normalise)
+        instances = instances_for(repo.key, self._hosts) if repo is not None else ()
+        if repo is None or not instances:
+            return None
+        return await self._client.contains(instances[0], repo.owner, repo.name, ours, held)
 
     # -- cluster and secrets -----------------------------------------------------------------
 
