@@ -125,7 +125,7 @@ def bridge_app(gitea_port: int, objects: int, secret_dir: Path) -> Any:
     from receiver.flux.store import ObjectStore
     from receiver.giturls import normalise_repo_url
     from receiver.metrics import Metrics
-    from receiver.status_service import StatusService
+    from receiver.status.service import StatusService
 
     (secret_dir / "hmac").write_text(HMAC_KEY)
     (secret_dir / "gitea").write_text(GITEA_TOKEN)

@@ -41,7 +41,7 @@ STAGES = {
     "reconciler._evaluate": "_evaluate (receiver/reconcile.py",
     "delivery_state.evaluate": "evaluate (receiver/delivery_state.py",
     "store.upsert (watch/patch handling)": "upsert (receiver/flux/store.py",
-    "status listeners": "receiver/status_service.py",
+    "status listeners": "receiver/status/",
     "metrics": "prometheus_client/",
     "JSON reply": "render (starlette/responses.py",
     "logging": "logging/",

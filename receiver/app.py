@@ -31,7 +31,7 @@ from receiver.http import BodyDeadline, BodyTimeout, body_timeout, client_discon
 from receiver.ingest import IngestService
 from receiver.metrics import Metrics
 from receiver.reconcile import Reconciler
-from receiver.status_service import StatusService
+from receiver.status.service import StatusService
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Deployment badges: which state a repository and branch is in, and its SVG. Pure.
 
-URL shape (served by `status_service`):
+URL shape (served by `receiver.status.badge_endpoint`):
     GET /badge/{owner}/{repo}.svg?branch=<b>&cluster=<c>&style=flat|flat-square&token=<t>
 `branch` may contain '/' (it is a query parameter, not a path segment); without it every Git
 source of the repository counts. `cluster` names the cluster the badge is about; this bridge

@@ -2,7 +2,7 @@
 
 One table (`STATE_TABLE`) decides the Gitea state from a Flux reason and severity; the rest
 renders the context, description and target URL, finds the commit and the repository, and picks
-the Gitea instances that host it. The shell (`status_service`) looks objects up and posts.
+the Gitea instances that host it. The shell (`receiver.status`) looks objects up and posts.
 
 Descriptions are built so that the same outcome always reads the same: Flux repeats
 `ReconciliationSucceeded` on every interval with a new duration in its message, and a status

@@ -172,7 +172,7 @@ async def test_listing_reads_every_page_newest_first() -> None:
     fake = seeded(120)
     client, _ = client_for(fake, url="https://gitea.example.com")
     found: list[CommitStatus] = []
-    for number in range(1, 10):  # as the service pages (status_service._read_commit)
+    for number in range(1, 10):  # as the service pages (status.gitea_view.read_commit)
         page = await client.status_page("eu", "team", "webapp", SHA, number)
         found.extend(page.items)
         if not more_pages(page, len(found)):

@@ -455,7 +455,7 @@ async def test_cluster_wide_caches_sync_and_the_lease_is_acquired(
         ready = await bridge.wait_ready()
         assert ready["status"] == "ready"
         assert bridge.cluster.sync_errors == {}
-        holder = bridge.app.state.parts.statuses._holder
+        holder = bridge.app.state.parts.statuses.holder
 
         def lease_holder() -> str | None:
             lease = admin.custom.get_namespaced_custom_object(
@@ -647,7 +647,7 @@ async def test_namespaced_install_syncs_its_namespaces_only(
         keys = {obj.key for obj in bridge.cluster.store.list("Kustomization", None)}
         assert keys == {ObjectKey("Kustomization", ns, n) for ns in WATCHED
                         for n in ("apps", "infra")}
-        holder = bridge.app.state.parts.statuses._holder
+        holder = bridge.app.state.parts.statuses.holder
         await eventually("the namespaced bridge to hold its Lease", lambda: _ignore_404(
             lambda: admin.custom.get_namespaced_custom_object(
                 "coordination.k8s.io", "v1", RELEASE_NS, "leases", SCOPED_LEASE

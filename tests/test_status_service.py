@@ -37,7 +37,8 @@ from receiver.giturls import normalise_repo_url
 from receiver.metrics import Metrics
 from receiver.routing import Plan, Target
 from receiver.signatures import hmac_hex, hook_digest
-from receiver.status_service import StatusService, backoff_delay
+from receiver.status.queue import backoff_delay
+from receiver.status.service import StatusService
 from receiver.statuses import describe, gitea_state
 from tests import gitea_payloads as gp
 from tests.conftest import GITEA_TOKEN as RECEIVER_TOKEN
