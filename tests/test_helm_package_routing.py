@@ -10,13 +10,13 @@ from typing import Any
 
 import pytest
 
-from receiver.app import url_normaliser
-from receiver.delivery_state import awaited_source
+from receiver.delivery.state import awaited_source
 from receiver.flux.memory import MemoryCluster
 from receiver.flux.objects import OPTIONAL_KINDS, RECONCILE_ANNOTATION, ObjectKey, helm_chart_of
 from receiver.flux.store import ObjectStore
 from receiver.gitea.payloads import parse_gitea_package
-from receiver.package_routing import PACKAGE_FED_KINDS, plan_package
+from receiver.push.package_routing import PACKAGE_FED_KINDS, plan_package
+from receiver.web.app import url_normaliser
 from tests.conftest import (
     FIXTURES,
     Bridge,

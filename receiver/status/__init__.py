@@ -1,4 +1,4 @@
-"""Flux -> Gitea: the shell around the pure status decisions (`receiver.statuses`).
+"""Flux -> Gitea: the shell around the pure status decisions (`receiver.status.decisions`).
 
 One job per module: `locator` (which objects, repositories and instances a status concerns),
 `secrets` (configured secrets, cached), `versions` (what each Gitea instance accepts),

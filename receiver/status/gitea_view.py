@@ -15,10 +15,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from receiver.config import Settings
-from receiver.fleet import Report, latest_reports
 from receiver.gitea.client import CommitStatus, GiteaClient, more_pages
 from receiver.metrics import Metrics
-from receiver.statuses import CommitKey, Fields, Seen, latest_per_context, recall, recall_for_event
+from receiver.status.decisions import CommitKey, Fields, Seen, latest_per_context, recall, recall_for_event
+from receiver.status.fleet import Report, latest_reports
 
 JobKey = tuple[str, str, str, str]  # (instance, repo key, sha, context)
 

@@ -19,10 +19,10 @@ from dataclasses import dataclass
 from receiver.config import Settings
 from receiver.gitea.client import CreateStatusOption, GiteaClient, GiteaError
 from receiver.metrics import Metrics
+from receiver.status.decisions import DesiredStatus, Fields, needs_post
 from receiver.status.gitea_view import GiteaView, JobKey
 from receiver.status.locator import Locator
 from receiver.status.versions import GiteaVersions
-from receiver.statuses import DesiredStatus, Fields, needs_post
 
 log = logging.getLogger("receiver.status_service")
 

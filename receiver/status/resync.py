@@ -20,19 +20,19 @@ from receiver.flux.cluster import Cluster
 from receiver.gitea.client import GiteaError
 from receiver.gitea.version import state_for_version
 from receiver.metrics import Metrics
+from receiver.status.decisions import (
+    CommitKey,
+    DesiredStatus,
+    desired_from_object,
+    plan_repairs,
+    resync_schedule,
+)
 from receiver.status.fleet_checks import FleetChecks
 from receiver.status.gitea_view import Budget, GiteaView
 from receiver.status.locator import Locator
 from receiver.status.queue import StatusQueue
 from receiver.status.versions import GiteaVersions
-from receiver.statuses import (
-    CommitKey,
-    DesiredStatus,
-    StatusTemplates,
-    desired_from_object,
-    plan_repairs,
-    resync_schedule,
-)
+from receiver.templates import StatusTemplates
 
 log = logging.getLogger("receiver.status_service")
 # Sources whose consumers get statuses: Git URLs, or OCI artifacts that name one (`origin`).

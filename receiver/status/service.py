@@ -17,18 +17,15 @@ import uuid
 from collections.abc import Callable
 
 import httpx
-from starlette.requests import Request
-from starlette.responses import Response
 
 from receiver.config import ConfigError, SecretSource, Settings
-from receiver.deliveries import Delivery
+from receiver.delivery.store import Delivery
 from receiver.flux.cluster import Cluster
 from receiver.flux.objects import FluxObject, ObjectKey
 from receiver.gitea.client import GiteaClient
 from receiver.gitea.payloads import Push
 from receiver.metrics import Metrics
-from receiver.status.badge_endpoint import BadgeEndpoint
-from receiver.status.events_endpoint import EventsEndpoint
+from receiver.status.decisions import repo_of
 from receiver.status.fleet_checks import FleetChecks
 from receiver.status.gitea_view import GiteaView
 from receiver.status.locator import Locator
@@ -37,7 +34,7 @@ from receiver.status.resync import Resync
 from receiver.status.secrets import SecretReader
 from receiver.status.signals import DeliverySignals
 from receiver.status.versions import GiteaVersions
-from receiver.statuses import CONTEXT_FIELDS, TARGET_URL_FIELDS, check_template, repo_of
+from receiver.templates import CONTEXT_FIELDS, TARGET_URL_FIELDS, check_template
 
 log = logging.getLogger("receiver.status_service")
 
@@ -64,8 +61,10 @@ class StatusService:
             problem = check_template(template, allowed)
             if problem:
                 raise ConfigError(f"{name}: {problem}")
-        self._settings = settings
-        templates = cfg.templates(settings.cluster_name)
+        self._settings = self.settings = settings
+        self.cluster = cluster
+        self.metrics = metrics
+        self.templates = templates = cfg.templates(settings.cluster_name)
         self.secrets = SecretReader(settings, cluster, clock)
         self.locator = Locator(settings, cluster)
         self._client = GiteaClient(settings.gitea, self.secrets.read, transport=transport)
@@ -84,9 +83,6 @@ class StatusService:
                              self.fleet, self.versions, metrics, clock)
         self.signals = DeliverySignals(settings, templates, self.locator, self.queue, metrics,
                                        self.memory_size)
-        self.events = EventsEndpoint(settings, templates, self.locator, self.secrets,
-                                     self.queue, metrics)
-        self.badges = BadgeEndpoint(settings, cluster, self.secrets)
         self.holder = f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"  # of the resync Lease
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -160,12 +156,6 @@ class StatusService:
 
     def on_target_changed(self, delivery: Delivery, key: ObjectKey, state: str) -> None:
         self.signals.on_target_changed(delivery, key, state)
-
-    async def handle_event(self, request: Request) -> Response:
-        return await self.events.handle(request)
-
-    async def badge(self, request: Request) -> Response:
-        return await self.badges.handle(request)
 
     async def resync_once(self) -> int:
         return await self.resync.once()

@@ -7,21 +7,21 @@ import logging
 from collections import OrderedDict
 
 from receiver.config import Settings
-from receiver.deliveries import Delivery
-from receiver.delivery_state import SUPERSEDED, package_commit
+from receiver.delivery.state import SUPERSEDED, package_commit
+from receiver.delivery.store import Delivery
 from receiver.flux.objects import CONSUMER_KINDS, FluxObject, ObjectKey
 from receiver.flux.revisions import FAILED, FINAL_STATES, READY, SKIPPED, TIMED_OUT, progress_at
 from receiver.gitea.payloads import Push
 from receiver.metrics import NO_INSTANCE, Metrics
-from receiver.status.locator import Locator
-from receiver.status.queue import StatusQueue
-from receiver.statuses import (
+from receiver.status.decisions import (
     DesiredStatus,
-    StatusTemplates,
     desired_after_timeout,
     desired_from_object,
     pending_for_push,
 )
+from receiver.status.locator import Locator
+from receiver.status.queue import StatusQueue
+from receiver.templates import StatusTemplates
 
 log = logging.getLogger("receiver.status_service")
 

@@ -7,7 +7,7 @@ from dataclasses import replace
 
 from receiver.gitea.client import GiteaClient, GiteaError
 from receiver.gitea.version import SKIPPED, accepts_skipped, state_for_version
-from receiver.statuses import DesiredStatus
+from receiver.status.decisions import DesiredStatus
 
 log = logging.getLogger("receiver.status_service")
 

@@ -20,12 +20,11 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from receiver import delivery_marks
 from receiver.config import ReconcileConfig
-from receiver.deliveries import ROLE_ANNOTATE, Delivery, DeliveryStore
-from receiver.delivery_marks import DELIVERIES_ANNOTATION, Mark
-from receiver.delivery_record import DeliveryRecord
-from receiver.delivery_state import (
+from receiver.delivery import marks as delivery_marks
+from receiver.delivery.marks import DELIVERIES_ANNOTATION, Mark
+from receiver.delivery.record import DeliveryRecord
+from receiver.delivery.state import (
     Contains,
     DeliveryView,
     Local,
@@ -35,6 +34,7 @@ from receiver.delivery_state import (
     has_push,
     never_known,
 )
+from receiver.delivery.store import ROLE_ANNOTATE, Delivery, DeliveryStore
 from receiver.flux.cluster import Cluster, ClusterError, NotFound
 from receiver.flux.objects import (
     RECONCILE_ANNOTATION,
@@ -217,7 +217,7 @@ class Reconciler:
         self._dirty: dict[str, None] = {}
         self._evaluator: asyncio.Task[None] | None = None
         self.listeners: list[DeliveryListener] = []
-        # Whether a later commit contains a pushed one (`receiver.ancestry`); set by the app.
+        # Whether a later commit contains a pushed one (`receiver.delivery.ancestry`); set by the app.
         self.contains: Contains = never_known
         cluster.store.subscribe(self._on_change)
 

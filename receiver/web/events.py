@@ -14,9 +14,16 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from receiver.config import Settings
-from receiver.events import EventError, FluxEvent, parse_event
 from receiver.flux.objects import ObjectKey
-from receiver.http import (
+from receiver.metrics import Metrics
+from receiver.signatures import verify_bearer, verify_event
+from receiver.status.decisions import MAPPED, DesiredStatus, desired_from_event
+from receiver.status.flux_events import EventError, FluxEvent, parse_event
+from receiver.status.locator import Locator
+from receiver.status.queue import StatusQueue
+from receiver.status.secrets import SecretReader
+from receiver.templates import StatusTemplates
+from receiver.web.http import (
     UNAUTHORIZED,
     BodyTooLarge,
     declared_too_large,
@@ -24,12 +31,6 @@ from receiver.http import (
     media_type,
     read_capped,
 )
-from receiver.metrics import Metrics
-from receiver.signatures import verify_bearer, verify_event
-from receiver.status.locator import Locator
-from receiver.status.queue import StatusQueue
-from receiver.status.secrets import SecretReader
-from receiver.statuses import MAPPED, DesiredStatus, StatusTemplates, desired_from_event
 
 
 class EventsEndpoint:

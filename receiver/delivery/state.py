@@ -16,14 +16,23 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from receiver import delivery_marks
-from receiver.delivery_record import ROLE_ANNOTATE, DeliveryRecord, RecordTarget
+from receiver.delivery import marks as delivery_marks
+from receiver.delivery.record import ROLE_ANNOTATE, DeliveryRecord, RecordTarget
 from receiver.flux.objects import (
     SOURCE_KINDS,
     FluxObject,
     ObjectKey,
     consumer_source,
     helm_chart_of,
+)
+from receiver.flux.origin import (
+    artifact_commit,
+    artifact_revision,
+    consumer_at_artifact,
+    consumer_commits,
+    has_pushed_artifact,
+    is_oci,
+    package_tag,
 )
 from receiver.flux.revisions import (
     ANNOTATED,
@@ -43,15 +52,6 @@ from receiver.flux.revisions import (
     progress_at,
     same_commit,
 )
-from receiver.origin import (
-    artifact_commit,
-    artifact_revision,
-    consumer_at_artifact,
-    consumer_commits,
-    has_pushed_artifact,
-    is_oci,
-    package_tag,
-)
 
 Lookup = Callable[[ObjectKey], FluxObject | None]
 
@@ -67,7 +67,7 @@ CHECKING = "CheckingHistory"  # while the shell asks Gitea whether a later commi
 Contains = Callable[[FluxObject, str, str], "bool | None"]
 """`contains(source, ours, held)`: does commit `held` contain commit `ours` (ours is `held` or
 one of its ancestors) in the repository `source` fetches? None while nobody knows yet: the shell
-asks Gitea, caches the answer, and evaluates again (`receiver/ancestry.py`)."""
+asks Gitea, caches the answer, and evaluates again (`receiver/delivery/ancestry.py`)."""
 
 
 def never_known(source: FluxObject, ours: str, held: str) -> bool:

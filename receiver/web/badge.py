@@ -8,9 +8,9 @@ import logging
 from starlette.requests import Request
 from starlette.responses import Response
 
-from receiver import badges
 from receiver.config import Settings
 from receiver.flux.cluster import Cluster
+from receiver.status import badges
 from receiver.status.secrets import SecretReader
 
 log = logging.getLogger("receiver.status_service")

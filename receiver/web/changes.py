@@ -7,8 +7,8 @@ import contextlib
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
 
-from receiver.delivery_record import DeliveryRecord
-from receiver.delivery_state import Lookup
+from receiver.delivery.record import DeliveryRecord
+from receiver.delivery.state import Lookup
 from receiver.flux.objects import FluxObject, ObjectKey, consumer_source
 from receiver.flux.store import ObjectStore
 
