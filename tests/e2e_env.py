@@ -11,7 +11,8 @@ so that a new whole-loop module reuses it instead of copying another module:
 - push to Gitea and read a commit's status history (`push`, `context_history`, `described`,
   `shown`);
 - wait on a condition, printing the time it took, with the peers' log tails when it does not
-  come (`Waiting`), and the env base classes (`InNamespace`, `BridgeEnv`).
+  come (`Waiting`), and the env base classes (`InNamespace`, `BridgeEnv`, which also reads a
+  delivery and follows its `?wait=` stream as a CI gate does).
 """
 
 from __future__ import annotations
