@@ -373,11 +373,6 @@ def test_chart_pushed_to_gitea_registry_upgrades_the_release(env: HelmEnv) -> No
     assert record["mark"] in marks, (marks, record)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bridge defect: source-controller never reconciles a HelmRepository of type oci (a static "
-    "object: no status, no lastHandledReconcileAt), yet a package delivery annotates it and "
-    "waits for it to handle the request, so the delivery ends timed_out (SourceTimeout) after "
-    "the chart was released"))
 def test_chart_pushed_to_gitea_registry_settles_the_delivery_ready(env: HelmEnv) -> None:
     version, record, _ = env.push_chart_through_the_bridge()
     lines = env.follow(record["id"], env.webhook_token, DEPLOY_TIMEOUT)

@@ -58,9 +58,6 @@ def _handle(bridge: Any, kind: str, name: str, status: dict[str, Any]) -> None:
 
 
 @pytest.mark.anyio
-@pytest.mark.xfail(strict=True, reason=(
-    "bridge defect: a package delivery waits for the HelmRepository of type oci to handle the "
-    "request, which source-controller never does, so it ends timed_out after the release"))
 async def test_a_released_chart_settles_ready_though_the_oci_repository_never_reports(
     bridge_factory: BridgeFactory, tmp_path: Path,
 ) -> None:
