@@ -193,6 +193,9 @@ def _target(record: DeliveryRecord, target: RecordTarget, lookup: Lookup, now: f
 
 def _source(record: DeliveryRecord, obj: FluxObject, view: Callable[..., TargetView],
             marked: bool, age: float, timeouts: Timeouts, contains: Contains) -> TargetView:
+    if is_static(obj):
+        return view(READY, "StaticRepository", "a HelmRepository of type oci is not reconciled "
+                    "by source-controller: its HelmCharts pull from the registry")
     done = _done(record, obj, marked)
     if done is not None:
         return view(*done)
@@ -308,8 +311,24 @@ def _package_consumer(record: DeliveryRecord, obj: FluxObject, source: FluxObjec
                 progress.message or f"artifact {artifact_revision(source)} {named}")
 
 
+def is_static(obj: FluxObject) -> bool:
+    """A HelmRepository of type `oci`: source-controller (since Flux 2.3) never reconciles
+    it, so it never reports on a request. Its HelmCharts do the fetching."""
+    return obj.kind == "HelmRepository" and obj.spec.get("type") == "oci"
+
+
 def _done(record: DeliveryRecord, obj: FluxObject, marked: bool) -> tuple[str, str, str] | None:
-    """Ready or failed at the pushed commit (or, with no commit, at our request)."""
+    """Ready or failed at the pushed commit (or, with no commit, at our request; a chart
+    release of a package push, at the pushed version)."""
+    tag = package_tag(record.ref) if not record.sha and obj.kind == "HelmRelease" else None
+    if tag is not None:
+        # Handling our request proves nothing: its HelmChart may still hold the old chart.
+        version = tag.replace("_", "+")  # OCI tags carry semver's `+` as `_`
+        here = (applied_revision(obj) == version, attempted_revision(obj) == version)
+        progress = progress_at(obj, "", here)
+        if progress.state in (READY, FAILED):
+            return progress.state, progress.reason, progress.message
+        return None
     if record.sha:
         progress = progress_at(obj, record.sha)
         if progress.state in (READY, FAILED):
