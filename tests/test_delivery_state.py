@@ -9,8 +9,9 @@ from hypothesis import strategies as st
 
 from receiver.delivery.marks import DELIVERIES_ANNOTATION
 from receiver.delivery.record import ROLE_ANNOTATE, ROLE_TRACK, DeliveryRecord, RecordTarget
-from receiver.delivery.state import Timeouts, evaluate, parse_requested_at
+from receiver.delivery.state import Timeouts, evaluate
 from receiver.flux.objects import FluxObject, ObjectKey
+from receiver.times import epoch_seconds as parse_requested_at
 
 SHA = "5394cb7f48ab0b1c2d3e4f5a6b7c8d9e0f1a2b3c"
 OTHER = "1111111111111111111111111111111111111111"

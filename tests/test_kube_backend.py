@@ -14,8 +14,9 @@ from typing import Any
 import kubernetes
 import pytest
 
+from receiver.backoff import Backoff
 from receiver.flux.cluster import ClusterError, NotFound
-from receiver.flux.kube import Backoff, KubeCluster
+from receiver.flux.kube import KubeCluster
 from receiver.flux.objects import (
     API_VERSIONS,
     RECONCILE_ANNOTATION,

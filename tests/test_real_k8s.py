@@ -30,10 +30,11 @@ from kubernetes.dynamic import DynamicClient
 from kubernetes.dynamic.exceptions import NotFoundError
 
 from receiver import signatures as sig
+from receiver.backoff import Backoff
 from receiver.config import Settings, load_settings
 from receiver.delivery.marks import DELIVERIES_ANNOTATION
 from receiver.flux.cluster import ClusterError
-from receiver.flux.kube import Backoff, KubeCluster
+from receiver.flux.kube import KubeCluster
 from receiver.flux.objects import RECONCILE_ANNOTATION, ObjectKey
 from receiver.flux.store import ObjectStore
 from receiver.web.app import create_app, url_normaliser

@@ -38,7 +38,6 @@ from receiver.push.routing import Plan, Target
 from receiver.signatures import hmac_hex, hook_digest
 from receiver.status.badges import mint_badge_token
 from receiver.status.decisions import describe, gitea_state
-from receiver.status.queue import backoff_delay
 from receiver.status.service import StatusService
 from receiver.web.app import status_endpoints
 from tests import gitea_payloads as gp
@@ -652,13 +651,6 @@ async def test_retries_stop_at_max_attempts() -> None:
         await eventually(lambda: r.metric("gfb_statuses_total", result="failed") == 1)
         assert r.metric("gfb_statuses_total", result="retried") == 2
         assert len(r.gitea.fail) == 7
-
-
-def test_backoff_grows_with_jitter_and_is_capped() -> None:
-    assert backoff_delay(1, 1.0, 30.0, lambda: 0.0) == 0.5
-    assert backoff_delay(1, 1.0, 30.0, lambda: 1.0) == 1.0
-    assert backoff_delay(4, 1.0, 30.0, lambda: 1.0) == 8.0
-    assert backoff_delay(20, 1.0, 30.0, lambda: 1.0) == 30.0
 
 
 @pytest.mark.anyio

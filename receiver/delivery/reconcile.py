@@ -12,7 +12,6 @@ import asyncio
 import functools
 import heapq
 import logging
-import random
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable
@@ -20,6 +19,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from receiver.backoff import backoff_delay
 from receiver.config import ReconcileConfig
 from receiver.delivery import marks as delivery_marks
 from receiver.delivery.marks import DELIVERIES_ANNOTATION, Mark
@@ -173,7 +173,7 @@ class PatchCoalescer:
                     obj = None
                     continue
                 if exc.retryable and attempt < attempts:
-                    await asyncio.sleep(min(5.0, 0.1 * 2**attempt) * (0.5 + random.random()))  # noqa: S311
+                    await asyncio.sleep(backoff_delay(attempt, 0.2, 5.0))
                     obj = None
                     continue
                 self._metrics.annotate_errors.labels(key.kind, str(exc.status or "error")).inc()

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
 from receiver.delivery import marks as delivery_marks
@@ -52,6 +51,7 @@ from receiver.flux.revisions import (
     progress_at,
     same_commit,
 )
+from receiver.times import epoch_seconds
 
 Lookup = Callable[[ObjectKey], FluxObject | None]
 
@@ -448,23 +448,5 @@ def _superseded_view(record: DeliveryRecord, view: Callable[..., TargetView],
 def handled_since(obj: FluxObject, since: float) -> bool:
     """Has the controller handled a reconcile request made at or after `since` (unix)?"""
     handled = obj.status.get("lastHandledReconcileAt")
-    stamp = parse_requested_at(handled) if isinstance(handled, str) else None
+    stamp = epoch_seconds(handled)
     return stamp is not None and stamp >= since - 0.001
-
-
-def parse_requested_at(value: str) -> float | None:
-    """Unix seconds of a `requestedAt` value (RFC 3339, any sub-second precision), or None."""
-    text = value.strip().split(" ", 1)[0]
-    if not text:
-        return None
-    if text.endswith("Z"):
-        text = text[:-1] + "+00:00"
-    head, dot, rest = text.partition(".")
-    if dot:
-        digits = "".join(c for c in rest if c.isdigit())
-        zone = rest[len(digits):]
-        text = f"{head}.{digits[:6]}{zone}"
-    try:
-        return datetime.fromisoformat(text).timestamp()
-    except ValueError:
-        return None

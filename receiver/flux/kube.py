@@ -23,7 +23,6 @@ import functools
 import json
 import logging
 import os
-import random
 import socket
 import threading
 import time
@@ -35,6 +34,7 @@ from typing import Any, TypeVar
 
 import kubernetes
 
+from receiver.backoff import Backoff
 from receiver.flux.cluster import NEGATIVE_SECRET_TTL, ClusterError, error_for_status
 from receiver.flux.objects import (
     API_VERSIONS,
@@ -44,6 +44,7 @@ from receiver.flux.objects import (
     ObjectKey,
 )
 from receiver.flux.store import ObjectStore
+from receiver.times import parse_rfc3339
 
 log = logging.getLogger(__name__)
 
@@ -91,18 +92,6 @@ def resource_for(kind: str) -> tuple[str, str, str]:
 
 
 @dataclass(frozen=True, slots=True)
-class Backoff:
-    """Exponential backoff with jitter for watch reconnects and list retries."""
-
-    initial: float = 0.5
-    maximum: float = 30.0
-
-    def delay(self, failures: int) -> float:
-        base = min(self.maximum, self.initial * 2 ** max(0, failures - 1))
-        # Half jitter: replicas that lost the API server together do not come back together.
-        return random.uniform(base / 2, base)  # noqa: S311 - jitter, not security
-
-
 class _Gone(Exception):
     """The resourceVersion we watch from was compacted away (HTTP 410): relist."""
 
@@ -801,18 +790,8 @@ def _format_micro(moment: datetime) -> str:
     return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def _parse_time(value: Any) -> datetime | None:
-    if not isinstance(value, str) or not value:
-        return None
-    try:
-        parsed = datetime.fromisoformat(value)
-    except ValueError:
-        return None
-    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
-
-
 def _lease_expired(spec: Mapping[str, Any], now: datetime) -> bool:
-    renewed = _parse_time(spec.get("renewTime")) or _parse_time(spec.get("acquireTime"))
+    renewed = parse_rfc3339(spec.get("renewTime")) or parse_rfc3339(spec.get("acquireTime"))
     duration = spec.get("leaseDurationSeconds")
     if renewed is None or not isinstance(duration, int):
         return True

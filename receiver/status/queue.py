@@ -16,6 +16,7 @@ import random
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from receiver.backoff import backoff_delay
 from receiver.config import Settings
 from receiver.gitea.client import CreateStatusOption, GiteaClient, GiteaError
 from receiver.metrics import Metrics
@@ -43,12 +44,6 @@ class Job:
     @property
     def fields(self) -> Fields:
         return self.status.fields
-
-
-def backoff_delay(attempt: int, base: float, cap: float, rng: Callable[[], float]) -> float:
-    """Exponential backoff with jitter: a random point in the upper half of base * 2^(n-1)."""
-    ceiling = min(cap, base * 2.0 ** max(attempt - 1, 0))
-    return ceiling / 2 + rng() * ceiling / 2
 
 
 PostedListener = Callable[[JobKey, DesiredStatus], None]
