@@ -20,8 +20,8 @@ from receiver.gitea.client import (
     StatusPage,
     more_pages,
     parse_retry_after,
-    retryable_status,
 )
+from receiver.retry import retryable_status
 from tests.fakegitea import FakeGitea, SwaggerValidator, gitea_transport
 
 SHA = "5394cb7f48ab9fd33a7a95f6ee1f7b9c4b2b8a3e"
@@ -265,6 +265,8 @@ def test_parse_retry_after() -> None:
     assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0
     assert parse_retry_after("soon") is None
     assert retryable_status(429) and retryable_status(599) and not retryable_status(404)
+    assert not retryable_status(501) and not retryable_status(409)
+    assert retryable_status(409, after_reread=True)  # the cluster's conditional patch
 
 
 @pytest.mark.anyio

@@ -14,7 +14,6 @@ from typing import Any
 import kubernetes
 import pytest
 
-from receiver.backoff import Backoff
 from receiver.flux.cluster import ClusterError, NotFound
 from receiver.flux.kube import KubeCluster
 from receiver.flux.objects import (
@@ -24,6 +23,7 @@ from receiver.flux.objects import (
     ObjectKey,
 )
 from receiver.flux.store import ObjectStore
+from receiver.retry import Backoff
 from tests.kubefake import MERGE_PATCH, FakeKube
 
 GIT = API_VERSIONS["GitRepository"]

@@ -30,13 +30,13 @@ from kubernetes.dynamic import DynamicClient
 from kubernetes.dynamic.exceptions import NotFoundError
 
 from receiver import signatures as sig
-from receiver.backoff import Backoff
 from receiver.config import Settings, load_settings
 from receiver.delivery.marks import DELIVERIES_ANNOTATION
 from receiver.flux.cluster import ClusterError
 from receiver.flux.kube import KubeCluster
 from receiver.flux.objects import RECONCILE_ANNOTATION, ObjectKey
 from receiver.flux.store import ObjectStore
+from receiver.retry import Backoff
 from receiver.web.app import create_app, url_normaliser
 from tests import gitea_payloads as gp
 from tests.realk8s import ROOT, ControlPlane, control_plane, load_yaml_dir  # noqa: F401

@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta, timezone
 from hypothesis import given
 from hypothesis import strategies as st
 
-from receiver.backoff import Backoff, backoff_delay
+from receiver.retry import Backoff, backoff_delay
 from receiver.times import epoch_seconds, parse_rfc3339
 
 T0 = 1_700_000_000.0  # 2023-11-14T22:13:20Z

@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from receiver.backoff import backoff_delay
 from receiver.config import ReconcileConfig
 from receiver.delivery import marks as delivery_marks
 from receiver.delivery.marks import DELIVERIES_ANNOTATION, Mark
@@ -45,6 +44,7 @@ from receiver.flux.objects import (
 )
 from receiver.flux.revisions import FAILED, QUEUED, READY, progress_at
 from receiver.metrics import Metrics
+from receiver.retry import backoff_delay
 
 log = logging.getLogger(__name__)
 # Longest stretch of delivery evaluations before the loop serves requests again (seconds).

@@ -34,7 +34,6 @@ from typing import Any, TypeVar
 
 import kubernetes
 
-from receiver.backoff import Backoff
 from receiver.flux.cluster import NEGATIVE_SECRET_TTL, ClusterError, error_for_status
 from receiver.flux.objects import (
     API_VERSIONS,
@@ -44,6 +43,7 @@ from receiver.flux.objects import (
     ObjectKey,
 )
 from receiver.flux.store import ObjectStore
+from receiver.retry import Backoff
 from receiver.times import parse_rfc3339
 
 log = logging.getLogger(__name__)

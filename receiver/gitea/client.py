@@ -24,6 +24,7 @@ import httpx
 
 from receiver import __version__
 from receiver.config import GiteaInstance, SecretSource
+from receiver.retry import retryable_status
 from receiver.times import epoch_seconds
 
 USER_AGENT = f"gitea-flux-bridge/{__version__}"
@@ -104,11 +105,6 @@ def _positive(seconds: float | None) -> float | None:
 
 def status_path(owner: str, repo: str, sha: str) -> str:
     return f"repos/{quote(owner, safe='')}/{quote(repo, safe='')}/statuses/{quote(sha, safe='')}"
-
-
-def retryable_status(status: int) -> bool:
-    """429 (throttled) and 5xx except 501 are worth another try; other answers will not change."""
-    return status == 429 or (status >= 500 and status != 501)
 
 
 def parse_retry_after(value: str | None) -> float | None:

@@ -16,10 +16,10 @@ import random
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from receiver.backoff import backoff_delay
 from receiver.config import Settings
 from receiver.gitea.client import CreateStatusOption, GiteaClient, GiteaError
 from receiver.metrics import Metrics
+from receiver.retry import backoff_delay
 from receiver.status.decisions import DesiredStatus, Fields, needs_post
 from receiver.status.gitea_view import GiteaView, JobKey
 from receiver.status.locator import Locator
