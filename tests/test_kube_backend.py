@@ -237,7 +237,7 @@ async def test_bookmarks_advance_the_resume_point(
         fake.put(gitrepo("elsewhere"), notify=False)
         fake.send_bookmark()
         # The watch thread has taken the bookmark's resourceVersion as its resume point.
-        await eventually(lambda: [t.resource_version for t in cluster._targets] == [
+        await eventually(lambda: [t.resource_version for t in cluster._watches._targets] == [
             str(fake.resource_version)])
         fake.drop_watches()
         await eventually(lambda: fake.count("watch") == 2)

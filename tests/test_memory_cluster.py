@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from receiver.flux.cluster import NEGATIVE_SECRET_TTL, ClusterError, NotFound
-from receiver.flux.kube import _cluster_error
+from receiver.flux.kube_api import cluster_error as _cluster_error
 from receiver.flux.memory import MemoryCluster
 from receiver.flux.objects import FluxObject, ObjectKey
 from receiver.flux.revisions import READY, applied_revision, progress_at
