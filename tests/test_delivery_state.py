@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 
 from receiver.delivery.marks import DELIVERIES_ANNOTATION
 from receiver.delivery.record import ROLE_ANNOTATE, ROLE_TRACK, DeliveryRecord, RecordTarget
-from receiver.delivery.state import Timeouts, evaluate
+from receiver.delivery.state import evaluate
+from receiver.delivery.view import Timeouts
 from receiver.flux.objects import FluxObject, ObjectKey
 from receiver.times import epoch_seconds as parse_requested_at
 

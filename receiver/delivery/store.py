@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from receiver.delivery.record import ROLE_ANNOTATE, ROLE_TRACK, DeliveryRecord, RecordTarget
-from receiver.delivery.state import SUPERSEDED_OUTCOME, DeliveryView, TargetView
+from receiver.delivery.view import SUPERSEDED_OUTCOME, DeliveryView, TargetView
 from receiver.flux.objects import ObjectKey
 from receiver.flux.revisions import QUEUED
 from receiver.push.routing import Plan

@@ -7,8 +7,9 @@ import logging
 from collections import OrderedDict
 
 from receiver.config import Settings
-from receiver.delivery.state import SUPERSEDED, package_commit
+from receiver.delivery.package import package_commit
 from receiver.delivery.store import Delivery
+from receiver.delivery.view import SUPERSEDED
 from receiver.flux.objects import CONSUMER_KINDS, FluxObject, ObjectKey
 from receiver.flux.revisions import FAILED, FINAL_STATES, READY, SKIPPED, TIMED_OUT, progress_at
 from receiver.gitea.payloads import Push
