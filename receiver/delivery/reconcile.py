@@ -223,7 +223,7 @@ class Reconciler:
             if target.role == ROLE_ANNOTATE and target.state == QUEUED and not target.is_source:
                 self._maybe_annotate(delivery, view, target.key)
         previous = {t.key: t for t in delivery.view.targets}
-        for target in await delivery.update(view):
+        for target in delivery.update(view):
             before = previous.get(target.key)
             if before is not None and before.final:
                 continue  # already reported
