@@ -4,8 +4,8 @@ target finishes. This is what closes the loop when no Flux Provider points at th
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
 
+from receiver.bounded import BoundedMap
 from receiver.config import Settings
 from receiver.delivery.package import package_commit
 from receiver.delivery.store import Delivery
@@ -35,9 +35,8 @@ class DeliverySignals:
         self._locator = locator
         self._queue = queue
         self._metrics = metrics
-        self.memory_size = memory_size
         # Package deliveries: (delivery, consumer) -> the commit its pending was queued for.
-        self._pending_sent: OrderedDict[tuple[str, ObjectKey], str] = OrderedDict()
+        self._pending_sent: BoundedMap[tuple[str, ObjectKey], str] = BoundedMap(memory_size)
 
     def _active(self) -> bool:
         return self._queue.accepting and bool(self._settings.gitea)
@@ -123,6 +122,3 @@ class DeliverySignals:
         if desired is None or self._queue.enqueue([desired], state_only=False) is None:
             return
         self._pending_sent[key] = sha
-        self._pending_sent.move_to_end(key)
-        while len(self._pending_sent) > self.memory_size:
-            self._pending_sent.popitem(last=False)
