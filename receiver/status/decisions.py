@@ -460,8 +460,9 @@ def as_json(status: DesiredStatus) -> dict[str, Any]:
 # asks Gitea. A change is never suppressed: memory can only say "same", and "same" expires.
 
 
-class ShownStatus(Protocol):
-    """One status as a Gitea listing returns it (`gitea.client.CommitStatus` fits)."""
+class ListedStatus(Protocol):
+    """One status as a Gitea listing returns it, with the time Gitea stamped on it
+    (`gitea.client.CommitStatus` fits)."""
 
     @property
     def state(self) -> str: ...
@@ -473,6 +474,8 @@ class ShownStatus(Protocol):
     def context(self) -> str: ...
     @property
     def id(self) -> int: ...
+    @property
+    def at(self) -> float | None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -529,7 +532,7 @@ def needs_post(shown: Fields | None, wanted: Fields, *, state_only: bool) -> boo
     return shown is None or not same_status(shown, wanted, state_only=state_only)
 
 
-Shown = TypeVar("Shown", bound=ShownStatus)
+Shown = TypeVar("Shown", bound=ListedStatus)
 
 
 def latest_by_context(items: Iterable[Shown]) -> dict[str, Shown]:
@@ -549,7 +552,7 @@ def latest_by_context(items: Iterable[Shown]) -> dict[str, Shown]:
     return {context: item for context, (_, item) in best.items()}
 
 
-def latest_per_context(items: Iterable[ShownStatus]) -> dict[str, Fields]:
+def latest_per_context(items: Iterable[ListedStatus]) -> dict[str, Fields]:
     """What Gitea shows per context: the latest status's (state, description, target_url)."""
     return {context: (item.state, item.description, item.target_url)
             for context, item in latest_by_context(items).items()}
