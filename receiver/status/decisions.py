@@ -18,10 +18,12 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
+from receiver.delivery.view import SUPERSEDED as SUPERSEDED_REASON
 from receiver.flux.objects import CONSUMER_KINDS, FluxObject
 from receiver.flux.origin import artifact_commit, consumer_commits, is_oci, source_url
 from receiver.flux.origin import event_commit as oci_event_commit
-from receiver.flux.revisions import HELM_REVISION_META, applied_revision, commit_of
+from receiver.flux.revisions import FAILED, HELM_REVISION_META, READY, TIMED_OUT, applied_revision, commit_of
+from receiver.flux.revisions import SKIPPED as SKIPPED_TARGET
 from receiver.status.flux_events import FluxEvent
 from receiver.templates import StatusTemplates, render
 
@@ -443,6 +445,18 @@ def desired_after_timeout(
             f" ({detail})" if detail else "")
     return build_status(templates, obj.kind, obj.namespace, obj.name, repo, sha, state,
                         truncate(text))
+
+
+def outcome_to_post(state: str, reason: str) -> str | None:
+    """What a pushed commit's delivery target, newly in `state`, posts: its live status once
+    Ready or failed; a push Flux never deployed (`skipped` naming the deployed commit, or
+    `error`) once timed out or superseded, so no `pending` stays; None while it goes on, or
+    for a target skipped because its status never names a commit."""
+    if state in (READY, FAILED, TIMED_OUT):
+        return state
+    if state == SKIPPED_TARGET and reason == SUPERSEDED_REASON:
+        return TIMED_OUT
+    return None
 
 
 def as_json(status: DesiredStatus) -> dict[str, Any]:
