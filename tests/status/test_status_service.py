@@ -1124,3 +1124,39 @@ async def test_whole_app_push_pending_then_ready_success(
     assert [p[3]["state"] for p in fake.posts if p[3]["context"] == context] == [
         "pending", "success"]
     assert fake.problems == []
+
+
+@pytest.mark.anyio
+async def test_a_pending_still_queued_when_its_push_timed_out_is_not_posted_after_the_outcome(
+) -> None:
+    gitea = FakeGitea(token=GITEA_TOKEN, version="1.26.3")
+    async with rig(fakes={"gitea.example.com": gitea}) as r:
+        context = "flux/eu-west/kustomization/apps/api"
+        gitea.fail = [503] * 3  # Gitea down: the pending waits for its retry
+        d = delivery(keys=(API,))
+        r.service.on_push_routed(d, push())
+        await eventually(lambda: r.metric("gfb_statuses_total", result="retried") >= 1)
+        # The push times out meanwhile: Flux deployed another commit.
+        r.cluster.mark_source_fetched(SOURCE, f"main@sha1:{OLD}")
+        r.cluster.mark_applied(API, f"main@sha1:{OLD}")
+        r.service.on_target_changed(d, API, "timed_out")
+        await settled(r)
+        shown = gitea.latest(*REPO, context)
+        assert shown is not None and shown["status"] == "skipped", shown
+        assert all(body["state"] != "pending" for *_, body in gitea.posts
+                   if body["context"] == context)
+
+
+def test_a_waiting_job_keeps_its_wording_only_for_the_same_state() -> None:
+    from receiver.status.decisions import DesiredStatus, replaces_waiting
+
+    def status(state: str, text: str) -> DesiredStatus:
+        return DesiredStatus("gitea.example.com/team/webapp", "team", "webapp", SHA,
+                             "flux/eu-west/kustomization/apps/api", state, text)
+
+    event = status("success", "Reconciliation succeeded: applied revision main@sha1:x")
+    assert not replaces_waiting(event, False, status("success", "Succeeded"), True)
+    assert replaces_waiting(event, False, status("failure", "Health check failed"), True)
+    assert replaces_waiting(status("pending", "Push received"), False,
+                            status("skipped", "Superseded"), True)
+    assert replaces_waiting(event, True, status("success", "x"), False)
