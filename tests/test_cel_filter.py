@@ -106,7 +106,7 @@ def _receivers(hmac_spec: dict[str, Any], github_spec: dict[str, Any]) -> list[d
     docs = [d for d in yaml.safe_load_all((FLEET / "receivers.yaml").read_text()) if d]
     for doc in docs:
         if doc["kind"] == "Receiver" and doc["metadata"]["name"] == "hmac":
-            doc["spec"].update(resources=HMAC_RESOURCES, **hmac_spec)
+            doc["spec"].update({"resources": HMAC_RESOURCES, **hmac_spec})
         if doc["kind"] == "Receiver" and doc["metadata"]["name"] == "gitea":
             doc["spec"].update(github_spec)
     return docs
@@ -192,6 +192,46 @@ async def test_an_invalid_filter_makes_the_receiver_unusable(
     registry = bridge.parts.metrics.registry
     assert registry.get_sample_value("gfb_receivers_filter_invalid") == 1
     assert any("resourceFilter is invalid" in rec.getMessage() for rec in caplog.records)
+    assert not _annotated(bridge, "flux-system")
+
+
+@pytest.mark.anyio
+async def test_a_resource_entry_filter_decides_for_its_objects_only(
+    bridge_factory: Any, tmp_path: Path,
+) -> None:
+    # spec.resources[].filter (Flux 1.9): ANDed with resourceFilter, for that entry's objects.
+    bridge = await _bridge(bridge_factory, tmp_path, {"resources": [
+        {"kind": "GitRepository", "name": "flux-system"},
+        {"kind": "GitRepository", "name": "fleet-staging", "filter": "'staging' in req"}]})
+    r = await _post_hmac(bridge, b'{"action":"deploy"}', "application/json")
+    assert r.status_code == 202, r.text
+    assert [t["name"] for t in r.json()["targets"]] == ["flux-system"]
+    assert {t["name"]: t["reason"] for t in r.json()["skipped"]} == {
+        "fleet-staging": "its spec.resources[].filter is false"}
+    assert not _annotated(bridge, "fleet-staging")
+    r = await _post_hmac(bridge, b'{"staging":true}', "application/json")
+    assert r.status_code == 202, r.text
+    assert sorted(t["name"] for t in r.json()["targets"]) == ["fleet-staging", "flux-system"]
+    # With the top-level filter too, an object needs both.
+    (tmp_path / "both").mkdir()
+    bridge = await _bridge(bridge_factory, tmp_path / "both", {
+        "resourceFilter": "res.metadata.name != 'flux-system'", "resources": [
+            {"kind": "GitRepository", "name": "flux-system"},
+            {"kind": "GitRepository", "name": "fleet-staging", "filter": "'staging' in req"}]})
+    r = await _post_hmac(bridge, b'{"staging":true}', "application/json")
+    assert [t["name"] for t in r.json()["targets"]] == ["fleet-staging"]
+
+
+@pytest.mark.anyio
+async def test_an_invalid_entry_filter_makes_the_receiver_unusable(
+    bridge_factory: Any, tmp_path: Path,
+) -> None:
+    bridge = await _bridge(bridge_factory, tmp_path, {"resources": [
+        {"kind": "GitRepository", "name": "flux-system"},
+        {"kind": "GitRepository", "name": "no-such-repo", "filter": "res.metadata.name"}]})
+    r = await _post_hmac(bridge, b"")
+    assert r.status_code == 503
+    assert "spec.resources[].filter" in r.json()["error"]
     assert not _annotated(bridge, "flux-system")
 
 
