@@ -11,11 +11,12 @@ settings. For each case (a Receiver type and spec) Gitea holds a repository `ora
 holds Gitea's own push deliveries, signed by Gitea. Each case has twin namespaces of identical
 shape, `orc-nc-<case>` (requests go to notification-controller) and `orc-br-<case>` (requests go
 to the bridge), each with the Receiver's Secret, a GitRepository `fleet` on the case's
-repository, and Kustomizations `apps` (./apps), `infra` (./infra) and `paused` (./apps,
-suspended), all listed by the Receiver `hook`. Twins keep the two measurements independent
-(the bridge's follow-up on a push must not see notification-controller's patches) and let the
-cases run in parallel; every Kustomization is Ready at the repository's first commit before
-the first request.
+repository (notification-controller's twin under the host name `localhost`, so the bridge does
+not count it among the pushed repository's sources and follow it), and Kustomizations `apps`
+(./apps), `infra` (./infra) and `paused` (./apps, suspended), all listed by the Receiver
+`hook`. Twins keep the two measurements independent (the bridge's follow-up on a push must not
+see notification-controller's patches) and let the cases run in parallel; every Kustomization
+is Ready at the repository's first commit before the first request.
 
 Each row of `ROWS` is one request, built when its turn comes (a push row commits to Gitea
 first and takes Gitea's webhook for that commit). It goes to notification-controller's
@@ -806,7 +807,12 @@ def _objects(oracle: Oracle, case: Case, ns: str, suspend: bool) -> None:
     plane = oracle.plane
     plane.ensure_namespace(ns)
     e2e.create_secret(plane, ns, "hook-token", {"token": oracle.tokens[case.name]})
-    e2e.git_repository(plane, ns, "fleet", oracle.gitea.clone_url(ORG, case.name), auth=None)
+    url = oracle.gitea.clone_url(ORG, case.name)
+    if ns == case.ns("nc"):
+        # The same repository under another host name: the bridge, which follows every source
+        # of a pushed repository, must not take notification-controller's twin for one.
+        url = url.replace("://127.0.0.1:", "://localhost:")
+    e2e.git_repository(plane, ns, "fleet", url, auth=None)
     for name, (path, suspended) in KUSTOMIZATIONS.items():
         e2e.create_object(plane, "Kustomization", ns, name, {
             "interval": "1h", "path": path, "prune": False, "targetNamespace": ns,
