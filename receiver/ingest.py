@@ -192,10 +192,9 @@ class IngestService:
         ):
             # Flux's github Receiver (go-github ValidatePayload) refuses these too.
             return self._count(name, "unsupported_media", error(415, UNSUPPORTED_MEDIA))
-        # Flux reads X-GitHub-Event; Gitea sends it and X-Gitea-Event alike, and a sender that
-        # sends only Gitea's header names its event all the same.
-        refused = spec_events.refusal(receiver, request.headers.get("x-github-event")
-                                 or request.headers.get("x-gitea-event", ""))
+        # spec.events is matched against X-GitHub-Event alone, as Flux does (Gitea sends it with
+        # every webhook); X-Gitea-Event is read below to tell a ping or another event apart.
+        refused = spec_events.refusal(receiver, request.headers.get("x-github-event", ""))
         if refused is not None:
             return self._count(name, "event_refused", error(400, refused))
         now = self.wall_clock()

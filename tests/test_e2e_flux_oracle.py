@@ -656,9 +656,6 @@ KNOWN_BROADER = {
     ("gitea", "Gitea push, content type form"):
         "Gitea signs the JSON, Flux checks the signature over the raw form body and refuses; "
         "the bridge checks it over the decoded payload field",
-    ("gitea", "Gitea push, X-Gitea-Event only (no X-GitHub-Event)"):
-        "Flux matches spec.events against X-GitHub-Event only; the bridge falls back to "
-        "X-Gitea-Event",
 }
 
 
