@@ -62,7 +62,7 @@ from urllib.parse import quote_plus
 import httpx
 import pytest
 
-from receiver import delivery_marks
+from receiver.delivery import marks as delivery_marks
 from tests import e2e_env as e2e
 from tests.e2e_harness import BridgeProcess, FluxControllers, Gitea
 from tests.oracle_env import AuditTail, Captured, WebhookCapture, commit_files
