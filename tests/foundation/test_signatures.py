@@ -32,6 +32,18 @@ def test_gitea_bare_hex_and_hub_header() -> None:
     assert sig.verify_gitea({"x-gitea-signature": good.upper()}, BODY, TOKEN).ok
 
 
+def test_gitea_every_sha256_header_present_must_hold() -> None:
+    # Flux reads X-Hub-Signature-256: a wrong one is refused whatever X-Gitea-Signature says,
+    # and the other way round.
+    good, bad = hexmac("sha256", TOKEN, BODY), hexmac("sha256", "other", BODY)
+    both = {"x-gitea-signature": good, "x-hub-signature-256": f"sha256={good}"}
+    assert sig.verify_gitea(both, BODY, TOKEN).ok
+    wrong_hub = {**both, "x-hub-signature-256": f"sha256={bad}"}
+    assert sig.verify_gitea(wrong_hub, BODY, TOKEN) == sig.Verdict(False, "hub-sha256", "mismatch")
+    wrong_gitea = {**both, "x-gitea-signature": bad}
+    assert not sig.verify_gitea(wrong_gitea, BODY, TOKEN).ok
+
+
 def test_gitea_unsigned_webhook_headers_count_as_missing() -> None:
     # A Gitea webhook without a secret still sends the headers, empty or as bare prefixes.
     headers = {"x-gitea-signature": "", "x-hub-signature": "sha1=", "x-hub-signature-256": "sha256="}

@@ -106,7 +106,7 @@ def _receivers(hmac_spec: dict[str, Any], github_spec: dict[str, Any]) -> list[d
     docs = [d for d in yaml.safe_load_all((FLEET / "receivers.yaml").read_text()) if d]
     for doc in docs:
         if doc["kind"] == "Receiver" and doc["metadata"]["name"] == "hmac":
-            doc["spec"].update(resources=HMAC_RESOURCES, **hmac_spec)
+            doc["spec"].update({"resources": HMAC_RESOURCES, **hmac_spec})
         if doc["kind"] == "Receiver" and doc["metadata"]["name"] == "gitea":
             doc["spec"].update(github_spec)
     return docs
@@ -196,6 +196,46 @@ async def test_an_invalid_filter_makes_the_receiver_unusable(
 
 
 @pytest.mark.anyio
+async def test_a_resource_entry_filter_decides_for_its_objects_only(
+    bridge_factory: Any, tmp_path: Path,
+) -> None:
+    # spec.resources[].filter (Flux 1.9): ANDed with resourceFilter, for that entry's objects.
+    bridge = await _bridge(bridge_factory, tmp_path, {"resources": [
+        {"kind": "GitRepository", "name": "flux-system"},
+        {"kind": "GitRepository", "name": "fleet-staging", "filter": "'staging' in req"}]})
+    r = await _post_hmac(bridge, b'{"action":"deploy"}', "application/json")
+    assert r.status_code == 202, r.text
+    assert [t["name"] for t in r.json()["targets"]] == ["flux-system"]
+    assert {t["name"]: t["reason"] for t in r.json()["skipped"]} == {
+        "fleet-staging": "its spec.resources[].filter is false"}
+    assert not _annotated(bridge, "fleet-staging")
+    r = await _post_hmac(bridge, b'{"staging":true}', "application/json")
+    assert r.status_code == 202, r.text
+    assert sorted(t["name"] for t in r.json()["targets"]) == ["fleet-staging", "flux-system"]
+    # With the top-level filter too, an object needs both.
+    (tmp_path / "both").mkdir()
+    bridge = await _bridge(bridge_factory, tmp_path / "both", {
+        "resourceFilter": "res.metadata.name != 'flux-system'", "resources": [
+            {"kind": "GitRepository", "name": "flux-system"},
+            {"kind": "GitRepository", "name": "fleet-staging", "filter": "'staging' in req"}]})
+    r = await _post_hmac(bridge, b'{"staging":true}', "application/json")
+    assert [t["name"] for t in r.json()["targets"]] == ["fleet-staging"]
+
+
+@pytest.mark.anyio
+async def test_an_invalid_entry_filter_makes_the_receiver_unusable(
+    bridge_factory: Any, tmp_path: Path,
+) -> None:
+    bridge = await _bridge(bridge_factory, tmp_path, {"resources": [
+        {"kind": "GitRepository", "name": "flux-system"},
+        {"kind": "GitRepository", "name": "no-such-repo", "filter": "res.metadata.name"}]})
+    r = await _post_hmac(bridge, b"")
+    assert r.status_code == 503
+    assert "spec.resources[].filter" in r.json()["error"]
+    assert not _annotated(bridge, "flux-system")
+
+
+@pytest.mark.anyio
 async def test_github_events_as_flux_honours_them(bridge_factory: Any, tmp_path: Path) -> None:
     bridge = await _bridge(bridge_factory, tmp_path, github_spec={"events": ["Push", "create"]})
     # Not listed: Flux answers 400 and reconciles nothing; ping included.
@@ -206,12 +246,13 @@ async def test_github_events_as_flux_honours_them(bridge_factory: Any, tmp_path:
     # Listed, case-insensitive: a push is routed.
     r = await _post_gitea(bridge, "push", push())
     assert r.status_code == 202, r.text
-    # A sender that names the event only in Gitea's own header is read the same way.
+    # Flux matches spec.events against X-GitHub-Event alone (Gitea sends it with every
+    # webhook): a request that names its event only in Gitea's own header is refused there.
     body = gitea_bytes(push())
     r = await bridge.client.post(GITEA_PATH, content=body, headers={
         "Content-Type": "application/json", "X-Gitea-Event": "push",
         "X-Gitea-Signature": sig.hmac_hex("sha256", GITEA_TOKEN, body)})
-    assert r.status_code == 202, r.text
+    assert r.status_code == 400 and "spec.events" in r.text, r.text
     # Listed, not a push: every listed object, as Flux does, with the reason.
     r = await _post_gitea(bridge, "create", {"ref": "v1.0.0", "ref_type": "tag", "sha": "a" * 40,
                                              "repository": {"full_name": "platform/fleet"}})

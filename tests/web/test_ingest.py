@@ -187,18 +187,22 @@ async def test_unsupported_content_type_is_415_on_github_only_once_signed(bridge
     assert r.status_code == 202 and r.json()["note"] == "no push details: the body is not JSON"
 
 
-async def test_invalid_json_is_400_and_incomplete_payload_is_422(bridge: Bridge) -> None:
-    body = b'{"ref": "refs/heads/main",'
-    r = await bridge.client.post(GITEA_PATH, content=body, headers=gitea_headers(body))
-    assert r.status_code == 400 and r.json()["error"] == "body is not valid JSON"
+async def test_invalid_json_has_no_push_details_and_incomplete_payload_is_422(
+    bridge: Bridge,
+) -> None:
     for doc in ({"ref": "refs/heads/main", "after": "a" * 40},
                 {"repository": {"clone_url": "https://gitea.example.com/platform/fleet.git"},
-                 "after": "a" * 40},
-                [1, 2, 3]):
+                 "after": "a" * 40}):
         body = gp.gitea_bytes(doc)
         r = await bridge.client.post(GITEA_PATH, content=body, headers=gitea_headers(body))
         assert r.status_code == 422, doc
     assert bridge.cluster.patches == []
+    # Flux's github Receiver never parses the body: a signed one that is no JSON object
+    # reconciles every listed object; so does the bridge's.
+    for body in (b'{"ref": "refs/heads/main",', b"[1, 2, 3]"):
+        r = await bridge.client.post(GITEA_PATH, content=body, headers=gitea_headers(body))
+        assert r.status_code == 202 and r.json()["note"].startswith("no push details"), body
+    assert bridge.cluster.patches
 
 
 async def test_rate_limit_is_429(bridge_factory: Any) -> None:
