@@ -25,7 +25,14 @@ from receiver.drain import CloseWhileDraining, Drain
 from receiver.flux.cluster import Cluster
 from receiver.giturls import normalise_aliases, normalise_oci_url, normalise_repo_url
 from receiver.hookindex import HookIndex
-from receiver.http import BodyDeadline, BodyTimeout, body_timeout, client_disconnected, error
+from receiver.http import (
+    BodyDeadline,
+    BodyTimeout,
+    HeadLimit,
+    body_timeout,
+    client_disconnected,
+    error,
+)
 from receiver.ingest import IngestService
 from receiver.metrics import Metrics
 from receiver.reconcile import Reconciler
@@ -191,7 +198,7 @@ def create_app(settings: Settings, cluster: Cluster, **status_kwargs: Any) -> St
     app = Starlette(
         routes=routes,
         lifespan=lifespan,
-        middleware=[Middleware(CloseWhileDraining, drain=parts.drain),
+        middleware=[Middleware(HeadLimit), Middleware(CloseWhileDraining, drain=parts.drain),
                     Middleware(BodyDeadline, seconds=settings.server.body_timeout_seconds)],
         exception_handlers={HTTPException: http_error, ClientDisconnect: client_disconnected,
                             BodyTimeout: body_timeout, Exception: unhandled},

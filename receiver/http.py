@@ -61,6 +61,39 @@ async def client_disconnected(request: Request, exc: Exception) -> Response:
     return error(400, "client disconnected")
 
 
+# What a request's head may hold, checked before any route reads a header. Gitea sends about
+# fifteen headers; a proxy adds a few. uvicorn's default parser (httptools) bounds neither.
+MAX_HEADERS = 100
+MAX_HEADER_BYTES = 64 * 1024
+# The request target (path and query): a delivery id is at most 6,000 characters.
+MAX_TARGET_BYTES = 16 * 1024
+
+
+class HeadLimit:
+    """ASGI middleware: a request with more than MAX_HEADERS headers or MAX_HEADER_BYTES of
+    them is answered 431, one whose path and query pass MAX_TARGET_BYTES 414, before anything
+    else looks at it (the head is already read: this bounds what the app does with it)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            headers = scope["headers"]
+            status = 0
+            if len(headers) > MAX_HEADERS or sum(
+                    len(k) + len(v) for k, v in headers) > MAX_HEADER_BYTES:
+                status, message = 431, "request headers too large"
+            elif len(scope.get("raw_path") or b"") + len(scope["query_string"]) > MAX_TARGET_BYTES:
+                status, message = 414, "request target too long"
+            if status:
+                reply = JSONResponse({"error": message}, status_code=status,
+                                     headers={"Connection": "close"})
+                await reply(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 class BodyTimeout(Exception):
     """The request body did not arrive within the deadline."""
 

@@ -85,7 +85,7 @@ async def test_a_time_past_any_date_answers_404_and_logs_no_error(
 @pytest.mark.anyio
 async def test_hostile_ids_answer_404_without_holding_the_loop_or_memory(
         bridge: Bridge) -> None:
-    hostile = [_bomb(), _bomb(GITEA_TOKEN), "x" * 20_000]
+    hostile = [_bomb(), _bomb(GITEA_TOKEN), "x" * (dr.MAX_ID_LENGTH + 100)]
     replies: list[Any] = []
     tracemalloc.start()
     try:
