@@ -119,6 +119,7 @@ def create_app(settings: Settings, cluster: Cluster, **status_kwargs: Any) -> St
             parts.drain.begin("shutting_down")
             await parts.statuses.stop(settings.shutdown.flush_seconds)
             await parts.reconciler.stop()
+            await parts.ingest.filter_sandbox.stop()
             await cluster.stop()
 
     async def healthz(request: Request) -> Response:

@@ -14,10 +14,12 @@ Flux's semantics (notification-controller `receiver_resource_filter.go` over flu
 * an evaluation error (a missing key, a bad regular expression) counts for that resource only.
 
 The library is cel-expr-python (the CEL C++ runtime, maintained by the CEL authors): it type
-checks as cel-go does and bounds comprehensions with an iteration budget, so an expression over
-a large, attacker-shaped `req` cannot run away. A body is at most `body_limit_bytes` long, and
-`req` is converted once per request, not once per resource: every resource of a request is
-evaluated in one call (`<resources>.map(res, <expression>)`).
+checks as cel-go does and bounds comprehensions with an iteration budget. It has no budget for
+the size of the values an expression builds (a chain of `replace` builds 10^8 characters) nor
+for converting `req` (0.4 s for a 3 MiB body), so the bridge evaluates filters in a process of
+its own, within a time and a memory budget (`cel_sandbox`, `cel_worker`). A body is at most
+`body_limit_bytes` long, and `req` is converted once per request where it can be: every resource
+of a request is evaluated in one call (`<resources>.map(res, <expression>)`).
 """
 
 from __future__ import annotations

@@ -24,7 +24,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from receiver import delivery_marks, signatures, spec_events
-from receiver.cel_filter import CompiledFilter, FilterCache, RequestNotJSON, request_document
+from receiver.cel_filter import CompiledFilter, FilterCache, RequestNotJSON
+from receiver.cel_sandbox import FilterBudgetExceeded, FilterBusy, FilterSandbox
 from receiver.changes import ChangeFeed, watched_keys
 from receiver.config import Settings
 from receiver.deliveries import Delivery, DeliveryStore, describe, record_targets
@@ -52,7 +53,7 @@ from receiver.package_routing import OCI_TYPES, plan_selection
 from receiver.ratelimit import RateLimiter
 from receiver.reconcile import Reconciler, request_value
 from receiver.replay import SeenOnce
-from receiver.resource_filter import FilterEvaluationError, filter_plan
+from receiver.resource_filter import FilterEvaluationError, apply_verdicts, filter_inputs
 from receiver.resources import Resolved, resolve_resources
 from receiver.routing import Plan
 from receiver.selector import PayloadRefused, Selection, select_payload
@@ -107,6 +108,7 @@ class IngestService:
         self._resolutions: dict[ObjectKey, tuple[tuple[str, int], Resolved]] = {}
         self.gitea_prefixes = settings.gitea_prefixes()
         self.filters = FilterCache()
+        self.filter_sandbox = FilterSandbox()
         self._filter_invalid: dict[ObjectKey, str] = {}
 
     # -- authentication ---------------------------------------------------------------------
@@ -216,14 +218,9 @@ class IngestService:
                         "reconcile every listed object, as Flux does")}))
             if once is not None and not once.scheme_replay and once.mark in self.seen:
                 return self._duplicate(name, once)
-            req: dict[str, Any] = {}
-            if compiled is not None:
-                try:
-                    req = request_document(request.headers.get("content-type", ""), body)
-                except RequestNotJSON as exc:
-                    return self._count(name, "bad_json", error(400, str(exc)))
             return await self._accept(receiver, token, name, once, auth.signed,
-                                      compiled=compiled, req=req)
+                                      compiled=compiled, request_body=(
+                                          request.headers.get("content-type", ""), body))
         finally:
             delivery_ctx.reset(token_ctx)
 
@@ -262,7 +259,7 @@ class IngestService:
 
     async def _accept(
         self, receiver: FluxObject, token: str, name: str, once: _Once | None, signed: bytes,
-        *, compiled: CompiledFilter | None = None, req: dict[str, Any] | None = None,
+        *, compiled: CompiledFilter | None = None, request_body: tuple[str, bytes] = ("", b""),
     ) -> Response:
         try:
             selection = select_payload(str(receiver.spec.get("type") or ""), signed)
@@ -282,10 +279,10 @@ class IngestService:
         # Why nothing matched is about the push, not the filter: ask before filtering.
         mismatch = unmatched(push, self.cluster.store) if not plan.targets else None
         if compiled is not None:
-            try:
-                plan = filter_plan(plan, compiled, req or {}, self.cluster.store)
-            except FilterEvaluationError as exc:
-                return self._count(name, "unprocessable", error(422, str(exc)))
+            filtered = await self._filtered(name, plan, compiled, request_body)
+            if isinstance(filtered, Response):
+                return filtered
+            plan = filtered
         now = self.wall_clock()
         if once is not None:
             # No await from this check to `remember`: two copies of one request on this replica
@@ -315,6 +312,30 @@ class IngestService:
             "receiver": name, "ref": delivery.ref, "commit": delivery.sha, "mark": mark,
             "id": delivery_id, "targets": len(plan.targets), "tracked": len(plan.tracked)})
         return self._count(name, "accepted", _accepted(delivery, plan, annotated, mismatch))
+
+    async def _filtered(self, name: str, plan: Plan, compiled: CompiledFilter,
+                        request_body: tuple[str, bytes]) -> Plan | Response:
+        """The plan narrowed by the Receiver's filter, evaluated in its own process within a
+        time and memory budget (`cel_sandbox`); or the answer that refuses the request."""
+        candidates, resources = filter_inputs(plan, self.cluster.store)
+        if not candidates:
+            return plan
+        content_type, body = request_body
+        try:
+            verdicts = await self.filter_sandbox.evaluate(
+                compiled.expression, resources, content_type, body)
+            return apply_verdicts(plan, candidates, verdicts, self.cluster.store)
+        except RequestNotJSON as exc:
+            return self._count(name, "bad_json", error(400, str(exc)))
+        except FilterBusy as exc:
+            return self._count(name, "overloaded", error(503, str(exc)))
+        except FilterBudgetExceeded as exc:
+            log.warning("resourceFilter stopped", extra={"receiver": name, "reason": str(exc)})
+            return self._count(name, "unprocessable", error(422, str(exc)))
+        except FilterEvaluationError as exc:
+            log.info("resourceFilter could not be evaluated", extra={
+                "receiver": name, "reason": exc.reason})
+            return self._count(name, "unprocessable", error(422, str(exc)))
 
     async def _annotate_only(self, plan: Plan) -> list[dict[str, str]]:
         """Patch the listed objects of kinds the bridge does not route, as Flux does: only

@@ -3,7 +3,10 @@
 Every object the plan would annotate is shown to the filter as `res`; one for which it is false
 is not annotated and moves to `skipped` with the reason. When the filter cannot be evaluated
 for an object (a key the request lacks), the whole request fails, as it does in Flux: a CI step
-must not read success from a request that annotated nothing by accident. A consumer
+must not read success from a request that annotated nothing by accident. The pusher is told
+which object, not CEL's message (which may quote the object's metadata); that goes to the log.
+The evaluation itself runs elsewhere (`cel_sandbox`): this module builds its input
+(`filter_inputs`) and applies its verdicts (`apply_verdicts`). A consumer
 is no longer followed when it is filtered out, nor when its source is: that source will not
 fetch the pushed commit on the bridge's request.
 """
@@ -11,10 +14,10 @@ fetch the pushed commit on the bridge's request.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Sequence
 from typing import Any
 
-from receiver.cel_filter import CompiledFilter, resource_document
+from receiver.cel_filter import resource_document
 from receiver.flux.objects import ObjectKey, consumer_source
 from receiver.flux.store import ObjectStore
 from receiver.routing import Plan, Target
@@ -23,7 +26,12 @@ FALSE_REASON = "resourceFilter is false"
 
 
 class FilterEvaluationError(Exception):
-    """The filter failed for an object: the request is refused and nothing is annotated."""
+    """The filter failed for an object: the request is refused and nothing is annotated.
+    `str()` is for the pusher; `reason` (CEL's message) for the log only."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 def _res(target: Target, store: ObjectStore) -> dict[str, Any]:
@@ -35,10 +43,17 @@ def _res(target: Target, store: ObjectStore) -> dict[str, Any]:
                              {"name": target.name, "namespace": target.namespace})
 
 
-def filter_plan(plan: Plan, compiled: CompiledFilter, req: Mapping[str, Any],
-                store: ObjectStore) -> Plan:
+def filter_inputs(plan: Plan, store: ObjectStore) -> tuple[tuple[Target, ...],
+                                                          list[dict[str, Any]]]:
+    """The objects the filter decides on, and each one's `res`."""
     candidates = (*plan.targets, *plan.annotate_only)
-    verdicts = compiled.evaluate([_res(t, store) for t in candidates], req)
+    return candidates, [_res(t, store) for t in candidates]
+
+
+def apply_verdicts(plan: Plan, candidates: Sequence[Target], verdicts: Sequence[bool | str],
+                   store: ObjectStore) -> Plan:
+    """The plan without the candidates whose verdict is False; FilterEvaluationError if one
+    could not be evaluated."""
     dropped: dict[ObjectKey, Target] = {}
     for target, verdict in zip(candidates, verdicts, strict=True):
         if verdict is True:
@@ -46,7 +61,8 @@ def filter_plan(plan: Plan, compiled: CompiledFilter, req: Mapping[str, Any],
         if verdict is not False:
             raise FilterEvaluationError(
                 f"resourceFilter could not be evaluated for {target.kind} "
-                f"{target.namespace}/{target.name}: {str(verdict)[:200]}")
+                f"{target.namespace}/{target.name}: the reason is in the bridge's log",
+                str(verdict)[:200])
         dropped[target.key] = dataclasses.replace(target, reason=FALSE_REASON)
     if not dropped:
         return plan
