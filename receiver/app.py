@@ -29,6 +29,7 @@ from receiver.http import (
     BodyDeadline,
     BodyTimeout,
     HeadLimit,
+    Unhandled,
     body_timeout,
     client_disconnected,
     error,
@@ -181,11 +182,6 @@ def create_app(settings: Settings, cluster: Cluster, **status_kwargs: Any) -> St
         response.headers.update(exc.headers or {})
         return response
 
-    async def unhandled(request: Request, exc: Exception) -> Response:
-        # Never a traceback to the client; the log line carries the type, not the request body.
-        log.error("unhandled error", exc_info=exc)
-        return error(500, "internal error")
-
     routes = [
         Route("/hook/{digest}", parts.ingest.hook, methods=["POST"]),
         Route("/deliveries/{id}", parts.ingest.delivery, methods=["GET"]),
@@ -199,10 +195,12 @@ def create_app(settings: Settings, cluster: Cluster, **status_kwargs: Any) -> St
     app = Starlette(
         routes=routes,
         lifespan=lifespan,
-        middleware=[Middleware(HeadLimit), Middleware(CloseWhileDraining, drain=parts.drain),
+        # Unhandled first: whatever the others raise is answered and logged there, once.
+        middleware=[Middleware(Unhandled), Middleware(HeadLimit),
+                    Middleware(CloseWhileDraining, drain=parts.drain),
                     Middleware(BodyDeadline, seconds=settings.server.body_timeout_seconds)],
         exception_handlers={HTTPException: http_error, ClientDisconnect: client_disconnected,
-                            BodyTimeout: body_timeout, Exception: unhandled},
+                            BodyTimeout: body_timeout},
     )
     # A POST to /hook/<digest>/ must not be redirected: Gitea would not follow it.
     app.router.redirect_slashes = False

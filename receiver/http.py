@@ -94,6 +94,48 @@ class HeadLimit:
         await self.app(scope, receive, send)
 
 
+class Unhandled:
+    """ASGI middleware: an exception no route handled is logged once, as its type and where it
+    was raised (file, line and function of each frame), never its message or any value (both
+    may hold what the request sent); the client gets 500 `{"error":"internal error"}` if no
+    answer had begun. Not raised again: Starlette and uvicorn would each log it once more, with
+    its message and traceback."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def watched_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watched_send)
+        except Exception as exc:  # the one place every request error ends
+            log.error("unhandled error", extra={"error": type(exc).__name__,
+                                                "where": where_raised(exc)})
+            if not started:
+                await error(500, "internal error")(scope, receive, send)
+
+
+def where_raised(exc: BaseException) -> str:
+    """`file:line function` of each frame of the traceback, innermost last; no source, no
+    values."""
+    frames = []
+    tb = exc.__traceback__
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        frames.append(f"{code.co_filename.rsplit('/', 1)[-1]}:{tb.tb_lineno} {code.co_name}")
+        tb = tb.tb_next
+    return " < ".join(reversed(frames[-12:]))
+
+
 class BodyTimeout(Exception):
     """The request body did not arrive within the deadline."""
 
