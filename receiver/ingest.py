@@ -16,7 +16,7 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -266,7 +266,8 @@ class IngestService:
         except PayloadRefused as exc:
             return self._count(name, exc.outcome, error(exc.status, exc.message))
         push = selection.push
-        joined = self._joined(name, push, once)
+        listed = self._resolved(receiver).keys
+        joined = self._joined(name, push, once, listed)
         if joined is not None:
             return joined
         if self.deliveries.active_count >= self.settings.deliveries.max_count:
@@ -311,7 +312,8 @@ class IngestService:
         log.info("push accepted", extra={
             "receiver": name, "ref": delivery.ref, "commit": delivery.sha, "mark": mark,
             "id": delivery_id, "targets": len(plan.targets), "tracked": len(plan.tracked)})
-        return self._count(name, "accepted", _accepted(delivery, plan, annotated, mismatch))
+        return self._count(name, "accepted", _accepted(delivery, plan, listed, annotated,
+                                                       mismatch))
 
     async def _filtered(self, name: str, plan: Plan, compiled: CompiledFilter,
                         request_body: tuple[str, bytes]) -> Plan | Response:
@@ -361,7 +363,8 @@ class IngestService:
             entries.append(entry)
         return entries
 
-    def _joined(self, name: str, push: Push | None, once: _Once | None) -> Response | None:
+    def _joined(self, name: str, push: Push | None, once: _Once | None,
+                listed: Collection[ObjectKey]) -> Response | None:
         """A push of a commit whose delivery is still in flight here (a retried CI job, a
         webhook fired twice, a redelivery under a new id) joins it: same id, no new patch."""
         if push is None:
@@ -373,7 +376,7 @@ class IngestService:
             self.seen.remember(once.mark, once.until, self.wall_clock())
         log.info("push joined its delivery in flight", extra={
             "receiver": name, "ref": push.ref, "commit": push.sha})
-        return self._count(name, "joined", _accepted(delivery, delivery.plan))
+        return self._count(name, "joined", _accepted(delivery, delivery.plan, listed))
 
     def _resolved(self, receiver: FluxObject) -> Resolved:
         """The Receiver's resources, resolved again only when the cache's shape changed."""
@@ -529,12 +532,22 @@ async def _change_or_drain(changed: asyncio.Event, drain: Drain, timeout: float)
             waiter.cancel()
 
 
-def _accepted(delivery: Delivery, plan: Plan, annotate_only: list[dict[str, str]] | None = None,
+def _accepted(delivery: Delivery, plan: Plan, listed: Collection[ObjectKey],
+              annotate_only: list[dict[str, str]] | None = None,
               mismatch: Unmatched | None = None) -> JSONResponse:
     """The 202 reply: the plan with each annotated target's state now, the kinds annotated by
     name only, and why a push that matched no source did not (`unmatched`). `plan` is passed
-    in: a delivery that settled at once (a refused patch) has already dropped its own."""
+    in: a delivery that settled at once (a refused patch) has already dropped its own.
+    Objects skipped in another namespace than the Receiver's, which it does not list, are only
+    counted (`skipped_elsewhere`): the pusher holds this Receiver's token, not a view of every
+    namespace that reads the same repository or registry."""
     reply = plan.as_dict()  # without a store: unrelated objects are only counted
+    namespace = plan.receiver.partition("/")[0]
+    shown = [s for s in reply["skipped"] if s["namespace"] == namespace
+             or ObjectKey(s["kind"], s["namespace"], s["name"]) in listed]
+    if len(shown) < len(reply["skipped"]):
+        reply["skipped_elsewhere"] = len(reply["skipped"]) - len(shown)
+        reply["skipped"] = shown
     if annotate_only:
         reply["annotate_only"] = annotate_only
     if mismatch is not None:

@@ -144,6 +144,9 @@ SCHEMAS: dict[str, Schema] = {
         "tracked": {"type": "array", "items": _TARGET_REF},
         "skipped": {"type": "array", "items": _TARGET_REF},
         "skipped_unrelated": {"type": "integer", "minimum": 0},
+        "skipped_elsewhere": {"type": "integer", "minimum": 1, "description": (
+            "skipped objects in other namespaces that the Receiver does not list: counted, "
+            "not named")},
     }, ("delivery", "commit", "ref", "receiver", "targets", "tracked", "skipped",
         "skipped_unrelated")),
     "HookNoAction": {"oneOf": [

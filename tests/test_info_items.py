@@ -4,19 +4,28 @@ invisible characters never reach a status description."""
 
 from __future__ import annotations
 
+import json
 import logging
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from receiver import ingest
 from receiver.hookindex import usable_token
 from receiver.statuses import truncate
-from tests.conftest import FLEET, Bridge
+from tests.conftest import (
+    FIXTURES,
+    FLEET,
+    Bridge,
+    BridgeFactory,
+    make_settings,
+    send_package_event,
+)
 from tests.realk8s import free_port, wait_until
 
 
@@ -76,3 +85,35 @@ def test_an_idle_connection_is_closed(tmp_path: Path) -> None:
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+@pytest.mark.anyio
+async def test_a_package_reply_names_no_object_of_a_namespace_the_receiver_does_not_list(
+        bridge_factory: BridgeFactory, tmp_path: Path) -> None:
+    def source(namespace: str, tag: str) -> dict[str, Any]:
+        return {"apiVersion": "source.toolkit.fluxcd.io/v1", "kind": "OCIRepository",
+                "metadata": {"name": "apps", "namespace": namespace},
+                "spec": {"url": "oci://gitea.example.com/platform/manifests/apps",
+                         "interval": "5m", "ref": {"tag": tag}}}
+
+    receiver = {"apiVersion": "notification.toolkit.fluxcd.io/v1", "kind": "Receiver",
+                "metadata": {"name": "registry", "namespace": "flux-system"},
+                "spec": {"type": "github", "events": ["package"],
+                         "secretRef": {"name": "registry-token"},
+                         "resources": [{"kind": "OCIRepository", "name": "apps"}]}}
+    secret = {"apiVersion": "v1", "kind": "Secret",
+              "metadata": {"name": "registry-token", "namespace": "flux-system"},
+              "stringData": {"token": "registry-secret-token"}}
+    docs = [receiver, secret, source("flux-system", "v1.4.0"), source("team-secret", "v9"),
+            source("flux-system", "v9") | {"metadata": {"name": "pinned",
+                                                        "namespace": "flux-system"}}]
+    (tmp_path / "oci.yaml").write_text("\n---\n".join(json.dumps(d) for d in docs))
+    bridge = await bridge_factory(make_settings(), tmp_path)
+    event = json.loads((FIXTURES / "payloads" / "gitea-package-container.json").read_text())
+    reply = await send_package_event(bridge, "registry", "registry-secret-token",
+                                     json.dumps(event).encode())
+    assert [t["name"] for t in reply["targets"]] == ["apps"]
+    # Its own namespace's sources are named with the reason; another namespace's counted only.
+    assert [(s["namespace"], s["name"]) for s in reply["skipped"]] == [("flux-system", "pinned")]
+    assert reply["skipped_elsewhere"] == 1
+    assert "team-secret" not in json.dumps(reply)
