@@ -24,13 +24,14 @@ of a request is evaluated in one call (`<resources>.map(res, <expression>)`).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from cel_expr_python import cel  # type: ignore[import-untyped]
 from cel_expr_python.ext import ext_encoders, ext_optional, ext_strings  # type: ignore[import-untyped]
+
+from receiver.bounds import parse_json
 
 # What every filter sees; the list variable only exists for the batched evaluation.
 _BATCH = "gfb_resources"
@@ -133,7 +134,7 @@ def request_document(content_type: str, body: bytes) -> dict[str, Any]:
     if not is_json_content(content_type):
         return {}
     try:
-        value = json.loads(body)
+        value = parse_json(body)
     except (ValueError, RecursionError):
         raise RequestNotJSON("request body is not valid JSON") from None
     if not isinstance(value, dict):

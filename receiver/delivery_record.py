@@ -30,7 +30,7 @@ from typing import Any
 from itsdangerous import BadData, Signer, URLSafeSerializer
 from itsdangerous.encoding import base64_decode, base64_encode, want_bytes
 
-from receiver.bounds import json_depth_within
+from receiver.bounds import json_depth_within, parse_json
 from receiver.flux.objects import ObjectKey
 
 ROLE_ANNOTATE = "annotate"
@@ -210,7 +210,7 @@ def _load(signed: bytes) -> Any:
                 return None
         if len(data) > MAX_PAYLOAD_BYTES or not json_depth_within(data, _MAX_DEPTH):
             return None
-        return json.loads(data)
+        return parse_json(data)
     except (BadData, zlib.error, ValueError, RecursionError):
         return None
 
