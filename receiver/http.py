@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 from typing import Any
 
@@ -11,6 +12,12 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 UNAUTHORIZED = {"error": "unauthorized"}
+# Bodies from this size on are verified on a thread of their own (an HMAC of 3 MiB or a form's
+# decoding takes 5-20 ms: a flood of them would hold the event loop for all of it). One thread:
+# such a flood queues there, not on the loop nor in the default executor (which sends patches
+# and reads Secrets).
+OFF_LOOP_BYTES = 64 * 1024
+VERIFIER = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="gfb-verify")
 log = logging.getLogger(__name__)
 
 

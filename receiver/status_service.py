@@ -67,7 +67,9 @@ from receiver.gitea.payloads import Push
 from receiver.gitea.version import SKIPPED, accepts_skipped, state_for_version
 from receiver.giturls import normalise_aliases, normalise_host
 from receiver.http import (
+    OFF_LOOP_BYTES,
     UNAUTHORIZED,
+    VERIFIER,
     BodyTooLarge,
     declared_too_large,
     error,
@@ -410,7 +412,9 @@ class StatusService:
             if token is not None and not signature.lower().startswith("sha256="):
                 self._metrics.signature_failures.labels("events-hmac", "algorithm").inc()
             elif token is not None:
-                verdict = verify_event(headers, body, token)
+                verdict = verify_event(headers, body, token) if len(body) < OFF_LOOP_BYTES \
+                    else await asyncio.get_running_loop().run_in_executor(
+                        VERIFIER, verify_event, headers, body, token)
                 if verdict.ok:
                     return True
                 self._metrics.signature_failures.labels("events-hmac", verdict.reason).inc()

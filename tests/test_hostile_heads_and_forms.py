@@ -103,3 +103,9 @@ async def test_a_signature_with_thousands_of_candidates_is_malformed(bridge: Bri
     assert (reply.status_code, reply.json()) == (401, {"error": "unauthorized"})
     assert sig.parse_timestamped(crowded) is None
     assert bridge.cluster.patches == []
+
+
+@given(st.binary(min_size=1, max_size=64), st.integers(40_000, 120_000))
+def test_a_long_form_field_decodes_the_same_in_slices(unit: bytes, repeat: int) -> None:
+    doc = (unit * repeat)[:400_000]  # several 128 KiB slices, escapes across every cut
+    assert form_payload(b"payload=" + quote_plus(doc).encode()) == doc

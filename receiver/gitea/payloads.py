@@ -149,8 +149,28 @@ def form_payload(body: bytes) -> bytes:
     raise PayloadError("form body has no payload field")
 
 
+_SLICE = 128 * 1024
+
+
 def _unquote(text: bytes) -> bytes:
-    """application/x-www-form-urlencoded decoding: `+` is a space, `%XX` a byte."""
+    """application/x-www-form-urlencoded decoding: `+` is a space, `%XX` a byte. In slices of
+    128 KiB (never cutting an escape), so no single step holds the interpreter for long when
+    this runs off the event loop, and the copies stay small."""
+    if len(text) <= _SLICE:
+        return _unquote_slice(text)
+    parts = []
+    start = 0
+    while start < len(text):
+        end = min(len(text), start + _SLICE)
+        if end < len(text):
+            cut = text.rfind(b"%", end - 2, end)
+            end = cut if cut > start else end
+        parts.append(_unquote_slice(text[start:end]))
+        start = end
+    return b"".join(parts)
+
+
+def _unquote_slice(text: bytes) -> bytes:
     text = text.replace(b"+", b" ")
     if b"%" not in text:
         return text
