@@ -27,11 +27,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from itsdangerous.encoding import base64_encode
 
-from receiver import delivery_record as dr
 from receiver import signatures as sig
-from receiver.events import EventError, parse_event
+from receiver.delivery import record as dr
 from receiver.gitea.payloads import PayloadError, form_payload
-from receiver.selector import PayloadRefused, select_payload
+from receiver.push.selector import PayloadRefused, select_payload
+from receiver.status.flux_events import EventError, parse_event
 
 # Hostile inputs are megabytes long: hypothesis warns about printing them, which is only a cost.
 pytestmark = pytest.mark.filterwarnings("ignore::hypothesis.errors.HypothesisWarning")

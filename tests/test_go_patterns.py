@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from receiver.package_routing import oci_ref_match
+from receiver.push.package_routing import oci_ref_match
 from tests.conftest import FIXTURES, BridgeFactory, make_settings, send_package_event
 from tests.loopprobe import probing
 

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from itsdangerous.encoding import base64_decode, base64_encode
 
-from receiver import delivery_record as dr
+from receiver.delivery import record as dr
 from tests.conftest import GITEA_TOKEN, Bridge
 from tests.loopprobe import probing
 

@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 
-from receiver import ingest
-from receiver.hookindex import usable_token
-from receiver.statuses import truncate
+from receiver.push.hookindex import usable_token
+from receiver.status.decisions import truncate
+from receiver.web import ingest
 from tests.conftest import (
     FIXTURES,
     FLEET,

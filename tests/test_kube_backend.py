@@ -15,7 +15,7 @@ import kubernetes
 import pytest
 
 from receiver.flux.cluster import ClusterError, NotFound
-from receiver.flux.kube import Backoff, KubeCluster
+from receiver.flux.kube import KubeCluster
 from receiver.flux.objects import (
     API_VERSIONS,
     RECONCILE_ANNOTATION,
@@ -23,6 +23,8 @@ from receiver.flux.objects import (
     ObjectKey,
 )
 from receiver.flux.store import ObjectStore
+from receiver.retry import Backoff
+from tests.conftest import until
 from tests.kubefake import MERGE_PATCH, FakeKube
 
 GIT = API_VERSIONS["GitRepository"]
@@ -68,10 +70,7 @@ async def running(cluster: KubeCluster) -> AsyncIterator[KubeCluster]:
 
 
 async def eventually(check: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.01)
+    await until(check, timeout)
 
 
 async def synced(cluster: KubeCluster) -> KubeCluster:
@@ -236,7 +235,7 @@ async def test_bookmarks_advance_the_resume_point(
         fake.put(gitrepo("elsewhere"), notify=False)
         fake.send_bookmark()
         # The watch thread has taken the bookmark's resourceVersion as its resume point.
-        await eventually(lambda: [t.resource_version for t in cluster._targets] == [
+        await eventually(lambda: [t.resource_version for t in cluster._watches._targets] == [
             str(fake.resource_version)])
         fake.drop_watches()
         await eventually(lambda: fake.count("watch") == 2)

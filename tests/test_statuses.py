@@ -12,11 +12,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from receiver.events import parse_event
 from receiver.flux.objects import FluxObject
 from receiver.giturls import normalise_host, normalise_repo_url
-from receiver.statuses import (
-    CONTEXT_FIELDS,
+from receiver.status.decisions import (
     DESCRIPTION_LIMIT,
     ELLIPSIS,
     ERROR,
@@ -28,13 +26,10 @@ from receiver.statuses import (
     SKIPPED,
     STATE_TABLE,
     SUCCESS,
-    TARGET_URL_FIELDS,
     UNMAPPED,
     WARNING,
     DesiredStatus,
     Seen,
-    StatusTemplates,
-    check_template,
     comparable,
     describe,
     desired_after_timeout,
@@ -52,12 +47,13 @@ from receiver.statuses import (
     reason_words,
     recall,
     recall_for_event,
-    render,
     repo_ref,
     resync_schedule,
     same_status,
     truncate,
 )
+from receiver.status.flux_events import parse_event
+from receiver.templates import CONTEXT_FIELDS, TARGET_URL_FIELDS, StatusTemplates, check_template, render
 
 EVENTS = Path(__file__).parent / "fixtures" / "events"
 SHA = "5394cb7f48ab9fd33a7a95f6ee1f7b9c4b2b8a3e"
@@ -435,7 +431,7 @@ def test_inputs_are_not_mutated() -> None:
 
 
 def test_descriptions_of_repeated_build_failures_do_not_differ_by_temp_dir() -> None:
-    from receiver.statuses import describe
+    from receiver.status.decisions import describe
 
     first = describe("BuildFailed", "kustomize build failed: /tmp/kustomization-3186746475/apps/x.yaml: bad")
     again = describe("BuildFailed", "kustomize build failed: /tmp/kustomization-99/apps/x.yaml: bad")
@@ -578,3 +574,16 @@ def test_a_new_event_believes_only_what_gitea_showed_after_it_arrived() -> None:
     assert recall_for_event(read, None, 102.5, 5.0, "event-2", 101.0) == (True, read.fields)
     assert recall_for_event(None, 102.0, 102.5, 5.0, "event-2", 101.0) == (True, None)
     assert recall_for_event(None, 100.0, 102.5, 5.0, "event-2", 101.0) == (False, None)
+
+
+def test_which_delivery_outcomes_post_a_status() -> None:
+    from receiver.status.decisions import outcome_to_post
+
+    assert outcome_to_post("ready", "") == "ready"
+    assert outcome_to_post("failed", "BuildFailed") == "failed"
+    assert outcome_to_post("timed_out", "Timeout") == "timed_out"
+    # Flux went past the commit: it ends as a push Flux never deployed, not as pending.
+    assert outcome_to_post("skipped", "Superseded") == "timed_out"
+    assert outcome_to_post("skipped", "NotFollowed") is None
+    for going in ("queued", "annotated", "reconciling"):
+        assert outcome_to_post(going, "") is None

@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass
 
 from receiver.flux.objects import FluxObject
+from receiver.times import epoch_seconds
 
 _HEX = re.compile(r"^(?:[0-9a-f]{40}|[0-9a-f]{64})$")
 HELM_REVISION_META = re.compile(r"\+([0-9a-f]{12})(?:\.\d+)?$")
@@ -61,6 +62,12 @@ _FAILURE_REASONS = frozenset({
 })
 
 
+# Stalled reasons that only say the controller gave up retrying (helm-controller, once a
+# release's remediation retries are used up): the failure itself is in Ready, e.g.
+# UpgradeFailed with Helm's error, and that is what a reader needs to see.
+_GAVE_UP_REASONS = frozenset({"RetriesExceeded"})
+
+
 @dataclass(frozen=True, slots=True)
 class Progress:
     state: str  # RECONCILING, READY or FAILED (never the bookkeeping states)
@@ -76,6 +83,12 @@ def _ready(obj: FluxObject) -> tuple[str, str, str]:
 def _current_generation(obj: FluxObject) -> bool:
     observed = obj.status.get("observedGeneration")
     return not isinstance(observed, int) or observed >= obj.generation
+
+
+def at_rest(obj: FluxObject) -> bool:
+    """Ready at its current generation: the controller finished a reconcile and holds what it
+    reports (not half-way through one, and not failing to fetch or apply)."""
+    return _ready(obj)[0] == "True" and _current_generation(obj)
 
 
 def applied_revision(obj: FluxObject) -> str:
@@ -96,7 +109,9 @@ def attempted_revision(obj: FluxObject) -> str:
     return str(obj.status.get("lastAttemptedRevision", "")) or applied_revision(obj)
 
 
-def _matches(obj: FluxObject, revision: str, sha: str) -> bool:
+def names_commit(obj: FluxObject, revision: str, sha: str) -> bool:
+    """Does `revision`, one of this object's revisions, name commit `sha`? A HelmRelease's
+    chart version carries an abbreviated commit (or its annotation names it)."""
     if obj.kind == "HelmRelease":
         prefix = _helm_commit_prefix(revision)
         if prefix is not None:
@@ -135,13 +150,22 @@ def progress_at(obj: FluxObject, sha: str, here: tuple[bool, bool] | None = None
     if here is not None:
         applied_here, attempted_here = here
     else:
-        applied_here = _matches(obj, applied_revision(obj), sha)
-        attempted_here = _matches(obj, attempted_revision(obj), sha)
+        applied_here = names_commit(obj, applied_revision(obj), sha)
+        attempted_here = names_commit(obj, attempted_revision(obj), sha)
     if status == "True" and _current_generation(obj) and applied_here:
         return Progress(READY, reason, message)
     stalled = obj.condition("Stalled") or {}
     if stalled.get("status") == "True" and attempted_here:
+        if stalled.get("reason") in _GAVE_UP_REASONS and status == "False" and reason:
+            return Progress(FAILED, reason, message)
         return Progress(FAILED, str(stalled.get("reason", reason)), str(stalled.get("message", "")))
     if status == "False" and attempted_here and reason in _FAILURE_REASONS:
         return Progress(FAILED, reason, message)
     return Progress(RECONCILING, reason, message)
+
+
+def handled_since(obj: FluxObject, since: float) -> bool:
+    """Has the controller handled a reconcile request made at or after `since` (unix)?"""
+    handled = obj.status.get("lastHandledReconcileAt")
+    stamp = epoch_seconds(handled)
+    return stamp is not None and stamp >= since - 0.001
