@@ -21,7 +21,8 @@ from receiver.flux.objects import CONSUMER_KINDS, FluxObject, consumer_source
 from receiver.flux.store import ObjectStore
 from receiver.gitea.payloads import Push
 from receiver.push.routing import ref_match
-from receiver.status.decisions import FAILURE, PENDING, SUCCESS, gitea_state, repo_ref
+from receiver.status.descriptions import FAILURE, PENDING, SUCCESS, gitea_state
+from receiver.status.repos import repo_ref
 
 UNKNOWN = "unknown"
 COLOURS = {SUCCESS: "#4c1", FAILURE: "#e05d44", PENDING: "#dfb317", UNKNOWN: "#9f9f9f"}

@@ -29,15 +29,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from receiver.flux.objects import CONSUMER_KINDS
-from receiver.status.decisions import (
-    ERROR,
-    FAILURE,
-    PENDING,
-    SUCCESS,
-    ListedStatus,
-    latest_by_context,
-    truncate,
-)
+from receiver.status.descriptions import ERROR, FAILURE, PENDING, SUCCESS, truncate
+from receiver.status.shown import ListedStatus, latest_by_context
 
 DEFAULT_FLEET_CONTEXT = "flux/fleet"
 FAILED_STATES = frozenset({FAILURE, ERROR})

@@ -15,10 +15,11 @@ from collections.abc import Callable
 
 from receiver.config import Settings
 from receiver.gitea.client import GiteaError
-from receiver.status.decisions import CommitKey, DesiredStatus, needs_post
+from receiver.status.decisions import CommitKey, DesiredStatus
 from receiver.status.fleet import aggregate
 from receiver.status.gitea_view import Budget, GiteaView, JobKey, Listing
 from receiver.status.queue import StatusQueue
+from receiver.status.shown import needs_post
 from receiver.templates import StatusTemplates, cluster_parser
 
 log = logging.getLogger("receiver.status_service")

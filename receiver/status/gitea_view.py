@@ -17,8 +17,9 @@ from receiver.bounded import BoundedMap
 from receiver.config import Settings
 from receiver.gitea.client import CommitStatus, GiteaClient, more_pages
 from receiver.metrics import Metrics
-from receiver.status.decisions import CommitKey, Fields, Seen, latest_per_context, recall, recall_for_event
+from receiver.status.decisions import CommitKey
 from receiver.status.fleet import Report, latest_reports
+from receiver.status.shown import Fields, Seen, latest_per_context, recall, recall_for_event
 
 JobKey = tuple[str, str, str, str]  # (instance, repo key, sha, context)
 

@@ -9,7 +9,7 @@ from receiver.config import Settings
 from receiver.flux.cluster import Cluster
 from receiver.flux.objects import FluxObject, ObjectKey, consumer_source
 from receiver.giturls import normalise_aliases, normalise_host
-from receiver.status.decisions import instance_hosts, instances_for
+from receiver.status.repos import instance_hosts, instances_for
 
 
 class Locator:

@@ -20,9 +20,10 @@ from receiver.config import Settings
 from receiver.gitea.client import CreateStatusOption, GiteaClient, GiteaError
 from receiver.metrics import Metrics
 from receiver.retry import backoff_delay
-from receiver.status.decisions import DesiredStatus, Fields, needs_post, replaces_waiting
+from receiver.status.decisions import DesiredStatus, replaces_waiting
 from receiver.status.gitea_view import GiteaView, JobKey
 from receiver.status.locator import Locator
+from receiver.status.shown import Fields, needs_post
 from receiver.status.versions import GiteaVersions
 
 log = logging.getLogger("receiver.status_service")

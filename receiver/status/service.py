@@ -25,11 +25,11 @@ from receiver.flux.objects import FluxObject, ObjectKey
 from receiver.gitea.client import GiteaClient
 from receiver.gitea.payloads import Push
 from receiver.metrics import Metrics
-from receiver.status.decisions import repo_of
 from receiver.status.fleet_checks import FleetChecks
 from receiver.status.gitea_view import GiteaView
 from receiver.status.locator import Locator
 from receiver.status.queue import StatusQueue
+from receiver.status.repos import repo_of
 from receiver.status.resync import Resync
 from receiver.status.secrets import SecretReader
 from receiver.status.signals import DeliverySignals

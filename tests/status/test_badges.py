@@ -27,7 +27,7 @@ from receiver.status.badges import (
     text_width,
     token_allows,
 )
-from receiver.status.decisions import FAILURE, PENDING, SUCCESS
+from receiver.status.descriptions import FAILURE, PENDING, SUCCESS
 
 SVG = "{http://www.w3.org/2000/svg}"
 

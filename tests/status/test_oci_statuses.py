@@ -41,14 +41,12 @@ from receiver.giturls import normalise_repo_url
 from receiver.status.decisions import (
     MAPPED,
     NO_COMMIT,
-    PENDING,
-    SKIPPED,
-    SUCCESS,
     UNMAPPED,
     desired_after_timeout,
     desired_from_event,
     desired_from_object,
 )
+from receiver.status.descriptions import PENDING, SKIPPED, SUCCESS
 from receiver.status.flux_events import FluxEvent, InvolvedObject
 from receiver.templates import StatusTemplates
 from tests.conftest import (

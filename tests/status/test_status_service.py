@@ -37,7 +37,7 @@ from receiver.metrics import Metrics
 from receiver.push.routing import Plan, Target
 from receiver.signatures import hmac_hex, hook_digest
 from receiver.status.badges import mint_badge_token
-from receiver.status.decisions import describe, gitea_state
+from receiver.status.descriptions import describe, gitea_state
 from receiver.status.service import StatusService
 from receiver.web.app import status_endpoints
 from tests import gitea_payloads as gp

@@ -15,44 +15,46 @@ from hypothesis import strategies as st
 from receiver.flux.objects import FluxObject
 from receiver.giturls import normalise_host, normalise_repo_url
 from receiver.status.decisions import (
+    IGNORED,
+    MAPPED,
+    NO_COMMIT,
+    UNMAPPED,
+    DesiredStatus,
+    desired_after_timeout,
+    desired_from_event,
+    desired_from_object,
+    helm_commit,
+    pending_for_push,
+    plan_repairs,
+    resync_schedule,
+)
+from receiver.status.descriptions import (
     DESCRIPTION_LIMIT,
     ELLIPSIS,
     ERROR,
     FAILURE,
-    IGNORED,
-    MAPPED,
-    NO_COMMIT,
     PENDING,
     SKIPPED,
     STATE_TABLE,
     SUCCESS,
-    UNMAPPED,
     WARNING,
-    DesiredStatus,
-    Seen,
     comparable,
     describe,
-    desired_after_timeout,
-    desired_from_event,
-    desired_from_object,
     gitea_state,
-    helm_commit,
-    instance_hosts,
-    instances_for,
-    is_fresh,
-    latest_per_context,
-    needs_post,
-    pending_for_push,
-    plan_repairs,
     reason_words,
-    recall,
-    recall_for_event,
-    repo_ref,
-    resync_schedule,
-    same_status,
     truncate,
 )
 from receiver.status.flux_events import parse_event
+from receiver.status.repos import instance_hosts, instances_for, repo_ref
+from receiver.status.shown import (
+    Seen,
+    is_fresh,
+    latest_per_context,
+    needs_post,
+    recall,
+    recall_for_event,
+    same_status,
+)
 from receiver.templates import CONTEXT_FIELDS, TARGET_URL_FIELDS, StatusTemplates, check_template, render
 
 EVENTS = Path(__file__).parent.parent / "fixtures" / "events"
@@ -431,7 +433,7 @@ def test_inputs_are_not_mutated() -> None:
 
 
 def test_descriptions_of_repeated_build_failures_do_not_differ_by_temp_dir() -> None:
-    from receiver.status.decisions import describe
+    from receiver.status.descriptions import describe
 
     first = describe("BuildFailed", "kustomize build failed: /tmp/kustomization-3186746475/apps/x.yaml: bad")
     again = describe("BuildFailed", "kustomize build failed: /tmp/kustomization-99/apps/x.yaml: bad")

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from receiver.push.hookindex import usable_token
-from receiver.status.decisions import truncate
+from receiver.status.descriptions import truncate
 from receiver.web import ingest
 from tests.conftest import (
     FIXTURES,
