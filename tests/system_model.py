@@ -1,0 +1,807 @@
+"""A model of the whole system around a push: replicas, Receivers, the API server, Flux, Gitea.
+
+`tests/test_system_model.py` drives it with a hypothesis state machine and checks, after every
+step, what the bridge answers (`delivery_state.evaluate` and `DeliveryView.outcome`, the marks
+of `delivery_marks`, the status decisions of `statuses`) against what really happened in the
+model: which commits Flux fetched and applied, which pushes were patched, what Gitea shows.
+
+What is modelled, and the choices the code does not make for us:
+
+* One branch (`refs/heads/main`) of one repository, a GitRepository `fleet` and two
+  Kustomizations on it: `apps` (listed by the Receivers: annotated) and `infra` (tracked).
+  Every push is routed to the same three targets, as routing does for a push to `main`.
+  Commits only ever move the branch forward (no force push); a commit is pushed to the
+  bridge only once it is on the branch, so Flux may fetch it before or after any hook.
+* Two Receivers: `gitea` (Gitea's push webhook: a delivery id per request, redelivered with
+  the same id) and `actions` (a CI step's generic push with a one-time signature, valid
+  `TIMESTAMP_TOLERANCE_SECONDS` and replayable by whoever captured it). A request's mark is
+  `delivery_record.mark_for` of its identity, as ingest makes it.
+* Replicas: each has its own `SeenOnce`, its own deliveries in flight, its own queue of
+  patches and of status jobs, and its own cache (watch) of every object, which may lag the
+  API server by any number of versions; a replica's own patch's answer is adopted into its
+  cache at once (the kube backend does). A restart loses all of that and lists afresh.
+* Ingest follows `ingest.IngestService` in order: replayed one-time signature (401),
+  repeated Gitea delivery id (duplicate), a push joining this replica's delivery in flight of
+  the same (Receiver, commit, ref), the mark already on an object of the plan (refused), else
+  accepted: a record (its id made and read back by `delivery_record.encode`/`decode`), the
+  source patch asked for, `pending` on the tracked consumers (`statuses.pending_for_push`).
+* Patches follow `reconcile.PatchCoalescer._send_once`: every mark waiting for an object goes
+  in one patch (coalesced), the value is `delivery_marks.merged` of what the replica's cache
+  shows, sent conditional on its resourceVersion, read again and decided again on a 409.
+  When the window closes is not modelled: a flush may come at any step, after any number of
+  requests. The consumer grace period is 0 (a consumer is asked for as soon as its source is
+  ready in the replica's view; Flux may still start it by itself first).
+* Flux: a run of an object starts (it takes the object's `requestedAt` then, and a
+  Kustomization the source's artifact revision then) and finishes later, succeeding or
+  failing; a GitRepository fetches the branch head as it is when the run finishes. Runs start
+  whether or not they were requested (interval, new artifact), in any order. Only the final
+  status of a run is written (no intermediate Reconciling patch). Each finished
+  Kustomization run, and each fetch of a new artifact, sends an event, which reaches any
+  replica later, or never.
+* Gitea keeps the latest status per (commit, context); it may be down (a post or a listing
+  fails, the job is retried up to `statuses.max_attempts`). The status shell of each replica
+  follows `status_service` (one latest job per key, an event's job outranking a state-only
+  one; `recall`/`recall_for_event` before asking Gitea; `needs_post`), and a resync posts
+  `plan_repairs` of every consumer's `desired_from_object`.
+* Time is one clock for everything (unix seconds); steps advance it explicitly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from receiver import delivery_marks, delivery_state, statuses
+from receiver.delivery_marks import DELIVERIES_ANNOTATION, Mark
+from receiver.delivery_record import (
+    ROLE_ANNOTATE,
+    ROLE_TRACK,
+    DeliveryRecord,
+    RecordTarget,
+    decode,
+    encode,
+    mark_for,
+)
+from receiver.delivery_state import DeliveryView, Timeouts
+from receiver.events import FluxEvent, InvolvedObject
+from receiver.flux.objects import RECONCILE_ANNOTATION, SOURCE_KINDS, FluxObject, ObjectKey
+from receiver.flux.revisions import (
+    FAILED,
+    FINAL_STATES,
+    QUEUED,
+    READY,
+    SKIPPED,
+    TIMED_OUT,
+    attempted_revision,
+    commit_of,
+    progress_at,
+)
+from receiver.giturls import normalise_repo_url
+from receiver.reconcile import request_value
+from receiver.replay import SeenOnce
+from receiver.signatures import TIMESTAMP_TOLERANCE_SECONDS
+
+T0 = 1_700_000_000.0
+NS = "flux-system"
+SRC = ObjectKey("GitRepository", NS, "fleet")
+APPS = ObjectKey("Kustomization", NS, "apps")
+INFRA = ObjectKey("Kustomization", NS, "infra")
+CONSUMERS = (APPS, INFRA)
+OBJECTS = (SRC, APPS, INFRA)
+TARGETS = (RecordTarget(SRC, ROLE_ANNOTATE), RecordTarget(APPS, ROLE_ANNOTATE),
+           RecordTarget(INFRA, ROLE_TRACK))
+REF = "refs/heads/main"
+REPO_URL = "https://gitea.example.com/team/fleet.git"
+GITEA = f"{NS}/gitea"
+ACTIONS = f"{NS}/actions"
+RECEIVERS = (GITEA, ACTIONS)
+TOKENS = {GITEA: "gitea-receiver-token", ACTIONS: "actions-receiver-token"}
+
+# The service's defaults (receiver/config.py, receiver/app.py).
+TIMEOUTS = Timeouts(source_seconds=300.0, consumer_seconds=900.0)
+DEDUPE_SECONDS = 3600.0
+KEEP_MARKS_SECONDS = max(DEDUPE_SECONDS, TIMESTAMP_TOLERANCE_SECONDS * 2)
+PATCH_ATTEMPTS = 5
+REPEAT_WINDOW = 5.0
+STATUS_ATTEMPTS = 8
+TEMPLATES = statuses.StatusTemplates(cluster="eu-west")
+OUTCOMES = frozenset({"in_progress", "ready", "failed", "timed_out", "superseded"})
+
+
+class Violation(AssertionError):
+    """An invariant does not hold; the message starts with `invariant N:`."""
+
+
+# Told of every violation as it is found (before hypothesis shrinks it): the runner counts.
+on_violation: list[Callable[[str], None]] = []
+
+
+def check(condition: bool, number: int, message: str) -> None:
+    if not condition:
+        text = f"invariant {number}: {message}"
+        for listener in on_violation:
+            listener(text)
+        raise Violation(text)
+
+
+def commit(n: int) -> str:
+    return hashlib.sha1(f"commit {n}".encode()).hexdigest()  # noqa: S324 - a Git object name
+
+
+def revision(sha: str) -> str:
+    return f"main@sha1:{sha}"
+
+
+def normalise(url: str) -> str | None:
+    return normalise_repo_url(url)
+
+
+def requested_at(now: float) -> str:
+    return request_value(datetime.fromtimestamp(now, UTC))
+
+
+# -- the API server ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Run:
+    """One Flux run of an object: when it started, the request it took, what it ran."""
+
+    key: ObjectKey
+    started: float
+    token: str | None
+    revision: str = ""  # a Kustomization: the source artifact it applies
+
+
+@dataclass(frozen=True)
+class Written:
+    """Ground truth about one object version: the Flux run whose result its status shows."""
+
+    run: Run | None
+    sha: str  # the commit that run fetched / attempted
+
+
+class Conflict(Exception):
+    pass
+
+
+class ApiServer:
+    def __init__(self, initial: str) -> None:
+        self._rv = 0
+        self.versions: dict[ObjectKey, list[FluxObject]] = {}
+        self.written: dict[int, Written] = {}
+        for key in OBJECTS:
+            self._store(key, _initial_raw(key, initial), Written(None, initial))
+
+    def _store(self, key: ObjectKey, raw: dict[str, Any], written: Written) -> FluxObject:
+        self._rv += 1
+        raw["metadata"]["resourceVersion"] = str(self._rv)
+        obj = FluxObject(raw)
+        self.versions.setdefault(key, []).append(obj)
+        self.written[id(obj)] = written
+        return obj
+
+    def latest(self, key: ObjectKey) -> FluxObject:
+        return self.versions[key][-1]
+
+    def index(self, key: ObjectKey) -> int:
+        return len(self.versions[key]) - 1
+
+    def truth(self, obj: FluxObject) -> Written:
+        return self.written[id(obj)]
+
+    def patch(self, key: ObjectKey, annotations: dict[str, str], resource_version: str) -> FluxObject:
+        """A JSON merge patch of annotations, conditional on the resourceVersion (409)."""
+        current = self.latest(key)
+        if current.resource_version != resource_version:
+            raise Conflict(str(key))
+        raw = _copy(current.raw)
+        raw["metadata"]["annotations"] = {**current.annotations, **annotations}
+        return self._store(key, raw, self.truth(current))
+
+    def write_status(self, key: ObjectKey, status: dict[str, Any], written: Written) -> FluxObject:
+        raw = _copy(self.latest(key).raw)
+        raw["status"] = status
+        return self._store(key, raw, written)
+
+
+def _copy(raw: Any) -> dict[str, Any]:
+    return {k: ({**v, "annotations": dict(v.get("annotations", {}))} if k == "metadata" else v)
+            for k, v in raw.items()}
+
+
+def _ready_condition(status: str, reason: str, message: str) -> list[dict[str, str]]:
+    return [{"type": "Ready", "status": status, "reason": reason, "message": message}]
+
+
+def _initial_raw(key: ObjectKey, sha: str) -> dict[str, Any]:
+    rev = revision(sha)
+    if key.kind == "GitRepository":
+        spec: dict[str, Any] = {"url": REPO_URL, "ref": {"branch": "main"}, "interval": "1m"}
+        status: dict[str, Any] = {"observedGeneration": 1, "artifact": {"revision": rev},
+                                  "conditions": _ready_condition("True", "Succeeded", "")}
+    else:
+        spec = {"sourceRef": {"kind": "GitRepository", "name": SRC.name},
+                "path": f"./{key.name}", "interval": "10m", "prune": True}
+        status = {"observedGeneration": 1, "lastAppliedRevision": rev,
+                  "lastAttemptedRevision": rev,
+                  "conditions": _ready_condition("True", "ReconciliationSucceeded",
+                                                 f"Applied revision: {rev}")}
+    api = "source.toolkit.fluxcd.io/v1" if key.kind in SOURCE_KINDS else "kustomize.toolkit.fluxcd.io/v1"
+    return {"apiVersion": api, "kind": key.kind,
+            "metadata": {"name": key.name, "namespace": key.namespace, "generation": 1,
+                         "annotations": {}},
+            "spec": spec, "status": status}
+
+
+# -- Gitea ------------------------------------------------------------------------------------
+
+
+class GiteaDown(Exception):
+    pass
+
+
+class Gitea:
+    def __init__(self) -> None:
+        self.shown: dict[tuple[str, str], statuses.Fields] = {}
+        self.down = False
+        self.posts = 0
+
+    def listing(self, sha: str) -> dict[str, statuses.Fields]:
+        if self.down:
+            raise GiteaDown("503")
+        return {ctx: fields for (s, ctx), fields in self.shown.items() if s == sha}
+
+    def post(self, status: statuses.DesiredStatus) -> None:
+        if self.down:
+            raise GiteaDown("503")
+        self.posts += 1
+        self.shown[(status.sha, status.context)] = status.fields
+
+
+# -- a replica ---------------------------------------------------------------------------------
+
+StatusKey = tuple[str, str]  # (commit, context): one instance, one repository
+
+
+@dataclass
+class Job:
+    status: statuses.DesiredStatus
+    state_only: bool
+    enqueued: float
+    origin: str = ""
+    attempts: int = 0
+
+
+@dataclass
+class Followed:
+    """A delivery this replica accepted and acts on (reconcile.Reconciler)."""
+
+    id: str
+    record: DeliveryRecord
+    local: dict[ObjectKey, tuple[str, str, str]] = field(default_factory=dict)
+    requested: set[ObjectKey] = field(default_factory=set)
+    states: dict[ObjectKey, str] = field(default_factory=dict)
+
+
+class Replica:
+    def __init__(self, name: str, api: ApiServer, generation: int = 0) -> None:
+        self.name = name
+        self.generation = generation  # how many times it restarted
+        self.api = api
+        self.seen = SeenOnce()
+        self.view_at = {key: api.index(key) for key in OBJECTS}
+        self.following: dict[str, Followed] = {}
+        self.in_flight: dict[tuple[str, str, str], str] = {}
+        self.outbox: dict[ObjectKey, dict[str, Mark]] = {}
+        self.jobs: dict[StatusKey, Job] = {}
+        self.status_seen: dict[StatusKey, statuses.Seen] = {}
+        self.listed: dict[str, float] = {}
+
+    def get(self, key: ObjectKey) -> FluxObject | None:
+        return self.api.versions[key][self.view_at[key]]
+
+    def adopt(self, obj: FluxObject) -> None:
+        index = self.api.versions[obj.key].index(obj)
+        self.view_at[obj.key] = max(self.view_at[obj.key], index)
+
+    # -- status shell (status_service) ------------------------------------------------------
+
+    def enqueue(self, wanted: list[statuses.DesiredStatus], now: float, *, state_only: bool,
+                origin: str = "") -> None:
+        for status in wanted:
+            key = (status.sha, status.context)
+            job = Job(status, state_only, now, origin)
+            current = self.jobs.get(key)
+            if current is not None:
+                if state_only and not current.state_only:
+                    continue  # an event's exact wording outranks a repair
+                job.attempts = current.attempts
+            self.jobs[key] = job
+
+    def recall_job(self, key: StatusKey, job: Job, now: float) -> tuple[bool, statuses.Fields | None]:
+        seen, listed = self.status_seen.get(key), self.listed.get(key[0])
+        if not job.origin:
+            return statuses.recall(seen, listed, now, REPEAT_WINDOW)
+        return statuses.recall_for_event(seen, listed, now, REPEAT_WINDOW, job.origin, job.enqueued)
+
+    def observe(self, key: StatusKey, fields: statuses.Fields, at: float, origin: str = "") -> None:
+        current = self.status_seen.get(key)
+        if current is not None and current.at > at:
+            return
+        self.status_seen[key] = statuses.Seen(fields, at, origin)
+
+    def read_commit(self, gitea: Gitea, sha: str, now: float) -> dict[str, statuses.Fields]:
+        shown = gitea.listing(sha)
+        for context, fields in shown.items():
+            self.observe((sha, context), fields, now)
+        self.listed[sha] = now
+        return shown
+
+    def work(self, key: StatusKey, gitea: Gitea, now: float) -> None:
+        """`status_service._deliver` for one job."""
+        job = self.jobs.pop(key)
+        status = job.status
+        try:
+            known, shown = self.recall_job(key, job, now)
+            if not known:
+                shown = self.read_commit(gitea, status.sha, now).get(status.context)
+                known = True
+            if known and not statuses.needs_post(shown, status.fields, state_only=job.state_only):
+                return
+            gitea.post(status)
+        except GiteaDown:
+            job.attempts += 1
+            if job.attempts < STATUS_ATTEMPTS:
+                self.jobs.setdefault(key, job)
+            return
+        self.observe(key, status.fields, now, job.origin)
+
+
+# -- the system ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Request:
+    """One push request as sent; a replay or redelivery sends the same one again."""
+
+    number: int
+    receiver: str
+    sha: str
+    sent: float
+    mark: str
+    until: float
+    one_time: bool  # a one-time signature (a repeat is 401), else a Gitea delivery id
+
+
+@dataclass(frozen=True)
+class Accepted:
+    id: str
+    record: DeliveryRecord
+    request: Request
+    replica: str
+
+
+class System:
+    def __init__(self, replicas: int = 3) -> None:
+        self.now = T0
+        self.branch = [commit(0)]
+        self.api = ApiServer(self.branch[0])
+        self.replicas = [Replica(f"r{i}", self.api) for i in range(replicas)]
+        self.restarts = 0
+        self.gitea = Gitea()
+        self.requests: list[Request] = []
+        self.accepted: list[Accepted] = []
+        self.by_mark: dict[str, Accepted] = {}
+        # Requests refused because their mark was on the objects (anywhere after that), or
+        # by a replica's memory (that replica, until it restarts).
+        self.refused_by_cluster: set[int] = set()
+        self.refused_by_memory: set[tuple[int, str, int]] = set()
+        self.patched: dict[tuple[ObjectKey, str], int] = defaultdict(int)
+        self.patch_failures = 0
+        self.runs: dict[ObjectKey, Run] = {}
+        self.fetched: set[str] = {self.branch[0]}
+        self.applied: dict[ObjectKey, set[str]] = {k: {self.branch[0]} for k in CONSUMERS}
+        self.events: list[tuple[str, FluxEvent]] = []
+        self.last_event: dict[ObjectKey, FluxEvent] = {}
+        self._event_number = 0
+        self._views: dict[tuple[Any, ...], DeliveryView] = {}
+
+    # -- time and Git ----------------------------------------------------------------------
+
+    def advance(self, seconds: float) -> None:
+        self.now = round(self.now + seconds, 3)
+
+    def new_commit(self) -> str:
+        self.branch.append(commit(len(self.branch)))
+        return self.branch[-1]
+
+    def order(self, sha: str) -> int:
+        return self.branch.index(sha)
+
+    # -- pushes (ingest) ---------------------------------------------------------------------
+
+    def request(self, receiver: str, sha: str) -> Request:
+        number = len(self.requests)
+        if receiver == ACTIONS:
+            stamp = int(self.now)
+            key = f"{stamp}:{hashlib.sha256(f'{number}'.encode()).hexdigest()}"
+            req = Request(number, receiver, sha, self.now, mark_for(receiver, "sig:" + key),
+                          stamp + TIMESTAMP_TOLERANCE_SECONDS + 1, one_time=True)
+        else:
+            req = Request(number, receiver, sha, self.now,
+                          mark_for(receiver, f"gitea:delivery-{number}"),
+                          self.now + DEDUPE_SECONDS, one_time=False)
+        self.requests.append(req)
+        return req
+
+    def send(self, replica: Replica, req: Request) -> str:
+        """What one replica answers a request (accepted, joined, replayed, duplicate, stale),
+        and invariant 4 on it: a request refused within its window stays refused."""
+        answer = self._ingest(replica, req)
+        if answer == "accepted" and self.now <= req.until:
+            check(req.number not in self.refused_by_cluster, 4,
+                  f"request {req.number} ({req.receiver}, mark {req.mark}) was refused by the "
+                  f"mark on the objects before and is accepted now on {replica.name}")
+            check((req.number, replica.name, replica.generation) not in self.refused_by_memory, 4,
+                  f"request {req.number} was refused by {replica.name} before and is accepted "
+                  "by it now")
+        return answer
+
+    def _ingest(self, replica: Replica, req: Request) -> str:
+        now = self.now
+        if req.one_time and abs(now - int(req.sent)) > TIMESTAMP_TOLERANCE_SECONDS:
+            return "stale"
+        memory = (req.number, replica.name, replica.generation)
+        if req.mark in replica.seen:
+            self.refused_by_memory.add(memory)
+            return "replayed" if req.one_time else "duplicate"
+        joined = replica.in_flight.get((req.receiver, req.sha, REF))
+        if joined is not None:
+            replica.seen.remember(req.mark, req.until, now)
+            return "joined"
+        in_cluster = any(delivery_marks.has(obj.annotations, req.mark)
+                         for t in TARGETS if (obj := replica.get(t.key)) is not None)
+        if req.mark in replica.seen or in_cluster:
+            replica.seen.remember(req.mark, req.until, now)
+            if in_cluster:
+                self.refused_by_cluster.add(req.number)
+            else:
+                self.refused_by_memory.add(memory)
+            return "replayed" if req.one_time else "duplicate"
+        replica.seen.remember(req.mark, req.until, now)
+        record = DeliveryRecord(req.receiver, req.sha, REF, round(now, 3), req.mark, TARGETS)
+        delivery_id, record = encode(record, TOKENS[req.receiver])
+        accepted = Accepted(delivery_id, record, req, replica.name)
+        self.accepted.append(accepted)
+        self.by_mark[req.mark] = accepted
+        replica.following[delivery_id] = Followed(delivery_id, record)
+        replica.in_flight[(req.receiver, req.sha, REF)] = delivery_id
+        replica.following[delivery_id].requested.add(SRC)
+        replica.outbox.setdefault(SRC, {})[req.mark] = Mark(req.mark, record.received)
+        self._pending_for_push(replica, record)
+        return "accepted"
+
+    def _pending_for_push(self, replica: Replica, record: DeliveryRecord) -> None:
+        wanted = []
+        source = replica.get(SRC)
+        for key in CONSUMERS:
+            obj = replica.get(key)
+            if obj is None or progress_at(obj, record.sha).state == READY:
+                continue
+            desired = statuses.pending_for_push(obj, source, record.sha, TEMPLATES, normalise)
+            if desired is not None:
+                wanted.append(desired)
+        replica.enqueue(wanted, self.now, state_only=False)
+
+    # -- patches (reconcile.PatchCoalescer._send_once) -----------------------------------------
+
+    def flush(self, replica: Replica, key: ObjectKey) -> list[str]:
+        """Send every mark waiting for `key` in one patch; returns the marks written."""
+        marks = list(replica.outbox.pop(key, {}).values())
+        if not marks:
+            return []
+        obj = replica.get(key)
+        assert obj is not None
+        for _attempt in range(PATCH_ATTEMPTS):
+            missing = [m for m in marks if not delivery_marks.has(obj.annotations, m.mark)]
+            if not missing:
+                return []
+            try:
+                value = delivery_marks.merged(obj.annotations, missing, self.now, KEEP_MARKS_SECONDS)
+                written = self.api.patch(key, {RECONCILE_ANNOTATION: requested_at(self.now),
+                                              DELIVERIES_ANNOTATION: value}, obj.resource_version)
+            except Conflict:
+                obj = self.api.latest(key)
+                continue
+            except ValueError as exc:  # the annotation's bound refused the patch
+                self._patch_failed(replica, key, marks, str(exc))
+                return []
+            replica.adopt(written)
+            for m in missing:
+                self.patched[(key, m.mark)] += 1
+                req = self.by_mark[m.mark].request
+                check(self.patched[(key, m.mark)] == 1 or self.now > req.until, 4,
+                      f"{key} patched {self.patched[(key, m.mark)]} times for push {m.mark} "
+                      f"(request {req.number}, {req.receiver}) within its window")
+            return [m.mark for m in missing]
+        self._patch_failed(replica, key, marks, "conflicts")
+        return []
+
+    def _patch_failed(self, replica: Replica, key: ObjectKey, marks: list[Mark], error: str) -> None:
+        self.patch_failures += 1
+        wanted = {m.mark for m in marks}
+        for followed in replica.following.values():
+            if followed.record.mark in wanted:
+                followed.local[key] = (FAILED, "AnnotateFailed", error)
+
+    # -- following deliveries (reconcile.Reconciler._evaluate) ---------------------------------
+
+    def reconcile(self, replica: Replica) -> None:
+        for followed in list(replica.following.values()):
+            record = followed.record
+            view = delivery_state.evaluate(record, replica.get, self.now, TIMEOUTS, followed.local)
+            src_view = view.get(SRC)
+            for target in view.targets:
+                if (target.role == ROLE_ANNOTATE and target.state == QUEUED
+                        and not target.is_source and target.key not in followed.requested
+                        and src_view is not None and src_view.state == READY):
+                    followed.requested.add(target.key)
+                    replica.outbox.setdefault(target.key, {})[record.mark] = Mark(
+                        record.mark, record.received)
+            for target in view.targets:
+                before = followed.states.get(target.key)
+                if before == target.state or before in FINAL_STATES:
+                    continue
+                self._on_target_changed(replica, record, target.key, target.state)
+            followed.states = {t.key: t.state for t in view.targets}
+            if view.final:
+                del replica.following[followed.id]
+                push = (record.receiver, record.sha, record.ref)
+                if replica.in_flight.get(push) == followed.id:
+                    del replica.in_flight[push]
+
+    def _on_target_changed(self, replica: Replica, record: DeliveryRecord, key: ObjectKey,
+                           state: str) -> None:
+        if key not in CONSUMERS or state not in (READY, FAILED, TIMED_OUT):
+            return
+        obj, source = replica.get(key), replica.get(SRC)
+        assert obj is not None
+        if state == TIMED_OUT:
+            desired = statuses.desired_after_timeout(obj, source, record.sha, TEMPLATES, normalise)
+        else:
+            desired = statuses.desired_from_object(obj, source, TEMPLATES, normalise)
+        if desired is not None and desired.sha == record.sha:
+            replica.enqueue([desired], self.now, state_only=True)
+
+    # -- Flux --------------------------------------------------------------------------------
+
+    def flux_start(self, key: ObjectKey) -> bool:
+        if key in self.runs:
+            return False
+        latest = self.api.latest(key)
+        rev = ""
+        if key in CONSUMERS:
+            artifact = self.api.latest(SRC).status.get("artifact") or {}
+            rev = str(artifact.get("revision", ""))
+        self.runs[key] = Run(key, self.now, latest.annotations.get(RECONCILE_ANNOTATION), rev)
+        return True
+
+    def flux_finish(self, key: ObjectKey, ok: bool) -> bool:
+        run = self.runs.pop(key, None)
+        if run is None:
+            return False
+        status = dict(self.api.latest(key).status)
+        status["observedGeneration"] = 1
+        if run.token is not None:
+            status["lastHandledReconcileAt"] = run.token
+        if key == SRC:
+            sha = self.branch[-1]
+            old = str((status.get("artifact") or {}).get("revision", ""))
+            if ok:
+                status["artifact"] = {"revision": revision(sha)}
+                status["conditions"] = _ready_condition(
+                    "True", "Succeeded", f"stored artifact for revision '{revision(sha)}'")
+                self.fetched.add(sha)
+                if old != revision(sha):
+                    self._event(key, "info", "NewArtifact",
+                                f"stored artifact for commit '{sha[:7]}'", revision(sha))
+                self.api.write_status(key, status, Written(run, sha))
+            else:
+                # The artifact stays what an earlier run fetched: this run went nowhere.
+                status["conditions"] = _ready_condition(
+                    "False", "GitOperationFailed", "failed to checkout and determine revision")
+                self.api.write_status(key, status, self.api.truth(self.api.latest(key)))
+            return True
+        sha = commit_of(run.revision) or ""
+        status["lastAttemptedRevision"] = run.revision
+        if ok:
+            status["lastAppliedRevision"] = run.revision
+            status["conditions"] = _ready_condition(
+                "True", "ReconciliationSucceeded", f"Applied revision: {run.revision}")
+            self.applied[key].add(sha)
+            self._event(key, "info", "ReconciliationSucceeded",
+                        "Reconciliation finished in 1.2s, next run in 10m0s", run.revision)
+        else:
+            status["conditions"] = _ready_condition(
+                "False", "BuildFailed", "kustomize build failed: accumulating resources")
+            self._event(key, "error", "BuildFailed",
+                        "kustomize build failed: accumulating resources", run.revision)
+        self.api.write_status(key, status, Written(run, sha))
+        return True
+
+    def _event(self, key: ObjectKey, severity: str, reason: str, message: str, rev: str) -> None:
+        self._event_number += 1
+        api = "source.toolkit.fluxcd.io/v1" if key in SOURCE_KINDS else "kustomize.toolkit.fluxcd.io/v1"
+        event = FluxEvent(InvolvedObject(key.kind, key.namespace, key.name, api), severity, reason,
+                          message, metadata={"revision": rev})
+        self.events.append((f"event-{self._event_number}", event))
+        self.last_event[key] = event
+
+    def deliver_event(self, replica: Replica, index: int) -> None:
+        origin, event = self.events.pop(index)
+        inv = event.involved
+        obj = replica.get(ObjectKey(inv.kind, inv.namespace, inv.name))
+        mapping = statuses.desired_from_event(event, obj, replica.get(SRC), TEMPLATES, normalise)
+        if mapping.status is not None:
+            replica.enqueue([mapping.status], self.now, state_only=False, origin=origin)
+
+    # -- resync ----------------------------------------------------------------------------------
+
+    def resync(self, replica: Replica) -> None:
+        by_commit: dict[str, list[statuses.DesiredStatus]] = defaultdict(list)
+        source = replica.get(SRC)
+        for key in CONSUMERS:
+            obj = replica.get(key)
+            desired = statuses.desired_from_object(obj, source, TEMPLATES, normalise) if obj else None
+            if desired is not None:
+                by_commit[desired.sha].append(desired)
+        for sha, wanted in sorted(by_commit.items()):
+            try:
+                shown = replica.read_commit(self.gitea, sha, self.now)
+            except GiteaDown:
+                return
+            replica.enqueue(statuses.plan_repairs(wanted, shown), self.now, state_only=True)
+
+    # -- replicas ---------------------------------------------------------------------------------
+
+    def restart(self, index: int) -> None:
+        old = self.replicas[index]
+        self.replicas[index] = Replica(old.name, self.api, old.generation + 1)
+        self.restarts += 1
+
+    def catch_up(self, replica: Replica, key: ObjectKey, whole: bool) -> None:
+        latest = self.api.index(key)
+        replica.view_at[key] = latest if whole else min(latest, replica.view_at[key] + 1)
+
+    # -- what any replica answers ------------------------------------------------------------
+
+    def views(self, accepted: Accepted) -> list[tuple[str, Any, Any]]:
+        """(where, lookup, local) for every cache a GET may be answered from: each replica's
+        (with its local outcomes if it follows the delivery) and a fresh one (the API server)."""
+        out: list[tuple[str, Any, Any]] = [("api", self.api.latest, None)]
+        for replica in self.replicas:
+            followed = replica.following.get(accepted.id)
+            out.append((replica.name, replica.get, followed.local if followed else None))
+        return out
+
+    def evaluate(self, record: DeliveryRecord, lookup: Any, local: Any) -> DeliveryView:
+        objs = tuple(lookup(t.key) for t in record.targets)
+        age = self.now - record.received
+        key = (record, objs, age > TIMEOUTS.source_seconds, age > TIMEOUTS.consumer_seconds,
+               tuple(sorted(local.items())) if local else ())
+        view = self._views.get(key)
+        if view is None:
+            view = self._views[key] = delivery_state.evaluate(record, lookup, self.now, TIMEOUTS,
+                                                              local)
+        return view
+
+    def outcomes(self, where: str = "api") -> dict[str, str]:
+        out = {}
+        for acc in self.accepted:
+            for name, lookup, local in self.views(acc):
+                if name == where:
+                    out[acc.id] = self.evaluate(acc.record, lookup, local).outcome()
+        return out
+
+    # -- invariants --------------------------------------------------------------------------
+
+    def superseded_by(self, record: DeliveryRecord, obj: FluxObject | None,
+                      source: FluxObject | None) -> str | None:
+        """Ground truth: the newer commit Flux really went to instead of ours on this object
+        (or, for a consumer that has not attempted ours, on its source) in a run begun after
+        the push was received; None if it did not."""
+        if obj is None:
+            return None
+        newer = self._went_past(record, obj)
+        if (newer is None and obj.key in CONSUMERS and source is not None
+                and commit_of(attempted_revision(obj)) != record.sha):
+            newer = self._went_past(record, source)
+        return newer
+
+    def _went_past(self, record: DeliveryRecord, obj: FluxObject) -> str | None:
+        truth = self.api.truth(obj)
+        if truth.run is None or truth.run.started < record.received - 0.001:
+            return None
+        if truth.sha not in self.branch or self.order(truth.sha) <= self.order(record.sha):
+            return None
+        return truth.sha
+
+    def check_delivery(self, acc: Accepted) -> None:
+        record = decode(acc.id, TOKENS[acc.record.receiver])
+        check(record == acc.record, 3, f"delivery {acc.record.mark} no longer reads from its id")
+        assert record is not None
+        for where, lookup, local in self.views(acc):
+            view = self.evaluate(record, lookup, local)
+            outcome = view.outcome()
+            self.check_outcome(record, view, outcome, lookup, where)
+
+    def check_outcome(self, record: DeliveryRecord, view: DeliveryView, outcome: str,
+                      lookup: Any, where: str) -> None:
+        who = f"delivery {record.mark} of {record.sha[:7]} (by {record.receiver}) on {where}"
+        check(outcome in OUTCOMES, 3, f"{who}: unknown outcome {outcome!r}")
+        if outcome == "in_progress":
+            age = self.now - record.received
+            check(any(not t.final for t in view.targets), 3, f"{who}: in progress with nothing left")
+            check(age <= max(TIMEOUTS.source_seconds, TIMEOUTS.consumer_seconds), 3,
+                  f"{who}: still in progress {age:g}s after it was received, past every time-out")
+        if outcome == "ready":
+            for t in view.targets:
+                done = (record.sha in self.fetched if t.key == SRC
+                        else record.sha in self.applied[t.key])
+                check(done, 1, f"{who} is ready but Flux never "
+                      f"{'fetched' if t.key == SRC else 'applied'} it on {t.key} "
+                      f"(target {t.state}/{t.reason})")
+        for t in view.targets:
+            if t.state == SKIPPED and t.reason == "Superseded":
+                newer = self.superseded_by(record, lookup(t.key), lookup(SRC))
+                check(newer is not None, 1,
+                      f"{who}: {t.key} skipped as superseded, but Flux has not gone to a newer "
+                      f"commit there since the push ({t.message!r})")
+                assert newer is not None
+                check(newer[:7] in t.message, 1,
+                      f"{who}: {t.key} superseded without naming {newer[:7]} ({t.message!r})")
+
+    def check_all(self) -> None:
+        for acc in self.accepted:
+            self.check_delivery(acc)
+
+    def check_statuses_converged(self) -> None:
+        """After a settle: Gitea shows, for each consumer's current commit, what Flux last said."""
+        source = self.api.latest(SRC)
+        for key in CONSUMERS:
+            desired = statuses.desired_from_object(self.api.latest(key), source, TEMPLATES, normalise)
+            if desired is None:
+                continue
+            shown = self.gitea.shown.get((desired.sha, desired.context))
+            check(shown is not None and shown[0] == desired.state, 5,
+                  f"{key}: Gitea shows {shown} for {desired.sha[:7]}, Flux's state is "
+                  f"{desired.state} ({desired.description})")
+            event = self.last_event.get(key)
+            if event is not None:
+                said = statuses.gitea_state(event.reason, event.severity)
+                check(event.commit == desired.sha and said == desired.state, 5,
+                      f"{key}: Flux last reported {said} at {event.commit}, its status reads "
+                      f"{desired.state} at {desired.sha}")
+
+    def settle(self) -> None:
+        """Gitea back, every event delivered, caches caught up, queues drained, one resync."""
+        self.gitea.down = False
+        for index in range(len(self.events)):
+            self.deliver_event(self.replicas[index % len(self.replicas)], 0)
+        for replica in self.replicas:
+            for key in OBJECTS:
+                self.catch_up(replica, key, whole=True)
+            self.reconcile(replica)
+        self.drain()
+        self.resync(self.replicas[0])
+        self.drain()
+
+    def drain(self) -> None:
+        for replica in self.replicas:
+            while replica.jobs:
+                replica.work(next(iter(sorted(replica.jobs))), self.gitea, self.now)
