@@ -34,8 +34,12 @@ from receiver.flux.revisions import (
     RECONCILING,
     SKIPPED,
     TIMED_OUT,
+    applied_revision,
+    at_rest,
     attempted_revision,
+    commit_of,
     followable,
+    names_commit,
     progress_at,
     same_commit,
 )
@@ -51,6 +55,13 @@ from receiver.origin import (
 
 Lookup = Callable[[ObjectKey], FluxObject | None]
 
+# A delivery's verdicts. Only `ready` means "deployed"; `superseded` is final but is not
+# success: Flux went to a later commit and never reported ours.
+IN_PROGRESS = "in_progress"
+SUPERSEDED_OUTCOME = "superseded"
+OUTCOMES = (IN_PROGRESS, READY, FAILED, TIMED_OUT, SUPERSEDED_OUTCOME)
+SUPERSEDED = "Superseded"  # the reason of a skipped target taken to a later commit
+
 
 @dataclass(frozen=True, slots=True)
 class Timeouts:
@@ -65,6 +76,7 @@ class TargetView:
     state: str
     reason: str = ""
     message: str = ""
+    commit: str = ""  # for a superseded target: the commit Flux took it to instead
 
     @property
     def is_source(self) -> bool:
@@ -81,6 +93,8 @@ class TargetView:
             out = {"apiVersion": api_version, **out}
         if self.reason or self.message:
             out["detail"] = {"reason": self.reason, "message": self.message}
+        if self.commit:
+            out["supersededBy"] = self.commit
         return out
 
 
@@ -98,13 +112,30 @@ class DeliveryView:
         return self.final or any(t.state == FAILED for t in self.targets)
 
     def outcome(self) -> str:
-        """failed as soon as any target failed (a CI job can stop there); else the final word."""
+        """The delivery's verdict, the one a CI gate reads (`OUTCOMES`).
+
+        `failed` as soon as any target failed (a CI job can stop there); `in_progress` until
+        every target is final; then `timed_out` if any timed out, `superseded` if any was
+        taken to a later commit instead of ours, and `ready` only when every target it
+        followed is Ready at the pushed commit. A skipped target is never counted as ready.
+        """
         states = {t.state for t in self.targets}
         if FAILED in states:
-            return "failed"
+            return FAILED
         if not self.final:
-            return "in_progress"
-        return "timed_out" if TIMED_OUT in states else "ready"
+            return IN_PROGRESS
+        if TIMED_OUT in states:
+            return TIMED_OUT
+        if any(t.state == SKIPPED and t.reason == SUPERSEDED for t in self.targets):
+            return SUPERSEDED_OUTCOME
+        return READY
+
+    def superseded_by(self) -> str:
+        """The commit Flux took a superseded target to instead of ours ("" if none was)."""
+        for target in self.targets:
+            if target.state == SKIPPED and target.reason == SUPERSEDED:
+                return target.commit
+        return ""
 
     def get(self, key: ObjectKey) -> TargetView | None:
         for target in self.targets:
@@ -154,8 +185,9 @@ def _source(record: DeliveryRecord, obj: FluxObject, view: Callable[..., TargetV
         return view(*done)
     if marked and record.sha and not followable(obj):
         return view(SKIPPED, "NotFollowed", "annotated; its status will never name the commit")
-    if record.sha and _superseded(record, obj):
-        return view(SKIPPED, "Superseded", "a later push was annotated before this commit arrived")
+    later = superseded_by(record, obj) if record.sha else None
+    if later is not None:
+        return _superseded_view(record, view, later)
     if age > timeouts.source_seconds:
         return view(TIMED_OUT, "SourceTimeout", f"no pushed commit after {timeouts.source_seconds:g}s")
     return _waiting(record, obj, view, marked)
@@ -190,10 +222,13 @@ def _consumer(record: DeliveryRecord, obj: FluxObject, role: str, view: Callable
         return view(*done)
     if marked and record.sha and not followable(obj):
         return view(SKIPPED, "NotFollowed", "annotated; its status will never name the commit")
-    if record.sha and (_superseded(record, obj) or (
-            source is not None and _superseded(record, source)
-            and not same_commit(attempted_revision(obj), record.sha))):
-        return view(SKIPPED, "Superseded", "a later push was annotated before this commit applied")
+    later = superseded_by(record, obj) if record.sha else None
+    if later is None and record.sha and source is not None \
+            and not names_commit(obj, attempted_revision(obj), record.sha):
+        # Its source went to a later commit: ours will never reach it.
+        later = superseded_by(record, source)
+    if later is not None:
+        return _superseded_view(record, view, later)
     if age > timeouts.consumer_seconds:
         return view(TIMED_OUT, "Timeout", f"not ready after {timeouts.consumer_seconds:g}s")
     if role != ROLE_ANNOTATE:
@@ -287,10 +322,35 @@ def _waiting(record: DeliveryRecord, obj: FluxObject, view: Callable[..., Target
     return view(ANNOTATED)
 
 
-def _superseded(record: DeliveryRecord, obj: FluxObject) -> bool:
-    """Another push was annotated on it after ours and it has moved to another commit."""
-    return (delivery_marks.newer_than(obj.annotations, record.received, record.mark)
-            and not same_commit(attempted_revision(obj), record.sha))
+def superseded_by(record: DeliveryRecord, obj: FluxObject) -> str | None:
+    """The later commit Flux took this object to instead of ours, or None if it has not.
+
+    All three must hold. Another delivery annotated the object after ours (someone asked for
+    a later state). The controller has handled a reconcile request made since ours was
+    received and is at rest (Ready at its generation): whatever it fetched or applied then,
+    it did after our commit was in Gitea, so it did not stop at ours. And what it holds is
+    another commit.
+
+    "The object has not moved yet" is never superseded: a repeat of the same commit through
+    another Receiver, or a bare request, only joins the work in flight.
+    """
+    if not delivery_marks.newer_than(obj.annotations, record.received, record.mark):
+        return None
+    if not handled_since(obj, record.received) or not at_rest(obj):
+        return None
+    holds = applied_revision(obj)
+    if not holds or names_commit(obj, holds, record.sha):
+        return None
+    return commit_of(holds) or holds
+
+
+def _superseded_view(record: DeliveryRecord, view: Callable[..., TargetView],
+                     later: str) -> TargetView:
+    target = view(SKIPPED, SUPERSEDED,
+                  f"Flux went to {later[:12]} after a later push; {record.sha[:12]} was never "
+                  "reported here")
+    return TargetView(target.key, target.role, target.state, target.reason, target.message,
+                      commit=later)
 
 
 def handled_since(obj: FluxObject, since: float) -> bool:

@@ -50,12 +50,13 @@ from starlette.responses import JSONResponse, Response
 from receiver import badges
 from receiver.config import ConfigError, SecretSource, Settings, read_secret_file
 from receiver.deliveries import Delivery
-from receiver.delivery_state import package_commit
+from receiver.delivery_state import SUPERSEDED, package_commit
 from receiver.events import EventError, FluxEvent, parse_event
 from receiver.fleet import Report, aggregate, cluster_parser, latest_reports
 from receiver.flux.cluster import Cluster
 from receiver.flux.objects import CONSUMER_KINDS, FluxObject, ObjectKey, consumer_source
 from receiver.flux.revisions import FAILED, FINAL_STATES, READY, TIMED_OUT, progress_at
+from receiver.flux.revisions import SKIPPED as SKIPPED_STATE
 from receiver.gitea.client import (
     CommitStatus,
     CreateStatusOption,
@@ -296,6 +297,13 @@ class StatusService:
         """
         if key.kind not in CONSUMER_KINDS or not self._accepting or not self._settings.gitea:
             return
+        if delivery.sha and state == SKIPPED_STATE:
+            target = delivery.view.get(key)
+            if target is None or target.reason != SUPERSEDED:
+                return
+            # Flux went past this commit: end its pending as a push Flux never deployed
+            # (`skipped`, naming the commit it deployed instead), never leave it pending.
+            state = TIMED_OUT
         if delivery.sha and state not in (READY, FAILED, TIMED_OUT):
             return  # its pending went out when the push was routed
         obj, source = self._object_and_source(key)
