@@ -26,8 +26,9 @@ What is modelled, and the choices the code does not make for us:
   accepted: a record (its id made and read back by `delivery_record.encode`/`decode`), the
   source patch asked for, `pending` on the tracked consumers (`statuses.pending_for_push`).
 * Patches follow `reconcile.PatchCoalescer._send_once`: every mark waiting for an object goes
-  in one patch (coalesced), the value is `delivery_marks.merged` of what the replica's cache
-  shows, sent conditional on its resourceVersion, read again and decided again on a 409.
+  in one patch (coalesced), the value is `delivery_marks.merge` of what the replica's cache
+  shows, sent conditional on its resourceVersion, read again and decided again on a 409; a
+  mark the merge refuses fails its delivery on that replica (`TooManyMarks`).
   When the window closes is not modelled: a flush may come at any step, after any number of
   requests. The consumer grace period is 0 (a consumer is asked for as soon as its source is
   ready in the replica's view; Flux may still start it by itself first).
@@ -56,17 +57,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 from receiver import delivery_marks, delivery_state, statuses
-from receiver.delivery_marks import DELIVERIES_ANNOTATION, Mark
-from receiver.delivery_record import (
-    ROLE_ANNOTATE,
-    ROLE_TRACK,
-    DeliveryRecord,
-    RecordTarget,
-    decode,
-    encode,
-    mark_for,
-)
-from receiver.delivery_state import DeliveryView, Timeouts
+from receiver.delivery_marks import DELIVERIES_ANNOTATION, Mark, mark_for
+from receiver.delivery_record import ROLE_ANNOTATE, ROLE_TRACK, DeliveryRecord, RecordTarget, decode, encode
+from receiver.delivery_state import SUPERSEDED, DeliveryView, TargetView, Timeouts
 from receiver.events import FluxEvent, InvolvedObject
 from receiver.flux.objects import RECONCILE_ANNOTATION, SOURCE_KINDS, FluxObject, ObjectKey
 from receiver.flux.revisions import (
@@ -109,7 +102,7 @@ PATCH_ATTEMPTS = 5
 REPEAT_WINDOW = 5.0
 STATUS_ATTEMPTS = 8
 TEMPLATES = statuses.StatusTemplates(cluster="eu-west")
-OUTCOMES = frozenset({"in_progress", "ready", "failed", "timed_out", "superseded"})
+OUTCOMES = frozenset(delivery_state.OUTCOMES)
 
 
 class Violation(AssertionError):
@@ -399,7 +392,7 @@ class System:
         self.by_mark: dict[str, Accepted] = {}
         # Requests refused because their mark was on the objects (anywhere after that), or
         # by a replica's memory (that replica, until it restarts).
-        self.refused_by_cluster: set[int] = set()
+        self.refused_by_cluster: dict[int, dict[ObjectKey, int]] = {}
         self.refused_by_memory: set[tuple[int, str, int]] = set()
         self.patched: dict[tuple[ObjectKey, str], int] = defaultdict(int)
         self.patch_failures = 0
@@ -416,7 +409,13 @@ class System:
     def advance(self, seconds: float) -> None:
         self.now = round(self.now + seconds, 3)
 
+    def event(self) -> None:
+        """Time passes between any two things that happen in the world (2 ms, more than the
+        1 ms `handled_since` allows for rounding): the model does not explore clock skew."""
+        self.advance(0.002)
+
     def new_commit(self) -> str:
+        self.event()
         self.branch.append(commit(len(self.branch)))
         return self.branch[-1]
 
@@ -426,6 +425,7 @@ class System:
     # -- pushes (ingest) ---------------------------------------------------------------------
 
     def request(self, receiver: str, sha: str) -> Request:
+        self.event()
         number = len(self.requests)
         if receiver == ACTIONS:
             stamp = int(self.now)
@@ -441,12 +441,18 @@ class System:
 
     def send(self, replica: Replica, req: Request) -> str:
         """What one replica answers a request (accepted, joined, replayed, duplicate, stale),
-        and invariant 4 on it: a request refused within its window stays refused."""
+        and invariant 4 on it: a request refused within its window stays refused by the marks
+        on the objects (for any replica whose cache has caught up with the refusal), and by
+        a replica's memory on that replica (until it restarts)."""
+        self.event()
+        refusal = self.refused_by_cluster.get(req.number)
         answer = self._ingest(replica, req)
-        if answer == "accepted" and self.now <= req.until:
-            check(req.number not in self.refused_by_cluster, 4,
+        if answer == "accepted" and self.now <= req.until and refusal is not None:
+            check(any(replica.view_at[key] < index for key, index in refusal.items()), 4,
                   f"request {req.number} ({req.receiver}, mark {req.mark}) was refused by the "
-                  f"mark on the objects before and is accepted now on {replica.name}")
+                  f"mark on the objects before and is accepted now on {replica.name}, whose "
+                  "cache has caught up with that refusal")
+        if answer == "accepted" and self.now <= req.until:
             check((req.number, replica.name, replica.generation) not in self.refused_by_memory, 4,
                   f"request {req.number} was refused by {replica.name} before and is accepted "
                   "by it now")
@@ -469,7 +475,7 @@ class System:
         if req.mark in replica.seen or in_cluster:
             replica.seen.remember(req.mark, req.until, now)
             if in_cluster:
-                self.refused_by_cluster.add(req.number)
+                self.refused_by_cluster.setdefault(req.number, dict(replica.view_at))
             else:
                 self.refused_by_memory.add(memory)
             return "replayed" if req.one_time else "duplicate"
@@ -477,6 +483,7 @@ class System:
         record = DeliveryRecord(req.receiver, req.sha, REF, round(now, 3), req.mark, TARGETS)
         delivery_id, record = encode(record, TOKENS[req.receiver])
         accepted = Accepted(delivery_id, record, req, replica.name)
+        self.check_id(accepted)
         self.accepted.append(accepted)
         self.by_mark[req.mark] = accepted
         replica.following[delivery_id] = Followed(delivery_id, record)
@@ -505,39 +512,44 @@ class System:
         marks = list(replica.outbox.pop(key, {}).values())
         if not marks:
             return []
+        self.event()
         obj = replica.get(key)
         assert obj is not None
         for _attempt in range(PATCH_ATTEMPTS):
             missing = [m for m in marks if not delivery_marks.has(obj.annotations, m.mark)]
             if not missing:
                 return []
+            merge = delivery_marks.merge(obj.annotations, missing, self.now, KEEP_MARKS_SECONDS)
+            if merge.refused:
+                self._patch_failed(replica, key, list(merge.refused), "TooManyMarks",
+                                   delivery_marks.refusal(KEEP_MARKS_SECONDS))
+            if not merge.written:
+                return []
             try:
-                value = delivery_marks.merged(obj.annotations, missing, self.now, KEEP_MARKS_SECONDS)
                 written = self.api.patch(key, {RECONCILE_ANNOTATION: requested_at(self.now),
-                                              DELIVERIES_ANNOTATION: value}, obj.resource_version)
+                                              DELIVERIES_ANNOTATION: merge.value},
+                                         obj.resource_version)
             except Conflict:
                 obj = self.api.latest(key)
                 continue
-            except ValueError as exc:  # the annotation's bound refused the patch
-                self._patch_failed(replica, key, marks, str(exc))
-                return []
             replica.adopt(written)
-            for m in missing:
+            for m in merge.written:
                 self.patched[(key, m.mark)] += 1
                 req = self.by_mark[m.mark].request
                 check(self.patched[(key, m.mark)] == 1 or self.now > req.until, 4,
                       f"{key} patched {self.patched[(key, m.mark)]} times for push {m.mark} "
                       f"(request {req.number}, {req.receiver}) within its window")
-            return [m.mark for m in missing]
-        self._patch_failed(replica, key, marks, "conflicts")
+            return [m.mark for m in merge.written]
+        self._patch_failed(replica, key, marks, "AnnotateFailed", "conflicts")
         return []
 
-    def _patch_failed(self, replica: Replica, key: ObjectKey, marks: list[Mark], error: str) -> None:
+    def _patch_failed(self, replica: Replica, key: ObjectKey, marks: list[Mark], reason: str,
+                      error: str) -> None:
         self.patch_failures += 1
         wanted = {m.mark for m in marks}
         for followed in replica.following.values():
             if followed.record.mark in wanted:
-                followed.local[key] = (FAILED, "AnnotateFailed", error)
+                followed.local[key] = (FAILED, reason, error)
 
     # -- following deliveries (reconcile.Reconciler._evaluate) ---------------------------------
 
@@ -557,7 +569,7 @@ class System:
                 before = followed.states.get(target.key)
                 if before == target.state or before in FINAL_STATES:
                     continue
-                self._on_target_changed(replica, record, target.key, target.state)
+                self._on_target_changed(replica, record, target)
             followed.states = {t.key: t.state for t in view.targets}
             if view.final:
                 del replica.following[followed.id]
@@ -565,8 +577,11 @@ class System:
                 if replica.in_flight.get(push) == followed.id:
                     del replica.in_flight[push]
 
-    def _on_target_changed(self, replica: Replica, record: DeliveryRecord, key: ObjectKey,
-                           state: str) -> None:
+    def _on_target_changed(self, replica: Replica, record: DeliveryRecord,
+                           target: TargetView) -> None:
+        key, state = target.key, target.state
+        if state == SKIPPED and target.reason == SUPERSEDED:
+            state = TIMED_OUT  # its pending ends as a push Flux never deployed
         if key not in CONSUMERS or state not in (READY, FAILED, TIMED_OUT):
             return
         obj, source = replica.get(key), replica.get(SRC)
@@ -583,6 +598,7 @@ class System:
     def flux_start(self, key: ObjectKey) -> bool:
         if key in self.runs:
             return False
+        self.event()
         latest = self.api.latest(key)
         rev = ""
         if key in CONSUMERS:
@@ -595,6 +611,7 @@ class System:
         run = self.runs.pop(key, None)
         if run is None:
             return False
+        self.event()
         status = dict(self.api.latest(key).status)
         status["observedGeneration"] = 1
         if run.token is not None:
@@ -710,31 +727,47 @@ class System:
 
     # -- invariants --------------------------------------------------------------------------
 
-    def superseded_by(self, record: DeliveryRecord, obj: FluxObject | None,
-                      source: FluxObject | None) -> str | None:
-        """Ground truth: the newer commit Flux really went to instead of ours on this object
-        (or, for a consumer that has not attempted ours, on its source) in a run begun after
-        the push was received; None if it did not."""
+    def went_to(self, record: DeliveryRecord, obj: FluxObject | None,
+                source: FluxObject | None) -> set[str]:
+        """Ground truth: the commits newer than ours that Flux really took this object to (or,
+        for a consumer that has not attempted ours, its source) in runs begun after the push
+        was received. Empty: Flux has not gone past our commit there."""
         if obj is None:
-            return None
-        newer = self._went_past(record, obj)
-        if (newer is None and obj.key in CONSUMERS and source is not None
+            return set()
+        found = {self._went_past(record, obj)}
+        if (obj.key in CONSUMERS and source is not None
                 and commit_of(attempted_revision(obj)) != record.sha):
-            newer = self._went_past(record, source)
-        return newer
+            found.add(self._went_past(record, source))
+        return {sha for sha in found if sha}
 
-    def _went_past(self, record: DeliveryRecord, obj: FluxObject) -> str | None:
+    def _went_past(self, record: DeliveryRecord, obj: FluxObject) -> str:
         truth = self.api.truth(obj)
         if truth.run is None or truth.run.started < record.received - 0.001:
-            return None
+            return ""
         if truth.sha not in self.branch or self.order(truth.sha) <= self.order(record.sha):
-            return None
+            return ""
         return truth.sha
 
-    def check_delivery(self, acc: Accepted) -> None:
+    def unexplained(self, record: DeliveryRecord, target: TargetView, lookup: Any) -> str:
+        """Why a target skipped as superseded is not (truth), or "" if it is: Flux went to a
+        newer commit there, and the target names that commit (field and message)."""
+        newer = self.went_to(record, lookup(target.key), lookup(SRC))
+        if not newer:
+            return "Flux has not gone to a newer commit there since the push"
+        named = target.commit or next((c for c in newer if c[:7] in target.message), "")
+        if named not in newer:
+            return f"it names {named[:7] or 'no commit'}, Flux went to {sorted(c[:7] for c in newer)}"
+        if named[:7] not in target.message:
+            return f"its message does not name {named[:7]}"
+        return ""
+
+    def check_id(self, acc: Accepted) -> None:
+        """The record a GET reads from the id (on any replica: the id is all it needs)."""
         record = decode(acc.id, TOKENS[acc.record.receiver])
-        check(record == acc.record, 3, f"delivery {acc.record.mark} no longer reads from its id")
-        assert record is not None
+        check(record == acc.record, 3, f"delivery {acc.record.mark} does not read from its id")
+
+    def check_delivery(self, acc: Accepted) -> None:
+        record = acc.record  # as `check_id` read it from the id
         for where, lookup, local in self.views(acc):
             view = self.evaluate(record, lookup, local)
             outcome = view.outcome()
@@ -757,14 +790,10 @@ class System:
                       f"{'fetched' if t.key == SRC else 'applied'} it on {t.key} "
                       f"(target {t.state}/{t.reason})")
         for t in view.targets:
-            if t.state == SKIPPED and t.reason == "Superseded":
-                newer = self.superseded_by(record, lookup(t.key), lookup(SRC))
-                check(newer is not None, 1,
-                      f"{who}: {t.key} skipped as superseded, but Flux has not gone to a newer "
-                      f"commit there since the push ({t.message!r})")
-                assert newer is not None
-                check(newer[:7] in t.message, 1,
-                      f"{who}: {t.key} superseded without naming {newer[:7]} ({t.message!r})")
+            if t.state == SKIPPED and t.reason == SUPERSEDED:
+                why = self.unexplained(record, t, lookup)
+                check(not why, 1, f"{who}: {t.key} skipped as superseded, but {why} "
+                      f"({t.message!r})")
 
     def check_all(self) -> None:
         for acc in self.accepted:
@@ -800,6 +829,8 @@ class System:
         self.drain()
         self.resync(self.replicas[0])
         self.drain()
+        for acc in self.accepted:
+            self.check_id(acc)
 
     def drain(self) -> None:
         for replica in self.replicas:
