@@ -7,10 +7,11 @@ from typing import Any
 from hypothesis import given
 from hypothesis import strategies as st
 
-from receiver.delivery_marks import DELIVERIES_ANNOTATION
-from receiver.delivery_record import ROLE_ANNOTATE, ROLE_TRACK, DeliveryRecord, RecordTarget
-from receiver.delivery_state import Timeouts, evaluate, parse_requested_at
+from receiver.delivery.marks import DELIVERIES_ANNOTATION
+from receiver.delivery.record import ROLE_ANNOTATE, ROLE_TRACK, DeliveryRecord, RecordTarget
+from receiver.delivery.state import Timeouts, evaluate
 from receiver.flux.objects import FluxObject, ObjectKey
+from receiver.times import epoch_seconds as parse_requested_at
 
 SHA = "5394cb7f48ab0b1c2d3e4f5a6b7c8d9e0f1a2b3c"
 OTHER = "1111111111111111111111111111111111111111"
@@ -107,10 +108,64 @@ def handled(at: float) -> str:
 
 
 def outcome(objects: list[FluxObject], now: float = T0 + 1,
-            rec: DeliveryRecord | None = None) -> tuple[str, str]:
+            rec: DeliveryRecord | None = None, contains: Any = None) -> tuple[str, str]:
     table = {o.key: o for o in objects}
-    view = evaluate(rec or record(), table.get, now, LIMITS)
+    view = evaluate(rec or record(), table.get, now, LIMITS,
+                    **({"contains": contains} if contains is not None else {}))
     return view.outcome(), view.superseded_by()
+
+
+def history(answer: bool | None) -> Any:
+    """A `contains` oracle that says `answer` for NEWER holding SHA, False for anything else."""
+    asked: list[tuple[str, str]] = []
+
+    def contains(source: FluxObject, ours: str, held: str) -> bool | None:
+        asked.append((ours, held))
+        return answer if (ours, held) == (SHA, NEWER) else False
+
+    contains.asked = asked  # type: ignore[attr-defined]
+    return contains
+
+
+def test_a_later_commit_that_contains_ours_makes_it_ready_not_superseded() -> None:
+    marks = f"{LATER}@{T0 + 5} {MARK}@{T0}"
+    at_newer = ready(f"main@sha1:{NEWER}", lastHandledReconcileAt=handled(T0 + 5))
+    src = obj(SRC, marks=marks, status=at_newer)
+    contains = history(True)
+    table = {o.key: o for o in [src, obj(APPS, status=ready(OLD_REV)), obj(INFRA)]}
+    view = evaluate(record(), table.get, T0 + 6, LIMITS, contains=contains)
+    assert (view.get(SRC).state, view.get(SRC).reason) == ("ready", "ContainsCommit")
+    assert NEWER[:12] in view.get(SRC).message
+    # Its consumers still rest at the old commit: not ready until they apply the newer one.
+    assert view.get(APPS).state not in ("ready", "skipped") and view.outcome() == "in_progress"
+    applied = [src, obj(APPS, status=ready(f"main@sha1:{NEWER}")),
+               obj(INFRA, status=ready(f"main@sha1:{NEWER}"))]
+    assert outcome(applied, contains=contains) == ("ready", "")
+    assert contains.asked and set(contains.asked) <= {(SHA, NEWER), (SHA, OTHER)}
+
+
+def test_while_gitea_is_asked_the_delivery_waits_and_a_no_supersedes() -> None:
+    marks = f"{LATER}@{T0 + 5} {MARK}@{T0}"
+    src = obj(SRC, marks=marks, status=ready(f"main@sha1:{NEWER}",
+                                             lastHandledReconcileAt=handled(T0 + 5)))
+    asking = states([src, obj(APPS), obj(INFRA)])
+    assert outcome([src, obj(APPS), obj(INFRA)], contains=history(None)) == ("in_progress", "")
+    table = {o.key: o for o in [src, obj(APPS), obj(INFRA)]}
+    view = evaluate(record(), table.get, T0 + 6, LIMITS, contains=history(None))
+    assert (view.get(SRC).state, view.get(SRC).reason) == ("reconciling", "CheckingHistory")
+    assert asking["fleet"] == ("skipped", "Superseded")  # no Git host to ask: superseded
+    assert outcome([src, obj(APPS), obj(INFRA)], contains=history(False)) == (
+        "superseded", NEWER)
+
+
+def test_flux_resting_at_a_descendant_without_any_later_push_is_ready() -> None:
+    # Flux's own interval fetched a commit that contains ours (no later push through us).
+    src = obj(SRC, marks=f"{MARK}@{T0}",
+              status=ready(f"main@sha1:{NEWER}", lastHandledReconcileAt=handled(T0 + 2)))
+    objects = [src, obj(APPS, status=ready(f"main@sha1:{NEWER}")),
+               obj(INFRA, status=ready(f"main@sha1:{NEWER}"))]
+    assert outcome(objects, contains=history(True)) == ("ready", "")
+    assert outcome(objects, contains=history(False), now=T0 + 901)[0] == "timed_out"
 
 
 OLD_REV = f"main@sha1:{OTHER}"
@@ -185,21 +240,27 @@ def _status(which: str, handled_at: float | None) -> dict[str, Any]:
 
 @given(src=_STATUSES, src_handled=_HANDLED, apps=_STATUSES, apps_handled=_HANDLED,
        infra=_STATUSES, later=st.sampled_from([None, -1.0, 0.4, 5.0]),
-       now=st.sampled_from([1.0, 299.0, 301.0, 901.0]))
+       now=st.sampled_from([1.0, 299.0, 301.0, 901.0]),
+       newer_contains=st.sampled_from([None, True, False]))
 def test_ready_only_when_every_target_is_ready_at_the_pushed_commit(
         src: str, src_handled: float | None, apps: str, apps_handled: float | None, infra: str,
-        later: float | None, now: float) -> None:
-    """The promise a CI gate relies on, over every mix of marks, statuses and times."""
+        later: float | None, now: float, newer_contains: bool | None) -> None:
+    """The promise a CI gate relies on, over every mix of marks, statuses, times and what
+    Gitea says of the newer commit's history."""
     marks = f"{MARK}@{T0}" + (f" {LATER}@{T0 + later}" if later is not None else "")
     objects = [obj(SRC, marks=marks, status=_status(src, src_handled)),
                obj(APPS, marks=marks, status=_status(apps, apps_handled)),
                obj(INFRA, status=_status(infra, None))]
-    verdict, by = outcome(objects, now=T0 + now)
+    verdict, by = outcome(objects, now=T0 + now, contains=history(newer_contains))
     if verdict == "ready":
-        assert (src, apps, infra) == ("ours", "ours", "ours")
+        # Each target rests at ours, or at the newer commit when it contains ours.
+        allowed = {"ours", "newer"} if newer_contains else {"ours"}
+        assert {src, apps, infra} <= allowed, (src, apps, infra)
     if verdict == "superseded":
-        # Flux handled a request made after a later push and rests at another commit.
+        # Flux handled a request made after a later push and rests at another commit,
+        # which does not contain ours.
         assert by in (NEWER, OTHER) and later is not None and later > 0
+        assert not (by == NEWER and newer_contains is not False)
     if later is None or later <= 0:
         assert verdict != "superseded"
 

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from receiver import reconcile
-from receiver.deliveries import Delivery
+from receiver.delivery import reconcile
+from receiver.delivery.store import Delivery
 from receiver.flux.objects import ObjectKey
 from receiver.flux.revisions import QUEUED
 from tests import gitea_payloads as gp
@@ -33,7 +33,7 @@ async def test_a_stored_delivery_counts_unrelated_objects_without_listing_them(
 
 
 def test_plan_compact_keeps_the_reply() -> None:
-    from receiver.routing import Plan
+    from receiver.push.routing import Plan
 
     key = ObjectKey("GitRepository", "ns", "other")
     plan = Plan("ns/hook", (), (), (), frozenset({key}))

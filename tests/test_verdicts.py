@@ -15,10 +15,16 @@ from typing import Any
 import pytest
 
 from receiver import signatures as sig
+from receiver.delivery.state import DeliveryView, TargetView
 from receiver.flux.objects import ObjectKey
 from tests import gitea_payloads as gp
-from tests.conftest import GITEA_TOKEN, HMAC_TOKEN, Bridge, settled_delivery, until
+from tests.conftest import GITEA_TOKEN, HMAC_TOKEN, Bridge, make_settings, settled_delivery, until
+from tests.fakegitea import FakeGitea, gitea_transport
 from tests.test_ingest import gitea_headers
+from tests.test_status_service import API, OLD, delivery, eventually, push, rig, settled
+from tests.test_status_service import GITEA_TOKEN as STATUS_TOKEN
+from tests.test_status_service import REPO as STATUS_REPO
+from tests.test_status_service import SOURCE as STATUS_SOURCE
 
 pytestmark = pytest.mark.anyio
 
@@ -133,26 +139,20 @@ async def test_flux_still_at_the_old_commit_after_a_bare_request_is_not_supersed
 async def test_a_superseded_commit_leaves_pending_for_skipped_naming_what_flux_deployed() -> None:
     """What Gitea shows converges: a commit Flux went past gets `skipped` at once, not a
     `pending` that lasts until the deadline (or for good, once the delivery is final)."""
-    from receiver.delivery_state import DeliveryView, TargetView
-    from tests.fakegitea import FakeGitea
-    from tests.test_status_service import API, OLD, REPO, delivery, eventually, push, rig, settled
-    from tests.test_status_service import GITEA_TOKEN as STATUS_TOKEN
-    from tests.test_status_service import SOURCE as STATUS_SOURCE
-
     context = "flux/eu-west/kustomization/apps/api"
     gitea = FakeGitea(token=STATUS_TOKEN, version="1.26.3")
     async with rig(fakes={"gitea.example.com": gitea}) as r:
         d = delivery(keys=(API,))
         r.service.on_push_routed(d, push())
         await settled(r)
-        assert (gitea.latest(*REPO, context) or {}).get("status") == "pending"
+        assert (gitea.latest(*STATUS_REPO, context) or {}).get("status") == "pending"
         r.cluster.mark_source_fetched(STATUS_SOURCE, f"main@sha1:{OLD}")
         r.cluster.mark_applied(API, f"main@sha1:{OLD}")
         d.view = DeliveryView((TargetView(API, "track", "skipped", "Superseded", "", commit=OLD),))
         r.service.on_target_changed(d, API, "skipped")
         await settled(r)
-        await eventually(lambda: (gitea.latest(*REPO, context) or {}).get("status") == "skipped")
-        latest = gitea.latest(*REPO, context)
+        await eventually(lambda: (gitea.latest(*STATUS_REPO, context) or {}).get("status") == "skipped")
+        latest = gitea.latest(*STATUS_REPO, context)
         assert latest is not None and OLD[:12] in str(latest["description"])
         # A skipped target that was merely not followable posts nothing of its own.
         posts = len(gitea.posts)
@@ -160,3 +160,76 @@ async def test_a_superseded_commit_leaves_pending_for_skipped_naming_what_flux_d
         r.service.on_target_changed(d, API, "skipped")
         await settled(r)
         assert len(gitea.posts) == posts
+
+
+@pytest.fixture
+async def with_gitea(bridge_factory: Any, tmp_path: Any) -> tuple[Any, Bridge]:
+    """The bridge over the fleet fixture, with a fake Gitea whose compare API knows a history."""
+    fake = FakeGitea(token="gitea-api-token")
+    transport, _ = gitea_transport({"gitea.example.com": fake})
+    (tmp_path / "gitea").write_text("gitea-api-token")
+    settings = make_settings(
+        gitea=[{"name": "eu", "url": "https://gitea.example.com",
+                "token": {"file": str(tmp_path / "gitea")}}],
+        statuses={"resync_interval_seconds": 3600})
+    bridge: Bridge = await bridge_factory(settings, transport=transport)
+    return fake, bridge
+
+
+async def _deploy(bridge: Bridge, delivery: str, sha: str) -> None:
+    """Flux applies `sha` on every consumer the delivery follows."""
+    doc = await _read(bridge, delivery)
+    for t in doc["targets"]:
+        if t["kind"] != "GitRepository":
+            key = ObjectKey(t["kind"], t["namespace"], t["name"])
+            bridge.cluster.mark_applied(
+                key, f"6.5.0+{sha[:12]}" if key.kind == "HelmRelease" else f"main@sha1:{sha}")
+
+
+async def test_a_later_commit_that_contains_ours_ends_it_ready_as_gitea_says(
+        with_gitea: tuple[Any, Bridge]) -> None:
+    fake, bridge = with_gitea
+    ours, later = _commit(0x61), _commit(0x62)
+    fake.parents.update({_commit(0x60): (), ours: (_commit(0x60),), later: (ours,)})
+    first = await _step_push(bridge, ours)
+    await _gitea_push(bridge, later)
+    await until(lambda: _marks_on_source(bridge) == 2, what="both marks on the source")
+    # Flux went straight to the later commit, which has ours in its history.
+    bridge.cluster.mark_source_fetched(SOURCE, f"main@sha1:{later}")
+    await _deploy(bridge, first["delivery"], later)
+    done = await settled_delivery(bridge, first["delivery"], HMAC_TOKEN)
+    assert done["outcome"] == "ready", done
+    source = next(t for t in done["targets"] if t["kind"] == "GitRepository")
+    assert source["detail"]["reason"] == "ContainsCommit"
+    assert ("platform", "fleet", later, ours) in fake.compares  # asked of Gitea, not assumed
+    asked = len(fake.compares)
+    assert (await _read(bridge, first["delivery"]))["outcome"] == "ready"
+    assert len(fake.compares) == asked  # the answer is remembered
+
+
+async def test_a_later_commit_on_another_line_of_history_ends_it_superseded(
+        with_gitea: tuple[Any, Bridge]) -> None:
+    fake, bridge = with_gitea
+    base, ours, later = _commit(0x70), _commit(0x71), _commit(0x72)
+    fake.parents.update({base: (), ours: (base,), later: (base,)})  # a force-push dropped ours
+    first = await _step_push(bridge, ours)
+    await _gitea_push(bridge, later)
+    await until(lambda: _marks_on_source(bridge) == 2, what="both marks on the source")
+    bridge.cluster.mark_source_fetched(SOURCE, f"main@sha1:{later}")
+    done = await settled_delivery(bridge, first["delivery"], HMAC_TOKEN)
+    assert (done["outcome"], done["supersededBy"]) == ("superseded", later)
+    assert ("platform", "fleet", later, ours) in fake.compares
+
+
+async def test_gitea_down_reads_superseded_and_never_ready(
+        with_gitea: tuple[Any, Bridge]) -> None:
+    fake, bridge = with_gitea
+    ours, later = _commit(0x81), _commit(0x82)
+    first = await _step_push(bridge, ours)
+    await _gitea_push(bridge, later)
+    await until(lambda: _marks_on_source(bridge) == 2, what="both marks on the source")
+    fake.fail.extend([503] * 50)
+    bridge.cluster.mark_source_fetched(SOURCE, f"main@sha1:{later}")
+    await _deploy(bridge, first["delivery"], later)
+    done = await settled_delivery(bridge, first["delivery"], HMAC_TOKEN)
+    assert done["outcome"] == "superseded", done

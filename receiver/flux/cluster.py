@@ -12,6 +12,7 @@ from typing import Protocol
 
 from receiver.flux.objects import FluxObject, ObjectKey
 from receiver.flux.store import ObjectStore
+from receiver.retry import retryable_status
 
 
 class ClusterError(Exception):
@@ -33,16 +34,11 @@ class NotFound(ClusterError):
 NEGATIVE_SECRET_TTL = 5.0
 
 
-def retryable_status(status: int) -> bool:
-    """Which API answers are worth another try: conflicts, throttling and server errors."""
-    return status in (409, 429) or status >= 500
-
-
 def error_for_status(message: str, status: int) -> ClusterError:
     """The error an API answer maps to, for every backend: 404 is NotFound."""
     if status == 404:
         return NotFound(message)
-    return ClusterError(message, status=status, retryable=retryable_status(status))
+    return ClusterError(message, status=status, retryable=retryable_status(status, after_reread=True))
 
 
 class Cluster(Protocol):

@@ -61,6 +61,12 @@ _FAILURE_REASONS = frozenset({
 })
 
 
+# Stalled reasons that only say the controller gave up retrying (helm-controller, once a
+# release's remediation retries are used up): the failure itself is in Ready, e.g.
+# UpgradeFailed with Helm's error, and that is what a reader needs to see.
+_GAVE_UP_REASONS = frozenset({"RetriesExceeded"})
+
+
 @dataclass(frozen=True, slots=True)
 class Progress:
     state: str  # RECONCILING, READY or FAILED (never the bookkeeping states)
@@ -149,6 +155,8 @@ def progress_at(obj: FluxObject, sha: str, here: tuple[bool, bool] | None = None
         return Progress(READY, reason, message)
     stalled = obj.condition("Stalled") or {}
     if stalled.get("status") == "True" and attempted_here:
+        if stalled.get("reason") in _GAVE_UP_REASONS and status == "False" and reason:
+            return Progress(FAILED, reason, message)
         return Progress(FAILED, str(stalled.get("reason", reason)), str(stalled.get("message", "")))
     if status == "False" and attempted_here and reason in _FAILURE_REASONS:
         return Progress(FAILED, reason, message)

@@ -14,11 +14,11 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
-from receiver.delivery_record import ROLE_ANNOTATE, ROLE_TRACK, DeliveryRecord, RecordTarget
-from receiver.delivery_state import SUPERSEDED_OUTCOME, DeliveryView, TargetView
+from receiver.delivery.record import ROLE_ANNOTATE, ROLE_TRACK, DeliveryRecord, RecordTarget
+from receiver.delivery.state import SUPERSEDED_OUTCOME, DeliveryView, TargetView
 from receiver.flux.objects import ObjectKey
 from receiver.flux.revisions import QUEUED
-from receiver.routing import Plan
+from receiver.push.routing import Plan
 
 __all__ = ["ROLE_ANNOTATE", "ROLE_TRACK", "Delivery", "DeliveryStore", "describe", "record_targets"]
 

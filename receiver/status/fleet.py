@@ -25,13 +25,12 @@ are ignored.
 from __future__ import annotations
 
 import re
-import string
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 from receiver.flux.objects import CONSUMER_KINDS
-from receiver.statuses import (
+from receiver.status.decisions import (
     ERROR,
     FAILURE,
     PENDING,
@@ -45,11 +44,6 @@ DEFAULT_FLEET_CONTEXT = "flux/fleet"
 FAILED_STATES = frozenset({FAILURE, ERROR})
 # The `{kind}` values (lower-cased, as contexts render them) whose success means deployed.
 DEPLOYING_KINDS = frozenset(kind.lower() for kind in CONSUMER_KINDS)
-
-
-class FleetTemplateError(ValueError):
-    """The context template cannot tell which cluster a status belongs to, or whether it is a
-    deploy's."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,40 +72,6 @@ def latest_reports(items: Iterable[TimedStatus]) -> dict[str, Report]:
     """The latest status per context (`statuses.latest_by_context`), with its time."""
     return {context: Report(item.state, item.at)
             for context, item in latest_by_context(items).items()}
-
-
-def cluster_parser(template: str, clusters: Sequence[str]) -> re.Pattern[str]:
-    """A pattern that matches the contexts `template` renders for the expected `clusters`;
-    group `cluster` names the cluster and group `kind` the object's kind. FleetTemplateError if
-    the template has no `{cluster}` or no `{kind}`.
-
-    The cluster field matches only the expected names (longest first), so a name containing
-    the template's separators is still read whole; every other field matches any non-empty
-    text, and a field used twice must repeat its first value.
-    """
-    parts: list[str] = []
-    used: set[str] = set()
-    names = "|".join(re.escape(c) for c in sorted(set(clusters), key=lambda c: (-len(c), c)))
-    for literal, field, _, _ in string.Formatter().parse(template):
-        parts.append(re.escape(literal))
-        if field is None:
-            continue
-        if field in used:
-            parts.append(f"(?P={field})")
-            continue
-        used.add(field)
-        parts.append(f"(?P<{field}>{names})" if field == "cluster" else f"(?P<{field}>.+?)")
-    if "cluster" not in used:
-        raise FleetTemplateError(
-            f"context template {template!r} has no {{cluster}} placeholder, so the fleet status "
-            "cannot tell which cluster a status belongs to: add {cluster} to "
-            "statuses.context_template, or turn statuses.fleet off")
-    if "kind" not in used:
-        raise FleetTemplateError(
-            f"context template {template!r} has no {{kind}} placeholder, so the fleet status "
-            "cannot tell a deploy (Kustomization, HelmRelease) from a fetched source: add "
-            "{kind} to statuses.context_template, or turn statuses.fleet off")
-    return re.compile("".join(parts), re.DOTALL)
 
 
 def classify(context: str, parser: re.Pattern[str]) -> tuple[str, bool] | None:

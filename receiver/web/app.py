@@ -18,18 +18,23 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from receiver import openapi, signatures
+from receiver import signatures
 from receiver.config import Settings
-from receiver.deliveries import DeliveryStore
-from receiver.drain import CloseWhileDraining, Drain
+from receiver.delivery.ancestry import Ancestry
+from receiver.delivery.reconcile import Reconciler
+from receiver.delivery.store import DeliveryStore
 from receiver.flux.cluster import Cluster
+from receiver.flux.objects import ObjectKey
 from receiver.giturls import normalise_aliases, normalise_oci_url, normalise_repo_url
-from receiver.hookindex import HookIndex
-from receiver.http import BodyDeadline, BodyTimeout, body_timeout, client_disconnected, error
-from receiver.ingest import IngestService
 from receiver.metrics import Metrics
-from receiver.reconcile import Reconciler
-from receiver.status_service import StatusService
+from receiver.push.hookindex import HookIndex
+from receiver.status.service import StatusService
+from receiver.web import openapi
+from receiver.web.badge import BadgeEndpoint
+from receiver.web.drain import CloseWhileDraining, Drain
+from receiver.web.events import EventsEndpoint
+from receiver.web.http import BodyDeadline, BodyTimeout, body_timeout, client_disconnected, error
+from receiver.web.ingest import IngestService
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +63,10 @@ class Components:
     reconciler: Reconciler
     ingest: IngestService
     statuses: StatusService
+    events: EventsEndpoint
+    badge: BadgeEndpoint
     drain: Drain
+    ancestry: Ancestry | None = None
     # Said in every /readyz answer (e.g. that Flux is simulated): what an operator must know.
     notes: dict[str, str] = field(default_factory=dict)
 
@@ -82,8 +90,25 @@ def build(settings: Settings, cluster: Cluster, **status_kwargs: Any) -> Compone
     statuses = StatusService(settings, cluster, metrics, **status_kwargs)
     ingest.push_listeners.append(statuses.on_push_routed)
     reconciler.listeners.append(statuses.on_target_changed)
+
+    def history_answered(key: ObjectKey) -> None:
+        reconciler.reevaluate_following(key)
+        ingest.changes.touch(key)
+
+    # Only a configured Gitea can say whether a later commit contains a pushed one.
+    ancestry = Ancestry(statuses.ask_contains, history_answered) if settings.gitea else None
+    if ancestry is not None:
+        reconciler.contains = ancestry.contains
+    events, badge = status_endpoints(statuses)
     return Components(settings, cluster, metrics, hooks, deliveries, reconciler, ingest, statuses,
-                      Drain())
+                      events, badge, Drain(), ancestry)
+
+
+def status_endpoints(statuses: StatusService) -> tuple[EventsEndpoint, BadgeEndpoint]:
+    """`POST /events` and `GET /badge/...` over the status side's parts."""
+    return (EventsEndpoint(statuses.settings, statuses.templates, statuses.locator,
+                           statuses.secrets, statuses.queue, statuses.metrics),
+            BadgeEndpoint(statuses.settings, statuses.cluster, statuses.secrets))
 
 
 def create_app(settings: Settings, cluster: Cluster, **status_kwargs: Any) -> Starlette:
@@ -112,6 +137,8 @@ def create_app(settings: Settings, cluster: Cluster, **status_kwargs: Any) -> St
             parts.drain.begin("shutting_down")
             await parts.statuses.stop(settings.shutdown.flush_seconds)
             await parts.reconciler.stop()
+            if parts.ancestry is not None:
+                await parts.ancestry.stop()
             await cluster.stop()
 
     async def healthz(request: Request) -> Response:
@@ -181,8 +208,8 @@ def create_app(settings: Settings, cluster: Cluster, **status_kwargs: Any) -> St
     routes = [
         Route("/hook/{digest}", parts.ingest.hook, methods=["POST"]),
         Route("/deliveries/{id}", parts.ingest.delivery, methods=["GET"]),
-        Route("/events", parts.statuses.handle_event, methods=["POST"]),
-        Route("/badge/{path:path}", parts.statuses.badge, methods=["GET"]),
+        Route("/events", parts.events.handle, methods=["POST"]),
+        Route("/badge/{path:path}", parts.badge.handle, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),

@@ -1,6 +1,6 @@
 """Deployment badges: which state a repository and branch is in, and its SVG. Pure.
 
-URL shape (served by `status_service`):
+URL shape (served by `receiver.web.badge`):
     GET /badge/{owner}/{repo}.svg?branch=<b>&cluster=<c>&style=flat|flat-square&token=<t>
 `branch` may contain '/' (it is a query parameter, not a path segment); without it every Git
 source of the repository counts. `cluster` names the cluster the badge is about; this bridge
@@ -20,8 +20,8 @@ from itsdangerous import BadSignature, URLSafeSerializer
 from receiver.flux.objects import CONSUMER_KINDS, FluxObject, consumer_source
 from receiver.flux.store import ObjectStore
 from receiver.gitea.payloads import Push
-from receiver.routing import ref_match
-from receiver.statuses import FAILURE, PENDING, SUCCESS, gitea_state, repo_ref
+from receiver.push.routing import ref_match
+from receiver.status.decisions import FAILURE, PENDING, SUCCESS, gitea_state, repo_ref
 
 UNKNOWN = "unknown"
 COLOURS = {SUCCESS: "#4c1", FAILURE: "#e05d44", PENDING: "#dfb317", UNKNOWN: "#9f9f9f"}

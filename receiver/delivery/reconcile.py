@@ -12,7 +12,6 @@ import asyncio
 import functools
 import heapq
 import logging
-import random
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable
@@ -20,19 +19,21 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from receiver import delivery_marks
 from receiver.config import ReconcileConfig
-from receiver.deliveries import ROLE_ANNOTATE, Delivery, DeliveryStore
-from receiver.delivery_marks import DELIVERIES_ANNOTATION, Mark
-from receiver.delivery_record import DeliveryRecord
-from receiver.delivery_state import (
+from receiver.delivery import marks as delivery_marks
+from receiver.delivery.marks import DELIVERIES_ANNOTATION, Mark
+from receiver.delivery.record import DeliveryRecord
+from receiver.delivery.state import (
+    Contains,
     DeliveryView,
     Local,
     Timeouts,
     awaited_source,
     evaluate,
     has_push,
+    never_known,
 )
+from receiver.delivery.store import ROLE_ANNOTATE, Delivery, DeliveryStore
 from receiver.flux.cluster import Cluster, ClusterError, NotFound
 from receiver.flux.objects import (
     RECONCILE_ANNOTATION,
@@ -43,6 +44,7 @@ from receiver.flux.objects import (
 )
 from receiver.flux.revisions import FAILED, QUEUED, READY, progress_at
 from receiver.metrics import Metrics
+from receiver.retry import backoff_delay
 
 log = logging.getLogger(__name__)
 # Longest stretch of delivery evaluations before the loop serves requests again (seconds).
@@ -171,7 +173,7 @@ class PatchCoalescer:
                     obj = None
                     continue
                 if exc.retryable and attempt < attempts:
-                    await asyncio.sleep(min(5.0, 0.1 * 2**attempt) * (0.5 + random.random()))  # noqa: S311
+                    await asyncio.sleep(backoff_delay(attempt, 0.2, 5.0))
                     obj = None
                     continue
                 self._metrics.annotate_errors.labels(key.kind, str(exc.status or "error")).inc()
@@ -215,10 +217,17 @@ class Reconciler:
         self._dirty: dict[str, None] = {}
         self._evaluator: asyncio.Task[None] | None = None
         self.listeners: list[DeliveryListener] = []
+        # Whether a later commit contains a pushed one (`receiver.delivery.ancestry`); set by the app.
+        self.contains: Contains = never_known
         cluster.store.subscribe(self._on_change)
 
     def view(self, record: DeliveryRecord, local: Local | None = None) -> DeliveryView:
-        return evaluate(record, self._cluster.store.get, time.time(), self.timeouts, local)
+        return evaluate(record, self._cluster.store.get, time.time(), self.timeouts, local,
+                        self.contains)
+
+    def reevaluate_following(self, key: ObjectKey) -> None:
+        """Evaluate again every delivery that follows `key` (an answer about its history)."""
+        self._queue_evaluation(tuple(self._watching.get(key, ())))
 
     # -- entry point -----------------------------------------------------------------------
 

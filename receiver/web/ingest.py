@@ -5,7 +5,7 @@ known path (404), suspended receiver (503), capped body read (413), signature (4
 every failure), content type on a github Receiver (415), one-time signature replay (401), rate
 (429, counted only for authenticated requests so strangers cannot use up a receiver's budget),
 event type (200 pong / ignored), repeated X-Gitea-Delivery (200 duplicate), then the payload
-selector (`receiver.selector`: a push, an Actions body, or no push details; 400/422 only where
+selector (`receiver.push.selector`: a push, an Actions body, or no push details; 400/422 only where
 Flux refuses too or a push contradicts itself), capacity (503), routing and 202.
 """
 
@@ -22,21 +22,34 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from receiver import delivery_marks, signatures, spec_events
-from receiver.cel_filter import CompiledFilter, FilterCache, RequestNotJSON, request_document
-from receiver.changes import ChangeFeed, watched_keys
+from receiver import signatures
 from receiver.config import Settings
-from receiver.deliveries import Delivery, DeliveryStore, describe, record_targets
-from receiver.delivery_marks import fresh_mark, legacy_mark_for, mark_for
-from receiver.delivery_record import DeliveryRecord, decode, encode, receiver_of
-from receiver.delivery_state import DeliveryView
-from receiver.drain import Drain
+from receiver.delivery import marks as delivery_marks
+from receiver.delivery.marks import fresh_mark, legacy_mark_for, mark_for
+from receiver.delivery.reconcile import Reconciler, request_value
+from receiver.delivery.record import DeliveryRecord, decode, encode, receiver_of
+from receiver.delivery.state import DeliveryView
+from receiver.delivery.store import Delivery, DeliveryStore, describe, record_targets
 from receiver.flux.cluster import Cluster, ClusterError
 from receiver.flux.objects import API_VERSIONS, RECONCILE_ANNOTATION, FluxObject, ObjectKey
+from receiver.flux.origin import package_ref
 from receiver.gitea.payloads import PayloadError, Push, form_payload
 from receiver.giturls import registry_host
-from receiver.hookindex import HookIndex
-from receiver.http import (
+from receiver.logs import delivery_id as delivery_ctx
+from receiver.metrics import Metrics
+from receiver.push import spec_events
+from receiver.push.cel_filter import CompiledFilter, FilterCache, RequestNotJSON, request_document
+from receiver.push.hookindex import HookIndex
+from receiver.push.mismatch import Unmatched, unmatched
+from receiver.push.package_routing import OCI_TYPES, plan_selection
+from receiver.push.replay import SeenOnce
+from receiver.push.resource_filter import FilterEvaluationError, filter_plan
+from receiver.push.resources import Resolved, resolve_resources
+from receiver.push.routing import Plan
+from receiver.push.selector import PayloadRefused, Selection, select_payload
+from receiver.web.changes import ChangeFeed, watched_keys
+from receiver.web.drain import Drain
+from receiver.web.http import (
     UNAUTHORIZED,
     BodyTooLarge,
     declared_too_large,
@@ -44,18 +57,7 @@ from receiver.http import (
     media_type,
     read_capped,
 )
-from receiver.logs import delivery_id as delivery_ctx
-from receiver.metrics import Metrics
-from receiver.mismatch import Unmatched, unmatched
-from receiver.origin import package_ref
-from receiver.package_routing import OCI_TYPES, plan_selection
-from receiver.ratelimit import RateLimiter
-from receiver.reconcile import Reconciler, request_value
-from receiver.replay import SeenOnce
-from receiver.resource_filter import FilterEvaluationError, filter_plan
-from receiver.resources import Resolved, resolve_resources
-from receiver.routing import Plan
-from receiver.selector import PayloadRefused, Selection, select_payload
+from receiver.web.ratelimit import RateLimiter
 
 log = logging.getLogger(__name__)
 JSON_TYPES = frozenset({"application/json"})

@@ -13,17 +13,25 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
-from receiver import delivery_marks
-from receiver.delivery_record import ROLE_ANNOTATE, DeliveryRecord, RecordTarget
+from receiver.delivery import marks as delivery_marks
+from receiver.delivery.record import ROLE_ANNOTATE, DeliveryRecord, RecordTarget
 from receiver.flux.objects import (
     SOURCE_KINDS,
     FluxObject,
     ObjectKey,
     consumer_source,
     helm_chart_of,
+)
+from receiver.flux.origin import (
+    artifact_commit,
+    artifact_revision,
+    consumer_at_artifact,
+    consumer_commits,
+    has_pushed_artifact,
+    is_oci,
+    package_tag,
 )
 from receiver.flux.revisions import (
     ANNOTATED,
@@ -43,15 +51,7 @@ from receiver.flux.revisions import (
     progress_at,
     same_commit,
 )
-from receiver.origin import (
-    artifact_commit,
-    artifact_revision,
-    consumer_at_artifact,
-    consumer_commits,
-    has_pushed_artifact,
-    is_oci,
-    package_tag,
-)
+from receiver.times import epoch_seconds
 
 Lookup = Callable[[ObjectKey], FluxObject | None]
 
@@ -61,6 +61,18 @@ IN_PROGRESS = "in_progress"
 SUPERSEDED_OUTCOME = "superseded"
 OUTCOMES = (IN_PROGRESS, READY, FAILED, TIMED_OUT, SUPERSEDED_OUTCOME)
 SUPERSEDED = "Superseded"  # the reason of a skipped target taken to a later commit
+CONTAINED = "ContainsCommit"  # the reason of a target Ready at a later commit that holds ours
+CHECKING = "CheckingHistory"  # while the shell asks Gitea whether a later commit holds ours
+
+Contains = Callable[[FluxObject, str, str], "bool | None"]
+"""`contains(source, ours, held)`: does commit `held` contain commit `ours` (ours is `held` or
+one of its ancestors) in the repository `source` fetches? None while nobody knows yet: the shell
+asks Gitea, caches the answer, and evaluates again (`receiver/delivery/ancestry.py`)."""
+
+
+def never_known(source: FluxObject, ours: str, held: str) -> bool:
+    """`Contains` without a Git host to ask: a later commit is never taken to contain ours."""
+    return False
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,18 +160,19 @@ Local = Mapping[ObjectKey, tuple[str, str, str]]
 
 
 def evaluate(record: DeliveryRecord, lookup: Lookup, now: float, timeouts: Timeouts,
-             local: Local | None = None) -> DeliveryView:
+             local: Local | None = None, contains: Contains = never_known) -> DeliveryView:
     """Every target's state, sources first (a consumer's state may depend on its source's)."""
     local = local or {}
     views: dict[ObjectKey, TargetView] = {}
     ordered = sorted(record.targets, key=lambda t: t.key.kind not in SOURCE_KINDS)
     for target in ordered:
-        views[target.key] = _target(record, target, lookup, now, timeouts, local, views)
+        views[target.key] = _target(record, target, lookup, now, timeouts, local, views, contains)
     return DeliveryView(tuple(views[t.key] for t in record.targets))
 
 
 def _target(record: DeliveryRecord, target: RecordTarget, lookup: Lookup, now: float,
-            timeouts: Timeouts, local: Local, done: Mapping[ObjectKey, TargetView]) -> TargetView:
+            timeouts: Timeouts, local: Local, done: Mapping[ObjectKey, TargetView],
+            contains: Contains) -> TargetView:
     key, role = target.key, target.role
 
     def view(state: str, reason: str = "", message: str = "") -> TargetView:
@@ -174,20 +187,25 @@ def _target(record: DeliveryRecord, target: RecordTarget, lookup: Lookup, now: f
     age = now - record.received
     marked = role == ROLE_ANNOTATE and delivery_marks.has(obj.annotations, record.mark)
     if key.kind in SOURCE_KINDS:
-        return _source(record, obj, view, marked, age, timeouts)
-    return _consumer(record, obj, role, view, marked, age, timeouts, lookup, done)
+        return _source(record, obj, view, marked, age, timeouts, contains)
+    return _consumer(record, obj, role, view, marked, age, timeouts, lookup, done, contains)
 
 
 def _source(record: DeliveryRecord, obj: FluxObject, view: Callable[..., TargetView],
-            marked: bool, age: float, timeouts: Timeouts) -> TargetView:
+            marked: bool, age: float, timeouts: Timeouts, contains: Contains) -> TargetView:
+    if is_static(obj):
+        return view(READY, "StaticRepository", "a HelmRepository of type oci is not reconciled "
+                    "by source-controller: its HelmCharts pull from the registry")
     done = _done(record, obj, marked)
     if done is not None:
         return view(*done)
     if marked and record.sha and not followable(obj):
         return view(SKIPPED, "NotFollowed", "annotated; its status will never name the commit")
-    later = superseded_by(record, obj) if record.sha else None
-    if later is not None:
-        return _superseded_view(record, view, later)
+    held = held_elsewhere(record, obj) if record.sha else None
+    if held is not None:
+        moved = _moved_past(record, obj, obj, held, contains, view)
+        if moved is not None and not (moved.reason == CHECKING and age > timeouts.source_seconds):
+            return moved
     if age > timeouts.source_seconds:
         return view(TIMED_OUT, "SourceTimeout", f"no pushed commit after {timeouts.source_seconds:g}s")
     return _waiting(record, obj, view, marked)
@@ -207,7 +225,7 @@ def awaited_source(consumer: FluxObject,
 
 def _consumer(record: DeliveryRecord, obj: FluxObject, role: str, view: Callable[..., TargetView],
               marked: bool, age: float, timeouts: Timeouts, lookup: Lookup,
-              done_views: Mapping[ObjectKey, TargetView]) -> TargetView:
+              done_views: Mapping[ObjectKey, TargetView], contains: Contains) -> TargetView:
     src_ref = consumer_source(obj)
     awaited = awaited_source(obj, done_views.__contains__)
     src_view = done_views.get(awaited) if awaited is not None else None
@@ -222,13 +240,11 @@ def _consumer(record: DeliveryRecord, obj: FluxObject, role: str, view: Callable
         return view(*done)
     if marked and record.sha and not followable(obj):
         return view(SKIPPED, "NotFollowed", "annotated; its status will never name the commit")
-    later = superseded_by(record, obj) if record.sha else None
-    if later is None and record.sha and source is not None \
-            and not names_commit(obj, attempted_revision(obj), record.sha):
-        # Its source went to a later commit: ours will never reach it.
-        later = superseded_by(record, source)
-    if later is not None:
-        return _superseded_view(record, view, later)
+    if record.sha and source is not None:
+        moved = _consumer_moved_past(record, obj, source, src_view, contains, view)
+        if moved is not None and not (moved.reason == CHECKING
+                                      and age > timeouts.consumer_seconds):
+            return moved
     if age > timeouts.consumer_seconds:
         return view(TIMED_OUT, "Timeout", f"not ready after {timeouts.consumer_seconds:g}s")
     if role != ROLE_ANNOTATE:
@@ -295,8 +311,24 @@ def _package_consumer(record: DeliveryRecord, obj: FluxObject, source: FluxObjec
                 progress.message or f"artifact {artifact_revision(source)} {named}")
 
 
+def is_static(obj: FluxObject) -> bool:
+    """A HelmRepository of type `oci`: source-controller (since Flux 2.3) never reconciles
+    it, so it never reports on a request. Its HelmCharts do the fetching."""
+    return obj.kind == "HelmRepository" and obj.spec.get("type") == "oci"
+
+
 def _done(record: DeliveryRecord, obj: FluxObject, marked: bool) -> tuple[str, str, str] | None:
-    """Ready or failed at the pushed commit (or, with no commit, at our request)."""
+    """Ready or failed at the pushed commit (or, with no commit, at our request; a chart
+    release of a package push, at the pushed version)."""
+    tag = package_tag(record.ref) if not record.sha and obj.kind == "HelmRelease" else None
+    if tag is not None:
+        # Handling our request proves nothing: its HelmChart may still hold the old chart.
+        version = tag.replace("_", "+")  # OCI tags carry semver's `+` as `_`
+        here = (applied_revision(obj) == version, attempted_revision(obj) == version)
+        progress = progress_at(obj, "", here)
+        if progress.state in (READY, FAILED):
+            return progress.state, progress.reason, progress.message
+        return None
     if record.sha:
         progress = progress_at(obj, record.sha)
         if progress.state in (READY, FAILED):
@@ -322,26 +354,86 @@ def _waiting(record: DeliveryRecord, obj: FluxObject, view: Callable[..., Target
     return view(ANNOTATED)
 
 
-def superseded_by(record: DeliveryRecord, obj: FluxObject) -> str | None:
-    """The later commit Flux took this object to instead of ours, or None if it has not.
+def held_elsewhere(record: DeliveryRecord, obj: FluxObject) -> str | None:
+    """The commit (or, for a HelmRelease, the chart version) an object rests at after it moved
+    past ours, or None if it has not.
 
-    All three must hold. Another delivery annotated the object after ours (someone asked for
-    a later state). The controller has handled a reconcile request made since ours was
-    received and is at rest (Ready at its generation): whatever it fetched or applied then,
-    it did after our commit was in Gitea, so it did not stop at ours. And what it holds is
-    another commit.
-
-    "The object has not moved yet" is never superseded: a repeat of the same commit through
+    Both must hold. The controller has handled a reconcile request made since ours was received
+    and is at rest (Ready at its generation): whatever it fetched or applied then, it did after
+    our commit was in Gitea, so it did not stop at ours. And what it holds is another commit.
+    "The object has not moved yet" is never "moved past": a repeat of the same commit through
     another Receiver, or a bare request, only joins the work in flight.
     """
-    if not delivery_marks.newer_than(obj.annotations, record.received, record.mark):
-        return None
     if not handled_since(obj, record.received) or not at_rest(obj):
         return None
+    return _holds_other(obj, record.sha)
+
+
+def _holds_other(obj: FluxObject, sha: str) -> str | None:
     holds = applied_revision(obj)
-    if not holds or names_commit(obj, holds, record.sha):
+    if not holds or names_commit(obj, holds, sha):
         return None
     return commit_of(holds) or holds
+
+
+def superseded_by(record: DeliveryRecord, obj: FluxObject,
+                  contains: Contains = never_known) -> str | None:
+    """The later commit Flux took this object to instead of ours, or None if it has not: it
+    moved past ours (`held_elsewhere`), another delivery annotated it after ours (someone asked
+    for a later state), and what it holds does not contain ours (as far as anyone knows)."""
+    if not delivery_marks.newer_than(obj.annotations, record.received, record.mark):
+        return None
+    held = held_elsewhere(record, obj)
+    if held is None or (_is_commit(held) and contains(obj, record.sha, held) is not False):
+        return None
+    return held
+
+
+def _is_commit(revision: str) -> bool:
+    return commit_of(revision) == revision
+
+
+def _moved_past(record: DeliveryRecord, obj: FluxObject, source: FluxObject, held: str,
+                contains: Contains, view: Callable[..., TargetView]) -> TargetView | None:
+    """An object resting at another commit: Ready if that commit contains ours, reconciling
+    while Gitea is asked, superseded if a later push took it there; None otherwise (it goes on
+    waiting: nothing says ours will not come)."""
+    answer = contains(source, record.sha, held) if _is_commit(held) else False
+    if answer is True:
+        return view(READY, CONTAINED,
+                    f"Flux holds {held[:12]}, which contains {record.sha[:12]}")
+    if answer is None:
+        return view(RECONCILING, CHECKING,
+                    f"asking Gitea whether {held[:12]} contains {record.sha[:12]}")
+    if delivery_marks.newer_than(obj.annotations, record.received, record.mark):
+        return _superseded_view(record, view, held)
+    return None
+
+
+def _consumer_moved_past(record: DeliveryRecord, obj: FluxObject, source: FluxObject,
+                         src_view: TargetView | None, contains: Contains,
+                         view: Callable[..., TargetView]) -> TargetView | None:
+    """A consumer's verdict once it, or its source, moved past our commit.
+
+    A consumer applies its source's new artifact without a request, so besides its own
+    `held_elsewhere` it counts as resting elsewhere once its source is Ready at a commit that
+    contains ours. If the source was superseded and the consumer never attempted ours, ours
+    will never reach it."""
+    held = held_elsewhere(record, obj)
+    if held is None and src_view is not None and src_view.reason == CONTAINED and at_rest(obj):
+        held = _holds_other(obj, record.sha)
+    if held is not None:
+        moved = _moved_past(record, obj, source, held, contains, view)
+        if moved is not None:
+            return moved
+    if names_commit(obj, attempted_revision(obj), record.sha):
+        return None
+    if src_view is not None:
+        if src_view.state == SKIPPED and src_view.reason == SUPERSEDED:
+            return _superseded_view(record, view, src_view.commit)
+        return None
+    later = superseded_by(record, source, contains)
+    return _superseded_view(record, view, later) if later is not None else None
 
 
 def _superseded_view(record: DeliveryRecord, view: Callable[..., TargetView],
@@ -356,23 +448,5 @@ def _superseded_view(record: DeliveryRecord, view: Callable[..., TargetView],
 def handled_since(obj: FluxObject, since: float) -> bool:
     """Has the controller handled a reconcile request made at or after `since` (unix)?"""
     handled = obj.status.get("lastHandledReconcileAt")
-    stamp = parse_requested_at(handled) if isinstance(handled, str) else None
+    stamp = epoch_seconds(handled)
     return stamp is not None and stamp >= since - 0.001
-
-
-def parse_requested_at(value: str) -> float | None:
-    """Unix seconds of a `requestedAt` value (RFC 3339, any sub-second precision), or None."""
-    text = value.strip().split(" ", 1)[0]
-    if not text:
-        return None
-    if text.endswith("Z"):
-        text = text[:-1] + "+00:00"
-    head, dot, rest = text.partition(".")
-    if dot:
-        digits = "".join(c for c in rest if c.isdigit())
-        zone = rest[len(digits):]
-        text = f"{head}.{digits[:6]}{zone}"
-    try:
-        return datetime.fromisoformat(text).timestamp()
-    except ValueError:
-        return None

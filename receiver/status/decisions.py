@@ -2,7 +2,7 @@
 
 One table (`STATE_TABLE`) decides the Gitea state from a Flux reason and severity; the rest
 renders the context, description and target URL, finds the commit and the repository, and picks
-the Gitea instances that host it. The shell (`status_service`) looks objects up and posts.
+the Gitea instances that host it. The shell (`receiver.status`) looks objects up and posts.
 
 Descriptions are built so that the same outcome always reads the same: Flux repeats
 `ReconciliationSucceeded` on every interval with a new duration in its message, and a status
@@ -13,17 +13,17 @@ resync would post again. Durations are masked when two statuses are compared.
 from __future__ import annotations
 
 import re
-import string
 from bisect import bisect_right
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
-from receiver.events import FluxEvent
 from receiver.flux.objects import CONSUMER_KINDS, FluxObject
+from receiver.flux.origin import artifact_commit, consumer_commits, is_oci, source_url
+from receiver.flux.origin import event_commit as oci_event_commit
 from receiver.flux.revisions import HELM_REVISION_META, applied_revision, commit_of
-from receiver.origin import artifact_commit, consumer_commits, is_oci, source_url
-from receiver.origin import event_commit as oci_event_commit
+from receiver.status.flux_events import FluxEvent
+from receiver.templates import StatusTemplates, render
 
 PENDING, SUCCESS, FAILURE, ERROR, WARNING, SKIPPED = (
     "pending", "success", "failure", "error", "warning", "skipped")
@@ -98,12 +98,6 @@ _CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])")
 _UNIT = r"\d+(?:\.\d+)?(?:h|ms|m|s|us|µs|ns)"
 _DURATION = re.compile(rf"\b{_UNIT}(?:{_UNIT})*\b")
 
-TARGET_URL_FIELDS = frozenset({"cluster", "kind", "namespace", "name", "sha", "repo", "owner",
-                               "host", "uid8"})
-# A context names the object, never the commit: Gitea keeps one latest status per context.
-CONTEXT_FIELDS = TARGET_URL_FIELDS - {"sha"}
-
-
 # -- state and text ------------------------------------------------------------------------
 
 
@@ -159,68 +153,6 @@ def describe(reason: str, message: str) -> str:
 def comparable(description: str) -> str:
     """A description with durations masked: `... after 5m0.3s` equals `... after 5m1.2s`."""
     return _DURATION.sub("<d>", description)
-
-
-# -- templates ------------------------------------------------------------------------------
-
-
-def template_fields(template: str) -> set[str]:
-    """The placeholder names a template uses; ValueError if it is malformed."""
-    names: set[str] = set()
-    for _, name, spec, conversion in string.Formatter().parse(template):
-        if name is not None:
-            if not name.isidentifier() or spec or conversion:
-                raise ValueError(f"unsupported placeholder {{{name}}} in {template!r}")
-            names.add(name)
-    return names
-
-
-def check_template(template: str, allowed: frozenset[str]) -> str | None:
-    """An error message for a template with unknown or malformed placeholders, else None."""
-    try:
-        unknown = template_fields(template) - allowed
-    except ValueError as exc:
-        return str(exc)
-    if unknown:
-        return f"unknown placeholder(s) {sorted(unknown)} in {template!r}; use {sorted(allowed)}"
-    return None
-
-
-class _Keep(dict[str, str]):
-    def __missing__(self, key: str) -> str:
-        return "{" + key + "}"
-
-
-def render(template: str, values: Mapping[str, str]) -> str:
-    """Fill a template; never raises (an unknown placeholder stays as written)."""
-    try:
-        return template.format_map(_Keep(values))
-    except (ValueError, IndexError, AttributeError, KeyError):
-        return template
-
-
-@dataclass(frozen=True, slots=True)
-class StatusTemplates:
-    cluster: str
-    context: str = "flux/{cluster}/{kind}/{namespace}/{name}"
-    target_url: str = ""
-    # `{uid8}`: the first segment of a Provider's UID (`statuses.provider_uid`), as
-    # notification-controller's gitea Provider puts it in its contexts.
-    uid8: str = ""
-    # notification-controller lower-cases its whole context.
-    lower: bool = False
-
-
-# Context presets (`statuses.context_preset`): template and whether it is lower-cased.
-CONTEXT_PRESETS: dict[str, tuple[str, bool]] = {
-    # notification-controller's generateDefaultCommitStatus: kind/name/<provider uid segment 1>.
-    "notification-controller": ("{kind}/{name}/{uid8}", True),
-}
-
-
-def uid_prefix(uid: str) -> str:
-    """The first dash-separated segment of a Kubernetes UID, lower-cased."""
-    return uid.strip().split("-", 1)[0].lower()
 
 
 # -- repositories and instances -------------------------------------------------------------

@@ -38,11 +38,11 @@ from receiver.flux.revisions import followable
 from receiver.flux.store import ObjectStore
 from receiver.gitea.payloads import PackagePush
 from receiver.giturls import registry_host
-from receiver.image_policy import excluded_by, latest_tag, policy_takes
-from receiver.resources import Resolved, resolve_resources
-from receiver.routing import Plan, Target, _target, plan_push
-from receiver.selector import Selection
-from receiver.semver import ConstraintError, artifact_tag, tag_taken
+from receiver.push.image_policy import excluded_by, latest_tag, policy_takes
+from receiver.push.resources import Resolved, resolve_resources
+from receiver.push.routing import Plan, Target, _target, plan_push
+from receiver.push.selector import Selection
+from receiver.push.semver import ConstraintError, artifact_tag, tag_taken
 
 # Package types whose versions a Flux source can pull.
 OCI_TYPES = frozenset({"container"})  # images, Flux artifacts and Helm charts over OCI alike

@@ -11,7 +11,7 @@ has the shape of a push, and decides that by the body alone, never by headers or
   `repository` is an object: another Gitea event, no push details);
 * a **Gitea package event**: a JSON object with a `package` object and none of a push's
   keys (Gitea's PackagePayload: a container or Helm version pushed to, or deleted from, its
-  registry); routed by `receiver.package_routing`;
+  registry); routed by `receiver.push.package_routing`;
 * anything else (empty, `{}`, `{"action": "deploy"}`, a non-object, not JSON at all) carries
   **no push details**: every listed object is reconciled, sources first, as Flux does, and the
   reply says why.

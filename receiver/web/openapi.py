@@ -1,5 +1,5 @@
 """The OpenAPI document of the HTTP API: built here, served at `GET /openapi.json`, kept in
-`docs/openapi.json` (`python -m receiver.openapi > docs/openapi.json`; a test checks that the
+`docs/openapi.json` (`python -m receiver.web.openapi > docs/openapi.json`; a test checks that the
 file and every route of the app agree with this module). Prose lives in `docs/api.md`; this
 is the machine-readable contract: paths, credentials, bodies, every status and its JSON shape.
 """
@@ -11,7 +11,7 @@ import json
 from typing import Any
 
 from receiver import __version__
-from receiver.delivery_state import OUTCOMES
+from receiver.delivery.state import OUTCOMES
 
 JSON = "application/json"
 FORM = "application/x-www-form-urlencoded"

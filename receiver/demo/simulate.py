@@ -18,8 +18,8 @@ import asyncio
 import logging
 from collections import OrderedDict
 
-from receiver import delivery_marks
-from receiver.deliveries import Delivery
+from receiver.delivery import marks as delivery_marks
+from receiver.delivery.store import Delivery
 from receiver.flux.memory import MemoryCluster
 from receiver.flux.objects import (
     CONSUMER_KINDS,

@@ -7,8 +7,8 @@ import contextlib
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
 
-from receiver.delivery_record import DeliveryRecord
-from receiver.delivery_state import Lookup
+from receiver.delivery.record import DeliveryRecord
+from receiver.delivery.state import Lookup
 from receiver.flux.objects import FluxObject, ObjectKey, consumer_source
 from receiver.flux.store import ObjectStore
 
@@ -38,7 +38,11 @@ class ChangeFeed:
         return len(self._waiters)
 
     def _on_change(self, op: str, obj: FluxObject) -> None:
-        for event in self._waiters.get(obj.key, ()):
+        self.touch(obj.key)
+
+    def touch(self, key: ObjectKey) -> None:
+        """Wake whoever waits on `key`: something its state depends on changed."""
+        for event in self._waiters.get(key, ()):
             event.set()
 
     @contextlib.contextmanager

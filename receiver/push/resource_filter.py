@@ -14,10 +14,10 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-from receiver.cel_filter import CompiledFilter, resource_document
 from receiver.flux.objects import ObjectKey, consumer_source
 from receiver.flux.store import ObjectStore
-from receiver.routing import Plan, Target
+from receiver.push.cel_filter import CompiledFilter, resource_document
+from receiver.push.routing import Plan, Target
 
 FALSE_REASON = "resourceFilter is false"
 

@@ -24,8 +24,8 @@ from receiver.flux.objects import (
 from receiver.flux.revisions import followable
 from receiver.flux.store import ObjectStore
 from receiver.gitea.payloads import Push
-from receiver.resources import Resolved, resolve_resources
-from receiver.semver import ConstraintError, artifact_tag, tag_taken
+from receiver.push.resources import Resolved, resolve_resources
+from receiver.push.semver import ConstraintError, artifact_tag, tag_taken
 
 PHASE_SOURCE = "source"
 PHASE_CONSUMER = "consumer"

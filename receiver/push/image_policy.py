@@ -32,7 +32,7 @@ from typing import Any
 
 import re2
 
-from receiver.semver import ConstraintError, tag_taken
+from receiver.push.semver import ConstraintError, tag_taken
 
 # ImageRepository `spec.exclusionList` when unset (the CRD default): cosign signature tags.
 DEFAULT_EXCLUSIONS = ("^.*\\.sig$",)
