@@ -10,8 +10,11 @@ What is modelled, and the choices the code does not make for us:
 * One branch (`refs/heads/main`) of one repository, a GitRepository `fleet` and two
   Kustomizations on it: `apps` (listed by the Receivers: annotated) and `infra` (tracked).
   Every push is routed to the same three targets, as routing does for a push to `main`.
-  Commits only ever move the branch forward (no force push); a commit is pushed to the
-  bridge only once it is on the branch, so Flux may fetch it before or after any hook.
+  The branch moves forward, or is force-pushed (its head replaced by a sibling that does
+  not contain it); whether a commit contains another is Git's ancestry, which Gitea answers
+  each replica when asked (`delivery/ancestry`), or fails to while it is down. A commit is
+  pushed to the bridge only once it is on the branch, so Flux may fetch it before or after
+  any hook. "Newer" means made later.
 * Two Receivers: `gitea` (Gitea's push webhook: a delivery id per request, redelivered with
   the same id) and `actions` (a CI step's generic push with a one-time signature, valid
   `TIMESTAMP_TOLERANCE_SECONDS` and replayable by whoever captured it). A request's mark is
@@ -44,7 +47,11 @@ What is modelled, and the choices the code does not make for us:
   follows `status_service` (one latest job per key, an event's job outranking a state-only
   one; `recall`/`recall_for_event` before asking Gitea; `needs_post`), and a resync posts
   `plan_repairs` of every consumer's `desired_from_object`.
-* Time is one clock for everything (unix seconds); steps advance it explicitly.
+* Time is one clock for everything (unix seconds); steps advance it explicitly, and every
+  event in the world (a commit, a request, a patch, a Flux run starting or ending) takes
+  2 ms, more than the 1 ms `handled_since` allows for rounding: clock skew is not explored.
+* The suite lowers the marks annotation's bounds (`PER_OWNER`, `MAX_ENTRIES`) so that a
+  flood of a couple of dozen pushes reaches them: the same code as the real bounds.
 """
 
 from __future__ import annotations
@@ -56,11 +63,19 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from receiver import delivery_marks, delivery_state, statuses
-from receiver.delivery_marks import DELIVERIES_ANNOTATION, Mark, mark_for
-from receiver.delivery_record import ROLE_ANNOTATE, ROLE_TRACK, DeliveryRecord, RecordTarget, decode, encode
-from receiver.delivery_state import SUPERSEDED, DeliveryView, TargetView, Timeouts
-from receiver.events import FluxEvent, InvolvedObject
+from receiver.delivery import marks as delivery_marks
+from receiver.delivery import state as delivery_state
+from receiver.delivery.marks import DELIVERIES_ANNOTATION, Mark, mark_for
+from receiver.delivery.reconcile import request_value
+from receiver.delivery.record import ROLE_ANNOTATE, ROLE_TRACK, DeliveryRecord, RecordTarget, decode, encode
+from receiver.delivery.state import (
+    CONTAINED,
+    SUPERSEDED,
+    Contains,
+    DeliveryView,
+    TargetView,
+    Timeouts,
+)
 from receiver.flux.objects import RECONCILE_ANNOTATION, SOURCE_KINDS, FluxObject, ObjectKey
 from receiver.flux.revisions import (
     FAILED,
@@ -74,9 +89,11 @@ from receiver.flux.revisions import (
     progress_at,
 )
 from receiver.giturls import normalise_repo_url
-from receiver.reconcile import request_value
-from receiver.replay import SeenOnce
+from receiver.push.replay import SeenOnce
 from receiver.signatures import TIMESTAMP_TOLERANCE_SECONDS
+from receiver.status import decisions as statuses
+from receiver.status.flux_events import FluxEvent, InvolvedObject
+from receiver.templates import StatusTemplates
 
 T0 = 1_700_000_000.0
 NS = "flux-system"
@@ -101,8 +118,20 @@ KEEP_MARKS_SECONDS = max(DEDUPE_SECONDS, TIMESTAMP_TOLERANCE_SECONDS * 2)
 PATCH_ATTEMPTS = 5
 REPEAT_WINDOW = 5.0
 STATUS_ATTEMPTS = 8
-TEMPLATES = statuses.StatusTemplates(cluster="eu-west")
+TEMPLATES = StatusTemplates(cluster="eu-west")
+ANCESTRY_RETRY = 30.0  # a failed question to Gitea answers "no" this long (delivery/ancestry)
 OUTCOMES = frozenset(delivery_state.OUTCOMES)
+
+
+@dataclass(frozen=True)
+class View:
+    """Where a GET is answered: a cache, the replica's local outcomes, its ancestry answers."""
+
+    name: str
+    lookup: Callable[[ObjectKey], FluxObject | None]
+    local: dict[ObjectKey, tuple[str, str, str]] | None
+    contains: Contains
+    answers: tuple[Any, ...]  # what `contains` answers depend on
 
 
 class Violation(AssertionError):
@@ -294,6 +323,28 @@ class Replica:
         self.jobs: dict[StatusKey, Job] = {}
         self.status_seen: dict[StatusKey, statuses.Seen] = {}
         self.listed: dict[str, float] = {}
+        # delivery/ancestry: (ours, held) -> answer; failed questions; questions under way.
+        self.known: dict[tuple[str, str], bool] = {}
+        self.failed: dict[tuple[str, str], float] = {}
+        self.asking: set[tuple[str, str]] = set()
+
+    def contains(self, now: float) -> Contains:
+        """This replica's `ancestry.Ancestry.contains`: a known answer, "no" for a while after
+        a failed question, else None while Gitea is asked."""
+        def contains(source: FluxObject, ours: str, held: str) -> bool | None:
+            pair = (ours.lower(), held.lower())
+            if pair in self.known:
+                return self.known[pair]
+            if self.failed.get(pair, -1.0) > now:
+                return False
+            self.asking.add(pair)
+            return None
+        return contains
+
+    def ancestry_state(self, now: float) -> tuple[Any, ...]:
+        """What this replica's answers depend on (for the evaluation cache)."""
+        return (frozenset(self.known.items()),
+                frozenset(p for p, until in self.failed.items() if until > now))
 
     def get(self, key: ObjectKey) -> FluxObject | None:
         return self.api.versions[key][self.view_at[key]]
@@ -382,7 +433,9 @@ class Accepted:
 class System:
     def __init__(self, replicas: int = 3) -> None:
         self.now = T0
-        self.branch = [commit(0)]
+        self.branch = [commit(0)]  # every commit made, in the order it was made
+        self.parent: dict[str, str | None] = {self.branch[0]: None}
+        self.head = self.branch[0]  # what refs/heads/main points at
         self.api = ApiServer(self.branch[0])
         self.replicas = [Replica(f"r{i}", self.api) for i in range(replicas)]
         self.restarts = 0
@@ -414,10 +467,22 @@ class System:
         1 ms `handled_since` allows for rounding): the model does not explore clock skew."""
         self.advance(0.002)
 
-    def new_commit(self) -> str:
+    def new_commit(self, force: bool = False) -> str:
+        """A commit on the branch; `force`: it replaces the head (an amended commit pushed with
+        --force), so it does not contain the commit it replaced."""
         self.event()
-        self.branch.append(commit(len(self.branch)))
-        return self.branch[-1]
+        sha = commit(len(self.branch))
+        self.parent[sha] = self.parent[self.head] if force else self.head
+        self.branch.append(sha)
+        self.head = sha
+        return sha
+
+    def on_branch(self, back: int) -> str:
+        """The head, or one of its first ancestors."""
+        sha = self.head
+        for _ in range(back):
+            sha = self.parent[sha] or sha
+        return sha
 
     def order(self, sha: str) -> int:
         return self.branch.index(sha)
@@ -556,7 +621,8 @@ class System:
     def reconcile(self, replica: Replica) -> None:
         for followed in list(replica.following.values()):
             record = followed.record
-            view = delivery_state.evaluate(record, replica.get, self.now, TIMEOUTS, followed.local)
+            view = delivery_state.evaluate(record, replica.get, self.now, TIMEOUTS, followed.local,
+                                           replica.contains(self.now))
             src_view = view.get(SRC)
             for target in view.targets:
                 if (target.role == ROLE_ANNOTATE and target.state == QUEUED
@@ -617,7 +683,7 @@ class System:
         if run.token is not None:
             status["lastHandledReconcileAt"] = run.token
         if key == SRC:
-            sha = self.branch[-1]
+            sha = self.head
             old = str((status.get("artifact") or {}).get("revision", ""))
             if ok:
                 status["artifact"] = {"revision": revision(sha)}
@@ -684,6 +750,26 @@ class System:
                 return
             replica.enqueue(statuses.plan_repairs(wanted, shown), self.now, state_only=True)
 
+    # -- ancestry: does a later commit contain ours (Gitea's answer) ----------------------------
+
+    def truth_contains(self, source: FluxObject, ours: str, held: str) -> bool:
+        """Git's answer: `held` is `ours` or a descendant of it."""
+        sha: str | None = held
+        while sha is not None:
+            if sha == ours:
+                return True
+            sha = self.parent.get(sha)
+        return False
+
+    def answer_ancestry(self, replica: Replica) -> None:
+        """Gitea answers every question the replica asked (or fails them while it is down)."""
+        for pair in sorted(replica.asking):
+            if self.gitea.down:
+                replica.failed[pair] = self.now + ANCESTRY_RETRY
+            else:
+                replica.known[pair] = self.truth_contains(self.api.latest(SRC), *pair)
+        replica.asking.clear()
+
     # -- replicas ---------------------------------------------------------------------------------
 
     def restart(self, index: int) -> None:
@@ -697,33 +783,33 @@ class System:
 
     # -- what any replica answers ------------------------------------------------------------
 
-    def views(self, accepted: Accepted) -> list[tuple[str, Any, Any]]:
-        """(where, lookup, local) for every cache a GET may be answered from: each replica's
-        (with its local outcomes if it follows the delivery) and a fresh one (the API server)."""
-        out: list[tuple[str, Any, Any]] = [("api", self.api.latest, None)]
+    def views(self, accepted: Accepted) -> list[View]:
+        """Every cache a GET may be answered from: each replica's (with its local outcomes if
+        it follows the delivery, and its answers about history), and a fresh one that sees the
+        API server and whom Gitea answers at once."""
+        out = [View("api", self.api.latest, None, self.truth_contains, ())]
         for replica in self.replicas:
             followed = replica.following.get(accepted.id)
-            out.append((replica.name, replica.get, followed.local if followed else None))
+            out.append(View(replica.name, replica.get, followed.local if followed else None,
+                            replica.contains(self.now), replica.ancestry_state(self.now)))
         return out
 
-    def evaluate(self, record: DeliveryRecord, lookup: Any, local: Any) -> DeliveryView:
-        objs = tuple(lookup(t.key) for t in record.targets)
+    def evaluate(self, record: DeliveryRecord, where: View) -> DeliveryView:
+        objs = tuple(where.lookup(t.key) for t in record.targets)
         age = self.now - record.received
         key = (record, objs, age > TIMEOUTS.source_seconds, age > TIMEOUTS.consumer_seconds,
-               tuple(sorted(local.items())) if local else ())
+               tuple(sorted(where.local.items())) if where.local else (), where.name,
+               where.answers)
         view = self._views.get(key)
         if view is None:
-            view = self._views[key] = delivery_state.evaluate(record, lookup, self.now, TIMEOUTS,
-                                                              local)
+            view = self._views[key] = delivery_state.evaluate(
+                record, where.lookup, self.now, TIMEOUTS, where.local, where.contains)
         return view
 
-    def outcomes(self, where: str = "api") -> dict[str, str]:
-        out = {}
-        for acc in self.accepted:
-            for name, lookup, local in self.views(acc):
-                if name == where:
-                    out[acc.id] = self.evaluate(acc.record, lookup, local).outcome()
-        return out
+    def outcomes(self) -> dict[str, str]:
+        """Every delivery's outcome as a fresh cache reads it."""
+        return {acc.id: self.evaluate(acc.record, self.views(acc)[0]).outcome()
+                for acc in self.accepted}
 
     # -- invariants --------------------------------------------------------------------------
 
@@ -768,10 +854,9 @@ class System:
 
     def check_delivery(self, acc: Accepted) -> None:
         record = acc.record  # as `check_id` read it from the id
-        for where, lookup, local in self.views(acc):
-            view = self.evaluate(record, lookup, local)
-            outcome = view.outcome()
-            self.check_outcome(record, view, outcome, lookup, where)
+        for where in self.views(acc):
+            view = self.evaluate(record, where)
+            self.check_outcome(record, view, view.outcome(), where.lookup, where.name)
 
     def check_outcome(self, record: DeliveryRecord, view: DeliveryView, outcome: str,
                       lookup: Any, where: str) -> None:
@@ -784,9 +869,11 @@ class System:
                   f"{who}: still in progress {age:g}s after it was received, past every time-out")
         if outcome == "ready":
             for t in view.targets:
-                done = (record.sha in self.fetched if t.key == SRC
-                        else record.sha in self.applied[t.key])
-                check(done, 1, f"{who} is ready but Flux never "
+                done = self.fetched if t.key == SRC else self.applied[t.key]
+                # Ours, or (a target ready as containing ours) a later commit on the branch.
+                there = record.sha in done or (t.reason == CONTAINED and any(
+                    self.truth_contains(self.api.latest(SRC), record.sha, sha) for sha in done))
+                check(there, 1, f"{who} is ready but Flux never "
                       f"{'fetched' if t.key == SRC else 'applied'} it on {t.key} "
                       f"(target {t.state}/{t.reason})")
         for t in view.targets:

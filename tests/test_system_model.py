@@ -1,26 +1,32 @@
 """The whole system (`tests/system_model.py`) under a hypothesis state machine.
 
 After every step the bridge's answers, computed by the real core functions, are checked
-against what really happened in the model:
+against what really happened in the model, on every cache a GET may be answered from (each
+replica's, lagging or not, and a fresh one):
 
 1. A delivery is `ready` only when Flux really fetched (source) or applied (consumer) the
-   pushed commit on every target it follows. A target skipped as `Superseded` is one where
-   Flux went to a newer commit (on it, or for a consumer not at ours, on its source) in a run
-   begun after the push was received, and its message names that commit.
+   pushed commit on every target it follows, or, for a target ready as containing ours, a
+   commit that contains it. A target skipped as `Superseded` is one where Flux went to a
+   commit made after ours (on it, or for a consumer that has not attempted ours, on its
+   source) in a run begun after the push was received, and it names that commit.
 2. A patch that carries only marks of pushes of commit S (a repeat through any Receiver, on
-   any replica) never ends a delivery of S that was in progress, unless Flux really went to
-   a newer commit there (invariant 1's superseded).
-3. Every accepted push reads back from its id on every replica, whatever restarted; its
-   outcome is one of the known ones; `in_progress` names a target still open, and no
-   delivery is still in progress once every time-out has passed.
-4. One (object, push) pair is patched at most once across replicas; a request refused as a
-   replay or duplicate is never accepted afterwards, whatever other pushes arrive.
+   any replica) never ends a delivery of S that was in progress, unless Flux really went past
+   S there (invariant 1's superseded).
+3. Every accepted push reads back from its id, whatever restarted; its outcome is one of the
+   known ones; `in_progress` names a target still open, and no delivery is still in
+   progress once every time-out has passed.
+4. One (object, push) pair is patched at most once across replicas within the request's
+   window; a request refused because its mark was on the objects is never accepted by a
+   replica whose cache has caught up with that refusal, nor one refused by a replica's
+   memory by that replica, whatever other pushes arrive.
 5. Once everything settles (events delivered, caches caught up, Gitea up, queues drained and
    a resync run), Gitea shows for each consumer's current commit the state of Flux's live
    status, which is the state of the last event Flux sent for it.
 
-`run_model` runs the machine and counts examples and steps; the mutation tests break one
-guard of the core at a time and expect the model to catch it.
+`run_model` runs the machine and counts examples and steps (shown in the `summaries` section
+of the pytest output); the mutation tests break one guard of the core at a time and expect
+the model to catch it with the invariant that guard holds. Two strict xfails pin gaps the
+model found in the code as it is (see their reasons).
 """
 
 from __future__ import annotations
@@ -43,13 +49,14 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from receiver import delivery_state, statuses
-from receiver.delivery_state import DeliveryView
-from receiver.flux.revisions import same_commit
+from receiver.delivery import state as delivery_state
+from receiver.delivery.state import DeliveryView
+from receiver.status import decisions as statuses
 from tests import system_model as model
 from tests.system_model import ACTIONS, GITEA, OBJECTS, RECEIVERS, SRC, System, Violation
 
 REPLICAS = 3
+TIMEOUTS_PAST = model.TIMEOUTS.consumer_seconds + 1
 # What the suite runs: fixed sizes, no database, any seed (see `run_model`).
 MAX_EXAMPLES = 60
 STEPS = 40
@@ -85,9 +92,9 @@ class SystemMachine(RuleBasedStateMachine):
 
     # -- Git and pushes --------------------------------------------------------------------
 
-    @rule()
-    def git_commit(self) -> None:
-        self.system.new_commit()
+    @rule(force=st.booleans())
+    def git_commit(self, force: bool) -> None:
+        self.system.new_commit(force)
 
     @rule(receiver=st.sampled_from(RECEIVERS), back=st.integers(0, 1),
           replica=st.integers(0, REPLICAS - 1), wait=st.sampled_from([0.0, 0.4, 2.0]),
@@ -96,8 +103,14 @@ class SystemMachine(RuleBasedStateMachine):
         """A new request for the head or a recent commit."""
         system = self.system
         system.advance(wait)
-        sha = system.branch[-1 - min(back, len(system.branch) - 1)]
+        sha = system.on_branch(back)
         self._send(system.request(receiver, sha), replica, send_now)
+
+    @rule(receiver=st.sampled_from(RECEIVERS), replica=st.integers(0, REPLICAS - 1))
+    def force_push(self, receiver: str, replica: int) -> None:
+        """The head replaced by an amended commit (git push --force), and its hook."""
+        self._send(self.system.request(receiver, self.system.new_commit(force=True)), replica,
+                   send_now=True)
 
     @precondition(lambda self: self.system.accepted)
     @rule(receiver=st.sampled_from(RECEIVERS), replica=st.integers(0, REPLICAS - 1),
@@ -158,7 +171,7 @@ class SystemMachine(RuleBasedStateMachine):
             outcome = after[acc.id]
             if outcome == "in_progress":
                 continue
-            view = system.evaluate(acc.record, system.api.latest, None)
+            view = system.evaluate(acc.record, system.views(acc)[0])
             explained = outcome == "superseded" and not any(
                 system.unexplained(acc.record, t, system.api.latest)
                 for t in view.targets if t.state == model.SKIPPED)
@@ -224,6 +237,11 @@ class SystemMachine(RuleBasedStateMachine):
         self.system.gitea.down = down
 
     @rule(replica=st.integers(0, REPLICAS - 1))
+    def ancestry(self, replica: int) -> None:
+        """Gitea answers the replica's questions about history (or fails them, if down)."""
+        self.system.answer_ancestry(self.system.replicas[replica])
+
+    @rule(replica=st.integers(0, REPLICAS - 1))
     def resync(self, replica: int) -> None:
         self.system.resync(self.system.replicas[replica])
 
@@ -251,14 +269,14 @@ class RepeatsOnly(SystemMachine):
 
     @precondition(lambda self: len(self.system.branch) < 2)
     @rule()
-    def git_commit(self) -> None:
+    def git_commit(self) -> None:  # type: ignore[override]
         self.system.new_commit()
 
     @rule(receiver=st.sampled_from(RECEIVERS), replica=st.integers(0, REPLICAS - 1),
           wait=st.sampled_from([0.0, 0.4, 2.0]), send_now=st.booleans())
     def push(self, receiver: str, replica: int, wait: float, send_now: bool) -> None:  # type: ignore[override]
         self.system.advance(wait)
-        self._send(self.system.request(receiver, self.system.branch[-1]), replica, send_now)
+        self._send(self.system.request(receiver, self.system.head), replica, send_now)
 
     @precondition(lambda self: False)
     @rule()
@@ -350,7 +368,7 @@ def test_a_repeat_of_the_commit_through_another_receiver_is_not_deployed() -> No
     Gitea's own webhook for S arrives 0.4 s later through the gitea Receiver, both marks go
     out in one patch; Flux has fetched nothing. The first push must not read as deployed."""
     machine = SystemMachine()
-    machine.git_commit()
+    machine.git_commit(force=False)
     machine.push(receiver=ACTIONS, back=0, replica=0, wait=0.0, send_now=False)
     machine.repeat_commit(receiver=GITEA, replica=1, wait=0.4, send_now=False)
     machine.flush(replica=0, key=SRC)
@@ -377,6 +395,26 @@ def test_a_replay_refused_by_the_marks_is_refused_by_a_lagging_replica_too() -> 
     assert system.send(lagging, request) == "replayed"
 
 
+@pytest.mark.xfail(strict=True, reason=(
+    "known gap: a push's `pending` job still queued (Gitea down, retrying) outranks the "
+    "delivery's final status (a state-only job is dropped beside a queued non-event job), so "
+    "once Gitea is back it posts `pending` for a push that timed out, and nothing ends it"))
+def test_a_timed_out_push_does_not_stay_pending_after_gitea_comes_back() -> None:
+    system = System(REPLICAS)
+    replica = system.replicas[0]
+    sha = system.new_commit()
+    assert system.send(replica, system.request(GITEA, sha)) == "accepted"
+    (key,) = [k for k in replica.jobs if k[1].endswith("/apps")]
+    system.gitea.down = True
+    replica.work(key, system.gitea, system.now)  # fails: retried later
+    system.advance(TIMEOUTS_PAST)  # the patch never went out: the push times out
+    system.reconcile(replica)
+    assert system.outcomes() == {system.accepted[0].id: "timed_out"}
+    system.gitea.down = False
+    system.drain()
+    assert system.gitea.shown[key][0] != "pending"
+
+
 # -- mutations: each guard broken on purpose must make the model fail ----------------------------
 
 
@@ -389,13 +427,10 @@ def _outcome_counting_skipped_as_ready(self: DeliveryView) -> str:
     return "timed_out" if "timed_out" in states else "ready"
 
 
-def _superseded_old_rule(record: Any, obj: Any) -> str | None:
-    """Before the fix: a newer mark and the object not at our commit (not moved yet counts)."""
-    went = model.attempted_revision(obj)
-    if (model.delivery_marks.newer_than(obj.annotations, record.received, record.mark)
-            and not same_commit(went, record.sha)):
-        return model.commit_of(went) or went
-    return None
+def _held_elsewhere_unguarded(record: Any, obj: Any) -> str | None:
+    """Without the guard of "not moved yet": whatever the object holds, if not ours, counts
+    as where it moved to (the old rule's mistake)."""
+    return delivery_state._holds_other(obj, record.sha)
 
 
 def _source_without_timeout(original: Any) -> Any:
@@ -425,13 +460,13 @@ def _needs_post_if_nothing_shown(shown: Any, wanted: Any, *, state_only: bool) -
 
 
 # name: (the invariants it may break, where the guard lives, the broken guard, the machine).
-# The old superseded rule breaks invariant 2 when the later mark is a repeat of the same
-# commit, and invariant 1 (an unexplained superseded) when it shows up some other way first.
+# Invariant 2 is invariant 1 seen through a repeat's patch: a false verdict that such a
+# patch brings about shows as 2, one that shows up some other way first as 1.
 MUTATIONS: dict[str, tuple[tuple[int, ...], Any, str, Any, Any]] = {
     "outcome counts skipped targets as ready": (
-        (1,), DeliveryView, "outcome", _outcome_counting_skipped_as_ready, SystemMachine),
-    "superseded: a newer mark and the object not at our commit (the old rule)": (
-        (2, 1), delivery_state, "superseded_by", _superseded_old_rule, RepeatsOnly),
+        (1, 2), DeliveryView, "outcome", _outcome_counting_skipped_as_ready, SystemMachine),
+    "moved past: any other commit held counts, handled or not (the old rule)": (
+        (2, 1), delivery_state, "held_elsewhere", _held_elsewhere_unguarded, RepeatsOnly),
     "a source never times out": (
         (3,), delivery_state, "_source", _source_without_timeout(delivery_state._source),
         SystemMachine),
