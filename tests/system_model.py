@@ -1,8 +1,9 @@
 """A model of the whole system around a push: replicas, Receivers, the API server, Flux, Gitea.
 
 `tests/test_system_model.py` drives it with a hypothesis state machine and checks, after every
-step, what the bridge answers (`delivery_state.evaluate` and `DeliveryView.outcome`, the marks
-of `delivery_marks`, the status decisions of `statuses`) against what really happened in the
+step, what the bridge answers (`receiver.delivery.state.evaluate` and `DeliveryView.outcome`,
+the marks of `receiver.delivery.marks`, the status decisions of `receiver.status.decisions`)
+against what really happened in the
 model: which commits Flux fetched and applied, which pushes were patched, what Gitea shows.
 
 What is modelled, and the choices the code does not make for us:
@@ -18,18 +19,18 @@ What is modelled, and the choices the code does not make for us:
 * Two Receivers: `gitea` (Gitea's push webhook: a delivery id per request, redelivered with
   the same id) and `actions` (a CI step's generic push with a one-time signature, valid
   `TIMESTAMP_TOLERANCE_SECONDS` and replayable by whoever captured it). A request's mark is
-  `delivery_record.mark_for` of its identity, as ingest makes it.
+  `delivery.marks.mark_for` of its identity, as ingest makes it.
 * Replicas: each has its own `SeenOnce`, its own deliveries in flight, its own queue of
   patches and of status jobs, and its own cache (watch) of every object, which may lag the
   API server by any number of versions; a replica's own patch's answer is adopted into its
   cache at once (the kube backend does). A restart loses all of that and lists afresh.
-* Ingest follows `ingest.IngestService` in order: replayed one-time signature (401),
+* Ingest follows `web.ingest.IngestService` in order: replayed one-time signature (401),
   repeated Gitea delivery id (duplicate), a push joining this replica's delivery in flight of
   the same (Receiver, commit, ref), the mark already on an object of the plan (refused), else
-  accepted: a record (its id made and read back by `delivery_record.encode`/`decode`), the
-  source patch asked for, `pending` on the tracked consumers (`statuses.pending_for_push`).
-* Patches follow `reconcile.PatchCoalescer._send_once`: every mark waiting for an object goes
-  in one patch (coalesced), the value is `delivery_marks.merge` of what the replica's cache
+  accepted: a record (its id made and read back by `delivery.record.encode`/`decode`), the
+  source patch asked for, `pending` on the tracked consumers (`pending_for_push`).
+* Patches follow `delivery.reconcile.PatchCoalescer._send_once`: every mark waiting for an object goes
+  in one patch (coalesced), the value is `marks.merge` of what the replica's cache
   shows, sent conditional on its resourceVersion, read again and decided again on a 409; a
   mark the merge refuses fails its delivery on that replica (`TooManyMarks`).
   When the window closes is not modelled: a flush may come at any step, after any number of
@@ -43,10 +44,11 @@ What is modelled, and the choices the code does not make for us:
   Kustomization run, and each fetch of a new artifact, sends an event, which reaches any
   replica later, or never.
 * Gitea keeps the latest status per (commit, context); it may be down (a post or a listing
-  fails, the job is retried up to `statuses.max_attempts`). The status shell of each replica
-  follows `status_service` (one latest job per key, an event's job outranking a state-only
-  one; `recall`/`recall_for_event` before asking Gitea; `needs_post`), and a resync posts
-  `plan_repairs` of every consumer's `desired_from_object`.
+  fails, the job is retried up to the settings' `statuses.max_attempts`). The status shell of
+  each replica follows `status.queue` and `status.gitea_view` (one latest job per key, an
+  event's job outranking a state-only one; `recall`/`recall_for_event` before asking Gitea;
+  `needs_post`), a delivery's final state ends its pending as `status.signals` does, and a
+  resync posts `plan_repairs` of every consumer's `desired_from_object`.
 * Time is one clock for everything (unix seconds); steps advance it explicitly, and every
   event in the world (a commit, a request, a patch, a Flux run starting or ending) takes
   2 ms, more than the 1 ms `handled_since` allows for rounding: clock skew is not explored.
@@ -353,7 +355,7 @@ class Replica:
         index = self.api.versions[obj.key].index(obj)
         self.view_at[obj.key] = max(self.view_at[obj.key], index)
 
-    # -- status shell (status_service) ------------------------------------------------------
+    # -- status shell (status.queue) --------------------------------------------------------
 
     def enqueue(self, wanted: list[statuses.DesiredStatus], now: float, *, state_only: bool,
                 origin: str = "") -> None:
@@ -387,7 +389,7 @@ class Replica:
         return shown
 
     def work(self, key: StatusKey, gitea: Gitea, now: float) -> None:
-        """`status_service._deliver` for one job."""
+        """`status.queue`'s delivery of one job."""
         job = self.jobs.pop(key)
         status = job.status
         try:
