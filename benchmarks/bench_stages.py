@@ -154,8 +154,9 @@ async def _under_load(pushes: int, clients: int, timeout: float) -> dict[str, An
 def _alone(number: int) -> dict[str, float]:
     from receiver.config import load_settings
     from receiver.delivery.record import DeliveryRecord, encode
-    from receiver.delivery.state import Timeouts, evaluate
+    from receiver.delivery.state import evaluate
     from receiver.delivery.store import Delivery, record_targets
+    from receiver.delivery.view import Timeouts
     from receiver.flux.memory import MemoryCluster
     from receiver.flux.store import ObjectStore
     from receiver.push.package_routing import plan_selection

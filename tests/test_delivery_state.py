@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 
 from receiver.delivery.marks import DELIVERIES_ANNOTATION
 from receiver.delivery.record import ROLE_ANNOTATE, ROLE_TRACK, DeliveryRecord, RecordTarget
-from receiver.delivery.state import Timeouts, evaluate
+from receiver.delivery.state import evaluate
+from receiver.delivery.view import Timeouts
 from receiver.flux.objects import FluxObject, ObjectKey
 from receiver.times import epoch_seconds as parse_requested_at
 
@@ -318,3 +319,21 @@ def test_same_inputs_same_answer_and_final_is_consistent(kinds: list[str], dt: f
     if dt > LIMITS.consumer_seconds:
         assert first.final  # past every time-out nothing is left in progress
     assert first.outcome() in {"ready", "failed", "timed_out", "in_progress"}
+
+
+def test_a_listed_consumer_is_annotated_only_once_its_source_is_ready_for_the_push() -> None:
+    from receiver.delivery.state import source_ready
+
+    rev = f"main@sha1:{SHA}"
+    apps = obj(APPS)
+    waiting = {o.key: o for o in [obj(SRC, marks=f"{MARK}@{T0}"), apps, obj(INFRA)]}
+    view = evaluate(record(), waiting.get, T0 + 1, LIMITS)
+    assert not source_ready(record(), view, apps, waiting.get)  # Flux would apply the old one
+    fetched = {**waiting, SRC: obj(SRC, status=ready(rev))}
+    view = evaluate(record(), fetched.get, T0 + 1, LIMITS)
+    assert source_ready(record(), view, apps, fetched.get)
+    # A source this delivery does not follow: its live status at the pushed commit decides.
+    alone = record(SHA, RecordTarget(APPS, ROLE_ANNOTATE))
+    view = evaluate(alone, waiting.get, T0 + 1, LIMITS)
+    assert not source_ready(alone, view, apps, waiting.get)
+    assert source_ready(alone, evaluate(alone, fetched.get, T0 + 1, LIMITS), apps, fetched.get)

@@ -24,6 +24,7 @@ from receiver.flux.objects import (
 )
 from receiver.flux.store import ObjectStore
 from receiver.retry import Backoff
+from tests.conftest import until
 from tests.kubefake import MERGE_PATCH, FakeKube
 
 GIT = API_VERSIONS["GitRepository"]
@@ -69,10 +70,7 @@ async def running(cluster: KubeCluster) -> AsyncIterator[KubeCluster]:
 
 
 async def eventually(check: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.01)
+    await until(check, timeout)
 
 
 async def synced(cluster: KubeCluster) -> KubeCluster:

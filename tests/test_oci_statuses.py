@@ -22,8 +22,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from receiver.delivery import marks as delivery_marks
+from receiver.delivery.package import has_push, package_commit
 from receiver.delivery.record import ROLE_ANNOTATE, ROLE_TRACK, DeliveryRecord, RecordTarget
-from receiver.delivery.state import Timeouts, evaluate, has_push, package_commit
+from receiver.delivery.state import evaluate
+from receiver.delivery.view import Timeouts
 from receiver.flux.objects import FluxObject, ObjectKey
 from receiver.flux.origin import (
     consumer_commits,

@@ -39,6 +39,7 @@ from receiver.flux.store import ObjectStore
 from receiver.retry import Backoff
 from receiver.web.app import create_app, url_normaliser
 from tests import gitea_payloads as gp
+from tests.conftest import until
 from tests.realk8s import ROOT, ControlPlane, control_plane, load_yaml_dir  # noqa: F401
 
 pytestmark = pytest.mark.realk8s
@@ -125,16 +126,9 @@ def now() -> str:
 
 async def eventually(what: str, check: Callable[[], T | None], timeout: float = 20.0, *,
                      api: bool = False) -> T:
-    """Call `check` until it returns a truthy value. `api=True`: it makes blocking API calls,
-    so it runs in a thread; otherwise on the loop (the bridge's store is only read there)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = await asyncio.to_thread(check) if api else check()
-        if result:
-            return result
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
-        await asyncio.sleep(0.1)
+    """`until`, worded for this module: `api=True` when `check` calls the API server."""
+    result: T = await until(check, timeout, what, in_thread=api)
+    return result
 
 
 @dataclass

@@ -574,3 +574,16 @@ def test_a_new_event_believes_only_what_gitea_showed_after_it_arrived() -> None:
     assert recall_for_event(read, None, 102.5, 5.0, "event-2", 101.0) == (True, read.fields)
     assert recall_for_event(None, 102.0, 102.5, 5.0, "event-2", 101.0) == (True, None)
     assert recall_for_event(None, 100.0, 102.5, 5.0, "event-2", 101.0) == (False, None)
+
+
+def test_which_delivery_outcomes_post_a_status() -> None:
+    from receiver.status.decisions import outcome_to_post
+
+    assert outcome_to_post("ready", "") == "ready"
+    assert outcome_to_post("failed", "BuildFailed") == "failed"
+    assert outcome_to_post("timed_out", "Timeout") == "timed_out"
+    # Flux went past the commit: it ends as a push Flux never deployed, not as pending.
+    assert outcome_to_post("skipped", "Superseded") == "timed_out"
+    assert outcome_to_post("skipped", "NotFollowed") is None
+    for going in ("queued", "annotated", "reconciling"):
+        assert outcome_to_post(going, "") is None

@@ -14,9 +14,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 
+from receiver.bounded import BoundedMap
 from receiver.flux.objects import FluxObject, ObjectKey
 
 log = logging.getLogger(__name__)
@@ -32,12 +32,11 @@ class Ancestry:
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._ask = ask
         self._on_answer = on_answer
-        self._max = max_entries
         self._max_asking = max_asking
         self._retry = retry_seconds
         self._clock = clock
-        self._known: OrderedDict[_Pair, bool] = OrderedDict()
-        self._failed: dict[_Pair, float] = {}  # pair -> when to ask again
+        self._known: BoundedMap[_Pair, bool] = BoundedMap(max_entries)
+        self._failed: BoundedMap[_Pair, float] = BoundedMap(max_entries)  # pair -> ask again at
         self._asking: dict[_Pair, asyncio.Task[None]] = {}
 
     def contains(self, source: FluxObject, ours: str, held: str) -> bool | None:
@@ -72,20 +71,12 @@ class Ancestry:
                         extra={"object": str(source.key), "commit": pair[1][:12],
                                "held": pair[2][:12], "error": type(exc).__name__})
             self._failed[pair] = self._clock() + self._retry
-            if len(self._failed) > self._max:
-                self._failed.clear()
         else:
-            self._remember(pair, bool(answer))
+            self._known[pair] = bool(answer)
             self._failed.pop(pair, None)
         finally:
             self._asking.pop(pair, None)
         self._on_answer(source.key)
-
-    def _remember(self, pair: _Pair, answer: bool) -> None:
-        self._known[pair] = answer
-        self._known.move_to_end(pair)
-        while len(self._known) > self._max:
-            self._known.popitem(last=False)
 
     async def stop(self) -> None:
         tasks = list(self._asking.values())

@@ -12,11 +12,22 @@ refused). Other replicas then report that target as timed out once its time is u
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import Any
 
 from receiver.delivery import marks as delivery_marks
+from receiver.delivery.package import has_push, is_package_delivery, package_consumer
 from receiver.delivery.record import ROLE_ANNOTATE, DeliveryRecord, RecordTarget
+from receiver.delivery.view import (
+    CHECKING,
+    CONTAINED,
+    SUPERSEDED,
+    Contains,
+    DeliveryView,
+    Local,
+    Lookup,
+    TargetView,
+    Timeouts,
+    never_known,
+)
 from receiver.flux.objects import (
     SOURCE_KINDS,
     FluxObject,
@@ -25,11 +36,6 @@ from receiver.flux.objects import (
     helm_chart_of,
 )
 from receiver.flux.origin import (
-    artifact_commit,
-    artifact_revision,
-    consumer_at_artifact,
-    consumer_commits,
-    has_pushed_artifact,
     is_oci,
     package_tag,
 )
@@ -47,116 +53,11 @@ from receiver.flux.revisions import (
     attempted_revision,
     commit_of,
     followable,
+    handled_since,
     names_commit,
     progress_at,
     same_commit,
 )
-from receiver.times import epoch_seconds
-
-Lookup = Callable[[ObjectKey], FluxObject | None]
-
-# A delivery's verdicts. Only `ready` means "deployed"; `superseded` is final but is not
-# success: Flux went to a later commit and never reported ours.
-IN_PROGRESS = "in_progress"
-SUPERSEDED_OUTCOME = "superseded"
-OUTCOMES = (IN_PROGRESS, READY, FAILED, TIMED_OUT, SUPERSEDED_OUTCOME)
-SUPERSEDED = "Superseded"  # the reason of a skipped target taken to a later commit
-CONTAINED = "ContainsCommit"  # the reason of a target Ready at a later commit that holds ours
-CHECKING = "CheckingHistory"  # while the shell asks Gitea whether a later commit holds ours
-
-Contains = Callable[[FluxObject, str, str], "bool | None"]
-"""`contains(source, ours, held)`: does commit `held` contain commit `ours` (ours is `held` or
-one of its ancestors) in the repository `source` fetches? None while nobody knows yet: the shell
-asks Gitea, caches the answer, and evaluates again (`receiver/delivery/ancestry.py`)."""
-
-
-def never_known(source: FluxObject, ours: str, held: str) -> bool:
-    """`Contains` without a Git host to ask: a later commit is never taken to contain ours."""
-    return False
-
-
-@dataclass(frozen=True, slots=True)
-class Timeouts:
-    source_seconds: float
-    consumer_seconds: float
-
-
-@dataclass(frozen=True, slots=True)
-class TargetView:
-    key: ObjectKey
-    role: str
-    state: str
-    reason: str = ""
-    message: str = ""
-    commit: str = ""  # for a superseded target: the commit Flux took it to instead
-
-    @property
-    def is_source(self) -> bool:
-        return self.key.kind in SOURCE_KINDS
-
-    @property
-    def final(self) -> bool:
-        return self.state in FINAL_STATES
-
-    def as_dict(self, api_version: str = "") -> dict[str, Any]:
-        out: dict[str, Any] = {"kind": self.key.kind, "namespace": self.key.namespace,
-                               "name": self.key.name, "role": self.role, "state": self.state}
-        if api_version:
-            out = {"apiVersion": api_version, **out}
-        if self.reason or self.message:
-            out["detail"] = {"reason": self.reason, "message": self.message}
-        if self.commit:
-            out["supersededBy"] = self.commit
-        return out
-
-
-@dataclass(frozen=True, slots=True)
-class DeliveryView:
-    targets: tuple[TargetView, ...]
-
-    @property
-    def final(self) -> bool:
-        return all(t.final for t in self.targets)
-
-    @property
-    def settled(self) -> bool:
-        """Nothing more to wait for: every target is final, or one has failed."""
-        return self.final or any(t.state == FAILED for t in self.targets)
-
-    def outcome(self) -> str:
-        """The delivery's verdict, the one a CI gate reads (`OUTCOMES`).
-
-        `failed` as soon as any target failed (a CI job can stop there); `in_progress` until
-        every target is final; then `timed_out` if any timed out, `superseded` if any was
-        taken to a later commit instead of ours, and `ready` only when every target it
-        followed is Ready at the pushed commit. A skipped target is never counted as ready.
-        """
-        states = {t.state for t in self.targets}
-        if FAILED in states:
-            return FAILED
-        if not self.final:
-            return IN_PROGRESS
-        if TIMED_OUT in states:
-            return TIMED_OUT
-        if any(t.state == SKIPPED and t.reason == SUPERSEDED for t in self.targets):
-            return SUPERSEDED_OUTCOME
-        return READY
-
-    def superseded_by(self) -> str:
-        """The commit Flux took a superseded target to instead of ours ("" if none was)."""
-        for target in self.targets:
-            if target.state == SKIPPED and target.reason == SUPERSEDED:
-                return target.commit
-        return ""
-
-    def get(self, key: ObjectKey) -> TargetView | None:
-        for target in self.targets:
-            if target.key == key:
-                return target
-        return None
-
-
-Local = Mapping[ObjectKey, tuple[str, str, str]]
 
 
 def evaluate(record: DeliveryRecord, lookup: Lookup, now: float, timeouts: Timeouts,
@@ -223,6 +124,23 @@ def awaited_source(consumer: FluxObject,
     return src_ref.key if src_ref is not None else None
 
 
+def source_ready(record: DeliveryRecord, view: DeliveryView, consumer: FluxObject,
+                 lookup: Lookup) -> bool:
+    """May a listed consumer be annotated now? Once the source it waits for (`awaited_source`)
+    is Ready for this delivery: annotated earlier, Flux would apply the previous commit."""
+    awaited = awaited_source(consumer, lambda key: view.get(key) is not None)
+    if awaited is None:
+        return True
+    mine = view.get(awaited)
+    if mine is not None:
+        return mine.state == READY
+    src = lookup(awaited)
+    if not record.sha:
+        # A package push: not before its artifact is there, or the old one is applied.
+        return src is None or has_push(record, src)
+    return src is not None and progress_at(src, record.sha).state == READY
+
+
 def _consumer(record: DeliveryRecord, obj: FluxObject, role: str, view: Callable[..., TargetView],
               marked: bool, age: float, timeouts: Timeouts, lookup: Lookup,
               done_views: Mapping[ObjectKey, TargetView], contains: Contains) -> TargetView:
@@ -234,7 +152,7 @@ def _consumer(record: DeliveryRecord, obj: FluxObject, role: str, view: Callable
         return view(src_view.state, reason, "its source did not get the pushed commit")
     source = lookup(src_ref.key) if src_ref is not None else None
     if source is not None and is_package_delivery(record) and is_oci(source):
-        return _package_consumer(record, obj, source, role, view, marked, age, timeouts)
+        return package_consumer(record, obj, source, role, view, marked, age, timeouts)
     done = _done(record, obj, marked)
     if done is not None:
         return view(*done)
@@ -255,60 +173,6 @@ def _consumer(record: DeliveryRecord, obj: FluxObject, role: str, view: Callable
     if not marked and record.sha and same_commit(attempted_revision(obj), record.sha):
         return view(RECONCILING, "AlreadyStarted", "")
     return _waiting(record, obj, view, marked)
-
-
-def is_package_delivery(record: DeliveryRecord) -> bool:
-    """A package push: its record names the pushed tag (`origin.package_ref`), no commit."""
-    return not record.sha and package_tag(record.ref) is not None
-
-
-def has_push(record: DeliveryRecord, source: FluxObject) -> bool:
-    """Has an OCI source of a package delivery got the pushed artifact (`origin`)? Always
-    True for other deliveries and sources: their commit is known, or nothing is awaited."""
-    tag = package_tag(record.ref) if not record.sha else None
-    if tag is None or not is_oci(source):
-        return True
-    ours = any(t.key == source.key and t.role == ROLE_ANNOTATE for t in record.targets)
-    requested = (ours and delivery_marks.has(source.annotations, record.mark)
-                 and handled_since(source, record.received))
-    return has_pushed_artifact(source, tag, record.received, requested)
-
-
-def package_commit(record: DeliveryRecord, source: FluxObject | None) -> str | None:
-    """The commit a package delivery's consumers of `source` deploy: the one the pushed
-    artifact names, once the source has it. None until then, or if it names none."""
-    if source is None or not is_package_delivery(record) or not is_oci(source):
-        return None
-    return artifact_commit(source) if has_push(record, source) else None
-
-
-def _package_consumer(record: DeliveryRecord, obj: FluxObject, source: FluxObject, role: str,
-                      view: Callable[..., TargetView], marked: bool, age: float,
-                      timeouts: Timeouts) -> TargetView:
-    """A consumer of an OCI source in a package delivery, followed at the pushed artifact:
-    at the commit it names (`origin.consumer_commits`), or at its revision if it names none."""
-    if has_push(record, source):
-        sha = artifact_commit(source)
-        if sha is not None:
-            applied, attempted = consumer_commits(obj, source)
-            here = (applied == sha, attempted == sha)
-        else:
-            here = consumer_at_artifact(obj, source)
-        progress = progress_at(obj, sha or "", here)
-        if progress.state in (READY, FAILED):
-            return view(progress.state, progress.reason, progress.message)
-    else:
-        sha, here, progress = None, (False, False), None
-    if age > timeouts.consumer_seconds:
-        return view(TIMED_OUT, "Timeout", f"not ready after {timeouts.consumer_seconds:g}s")
-    if role == ROLE_ANNOTATE and not marked and not here[1]:
-        return view(QUEUED)  # annotated once the source has the artifact (`reconcile`)
-    if progress is None:
-        # Not there yet: a reconcile now would apply the previous artifact.
-        return view(ANNOTATED if marked else RECONCILING)
-    named = f"from commit {sha}" if sha else "which names no commit"
-    return view(RECONCILING, progress.reason or "ArtifactPulled",
-                progress.message or f"artifact {artifact_revision(source)} {named}")
 
 
 def is_static(obj: FluxObject) -> bool:
@@ -443,10 +307,3 @@ def _superseded_view(record: DeliveryRecord, view: Callable[..., TargetView],
                   "reported here")
     return TargetView(target.key, target.role, target.state, target.reason, target.message,
                       commit=later)
-
-
-def handled_since(obj: FluxObject, since: float) -> bool:
-    """Has the controller handled a reconcile request made at or after `since` (unix)?"""
-    handled = obj.status.get("lastHandledReconcileAt")
-    stamp = epoch_seconds(handled)
-    return stamp is not None and stamp >= since - 0.001

@@ -8,14 +8,13 @@ count and age; losing one (a restart, an eviction) loses no answer, only local s
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
 from receiver.delivery.record import ROLE_ANNOTATE, ROLE_TRACK, DeliveryRecord, RecordTarget
-from receiver.delivery.state import SUPERSEDED_OUTCOME, DeliveryView, TargetView
+from receiver.delivery.view import SUPERSEDED_OUTCOME, DeliveryView, TargetView
 from receiver.flux.objects import ObjectKey
 from receiver.flux.revisions import QUEUED
 from receiver.push.routing import Plan
@@ -62,16 +61,6 @@ class Delivery:
     view: DeliveryView
     # Outcomes only this replica knows (a refused patch); see delivery_state.
     local: dict[ObjectKey, tuple[str, str, str]] = field(default_factory=dict)
-    version: int = 0
-    # Made when first asked for: most deliveries are never waited on in process, and a
-    # Condition (a lock and a deque) is the largest part of an idle one.
-    _changed: asyncio.Condition | None = field(default=None, repr=False)
-
-    @property
-    def changed(self) -> asyncio.Condition:
-        if self._changed is None:
-            self._changed = asyncio.Condition()
-        return self._changed
 
     @classmethod
     def from_record(cls, id_: str, record: DeliveryRecord, plan: Plan) -> Delivery:
@@ -94,21 +83,14 @@ class Delivery:
     def final(self) -> bool:
         return self.view.final
 
-    async def update(self, view: DeliveryView) -> list[TargetView]:
-        """Take a newly computed view; returns the targets whose state changed."""
+    def update(self, view: DeliveryView) -> list[TargetView]:
+        """Take a newly computed view; returns the targets whose state changed. (Waiters
+        follow the objects, not this: `web.changes`.)"""
         old = {t.key: t for t in self.view.targets}
         changed = [t for t in view.targets if old.get(t.key) != t]
-        if not changed:
-            return []
-        self.view = view
-        self.version += 1
-        if self._changed is not None:
-            async with self._changed:
-                self._changed.notify_all()
+        if changed:
+            self.view = view
         return changed
-
-    def as_dict(self) -> dict[str, Any]:
-        return describe(self.id, self.record, self.view)
 
 
 def _push_key(delivery: Delivery) -> tuple[str, str, str]:

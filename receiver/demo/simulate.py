@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import OrderedDict
 
+from receiver.bounded import BoundedMap
 from receiver.delivery import marks as delivery_marks
 from receiver.delivery.store import Delivery
 from receiver.flux.memory import MemoryCluster
@@ -57,16 +57,13 @@ class FluxSimulator:
     def __init__(self, cluster: MemoryCluster, delay_seconds: float) -> None:
         self._cluster = cluster
         self._delay = delay_seconds
-        self._pushes: OrderedDict[str, Push] = OrderedDict()  # delivery mark -> push
+        self._pushes: BoundedMap[str, Push] = BoundedMap(_REMEMBERED_PUSHES)  # mark -> push
         self._scheduled: dict[ObjectKey, str] = {}  # object -> requestedAt it will handle
         cluster.store.subscribe(self.on_change)
 
     def on_push(self, delivery: Delivery, push: Push) -> None:
         """Ingest's push listener: which commit a delivery's mark stands for."""
         self._pushes[delivery.record.mark] = push
-        self._pushes.move_to_end(delivery.record.mark)
-        while len(self._pushes) > _REMEMBERED_PUSHES:
-            self._pushes.popitem(last=False)
 
     def on_change(self, action: str, obj: FluxObject) -> None:
         if action != "upsert" or obj.kind not in SOURCE_KINDS | CONSUMER_KINDS:

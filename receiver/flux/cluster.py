@@ -7,7 +7,7 @@ in tests) and `kube.KubeCluster` (the official client, list+watch). Both keep th
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Protocol
 
 from receiver.flux.objects import FluxObject, ObjectKey
@@ -41,12 +41,35 @@ def error_for_status(message: str, status: int) -> ClusterError:
     return ClusterError(message, status=status, retryable=retryable_status(status, after_reread=True))
 
 
+# observe(call, seconds, error): told of every API call, from whichever thread made it.
+Observer = Callable[[str, float, bool], None]
+
+
 class Cluster(Protocol):
+    """The port every cluster backend fills: the Kubernetes API (`kube`) or manifests
+    (`memory`). What the app reads of a backend is here, nothing found by `hasattr`."""
+
     store: ObjectStore
+    observe: Observer | None  # set by the app; a backend without API calls never calls it
 
     @property
     def synced(self) -> bool:
         """True once every watched kind has been listed at least once."""
+        ...
+
+    @property
+    def sync_errors(self) -> dict[str, str]:
+        """The list/watch streams failing now, by label; empty when none (or no watches)."""
+        ...
+
+    @property
+    def not_installed(self) -> list[str]:
+        """Optional kinds whose CRD the cluster does not serve."""
+        ...
+
+    @property
+    def not_permitted(self) -> list[str]:
+        """Optional kinds the bridge's RBAC may not list or watch."""
         ...
 
     async def start(self) -> None: ...

@@ -22,11 +22,10 @@ from typing import Any
 import kubernetes
 
 from receiver.flux import lease
-from receiver.flux.cluster import NEGATIVE_SECRET_TTL, ClusterError
+from receiver.flux.cluster import NEGATIVE_SECRET_TTL, ClusterError, Observer
 from receiver.flux.kube_api import (
     CONNECT_TIMEOUT,
     MERGE_PATCH,
-    Observer,
     Timer,
     cluster_error,
     not_older,

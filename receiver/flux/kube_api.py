@@ -13,13 +13,11 @@ from typing import Any, TypeVar
 
 import kubernetes
 
-from receiver.flux.cluster import ClusterError, error_for_status
+from receiver.flux.cluster import ClusterError, Observer, error_for_status
 from receiver.flux.objects import API_VERSIONS, FluxObject
 
 log = logging.getLogger("receiver.flux.kube")
 
-# observe(call, seconds, error): called after every API call, from whichever thread made it.
-Observer = Callable[[str, float, bool], None]
 T = TypeVar("T")
 
 MERGE_PATCH = "application/merge-patch+json"

@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 
 from receiver.flux import lease
-from receiver.flux.cluster import NEGATIVE_SECRET_TTL, NotFound, error_for_status
+from receiver.flux.cluster import NEGATIVE_SECRET_TTL, NotFound, Observer, error_for_status
 from receiver.flux.objects import (
     ANNOTATE_ONLY_KINDS,
     API_VERSIONS,
@@ -79,6 +79,10 @@ class MemoryCluster:
         self._secret_cache: dict[tuple[str, str], tuple[float, dict[str, bytes] | None]] = {}
         self.fail_next_patches: list[int] = []  # HTTP-like statuses to fail the next patches with
         self._leases: dict[str, dict[str, Any]] = {}  # name -> Lease spec
+        self.observe: Observer | None = None  # no API calls to report
+        self.sync_errors: dict[str, str] = {}
+        self.not_installed: list[str] = []
+        self.not_permitted: list[str] = []
         self._version = 0
         self._synced = False
 

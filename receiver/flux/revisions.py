@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass
 
 from receiver.flux.objects import FluxObject
+from receiver.times import epoch_seconds
 
 _HEX = re.compile(r"^(?:[0-9a-f]{40}|[0-9a-f]{64})$")
 HELM_REVISION_META = re.compile(r"\+([0-9a-f]{12})(?:\.\d+)?$")
@@ -161,3 +162,10 @@ def progress_at(obj: FluxObject, sha: str, here: tuple[bool, bool] | None = None
     if status == "False" and attempted_here and reason in _FAILURE_REASONS:
         return Progress(FAILED, reason, message)
     return Progress(RECONCILING, reason, message)
+
+
+def handled_since(obj: FluxObject, since: float) -> bool:
+    """Has the controller handled a reconcile request made at or after `since` (unix)?"""
+    handled = obj.status.get("lastHandledReconcileAt")
+    stamp = epoch_seconds(handled)
+    return stamp is not None and stamp >= since - 0.001

@@ -18,10 +18,12 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
+from receiver.delivery.view import SUPERSEDED as SUPERSEDED_REASON
 from receiver.flux.objects import CONSUMER_KINDS, FluxObject
 from receiver.flux.origin import artifact_commit, consumer_commits, is_oci, source_url
 from receiver.flux.origin import event_commit as oci_event_commit
-from receiver.flux.revisions import HELM_REVISION_META, applied_revision, commit_of
+from receiver.flux.revisions import FAILED, HELM_REVISION_META, READY, TIMED_OUT, applied_revision, commit_of
+from receiver.flux.revisions import SKIPPED as SKIPPED_TARGET
 from receiver.status.flux_events import FluxEvent
 from receiver.templates import StatusTemplates, render
 
@@ -445,6 +447,18 @@ def desired_after_timeout(
                         truncate(text))
 
 
+def outcome_to_post(state: str, reason: str) -> str | None:
+    """What a pushed commit's delivery target, newly in `state`, posts: its live status once
+    Ready or failed; a push Flux never deployed (`skipped` naming the deployed commit, or
+    `error`) once timed out or superseded, so no `pending` stays; None while it goes on, or
+    for a target skipped because its status never names a commit."""
+    if state in (READY, FAILED, TIMED_OUT):
+        return state
+    if state == SKIPPED_TARGET and reason == SUPERSEDED_REASON:
+        return TIMED_OUT
+    return None
+
+
 def as_json(status: DesiredStatus) -> dict[str, Any]:
     """The status as plain data (logs, debugging)."""
     return {"repo": status.repo_key, "sha": status.sha, "context": status.context,
@@ -460,8 +474,9 @@ def as_json(status: DesiredStatus) -> dict[str, Any]:
 # asks Gitea. A change is never suppressed: memory can only say "same", and "same" expires.
 
 
-class ShownStatus(Protocol):
-    """One status as a Gitea listing returns it (`gitea.client.CommitStatus` fits)."""
+class ListedStatus(Protocol):
+    """One status as a Gitea listing returns it, with the time Gitea stamped on it
+    (`gitea.client.CommitStatus` fits)."""
 
     @property
     def state(self) -> str: ...
@@ -473,6 +488,8 @@ class ShownStatus(Protocol):
     def context(self) -> str: ...
     @property
     def id(self) -> int: ...
+    @property
+    def at(self) -> float | None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -529,7 +546,7 @@ def needs_post(shown: Fields | None, wanted: Fields, *, state_only: bool) -> boo
     return shown is None or not same_status(shown, wanted, state_only=state_only)
 
 
-Shown = TypeVar("Shown", bound=ShownStatus)
+Shown = TypeVar("Shown", bound=ListedStatus)
 
 
 def latest_by_context(items: Iterable[Shown]) -> dict[str, Shown]:
@@ -549,7 +566,7 @@ def latest_by_context(items: Iterable[Shown]) -> dict[str, Shown]:
     return {context: item for context, (_, item) in best.items()}
 
 
-def latest_per_context(items: Iterable[ShownStatus]) -> dict[str, Fields]:
+def latest_per_context(items: Iterable[ListedStatus]) -> dict[str, Fields]:
     """What Gitea shows per context: the latest status's (state, description, target_url)."""
     return {context: (item.state, item.description, item.target_url)
             for context, item in latest_by_context(items).items()}

@@ -27,7 +27,6 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
 
 from receiver.flux.objects import CONSUMER_KINDS
 from receiver.status.decisions import (
@@ -35,7 +34,7 @@ from receiver.status.decisions import (
     FAILURE,
     PENDING,
     SUCCESS,
-    ShownStatus,
+    ListedStatus,
     latest_by_context,
     truncate,
 )
@@ -61,14 +60,7 @@ class Aggregate:
     description: str
 
 
-class TimedStatus(ShownStatus, Protocol):
-    """A listed status with the time Gitea stamped on it (`gitea.client.CommitStatus` fits)."""
-
-    @property
-    def at(self) -> float | None: ...
-
-
-def latest_reports(items: Iterable[TimedStatus]) -> dict[str, Report]:
+def latest_reports(items: Iterable[ListedStatus]) -> dict[str, Report]:
     """The latest status per context (`statuses.latest_by_context`), with its time."""
     return {context: Report(item.state, item.at)
             for context, item in latest_by_context(items).items()}

@@ -10,10 +10,10 @@ statuses are read again (one paged listing per commit, shared by concurrent jobs
 from __future__ import annotations
 
 import asyncio
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from receiver.bounded import BoundedMap
 from receiver.config import Settings
 from receiver.gitea.client import CommitStatus, GiteaClient, more_pages
 from receiver.metrics import Metrics
@@ -45,11 +45,10 @@ class GiteaView:
         self._client = client
         self._metrics = metrics
         self._clock = clock
-        self.memory_size = memory_size  # observations kept; they also expire after the window
-        # What this replica saw Gitea show (posted or read), oldest first. `_listed`: when a
-        # commit's listing was last read to the end.
-        self._seen: OrderedDict[JobKey, Seen] = OrderedDict()
-        self._listed: OrderedDict[CommitKey, float] = OrderedDict()
+        # What this replica saw Gitea show (posted or read), oldest first; they also expire
+        # after the window. `_listed`: when a commit's listing was last read to the end.
+        self._seen: BoundedMap[JobKey, Seen] = BoundedMap(memory_size)
+        self._listed: BoundedMap[CommitKey, float] = BoundedMap(memory_size)
         self._reading: dict[CommitKey, tuple[asyncio.Lock, int]] = {}  # shared reads
 
     def recall(self, key: JobKey, origin: str = "", enqueued: float = 0.0
@@ -67,18 +66,15 @@ class GiteaView:
         if current is not None and current.at > at:
             return  # a post made while a listing was under way is newer than the listing
         self._seen[key] = Seen(fields, at, origin)
-        self._seen.move_to_end(key)
         self._forget(at)
 
     def _forget(self, now: float) -> None:
         """Drop what may no longer be believed: older than the window, or over the size."""
         horizon = now - self._window
-        while self._seen and (len(self._seen) > self.memory_size
-                              or next(iter(self._seen.values())).at <= horizon):
-            self._seen.popitem(last=False)
-        while self._listed and (len(self._listed) > self.memory_size
-                                or next(iter(self._listed.values())) <= horizon):
-            self._listed.popitem(last=False)
+        while (seen := self._seen.oldest()) is not None and seen[1].at <= horizon:
+            del self._seen[seen[0]]
+        while (listed := self._listed.oldest()) is not None and listed[1] <= horizon:
+            del self._listed[listed[0]]
 
     async def shown(self, key: JobKey, owner: str, repo: str, origin: str, enqueued: float,
                     max_pages: int) -> tuple[bool, Fields | None]:
@@ -141,7 +137,6 @@ class GiteaView:
             self.observe((*commit, context), fields, at)
         if complete:
             self._listed[commit] = at
-            self._listed.move_to_end(commit)
         self._forget(self._clock())
         covered = complete or (not whole and wanted <= shown.keys())
         return Listing(shown, complete, covered, latest_reports(items))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from receiver.bounded import BoundedMap
 from receiver.config import Settings
 from receiver.flux.cluster import Cluster
 from receiver.flux.objects import FluxObject, ObjectKey, consumer_source
@@ -14,7 +15,7 @@ from receiver.status.decisions import instance_hosts, instances_for
 class Locator:
     def __init__(self, settings: Settings, cluster: Cluster) -> None:
         self._cluster = cluster
-        self._urls: dict[str, str | None] = {}
+        self._urls: BoundedMap[str, str | None] = BoundedMap(10_000)
         aliases = normalise_aliases(settings.host_aliases)
 
         def host_key(host: str) -> str:
@@ -27,13 +28,10 @@ class Locator:
     def normalise(self, url: str) -> str | None:
         """A repository URL's key. Every event re-reads its source's URL; normalising is pure,
         so it is remembered (bounded)."""
-        try:
+        if url in self._urls:
             return self._urls[url]
-        except KeyError:
-            if len(self._urls) >= 10_000:
-                self._urls.clear()
-            found = self._urls[url] = self._cluster.store.normalise_url(url)
-            return found
+        found = self._urls[url] = self._cluster.store.normalise_url(url)
+        return found
 
     def instances(self, repo_key: str) -> tuple[str, ...]:
         """Every instance that hosts the repository."""

@@ -4,19 +4,20 @@ target finishes. This is what closes the loop when no Flux Provider points at th
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
 
+from receiver.bounded import BoundedMap
 from receiver.config import Settings
-from receiver.delivery.state import SUPERSEDED, package_commit
+from receiver.delivery.package import package_commit
 from receiver.delivery.store import Delivery
 from receiver.flux.objects import CONSUMER_KINDS, FluxObject, ObjectKey
-from receiver.flux.revisions import FAILED, FINAL_STATES, READY, SKIPPED, TIMED_OUT, progress_at
+from receiver.flux.revisions import FAILED, FINAL_STATES, READY, TIMED_OUT, progress_at
 from receiver.gitea.payloads import Push
 from receiver.metrics import NO_INSTANCE, Metrics
 from receiver.status.decisions import (
     DesiredStatus,
     desired_after_timeout,
     desired_from_object,
+    outcome_to_post,
     pending_for_push,
 )
 from receiver.status.locator import Locator
@@ -34,9 +35,8 @@ class DeliverySignals:
         self._locator = locator
         self._queue = queue
         self._metrics = metrics
-        self.memory_size = memory_size
         # Package deliveries: (delivery, consumer) -> the commit its pending was queued for.
-        self._pending_sent: OrderedDict[tuple[str, ObjectKey], str] = OrderedDict()
+        self._pending_sent: BoundedMap[tuple[str, ObjectKey], str] = BoundedMap(memory_size)
 
     def _active(self) -> bool:
         return self._queue.accepting and bool(self._settings.gitea)
@@ -70,15 +70,12 @@ class DeliverySignals:
         """
         if key.kind not in CONSUMER_KINDS or not self._active():
             return
-        if delivery.sha and state == SKIPPED:
+        if delivery.sha:
             target = delivery.view.get(key)
-            if target is None or target.reason != SUPERSEDED:
-                return
-            # Flux went past this commit: end its pending as a push Flux never deployed
-            # (`skipped`, naming the commit it deployed instead), never leave it pending.
-            state = TIMED_OUT
-        if delivery.sha and state not in (READY, FAILED, TIMED_OUT):
-            return  # its pending went out when the push was routed
+            posted = outcome_to_post(state, target.reason if target is not None else "")
+            if posted is None:
+                return  # its pending went out when the push was routed
+            state = posted
         obj, source = self._locator.object_and_source(key)
         if obj is None:
             return
@@ -122,6 +119,3 @@ class DeliverySignals:
         if desired is None or self._queue.enqueue([desired], state_only=False) is None:
             return
         self._pending_sent[key] = sha
-        self._pending_sent.move_to_end(key)
-        while len(self._pending_sent) > self.memory_size:
-            self._pending_sent.popitem(last=False)

@@ -35,6 +35,7 @@ from receiver.web.drain import CloseWhileDraining, Drain
 from receiver.web.events import EventsEndpoint
 from receiver.web.http import BodyDeadline, BodyTimeout, body_timeout, client_disconnected, error
 from receiver.web.ingest import IngestService
+from receiver.web.readiness import Health, readiness
 
 log = logging.getLogger(__name__)
 
@@ -73,12 +74,11 @@ class Components:
 
 def build(settings: Settings, cluster: Cluster, **status_kwargs: Any) -> Components:
     metrics = Metrics()
-    if hasattr(cluster, "observe"):
-        # The Kubernetes backend reports every API call (list, watch, get, patch, lease).
-        def observe(call: str, seconds: float, failed: bool) -> None:
-            metrics.kube_latency.labels(call, str(failed).lower()).observe(seconds)
+    # The Kubernetes backend reports every API call (list, watch, get, patch, lease).
+    def observe(call: str, seconds: float, failed: bool) -> None:
+        metrics.kube_latency.labels(call, str(failed).lower()).observe(seconds)
 
-        cluster.observe = observe
+    cluster.observe = observe
     hooks = HookIndex(cluster, metrics=metrics)
     cluster.store.subscribe(hooks.on_store_change)
     deliveries = DeliveryStore(settings.deliveries.max_count, settings.deliveries.max_age_seconds)
@@ -148,46 +148,26 @@ def create_app(settings: Settings, cluster: Cluster, **status_kwargs: Any) -> St
 
     async def readyz(request: Request) -> Response:
         nonlocal indexed_once
-        if parts.drain.draining:
-            # First thing at SIGTERM: take this replica out of the Service's endpoints.
-            return error(503, "draining")
-        if not cluster.synced:
-            return error(503, "caches are not synced")
-        failing = dict(getattr(cluster, "sync_errors", {}) or {})
-        if failing:
-            # A watch that keeps failing means the cache is going stale: stop taking traffic.
-            return error(503, "cannot reach Kubernetes for some kinds", failing=sorted(failing))
-        if not indexed_once:
-            # The first Ready sends pushes here: every cached Receiver must resolve by then.
-            if parts.hooks.indexing:
-                return error(503, "receivers are being indexed")
+        first_indexing = not indexed_once and parts.hooks.indexing
+        health = Health(
+            draining=parts.drain.draining, synced=cluster.synced,
+            failing_watches=cluster.sync_errors, first_indexing=first_indexing,
+            unreadable_secrets=(await parts.statuses.unreadable_secrets()
+                                if cluster.synced and not cluster.sync_errors else {}),
+            objects=len(cluster.store), receivers=len(parts.hooks),
+            not_installed=cluster.not_installed, not_permitted=cluster.not_permitted,
+            unusable_receivers=parts.hooks.unusable(), notes=parts.notes)
+        status, body = readiness(health)
+        if cluster.synced and not cluster.sync_errors and not first_indexing:
             indexed_once = True
-        detail: dict[str, Any] = {}
-        for name, attribute in (("kinds_not_installed", "not_installed"),
-                                 ("kinds_not_permitted", "not_permitted")):
-            # Optional kinds (the image CRDs) this Flux install lacks, or our RBAC leaves out:
-            # nothing routes to them, and the other kinds are served all the same.
-            absent = list(getattr(cluster, attribute, []) or [])
-            if absent:
-                detail[name] = absent
-        unusable = parts.hooks.unusable()
-        if unusable:
-            # Not a reason to stop serving the other Receivers: named so someone can fix them.
-            detail["receivers_unusable"] = unusable
-        unreadable = await parts.statuses.unreadable_secrets()
-        if unreadable:
-            # /events would answer 401 and statuses would fail: do not take traffic yet.
-            return error(503, "configured secrets cannot be read", secrets=unreadable, **detail,
-                         **parts.notes)
-        return JSONResponse({"status": "ready", "objects": len(cluster.store),
-                             "receivers": len(parts.hooks), **detail, **parts.notes})
+        return JSONResponse(body, status_code=status)
 
     async def metrics(request: Request) -> Response:
         parts.metrics.status_queue_depth.set(parts.statuses.queue_depth)
         parts.metrics.cache_synced.set(1 if cluster.synced else 0)
-        parts.metrics.watches_failing.set(len(getattr(cluster, "sync_errors", {}) or {}))
-        parts.metrics.kinds_not_installed.set(len(getattr(cluster, "not_installed", []) or []))
-        parts.metrics.kinds_not_permitted.set(len(getattr(cluster, "not_permitted", []) or []))
+        parts.metrics.watches_failing.set(len(cluster.sync_errors))
+        parts.metrics.kinds_not_installed.set(len(cluster.not_installed))
+        parts.metrics.kinds_not_permitted.set(len(cluster.not_permitted))
         return Response(generate_latest(parts.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     async def openapi_json(request: Request) -> Response:

@@ -8,7 +8,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Iterator
 
 from receiver.delivery.record import DeliveryRecord
-from receiver.delivery.state import Lookup
+from receiver.delivery.view import Lookup
 from receiver.flux.objects import FluxObject, ObjectKey, consumer_source
 from receiver.flux.store import ObjectStore
 

@@ -26,10 +26,11 @@ from receiver import signatures
 from receiver.config import Settings
 from receiver.delivery import marks as delivery_marks
 from receiver.delivery.marks import fresh_mark, legacy_mark_for, mark_for
-from receiver.delivery.reconcile import Reconciler, request_value
+from receiver.delivery.patches import request_value
+from receiver.delivery.reconcile import Reconciler
 from receiver.delivery.record import DeliveryRecord, decode, encode, receiver_of
-from receiver.delivery.state import DeliveryView
 from receiver.delivery.store import Delivery, DeliveryStore, describe, record_targets
+from receiver.delivery.view import DeliveryView
 from receiver.flux.cluster import Cluster, ClusterError
 from receiver.flux.objects import API_VERSIONS, RECONCILE_ANNOTATION, FluxObject, ObjectKey
 from receiver.flux.origin import package_ref
@@ -495,7 +496,7 @@ class IngestService:
 
 def _record_ref(selection: Selection) -> str:
     """A push's ref; for a container package, the OCI reference pushed (`origin.package_ref`),
-    which lets any replica tell the artifact it produced (`delivery_state.has_push`)."""
+    which lets any replica tell the artifact it produced (`delivery.package.has_push`)."""
     if selection.push is not None:
         return selection.push.ref
     package = selection.package

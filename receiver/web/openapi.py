@@ -11,7 +11,7 @@ import json
 from typing import Any
 
 from receiver import __version__
-from receiver.delivery.state import OUTCOMES
+from receiver.delivery.view import OUTCOMES
 
 JSON = "application/json"
 FORM = "application/x-www-form-urlencoded"

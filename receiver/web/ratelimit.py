@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from receiver.bounded import BoundedMap
+
 
 class RateLimiter:
     def __init__(self, rate_per_second: float, burst: int, max_keys: int = 10_000) -> None:
         self._rate = rate_per_second
         self._burst = float(burst)
-        self._max_keys = max_keys
-        self._buckets: dict[str, tuple[float, float]] = {}
+        # Keys are receivers: past the bound (receivers churning) the least recent go.
+        self._buckets: BoundedMap[str, tuple[float, float]] = BoundedMap(max_keys)
 
     def allow(self, key: str, now: float) -> bool:
         tokens, stamp = self._buckets.get(key, (self._burst, now))
@@ -16,8 +18,5 @@ class RateLimiter:
         if tokens < 1.0:
             self._buckets[key] = (tokens, now)
             return False
-        if len(self._buckets) >= self._max_keys and key not in self._buckets:
-            # Keys are receivers, so this only trips if receivers churn; start over.
-            self._buckets.clear()
         self._buckets[key] = (tokens - 1.0, now)
         return True
