@@ -68,10 +68,11 @@ from typing import Any
 from receiver.delivery import marks as delivery_marks
 from receiver.delivery import state as delivery_state
 from receiver.delivery.marks import DELIVERIES_ANNOTATION, Mark, mark_for
-from receiver.delivery.reconcile import request_value
+from receiver.delivery.patches import request_value
 from receiver.delivery.record import ROLE_ANNOTATE, ROLE_TRACK, DeliveryRecord, RecordTarget, decode, encode
-from receiver.delivery.state import (
+from receiver.delivery.view import (
     CONTAINED,
+    OUTCOMES,
     SUPERSEDED,
     Contains,
     DeliveryView,
@@ -122,7 +123,6 @@ REPEAT_WINDOW = 5.0
 STATUS_ATTEMPTS = 8
 TEMPLATES = StatusTemplates(cluster="eu-west")
 ANCESTRY_RETRY = 30.0  # a failed question to Gitea answers "no" this long (delivery/ancestry)
-OUTCOMES = frozenset(delivery_state.OUTCOMES)
 
 
 @dataclass(frozen=True)
@@ -625,11 +625,11 @@ class System:
             record = followed.record
             view = delivery_state.evaluate(record, replica.get, self.now, TIMEOUTS, followed.local,
                                            replica.contains(self.now))
-            src_view = view.get(SRC)
             for target in view.targets:
                 if (target.role == ROLE_ANNOTATE and target.state == QUEUED
                         and not target.is_source and target.key not in followed.requested
-                        and src_view is not None and src_view.state == READY):
+                        and delivery_state.source_ready(record, view, replica.get(target.key),
+                                                        replica.get)):
                     followed.requested.add(target.key)
                     replica.outbox.setdefault(target.key, {})[record.mark] = Mark(
                         record.mark, record.received)
@@ -647,10 +647,9 @@ class System:
 
     def _on_target_changed(self, replica: Replica, record: DeliveryRecord,
                            target: TargetView) -> None:
-        key, state = target.key, target.state
-        if state == SKIPPED and target.reason == SUPERSEDED:
-            state = TIMED_OUT  # its pending ends as a push Flux never deployed
-        if key not in CONSUMERS or state not in (READY, FAILED, TIMED_OUT):
+        key = target.key
+        state = statuses.outcome_to_post(target.state, target.reason)
+        if key not in CONSUMERS or state is None:
             return
         obj, source = replica.get(key), replica.get(SRC)
         assert obj is not None

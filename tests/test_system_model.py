@@ -50,7 +50,7 @@ from hypothesis.stateful import (
 )
 
 from receiver.delivery import state as delivery_state
-from receiver.delivery.state import DeliveryView
+from receiver.delivery.view import DeliveryView, Timeouts
 from receiver.status import decisions as statuses
 from tests import system_model as model
 from tests.system_model import ACTIONS, GITEA, OBJECTS, RECEIVERS, SRC, System, Violation
@@ -435,8 +435,8 @@ def _held_elsewhere_unguarded(record: Any, obj: Any) -> str | None:
 
 def _source_without_timeout(original: Any) -> Any:
     def source(*args: Any) -> Any:
-        never = delivery_state.Timeouts(float("inf"), float("inf"))
-        return original(*(never if isinstance(a, delivery_state.Timeouts) else a for a in args))
+        never = Timeouts(float("inf"), float("inf"))
+        return original(*(never if isinstance(a, Timeouts) else a for a in args))
     return source
 
 
