@@ -415,6 +415,19 @@ def test_a_timed_out_push_does_not_stay_pending_after_gitea_comes_back() -> None
     assert system.gitea.shown[key][0] != "pending"
 
 
+def test_a_consumer_that_has_not_moved_is_not_superseded() -> None:
+    """Two pushes of new commits c1 and c2 in one patch; the source fetches c2 (which contains
+    c1: c1's source is ready, containing it); both deliveries then annotate `apps`, which still
+    holds c0 from before either push. c1's `apps` has not moved: it must not read superseded
+    "by" c0 (Flux is about to apply c2, which contains c1)."""
+    machine = SystemMachine()
+    machine.flood(count=2, replica=0, receiver=GITEA)
+    machine.flux_run(key=SRC, ok=True)
+    machine.settle()
+    machine.flush(replica=0, key=model.APPS)
+    machine.holds()
+
+
 # -- mutations: each guard broken on purpose must make the model fail ----------------------------
 
 
