@@ -541,6 +541,18 @@ def recall_for_event(
                   now, window)
 
 
+def replaces_waiting(waiting: DesiredStatus, waiting_state_only: bool, new: DesiredStatus,
+                     new_state_only: bool) -> bool:
+    """Does a new job for a key replace the one still waiting to be posted?
+
+    Yes, unless the waiting one carries an event's or a push's exact wording for the same state
+    and the new one is only derived from live state: then the wording is kept. A job derived
+    from live state that says another state is newer truth and wins: a `pending` still queued
+    (Gitea down) when its push timed out must not be posted after the outcome.
+    """
+    return not (new_state_only and not waiting_state_only and waiting.state == new.state)
+
+
 def needs_post(shown: Fields | None, wanted: Fields, *, state_only: bool) -> bool:
     """Post unless Gitea (as far as we may know) shows the same latest status already."""
     return shown is None or not same_status(shown, wanted, state_only=state_only)
