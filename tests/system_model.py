@@ -45,8 +45,8 @@ What is modelled, and the choices the code does not make for us:
   replica later, or never.
 * Gitea keeps the latest status per (commit, context); it may be down (a post or a listing
   fails, the job is retried up to the settings' `statuses.max_attempts`). The status shell of
-  each replica follows `status.queue` and `status.gitea_view` (one latest job per key, an
-  event's job outranking a state-only one; `recall`/`recall_for_event` before asking Gitea;
+  each replica follows `status.queue` and `status.gitea_view` (one latest job per key, as
+  `replaces_waiting` decides; `recall`/`recall_for_event` before asking Gitea;
   `needs_post`), a delivery's final state ends its pending as `status.signals` does, and a
   resync posts `plan_repairs` of every consumer's `desired_from_object`.
 * Time is one clock for everything (unix seconds); steps advance it explicitly, and every
@@ -364,8 +364,9 @@ class Replica:
             job = Job(status, state_only, now, origin)
             current = self.jobs.get(key)
             if current is not None:
-                if state_only and not current.state_only:
-                    continue  # an event's exact wording outranks a repair
+                if not statuses.replaces_waiting(current.status, current.state_only, status,
+                                                 state_only):
+                    continue
                 job.attempts = current.attempts
             self.jobs[key] = job
 

@@ -25,8 +25,8 @@ replica's, lagging or not, and a fresh one):
 
 `run_model` runs the machine and counts examples and steps (shown in the `summaries` section
 of the pytest output); the mutation tests break one guard of the core at a time and expect
-the model to catch it with the invariant that guard holds. Two strict xfails pin gaps the
-model found in the code as it is (see their reasons).
+the model to catch it with the invariant that guard holds. A strict xfail pins a gap the
+model found in the code as it is (see its reason).
 """
 
 from __future__ import annotations
@@ -395,11 +395,9 @@ def test_a_replay_refused_by_the_marks_is_refused_by_a_lagging_replica_too() -> 
     assert system.send(lagging, request) == "replayed"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known gap: a push's `pending` job still queued (Gitea down, retrying) outranks the "
-    "delivery's final status (a state-only job is dropped beside a queued non-event job), so "
-    "once Gitea is back it posts `pending` for a push that timed out, and nothing ends it"))
 def test_a_timed_out_push_does_not_stay_pending_after_gitea_comes_back() -> None:
+    """A push's `pending` still queued (Gitea down, retrying) when the push times out is
+    replaced by the outcome, never posted after it."""
     system = System(REPLICAS)
     replica = system.replicas[0]
     sha = system.new_commit()
