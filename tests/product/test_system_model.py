@@ -63,7 +63,7 @@ STEPS = 40
 # The most pushes one flood sends: past the lowered bounds of the marks (`SMALL_BOUNDS`).
 FLOOD = 24
 # A mutation run stops at the first violation; this bounds a run that finds none.
-MUTATION_EXAMPLES = 500
+MUTATION_EXAMPLES = 1000
 
 
 @dataclass
