@@ -51,6 +51,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from receiver.flux.store import ObjectStore
     from receiver.web.app import create_app, url_normaliser
     from receiver.web.drain import DrainingServer
+    from receiver.web.protocols import PROTOCOLS
 
     try:
         settings = load_settings(
@@ -111,7 +112,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # After the drain: how long requests in progress may take (the chart's grace period
         # adds this to the drain and the status queue flush).
         timeout_graceful_shutdown=max(1, round(settings.shutdown.in_flight_seconds)),
-        **settings.server.uvicorn_options(),  # connection limits and timeouts (server.*)
+        **{**settings.server.uvicorn_options(),  # connection limits and timeouts (server.*)
+           # The same parser, closing a connection that stays idle from the start.
+           "http": PROTOCOLS[settings.server.http]},
     )
     server = DrainingServer(config, app.state.parts.drain, settings.shutdown.drain_seconds)
     with contextlib.suppress(KeyboardInterrupt):

@@ -14,6 +14,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 TIMESTAMP_TOLERANCE_SECONDS = 300
+# `t=<unix>,v1=<hex>`: a few candidates during a rotation; a longer value is malformed, unread.
+MAX_TIMESTAMPED_LENGTH = 1024
+MAX_TIMESTAMPED_CANDIDATES = 8
 
 _HASHES = {"sha1": hashlib.sha1, "sha256": hashlib.sha256, "sha512": hashlib.sha512}
 _HEX_LENGTHS = {"sha1": 40, "sha256": 64, "sha512": 128}
@@ -93,6 +96,8 @@ def verify_generic_hmac(headers: Mapping[str, str], body: bytes, token: str) -> 
 
 def parse_timestamped(value: str) -> tuple[int, list[str]] | None:
     """`t=<unix>,v1=<hex>[,v1=<hex>...]` -> (t, [hex, ...]); None if it is not that shape."""
+    if len(value) > MAX_TIMESTAMPED_LENGTH:
+        return None
     timestamp: int | None = None
     signatures: list[str] = []
     for part in value.split(","):
@@ -106,7 +111,7 @@ def parse_timestamped(value: str) -> tuple[int, list[str]] | None:
             timestamp = int(item)
         elif key == "v1":
             signatures.append(item.strip())
-    if timestamp is None or not signatures:
+    if timestamp is None or not signatures or len(signatures) > MAX_TIMESTAMPED_CANDIDATES:
         return None
     return timestamp, signatures
 

@@ -8,6 +8,12 @@ Receiver's token so nobody without the token can forge or alter one.
 The id is URL-safe (itsdangerous' base64 alphabet plus '.'), compressed when that is shorter,
 and kept under `MAX_ID_LENGTH` so it fits in a request line behind common proxies: targets that
 do not fit are counted in `omitted`, never silently dropped.
+
+Anyone may send an id, so reading one costs little before its signature holds: an id longer
+than the bound is refused unread; the Receiver it claims is read from the first
+`_HEAD_BYTES` of the payload (decompressed that far and no further, matched by a pattern,
+never parsed as JSON); the signature is checked on the payload as sent (compressed); only
+then is it decompressed, to at most `MAX_PAYLOAD_BYTES`, its nesting checked and parsed.
 """
 
 from __future__ import annotations
@@ -16,12 +22,15 @@ import functools
 import hashlib
 import hmac
 import json
+import re
+import zlib
 from dataclasses import dataclass
 from typing import Any
 
 from itsdangerous import BadData, Signer, URLSafeSerializer
-from itsdangerous.encoding import base64_encode, want_bytes
+from itsdangerous.encoding import base64_decode, base64_encode, want_bytes
 
+from receiver.bounds import json_depth_within, parse_json
 from receiver.flux.objects import ObjectKey
 
 ROLE_ANNOTATE = "annotate"
@@ -32,6 +41,17 @@ _VERSION = 1
 _SALT = "gitea-flux-bridge/delivery-id/v1"
 # nginx's default large_client_header_buffers is 8 KiB for the whole request line.
 MAX_ID_LENGTH = 6000
+# The decoded payload (JSON) of an id: `encode` keeps every id within it, so an id that
+# decompresses past it was not made here. A payload is a list of lists of strings (depth 3).
+MAX_PAYLOAD_BYTES = 64 * 1024
+_MAX_DEPTH = 3
+# Enough of the payload to read `[1,"<namespace>/<name>",`: a namespace is at most 63
+# characters and a name 253; JSON escapes never occur in them.
+_HEAD_BYTES = 400
+_HEAD = re.compile(rb'\[1,"([^"\\\x00-\x1f]{1,320})",')
+# A record's time in milliseconds: from 1970 to the end of year 9999, as `time.gmtime` takes.
+_MAX_RECEIVED_MS = 253_402_300_799_999
+_MAX_OMITTED = 10**9
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,11 +132,14 @@ def encode(record: DeliveryRecord, token: str) -> tuple[str, DeliveryRecord]:
     targets = record.targets
     omitted = record.omitted
     while True:
-        token_id = serializer.dumps(_payload(record, targets, omitted))
-        if len(token_id) <= MAX_ID_LENGTH or not targets:
+        payload = _payload(record, targets, omitted)
+        size = len(json.dumps(payload, separators=(",", ":")))
+        token_id = serializer.dumps(payload) if size <= MAX_PAYLOAD_BYTES else ""
+        if (token_id and len(token_id) <= MAX_ID_LENGTH) or not targets:
             break
-        # Halve what is left over the bound: a few encodes at most, even for huge fleets.
-        keep = max(0, len(targets) * MAX_ID_LENGTH // len(token_id) - 1)
+        # Cut what is left over the bound: a few encodes at most, even for huge fleets.
+        over = max(len(token_id) / MAX_ID_LENGTH, size / MAX_PAYLOAD_BYTES)
+        keep = max(0, int(len(targets) / over) - 1)
         omitted += len(targets) - keep
         targets = targets[:keep]
     carried = DeliveryRecord(record.receiver, record.sha, record.ref, record.received,
@@ -125,29 +148,64 @@ def encode(record: DeliveryRecord, token: str) -> tuple[str, DeliveryRecord]:
 
 
 def receiver_of(delivery_id: str) -> str | None:
-    """The Receiver an id claims, read without checking the signature (to find the key)."""
-    payload = _unverified(delivery_id)
-    return payload[1] if payload is not None else None
+    """The Receiver an id claims, read without checking the signature (to find the key): from
+    the payload's first bytes only, so a hostile id costs next to nothing."""
+    parts = _parts(delivery_id)
+    if parts is None:
+        return None
+    compressed, data = parts
+    if compressed:
+        try:
+            data = zlib.decompressobj().decompress(data, _HEAD_BYTES)
+        except zlib.error:
+            return None
+    found = _HEAD.match(data)
+    if found is None or b"/" not in found[1]:
+        return None
+    return found[1].decode("utf-8", "replace")
 
 
 def decode(delivery_id: str, token: str) -> DeliveryRecord | None:
-    """The record, if the id is well formed and signed with this Receiver's token."""
-    try:
-        payload = _serializer(token).loads(delivery_id)
-    except (BadData, ValueError, TypeError, RecursionError):
-        return None
-    return _record(payload)
-
-
-def _unverified(delivery_id: str) -> list[Any] | None:
-    if len(delivery_id) > MAX_ID_LENGTH + 64 or "." not in delivery_id:
+    """The record, if the id is well formed and signed with this Receiver's token. The
+    signature is checked before anything is decompressed or parsed."""
+    if _parts(delivery_id) is None:
         return None
     try:
-        _valid, payload = URLSafeSerializer(b"-").loads_unsafe(delivery_id)
-    except (BadData, ValueError, TypeError, RecursionError):
+        signed = _serializer(token).make_signer().unsign(delivery_id)
+    except BadData:
         return None
-    record = _record(payload)
-    return payload if record is not None else None
+    return _record(_load(signed))
+
+
+def _parts(delivery_id: str) -> tuple[bool, bytes] | None:
+    """(compressed, payload bytes) of an id of the right length and alphabet, else None."""
+    if len(delivery_id) > MAX_ID_LENGTH + 64 or not delivery_id.isascii():
+        return None
+    value, dot, _signature = delivery_id.rpartition(".")
+    if not dot or not value:
+        return None
+    compressed = value.startswith(".")
+    try:
+        return compressed, base64_decode(value[1:] if compressed else value)
+    except BadData:
+        return None
+
+
+def _load(signed: bytes) -> Any:
+    """Decompress (bounded) and parse a signed payload; None if it is not one of ours."""
+    compressed = signed.startswith(b".")
+    try:
+        data = base64_decode(signed[1:] if compressed else signed)
+        if compressed:
+            inflater = zlib.decompressobj()
+            data = inflater.decompress(data, MAX_PAYLOAD_BYTES + 1)
+            if len(data) > MAX_PAYLOAD_BYTES or not inflater.eof:
+                return None
+        if len(data) > MAX_PAYLOAD_BYTES or not json_depth_within(data, _MAX_DEPTH):
+            return None
+        return parse_json(data)
+    except (BadData, zlib.error, ValueError, RecursionError):
+        return None
 
 
 def _record(payload: Any) -> DeliveryRecord | None:
@@ -156,8 +214,8 @@ def _record(payload: Any) -> DeliveryRecord | None:
         return None
     _, receiver, sha, ref, received_ms, mark, omitted, raw_targets = payload
     if not (isinstance(receiver, str) and "/" in receiver and isinstance(sha, str)
-            and isinstance(ref, str) and isinstance(received_ms, int)
-            and isinstance(mark, str) and isinstance(omitted, int)
+            and isinstance(ref, str) and _whole(received_ms, _MAX_RECEIVED_MS)
+            and isinstance(mark, str) and _whole(omitted, _MAX_OMITTED)
             and isinstance(raw_targets, list)):
         return None
     targets: list[RecordTarget] = []
@@ -167,3 +225,8 @@ def _record(payload: Any) -> DeliveryRecord | None:
             return None
         targets.append(RecordTarget(ObjectKey(item[0], item[1], item[2]), _ROLES[item[3]]))
     return DeliveryRecord(receiver, sha, ref, received_ms / 1000, mark, tuple(targets), omitted)
+
+
+def _whole(value: Any, most: int) -> bool:
+    """A JSON integer from 0 to `most` (a bool is an int in Python, not here)."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= most

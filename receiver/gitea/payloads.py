@@ -7,10 +7,10 @@ payload without what routing needs is a `PayloadError` (HTTP 422), never an exce
 
 from __future__ import annotations
 
+import codecs
 import re
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import parse_qs
 
 _HEX = re.compile(r"^[0-9a-f]{40}$|^[0-9a-f]{64}$")
 # `${{ gitea.repository }}`: Gitea owner and repository names (letters, digits, `-_.`).
@@ -125,18 +125,62 @@ def _paths_of(commit: dict[str, Any], index: int, found: set[str]) -> None:
 MAX_FORM_FIELDS = 50
 
 
+# The longest spelling of the field name: `payload` with every byte %-escaped.
+_FORM_KEY_MAX = 3 * len("payload")
+
+
 def form_payload(body: bytes) -> bytes:
     """The `payload` field of a form-encoded webhook body (`payload=<url-encoded JSON>`): the
     JSON document Gitea signed. PayloadError (HTTP 400) for a form without it or with more
-    than MAX_FORM_FIELDS fields, never an exception of the parser."""
+    than MAX_FORM_FIELDS fields, never an exception of the parser.
+
+    Read before the signature can be checked, so it costs little whoever sends it: the body is
+    split at most MAX_FORM_FIELDS times, only a name short enough to spell `payload` is
+    decoded, and only the first such field's value, in C (about 10 ms for 3 MiB of `%41`;
+    urllib's decoder took 0.6 s). As Go's url.ParseQuery (what Gitea's encoder is paired with),
+    a malformed %-escape is an error, and the bytes are the ones Gitea signed, UTF-8 or not."""
+    fields = body.split(b"&", MAX_FORM_FIELDS)
+    if len(fields) > MAX_FORM_FIELDS:
+        raise PayloadError(f"form body has more than {MAX_FORM_FIELDS} fields")
+    for item in fields:
+        name, equals, value = item.partition(b"=")
+        if equals and value and len(name) <= _FORM_KEY_MAX and _unquote(name) == b"payload":
+            return _unquote(value)
+    raise PayloadError("form body has no payload field")
+
+
+_SLICE = 128 * 1024
+
+
+def _unquote(text: bytes) -> bytes:
+    """application/x-www-form-urlencoded decoding: `+` is a space, `%XX` a byte. In slices of
+    128 KiB (never cutting an escape), so no single step holds the interpreter for long when
+    this runs off the event loop, and the copies stay small."""
+    if len(text) <= _SLICE:
+        return _unquote_slice(text)
+    parts = []
+    start = 0
+    while start < len(text):
+        end = min(len(text), start + _SLICE)
+        if end < len(text):
+            cut = text.rfind(b"%", end - 2, end)
+            end = cut if cut > start else end
+        parts.append(_unquote_slice(text[start:end]))
+        start = end
+    return b"".join(parts)
+
+
+def _unquote_slice(text: bytes) -> bytes:
+    text = text.replace(b"+", b" ")
+    if b"%" not in text:
+        return text
+    # `codecs.escape_decode` turns `\xXX` into a byte in one pass in C: with every backslash
+    # of the text doubled first, the only other escape left is `\\`, a backslash.
     try:
-        values = parse_qs(body.decode("utf-8", "replace"), max_num_fields=MAX_FORM_FIELDS)
+        decoded, _ = codecs.escape_decode(text.replace(b"\\", b"\\\\").replace(b"%", b"\\x"))
     except ValueError:
-        raise PayloadError(f"form body has more than {MAX_FORM_FIELDS} fields") from None
-    payload = values.get("payload")
-    if not payload:
-        raise PayloadError("form body has no payload field")
-    return payload[0].encode("utf-8", "surrogatepass")
+        raise PayloadError("form body has a malformed %-escape") from None
+    return bytes(decoded)
 
 
 def parse_gitea_push(doc: Any) -> Push:

@@ -14,21 +14,24 @@ Flux's semantics (notification-controller `receiver_resource_filter.go` over flu
 * an evaluation error (a missing key, a bad regular expression) counts for that resource only.
 
 The library is cel-expr-python (the CEL C++ runtime, maintained by the CEL authors): it type
-checks as cel-go does and bounds comprehensions with an iteration budget, so an expression over
-a large, attacker-shaped `req` cannot run away. A body is at most `body_limit_bytes` long, and
-`req` is converted once per request, not once per resource: every resource of a request is
-evaluated in one call (`<resources>.map(res, <expression>)`).
+checks as cel-go does and bounds comprehensions with an iteration budget. It has no budget for
+the size of the values an expression builds (a chain of `replace` builds 10^8 characters) nor
+for converting `req` (0.4 s for a 3 MiB body), so the bridge evaluates filters in a process of
+its own, within a time and a memory budget (`cel_sandbox`, `cel_worker`). A body is at most
+`body_limit_bytes` long, and `req` is converted once per request where it can be: every resource
+of a request is evaluated in one call (`<resources>.map(res, <expression>)`).
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from cel_expr_python import cel  # type: ignore[import-untyped]
 from cel_expr_python.ext import ext_encoders, ext_optional, ext_strings  # type: ignore[import-untyped]
+
+from receiver.bounds import parse_json
 
 # What every filter sees; the list variable only exists for the batched evaluation.
 _BATCH = "gfb_resources"
@@ -131,7 +134,7 @@ def request_document(content_type: str, body: bytes) -> dict[str, Any]:
     if not is_json_content(content_type):
         return {}
     try:
-        value = json.loads(body)
+        value = parse_json(body)
     except (ValueError, RecursionError):
         raise RequestNotJSON("request body is not valid JSON") from None
     if not isinstance(value, dict):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import unicodedata
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -33,8 +34,10 @@ log = logging.getLogger(__name__)
 
 
 def usable_token(token: str | None) -> bool:
-    """A token that proves something: present and not blank."""
-    return token is not None and bool(token.strip())
+    """A token that proves something: present, with at least one visible character (not only
+    spaces, controls such as NUL, or invisible format characters such as U+200B)."""
+    return token is not None and any(
+        not c.isspace() and unicodedata.category(c) not in ("Cc", "Cf") for c in token)
 
 
 class HookIndex:

@@ -11,56 +11,23 @@ A pushed tag is *taken* when it passes the filter and ranks at or above the tag 
 holds now (extracted the same way); with no `latestRef` (or one the policy would not pick
 again, e.g. after the spec changed), any tag that passes is taken.
 
-Regular expressions are Go's, whose syntax and semantics are RE2's: they are evaluated with
-RE2 itself (google-re2), so `[[:alpha:]]`, `\pL`, `\Q…\E` and a literal `{,n}` read as in
-Go, and matching takes linear time whatever the pattern. That matters here: the text matched is
-a tag anyone who may push a package chooses, and a backtracking engine (Python's `re`) can be
-made to run for hours by a tag against a pattern as ordinary as `^(\d+\.?)+$`. A pattern RE2
-refuses (Go refuses the same: lookarounds, backreferences, `\Z`) is not evaluated; the policy is
-then *assumed to take* the tag and the reason says so. Annotating one ImageRepository too many
-costs a registry scan; missing one loses an update.
+Regular expressions are Go's, evaluated with RE2 (`goregexp`). A pattern RE2 refuses is not
+evaluated; the policy is then *assumed to take* the tag and the reason says so. Annotating one
+ImageRepository too many costs a registry scan; missing one loses an update.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
-import re2
-
+from receiver.push.goregexp import go_pattern
 from receiver.push.semver import ConstraintError, tag_taken
 
 # ImageRepository `spec.exclusionList` when unset (the CRD default): cosign signature tags.
 DEFAULT_EXCLUSIONS = ("^.*\\.sig$",)
-
-_RE2_OPTIONS = re2.Options()
-_RE2_OPTIONS.log_errors = False  # a refused pattern is a reason in the plan, not a stderr line
-
-
-@dataclass(frozen=True, slots=True)
-class GoPattern:
-    """A Go regexp compiled by RE2, or why it cannot be evaluated here."""
-
-    text: str
-    compiled: Any  # re2._Regexp: search() and Python-style match objects; no type stubs
-    problem: str = ""
-
-
-@functools.lru_cache(maxsize=512)
-def go_pattern(text: str) -> GoPattern:
-    """Compiled once per pattern: a cluster has a handful of policies, pushed to many times."""
-    try:
-        return GoPattern(text, re2.compile(text, _RE2_OPTIONS))
-    except re2.error as exc:
-        message = exc.args[0] if exc.args else ""
-        if isinstance(message, bytes):
-            message = message.decode("utf-8", "replace")
-        return GoPattern(text, None, f"is not a valid Go regexp ({message})")
-
 
 _REF = re.compile(r"\$(?:\{(\w+)\}|(\w+)|(\$))", re.ASCII)
 

@@ -29,7 +29,6 @@ The Receiver's `resources` bound what is annotated; touched consumers are tracke
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +37,7 @@ from receiver.flux.revisions import followable
 from receiver.flux.store import ObjectStore
 from receiver.gitea.payloads import PackagePush
 from receiver.giturls import registry_host
+from receiver.push.goregexp import go_pattern
 from receiver.push.image_policy import excluded_by, latest_tag, policy_takes
 from receiver.push.resources import Resolved, resolve_resources
 from receiver.push.routing import Plan, Target, _target, plan_push
@@ -83,11 +83,12 @@ def oci_ref_match(spec_ref: Any, version: str, revision: str = "") -> tuple[bool
     if constraint := _str(ref.get("semver")):
         pattern = _str(ref.get("semverFilter"))
         if pattern:
-            try:
-                if re.search(pattern, version) is None:
-                    return False, f"semver {constraint} with semverFilter {pattern}"
-            except re.error:
+            # A Go regexp, evaluated by RE2 as Flux's (a version is the pusher's choice).
+            compiled = go_pattern(pattern)
+            if compiled.compiled is None:
                 return False, f"invalid semverFilter {pattern!r}"
+            if compiled.search(version) is None:
+                return False, f"semver {constraint} with semverFilter {pattern}"
         try:
             return tag_taken(_semver_text(version), constraint,
                              _semver_text(artifact_tag(revision)))

@@ -3,7 +3,10 @@
 Every object the plan would annotate is shown to the filter as `res`; one for which it is false
 is not annotated and moves to `skipped` with the reason. When the filter cannot be evaluated
 for an object (a key the request lacks), the whole request fails, as it does in Flux: a CI step
-must not read success from a request that annotated nothing by accident. A consumer
+must not read success from a request that annotated nothing by accident. The pusher is told
+which object, not CEL's message (which may quote the object's metadata); that goes to the log.
+The evaluation itself runs elsewhere (`cel_sandbox`): this module builds its input
+(`filter_inputs`) and applies its verdicts (`apply_verdicts`). A consumer
 is no longer followed when it is filtered out, nor when its source is: that source will not
 fetch the pushed commit on the bridge's request.
 """
@@ -11,12 +14,12 @@ fetch the pushed commit on the bridge's request.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from receiver.flux.objects import ObjectKey, consumer_source
 from receiver.flux.store import ObjectStore
-from receiver.push.cel_filter import CompiledFilter, resource_document
+from receiver.push.cel_filter import resource_document
 from receiver.push.routing import Plan, Target
 
 FALSE_REASON = "resourceFilter is false"
@@ -24,7 +27,12 @@ ENTRY_FALSE_REASON = "its spec.resources[].filter is false"
 
 
 class FilterEvaluationError(Exception):
-    """The filter failed for an object: the request is refused and nothing is annotated."""
+    """The filter failed for an object: the request is refused and nothing is annotated.
+    `str()` is for the pusher; `reason` (CEL's message) for the log only."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 def _res(target: Target, store: ObjectStore) -> dict[str, Any]:
@@ -36,28 +44,31 @@ def _res(target: Target, store: ObjectStore) -> dict[str, Any]:
                              {"name": target.name, "namespace": target.namespace})
 
 
-def filter_plan(plan: Plan, compiled: CompiledFilter, req: Mapping[str, Any],
-                store: ObjectStore) -> Plan:
+def filter_inputs(plan: Plan, store: ObjectStore) -> tuple[tuple[Target, ...],
+                                                          list[dict[str, Any]]]:
+    """The objects the filter decides on, and each one's `res`."""
     candidates = (*plan.targets, *plan.annotate_only)
-    verdicts = compiled.evaluate([_res(t, store) for t in candidates], req)
-    return _narrowed(plan, zip(candidates, verdicts, strict=True), FALSE_REASON, store)
+    return candidates, [_res(t, store) for t in candidates]
 
 
-def filter_entries(plan: Plan, filters: Mapping[ObjectKey, Sequence[CompiledFilter]],
-                   req: Mapping[str, Any], store: ObjectStore) -> Plan:
-    """`spec.resources[].filter`: an object only filtered entries list (`filters`, see
-    `Resolved.entry_filters`) is annotated when one of its entries' filters is true, as Flux
-    annotates per entry. One that cannot be evaluated fails the request, as above."""
-    verdicts: list[tuple[Target, bool | str]] = []
-    for target in (*plan.targets, *plan.annotate_only):
-        compiled = filters.get(target.key)
-        if not compiled:
-            continue
-        res = _res(target, store)
-        results = [f.evaluate([res], req)[0] for f in compiled]
-        failed = [r for r in results if not isinstance(r, bool)]
-        verdicts.append((target, failed[0] if failed else any(results)))
-    return _narrowed(plan, verdicts, ENTRY_FALSE_REASON, store)
+def resource_of(target: Target, store: ObjectStore) -> dict[str, Any]:
+    """The `res` a filter sees for one object."""
+    return _res(target, store)
+
+
+def entry_verdict(results: Sequence[bool | str]) -> bool | str:
+    """`spec.resources[].filter`: an object its filtered entries list is annotated when one of
+    their filters is true, as Flux annotates per entry; one that cannot be evaluated (a str,
+    the reason) fails the request."""
+    failed = [r for r in results if not isinstance(r, bool)]
+    return failed[0] if failed else any(results)
+
+
+def apply_verdicts(plan: Plan, candidates: Sequence[Target], verdicts: Sequence[bool | str],
+                   store: ObjectStore, reason: str = FALSE_REASON) -> Plan:
+    """The plan without the candidates whose verdict is False (skipped with `reason`);
+    FilterEvaluationError if one could not be evaluated."""
+    return _narrowed(plan, zip(candidates, verdicts, strict=True), reason, store)
 
 
 def _narrowed(plan: Plan, verdicts: Iterable[tuple[Target, bool | str]], reason: str,
@@ -69,7 +80,8 @@ def _narrowed(plan: Plan, verdicts: Iterable[tuple[Target, bool | str]], reason:
         if verdict is not False:
             raise FilterEvaluationError(
                 f"resourceFilter could not be evaluated for {target.kind} "
-                f"{target.namespace}/{target.name}: {str(verdict)[:200]}")
+                f"{target.namespace}/{target.name}: the reason is in the bridge's log",
+                str(verdict)[:200])
         dropped[target.key] = dataclasses.replace(target, reason=reason)
     if not dropped:
         return plan

@@ -25,10 +25,10 @@ itself (a push without a repository, a commit id that is not one, a field over i
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
+from receiver.bounds import parse_json
 from receiver.gitea.payloads import (
     PackagePush,
     PayloadError,
@@ -71,7 +71,7 @@ class Selection:
 
 def _load(document: bytes) -> tuple[bool, Any]:
     try:
-        return True, json.loads(document)
+        return True, parse_json(document)
     except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
         return False, None
 

@@ -121,7 +121,12 @@ def reason_words(reason: str) -> str:
 # PostgreSQL refuse the status; ESC starts terminal sequences), the bidirectional controls
 # (U+061C, U+200E/F, U+202A-E, U+2066-9: they reorder what a reader sees) and lone surrogates.
 _UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069"
-                     "\ud800-\udfff]")
+                     "\ud800-\udfff"
+                     # Invisible: soft hyphen, zero-width and joiners, line and paragraph
+                     # separators, invisible operators, byte order mark, interlinear
+                     # annotation, Unicode tags (which can spell hidden text).
+                     "\u00ad\u180e\u200b-\u200d\u2028\u2029\u2060-\u2064\u206a-\u206f"
+                     "\ufeff\ufff9-\ufffb\U000e0000-\U000e007f]")
 
 
 # A terminal escape sequence (ESC [ ... final byte) goes whole, not only its ESC.

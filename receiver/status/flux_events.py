@@ -9,13 +9,13 @@ prefixed from older ones; both are read, and the result is always unprefixed.
 
 from __future__ import annotations
 
-import json
 import re
 import string
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from receiver.bounds import parse_json
 from receiver.flux.revisions import commit_of
 
 EVENT_PREFIX = "event.toolkit.fluxcd.io/"
@@ -150,7 +150,7 @@ def normalise_metadata(raw: Mapping[str, Any], group: str) -> dict[str, str]:
 def parse_event(body: bytes) -> FluxEvent:
     """Raw request bytes -> FluxEvent, or EventError (400 unreadable, 422 incomplete)."""
     try:
-        doc = json.loads(body)
+        doc = parse_json(body)
     except (UnicodeDecodeError, ValueError):
         raise EventError(400, "body is not valid JSON") from None
     except RecursionError:

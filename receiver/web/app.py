@@ -33,7 +33,15 @@ from receiver.web import openapi
 from receiver.web.badge import BadgeEndpoint
 from receiver.web.drain import CloseWhileDraining, Drain
 from receiver.web.events import EventsEndpoint
-from receiver.web.http import BodyDeadline, BodyTimeout, body_timeout, client_disconnected, error
+from receiver.web.http import (
+    BodyDeadline,
+    BodyTimeout,
+    HeadLimit,
+    Unhandled,
+    body_timeout,
+    client_disconnected,
+    error,
+)
 from receiver.web.ingest import IngestService
 from receiver.web.readiness import Health, readiness
 
@@ -137,6 +145,7 @@ def create_app(settings: Settings, cluster: Cluster, **status_kwargs: Any) -> St
             parts.drain.begin("shutting_down")
             await parts.statuses.stop(settings.shutdown.flush_seconds)
             await parts.reconciler.stop()
+            await parts.ingest.filter_sandbox.stop()
             if parts.ancestry is not None:
                 await parts.ancestry.stop()
             await cluster.stop()
@@ -180,11 +189,6 @@ def create_app(settings: Settings, cluster: Cluster, **status_kwargs: Any) -> St
         response.headers.update(exc.headers or {})
         return response
 
-    async def unhandled(request: Request, exc: Exception) -> Response:
-        # Never a traceback to the client; the log line carries the type, not the request body.
-        log.error("unhandled error", exc_info=exc)
-        return error(500, "internal error")
-
     routes = [
         Route("/hook/{digest}", parts.ingest.hook, methods=["POST"]),
         Route("/deliveries/{id}", parts.ingest.delivery, methods=["GET"]),
@@ -198,10 +202,12 @@ def create_app(settings: Settings, cluster: Cluster, **status_kwargs: Any) -> St
     app = Starlette(
         routes=routes,
         lifespan=lifespan,
-        middleware=[Middleware(CloseWhileDraining, drain=parts.drain),
+        # Unhandled first: whatever the others raise is answered and logged there, once.
+        middleware=[Middleware(Unhandled), Middleware(HeadLimit),
+                    Middleware(CloseWhileDraining, drain=parts.drain),
                     Middleware(BodyDeadline, seconds=settings.server.body_timeout_seconds)],
         exception_handlers={HTTPException: http_error, ClientDisconnect: client_disconnected,
-                            BodyTimeout: body_timeout, Exception: unhandled},
+                            BodyTimeout: body_timeout},
     )
     # A POST to /hook/<digest>/ must not be redirected: Gitea would not follow it.
     app.router.redirect_slashes = False

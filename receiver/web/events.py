@@ -8,6 +8,7 @@ same event is known.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 
 from starlette.requests import Request
@@ -24,7 +25,9 @@ from receiver.status.queue import StatusQueue
 from receiver.status.secrets import SecretReader
 from receiver.templates import StatusTemplates
 from receiver.web.http import (
+    OFF_LOOP_BYTES,
     UNAUTHORIZED,
+    VERIFIER,
     BodyTooLarge,
     declared_too_large,
     error,
@@ -103,7 +106,10 @@ class EventsEndpoint:
             if token is not None and not signature.lower().startswith("sha256="):
                 self._metrics.signature_failures.labels("events-hmac", "algorithm").inc()
             elif token is not None:
-                verdict = verify_event(headers, body, token)
+                # A large body is verified off the loop (`web.http.VERIFIER`).
+                verdict = verify_event(headers, body, token) if len(body) < OFF_LOOP_BYTES \
+                    else await asyncio.get_running_loop().run_in_executor(
+                        VERIFIER, verify_event, headers, body, token)
                 if verdict.ok:
                     return True
                 self._metrics.signature_failures.labels("events-hmac", verdict.reason).inc()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 from typing import Any
 
@@ -11,6 +12,12 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 UNAUTHORIZED = {"error": "unauthorized"}
+# Bodies from this size on are verified on a thread of their own (an HMAC of 3 MiB or a form's
+# decoding takes 5-20 ms: a flood of them would hold the event loop for all of it). One thread:
+# such a flood queues there, not on the loop nor in the default executor (which sends patches
+# and reads Secrets).
+OFF_LOOP_BYTES = 64 * 1024
+VERIFIER = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="gfb-verify")
 log = logging.getLogger(__name__)
 
 
@@ -59,6 +66,81 @@ async def client_disconnected(request: Request, exc: Exception) -> Response:
     log.info("client disconnected before its body was read",
              extra={"method": request.method, "route": request.url.path.split("/", 2)[1]})
     return error(400, "client disconnected")
+
+
+# What a request's head may hold, checked before any route reads a header. Gitea sends about
+# fifteen headers; a proxy adds a few. uvicorn's default parser (httptools) bounds neither.
+MAX_HEADERS = 100
+MAX_HEADER_BYTES = 64 * 1024
+# The request target (path and query): a delivery id is at most 6,000 characters.
+MAX_TARGET_BYTES = 16 * 1024
+
+
+class HeadLimit:
+    """ASGI middleware: a request with more than MAX_HEADERS headers or MAX_HEADER_BYTES of
+    them is answered 431, one whose path and query pass MAX_TARGET_BYTES 414, before anything
+    else looks at it (the head is already read: this bounds what the app does with it)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            headers = scope["headers"]
+            status = 0
+            if len(headers) > MAX_HEADERS or sum(
+                    len(k) + len(v) for k, v in headers) > MAX_HEADER_BYTES:
+                status, message = 431, "request headers too large"
+            elif len(scope.get("raw_path") or b"") + len(scope["query_string"]) > MAX_TARGET_BYTES:
+                status, message = 414, "request target too long"
+            if status:
+                reply = JSONResponse({"error": message}, status_code=status,
+                                     headers={"Connection": "close"})
+                await reply(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+class Unhandled:
+    """ASGI middleware: an exception no route handled is logged once, as its type and where it
+    was raised (file, line and function of each frame), never its message or any value (both
+    may hold what the request sent); the client gets 500 `{"error":"internal error"}` if no
+    answer had begun. Not raised again: Starlette and uvicorn would each log it once more, with
+    its message and traceback."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def watched_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watched_send)
+        except Exception as exc:  # the one place every request error ends
+            log.error("unhandled error", extra={"error": type(exc).__name__,
+                                                "where": where_raised(exc)})
+            if not started:
+                await error(500, "internal error")(scope, receive, send)
+
+
+def where_raised(exc: BaseException) -> str:
+    """`file:line function` of each frame of the traceback, innermost last; no source, no
+    values."""
+    frames = []
+    tb = exc.__traceback__
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        frames.append(f"{code.co_filename.rsplit('/', 1)[-1]}:{tb.tb_lineno} {code.co_name}")
+        tb = tb.tb_next
+    return " < ".join(reversed(frames[-12:]))
 
 
 class BodyTimeout(Exception):

@@ -15,7 +15,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,19 +39,29 @@ from receiver.giturls import registry_host
 from receiver.logs import delivery_id as delivery_ctx
 from receiver.metrics import Metrics
 from receiver.push import spec_events
-from receiver.push.cel_filter import CompiledFilter, FilterCache, RequestNotJSON, request_document
+from receiver.push.cel_filter import CompiledFilter, FilterCache, RequestNotJSON
+from receiver.push.cel_sandbox import FilterBudgetExceeded, FilterBusy, FilterSandbox
 from receiver.push.hookindex import HookIndex
 from receiver.push.mismatch import Unmatched, unmatched
 from receiver.push.package_routing import OCI_TYPES, plan_selection
 from receiver.push.replay import SeenOnce
-from receiver.push.resource_filter import FilterEvaluationError, filter_entries, filter_plan
+from receiver.push.resource_filter import (
+    ENTRY_FALSE_REASON,
+    FilterEvaluationError,
+    apply_verdicts,
+    entry_verdict,
+    filter_inputs,
+    resource_of,
+)
 from receiver.push.resources import Resolved, resolve_resources
 from receiver.push.routing import Plan
 from receiver.push.selector import PayloadRefused, Selection, select_payload
 from receiver.web.changes import ChangeFeed, watched_keys
 from receiver.web.drain import Drain
 from receiver.web.http import (
+    OFF_LOOP_BYTES,
     UNAUTHORIZED,
+    VERIFIER,
     BodyTooLarge,
     declared_too_large,
     error,
@@ -111,14 +121,15 @@ class IngestService:
         self._resolutions: dict[ObjectKey, tuple[tuple[str, int], Resolved]] = {}
         self.gitea_prefixes = settings.gitea_prefixes()
         self.filters = FilterCache()
+        self.filter_sandbox = FilterSandbox()
         self._filter_invalid: dict[ObjectKey, str] = {}
 
     # -- authentication ---------------------------------------------------------------------
 
     def _verify(
-        self, receiver: FluxObject, token: str, request: Request, body: bytes, kind: str
+        self, receiver: FluxObject, token: str, headers: Mapping[str, str], body: bytes,
+        kind: str
     ) -> _Authenticated:
-        headers = request.headers
         rtype = receiver.spec.get("type")
         if rtype == "github":
             signed = body
@@ -144,13 +155,25 @@ class IngestService:
     async def _authenticate(
         self, receiver: FluxObject, token: str, request: Request, body: bytes, kind: str
     ) -> _Authenticated:
-        result = self._verify(receiver, token, request, body, kind)
+        headers = request.headers
+        result = await self._verify_off_loop(receiver, token, headers, body, kind)
         if not result.verdict.ok and result.verdict.reason == "mismatch":
             # The token may have been rotated since we cached it: read it again, once.
             fresh = await self.hooks.refresh(receiver.key, fresh=True)
             if fresh is not None and fresh != token:
-                result = self._verify(receiver, fresh, request, body, kind)
+                result = await self._verify_off_loop(receiver, fresh, headers, body, kind)
         return result
+
+    async def _verify_off_loop(self, receiver: FluxObject, token: str,
+                               headers: Mapping[str, str], body: bytes,
+                               kind: str) -> _Authenticated:
+        """`_verify`, on the verification thread for a large body: an HMAC of 3 MiB or a form's
+        decoding takes 5-20 ms, and a flood of them would hold the event loop for all of it.
+        The HMAC releases the GIL; the decoding holds it only for each of its few C steps."""
+        if len(body) < OFF_LOOP_BYTES:
+            return self._verify(receiver, token, headers, body, kind)
+        return await asyncio.get_running_loop().run_in_executor(
+            VERIFIER, self._verify, receiver, token, headers, body, kind)
 
     # -- POST /hook/{digest} ----------------------------------------------------------------
 
@@ -222,14 +245,9 @@ class IngestService:
                         "reconcile every listed object, as Flux does")}))
             if once is not None and not once.scheme_replay and once.mark in self.seen:
                 return self._duplicate(name, once)
-            req: dict[str, Any] = {}
-            if compiled is not None or entries:
-                try:
-                    req = request_document(request.headers.get("content-type", ""), body)
-                except RequestNotJSON as exc:
-                    return self._count(name, "bad_json", error(400, str(exc)))
             return await self._accept(receiver, token, name, once, auth.signed,
-                                      compiled=compiled, req=req, entries=entries)
+                                      compiled=compiled, entries=entries, request_body=(
+                                          request.headers.get("content-type", ""), body))
         finally:
             delivery_ctx.reset(token_ctx)
 
@@ -272,15 +290,17 @@ class IngestService:
 
     async def _accept(
         self, receiver: FluxObject, token: str, name: str, once: _Once | None, signed: bytes,
-        *, compiled: CompiledFilter | None = None, req: dict[str, Any] | None = None,
+        *, compiled: CompiledFilter | None = None,
         entries: dict[ObjectKey, list[CompiledFilter]] | None = None,
+        request_body: tuple[str, bytes] = ("", b""),
     ) -> Response:
         try:
             selection = select_payload(str(receiver.spec.get("type") or ""), signed)
         except PayloadRefused as exc:
             return self._count(name, exc.outcome, error(exc.status, exc.message))
         push = selection.push
-        joined = self._joined(name, push, once)
+        listed = self._resolved(receiver).keys
+        joined = self._joined(name, push, once, listed)
         if joined is not None:
             return joined
         if self.deliveries.active_count >= self.settings.deliveries.max_count:
@@ -292,13 +312,11 @@ class IngestService:
         )
         # Why nothing matched is about the push, not the filter: ask before filtering.
         mismatch = unmatched(push, self.cluster.store) if not plan.targets else None
-        try:
-            if compiled is not None:
-                plan = filter_plan(plan, compiled, req or {}, self.cluster.store)
-            if entries:
-                plan = filter_entries(plan, entries, req or {}, self.cluster.store)
-        except FilterEvaluationError as exc:
-            return self._count(name, "unprocessable", error(422, str(exc)))
+        if compiled is not None or entries:
+            filtered = await self._filtered(name, plan, compiled, entries or {}, request_body)
+            if isinstance(filtered, Response):
+                return filtered
+            plan = filtered
         now = self.wall_clock()
         if once is not None:
             # No await from this check to `remember`: two copies of one request on this replica
@@ -327,7 +345,43 @@ class IngestService:
         log.info("push accepted", extra={
             "receiver": name, "ref": delivery.ref, "commit": delivery.sha, "mark": mark,
             "id": delivery_id, "targets": len(plan.targets), "tracked": len(plan.tracked)})
-        return self._count(name, "accepted", _accepted(delivery, plan, annotated, mismatch))
+        return self._count(name, "accepted", _accepted(delivery, plan, listed, annotated,
+                                                       mismatch))
+
+    async def _filtered(self, name: str, plan: Plan, compiled: CompiledFilter | None,
+                        entries: Mapping[ObjectKey, Sequence[CompiledFilter]],
+                        request_body: tuple[str, bytes]) -> Plan | Response:
+        """The plan narrowed by the Receiver's `resourceFilter`, then by the filters of the
+        `spec.resources` entries that list an object, each evaluated in its own process within
+        a time and memory budget (`cel_sandbox`); or the answer that refuses the request."""
+        store = self.cluster.store
+        content_type, body = request_body
+        evaluate = self.filter_sandbox.evaluate
+        try:
+            if compiled is not None:
+                candidates, resources = filter_inputs(plan, store)
+                if candidates:
+                    verdicts = await evaluate(compiled.expression, resources, content_type, body)
+                    plan = apply_verdicts(plan, candidates, verdicts, store)
+            listed = [t for t in (*plan.targets, *plan.annotate_only) if entries.get(t.key)]
+            per_target: list[bool | str] = []
+            for target in listed:
+                res = resource_of(target, store)
+                results = [(await evaluate(f.expression, [res], content_type, body))[0]
+                           for f in entries[target.key]]
+                per_target.append(entry_verdict(results))
+            return apply_verdicts(plan, listed, per_target, store, ENTRY_FALSE_REASON)
+        except RequestNotJSON as exc:
+            return self._count(name, "bad_json", error(400, str(exc)))
+        except FilterBusy as exc:
+            return self._count(name, "overloaded", error(503, str(exc)))
+        except FilterBudgetExceeded as exc:
+            log.warning("resourceFilter stopped", extra={"receiver": name, "reason": str(exc)})
+            return self._count(name, "unprocessable", error(422, str(exc)))
+        except FilterEvaluationError as exc:
+            log.info("resourceFilter could not be evaluated", extra={
+                "receiver": name, "reason": exc.reason})
+            return self._count(name, "unprocessable", error(422, str(exc)))
 
     async def _annotate_only(self, plan: Plan) -> list[dict[str, str]]:
         """Patch the listed objects of kinds the bridge does not route, as Flux does: only
@@ -353,7 +407,8 @@ class IngestService:
             entries.append(entry)
         return entries
 
-    def _joined(self, name: str, push: Push | None, once: _Once | None) -> Response | None:
+    def _joined(self, name: str, push: Push | None, once: _Once | None,
+                listed: Collection[ObjectKey]) -> Response | None:
         """A push of a commit whose delivery is still in flight here (a retried CI job, a
         webhook fired twice, a redelivery under a new id) joins it: same id, no new patch."""
         if push is None:
@@ -365,7 +420,7 @@ class IngestService:
             self.seen.remember(once.mark, once.until, self.wall_clock())
         log.info("push joined its delivery in flight", extra={
             "receiver": name, "ref": push.ref, "commit": push.sha})
-        return self._count(name, "joined", _accepted(delivery, delivery.plan))
+        return self._count(name, "joined", _accepted(delivery, delivery.plan, listed))
 
     def _resolved(self, receiver: FluxObject) -> Resolved:
         """The Receiver's resources, resolved again only when the cache's shape changed."""
@@ -539,12 +594,22 @@ async def _change_or_drain(changed: asyncio.Event, drain: Drain, timeout: float)
             waiter.cancel()
 
 
-def _accepted(delivery: Delivery, plan: Plan, annotate_only: list[dict[str, str]] | None = None,
+def _accepted(delivery: Delivery, plan: Plan, listed: Collection[ObjectKey],
+              annotate_only: list[dict[str, str]] | None = None,
               mismatch: Unmatched | None = None) -> JSONResponse:
     """The 202 reply: the plan with each annotated target's state now, the kinds annotated by
     name only, and why a push that matched no source did not (`unmatched`). `plan` is passed
-    in: a delivery that settled at once (a refused patch) has already dropped its own."""
+    in: a delivery that settled at once (a refused patch) has already dropped its own.
+    Objects skipped in another namespace than the Receiver's, which it does not list, are only
+    counted (`skipped_elsewhere`): the pusher holds this Receiver's token, not a view of every
+    namespace that reads the same repository or registry."""
     reply = plan.as_dict()  # without a store: unrelated objects are only counted
+    namespace = plan.receiver.partition("/")[0]
+    shown = [s for s in reply["skipped"] if s["namespace"] == namespace
+             or ObjectKey(s["kind"], s["namespace"], s["name"]) in listed]
+    if len(shown) < len(reply["skipped"]):
+        reply["skipped_elsewhere"] = len(reply["skipped"]) - len(shown)
+        reply["skipped"] = shown
     if annotate_only:
         reply["annotate_only"] = annotate_only
     if mismatch is not None:

@@ -84,6 +84,9 @@ def _bad_request(*messages: str) -> dict[str, Any]:
 
 INTERNAL = _error("An unexpected failure; never a traceback. The fuzz tests keep this from "
                   "happening.", "internal error")
+TARGET_TOO_LONG = _error("The path and query are longer than 16 KiB.", "request target too long")
+HEAD_TOO_LARGE = _error("More than 100 headers, or more than 64 KiB of them.",
+                        "request headers too large")
 TOO_SLOW = _error("The request body did not arrive within `server.body_timeout_seconds`; the "
                   "connection is closed.", "request body not received in time")
 
@@ -146,6 +149,9 @@ SCHEMAS: dict[str, Schema] = {
         "tracked": {"type": "array", "items": _TARGET_REF},
         "skipped": {"type": "array", "items": _TARGET_REF},
         "skipped_unrelated": {"type": "integer", "minimum": 0},
+        "skipped_elsewhere": {"type": "integer", "minimum": 1, "description": (
+            "skipped objects in other namespaces that the Receiver does not list: counted, "
+            "not named")},
     }, ("delivery", "commit", "ref", "receiver", "targets", "tracked", "skipped",
         "skipped_unrelated")),
     "HookNoAction": {"oneOf": [
@@ -412,6 +418,19 @@ def document() -> dict[str, Any]:
     readyz["get"]["responses"]["200"] = _json("Ready.", _ref("Ready"))
     openapi = _plain("openapi", "This document", JSON)
     openapi["get"]["responses"]["200"] = _json("The OpenAPI document.", {"type": "object"})
+    paths = {
+        "/hook/{digest}": _hook(),
+        "/deliveries/{id}": _deliveries(),
+        "/events": _events(),
+        "/badge/{owner}/{repo}.svg": _badge(),
+        "/healthz": _plain("healthz", "Liveness", TEXT),
+        "/readyz": readyz,
+        "/metrics": _plain("metrics", "Prometheus metrics (text format)", TEXT),
+        "/openapi.json": openapi,
+    }
+    for item in paths.values():  # the head's bounds apply before any route
+        for operation in item.values():
+            operation["responses"].update({"414": TARGET_TOO_LONG, "431": HEAD_TOO_LARGE})
     return {
         "openapi": "3.1.0",
         "info": {
@@ -424,16 +443,7 @@ def document() -> dict[str, Any]:
                            "redirected. Prose: docs/api.md.",
             "license": {"name": "Apache-2.0", "identifier": "Apache-2.0"},
         },
-        "paths": {
-            "/hook/{digest}": _hook(),
-            "/deliveries/{id}": _deliveries(),
-            "/events": _events(),
-            "/badge/{owner}/{repo}.svg": _badge(),
-            "/healthz": _plain("healthz", "Liveness", TEXT),
-            "/readyz": readyz,
-            "/metrics": _plain("metrics", "Prometheus metrics (text format)", TEXT),
-            "/openapi.json": openapi,
-        },
+        "paths": paths,
         "components": {"schemas": SCHEMAS, "securitySchemes": SECURITY_SCHEMES},
     }
 

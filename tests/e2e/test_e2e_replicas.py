@@ -600,7 +600,7 @@ def _replay_request(env: Replicas, how: str, sha: str) -> tuple[str, str, bytes,
                                   after=sha, root=root)
         body = gitea_payloads.gitea_bytes(doc)
         signature = hmac.new(env.tokens[receiver].encode(), body, hashlib.sha256).hexdigest()
-        headers = {"Content-Type": "application/json", "X-Gitea-Event": "push",
+        headers = {"Content-Type": "application/json", "X-Gitea-Event": "push", "X-GitHub-Event": "push",
                    "X-Gitea-Delivery": str(uuid.uuid4()), "X-Gitea-Signature": signature,
                    "X-Hub-Signature-256": f"sha256={signature}"}
     return receiver, env.hook(receiver), body, headers

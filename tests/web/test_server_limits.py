@@ -40,7 +40,8 @@ def test_serve_passes_the_limits_to_uvicorn(tmp_path: Path, monkeypatch: pytest.
 
     def run(server: DrainingServer) -> None:  # what uvicorn would be started with, not started
         config = server.config
-        seen.update(http=config.http, limit_concurrency=config.limit_concurrency,
+        seen.update(http=getattr(config.http, "__name__", config.http),
+                    limit_concurrency=config.limit_concurrency,
                      timeout_keep_alive=config.timeout_keep_alive, backlog=config.backlog,
                      h11_max_incomplete_event_size=config.h11_max_incomplete_event_size)
         server.started = True
@@ -53,7 +54,7 @@ def test_serve_passes_the_limits_to_uvicorn(tmp_path: Path, monkeypatch: pytest.
     assert main(["serve", "--config", str(config), "--manifests", str(FLEET)]) == EXIT_OK
     assert {k: seen[k] for k in ("http", "limit_concurrency", "timeout_keep_alive",
                                  "h11_max_incomplete_event_size", "backlog")} == {
-        "http": "h11", "limit_concurrency": 77, "timeout_keep_alive": 2.0,
+        "http": "IdleClosingH11", "limit_concurrency": 77, "timeout_keep_alive": 2.0,
         "h11_max_incomplete_event_size": 8192, "backlog": 2048}
 
 
