@@ -133,3 +133,18 @@ async def bridge_factory() -> AsyncIterator[BridgeFactory]:
 async def bridge(bridge_factory: BridgeFactory) -> Bridge:
     result: Bridge = await bridge_factory()
     return result
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Show what tests recorded as `summary` (record_property): the model's example and step
+    counts, which a plain run would otherwise hide."""
+    lines = [str(value)
+             for outcome in ("passed", "failed")
+             for report in terminalreporter.stats.get(outcome, [])
+             if getattr(report, "when", "") == "call"
+             for name, value in getattr(report, "user_properties", ())
+             if name == "summary"]
+    if lines:
+        terminalreporter.section("summaries")
+        for line in lines:
+            terminalreporter.write_line(line)

@@ -285,7 +285,10 @@ def _consumer_moved_past(record: DeliveryRecord, obj: FluxObject, source: FluxOb
     will never reach it."""
     held = held_elsewhere(record, obj)
     if held is None and src_view is not None and src_view.reason == CONTAINED and at_rest(obj):
-        held = _holds_other(obj, record.sha)
+        # Only once it holds what its source holds: resting at an older commit, it has not
+        # moved yet (it will apply the source's, which contains ours).
+        mine = _holds_other(obj, record.sha)
+        held = mine if mine is not None and mine == _holds_other(source, record.sha) else None
     if held is not None:
         moved = _moved_past(record, obj, source, held, contains, view)
         if moved is not None:
