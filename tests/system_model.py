@@ -1,6 +1,6 @@
 """A model of the whole system around a push: replicas, Receivers, the API server, Flux, Gitea.
 
-`tests/test_system_model.py` drives it with a hypothesis state machine and checks, after every
+`tests/delivery/test_system_model.py` drives it with a hypothesis state machine and checks, after every
 step, what the bridge answers (`receiver.delivery.state.evaluate` and `DeliveryView.outcome`,
 the marks of `receiver.delivery.marks`, the status decisions of `receiver.status.decisions`)
 against what really happened in the
@@ -95,6 +95,8 @@ from receiver.giturls import normalise_repo_url
 from receiver.push.replay import SeenOnce
 from receiver.signatures import TIMESTAMP_TOLERANCE_SECONDS
 from receiver.status import decisions as statuses
+from receiver.status import descriptions
+from receiver.status import shown as shown_status
 from receiver.status.flux_events import FluxEvent, InvolvedObject
 from receiver.templates import StatusTemplates
 
@@ -271,11 +273,11 @@ class GiteaDown(Exception):
 
 class Gitea:
     def __init__(self) -> None:
-        self.shown: dict[tuple[str, str], statuses.Fields] = {}
+        self.shown: dict[tuple[str, str], shown_status.Fields] = {}
         self.down = False
         self.posts = 0
 
-    def listing(self, sha: str) -> dict[str, statuses.Fields]:
+    def listing(self, sha: str) -> dict[str, shown_status.Fields]:
         if self.down:
             raise GiteaDown("503")
         return {ctx: fields for (s, ctx), fields in self.shown.items() if s == sha}
@@ -323,7 +325,7 @@ class Replica:
         self.in_flight: dict[tuple[str, str, str], str] = {}
         self.outbox: dict[ObjectKey, dict[str, Mark]] = {}
         self.jobs: dict[StatusKey, Job] = {}
-        self.status_seen: dict[StatusKey, statuses.Seen] = {}
+        self.status_seen: dict[StatusKey, shown_status.Seen] = {}
         self.listed: dict[str, float] = {}
         # delivery/ancestry: (ours, held) -> answer; failed questions; questions under way.
         self.known: dict[tuple[str, str], bool] = {}
@@ -370,19 +372,19 @@ class Replica:
                 job.attempts = current.attempts
             self.jobs[key] = job
 
-    def recall_job(self, key: StatusKey, job: Job, now: float) -> tuple[bool, statuses.Fields | None]:
+    def recall_job(self, key: StatusKey, job: Job, now: float) -> tuple[bool, shown_status.Fields | None]:
         seen, listed = self.status_seen.get(key), self.listed.get(key[0])
         if not job.origin:
-            return statuses.recall(seen, listed, now, REPEAT_WINDOW)
-        return statuses.recall_for_event(seen, listed, now, REPEAT_WINDOW, job.origin, job.enqueued)
+            return shown_status.recall(seen, listed, now, REPEAT_WINDOW)
+        return shown_status.recall_for_event(seen, listed, now, REPEAT_WINDOW, job.origin, job.enqueued)
 
-    def observe(self, key: StatusKey, fields: statuses.Fields, at: float, origin: str = "") -> None:
+    def observe(self, key: StatusKey, fields: shown_status.Fields, at: float, origin: str = "") -> None:
         current = self.status_seen.get(key)
         if current is not None and current.at > at:
             return
-        self.status_seen[key] = statuses.Seen(fields, at, origin)
+        self.status_seen[key] = shown_status.Seen(fields, at, origin)
 
-    def read_commit(self, gitea: Gitea, sha: str, now: float) -> dict[str, statuses.Fields]:
+    def read_commit(self, gitea: Gitea, sha: str, now: float) -> dict[str, shown_status.Fields]:
         shown = gitea.listing(sha)
         for context, fields in shown.items():
             self.observe((sha, context), fields, now)
@@ -398,7 +400,7 @@ class Replica:
             if not known:
                 shown = self.read_commit(gitea, status.sha, now).get(status.context)
                 known = True
-            if known and not statuses.needs_post(shown, status.fields, state_only=job.state_only):
+            if known and not shown_status.needs_post(shown, status.fields, state_only=job.state_only):
                 return
             gitea.post(status)
         except GiteaDown:
@@ -901,7 +903,7 @@ class System:
                   f"{desired.state} ({desired.description})")
             event = self.last_event.get(key)
             if event is not None:
-                said = statuses.gitea_state(event.reason, event.severity)
+                said = descriptions.gitea_state(event.reason, event.severity)
                 check(event.commit == desired.sha and said == desired.state, 5,
                       f"{key}: Flux last reported {said} at {event.commit}, its status reads "
                       f"{desired.state} at {desired.sha}")
