@@ -74,6 +74,7 @@ from receiver.delivery.view import (
     CONTAINED,
     OUTCOMES,
     SUPERSEDED,
+    SUPERSEDED_OUTCOME,
     Contains,
     DeliveryView,
     TargetView,
@@ -656,8 +657,10 @@ class System:
             return
         obj, source = replica.get(key), replica.get(SRC)
         assert obj is not None
-        if state == TIMED_OUT:
-            desired = statuses.desired_after_timeout(obj, source, record.sha, TEMPLATES, normalise)
+        if state in (TIMED_OUT, SUPERSEDED_OUTCOME):
+            desired = statuses.desired_after_timeout(
+                obj, source, record.sha, TEMPLATES, normalise,
+                target.commit if state == SUPERSEDED_OUTCOME else "")
         else:
             desired = statuses.desired_from_object(obj, source, TEMPLATES, normalise)
         if desired is not None and desired.sha == record.sha:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from receiver.delivery.view import SUPERSEDED as SUPERSEDED_REASON
+from receiver.delivery.view import SUPERSEDED_OUTCOME
 from receiver.flux.objects import CONSUMER_KINDS, FluxObject
 from receiver.flux.origin import consumer_commits, is_oci
 from receiver.flux.origin import event_commit as oci_event_commit
@@ -29,7 +30,7 @@ from receiver.status.descriptions import (
     truncate,
 )
 from receiver.status.flux_events import FluxEvent
-from receiver.status.repos import Normaliser, RepoRef, repo_of, source_commit
+from receiver.status.repos import Normaliser, RepoRef, repo_of
 from receiver.status.shown import Fields, needs_post
 from receiver.templates import StatusTemplates, render
 
@@ -210,20 +211,19 @@ def pending_for_push(
 
 def desired_after_timeout(
     obj: FluxObject, source_obj: FluxObject | None, sha: str, templates: StatusTemplates,
-    normalise: Normaliser,
+    normalise: Normaliser, superseded_by: str = "",
 ) -> DesiredStatus | None:
-    """Ends the `pending` of a push Flux never deployed within the delivery's wait.
+    """Ends the `pending` of a push Flux never deployed.
 
-    When the source is Ready at another commit, the branch moved on and Flux skipped ours:
-    `skipped` (Gitea >= 1.25 counts it as success). Otherwise something is stuck: `error`.
+    `skipped` (Gitea >= 1.25 counts it as success) only when the delivery found it superseded:
+    Flux went past it to `superseded_by`, after a later push. A push Flux simply did not deploy
+    in time is `error`, whatever commit the source happens to hold: it may be the one before.
     """
     repo = repo_of(obj, source_obj, normalise)
     if repo is None or obj.suspended:
         return None
-    current = source_commit(source_obj)
-    source_ready = source_obj is not None and _condition(source_obj, "Ready")[0] == "True"
-    if source_ready and current and current != sha:
-        state, text = SKIPPED, f"Superseded: Flux deployed {current[:12]} instead"
+    if superseded_by:
+        state, text = SKIPPED, f"Superseded: Flux deployed {superseded_by[:12]} instead"
     else:
         _, reason, message = _condition(obj, "Ready")
         detail = " ".join(f"{reason_words(reason).lower()}: {message}".split()) if reason else ""
@@ -241,7 +241,7 @@ def outcome_to_post(state: str, reason: str) -> str | None:
     if state in (READY, FAILED, TIMED_OUT):
         return state
     if state == SKIPPED_TARGET and reason == SUPERSEDED_REASON:
-        return TIMED_OUT
+        return SUPERSEDED_OUTCOME
     return None
 
 

@@ -9,6 +9,7 @@ from receiver.bounded import BoundedMap
 from receiver.config import Settings
 from receiver.delivery.package import package_commit
 from receiver.delivery.store import Delivery
+from receiver.delivery.view import SUPERSEDED_OUTCOME
 from receiver.flux.objects import CONSUMER_KINDS, FluxObject, ObjectKey
 from receiver.flux.revisions import FAILED, FINAL_STATES, READY, TIMED_OUT, progress_at
 from receiver.gitea.payloads import Push
@@ -80,14 +81,17 @@ class DeliverySignals:
         if obj is None:
             return
         if delivery.sha:
-            self._post_outcome(obj, source, delivery.sha, state)
+            target = delivery.view.get(key)
+            self._post_outcome(obj, source, delivery.sha, state,
+                               target.commit if target is not None else "")
             return
         sha = package_commit(delivery.record, source)
         pended = self._pending_sent.get((delivery.id, key))
         if pended is not None and pended != sha and (sha is not None or state in FINAL_STATES):
-            # The source moved on (the tag re-pushed, or another tag) before this commit was
-            # deployed: end its pending as a timed-out push's (skipped if Flux deployed another).
-            self._post_outcome(obj, source, pended, TIMED_OUT)
+            # The source moved on to another artifact (the tag re-pushed) before this commit
+            # was deployed: superseded by the commit that one names; with none, timed out.
+            self._post_outcome(obj, source, pended, SUPERSEDED_OUTCOME if sha else TIMED_OUT,
+                               sha or "")
             del self._pending_sent[(delivery.id, key)]
         if sha is None:
             return
@@ -97,10 +101,12 @@ class DeliverySignals:
             self._package_pending(delivery, obj, source, sha)
 
     def _post_outcome(self, obj: FluxObject, source: FluxObject | None, sha: str,
-                      state: str) -> None:
+                      state: str, superseded_by: str = "") -> None:
         normalise = self._locator.normalise
-        if state == TIMED_OUT:
-            desired = desired_after_timeout(obj, source, sha, self._templates, normalise)
+        if state in (TIMED_OUT, SUPERSEDED_OUTCOME):
+            desired = desired_after_timeout(
+                obj, source, sha, self._templates, normalise,
+                superseded_by if state == SUPERSEDED_OUTCOME else "")
         elif state in (READY, FAILED):
             desired = desired_from_object(obj, source, self._templates, normalise)
         else:

@@ -426,11 +426,6 @@ def test_a_consumer_that_has_not_moved_is_not_superseded() -> None:
     machine.holds()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known gap: a push Flux never fetched (its source still Ready at the commit before it) "
-    "ends, once timed out, as `skipped` 'Superseded: Flux deployed <older commit> instead', "
-    "which Gitea >= 1.25 counts as success; desired_after_timeout cannot tell a timed-out "
-    "push from a superseded one (outcome_to_post maps both to timed_out)"))
 def test_a_push_flux_never_fetched_is_not_shown_as_skipped() -> None:
     system = System(REPLICAS)
     replica = system.replicas[0]

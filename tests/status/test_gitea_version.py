@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from receiver.flux.revisions import TIMED_OUT
+from receiver.delivery.view import DeliveryView, TargetView
 from receiver.gitea.version import accepts_skipped, parse_version, state_for_version
 from tests.fakegitea import FakeGitea
 from tests.status.test_status_service import (
@@ -59,10 +59,12 @@ async def _superseded(gitea: FakeGitea, *, version_later: str | None = None
         d = delivery(keys=(API,))
         r.service.on_push_routed(d, push())
         await settled(r)
-        # The branch moved on before Flux fetched our commit.
+        # The delivery saw Flux go past our commit to a later one (OLD stands for it here).
         r.cluster.mark_source_fetched(SOURCE, f"main@sha1:{OLD}")
         r.cluster.mark_applied(API, f"main@sha1:{OLD}")
-        r.service.on_target_changed(d, API, TIMED_OUT)
+        d.view = DeliveryView((TargetView(API, "track", "skipped", "Superseded", "",
+                                          commit=OLD),))
+        r.service.on_target_changed(d, API, "skipped")
         await settled(r)
         await eventually(lambda: (gitea.latest(*REPO, API_CONTEXT) or {}).get(
             "status") != "pending")

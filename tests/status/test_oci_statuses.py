@@ -302,9 +302,12 @@ def test_helm_release_from_an_oci_chart_ties_through_the_artifact() -> None:
 def test_a_timed_out_commit_superseded_by_a_newer_artifact_is_skipped() -> None:
     source = oci_source()
     source.raw["status"]["conditions"] = [{"type": "Ready", "status": "True"}]
-    desired = desired_after_timeout(kustomization(), source, OLD, TEMPLATES, normalise)
+    desired = desired_after_timeout(kustomization(), source, OLD, TEMPLATES, normalise,
+                                    superseded_by=SHA)
     assert desired is not None and desired.state == SKIPPED
     assert SHA[:12] in desired.description
+    timed_out = desired_after_timeout(kustomization(), source, OLD, TEMPLATES, normalise)
+    assert timed_out is not None and timed_out.state == "error"
 
 
 # -- package deliveries, as any replica sees them ------------------------------------------

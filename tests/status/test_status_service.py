@@ -27,6 +27,7 @@ from starlette.routing import Route
 from receiver.config import ConfigError, Settings, StatusConfig, load_settings
 from receiver.delivery.record import DeliveryRecord
 from receiver.delivery.store import Delivery, record_targets
+from receiver.delivery.view import DeliveryView, TargetView
 from receiver.flux.memory import MemoryCluster
 from receiver.flux.objects import ObjectKey
 from receiver.flux.revisions import READY, RECONCILING, TIMED_OUT
@@ -950,18 +951,28 @@ async def test_delivery_outcomes_close_the_loop_without_events() -> None:
 
 
 @pytest.mark.anyio
-async def test_timed_out_pending_is_ended() -> None:
+async def test_a_timed_out_or_superseded_pending_is_ended() -> None:
     async with rig() as r:
         d = delivery(keys=(API,))
         r.service.on_push_routed(d, push())
         await settled(r)
-        # The branch moved on before Flux fetched our commit.
+        # Flux never fetched our commit: the source still holds the one before.
         r.cluster.mark_source_fetched(SOURCE, f"main@sha1:{OLD}")
         r.cluster.mark_applied(API, f"main@sha1:{OLD}")
         r.service.on_target_changed(d, API, TIMED_OUT)
         await settled(r)
         latest = r.gitea.latest(*REPO, "flux/eu-west/kustomization/apps/api")
-        assert latest is not None and latest["status"] == "skipped"
+        assert latest is not None and latest["status"] == "error"
+        # Superseded: the delivery saw Flux go past it to a later commit.
+        later = delivery(sha="2" * 40, keys=(API,))
+        r.service.on_push_routed(later, push("2" * 40))
+        await settled(r)
+        later.view = DeliveryView((TargetView(API, "track", "skipped", "Superseded", "",
+                                              commit=OLD),))
+        r.service.on_target_changed(later, API, "skipped")
+        await settled(r)
+        shown = r.gitea.latest("team", "webapp", "2" * 40, "flux/eu-west/kustomization/apps/api")
+        assert shown is not None and shown["status"] == "skipped"
 
 
 # -- badges ----------------------------------------------------------------------------------
@@ -1142,7 +1153,7 @@ async def test_a_pending_still_queued_when_its_push_timed_out_is_not_posted_afte
         r.service.on_target_changed(d, API, "timed_out")
         await settled(r)
         shown = gitea.latest(*REPO, context)
-        assert shown is not None and shown["status"] == "skipped", shown
+        assert shown is not None and shown["status"] == "error", shown
         assert all(body["state"] != "pending" for *_, body in gitea.posts
                    if body["context"] == context)
 

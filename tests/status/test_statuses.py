@@ -399,13 +399,17 @@ def test_helm_commit() -> None:
     assert helm_commit("1.0.0", helmrelease(), fetched) is None
 
 
-def test_timeout_is_skipped_when_superseded_else_error() -> None:
+def test_skipped_only_when_superseded_else_error() -> None:
     obj = kustomization({"lastAppliedRevision": f"main@sha1:{OLD}",
                          "conditions": ready("True", "ReconciliationSucceeded")})
-    superseded = desired_after_timeout(obj, gitrepo(revision=f"main@sha1:{OLD}"), SHA, T,
-                                       normalise)
+    source = gitrepo(revision=f"main@sha1:{OLD}")
+    superseded = desired_after_timeout(obj, source, SHA, T, normalise, superseded_by=OLD)
     assert superseded is not None and superseded.state == SKIPPED
     assert OLD[:12] in superseded.description
+    # The same source at another commit, but nothing says Flux went past ours: it may be the
+    # commit before, never fetched. Gitea must not count that as a success.
+    never_fetched = desired_after_timeout(obj, source, SHA, T, normalise)
+    assert never_fetched is not None and never_fetched.state == ERROR
     stuck = kustomization({"lastAppliedRevision": f"main@sha1:{OLD}",
                            "conditions": ready("False", "DependencyNotReady", "dep not ready")})
     failing_source = gitrepo(revision=f"main@sha1:{OLD}", ready="False")
@@ -585,7 +589,7 @@ def test_which_delivery_outcomes_post_a_status() -> None:
     assert outcome_to_post("failed", "BuildFailed") == "failed"
     assert outcome_to_post("timed_out", "Timeout") == "timed_out"
     # Flux went past the commit: it ends as a push Flux never deployed, not as pending.
-    assert outcome_to_post("skipped", "Superseded") == "timed_out"
+    assert outcome_to_post("skipped", "Superseded") == "superseded"
     assert outcome_to_post("skipped", "NotFollowed") is None
     for going in ("queued", "annotated", "reconciling"):
         assert outcome_to_post(going, "") is None
