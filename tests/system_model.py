@@ -26,7 +26,8 @@ What is modelled, and the choices the code does not make for us:
   cache at once (the kube backend does). A restart loses all of that and lists afresh.
 * Ingest follows `web.ingest.IngestService` in order: replayed one-time signature (401),
   repeated Gitea delivery id (duplicate), a push joining this replica's delivery in flight of
-  the same (Receiver, commit, ref), the mark already on an object of the plan (refused), else
+  the same (Receiver, commit, ref), the mark already on an object of the plan (refused), the
+  mark found by the patch that goes out at once (a lagging cache: refused too), else
   accepted: a record (its id made and read back by `delivery.record.encode`/`decode`), the
   source patch asked for, `pending` on the tracked consumers (`pending_for_push`).
 * Patches follow `delivery.reconcile.PatchCoalescer._send_once`: every mark waiting for an object goes
@@ -551,6 +552,13 @@ class System:
                 self.refused_by_memory.add(memory)
             return "replayed" if req.one_time else "duplicate"
         replica.seen.remember(req.mark, req.until, now)
+        if not replica.outbox.get(SRC) and delivery_marks.has(
+                self.api.latest(SRC).annotations, req.mark):
+            # The patch goes out at once (nothing else waits for this object on this replica),
+            # conditional on the cached version: a lagging cache gets 409, reads the object
+            # again and finds the mark, so nothing is sent and the request is refused
+            # (`Reconciler.start_delivery` answers True).
+            return "replayed" if req.one_time else "duplicate"
         record = DeliveryRecord(req.receiver, req.sha, REF, round(now, 3), req.mark, TARGETS)
         delivery_id, record = encode(record, TOKENS[req.receiver])
         accepted = Accepted(delivery_id, record, req, replica.name)

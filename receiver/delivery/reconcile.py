@@ -88,10 +88,13 @@ class Reconciler:
 
     # -- entry point -----------------------------------------------------------------------
 
-    async def start_delivery(self, delivery: Delivery, wait_seconds: float = 3.0) -> None:
+    async def start_delivery(self, delivery: Delivery, wait_seconds: float = 3.0) -> bool:
         """Register a delivery, send its source patches, and wait briefly for the ones sent now.
 
-        Consumers are annotated later, when their source reports the pushed commit.
+        Consumers are annotated later, when their source reports the pushed commit. Returns
+        True when every source patch went out at once and found the delivery's mark already on
+        its object: another replica took this very request first (this replica's cache had
+        not seen the mark yet), so nothing was sent.
         """
         for evicted in self._deliveries.add(delivery):
             # Past the store's count or age bound: this replica stops following it (any
@@ -122,7 +125,20 @@ class Reconciler:
         if immediate:
             await asyncio.wait(immediate, timeout=wait_seconds)
             await asyncio.sleep(0)  # let _patched record the outcome
+        requested = sum(1 for key in watched if (delivery.id, key) in self._requested)
+        taken = (bool(immediate) and len(immediate) == requested
+                 and all(f.done() and not f.cancelled() and f.exception() is None
+                         and f.result().already for f in immediate))
+        if taken:
+            self.abandon(delivery)
+            return True
         await self._evaluate(delivery)
+        return False
+
+    def abandon(self, delivery: Delivery) -> None:
+        """Forget a delivery this replica accepted by mistake (another took it first)."""
+        self._deliveries.discard(delivery)
+        self._forget(delivery)
 
     def _follow_patch(self, delivery: Delivery, key: ObjectKey,
                       future: asyncio.Future[PatchOutcome]) -> None:

@@ -125,6 +125,11 @@ class DeliveryStore:
         if self._in_flight.get(_push_key(delivery)) == delivery.id:
             del self._in_flight[_push_key(delivery)]
 
+    def discard(self, delivery: Delivery) -> None:
+        """Drop a delivery that should not have been kept (it was another replica's)."""
+        self.finished(delivery)
+        self._items.pop(delivery.id, None)
+
     def in_flight(self, receiver: str, sha: str, ref: str) -> Delivery | None:
         """The delivery still in progress for this push of this commit, if any."""
         id_ = self._in_flight.get((receiver, sha, ref)) if sha else None

@@ -335,7 +335,12 @@ class IngestService:
         for listener in self.push_listeners:
             if push is not None:
                 listener(delivery, push)
-        await self.reconciler.start_delivery(delivery)
+        if await self.reconciler.start_delivery(delivery) and once is not None:
+            # Another replica took this very request first; our cache had not seen its mark
+            # yet, and the conditional patch found it on the objects: refused as a repeat.
+            if once.scheme_replay:
+                return self._replayed(name, signatures.Verdict(True, "timestamped", ""))
+            return self._duplicate(name, once)
         annotated = await self._annotate_only(plan)
         if mismatch is not None:
             self.metrics.pushes_unmatched.labels(mismatch.reason).inc()

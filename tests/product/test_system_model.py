@@ -380,10 +380,6 @@ def test_a_repeat_of_the_commit_through_another_receiver_is_not_deployed() -> No
     assert system.outcomes() == {first.id: "in_progress", second.id: "in_progress"}
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known gap: a replica whose cache has not yet seen a request's mark accepts its replay "
-    "(202, a second delivery); the conditional patch then finds the mark and sends nothing, "
-    "so nothing is reconciled twice, but the replay is not refused as it is elsewhere"))
 def test_a_replay_refused_by_the_marks_is_refused_by_a_lagging_replica_too() -> None:
     system = System(REPLICAS)
     request = system.request(ACTIONS, system.new_commit())
