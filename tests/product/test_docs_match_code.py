@@ -102,3 +102,14 @@ def test_every_documented_error_text_exists_in_the_code() -> None:
             if fragment not in STRINGS and tail not in STRINGS:
                 missing.add(message)
     assert missing == set(), "docs/api.md shows error texts the code never sends"
+
+
+def test_every_test_the_architecture_names_as_holding_an_invariant_exists() -> None:
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    named = set(re.findall(r"`(tests/[\w/]+\.py)(?:::(\w+))?`", text))
+    assert len(named) >= 10
+    for path, name in named:
+        source = ROOT / path
+        assert source.is_file(), path
+        if name:
+            assert re.search(rf"^(?:async )?def {name}\(", source.read_text(), re.M), (path, name)
