@@ -31,6 +31,7 @@ from receiver.push.hookindex import HookIndex
 from receiver.status.service import StatusService
 from receiver.web import openapi
 from receiver.web.badge import BadgeEndpoint
+from receiver.web.deliveries import DeliveriesEndpoint
 from receiver.web.drain import CloseWhileDraining, Drain
 from receiver.web.events import EventsEndpoint
 from receiver.web.http import (
@@ -71,6 +72,7 @@ class Components:
     deliveries: DeliveryStore
     reconciler: Reconciler
     ingest: IngestService
+    follow: DeliveriesEndpoint
     statuses: StatusService
     events: EventsEndpoint
     badge: BadgeEndpoint
@@ -95,20 +97,22 @@ def build(settings: Settings, cluster: Cluster, **status_kwargs: Any) -> Compone
     reconciler = Reconciler(cluster, deliveries, settings.reconcile, metrics, settings.cluster_name,
                             keep_marks_seconds=keep_marks)
     ingest = IngestService(settings, cluster, hooks, reconciler, deliveries, metrics)
+    follow = DeliveriesEndpoint(settings, cluster, hooks, reconciler, deliveries)
     statuses = StatusService(settings, cluster, metrics, **status_kwargs)
     ingest.push_listeners.append(statuses.on_push_routed)
     reconciler.listeners.append(statuses.on_target_changed)
 
     def history_answered(key: ObjectKey) -> None:
         reconciler.reevaluate_following(key)
-        ingest.changes.touch(key)
+        follow.changes.touch(key)
 
     # Only a configured Gitea can say whether a later commit contains a pushed one.
     ancestry = Ancestry(statuses.ask_contains, history_answered) if settings.gitea else None
     if ancestry is not None:
         reconciler.contains = ancestry.contains
     events, badge = status_endpoints(statuses)
-    return Components(settings, cluster, metrics, hooks, deliveries, reconciler, ingest, statuses,
+    return Components(settings, cluster, metrics, hooks, deliveries, reconciler, ingest, follow,
+                      statuses,
                       events, badge, Drain(), ancestry)
 
 
@@ -191,7 +195,7 @@ def create_app(settings: Settings, cluster: Cluster, **status_kwargs: Any) -> St
 
     routes = [
         Route("/hook/{digest}", parts.ingest.hook, methods=["POST"]),
-        Route("/deliveries/{id}", parts.ingest.delivery, methods=["GET"]),
+        Route("/deliveries/{id}", parts.follow.handle, methods=["GET"]),
         Route("/events", parts.events.handle, methods=["POST"]),
         Route("/badge/{path:path}", parts.badge.handle, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),

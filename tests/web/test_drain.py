@@ -62,7 +62,7 @@ async def _delivery(bridge: Bridge, path: str) -> Delivery:
 
 
 def _stream(bridge: Bridge, delivery: Delivery, wait: float, drain: Drain) -> Any:
-    return bridge.parts.ingest._stream(delivery.id, delivery.record, wait, drain)
+    return bridge.parts.follow._stream(delivery.id, delivery.record, wait, drain)
 
 
 anyio = pytest.mark.anyio

@@ -17,7 +17,7 @@ import pytest
 
 from receiver.push.hookindex import usable_token
 from receiver.status.descriptions import truncate
-from receiver.web import ingest
+from receiver.web import deliveries
 from tests.conftest import (
     FIXTURES,
     FLEET,
@@ -35,7 +35,7 @@ async def test_an_unhandled_error_is_one_line_with_its_type_and_place_only(
     def broken(delivery_id: str) -> str:
         raise RuntimeError(f"message quoting the request: {delivery_id}")
 
-    monkeypatch.setattr(ingest, "receiver_of", broken)
+    monkeypatch.setattr(deliveries, "receiver_of", broken)
     caplog.set_level(logging.DEBUG)
     reply = await bridge.client.get("/deliveries/what-the-caller-sent")
     assert (reply.status_code, reply.json()) == (500, {"error": "internal error"})

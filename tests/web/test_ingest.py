@@ -319,7 +319,7 @@ async def test_failed_deploy_and_streaming_wait(bridge: Bridge) -> None:
 
     async def flux() -> None:
         # Once the stream is waiting on the delivery's objects, Flux moves.
-        await until(lambda: bridge.parts.ingest.changes.waiting, what="the stream to wait")
+        await until(lambda: bridge.parts.follow.changes.waiting, what="the stream to wait")
         bridge.cluster.mark_source_fetched(SOURCE, f"main@sha1:{sha}")
         await until(lambda: len(patched(bridge)) == 2, what="the consumer patch")
         bridge.cluster.mark_failed(APPS, f"main@sha1:{sha}", "BuildFailed",
