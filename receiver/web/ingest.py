@@ -36,11 +36,12 @@ from receiver.giturls import registry_host
 from receiver.logs import delivery_id as delivery_ctx
 from receiver.metrics import Metrics
 from receiver.push import spec_events
-from receiver.push.cel_filter import CompiledFilter, FilterCache, RequestNotJSON
+from receiver.push.cel_filter import CompiledFilter, RequestNotJSON
 from receiver.push.cel_sandbox import FilterBudgetExceeded, FilterBusy, FilterSandbox
 from receiver.push.hookindex import HookIndex
 from receiver.push.mismatch import Unmatched, unmatched
 from receiver.push.package_routing import OCI_TYPES, plan_selection
+from receiver.push.receiver_specs import ReceiverSpecs
 from receiver.push.replay import SeenOnce
 from receiver.push.resource_filter import (
     ENTRY_FALSE_REASON,
@@ -50,7 +51,6 @@ from receiver.push.resource_filter import (
     filter_inputs,
     resource_of,
 )
-from receiver.push.resources import Resolved, resolve_resources
 from receiver.push.routing import Plan
 from receiver.push.selector import PayloadRefused, Selection, select_payload
 from receiver.web.http import (
@@ -112,11 +112,9 @@ class IngestService:
         limits = settings.rate_limit
         self.rate = RateLimiter(limits.requests_per_second, limits.burst)
         self.push_listeners: list[PushListener] = []
-        self._resolutions: dict[ObjectKey, tuple[tuple[str, int], Resolved]] = {}
         self.gitea_prefixes = settings.gitea_prefixes()
-        self.filters = FilterCache()
+        self.specs = ReceiverSpecs(settings, cluster.store, metrics)
         self.filter_sandbox = FilterSandbox()
-        self._filter_invalid: dict[ObjectKey, str] = {}
 
     # -- authentication ---------------------------------------------------------------------
 
@@ -186,8 +184,8 @@ class IngestService:
         name = f"{receiver.namespace}/{receiver.name}"
         if receiver.suspended:
             return self._count(name, "suspended", error(503, "receiver is suspended"))
-        compiled = self._filter(receiver)
-        entries = self._entry_filters(receiver)
+        compiled = self.specs.resource_filter(receiver)
+        entries = self.specs.entry_filters(receiver)
         if isinstance(compiled, str) or isinstance(entries, str):
             # Flux marks such a Receiver Stalled (InvalidCELExpression) and answers 503.
             return self._count(name, "filter_invalid", error(
@@ -293,7 +291,7 @@ class IngestService:
         except PayloadRefused as exc:
             return self._count(name, exc.outcome, error(exc.status, exc.message))
         push = selection.push
-        listed = self._resolved(receiver).keys
+        listed = self.specs.resolved(receiver).keys
         joined = self._joined(name, push, once, listed)
         if joined is not None:
             return joined
@@ -302,7 +300,7 @@ class IngestService:
         plan = plan_selection(
             receiver, selection, self.cluster.store,
             allow_cross_namespace=self.settings.allow_cross_namespace_refs,
-            resolved=self._resolved(receiver), gitea_prefixes=self.gitea_prefixes,
+            resolved=self.specs.resolved(receiver), gitea_prefixes=self.gitea_prefixes,
         )
         # Why nothing matched is about the push, not the filter: ask before filtering.
         mismatch = unmatched(push, self.cluster.store) if not plan.targets else None
@@ -420,60 +418,6 @@ class IngestService:
         log.info("push joined its delivery in flight", extra={
             "receiver": name, "ref": push.ref, "commit": push.sha})
         return self._count(name, "joined", _accepted(delivery, delivery.plan, listed))
-
-    def _resolved(self, receiver: FluxObject) -> Resolved:
-        """The Receiver's resources, resolved again only when the cache's shape changed."""
-        store = self.cluster.store
-        stamp = (receiver.resource_version, store.shape_version)
-        cached = self._resolutions.get(receiver.key)
-        if cached is not None and cached[0] == stamp:
-            return cached[1]
-        resolved = resolve_resources(
-            receiver, store, allow_cross_namespace=self.settings.allow_cross_namespace_refs)
-        if len(self._resolutions) > 10_000:
-            self._resolutions.clear()
-        self._resolutions[receiver.key] = (stamp, resolved)
-        return resolved
-
-    def _filter(self, receiver: FluxObject) -> CompiledFilter | str | None:
-        """The Receiver's compiled resourceFilter, None without one, or why it is invalid.
-        Compiled once per resourceVersion; an invalid one is logged once and counted."""
-        expression = receiver.spec.get("resourceFilter")
-        key = receiver.key
-        result: CompiledFilter | str | None = None
-        if isinstance(expression, str) and expression.strip():
-            found = self.filters.get(key, receiver.resource_version, expression)
-            result = found if isinstance(found, CompiledFilter) else str(found)
-        else:
-            self.filters.forget(key)
-        why = result if isinstance(result, str) else None
-        if why is not None and self._filter_invalid.get(key) != why:
-            log.warning("receiver resourceFilter is invalid: its hook answers 503", extra={
-                "receiver": f"{key.namespace}/{key.name}", "reason": why})
-        if why is None:
-            self._filter_invalid.pop(key, None)
-        else:
-            self._filter_invalid[key] = why
-        self.metrics.receivers_filter_invalid.set(len(self._filter_invalid))
-        return result
-
-    def _entry_filters(self, receiver: FluxObject
-                       ) -> dict[ObjectKey, list[CompiledFilter]] | str:
-        """Each object only filtered `spec.resources` entries list, with their compiled
-        filters ({} without any); or why one entry's filter is invalid (every entry's counts,
-        as Flux judges the Receiver's spec, not what it resolves to). Compiled once each."""
-        compiled: dict[str, CompiledFilter] = {}
-        for entry in receiver.spec.get("resources") or []:
-            expression = entry.get("filter") if isinstance(entry, dict) else None
-            if isinstance(expression, str) and expression.strip():
-                found = self.filters.get(("entry", expression.strip()), "", expression.strip())
-                if not isinstance(found, CompiledFilter):
-                    return str(found)
-                compiled[expression.strip()] = found
-        if not compiled:
-            return {}
-        return {key: [compiled[e] for e in expressions]
-                for key, expressions in self._resolved(receiver).entry_filters}
 
     def _count(self, receiver: str, outcome: str, response: Response) -> Response:
         self.metrics.hook_requests.labels(receiver, outcome).inc()
