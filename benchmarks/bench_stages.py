@@ -79,7 +79,7 @@ def _instrument() -> None:
     _timed(ingest, "select_payload", "payload: JSON decode + parse (select_payload)")
     _timed(ingest, "plan_selection", "routing (plan_selection)")
     _timed(ingest, "encode", "signed delivery id (encode)")
-    _timed(ingest, "_accepted", "202 reply (plan as JSON)")
+    _timed(ingest, "accepted_reply", "202 reply (plan as JSON)")
     _timed(ingest, "read_capped", "body read (read_capped)")
     _timed(ingest.IngestService, "_authenticate", "authentication")
     _timed(ingest.Delivery, "from_record", "delivery object")
@@ -163,7 +163,7 @@ def _alone(number: int) -> dict[str, float]:
     from receiver.push.resources import resolve_resources
     from receiver.push.selector import select_payload
     from receiver.web.app import url_normaliser
-    from receiver.web.ingest import _accepted
+    from receiver.web.replies import accepted_reply
 
     setup = Setup(Path(tempfile.mkdtemp(prefix="gfb-stages-")), max_count=10_000, timeout=2.0)
     settings = load_settings(setup.config, overrides={"manifests": str(setup.fleet)})
@@ -191,7 +191,7 @@ def _alone(number: int) -> dict[str, float]:
         "signed delivery id (encode)": lambda: encode(record, "bench-token"),
         "one evaluation (delivery_state.evaluate)": lambda: evaluate(
             record, store.get, time.time(), timeouts, {}),
-        "202 reply (plan as JSON)": lambda: _accepted(delivery, plan),
+        "202 reply (plan as JSON)": lambda: accepted_reply(delivery, plan, ()),
     }
     return {name: 1e6 * min(timeit.repeat(fn, number=number, repeat=3)) / number
             for name, fn in stages.items()}

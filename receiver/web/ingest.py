@@ -30,17 +30,15 @@ from receiver.delivery.record import DeliveryRecord, encode
 from receiver.delivery.store import Delivery, DeliveryStore, record_targets
 from receiver.flux.cluster import Cluster, ClusterError
 from receiver.flux.objects import RECONCILE_ANNOTATION, FluxObject, ObjectKey
-from receiver.flux.origin import package_ref
 from receiver.gitea.payloads import PayloadError, Push, form_payload
-from receiver.giturls import registry_host
 from receiver.logs import delivery_id as delivery_ctx
 from receiver.metrics import Metrics
 from receiver.push import spec_events
 from receiver.push.cel_filter import CompiledFilter, RequestNotJSON
 from receiver.push.cel_sandbox import FilterBudgetExceeded, FilterBusy, FilterSandbox
 from receiver.push.hookindex import HookIndex
-from receiver.push.mismatch import Unmatched, unmatched
-from receiver.push.package_routing import OCI_TYPES, plan_selection
+from receiver.push.mismatch import unmatched
+from receiver.push.package_routing import plan_selection
 from receiver.push.receiver_specs import ReceiverSpecs
 from receiver.push.replay import SeenOnce
 from receiver.push.resource_filter import (
@@ -52,7 +50,7 @@ from receiver.push.resource_filter import (
     resource_of,
 )
 from receiver.push.routing import Plan
-from receiver.push.selector import PayloadRefused, Selection, select_payload
+from receiver.push.selector import PayloadRefused, select_payload
 from receiver.web.http import (
     OFF_LOOP_BYTES,
     UNAUTHORIZED,
@@ -64,6 +62,7 @@ from receiver.web.http import (
     read_capped,
 )
 from receiver.web.ratelimit import RateLimiter
+from receiver.web.replies import accepted_reply, record_ref
 
 log = logging.getLogger(__name__)
 JSON_TYPES = frozenset({"application/json"})
@@ -320,7 +319,7 @@ class IngestService:
                 return self._duplicate(name, once)
             self.seen.remember(once.mark, once.until, now)
         mark = once.mark if once is not None else fresh_mark(name)
-        record = DeliveryRecord(name, push.sha if push else "", _record_ref(selection),
+        record = DeliveryRecord(name, push.sha if push else "", record_ref(selection),
                                 round(now, 3), mark, record_targets(plan))
         delivery_id, _ = encode(record, token)
         delivery = Delivery.from_record(delivery_id, record, plan)
@@ -342,7 +341,7 @@ class IngestService:
         log.info("push accepted", extra={
             "receiver": name, "ref": delivery.ref, "commit": delivery.sha, "mark": mark,
             "id": delivery_id, "targets": len(plan.targets), "tracked": len(plan.tracked)})
-        return self._count(name, "accepted", _accepted(delivery, plan, listed, annotated,
+        return self._count(name, "accepted", accepted_reply(delivery, plan, listed, annotated,
                                                        mismatch))
 
     async def _filtered(self, name: str, plan: Plan, compiled: CompiledFilter | None,
@@ -417,52 +416,8 @@ class IngestService:
             self.seen.remember(once.mark, once.until, self.wall_clock())
         log.info("push joined its delivery in flight", extra={
             "receiver": name, "ref": push.ref, "commit": push.sha})
-        return self._count(name, "joined", _accepted(delivery, delivery.plan, listed))
+        return self._count(name, "joined", accepted_reply(delivery, delivery.plan, listed))
 
     def _count(self, receiver: str, outcome: str, response: Response) -> Response:
         self.metrics.hook_requests.labels(receiver, outcome).inc()
         return response
-
-
-def _record_ref(selection: Selection) -> str:
-    """A push's ref; for a container package, the OCI reference pushed (`origin.package_ref`),
-    which lets any replica tell the artifact it produced (`delivery.package.has_push`)."""
-    if selection.push is not None:
-        return selection.push.ref
-    package = selection.package
-    registry = registry_host(package.instance) if package is not None else None
-    if package is None or registry is None or package.type not in OCI_TYPES:
-        return ""
-    return package_ref(registry, package.owner, package.name, package.version)
-
-
-def _accepted(delivery: Delivery, plan: Plan, listed: Collection[ObjectKey],
-              annotate_only: list[dict[str, str]] | None = None,
-              mismatch: Unmatched | None = None) -> JSONResponse:
-    """The 202 reply: the plan with each annotated target's state now, the kinds annotated by
-    name only, and why a push that matched no source did not (`unmatched`). `plan` is passed
-    in: a delivery that settled at once (a refused patch) has already dropped its own.
-    Objects skipped in another namespace than the Receiver's, which it does not list, are only
-    counted (`skipped_elsewhere`): the pusher holds this Receiver's token, not a view of every
-    namespace that reads the same repository or registry."""
-    reply = plan.as_dict()  # without a store: unrelated objects are only counted
-    namespace = plan.receiver.partition("/")[0]
-    shown = [s for s in reply["skipped"] if s["namespace"] == namespace
-             or ObjectKey(s["kind"], s["namespace"], s["name"]) in listed]
-    if len(shown) < len(reply["skipped"]):
-        reply["skipped_elsewhere"] = len(reply["skipped"]) - len(shown)
-        reply["skipped"] = shown
-    if annotate_only:
-        reply["annotate_only"] = annotate_only
-    if mismatch is not None:
-        reply["unmatched"] = mismatch.as_dict()
-    reply["targets"] = []
-    for target in plan.targets:
-        view = delivery.view.get(target.key)
-        entry = {**target.as_dict(), "state": view.state if view else "queued"}
-        if view is not None and view.state == "failed":
-            entry["error"] = view.message
-        reply["targets"].append(entry)
-    return JSONResponse({"delivery": delivery.id, "mark": delivery.record.mark,
-                         "commit": delivery.sha, "ref": delivery.ref, **reply}, status_code=202)
-
