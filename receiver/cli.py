@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import json
 import logging
@@ -131,7 +132,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from receiver.config import ConfigError, load_settings
     from receiver.flux.memory import ManifestError, MemoryCluster
     from receiver.flux.store import ObjectStore
+    from receiver.metrics import Metrics
+    from receiver.push.cel_filter import RequestNotJSON
+    from receiver.push.cel_sandbox import FilterBudgetExceeded
     from receiver.push.package_routing import plan_selection
+    from receiver.push.receiver_specs import ReceiverSpecs
+    from receiver.push.resource_filter import FilterEvaluationError
     from receiver.push.selector import PayloadRefused, select_payload
     from receiver.web.app import url_normaliser
 
@@ -162,11 +168,35 @@ def cmd_plan(args: argparse.Namespace) -> int:
         selection = select_payload(str(receiver.spec.get("type") or ""), raw)
     except PayloadRefused as exc:
         return _fail(f"payload rejected ({exc.status}): {exc}", EXIT_PAYLOAD)
+    specs = ReceiverSpecs(settings, store, Metrics())
+    compiled, entries = specs.resource_filter(receiver), specs.entry_filters(receiver)
+    if isinstance(compiled, str) or isinstance(entries, str):
+        return _fail(f"the Receiver's filter is invalid (the service answers 503): "
+                     f"{compiled if isinstance(compiled, str) else entries}")
     plan = plan_selection(receiver, selection, store,
                           allow_cross_namespace=settings.allow_cross_namespace_refs,
+                          resolved=specs.resolved(receiver),
                           gitea_prefixes=settings.gitea_prefixes())
+    if compiled is not None or entries:
+        # The service's filters, evaluated as it evaluates them (a worker process, budgets).
+        try:
+            plan = asyncio.run(_narrowed(plan, compiled, entries, "application/json", raw, store))
+        except (FilterEvaluationError, FilterBudgetExceeded, RequestNotJSON) as exc:
+            return _fail(f"payload rejected (422): {exc}", EXIT_PAYLOAD)
     print(json.dumps(plan.as_dict(store), indent=2))
     return EXIT_OK
+
+
+async def _narrowed(plan: Any, compiled: Any, entries: Any, content_type: str, body: bytes,
+                    store: Any) -> Any:
+    from receiver.push.cel_sandbox import FilterSandbox
+    from receiver.push.resource_filter import narrow
+
+    sandbox = FilterSandbox()
+    try:
+        return await narrow(plan, compiled, entries, sandbox.evaluate, content_type, body, store)
+    finally:
+        await sandbox.stop()
 
 
 # -- hook-url, sign, badge-url ---------------------------------------------------------------

@@ -14,12 +14,12 @@ fetch the pushed commit on the bridge's request.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from receiver.flux.objects import ObjectKey, consumer_source
 from receiver.flux.store import ObjectStore
-from receiver.push.cel_filter import resource_document
+from receiver.push.cel_filter import CompiledFilter, resource_document
 from receiver.push.routing import Plan, Target
 
 FALSE_REASON = "resourceFilter is false"
@@ -42,6 +42,32 @@ def _res(target: Target, store: ObjectStore) -> dict[str, Any]:
     # A kind the bridge only patches (not listed or watched): what its entry says.
     return resource_document(target.api_version, target.kind,
                              {"name": target.name, "namespace": target.namespace})
+
+
+# (expression, each object's `res`, content type, body) -> a verdict per object: True, False,
+# or why it could not be evaluated (`cel_sandbox.FilterSandbox.evaluate`).
+Evaluate = Callable[[str, Sequence[Mapping[str, Any]], str, bytes], Awaitable[list[bool | str]]]
+
+
+async def narrow(plan: Plan, compiled: CompiledFilter | None,
+                 entries: Mapping[ObjectKey, Sequence[CompiledFilter]], evaluate: Evaluate,
+                 content_type: str, body: bytes, store: ObjectStore) -> Plan:
+    """The plan narrowed by the Receiver's `resourceFilter`, then by the filters of the
+    `spec.resources` entries that list an object: the one pipeline the service and `plan` share.
+    Raises what `evaluate` raises, and FilterEvaluationError."""
+    if compiled is not None:
+        candidates, resources = filter_inputs(plan, store)
+        if candidates:
+            verdicts = await evaluate(compiled.expression, resources, content_type, body)
+            plan = apply_verdicts(plan, candidates, verdicts, store)
+    listed = [t for t in (*plan.targets, *plan.annotate_only) if entries.get(t.key)]
+    per_target: list[bool | str] = []
+    for target in listed:
+        res = resource_of(target, store)
+        results = [(await evaluate(f.expression, [res], content_type, body))[0]
+                   for f in entries[target.key]]
+        per_target.append(entry_verdict(results))
+    return apply_verdicts(plan, listed, per_target, store, ENTRY_FALSE_REASON)
 
 
 def filter_inputs(plan: Plan, store: ObjectStore) -> tuple[tuple[Target, ...],

@@ -41,14 +41,7 @@ from receiver.push.mismatch import unmatched
 from receiver.push.package_routing import plan_selection
 from receiver.push.receiver_specs import ReceiverSpecs
 from receiver.push.replay import SeenOnce
-from receiver.push.resource_filter import (
-    ENTRY_FALSE_REASON,
-    FilterEvaluationError,
-    apply_verdicts,
-    entry_verdict,
-    filter_inputs,
-    resource_of,
-)
+from receiver.push.resource_filter import FilterEvaluationError, narrow
 from receiver.push.routing import Plan
 from receiver.push.selector import PayloadRefused, select_payload
 from receiver.web.http import (
@@ -350,23 +343,10 @@ class IngestService:
         """The plan narrowed by the Receiver's `resourceFilter`, then by the filters of the
         `spec.resources` entries that list an object, each evaluated in its own process within
         a time and memory budget (`cel_sandbox`); or the answer that refuses the request."""
-        store = self.cluster.store
         content_type, body = request_body
-        evaluate = self.filter_sandbox.evaluate
         try:
-            if compiled is not None:
-                candidates, resources = filter_inputs(plan, store)
-                if candidates:
-                    verdicts = await evaluate(compiled.expression, resources, content_type, body)
-                    plan = apply_verdicts(plan, candidates, verdicts, store)
-            listed = [t for t in (*plan.targets, *plan.annotate_only) if entries.get(t.key)]
-            per_target: list[bool | str] = []
-            for target in listed:
-                res = resource_of(target, store)
-                results = [(await evaluate(f.expression, [res], content_type, body))[0]
-                           for f in entries[target.key]]
-                per_target.append(entry_verdict(results))
-            return apply_verdicts(plan, listed, per_target, store, ENTRY_FALSE_REASON)
+            return await narrow(plan, compiled, entries, self.filter_sandbox.evaluate,
+                                content_type, body, self.cluster.store)
         except RequestNotJSON as exc:
             return self._count(name, "bad_json", error(400, str(exc)))
         except FilterBusy as exc:

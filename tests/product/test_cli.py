@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -220,3 +221,43 @@ def test_an_unreadable_token_file_is_a_usage_error(
     code, _, err = run(capsys, "hook-url", "--name", "n", "--namespace", "ns", "--token-file",
                        str(bad))
     assert code == EXIT_USAGE and "not UTF-8" in err
+
+
+FILTERED_RECEIVER = """
+apiVersion: notification.toolkit.fluxcd.io/v1
+kind: Receiver
+metadata: {name: filtered, namespace: flux-system}
+spec:
+  type: generic-hmac
+  secretRef: {name: hmac-token}
+  resourceFilter: 'req.env == "prod"'
+  resources:
+    - kind: GitRepository
+      name: flux-system
+"""
+
+
+def test_plan_applies_the_resource_filter_as_the_service_does(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    manifests = tmp_path / "fleet"
+    shutil.copytree(FLEET, manifests)
+    (manifests / "filtered.yaml").write_text(FILTERED_RECEIVER)
+    payload = tmp_path / "push.json"
+
+    def plan(**fields: str) -> tuple[int, str, str]:
+        payload.write_text(json.dumps({
+            "repository": "https://gitea.example.com/platform/fleet", "ref": "refs/heads/main",
+            "sha": "5" * 40, **fields}))
+        return run(capsys, "plan", "--manifests", str(manifests), "--payload", str(payload),
+                   "--receiver", "flux-system/filtered")
+
+    code, out, _ = plan(env="prod")
+    assert code == EXIT_OK and [t["name"] for t in json.loads(out)["targets"]] == ["flux-system"]
+    code, out, _ = plan(env="staging")
+    doc = json.loads(out)
+    assert code == EXIT_OK and doc["targets"] == []
+    assert {(s["name"], s["reason"]) for s in doc["skipped"]} >= {
+        ("flux-system", "resourceFilter is false")}
+    # A filter that reads what the request lacks fails it, as the service answers 422.
+    code, _, err = plan()
+    assert code == EXIT_PAYLOAD and "resourceFilter could not be evaluated" in err
