@@ -15,9 +15,9 @@ import pytest
 
 from receiver import signatures as sig
 from receiver.config import Settings, load_settings
-from receiver.flux.memory import MemoryCluster
 from receiver.flux.store import ObjectStore
 from receiver.web.app import create_app, url_normaliser
+from tests.faultycluster import FaultyCluster
 
 FIXTURES = Path(__file__).parent / "fixtures"
 FLEET = FIXTURES / "fleet"
@@ -67,7 +67,7 @@ def make_settings(**overrides: Any) -> Settings:
 class Bridge:
     app: Any
     client: httpx.AsyncClient
-    cluster: MemoryCluster
+    cluster: FaultyCluster
 
     @property
     def parts(self) -> Any:
@@ -113,7 +113,7 @@ async def bridge_factory() -> AsyncIterator[BridgeFactory]:
                    **kwargs: Any) -> Bridge:
         settings = settings or make_settings()
         store = ObjectStore(url_normaliser(settings))
-        cluster = MemoryCluster.from_directory(
+        cluster = FaultyCluster.from_directory(
             store, directory, secret_ttl_seconds=settings.secret_cache_seconds)
         app = create_app(settings, cluster, **kwargs)
         lifespan = app.router.lifespan_context(app)

@@ -77,7 +77,6 @@ class MemoryCluster:
         self.secret_ttl_seconds = secret_ttl_seconds
         self.clock = clock
         self._secret_cache: dict[tuple[str, str], tuple[float, dict[str, bytes] | None]] = {}
-        self.fail_next_patches: list[int] = []  # HTTP-like statuses to fail the next patches with
         self._leases: dict[str, dict[str, Any]] = {}  # name -> Lease spec
         self.observe: Observer | None = None  # no API calls to report
         self.sync_errors: dict[str, str] = {}
@@ -143,9 +142,6 @@ class MemoryCluster:
 
     async def annotate(self, key: ObjectKey, annotations: Mapping[str, str], *,
                        resource_version: str | None = None) -> FluxObject:
-        if self.fail_next_patches:
-            status = self.fail_next_patches.pop(0)
-            raise error_for_status(f"patch {key} failed with {status}", status)
         current = self.store.get(key)
         if current is None:
             raise NotFound(f"{key.kind} {key.namespace}/{key.name} not found")

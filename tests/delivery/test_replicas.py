@@ -21,6 +21,7 @@ from receiver.flux.store import ObjectStore
 from receiver.web.app import create_app, url_normaliser
 from tests import gitea_payloads as gp
 from tests.conftest import ACTIONS_TOKEN, FLEET, GITEA_TOKEN, make_settings, until
+from tests.faultycluster import FaultyCluster
 
 pytestmark = pytest.mark.anyio
 
@@ -67,7 +68,7 @@ class Replicas:
 @pytest.fixture
 async def replicas() -> AsyncIterator[Replicas]:
     settings = make_settings()
-    cluster = MemoryCluster.from_directory(ObjectStore(url_normaliser(settings)), FLEET)
+    cluster = FaultyCluster.from_directory(ObjectStore(url_normaliser(settings)), FLEET)
     group = Replicas(cluster)
     await group.start()
     await group.start()
@@ -176,7 +177,7 @@ async def test_a_conflict_is_read_again_not_lost(replicas: Replicas) -> None:
 
 async def test_a_push_refused_as_busy_keeps_its_delivery_id_for_the_retry() -> None:
     settings = make_settings(deliveries={"max_count": 1})
-    cluster = MemoryCluster.from_directory(ObjectStore(url_normaliser(settings)), FLEET)
+    cluster = FaultyCluster.from_directory(ObjectStore(url_normaliser(settings)), FLEET)
     group = Replicas(cluster)
     client = await group.start(deliveries={"max_count": 1})
     try:
@@ -235,7 +236,7 @@ async def test_a_repeated_push_of_a_commit_in_flight_joins_its_delivery(
 
 async def test_the_same_commits_pushed_over_and_over_never_fill_the_store() -> None:
     settings = make_settings(deliveries={"max_count": 5})
-    cluster = MemoryCluster.from_directory(ObjectStore(url_normaliser(settings)), FLEET)
+    cluster = FaultyCluster.from_directory(ObjectStore(url_normaliser(settings)), FLEET)
     group = Replicas(cluster)
     client = await group.start(deliveries={"max_count": 5})
     try:
