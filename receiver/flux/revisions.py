@@ -154,6 +154,11 @@ def progress_at(obj: FluxObject, sha: str, here: tuple[bool, bool] | None = None
         attempted_here = names_commit(obj, attempted_revision(obj), sha)
     if status == "True" and _current_generation(obj) and applied_here:
         return Progress(READY, reason, message)
+    if status == "Unknown" and applied_here and attempted_here:
+        # Reconciling again what it already applied (`flux reconcile`, its interval): the
+        # commit is deployed all the same. A verdict of `ready` must not flicker back to
+        # `in_progress` for the few seconds this takes; a failure of it still shows (below).
+        return Progress(READY, reason or "Reconciling", message)
     stalled = obj.condition("Stalled") or {}
     if stalled.get("status") == "True" and attempted_here:
         if stalled.get("reason") in _GAVE_UP_REASONS and status == "False" and reason:

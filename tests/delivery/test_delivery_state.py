@@ -337,3 +337,20 @@ def test_a_listed_consumer_is_annotated_only_once_its_source_is_ready_for_the_pu
     view = evaluate(alone, waiting.get, T0 + 1, LIMITS)
     assert not source_ready(alone, view, apps, waiting.get)
     assert source_ready(alone, evaluate(alone, fetched.get, T0 + 1, LIMITS), apps, fetched.get)
+
+
+def test_a_ready_verdict_holds_while_flux_reconciles_the_same_commit_again() -> None:
+    rev = f"main@sha1:{SHA}"
+    again = {**ready(rev), "conditions": [
+        {"type": "Ready", "status": "Unknown", "reason": "Progressing",
+         "message": "Reconciliation in progress"}]}
+    objects = [obj(SRC, status=ready(rev)), obj(APPS, status=again), obj(INFRA, status=ready(rev))]
+    assert outcome(objects) == ("ready", "")
+    # Never applied yet and in progress: still in progress.
+    first_time = {"observedGeneration": 1, "lastAttemptedRevision": rev,
+                  "conditions": again["conditions"]}
+    objects[1] = obj(APPS, status=first_time)
+    assert outcome(objects)[0] == "in_progress"
+    # Reconciling again, and it fails this time: the failure shows.
+    objects[1] = obj(APPS, status={**ready(rev), **failed(rev)})
+    assert outcome(objects)[0] == "failed"
