@@ -19,10 +19,12 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from receiver import openapi, signatures
+from receiver.ancestry import Ancestry
 from receiver.config import Settings
 from receiver.deliveries import DeliveryStore
 from receiver.drain import CloseWhileDraining, Drain
 from receiver.flux.cluster import Cluster
+from receiver.flux.objects import ObjectKey
 from receiver.giturls import normalise_aliases, normalise_oci_url, normalise_repo_url
 from receiver.hookindex import HookIndex
 from receiver.http import BodyDeadline, BodyTimeout, body_timeout, client_disconnected, error
@@ -59,6 +61,7 @@ class Components:
     ingest: IngestService
     statuses: StatusService
     drain: Drain
+    ancestry: Ancestry | None = None
     # Said in every /readyz answer (e.g. that Flux is simulated): what an operator must know.
     notes: dict[str, str] = field(default_factory=dict)
 
@@ -82,8 +85,17 @@ def build(settings: Settings, cluster: Cluster, **status_kwargs: Any) -> Compone
     statuses = StatusService(settings, cluster, metrics, **status_kwargs)
     ingest.push_listeners.append(statuses.on_push_routed)
     reconciler.listeners.append(statuses.on_target_changed)
+
+    def history_answered(key: ObjectKey) -> None:
+        reconciler.reevaluate_following(key)
+        ingest.changes.touch(key)
+
+    # Only a configured Gitea can say whether a later commit contains a pushed one.
+    ancestry = Ancestry(statuses.ask_contains, history_answered) if settings.gitea else None
+    if ancestry is not None:
+        reconciler.contains = ancestry.contains
     return Components(settings, cluster, metrics, hooks, deliveries, reconciler, ingest, statuses,
-                      Drain())
+                      Drain(), ancestry)
 
 
 def create_app(settings: Settings, cluster: Cluster, **status_kwargs: Any) -> Starlette:
@@ -112,6 +124,8 @@ def create_app(settings: Settings, cluster: Cluster, **status_kwargs: Any) -> St
             parts.drain.begin("shutting_down")
             await parts.statuses.stop(settings.shutdown.flush_seconds)
             await parts.reconciler.stop()
+            if parts.ancestry is not None:
+                await parts.ancestry.stop()
             await cluster.stop()
 
     async def healthz(request: Request) -> Response:

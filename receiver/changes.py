@@ -38,7 +38,11 @@ class ChangeFeed:
         return len(self._waiters)
 
     def _on_change(self, op: str, obj: FluxObject) -> None:
-        for event in self._waiters.get(obj.key, ()):
+        self.touch(obj.key)
+
+    def touch(self, key: ObjectKey) -> None:
+        """Wake whoever waits on `key`: something its state depends on changed."""
+        for event in self._waiters.get(key, ()):
             event.set()
 
     @contextlib.contextmanager

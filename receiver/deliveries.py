@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from receiver.delivery_record import ROLE_ANNOTATE, ROLE_TRACK, DeliveryRecord, RecordTarget
-from receiver.delivery_state import DeliveryView, TargetView
+from receiver.delivery_state import SUPERSEDED_OUTCOME, DeliveryView, TargetView
 from receiver.flux.objects import ObjectKey
 from receiver.flux.revisions import QUEUED
 from receiver.routing import Plan
@@ -45,6 +45,8 @@ def describe(delivery_id: str, record: DeliveryRecord, view: DeliveryView,
         "final": view.final,
         "targets": [t.as_dict(versions.get(t.key.kind, "")) for t in view.targets],
     }
+    if out["outcome"] == SUPERSEDED_OUTCOME:
+        out["supersededBy"] = view.superseded_by()
     if record.omitted:
         out["omitted_targets"] = record.omitted
     return out

@@ -51,13 +51,6 @@ class DeliveryRecord:
     omitted: int = 0  # targets that did not fit in the id
 
 
-def mark_for(receiver: str, replay_key: str) -> str:
-    """The mark of a delivery: the same for every replay of one request, so a replay is known
-    by the mark already on the objects. 16 hex characters (64 bits) is plenty per Receiver."""
-    digest = hashlib.sha256(f"{receiver}\0{replay_key}".encode()).hexdigest()
-    return digest[:16]
-
-
 class _KeyedSigner(Signer):
     """itsdangerous' signer with its derived key computed once: the stock one derives it again
     (one more HMAC) for every id it signs or checks. Same key, same ids."""

@@ -34,8 +34,12 @@ from receiver.flux.revisions import (
     RECONCILING,
     SKIPPED,
     TIMED_OUT,
+    applied_revision,
+    at_rest,
     attempted_revision,
+    commit_of,
     followable,
+    names_commit,
     progress_at,
     same_commit,
 )
@@ -51,6 +55,25 @@ from receiver.origin import (
 
 Lookup = Callable[[ObjectKey], FluxObject | None]
 
+# A delivery's verdicts. Only `ready` means "deployed"; `superseded` is final but is not
+# success: Flux went to a later commit and never reported ours.
+IN_PROGRESS = "in_progress"
+SUPERSEDED_OUTCOME = "superseded"
+OUTCOMES = (IN_PROGRESS, READY, FAILED, TIMED_OUT, SUPERSEDED_OUTCOME)
+SUPERSEDED = "Superseded"  # the reason of a skipped target taken to a later commit
+CONTAINED = "ContainsCommit"  # the reason of a target Ready at a later commit that holds ours
+CHECKING = "CheckingHistory"  # while the shell asks Gitea whether a later commit holds ours
+
+Contains = Callable[[FluxObject, str, str], "bool | None"]
+"""`contains(source, ours, held)`: does commit `held` contain commit `ours` (ours is `held` or
+one of its ancestors) in the repository `source` fetches? None while nobody knows yet: the shell
+asks Gitea, caches the answer, and evaluates again (`receiver/ancestry.py`)."""
+
+
+def never_known(source: FluxObject, ours: str, held: str) -> bool:
+    """`Contains` without a Git host to ask: a later commit is never taken to contain ours."""
+    return False
+
 
 @dataclass(frozen=True, slots=True)
 class Timeouts:
@@ -65,6 +88,7 @@ class TargetView:
     state: str
     reason: str = ""
     message: str = ""
+    commit: str = ""  # for a superseded target: the commit Flux took it to instead
 
     @property
     def is_source(self) -> bool:
@@ -81,6 +105,8 @@ class TargetView:
             out = {"apiVersion": api_version, **out}
         if self.reason or self.message:
             out["detail"] = {"reason": self.reason, "message": self.message}
+        if self.commit:
+            out["supersededBy"] = self.commit
         return out
 
 
@@ -98,13 +124,30 @@ class DeliveryView:
         return self.final or any(t.state == FAILED for t in self.targets)
 
     def outcome(self) -> str:
-        """failed as soon as any target failed (a CI job can stop there); else the final word."""
+        """The delivery's verdict, the one a CI gate reads (`OUTCOMES`).
+
+        `failed` as soon as any target failed (a CI job can stop there); `in_progress` until
+        every target is final; then `timed_out` if any timed out, `superseded` if any was
+        taken to a later commit instead of ours, and `ready` only when every target it
+        followed is Ready at the pushed commit. A skipped target is never counted as ready.
+        """
         states = {t.state for t in self.targets}
         if FAILED in states:
-            return "failed"
+            return FAILED
         if not self.final:
-            return "in_progress"
-        return "timed_out" if TIMED_OUT in states else "ready"
+            return IN_PROGRESS
+        if TIMED_OUT in states:
+            return TIMED_OUT
+        if any(t.state == SKIPPED and t.reason == SUPERSEDED for t in self.targets):
+            return SUPERSEDED_OUTCOME
+        return READY
+
+    def superseded_by(self) -> str:
+        """The commit Flux took a superseded target to instead of ours ("" if none was)."""
+        for target in self.targets:
+            if target.state == SKIPPED and target.reason == SUPERSEDED:
+                return target.commit
+        return ""
 
     def get(self, key: ObjectKey) -> TargetView | None:
         for target in self.targets:
@@ -117,18 +160,19 @@ Local = Mapping[ObjectKey, tuple[str, str, str]]
 
 
 def evaluate(record: DeliveryRecord, lookup: Lookup, now: float, timeouts: Timeouts,
-             local: Local | None = None) -> DeliveryView:
+             local: Local | None = None, contains: Contains = never_known) -> DeliveryView:
     """Every target's state, sources first (a consumer's state may depend on its source's)."""
     local = local or {}
     views: dict[ObjectKey, TargetView] = {}
     ordered = sorted(record.targets, key=lambda t: t.key.kind not in SOURCE_KINDS)
     for target in ordered:
-        views[target.key] = _target(record, target, lookup, now, timeouts, local, views)
+        views[target.key] = _target(record, target, lookup, now, timeouts, local, views, contains)
     return DeliveryView(tuple(views[t.key] for t in record.targets))
 
 
 def _target(record: DeliveryRecord, target: RecordTarget, lookup: Lookup, now: float,
-            timeouts: Timeouts, local: Local, done: Mapping[ObjectKey, TargetView]) -> TargetView:
+            timeouts: Timeouts, local: Local, done: Mapping[ObjectKey, TargetView],
+            contains: Contains) -> TargetView:
     key, role = target.key, target.role
 
     def view(state: str, reason: str = "", message: str = "") -> TargetView:
@@ -143,19 +187,22 @@ def _target(record: DeliveryRecord, target: RecordTarget, lookup: Lookup, now: f
     age = now - record.received
     marked = role == ROLE_ANNOTATE and delivery_marks.has(obj.annotations, record.mark)
     if key.kind in SOURCE_KINDS:
-        return _source(record, obj, view, marked, age, timeouts)
-    return _consumer(record, obj, role, view, marked, age, timeouts, lookup, done)
+        return _source(record, obj, view, marked, age, timeouts, contains)
+    return _consumer(record, obj, role, view, marked, age, timeouts, lookup, done, contains)
 
 
 def _source(record: DeliveryRecord, obj: FluxObject, view: Callable[..., TargetView],
-            marked: bool, age: float, timeouts: Timeouts) -> TargetView:
+            marked: bool, age: float, timeouts: Timeouts, contains: Contains) -> TargetView:
     done = _done(record, obj, marked)
     if done is not None:
         return view(*done)
     if marked and record.sha and not followable(obj):
         return view(SKIPPED, "NotFollowed", "annotated; its status will never name the commit")
-    if record.sha and _superseded(record, obj):
-        return view(SKIPPED, "Superseded", "a later push was annotated before this commit arrived")
+    held = held_elsewhere(record, obj) if record.sha else None
+    if held is not None:
+        moved = _moved_past(record, obj, obj, held, contains, view)
+        if moved is not None and not (moved.reason == CHECKING and age > timeouts.source_seconds):
+            return moved
     if age > timeouts.source_seconds:
         return view(TIMED_OUT, "SourceTimeout", f"no pushed commit after {timeouts.source_seconds:g}s")
     return _waiting(record, obj, view, marked)
@@ -175,7 +222,7 @@ def awaited_source(consumer: FluxObject,
 
 def _consumer(record: DeliveryRecord, obj: FluxObject, role: str, view: Callable[..., TargetView],
               marked: bool, age: float, timeouts: Timeouts, lookup: Lookup,
-              done_views: Mapping[ObjectKey, TargetView]) -> TargetView:
+              done_views: Mapping[ObjectKey, TargetView], contains: Contains) -> TargetView:
     src_ref = consumer_source(obj)
     awaited = awaited_source(obj, done_views.__contains__)
     src_view = done_views.get(awaited) if awaited is not None else None
@@ -190,10 +237,11 @@ def _consumer(record: DeliveryRecord, obj: FluxObject, role: str, view: Callable
         return view(*done)
     if marked and record.sha and not followable(obj):
         return view(SKIPPED, "NotFollowed", "annotated; its status will never name the commit")
-    if record.sha and (_superseded(record, obj) or (
-            source is not None and _superseded(record, source)
-            and not same_commit(attempted_revision(obj), record.sha))):
-        return view(SKIPPED, "Superseded", "a later push was annotated before this commit applied")
+    if record.sha and source is not None:
+        moved = _consumer_moved_past(record, obj, source, src_view, contains, view)
+        if moved is not None and not (moved.reason == CHECKING
+                                      and age > timeouts.consumer_seconds):
+            return moved
     if age > timeouts.consumer_seconds:
         return view(TIMED_OUT, "Timeout", f"not ready after {timeouts.consumer_seconds:g}s")
     if role != ROLE_ANNOTATE:
@@ -287,10 +335,95 @@ def _waiting(record: DeliveryRecord, obj: FluxObject, view: Callable[..., Target
     return view(ANNOTATED)
 
 
-def _superseded(record: DeliveryRecord, obj: FluxObject) -> bool:
-    """Another push was annotated on it after ours and it has moved to another commit."""
-    return (delivery_marks.newer_than(obj.annotations, record.received, record.mark)
-            and not same_commit(attempted_revision(obj), record.sha))
+def held_elsewhere(record: DeliveryRecord, obj: FluxObject) -> str | None:
+    """The commit (or, for a HelmRelease, the chart version) an object rests at after it moved
+    past ours, or None if it has not.
+
+    Both must hold. The controller has handled a reconcile request made since ours was received
+    and is at rest (Ready at its generation): whatever it fetched or applied then, it did after
+    our commit was in Gitea, so it did not stop at ours. And what it holds is another commit.
+    "The object has not moved yet" is never "moved past": a repeat of the same commit through
+    another Receiver, or a bare request, only joins the work in flight.
+    """
+    if not handled_since(obj, record.received) or not at_rest(obj):
+        return None
+    return _holds_other(obj, record.sha)
+
+
+def _holds_other(obj: FluxObject, sha: str) -> str | None:
+    holds = applied_revision(obj)
+    if not holds or names_commit(obj, holds, sha):
+        return None
+    return commit_of(holds) or holds
+
+
+def superseded_by(record: DeliveryRecord, obj: FluxObject,
+                  contains: Contains = never_known) -> str | None:
+    """The later commit Flux took this object to instead of ours, or None if it has not: it
+    moved past ours (`held_elsewhere`), another delivery annotated it after ours (someone asked
+    for a later state), and what it holds does not contain ours (as far as anyone knows)."""
+    if not delivery_marks.newer_than(obj.annotations, record.received, record.mark):
+        return None
+    held = held_elsewhere(record, obj)
+    if held is None or (_is_commit(held) and contains(obj, record.sha, held) is not False):
+        return None
+    return held
+
+
+def _is_commit(revision: str) -> bool:
+    return commit_of(revision) == revision
+
+
+def _moved_past(record: DeliveryRecord, obj: FluxObject, source: FluxObject, held: str,
+                contains: Contains, view: Callable[..., TargetView]) -> TargetView | None:
+    """An object resting at another commit: Ready if that commit contains ours, reconciling
+    while Gitea is asked, superseded if a later push took it there; None otherwise (it goes on
+    waiting: nothing says ours will not come)."""
+    answer = contains(source, record.sha, held) if _is_commit(held) else False
+    if answer is True:
+        return view(READY, CONTAINED,
+                    f"Flux holds {held[:12]}, which contains {record.sha[:12]}")
+    if answer is None:
+        return view(RECONCILING, CHECKING,
+                    f"asking Gitea whether {held[:12]} contains {record.sha[:12]}")
+    if delivery_marks.newer_than(obj.annotations, record.received, record.mark):
+        return _superseded_view(record, view, held)
+    return None
+
+
+def _consumer_moved_past(record: DeliveryRecord, obj: FluxObject, source: FluxObject,
+                         src_view: TargetView | None, contains: Contains,
+                         view: Callable[..., TargetView]) -> TargetView | None:
+    """A consumer's verdict once it, or its source, moved past our commit.
+
+    A consumer applies its source's new artifact without a request, so besides its own
+    `held_elsewhere` it counts as resting elsewhere once its source is Ready at a commit that
+    contains ours. If the source was superseded and the consumer never attempted ours, ours
+    will never reach it."""
+    held = held_elsewhere(record, obj)
+    if held is None and src_view is not None and src_view.reason == CONTAINED and at_rest(obj):
+        held = _holds_other(obj, record.sha)
+    if held is not None:
+        moved = _moved_past(record, obj, source, held, contains, view)
+        if moved is not None:
+            return moved
+    if names_commit(obj, attempted_revision(obj), record.sha):
+        return None
+    if src_view is not None:
+        if src_view.state == SKIPPED and src_view.reason == SUPERSEDED:
+            return _superseded_view(record, view, src_view.commit)
+        return None
+    later = superseded_by(record, source, contains)
+    return _superseded_view(record, view, later) if later is not None else None
+
+
+def _superseded_view(record: DeliveryRecord, view: Callable[..., TargetView],
+                     later: str) -> TargetView:
+    target = view(SKIPPED, SUPERSEDED,
+                  f"Flux went to {later[:12]} after a later push; {record.sha[:12]} was never "
+                  "reported here")
+    return TargetView(target.key, target.role, target.state, target.reason, target.message,
+                      commit=later)
 
 
 def handled_since(obj: FluxObject, since: float) -> bool:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,7 +27,8 @@ from receiver.cel_filter import CompiledFilter, FilterCache, RequestNotJSON, req
 from receiver.changes import ChangeFeed, watched_keys
 from receiver.config import Settings
 from receiver.deliveries import Delivery, DeliveryStore, describe, record_targets
-from receiver.delivery_record import DeliveryRecord, decode, encode, mark_for, receiver_of
+from receiver.delivery_marks import fresh_mark, legacy_mark_for, mark_for
+from receiver.delivery_record import DeliveryRecord, decode, encode, receiver_of
 from receiver.delivery_state import DeliveryView
 from receiver.drain import Drain
 from receiver.flux.cluster import Cluster, ClusterError
@@ -72,6 +72,7 @@ class _Once:
     scheme_replay: bool  # a one-time signature (a repeat is 401), else a Gitea delivery id
     label: str  # for log lines
     gitea_id: str = ""
+    legacy: str = ""  # the mark an earlier release wrote for the same request
 
 
 @dataclass
@@ -233,13 +234,16 @@ class IngestService:
         id. Its mark is written on every object the push annotates, so a repeat is known on
         every replica, not only the one that saw the first."""
         if verdict.replay_key:
-            mark = mark_for(name, "sig:" + verdict.replay_key)
-            return _Once(mark, verdict.replay_until, scheme_replay=True, label=mark)
+            key = "sig:" + verdict.replay_key
+            mark = mark_for(name, key)
+            return _Once(mark, verdict.replay_until, scheme_replay=True, label=mark,
+                         legacy=legacy_mark_for(name, key))
         gitea_id = request.headers.get("x-gitea-delivery", "").strip()[:128]
         if gitea_id:
-            return _Once(mark_for(name, "gitea:" + gitea_id),
+            key = "gitea:" + gitea_id
+            return _Once(mark_for(name, key),
                          now + self.settings.delivery_dedupe_seconds, scheme_replay=False,
-                         label=gitea_id, gitea_id=gitea_id)
+                         label=gitea_id, gitea_id=gitea_id, legacy=legacy_mark_for(name, key))
         return None
 
     def _replayed(self, name: str, verdict: signatures.Verdict) -> Response:
@@ -251,12 +255,13 @@ class IngestService:
         return self._count(name, "duplicate", JSONResponse(
             {"status": "duplicate", "delivery": once.gitea_id}))
 
-    def _seen_in_cluster(self, plan: Plan, mark: str) -> bool:
+    def _seen_in_cluster(self, plan: Plan, once: _Once) -> bool:
         """Has any replica annotated an object of this plan for the same request already?"""
         store = self.cluster.store
         for target in plan.targets:
             obj = store.get(target.key)
-            if obj is not None and delivery_marks.has(obj.annotations, mark):
+            if obj is not None and (delivery_marks.has(obj.annotations, once.mark) or (
+                    once.legacy and delivery_marks.has(obj.annotations, once.legacy))):
                 return True
         return False
 
@@ -290,13 +295,13 @@ class IngestService:
         if once is not None:
             # No await from this check to `remember`: two copies of one request on this replica
             # cannot both pass. Across replicas the mark on the objects decides (see reconcile).
-            if once.mark in self.seen or self._seen_in_cluster(plan, once.mark):
+            if once.mark in self.seen or self._seen_in_cluster(plan, once):
                 self.seen.remember(once.mark, once.until, now)
                 if once.scheme_replay:
                     return self._replayed(name, signatures.Verdict(True, "timestamped", ""))
                 return self._duplicate(name, once)
             self.seen.remember(once.mark, once.until, now)
-        mark = once.mark if once is not None else secrets.token_hex(8)
+        mark = once.mark if once is not None else fresh_mark(name)
         record = DeliveryRecord(name, push.sha if push else "", _record_ref(selection),
                                 round(now, 3), mark, record_targets(plan))
         delivery_id, _ = encode(record, token)

@@ -11,6 +11,7 @@ import json
 from typing import Any
 
 from receiver import __version__
+from receiver.delivery_state import OUTCOMES
 
 JSON = "application/json"
 FORM = "application/x-www-form-urlencoded"
@@ -95,7 +96,8 @@ _OBJECT_KEY = _object({
     "apiVersion": _string(), "kind": _string(), "namespace": _string(), "name": _string(),
 }, ("kind", "namespace", "name"))
 
-_TARGET_STATES = ["queued", "annotated", "reconciling", "ready", "failed", "timed_out"]
+_TARGET_STATES = ["queued", "annotated", "reconciling", "ready", "failed", "timed_out",
+                  "skipped"]
 
 SCHEMAS: dict[str, Schema] = {
     "Error": _object({"error": _string("what went wrong; the same text for every 401")},
@@ -159,13 +161,17 @@ SCHEMAS: dict[str, Schema] = {
         "commit": _string("the pushed commit; empty for a package event, whose consumers are "
                           "followed at the commit the pushed artifact names"),
         "received": _string("when the push arrived (UTC)", format="date-time"),
-        "outcome": {"enum": ["in_progress", "ready", "failed", "timed_out"]},
+        "outcome": {"enum": list(OUTCOMES), "description": "only `ready` means deployed: "
+                    "`superseded` is final, but Flux went to a later commit before it "
+                    "reported this one"},
+        "supersededBy": _string("with outcome `superseded`: the commit Flux went to instead"),
         "final": {"type": "boolean"},
         "omitted_targets": {"type": "integer", "minimum": 1},
         "targets": {"type": "array", "items": {"allOf": [_OBJECT_KEY, _object({
             "role": {"enum": ["annotate", "track"]},
             "state": {"enum": _TARGET_STATES},
             "detail": _object({"reason": _string(), "message": _string()}),
+            "supersededBy": _string("a `skipped` target taken to a later commit: that commit"),
         }, ("role", "state"))]}},
     }, ("delivery", "receiver", "ref", "commit", "received", "outcome", "final", "targets")),
     "FluxEvent": _object({

@@ -26,12 +26,14 @@ from receiver.deliveries import ROLE_ANNOTATE, Delivery, DeliveryStore
 from receiver.delivery_marks import DELIVERIES_ANNOTATION, Mark
 from receiver.delivery_record import DeliveryRecord
 from receiver.delivery_state import (
+    Contains,
     DeliveryView,
     Local,
     Timeouts,
     awaited_source,
     evaluate,
     has_push,
+    never_known,
 )
 from receiver.flux.cluster import Cluster, ClusterError, NotFound
 from receiver.flux.objects import (
@@ -61,6 +63,8 @@ class PatchOutcome:
     error: str = ""
     status: int = 0
     already: bool = False  # another replica had written every mark already: nothing sent
+    refused: frozenset[str] = frozenset()  # marks not written (`delivery_marks.merge`)
+    refusal: str = ""
 
 
 @dataclass
@@ -148,10 +152,19 @@ class PatchCoalescer:
                 missing = [m for m in marks if not delivery_marks.has(obj.annotations, m.mark)]
                 if not missing:
                     return PatchOutcome(True, already=True)
-                value = delivery_marks.merged(obj.annotations, missing, time.time(),
-                                              self._keep_marks)
+                merge = delivery_marks.merge(obj.annotations, missing, time.time(),
+                                             self._keep_marks)
+                refused = frozenset(m.mark for m in merge.refused)
+                if refused:
+                    self._metrics.annotate_errors.labels(key.kind, "marks_full").inc()
+                    log.warning("delivery marks refused: the object's marks are full",
+                                extra={"object": str(key), "refused": len(refused)})
+                outcome = PatchOutcome(True, refused=refused,
+                                       refusal=delivery_marks.refusal(self._keep_marks))
+                if not merge.written:
+                    return outcome
                 await self._cluster.annotate(
-                    key, {RECONCILE_ANNOTATION: request_value(), DELIVERIES_ANNOTATION: value},
+                    key, {RECONCILE_ANNOTATION: request_value(), DELIVERIES_ANNOTATION: merge.value},
                     resource_version=obj.resource_version or None)
             except ClusterError as exc:
                 if exc.status == 409 and attempt < attempts:
@@ -166,7 +179,7 @@ class PatchCoalescer:
                 self._metrics.annotate_errors.labels(key.kind, str(exc.status or "error")).inc()
                 return PatchOutcome(False, error=str(exc), status=exc.status)
             self._metrics.targets_annotated.labels(key.kind).inc()
-            return PatchOutcome(True)
+            return outcome
         return PatchOutcome(False, error="no attempt made")  # unreachable with attempts >= 1
 
 
@@ -204,10 +217,17 @@ class Reconciler:
         self._dirty: dict[str, None] = {}
         self._evaluator: asyncio.Task[None] | None = None
         self.listeners: list[DeliveryListener] = []
+        # Whether a later commit contains a pushed one (`receiver.ancestry`); set by the app.
+        self.contains: Contains = never_known
         cluster.store.subscribe(self._on_change)
 
     def view(self, record: DeliveryRecord, local: Local | None = None) -> DeliveryView:
-        return evaluate(record, self._cluster.store.get, time.time(), self.timeouts, local)
+        return evaluate(record, self._cluster.store.get, time.time(), self.timeouts, local,
+                        self.contains)
+
+    def reevaluate_following(self, key: ObjectKey) -> None:
+        """Evaluate again every delivery that follows `key` (an answer about its history)."""
+        self._queue_evaluation(tuple(self._watching.get(key, ())))
 
     # -- entry point -----------------------------------------------------------------------
 
@@ -261,6 +281,8 @@ class Reconciler:
         outcome = future.result() if error is None else PatchOutcome(False, error=str(error))
         if not outcome.ok:
             delivery.local[key] = (FAILED, "AnnotateFailed", outcome.error)
+        elif delivery.record.mark in outcome.refused:
+            delivery.local[key] = (FAILED, "TooManyMarks", outcome.refusal)
         # Queued, not evaluated here: the patch's own watch event queues the same delivery,
         # and one evaluation answers both.
         self._queue_evaluation((delivery.id,))

@@ -50,12 +50,13 @@ from starlette.responses import JSONResponse, Response
 from receiver import badges
 from receiver.config import ConfigError, SecretSource, Settings, read_secret_file
 from receiver.deliveries import Delivery
-from receiver.delivery_state import package_commit
+from receiver.delivery_state import SUPERSEDED, package_commit
 from receiver.events import EventError, FluxEvent, parse_event
 from receiver.fleet import Report, aggregate, cluster_parser, latest_reports
 from receiver.flux.cluster import Cluster
 from receiver.flux.objects import CONSUMER_KINDS, FluxObject, ObjectKey, consumer_source
 from receiver.flux.revisions import FAILED, FINAL_STATES, READY, TIMED_OUT, progress_at
+from receiver.flux.revisions import SKIPPED as SKIPPED_STATE
 from receiver.gitea.client import (
     CommitStatus,
     CreateStatusOption,
@@ -96,6 +97,7 @@ from receiver.statuses import (
     plan_repairs,
     recall,
     recall_for_event,
+    repo_of,
     resync_schedule,
 )
 
@@ -296,6 +298,13 @@ class StatusService:
         """
         if key.kind not in CONSUMER_KINDS or not self._accepting or not self._settings.gitea:
             return
+        if delivery.sha and state == SKIPPED_STATE:
+            target = delivery.view.get(key)
+            if target is None or target.reason != SUPERSEDED:
+                return
+            # Flux went past this commit: end its pending as a push Flux never deployed
+            # (`skipped`, naming the commit it deployed instead), never leave it pending.
+            state = TIMED_OUT
         if delivery.sha and state not in (READY, FAILED, TIMED_OUT):
             return  # its pending went out when the push was routed
         obj, source = self._object_and_source(key)
@@ -862,6 +871,15 @@ class StatusService:
             return status
         state = state_for_version(status.state, await self._version(instance))
         return status if state == status.state else replace(status, state=state)
+
+    async def ask_contains(self, source: FluxObject, ours: str, held: str) -> bool | None:
+        """`ancestry.Ask`: does `held` contain `ours` in the repository `source` fetches? None
+        when no configured Gitea instance serves that repository."""
+        repo = repo_of(source, None, self._normalise)
+        instances = instances_for(repo.key, self._hosts) if repo is not None else ()
+        if repo is None or not instances:
+            return None
+        return await self._client.contains(instances[0], repo.owner, repo.name, ours, held)
 
     # -- cluster and secrets -----------------------------------------------------------------
 

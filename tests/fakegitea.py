@@ -182,8 +182,14 @@ class FakeGitea:
     # Epoch seconds a stored status is stamped with (`created_at`, `updated_at`); None: a
     # fixed time.
     clock: Callable[[], float] | None = None
+    # The commit graph the compare API reads: commit -> its parents. A commit missing here is
+    # unknown to the repository (compare answers 404).
+    parents: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    compares: list[tuple[str, str, str, str]] = field(default_factory=list)  # (o, r, base, head)
     _next_id: int = 0
 
+    _COMPARE = re.compile(r"^/repos/(?P<owner>[^/]+)/(?P<repo>[^/]+)/compare/"
+                          r"(?P<base>[^/.]+)\.\.\.(?P<head>[^/.]+)$")
     _PATH = re.compile(r"^/repos/(?P<owner>[^/]+)/(?P<repo>[^/]+)/"
                        r"(?:statuses/(?P<sha>[^/]+)|commits/(?P<ref>[^/]+)/statuses)$")
 
@@ -203,6 +209,10 @@ class FakeGitea:
             return httpx.Response(failure, json={"message": "injected failure", "url": ""})
         if request.headers.get("authorization") != f"token {self.token}":
             return httpx.Response(401, json={"message": "token is required", "url": ""})
+        compare = self._COMPARE.match(request.url.path.removeprefix(self.prefix))
+        if compare is not None and request.method == "GET":
+            return self._compare(unquote(compare["owner"]), unquote(compare["repo"]),
+                                 compare["base"], compare["head"])
         m = self._PATH.match(request.url.path.removeprefix(self.prefix))
         if m is None or (m["ref"] is not None and request.method != "GET"):
             return httpx.Response(404, json=NOT_FOUND)
@@ -219,6 +229,27 @@ class FakeGitea:
                           body.get("description", ""), body.get("target_url", ""))
         self.posts.append((*key, body))
         return httpx.Response(201, json=_public(status))
+
+    def _reachable(self, commit: str) -> set[str]:
+        seen: set[str] = set()
+        todo = [commit]
+        while todo:
+            c = todo.pop()
+            if c not in seen:
+                seen.add(c)
+                todo.extend(self.parents.get(c, ()))
+        return seen
+
+    def _compare(self, owner: str, repo: str, base: str, head: str) -> httpx.Response:
+        """`base...head`: the commits reachable from head and not from base (swagger Compare)."""
+        self.compares.append((owner, repo, base, head))
+        if base not in self.parents or head not in self.parents:
+            return httpx.Response(404, json=NOT_FOUND)
+        ahead = sorted(self._reachable(head) - self._reachable(base))
+        return httpx.Response(200, json={
+            "commits": [{"sha": c, "url": "", "html_url": "", "created": "2026-01-01T00:00:00Z"}
+                        for c in ahead],
+            "total_commits": len(ahead)})
 
     def _list(self, key: tuple[str, str, str], params: httpx.QueryParams) -> httpx.Response:
         self.gets += 1

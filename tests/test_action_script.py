@@ -90,14 +90,15 @@ class Service:
 
 
 
-def start_service(tmp: Path, *extra: str, env: dict[str, str] | None = None) -> Service:
+def start_service(tmp: Path, *extra: str, env: dict[str, str] | None = None,
+                  manifests: Path = FLEET) -> Service:
     """The service on a free port. No drain unless asked for (`--drain-seconds` or env): a
     test's SIGTERM then stops it at once."""
     port = free_port()
     log = tmp / f"service-{port}.log"
     with log.open("wb") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "receiver.cli", "serve", "--manifests", str(FLEET),
+            [sys.executable, "-m", "receiver.cli", "serve", "--manifests", str(manifests),
              "--port", str(port), *extra],
             cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
             env={**os.environ, "GFB_SHUTDOWN__DRAIN_SECONDS": "0", **(env or {})},
@@ -561,6 +562,45 @@ def test_wait_fails_when_the_deploy_does(scripted: Callable[..., ScriptedBridge]
     assert result.returncode == 1
     assert f"deployment {outcome}" in result.stderr
     assert "deployment/app not ready" in result.stderr
+
+
+LATER_SHA = "2222222222222222222222222222222222222222"
+
+
+def _superseded() -> dict[str, Any]:
+    line = _progress("superseded", True, "skipped", reason="Superseded",
+                     message=f"Flux went to {LATER_SHA[:12]} after a later push")
+    line["supersededBy"] = LATER_SHA
+    line["targets"][0]["supersededBy"] = LATER_SHA
+    return line
+
+
+def test_a_superseded_deployment_fails_the_step_unless_the_workflow_accepts_it(
+        scripted: Callable[..., ScriptedBridge], tmp_path: Path) -> None:
+    # Final, but Flux never reported this commit: a gate must not read it as "deployed".
+    bridge = scripted([(200, [_progress("in_progress", False, "annotated"), _superseded()])])
+    outputs = tmp_path / "out"
+    result = run_notify(actions_env(bridge.url, "/hook/x", FLUX_BRIDGE_WAIT="30",
+                                    GITHUB_OUTPUT=str(outputs)))
+    assert result.returncode == 4, result.stderr
+    assert "deployed" not in result.stderr.replace("was deployed", "")
+    assert f"superseded: Flux went to {LATER_SHA}" in result.stderr
+    written = dict(line.split("=", 1) for line in outputs.read_text().splitlines())
+    assert written["outcome"] == "superseded"
+
+    accepting = scripted([(200, [_superseded()])])
+    result = run_notify(actions_env(accepting.url, "/hook/x", FLUX_BRIDGE_WAIT="30",
+                                    FLUX_BRIDGE_ACCEPT_SUPERSEDED="true"))
+    assert result.returncode == 0, result.stderr
+    assert "accepted: accept-superseded is true" in result.stderr
+    assert "deployed: every target" not in result.stderr
+
+
+def test_accept_superseded_must_be_true_or_false() -> None:
+    result = run_notify(actions_env("http://127.0.0.1:9", "/hook/x",
+                                    FLUX_BRIDGE_ACCEPT_SUPERSEDED="yes please"))
+    assert result.returncode == 2
+    assert "must be true or false" in result.stderr
 
 
 def test_wait_stops_at_the_first_failure_even_before_every_target_settles(

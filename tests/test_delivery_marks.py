@@ -1,4 +1,5 @@
-"""The bridge's delivery marks on objects: bounded, newest first, tolerant of hand edits."""
+"""The bridge's delivery marks on objects: newest first, never evicted within the replay
+window, bounded by refusing, tolerant of hand edits."""
 
 from __future__ import annotations
 
@@ -11,9 +12,13 @@ from receiver.delivery_marks import DELIVERIES_ANNOTATION, Mark
 A, B, C = "a" * 16, "b" * 16, "c" * 16
 
 
+def merged(current: dict[str, str], new: list[Mark], now: float, keep_seconds: float) -> str:
+    return dm.merge(current, new, now, keep_seconds).value
+
+
 def test_new_marks_come_first_and_old_ones_age_out() -> None:
     current = {DELIVERIES_ANNOTATION: f"{B}@100.000 {C}@10.000"}
-    value = dm.merged(current, [Mark(A, 200.0)], now=200.0, keep_seconds=150.0)
+    value = merged(current, [Mark(A, 200.0)], now=200.0, keep_seconds=150.0)
     assert value == f"{A}@200.000 {B}@100.000"
     assert dm.has({DELIVERIES_ANNOTATION: value}, A)
     assert not dm.has({DELIVERIES_ANNOTATION: value}, C)
@@ -21,7 +26,7 @@ def test_new_marks_come_first_and_old_ones_age_out() -> None:
 
 def test_a_mark_is_never_written_twice() -> None:
     current = {DELIVERIES_ANNOTATION: f"{A}@100.000"}
-    assert dm.merged(current, [Mark(A, 150.0)], now=150.0, keep_seconds=1e9) == f"{A}@150.000"
+    assert merged(current, [Mark(A, 150.0)], now=150.0, keep_seconds=1e9) == f"{A}@100.000"
 
 
 def test_hand_edited_values_are_ignored_not_fatal() -> None:
@@ -41,18 +46,62 @@ marks = st.builds(Mark, st.text(alphabet="0123456789abcdef", min_size=16, max_si
 
 
 @given(st.lists(marks, max_size=60), st.lists(marks, min_size=1, max_size=5))
-def test_bounded_and_keeps_every_new_mark(existing: list[Mark], new: list[Mark]) -> None:
+def test_keeps_every_mark_within_the_window_and_every_new_one(existing: list[Mark],
+                                                              new: list[Mark]) -> None:
     current = {DELIVERIES_ANNOTATION: " ".join(f"{m.mark}@{m.at:.3f}" for m in existing)}
-    value = dm.merged(current, new, now=1e6, keep_seconds=1e7)
-    parsed = dm.parse(value)
-    assert len(parsed) <= dm.MAX_ENTRIES
+    merge = dm.merge(current, new, now=1e6, keep_seconds=1e7)
+    parsed = dm.parse(merge.value)
     assert len({m.mark for m in parsed}) == len(parsed)
-    assert {m.mark for m in new} <= {m.mark for m in parsed}
+    assert {m.mark for m in existing} | {m.mark for m in new} == {m.mark for m in parsed}
+    assert not merge.refused
+    assert [m.at for m in parsed] == sorted((m.at for m in parsed), reverse=True)
+
+
+def _value(entries: list[Mark]) -> dict[str, str]:
+    return {DELIVERIES_ANNOTATION: " ".join(f"{m.mark}@{m.at:.3f}" for m in entries)}
+
+
+def test_a_flood_from_another_receiver_never_evicts_a_mark_within_the_window() -> None:
+    victim = Mark(dm.mark_for("apps/actions", "sig:captured"), 1000.0)
+    value = _value([victim])
+    flood_owner = "flux-system/other"
+    for n in range(dm.PER_OWNER + 40):  # the flooder's whole share, and more
+        merge = dm.merge(value, [Mark(dm.mark_for(flood_owner, f"sig:{n}"), 1001.0 + n)],
+                         now=1001.0 + n, keep_seconds=3600)
+        value = {DELIVERIES_ANNOTATION: merge.value}
+        assert dm.has(value, victim.mark), n
+    # The flooder filled only its own share: its further marks are refused, not written...
+    assert len(merge.refused) == 1 and not merge.written
+    assert len(dm.of(value)) == dm.PER_OWNER + 1
+    # ...while another Receiver's push still gets its mark.
+    other = Mark(dm.mark_for("apps/gitea", "gitea:1"), 2000.0)
+    assert dm.merge(value, [other], now=2000.0, keep_seconds=3600).written == (other,)
+
+
+def test_the_object_bound_refuses_instead_of_evicting() -> None:
+    owners = [f"ns/r{n}" for n in range(dm.MAX_ENTRIES // dm.PER_OWNER)]
+    full = [Mark(dm.mark_for(o, f"k{n}"), 10.0 + n) for o in owners for n in range(dm.PER_OWNER)]
+    late = Mark(dm.mark_for("ns/late", "k"), 99_999.0)
+    merge = dm.merge(_value(full), [late], now=100_000.0, keep_seconds=1e6)
+    assert merge.refused == (late,) and not merge.written
+    assert "delivery_dedupe_seconds" in dm.refusal(3600)
+    # Once marks leave the window, there is room again.
+    assert dm.merge(_value(full), [late], now=1e7, keep_seconds=1e6).written == (late,)
+
+
+def test_marks_name_their_receiver_and_replays_of_one_request_share_one() -> None:
+    a = dm.mark_for("flux-system/gitea", "gitea:1")
+    assert a == dm.mark_for("flux-system/gitea", "gitea:1")
+    assert dm.owner(a) == dm.owner_of("flux-system/gitea") == dm.owner(
+        dm.fresh_mark("flux-system/gitea"))
+    assert dm.owner(a) != dm.owner(dm.mark_for("apps/actions", "gitea:1"))
+    assert len(a) == 16 and set(a) <= set("0123456789abcdef")
+    assert dm.legacy_mark_for("flux-system/gitea", "gitea:1") != a
 
 
 def test_has_follows_the_value_it_is_given_when_values_are_parsed_once() -> None:
-    first = dm.merged({}, [Mark("a" * 16, 10.0)], 10.0, 60)
-    second = dm.merged({DELIVERIES_ANNOTATION: first}, [Mark("b" * 16, 11.0)], 11.0, 60)
+    first = merged({}, [Mark("a" * 16, 10.0)], 10.0, 60)
+    second = merged({DELIVERIES_ANNOTATION: first}, [Mark("b" * 16, 11.0)], 11.0, 60)
     for _ in range(2):  # the second pass is answered from the parse cache
         assert dm.has({DELIVERIES_ANNOTATION: first}, "a" * 16)
         assert not dm.has({DELIVERIES_ANNOTATION: first}, "b" * 16)

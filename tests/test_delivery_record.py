@@ -7,6 +7,7 @@ import string
 from hypothesis import given
 from hypothesis import strategies as st
 
+from receiver import delivery_marks as dm
 from receiver import delivery_record as dr
 from receiver.delivery_record import ROLE_ANNOTATE, ROLE_TRACK, DeliveryRecord, RecordTarget
 from receiver.flux.objects import ObjectKey
@@ -19,7 +20,7 @@ CANARY = RecordTarget(ObjectKey("HelmRelease", "apps", "canary"), ROLE_TRACK)
 
 def record(*targets: RecordTarget, sha: str = "a" * 40) -> DeliveryRecord:
     return DeliveryRecord("flux-system/gitea", sha, "refs/heads/main", 1_760_000_000.123,
-                          dr.mark_for("flux-system/gitea", "gitea:abc"), targets or (SRC, APPS))
+                          dm.mark_for("flux-system/gitea", "gitea:abc"), targets or (SRC, APPS))
 
 
 def test_round_trip_through_the_id() -> None:
@@ -57,10 +58,10 @@ def test_a_huge_fleet_is_cut_to_fit_and_counted() -> None:
 
 
 def test_marks_are_per_receiver_and_per_request() -> None:
-    a = dr.mark_for("flux-system/gitea", "gitea:1")
-    assert a == dr.mark_for("flux-system/gitea", "gitea:1")
-    assert a != dr.mark_for("flux-system/other", "gitea:1")
-    assert a != dr.mark_for("flux-system/gitea", "gitea:2")
+    a = dm.mark_for("flux-system/gitea", "gitea:1")
+    assert a == dm.mark_for("flux-system/gitea", "gitea:1")
+    assert a != dm.mark_for("flux-system/other", "gitea:1")
+    assert a != dm.mark_for("flux-system/gitea", "gitea:2")
     assert len(a) == 16 and set(a) <= set("0123456789abcdef")
 
 

@@ -100,11 +100,168 @@ def test_a_deleted_object_fails_its_target() -> None:
     assert states([obj(SRC), obj(INFRA)])["apps"] == ("failed", "NotFound")
 
 
-def test_a_later_push_supersedes_a_commit_that_never_arrived() -> None:
-    newer = f"{LATER}@{T0 + 5} {MARK}@{T0}"
-    got = states([obj(SRC, marks=newer, status=ready(f"main@sha1:{OTHER}")), obj(APPS),
-                  obj(INFRA)])
+def handled(at: float) -> str:
+    """A `lastHandledReconcileAt` value for unix time `at` (what Flux copies from requestedAt)."""
+    from datetime import UTC, datetime
+    return datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f") + "000Z"
+
+
+def outcome(objects: list[FluxObject], now: float = T0 + 1,
+            rec: DeliveryRecord | None = None, contains: Any = None) -> tuple[str, str]:
+    table = {o.key: o for o in objects}
+    view = evaluate(rec or record(), table.get, now, LIMITS,
+                    **({"contains": contains} if contains is not None else {}))
+    return view.outcome(), view.superseded_by()
+
+
+def history(answer: bool | None) -> Any:
+    """A `contains` oracle that says `answer` for NEWER holding SHA, False for anything else."""
+    asked: list[tuple[str, str]] = []
+
+    def contains(source: FluxObject, ours: str, held: str) -> bool | None:
+        asked.append((ours, held))
+        return answer if (ours, held) == (SHA, NEWER) else False
+
+    contains.asked = asked  # type: ignore[attr-defined]
+    return contains
+
+
+def test_a_later_commit_that_contains_ours_makes_it_ready_not_superseded() -> None:
+    marks = f"{LATER}@{T0 + 5} {MARK}@{T0}"
+    at_newer = ready(f"main@sha1:{NEWER}", lastHandledReconcileAt=handled(T0 + 5))
+    src = obj(SRC, marks=marks, status=at_newer)
+    contains = history(True)
+    table = {o.key: o for o in [src, obj(APPS, status=ready(OLD_REV)), obj(INFRA)]}
+    view = evaluate(record(), table.get, T0 + 6, LIMITS, contains=contains)
+    assert (view.get(SRC).state, view.get(SRC).reason) == ("ready", "ContainsCommit")
+    assert NEWER[:12] in view.get(SRC).message
+    # Its consumers still rest at the old commit: not ready until they apply the newer one.
+    assert view.get(APPS).state not in ("ready", "skipped") and view.outcome() == "in_progress"
+    applied = [src, obj(APPS, status=ready(f"main@sha1:{NEWER}")),
+               obj(INFRA, status=ready(f"main@sha1:{NEWER}"))]
+    assert outcome(applied, contains=contains) == ("ready", "")
+    assert contains.asked and set(contains.asked) <= {(SHA, NEWER), (SHA, OTHER)}
+
+
+def test_while_gitea_is_asked_the_delivery_waits_and_a_no_supersedes() -> None:
+    marks = f"{LATER}@{T0 + 5} {MARK}@{T0}"
+    src = obj(SRC, marks=marks, status=ready(f"main@sha1:{NEWER}",
+                                             lastHandledReconcileAt=handled(T0 + 5)))
+    asking = states([src, obj(APPS), obj(INFRA)])
+    assert outcome([src, obj(APPS), obj(INFRA)], contains=history(None)) == ("in_progress", "")
+    table = {o.key: o for o in [src, obj(APPS), obj(INFRA)]}
+    view = evaluate(record(), table.get, T0 + 6, LIMITS, contains=history(None))
+    assert (view.get(SRC).state, view.get(SRC).reason) == ("reconciling", "CheckingHistory")
+    assert asking["fleet"] == ("skipped", "Superseded")  # no Git host to ask: superseded
+    assert outcome([src, obj(APPS), obj(INFRA)], contains=history(False)) == (
+        "superseded", NEWER)
+
+
+def test_flux_resting_at_a_descendant_without_any_later_push_is_ready() -> None:
+    # Flux's own interval fetched a commit that contains ours (no later push through us).
+    src = obj(SRC, marks=f"{MARK}@{T0}",
+              status=ready(f"main@sha1:{NEWER}", lastHandledReconcileAt=handled(T0 + 2)))
+    objects = [src, obj(APPS, status=ready(f"main@sha1:{NEWER}")),
+               obj(INFRA, status=ready(f"main@sha1:{NEWER}"))]
+    assert outcome(objects, contains=history(True)) == ("ready", "")
+    assert outcome(objects, contains=history(False), now=T0 + 901)[0] == "timed_out"
+
+
+OLD_REV = f"main@sha1:{OTHER}"
+NEWER = "2222222222222222222222222222222222222222"
+
+
+def test_a_later_push_supersedes_once_flux_handled_it_and_went_elsewhere() -> None:
+    marks = f"{LATER}@{T0 + 5} {MARK}@{T0}"
+    went = obj(SRC, marks=marks, status=ready(f"main@sha1:{NEWER}",
+                                              lastHandledReconcileAt=handled(T0 + 5)))
+    got = states([went, obj(APPS), obj(INFRA)])
     assert got["fleet"] == ("skipped", "Superseded")
+    assert got["apps"] == ("skipped", "Superseded")  # its source will never bring ours
+    assert outcome([went, obj(APPS), obj(INFRA)]) == ("superseded", NEWER)
+
+
+def test_the_same_commit_through_another_receiver_joins_and_never_ends_it() -> None:
+    # The false "deployed": a second Receiver's mark for the same commit arrives before Flux
+    # has fetched anything. Nothing has moved, so nothing is superseded.
+    marks = f"{LATER}@{T0 + 0.4} {MARK}@{T0}"
+    before = obj(SRC, marks=marks, status=ready(OLD_REV, lastHandledReconcileAt=handled(T0 - 60)))
+    assert states([before, obj(APPS), obj(INFRA)])["fleet"][0] == "reconciling"
+    assert outcome([before, obj(APPS), obj(INFRA)]) == ("in_progress", "")
+    # Flux handles the second request and fetches the commit: it is ours.
+    rev = f"main@sha1:{SHA}"
+    fetched = obj(SRC, marks=marks, status=ready(rev, lastHandledReconcileAt=handled(T0 + 0.4)))
+    assert states([fetched, obj(APPS), obj(INFRA)])["fleet"] == ("ready", "Succeeded")
+    assert outcome([fetched, obj(APPS, status=ready(rev)), obj(INFRA, status=ready(rev))]) == (
+        "ready", "")
+
+
+def test_a_bare_request_from_another_receiver_supersedes_nothing_until_flux_moves() -> None:
+    marks = f"{LATER}@{T0 + 1} {MARK}@{T0}"
+    waiting = obj(SRC, marks=marks, status=ready(OLD_REV))
+    assert states([waiting, obj(APPS), obj(INFRA)], now=T0 + 200)["fleet"][0] == "reconciling"
+    # Flux handled a request made before ours: what it holds says nothing about ours.
+    stale = obj(SRC, marks=marks, status=ready(OLD_REV, lastHandledReconcileAt=handled(T0 - 1)))
+    assert states([stale, obj(APPS), obj(INFRA)])["fleet"][0] == "reconciling"
+
+
+def test_no_later_mark_means_no_supersession_whatever_flux_holds() -> None:
+    alone = obj(SRC, marks=f"{MARK}@{T0}",
+                status=ready(f"main@sha1:{NEWER}", lastHandledReconcileAt=handled(T0 + 3)))
+    assert states([alone, obj(APPS), obj(INFRA)])["fleet"][0] == "reconciling"
+    assert outcome([alone, obj(APPS), obj(INFRA)], now=T0 + 301) == ("timed_out", "")
+
+
+def test_a_consumer_that_applied_ours_is_not_superseded_by_its_source_moving_on() -> None:
+    marks = f"{LATER}@{T0 + 5} {MARK}@{T0}"
+    src = obj(SRC, marks=marks, status=ready(f"main@sha1:{NEWER}",
+                                             lastHandledReconcileAt=handled(T0 + 5)))
+    started = {"observedGeneration": 1, "lastAttemptedRevision": f"main@sha1:{SHA}",
+               "conditions": [{"type": "Ready", "status": "Unknown", "reason": "Progressing"}]}
+    got = states([src, obj(APPS, status=started), obj(INFRA)])
+    assert got["apps"][0] == "reconciling"
+
+
+_STATUSES = st.sampled_from(["none", "old", "ours", "newer", "ours-failed"])
+_HANDLED = st.sampled_from([None, -60.0, 0.0, 0.5, 5.0])
+
+
+def _status(which: str, handled_at: float | None) -> dict[str, Any]:
+    extra = {} if handled_at is None else {"lastHandledReconcileAt": handled(T0 + handled_at)}
+    revision = {"old": OLD_REV, "ours": f"main@sha1:{SHA}", "newer": f"main@sha1:{NEWER}",
+                "ours-failed": f"main@sha1:{SHA}"}.get(which)
+    if revision is None:
+        return extra
+    if which == "ours-failed":
+        return {**failed(revision), **extra}
+    return ready(revision, **extra)
+
+
+@given(src=_STATUSES, src_handled=_HANDLED, apps=_STATUSES, apps_handled=_HANDLED,
+       infra=_STATUSES, later=st.sampled_from([None, -1.0, 0.4, 5.0]),
+       now=st.sampled_from([1.0, 299.0, 301.0, 901.0]),
+       newer_contains=st.sampled_from([None, True, False]))
+def test_ready_only_when_every_target_is_ready_at_the_pushed_commit(
+        src: str, src_handled: float | None, apps: str, apps_handled: float | None, infra: str,
+        later: float | None, now: float, newer_contains: bool | None) -> None:
+    """The promise a CI gate relies on, over every mix of marks, statuses, times and what
+    Gitea says of the newer commit's history."""
+    marks = f"{MARK}@{T0}" + (f" {LATER}@{T0 + later}" if later is not None else "")
+    objects = [obj(SRC, marks=marks, status=_status(src, src_handled)),
+               obj(APPS, marks=marks, status=_status(apps, apps_handled)),
+               obj(INFRA, status=_status(infra, None))]
+    verdict, by = outcome(objects, now=T0 + now, contains=history(newer_contains))
+    if verdict == "ready":
+        # Each target rests at ours, or at the newer commit when it contains ours.
+        allowed = {"ours", "newer"} if newer_contains else {"ours"}
+        assert {src, apps, infra} <= allowed, (src, apps, infra)
+    if verdict == "superseded":
+        # Flux handled a request made after a later push and rests at another commit,
+        # which does not contain ours.
+        assert by in (NEWER, OTHER) and later is not None and later > 0
+        assert not (by == NEWER and newer_contains is not False)
+    if later is None or later <= 0:
+        assert verdict != "superseded"
 
 
 def test_flux_already_started_needs_no_annotation() -> None:

@@ -385,7 +385,7 @@ def test_a_source_annotated_by_the_delivery_has_it_once_it_handled_the_request()
                         annotations={"reconcile.fluxcd.io/requestedAt": requested})
     source.raw["status"]["lastHandledReconcileAt"] = requested
     assert not has_push(record, source)  # not our mark: someone else's request
-    marks = delivery_marks.merged({}, [delivery_marks.Mark(MARK, received)], received, 60)
+    marks = delivery_marks.merge({}, [delivery_marks.Mark(MARK, received)], received, 60).value
     marked = oci_source(stored="2026-01-01T00:00:00Z", annotations={
         delivery_marks.DELIVERIES_ANNOTATION: marks,
         "reconcile.fluxcd.io/requestedAt": requested})

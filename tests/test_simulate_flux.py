@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,6 +16,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+import tests.test_action_script as action
+from receiver import signatures as sig
 from tests.test_action_script import start_service
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -91,3 +94,81 @@ def test_simulation_needs_manifests() -> None:
                             capture_output=True, text=True, timeout=60)
     assert result.returncode != 0
     assert "--simulate-flux needs --manifests" in result.stderr + result.stdout
+
+
+GITEA_APPS_TOKEN = "gitea-apps-token-for-this-test"
+SECOND_RECEIVER = f"""
+# Gitea's own push webhook for the same repository: the setup that has both.
+apiVersion: notification.toolkit.fluxcd.io/v1
+kind: Receiver
+metadata: {{name: gitea-apps, namespace: apps}}
+spec:
+  type: github
+  events: [push]
+  secretRef: {{name: gitea-apps-token}}
+  resources:
+    - kind: GitRepository
+      name: team-apps
+---
+apiVersion: v1
+kind: Secret
+metadata: {{name: gitea-apps-token, namespace: apps}}
+stringData: {{token: {GITEA_APPS_TOKEN}}}
+"""
+
+
+def test_the_webhook_for_the_same_commit_does_not_make_the_wait_say_deployed_early(
+        tmp_path: Path) -> None:
+    """The notify step pushes S and waits; Gitea's webhook for the same S arrives through a
+    second Receiver while Flux has not fetched anything. The wait must end only after
+    (simulated) Flux fetched and applied S: it once said "deployed" 0.4 s later."""
+    manifests = tmp_path / "manifests"
+    shutil.copytree(ROOT / "examples" / "fleet", manifests)
+    (manifests / "second-receiver.yaml").write_text(SECOND_RECEIVER)
+    service = action.start_service(tmp_path, "--simulate-flux", "--simulate-delay", "2",
+                                   manifests=manifests)
+    try:
+        token = tmp_path / "token"
+        token.write_text(ACTIONS_TOKEN)
+        hook = subprocess.run(
+            _cli("hook-url", "--name", "actions", "--namespace", "apps", "--token-file",
+                 str(token)), cwd=ROOT, env=_env(), capture_output=True, text=True,
+            check=True).stdout.strip()
+        env = _env() | {
+            "FLUX_BRIDGE_URL": service.base_url, "FLUX_BRIDGE_HOOK": hook,
+            "FLUX_BRIDGE_TOKEN_FILE": str(token),
+            "FLUX_BRIDGE_REPOSITORY": "https://gitea.example.com/teams/apps",
+            "FLUX_BRIDGE_REF": "refs/heads/production", "FLUX_BRIDGE_SHA": SHA,
+            "FLUX_BRIDGE_WAIT": "60"}
+        notify = subprocess.Popen(["bash", str(NOTIFY)], env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+        assert notify.stdout is not None
+        accepted = json.loads(notify.stdout.readline())  # the 202 reply, before the wait
+        assert accepted["commit"] == SHA
+        body = json.dumps({
+            "ref": "refs/heads/production", "before": "0" * 40, "after": SHA,
+            "total_commits": 1, "commits": [{"id": SHA, "added": [], "removed": [],
+                                             "modified": ["apps/web.yaml"]}],
+            "repository": {"full_name": "teams/apps",
+                           "clone_url": "https://gitea.example.com/teams/apps.git"}}).encode()
+        second = httpx.post(
+            service.base_url + "/hook/" + sig.hook_digest(GITEA_APPS_TOKEN, "gitea-apps", "apps"),
+            content=body, timeout=10, headers={
+                "Content-Type": "application/json", "X-Gitea-Event": "push",
+                "X-GitHub-Event": "push", "X-Gitea-Delivery": "second-receiver-1",
+                "X-Hub-Signature-256": "sha256=" + sig.hmac_hex("sha256", GITEA_APPS_TOKEN,
+                                                                body)})
+        assert second.status_code == 202, second.text
+        out, err = notify.communicate(timeout=90)
+        # Read at the moment the wait ended: what had simulated Flux done by then?
+        lines = [json.loads(line) for line in service.log.read_text().splitlines()
+                 if line.startswith("{")]
+        assert notify.returncode == 0, out + err
+        assert f"deployed: every target is Ready at {SHA}" in err
+        fetched = [line for line in lines if line["msg"] == "simulated Flux: source fetched"
+                   and SHA in line.get("revision", "")]
+        applied = [line for line in lines if line["msg"] == "simulated Flux: applied"
+                   and line.get("object") == "Kustomization/apps/team-apps"]
+        assert fetched and applied, "the wait said deployed before Flux fetched and applied"
+    finally:
+        action.stop_service(service)

@@ -78,6 +78,12 @@ def _current_generation(obj: FluxObject) -> bool:
     return not isinstance(observed, int) or observed >= obj.generation
 
 
+def at_rest(obj: FluxObject) -> bool:
+    """Ready at its current generation: the controller finished a reconcile and holds what it
+    reports (not half-way through one, and not failing to fetch or apply)."""
+    return _ready(obj)[0] == "True" and _current_generation(obj)
+
+
 def applied_revision(obj: FluxObject) -> str:
     """The revision an object last applied (consumer) or fetched (source)."""
     if obj.kind in ("GitRepository", "OCIRepository", "Bucket", "HelmChart"):
@@ -96,7 +102,9 @@ def attempted_revision(obj: FluxObject) -> str:
     return str(obj.status.get("lastAttemptedRevision", "")) or applied_revision(obj)
 
 
-def _matches(obj: FluxObject, revision: str, sha: str) -> bool:
+def names_commit(obj: FluxObject, revision: str, sha: str) -> bool:
+    """Does `revision`, one of this object's revisions, name commit `sha`? A HelmRelease's
+    chart version carries an abbreviated commit (or its annotation names it)."""
     if obj.kind == "HelmRelease":
         prefix = _helm_commit_prefix(revision)
         if prefix is not None:
@@ -135,8 +143,8 @@ def progress_at(obj: FluxObject, sha: str, here: tuple[bool, bool] | None = None
     if here is not None:
         applied_here, attempted_here = here
     else:
-        applied_here = _matches(obj, applied_revision(obj), sha)
-        attempted_here = _matches(obj, attempted_revision(obj), sha)
+        applied_here = names_commit(obj, applied_revision(obj), sha)
+        attempted_here = names_commit(obj, attempted_revision(obj), sha)
     if status == "True" and _current_generation(obj) and applied_here:
         return Progress(READY, reason, message)
     stalled = obj.condition("Stalled") or {}

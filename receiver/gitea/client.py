@@ -269,6 +269,31 @@ class GiteaClient:
             )
         raise AssertionError("unreachable")  # pragma: no cover
 
+    async def contains(self, instance: str, owner: str, repo: str, ancestor: str,
+                       descendant: str) -> bool:
+        """Does `descendant` contain `ancestor` (the same commit, or one of its ancestors)?
+
+        Gitea's compare (swagger `repoCompareDiff`) of `descendant...ancestor` lists the
+        commits reachable from `ancestor` and not from `descendant`: none exactly when it is
+        contained. A commit Gitea does not know (404) is contained in nothing.
+        """
+        path = f"repos/{quote(owner, safe='')}/{quote(repo, safe='')}/compare/" \
+               f"{quote(descendant, safe='')}...{quote(ancestor, safe='')}"
+        try:
+            response = await self._request(instance, "GET", path, call="compare")
+        except GiteaError as exc:
+            if exc.status == 404:
+                return False
+            raise
+        try:
+            doc = response.json()
+        except ValueError:
+            raise GiteaError(f"GET compare on {instance}: not JSON", retryable=True) from None
+        total = doc.get("total_commits") if isinstance(doc, dict) else None
+        if not isinstance(total, int) or isinstance(total, bool):
+            raise GiteaError(f"GET compare on {instance}: no total_commits", retryable=True)
+        return total == 0
+
     async def server_version(self, instance: str) -> str:
         """Gitea's version string (GET /version, swagger `ServerVersion`); "" when it sends none."""
         response = await self._request(instance, "GET", "version", call="version")

@@ -19,10 +19,15 @@
 #   FLUX_BRIDGE_RETRIES     attempts when the bridge is unreachable, busy (429/503) or
 #                           failing (5xx); each attempt is signed afresh (default 3)
 #   FLUX_BRIDGE_DRY_RUN     1: print the body and the X-Signature header, send nothing
+#   FLUX_BRIDGE_ACCEPT_SUPERSEDED
+#                           true: a deployment superseded by a later commit (Flux went past
+#                           this one before reporting it) ends the wait with 0, not 4
 #
 # Exit status: 0 accepted (and, when waiting, every target Ready at the commit);
 #              1 the deployment failed or timed out, or the wait ran out first;
-#              2 bad configuration; 3 the bridge refused the request or could not be reached.
+#              2 bad configuration; 3 the bridge refused the request or could not be reached;
+#              4 superseded: Flux went to a later commit and never reported this one (not a
+#                success: nothing says this commit ran; see FLUX_BRIDGE_ACCEPT_SUPERSEDED).
 #
 # The token is never printed and never passed on a command line: the HMAC is computed here
 # (RFC 2104 over openssl's SHA-256), so `ps` on a shared runner cannot see the key.
@@ -51,6 +56,7 @@ repository=${FLUX_BRIDGE_REPOSITORY:-}
 ref=${FLUX_BRIDGE_REF:-${GITHUB_REF:-}}
 sha=${FLUX_BRIDGE_SHA:-${GITHUB_SHA:-}}
 raw_paths=${FLUX_BRIDGE_PATHS:-}
+accept_superseded=${FLUX_BRIDGE_ACCEPT_SUPERSEDED:-false}
 
 if [[ -z $repository ]]; then
 	server=${GITHUB_SERVER_URL:-}
@@ -86,6 +92,11 @@ base_url=${base_url%/}
 	die 2 "wait-seconds (FLUX_BRIDGE_WAIT) must be a whole number of seconds"
 wait_seconds=$((10#$wait_seconds))
 [[ $retries =~ ^[1-9][0-9]*$ ]] || die 2 "FLUX_BRIDGE_RETRIES must be a positive number"
+case $accept_superseded in
+true | 1) accept_superseded=true ;;
+false | 0 | "") accept_superseded=false ;;
+*) die 2 "accept-superseded (FLUX_BRIDGE_ACCEPT_SUPERSEDED) must be true or false" ;;
+esac
 [[ -n $repository ]] ||
 	die 2 "no repository: set GITHUB_SERVER_URL and GITHUB_REPOSITORY, or FLUX_BRIDGE_REPOSITORY"
 [[ -n $ref ]] || die 2 "no ref: set GITHUB_REF or FLUX_BRIDGE_REF"
@@ -339,6 +350,7 @@ printf -v started '%(%s)T' -1
 deadline=$((started + wait_seconds))
 deliveries_url="$base_url/deliveries/$(urlencode "$delivery")"
 outcome=in_progress
+superseded_by=""
 not_found=0
 while :; do
 	printf -v now '%(%s)T' -1
@@ -361,6 +373,8 @@ while :; do
 			# Only progress lines carry an outcome (an error reply does not).
 			seen=$(json_field outcome "$line") || continue
 			outcome=$seen
+			later=$(json_field supersededBy "$line") || later=""
+			[[ -z $later ]] || superseded_by=$later
 			if [[ $(json_field timeout "$line") == true ]]; then
 				timed_out=1
 			elif [[ $(json_field final "$line") == true || $seen == failed ]]; then
@@ -381,6 +395,14 @@ while :; do
 		ready)
 			say "deployed: every target is Ready at $sha"
 			exit 0
+			;;
+		superseded)
+			# Final, but no target reported this commit: never read it as "deployed".
+			if [[ $accept_superseded == true ]]; then
+				say "superseded: Flux went to ${superseded_by:-a later commit} before reporting $sha (accepted: accept-superseded is true)"
+				exit 0
+			fi
+			die 4 "superseded: Flux went to ${superseded_by:-a later commit} before reporting $sha; nothing says $sha was deployed (set accept-superseded to accept this)"
 			;;
 		*) die 1 "deployment $outcome" ;;
 		esac
