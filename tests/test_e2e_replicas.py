@@ -253,17 +253,18 @@ class Replicas(e2e.InNamespace, e2e.Waiting):
                        if k.startswith(BRIDGE_ANNOTATION_PREFIX)]
         return "\n".join(values)
 
-    def applied_commits(self, name: str) -> list[str]:
+    def applied_commits(self, name: str) -> dict[str, float]:
         """Every commit kustomize-controller recorded as applied for Kustomization `name`, in
-        the order it wrote them (its status writes in the audit log)."""
-        found = []
+        the order it wrote them (its status writes in the audit log), with when it first did
+        (unix seconds the API server received the write)."""
+        found: dict[str, float] = {}
         for event in self.plane.requests_on(
                 ("patch", "update"), group="kustomize.toolkit.fluxcd.io",
                 resource="kustomizations", subresource="status", namespace=NS, name=name):
             status = (event.get("requestObject") or {}).get("status") or {}
             revision = status.get("lastAppliedRevision")
             if _succeeded(event) and isinstance(revision, str):
-                found.append(revision.rsplit(":", 1)[-1])
+                found.setdefault(revision.rsplit(":", 1)[-1], _audit_unix(event))
         return found
 
     def ready_at(self, kind: str, name: str, sha: str) -> dict[str, Any] | None:
@@ -944,11 +945,15 @@ def test_one_request_at_two_replicas_at_once_patches_each_object_once(replicas: 
                 env.flux.resume("kustomize-controller")
             overlap = max(x[2] for x in answers) < min(x[3] for x in answers)
             outcomes = []
+            settled = float("inf")  # when the first follow read its delivery's last state
             for delivery_id, bridge in accepted.items():
                 # Both replicas' work must be over before counting: either may still patch.
                 last, _ = follow(env, bridge.url, delivery_id, receiver, SETTLE_TIMEOUT)
+                settled = min(settled, time.time())
                 outcomes.append(str(last.get("outcome", "-")))
-            deployed = env.ready_at("Kustomization", "replay", sha) is not None
+            # Applied before the bridge said so, from kustomize-controller's status writes (the
+            # object itself may already be reconciling again, Ready Unknown, at the same commit).
+            deployed = env.applied_commits("replay").get(sha, settled + 1) <= settled
             after = {obj: env.written(*obj) for obj in REPLAYED}
             (src_ok, src_refused), (ks_ok, ks_refused) = (
                 tuple(x - y for x, y in zip(after[obj], before[obj], strict=True))
@@ -1115,6 +1120,7 @@ class PushResult:
     delivery: str = ""
     mark: str = ""
     last: dict[str, Any] = field(default_factory=dict)  # the last state its follow read
+    settled_at: float = 0.0  # unix time its follow read that state
     asks: int = 0  # GET ?wait= requests its follow made
 
     @property
@@ -1208,6 +1214,7 @@ class PushStream:
                        lambda at=signed_at: int(time.time()) > at, 5, interval=0.05)
         result.last, result.asks = follow(self.env, self.env.proxy.url, result.delivery,
                                           "rollout", FOLLOW_SECONDS, client=self._client)
+        result.settled_at = time.time()
 
     def wait_sent(self, more: int, timeout: float = 60.0) -> None:
         target = self.sent + more
@@ -1307,7 +1314,8 @@ def test_rolling_restart_under_a_stream_of_pushes_loses_none(replicas: Replicas)
         if r.mark not in written:
             problem("accepted, its mark never written on the GitRepository (dropped)", r)
         if r.outcome == "ready":
-            if r.sha not in applied and not _contained_in_applied(r, pushed, applied):
+            if not (_applied_before(r.sha, r, applied)
+                    or _contained_in_applied(r, pushed, applied)):
                 problem(LIE, r)
         elif r.outcome == "superseded":
             if not _names_newer(r, pushed):
@@ -1324,9 +1332,10 @@ def test_rolling_restart_under_a_stream_of_pushes_loses_none(replicas: Replicas)
     outcomes = Counter(r.outcome for r in results)
     accepted = [r for r in results if r.accepted]
     lost = [r for r in accepted if r.outcome not in ("ready", "superseded")]
-    stream_applied = [sha for sha in dict.fromkeys(applied) if sha in pushed]
+    stream_applied = [sha for sha in applied if sha in pushed]
     lies = len(problems.get(LIE, []))
-    later = sum(1 for r in accepted if r.outcome == "ready" and r.sha not in applied
+    later = sum(1 for r in accepted if r.outcome == "ready"
+                and not _applied_before(r.sha, r, applied)
                 and _contained_in_applied(r, pushed, applied))
     print(f"  pushes (each a new commit): {len(results)}; accepted: {len(accepted)}; "
           f"ready: {outcomes['ready']} ({outcomes['ready'] - later - lies} with the commit "
@@ -1350,10 +1359,16 @@ def test_rolling_restart_under_a_stream_of_pushes_loses_none(replicas: Replicas)
     assert not problems, {what: [r.index for r in found] for what, found in problems.items()}
 
 
-LIE = "ready, but kustomize-controller applied neither its commit nor one containing it"
+LIE = ("ready, but kustomize-controller had applied neither its commit nor one containing it "
+       "when the bridge said so")
 
 
-def _contained_in_applied(result: PushResult, pushed: dict[str, int], applied: list[str]
+def _applied_before(sha: str, result: PushResult, applied: dict[str, float]) -> bool:
+    """Had kustomize-controller applied `sha` when the delivery's follow read its last state?"""
+    return applied.get(sha, result.settled_at + 1) <= result.settled_at
+
+
+def _contained_in_applied(result: PushResult, pushed: dict[str, int], applied: dict[str, float]
                           ) -> bool:
     """Does the delivery say its Kustomization is Ready at a later commit containing its own
     (ContainsCommit), and did kustomize-controller really apply that commit? Each commit of the
@@ -1365,7 +1380,8 @@ def _contained_in_applied(result: PushResult, pushed: dict[str, int], applied: l
             continue
         held = re.search(r"holds ([0-9a-f]{7,40})", str(detail.get("message", "")))
         return held is not None and any(
-            sha.startswith(held.group(1)) and index > result.index and sha in applied
+            sha.startswith(held.group(1)) and index > result.index
+            and _applied_before(sha, result, applied)
             for sha, index in pushed.items())
     return False
 
