@@ -117,7 +117,12 @@ SETTLE_TIMEOUT = 120.0
 PUSH_RATE = 5.0  # at most this many pushes per second (each is a new commit: Gitea sets the pace)
 MAX_PUSHES = 400  # the stream's hard bound
 PUSH_ATTEMPTS = 5  # a sender's tries for one push; only 503 is retried
-LAG_PUSHES = 3  # pushes the proxy still sends to a replica after its SIGTERM (endpoint lag)
+LAG_PUSHES = 4  # pushes sent after a new replica joins the proxy, before the next is replaced
+# After a replica's SIGTERM the proxy still sends it traffic (the endpoints lag behind the
+# deletion) until it has accepted DRAIN_PUSHES pushes, or DRAIN_LAG seconds at most: well
+# within its drain period (shutdown.drain_seconds, 5 s), during which it still serves.
+DRAIN_PUSHES = 3
+DRAIN_LAG = 3.5
 FOLLOW_SECONDS = 180.0  # a pushed delivery's whole follow (GET ?wait=, asked again as needed)
 RACE_ROUNDS = 20  # one request sent to two replicas at once, this many times
 FLOOD = 48  # other pushes to the same GitRepository before a replay (more than it keeps marks)
@@ -1216,6 +1221,25 @@ class PushStream:
                                           "rollout", FOLLOW_SECONDS, client=self._client)
         result.settled_at = time.time()
 
+    def taken_by(self, replica: str, since: float) -> int:
+        """Pushes `replica` accepted at or after `since` (seconds into the stream)."""
+        with self._lock:
+            results = list(self.results)
+        return sum(1 for r in results for at, answer, name in list(r.attempts)
+                   if name == replica and answer == "202" and at >= since)
+
+    def lag(self, old: str, mark: Callable[[str], None]) -> None:
+        """The proxy's lag behind a replica's SIGTERM (`old`: until it has taken DRAIN_PUSHES
+        pushes, DRAIN_LAG seconds at most), or behind a new replica (LAG_PUSHES more pushes)."""
+        if not old:
+            self.wait_sent(LAG_PUSHES)
+            return
+        since = time.monotonic() - self.started
+        with contextlib.suppress(ControlPlaneError):  # the bound is the drain, not a failure
+            wait_until(f"{old} to take {DRAIN_PUSHES} pushes while draining",
+                       lambda: self.taken_by(old, since) >= DRAIN_PUSHES, DRAIN_LAG, interval=0.05)
+        mark(f"{old} took {self.taken_by(old, since)} pushes while draining")
+
     def wait_sent(self, more: int, timeout: float = 60.0) -> None:
         target = self.sent + more
         wait_until(f"{more} more pushes to be sent", lambda: self.sent >= target, timeout)
@@ -1230,13 +1254,13 @@ class PushStream:
         self._client.close()
 
 
-def rolling_restart(env: Replicas, lag: Callable[[], None], mark: Callable[[str], None]
+def rolling_restart(env: Replicas, lag: Callable[[str], None], mark: Callable[[str], None]
                     ) -> list[BridgeProcess]:
     """Replace every replica, one at a time, as a Deployment's rolling update does: SIGTERM the
-    old one (a pod's deletion), `lag()` while the proxy still sends it traffic (the endpoints
-    lag behind the deletion), take it out of the proxy, start a new one on a new port and put
-    it in once ready, and let the old one drain and exit before the next. Returns the
-    terminated replicas."""
+    old one (a pod's deletion), `lag(its name)` while the proxy still sends it traffic (the
+    endpoints lag behind the deletion), take it out of the proxy, start a new one on a new port
+    and put it in once ready, `lag("")`, and let the old one drain and exit before the next.
+    Returns the terminated replicas."""
     terminated: list[BridgeProcess] = []
     for old in list(env.replicas):
         old_name = env.name(old.port)
@@ -1245,7 +1269,7 @@ def rolling_restart(env: Replicas, lag: Callable[[], None], mark: Callable[[str]
         mark(f"SIGTERM {old_name}")
         env.wait(f"{old_name} to stop being ready", lambda b=old: not b.ready(), 30)
         mark(f"{old_name} not ready")
-        lag()
+        lag(old_name)
         env.retire(old)
         env.publish()
         mark(f"{old_name} out of the proxy")
@@ -1253,7 +1277,7 @@ def rolling_restart(env: Replicas, lag: Callable[[], None], mark: Callable[[str]
         env.replicas.append(new)
         env.publish()
         mark(f"{env.name(new.port)} started, in the proxy")
-        lag()
+        lag("")
         wait_exited(env, [old], mark)
     return terminated
 
@@ -1283,8 +1307,7 @@ def test_rolling_restart_under_a_stream_of_pushes_loses_none(replicas: Replicas)
     terminated: list[BridgeProcess] = []
     try:
         stream.wait_sent(5)
-        # While the endpoints lag, the proxy still sends the next pushes to the old replica.
-        terminated = rolling_restart(env, lambda: stream.wait_sent(LAG_PUSHES), mark)
+        terminated = rolling_restart(env, lambda old: stream.lag(old, mark), mark)
         stream.wait_sent(5)
     finally:
         stream.stop_sending()
@@ -1331,6 +1354,11 @@ def test_rolling_restart_under_a_stream_of_pushes_loses_none(replicas: Replicas)
                 ["replica", "answer", "attempts"]))
     outcomes = Counter(r.outcome for r in results)
     accepted = [r for r in results if r.accepted]
+    # Pushes a replica took after its SIGTERM, while the proxy still sent it traffic.
+    terms = {what.split()[1]: float(at.rstrip("s")) for at, what in timeline
+             if what.startswith("SIGTERM ")}
+    draining = [r for r in accepted
+                if r.attempts[-1][2] in terms and r.attempts[-1][0] >= terms[r.attempts[-1][2]]]
     lost = [r for r in accepted if r.outcome not in ("ready", "superseded")]
     stream_applied = [sha for sha in applied if sha in pushed]
     lies = len(problems.get(LIE, []))
@@ -1342,7 +1370,8 @@ def test_rolling_restart_under_a_stream_of_pushes_loses_none(replicas: Replicas)
           f"applied, {later} with a later commit containing it applied, {lies} with neither); "
           f"superseded: {outcomes['superseded']}; other outcomes: "
           f"{ {k: v for k, v in outcomes.items() if k not in ('ready', 'superseded')} }; "
-          f"lost: {len(lost)}; retried after 503: "
+          f"lost: {len(lost)}; accepted by a draining replica: {len(draining)} "
+          f"({Counter(r.outcome for r in draining)}); retried after 503: "
           f"{sum(1 for r in accepted if len(r.attempts) > 1)}; GET ?wait= asks: "
           f"{sum(r.asks for r in accepted)}")
     print(f"  kustomize-controller applied {len(stream_applied)} of the {len(results)} commits "
@@ -1356,6 +1385,7 @@ def test_rolling_restart_under_a_stream_of_pushes_loses_none(replicas: Replicas)
                     ["push", "commit", "outcome", "commit", "attempts (at:answer@replica)",
                      "last state"]))
     assert results and not stream.errors, stream.errors
+    assert draining, "no push reached a replica after its SIGTERM: the drain went untested"
     assert not problems, {what: [r.index for r in found] for what, found in problems.items()}
 
 
@@ -1427,7 +1457,7 @@ def test_job_waiting_through_a_rolling_restart_ends_ready(replicas: Replicas, tm
             30)
         mark("job accepted, waiting")
         assert proc.poll() is None, f"notify.sh ended early:\n{err.read_text()}"
-        terminated = rolling_restart(env, lambda: None, mark)
+        terminated = rolling_restart(env, lambda _: None, mark)
     finally:
         env.flux.resume("kustomize-controller")
         mark("kustomize-controller resumed")
