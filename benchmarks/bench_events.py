@@ -125,7 +125,8 @@ def bridge_app(gitea_port: int, objects: int, secret_dir: Path) -> Any:
     from receiver.flux.store import ObjectStore
     from receiver.giturls import normalise_repo_url
     from receiver.metrics import Metrics
-    from receiver.status_service import StatusService
+    from receiver.status.service import StatusService
+    from receiver.web.app import status_endpoints
 
     (secret_dir / "hmac").write_text(HMAC_KEY)
     (secret_dir / "gitea").write_text(GITEA_TOKEN)
@@ -172,8 +173,9 @@ def bridge_app(gitea_port: int, objects: int, secret_dir: Path) -> Any:
         yield
         await service.stop(5.0)
 
+    events, _ = status_endpoints(service)
     return Starlette(lifespan=lifespan, routes=[
-        Route("/events", service.handle_event, methods=["POST"]),
+        Route("/events", events.handle, methods=["POST"]),
         Route("/bare", bare, methods=["POST"]),
         Route("/_metrics", counters),
     ])

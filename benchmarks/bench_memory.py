@@ -59,10 +59,10 @@ async def _push(client: httpx.AsyncClient,
 
 
 async def run(work: Path, max_count: int, timeout: float, trace: int) -> dict[str, object]:
-    from receiver.app import create_app, url_normaliser
     from receiver.config import load_settings
     from receiver.flux.memory import MemoryCluster
     from receiver.flux.store import ObjectStore
+    from receiver.web.app import create_app, url_normaliser
 
     setup = Setup(work, max_count=max_count, timeout=timeout)
     settings = load_settings(setup.config, overrides={"manifests": str(setup.fleet)})

@@ -19,15 +19,15 @@ from typing import Any
 import httpx
 
 from benchmarks.fleetgen import repo_url
-from receiver.app import create_app, url_normaliser
 from receiver.config import load_settings
 from receiver.flux.memory import MemoryCluster
 from receiver.flux.objects import ObjectKey
 from receiver.flux.store import ObjectStore
 from receiver.gitea.payloads import parse_gitea_push
-from receiver.resources import resolve_resources
-from receiver.routing import plan_push
+from receiver.push.resources import resolve_resources
+from receiver.push.routing import plan_push
 from receiver.signatures import hmac_hex, hook_digest
+from receiver.web.app import create_app, url_normaliser
 from tests import gitea_payloads as gp
 
 RECEIVER_REPOS = 10

@@ -73,8 +73,8 @@ def _timed(owner: Any, name: str, label: str) -> None:
 
 
 def _instrument() -> None:
-    import receiver.ingest as ingest
-    from receiver.reconcile import Reconciler
+    import receiver.web.ingest as ingest
+    from receiver.delivery.reconcile import Reconciler
 
     _timed(ingest, "select_payload", "payload: JSON decode + parse (select_payload)")
     _timed(ingest, "plan_selection", "routing (plan_selection)")
@@ -98,10 +98,10 @@ def _scope(path: str, body: bytes, token: str) -> dict[str, Any]:
 
 
 async def _under_load(pushes: int, clients: int, timeout: float) -> dict[str, Any]:
-    from receiver.app import create_app, url_normaliser
     from receiver.config import load_settings
     from receiver.flux.memory import MemoryCluster
     from receiver.flux.store import ObjectStore
+    from receiver.web.app import create_app, url_normaliser
 
     setup = Setup(Path(tempfile.mkdtemp(prefix="gfb-stages-")), max_count=10_000,
                   timeout=timeout)
@@ -152,17 +152,18 @@ async def _under_load(pushes: int, clients: int, timeout: float) -> dict[str, An
 
 
 def _alone(number: int) -> dict[str, float]:
-    from receiver.app import url_normaliser
     from receiver.config import load_settings
-    from receiver.deliveries import Delivery, record_targets
-    from receiver.delivery_record import DeliveryRecord, encode
-    from receiver.delivery_state import Timeouts, evaluate
+    from receiver.delivery.record import DeliveryRecord, encode
+    from receiver.delivery.state import evaluate
+    from receiver.delivery.store import Delivery, record_targets
+    from receiver.delivery.view import Timeouts
     from receiver.flux.memory import MemoryCluster
     from receiver.flux.store import ObjectStore
-    from receiver.ingest import _accepted
-    from receiver.package_routing import plan_selection
-    from receiver.resources import resolve_resources
-    from receiver.selector import select_payload
+    from receiver.push.package_routing import plan_selection
+    from receiver.push.resources import resolve_resources
+    from receiver.push.selector import select_payload
+    from receiver.web.app import url_normaliser
+    from receiver.web.ingest import _accepted
 
     setup = Setup(Path(tempfile.mkdtemp(prefix="gfb-stages-")), max_count=10_000, timeout=2.0)
     settings = load_settings(setup.config, overrides={"manifests": str(setup.fleet)})

@@ -113,15 +113,15 @@ def install() -> Probe:
     probe = Probe()
     gc.callbacks.append(probe.on_gc)
 
-    from receiver.drain import DrainingServer
+    from receiver.delivery.reconcile import Reconciler
     from receiver.flux.store import ObjectStore
-    from receiver.reconcile import Reconciler
+    from receiver.web.drain import DrainingServer
 
     probe.wrap(ObjectStore, "upsert", "store.upsert (watch event or patch, with listeners)")
     probe.wrap(Reconciler, "_on_change", "reconciler._on_change")
     probe.wrap(Reconciler, "_evaluate", "reconciler._evaluate (includes awaits)")
-    import receiver.ingest as ingest_module
-    from receiver.hookindex import HookIndex
+    import receiver.web.ingest as ingest_module
+    from receiver.push.hookindex import HookIndex
 
     probe.wrap(ingest_module, "resolve_resources", "Receiver resolution (cache miss)")
     probe.wrap(ingest_module, "plan_selection", "routing.plan_selection")

@@ -46,11 +46,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from receiver import logs
-    from receiver.app import create_app, url_normaliser
     from receiver.config import ConfigError, load_settings
-    from receiver.drain import DrainingServer
     from receiver.flux.memory import ManifestError, MemoryCluster
     from receiver.flux.store import ObjectStore
+    from receiver.web.app import create_app, url_normaliser
+    from receiver.web.drain import DrainingServer
 
     try:
         settings = load_settings(
@@ -93,13 +93,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         return _fail(str(exc))
     if args.simulate_flux:
-        from receiver.flux.simulate import NOTICE, FluxSimulator
+        from receiver.demo.simulate import NOTICE, FluxSimulator
 
         assert isinstance(cluster, MemoryCluster)
         simulator = FluxSimulator(cluster, args.simulate_delay)
         app.state.parts.ingest.push_listeners.append(simulator.on_push)
         app.state.parts.notes["simulation"] = NOTICE
-        logging.getLogger("receiver.flux.simulate").warning(NOTICE, extra={"simulation": True})
+        logging.getLogger("receiver.demo.simulate").warning(NOTICE, extra={"simulation": True})
     config = uvicorn.Config(
         app,
         host=settings.listen.host,
@@ -125,12 +125,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from receiver.app import url_normaliser
     from receiver.config import ConfigError, load_settings
     from receiver.flux.memory import ManifestError, MemoryCluster
     from receiver.flux.store import ObjectStore
-    from receiver.package_routing import plan_selection
-    from receiver.selector import PayloadRefused, select_payload
+    from receiver.push.package_routing import plan_selection
+    from receiver.push.selector import PayloadRefused, select_payload
+    from receiver.web.app import url_normaliser
 
     try:
         settings = load_settings(Path(args.config) if args.config else None)
@@ -220,7 +220,7 @@ def cmd_sign(args: argparse.Namespace) -> int:
 def cmd_badge_url(args: argparse.Namespace) -> int:
     from urllib.parse import urlencode
 
-    from receiver.badges import mint_badge_token
+    from receiver.status.badges import mint_badge_token
 
     try:
         key = _token(args.key_file)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import yaml
 
 if TYPE_CHECKING:
-    from receiver.statuses import StatusTemplates
+    from receiver.templates import StatusTemplates
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -147,7 +147,7 @@ DEFAULT_CONTEXT = "flux/{cluster}/{kind}/{namespace}/{name}"
 
 
 class FleetConfig(_Model):
-    """One aggregate status per commit for the whole fleet (see receiver/fleet.py)."""
+    """One aggregate status per commit for the whole fleet (see receiver/status/fleet.py)."""
 
     enabled: bool = False
     # `owner/name` of the repositories that get it; empty: every repository.
@@ -217,7 +217,7 @@ class StatusConfig(_Model):
 
     @model_validator(mode="after")
     def _fleet(self) -> StatusConfig:
-        from receiver.fleet import FleetTemplateError, cluster_parser
+        from receiver.templates import FleetTemplateError, cluster_parser
 
         if not self.fleet.enabled:
             return self
@@ -243,7 +243,7 @@ class StatusConfig(_Model):
         return self
 
     def templates(self, cluster: str) -> StatusTemplates:
-        from receiver.statuses import CONTEXT_PRESETS, StatusTemplates, uid_prefix
+        from receiver.templates import CONTEXT_PRESETS, StatusTemplates, uid_prefix
 
         context, lower = self.context_template, False
         if self.context_preset is not None:
@@ -254,7 +254,7 @@ class StatusConfig(_Model):
     @field_validator("context_template", "target_url_template")
     @classmethod
     def _template(cls, value: str, info: ValidationInfo) -> str:
-        from receiver.statuses import CONTEXT_FIELDS, TARGET_URL_FIELDS, check_template
+        from receiver.templates import CONTEXT_FIELDS, TARGET_URL_FIELDS, check_template
 
         allowed = CONTEXT_FIELDS if info.field_name == "context_template" else TARGET_URL_FIELDS
         problem = check_template(value, allowed)

@@ -12,6 +12,7 @@
 # Groups: core = etcd kube-apiserver helm
 #         tools = promtool actionlint (small: a few minutes each)
 #         flux = source-controller kustomize-controller notification-controller
+#                helm-controller
 #
 # Env: GFBTEST_BIN (cache dir), GFBTEST_GO_P (go build -p, default 2).
 # Pins and background: shared/reference/test-peers.md.
@@ -24,6 +25,7 @@ HELM_VERSION=v3.21.4                      # helm.sh/helm/v3
 SOURCE_CONTROLLER_VERSION=v1.9.4          # github.com/fluxcd/source-controller
 KUSTOMIZE_CONTROLLER_VERSION=v1.9.4       # github.com/fluxcd/kustomize-controller
 NOTIFICATION_CONTROLLER_VERSION=v1.9.3    # github.com/fluxcd/notification-controller
+HELM_CONTROLLER_VERSION=v1.6.4            # github.com/fluxcd/helm-controller (same Flux line)
 GITEA_VERSION=v1.26.3                     # code.gitea.io/gitea
 PROMETHEUS_VERSION=v0.316.0               # github.com/prometheus/prometheus (promtool 3.16.0)
 ACTIONLINT_VERSION=v1.7.12                # github.com/rhysd/actionlint
@@ -36,7 +38,7 @@ K8S_STAGING_VERSION="v0.${K8S_VERSION#v1.}"
 K8S_MINOR=${K8S_VERSION#v1.}; K8S_MINOR=${K8S_MINOR%%.*}
 
 CORE=(etcd kube-apiserver helm)
-FLUX=(source-controller kustomize-controller notification-controller)
+FLUX=(source-controller kustomize-controller notification-controller helm-controller)
 TOOLS=(promtool actionlint)
 ALL=("${CORE[@]}" "${TOOLS[@]}" "${FLUX[@]}" gitea)
 
@@ -80,6 +82,8 @@ component_info() {
 		MOD=github.com/fluxcd/kustomize-controller; VER=$KUSTOMIZE_CONTROLLER_VERSION; PKG=$MOD ;;
 	notification-controller)
 		MOD=github.com/fluxcd/notification-controller; VER=$NOTIFICATION_CONTROLLER_VERSION; PKG=$MOD ;;
+	helm-controller)
+		MOD=github.com/fluxcd/helm-controller; VER=$HELM_CONTROLLER_VERSION; PKG=$MOD ;;
 	gitea)
 		MOD=code.gitea.io/gitea; VER=$GITEA_VERSION; PKG=$MOD
 		# sqlite3 DB_TYPE needs the cgo mattn driver (build tag `sqlite`).
@@ -117,6 +121,12 @@ wrapper_replaces() {
 		;;
 	notification-controller) cat <<-'EOF'
 		replace gopkg.in/yaml.v3 => gopkg.in/yaml.v3 v3.0.1
+		EOF
+		;;
+	helm-controller) cat <<-'EOF'
+		replace github.com/opencontainers/go-digest => github.com/opencontainers/go-digest v1.0.1-0.20231025023718-d50d2fec9c98
+		replace sigs.k8s.io/kustomize/api => sigs.k8s.io/kustomize/api v0.21.1
+		replace sigs.k8s.io/kustomize/kyaml => sigs.k8s.io/kustomize/kyaml v0.21.1
 		EOF
 		;;
 	gitea) cat <<-'EOF'
@@ -216,7 +226,7 @@ main() {
 	case ${1:-} in
 	--print-dir) echo "$CACHE"; return ;;
 	--moddir) [[ $# -eq 2 ]] || die "usage: $0 --moddir <component>"; print_moddir "$2"; return ;;
-	-h|--help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; return ;;
+	-h|--help) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; return ;;
 	esac
 	command -v go >/dev/null || die "go not found in PATH"
 	(($# > 0)) || set -- core

@@ -14,10 +14,10 @@ import httpx
 import pytest
 
 from receiver import signatures as sig
-from receiver.app import create_app, url_normaliser
 from receiver.config import Settings, load_settings
 from receiver.flux.memory import MemoryCluster
 from receiver.flux.store import ObjectStore
+from receiver.web.app import create_app, url_normaliser
 
 FIXTURES = Path(__file__).parent / "fixtures"
 FLEET = FIXTURES / "fleet"

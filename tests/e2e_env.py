@@ -11,12 +11,14 @@ so that a new whole-loop module reuses it instead of copying another module:
 - push to Gitea and read a commit's status history (`push`, `context_history`, `described`,
   `shown`);
 - wait on a condition, printing the time it took, with the peers' log tails when it does not
-  come (`Waiting`), and the env base classes (`InNamespace`, `BridgeEnv`).
+  come (`Waiting`), and the env base classes (`InNamespace`, `BridgeEnv`, which also reads a
+  delivery and follows its `?wait=` stream as a CI gate does).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -27,11 +29,14 @@ import httpx
 
 from receiver import signatures as sig
 from tests.e2e_harness import (
+    E2E_BINARIES,
     FLUX_BINARIES,
+    HELM_CONTROLLER,
     BridgeProcess,
     FluxControllers,
     Gitea,
     e2e_peers,
+    install_helm_crds,
     install_source_crds,
     metric_value,
 )
@@ -51,6 +56,9 @@ FLUX_KINDS = {
     "Receiver": ("notification.toolkit.fluxcd.io/v1", "receivers"),
     "Provider": ("notification.toolkit.fluxcd.io/v1beta3", "providers"),
     "Alert": ("notification.toolkit.fluxcd.io/v1beta3", "alerts"),
+    "HelmRepository": ("source.toolkit.fluxcd.io/v1", "helmrepositories"),
+    "HelmChart": ("source.toolkit.fluxcd.io/v1", "helmcharts"),
+    "HelmRelease": ("helm.toolkit.fluxcd.io/v2", "helmreleases"),
 }
 
 
@@ -112,7 +120,10 @@ def start_gitea(bin_dir: Path, static_root: Path, workdir: Path,
 def start_flux(bin_dir: Path, plane: ControlPlane, workdir: Path,
                teardown: list[Callable[[], None]],
                names: Sequence[str] = FLUX_BINARIES) -> FluxControllers:
-    """The Flux controllers `names` against `plane`, stopped at teardown."""
+    """The Flux controllers `names` against `plane`, stopped at teardown (with helm-controller,
+    its HelmRelease CRD first)."""
+    if HELM_CONTROLLER in names:
+        install_helm_crds(plane)
     flux = FluxControllers(bin_dir, plane.kubeconfig, workdir=workdir)
     flux.workdir.mkdir()
     flux.start(names)
@@ -121,20 +132,22 @@ def start_flux(bin_dir: Path, plane: ControlPlane, workdir: Path,
 
 
 def start_peers(workdir: Path, teardown: list[Callable[[], None]], timings: dict[str, float],
-                *namespaces: str, audit_policy: Mapping[str, Any] | None = None
+                *namespaces: str, audit_policy: Mapping[str, Any] | None = None,
+                flux_names: Sequence[str] = FLUX_BINARIES
                 ) -> tuple[ControlPlane, Gitea, FluxControllers]:
     """The peers every whole-loop module runs, each timed into `timings` and stopped at
     teardown: etcd + kube-apiserver with the CRDs and `namespaces`, Gitea, the Flux
-    controllers."""
+    controllers `flux_names`."""
     with timed(timings, "binaries"):
-        bin_dir, static_root = e2e_peers()
+        extra = [n for n in flux_names if n not in E2E_BINARIES]
+        bin_dir, static_root = e2e_peers((*E2E_BINARIES, *extra))
     assert static_root is not None
     with timed(timings, "control plane (etcd, kube-apiserver, CRDs)"):
         plane = start_plane(bin_dir, teardown, *namespaces, audit_policy=audit_policy)
     with timed(timings, "gitea (migrate, admin, web)"):
         gitea = start_gitea(bin_dir, static_root, workdir / "gitea", teardown)
     with timed(timings, "flux controllers"):
-        flux = start_flux(bin_dir, plane, workdir / "flux", teardown)
+        flux = start_flux(bin_dir, plane, workdir / "flux", teardown, flux_names)
     return plane, gitea, flux
 
 
@@ -405,6 +418,20 @@ class BridgeEnv(InNamespace, Waiting):
         assert response.status_code == 200, response.text
         body: dict[str, Any] = response.json()
         return body
+
+    def follow(self, delivery_id: str, token: str, wait: float) -> list[dict[str, Any]]:
+        """`GET /deliveries/<id>?wait=` as a CI gate reads it: every line of the stream, the
+        last one the settled delivery (a timeout marker fails here)."""
+        with httpx.Client(trust_env=False, timeout=wait + 30.0) as client:
+            response = client.get(f"{self.bridge.url}/deliveries/{delivery_id}",
+                                  params={"wait": f"{wait:g}"},
+                                  headers={"Authorization": f"Bearer {token}"})
+        assert response.status_code == 200, response.text
+        lines = [json.loads(line) for line in response.text.splitlines() if line.strip()]
+        assert lines and not lines[-1].get("timeout"), \
+            f"{delivery_id} not settled within {wait:g}s: {lines[-2:]}\n" + "\n".join(
+                self.diagnostics())
+        return lines
 
     def metric(self, name: str, **labels: str) -> float:
         """The bridge's metric `name` now, summed over the samples with `labels`."""

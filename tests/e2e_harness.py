@@ -6,9 +6,10 @@ Builds on `tests.realk8s` (etcd + kube-apiserver, the admin kubeconfig, `Process
   SQLite, the admin user and an access token made with Gitea's own CLI, and the REST calls the
   tests need (organisation, repository, commits through the contents API, webhooks, commit
   statuses). `stop()` / `start()` keep the data, so Gitea can be taken away and brought back.
-- `FluxControllers`: source-controller, kustomize-controller and notification-controller
-  against the API server with the admin kubeconfig, every address on loopback, leader election
-  off; the source CRDs the fixtures lack are installed from source-controller's module.
+- `FluxControllers`: source-controller, kustomize-controller and notification-controller (and,
+  for the modules that ask, helm-controller) against the API server with the admin kubeconfig,
+  every address on loopback, leader election off; the source CRDs the fixtures lack are
+  installed from source-controller's module, the HelmRelease CRD from helm-controller's.
 - `BridgeProcess`: `python -m receiver.cli serve --config <file>` with `KUBECONFIG`.
 
 Every process runs in its own process group with its output in a log file (`Process`), and
@@ -54,6 +55,7 @@ from tests.realk8s import (
 from tests.realk8s import ensure_binaries as realk8s_ensure_binaries
 
 FLUX_BINARIES = ("source-controller", "kustomize-controller", "notification-controller")
+HELM_CONTROLLER = "helm-controller"  # started only by the modules that install charts
 E2E_BINARIES = (*CORE_BINARIES, *FLUX_BINARIES, "gitea")
 # Source kinds source-controller reconciles unconditionally that tests/fixtures/crds lacks.
 EXTRA_SOURCE_CRDS = ("buckets", "externalartifacts", "helmcharts", "helmrepositories")
@@ -113,6 +115,25 @@ def install_source_crds(plane: ControlPlane) -> list[str]:
         docs.extend(d for d in yaml.safe_load_all(path.read_text()) if isinstance(d, dict))
     plane.install_crds(docs)
     return list(EXTRA_SOURCE_CRDS)
+
+
+def install_helm_crds(plane: ControlPlane) -> None:
+    """Install the HelmRelease CRD from helm-controller's module (`config/crd/bases`), replacing
+    the fixture copy when the two differ: helm-controller writes the status its own CRD
+    declares."""
+    path = (module_dir(HELM_CONTROLLER) / "config" / "crd" / "bases"
+            / "helm.toolkit.fluxcd.io_helmreleases.yaml")
+    if not path.is_file():
+        raise HarnessError(f"no CRD {path.name} in helm-controller's module")
+    docs = [d for d in yaml.safe_load_all(path.read_text()) if isinstance(d, dict)]
+    crds = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions"
+    for doc in docs:
+        found = plane.request("GET", f"{crds}/{doc['metadata']['name']}", ok=(200, 404))
+        if found and found.get("spec", {}).get("versions") != doc["spec"]["versions"]:
+            replaced = {**doc, "metadata": {**doc["metadata"], "resourceVersion":
+                                            found["metadata"]["resourceVersion"]}}
+            plane.request("PUT", f"{crds}/{doc['metadata']['name']}", replaced)
+    plane.install_crds(docs)
 
 
 CHART = ROOT / "charts" / "gitea-flux-bridge"
@@ -489,7 +510,8 @@ logger.router.MODE =
 
 
 class FluxControllers:
-    """source-, kustomize- and notification-controller against the API server, on loopback."""
+    """source-, kustomize-, notification- (and helm-) controller against the API server, on
+    loopback."""
 
     def __init__(self, bin_dir: Path, kubeconfig: Path, *, workdir: Path | None = None,
                  startup_timeout: float = 120.0, log_level: str = "info") -> None:
@@ -527,6 +549,10 @@ class FluxControllers:
                      f"--events-addr={self.events_url}"]
         elif name == "kustomize-controller":
             args += [f"--events-addr={self.events_url}", "--no-remote-bases=true"]
+        elif name == HELM_CONTROLLER:
+            # It fetches charts from source-controller's storage (`--storage-adv-addr`) and
+            # installs them with the admin kubeconfig, as its cluster-admin binding does.
+            args += [f"--events-addr={self.events_url}"]
         else:
             args += [f"--events-addr=127.0.0.1:{self.nc_events_port}",
                      f"--receiverAddr=127.0.0.1:{self.nc_receiver_port}"]

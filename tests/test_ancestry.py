@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from receiver.ancestry import Ancestry
 from receiver.config import GiteaInstance, SecretSource
+from receiver.delivery.ancestry import Ancestry
 from receiver.flux.objects import FluxObject, ObjectKey
 from receiver.gitea.client import GiteaClient, GiteaError
 from tests.conftest import until

@@ -10,7 +10,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from receiver.badges import (
+from receiver.flux.objects import FluxObject
+from receiver.flux.store import ObjectStore
+from receiver.giturls import normalise_repo_url
+from receiver.status.badges import (
     COLOURS,
     MESSAGES,
     UNKNOWN,
@@ -24,10 +27,7 @@ from receiver.badges import (
     text_width,
     token_allows,
 )
-from receiver.flux.objects import FluxObject
-from receiver.flux.store import ObjectStore
-from receiver.giturls import normalise_repo_url
-from receiver.statuses import FAILURE, PENDING, SUCCESS
+from receiver.status.decisions import FAILURE, PENDING, SUCCESS
 
 SVG = "{http://www.w3.org/2000/svg}"
 

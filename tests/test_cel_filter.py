@@ -11,7 +11,8 @@ import pytest
 import yaml
 
 from receiver import signatures as sig
-from receiver.cel_filter import (
+from receiver.flux.objects import RECONCILE_ANNOTATION, ObjectKey
+from receiver.push.cel_filter import (
     FilterCache,
     InvalidFilter,
     RequestNotJSON,
@@ -19,7 +20,6 @@ from receiver.cel_filter import (
     is_json_content,
     request_document,
 )
-from receiver.flux.objects import RECONCILE_ANNOTATION, ObjectKey
 from tests.conftest import FLEET, GITEA_TOKEN, HMAC_TOKEN, Bridge
 from tests.gitea_payloads import gitea_bytes, push
 

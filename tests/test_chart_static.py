@@ -325,7 +325,7 @@ def test_rbac_rules_are_exactly_design_section_3() -> None:
 
 
 def test_rbac_patches_every_kind_a_receiver_may_list() -> None:
-    from receiver.flux.kube import PLURALS, resource_for
+    from receiver.flux.kube_api import PLURALS, resource_for
     from receiver.flux.objects import RECEIVER_KINDS
 
     helpers = (CHART / "templates" / "_helpers.tpl").read_text()

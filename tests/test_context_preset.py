@@ -6,7 +6,7 @@ import pytest
 from pydantic import ValidationError
 
 from receiver.config import StatusConfig
-from receiver.statuses import RepoRef, build_status
+from receiver.status.decisions import RepoRef, build_status
 
 UID = "0C9C2E41-7d1f-4b2a-9e3c-2f1a5b6c7d8e"
 REPO = RepoRef("gitea.example.com/platform/fleet", "gitea.example.com", "platform", "fleet")

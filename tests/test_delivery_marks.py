@@ -6,8 +6,8 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from receiver import delivery_marks as dm
-from receiver.delivery_marks import DELIVERIES_ANNOTATION, Mark
+from receiver.delivery import marks as dm
+from receiver.delivery.marks import DELIVERIES_ANNOTATION, Mark
 
 A, B, C = "a" * 16, "b" * 16, "c" * 16
 

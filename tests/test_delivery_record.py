@@ -7,9 +7,9 @@ import string
 from hypothesis import given
 from hypothesis import strategies as st
 
-from receiver import delivery_marks as dm
-from receiver import delivery_record as dr
-from receiver.delivery_record import ROLE_ANNOTATE, ROLE_TRACK, DeliveryRecord, RecordTarget
+from receiver.delivery import marks as dm
+from receiver.delivery import record as dr
+from receiver.delivery.record import ROLE_ANNOTATE, ROLE_TRACK, DeliveryRecord, RecordTarget
 from receiver.flux.objects import ObjectKey
 
 TOKEN = "receiver-token"

@@ -7,10 +7,12 @@ from typing import Any
 from hypothesis import given
 from hypothesis import strategies as st
 
-from receiver.delivery_marks import DELIVERIES_ANNOTATION
-from receiver.delivery_record import ROLE_ANNOTATE, ROLE_TRACK, DeliveryRecord, RecordTarget
-from receiver.delivery_state import Timeouts, evaluate, parse_requested_at
+from receiver.delivery.marks import DELIVERIES_ANNOTATION
+from receiver.delivery.record import ROLE_ANNOTATE, ROLE_TRACK, DeliveryRecord, RecordTarget
+from receiver.delivery.state import evaluate
+from receiver.delivery.view import Timeouts
 from receiver.flux.objects import FluxObject, ObjectKey
+from receiver.times import epoch_seconds as parse_requested_at
 
 SHA = "5394cb7f48ab0b1c2d3e4f5a6b7c8d9e0f1a2b3c"
 OTHER = "1111111111111111111111111111111111111111"

@@ -21,9 +21,9 @@ import pytest
 
 from receiver import signatures as sig
 from receiver.config import ConfigError, load_settings
-from receiver.deliveries import Delivery
-from receiver.drain import Drain
+from receiver.delivery.store import Delivery
 from receiver.flux.objects import ObjectKey
+from receiver.web.drain import Drain
 from tests import gitea_payloads as gp
 from tests.conftest import GITEA_TOKEN, Bridge, until
 from tests.realk8s import wait_until

@@ -30,7 +30,7 @@ from typing import Any
 
 import pytest
 
-from receiver.delivery_marks import DELIVERIES_ANNOTATION
+from receiver.delivery.marks import DELIVERIES_ANNOTATION
 from tests import e2e_env as e2e
 from tests.e2e_harness import BridgeProcess, metric_value, rss_kib
 from tests.realk8s import ROOT

@@ -11,7 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from receiver.events import (
+from receiver.signatures import hmac_hex, verify_event
+from receiver.status.flux_events import (
     MAX_KEY_NAME,
     MAX_KEY_PREFIX,
     MAX_MESSAGE,
@@ -22,7 +23,6 @@ from receiver.events import (
     parse_event,
     split_prefixed,
 )
-from receiver.signatures import hmac_hex, verify_event
 
 EVENTS = Path(__file__).parent / "fixtures" / "events"
 SHA = "5394cb7f48ab9fd33a7a95f6ee1f7b9c4b2b8a3e"

@@ -23,7 +23,7 @@ from receiver.flux.objects import (
 from receiver.flux.store import ObjectStore
 from receiver.gitea.payloads import parse_actions_body
 from receiver.giturls import normalise_repo_url
-from receiver.routing import plan_push
+from receiver.push.routing import plan_push
 from tests.conftest import FIXTURES, FLEET, HMAC_TOKEN, Bridge
 
 EXTRA: list[dict[str, Any]] = [

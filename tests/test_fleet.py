@@ -7,17 +7,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from receiver.config import DEFAULT_CONTEXT
-from receiver.fleet import (
-    Aggregate,
-    FleetTemplateError,
-    Report,
-    aggregate,
-    classify,
-    cluster_of,
-    cluster_parser,
-    latest_reports,
-)
 from receiver.gitea.client import CommitStatus
+from receiver.status.fleet import Aggregate, Report, aggregate, classify, cluster_of, latest_reports
+from receiver.templates import FleetTemplateError, cluster_parser
 
 CLUSTERS = ["eu-west", "us-east", "ap-south"]
 PARSER = cluster_parser(DEFAULT_CONTEXT, CLUSTERS)

@@ -15,7 +15,7 @@ from receiver.flux.memory import MemoryCluster
 from receiver.flux.store import ObjectStore
 from receiver.giturls import normalise_repo_url
 from receiver.metrics import Metrics
-from receiver.status_service import StatusService
+from receiver.status.service import StatusService
 from tests.fakegitea import FakeGitea, gitea_transport
 from tests.test_status_service import (
     ALIASES,
@@ -78,7 +78,7 @@ def fleet_shows(gitea: FakeGitea) -> str | None:
 
 
 def idle(rigs: list[Rig]) -> bool:
-    return all(r.service.queue_depth == 0 and not r.service._fleet_checks for r in rigs)
+    return all(r.service.queue_depth == 0 and not r.service.fleet.checks for r in rigs)
 
 
 def for_object(body: bytes, name: str) -> bytes:

@@ -20,8 +20,8 @@ from receiver.gitea.client import (
     StatusPage,
     more_pages,
     parse_retry_after,
-    retryable_status,
 )
+from receiver.retry import retryable_status
 from tests.fakegitea import FakeGitea, SwaggerValidator, gitea_transport
 
 SHA = "5394cb7f48ab9fd33a7a95f6ee1f7b9c4b2b8a3e"
@@ -172,7 +172,7 @@ async def test_listing_reads_every_page_newest_first() -> None:
     fake = seeded(120)
     client, _ = client_for(fake, url="https://gitea.example.com")
     found: list[CommitStatus] = []
-    for number in range(1, 10):  # as the service pages (status_service._read_commit)
+    for number in range(1, 10):  # as the service pages (status.gitea_view.read_commit)
         page = await client.status_page("eu", "team", "webapp", SHA, number)
         found.extend(page.items)
         if not more_pages(page, len(found)):
@@ -265,6 +265,8 @@ def test_parse_retry_after() -> None:
     assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0
     assert parse_retry_after("soon") is None
     assert retryable_status(429) and retryable_status(599) and not retryable_status(404)
+    assert not retryable_status(501) and not retryable_status(409)
+    assert retryable_status(409, after_reread=True)  # the cluster's conditional patch
 
 
 @pytest.mark.anyio

@@ -10,13 +10,13 @@ from typing import Any
 
 import pytest
 
-from receiver.app import url_normaliser
-from receiver.delivery_state import awaited_source
+from receiver.delivery.state import awaited_source
 from receiver.flux.memory import MemoryCluster
 from receiver.flux.objects import OPTIONAL_KINDS, RECONCILE_ANNOTATION, ObjectKey, helm_chart_of
 from receiver.flux.store import ObjectStore
 from receiver.gitea.payloads import parse_gitea_package
-from receiver.package_routing import PACKAGE_FED_KINDS, plan_package
+from receiver.push.package_routing import PACKAGE_FED_KINDS, plan_package
+from receiver.web.app import url_normaliser
 from tests.conftest import (
     FIXTURES,
     Bridge,
@@ -350,8 +350,9 @@ class _Service:
         return [f"{k.kind}/{k.name}" for k, a in self.bridge.cluster.patches
                 if RECONCILE_ANNOTATION in a]
 
-    def handled(self, kind: str, name: str, ready: bool = True) -> None:
-        """The controller handles our request: Ready (or not), `lastHandledReconcileAt` set."""
+    def handled(self, kind: str, name: str, ready: bool = True, released: str = "") -> None:
+        """The controller handles our request: Ready (or not), `lastHandledReconcileAt` set;
+        a HelmRelease with the chart version it `released`."""
         obj = self.bridge.cluster.store.get(ObjectKey(kind, NS, name))
         assert obj is not None and RECONCILE_ANNOTATION in obj.annotations, (kind, name)
         raw = json.loads(json.dumps(obj.raw))
@@ -359,6 +360,10 @@ class _Service:
             {"type": "Ready", "status": "True" if ready else "False",
              "reason": "Succeeded" if ready else "ArtifactFailed", "message": "done"}],
             "lastHandledReconcileAt": obj.annotations[RECONCILE_ANNOTATION]}
+        if released:
+            raw["status"]["history"] = [{"chartName": "web", "chartVersion": released,
+                                         "status": "deployed"}]
+            raw["status"]["lastAttemptedRevision"] = released
         self.bridge.cluster.apply(raw)
 
     async def states(self) -> dict[str, tuple[str, str]]:
@@ -389,8 +394,11 @@ async def test_a_signed_chart_push_annotates_repository_then_chart_then_release(
     service.handled("HelmChart", GENERATED)
     await until(lambda: service.patched() == ALL,
                 what="the HelmRelease annotated after its HelmChart")
-    service.handled("HelmRepository", "charts")
-    service.handled("HelmRelease", "web")
+    # Handling the request at the old chart version is not the push deployed.
+    service.handled("HelmRelease", "web", released="1.3.0")
+    assert (await service.states())["HelmRelease"][0] != "ready"
+    # A HelmRepository of type oci is never reconciled: it is ready as it is.
+    service.handled("HelmRelease", "web", released="1.4.0")  # the pushed version
     states = await service.settled()
     assert {kind: state for kind, (state, _) in states.items()} == dict.fromkeys(
         ("HelmRepository", "HelmChart", "HelmRelease"), "ready")

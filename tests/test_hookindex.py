@@ -6,13 +6,13 @@ import logging
 
 import pytest
 
-from receiver.app import url_normaliser
 from receiver.flux.memory import MemoryCluster
 from receiver.flux.objects import ObjectKey
 from receiver.flux.store import ObjectStore
-from receiver.hookindex import HookIndex
 from receiver.metrics import Metrics
+from receiver.push.hookindex import HookIndex
 from receiver.signatures import hook_digest
+from receiver.web.app import url_normaliser
 from tests.conftest import FLEET, GITEA_TOKEN, make_settings
 
 pytestmark = pytest.mark.anyio
@@ -48,7 +48,7 @@ async def test_a_blank_token_makes_the_receiver_unusable(
 ) -> None:
     index, cluster, _, metrics = make_index()
     cluster.secrets[SECRET] = {"token": blank}
-    with caplog.at_level(logging.WARNING, logger="receiver.hookindex"):
+    with caplog.at_level(logging.WARNING, logger="receiver.push.hookindex"):
         await index.refresh_all()
     # The path anyone can compute (sha256(name + namespace) for an empty token) leads nowhere.
     token = blank.decode()
@@ -60,7 +60,7 @@ async def test_a_blank_token_makes_the_receiver_unusable(
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and warnings[0].__dict__["receiver"] == str(GITEA)
     # A re-read of the same blank token does not warn again.
-    with caplog.at_level(logging.WARNING, logger="receiver.hookindex"):
+    with caplog.at_level(logging.WARNING, logger="receiver.push.hookindex"):
         await index.refresh(GITEA)
     assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 1
 

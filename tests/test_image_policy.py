@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from receiver.image_policy import excluded_by, expand, go_pattern, latest_tag, policy_takes
+from receiver.push.image_policy import excluded_by, expand, go_pattern, latest_tag, policy_takes
 
 
 def _spec(policy: dict[str, Any], pattern: str = "", extract: str = "") -> dict[str, Any]:

@@ -15,7 +15,7 @@ import kubernetes
 import pytest
 
 from receiver.flux.cluster import ClusterError, NotFound
-from receiver.flux.kube import Backoff, KubeCluster
+from receiver.flux.kube import KubeCluster
 from receiver.flux.objects import (
     API_VERSIONS,
     RECONCILE_ANNOTATION,
@@ -23,6 +23,7 @@ from receiver.flux.objects import (
     ObjectKey,
 )
 from receiver.flux.store import ObjectStore
+from receiver.retry import Backoff
 from tests.kubefake import MERGE_PATCH, FakeKube
 
 GIT = API_VERSIONS["GitRepository"]
@@ -236,7 +237,7 @@ async def test_bookmarks_advance_the_resume_point(
         fake.put(gitrepo("elsewhere"), notify=False)
         fake.send_bookmark()
         # The watch thread has taken the bookmark's resourceVersion as its resume point.
-        await eventually(lambda: [t.resource_version for t in cluster._targets] == [
+        await eventually(lambda: [t.resource_version for t in cluster._watches._targets] == [
             str(fake.resource_version)])
         fake.drop_watches()
         await eventually(lambda: fake.count("watch") == 2)

@@ -8,13 +8,13 @@ import kubernetes
 import pytest
 import yaml
 
-from receiver.app import url_normaliser
 from receiver.flux.cluster import NEGATIVE_SECRET_TTL, ClusterError, NotFound
-from receiver.flux.kube import _cluster_error
+from receiver.flux.kube_api import cluster_error as _cluster_error
 from receiver.flux.memory import MemoryCluster
 from receiver.flux.objects import FluxObject, ObjectKey
 from receiver.flux.revisions import READY, applied_revision, progress_at
 from receiver.flux.store import ObjectStore
+from receiver.web.app import url_normaliser
 from tests.conftest import FLEET, make_settings
 
 pytestmark = pytest.mark.anyio

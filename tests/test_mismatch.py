@@ -6,10 +6,10 @@ from typing import Any
 
 import pytest
 
-from receiver.app import url_normaliser
 from receiver.flux.store import ObjectStore
 from receiver.gitea.payloads import Push
-from receiver.mismatch import HOST_ALIAS_MISSING, OTHER_HOST, OTHER_REPOSITORY, unmatched
+from receiver.push.mismatch import HOST_ALIAS_MISSING, OTHER_HOST, OTHER_REPOSITORY, unmatched
+from receiver.web.app import url_normaliser
 from tests import gitea_payloads as gp
 from tests.conftest import Bridge, BridgeFactory, make_settings
 from tests.test_ingest import post_gitea

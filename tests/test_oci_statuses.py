@@ -21,14 +21,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from receiver import delivery_marks
-from receiver.delivery_record import ROLE_ANNOTATE, ROLE_TRACK, DeliveryRecord, RecordTarget
-from receiver.delivery_state import Timeouts, evaluate, has_push, package_commit
-from receiver.events import FluxEvent, InvolvedObject
+from receiver.delivery import marks as delivery_marks
+from receiver.delivery.package import has_push, package_commit
+from receiver.delivery.record import ROLE_ANNOTATE, ROLE_TRACK, DeliveryRecord, RecordTarget
+from receiver.delivery.state import evaluate
+from receiver.delivery.view import Timeouts
 from receiver.flux.objects import FluxObject, ObjectKey
-from receiver.flux.revisions import FAILED, READY, RECONCILING, TIMED_OUT
-from receiver.giturls import normalise_repo_url
-from receiver.origin import (
+from receiver.flux.origin import (
     consumer_commits,
     event_commit,
     has_pushed_artifact,
@@ -37,18 +36,21 @@ from receiver.origin import (
     package_tag,
     ties_to_artifact,
 )
-from receiver.statuses import (
+from receiver.flux.revisions import FAILED, READY, RECONCILING, TIMED_OUT
+from receiver.giturls import normalise_repo_url
+from receiver.status.decisions import (
     MAPPED,
     NO_COMMIT,
     PENDING,
     SKIPPED,
     SUCCESS,
     UNMAPPED,
-    StatusTemplates,
     desired_after_timeout,
     desired_from_event,
     desired_from_object,
 )
+from receiver.status.flux_events import FluxEvent, InvolvedObject
+from receiver.templates import StatusTemplates
 from tests.conftest import (
     FIXTURES,
     Bridge,

@@ -1,4 +1,4 @@
-"""The OpenAPI document: one source (receiver/openapi.py), served as-is, kept in docs/, and
+"""The OpenAPI document: one source (receiver/web/openapi.py), served as-is, kept in docs/, and
 covering exactly the routes the app has."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from starlette.routing import Match, Route
 
-from receiver import openapi
+from receiver.web import openapi
 from tests.conftest import Bridge
 
 pytestmark = pytest.mark.anyio
@@ -21,7 +21,7 @@ METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")
 
 def test_docs_file_is_what_the_code_builds() -> None:
     assert DOC.read_bytes() == openapi.rendered(), (
-        "docs/openapi.json is stale: python -m receiver.openapi > docs/openapi.json")
+        "docs/openapi.json is stale: python -m receiver.web.openapi > docs/openapi.json")
 
 
 async def test_served_document_is_the_built_one(bridge: Bridge) -> None:

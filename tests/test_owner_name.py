@@ -14,7 +14,7 @@ from receiver import signatures as sig
 from receiver.flux.store import ObjectStore
 from receiver.gitea.payloads import PayloadError, parse_actions_body
 from receiver.giturls import gitea_prefixes, normalise_repo_url
-from receiver.routing import plan_push
+from receiver.push.routing import plan_push
 from tests.conftest import ACTIONS_TOKEN, Bridge, make_settings
 
 SHA = "d" * 40

@@ -11,15 +11,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from receiver.app import url_normaliser
 from receiver.cli import EXIT_OK, main
 from receiver.flux.memory import MemoryCluster
 from receiver.flux.objects import RECONCILE_ANNOTATION, ObjectKey
 from receiver.flux.store import ObjectStore
 from receiver.gitea.payloads import PackagePush, PayloadError, parse_gitea_package
 from receiver.giturls import normalise_oci_url, registry_host
-from receiver.package_routing import chart_version_match, oci_ref_match, plan_package
-from receiver.selector import GITEA_PACKAGE, select_payload
+from receiver.push.package_routing import chart_version_match, oci_ref_match, plan_package
+from receiver.push.selector import GITEA_PACKAGE, select_payload
+from receiver.web.app import url_normaliser
 from tests.conftest import (
     FIXTURES,
     BridgeFactory,

@@ -18,7 +18,7 @@ from receiver.gitea.payloads import (
     parse_actions_body,
     parse_gitea_push,
 )
-from receiver.routing import ancestors
+from receiver.push.routing import ancestors
 from tests import gitea_payloads as gp
 
 SHA = "d" * 40

@@ -3,13 +3,12 @@ evaluations a change causes, time-sliced. Behaviour only; timings are benchmarks
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 import pytest
 
-from receiver import reconcile
-from receiver.deliveries import Delivery
+from receiver.delivery import reconcile
+from receiver.delivery.store import Delivery
 from receiver.flux.objects import ObjectKey
 from receiver.flux.revisions import QUEUED
 from tests import gitea_payloads as gp
@@ -33,7 +32,7 @@ async def test_a_stored_delivery_counts_unrelated_objects_without_listing_them(
 
 
 def test_plan_compact_keeps_the_reply() -> None:
-    from receiver.routing import Plan
+    from receiver.push.routing import Plan
 
     key = ObjectKey("GitRepository", "ns", "other")
     plan = Plan("ns/hook", (), (), (), frozenset({key}))
@@ -43,18 +42,16 @@ def test_plan_compact_keeps_the_reply() -> None:
     assert compact.compact().as_dict() == plan.as_dict()
 
 
-async def test_a_delivery_makes_its_condition_only_when_asked(bridge: Bridge) -> None:
+async def test_a_delivery_takes_a_view_only_when_a_target_changed(bridge: Bridge) -> None:
     r = await post_gitea(bridge, app_push("clusters/eu-west/apps/podinfo.yaml"))
     delivery: Delivery = bridge.parts.deliveries.get(r.json()["delivery"])
-    assert delivery._changed is None
-    version = delivery.version
-    condition = delivery.changed
-    assert isinstance(condition, asyncio.Condition) and delivery.changed is condition
     view = type(delivery.view)(tuple(
         type(t)(t.key, t.role, QUEUED if t.state != QUEUED else "annotated")
         for t in delivery.view.targets))
-    assert await delivery.update(view)
-    assert delivery.version == version + 1
+    assert delivery.update(view) == list(view.targets)
+    assert delivery.view is view
+    same = type(view)(tuple(view.targets))
+    assert delivery.update(same) == [] and delivery.view is view
 
 
 async def test_one_change_evaluates_every_follower_in_slices(bridge: Bridge, monkeypatch: Any) -> None:

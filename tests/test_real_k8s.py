@@ -30,13 +30,14 @@ from kubernetes.dynamic import DynamicClient
 from kubernetes.dynamic.exceptions import NotFoundError
 
 from receiver import signatures as sig
-from receiver.app import create_app, url_normaliser
 from receiver.config import Settings, load_settings
-from receiver.delivery_marks import DELIVERIES_ANNOTATION
+from receiver.delivery.marks import DELIVERIES_ANNOTATION
 from receiver.flux.cluster import ClusterError
-from receiver.flux.kube import Backoff, KubeCluster
+from receiver.flux.kube import KubeCluster
 from receiver.flux.objects import RECONCILE_ANNOTATION, ObjectKey
 from receiver.flux.store import ObjectStore
+from receiver.retry import Backoff
+from receiver.web.app import create_app, url_normaliser
 from tests import gitea_payloads as gp
 from tests.realk8s import ROOT, ControlPlane, control_plane, load_yaml_dir  # noqa: F401
 
@@ -455,7 +456,7 @@ async def test_cluster_wide_caches_sync_and_the_lease_is_acquired(
         ready = await bridge.wait_ready()
         assert ready["status"] == "ready"
         assert bridge.cluster.sync_errors == {}
-        holder = bridge.app.state.parts.statuses._holder
+        holder = bridge.app.state.parts.statuses.holder
 
         def lease_holder() -> str | None:
             lease = admin.custom.get_namespaced_custom_object(
@@ -647,7 +648,7 @@ async def test_namespaced_install_syncs_its_namespaces_only(
         keys = {obj.key for obj in bridge.cluster.store.list("Kustomization", None)}
         assert keys == {ObjectKey("Kustomization", ns, n) for ns in WATCHED
                         for n in ("apps", "infra")}
-        holder = bridge.app.state.parts.statuses._holder
+        holder = bridge.app.state.parts.statuses.holder
         await eventually("the namespaced bridge to hold its Lease", lambda: _ignore_404(
             lambda: admin.custom.get_namespaced_custom_object(
                 "coordination.k8s.io", "v1", RELEASE_NS, "leases", SCOPED_LEASE

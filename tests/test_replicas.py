@@ -14,11 +14,11 @@ import httpx
 import pytest
 
 from receiver import signatures as sig
-from receiver.app import create_app, url_normaliser
-from receiver.delivery_marks import DELIVERIES_ANNOTATION
+from receiver.delivery.marks import DELIVERIES_ANNOTATION
 from receiver.flux.memory import MemoryCluster
 from receiver.flux.objects import RECONCILE_ANNOTATION, ObjectKey
 from receiver.flux.store import ObjectStore
+from receiver.web.app import create_app, url_normaliser
 from tests import gitea_payloads as gp
 from tests.conftest import ACTIONS_TOKEN, FLEET, GITEA_TOKEN, make_settings, until
 

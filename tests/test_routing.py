@@ -12,7 +12,7 @@ from receiver.flux.objects import ObjectKey
 from receiver.flux.store import ObjectStore
 from receiver.gitea.payloads import Push, parse_actions_body, parse_gitea_push
 from receiver.giturls import normalise_repo_url
-from receiver.routing import PHASE_SOURCE, Plan, plan_push, ref_match
+from receiver.push.routing import PHASE_SOURCE, Plan, plan_push, ref_match
 from tests import gitea_payloads as gp
 
 FLEET = Path(__file__).parent / "fixtures" / "fleet"

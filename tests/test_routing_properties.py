@@ -12,8 +12,8 @@ from receiver.flux.objects import ObjectKey
 from receiver.flux.store import ObjectStore
 from receiver.gitea.payloads import Push
 from receiver.giturls import normalise_repo_url
-from receiver.resources import resolve_resources
-from receiver.routing import plan_push
+from receiver.push.resources import resolve_resources
+from receiver.push.routing import plan_push
 
 FLEET = Path(__file__).parent / "fixtures" / "fleet"
 STORE = ObjectStore(lambda url: normalise_repo_url(url, {}))

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from receiver import signatures as sig
 from receiver.cli import EXIT_OK, EXIT_PAYLOAD, main
-from receiver.selector import (
+from receiver.push.selector import (
     ACTIONS_BODY,
     GITEA_OTHER,
     GITEA_PUSH,

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from receiver.semver import (
+from receiver.push.semver import (
     MAX_CONSTRAINT_LENGTH,
     ConstraintError,
     Version,

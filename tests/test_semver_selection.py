@@ -16,8 +16,8 @@ from receiver.flux.memory import MemoryCluster
 from receiver.flux.store import ObjectStore
 from receiver.gitea.payloads import parse_gitea_push
 from receiver.giturls import normalise_repo_url
-from receiver.routing import plan_push
-from receiver.semver import (
+from receiver.push.routing import plan_push
+from receiver.push.semver import (
     ConstraintError,
     Version,
     artifact_tag,

@@ -34,7 +34,7 @@ def test_defaults_and_what_uvicorn_gets() -> None:
 
 def test_serve_passes_the_limits_to_uvicorn(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from receiver import logs
-    from receiver.drain import DrainingServer
+    from receiver.web.drain import DrainingServer
 
     seen: dict[str, Any] = {}
 

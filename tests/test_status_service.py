@@ -24,10 +24,9 @@ from hypothesis import strategies as st
 from starlette.applications import Starlette
 from starlette.routing import Route
 
-from receiver.badges import mint_badge_token
 from receiver.config import ConfigError, Settings, StatusConfig, load_settings
-from receiver.deliveries import Delivery, record_targets
-from receiver.delivery_record import DeliveryRecord
+from receiver.delivery.record import DeliveryRecord
+from receiver.delivery.store import Delivery, record_targets
 from receiver.flux.memory import MemoryCluster
 from receiver.flux.objects import ObjectKey
 from receiver.flux.revisions import READY, RECONCILING, TIMED_OUT
@@ -35,10 +34,12 @@ from receiver.flux.store import ObjectStore
 from receiver.gitea.payloads import Push
 from receiver.giturls import normalise_repo_url
 from receiver.metrics import Metrics
-from receiver.routing import Plan, Target
+from receiver.push.routing import Plan, Target
 from receiver.signatures import hmac_hex, hook_digest
-from receiver.status_service import StatusService, backoff_delay
-from receiver.statuses import describe, gitea_state
+from receiver.status.badges import mint_badge_token
+from receiver.status.decisions import describe, gitea_state
+from receiver.status.service import StatusService
+from receiver.web.app import status_endpoints
 from tests import gitea_payloads as gp
 from tests.conftest import GITEA_TOKEN as RECEIVER_TOKEN
 from tests.conftest import make_settings as app_settings
@@ -149,9 +150,10 @@ def fast(service: StatusService) -> StatusService:
 
 
 def http_client(service: StatusService) -> httpx.AsyncClient:
+    events, badge = status_endpoints(service)
     app = Starlette(routes=[
-        Route("/events", service.handle_event, methods=["POST"]),
-        Route("/badge/{path:path}", service.badge, methods=["GET"]),
+        Route("/events", events.handle, methods=["POST"]),
+        Route("/badge/{path:path}", badge.handle, methods=["GET"]),
     ])
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://bridge")
 
@@ -649,13 +651,6 @@ async def test_retries_stop_at_max_attempts() -> None:
         await eventually(lambda: r.metric("gfb_statuses_total", result="failed") == 1)
         assert r.metric("gfb_statuses_total", result="retried") == 2
         assert len(r.gitea.fail) == 7
-
-
-def test_backoff_grows_with_jitter_and_is_capped() -> None:
-    assert backoff_delay(1, 1.0, 30.0, lambda: 0.0) == 0.5
-    assert backoff_delay(1, 1.0, 30.0, lambda: 1.0) == 1.0
-    assert backoff_delay(4, 1.0, 30.0, lambda: 1.0) == 8.0
-    assert backoff_delay(20, 1.0, 30.0, lambda: 1.0) == 30.0
 
 
 @pytest.mark.anyio

@@ -12,11 +12,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from receiver.events import parse_event
 from receiver.flux.objects import FluxObject
 from receiver.giturls import normalise_host, normalise_repo_url
-from receiver.statuses import (
-    CONTEXT_FIELDS,
+from receiver.status.decisions import (
     DESCRIPTION_LIMIT,
     ELLIPSIS,
     ERROR,
@@ -28,13 +26,10 @@ from receiver.statuses import (
     SKIPPED,
     STATE_TABLE,
     SUCCESS,
-    TARGET_URL_FIELDS,
     UNMAPPED,
     WARNING,
     DesiredStatus,
     Seen,
-    StatusTemplates,
-    check_template,
     comparable,
     describe,
     desired_after_timeout,
@@ -52,12 +47,13 @@ from receiver.statuses import (
     reason_words,
     recall,
     recall_for_event,
-    render,
     repo_ref,
     resync_schedule,
     same_status,
     truncate,
 )
+from receiver.status.flux_events import parse_event
+from receiver.templates import CONTEXT_FIELDS, TARGET_URL_FIELDS, StatusTemplates, check_template, render
 
 EVENTS = Path(__file__).parent / "fixtures" / "events"
 SHA = "5394cb7f48ab9fd33a7a95f6ee1f7b9c4b2b8a3e"
@@ -435,7 +431,7 @@ def test_inputs_are_not_mutated() -> None:
 
 
 def test_descriptions_of_repeated_build_failures_do_not_differ_by_temp_dir() -> None:
-    from receiver.statuses import describe
+    from receiver.status.decisions import describe
 
     first = describe("BuildFailed", "kustomize build failed: /tmp/kustomization-3186746475/apps/x.yaml: bad")
     again = describe("BuildFailed", "kustomize build failed: /tmp/kustomization-99/apps/x.yaml: bad")

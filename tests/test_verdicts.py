@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from receiver import signatures as sig
-from receiver.delivery_state import DeliveryView, TargetView
+from receiver.delivery.view import DeliveryView, TargetView
 from receiver.flux.objects import ObjectKey
 from tests import gitea_payloads as gp
 from tests.conftest import GITEA_TOKEN, HMAC_TOKEN, Bridge, make_settings, settled_delivery, until

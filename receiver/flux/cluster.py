@@ -7,11 +7,12 @@ in tests) and `kube.KubeCluster` (the official client, list+watch). Both keep th
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Protocol
 
 from receiver.flux.objects import FluxObject, ObjectKey
 from receiver.flux.store import ObjectStore
+from receiver.retry import retryable_status
 
 
 class ClusterError(Exception):
@@ -33,24 +34,42 @@ class NotFound(ClusterError):
 NEGATIVE_SECRET_TTL = 5.0
 
 
-def retryable_status(status: int) -> bool:
-    """Which API answers are worth another try: conflicts, throttling and server errors."""
-    return status in (409, 429) or status >= 500
-
-
 def error_for_status(message: str, status: int) -> ClusterError:
     """The error an API answer maps to, for every backend: 404 is NotFound."""
     if status == 404:
         return NotFound(message)
-    return ClusterError(message, status=status, retryable=retryable_status(status))
+    return ClusterError(message, status=status, retryable=retryable_status(status, after_reread=True))
+
+
+# observe(call, seconds, error): told of every API call, from whichever thread made it.
+Observer = Callable[[str, float, bool], None]
 
 
 class Cluster(Protocol):
+    """The port every cluster backend fills: the Kubernetes API (`kube`) or manifests
+    (`memory`). What the app reads of a backend is here, nothing found by `hasattr`."""
+
     store: ObjectStore
+    observe: Observer | None  # set by the app; a backend without API calls never calls it
 
     @property
     def synced(self) -> bool:
         """True once every watched kind has been listed at least once."""
+        ...
+
+    @property
+    def sync_errors(self) -> dict[str, str]:
+        """The list/watch streams failing now, by label; empty when none (or no watches)."""
+        ...
+
+    @property
+    def not_installed(self) -> list[str]:
+        """Optional kinds whose CRD the cluster does not serve."""
+        ...
+
+    @property
+    def not_permitted(self) -> list[str]:
+        """Optional kinds the bridge's RBAC may not list or watch."""
         ...
 
     async def start(self) -> None: ...

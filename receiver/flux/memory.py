@@ -15,12 +15,14 @@ import base64
 import copy
 import time
 from collections.abc import Callable, Iterable, Mapping
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from receiver.flux.cluster import NEGATIVE_SECRET_TTL, NotFound, error_for_status
+from receiver.flux import lease
+from receiver.flux.cluster import NEGATIVE_SECRET_TTL, NotFound, Observer, error_for_status
 from receiver.flux.objects import (
     ANNOTATE_ONLY_KINDS,
     API_VERSIONS,
@@ -76,7 +78,11 @@ class MemoryCluster:
         self.clock = clock
         self._secret_cache: dict[tuple[str, str], tuple[float, dict[str, bytes] | None]] = {}
         self.fail_next_patches: list[int] = []  # HTTP-like statuses to fail the next patches with
-        self._leases: dict[str, tuple[str, float]] = {}
+        self._leases: dict[str, dict[str, Any]] = {}  # name -> Lease spec
+        self.observe: Observer | None = None  # no API calls to report
+        self.sync_errors: dict[str, str] = {}
+        self.not_installed: list[str] = []
+        self.not_permitted: list[str] = []
         self._version = 0
         self._synced = False
 
@@ -159,12 +165,13 @@ class MemoryCluster:
         return self.store.get(key)
 
     async def try_acquire_lease(self, name: str, holder: str, duration_seconds: int) -> bool:
-        now = time.monotonic()
-        current = self._leases.get(name)
-        if current is None or current[0] == holder or current[1] < now:
-            self._leases[name] = (holder, now + duration_seconds)
-            return True
-        return False
+        """The same decision as the kube backend's (`lease.next_spec`), on a spec kept here."""
+        spec = lease.next_spec(self._leases.get(name), holder, duration_seconds,
+                               datetime.now(UTC))
+        if spec is None:
+            return False
+        self._leases[name] = spec
+        return True
 
     # -- playing Flux in tests -----------------------------------------------------------------
 

@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass
 
 from receiver.flux.objects import FluxObject
+from receiver.times import epoch_seconds
 
 _HEX = re.compile(r"^(?:[0-9a-f]{40}|[0-9a-f]{64})$")
 HELM_REVISION_META = re.compile(r"\+([0-9a-f]{12})(?:\.\d+)?$")
@@ -59,6 +60,12 @@ _FAILURE_REASONS = frozenset({
     "UninstallFailed", "RetriesExceeded", "Remediated", "FetchFailed", "GitOperationFailed",
     "StorageOperationFailed", "InvalidChartReference", "AccessDenied", "InvalidPath",
 })
+
+
+# Stalled reasons that only say the controller gave up retrying (helm-controller, once a
+# release's remediation retries are used up): the failure itself is in Ready, e.g.
+# UpgradeFailed with Helm's error, and that is what a reader needs to see.
+_GAVE_UP_REASONS = frozenset({"RetriesExceeded"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,7 +156,16 @@ def progress_at(obj: FluxObject, sha: str, here: tuple[bool, bool] | None = None
         return Progress(READY, reason, message)
     stalled = obj.condition("Stalled") or {}
     if stalled.get("status") == "True" and attempted_here:
+        if stalled.get("reason") in _GAVE_UP_REASONS and status == "False" and reason:
+            return Progress(FAILED, reason, message)
         return Progress(FAILED, str(stalled.get("reason", reason)), str(stalled.get("message", "")))
     if status == "False" and attempted_here and reason in _FAILURE_REASONS:
         return Progress(FAILED, reason, message)
     return Progress(RECONCILING, reason, message)
+
+
+def handled_since(obj: FluxObject, since: float) -> bool:
+    """Has the controller handled a reconcile request made at or after `since` (unix)?"""
+    handled = obj.status.get("lastHandledReconcileAt")
+    stamp = epoch_seconds(handled)
+    return stamp is not None and stamp >= since - 0.001

@@ -24,6 +24,8 @@ import httpx
 
 from receiver import __version__
 from receiver.config import GiteaInstance, SecretSource
+from receiver.retry import retryable_status
+from receiver.times import epoch_seconds
 
 USER_AGENT = f"gitea-flux-bridge/{__version__}"
 # Gitea caps a page at [api] MAX_RESPONSE_ITEMS, 50 by default (without `limit` it sends
@@ -92,31 +94,17 @@ class CommitStatus:
             target_url=text("target_url"),
             context=text("context"),
             id=ident if isinstance(ident, int) else 0,
-            at=parse_time(doc.get("updated_at")) or parse_time(doc.get("created_at")),
+            at=(_positive(epoch_seconds(doc.get("updated_at")))
+                or _positive(epoch_seconds(doc.get("created_at")))),
         )
 
 
-def parse_time(value: Any) -> float | None:
-    """An RFC 3339 time as Gitea writes it, as epoch seconds; None if absent or unreadable."""
-    if not isinstance(value, str) or not value.strip():
-        return None
-    try:
-        moment = datetime.fromisoformat(value.strip())
-    except ValueError:
-        return None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    seconds = moment.timestamp()
-    return seconds if seconds > 0 else None
+def _positive(seconds: float | None) -> float | None:
+    return seconds if seconds is not None and seconds > 0 else None
 
 
 def status_path(owner: str, repo: str, sha: str) -> str:
     return f"repos/{quote(owner, safe='')}/{quote(repo, safe='')}/statuses/{quote(sha, safe='')}"
-
-
-def retryable_status(status: int) -> bool:
-    """429 (throttled) and 5xx except 501 are worth another try; other answers will not change."""
-    return status == 429 or (status >= 500 and status != 501)
 
 
 def parse_retry_after(value: str | None) -> float | None:

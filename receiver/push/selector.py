@@ -1,0 +1,125 @@
+"""Which push, if any, an authenticated body describes. Pure; the service and `plan` share it.
+
+notification-controller checks a request's signature and then reconciles every object its
+Receiver lists, whatever the body says. The bridge reads more out of a body only when the body
+has the shape of a push, and decides that by the body alone, never by headers or Receiver type:
+
+* a **Gitea push payload**: a JSON object carrying a push's own fields (`after`, `commits`,
+  `head_commit`; what Gitea's PushPayload has and its other events lack);
+* an **Actions body**: a JSON object naming a commit (`sha`) whose `repository` is a string, the
+  bridge's own small format (a Gitea `create` or `release` event has a `sha` too, but its
+  `repository` is an object: another Gitea event, no push details);
+* a **Gitea package event**: a JSON object with a `package` object and none of a push's
+  keys (Gitea's PackagePayload: a container or Helm version pushed to, or deleted from, its
+  registry); routed by `receiver.push.package_routing`;
+* anything else (empty, `{}`, `{"action": "deploy"}`, a non-object, not JSON at all) carries
+  **no push details**: every listed object is reconciled, sources first, as Flux does, and the
+  reply says why.
+
+Refusals are only those Flux makes too, or a body that claims to be a push and contradicts
+itself (a push without a repository, a commit id that is not one, a field over its limit):
+* on a `github` Receiver, Flux parses the body as a GitHub webhook (go-github `ParseWebHook`),
+  so a body that is not JSON (400) or not a JSON object (422) is refused there as well;
+* `generic` and `generic-hmac` Receivers take any bytes, as Flux's do.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from receiver.gitea.payloads import (
+    PackagePush,
+    PayloadError,
+    Push,
+    parse_actions_body,
+    parse_gitea_package,
+    parse_gitea_push,
+)
+
+# Keys only a Gitea (or GitHub) push payload has; a `create` or `release` event body has none.
+PUSH_KEYS = frozenset({"after", "commits", "head_commit"})
+# Receiver types whose Flux handler parses the body and refuses what is not a webhook object.
+PARSING_TYPES = frozenset({"github"})
+
+GITEA_PUSH = "gitea-push"
+ACTIONS_BODY = "actions-body"
+GITEA_PACKAGE = "gitea-package"
+GITEA_OTHER = "gitea-other"  # another Gitea event (create, release, ...): no push details
+NO_DETAILS = "none"
+
+
+class PayloadRefused(ValueError):
+    """The body is refused: `status` is the HTTP answer, `outcome` the metric label."""
+
+    def __init__(self, status: int, message: str, outcome: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.outcome = outcome
+
+
+@dataclass(frozen=True, slots=True)
+class Selection:
+    """What the body was read as. `push` is None exactly when it carries no push details,
+    and then `note` says why (it goes into the reply and every target's reason)."""
+
+    shape: str  # GITEA_PUSH, ACTIONS_BODY, GITEA_PACKAGE, GITEA_OTHER or NO_DETAILS
+    push: Push | None
+    note: str = ""
+    package: PackagePush | None = None  # set exactly for GITEA_PACKAGE
+
+
+def _load(document: bytes) -> tuple[bool, Any]:
+    try:
+        return True, json.loads(document)
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        return False, None
+
+
+def shape_of(doc: Any) -> str:
+    """The shape of an already decoded JSON document."""
+    if not isinstance(doc, dict):
+        return NO_DETAILS
+    if PUSH_KEYS & doc.keys():
+        return GITEA_PUSH
+    if isinstance(doc.get("package"), dict):
+        return GITEA_PACKAGE
+    if isinstance(doc.get("repository"), dict):
+        return GITEA_OTHER
+    if "sha" in doc:
+        return ACTIONS_BODY
+    return NO_DETAILS
+
+
+def select_payload(receiver_type: str, document: bytes) -> Selection:
+    """Read `document` (the bytes the sender signed: the raw body, or a form's decoded
+    `payload` field) for a Receiver of `receiver_type`. Raises PayloadRefused."""
+    if not document.strip():
+        return Selection(NO_DETAILS, None, "no push details: the body is empty")
+    parsed, doc = _load(document)
+    if not parsed:
+        if receiver_type in PARSING_TYPES:
+            raise PayloadRefused(400, "body is not valid JSON", "bad_json")
+        return Selection(NO_DETAILS, None, "no push details: the body is not JSON")
+    if doc is None:  # `null` decodes into any Go struct too
+        return Selection(NO_DETAILS, None, "no push details: the body is null")
+    if not isinstance(doc, dict):
+        if receiver_type in PARSING_TYPES:
+            raise PayloadRefused(422, "payload must be a JSON object", "unprocessable")
+        return Selection(NO_DETAILS, None, "no push details: the body is not a JSON object")
+    shape = shape_of(doc)
+    try:
+        if shape == GITEA_PUSH:
+            return Selection(shape, parse_gitea_push(doc))
+        if shape == ACTIONS_BODY:
+            return Selection(shape, parse_actions_body(doc))
+        if shape == GITEA_PACKAGE:
+            return Selection(shape, None, package=parse_gitea_package(doc))
+    except PayloadError as exc:
+        raise PayloadRefused(422, str(exc), "unprocessable") from None
+    if shape == GITEA_OTHER:
+        return Selection(shape, None, "no push details: a Gitea event other than a push")
+    return Selection(NO_DETAILS, None,
+                     "no push details: the body is neither a Gitea push nor an Actions body")

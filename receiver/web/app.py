@@ -1,0 +1,209 @@
+"""The Starlette application: routes, lifespan, wiring. No decisions live here."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import gc
+import logging
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+
+from receiver import signatures
+from receiver.config import Settings
+from receiver.delivery.ancestry import Ancestry
+from receiver.delivery.reconcile import Reconciler
+from receiver.delivery.store import DeliveryStore
+from receiver.flux.cluster import Cluster
+from receiver.flux.objects import ObjectKey
+from receiver.giturls import normalise_aliases, normalise_oci_url, normalise_repo_url
+from receiver.metrics import Metrics
+from receiver.push.hookindex import HookIndex
+from receiver.status.service import StatusService
+from receiver.web import openapi
+from receiver.web.badge import BadgeEndpoint
+from receiver.web.drain import CloseWhileDraining, Drain
+from receiver.web.events import EventsEndpoint
+from receiver.web.http import BodyDeadline, BodyTimeout, body_timeout, client_disconnected, error
+from receiver.web.ingest import IngestService
+from receiver.web.readiness import Health, readiness
+
+log = logging.getLogger(__name__)
+
+
+def url_normaliser(settings: Settings) -> Callable[[str], str | None]:
+    """The one URL normaliser of a running service: aliases applied, results memoised
+    (pushes name the same few repositories over and over)."""
+    aliases = normalise_aliases(settings.host_aliases)
+
+    @functools.lru_cache(maxsize=8192)
+    def normalise(url: str) -> str | None:
+        if url[:6].lower() == "oci://":
+            return normalise_oci_url(url, aliases)
+        return normalise_repo_url(url, aliases)
+
+    return normalise
+
+
+@dataclass
+class Components:
+    settings: Settings
+    cluster: Cluster
+    metrics: Metrics
+    hooks: HookIndex
+    deliveries: DeliveryStore
+    reconciler: Reconciler
+    ingest: IngestService
+    statuses: StatusService
+    events: EventsEndpoint
+    badge: BadgeEndpoint
+    drain: Drain
+    ancestry: Ancestry | None = None
+    # Said in every /readyz answer (e.g. that Flux is simulated): what an operator must know.
+    notes: dict[str, str] = field(default_factory=dict)
+
+
+def build(settings: Settings, cluster: Cluster, **status_kwargs: Any) -> Components:
+    metrics = Metrics()
+    # The Kubernetes backend reports every API call (list, watch, get, patch, lease).
+    def observe(call: str, seconds: float, failed: bool) -> None:
+        metrics.kube_latency.labels(call, str(failed).lower()).observe(seconds)
+
+    cluster.observe = observe
+    hooks = HookIndex(cluster, metrics=metrics)
+    cluster.store.subscribe(hooks.on_store_change)
+    deliveries = DeliveryStore(settings.deliveries.max_count, settings.deliveries.max_age_seconds)
+    # Marks must outlive every repeat we promise to refuse: Gitea redeliveries and signatures.
+    keep_marks = max(settings.delivery_dedupe_seconds, signatures.TIMESTAMP_TOLERANCE_SECONDS * 2)
+    reconciler = Reconciler(cluster, deliveries, settings.reconcile, metrics, settings.cluster_name,
+                            keep_marks_seconds=keep_marks)
+    ingest = IngestService(settings, cluster, hooks, reconciler, deliveries, metrics)
+    statuses = StatusService(settings, cluster, metrics, **status_kwargs)
+    ingest.push_listeners.append(statuses.on_push_routed)
+    reconciler.listeners.append(statuses.on_target_changed)
+
+    def history_answered(key: ObjectKey) -> None:
+        reconciler.reevaluate_following(key)
+        ingest.changes.touch(key)
+
+    # Only a configured Gitea can say whether a later commit contains a pushed one.
+    ancestry = Ancestry(statuses.ask_contains, history_answered) if settings.gitea else None
+    if ancestry is not None:
+        reconciler.contains = ancestry.contains
+    events, badge = status_endpoints(statuses)
+    return Components(settings, cluster, metrics, hooks, deliveries, reconciler, ingest, statuses,
+                      events, badge, Drain(), ancestry)
+
+
+def status_endpoints(statuses: StatusService) -> tuple[EventsEndpoint, BadgeEndpoint]:
+    """`POST /events` and `GET /badge/...` over the status side's parts."""
+    return (EventsEndpoint(statuses.settings, statuses.templates, statuses.locator,
+                           statuses.secrets, statuses.queue, statuses.metrics),
+            BadgeEndpoint(statuses.settings, statuses.cluster, statuses.secrets))
+
+
+def create_app(settings: Settings, cluster: Cluster, **status_kwargs: Any) -> Starlette:
+    parts = build(settings, cluster, **status_kwargs)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await cluster.start()
+        await parts.hooks.refresh_all()
+        # The cache is long-lived: keep the cyclic GC from walking it on every full collection
+        # (a full pass over 10,000+ objects is a latency spike on the hook path).
+        gc.collect()
+        gc.freeze()
+        # Deliveries allocate many small containers. Measured (docs/benchmarks.md §1b), at a
+        # fixed half of saturation: p99 7.7 ms with these thresholds, 43 ms with the default
+        # (700, 10, 10), whose more frequent full collections walk every delivery in flight.
+        gc.set_threshold(50_000, 20, 20)
+        await parts.statuses.start()
+        log.info("gitea-flux-bridge started", extra={
+            "cluster": settings.cluster_name, "objects": len(cluster.store),
+            "receivers": len(parts.hooks)})
+        try:
+            yield
+        finally:
+            # Shutdown without a drain (tests, a server that got no signal): waits end now.
+            parts.drain.begin("shutting_down")
+            await parts.statuses.stop(settings.shutdown.flush_seconds)
+            await parts.reconciler.stop()
+            if parts.ancestry is not None:
+                await parts.ancestry.stop()
+            await cluster.stop()
+
+    async def healthz(request: Request) -> Response:
+        return PlainTextResponse("ok")
+
+    indexed_once = False
+
+    async def readyz(request: Request) -> Response:
+        nonlocal indexed_once
+        first_indexing = not indexed_once and parts.hooks.indexing
+        health = Health(
+            draining=parts.drain.draining, synced=cluster.synced,
+            failing_watches=cluster.sync_errors, first_indexing=first_indexing,
+            unreadable_secrets=(await parts.statuses.unreadable_secrets()
+                                if cluster.synced and not cluster.sync_errors else {}),
+            objects=len(cluster.store), receivers=len(parts.hooks),
+            not_installed=cluster.not_installed, not_permitted=cluster.not_permitted,
+            unusable_receivers=parts.hooks.unusable(), notes=parts.notes)
+        status, body = readiness(health)
+        if cluster.synced and not cluster.sync_errors and not first_indexing:
+            indexed_once = True
+        return JSONResponse(body, status_code=status)
+
+    async def metrics(request: Request) -> Response:
+        parts.metrics.status_queue_depth.set(parts.statuses.queue_depth)
+        parts.metrics.cache_synced.set(1 if cluster.synced else 0)
+        parts.metrics.watches_failing.set(len(cluster.sync_errors))
+        parts.metrics.kinds_not_installed.set(len(cluster.not_installed))
+        parts.metrics.kinds_not_permitted.set(len(cluster.not_permitted))
+        return Response(generate_latest(parts.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    async def openapi_json(request: Request) -> Response:
+        return Response(openapi.rendered(), media_type="application/json")
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        response = error(exc.status_code, str(exc.detail).lower())
+        # A 405 carries `Allow` (RFC 9110 requires it); keep whatever headers Starlette set.
+        response.headers.update(exc.headers or {})
+        return response
+
+    async def unhandled(request: Request, exc: Exception) -> Response:
+        # Never a traceback to the client; the log line carries the type, not the request body.
+        log.error("unhandled error", exc_info=exc)
+        return error(500, "internal error")
+
+    routes = [
+        Route("/hook/{digest}", parts.ingest.hook, methods=["POST"]),
+        Route("/deliveries/{id}", parts.ingest.delivery, methods=["GET"]),
+        Route("/events", parts.events.handle, methods=["POST"]),
+        Route("/badge/{path:path}", parts.badge.handle, methods=["GET"]),
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/readyz", readyz, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+        Route("/openapi.json", openapi_json, methods=["GET"]),
+    ]
+    app = Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        middleware=[Middleware(CloseWhileDraining, drain=parts.drain),
+                    Middleware(BodyDeadline, seconds=settings.server.body_timeout_seconds)],
+        exception_handlers={HTTPException: http_error, ClientDisconnect: client_disconnected,
+                            BodyTimeout: body_timeout, Exception: unhandled},
+    )
+    # A POST to /hook/<digest>/ must not be redirected: Gitea would not follow it.
+    app.router.redirect_slashes = False
+    app.state.parts = parts
+    return app
