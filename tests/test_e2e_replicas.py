@@ -505,9 +505,9 @@ def _resyncs(env: Replicas, since: float) -> list[tuple[float, str]]:
 
 def test_one_resync_leader_over_a_window_and_one_successor_when_it_dies(replicas: Replicas
                                                                         ) -> None:
-    """Three replicas: over RESYNC_ROUNDS resync runs exactly one of them holds the Lease, says
-    it leads and runs the resync; killed (-9), exactly one other takes over, and from then on
-    only that one runs it."""
+    """Three replicas: once one leads, over RESYNC_ROUNDS resync runs exactly one of them holds
+    the Lease, says it leads and runs the resync; killed (-9), exactly one other takes over,
+    and from then on only that one runs it."""
     env = replicas
     extra = env.spawn()  # a third candidate, so that a successor is a choice between two
     env.replicas.append(extra)
@@ -521,6 +521,9 @@ def test_one_resync_leader_over_a_window_and_one_successor_when_it_dies(replicas
         samples.append(found)
         return found
 
+    # A test before may have ended the leader: the window starts once one replica leads.
+    wait_until("one replica to lead", lambda: len(sample("settling").claims) == 1, 60,
+               interval=SAMPLE_INTERVAL)
     started = time.time()
     # Sampled until the leader has run the resync RESYNC_ROUNDS times (a condition, bounded).
     wait_until(f"{RESYNC_ROUNDS} resync runs", lambda: (
