@@ -118,9 +118,9 @@ PUSH_RATE = 5.0  # at most this many pushes per second (each is a new commit: Gi
 MAX_PUSHES = 400  # the stream's hard bound
 PUSH_ATTEMPTS = 5  # a sender's tries for one push; only 503 is retried
 LAG_PUSHES = 4  # pushes sent after a new replica joins the proxy, before the next is replaced
-# After a replica's SIGTERM the proxy still sends it traffic (the endpoints lag behind the
-# deletion) until it has accepted DRAIN_PUSHES pushes, or DRAIN_LAG seconds at most: well
-# within its drain period (shutdown.drain_seconds, 5 s), during which it still serves.
+# After a replica's SIGTERM the stream's pushes still go to it (the endpoints lag behind the
+# deletion: clients still reach it) until it has accepted DRAIN_PUSHES pushes, or DRAIN_LAG
+# seconds at most: within its drain period (shutdown.drain_seconds, 5 s), while it serves.
 DRAIN_PUSHES = 3
 DRAIN_LAG = 3.5
 FOLLOW_SECONDS = 180.0  # a pushed delivery's whole follow (GET ?wait=, asked again as needed)
@@ -1148,9 +1148,10 @@ class PushResult:
 
 class PushStream:
     """A stream of new commits on branch rollout: each made in Gitea, then pushed (signed) to
-    the rollout Receiver through the proxy, retried on 503 (and only on 503) like notify-flux
-    does, signed afresh each time; once accepted, followed through the proxy to its outcome
-    with `GET /deliveries/{id}?wait=`, as the CI job would."""
+    the rollout Receiver through the proxy (or to a draining replica, while the endpoints lag:
+    `lag`), retried on 503 (and only on 503) like notify-flux does, signed afresh each time;
+    once accepted, followed through the proxy to its outcome with `GET /deliveries/{id}?wait=`,
+    as the CI job would."""
 
     def __init__(self, env: Replicas) -> None:
         self.env = env
@@ -1160,6 +1161,7 @@ class PushStream:
         self.sent = 0
         self.started = 0.0
         self.errors: list[str] = []
+        self.direct: BridgeProcess | None = None  # a draining replica pushes still go to
         self._stop = threading.Event()
         self._lock = threading.Lock()
         # One worker per push: each one pushes and then follows its delivery to the end.
@@ -1201,13 +1203,15 @@ class PushStream:
                        "X-Signature": sig.sign_timestamped(self.token, body, signed_at),
                        "X-Test-Id": f"push-{result.index}-{attempt}"}
             at = time.monotonic() - self.started
+            direct = self.direct
             try:
-                response = self._client.post(self.env.proxy.url + self.hook, content=body,
-                                             headers=headers)
+                response = self._client.post(
+                    (direct.url if direct is not None else self.env.proxy.url) + self.hook,
+                    content=body, headers=headers)
             except httpx.HTTPError as exc:
                 result.attempts.append((at, type(exc).__name__, "-"))
                 return
-            replica = self.env.name(upstream_port(
+            replica = self.env.name(direct.port if direct is not None else upstream_port(
                 {"upstream": response.headers.get("x-upstream", "")}))
             result.attempts.append((at, str(response.status_code), replica))
             if response.status_code == 202:
@@ -1231,17 +1235,24 @@ class PushStream:
         return sum(1 for r in results for at, answer, name in list(r.attempts)
                    if name == replica and answer == "202" and at >= since)
 
-    def lag(self, old: str, mark: Callable[[str], None]) -> None:
-        """The proxy's lag behind a replica's SIGTERM (`old`: until it has taken DRAIN_PUSHES
-        pushes, DRAIN_LAG seconds at most), or behind a new replica (LAG_PUSHES more pushes)."""
-        if not old:
+    def lag(self, old: BridgeProcess | None, mark: Callable[[str], None]) -> None:
+        """The endpoints' lag behind a replica's SIGTERM (`old`): the stream's pushes go to it
+        until it has taken DRAIN_PUSHES, DRAIN_LAG seconds at most; or behind a new replica
+        (`None`): LAG_PUSHES more pushes through the proxy."""
+        if old is None:
             self.wait_sent(LAG_PUSHES)
             return
+        name = self.env.name(old.port)
         since = time.monotonic() - self.started
-        with contextlib.suppress(ControlPlaneError):  # the bound is the drain, not a failure
-            wait_until(f"{old} to take {DRAIN_PUSHES} pushes while draining",
-                       lambda: self.taken_by(old, since) >= DRAIN_PUSHES, DRAIN_LAG, interval=0.05)
-        mark(f"{old} took {self.taken_by(old, since)} pushes while draining")
+        self.direct = old
+        try:
+            with contextlib.suppress(ControlPlaneError):  # the bound is the drain, no failure
+                wait_until(f"{name} to take {DRAIN_PUSHES} pushes while draining",
+                           lambda: self.taken_by(name, since) >= DRAIN_PUSHES, DRAIN_LAG,
+                           interval=0.05)
+        finally:
+            self.direct = None
+        mark(f"{name} took {self.taken_by(name, since)} pushes while draining")
 
     def wait_sent(self, more: int, timeout: float = 60.0) -> None:
         target = self.sent + more
@@ -1257,13 +1268,14 @@ class PushStream:
         self._client.close()
 
 
-def rolling_restart(env: Replicas, lag: Callable[[str], None], mark: Callable[[str], None]
+def rolling_restart(env: Replicas, lag: Callable[[BridgeProcess | None], None],
+                    mark: Callable[[str], None]
                     ) -> list[BridgeProcess]:
     """Replace every replica, one at a time, as a Deployment's rolling update does: SIGTERM the
-    old one (a pod's deletion), `lag(its name)` while the proxy still sends it traffic (the
-    endpoints lag behind the deletion), take it out of the proxy, start a new one on a new port
-    and put it in once ready, `lag("")`, and let the old one drain and exit before the next.
-    Returns the terminated replicas."""
+    old one (a pod's deletion), `lag(old)` while it still gets traffic (the endpoints lag
+    behind the deletion), take it out of the proxy, start a new one on a new port and put it
+    in once ready, `lag(None)`, and let the old one drain and exit before the next. Returns
+    the terminated replicas."""
     terminated: list[BridgeProcess] = []
     for old in list(env.replicas):
         old_name = env.name(old.port)
@@ -1272,7 +1284,7 @@ def rolling_restart(env: Replicas, lag: Callable[[str], None], mark: Callable[[s
         mark(f"SIGTERM {old_name}")
         env.wait(f"{old_name} to stop being ready", lambda b=old: not b.ready(), 30)
         mark(f"{old_name} not ready")
-        lag(old_name)
+        lag(old)
         env.retire(old)
         env.publish()
         mark(f"{old_name} out of the proxy")
@@ -1280,7 +1292,7 @@ def rolling_restart(env: Replicas, lag: Callable[[str], None], mark: Callable[[s
         env.replicas.append(new)
         env.publish()
         mark(f"{env.name(new.port)} started, in the proxy")
-        lag("")
+        lag(None)
         wait_exited(env, [old], mark)
     return terminated
 
