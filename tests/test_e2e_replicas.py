@@ -961,14 +961,20 @@ def test_one_request_at_two_replicas_at_once_patches_each_object_once(replicas: 
                 outcomes.append(str(last.get("outcome", "-")))
             # Applied before the bridge said so, from kustomize-controller's status writes (the
             # object itself may already be reconciling again, Ready Unknown, at the same commit).
-            deployed = env.applied_commits("replay").get(sha, settled + 1) <= settled
+            # The audit log may record a write a moment after the API server has answered it.
+            applied_at: float | None = None
+            with contextlib.suppress(ControlPlaneError):
+                applied_at = wait_until(f"the write of {sha[:12]} in the audit log",
+                                        lambda s=sha: env.applied_commits("replay").get(s), 10)
+            deployed = applied_at is not None and applied_at <= settled
             after = {obj: env.written(*obj) for obj in REPLAYED}
             (src_ok, src_refused), (ks_ok, ks_refused) = (
                 tuple(x - y for x, y in zip(after[obj], before[obj], strict=True))
                 for obj in REPLAYED)
             rows.append((round_, how, " ".join(str(x[0]) for x in answers),
                          "yes" if overlap else "no", ",".join(outcomes) or "-",
-                         "yes" if deployed else "NO", src_ok, src_refused, ks_ok, ks_refused))
+                         f"{settled - applied_at:.2f}s before" if deployed else "NO",
+                         src_ok, src_refused, ks_ok, ks_refused))
             totals.update({"rounds": 1, "in flight together": int(overlap),
                            "source written": src_ok, "source refused": src_refused,
                            "consumer written": ks_ok, "consumer refused": ks_refused})
@@ -978,12 +984,14 @@ def test_one_request_at_two_replicas_at_once_patches_each_object_once(replicas: 
                 problems.append(f"round {round_} ({how}): GitRepository written {src_ok} times, "
                                 f"Kustomization {ks_ok} times (once each expected)")
             if not deployed or outcomes != ["ready"] * len(outcomes):
-                problems.append(f"round {round_}: commit deployed: {deployed}; outcomes "
-                                f"{outcomes}")
+                problems.append(f"round {round_}: outcomes {outcomes}; kustomize-controller "
+                                f"applied the commit at {applied_at} (unix), the first "
+                                f"delivery's follow read its answer at {settled:.3f}")
     print(f"  one signed push sent to {env.name(a.port)} and {env.name(b.port)} at once, "
           f"{RACE_ROUNDS} times (patches counted in the audit log):")
     print(table(rows, ["round", "request", "answers", "in flight together", "outcomes",
-                       "deployed", "source written", "refused", "consumer written", "refused"]))
+                       "applied (before the answer)", "source written", "refused",
+                       "consumer written", "refused"]))
     print("  totals: " + ", ".join(f"{k} {v}" for k, v in totals.items()))
     assert not problems, "\n".join(problems)
     # The race is the point: most rounds must have had both requests in flight together.
