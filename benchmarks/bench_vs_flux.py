@@ -1,7 +1,7 @@
 """Side by side with Flux: notification-controller's own Receiver and the bridge, same pushes.
 
-One run, one machine, one real API server (etcd + kube-apiserver from `tests.realk8s`, with an
-audit log). notification-controller (the real binary, `tests.e2e_harness.FluxControllers`) and
+One run, one machine, one real API server (etcd + kube-apiserver from `tests.e2e.realk8s`, with an
+audit log). notification-controller (the real binary, `tests.e2e.e2e_harness.FluxControllers`) and
 the bridge (`gitea-flux-bridge serve` as a subprocess) run side by side, each with its own
 ServiceAccount (bound to cluster-admin) so the audit log tells their API calls apart. Each gets
 its own namespace with the same objects: a GitRepository, two Kustomizations on different paths
@@ -64,8 +64,8 @@ from typing import Any
 import httpx
 
 from receiver import signatures as sig
-from tests.e2e_harness import BridgeProcess, FluxControllers, ensure_binaries, rss_kib
-from tests.realk8s import ControlPlane, wait_until
+from tests.e2e.e2e_harness import BridgeProcess, FluxControllers, ensure_binaries, rss_kib
+from tests.e2e.realk8s import ControlPlane, wait_until
 
 TOKEN = "bench-vs-flux-receiver-token"
 REPO_URL = "https://gitea.example.com/platform/fleet"

@@ -51,22 +51,30 @@ def _split_prefixed(value: str) -> tuple[str, str]:
 
 
 def verify_gitea(headers: Mapping[str, str], signed: bytes, token: str) -> Verdict:
-    """A Gitea (or GitHub-style) webhook: `X-Gitea-Signature` or `X-Hub-Signature-256`.
+    """A Gitea (or GitHub-style) webhook: `X-Gitea-Signature` and/or `X-Hub-Signature-256`.
 
     `signed` is the JSON document Gitea signed: the raw body for the JSON content type, the
-    decoded `payload` field for the form content type. Gitea sends the headers even for a
-    webhook without a secret, empty or as a bare `sha256=`: that counts as unsigned. The
-    SHA-1 `X-Hub-Signature` alone is refused.
+    decoded `payload` field for the form content type. Every SHA-256 signature the request
+    carries must hold: Flux reads `X-Hub-Signature-256`, so a request whose header there is
+    wrong is refused whatever `X-Gitea-Signature` says (Gitea always sends both alike). Gitea
+    sends the headers even for a webhook without a secret, empty or as a bare `sha256=`: that
+    counts as unsigned. The SHA-1 `X-Hub-Signature` alone is refused.
     """
     expected = hmac_hex("sha256", token, signed)
+    checked: list[tuple[str, bool]] = []
     gitea = headers.get("x-gitea-signature", "").strip()
     if gitea:
-        ok = _equal_hex(expected, gitea)
-        return Verdict(ok, "gitea-sha256", "" if ok else "mismatch")
+        checked.append(("gitea-sha256", _equal_hex(expected, gitea)))
     algorithm, digest = _split_prefixed(headers.get("x-hub-signature-256", ""))
     if digest:
-        ok = algorithm == "sha256" and _equal_hex(expected, digest)
-        return Verdict(ok, "hub-sha256", "" if ok else "mismatch")
+        checked.append(("hub-sha256", algorithm == "sha256" and _equal_hex(expected, digest)))
+    if checked:
+        # Both compared (constant time each) before deciding; the scheme named is the first
+        # that failed, else the one Flux reads.
+        failed = [scheme for scheme, ok in checked if not ok]
+        if failed:
+            return Verdict(False, failed[0], "mismatch")
+        return Verdict(True, checked[-1][0])
     if headers.get("x-hub-signature", "").partition("=")[2].strip():
         return Verdict(False, "hub-sha1", "sha1-refused")
     return Verdict(False, "gitea-sha256", "missing")

@@ -242,6 +242,14 @@ main() {
 		esac
 	done
 	mkdir -p "$CACHE"
+	# One build at a time per cache: two at once would share wrapper dirs and half-written
+	# binaries (and two cores are busy enough with one). A second caller waits, then finds
+	# what the first built.
+	exec 9>"$CACHE/.lock"
+	if ! flock -n 9; then
+		echo "testbin: another build holds $CACHE/.lock; waiting for it" >&2
+		flock 9
+	fi
 	for a in "${todo[@]}"; do build_one "$a"; done
 }
 

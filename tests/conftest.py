@@ -26,19 +26,25 @@ ACTIONS_TOKEN = "actions-secret-token"
 HMAC_TOKEN = "hmac-secret-token"
 
 
-async def until(check: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
-    """Wait until `check` returns something truthy; fail after `timeout` (a bound for a broken
-    build, not a pace). What the in-process tests wait on (the bridge's objects, deliveries,
-    queues, the fake Gitea) only changes in a callback of this loop, so `check` is asked again
-    after every turn of the loop: no interval to tune, and no change can be missed."""
+async def until(check: Callable[[], Any], timeout: float = 10.0, what: str = "condition", *,
+                in_thread: bool = False) -> Any:
+    """Wait until `check` returns something truthy, and return it; fail after `timeout` (a
+    bound for a broken build, not a pace). The one async wait of the suite (the whole-loop
+    tests' blocking one is `realk8s.wait_until`).
+
+    What the in-process tests wait on (the bridge's objects, deliveries, queues, the fake
+    Gitea) only changes in a callback of this loop, so `check` is asked again after every turn
+    of the loop: no interval to tune, and no change can be missed. `in_thread`: `check` makes
+    blocking calls (a real API server), so it runs in a thread, at most every 50 ms."""
     deadline = time.monotonic() + timeout
     while True:
-        result = check()
+        result = await asyncio.to_thread(check) if in_thread else check()
         if result:
             return result
         if time.monotonic() >= deadline:
             raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
-        await asyncio.sleep(0)  # one turn of the loop: every ready callback runs first
+        # One turn of the loop: every ready callback runs first.
+        await asyncio.sleep(0.05 if in_thread else 0)
 
 
 @pytest.fixture

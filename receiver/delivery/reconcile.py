@@ -20,10 +20,9 @@ from typing import Any
 from receiver.config import ReconcileConfig
 from receiver.delivery import marks as delivery_marks
 from receiver.delivery.marks import DELIVERIES_ANNOTATION, Mark
-from receiver.delivery.package import has_push
 from receiver.delivery.patches import PatchCoalescer, PatchOutcome
 from receiver.delivery.record import DeliveryRecord
-from receiver.delivery.state import awaited_source, evaluate
+from receiver.delivery.state import evaluate, source_ready
 from receiver.delivery.store import ROLE_ANNOTATE, Delivery, DeliveryStore
 from receiver.delivery.view import Contains, DeliveryView, Local, Timeouts, never_known
 from receiver.flux.cluster import Cluster
@@ -33,7 +32,7 @@ from receiver.flux.objects import (
     ObjectKey,
     consumer_source,
 )
-from receiver.flux.revisions import FAILED, QUEUED, READY, progress_at
+from receiver.flux.revisions import FAILED, QUEUED, READY
 from receiver.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -240,7 +239,7 @@ class Reconciler:
         if (delivery.id, key) in self._requested:
             return
         obj = self._cluster.store.get(key)
-        if obj is None or not self._source_ready(delivery, view, obj):
+        if obj is None or not source_ready(delivery.record, view, obj, self._cluster.store.get):
             return
         if delivery.sha and self._in_grace(delivery, key):
             # kustomize-controller reacts to a new artifact by itself; give it a moment so
@@ -249,19 +248,6 @@ class Reconciler:
         self._requested.add((delivery.id, key))
         future, _ = self.patches.request(key, Mark(delivery.record.mark, delivery.record.received))
         self._follow_patch(delivery, key, future)
-
-    def _source_ready(self, delivery: Delivery, view: DeliveryView, consumer: FluxObject) -> bool:
-        awaited = awaited_source(consumer, lambda key: view.get(key) is not None)
-        if awaited is None:
-            return True
-        mine = view.get(awaited)
-        if mine is not None:
-            return mine.state == READY
-        src = self._cluster.store.get(awaited)
-        if not delivery.sha:
-            # A package push: not before its artifact is there, or the old one is applied.
-            return src is None or has_push(delivery.record, src)
-        return src is not None and progress_at(src, delivery.sha).state == READY
 
     def _in_grace(self, delivery: Delivery, key: ObjectKey) -> bool:
         """True while a consumer whose source is ready is left to start on its own."""

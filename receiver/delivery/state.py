@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 
 from receiver.delivery import marks as delivery_marks
-from receiver.delivery.package import is_package_delivery, package_consumer
+from receiver.delivery.package import has_push, is_package_delivery, package_consumer
 from receiver.delivery.record import ROLE_ANNOTATE, DeliveryRecord, RecordTarget
 from receiver.delivery.view import (
     CHECKING,
@@ -122,6 +122,23 @@ def awaited_source(consumer: FluxObject,
         return chart
     src_ref = consumer_source(consumer)
     return src_ref.key if src_ref is not None else None
+
+
+def source_ready(record: DeliveryRecord, view: DeliveryView, consumer: FluxObject,
+                 lookup: Lookup) -> bool:
+    """May a listed consumer be annotated now? Once the source it waits for (`awaited_source`)
+    is Ready for this delivery: annotated earlier, Flux would apply the previous commit."""
+    awaited = awaited_source(consumer, lambda key: view.get(key) is not None)
+    if awaited is None:
+        return True
+    mine = view.get(awaited)
+    if mine is not None:
+        return mine.state == READY
+    src = lookup(awaited)
+    if not record.sha:
+        # A package push: not before its artifact is there, or the old one is applied.
+        return src is None or has_push(record, src)
+    return src is not None and progress_at(src, record.sha).state == READY
 
 
 def _consumer(record: DeliveryRecord, obj: FluxObject, role: str, view: Callable[..., TargetView],

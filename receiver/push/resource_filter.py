@@ -1,4 +1,4 @@
-"""A plan narrowed by the Receiver's `spec.resourceFilter`. Pure.
+"""A plan narrowed by the Receiver's `spec.resourceFilter` and `spec.resources[].filter`. Pure.
 
 Every object the plan would annotate is shown to the filter as `res`; one for which it is false
 is not annotated and moves to `skipped` with the reason. When the filter cannot be evaluated
@@ -11,7 +11,7 @@ fetch the pushed commit on the bridge's request.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from receiver.flux.objects import ObjectKey, consumer_source
@@ -20,6 +20,7 @@ from receiver.push.cel_filter import CompiledFilter, resource_document
 from receiver.push.routing import Plan, Target
 
 FALSE_REASON = "resourceFilter is false"
+ENTRY_FALSE_REASON = "its spec.resources[].filter is false"
 
 
 class FilterEvaluationError(Exception):
@@ -39,15 +40,37 @@ def filter_plan(plan: Plan, compiled: CompiledFilter, req: Mapping[str, Any],
                 store: ObjectStore) -> Plan:
     candidates = (*plan.targets, *plan.annotate_only)
     verdicts = compiled.evaluate([_res(t, store) for t in candidates], req)
+    return _narrowed(plan, zip(candidates, verdicts, strict=True), FALSE_REASON, store)
+
+
+def filter_entries(plan: Plan, filters: Mapping[ObjectKey, Sequence[CompiledFilter]],
+                   req: Mapping[str, Any], store: ObjectStore) -> Plan:
+    """`spec.resources[].filter`: an object only filtered entries list (`filters`, see
+    `Resolved.entry_filters`) is annotated when one of its entries' filters is true, as Flux
+    annotates per entry. One that cannot be evaluated fails the request, as above."""
+    verdicts: list[tuple[Target, bool | str]] = []
+    for target in (*plan.targets, *plan.annotate_only):
+        compiled = filters.get(target.key)
+        if not compiled:
+            continue
+        res = _res(target, store)
+        results = [f.evaluate([res], req)[0] for f in compiled]
+        failed = [r for r in results if not isinstance(r, bool)]
+        verdicts.append((target, failed[0] if failed else any(results)))
+    return _narrowed(plan, verdicts, ENTRY_FALSE_REASON, store)
+
+
+def _narrowed(plan: Plan, verdicts: Iterable[tuple[Target, bool | str]], reason: str,
+              store: ObjectStore) -> Plan:
     dropped: dict[ObjectKey, Target] = {}
-    for target, verdict in zip(candidates, verdicts, strict=True):
+    for target, verdict in verdicts:
         if verdict is True:
             continue
         if verdict is not False:
             raise FilterEvaluationError(
                 f"resourceFilter could not be evaluated for {target.kind} "
                 f"{target.namespace}/{target.name}: {str(verdict)[:200]}")
-        dropped[target.key] = dataclasses.replace(target, reason=FALSE_REASON)
+        dropped[target.key] = dataclasses.replace(target, reason=reason)
     if not dropped:
         return plan
 

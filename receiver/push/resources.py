@@ -45,6 +45,10 @@ class Resolved:
     # Named objects of kinds the bridge does not route (ANNOTATE_ONLY_KINDS), with their
     # apiVersion, sources first: annotated on every request, as Flux does.
     annotate_only: tuple[tuple[str, ObjectKey], ...] = ()
+    # Objects every entry listing them gives a `filter` (spec.resources[].filter), with those
+    # expressions: Flux annotates such an object only when one of them is true. An object
+    # also listed by an entry without a filter is not here: that entry annotates it anyway.
+    entry_filters: tuple[tuple[ObjectKey, tuple[str, ...]], ...] = ()
 
     def objects(self, store: ObjectStore) -> list[FluxObject]:
         """The listed objects as they are in the cache now."""
@@ -61,9 +65,11 @@ def resolve_resources(
     found: dict[ObjectKey, FluxObject] = {}
     issues: list[ResourceIssue] = []
     blind: dict[ObjectKey, str] = {}
+    filters: dict[ObjectKey, list[str]] = {}  # per object, each listing entry's filter or ""
     for entry in receiver.spec.get("resources") or []:
         if not isinstance(entry, dict):
             continue
+        expression = _text(entry.get("filter")).strip()
         kind, name = _text(entry.get("kind")), _text(entry.get("name"))
         namespace = _text(entry.get("namespace")) or receiver.namespace
         api_version = _text(entry.get("apiVersion")) or RECEIVER_DEFAULT_API_VERSIONS.get(kind, "")
@@ -87,6 +93,7 @@ def resolve_resources(
                       "list: name the objects")
             else:
                 blind.setdefault(ObjectKey(kind, namespace, name), api_version)
+                filters.setdefault(ObjectKey(kind, namespace, name), []).append(expression)
         elif kind not in ROUTED_KINDS or kind == "Receiver":
             issue(f"kind {kind} is not reconciled by the bridge")
         elif name == "*":
@@ -97,12 +104,16 @@ def resolve_resources(
             selector = {str(k): str(v) for k, v in labels.items()}
             for obj in sorted(store.list(kind, namespace, selector), key=lambda o: o.key):
                 found.setdefault(obj.key, obj)
+                filters.setdefault(obj.key, []).append(expression)
         else:
             named = store.get(ObjectKey(kind, namespace, name))
             if named is None:
                 issue(f"unable to read {kind} {namespace}/{name}: not found")
             else:
                 found.setdefault(named.key, named)
+                filters.setdefault(named.key, []).append(expression)
     annotate_only = tuple(sorted(((a, k) for k, a in blind.items()),
                                  key=lambda e: (e[1].kind not in ANNOTATE_ONLY_SOURCES, e[1])))
-    return Resolved(tuple(found), tuple(issues), frozenset(found), annotate_only)
+    entry_filters = tuple((key, tuple(exprs)) for key, exprs in filters.items()
+                          if all(exprs))
+    return Resolved(tuple(found), tuple(issues), frozenset(found), annotate_only, entry_filters)

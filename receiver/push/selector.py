@@ -40,8 +40,6 @@ from receiver.gitea.payloads import (
 
 # Keys only a Gitea (or GitHub) push payload has; a `create` or `release` event body has none.
 PUSH_KEYS = frozenset({"after", "commits", "head_commit"})
-# Receiver types whose Flux handler parses the body and refuses what is not a webhook object.
-PARSING_TYPES = frozenset({"github"})
 
 GITEA_PUSH = "gitea-push"
 ACTIONS_BODY = "actions-body"
@@ -95,19 +93,17 @@ def shape_of(doc: Any) -> str:
 
 def select_payload(receiver_type: str, document: bytes) -> Selection:
     """Read `document` (the bytes the sender signed: the raw body, or a form's decoded
-    `payload` field) for a Receiver of `receiver_type`. Raises PayloadRefused."""
+    `payload` field) for a Receiver of `receiver_type` (every type alike, as Flux reads none
+    of them). Raises PayloadRefused."""
+    del receiver_type  # kept for callers: the decision is the body's shape alone
     if not document.strip():
         return Selection(NO_DETAILS, None, "no push details: the body is empty")
     parsed, doc = _load(document)
     if not parsed:
-        if receiver_type in PARSING_TYPES:
-            raise PayloadRefused(400, "body is not valid JSON", "bad_json")
         return Selection(NO_DETAILS, None, "no push details: the body is not JSON")
-    if doc is None:  # `null` decodes into any Go struct too
+    if doc is None:
         return Selection(NO_DETAILS, None, "no push details: the body is null")
     if not isinstance(doc, dict):
-        if receiver_type in PARSING_TYPES:
-            raise PayloadRefused(422, "payload must be a JSON object", "unprocessable")
         return Selection(NO_DETAILS, None, "no push details: the body is not a JSON object")
     shape = shape_of(doc)
     try:

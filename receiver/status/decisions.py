@@ -18,10 +18,12 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
+from receiver.delivery.view import SUPERSEDED as SUPERSEDED_REASON
 from receiver.flux.objects import CONSUMER_KINDS, FluxObject
 from receiver.flux.origin import artifact_commit, consumer_commits, is_oci, source_url
 from receiver.flux.origin import event_commit as oci_event_commit
-from receiver.flux.revisions import HELM_REVISION_META, applied_revision, commit_of
+from receiver.flux.revisions import FAILED, HELM_REVISION_META, READY, TIMED_OUT, applied_revision, commit_of
+from receiver.flux.revisions import SKIPPED as SKIPPED_TARGET
 from receiver.status.flux_events import FluxEvent
 from receiver.templates import StatusTemplates, render
 
@@ -445,6 +447,18 @@ def desired_after_timeout(
                         truncate(text))
 
 
+def outcome_to_post(state: str, reason: str) -> str | None:
+    """What a pushed commit's delivery target, newly in `state`, posts: its live status once
+    Ready or failed; a push Flux never deployed (`skipped` naming the deployed commit, or
+    `error`) once timed out or superseded, so no `pending` stays; None while it goes on, or
+    for a target skipped because its status never names a commit."""
+    if state in (READY, FAILED, TIMED_OUT):
+        return state
+    if state == SKIPPED_TARGET and reason == SUPERSEDED_REASON:
+        return TIMED_OUT
+    return None
+
+
 def as_json(status: DesiredStatus) -> dict[str, Any]:
     """The status as plain data (logs, debugging)."""
     return {"repo": status.repo_key, "sha": status.sha, "context": status.context,
@@ -525,6 +539,18 @@ def recall_for_event(
     return recall(seen if seen is not None and seen.at >= arrived else None,
                   listed_at if listed_at is not None and listed_at >= arrived else None,
                   now, window)
+
+
+def replaces_waiting(waiting: DesiredStatus, waiting_state_only: bool, new: DesiredStatus,
+                     new_state_only: bool) -> bool:
+    """Does a new job for a key replace the one still waiting to be posted?
+
+    Yes, unless the waiting one carries an event's or a push's exact wording for the same state
+    and the new one is only derived from live state: then the wording is kept. A job derived
+    from live state that says another state is newer truth and wins: a `pending` still queued
+    (Gitea down) when its push timed out must not be posted after the outcome.
+    """
+    return not (new_state_only and not waiting_state_only and waiting.state == new.state)
 
 
 def needs_post(shown: Fields | None, wanted: Fields, *, state_only: bool) -> bool:

@@ -20,7 +20,7 @@ from receiver.config import Settings
 from receiver.gitea.client import CreateStatusOption, GiteaClient, GiteaError
 from receiver.metrics import Metrics
 from receiver.retry import backoff_delay
-from receiver.status.decisions import DesiredStatus, Fields, needs_post
+from receiver.status.decisions import DesiredStatus, Fields, needs_post, replaces_waiting
 from receiver.status.gitea_view import GiteaView, JobKey
 from receiver.status.locator import Locator
 from receiver.status.versions import GiteaVersions
@@ -97,8 +97,8 @@ class StatusQueue:
         for job in jobs:
             current = self._latest.get(job.key)
             if current is not None:
-                # An event's exact wording outranks a repair derived from live state.
-                if job.state_only and not current.state_only:
+                if not replaces_waiting(current.status, current.state_only, job.status,
+                                        job.state_only):
                     continue
                 job.attempts = current.attempts
                 self._latest[job.key] = job

@@ -9,15 +9,15 @@ from receiver.bounded import BoundedMap
 from receiver.config import Settings
 from receiver.delivery.package import package_commit
 from receiver.delivery.store import Delivery
-from receiver.delivery.view import SUPERSEDED
 from receiver.flux.objects import CONSUMER_KINDS, FluxObject, ObjectKey
-from receiver.flux.revisions import FAILED, FINAL_STATES, READY, SKIPPED, TIMED_OUT, progress_at
+from receiver.flux.revisions import FAILED, FINAL_STATES, READY, TIMED_OUT, progress_at
 from receiver.gitea.payloads import Push
 from receiver.metrics import NO_INSTANCE, Metrics
 from receiver.status.decisions import (
     DesiredStatus,
     desired_after_timeout,
     desired_from_object,
+    outcome_to_post,
     pending_for_push,
 )
 from receiver.status.locator import Locator
@@ -70,15 +70,12 @@ class DeliverySignals:
         """
         if key.kind not in CONSUMER_KINDS or not self._active():
             return
-        if delivery.sha and state == SKIPPED:
+        if delivery.sha:
             target = delivery.view.get(key)
-            if target is None or target.reason != SUPERSEDED:
-                return
-            # Flux went past this commit: end its pending as a push Flux never deployed
-            # (`skipped`, naming the commit it deployed instead), never leave it pending.
-            state = TIMED_OUT
-        if delivery.sha and state not in (READY, FAILED, TIMED_OUT):
-            return  # its pending went out when the push was routed
+            posted = outcome_to_post(state, target.reason if target is not None else "")
+            if posted is None:
+                return  # its pending went out when the push was routed
+            state = posted
         obj, source = self._locator.object_and_source(key)
         if obj is None:
             return

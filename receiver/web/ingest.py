@@ -44,7 +44,7 @@ from receiver.push.hookindex import HookIndex
 from receiver.push.mismatch import Unmatched, unmatched
 from receiver.push.package_routing import OCI_TYPES, plan_selection
 from receiver.push.replay import SeenOnce
-from receiver.push.resource_filter import FilterEvaluationError, filter_plan
+from receiver.push.resource_filter import FilterEvaluationError, filter_entries, filter_plan
 from receiver.push.resources import Resolved, resolve_resources
 from receiver.push.routing import Plan
 from receiver.push.selector import PayloadRefused, Selection, select_payload
@@ -170,10 +170,13 @@ class IngestService:
         if receiver.suspended:
             return self._count(name, "suspended", error(503, "receiver is suspended"))
         compiled = self._filter(receiver)
-        if isinstance(compiled, str):
+        entries = self._entry_filters(receiver)
+        if isinstance(compiled, str) or isinstance(entries, str):
             # Flux marks such a Receiver Stalled (InvalidCELExpression) and answers 503.
             return self._count(name, "filter_invalid", error(
-                503, "receiver is not ready: invalid spec.resourceFilter"))
+                503, "receiver is not ready: invalid spec.resourceFilter"
+                if isinstance(compiled, str) else
+                "receiver is not ready: invalid spec.resources[].filter"))
         try:
             body = await read_capped(request, limit)
         except BodyTooLarge:
@@ -193,10 +196,9 @@ class IngestService:
         ):
             # Flux's github Receiver (go-github ValidatePayload) refuses these too.
             return self._count(name, "unsupported_media", error(415, UNSUPPORTED_MEDIA))
-        # Flux reads X-GitHub-Event; Gitea sends it and X-Gitea-Event alike, and a sender that
-        # sends only Gitea's header names its event all the same.
-        refused = spec_events.refusal(receiver, request.headers.get("x-github-event")
-                                 or request.headers.get("x-gitea-event", ""))
+        # spec.events is matched against X-GitHub-Event alone, as Flux does (Gitea sends it with
+        # every webhook); X-Gitea-Event is read below to tell a ping or another event apart.
+        refused = spec_events.refusal(receiver, request.headers.get("x-github-event", ""))
         if refused is not None:
             return self._count(name, "event_refused", error(400, refused))
         now = self.wall_clock()
@@ -221,13 +223,13 @@ class IngestService:
             if once is not None and not once.scheme_replay and once.mark in self.seen:
                 return self._duplicate(name, once)
             req: dict[str, Any] = {}
-            if compiled is not None:
+            if compiled is not None or entries:
                 try:
                     req = request_document(request.headers.get("content-type", ""), body)
                 except RequestNotJSON as exc:
                     return self._count(name, "bad_json", error(400, str(exc)))
             return await self._accept(receiver, token, name, once, auth.signed,
-                                      compiled=compiled, req=req)
+                                      compiled=compiled, req=req, entries=entries)
         finally:
             delivery_ctx.reset(token_ctx)
 
@@ -271,6 +273,7 @@ class IngestService:
     async def _accept(
         self, receiver: FluxObject, token: str, name: str, once: _Once | None, signed: bytes,
         *, compiled: CompiledFilter | None = None, req: dict[str, Any] | None = None,
+        entries: dict[ObjectKey, list[CompiledFilter]] | None = None,
     ) -> Response:
         try:
             selection = select_payload(str(receiver.spec.get("type") or ""), signed)
@@ -289,11 +292,13 @@ class IngestService:
         )
         # Why nothing matched is about the push, not the filter: ask before filtering.
         mismatch = unmatched(push, self.cluster.store) if not plan.targets else None
-        if compiled is not None:
-            try:
+        try:
+            if compiled is not None:
                 plan = filter_plan(plan, compiled, req or {}, self.cluster.store)
-            except FilterEvaluationError as exc:
-                return self._count(name, "unprocessable", error(422, str(exc)))
+            if entries:
+                plan = filter_entries(plan, entries, req or {}, self.cluster.store)
+        except FilterEvaluationError as exc:
+            return self._count(name, "unprocessable", error(422, str(exc)))
         now = self.wall_clock()
         if once is not None:
             # No await from this check to `remember`: two copies of one request on this replica
@@ -397,6 +402,24 @@ class IngestService:
             self._filter_invalid[key] = why
         self.metrics.receivers_filter_invalid.set(len(self._filter_invalid))
         return result
+
+    def _entry_filters(self, receiver: FluxObject
+                       ) -> dict[ObjectKey, list[CompiledFilter]] | str:
+        """Each object only filtered `spec.resources` entries list, with their compiled
+        filters ({} without any); or why one entry's filter is invalid (every entry's counts,
+        as Flux judges the Receiver's spec, not what it resolves to). Compiled once each."""
+        compiled: dict[str, CompiledFilter] = {}
+        for entry in receiver.spec.get("resources") or []:
+            expression = entry.get("filter") if isinstance(entry, dict) else None
+            if isinstance(expression, str) and expression.strip():
+                found = self.filters.get(("entry", expression.strip()), "", expression.strip())
+                if not isinstance(found, CompiledFilter):
+                    return str(found)
+                compiled[expression.strip()] = found
+        if not compiled:
+            return {}
+        return {key: [compiled[e] for e in expressions]
+                for key, expressions in self._resolved(receiver).entry_filters}
 
     def _count(self, receiver: str, outcome: str, response: Response) -> Response:
         self.metrics.hook_requests.labels(receiver, outcome).inc()

@@ -279,7 +279,9 @@ def _hook() -> dict[str, Any]:
                         "operationId": "delivery",
                         "parameters": {"id": "$response.body#/delivery"},
                         "description": "Follow the delivery (with the same Receiver's token)."}}},
-            "400": _bad_request("body is not valid JSON", "form body has no payload field",
+            "400": _bad_request("request body is not valid JSON",
+                                "request body is not a JSON object",
+                                "form body has no payload field",
                                 "form body has more than 50 fields"),
             "401": _error("Missing, malformed, stale, replayed or wrong credential; always "
                           "the same body.", "unauthorized"),

@@ -1,0 +1,75 @@
+"""What the performance work changed, kept honest: a compact stored delivery, one task for the
+evaluations a change causes, time-sliced. Behaviour only; timings are benchmarks' business."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from receiver.delivery import reconcile
+from receiver.delivery.store import Delivery
+from receiver.flux.objects import ObjectKey
+from receiver.flux.revisions import QUEUED
+from tests import gitea_payloads as gp
+from tests.conftest import Bridge, until
+from tests.web.test_ingest import SOURCE, app_push, post_gitea
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_a_stored_delivery_counts_unrelated_objects_without_listing_them(
+        bridge: Bridge) -> None:
+    r = await post_gitea(bridge, app_push("clusters/eu-west/apps/podinfo.yaml"))
+    assert r.status_code == 202, r.text
+    delivery = bridge.parts.deliveries.get(r.json()["delivery"])
+    assert delivery.plan.unrelated == frozenset()
+    assert delivery.plan.unrelated_count == r.json()["skipped_unrelated"]
+    # The reply to a push that joins the delivery is the same as the first reply.
+    again = await post_gitea(bridge, app_push("clusters/eu-west/apps/podinfo.yaml"))
+    assert again.json()["skipped_unrelated"] == r.json()["skipped_unrelated"]
+    assert again.json()["skipped"] == r.json()["skipped"]
+
+
+def test_plan_compact_keeps_the_reply() -> None:
+    from receiver.push.routing import Plan
+
+    key = ObjectKey("GitRepository", "ns", "other")
+    plan = Plan("ns/hook", (), (), (), frozenset({key}))
+    compact = plan.compact()
+    assert compact.as_dict() == plan.as_dict()
+    assert compact.unrelated == frozenset()
+    assert compact.compact().as_dict() == plan.as_dict()
+
+
+async def test_a_delivery_takes_a_view_only_when_a_target_changed(bridge: Bridge) -> None:
+    r = await post_gitea(bridge, app_push("clusters/eu-west/apps/podinfo.yaml"))
+    delivery: Delivery = bridge.parts.deliveries.get(r.json()["delivery"])
+    view = type(delivery.view)(tuple(
+        type(t)(t.key, t.role, QUEUED if t.state != QUEUED else "annotated")
+        for t in delivery.view.targets))
+    assert delivery.update(view) == list(view.targets)
+    assert delivery.view is view
+    same = type(view)(tuple(view.targets))
+    assert delivery.update(same) == [] and delivery.view is view
+
+
+async def test_one_change_evaluates_every_follower_in_slices(bridge: Bridge, monkeypatch: Any) -> None:
+    monkeypatch.setattr(reconcile, "EVALUATION_SLICE", 0.0)  # yield after every evaluation
+    ids = []
+    for n in range(40):
+        doc = gp.push("platform/fleet", "refs/heads/main", [gp.commit(
+            "platform/fleet", f"change {n}", modified=["clusters/eu-west/apps/podinfo.yaml"])])
+        r = await post_gitea(bridge, doc)
+        assert r.status_code == 202, r.text
+        ids.append(r.json()["delivery"])
+    deliveries = [bridge.parts.deliveries.get(i) for i in ids]
+    tasks_before = len(bridge.parts.reconciler._tasks)
+    # Flux fetches the last commit: one change of the source, every delivery re-evaluated.
+    last = deliveries[-1].sha
+    bridge.cluster.mark_source_fetched(SOURCE, f"main@sha1:{last}")
+    assert len(bridge.parts.reconciler._tasks) <= tasks_before + 1
+    await until(lambda: deliveries[-1].view.get(SOURCE).state == "ready", what="last ready")
+    # Every other delivery saw the change too (its view was computed again after it).
+    await until(lambda: all(d.view.get(SOURCE).state != QUEUED for d in deliveries),
+                what="every follower evaluated")
