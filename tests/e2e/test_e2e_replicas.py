@@ -1117,6 +1117,52 @@ def test_replay_sent_to_the_other_replica_annotates_nothing(replicas: Replicas, 
     assert again.status_code in (200, 401), (again.status_code, reply)
 
 
+def test_a_ready_verdict_stays_ready_when_flux_reconciles_the_same_commit_again(
+        replicas: Replicas) -> None:
+    """A delivery followed to `ready`, then its Kustomization reconciled again at the same
+    commit (someone runs `flux reconcile`; Flux's own interval does the same): every answer
+    while kustomize-controller works (Ready Unknown for a moment) still says `ready`, on both
+    replicas. A CI gate that was told "deployed" must not be told "in progress" on asking
+    again."""
+    env = replicas
+    sha = env.gitea.commit_files(ORG, REPO, {
+        REPLAY_FILE: configmap("replay-settings", REPLAY_NS, run=secrets.token_hex(3))},
+        "replay: ready, then reconciled again", branch="replay")
+    receiver, hook, body, headers = _replay_request(env, "timestamped-signature", sha)
+    with httpx.Client(trust_env=False, timeout=10.0) as client:
+        answer = client.post(env.replicas[0].url + hook, content=body, headers=headers)
+    assert answer.status_code == 202, answer.text
+    delivery_id = str(answer.json()["delivery"])
+    last, _ = follow(env, env.replicas[0].url, delivery_id, receiver, SETTLE_TIMEOUT)
+    assert last.get("outcome") == "ready", last
+
+    requested = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    env.plane.request("PATCH", f"{e2e.collection('Kustomization', NS)}/replay",
+                      {"metadata": {"annotations": {e2e.RECONCILE: requested}}},
+                      content_type="application/merge-patch+json")
+    answers: Counter[tuple[str, str]] = Counter()
+
+    def handled() -> bool:
+        for bridge in env.replicas:
+            status, doc = env.delivery(bridge.url, delivery_id, receiver)
+            answers[(env.name(bridge.port), str(doc.get("outcome", status)))] += 1
+        ks = env.get("Kustomization", "replay")
+        return (ks.get("status") or {}).get("lastHandledReconcileAt") == requested and bool(
+            e2e.applied_at(ks, f"replay@sha1:{sha}"))
+
+    # Sampled (every answer counted) until kustomize-controller has handled the request and
+    # is Ready at the commit again.
+    wait_until("kustomize-controller to handle the new request", handled, DEPLOY_TIMEOUT,
+               interval=0.02)
+    print(f"  delivery of {sha[:12]} ready; Kustomization replay reconciled again at it; "
+          "GET /deliveries/<id> answers meanwhile:")
+    print(table(sorted((r, o, n) for (r, o), n in answers.items()),
+                ["replica", "outcome", "answers"]))
+    assert {o for _, o in answers} == {"ready"}, (
+        f"a delivery told `ready` was answered otherwise while Flux reconciled the same "
+        f"commit again: {dict(answers)}")
+
+
 def _audit_unix(event: dict[str, Any]) -> float:
     """When the API server received the audited request (unix seconds)."""
     stamp = str(event.get("requestReceivedTimestamp", "")).replace("Z", "+00:00")
