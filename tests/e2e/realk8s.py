@@ -386,20 +386,29 @@ class ControlPlane:
                 events.append(event)
         return events
 
+    def requests_on(self, verbs: Iterable[str], *, group: str, resource: str, namespace: str,
+                    name: str, subresource: str = "", user: str | None = None
+                    ) -> list[dict[str, Any]]:
+        """The audit events of `verbs` requests on one object (by `user`, or anyone), answered
+        whatever the answer, oldest first."""
+        wanted = set(verbs)
+        found = []
+        for event in self.audit_events():
+            ref = event.get("objectRef") or {}
+            if (event.get("verb") in wanted
+                    and (user is None or (event.get("user") or {}).get("username") == user)
+                    and ref.get("apiGroup", "") == group and ref.get("resource") == resource
+                    and ref.get("namespace", "") == namespace and ref.get("name") == name
+                    and ref.get("subresource", "") == subresource):
+                found.append(event)
+        return found
+
     def count_requests(self, verb: str, *, user: str, group: str, resource: str, namespace: str,
                        name: str, subresource: str = "") -> int:
         """How many `verb` requests `user` made on one object (answered, whatever the answer),
         from the audit log."""
-        count = 0
-        for event in self.audit_events():
-            ref = event.get("objectRef") or {}
-            if (event.get("verb") == verb
-                    and (event.get("user") or {}).get("username") == user
-                    and ref.get("apiGroup", "") == group and ref.get("resource") == resource
-                    and ref.get("namespace", "") == namespace and ref.get("name") == name
-                    and ref.get("subresource", "") == subresource):
-                count += 1
-        return count
+        return len(self.requests_on((verb,), user=user, group=group, resource=resource,
+                                    namespace=namespace, name=name, subresource=subresource))
 
     def count_patches(self, user: str, group: str, resource: str, namespace: str, name: str
                       ) -> int:
@@ -557,19 +566,22 @@ FLUX_GROUPS = ("source.toolkit.fluxcd.io", "kustomize.toolkit.fluxcd.io",
                "image.toolkit.fluxcd.io")
 
 
-def audit_policy(groups: Sequence[str] = FLUX_GROUPS, verbs: Sequence[str] = ("patch", "update")
-                 ) -> dict[str, Any]:
+def audit_policy(groups: Sequence[str] = FLUX_GROUPS, verbs: Sequence[str] = ("patch", "update"),
+                 bodies: Mapping[str, Sequence[str]] | None = None) -> dict[str, Any]:
     """An audit.k8s.io/v1 Policy: `verbs` on the resources of `groups` at Metadata level (who,
-    what, which object, the answer; no bodies), nothing else."""
-    return {
-        "apiVersion": "audit.k8s.io/v1", "kind": "Policy",
-        "omitStages": ["RequestReceived"],
-        "rules": [
-            {"level": "Metadata", "verbs": list(verbs),
-             "resources": [{"group": g} for g in groups]},
-            {"level": "None"},
-        ],
-    }
+    what, which object, the answer; no bodies), nothing else. `bodies` (group -> resources,
+    e.g. `"kustomizations/status"`) are logged at Request level instead: the request body too,
+    for a test that reads what was written (a status history, the marks a patch added)."""
+    rules: list[dict[str, Any]] = []
+    if bodies:
+        rules.append({"level": "Request", "verbs": list(verbs),
+                      "resources": [{"group": g, "resources": list(r)}
+                                    for g, r in bodies.items()]})
+    rules += [{"level": "Metadata", "verbs": list(verbs),
+               "resources": [{"group": g} for g in groups]},
+              {"level": "None"}]
+    return {"apiVersion": "audit.k8s.io/v1", "kind": "Policy",
+            "omitStages": ["RequestReceived"], "rules": rules}
 
 
 def _json_bytes(body: Any) -> bytes:
