@@ -118,7 +118,7 @@ ACTIONS = f"{NS}/actions"
 RECEIVERS = (GITEA, ACTIONS)
 TOKENS = {GITEA: "gitea-receiver-token", ACTIONS: "actions-receiver-token"}
 
-# The service's defaults (receiver/config.py, receiver/app.py).
+# The service's defaults (receiver/config.py, receiver/web/app.py).
 TIMEOUTS = Timeouts(source_seconds=300.0, consumer_seconds=900.0)
 DEDUPE_SECONDS = 3600.0
 KEEP_MARKS_SECONDS = max(DEDUPE_SECONDS, TIMESTAMP_TOLERANCE_SECONDS * 2)
