@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from receiver.flux.objects import BRIDGE_PREFIX
+from receiver.signatures import TIMESTAMP_TOLERANCE_SECONDS
 
 DELIVERIES_ANNOTATION = BRIDGE_PREFIX + "deliveries"
 # ~33 bytes an entry: 512 marks of one Receiver are ~16 KiB, the whole value ~64 KiB at most,
@@ -34,6 +35,13 @@ PER_OWNER = 512
 MAX_ENTRIES = 2048
 OWNER_DIGITS = 4
 _MARK_CHARS = frozenset("0123456789abcdef")
+
+
+def replay_window(dedupe_seconds: float) -> float:
+    """How long a mark must stay on an object: as long as any repeat we promise to refuse can
+    arrive, a Gitea redelivery (`delivery_dedupe_seconds`) or a one-time signature (valid for
+    its timestamp tolerance either way)."""
+    return max(dedupe_seconds, TIMESTAMP_TOLERANCE_SECONDS * 2)
 
 
 def owner_of(receiver: str) -> str:

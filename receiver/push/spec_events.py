@@ -6,6 +6,8 @@ included, and compares names case-insensitively.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from receiver.flux.objects import FluxObject
 
 
@@ -29,3 +31,31 @@ def refusal(receiver: FluxObject, header: str) -> str | None:
     if not events or any(e.lower() == event.lower() for e in events):
         return None
     return f"event {event[:64]!r} is not in the receiver's spec.events"
+
+
+def event_name(headers: Mapping[str, str]) -> str:
+    """The event a request names, lower-cased, to tell a push from a ping or another event:
+    Gitea's own `X-Gitea-Event`, else `X-GitHub-Event` (Gitea sends both). `refusal` reads
+    `X-GitHub-Event` alone, as Flux matches `spec.events` against it."""
+    return (headers.get("x-gitea-event") or headers.get("x-github-event") or "").strip().lower()
+
+
+def answer_without_push(receiver: FluxObject, event: str) -> dict[str, str] | None:
+    """The 200 answer to an event that is not a push and that the Receiver does not list (it
+    reconciles nothing): `pong` for a ping, `ignored` for any other. None: the request goes on
+    (a push, no event named, or an event `spec.events` lists: that reconciles every listed
+    object, as Flux does)."""
+    if not event or event == "push" or listed(receiver, event):
+        return None
+    if event == "ping":
+        return {"status": "pong"}
+    return {"status": "ignored", "event": event[:64], "reason": (
+        "not a push; list the event in the receiver's spec.events to have it reconcile every "
+        "listed object, as Flux does")}
+
+
+def refuses_media(receiver: FluxObject, media: str, has_body: bool) -> bool:
+    """Flux's github Receiver (go-github ValidatePayload) takes a body of JSON or Gitea's form
+    only; a signed body of another content type is refused (415)."""
+    return (has_body and receiver.spec.get("type") == "github"
+            and media not in ("application/json", "application/x-www-form-urlencoded"))

@@ -18,9 +18,9 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from receiver import signatures
 from receiver.config import Settings
 from receiver.delivery.ancestry import Ancestry
+from receiver.delivery.marks import replay_window
 from receiver.delivery.reconcile import Reconciler
 from receiver.delivery.store import DeliveryStore
 from receiver.flux.cluster import Cluster
@@ -92,10 +92,8 @@ def build(settings: Settings, cluster: Cluster, **status_kwargs: Any) -> Compone
     hooks = HookIndex(cluster, metrics=metrics)
     cluster.store.subscribe(hooks.on_store_change)
     deliveries = DeliveryStore(settings.deliveries.max_count, settings.deliveries.max_age_seconds)
-    # Marks must outlive every repeat we promise to refuse: Gitea redeliveries and signatures.
-    keep_marks = max(settings.delivery_dedupe_seconds, signatures.TIMESTAMP_TOLERANCE_SECONDS * 2)
     reconciler = Reconciler(cluster, deliveries, settings.reconcile, metrics, settings.cluster_name,
-                            keep_marks_seconds=keep_marks)
+                            keep_marks_seconds=replay_window(settings.delivery_dedupe_seconds))
     ingest = IngestService(settings, cluster, hooks, reconciler, deliveries, metrics)
     follow = DeliveriesEndpoint(settings, cluster, hooks, reconciler, deliveries)
     statuses = StatusService(settings, cluster, metrics, **status_kwargs)

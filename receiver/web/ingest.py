@@ -58,7 +58,6 @@ from receiver.web.ratelimit import RateLimiter
 from receiver.web.replies import accepted_reply, record_ref
 
 log = logging.getLogger(__name__)
-JSON_TYPES = frozenset({"application/json"})
 FORM_TYPE = "application/x-www-form-urlencoded"
 UNSUPPORTED_MEDIA = ("content type must be application/json "
                      "or application/x-www-form-urlencoded on a github Receiver")
@@ -198,10 +197,7 @@ class IngestService:
             log.info("signature rejected", extra={"receiver": name, "scheme": verdict.scheme,
                                                   "reason": verdict.reason})
             return self._count(name, "unauthorized", JSONResponse(UNAUTHORIZED, 401))
-        if body and receiver.spec.get("type") == "github" and (
-            kind not in JSON_TYPES and kind != FORM_TYPE
-        ):
-            # Flux's github Receiver (go-github ValidatePayload) refuses these too.
+        if spec_events.refuses_media(receiver, kind, bool(body)):
             return self._count(name, "unsupported_media", error(415, UNSUPPORTED_MEDIA))
         # spec.events is matched against X-GitHub-Event alone, as Flux does (Gitea sends it with
         # every webhook); X-Gitea-Event is read below to tell a ping or another event apart.
@@ -215,18 +211,13 @@ class IngestService:
         if not self.rate.allow(name, time.monotonic()):
             return self._count(name, "rate_limited", error(429, "rate limit exceeded"))
 
-        event = (request.headers.get("x-gitea-event") or request.headers.get("x-github-event")
-                 or "").strip().lower()
         token_ctx = delivery_ctx.set(once.label if once is not None else "-")
         try:
-            listed = spec_events.listed(receiver, event)
-            if event == "ping" and not listed:
-                return self._count(name, "ping", JSONResponse({"status": "pong"}))
-            if event and event != "push" and not listed:
-                return self._count(name, "ignored", JSONResponse(
-                    {"status": "ignored", "event": event[:64], "reason": (
-                        "not a push; list the event in the receiver's spec.events to have it "
-                        "reconcile every listed object, as Flux does")}))
+            answer = spec_events.answer_without_push(
+                receiver, spec_events.event_name(request.headers))
+            if answer is not None:
+                outcome = "ping" if answer["status"] == "pong" else "ignored"
+                return self._count(name, outcome, JSONResponse(answer))
             if once is not None and not once.scheme_replay and once.mark in self.seen:
                 return self._duplicate(name, once)
             return await self._accept(receiver, token, name, once, auth.signed,

@@ -110,3 +110,10 @@ def test_has_follows_the_value_it_is_given_when_values_are_parsed_once() -> None
     assert not dm.has({}, "a" * 16)
     assert not dm.has({DELIVERIES_ANNOTATION: ""}, "a" * 16)
     assert dm.parse(first) is dm.parse(first)
+
+
+def test_marks_outlive_every_repeat_that_is_refused() -> None:
+    from receiver.signatures import TIMESTAMP_TOLERANCE_SECONDS
+
+    assert dm.replay_window(3600) == 3600
+    assert dm.replay_window(10) == 2 * TIMESTAMP_TOLERANCE_SECONDS

@@ -204,3 +204,29 @@ async def test_no_push_details_reconcile_every_listed_object_and_say_why(bridge:
     assert [t["kind"] for t in doc["targets"]] == ["GitRepository", "Kustomization",
                                                    "Kustomization"]
     assert all("no push details: the body is not JSON" in t["reason"] for t in doc["targets"])
+
+
+def test_which_events_and_media_a_github_receiver_answers_without_a_push() -> None:
+    from receiver.flux.objects import FluxObject
+    from receiver.push import spec_events
+
+    def receiver(type_: str = "github", events: list[str] | None = None) -> FluxObject:
+        spec: dict[str, object] = {"type": type_}
+        if events is not None:
+            spec["events"] = events
+        return FluxObject({"apiVersion": "notification.toolkit.fluxcd.io/v1", "kind": "Receiver",
+                           "metadata": {"name": "r", "namespace": "ns"}, "spec": spec})
+
+    assert spec_events.event_name({"x-gitea-event": "Push", "x-github-event": "ping"}) == "push"
+    assert spec_events.event_name({"x-github-event": " Ping "}) == "ping"
+    assert spec_events.answer_without_push(receiver(), "ping") == {"status": "pong"}
+    ignored = spec_events.answer_without_push(receiver(), "release")
+    assert ignored is not None and ignored["status"] == "ignored"
+    for going_on in ("push", ""):
+        assert spec_events.answer_without_push(receiver(), going_on) is None
+    # Listed, a ping or another event reconciles every listed object, as with Flux.
+    assert spec_events.answer_without_push(receiver(events=["push", "ping"]), "ping") is None
+    assert spec_events.refuses_media(receiver(), "text/plain", True)
+    assert not spec_events.refuses_media(receiver(), "application/x-www-form-urlencoded", True)
+    assert not spec_events.refuses_media(receiver(), "text/plain", False)
+    assert not spec_events.refuses_media(receiver("generic-hmac"), "text/plain", True)
