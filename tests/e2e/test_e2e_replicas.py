@@ -673,6 +673,20 @@ def test_events_at_alternating_replicas_leave_gitea_showing_the_latest(
 # -- b. the notify-flux action through the proxy -------------------------------------------------------
 
 
+def _waiting_job(env: Replicas, tmp_path: Path, message: str
+                 ) -> tuple[str, subprocess.Popen[bytes], Path, Path]:
+    """A new commit of the apps file, and a notify-flux job waiting for it (accepted, not
+    finished: kustomize-controller is paused by the caller). (sha, job, stdout, stderr)."""
+    sha = env.gitea.commit_files(ORG, REPO, {
+        APPS_FILE: configmap("apps-settings", APPS_NS, release=secrets.token_hex(3))}, message)
+    proc, out, err = _notify(env, sha, [APPS_FILE], tmp_path, wait=150)
+    env.wait("the job to be accepted and waiting", lambda: (
+        "accepted as delivery" in err.read_text(errors="replace") or proc.poll() is not None),
+        30)
+    assert proc.poll() is None, f"notify.sh ended early:\n{err.read_text()}"
+    return sha, proc, out, err
+
+
 def _notify(env: Replicas, sha: str, paths: list[str], workdir: Path, *, wait: int
             ) -> tuple[subprocess.Popen[bytes], Path, Path]:
     """notify.sh against the proxy, in the background; (process, stdout file, stderr file)."""
@@ -760,14 +774,7 @@ def test_notify_action_survives_kill_9_of_the_replica_that_accepted_the_push(
     env.flux.pause("kustomize-controller")
     proc: subprocess.Popen[bytes] | None = None
     try:
-        sha = env.gitea.commit_files(ORG, REPO, {
-            APPS_FILE: configmap("apps-settings", APPS_NS, release=secrets.token_hex(3))},
-            "apps: a release whose replica dies")
-        proc, out, err = _notify(env, sha, [APPS_FILE], tmp_path, wait=150)
-        env.wait("the job to be accepted and waiting", lambda: (
-            "accepted as delivery" in err.read_text(errors="replace") or proc.poll() is not None),
-            30)
-        assert proc.poll() is None, f"notify.sh ended early:\n{err.read_text()}"
+        sha, proc, out, err = _waiting_job(env, tmp_path, "apps: a release whose replica dies")
         pushes = [r for r in _job_requests(env, since) if r["method"] == "POST"]
         assert pushes and pushes[-1]["status"] == 202, pushes
         victim = env.by_port(upstream_port(pushes[-1]))
@@ -1518,15 +1525,8 @@ def test_job_waiting_through_a_rolling_restart_ends_ready(replicas: Replicas, tm
     proc: subprocess.Popen[bytes] | None = None
     terminated: list[BridgeProcess] = []
     try:
-        sha = env.gitea.commit_files(ORG, REPO, {
-            APPS_FILE: configmap("apps-settings", APPS_NS, release=secrets.token_hex(3))},
-            "apps: a release deployed during a rollout")
-        proc, out, err = _notify(env, sha, [APPS_FILE], tmp_path, wait=150)
-        env.wait("the job to be accepted and waiting", lambda: (
-            "accepted as delivery" in err.read_text(errors="replace") or proc.poll() is not None),
-            30)
+        _, proc, out, err = _waiting_job(env, tmp_path, "apps: a release deployed during a rollout")
         mark("job accepted, waiting")
-        assert proc.poll() is None, f"notify.sh ended early:\n{err.read_text()}"
         terminated = rolling_restart(env, lambda _: None, mark)
     finally:
         env.flux.resume("kustomize-controller")
