@@ -673,6 +673,19 @@ def test_events_at_alternating_replicas_leave_gitea_showing_the_latest(
 # -- b. the notify-flux action through the proxy -------------------------------------------------------
 
 
+def _deployed_everywhere(env: Replicas, code: int | None, stderr: str, out: Path,
+                        when: str) -> None:
+    """The job ended `deployed`, and every live replica, asked directly, answers `ready`."""
+    print("  notify.sh stderr:\n    " + "\n    ".join(stderr.splitlines()[-10:]))
+    assert code == 0, f"notify.sh exited {code} {when}:\n{stderr}"
+    assert "deployed: every target is Ready" in stderr, stderr
+    answers = _every_replica_answers(env, _delivery_of(out))
+    print("  GET /deliveries/<id> on every live replica directly:")
+    print(table(answers, ["replica", "answer", "outcome"]))
+    assert all(status == 200 and outcome == "ready" for _, status, outcome in answers), (
+        f"GET /deliveries/<id> must give the same answer on every live replica: {answers}")
+
+
 def _waiting_job(env: Replicas, tmp_path: Path, message: str
                  ) -> tuple[str, subprocess.Popen[bytes], Path, Path]:
     """A new commit of the apps file, and a notify-flux job waiting for it (accepted, not
@@ -800,14 +813,7 @@ def test_notify_action_survives_kill_9_of_the_replica_that_accepted_the_push(
             proc.wait()
     stderr = err.read_text(errors="replace")
     _print_job(env, since, notes)
-    print("  notify.sh stderr:\n    " + "\n    ".join(stderr.splitlines()[-10:]))
-    assert code == 0, f"notify.sh exited {code} after the kill -9:\n{stderr}"
-    assert "deployed: every target is Ready" in stderr, stderr
-    answers = _every_replica_answers(env, _delivery_of(out))
-    print("  GET /deliveries/<id> on every live replica directly:")
-    print(table(answers, ["replica", "answer", "outcome"]))
-    assert all(status == 200 and outcome == "ready" for _, status, outcome in answers), (
-        f"GET /deliveries/<id> must give the same answer on every live replica: {answers}")
+    _deployed_everywhere(env, code, stderr, out, "after the kill -9")
 
 
 def _delivery_of(stdout: Path) -> str:
@@ -1543,11 +1549,4 @@ def test_job_waiting_through_a_rolling_restart_ends_ready(replicas: Replicas, tm
     print("  rollout timeline:")
     print(table(timeline, ["at", "what"]))
     _print_job(env, since)
-    print("  notify.sh stderr:\n    " + "\n    ".join(stderr.splitlines()[-10:]))
-    assert code == 0, f"notify.sh exited {code} during a rolling restart:\n{stderr}"
-    assert "deployed: every target is Ready" in stderr, stderr
-    answers = _every_replica_answers(env, _delivery_of(out))
-    print("  GET /deliveries/<id> on every new replica directly:")
-    print(table(answers, ["replica", "answer", "outcome"]))
-    assert all(status == 200 and outcome == "ready" for _, status, outcome in answers), (
-        f"GET /deliveries/<id> must give the same answer on every replica: {answers}")
+    _deployed_everywhere(env, code, stderr, out, "during a rolling restart")
