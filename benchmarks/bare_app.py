@@ -1,6 +1,6 @@
 """The stack's ceiling: a bare Starlette endpoint that only checks the HMAC and parses the JSON.
 
-DESIGN §5 measures the bridge as a ratio of this, on the same machine in the same run.
+The performance goals measure the bridge as a ratio of this, on the same machine in the same run.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ fleet (2,000 GitRepositories, 10,000 Kustomizations, 200 Receivers), pushes sent
 ASGI interface, each a new commit, spread over the 200 Receivers.
 1. RSS loaded; then `max_count` pushes (all kept, in flight); RSS.
 2. Wait until they have timed out (no Flux runs), send `max_count` more: the oldest are
-   evicted, RSS must not grow past the ceiling (bar: 200 MB, DESIGN §5).
+   evicted, RSS must not grow past the ceiling (bar: 200 MB).
 3. In a second process, tracemalloc over 2,000 pushes: bytes per delivery kept, and where.
 """
 

@@ -15,7 +15,7 @@
 #                helm-controller
 #
 # Env: GFBTEST_BIN (cache dir), GFBTEST_GO_P (go build -p, default 2).
-# Pins and background: shared/reference/test-peers.md.
+# Each pin is the release the tests were written against; bump them together.
 set -euo pipefail
 
 # --- pins -------------------------------------------------------------------

@@ -53,7 +53,7 @@ TIMED_OUT = "timed_out"
 SKIPPED = "skipped"
 FINAL_STATES = frozenset({READY, FAILED, TIMED_OUT, SKIPPED})
 
-# Ready=False reasons that are terminal for this attempt (flux-status.md §5.4).
+# Ready=False reasons that are terminal for this attempt (as each Flux controller reports them).
 _FAILURE_REASONS = frozenset({
     "BuildFailed", "ReconciliationFailed", "HealthCheckFailed", "PruneFailed", "ArtifactFailed",
     "ValidationFailed", "InstallFailed", "UpgradeFailed", "TestFailed", "RollbackFailed",
@@ -141,7 +141,7 @@ def followable(obj: FluxObject) -> bool:
 
 
 def progress_at(obj: FluxObject, sha: str, here: tuple[bool, bool] | None = None) -> Progress:
-    """Where an object stands for commit `sha` (flux-status.md §5.4, per kind).
+    """Where an object stands for commit `sha` (per kind, as each Flux controller reports it).
 
     `here`: whether it applied / attempted what is followed, when its revisions do not say
     (a consumer of an OCI source: see `delivery_state`).

@@ -1,4 +1,4 @@
-"""The fleet status (issue 13, item 3) against a real Gitea, with real Flux controllers and two
+"""The fleet status against a real Gitea, with real Flux controllers and two
 regions' bridges.
 
 One environment serves the module: etcd + kube-apiserver (`tests.e2e.realk8s`) with two namespaces

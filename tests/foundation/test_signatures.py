@@ -144,7 +144,7 @@ def test_event_signature_is_sha256_only() -> None:
     assert not sig.verify_event(weak, BODY, TOKEN).ok
 
 
-# -- one credential, one use (issue 10: M2, L3) ----------------------------------------------
+# -- one credential, one use ----------------------------------------------
 
 _ids = st.text(alphabet=st.characters(blacklist_categories=["Cs"]), max_size=40)
 _times = st.integers(min_value=0, max_value=10**12 - 1)

@@ -455,7 +455,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         header = self.headers.get("X-Signature", "")
         if body is None:
             verdict = signatures.verify_read(header, "d-1", TOKEN, time.time())
-            # A read credential is never a push one (issue 10, M2).
+            # A read credential is never a push one.
             assert not signatures.verify_timestamped(header, b"", TOKEN, time.time()).ok
         else:
             verdict = signatures.verify_timestamped(header, body, TOKEN, time.time())

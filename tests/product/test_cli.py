@@ -146,7 +146,7 @@ def test_sign_read_prints_a_read_credential_only(tmp_path: Path,
     assert code == EXIT_USAGE
 
 
-# -- token files: one reader for every tool (issue 10) ---------------------------------------
+# -- token files: one reader for every tool ---------------------------------------
 
 NOTIFY = REPO / ".gitea" / "actions" / "notify-flux" / "notify.sh"
 

@@ -194,7 +194,7 @@ def test_any_json_shape_parses_or_fails_cleanly(doc: dict[str, object]) -> None:
         assert exc.status == 422
 
 
-# -- hostile metadata, nesting and text (issue 10: M1, L4) ----------------------------------
+# -- hostile metadata, nesting and text ----------------------------------
 
 _OLD_PREFIXED = re.compile(r"^[a-z0-9]([a-z0-9.-]*[a-z0-9])?\.[a-z0-9.-]+/(?P<key>[^/]+)$")
 

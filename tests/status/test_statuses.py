@@ -544,7 +544,7 @@ def test_resync_schedule_covers_everything_in_enough_runs(
     assert seen == commits
 
 
-# -- descriptions carry no control characters (issue 10, L6) --------------------------------
+# -- descriptions carry no control characters --------------------------------
 
 _CONTROLS = ["\x00", "\x1b", "\x07", "\x7f", "\x85", "\x9b", "\u061c", "\u200e", "\u200f",
              "\u202a", "\u202b", "\u202c", "\u202d", "\u202e", "\u2066", "\u2067", "\u2068",

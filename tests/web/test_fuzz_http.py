@@ -83,7 +83,7 @@ async def test_random_paths_never_500(bridge: Bridge, path: str) -> None:
     assert r.status_code < 500
 
 
-# -- every public endpoint, hostile headers and bodies, no credential (issue 10) -------------
+# -- every public endpoint, hostile headers and bodies, no credential -------------
 #
 # A fixed budget (max_examples: about 1,100 cases, 1,700 requests in all); the module prints how many
 # cases it tried. Invariants: never a 5xx other than a 503, nothing escapes the app, and

@@ -431,7 +431,7 @@ async def test_chart_version_helm_release_is_annotated_but_not_followed(bridge: 
     assert (podinfo["state"], podinfo["detail"]["reason"]) == ("skipped", "NotFollowed")
 
 
-# -- hardening (issue 10) --------------------------------------------------------------------
+# -- hardening --------------------------------------------------------------------
 
 
 async def test_a_read_credential_replayed_as_a_push_annotates_nothing(bridge: Bridge) -> None:

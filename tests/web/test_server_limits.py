@@ -1,4 +1,4 @@
-"""Connection limits and timeouts (issue 10, L2): settings, what `serve` hands uvicorn, and the
+"""Connection limits and timeouts: settings, what `serve` hands uvicorn, and the
 body deadline the app enforces itself."""
 
 from __future__ import annotations

@@ -93,7 +93,7 @@ commit statuses in Gitea.
 {{- default (printf "%s-resync" (include "gfb.fullname" .)) $statuses.lease_name -}}
 {{- end -}}
 
-{{/* The RBAC rules on Flux objects and Secrets (DESIGN section 3), for a ClusterRole or Role. */}}
+{{/* The RBAC rules on Flux objects and Secrets (least privilege), for a ClusterRole or Role. */}}
 {{- define "gfb.fluxRules" -}}
 - apiGroups: ["notification.toolkit.fluxcd.io"]
   resources: ["receivers"]
