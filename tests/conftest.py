@@ -35,7 +35,8 @@ async def until(check: Callable[[], Any], timeout: float = 10.0, what: str = "co
     What the in-process tests wait on (the bridge's objects, deliveries, queues, the fake
     Gitea) only changes in a callback of this loop, so `check` is asked again after every turn
     of the loop: no interval to tune, and no change can be missed. `in_thread`: `check` makes
-    blocking calls (a real API server), so it runs in a thread, at most every 50 ms."""
+    blocking calls (a real API server), so it runs in a thread, each call as soon as the last
+    answered."""
     deadline = time.monotonic() + timeout
     while True:
         result = await asyncio.to_thread(check) if in_thread else check()
@@ -43,8 +44,7 @@ async def until(check: Callable[[], Any], timeout: float = 10.0, what: str = "co
             return result
         if time.monotonic() >= deadline:
             raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
-        # One turn of the loop: every ready callback runs first.
-        await asyncio.sleep(0.05 if in_thread else 0)
+        await asyncio.sleep(0)  # one turn of the loop: every ready callback runs first
 
 
 @pytest.fixture

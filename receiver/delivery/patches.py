@@ -133,8 +133,8 @@ class PatchCoalescer:
                     self._metrics.annotate_errors.labels(key.kind, "marks_full").inc()
                     log.warning("delivery marks refused: the object's marks are full",
                                 extra={"object": str(key), "refused": len(refused)})
-                outcome = PatchOutcome(True, refused=refused,
-                                       refusal=delivery_marks.refusal(self._keep_marks))
+                outcome = PatchOutcome(True, refused=refused, refusal=(
+                    delivery_marks.refusal(self._keep_marks) if refused else ""))
                 if not merge.written:
                     return outcome
                 await self._cluster.annotate(

@@ -31,9 +31,9 @@ def expired(spec: Mapping[str, Any], now: datetime) -> bool:
 def next_spec(spec: Mapping[str, Any] | None, holder: str, duration: int,
               now: datetime) -> dict[str, Any] | None:
     """The spec to write for `holder` to hold the Lease now, or None if another holds it."""
-    current = (spec or {}).get("holderIdentity")
-    if spec is None or not spec:
+    if not spec:
         return _spec({}, holder, duration, now, transition=False)
+    current = spec.get("holderIdentity")
     if current == holder:
         return _spec(spec, holder, duration, now, transition=False)
     if not current or expired(spec, now):

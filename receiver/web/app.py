@@ -163,8 +163,10 @@ def create_app(settings: Settings, cluster: Cluster, **status_kwargs: Any) -> St
         health = Health(
             draining=parts.drain.draining, synced=cluster.synced,
             failing_watches=cluster.sync_errors, first_indexing=first_indexing,
+            # Read only when no earlier reason already keeps traffic away.
             unreadable_secrets=(await parts.statuses.unreadable_secrets()
-                                if cluster.synced and not cluster.sync_errors else {}),
+                                if cluster.synced and not cluster.sync_errors
+                                and not first_indexing and not parts.drain.draining else {}),
             objects=len(cluster.store), receivers=len(parts.hooks),
             not_installed=cluster.not_installed, not_permitted=cluster.not_permitted,
             unusable_receivers=parts.hooks.unusable(), notes=parts.notes)

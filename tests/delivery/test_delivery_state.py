@@ -103,9 +103,12 @@ def test_a_deleted_object_fails_its_target() -> None:
 
 
 def handled(at: float) -> str:
-    """A `lastHandledReconcileAt` value for unix time `at` (what Flux copies from requestedAt)."""
+    """A `lastHandledReconcileAt` value for unix time `at`: the `requestedAt` the bridge wrote,
+    which Flux copies."""
     from datetime import UTC, datetime
-    return datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f") + "000Z"
+
+    from receiver.delivery.patches import request_value
+    return request_value(datetime.fromtimestamp(at, UTC))
 
 
 def outcome(objects: list[FluxObject], now: float = T0 + 1,

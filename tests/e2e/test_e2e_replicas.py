@@ -892,13 +892,22 @@ def follow(env: Replicas, base_url: str, delivery_id: str, receiver: str, timeou
                     failure = response.status_code != 200
             except httpx.HTTPError:
                 failure = True
-            if failure:
-                # The replica behind this request is gone or refused it: pacing of the retry
-                # (as notify-flux paces its own), not a wait for a condition.
-                time.sleep(0.5)
+            if failure and deadline > time.monotonic():
+                # The replica behind this request is gone or refused it: ask again once one
+                # behind `base_url` is ready to answer.
+                with contextlib.suppress(AssertionError):  # none in time: the deadline ends it
+                    env.wait("a replica ready behind " + base_url, lambda: _ready(http, base_url),
+                             max(1.0, deadline - time.monotonic()))
     finally:
         if own:
             http.close()
+
+
+def _ready(http: httpx.Client, base_url: str) -> bool:
+    try:
+        return http.get(f"{base_url}/readyz", timeout=5.0).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 def _settled(doc: dict[str, Any]) -> bool:

@@ -113,3 +113,14 @@ def test_every_test_the_architecture_names_as_holding_an_invariant_exists() -> N
         assert source.is_file(), path
         if name:
             assert re.search(rf"^(?:async )?def {name}\(", source.read_text(), re.M), (path, name)
+
+
+def test_user_facing_text_speaks_of_the_product_only() -> None:
+    """No issue numbers, design-note sections or planning paths in what users read."""
+    pages = [ROOT / "README.md", ROOT / "CHANGELOG.md", *sorted((ROOT / "docs").glob("*.md")),
+             *sorted((ROOT / "charts").rglob("*.md")), *sorted((ROOT / "charts").rglob("*.yaml")),
+             *sorted((ROOT / "charts").rglob("*.tpl"))]
+    internal = re.compile(r"\bissues? \d+|\bDESIGN\b|\.\./shared|shared/reference")
+    found = [f"{p.relative_to(ROOT)}:{n}" for p in pages
+             for n, line in enumerate(p.read_text().splitlines(), 1) if internal.search(line)]
+    assert not found, found

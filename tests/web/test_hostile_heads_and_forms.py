@@ -27,12 +27,13 @@ FORM = "application/x-www-form-urlencoded"
 async def test_a_form_of_a_million_escapes_is_refused_without_holding_the_loop(
         bridge: Bridge) -> None:
     body = b"payload=" + b"%41" * 1_000_000  # 3 MB, under the body limit
+    headers = {"Content-Type": FORM, "X-Gitea-Event": "push", "X-Gitea-Signature": "0" * 64}
+    # First use pays once for what is loaded lazily: not what is measured here.
+    await bridge.client.post(GITEA_PATH, content=body, headers=headers)
     replies = []
     async with probing(bridge.client) as probe:
         for _ in range(3):
-            replies.append(await bridge.client.post(GITEA_PATH, content=body, headers={
-                "Content-Type": FORM, "X-Gitea-Event": "push",
-                "X-Gitea-Signature": "0" * 64}))
+            replies.append(await bridge.client.post(GITEA_PATH, content=body, headers=headers))
             await probe.next()
     assert [(r.status_code, r.json()) for r in replies] == [(401, {"error": "unauthorized"})] * 3
     assert bridge.cluster.patches == []
