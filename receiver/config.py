@@ -194,6 +194,17 @@ class FleetConfig(_Model):
                                  or f"{owner}/{repo}".lower() in self.repositories)
 
 
+class PreviewConfig(_Model):
+    """Pull-request previews (objects annotated `event.toolkit.fluxcd.io/change_request`)."""
+
+    # One comment per pull request and cluster listing the preview objects, edited in place.
+    comments: bool = True
+    # One comment per merged pull request and cluster once its merge commit is deployed.
+    deployed_comments: bool = True
+    # At most one write of a comment per this many seconds; changes in between coalesce.
+    comment_interval_seconds: float = Field(default=10.0, ge=0, le=3600)
+
+
 class StatusConfig(_Model):
     context_template: str = DEFAULT_CONTEXT
     # A named context template instead of `context_template`: `notification-controller`
@@ -214,6 +225,7 @@ class StatusConfig(_Model):
     # Gitea GET requests (listing pages) one resync run may make; the next run carries on.
     resync_read_budget: int = Field(default=200, ge=1)
     fleet: FleetConfig = FleetConfig()
+    previews: PreviewConfig = PreviewConfig()
 
     @model_validator(mode="after")
     def _fleet(self) -> StatusConfig:

@@ -15,6 +15,7 @@ import socket
 import time
 import uuid
 from collections.abc import Callable
+from typing import Any
 
 import httpx
 
@@ -28,6 +29,8 @@ from receiver.metrics import Metrics
 from receiver.status.fleet_checks import FleetChecks
 from receiver.status.gitea_view import GiteaView
 from receiver.status.locator import Locator
+from receiver.status.pr_service import PullComments
+from receiver.status.previews import parse_pull_request
 from receiver.status.queue import StatusQueue
 from receiver.status.repos import repo_of
 from receiver.status.resync import Resync
@@ -84,6 +87,16 @@ class StatusService:
         self.signals = DeliverySignals(settings, templates, self.locator, self.queue, metrics,
                                        self.memory_size)
         self.holder = f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"  # of the resync Lease
+
+        async def still_leader() -> bool:
+            return await cluster.try_acquire_lease(cfg.lease_name, self.holder,
+                                                   cfg.lease_duration_seconds)
+
+        self.comments = PullComments(settings, cluster, self._client, self.locator, templates,
+                                     self.queue, metrics, clock, lambda: self.resync.leader,
+                                     still_leader)
+        cluster.store.subscribe(self.comments.on_store_change)
+        self.resync.on_run.append(self.comments.resync)
         self._tasks: list[asyncio.Task[None]] = []
 
     # -- tunables that are not settings; tests shorten them ----------------------------------
@@ -121,6 +134,7 @@ class StatusService:
         self._tasks.append(asyncio.create_task(self.versions.read_all(), name="gitea-versions"))
         self._tasks.append(asyncio.create_task(self.resync.loop(self.holder),
                                                name="status-resync"))
+        self._tasks.append(asyncio.create_task(self.comments.loop(), name="pr-comments"))
         self.resync.running = True
 
     async def stop(self, grace_seconds: float = 10.0) -> None:
@@ -156,6 +170,13 @@ class StatusService:
 
     def on_target_changed(self, delivery: Delivery, key: ObjectKey, state: str) -> None:
         self.signals.on_target_changed(delivery, key, state)
+
+    def on_pull_request(self, payload: Any) -> int:
+        """A `pull_request` webhook (any replica): `pending` on the new head commit for each
+        preview already running for it, and its comment checked again. Returns how many
+        statuses were queued; 0 for a payload that is not a usable pull_request."""
+        event = parse_pull_request(payload)
+        return self.comments.on_pull_request(event) if event is not None else 0
 
     async def resync_once(self) -> int:
         return await self.resync.once()

@@ -1,0 +1,225 @@
+"""Pull-request previews end to end over HTTP: the preview objects in a MemoryCluster, the
+comment and statuses in a fake Gitea (every request checked against Gitea's swagger). What
+counts is what Gitea holds: how many comments, what they say, which statuses."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+
+from receiver.flux.memory import MemoryCluster
+from receiver.flux.objects import ObjectKey
+from receiver.metrics import Metrics
+from receiver.status.service import StatusService
+from tests.fakegitea import FakeGitea, gitea_transport
+from tests.status.test_status_service import (
+    GITEA_TOKEN,
+    SHA,
+    WEBAPP,
+    eventually,
+    fast,
+    make_settings,
+    rig,
+)
+
+HEAD = "c0ffee" + "0" * 34
+NEXT = "beef00" + "0" * 34
+PR_SOURCE = ObjectKey("GitRepository", "previews", "pr-7")
+PR_APP = ObjectKey("Kustomization", "previews", "pr-7")
+OWNER, REPO = "team", "webapp"
+PR_CONTEXT = "flux/eu-west/kustomization/previews/pr-7"
+REPO_URL = "http://gitea-http.gitea.svc.cluster.local:3000/team/webapp.git"
+
+
+def settings(**previews: Any) -> Any:
+    return make_settings(statuses={"resync_interval_seconds": 3600,
+                                   "previews": {"comment_interval_seconds": 0.05, **previews}})
+
+
+def preview_docs(sha: str = HEAD, number: str = "7") -> list[dict[str, Any]]:
+    notes = {"event.toolkit.fluxcd.io/change_request": number,
+             "event.toolkit.fluxcd.io/commit": sha,
+             "event.toolkit.fluxcd.io/preview-url": "https://pr-7.preview.example.com"}
+    return [
+        {"kind": "GitRepository", "metadata": {"name": "pr-7", "namespace": "previews"},
+         "spec": {"url": REPO_URL, "ref": {"commit": sha}}},
+        {"kind": "Kustomization",
+         "metadata": {"name": "pr-7", "namespace": "previews", "annotations": notes},
+         "spec": {"sourceRef": {"kind": "GitRepository", "name": "pr-7"}, "path": "./"}},
+    ]
+
+
+def deploy(cluster: MemoryCluster, sha: str) -> None:
+    cluster.mark_source_fetched(PR_SOURCE, f"sha1:{sha}")
+    cluster.mark_applied(PR_APP, f"sha1:{sha}")
+
+
+def ours(fake: FakeGitea, number: int = 7) -> list[dict[str, Any]]:
+    return [c for c in fake.pull_comments(OWNER, REPO, number)
+            if c["user"]["login"] == fake.login]
+
+
+def one_saying(fake: FakeGitea, text: str, number: int = 7) -> bool:
+    mine = ours(fake, number)
+    return len(mine) == 1 and text in mine[0]["body"]
+
+
+def with_pull(fake: FakeGitea, *numbers: int) -> FakeGitea:
+    for number in numbers:
+        fake.add_pull(OWNER, REPO, number)
+    return fake
+
+
+@pytest.mark.anyio
+async def test_one_comment_per_pull_request_edited_in_place_until_torn_down() -> None:
+    fake = with_pull(FakeGitea(token=GITEA_TOKEN), 7)
+
+    def previews(cluster: MemoryCluster) -> None:
+        cluster.load(preview_docs())
+        deploy(cluster, HEAD)
+
+    async with rig(settings(), fakes={"gitea.example.com": fake}, setup=previews) as r:
+        await eventually(lambda: one_saying(fake, "Preview of #7 on cluster `eu-west`: "
+                                                  "success"))
+        body = ours(fake)[0]["body"]
+        assert "Preview: <https://pr-7.preview.example.com>" in body
+        assert f"[`{PR_CONTEXT}`](https://gitea.example.com/team/webapp/commit/{HEAD})" in body
+        first = ours(fake)[0]["id"]
+        await eventually(lambda: fake.contexts(OWNER, REPO, HEAD).get(PR_CONTEXT) == "success")
+
+        # A new head: pending at once on it, then the failure and its reason, same comment.
+        r.cluster.load(preview_docs(NEXT))
+        await eventually(lambda: one_saying(fake, "pending") and
+                         fake.contexts(OWNER, REPO, NEXT).get(PR_CONTEXT) == "pending")
+        r.cluster.mark_source_fetched(PR_SOURCE, f"sha1:{NEXT}")
+        r.cluster.mark_failed(PR_APP, f"sha1:{NEXT}", "HealthCheckFailed",
+                              "timeout waiting for Deployment/previews/web")
+        await eventually(lambda: one_saying(fake, "failure: Health check failed: timeout "
+                                                  "waiting for Deployment/previews/web"))
+        await eventually(lambda: fake.contexts(OWNER, REPO, NEXT).get(PR_CONTEXT) == "failure")
+
+        # The pull request closes; its objects go; the comment says so.
+        r.cluster.store.delete(PR_APP)
+        r.cluster.store.delete(PR_SOURCE)
+        await eventually(lambda: one_saying(fake, ": torn down"))
+        assert ours(fake)[0]["id"] == first
+        assert fake.comments_created == 1 and fake.comment_deletes == 0
+
+
+@pytest.mark.anyio
+async def test_edits_are_coalesced_when_the_preview_changes_fast() -> None:
+    fake = with_pull(FakeGitea(token=GITEA_TOKEN), 7)
+
+    def previews(cluster: MemoryCluster) -> None:
+        cluster.load(preview_docs())
+
+    async with rig(settings(comment_interval_seconds=2.0), fakes={"gitea.example.com": fake},
+                   setup=previews) as r:
+        await eventually(lambda: one_saying(fake, ": pending"))
+        started = time.monotonic()
+        for _ in range(20):  # twenty changes inside one interval
+            deploy(r.cluster, HEAD)
+            r.cluster.mark_failed(PR_APP, f"sha1:{HEAD}", "BuildFailed", "kustomize build")
+        deploy(r.cluster, HEAD)
+        await eventually(lambda: one_saying(fake, ": success"), timeout=30)
+        # The created comment, then at most one edit per interval since.
+        edits_allowed = 1 + int((time.monotonic() - started) / 2.0)
+        assert 1 <= fake.comment_edits <= edits_allowed
+        assert fake.comments_created == 1
+
+
+@pytest.mark.anyio
+async def test_a_lost_race_is_repaired_and_peoples_comments_are_left_alone() -> None:
+    fake = with_pull(FakeGitea(token=GITEA_TOKEN), 7)
+    marker = "<!-- gitea-flux-bridge:preview cluster=eu-west -->"
+    # Two comments by the bridge (a race across a Lease handover) and one by a person who
+    # quotes the marker.
+    kept = fake.add_comment(OWNER, REPO, 7, marker + "\nold")["id"]
+    fake.add_comment(OWNER, REPO, 7, marker + "\nolder twin")
+    person = fake.add_comment(OWNER, REPO, 7, "why does " + marker + " say that?", "alice")
+
+    def previews(cluster: MemoryCluster) -> None:
+        cluster.load(preview_docs())
+        deploy(cluster, HEAD)
+
+    async with rig(settings(), fakes={"gitea.example.com": fake}, setup=previews):
+        await eventually(lambda: one_saying(fake, ": success"))
+        assert ours(fake)[0]["id"] == kept
+        assert fake.comments[person["id"]]["body"] == "why does " + marker + " say that?"
+        assert fake.comments_created == 0
+
+
+@pytest.mark.anyio
+async def test_two_replicas_write_one_comment_never_two() -> None:
+    fake = with_pull(FakeGitea(token=GITEA_TOKEN), 7, 8)
+
+    def previews(cluster: MemoryCluster) -> None:
+        cluster.load(preview_docs())
+        deploy(cluster, HEAD)
+
+    async with rig(settings(), fakes={"gitea.example.com": fake}, setup=previews) as r:
+        transport, _ = gitea_transport({"gitea.example.com": fake})
+        other_metrics = Metrics()
+        other = fast(StatusService(r.settings, r.cluster, other_metrics, transport=transport))
+        await other.start()
+        try:
+            await eventually(lambda: one_saying(fake, ": success"))
+            # Both see every change; one comment per pull request, each edited in place.
+            r.cluster.load(preview_docs(NEXT))
+            r.cluster.load([{**doc, "metadata": {**doc["metadata"], "name": "pr-8"}}
+                            for doc in preview_docs(NEXT, "8")[1:]])
+            await eventually(lambda: one_saying(fake, ": pending") and
+                             one_saying(fake, ": pending", 8))
+            leaders = [s for s in (r.service, other) if s.resync.leader]
+            assert len(leaders) == 1
+        finally:
+            await other.stop(grace_seconds=0)
+        assert fake.comments_created == 2 and fake.comment_deletes == 0
+        # Only the Lease holder wrote: the other replica created and edited nothing.
+        follower = other_metrics if leaders[0] is r.service else r.metrics
+        assert written(follower) == 0 and written(leaders[0].metrics) >= 3
+
+
+def written(metrics: Metrics) -> float:
+    return sum(sample.value for family in metrics.registry.collect()
+               for sample in family.samples
+               if sample.name == "gfb_pr_comments_total"
+               and sample.labels["result"] in ("created", "edited", "deleted"))
+
+
+@pytest.mark.anyio
+async def test_a_pull_request_push_posts_pending_on_its_head_at_once() -> None:
+    fake = with_pull(FakeGitea(token=GITEA_TOKEN), 7)
+
+    def previews(cluster: MemoryCluster) -> None:
+        cluster.load(preview_docs())
+        deploy(cluster, HEAD)
+
+    async with rig(settings(), fakes={"gitea.example.com": fake}, setup=previews) as r:
+        await eventually(lambda: fake.contexts(OWNER, REPO, HEAD).get(PR_CONTEXT) == "success")
+        payload = {"action": "synchronized", "number": 7,
+                   "pull_request": {"number": 7, "state": "open", "merged": False,
+                                    "head": {"sha": NEXT, "ref": "feature"}},
+                   "repository": {"clone_url": "https://gitea.example.com/team/webapp.git"}}
+        assert r.service.on_pull_request(payload) == 1
+        await eventually(lambda: fake.contexts(OWNER, REPO, NEXT).get(PR_CONTEXT) == "pending")
+        assert r.service.on_pull_request({"action": "synchronized"}) == 0
+
+
+@pytest.mark.anyio
+async def test_a_merged_pull_request_gets_a_line_when_its_merge_commit_is_deployed() -> None:
+    fake = FakeGitea(token=GITEA_TOKEN)
+    fake.add_pull(OWNER, REPO, 3, merged=True, merge_commit_sha=SHA)
+
+    async with rig(settings(), fakes={"gitea.example.com": fake}) as r:
+        r.cluster.mark_source_fetched(ObjectKey("GitRepository", "flux-system", "webapp"),
+                                      f"main@sha1:{SHA}")
+        r.cluster.mark_applied(WEBAPP, f"main@sha1:{SHA}")
+        await eventually(lambda: one_saying(fake, "Kustomization `apps/webapp` runs", 3))
+        r.cluster.mark_applied(ObjectKey("Kustomization", "apps", "api"), f"main@sha1:{SHA}")
+        await eventually(lambda: one_saying(fake, "Kustomization `apps/api` runs", 3))
+        body = ours(fake, 3)[0]["body"]
+        assert "#3 deployed on cluster `eu-west`" in body and "apps/webapp" in body
+        assert fake.comments_created == 1
