@@ -201,6 +201,8 @@ class PreviewConfig(_Model):
     comments: bool = True
     # One comment per merged pull request and cluster once its merge commit is deployed.
     deployed_comments: bool = True
+    # Only pull requests merged this recently get one (not every old merge on a first start).
+    deployed_within_seconds: float = Field(default=7 * 86400.0, gt=0)
     # At most one write of a comment per this many seconds; changes in between coalesce.
     comment_interval_seconds: float = Field(default=10.0, ge=0, le=3600)
 

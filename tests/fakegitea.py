@@ -309,14 +309,18 @@ class FakeGitea:
                         pull.get("merge_commit_sha") == sha:
                     return httpx.Response(200, json={
                         "number": number, "merged": True, "merge_commit_sha": sha,
-                        "state": "closed"})
+                        "merged_at": pull["merged_at"], "state": "closed"})
             return httpx.Response(404, json=NOT_FOUND)
         return None
 
     def add_pull(self, owner: str, repo: str, number: int, *, merged: bool = False,
-                 merge_commit_sha: str = "") -> None:
+                 merge_commit_sha: str = "", merged_at: float | None = None) -> None:
+        """A pull request; a merged one was merged `merged_at` (epoch seconds; default: now)."""
+        stamp = datetime.fromtimestamp(
+            merged_at if merged_at is not None else datetime.now(UTC).timestamp(), UTC)
         self.pulls[(owner, repo, number)] = {
             "merged": merged, "merge_commit_sha": merge_commit_sha,
+            "merged_at": stamp.strftime("%Y-%m-%dT%H:%M:%SZ") if merged else None,
             "state": "closed" if merged else "open"}
 
     def add_comment(self, owner: str, repo: str, number: int, body: str,

@@ -189,6 +189,7 @@ class MergedPull:
     number: int
     merged: bool
     merge_commit_sha: str
+    merged_at: float | None = None  # epoch seconds
 
 
 def repo_path(owner: str, repo: str) -> str:
@@ -429,4 +430,5 @@ class GiteaClient:
             return None
         merged = doc.get("merged") is True
         sha_merged = doc.get("merge_commit_sha")
-        return MergedPull(number, merged, sha_merged if isinstance(sha_merged, str) else "")
+        return MergedPull(number, merged, sha_merged if isinstance(sha_merged, str) else "",
+                          epoch_seconds(doc.get("merged_at")))

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -60,7 +61,8 @@ class PullComments:
     def __init__(self, settings: Settings, cluster: Cluster, client: GiteaClient,
                  locator: Locator, templates: StatusTemplates, queue: StatusQueue,
                  metrics: Metrics, clock: Callable[[], float], leader: Callable[[], bool],
-                 still_leader: Callable[[], Awaitable[bool]]) -> None:
+                 still_leader: Callable[[], Awaitable[bool]],
+                 wall_clock: Callable[[], float] = time.time) -> None:
         self._settings = settings
         self._cfg = settings.statuses.previews
         self._cluster = cluster
@@ -72,11 +74,12 @@ class PullComments:
         self._clock = clock
         self._leader = leader
         self._still_leader = still_leader
+        self._wall = wall_clock
         self._urls = {i.name: i.url for i in settings.gitea}
         self._due: BoundedMap[Any, float] = BoundedMap(self.memory_size)  # entry -> when
         self._attempts: dict[Any, int] = {}
         self._written: BoundedMap[tuple[str, Any], float] = BoundedMap(self.memory_size)
-        self._pull_of: BoundedMap[ObjectKey, PullKey] = BoundedMap(self.memory_size)
+        self._pull_of: dict[ObjectKey, PullKey] = {}  # every preview object in the cache
         self._seen: BoundedMap[tuple[ObjectKey, str], bool] = BoundedMap(self.memory_size)
         # (instance, repository, commit) -> the pull request it merged, None when none did
         self._merged: BoundedMap[tuple[str, str, str], MergedPull | None] = BoundedMap(
@@ -87,7 +90,7 @@ class PullComments:
 
     @property
     def enabled(self) -> bool:
-        return bool(self._settings.gitea) and (self._cfg.comments or self._cfg.deployed_comments)
+        return bool(self._settings.gitea)
 
     # -- what marks work due ----------------------------------------------------------------
 
@@ -96,14 +99,16 @@ class PullComments:
         if not self.enabled or obj.kind not in PREVIEW_KINDS:
             return
         if change_request(obj) is not None:
-            if action == "delete":
-                pull = self._pull_of.pop(obj.key, None)
-            else:
+            before = self._pull_of.pop(obj.key, None)
+            pull = before
+            if action != "delete":
                 _, source = self._locator.object_and_source(obj.key)
                 pull = pull_of(obj, source, self._locator.normalise)
                 if pull is not None:
                     self._pull_of[obj.key] = pull
-            if pull is not None and self._cfg.comments:
+                if before is not None and before != pull:
+                    self.touch(before)  # it left that pull request's preview
+            if pull is not None:
                 self.touch(pull)
             return
         if action != "delete" and obj.kind in CONSUMER_KINDS and self._cfg.deployed_comments:
@@ -116,13 +121,13 @@ class PullComments:
         """A consumer Ready at a commit: that commit may be a merged pull request's."""
         ready = obj.condition("Ready") or {}
         sha = commit_of(applied_revision(obj))
-        if ready.get("status") != "True" or sha is None:
-            return
+        if ready.get("status") != "True" or sha is None or (obj.key, sha) in self._seen:
+            return  # most changes are status updates of a commit already looked at
+        self._seen[(obj.key, sha)] = True
         _, source = self._locator.object_and_source(obj.key)
         repo = repo_of(obj, source, self._locator.normalise)
-        if repo is None or (obj.key, sha) in self._seen:
+        if repo is None or not self._locator.instances(repo.key):
             return
-        self._seen[(obj.key, sha)] = True
         self._mark((pc.DEPLOYED, repo.key, f"{repo.owner}/{repo.name}", sha), 0.0)
 
     def _mark(self, entry: Any, delay: float) -> None:
@@ -144,7 +149,7 @@ class PullComments:
                                           self._locator.normalise)
         for url in event.repo_urls:
             repo = repo_ref(self._locator.normalise(url))
-            if repo is not None and self._cfg.comments:
+            if repo is not None:
                 self.touch(pull_key(repo, event.number))
                 break
         if not wanted:
@@ -212,25 +217,24 @@ class PullComments:
         entry = (pc.PREVIEW, pull)
         items: list[PreviewItem] = []
         statuses: list[DesiredStatus] = []
-        store = self._cluster.store
-        for kind in PREVIEW_KINDS:
-            for obj in store.list(kind):
-                if change_request(obj) != pull.number:
-                    continue
-                _, source = self._locator.object_and_source(obj.key)
-                if pull_of(obj, source, self._locator.normalise) != pull:
-                    continue
-                items.append(preview_item(obj, source, self._templates, self._locator.normalise))
-                # Its statuses follow the watch too: the live-state one, and the one on the
-                # head commit it should run (each compared with Gitea before it is posted).
-                for status in (desired_from_object(obj, source, self._templates,
-                                                   self._locator.normalise),
-                               preview_status(obj, source, self._templates,
-                                              self._locator.normalise)):
-                    if status is not None:
-                        statuses.append(status)
+        members = sorted(key for key, of in self._pull_of.items() if of == pull)
+        for key in members:
+            obj, source = self._locator.object_and_source(key)
+            if obj is None or pull_of(obj, source, self._locator.normalise) != pull:
+                continue
+            items.append(preview_item(obj, source, self._templates, self._locator.normalise))
+            # Its statuses follow the watch too: the live-state one, and the one on the head
+            # commit it should run (each compared with Gitea before it is posted).
+            for status in (desired_from_object(obj, source, self._templates,
+                                               self._locator.normalise),
+                           preview_status(obj, source, self._templates,
+                                          self._locator.normalise)):
+                if status is not None:
+                    statuses.append(status)
         if statuses:
             self._queue.enqueue(statuses, state_only=True)
+        if not self._cfg.comments:
+            return False
         retry = False
         for instance in self._locator.instances(pull.repo_key):
             delay = self._wait_interval(entry, instance)
@@ -260,6 +264,9 @@ class PullComments:
             merged = self._merged[lookup]
             if merged is None or not merged.merged or merged.merge_commit_sha != sha:
                 continue
+            if merged.merged_at is None or \
+                    self._wall() - merged.merged_at > self._cfg.deployed_within_seconds:
+                continue  # merged long ago (the bridge just started): no late news
             pull = PullKey(repo_key, owner, name, merged.number)
             entry = (pc.DEPLOYED, repo_key, full_name, sha)
             delay = self._wait_interval((pc.DEPLOYED, pull), instance)

@@ -94,7 +94,7 @@ class StatusService:
 
         self.comments = PullComments(settings, cluster, self._client, self.locator, templates,
                                      self.queue, metrics, clock, lambda: self.resync.leader,
-                                     still_leader)
+                                     still_leader, wall_clock)
         cluster.store.subscribe(self.comments.on_store_change)
         self.resync.on_run.append(self.comments.resync)
         self._tasks: list[asyncio.Task[None]] = []

@@ -4,6 +4,7 @@ counts is what Gitea holds: how many comments, what they say, which statuses."""
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
@@ -223,3 +224,51 @@ async def test_a_merged_pull_request_gets_a_line_when_its_merge_commit_is_deploy
         body = ours(fake, 3)[0]["body"]
         assert "#3 deployed on cluster `eu-west`" in body and "apps/webapp" in body
         assert fake.comments_created == 1
+
+
+@pytest.mark.anyio
+async def test_an_old_merge_still_running_gets_no_late_comment() -> None:
+    fake = FakeGitea(token=GITEA_TOKEN)
+    fake.add_pull(OWNER, REPO, 2, merged=True, merge_commit_sha=SHA,
+                  merged_at=time.time() - 30 * 86400)
+    fake.add_pull(OWNER, REPO, 4)
+
+    async with rig(settings(), fakes={"gitea.example.com": fake}) as r:
+        r.cluster.mark_source_fetched(ObjectKey("GitRepository", "flux-system", "webapp"),
+                                      f"main@sha1:{SHA}")
+        r.cluster.mark_applied(WEBAPP, f"main@sha1:{SHA}")
+        # A preview on another pull request, written after the merge was looked at: once it
+        # shows, the old merge was handled (in order) and left alone.
+        r.cluster.load(preview_docs(HEAD, "4"))
+        deploy(r.cluster, HEAD)
+        await eventually(lambda: one_saying(fake, ": success", 4))
+        assert ours(fake, 2) == [] and fake.comments_created == 1
+
+
+@pytest.mark.anyio
+async def test_an_events_commit_metadata_names_the_commit_its_status_goes_to() -> None:
+    fake = with_pull(FakeGitea(token=GITEA_TOKEN), 7)
+
+    def previews(cluster: MemoryCluster) -> None:
+        cluster.load(preview_docs())
+
+    async with rig(settings(comments=False), fakes={"gitea.example.com": fake},
+                   setup=previews) as r:
+        for metadata in ({"commit": HEAD, "change_request": "7", "revision": f"sha1:{NEXT}"},
+                         {"event.toolkit.fluxcd.io/commit": NEXT,
+                          "kustomize.toolkit.fluxcd.io/revision": f"sha1:{HEAD}"}):
+            body = json.dumps({
+                "involvedObject": {"kind": "Kustomization", "namespace": "previews",
+                                   "name": "pr-7",
+                                   "apiVersion": "kustomize.toolkit.fluxcd.io/v1"},
+                "severity": "info", "reason": "ReconciliationSucceeded",
+                "message": "Reconciliation finished", "metadata": metadata}).encode()
+            assert (await r.send(body)).json() == {"accepted": True, "statuses": 1}
+        await eventually(lambda: fake.contexts(OWNER, REPO, HEAD).get(PR_CONTEXT) == "success"
+                         and fake.contexts(OWNER, REPO, NEXT).get(PR_CONTEXT) == "success")
+        # Comments off: statuses still follow the preview (pending on a new head at once),
+        # and nothing is written on the pull request.
+        r.cluster.load(preview_docs("d" * 40))
+        await eventually(lambda: fake.contexts(OWNER, REPO, "d" * 40).get(PR_CONTEXT) ==
+                         "pending")
+        assert fake.comments_created == 0 and fake.comment_lists == 0
