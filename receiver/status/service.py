@@ -135,6 +135,9 @@ class StatusService:
         self._tasks.append(asyncio.create_task(self.resync.loop(self.holder),
                                                name="status-resync"))
         self._tasks.append(asyncio.create_task(self.comments.loop(), name="pr-comments"))
+        # Know the previews cached so far now, leader or not: one that goes before this
+        # replica takes the Lease must still be torn down.
+        self.comments.resync()
         self.resync.running = True
 
     async def stop(self, grace_seconds: float = 10.0) -> None:
