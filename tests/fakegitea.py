@@ -186,10 +186,18 @@ class FakeGitea:
     # unknown to the repository (compare answers 404).
     parents: dict[str, tuple[str, ...]] = field(default_factory=dict)
     compares: list[tuple[str, str, str, str]] = field(default_factory=list)  # (o, r, base, head)
+    # What `doctor` reads: the token's user (GET /user), the repositories whose user may not
+    # write (permissions.push false), those it does not administer (hooks answer 403, as
+    # Gitea's reqAdmin does), and each repository's webhooks (GET .../hooks).
+    login: str = "bridge-bot"
+    read_only: set[tuple[str, str]] = field(default_factory=set)
+    not_admin: set[tuple[str, str]] = field(default_factory=set)
+    hooks: dict[tuple[str, str], list[dict[str, Any]]] = field(default_factory=dict)
     _next_id: int = 0
 
     _COMPARE = re.compile(r"^/repos/(?P<owner>[^/]+)/(?P<repo>[^/]+)/compare/"
                           r"(?P<base>[^/.]+)\.\.\.(?P<head>[^/.]+)$")
+    _REPO = re.compile(r"^/repos/(?P<owner>[^/]+)/(?P<repo>[^/]+)(?P<hooks>/hooks)?$")
     _PATH = re.compile(r"^/repos/(?P<owner>[^/]+)/(?P<repo>[^/]+)/"
                        r"(?:statuses/(?P<sha>[^/]+)|commits/(?P<ref>[^/]+)/statuses)$")
 
@@ -209,6 +217,13 @@ class FakeGitea:
             return httpx.Response(failure, json={"message": "injected failure", "url": ""})
         if request.headers.get("authorization") != f"token {self.token}":
             return httpx.Response(401, json={"message": "token is required", "url": ""})
+        path = request.url.path.removeprefix(self.prefix)
+        if request.method == "GET" and path == "/user":
+            return httpx.Response(200, json={"id": 1, "login": self.login})
+        repo_path = self._REPO.match(path)
+        if repo_path is not None and request.method == "GET":
+            return self._repository(unquote(repo_path["owner"]), unquote(repo_path["repo"]),
+                                    bool(repo_path["hooks"]))
         compare = self._COMPARE.match(request.url.path.removeprefix(self.prefix))
         if compare is not None and request.method == "GET":
             return self._compare(unquote(compare["owner"]), unquote(compare["repo"]),
@@ -229,6 +244,29 @@ class FakeGitea:
                           body.get("description", ""), body.get("target_url", ""))
         self.posts.append((*key, body))
         return httpx.Response(201, json=_public(status))
+
+    def _repository(self, owner: str, repo: str, hooks: bool) -> httpx.Response:
+        if self.repos is not None and (owner, repo) not in self.repos:
+            return httpx.Response(404, json=NOT_FOUND)
+        admin = (owner, repo) not in self.not_admin
+        if hooks:
+            if not admin:
+                return httpx.Response(403, json={"message": "Must be an owner or admin",
+                                                 "url": ""})
+            return httpx.Response(200, json=self.hooks.get((owner, repo), []))
+        push = (owner, repo) not in self.read_only
+        return httpx.Response(200, json={
+            "id": 1, "name": repo, "full_name": f"{owner}/{repo}",
+            "owner": {"id": 1, "login": owner},
+            "permissions": {"admin": admin and push, "push": push, "pull": True}})
+
+    def add_hook(self, owner: str, repo: str, url: str, *, active: bool = True) -> None:
+        """A webhook as GET /repos/{owner}/{repo}/hooks lists it (swagger `Hook`)."""
+        items = self.hooks.setdefault((owner, repo), [])
+        items.append({"id": len(items) + 1, "type": "gitea", "active": active,
+                      "events": ["push"], "branch_filter": "*",
+                      "config": {"url": url, "content_type": "json"},
+                      "created_at": "2026-08-07T13:04:05Z", "updated_at": "2026-08-07T13:04:05Z"})
 
     def _reachable(self, commit: str) -> set[str]:
         seen: set[str] = set()

@@ -257,6 +257,12 @@ class GiteaClient:
             )
         raise AssertionError("unreachable")  # pragma: no cover
 
+    async def get(self, instance: str, path: str, *,
+                  params: dict[str, Any] | None = None) -> httpx.Response:
+        """A GET of any API path (relative to /api/v1/), for `doctor`'s read-only checks;
+        errors as every call's (`GiteaError`, the status kept)."""
+        return await self._request(instance, "GET", path, params=params, call="get")
+
     async def contains(self, instance: str, owner: str, repo: str, ancestor: str,
                        descendant: str) -> bool:
         """Does `descendant` contain `ancestor` (the same commit, or one of its ancestors)?

@@ -614,7 +614,11 @@ def test_notes_tell_how_to_get_hook_urls(helm: str, tmp_path: Path) -> None:
     notes = _render_notes(tmp_path)
     assert "kubectl get receivers -A" in notes
     assert ".status.webhookPath" in notes
-    assert "gitea-flux-bridge hook-url --name" in notes
+    # From the Receiver's own Secret, read as Flux reads it (a file recipe would drop a
+    # trailing newline the Secret may hold, and give another path).
+    assert "gitea-flux-bridge hook-url --receiver NAMESPACE/RECEIVER" in notes
+    assert "base64 -d" not in notes
+    assert "gitea-flux-bridge doctor" in notes
     assert f"http://{FULLNAME}.{NAMESPACE}.svc.cluster.local:80/events" in notes
     assert "generic-hmac" in notes
     assert "config.gitea is empty" in notes
