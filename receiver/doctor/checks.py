@@ -72,6 +72,9 @@ def required_access(namespaces: Sequence[str], lease_namespace: str, lease_name:
                                      why=f"annotate {kind} objects a Receiver lists"))
         needs.append(AccessFacts("get", "", "secrets", namespace,
                                  why="read the Secrets Receivers name"))
+        needs += [AccessFacts(verb, "", "events", namespace, optional=True,
+                              why="write Kubernetes Events on Receivers and annotated objects")
+                  for verb in ("create", "patch")]
     group = "coordination.k8s.io"
     needs += [AccessFacts("create", group, "leases", lease_namespace,
                           why="elect the status resync leader"),

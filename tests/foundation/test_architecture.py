@@ -36,6 +36,7 @@ CORE = frozenset({
     "receiver.delivery.record", "receiver.delivery.marks", "receiver.delivery.state",
     "receiver.status.decisions", "receiver.status.fleet", "receiver.status.badges",
     "receiver.status.flux_events", "receiver.doctor.facts", "receiver.doctor.checks",
+    "receiver.flux.event_book", "receiver.push.push_events",
 })
 
 

@@ -50,6 +50,7 @@ FLUX_RULES = (
     | {("image.toolkit.fluxcd.io", "imageupdateautomations", "patch")}
     | {("source.extensions.fluxcd.io", "artifactgenerators", "patch")}
     | {("", "secrets", "get")}
+    | {("", "events", v) for v in ("create", "patch")}
 )
 
 
@@ -487,7 +488,10 @@ def test_rbac_grants_nothing_more(helm: str, variant: str) -> None:
                     ("imagerepositories", "patch"), ("imagepolicies", "patch"),
                     ("helmrepositories", "patch"), ("helmcharts", "patch"),
                     *((r, "patch") for r in PATCH_ONLY),
-                    ("leases", "create"), ("leases", "update")}, (resource, verb)
+                    ("leases", "create"), ("leases", "update"),
+                    ("events", "create"), ("events", "patch")}, (resource, verb)
+            if resource == "events":
+                assert verb in ("create", "patch"), "Events are written, never read"
             if resource in PATCH_ONLY:
                 assert verb == "patch", "kinds the bridge only annotates are never read"
 
