@@ -319,13 +319,13 @@ def diagnose(facts: Facts) -> list[Finding]:
     for setting, why in sorted(facts.unreadable_secrets.items()):
         found.append(Finding("fail", "Settings", "secret-unreadable",
                              f"{setting}: {why} (/readyz answers 503 until it can be read)"))
+    failing = "; ".join(f"{label}: {why}" for label, why in sorted(facts.sync_errors.items()))
     if not facts.synced:
         found.append(Finding("fail", "Cluster", "not-synced", (
             f"the Flux objects could not all be listed ({facts.source})"
-            + (": " + "; ".join(sorted(facts.sync_errors.values())) if facts.sync_errors
-               else ""))))
-    for label, why in sorted(facts.sync_errors.items()):
-        found.append(Finding("warn", "Cluster", "cannot-list", f"{label}: {why}"))
+            + (f": {failing}" if failing else ""))))
+    elif failing:
+        found.append(Finding("warn", "Cluster", "cannot-list", failing))
     found += access_findings(facts.access)
     if not facts.receivers:
         found.append(Finding("fail", "Receivers", "no-receivers",

@@ -320,10 +320,19 @@ def kube_client(impersonate: str = "") -> Any:
     return client
 
 
-async def synced(cluster: Cluster, timeout: float) -> bool:
-    """Start the cluster's caches and wait (up to `timeout`) for every kind to be listed."""
+async def synced(cluster: Cluster, timeout: float, *, give_up_after: float = 3.0) -> bool:
+    """Start the cluster's caches and wait (up to `timeout`) for every kind to be listed. A
+    kind whose list keeps failing (403, a missing CRD) stops the wait after `give_up_after`:
+    the failure is a finding, not a reason to wait out the timeout."""
     await cluster.start()
     deadline = time.monotonic() + timeout
+    failing_since: float | None = None
     while not cluster.synced and time.monotonic() < deadline:
+        if cluster.sync_errors:
+            failing_since = failing_since or time.monotonic()
+            if time.monotonic() - failing_since >= give_up_after:
+                break
+        else:
+            failing_since = None
         await asyncio.sleep(0.1)
     return cluster.synced
