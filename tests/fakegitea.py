@@ -193,6 +193,10 @@ class FakeGitea:
     read_only: set[tuple[str, str]] = field(default_factory=set)
     not_admin: set[tuple[str, str]] = field(default_factory=set)
     hooks: dict[tuple[str, str], list[dict[str, Any]]] = field(default_factory=dict)
+    # The token's scopes (None: all). As Gitea 1.26: reading a repository needs
+    # read:repository, posting a status write:repository (403 with Gitea's message
+    # otherwise), GET /user read:user; a create-status body that is not JSON is 422.
+    scopes: set[str] | None = None
     _next_id: int = 0
 
     _COMPARE = re.compile(r"^/repos/(?P<owner>[^/]+)/(?P<repo>[^/]+)/compare/"
@@ -218,6 +222,13 @@ class FakeGitea:
         if request.headers.get("authorization") != f"token {self.token}":
             return httpx.Response(401, json={"message": "token is required", "url": ""})
         path = request.url.path.removeprefix(self.prefix)
+        required = ("read:user" if path == "/user" else
+                    "write:repository" if request.method != "GET" else "read:repository")
+        if self.scopes is not None and not ({required, required.replace("read:", "write:")}
+                                            & self.scopes):
+            return httpx.Response(403, json={"message": (
+                "token does not have at least one of required scope(s), required="
+                f"[{required}], token scope={','.join(sorted(self.scopes))}"), "url": ""})
         if request.method == "GET" and path == "/user":
             return httpx.Response(200, json={"id": 1, "login": self.login})
         repo_path = self._REPO.match(path)
@@ -237,7 +248,13 @@ class FakeGitea:
         key = (owner, repo, unquote(m["sha"] or m["ref"]))
         if request.method == "GET":
             return self._list(key, request.url.params)
-        body = json.loads(request.content)
+        if (owner, repo) in self.read_only:
+            return httpx.Response(403, json={"message": "user should have write access",
+                                             "url": ""})
+        try:
+            body = json.loads(request.content)
+        except ValueError:
+            return httpx.Response(422, json={"message": "[]: unexpected EOF", "url": ""})
         if body.get("state") == "skipped" and not _takes_skipped(self.version or "1.26"):
             return httpx.Response(400, json={"message": "invalid state: skipped", "url": ""})
         status = self.add(*key, body.get("context", ""), body.get("state", ""),

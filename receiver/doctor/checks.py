@@ -241,7 +241,8 @@ def gitea_findings(g: GiteaFacts, receivers: Sequence[ReceiverFacts], base: str)
         return [*found, Finding("fail", subject, "gitea-auth",
                                 f"the token is refused: {g.auth_error}")]
     if g.authenticated:
-        found.append(Finding("ok", subject, "gitea-auth", f"the token authenticates as {g.user}"))
+        found.append(Finding("ok", subject, "gitea-auth", f"the token authenticates as {g.user}"
+                             if g.user else "the token authenticates"))
     for repo in g.repositories:
         rsubject = f"Gitea {g.name} {repo.owner}/{repo.repo}"
         if not repo.found:
@@ -249,11 +250,15 @@ def gitea_findings(g: GiteaFacts, receivers: Sequence[ReceiverFacts], base: str)
                 f"not found or not visible to the token's user ({repo.error}): statuses "
                 "for it are refused")))
             continue
-        if repo.can_push is False:
+        if repo.can_post is False:
+            found.append(Finding("fail", rsubject, "status-permission", (
+                f"Gitea would refuse a commit status from this token ({repo.post_error}): it "
+                "needs the write:repository scope and write access to the repository")))
+        elif repo.can_push is False:
             found.append(Finding("fail", rsubject, "status-permission", (
                 "the token's user may not write to it: posting a commit status needs write "
                 "access (and a token with the write:repository scope)")))
-        elif repo.can_push:
+        elif repo.can_post or repo.can_push:
             found.append(Finding("ok", rsubject, "status-permission",
                                  "the token's user may post commit statuses"))
         routed = [r for r in receivers if (g.name, repo.owner, repo.repo) in r.repositories]

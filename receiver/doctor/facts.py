@@ -58,6 +58,10 @@ class RepositoryFacts:
     found: bool = True
     error: str = ""  # why the repository could not be read
     can_push: bool | None = None  # permissions.push of the token's user; None: not known
+    # Whether Gitea would take a commit status from this token (scope and access), asked
+    # without posting one; None: not known. `post_error`: Gitea's answer when not.
+    can_post: bool | None = None
+    post_error: str = ""
     hooks: tuple[HookFacts, ...] | None = None  # None: could not be listed (`hooks_error`)
     hooks_error: str = ""
 

@@ -129,19 +129,26 @@ async def repository_facts(client: GiteaClient, instance: str, owner: str,
     except GiteaError as exc:
         return RepositoryFacts(owner, repo, found=False, error=_message(exc))
     permissions = body.get("permissions") if isinstance(body, dict) else None
-    can_push = permissions.get("push") if isinstance(permissions, dict) else None
+    pushes = permissions.get("push") if isinstance(permissions, dict) else None
+    can_push = pushes if isinstance(pushes, bool) else None
+    try:
+        status, why = await client.status_write_probe(instance, owner, repo)
+        can_post, post_error = (True, "") if status == 422 else (
+            (False, why) if status in (401, 403, 404) else (None, why))
+    except GiteaError as exc:
+        can_post, post_error = None, _message(exc)
     try:
         listed = (await client.get(instance, path + "/hooks", params={"limit": 50})).json()
     except GiteaError as exc:
-        return RepositoryFacts(owner, repo, can_push=can_push if isinstance(can_push, bool)
-                               else None, hooks_error=_message(exc))
+        return RepositoryFacts(owner, repo, can_push=can_push, can_post=can_post,
+                               post_error=post_error, hooks_error=_message(exc))
     hooks = tuple(
         HookFacts(_str((h.get("config") or {}).get("url")), bool(h.get("active")),
                   tuple(e for e in h.get("events") or [] if isinstance(e, str)),
                   _str(h.get("type")))
         for h in (listed if isinstance(listed, list) else []) if isinstance(h, dict))
-    return RepositoryFacts(owner, repo, can_push=can_push if isinstance(can_push, bool) else None,
-                           hooks=hooks)
+    return RepositoryFacts(owner, repo, can_push=can_push, can_post=can_post,
+                           post_error=post_error, hooks=hooks)
 
 
 async def gitea_facts(settings: Settings, reader: SecretReader, client: GiteaClient,
@@ -169,7 +176,9 @@ async def gitea_facts(settings: Settings, reader: SecretReader, client: GiteaCli
             user = _str((await client.get(name, "user")).json().get("login"))
             authenticated, auth_error = True, ""
         except GiteaError as exc:
-            user, authenticated, auth_error = "", False, _message(exc)
+            # 403: the token is good but may not read its user (no read:user scope, which the
+            # bridge does not need); 401: Gitea does not know the token.
+            user, authenticated, auth_error = "", exc.status == 403, _message(exc)
         repos: list[RepositoryFacts] = []
         if authenticated:
             wanted = sorted(repositories.get(name, ()))[:MAX_REPOSITORIES]
