@@ -64,7 +64,7 @@ async def test_a_push_matching_nothing_is_a_warning_and_a_flood_of_them_one_even
     assert bridge.cluster.event_writes <= 2 + (time.monotonic() - started) / 1.0
 
 
-async def test_a_blank_token_and_an_invalid_filter_are_warnings(
+async def test_an_unusable_type_a_blank_token_and_an_invalid_filter_are_warnings(
         bridge_factory: BridgeFactory, tmp_path: Any) -> None:
     import shutil
 
@@ -75,8 +75,13 @@ async def test_a_blank_token_and_an_invalid_filter_are_warnings(
     text = (fleet / "receivers.yaml").read_text()
     text = text.replace("stringData: {token: hmac-secret-token}", "stringData: {token: ' '}")
     text = text.replace("  type: generic\n", "  type: generic\n  resourceFilter: 'nope('\n", 1)
+    text += ("---\napiVersion: notification.toolkit.fluxcd.io/v1\nkind: Receiver\n"
+             "metadata: {name: gitlab, namespace: flux-system}\n"
+             "spec: {type: gitlab, secretRef: {name: gitea-token}, resources: []}\n")
     (fleet / "receivers.yaml").write_text(text)
     bridge = await bridge_factory(directory=fleet)
+    (unsupported,) = await until(lambda: events(bridge, "UnsupportedType", "gitlab"))
+    assert unsupported["type"] == "Warning" and "'gitlab'" in unsupported["message"]
     (blank,) = await until(lambda: events(bridge, "TokenUnusable", "hmac"), what="TokenUnusable")
     assert blank["type"] == "Warning" and "blank token" in blank["message"]
     assert "404" in blank["message"] and "hmac-secret-token" not in str(blank)
