@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 from urllib.parse import quote
 
@@ -117,17 +118,13 @@ def status_repositories(settings: Settings, cluster: Cluster) -> dict[str, set[t
     return found
 
 
-def _message(exc: GiteaError) -> str:
-    return str(exc)
-
-
 async def repository_facts(client: GiteaClient, instance: str, owner: str,
                            repo: str) -> RepositoryFacts:
     path = f"repos/{quote(owner, safe='')}/{quote(repo, safe='')}"
     try:
         body = (await client.get(instance, path)).json()
     except GiteaError as exc:
-        return RepositoryFacts(owner, repo, found=False, error=_message(exc))
+        return RepositoryFacts(owner, repo, found=False, error=str(exc))
     permissions = body.get("permissions") if isinstance(body, dict) else None
     pushes = permissions.get("push") if isinstance(permissions, dict) else None
     can_push = pushes if isinstance(pushes, bool) else None
@@ -136,12 +133,12 @@ async def repository_facts(client: GiteaClient, instance: str, owner: str,
         can_post, post_error = (True, "") if status == 422 else (
             (False, why) if status in (401, 403, 404) else (None, why))
     except GiteaError as exc:
-        can_post, post_error = None, _message(exc)
+        can_post, post_error = None, str(exc)
     try:
         listed = (await client.get(instance, path + "/hooks", params={"limit": 50})).json()
     except GiteaError as exc:
         return RepositoryFacts(owner, repo, can_push=can_push, can_post=can_post,
-                               post_error=post_error, hooks_error=_message(exc))
+                               post_error=post_error, hooks_error=str(exc))
     hooks = tuple(
         HookFacts(_str((h.get("config") or {}).get("url")), bool(h.get("active")),
                   tuple(e for e in h.get("events") or [] if isinstance(e, str)),
@@ -169,7 +166,7 @@ async def gitea_facts(settings: Settings, reader: SecretReader, client: GiteaCli
         except GiteaError as exc:
             if exc.status == 0:
                 out.append(GiteaFacts(name, instance.url, reachable=False,
-                                      reach_error=_message(exc)))
+                                      reach_error=str(exc)))
                 continue
             version = ""
         try:
@@ -178,7 +175,7 @@ async def gitea_facts(settings: Settings, reader: SecretReader, client: GiteaCli
         except GiteaError as exc:
             # 403: the token is good but may not read its user (no read:user scope, which the
             # bridge does not need); 401: Gitea does not know the token.
-            user, authenticated, auth_error = "", exc.status == 403, _message(exc)
+            user, authenticated, auth_error = "", exc.status == 403, str(exc)
         repos: list[RepositoryFacts] = []
         if authenticated:
             wanted = sorted(repositories.get(name, ()))[:MAX_REPOSITORIES]
@@ -225,22 +222,17 @@ def access_reviews(api_client: Any, needs: Sequence[AccessFacts]) -> list[Access
             attributes["namespace"] = need.namespace
         if need.name:
             attributes["name"] = need.name
-        body: Any = {"apiVersion": "authorization.k8s.io/v1", "kind": "SelfSubjectAccessReview",
-                "spec": {"resourceAttributes": attributes}}
+        body: Any = {"apiVersion": "authorization.k8s.io/v1",
+                     "kind": "SelfSubjectAccessReview",
+                     "spec": {"resourceAttributes": attributes}}
         try:
             answer = auth.create_self_subject_access_review(body, _preload_content=False)
             status = read_json(answer).get("status") or {}
-            out.append(_replace(need, allowed=bool(status.get("allowed"))))
+            out.append(replace(need, allowed=bool(status.get("allowed"))))
         except Exception as exc:
-            out.append(_replace(need, allowed=None, detail=(
+            out.append(replace(need, allowed=None, detail=(
                 f"cannot ask the API server: {status_message(exc) or type(exc).__name__}")))
     return out
-
-
-def _replace(need: AccessFacts, **changes: Any) -> AccessFacts:
-    from dataclasses import replace
-
-    return replace(need, **changes)
 
 
 def list_notifications(api_client: Any, namespaces: Sequence[str]) -> NotificationFacts:
