@@ -275,6 +275,9 @@ class FakeGitea:
         return httpx.Response(200, json={
             "id": 1, "name": repo, "full_name": f"{owner}/{repo}",
             "owner": {"id": 1, "login": owner},
+            "clone_url": f"https://gitea.example.com/{owner}/{repo}.git",
+            "html_url": f"https://gitea.example.com/{owner}/{repo}",
+            "ssh_url": f"git@gitea.example.com:{owner}/{repo}.git",
             "permissions": {"admin": admin and push, "push": push, "pull": True}})
 
     def add_hook(self, owner: str, repo: str, url: str, *, active: bool = True) -> None:

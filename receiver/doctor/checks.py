@@ -261,6 +261,13 @@ def gitea_findings(g: GiteaFacts, receivers: Sequence[ReceiverFacts], base: str)
         elif repo.can_post or repo.can_push:
             found.append(Finding("ok", rsubject, "status-permission",
                                  "the token's user may post commit statuses"))
+        if repo.push_keys:
+            for source, key in repo.sources:
+                if key not in repo.push_keys:
+                    found.append(Finding("fail", rsubject, "push-unmatched", (
+                        f"GitRepository {source} pulls it as {key}, but Gitea's pushes name it "
+                        f"{', '.join(repo.push_keys)}: every push answers 202 with "
+                        "`targets: []` (map one host to the other in host_aliases)")))
         routed = [r for r in receivers if (g.name, repo.owner, repo.repo) in r.repositories]
         found += webhook_findings(repo, g.name, routed, base)
     return found
@@ -339,6 +346,11 @@ def diagnose(facts: Facts) -> list[Finding]:
         found += receiver_findings(receiver, base)
     for instance in facts.gitea:
         found += gitea_findings(instance, facts.receivers, base)
+    if facts.statuses_configured:
+        for source in facts.unserved_sources:
+            found.append(Finding("warn", "Gitea", "source-unserved", (
+                f"no configured Gitea instance serves GitRepository {source}: no status is "
+                "posted for it (list its host in gitea[].hosts, or map it in host_aliases)")))
     found += notification_findings(facts.notifications, facts.statuses_configured, base)
     return found
 

@@ -64,6 +64,11 @@ class RepositoryFacts:
     post_error: str = ""
     hooks: tuple[HookFacts, ...] | None = None  # None: could not be listed (`hooks_error`)
     hooks_error: str = ""
+    # The repository's URLs as Gitea's pushes name them (clone, html, ssh), normalised as the
+    # bridge normalises a push's (host_aliases applied); empty: not known.
+    push_keys: tuple[str, ...] = ()
+    # (GitRepository ns/name, its normalised URL) of the sources that pull from it.
+    sources: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,3 +139,5 @@ class Facts:
     base_url: str = ""  # the bridge's external URL, when given (webhooks must point at it)
     sync_errors: dict[str, str] = field(default_factory=dict)  # kinds that could not be read
     synced: bool = True  # every kind was listed (False: the cluster could not be read in time)
+    # GitRepositories ("ns/name url") whose host no configured Gitea instance serves.
+    unserved_sources: tuple[str, ...] = ()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 from urllib.parse import quote
@@ -104,27 +104,42 @@ async def receiver_facts(settings: Settings, cluster: Cluster) -> list[ReceiverF
     return out
 
 
-def status_repositories(settings: Settings, cluster: Cluster) -> dict[str, set[tuple[str, str]]]:
-    """instance -> (owner, repo) of every GitRepository in the cache it hosts (statuses go
-    there, whether or not a Receiver lists it)."""
+Sources = dict[str, dict[tuple[str, str], set[tuple[str, str]]]]
+
+
+def status_repositories(settings: Settings, cluster: Cluster) -> tuple[Sources, list[str]]:
+    """instance -> (owner, repo) -> the GitRepositories (ns/name, normalised URL) in the cache
+    that pull from it (statuses go there, whether or not a Receiver lists them); and the
+    GitRepositories no configured instance serves."""
     locator = Locator(settings, cluster)
-    found: dict[str, set[tuple[str, str]]] = {}
-    for source in cluster.store.list("GitRepository"):
+    found: Sources = {}
+    unserved: list[str] = []
+    for source in sorted(cluster.store.list("GitRepository"), key=lambda o: o.key):
         repo = repo_of(source, None, locator.normalise)
         if repo is None:
             continue
-        for instance in locator.instances(repo.key):
-            found.setdefault(instance, set()).add((repo.owner, repo.name))
-    return found
+        instances = locator.instances(repo.key)
+        if not instances:
+            unserved.append(f"{source.namespace}/{source.name} {source.spec.get('url')}")
+        for instance in instances:
+            found.setdefault(instance, {}).setdefault((repo.owner, repo.name), set()).add(
+                (f"{source.namespace}/{source.name}", repo.key))
+    return found, unserved
 
 
-async def repository_facts(client: GiteaClient, instance: str, owner: str,
-                           repo: str) -> RepositoryFacts:
+async def repository_facts(client: GiteaClient, instance: str, owner: str, repo: str,
+                           sources: Iterable[tuple[str, str]],
+                           normalise: Callable[[str], str | None]) -> RepositoryFacts:
     path = f"repos/{quote(owner, safe='')}/{quote(repo, safe='')}"
+    known = tuple(sorted(sources))
     try:
         body = (await client.get(instance, path)).json()
     except GiteaError as exc:
-        return RepositoryFacts(owner, repo, found=False, error=str(exc))
+        return RepositoryFacts(owner, repo, found=False, error=str(exc), sources=known)
+    urls = [body.get(k) for k in ("clone_url", "html_url", "ssh_url")] if isinstance(
+        body, dict) else []
+    push_keys = tuple(sorted({k for u in urls if isinstance(u, str) and u
+                              for k in [normalise(u)] if k}))
     permissions = body.get("permissions") if isinstance(body, dict) else None
     pushes = permissions.get("push") if isinstance(permissions, dict) else None
     can_push = pushes if isinstance(pushes, bool) else None
@@ -138,18 +153,21 @@ async def repository_facts(client: GiteaClient, instance: str, owner: str,
         listed = (await client.get(instance, path + "/hooks", params={"limit": 50})).json()
     except GiteaError as exc:
         return RepositoryFacts(owner, repo, can_push=can_push, can_post=can_post,
-                               post_error=post_error, hooks_error=str(exc))
+                               post_error=post_error, hooks_error=str(exc),
+                               push_keys=push_keys, sources=known)
     hooks = tuple(
         HookFacts(_str((h.get("config") or {}).get("url")), bool(h.get("active")),
                   tuple(e for e in h.get("events") or [] if isinstance(e, str)),
                   _str(h.get("type")))
         for h in (listed if isinstance(listed, list) else []) if isinstance(h, dict))
     return RepositoryFacts(owner, repo, can_push=can_push, can_post=can_post,
-                           post_error=post_error, hooks=hooks)
+                           post_error=post_error, hooks=hooks, push_keys=push_keys,
+                           sources=known)
 
 
 async def gitea_facts(settings: Settings, reader: SecretReader, client: GiteaClient,
-                      repositories: Mapping[str, Iterable[tuple[str, str]]]) -> list[GiteaFacts]:
+                      repositories: Sources,
+                      normalise: Callable[[str], str | None]) -> list[GiteaFacts]:
     out: list[GiteaFacts] = []
     for instance in settings.gitea:
         name = instance.name
@@ -178,9 +196,11 @@ async def gitea_facts(settings: Settings, reader: SecretReader, client: GiteaCli
             user, authenticated, auth_error = "", exc.status == 403, str(exc)
         repos: list[RepositoryFacts] = []
         if authenticated:
-            wanted = sorted(repositories.get(name, ()))[:MAX_REPOSITORIES]
+            served = repositories.get(name, {})
+            wanted = sorted(served)[:MAX_REPOSITORIES]
             repos = list(await asyncio.gather(
-                *(repository_facts(client, name, owner, repo) for owner, repo in wanted)))
+                *(repository_facts(client, name, owner, repo, served[(owner, repo)], normalise)
+                  for owner, repo in wanted)))
         out.append(GiteaFacts(name, instance.url, version=version, authenticated=authenticated,
                               auth_error=auth_error, user=user, repositories=tuple(repos)))
     return out
@@ -269,17 +289,18 @@ async def gather(settings: Settings, cluster: Cluster, *, source: str, base_url:
     reader = SecretReader(settings, cluster, time.monotonic)
     unreadable = await reader.unreadable()
     receivers = await receiver_facts(settings, cluster)
-    repositories = status_repositories(settings, cluster)
+    repositories, unserved = status_repositories(settings, cluster)
     for r in receivers:
         for instance, owner, repo in r.repositories:
-            repositories.setdefault(instance, set()).add((owner, repo))
+            repositories.setdefault(instance, {}).setdefault((owner, repo), set())
 
     async def read_token(source_: Any, fresh: bool) -> str:
         return await reader.read(source_, fresh)
 
     client = GiteaClient(settings.gitea, read_token, transport=gitea_transport)
     try:
-        gitea = await gitea_facts(settings, reader, client, repositories)
+        gitea = await gitea_facts(settings, reader, client, repositories,
+                                  cluster.store.normalise_url)
     finally:
         await client.aclose()
     access: list[AccessFacts] = []
@@ -298,7 +319,7 @@ async def gather(settings: Settings, cluster: Cluster, *, source: str, base_url:
                 list_notifications, api_client, settings.namespaces)
     return Facts(source, tuple(receivers), tuple(gitea), tuple(access), notifications,
                  unreadable, bool(settings.gitea), base_url, dict(cluster.sync_errors),
-                 cluster_synced)
+                 cluster_synced, tuple(unserved))
 
 
 

@@ -198,12 +198,14 @@ def test_usage_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str])
 # -- settings, Gitea and the way back --------------------------------------------------------
 
 
-def settings_for(tmp_path: Path, *, token_file: Path | None = None) -> Settings:
+def settings_for(tmp_path: Path, *, token_file: Path | None = None,
+                 **overrides: Any) -> Settings:
     if token_file is None:
         token_file = tmp_path / "gitea-token"
         token_file.write_text("gitea-token\n")
     return load_settings(environ={}, overrides={"gitea": [
-        {"name": "main", "url": GITEA, "token": {"file": str(token_file)}}]})
+        {"name": "main", "url": GITEA, "token": {"file": str(token_file)},
+         "hosts": ["gitea.example.com", "gitea-http.gitea.svc:3000"]}], **overrides})
 
 
 async def doctor_with_gitea(settings: Settings, directory: Path, fake: FakeGitea,
@@ -316,3 +318,33 @@ async def test_no_alert_forwarding_to_events_is_named(tmp_path: Path) -> None:
     assert "no-provider" in checks(await doctor_with_gitea(settings, elsewhere, fake,
                                                            "http://bridge.example.com"))
     assert checks(await doctor_with_gitea(settings, elsewhere, fake, "http://bridge.test")) == {}
+
+
+async def test_a_source_on_an_unaliased_host_is_named_and_its_pushes_match_nothing(
+        tmp_path: Path) -> None:
+    """A GitRepository pulling through the in-cluster Service: Gitea's pushes name the public
+    URL, which nothing maps to it."""
+    inside = {**SOURCE, "spec": {**SOURCE["spec"],
+                                 "url": "http://gitea-http.gitea.svc:3000/platform/fleet.git"}}
+    directory = fleet(tmp_path / "m", receiver(), secret(TOKEN.encode()), inside, PROVIDER, ALERT)
+    fake = FakeGitea(token="gitea-token")
+    fake.add_hook("platform", "fleet", "http://x/hook/" + sig.hook_digest(TOKEN, NAME, NS))
+    found = checks(await doctor_with_gitea(settings_for(tmp_path), directory, fake))
+    assert set(found) == {"push-unmatched"} and "host_aliases" in found["push-unmatched"]
+    # The service agrees: the push is taken and reconciles nothing.
+    assert await push_to(directory, "/hook/" + sig.hook_digest(TOKEN, NAME, NS), TOKEN) == (
+        202, None)
+
+    aliased = settings_for(tmp_path, host_aliases={
+        "gitea-http.gitea.svc:3000": "gitea.example.com"})
+    assert checks(await doctor_with_gitea(aliased, directory, fake)) == {}
+
+
+async def test_a_source_no_gitea_instance_serves_is_a_warning(tmp_path: Path) -> None:
+    elsewhere = {**SOURCE, "spec": {**SOURCE["spec"],
+                                    "url": "https://github.com/platform/fleet.git"}}
+    directory = fleet(tmp_path / "m", receiver(), secret(TOKEN.encode()), elsewhere,
+                      PROVIDER, ALERT)
+    findings = await doctor_with_gitea(settings_for(tmp_path), directory,
+                                       FakeGitea(token="gitea-token"))
+    assert "github.com/platform/fleet" in checks(findings, "warn")["source-unserved"]
