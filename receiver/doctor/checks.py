@@ -310,6 +310,12 @@ def notification_findings(n: NotificationFacts | None, statuses: bool,
                  if not p.suspended and p.type in FORWARDING_PROVIDER_TYPES
                  and forwards_to_bridge(p.address, base)}
     alerts = [a for a in n.alerts if not a.suspended and (a.namespace, a.provider) in providers]
+    hidden = [f"{p.namespace}/{p.name}" for p in n.providers
+              if p.address_in_secret and not p.suspended and p.type in FORWARDING_PROVIDER_TYPES]
+    if not providers and hidden:
+        return [Finding("warn", subject, "alerts-unchecked", (
+            f"Provider(s) {', '.join(hidden)} keep their address in a Secret: doctor cannot tell "
+            "whether they post to /events"))]
     if not providers:
         return [Finding("fail", subject, "no-provider", (
             "no generic or generic-hmac Provider posts to the bridge's /events: Flux events never "

@@ -107,6 +107,7 @@ class ProviderFacts:
     type: str
     address: str
     suspended: bool = False
+    address_in_secret: bool = False  # spec.secretRef holds the address: not readable here
 
 
 @dataclass(frozen=True, slots=True)

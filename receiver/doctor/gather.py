@@ -215,8 +215,10 @@ def notification_facts_from(docs: Iterable[Mapping[str, Any]]) -> NotificationFa
         spec = doc.get("spec") or {}
         namespace, name = _str(meta.get("namespace")) or "default", _str(meta.get("name"))
         if doc.get("kind") == "Provider":
-            providers.append(ProviderFacts(namespace, name, _str(spec.get("type")),
-                                           _str(spec.get("address")), spec.get("suspend") is True))
+            address = _str(spec.get("address"))
+            providers.append(ProviderFacts(
+                namespace, name, _str(spec.get("type")), address, spec.get("suspend") is True,
+                address_in_secret=not address and isinstance(spec.get("secretRef"), dict)))
         elif doc.get("kind") == "Alert":
             ref = spec.get("providerRef") or {}
             alerts.append(AlertFacts(namespace, name, _str(ref.get("name")),

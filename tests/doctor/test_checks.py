@@ -51,3 +51,16 @@ def test_a_denied_optional_grant_warns_and_a_required_one_fails() -> None:
     assert [(f.severity, f.check) for f in found] == [
         ("warn", "rbac-denied"), ("fail", "rbac-denied"), ("warn", "rbac-unchecked")]
     assert "get secrets in apps" in found[1].message
+
+
+def test_a_provider_whose_address_is_in_a_secret_is_not_called_missing() -> None:
+    from receiver.doctor.checks import notification_findings
+    from receiver.doctor.facts import AlertFacts, NotificationFacts, ProviderFacts
+
+    hidden = NotificationFacts(providers=(ProviderFacts("ns", "p", "generic-hmac", "",
+                                                        address_in_secret=True),),
+                               alerts=(AlertFacts("ns", "a", "p"),))
+    (finding,) = notification_findings(hidden, True, "")
+    assert finding.severity == "warn" and "ns/p" in finding.message
+    absent = NotificationFacts(providers=(ProviderFacts("ns", "p", "generic", "https://x/y"),))
+    assert notification_findings(absent, True, "")[0].check == "no-provider"
