@@ -311,3 +311,63 @@ def test_every_link_to_a_section_finds_it() -> None:
             if path in anchors and anchor not in anchors[path]:
                 broken.append(f"{page.relative_to(ROOT)}: {target}#{anchor}")
     assert broken == []
+
+
+YAML = re.compile(r"^( *)```yaml\n(.*?)^\1```", re.S | re.M)
+# Fragments of a configuration, with what the prose around them says the rest holds.
+ASSUMED: dict[tuple[str, str], dict[str, object]] = {
+    ("docs/multi-region.md", "# both regions (cluster_name differs)"): {"cluster_name": "eu-west"},
+}
+
+
+def _configs(block: Block) -> list[dict[str, object]]:
+    """The bridge configurations a YAML block shows: a configuration file, or the chart
+    values' `config` (with `clusterName`, which the chart turns into `cluster_name`)."""
+    import yaml
+
+    from receiver.config import Settings
+
+    found: list[dict[str, object]] = []
+    for doc in yaml.safe_load_all(block.text):
+        if not isinstance(doc, dict) or "kind" in doc:
+            continue
+        if isinstance(doc.get("config"), dict):
+            config = dict(doc["config"])
+            if "clusterName" in doc:
+                config["cluster_name"] = doc["clusterName"]
+            found.append(config)
+        elif set(doc) & set(Settings.model_fields):
+            found.append(doc)  # a configuration file: every key must be one the bridge knows
+    return found
+
+
+@pytest.mark.parametrize("block", blocks(YAML), ids=lambda b: b.id)
+def test_every_configuration_the_docs_show_is_one_the_bridge_takes(block: Block) -> None:
+    from receiver.config import ConfigError, load_settings
+
+    assumed = {k: v for (page, needle), extra in ASSUMED.items()
+               if page == block.page and needle in block.text for k, v in extra.items()}
+    for config in _configs(block):
+        try:
+            load_settings(environ={}, overrides={**assumed, **config})
+        except ConfigError as exc:
+            raise AssertionError(f"{block.id}: {exc}") from None
+
+
+@pytest.mark.parametrize("block", blocks(YAML), ids=lambda b: b.id)
+def test_every_receiver_the_docs_show_is_one_the_bridge_serves(block: Block) -> None:
+    """A Receiver in the docs has a type the bridge serves and a Secret: `doctor`'s checks."""
+    import yaml
+
+    from receiver.doctor.checks import receiver_findings
+    from receiver.doctor.facts import ReceiverFacts, TokenFacts
+
+    for doc in yaml.safe_load_all(block.text):
+        if not isinstance(doc, dict) or doc.get("kind") != "Receiver":
+            continue
+        spec, meta = doc["spec"], doc["metadata"]
+        facts = ReceiverFacts(meta.get("namespace", "default"), meta["name"], spec.get("type", ""),
+                              TokenFacts(spec.get("secretRef", {}).get("name", ""), found=True,
+                                         has_key=True, value="a-token"), matched=1)
+        failed = [f.message for f in receiver_findings(facts) if f.severity == "fail"]
+        assert failed == [], f"{block.id}: {failed}"
