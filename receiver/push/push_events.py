@@ -4,7 +4,8 @@ On the Receiver: a push accepted with its targets (Normal `PushAccepted`), a pus
 reconciles nothing (Warning `PushMatchedNothing`: Gitea shows the 202 green), a token it cannot
 use (Warning `TokenUnusable`: the path answers 404), an unusable type (Warning
 `UnsupportedType`), an invalid filter (Warning `InvalidFilter`: requests answer 503). On each
-object it annotates for a push: Normal `ReconcileRequested`, naming the Receiver and the push.
+source it annotates for a push at once: Normal `ReconcileRequested`, naming the Receiver and the
+push.
 The `EventBook` aggregates repeats and bounds the writes.
 """
 
@@ -15,7 +16,7 @@ from collections.abc import Sequence
 from receiver.flux.event_book import EventNote
 from receiver.flux.objects import FluxObject
 from receiver.flux.store import ObjectStore
-from receiver.push.routing import Plan
+from receiver.push.routing import PHASE_SOURCE, Plan
 
 MAX_NAMED = 5  # targets named in one message
 MAX_TARGET_EVENTS = 20  # objects given their own Event per push
@@ -51,7 +52,9 @@ def push_notes(receiver: FluxObject, plan: Plan, store: ObjectStore, *, ref: str
     notes = [_note(receiver, "Normal", "PushAccepted",
                    f"{what}: reconciling {_names(named)}")]
     by = f"{receiver.namespace}/{receiver.name}"
-    for target in plan.targets[:MAX_TARGET_EVENTS]:
+    # Sources are annotated at once; a consumer only once its source has the commit (and
+    # then the delivery says so), so only the sources get an Event now.
+    for target in [t for t in plan.targets if t.phase == PHASE_SOURCE][:MAX_TARGET_EVENTS]:
         obj = store.get(target.key)
         if obj is not None:
             notes.append(_note(obj, "Normal", "ReconcileRequested",

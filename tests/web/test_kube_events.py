@@ -43,6 +43,8 @@ async def test_an_accepted_push_is_an_event_on_the_receiver_and_on_what_it_annot
     requested = await until(lambda: [e for e in bridge.cluster.events.values()
                                      if e["reason"] == "ReconcileRequested"] or None)
     assert {e["involvedObject"]["name"] for e in requested} <= set(targets)
+    # Sources only: a consumer is annotated once its source has the commit, not now.
+    assert {e["involvedObject"]["kind"] for e in requested} == {"GitRepository"}
     assert all("Receiver flux-system/gitea" in e["message"] for e in requested)
 
 
