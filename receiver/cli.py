@@ -251,9 +251,10 @@ class _CommandError(Exception):
     """A command cannot run (bad configuration, manifests or Kubernetes client): exit 2."""
 
 
-async def _open_cluster(manifests: str | None, config: str | None, *,
-                        impersonate: str = "", timeout: float = 30.0) -> tuple[Any, Any, Any]:
-    """(settings, cluster, Kubernetes client or None), the cluster's caches synced or not."""
+def _open_cluster(manifests: str | None, config: str | None, *,
+                  impersonate: str = "") -> tuple[Any, Any, Any]:
+    """(settings, cluster, Kubernetes client or None): manifests when the settings name them,
+    else the cluster the environment points at. The cluster is not started here."""
     from receiver.config import ConfigError, load_settings
     from receiver.doctor.gather import kube_client
     from receiver.flux.memory import ManifestError, MemoryCluster
@@ -278,7 +279,8 @@ async def _open_cluster(manifests: str | None, config: str | None, *,
     except Exception as exc:  # the client raises several types for a missing config
         raise _CommandError(f"cannot configure the Kubernetes client: {exc}") from None
     cluster = KubeCluster(store, client, settings.namespaces, secret_ttl_seconds=0,
-                          lease_namespace=os.environ.get("POD_NAMESPACE") or None)
+                          lease_namespace=os.environ.get("POD_NAMESPACE") or None,
+                          owns_client=True)
     return settings, cluster, client
 
 
@@ -286,7 +288,7 @@ async def _receiver_facts(manifests: str | None, config: str | None, namespace: 
                           name: str) -> Any:
     from receiver.doctor.gather import receiver_facts, synced
 
-    settings, cluster, _ = await _open_cluster(manifests, config)
+    settings, cluster, _ = _open_cluster(manifests, config)
     try:
         await synced(cluster, 30.0)
         found = [r for r in await receiver_facts(settings, cluster)
@@ -316,8 +318,8 @@ async def _doctor(args: argparse.Namespace) -> list[Any]:
     from receiver.doctor.gather import gather, notification_facts_from, synced
     from receiver.flux.memory import load_documents
 
-    settings, cluster, client = await _open_cluster(
-        args.manifests, args.config, impersonate=args.as_user, timeout=args.timeout)
+    settings, cluster, client = _open_cluster(
+        args.manifests, args.config, impersonate=args.as_user)
     notifications = None
     if settings.manifests is not None:
         notifications = notification_facts_from(load_documents(settings.manifests))
