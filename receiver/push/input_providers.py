@@ -39,7 +39,7 @@ from receiver.flux.store import ObjectStore
 from receiver.gitea.payloads import PullRequestEvent, RefEvent
 from receiver.push.goregexp import go_pattern
 from receiver.push.resources import Resolved, resolve_resources
-from receiver.push.routing import Plan, Target, _annotate_only, _target
+from receiver.push.routing import Plan, Target, _target
 from receiver.push.semver import ConstraintError, tag_selected
 
 PULL_REQUEST_TYPE = "GiteaPullRequest"
@@ -218,8 +218,8 @@ def plan_event(receiver: FluxObject, event: Event, store: ObjectStore, *,
                allow_cross_namespace: bool = True, resolved: Resolved | None = None,
                gitea_prefixes: frozenset[str] = frozenset()) -> Plan:
     """The plan for a pull request event, or a `create` or `delete` of a branch or tag: the
-    listed input providers it changes; the other listed kinds that the bridge routes are
-    skipped, and those it cannot route are annotated, as for a push."""
+    listed input providers it changes; every other listed object is skipped, with the
+    reason."""
     if resolved is None:
         resolved = resolve_resources(receiver, store, allow_cross_namespace=allow_cross_namespace)
     objects = resolved.objects(store)
@@ -229,12 +229,15 @@ def plan_event(receiver: FluxObject, event: Event, store: ObjectStore, *,
             skipped[obj.key] = _target(obj, _other_reason(obj, event))
     issues = [Target(i.api_version, i.kind, i.namespace, i.name, i.reason)
               for i in resolved.issues]
+    # Kinds the bridge only patches by name: nothing they read changed either.
+    blind = [Target(api, key.kind, key.namespace, key.name,
+                    f"a {key.kind} is not reconciled for this event")
+             for api, key in resolved.annotate_only]
     return Plan(
         receiver=f"{receiver.namespace}/{receiver.name}",
         targets=tuple(t for _, t in sorted(targets.items())),
         tracked=(),  # a provider has no commit to be Ready at; its ResourceSet's objects do
-        skipped=tuple(sorted((*skipped.values(), *issues), key=lambda t: t.key)),
-        annotate_only=_annotate_only(resolved, ""),
+        skipped=tuple(sorted((*skipped.values(), *issues, *blind), key=lambda t: t.key)),
     )
 
 

@@ -4,6 +4,7 @@ up annotated on the objects)."""
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from pathlib import Path
@@ -379,3 +380,31 @@ async def test_spec_events_still_refuses_what_it_does_not_name(
     r = await _post(bridge, "pull_request", pull_request(labels=("preview",)))
     assert r.status_code == 400 and "spec.events" in r.text
     assert _patched(bridge, "previews") == 0
+
+
+def test_plan_gives_the_same_reasons_and_applies_both_filters(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    from receiver.cli import main
+
+    receiver = {"apiVersion": "notification.toolkit.fluxcd.io/v1", "kind": "Receiver",
+                "metadata": {"name": "previews", "namespace": "flux-system"},
+                "spec": {"type": "github", "secretRef": {"name": "t"},
+                         "resourceFilter": "res.metadata.name != 'blocked'",
+                         "resources": [
+                             _entry("fleet"), _entry("blocked"),
+                             {**_entry("labelled"),
+                              "filter": "req.pull_request.head.ref == 'feature'"}]}}
+    docs = [receiver, provider("fleet"), provider("blocked"), provider("labelled")]
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump_all(docs))
+    payload = tmp_path / "pr.json"
+    payload.write_bytes(gitea_bytes(pull_request(head="other")))
+    code = main(["plan", "--manifests", str(tmp_path), "--payload", str(payload)])
+    plan = json.loads(capsys.readouterr().out)
+    assert code == 0, plan
+    assert [t["name"] for t in plan["targets"]] == ["fleet"]
+    assert {t["name"]: t["reason"] for t in plan["skipped"]} == {
+        "blocked": "resourceFilter is false",
+        "labelled": "its spec.resources[].filter is false"}
+    assert plan["targets"][0]["reason"].startswith(
+        "repository platform/fleet, pull request #7 (opened): head branch other")
