@@ -7,7 +7,9 @@ The peers of the other whole-loop modules (etcd + kube-apiserver, Gitea, source-
 and notification-controller, the bridge), plus flux-operator (`scripts/testbin.sh operator`)
 run outside a cluster: the admin kubeconfig, leader election, metrics and web server off, and
 FIPS mode on (it refuses to run without). Its CRDs come from its module; the Receiver CRD gets
-ResourceSetInputProvider in its kinds, as flux-operator adds it when it installs Flux.
+ResourceSetInputProvider in its kinds, as flux-operator adds it when it installs Flux. The
+bridge runs with the chart's ServiceAccount and RBAC, and the API server's audit log counts its
+patches of the provider.
 
 The provider polls every POLL_INTERVAL; the second test opens a pull request with the webhook
 off, so the two tests print how long a preview takes with the bridge and by polling alone.
@@ -34,11 +36,12 @@ from tests.e2e.e2e_harness import (
     HarnessError,
     _EnvProcess,
     _http_ok,
+    chart_service_account,
     child_env,
     e2e_peers,
 )
 from tests.e2e.e2e_harness import module_dir as component_dir
-from tests.e2e.realk8s import ControlPlane, free_port, wait_until
+from tests.e2e.realk8s import FLUX_GROUPS, ControlPlane, audit_policy, free_port, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -46,7 +49,8 @@ ORG, REPO = "platform", "app"
 CLUSTER = "eu-west"
 NS = e2e.FLUX_NS
 OPERATOR = "flux-operator"
-OPERATOR_API = "fluxcd.controlplane.io/v1"
+OPERATOR_GROUP = "fluxcd.controlplane.io"
+OPERATOR_API = f"{OPERATOR_GROUP}/v1"
 PROVIDER = "app-prs"
 # The provider's own polling interval (flux-operator's reconcileEvery annotation; its default
 # is 10 minutes). One minute keeps the polling-only measurement short and the comparison fair.
@@ -64,6 +68,7 @@ def preview(number: int) -> str:
 class Previews(e2e.BridgeEnv):
     operator: _EnvProcess
     webhook_token: str
+    bridge_user: str
     hook_id: int = 0
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -72,6 +77,11 @@ class Previews(e2e.BridgeEnv):
 
     def provider(self) -> dict[str, Any]:
         return self.plane.request("GET", _operator_path(PROVIDER, "resourcesetinputproviders"))
+
+    def bridge_patches(self) -> int:
+        """The bridge's patches of the provider, from the API server's audit log."""
+        return self.plane.count_patches(self.bridge_user, OPERATOR_GROUP,
+                                        "resourcesetinputproviders", NS, PROVIDER)
 
     def exported(self) -> list[dict[str, Any]]:
         return list((self.provider().get("status") or {}).get("exportedInputs") or [])
@@ -151,7 +161,14 @@ def previews(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Previews]:
     with e2e.stopping() as teardown:
         with e2e.timed(timings, "flux-operator binary"):
             bin_dir, _ = e2e_peers((OPERATOR,), gitea=False)
-        plane, gitea, flux = e2e.start_peers(workdir, teardown, timings, NS, "previews")
+        plane, gitea, flux = e2e.start_peers(
+            workdir, teardown, timings, NS, "previews",
+            audit_policy=audit_policy(groups=(*FLUX_GROUPS, OPERATOR_GROUP)))
+        with e2e.timed(timings, "chart RBAC (the bridge's ServiceAccount)"):
+            # The bridge runs with exactly what the chart grants it.
+            bridge_user, bridge_token = chart_service_account(plane, "previews", NS)
+            kubeconfig = plane.write_kubeconfig(workdir / "bridge-kubeconfig.yaml",
+                                                bridge_token, user=bridge_user)
         with e2e.timed(timings, "flux-operator (CRDs, start)"):
             _install_operator_crds(plane)
             operator = _start_operator(bin_dir, plane, workdir / "operator")
@@ -163,10 +180,11 @@ def previews(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Previews]:
         tokens = {name: secrets.token_hex(16) for name in ("webhook", "events")}
         with e2e.timed(timings, "bridge"):
             bridge = BridgeProcess(e2e.bridge_config(CLUSTER, gitea, tokens["events"], workdir),
-                                   plane.kubeconfig, workdir)
+                                   kubeconfig, workdir)
             bridge.start()
             teardown.append(bridge.stop)
-        env = Previews(plane, gitea, flux, bridge, operator, tokens["webhook"], timings=timings)
+        env = Previews(plane, gitea, flux, bridge, operator, tokens["webhook"], bridge_user,
+                       timings=timings)
         _make_previews(env, tokens)
         e2e.print_timings("previews environment up", timings)
         yield env
@@ -233,6 +251,7 @@ def test_a_pull_request_opened_becomes_a_ready_preview_through_the_bridge(
     previews.wait("the provider annotated by the bridge", lambda: (
         previews.provider()["metadata"].get("annotations", {}).get(e2e.RECONCILE)
         not in (None, before)) or None, 30)
+    assert previews.bridge_patches() == 1
     listed = previews.wait("flux-operator to list the pull request", lambda: [
         i for i in previews.exported() if str(i.get("id")) == str(number)] or None, 60)
     assert listed[0]["sha"] == sha and listed[0]["branch"] == "feature-1", listed
@@ -242,6 +261,8 @@ def test_a_pull_request_opened_becomes_a_ready_preview_through_the_bridge(
           f"(provider polls every {POLL_INTERVAL:g}s)")
     source = previews.get("GitRepository", preview(number))
     assert source["spec"]["ref"] == {"commit": sha}
+    # One pull request, one reconcile request: nothing else patched the provider since.
+    assert previews.bridge_patches() == 1
     history = previews.wait_state(previews.gitea, ORG, REPO, sha, e2e.status_context(
         CLUSTER, "Kustomization", NS, preview(number)), "success", STATUS_TIMEOUT)
     print(f"  statuses on {sha[:12]}: {e2e.described(history)}")
@@ -253,6 +274,7 @@ def test_a_pull_request_opened_becomes_a_ready_preview_through_the_bridge(
 
 def test_without_the_bridge_a_preview_waits_for_the_providers_poll(previews: Previews) -> None:
     previews.gitea.set_hook_active(ORG, REPO, previews.hook_id, False)
+    patches = previews.bridge_patches()
     annotated = previews.provider()["metadata"].get("annotations", {}).get(e2e.RECONCILE)
     opened = time.monotonic()
     number, sha = previews.open_pull_request("feature-2", "Feature two")
@@ -263,3 +285,4 @@ def test_without_the_bridge_a_preview_waits_for_the_providers_poll(previews: Pre
     # Nothing requested this reconcile: the bridge was not told.
     assert previews.provider()["metadata"].get("annotations", {}).get(
         e2e.RECONCILE) == annotated
+    assert previews.bridge_patches() == patches
