@@ -289,7 +289,8 @@ def test_a_push_reaches_branch_providers_after_its_own_targets() -> None:
 GITEA_PATH = "/hook/" + sig.hook_digest(GITEA_TOKEN, "gitea", "flux-system")
 
 
-async def _bridge(bridge_factory: Any, tmp_path: Path, events: list[str] | None = None) -> Bridge:
+async def _bridge(bridge_factory: Any, tmp_path: Path, events: list[str] | None = None,
+                  settings: Any = None) -> Bridge:
     for item in FLEET.iterdir():
         if item.suffix == ".yaml":
             shutil.copy(item, tmp_path / item.name)
@@ -302,7 +303,7 @@ async def _bridge(bridge_factory: Any, tmp_path: Path, events: list[str] | None 
     docs += [provider("previews", filter_={"labels": ["preview"]}),
              provider("envs", kind=ip.BRANCH_TYPE, filter_={"includeBranch": "^env/"})]
     (tmp_path / "receivers.yaml").write_text(yaml.safe_dump_all(docs))
-    bridge: Bridge = await bridge_factory(directory=tmp_path)
+    bridge: Bridge = await bridge_factory(settings, directory=tmp_path)
     return bridge
 
 
@@ -408,3 +409,43 @@ def test_plan_gives_the_same_reasons_and_applies_both_filters(
         "labelled": "its spec.resources[].filter is false"}
     assert plan["targets"][0]["reason"].startswith(
         "repository platform/fleet, pull request #7 (opened): head branch other")
+
+
+def _handled(bridge: Bridge, name: str) -> None:
+    """Play flux-operator: the provider handled the request and is Ready."""
+    obj = bridge.cluster.store.get(ObjectKey(INPUT_PROVIDER_KIND, "flux-system", name))
+    assert obj is not None
+    raw = json.loads(json.dumps(obj.raw))
+    raw["status"] = {"lastHandledReconcileAt": obj.annotations[RECONCILE_ANNOTATION],
+                     "conditions": [{"type": "Ready", "status": "True", "reason":
+                                     "ReconciliationSucceeded", "message": "1 input"}]}
+    bridge.cluster.apply(raw)
+
+
+@pytest.mark.anyio
+async def test_deliveries_settle_once_flux_operator_handled_the_request(
+    bridge_factory: Any, tmp_path: Path,
+) -> None:
+    from tests.conftest import settled_delivery
+
+    # A long grace for consumers: a provider is not one (nothing but the request starts it).
+    settings = make_settings(reconcile={"coalesce_window_seconds": 0.2,
+                                        "source_timeout_seconds": 30,
+                                        "consumer_grace_seconds": 60})
+    bridge = await _bridge(bridge_factory, tmp_path, settings=settings)
+    r = await _post(bridge, "pull_request", pull_request(labels=("preview",)))
+    await _until_requested(bridge, "previews")
+    view = (await bridge.client.get(f"/deliveries/{r.json()['delivery']}", headers={
+        "Authorization": f"Bearer {GITEA_TOKEN}"})).json()
+    assert view["outcome"] == "in_progress", view
+    _handled(bridge, "previews")
+    view = await settled_delivery(bridge, r.json()["delivery"], GITEA_TOKEN)
+    assert view["outcome"] == "ready", view
+    assert [(t["name"], t["state"]) for t in view["targets"]] == [("previews", "ready")]
+    # A push to a branch: the provider is annotated at once (no consumer grace), and the
+    # delivery does not wait for a commit its status will never name.
+    r = await _post(bridge, "push", push(ref="refs/heads/env/eu"))
+    await _until_requested(bridge, "envs")
+    view = await settled_delivery(bridge, r.json()["delivery"], GITEA_TOKEN)
+    assert view["outcome"] == "ready", view
+    assert [(t["name"], t["state"]) for t in view["targets"]] == [("envs", "skipped")], view
