@@ -252,6 +252,12 @@ def test_a_pull_request_opened_becomes_a_ready_preview_through_the_bridge(
         previews.provider()["metadata"].get("annotations", {}).get(e2e.RECONCILE)
         not in (None, before)) or None, 30)
     assert previews.bridge_patches() == 1
+    # The delivery a client can follow: ready once flux-operator handled the request.
+    accepted = previews.wait("the bridge to accept the pull request", lambda: [
+        r for r in previews.bridge.records("push accepted")
+        if r.get("ref") == f"refs/pull/{number}/head"] or None, 30)
+    settled = previews.follow(accepted[0]["id"], previews.webhook_token, 60)[-1]
+    assert settled["outcome"] == "ready", settled
     listed = previews.wait("flux-operator to list the pull request", lambda: [
         i for i in previews.exported() if str(i.get("id")) == str(number)] or None, 60)
     assert listed[0]["sha"] == sha and listed[0]["branch"] == "feature-1", listed
