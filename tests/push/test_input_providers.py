@@ -20,6 +20,7 @@ from receiver.flux.objects import INPUT_PROVIDER_KIND, RECONCILE_ANNOTATION, Flu
 from receiver.flux.store import ObjectStore
 from receiver.gitea.payloads import (
     PayloadError,
+    RefEvent,
     parse_gitea_pull_request,
     parse_gitea_ref_event,
 )
@@ -224,6 +225,29 @@ def test_routing_agrees_with_flux_operators_listing(
         expected = listed and "hold" not in have
     ok, why = changes(doc, pr_event(head=head, labels=tuple(have), action=action))
     assert ok is expected, why
+
+
+@given(name=NAMES, include=st.none() | NAMES, exclude=st.none() | NAMES,
+       ref_type=st.sampled_from(["branch", "tag"]),
+       event=st.sampled_from(["create", "delete", "push"]),
+       kind=st.sampled_from([ip.BRANCH_TYPE, ip.TAG_TYPE]))
+def test_a_branch_or_tag_changes_exactly_the_providers_that_list_it(
+    name: str, include: str | None, exclude: str | None, ref_type: str, event: str, kind: str,
+) -> None:
+    field = "Branch" if kind == ip.BRANCH_TYPE else "Tag"
+    filter_: dict[str, Any] = {}
+    if include:
+        filter_[f"include{field}"] = "^" + re.escape(include)
+    if exclude:
+        filter_[f"exclude{field}"] = "^" + re.escape(exclude)
+    doc = provider("p", kind=kind, filter_=filter_)
+    sha = "" if event == "delete" else "c" * 40
+    ev = RefEvent(event, ref_type, name, sha, (REPO,), "platform/fleet")
+    lists = (ref_type == ("branch" if kind == ip.BRANCH_TYPE else "tag")
+             and (not include or name.startswith(include))
+             and not (exclude and name.startswith(exclude)))
+    ok, why = changes(doc, ev)
+    assert ok is lists, why
 
 
 # -- plans -----------------------------------------------------------------------------------
