@@ -193,6 +193,7 @@ class FakeGitea:
     read_only: set[tuple[str, str]] = field(default_factory=set)
     not_admin: set[tuple[str, str]] = field(default_factory=set)
     hooks: dict[tuple[str, str], list[dict[str, Any]]] = field(default_factory=dict)
+    org_hooks: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # by organisation
     # The token's scopes (None: all). As Gitea 1.26: reading a repository needs
     # read:repository, posting a status write:repository (403 with Gitea's message
     # otherwise), GET /user read:user; a create-status body that is not JSON is 422.
@@ -229,6 +230,11 @@ class FakeGitea:
             return httpx.Response(403, json={"message": (
                 "token does not have at least one of required scope(s), required="
                 f"[{required}], token scope={','.join(sorted(self.scopes))}"), "url": ""})
+        org_hooks = re.fullmatch(r"/orgs/([^/]+)/hooks", path)
+        if org_hooks is not None and request.method == "GET":
+            found = self.org_hooks.get(unquote(org_hooks[1]))
+            return (httpx.Response(404, json=NOT_FOUND) if found is None
+                    else httpx.Response(200, json=found))
         if request.method == "GET" and path == "/user":
             return httpx.Response(200, json={"id": 1, "login": self.login})
         repo_path = self._REPO.match(path)
@@ -280,9 +286,12 @@ class FakeGitea:
             "ssh_url": f"git@gitea.example.com:{owner}/{repo}.git",
             "permissions": {"admin": admin and push, "push": push, "pull": True}})
 
-    def add_hook(self, owner: str, repo: str, url: str, *, active: bool = True) -> None:
-        """A webhook as GET /repos/{owner}/{repo}/hooks lists it (swagger `Hook`)."""
-        items = self.hooks.setdefault((owner, repo), [])
+    def add_hook(self, owner: str, repo: str, url: str, *, active: bool = True,
+                 org: bool = False) -> None:
+        """A webhook as GET /repos/{owner}/{repo}/hooks lists it (swagger `Hook`); with `org`,
+        one of the owner organisation's (GET /orgs/{org}/hooks)."""
+        items = (self.org_hooks.setdefault(owner, []) if org
+                 else self.hooks.setdefault((owner, repo), []))
         items.append({"id": len(items) + 1, "type": "gitea", "active": active,
                       "events": ["push"], "branch_filter": "*",
                       "config": {"url": url, "content_type": "json"},

@@ -155,11 +155,17 @@ async def repository_facts(client: GiteaClient, instance: str, owner: str, repo:
         return RepositoryFacts(owner, repo, can_push=can_push, can_post=can_post,
                                post_error=post_error, hooks_error=str(exc),
                                push_keys=push_keys, sources=known)
+    try:  # an organisation's webhooks fire for its repositories too
+        org = (await client.get(instance, f"orgs/{quote(owner, safe='')}/hooks",
+                                params={"limit": 50})).json()
+    except GiteaError:
+        org = []  # a user's repository (404), or not the organisation's admin
     hooks = tuple(
         HookFacts(_str((h.get("config") or {}).get("url")), bool(h.get("active")),
                   tuple(e for e in h.get("events") or [] if isinstance(e, str)),
                   _str(h.get("type")))
-        for h in (listed if isinstance(listed, list) else []) if isinstance(h, dict))
+        for h in [*(listed if isinstance(listed, list) else []),
+                  *(org if isinstance(org, list) else [])] if isinstance(h, dict))
     return RepositoryFacts(owner, repo, can_push=can_push, can_post=can_post,
                            post_error=post_error, hooks=hooks, push_keys=push_keys,
                            sources=known)

@@ -251,6 +251,15 @@ async def test_missing_webhook_and_one_to_another_path_are_named(tmp_path: Path)
     assert set(checks(findings)) == {"token-trailing-newline"}
 
 
+async def test_an_organisation_webhook_counts(tmp_path: Path) -> None:
+    fake = FakeGitea(token="gitea-token")
+    fake.add_hook("platform", "fleet", "http://bridge.test/hook/" + sig.hook_digest(
+        TOKEN, NAME, NS), org=True)
+    findings = await doctor_with_gitea(settings_for(tmp_path), healthy(tmp_path / "m"), fake,
+                                       "http://bridge.test")
+    assert checks(findings) == {} and "webhook" in checks(findings, "ok")
+
+
 async def test_hooks_that_cannot_be_listed_are_a_warning_not_a_verdict(tmp_path: Path) -> None:
     fake = FakeGitea(token="gitea-token", not_admin={("platform", "fleet")})
     findings = await doctor_with_gitea(settings_for(tmp_path), healthy(tmp_path / "m"), fake)
