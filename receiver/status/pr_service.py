@@ -26,6 +26,7 @@ from receiver.flux.cluster import Cluster
 from receiver.flux.objects import CONSUMER_KINDS, FluxObject, ObjectKey
 from receiver.flux.revisions import applied_revision, commit_of
 from receiver.gitea.client import GiteaClient, GiteaError, MergedPull
+from receiver.gitea.payloads import PullRequestEvent
 from receiver.metrics import Metrics
 from receiver.retry import backoff_delay
 from receiver.status import pr_comments as pc
@@ -35,7 +36,6 @@ from receiver.status.previews import (
     PREVIEW_KINDS,
     PreviewItem,
     PullKey,
-    PullRequestEvent,
     change_request,
     pending_for_pull_request,
     preview_item,
@@ -140,7 +140,7 @@ class PullComments:
     def on_pull_request(self, event: PullRequestEvent) -> int:
         """A routed `pull_request` webhook: `pending` at once on the new head for the previews
         already running, and the comment checked again (a closed one may be torn down).
-        Returns how many statuses were queued (None-safe: 0 when the queue is full)."""
+        Returns how many statuses were queued (0 when the queue is full)."""
         store = self._cluster.store
         objects = [(obj, self._locator.object_and_source(obj.key)[1])
                    for kind in CONSUMER_KINDS for obj in store.list(kind)

@@ -11,12 +11,13 @@ event metadata without the prefix (`change_request`, `commit`, `preview-url`).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from receiver.flux.objects import CONSUMER_KINDS, FluxObject
 from receiver.flux.revisions import applied_revision, commit_of
+from receiver.gitea.payloads import PullRequestEvent
 from receiver.status.decisions import DesiredStatus, build_status, desired_from_object
 from receiver.status.descriptions import (
     ERROR,
@@ -218,47 +219,7 @@ def preview_status(obj: FluxObject, source: FluxObject | None, templates: Status
 # -- pull_request webhooks -------------------------------------------------------------------
 
 # Actions after which the head commit's previews will be (re)deployed.
-HEAD_ACTIONS = frozenset({"opened", "reopened", "synchronized", "synchronize"})
-
-
-@dataclass(frozen=True, slots=True)
-class PullRequestEvent:
-    """What a Gitea `pull_request` webhook says that previews need."""
-
-    action: str
-    number: int
-    head_sha: str
-    repo_urls: tuple[str, ...]
-    closed: bool
-    merged: bool
-    merge_commit_sha: str
-
-
-def _text(value: Any) -> str:
-    return value.strip() if isinstance(value, str) else ""
-
-
-def parse_pull_request(doc: Any) -> PullRequestEvent | None:
-    """A pull_request payload's action, number, head commit and repository URLs; None when it
-    lacks any of them."""
-    if not isinstance(doc, Mapping):
-        return None
-    pull = doc.get("pull_request")
-    repo = doc.get("repository")
-    if not isinstance(pull, Mapping) or not isinstance(repo, Mapping):
-        return None
-    number = parse_number(pull.get("number", doc.get("number")))
-    head = pull.get("head")
-    sha = commit_of(_text(head.get("sha")).lower()) if isinstance(head, Mapping) else None
-    urls = tuple(u for u in (_text(repo.get(k)) for k in ("clone_url", "html_url", "ssh_url"))
-                 if u and len(u) <= MAX_URL)
-    action = _text(doc.get("action"))
-    if number is None or sha is None or not urls or not action:
-        return None
-    merge_sha = commit_of(_text(pull.get("merge_commit_sha")).lower()) or ""
-    return PullRequestEvent(action, number, sha, urls,
-                            closed=_text(pull.get("state")) == "closed" or action == "closed",
-                            merged=pull.get("merged") is True, merge_commit_sha=merge_sha)
+HEAD_ACTIONS = frozenset({"opened", "reopened", "synchronized"})
 
 
 def pending_for_pull_request(
@@ -267,7 +228,7 @@ def pending_for_pull_request(
 ) -> list[DesiredStatus]:
     """`pending` on the new head commit for each preview consumer of that pull request, at
     once: its objects will redeploy it (a status already there is left to Gitea's view)."""
-    if event.action not in HEAD_ACTIONS or event.closed:
+    if event.action not in HEAD_ACTIONS:
         return []
     keys = {normalise(url) for url in event.repo_urls} - {None}
     out: list[DesiredStatus] = []

@@ -15,7 +15,6 @@ import socket
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any
 
 import httpx
 
@@ -24,13 +23,12 @@ from receiver.delivery.store import Delivery
 from receiver.flux.cluster import Cluster
 from receiver.flux.objects import FluxObject, ObjectKey
 from receiver.gitea.client import GiteaClient
-from receiver.gitea.payloads import Push
+from receiver.gitea.payloads import PullRequestEvent, Push
 from receiver.metrics import Metrics
 from receiver.status.fleet_checks import FleetChecks
 from receiver.status.gitea_view import GiteaView
 from receiver.status.locator import Locator
 from receiver.status.pr_service import PullComments
-from receiver.status.previews import parse_pull_request
 from receiver.status.queue import StatusQueue
 from receiver.status.repos import repo_of
 from receiver.status.resync import Resync
@@ -174,12 +172,11 @@ class StatusService:
     def on_target_changed(self, delivery: Delivery, key: ObjectKey, state: str) -> None:
         self.signals.on_target_changed(delivery, key, state)
 
-    def on_pull_request(self, payload: Any) -> int:
-        """A `pull_request` webhook (any replica): `pending` on the new head commit for each
-        preview already running for it, and its comment checked again. Returns how many
-        statuses were queued; 0 for a payload that is not a usable pull_request."""
-        event = parse_pull_request(payload)
-        return self.comments.on_pull_request(event) if event is not None else 0
+    def on_pull_request(self, event: PullRequestEvent) -> int:
+        """A routed `pull_request` webhook (any replica): `pending` on the new head commit for
+        each preview already running for it, and its comment checked again. Returns how many
+        statuses were queued."""
+        return self.comments.on_pull_request(event)
 
     async def resync_once(self) -> int:
         return await self.resync.once()

@@ -104,6 +104,7 @@ def build(settings: Settings, cluster: Cluster, **status_kwargs: Any) -> Compone
     follow = DeliveriesEndpoint(settings, cluster, hooks, reconciler, deliveries)
     statuses = StatusService(settings, cluster, metrics, **status_kwargs)
     ingest.push_listeners.append(statuses.on_push_routed)
+    ingest.pull_request_listeners.append(statuses.on_pull_request)
     reconciler.listeners.append(statuses.on_target_changed)
 
     def history_answered(key: ObjectKey) -> None:

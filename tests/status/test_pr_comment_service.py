@@ -5,15 +5,24 @@ counts is what Gitea holds: how many comments, what they say, which statuses."""
 from __future__ import annotations
 
 import json
+import shutil
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from receiver.flux.memory import MemoryCluster
 from receiver.flux.objects import ObjectKey
+from receiver.gitea.payloads import parse_gitea_pull_request
 from receiver.metrics import Metrics
+from receiver.signatures import hmac_hex, hook_digest
 from receiver.status.service import StatusService
+from tests import gitea_payloads as gp
+from tests.conftest import FLEET
+from tests.conftest import GITEA_TOKEN as HOOK_TOKEN
+from tests.conftest import make_settings as app_settings
 from tests.fakegitea import FakeGitea, gitea_transport
 from tests.status.test_status_service import (
     GITEA_TOKEN,
@@ -202,11 +211,14 @@ async def test_a_pull_request_push_posts_pending_on_its_head_at_once() -> None:
         await eventually(lambda: fake.contexts(OWNER, REPO, HEAD).get(PR_CONTEXT) == "success")
         payload = {"action": "synchronized", "number": 7,
                    "pull_request": {"number": 7, "state": "open", "merged": False,
-                                    "head": {"sha": NEXT, "ref": "feature"}},
-                   "repository": {"clone_url": "https://gitea.example.com/team/webapp.git"}}
-        assert r.service.on_pull_request(payload) == 1
+                                    "head": {"sha": NEXT, "ref": "feature"},
+                                    "base": {"ref": "main"}},
+                   "repository": {"clone_url": "https://gitea.example.com/team/webapp.git",
+                                  "full_name": "team/webapp"}}
+        assert r.service.on_pull_request(parse_gitea_pull_request(payload)) == 1
         await eventually(lambda: fake.contexts(OWNER, REPO, NEXT).get(PR_CONTEXT) == "pending")
-        assert r.service.on_pull_request({"action": "synchronized"}) == 0
+        other = parse_gitea_pull_request({**payload, "number": 8})
+        assert r.service.on_pull_request(other) == 0  # no preview of #8 runs
 
 
 @pytest.mark.anyio
@@ -272,3 +284,36 @@ async def test_an_events_commit_metadata_names_the_commit_its_status_goes_to() -
         await eventually(lambda: fake.contexts(OWNER, REPO, "d" * 40).get(PR_CONTEXT) ==
                          "pending")
         assert fake.comments_created == 0 and fake.comment_lists == 0
+
+
+@pytest.mark.anyio
+async def test_a_pull_request_webhook_puts_pending_on_the_new_head_at_once(
+        bridge_factory: Any, tmp_path: Path) -> None:
+    """Through the whole app: Gitea's signed `pull_request` webhook at /hook/<digest> ->
+    `pending` on the pushed head for the preview already running, before Flux moves."""
+    for item in FLEET.iterdir():
+        if item.suffix == ".yaml":
+            shutil.copy(item, tmp_path / item.name)
+    running = "1" * 40
+    docs = preview_docs(running)
+    docs[0]["spec"]["url"] = "https://gitea.example.com/platform/fleet.git"
+    (tmp_path / "previews.yaml").write_text(yaml.safe_dump_all(docs))
+    fake = FakeGitea(token=HOOK_TOKEN)
+    fake.add_pull("platform", "fleet", 7)
+    transport, _ = gitea_transport({"gitea.example.com": fake})
+    bridge = await bridge_factory(app_settings(gitea=[{
+        "name": "main", "url": "https://gitea.example.com",
+        "token": {"secret": "flux-system/gitea-token"}}]), directory=tmp_path,
+        transport=transport)
+    bridge.cluster.mark_source_fetched(PR_SOURCE, f"sha1:{running}")
+    bridge.cluster.mark_applied(PR_APP, f"sha1:{running}")
+    body = json.dumps(gp.pull_request("platform/fleet", 7, "synchronized", sha=NEXT)).encode()
+    reply = await bridge.client.post(
+        "/hook/" + hook_digest(HOOK_TOKEN, "gitea", "flux-system"), content=body, headers={
+            "Content-Type": "application/json", "X-Gitea-Event": "pull_request",
+            "X-GitHub-Event": "pull_request",
+            "X-Gitea-Signature": hmac_hex("sha256", HOOK_TOKEN, body)})
+    assert reply.status_code == 202, reply.text
+    await eventually(lambda: fake.contexts("platform", "fleet", NEXT).get(PR_CONTEXT) ==
+                     "pending")
+    assert fake.problems == []

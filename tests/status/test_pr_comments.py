@@ -11,11 +11,11 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from receiver.flux.objects import FluxObject
+from receiver.gitea.payloads import parse_gitea_pull_request
 from receiver.giturls import normalise_repo_url
 from receiver.status import pr_comments as pc
 from receiver.status.previews import (
     PreviewItem,
-    parse_pull_request,
     pending_for_pull_request,
     preview_item,
     preview_status,
@@ -317,21 +317,20 @@ def test_only_plain_http_urls_are_linked(value: str) -> None:
 def pull_request_payload(action: str = "synchronized", state: str = "open") -> dict[str, Any]:
     return {"action": action, "number": 7,
             "pull_request": {"number": 7, "state": state, "merged": False,
-                             "head": {"sha": HEAD, "ref": "feature"}},
+                             "head": {"sha": HEAD, "ref": "feature"},
+                             "base": {"ref": "main"}},
             "repository": {"clone_url": SOURCE_URL, "full_name": "team/webapp"}}
 
 
 def test_a_pushed_pull_request_names_pending_statuses_for_its_running_previews() -> None:
-    event = parse_pull_request(pull_request_payload())
-    assert event is not None and (event.number, event.head_sha) == (7, HEAD)
+    event = parse_gitea_pull_request(pull_request_payload())
+    assert (event.number, event.head_sha) == (7, HEAD)
     running = kustomization(revision=f"sha1:{OLD}", **{"event.toolkit.fluxcd.io/commit": OLD})
     other = kustomization(**{"event.toolkit.fluxcd.io/change_request": "8"})
     wanted = pending_for_pull_request(event, [(running, git_repository()),
                                               (other, git_repository())], TEMPLATES, normalise)
     assert [(s.sha, s.state, s.context) for s in wanted] == [
         (HEAD, "pending", "flux/eu-west/kustomization/previews/pr-7")]
-    closed = parse_pull_request(pull_request_payload("closed", "closed"))
-    assert closed is not None and closed.closed
+    closed = parse_gitea_pull_request(pull_request_payload("closed", "closed"))
     assert pending_for_pull_request(closed, [(running, git_repository())], TEMPLATES,
                                     normalise) == []
-    assert parse_pull_request({"action": "opened"}) is None
