@@ -174,7 +174,9 @@ class PullComments:
             if not ready or not self._leader():
                 self._wake.clear()
                 soonest = min(self._due.values(), default=None)
-                wait = 1.0 if soonest is None else max(0.01, min(1.0, soonest - now))
+                # A replica without the Lease looks again each second (it may take it over).
+                wait = 1.0 if soonest is None or not self._leader() else \
+                    max(0.01, min(1.0, soonest - now))
                 # A timer, not wait_for: on 3.11 wait_for can swallow a cancellation that
                 # comes as the event is set, and the service could not stop this task.
                 timer = asyncio.get_running_loop().call_later(wait, self._wake.set)
