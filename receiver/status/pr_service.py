@@ -48,9 +48,6 @@ from receiver.status.repos import repo_of, repo_ref
 from receiver.templates import StatusTemplates
 
 log = logging.getLogger("receiver.status_service")
-# What a due entry is about: a pull request's preview comment, or a commit that may be a
-# merged pull request's merge commit (its deployment comment).
-Due = tuple[str, PullKey] | tuple[str, str, str, str]  # (PREVIEW, pull) | (DEPLOYED, repo, o/r, sha)
 
 
 class PullComments:
@@ -98,8 +95,10 @@ class PullComments:
         """The watch saw `obj` change (or go): its pull request's comment may need an edit."""
         if not self.enabled or obj.kind not in PREVIEW_KINDS:
             return
+        before = self._pull_of.pop(obj.key, None)
+        if before is not None and change_request(obj) is None:
+            self.touch(before)  # no longer a preview: its pull request's comment drops it
         if change_request(obj) is not None:
-            before = self._pull_of.pop(obj.key, None)
             pull = before
             if action != "delete":
                 _, source = self._locator.object_and_source(obj.key)

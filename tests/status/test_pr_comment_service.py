@@ -317,3 +317,22 @@ async def test_a_pull_request_webhook_puts_pending_on_the_new_head_at_once(
     await eventually(lambda: fake.contexts("platform", "fleet", NEXT).get(PR_CONTEXT) ==
                      "pending")
     assert fake.problems == []
+
+
+@pytest.mark.anyio
+async def test_an_object_that_stops_being_a_preview_leaves_the_comment() -> None:
+    fake = with_pull(FakeGitea(token=GITEA_TOKEN), 7)
+
+    def previews(cluster: MemoryCluster) -> None:
+        cluster.load(preview_docs())
+        deploy(cluster, HEAD)
+
+    async with rig(settings(), fakes={"gitea.example.com": fake}, setup=previews) as r:
+        await eventually(lambda: one_saying(fake, ": success"))
+        current = r.cluster.store.get(PR_APP)
+        assert current is not None
+        raw = json.loads(json.dumps(current.raw))
+        del raw["metadata"]["annotations"]["event.toolkit.fluxcd.io/change_request"]
+        r.cluster.apply(raw)
+        await eventually(lambda: one_saying(fake, ": torn down"))
+        assert fake.comments_created == 1
