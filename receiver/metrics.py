@@ -71,7 +71,7 @@ class Metrics:
             "deduplicated, retried, failed)", ["gitea_instance", "result"], registry=r)
         self.pr_comments = Counter(
             "gfb_pr_comments_total", "Pull-request comment writes by Gitea instance and result "
-            "(created, edited, deleted, unchanged)", ["gitea_instance", "result"], registry=r)
+            "(created, edited, deleted, unchanged, yielded)", ["gitea_instance", "result"], registry=r)
         self.gitea_requests = Histogram(
             "gfb_gitea_request_duration_seconds", "Gitea API request latency by instance, call "
             "(post_status, list_statuses, version) and code (HTTP status, or error)",

@@ -304,6 +304,7 @@ class PullComments:
             # Re-check the Lease right before creating: a replica that lost it must not add a
             # second comment beside the new holder's.
             if not await self._still_leader():
+                self._count(instance, "yielded")
                 return False
             await self._client.create_comment(instance, pull.owner, pull.repo, pull.number,
                                               todo.create)

@@ -336,3 +336,29 @@ async def test_an_object_that_stops_being_a_preview_leaves_the_comment() -> None
         r.cluster.apply(raw)
         await eventually(lambda: one_saying(fake, ": torn down"))
         assert fake.comments_created == 1
+
+
+@pytest.mark.anyio
+async def test_a_replica_that_lost_the_lease_creates_no_comment() -> None:
+    fake = with_pull(FakeGitea(token=GITEA_TOKEN), 7)
+
+    def previews(cluster: MemoryCluster) -> None:
+        cluster.load(preview_docs())
+        deploy(cluster, HEAD)
+
+    async with rig(settings(), fakes={"gitea.example.com": fake}, setup=previews,
+                   start=False) as r:
+        cfg = r.settings.statuses
+        assert await r.cluster.try_acquire_lease(cfg.lease_name, "the-new-holder",
+                                                 cfg.lease_duration_seconds)
+        await r.service.start()
+        r.service.comments.resync()
+
+        def yielded() -> bool:
+            # A stale belief (as in the moment before its next Lease check): it keeps
+            # thinking it leads, whatever its resync loop last saw.
+            r.service.resync.leader = True
+            return r.metric("gfb_pr_comments_total", result="yielded") >= 1
+
+        await eventually(yielded)
+        assert fake.comments_created == 0 and fake.comment_lists >= 1
