@@ -124,7 +124,8 @@ def build(settings: Settings, cluster: Cluster, **status_kwargs: Any) -> Compone
 def status_endpoints(statuses: StatusService) -> tuple[EventsEndpoint, BadgeEndpoint]:
     """`POST /events` and `GET /badge/...` over the status side's parts."""
     return (EventsEndpoint(statuses.settings, statuses.templates, statuses.locator,
-                           statuses.secrets, statuses.queue, statuses.metrics),
+                           statuses.secrets, statuses.queue, statuses.metrics,
+                           statuses.pending_events.on_event),
             BadgeEndpoint(statuses.settings, statuses.cluster, statuses.secrets))
 
 

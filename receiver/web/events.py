@@ -3,13 +3,15 @@
 Validate, then act: size and media type, then authentication (HMAC over the raw bytes or a
 bearer token; unsigned only behind the insecure switch), then the event, then the mapping to
 statuses (`statuses.desired_from_event`), queued with the body's digest so a redelivery of the
-same event is known.
+same event is known; each queued one is told to `on_queued` (a consumer's `pending` is followed
+until its live state moves on: `status.settle`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+from collections.abc import Callable
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -38,8 +40,10 @@ from receiver.web.http import (
 
 class EventsEndpoint:
     def __init__(self, settings: Settings, templates: StatusTemplates, locator: Locator,
-                 secrets: SecretReader, queue: StatusQueue, metrics: Metrics) -> None:
+                 secrets: SecretReader, queue: StatusQueue, metrics: Metrics,
+                 on_queued: Callable[[ObjectKey, DesiredStatus], None] | None = None) -> None:
         self._settings = settings
+        self._on_queued = on_queued
         self._templates = templates
         self._locator = locator
         self._secrets = secrets
@@ -77,6 +81,10 @@ class EventsEndpoint:
                                        origin=hashlib.sha256(body).hexdigest()[:16])
         if enqueued is None:
             return self._count("queue_full", error(503, "status queue is full"))
+        if self._on_queued is not None:
+            inv = event.involved
+            for status in wanted:
+                self._on_queued(ObjectKey(inv.kind, inv.namespace, inv.name), status)
         return self._count("accepted", _accepted(enqueued))
 
     def _map_event(self, event: FluxEvent) -> tuple[str, list[DesiredStatus]]:
