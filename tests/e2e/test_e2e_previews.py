@@ -104,8 +104,11 @@ class Previews(e2e.BridgeEnv):
     operator: _EnvProcess
     webhook_token: str
     bridge_user: str
-    replicas: list[BridgeProcess]  # `bridge` is the first
+    replicas: list[BridgeProcess]  # `bridge` is one of them
     proxy: RoundRobinProxy
+    bridge_config: dict[str, Any]
+    kubeconfig: Path
+    workdir: Path
     hook_id: int = 0
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -178,6 +181,22 @@ class Previews(e2e.BridgeEnv):
         """Comments each replica created (its gfb_pr_comments_total, result created)."""
         return {b.url: metric_value(b.metrics(), "gfb_pr_comments_total",
                                     {"result": "created"}) for b in self.replicas}
+
+    def leader(self) -> BridgeProcess | None:
+        """The replica whose own gauge says it holds the Lease (the one writing comments)."""
+        claims = [b for b in self.replicas
+                  if metric_value(b.metrics(), "gfb_resync_leader") == 1]
+        return claims[0] if len(claims) == 1 else None
+
+    def spawn(self) -> BridgeProcess:
+        """One more replica, behind the proxy once it is ready."""
+        workdir = self.workdir / f"r{len(list(self.workdir.glob('r*'))) + 1}"
+        workdir.mkdir()
+        bridge = BridgeProcess(self.bridge_config, self.kubeconfig, workdir).start()
+        bridge.wait_receivers(1)
+        self.replicas.append(bridge)
+        self.proxy.set_upstreams(b.port for b in self.replicas)
+        return bridge
 
     def lease_holder(self) -> str:
         lease = self.plane.request(
@@ -282,17 +301,19 @@ def previews(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Previews]:
             "lease_name": LEASE, "lease_duration_seconds": 15,
             "previews": {"comment_interval_seconds": 2}})
         with e2e.timed(timings, f"{REPLICAS} bridge replicas + nginx"):
-            replicas = []
+            replicas: list[BridgeProcess] = []
+            # Every replica the module ran (a test may replace one) is stopped at the end.
+            teardown.append(lambda: [b.stop() for b in replicas])
             for number in range(1, REPLICAS + 1):
                 (workdir / f"r{number}").mkdir()
-                bridge = BridgeProcess(config, kubeconfig, workdir / f"r{number}")
-                teardown.append(bridge.stop)
-                replicas.append(bridge.start())
+                replicas.append(BridgeProcess(config, kubeconfig, workdir / f"r{number}"))
+                replicas[-1].start()
             proxy = RoundRobinProxy(nginx, workdir / "nginx", [b.port for b in replicas])
             proxy.start()
             teardown.append(proxy.stop)
         env = Previews(plane, gitea, flux, replicas[0], operator, tokens["webhook"], bridge_user,
-                       replicas, proxy, timings=timings)
+                       list(replicas), proxy, config, kubeconfig, workdir, timings=timings)
+        replicas = env.replicas  # the teardown stops those running at the end
         _make_previews(env, tokens)
         e2e.print_timings("previews environment up", timings)
         yield env
@@ -495,3 +516,39 @@ def test_a_broken_preview_shows_failure_and_its_reason(previews: Previews) -> No
     print(f"  comment on #{number}: " + " / ".join(
         line for line in comment["body"].splitlines() if "Kustomization" in line))
     assert "\u274c failure" in comment["body"]
+
+
+def test_after_a_lease_handover_the_new_holder_edits_the_same_comment(previews: Previews) -> None:
+    """The replica writing comments is lost (SIGKILL: its Lease is not given back); the other
+    takes the Lease once it expires and, remembering nothing of the comment, finds it on the
+    pull request and edits it: still one comment, the same id."""
+    number, first = previews.open_pull_request("feature-5", "Feature five")
+    comment = previews.wait_comment(number, "ready at the first commit", ": success",
+                                    preview_url(number), f"/commit/{first}")
+    holder = previews.wait("one replica to hold the Lease", previews.leader, 60)
+    survivor = next(b for b in previews.replicas if b is not holder)
+    created = metric_value(survivor.metrics(), "gfb_pr_comments_total", {"result": "created"})
+    # The Service's endpoints drop the lost pod: the webhook and Flux's events go to the other.
+    previews.replicas.remove(holder)
+    previews.bridge = survivor
+    previews.proxy.set_upstreams([survivor.port])
+    holder.kill()
+    lost = time.monotonic()
+    try:
+        second = previews.push_to("feature-5", serial="2")
+        previews.wait_state(previews.gitea, ORG, REPO, second, e2e.status_context(
+            CLUSTER, "Kustomization", NS, preview(number)), "success", PREVIEW_TIMEOUT)
+        previews.wait("the other replica to take the Lease",
+                      lambda: previews.leader() is survivor or None, 120)
+        edited = previews.wait_comment(number, "edited by the new holder", ": success",
+                                       f"/commit/{second}", absent=(first,))
+        previews.timings["holder lost -> comment edited by the new one"] = \
+            time.monotonic() - lost
+        assert edited["id"] == comment["id"]
+        assert [c["id"] for c in previews.comments(number)] == [comment["id"]]
+        # It found the comment: it created none.
+        assert metric_value(survivor.metrics(), "gfb_pr_comments_total",
+                            {"result": "created"}) == created
+    finally:
+        holder.stop()  # reaped
+        previews.spawn()  # back to REPLICAS for the other tests
