@@ -9,7 +9,8 @@ makes flux-operator delete the preview and the comment say so, and a broken mani
 Two bridge replicas run behind a round-robin proxy (`tests.e2e.proxy_harness`, as a Service
 without affinity): Gitea's webhook and notification-controller's events go through it, so
 either replica takes any of them, and only the holder of the resync Lease writes comments:
-every wait on a comment fails at once if the pull request ever shows two.
+every wait on a comment fails at once if the pull request ever shows two. The last test loses
+the holder (SIGKILL) and the other replica, once it holds the Lease, edits the same comment.
 
 The peers of the other whole-loop modules (etcd + kube-apiserver, Gitea, source-, kustomize-
 and notification-controller, the bridge), plus flux-operator (`scripts/testbin.sh operator`)
