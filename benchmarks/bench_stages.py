@@ -77,7 +77,10 @@ def _instrument() -> None:
     from receiver.delivery.reconcile import Reconciler
 
     _timed(ingest, "select_payload", "payload: JSON decode + parse (select_payload)")
-    _timed(ingest, "plan_selection", "routing (plan_selection)")
+    if hasattr(ingest, "plan_selection"):  # a checkout before plans were remembered
+        _timed(ingest, "plan_selection", "routing (plan_selection)")
+    else:
+        _timed(ingest.PlanCache, "plan", "routing (PlanCache.plan: remembered or routed)")
     _timed(ingest, "encode", "signed delivery id (encode)")
     _timed(ingest, "accepted_reply", "202 reply (plan as JSON)")
     _timed(ingest, "read_capped", "body read (read_capped)")

@@ -23,6 +23,8 @@ from receiver.flux.objects import (
     helm_chart_of,
 )
 
+# A HelmRelease with this annotation names the commit it was built from (`revisions.followable`).
+COMMIT_ANNOTATION = "event.toolkit.fluxcd.io/commit"
 UrlNormaliser = Callable[[str], "str | None"]
 
 
@@ -67,6 +69,10 @@ class ObjectStore:
         # Bumped when an object appears, disappears or changes labels, spec or ownership of
         # a name: what a Receiver's `resources` resolve to can only change then.
         self.shape_version = 0
+        # Bumped with `shape_version`, and when what routing reads besides the shape changes: a
+        # source's artifact revision (a semver ref) or a HelmRelease's commit annotation. A plan
+        # computed at one routing_version holds until the next (`push.plan_cache`).
+        self.routing_version = 0
 
     # -- reads -------------------------------------------------------------------------------
 
@@ -165,6 +171,9 @@ class ObjectStore:
         old = self._objects.get(key)
         if old is None or old.labels != obj.labels or old.spec != obj.spec:
             self.shape_version += 1
+            self.routing_version += 1
+        elif _routing_facts(old) != _routing_facts(obj):
+            self.routing_version += 1
         self._unindex(key)
         self._objects[key] = obj
         self._by_kind_ns[(key.kind, key.namespace)][key.name] = obj
@@ -242,6 +251,7 @@ class ObjectStore:
         if obj is None:
             return
         self.shape_version += 1
+        self.routing_version += 1
         self._unindex(key)
         for listener in self._listeners:
             listener("delete", obj)
@@ -303,6 +313,13 @@ class ObjectStore:
             del hosts[host]
         if not hosts:
             del self._hosts_by_path[path]
+
+
+def _routing_facts(obj: FluxObject) -> tuple[object, str]:
+    """What routing reads of an object besides its spec and labels (see `routing_version`)."""
+    artifact = obj.status.get("artifact")
+    revision = artifact.get("revision") if isinstance(artifact, dict) else None
+    return revision, obj.annotations.get(COMMIT_ANNOTATION, "")
 
 
 def _drop(index: dict[Any, set[ObjectKey]], entry: object, key: ObjectKey) -> None:

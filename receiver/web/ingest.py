@@ -38,7 +38,7 @@ from receiver.push.cel_filter import CompiledFilter, RequestNotJSON
 from receiver.push.cel_sandbox import FilterBudgetExceeded, FilterBusy, FilterSandbox
 from receiver.push.hookindex import HookIndex
 from receiver.push.mismatch import unmatched
-from receiver.push.package_routing import plan_selection
+from receiver.push.plan_cache import PlanCache
 from receiver.push.receiver_specs import ReceiverSpecs
 from receiver.push.replay import SeenOnce
 from receiver.push.resource_filter import FilterEvaluationError, narrow
@@ -106,6 +106,9 @@ class IngestService:
         self.gitea_prefixes = settings.gitea_prefixes()
         self.specs = ReceiverSpecs(settings, cluster.store, metrics)
         self.filter_sandbox = FilterSandbox()
+        self.plans = PlanCache(cluster.store,
+                               allow_cross_namespace=settings.allow_cross_namespace_refs,
+                               gitea_prefixes=self.gitea_prefixes)
 
     # -- authentication ---------------------------------------------------------------------
 
@@ -280,11 +283,7 @@ class IngestService:
             return joined
         if self.deliveries.active_count >= self.settings.deliveries.max_count:
             return self._count(name, "overloaded", error(503, "too many deliveries in flight"))
-        plan = plan_selection(
-            receiver, selection, self.cluster.store,
-            allow_cross_namespace=self.settings.allow_cross_namespace_refs,
-            resolved=self.specs.resolved(receiver), gitea_prefixes=self.gitea_prefixes,
-        )
+        plan = self.plans.plan(receiver, selection, self.specs.resolved(receiver))
         # Why nothing matched is about the push, not the filter: ask before filtering.
         mismatch = unmatched(push, self.cluster.store) if not plan.targets else None
         if compiled is not None or entries:
