@@ -3,7 +3,7 @@
     python -m benchmarks.bench_scaling [--pushes 6000] [--baseline NAME=DIR ...]
 
 In process, no sockets (as `bench_stages`): the ingest benchmark's Receivers (200, each listing
-10 GitRepositories and their Kustomizations) over a fleet of 12,200 or 122,200 objects;
+10 GitRepositories and their Kustomizations) over a fleet of 12,200 or 120,200 objects;
 pushes of new commits sent through the ASGI app by 64 concurrent coroutines. Each size first
 fills the delivery store to `deliveries.max_count` (1,000 or 10,000: every delivery times out
 after 0.05 s, and the store keeps the newest), then measures `--pushes` more in blocks of a
@@ -35,8 +35,8 @@ ROOT = Path(__file__).resolve().parent.parent
 SIZES = (  # (label, GitRepositories, Kustomizations, deliveries kept)
     ("12,200 objects, 1,000 kept", 2_000, 10_000, 1_000),
     ("12,200 objects, 10,000 kept", 2_000, 10_000, 10_000),
-    ("122,200 objects, 1,000 kept", 20_000, 100_000, 1_000),
-    ("122,200 objects, 10,000 kept", 20_000, 100_000, 10_000),
+    ("120,200 objects, 1,000 kept", 20_000, 100_000, 1_000),
+    ("120,200 objects, 10,000 kept", 20_000, 100_000, 10_000),
 )
 
 

@@ -83,7 +83,8 @@ def _instrument() -> None:
         _timed(ingest.PlanCache, "plan", "routing (PlanCache.plan: remembered or routed)")
     _timed(ingest, "encode", "signed delivery id (encode)")
     _timed(ingest, "accepted_reply", "202 reply (plan as JSON)")
-    _timed(ingest, "read_capped", "body read (read_capped)")
+    reader = "read_capped" if hasattr(ingest, "read_capped") else "read_parts"
+    _timed(ingest, reader, f"body read ({reader})")
     _timed(ingest.IngestService, "_authenticate", "authentication")
     _timed(ingest.Delivery, "from_record", "delivery object")
     _timed(ingest, "record_targets", "record targets")

@@ -45,14 +45,14 @@ from receiver.push.resource_filter import FilterEvaluationError, narrow
 from receiver.push.routing import Plan
 from receiver.push.selector import PayloadRefused, select_payload
 from receiver.web.http import (
-    OFF_LOOP_BYTES,
     UNAUTHORIZED,
     VERIFIER,
     BodyTooLarge,
     declared_too_large,
     error,
+    joined,
     media_type,
-    read_capped,
+    read_parts,
 )
 from receiver.web.ratelimit import RateLimiter
 from receiver.web.replies import accepted_reply, record_ref
@@ -78,6 +78,13 @@ class _Once:
 class _Authenticated:
     verdict: signatures.Verdict
     signed: bytes  # the JSON document the sender signed (decoded form payload or raw body)
+    body: bytes = b""  # the raw body, joined once the signature holds (b"" until it does)
+
+
+def _held(verdict: signatures.Verdict, signed: signatures.Signed) -> _Authenticated:
+    """A verdict over the raw body; the body is joined only for a request that passed."""
+    body = joined(signed) if verdict.ok else b""
+    return _Authenticated(verdict, body, body)
 
 
 class IngestService:
@@ -113,21 +120,23 @@ class IngestService:
     # -- authentication ---------------------------------------------------------------------
 
     def _verify(
-        self, receiver: FluxObject, token: str, headers: Mapping[str, str], body: bytes,
-        kind: str
+        self, receiver: FluxObject, token: str, headers: Mapping[str, str],
+        body: signatures.Signed, kind: str
     ) -> _Authenticated:
         rtype = receiver.spec.get("type")
         if rtype == "github":
-            signed = body
             if kind == FORM_TYPE and body:
                 # Gitea signs the JSON document, not the form-encoded body it sends; a form
                 # without that document cannot carry a valid signature (go-github alike).
+                raw = joined(body)
                 try:
-                    signed = form_payload(body)
+                    signed = form_payload(raw)
                 except PayloadError:
                     return _Authenticated(
-                        signatures.Verdict(False, "gitea-sha256", "undecodable-form"), body)
-            return _Authenticated(signatures.verify_gitea(headers, signed, token), signed)
+                        signatures.Verdict(False, "gitea-sha256", "undecodable-form"), raw)
+                return _Authenticated(signatures.verify_gitea(headers, signed, token), signed,
+                                      raw)
+            return _held(signatures.verify_gitea(headers, body, token), body)
         # generic and generic-hmac sign the raw bytes, whatever their content type (as Flux).
         if rtype == "generic-hmac":
             verdict = signatures.verify_generic_hmac(headers, body, token)
@@ -136,10 +145,11 @@ class IngestService:
                 headers, body, token, self.wall_clock(),
                 allow_unsigned=self.settings.insecure.allow_unsigned_generic,
             )
-        return _Authenticated(verdict, body)
+        return _held(verdict, body)
 
     async def _authenticate(
-        self, receiver: FluxObject, token: str, request: Request, body: bytes, kind: str
+        self, receiver: FluxObject, token: str, request: Request, body: signatures.Signed,
+        kind: str
     ) -> _Authenticated:
         headers = request.headers
         result = await self._verify_off_loop(receiver, token, headers, body, kind)
@@ -151,12 +161,13 @@ class IngestService:
         return result
 
     async def _verify_off_loop(self, receiver: FluxObject, token: str,
-                               headers: Mapping[str, str], body: bytes,
+                               headers: Mapping[str, str], body: signatures.Signed,
                                kind: str) -> _Authenticated:
-        """`_verify`, on the verification thread for a large body: an HMAC of 3 MiB or a form's
-        decoding takes 5-20 ms, and a flood of them would hold the event loop for all of it.
-        The HMAC releases the GIL; the decoding holds it only for each of its few C steps."""
-        if len(body) < OFF_LOOP_BYTES:
+        """`_verify`, on the verification thread for a large body (`read_parts` leaves it in
+        chunks): an HMAC of 3 MiB or a form's decoding takes 5-20 ms, and a flood of them
+        would hold the event loop for all of it. The HMAC releases the GIL; the decoding holds
+        it only for each of its few C steps."""
+        if isinstance(body, bytes):
             return self._verify(receiver, token, headers, body, kind)
         return await asyncio.get_running_loop().run_in_executor(
             VERIFIER, self._verify, receiver, token, headers, body, kind)
@@ -187,19 +198,20 @@ class IngestService:
                 if isinstance(compiled, str) else
                 "receiver is not ready: invalid spec.resources[].filter"))
         try:
-            body = await read_capped(request, limit)
+            parts = await read_parts(request, limit)
         except BodyTooLarge:
             return self._count(name, "too_large", error(413, f"body exceeds {limit} bytes"))
         kind = media_type(request)
         # Before authentication every answer is the same whatever the Receiver's type: nothing
         # about the body is judged until its signature holds.
-        auth = await self._authenticate(receiver, token, request, body, kind)
+        auth = await self._authenticate(receiver, token, request, parts, kind)
         verdict = auth.verdict
         if not verdict.ok:
             self.metrics.signature_failures.labels(verdict.scheme, verdict.reason).inc()
             log.info("signature rejected", extra={"receiver": name, "scheme": verdict.scheme,
                                                   "reason": verdict.reason})
             return self._count(name, "unauthorized", JSONResponse(UNAUTHORIZED, 401))
+        body = auth.body
         if spec_events.refuses_media(receiver, kind, bool(body)):
             return self._count(name, "unsupported_media", error(415, UNSUPPORTED_MEDIA))
         # spec.events is matched against X-GitHub-Event alone, as Flux does (Gitea sends it with
