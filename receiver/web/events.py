@@ -30,9 +30,9 @@ from receiver.web.http import (
     BodyTooLarge,
     declared_too_large,
     error,
-    joined,
     media_type,
     read_parts,
+    whole_body,
 )
 
 
@@ -63,7 +63,7 @@ class EventsEndpoint:
             return self._count("too_large", error(413, "body too large"))
         if not await self._authorised(request, parts):
             return self._count("unauthorized", JSONResponse(UNAUTHORIZED, status_code=401))
-        body = joined(parts)  # only now: a stranger's large body is never joined
+        body = whole_body(parts)  # only now: a stranger's large body is never joined
         try:
             event = parse_event(body)
         except EventError as exc:

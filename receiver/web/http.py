@@ -59,7 +59,7 @@ async def read_parts(request: Request, limit: int) -> Signed:
     return b"".join(chunks) if size < OFF_LOOP_BYTES else tuple(chunks)
 
 
-def joined(body: Signed) -> bytes:
+def whole_body(body: Signed) -> bytes:
     return body if isinstance(body, bytes) else b"".join(body)
 
 

@@ -50,9 +50,9 @@ from receiver.web.http import (
     BodyTooLarge,
     declared_too_large,
     error,
-    joined,
     media_type,
     read_parts,
+    whole_body,
 )
 from receiver.web.ratelimit import RateLimiter
 from receiver.web.replies import accepted_reply, record_ref
@@ -83,7 +83,7 @@ class _Authenticated:
 
 def _held(verdict: signatures.Verdict, signed: signatures.Signed) -> _Authenticated:
     """A verdict over the raw body; the body is joined only for a request that passed."""
-    body = joined(signed) if verdict.ok else b""
+    body = whole_body(signed) if verdict.ok else b""
     return _Authenticated(verdict, body, body)
 
 
@@ -128,7 +128,7 @@ class IngestService:
             if kind == FORM_TYPE and body:
                 # Gitea signs the JSON document, not the form-encoded body it sends; a form
                 # without that document cannot carry a valid signature (go-github alike).
-                raw = joined(body)
+                raw = whole_body(body)
                 try:
                     signed = form_payload(raw)
                 except PayloadError:
