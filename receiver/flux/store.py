@@ -16,6 +16,8 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from receiver.flux.objects import (
+    BRIDGE_PREFIX,
+    RECONCILE_ANNOTATION,
     FluxObject,
     ObjectKey,
     SourceRef,
@@ -23,8 +25,10 @@ from receiver.flux.objects import (
     helm_chart_of,
 )
 
-# A HelmRelease with this annotation names the commit it was built from (`revisions.followable`).
-COMMIT_ANNOTATION = "event.toolkit.fluxcd.io/commit"
+# Annotations that change with every request (Flux's and the bridge's own marks): the only ones
+# that never bump `routing_version` (a consumer's paths, a HelmRelease's commit, an input
+# provider's reconcile switch are annotations routing reads).
+_REQUEST_ANNOTATIONS = frozenset({RECONCILE_ANNOTATION, BRIDGE_PREFIX + "deliveries"})
 UrlNormaliser = Callable[[str], "str | None"]
 
 
@@ -70,7 +74,7 @@ class ObjectStore:
         # a name: what a Receiver's `resources` resolve to can only change then.
         self.shape_version = 0
         # Bumped with `shape_version`, and when what routing reads besides the shape changes: a
-        # source's artifact revision (a semver ref) or a HelmRelease's commit annotation. A plan
+        # source's artifact revision (a semver ref), an annotation other than a request's. A plan
         # computed at one routing_version holds until the next (`push.plan_cache`).
         self.routing_version = 0
 
@@ -315,11 +319,12 @@ class ObjectStore:
             del self._hosts_by_path[path]
 
 
-def _routing_facts(obj: FluxObject) -> tuple[object, str]:
-    """What routing reads of an object besides its spec and labels (see `routing_version`)."""
+def _routing_facts(obj: FluxObject) -> tuple[object, dict[str, str]]:
+    """What routing reads of an object besides its spec and labels (see `routing_version`): a
+    source's artifact revision, and its annotations but those every request changes."""
     artifact = obj.status.get("artifact")
     revision = artifact.get("revision") if isinstance(artifact, dict) else None
-    return revision, obj.annotations.get(COMMIT_ANNOTATION, "")
+    return revision, {k: v for k, v in obj.annotations.items() if k not in _REQUEST_ANNOTATIONS}
 
 
 def _drop(index: dict[Any, set[ObjectKey]], entry: object, key: ObjectKey) -> None:

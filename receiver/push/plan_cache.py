@@ -3,9 +3,11 @@ to the same place routes exactly as the one before it, since a plan never depend
 
 Each plan is kept with the versions it was computed at: the Receiver's `resourceVersion` and the
 store's `routing_version`, which every watch event that can change a route bumps (an object
-added or removed, a spec or label changed, a source's artifact revision, a HelmRelease's commit
-annotation). A status or annotation change of any other kind, such as the bridge's own marks on
-a busy source, leaves the plans valid. Package events are routed afresh every time.
+added or removed, a spec or label changed, a source's artifact revision, an annotation such as
+a consumer's paths or an input provider's reconcile switch). Flux's and the bridge's own request
+marks, which change a busy source every second, leave the plans valid. Only pushes are
+remembered: package, pull request and ref events, and bodies without push details, are routed
+afresh every time.
 """
 
 from __future__ import annotations
@@ -27,9 +29,9 @@ MAX_PLANS = 2048
 
 def _push_key(selection: Selection) -> Hashable:
     push = selection.push
-    if push is None:
-        return (selection.shape, selection.note)
-    # Everything of the push that routing reads; not its commit.
+    assert push is not None
+    # Everything of the push that routing reads (its own and the input providers' part); not
+    # its commit.
     return (selection.shape, push.repo_urls, push.full_name, push.ref, push.deleted,
             push.paths_complete, push.paths)
 
@@ -45,7 +47,7 @@ class PlanCache:
 
     def plan(self, receiver: FluxObject, selection: Selection, resolved: Resolved) -> Plan:
         """`plan_selection`'s plan, compacted (`Plan.compact`): what a delivery keeps."""
-        if selection.package is not None:
+        if selection.push is None:  # a package, pull request or ref event, or no details
             return self._route(receiver, selection, resolved)
         store = self._store
         key = (receiver.key, _push_key(selection))

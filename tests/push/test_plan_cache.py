@@ -18,7 +18,7 @@ from hypothesis.stateful import RuleBasedStateMachine, rule
 
 from receiver.delivery.marks import DELIVERIES_ANNOTATION
 from receiver.flux.memory import MemoryCluster
-from receiver.flux.objects import ObjectKey
+from receiver.flux.objects import PATHS_ANNOTATION, ObjectKey
 from receiver.flux.store import ObjectStore
 from receiver.gitea.payloads import Push
 from receiver.giturls import normalise_repo_url
@@ -88,6 +88,11 @@ class RememberedPlans(RuleBasedStateMachine):
     def consumer_path(self, which: int, path: str) -> None:
         self._change("Kustomization", which, lambda r: r["spec"].update(path=path))
 
+    @rule(which=st.integers(0, 9), paths=st.sampled_from(["", "deploy", "releases;clusters"]))
+    def consumer_paths_annotation(self, which: int, paths: str) -> None:
+        self._change("Kustomization", which, lambda r: r["metadata"].setdefault(
+            "annotations", {}).update({PATHS_ANNOTATION: paths}))
+
     @rule(which=st.integers(0, 9), suspend=st.booleans())
     def suspension(self, which: int, suspend: bool) -> None:
         kind = "Kustomization" if which % 2 else "GitRepository"
@@ -134,3 +139,15 @@ def test_a_semver_source_moving_to_a_higher_tag_stops_taking_a_lower_one() -> No
     machine.push(**push)  # asserts the remembered plan equals a fresh one
     machine.source_artifact(which=names.index("fleet-releases"), tag="v1.0.0")
     machine.push(**push)
+
+
+def test_a_paths_annotation_moves_a_consumer_under_the_changed_files() -> None:
+    """The bridge's `paths` annotation is read by routing: its change alone must drop the plan."""
+    machine = RememberedPlans()
+    names = [o.key.name for o in machine._objects("Kustomization")]
+    push = {"repo": "https://gitea.example.com/platform/fleet.git", "ref": "refs/heads/main",
+            "files": ["deploy/a.yaml", "releases/b"], "complete": True, "which": 1}
+    machine.push(**push)
+    for name in names:
+        machine.consumer_paths_annotation(which=names.index(name), paths="deploy")
+        machine.push(**push)
