@@ -159,7 +159,7 @@ class Reconciler:
         else:
             # A patch that went through moves the delivery only once the cache holds its mark,
             # and that watch event queues the delivery itself (`_on_change`): an evaluation
-            # here would find it unchanged (it was a third of all evaluations).
+            # here would find it unchanged.
             return
         self._queue_evaluation((delivery.id,))
 
