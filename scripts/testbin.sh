@@ -4,7 +4,7 @@
 # dir outside the repo.
 #
 # Usage:
-#   scripts/testbin.sh [core|tools|flux|gitea|all|<component>...]   (default: core)
+#   scripts/testbin.sh [core|tools|flux|flagger|gitea|all|<component>...]   (default: core)
 #   scripts/testbin.sh --print-dir          print the binary cache dir
 #   scripts/testbin.sh --moddir <component> print the component's module source dir
 #                                           (Gitea STATIC_ROOT_PATH, Flux CRDs)
@@ -13,6 +13,7 @@
 #         tools = promtool actionlint (small: a few minutes each)
 #         flux = source-controller kustomize-controller notification-controller
 #                helm-controller
+#         flagger = flagger (progressive delivery; the canary e2e test's peer)
 #
 # Env: GFBTEST_BIN (cache dir), GFBTEST_GO_P (go build -p, default 2).
 # Each pin is the release the tests were written against; bump them together.
@@ -29,6 +30,7 @@ HELM_CONTROLLER_VERSION=v1.6.4            # github.com/fluxcd/helm-controller (s
 GITEA_VERSION=v1.26.3                     # code.gitea.io/gitea
 PROMETHEUS_VERSION=v0.316.0               # github.com/prometheus/prometheus (promtool 3.16.0)
 ACTIONLINT_VERSION=v1.7.12                # github.com/rhysd/actionlint
+FLAGGER_VERSION=v1.36.1                   # github.com/fluxcd/flagger
 
 CACHE=${GFBTEST_BIN:-$HOME/.cache/gitea-flux-bridge/testbin}
 JOBS=${GFBTEST_GO_P:-2}   # 2 cores; k8s compile units are memory hungry
@@ -40,7 +42,8 @@ K8S_MINOR=${K8S_VERSION#v1.}; K8S_MINOR=${K8S_MINOR%%.*}
 CORE=(etcd kube-apiserver helm)
 FLUX=(source-controller kustomize-controller notification-controller helm-controller)
 TOOLS=(promtool actionlint)
-ALL=("${CORE[@]}" "${TOOLS[@]}" "${FLUX[@]}" gitea)
+FLAGGER=(flagger)
+ALL=("${CORE[@]}" "${TOOLS[@]}" "${FLUX[@]}" gitea "${FLAGGER[@]}")
 
 die() { echo "testbin: ERROR: $*" >&2; exit 1; }
 
@@ -98,7 +101,10 @@ component_info() {
 	actionlint)
 		MOD=github.com/rhysd/actionlint; VER=$ACTIONLINT_VERSION; PKG=$MOD/cmd/actionlint
 		LDFLAGS+=" -X $MOD.version=${ACTIONLINT_VERSION#v}" ;;
-	*) die "unknown component '$1' (known: ${ALL[*]}, core, tools, flux, all)" ;;
+	flagger)
+		MOD=github.com/fluxcd/flagger; VER=$FLAGGER_VERSION; PKG=$MOD/cmd/flagger
+		LDFLAGS+=" -X $MOD/pkg/version.REVISION=$FLAGGER_VERSION" ;;
+	*) die "unknown component '$1' (known: ${ALL[*]}, core, tools, flux, flagger, all)" ;;
 	esac
 }
 
@@ -226,7 +232,7 @@ main() {
 	case ${1:-} in
 	--print-dir) echo "$CACHE"; return ;;
 	--moddir) [[ $# -eq 2 ]] || die "usage: $0 --moddir <component>"; print_moddir "$2"; return ;;
-	-h|--help) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; return ;;
+	-h|--help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; return ;;
 	esac
 	command -v go >/dev/null || die "go not found in PATH"
 	(($# > 0)) || set -- core
@@ -237,6 +243,7 @@ main() {
 		core) todo+=("${CORE[@]}") ;;
 		tools) todo+=("${TOOLS[@]}") ;;
 		flux) todo+=("${FLUX[@]}") ;;
+		flagger) todo+=("${FLAGGER[@]}") ;;
 		all) todo+=("${ALL[@]}") ;;
 		*) component_info "$a"; todo+=("$a") ;;   # validates the name
 		esac
