@@ -146,6 +146,13 @@ class GiteaInstance(_Model):
 DEFAULT_CONTEXT = "flux/{cluster}/{kind}/{namespace}/{name}"
 
 
+class EnvironmentConfig(_Model):
+    """One environment of the fleet: its clusters, aggregated as `flux/env/<name>`."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    clusters: list[str] = Field(min_length=1)
+
+
 class FleetConfig(_Model):
     """One aggregate status per commit for the whole fleet (see receiver/status/fleet.py)."""
 
@@ -157,6 +164,10 @@ class FleetConfig(_Model):
     context: str = "flux/fleet"
     # A cluster that has not reported on a commit for this long makes the aggregate `error`.
     stale_after_seconds: float = Field(default=3600.0, gt=0)
+    # Ordered environments (staging before production), each aggregated as
+    # `<environment_context_prefix><name>` over its clusters.
+    environments: list[EnvironmentConfig] = Field(default_factory=list)
+    environment_context_prefix: str = "flux/env/"
 
     @field_validator("repositories")
     @classmethod
@@ -187,11 +198,54 @@ class FleetConfig(_Model):
     def _complete(self) -> FleetConfig:
         if self.enabled and not self.clusters:
             raise ValueError("clusters must list the expected cluster names when enabled")
+        names = [e.name for e in self.environments]
+        if len(set(names)) != len(names):
+            raise ValueError("environments: names must be unique")
+        for env in self.environments:
+            strangers = sorted(set(env.clusters) - set(self.clusters))
+            if strangers:
+                raise ValueError(f"environment {env.name}: {strangers} not in clusters")
         return self
 
     def covers(self, owner: str, repo: str) -> bool:
         return self.enabled and (not self.repositories
                                  or f"{owner}/{repo}".lower() in self.repositories)
+
+
+class GateConfig(_Model):
+    """A promotion gate Flagger asks (`confirm-rollout`, `confirm-promotion`, `rollback`): the
+    commit statuses the analysed commit must show in Gitea (see receiver/status/gates.py)."""
+
+    # Contexts that must all show `success` (e.g. `flux/env/staging`, `approve/production`).
+    require: list[str] = Field(min_length=1)
+
+    @field_validator("require")
+    @classmethod
+    def _contexts(cls, value: list[str]) -> list[str]:
+        if any(not c.strip() for c in value):
+            raise ValueError("contexts must not be empty")
+        return [c.strip() for c in value]
+
+
+class CanaryConfig(_Model):
+    """Flagger Canaries as commit statuses, and promotion gates (receiver/status/canaries.py)."""
+
+    enabled: bool = False
+    # Placeholders: cluster, namespace, name (of the Canary).
+    context_template: str = "flagger/{cluster}/{namespace}/{name}"
+    # What Flagger's webhooks carry in their `metadata.token`; unset: every webhook is refused.
+    webhook_token: SecretSource | None = None
+    gates: dict[str, GateConfig] = Field(default_factory=dict)
+
+    @field_validator("context_template")
+    @classmethod
+    def _template(cls, value: str) -> str:
+        from receiver.templates import check_template
+
+        problem = check_template(value, frozenset({"cluster", "namespace", "name"}))
+        if problem:
+            raise ValueError(problem)
+        return value
 
 
 class StatusConfig(_Model):
@@ -214,6 +268,7 @@ class StatusConfig(_Model):
     # Gitea GET requests (listing pages) one resync run may make; the next run carries on.
     resync_read_budget: int = Field(default=200, ge=1)
     fleet: FleetConfig = FleetConfig()
+    canaries: CanaryConfig = CanaryConfig()
 
     @model_validator(mode="after")
     def _fleet(self) -> StatusConfig:
@@ -227,6 +282,9 @@ class StatusConfig(_Model):
                              "status belongs to; use statuses.context_template with {cluster}")
         try:
             cluster_parser(self.context_template, self.fleet.clusters)
+            if self.canaries.enabled:
+                cluster_parser(self.canaries.context_template, self.fleet.clusters,
+                               require_kind=False)
         except FleetTemplateError as exc:
             raise ValueError(f"fleet: {exc}") from None
         return self

@@ -26,9 +26,11 @@ from receiver.flux.cluster import NEGATIVE_SECRET_TTL, NotFound, Observer, error
 from receiver.flux.objects import (
     ANNOTATE_ONLY_KINDS,
     API_VERSIONS,
+    CANARY_WATCHED_KINDS,
     WATCHED_KINDS,
     FluxObject,
     ObjectKey,
+    slim,
 )
 from receiver.flux.store import ObjectStore
 
@@ -104,13 +106,14 @@ class MemoryCluster:
             self.secrets[(meta["namespace"], meta.get("name", ""))] = _secret_data(raw)
             return None
         # The kinds the bridge only annotates are kept too, so their patches land somewhere.
-        if raw.get("kind") not in WATCHED_KINDS and raw.get("kind") not in ANNOTATE_ONLY_KINDS:
+        if raw.get("kind") not in WATCHED_KINDS and raw.get("kind") not in ANNOTATE_ONLY_KINDS \
+                and raw.get("kind") not in CANARY_WATCHED_KINDS:
             return None
         raw.setdefault("apiVersion", API_VERSIONS[raw["kind"]])
         meta.setdefault("generation", 1)
         self._version += 1
         meta["resourceVersion"] = str(self._version)
-        return self.store.upsert(raw)
+        return self.store.upsert(slim(raw))
 
     # -- Cluster protocol ----------------------------------------------------------------------
 
@@ -256,6 +259,13 @@ class MemoryCluster:
                                    f"{key.name}.v{snapshot['version']} with chart "
                                    f"{chart}@{chart_version}"),
         )
+
+    def mark_canary(self, key: ObjectKey, phase: str, *, weight: int = 0, iterations: int = 0,
+                    failed_checks: int = 0) -> FluxObject:
+        """What Flagger writes on a Canary: its phase, traffic weight, iteration and failed
+        checks (plays Flagger in tests)."""
+        return self._update_status(key, phase=phase, canaryWeight=weight, iterations=iterations,
+                                   failedChecks=failed_checks)
 
     def mark_progressing(self, key: ObjectKey, revision: str) -> FluxObject:
         return self._update_status(

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 
 from receiver.config import Settings
@@ -60,6 +60,8 @@ class Resync:
         self._clock = clock
         self._cursors: dict[str, CommitKey] = {}  # per instance: where the last run stopped
         self.running = False  # whether the workers run (a run waits for room only then)
+        # More live-state statuses to repair alongside the consumers' (Flagger canaries).
+        self.extra: list[Callable[[], Iterable[DesiredStatus]]] = []
 
     async def once(self) -> int:
         """Queue the live-state status of every consumer of a GitRepository or OCIRepository
@@ -142,6 +144,11 @@ class Resync:
                                               self._locator.normalise)
                 if desired is None:
                     continue
+                for instance in self._locator.instances(desired.repo_key):
+                    wanted.setdefault((instance, desired.repo_key, desired.sha), []).append(
+                        desired)
+        for more in self.extra:
+            for desired in more():
                 for instance in self._locator.instances(desired.repo_key):
                     wanted.setdefault((instance, desired.repo_key, desired.sha), []).append(
                         desired)

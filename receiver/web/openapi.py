@@ -11,6 +11,7 @@ import json
 from typing import Any
 
 from receiver import __version__
+from receiver.web import openapi_flagger
 from receiver.web.openapi_schemas import (
     BAD_HEAD,
     FORM,
@@ -207,6 +208,7 @@ def document() -> dict[str, Any]:
         "/deliveries/{id}": _deliveries(),
         "/events": _events(),
         "/badge/{owner}/{repo}.svg": _badge(),
+        **openapi_flagger.paths(),
         "/healthz": _plain("healthz", "Liveness", TEXT),
         "/readyz": readyz,
         "/metrics": _plain("metrics", "Prometheus metrics (text format)", TEXT),
@@ -228,7 +230,8 @@ def document() -> dict[str, Any]:
             "license": {"name": "Apache-2.0", "identifier": "Apache-2.0"},
         },
         "paths": paths,
-        "components": {"schemas": SCHEMAS, "securitySchemes": SECURITY_SCHEMES},
+        "components": {"schemas": {**SCHEMAS, **openapi_flagger.SCHEMAS},
+                       "securitySchemes": SECURITY_SCHEMES},
     }
 
 

@@ -35,7 +35,7 @@ CORE = frozenset({
     "receiver.push.mismatch", "receiver.push.spec_events",
     "receiver.delivery.record", "receiver.delivery.marks", "receiver.delivery.state",
     "receiver.status.decisions", "receiver.status.fleet", "receiver.status.badges",
-    "receiver.status.flux_events",
+    "receiver.status.flux_events", "receiver.status.canaries", "receiver.status.gates",
 })
 
 
