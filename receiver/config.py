@@ -108,6 +108,9 @@ class DeliveriesConfig(_Model):
     max_count: int = Field(default=10_000, ge=1)
     max_age_seconds: float = Field(default=3600.0, gt=0)
     max_wait_seconds: float = Field(default=900.0, gt=0)
+    # `?canaries=true`: how long after the deploy a canary's earlier phase is taken as Flagger
+    # not having noticed the new revision yet (see receiver/delivery/canary_wait.py).
+    canary_pickup_seconds: float = Field(default=60.0, gt=0)
 
 
 class ShutdownConfig(_Model):

@@ -261,11 +261,12 @@ class MemoryCluster:
         )
 
     def mark_canary(self, key: ObjectKey, phase: str, *, weight: int = 0, iterations: int = 0,
-                    failed_checks: int = 0) -> FluxObject:
-        """What Flagger writes on a Canary: its phase, traffic weight, iteration and failed
-        checks (plays Flagger in tests)."""
+                    failed_checks: int = 0, at: float | None = None) -> FluxObject:
+        """What Flagger writes on a Canary: its phase, traffic weight, iteration, failed checks
+        and when the phase was set (`at`, default now) (plays Flagger in tests)."""
+        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(at))
         return self._update_status(key, phase=phase, canaryWeight=weight, iterations=iterations,
-                                   failedChecks=failed_checks)
+                                   failedChecks=failed_checks, lastTransitionTime=when)
 
     def mark_progressing(self, key: ObjectKey, revision: str) -> FluxObject:
         return self._update_status(

@@ -24,25 +24,20 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from receiver.flux.objects import CONSUMER_KINDS, WORKLOAD_KINDS, FluxObject, ObjectKey
+from receiver.flux.canary import (
+    FAILED,
+    PROGRESSING,
+    SUCCEEDED,
+    WAITING_PROMOTION,
+    owner_of,
+    target_of,
+)
+from receiver.flux.objects import CONSUMER_KINDS, FluxObject, ObjectKey
 from receiver.status.descriptions import FAILURE, PENDING, SUCCESS, truncate
 from receiver.templates import render
 
 Lookup = Callable[[ObjectKey], FluxObject | None]
 AppliedCommit = Callable[[FluxObject, FluxObject | None], "str | None"]
-
-# The labels Flux's controllers put on every object they apply.
-OWNER_LABELS: dict[str, tuple[str, str]] = {
-    "Kustomization": ("kustomize.toolkit.fluxcd.io/name", "kustomize.toolkit.fluxcd.io/namespace"),
-    "HelmRelease": ("helm.toolkit.fluxcd.io/name", "helm.toolkit.fluxcd.io/namespace"),
-}
-
-PROGRESSING, WAITING_PROMOTION, SUCCEEDED, FAILED = (
-    "Progressing", "WaitingPromotion", "Succeeded", "Failed")
-PHASES = ("Initializing", "Initialized", "Waiting", PROGRESSING, WAITING_PROMOTION, "Promoting",
-          "Finalising", SUCCEEDED, FAILED, "Terminating", "Terminated")
-FINAL_PHASES = frozenset({SUCCEEDED, FAILED, "Initialized"})
-
 
 @dataclass(frozen=True, slots=True)
 class Found:
@@ -58,32 +53,6 @@ class Unknown:
     """Why a canary's commit cannot be told."""
 
     reason: str
-
-
-def target_of(canary: FluxObject) -> ObjectKey | None:
-    """The workload a Canary's `spec.targetRef` names (always in the Canary's namespace), if it
-    is a kind Flagger rolls out and the bridge caches."""
-    ref = canary.spec.get("targetRef")
-    if not isinstance(ref, dict):
-        return None
-    kind, name = ref.get("kind"), ref.get("name")
-    if kind not in WORKLOAD_KINDS or not isinstance(name, str) or not name:
-        return None
-    return ObjectKey(str(kind), canary.namespace, name)
-
-
-def owner_of(workload: FluxObject) -> ObjectKey | None:
-    """The Kustomization or HelmRelease that applied a workload, from Flux's labels. Should a
-    workload carry both, the HelmRelease's win: helm-controller labels what it installs, a
-    Kustomization labels the HelmRelease object itself, not the chart's workloads."""
-    labels = workload.labels
-    found: list[ObjectKey] = []
-    for kind in ("HelmRelease", "Kustomization"):
-        name_label, namespace_label = OWNER_LABELS[kind]
-        name, namespace = labels.get(name_label), labels.get(namespace_label)
-        if name and namespace:
-            found.append(ObjectKey(kind, namespace, name))
-    return found[0] if found else None
 
 
 def analysed_commit(canary: FluxObject, lookup: Lookup, source_of: Lookup,

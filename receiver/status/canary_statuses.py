@@ -18,11 +18,11 @@ from collections.abc import Iterable
 
 from receiver.bounded import BoundedMap
 from receiver.config import Settings
+from receiver.flux.canary import FAILED
 from receiver.flux.cluster import Cluster
 from receiver.flux.objects import CANARY_KINDS, FluxObject, ObjectKey
 from receiver.gitea.client import GiteaError
 from receiver.status.canaries import (
-    FAILED,
     Found,
     Unknown,
     analysed_commit,

@@ -113,6 +113,12 @@ def _deliveries() -> dict[str, Any]:
              "description": "stream until the delivery settles or this many seconds pass "
                             "(capped at `deliveries.max_wait_seconds`)",
              "schema": {"type": "number", "minimum": 0}},
+            {"name": "canaries", "in": "query", "required": False,
+             "description": "`true`: also follow the Flagger canaries of its Kustomizations and "
+                            "HelmReleases (targets of role `canary`): the delivery is ready "
+                            "once they are promoted, failed once one is rolled back. Needs "
+                            "`statuses.canaries.enabled`.",
+             "schema": {"type": "string", "enum": ["true", "false"]}},
         ],
         "responses": {
             "200": {"description": "The delivery now; with `wait`, newline-delimited JSON: "
@@ -120,7 +126,9 @@ def _deliveries() -> dict[str, Any]:
                                    "marker or a retry line.",
                     "content": {JSON: {"schema": ref("Delivery")},
                                 NDJSON: {"schema": {"type": "string"}}}},
-            "400": bad_request("wait must be a number of seconds"),
+            "400": bad_request("wait must be a number of seconds",
+                               "canaries must be true or false",
+                               "canaries are not enabled (statuses.canaries.enabled)"),
             "404": error_response("Unknown, forged or unauthorised.", "no such delivery", "not found"),
             "500": INTERNAL,
         },

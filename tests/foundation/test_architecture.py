@@ -36,6 +36,7 @@ CORE = frozenset({
     "receiver.delivery.record", "receiver.delivery.marks", "receiver.delivery.state",
     "receiver.status.decisions", "receiver.status.fleet", "receiver.status.badges",
     "receiver.status.flux_events", "receiver.status.canaries", "receiver.status.gates",
+    "receiver.flux.canary", "receiver.delivery.canary_wait",
 })
 
 

@@ -10,17 +10,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from receiver.config import DEFAULT_CONTEXT
+from receiver.flux.canary import PHASES, owner_of, target_of
 from receiver.flux.objects import FluxObject, ObjectKey
 from receiver.status.canaries import (
-    PHASES,
     Found,
     Unknown,
     analysed_commit,
     canary_verdict,
     failed_check,
-    owner_of,
     progress_words,
-    target_of,
 )
 from receiver.status.decisions import applied_commit
 from receiver.status.descriptions import DESCRIPTION_LIMIT
