@@ -20,7 +20,7 @@ from collections.abc import Iterable
 
 from receiver.delivery.record import DeliveryRecord
 from receiver.delivery.view import DeliveryView, Lookup, TargetView
-from receiver.flux.canary import FAILED, PHASES, SUCCEEDED, owner_of, target_of
+from receiver.flux.canary import FAILED, PHASES, SUCCEEDED, owner_of, phase_changed_at, target_of
 from receiver.flux.objects import CONSUMER_KINDS, FluxObject, ObjectKey
 from receiver.flux.revisions import FAILED as FAILED_STATE
 from receiver.flux.revisions import FINAL_STATES, QUEUED, READY, RECONCILING, SKIPPED
@@ -67,7 +67,7 @@ def canary_target(canary: FluxObject, consumer: TargetView, consumer_obj: FluxOb
     if became_ready is not None:
         since = max(since, became_ready)
     phase = str(canary.status.get("phase", ""))
-    changed = epoch_seconds(canary.status.get("lastTransitionTime"))
+    changed = epoch_seconds(phase_changed_at(canary))
     # Kubernetes times have whole seconds: a transition in the push's second counts as after.
     fresh = changed is not None and changed >= int(since)
     if phase in WORKING_PHASES:

@@ -42,3 +42,19 @@ def owner_of(workload: FluxObject) -> ObjectKey | None:
         if name and namespace:
             found.append(ObjectKey(kind, namespace, name))
     return found[0] if found else None
+
+
+def phase_changed_at(canary: FluxObject) -> str:
+    """When Flagger last changed the canary's phase (RFC 3339; "" if it does not say).
+
+    `status.lastTransitionTime` will not do: Flagger rewrites it on every status write (weight,
+    iterations, a resync of the same phase). Its `Promoted` condition changes only with the
+    phase (its reason), and its `lastUpdateTime` says when."""
+    for cond in canary.status.get("conditions") or []:
+        if isinstance(cond, dict) and cond.get("type") == "Promoted":
+            for field in ("lastUpdateTime", "lastTransitionTime"):
+                value = cond.get(field)
+                if isinstance(value, str) and value:
+                    return value
+    value = canary.status.get("lastTransitionTime")
+    return value if isinstance(value, str) else ""

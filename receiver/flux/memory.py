@@ -265,8 +265,18 @@ class MemoryCluster:
         """What Flagger writes on a Canary: its phase, traffic weight, iteration, failed checks
         and when the phase was set (`at`, default now) (plays Flagger in tests)."""
         when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(at))
+        current = self.store.get(key)
+        conditions = (current.status.get("conditions") if current is not None else None) or []
+        promoted = next((c for c in conditions if c.get("type") == "Promoted"), None)
+        if promoted is None or promoted.get("reason") != phase:
+            # As Flagger: the Promoted condition changes only with the phase.
+            promoted = {"type": "Promoted", "reason": phase, "lastUpdateTime": when,
+                        "lastTransitionTime": when,
+                        "status": {"Succeeded": "True", "Initialized": "True",
+                                   "Failed": "False"}.get(phase, "Unknown")}
         return self._update_status(key, phase=phase, canaryWeight=weight, iterations=iterations,
-                                   failedChecks=failed_checks, lastTransitionTime=when)
+                                   failedChecks=failed_checks, lastTransitionTime=when,
+                                   conditions=[promoted])
 
     def mark_progressing(self, key: ObjectKey, revision: str) -> FluxObject:
         return self._update_status(

@@ -29,10 +29,16 @@ def stamp(at: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(at))
 
 
-def canary(phase: str, at: float | None, name: str = "web") -> FluxObject:
+def canary(phase: str, at: float | None, name: str = "web",
+           written: float | None = None) -> FluxObject:
+    """A Canary whose phase changed at `at` (its Promoted condition, as Flagger writes it) and
+    whose status was last written at `written` (Flagger rewrites that on every status write)."""
     status: dict[str, Any] = {"phase": phase}
     if at is not None:
-        status["lastTransitionTime"] = stamp(at)
+        status["conditions"] = [{"type": "Promoted", "reason": phase, "status": "Unknown",
+                                 "lastUpdateTime": stamp(at), "lastTransitionTime": stamp(at)}]
+    if written is not None or at is not None:
+        status["lastTransitionTime"] = stamp(written if written is not None else at or 0)
     return FluxObject({"kind": "Canary", "metadata": {"name": name, "namespace": "apps"},
                        "spec": {"targetRef": {"kind": "Deployment", "name": name}},
                        "status": status})
@@ -71,6 +77,16 @@ def test_promoted_or_rolled_back_after_the_deploy_ends_it() -> None:
                                    "Initializing", "Waiting"])
 def test_while_flagger_works_it_goes_on(phase: str) -> None:
     assert judge(phase, RECEIVED + 20).state == RECONCILING
+
+
+def test_a_status_rewrite_after_the_deploy_is_not_a_new_phase() -> None:
+    # Found by the whole-loop test: Flagger rewrote the status of a canary Succeeded at the
+    # last release after the next deploy, before it noticed the new revision. Only the phase's
+    # own change (the Promoted condition) says the canary decided on this deploy.
+    rewritten = canary_target(canary("Succeeded", RECEIVED - 120, written=RECEIVED + 20),
+                              consumer(READY), ks_ready_at(RECEIVED + 10), RECEIVED,
+                              RECEIVED + 30, PICKUP)
+    assert (rewritten.state, rewritten.reason) == (RECONCILING, "WaitingForFlagger")
 
 
 def test_a_phase_from_before_the_deploy_waits_for_flagger_then_stands() -> None:
