@@ -189,14 +189,15 @@ class MemoryCluster:
         return self.store.upsert(raw)
 
     @staticmethod
-    def _ready(ok: bool, reason: str, message: str) -> list[dict[str, str]]:
+    def _ready(ok: bool, reason: str, message: str,
+               at: float | None = None) -> list[dict[str, str]]:
         return [
             {
                 "type": "Ready",
                 "status": "True" if ok else "False",
                 "reason": reason,
                 "message": message,
-                "lastTransitionTime": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "lastTransitionTime": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(at)),
             }
         ]
 
@@ -220,9 +221,11 @@ class MemoryCluster:
             key, artifact=artifact,
             conditions=self._ready(True, "Succeeded", f"stored artifact for digest '{revision}'"))
 
-    def mark_applied(self, key: ObjectKey, revision: str, origin_revision: str = "") -> FluxObject:
-        """Ready at `revision`; `origin_revision`: kustomize-controller's
-        `lastAppliedOriginRevision` (the artifact's `org.opencontainers.image.revision`)."""
+    def mark_applied(self, key: ObjectKey, revision: str, origin_revision: str = "", *,
+                     at: float | None = None) -> FluxObject:
+        """Ready at `revision` (since `at`, default now); `origin_revision`:
+        kustomize-controller's `lastAppliedOriginRevision` (the artifact's
+        `org.opencontainers.image.revision`)."""
         if key.kind == "HelmRelease":
             return self._mark_released(key, revision)
         origin = {"lastAppliedOriginRevision": origin_revision} if origin_revision else {}
@@ -230,7 +233,8 @@ class MemoryCluster:
             key,
             lastAppliedRevision=revision,
             lastAttemptedRevision=revision,
-            conditions=self._ready(True, "ReconciliationSucceeded", f"Applied revision: {revision}"),
+            conditions=self._ready(True, "ReconciliationSucceeded",
+                                   f"Applied revision: {revision}", at),
             **origin,
         )
 

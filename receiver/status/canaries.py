@@ -30,11 +30,13 @@ from receiver.flux.canary import (
     SUCCEEDED,
     WAITING_PROMOTION,
     owner_of,
+    phase_changed_at,
     target_of,
 )
 from receiver.flux.objects import CONSUMER_KINDS, FluxObject, ObjectKey
 from receiver.status.descriptions import FAILURE, PENDING, SUCCESS, truncate
 from receiver.templates import render
+from receiver.times import epoch_seconds
 
 Lookup = Callable[[ObjectKey], FluxObject | None]
 AppliedCommit = Callable[[FluxObject, FluxObject | None], "str | None"]
@@ -84,6 +86,22 @@ def analysed_commit(canary: FluxObject, lookup: Lookup, source_of: Lookup,
     return Found(sha, owner, source)
 
 
+def decided_for(canary: FluxObject, owner: FluxObject) -> bool:
+    """Has Flagger changed the canary's phase since its owner last became Ready (applied)?
+
+    Until then the phase is about an earlier commit (Flagger notices a new revision at its next
+    interval), and a commit that does not change the workload starts no analysis at all: its
+    status would repeat an earlier verdict as if it were this commit's, so none is posted.
+    Times are whole seconds: a change in the same second counts as after.
+    """
+    ready = owner.condition("Ready") or {}
+    applied_at = epoch_seconds(ready.get("lastTransitionTime"))
+    if ready.get("status") != "True" or applied_at is None:
+        return True  # nothing says when it applied: the phase is taken as it is
+    changed = epoch_seconds(phase_changed_at(canary))
+    return changed is not None and changed >= int(applied_at)
+
+
 def _int(value: object) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
@@ -101,7 +119,8 @@ def progress_words(canary: FluxObject) -> str:
             words = f"canary {weight}%, {words}"
     else:
         step, top = _int(analysis.get("stepWeight")), _int(analysis.get("maxWeight")) or 100
-        steps = [s for s in analysis.get("stepWeights") or [] if isinstance(s, int)]
+        listed = analysis.get("stepWeights")
+        steps = [s for s in listed if isinstance(s, int)] if isinstance(listed, list) else []
         if steps:
             total, done = len(steps), sum(1 for s in steps if s <= weight)
         elif step:

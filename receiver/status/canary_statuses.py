@@ -2,7 +2,8 @@
 `canaries` and `gates`.
 
 Every change of a cached Canary is mapped to the status of the commit it analyses and queued
-(the queue compares it with what Gitea shows; the fleet check follows each post). The resync
+(the queue compares it with what Gitea shows; the fleet check follows each post), once Flagger
+has changed its phase since that commit was applied (`canaries.decided_for`). The resync
 derives the same statuses from the cache, so a lost change or a restart is repaired.
 
 Which check failed is not in a Canary's status: Flagger says it only in its events. Its `event`
@@ -28,6 +29,7 @@ from receiver.status.canaries import (
     analysed_commit,
     canary_context,
     canary_verdict,
+    decided_for,
     failed_check,
 )
 from receiver.status.decisions import DesiredStatus, applied_commit
@@ -93,6 +95,8 @@ class CanaryStatuses:
             return None
         self.unknown.pop(canary.key, None)
         found, repo = located
+        if not decided_for(canary, found.owner):
+            return None
         context = canary_context(self._cfg.context_template, self._templates.cluster, canary,
                                  self._templates.lower)
         return DesiredStatus(repo.key, repo.owner, repo.name, found.sha, context,

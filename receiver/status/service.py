@@ -26,6 +26,7 @@ from receiver.gitea.client import GiteaClient
 from receiver.gitea.payloads import Push
 from receiver.metrics import Metrics
 from receiver.status.canary_statuses import CanaryStatuses
+from receiver.status.env_badges import EnvironmentStates
 from receiver.status.fleet_checks import FleetChecks
 from receiver.status.gitea_view import GiteaView
 from receiver.status.locator import Locator
@@ -85,6 +86,7 @@ class StatusService:
         self.canaries = CanaryStatuses(settings, cluster, templates, self.locator, self.queue,
                                        self.view)
         self.resync.extra.append(self.canaries.all_desired)
+        self.environments = EnvironmentStates(settings, cluster, self.locator, self.view)
         self.signals = DeliverySignals(settings, templates, self.locator, self.queue, metrics,
                                        self.memory_size)
         self.holder = f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"  # of the resync Lease

@@ -121,7 +121,8 @@ def status_endpoints(statuses: StatusService) -> tuple[EventsEndpoint, BadgeEndp
     """`POST /events` and `GET /badge/...` over the status side's parts."""
     return (EventsEndpoint(statuses.settings, statuses.templates, statuses.locator,
                            statuses.secrets, statuses.queue, statuses.metrics),
-            BadgeEndpoint(statuses.settings, statuses.cluster, statuses.secrets))
+            BadgeEndpoint(statuses.settings, statuses.cluster, statuses.secrets,
+                          statuses.environments))
 
 
 def flagger_routes(flagger: FlaggerEndpoint | None) -> list[Route]:

@@ -177,6 +177,10 @@ def _badge() -> dict[str, Any]:
             {"name": "repo", "in": "path", "required": True, "schema": string()},
             query("branch", "only sources following this branch count"),
             query("cluster", "a name other than `cluster_name` reads `unknown`"),
+            query("environment", "one of `statuses.fleet.environments`: the badge shows that "
+                  "environment's aggregate status in Gitea (`flux/env/<name>`) on the commit "
+                  "this cluster's sources hold, labelled with its name; another name reads "
+                  "`unknown`"),
             query("style", "`flat` (default) or `flat-square`; anything else renders flat"),
             query("token", "required when `badge_key` is set (`gitea-flux-bridge badge-url`)"),
             header("If-None-Match", "the ETag of a badge already held"),

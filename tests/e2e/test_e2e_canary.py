@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from tests.e2e import e2e_env as e2e
@@ -163,6 +164,14 @@ class Canaries(e2e.BridgeEnv):
         """What the documented `workflow_dispatch` approval workflow posts (Gitea's API)."""
         self.gitea.api("POST", f"/repos/{ORG}/{REPO}/statuses/{sha}", {
             "context": APPROVAL, "state": state, "description": "approved by release-manager"})
+
+    def badge(self, environment: str) -> str:
+        """The environment badge's message (deployed, failed, deploying, unknown)."""
+        with httpx.Client(trust_env=False, timeout=10.0) as client:
+            svg = client.get(f"{self.bridge.url}/badge/{ORG}/{REPO}.svg",
+                             params={"environment": environment}).text
+        assert f">{environment}<" in svg, svg
+        return next(m for m in ("deployed", "failed", "deploying", "unknown") if f">{m}<" in svg)
 
     def gate_answers(self, status: int) -> int:
         return sum(1 for r in self.bridge.records("flagger gate answered")
@@ -302,6 +311,7 @@ def test_a_passing_canary_holds_at_the_gate_until_approved_in_gitea(canaries: Ca
         assert "Canary shop/podinfo: ready (Promoted)" in err
         env.wait_status(sha, "flux/fleet", "success", 60)
         env.wait_status(sha, "flux/env/staging", "success", 60)
+        assert env.badge("staging") == "deployed"
     finally:
         if job.poll() is None:
             job.kill()
@@ -333,6 +343,9 @@ def test_a_failing_canary_is_rolled_back_and_fails_the_commit_and_the_ci_wait(
         fleet = env.wait_status(sha, "flux/fleet", "failure", 60)
         assert env.history(sha, KS_CONTEXT)[-1]["status"] == "success"
         print(f"  flux/fleet on {sha[:12]}: {e2e.described(fleet)}")
+        env.wait_status(sha, "flux/env/staging", "failure", 60)
+        env.wait("the staging badge to read failed", lambda: env.badge("staging") == "failed",
+                 60)
         assert any(not passed for _, passed in env.checks.calls), "no failing check was asked"
         # The gate opened for nothing more: this commit never passed its analysis.
         assert env.gate_answers(200) == opened

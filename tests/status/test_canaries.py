@@ -3,6 +3,7 @@ event names; canaries in the fleet and environment aggregates; promotion gates."
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
@@ -17,6 +18,7 @@ from receiver.status.canaries import (
     Unknown,
     analysed_commit,
     canary_verdict,
+    decided_for,
     failed_check,
     progress_words,
 )
@@ -136,6 +138,25 @@ def test_a_target_kind_flagger_rolls_out_but_not_a_workload_is_unknown() -> None
     assert isinstance(find(canary(kind="Service"), deployment(KS_LABELS), kustomization()),
                       Unknown)
     assert target_of(canary(kind="DaemonSet")) == ObjectKey("DaemonSet", "apps", "podinfo")
+
+
+def _phase_at(phase: str, at: str) -> FluxObject:
+    return canary(phase, conditions=[{"type": "Promoted", "reason": phase, "status": "True",
+                                      "lastUpdateTime": at, "lastTransitionTime": at}],
+                  lastTransitionTime="2026-12-07T12:00:00Z")
+
+
+def test_a_verdict_from_before_the_owner_applied_is_not_this_commits() -> None:
+    owner = FluxObject({**kustomization(), "status": {
+        "lastAppliedRevision": f"main@sha1:{SHA}", "conditions": [
+            {"type": "Ready", "status": "True", "lastTransitionTime": "2026-12-07T10:00:00Z"}]}})
+    # Promoted at the last release; the status was rewritten since, the phase was not.
+    assert not decided_for(_phase_at("Succeeded", "2026-12-07T09:59:00Z"), owner)
+    assert decided_for(_phase_at("Progressing", "2026-12-07T10:00:00Z"), owner)
+    assert decided_for(_phase_at("Failed", "2026-12-07T10:05:00Z"), owner)
+    # An owner that does not say when it applied: the phase is taken as it is.
+    assert decided_for(_phase_at("Succeeded", "2026-12-07T09:59:00Z"),
+                       FluxObject(kustomization()))
 
 
 # -- what the phase says -----------------------------------------------------------------------
@@ -299,3 +320,45 @@ def test_confirm_and_rollback_never_both_say_yes(shown: dict[str, str]) -> None:
     back = answer("rollback", REQUIRE, shown, SHA)
     assert not (go.yes and back.yes)
     assert go.yes == all(shown.get(c) == "success" for c in REQUIRE)
+
+
+# -- configuration -------------------------------------------------------------------------------
+
+def _settings(**statuses: Any) -> Any:
+    from receiver.config import load_settings
+
+    return load_settings(environ={}, overrides={"cluster_name": "staging-eu",
+                                                "statuses": statuses})
+
+
+@pytest.mark.parametrize(("statuses", "message"), [
+    ({"fleet": {"enabled": True, "clusters": ["staging-eu"],
+                "environments": [{"name": "staging", "clusters": ["elsewhere"]}]}},
+     "not in clusters"),
+    ({"fleet": {"enabled": True, "clusters": ["staging-eu"],
+                "environments": [{"name": "a", "clusters": ["staging-eu"]},
+                                 {"name": "a", "clusters": ["staging-eu"]}]}},
+     "names must be unique"),
+    ({"fleet": {"enabled": True, "clusters": ["staging-eu"]},
+      "canaries": {"enabled": True, "context_template": "flagger/{namespace}/{name}"}},
+     "no {cluster} placeholder"),
+    ({"canaries": {"context_template": "flagger/{kind}/{name}"}}, "unknown placeholder"),
+    ({"canaries": {"gates": {"production": {"require": []}}}}, "at least 1"),
+])
+def test_configuration_mistakes_stop_the_service_at_start(statuses: dict[str, Any],
+                                                          message: str) -> None:
+    from receiver.config import ConfigError
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        _settings(**statuses)
+
+
+def test_a_valid_release_configuration_loads() -> None:
+    found = _settings(fleet={"enabled": True, "clusters": ["staging-eu", "prod-eu"],
+                             "environments": [{"name": "staging", "clusters": ["staging-eu"]},
+                                              {"name": "production", "clusters": ["prod-eu"]}]},
+                      canaries={"enabled": True, "gates": {"production": {
+                          "require": ["flux/env/staging", "approve/production"]}}})
+    assert [e.name for e in found.statuses.fleet.environments] == ["staging", "production"]
+    assert found.statuses.canaries.gates["production"].require == [
+        "flux/env/staging", "approve/production"]

@@ -25,10 +25,12 @@ from tests.status.test_status_service import (
     HMAC,
     REPO,
     SHA,
+    SOURCE,
     WEBAPP,
     Rig,
     eventually,
     fixture,
+    http_client,
     make_settings,
     rig,
 )
@@ -234,3 +236,49 @@ async def test_the_resync_repairs_a_canary_status_gitea_lost() -> None:
         r.gitea.statuses.clear()  # lost behind the bridge's back
         assert await r.service.resync_once() >= 1
         await eventually(lambda: shows(r.gitea) == ("success", "Canary promoted"))
+
+
+@pytest.mark.anyio
+async def test_a_new_commit_does_not_inherit_the_last_canary_verdict() -> None:
+    newer = "2" * 40
+    async with canary_rig() as r:
+        now = time.time()
+        r.cluster.mark_applied(WEBAPP, f"main@sha1:{SHA}", at=now - 300)
+        r.cluster.mark_canary(CANARY, "Succeeded", at=now - 120)
+        await eventually(lambda: shows(r.gitea) == ("success", "Canary promoted"))
+        # Flux applies a newer commit; Flagger has not looked at it yet.
+        r.cluster.mark_applied(WEBAPP, f"main@sha1:{newer}", at=now - 60)
+        r.cluster.mark_canary(CANARY, "Succeeded", at=time.time() - 120)  # a status rewrite
+        assert await r.service.resync_once() >= 0
+        await eventually(lambda: r.service.queue_depth == 0)
+        assert r.gitea.latest("team", "webapp", newer, CANARY_CONTEXT) is None
+        # Flagger starts the analysis of the new revision: now it is this commit's.
+        r.cluster.mark_canary(CANARY, "Progressing", weight=10)
+        await eventually(lambda: (found := r.gitea.latest("team", "webapp", newer,
+                                                          CANARY_CONTEXT)) is not None
+                         and found["status"] == "pending")
+
+
+@pytest.mark.anyio
+async def test_an_environment_badge_shows_the_environments_status_in_gitea() -> None:
+    envs = [{"name": "staging", "clusters": ["eu-west"]}]
+    async with canary_rig(environments=envs) as r:
+        r.cluster.mark_source_fetched(SOURCE, f"main@sha1:{SHA}")
+        client = http_client(r.service)
+        url = "/badge/team/webapp.svg?environment=staging"
+        r.service.environments.cache_seconds = 0  # every badge reads Gitea
+        unknown = (await client.get(url)).text
+        assert ">staging<" in unknown and ">unknown<" in unknown  # nothing in Gitea yet
+        r.gitea.add(*REPO, "flux/env/staging", "failure")
+        assert ">failed<" in (await client.get(url)).text
+        r.gitea.add(*REPO, "flux/env/staging", "success")
+        reads = r.gitea.gets
+        assert ">deployed<" in (await client.get(url)).text
+        assert r.gitea.gets == reads + 1
+        # Within the cache window a badge is answered from memory: no read, the last state.
+        r.service.environments.cache_seconds = 3600
+        r.gitea.add(*REPO, "flux/env/staging", "failure")
+        assert ">deployed<" in (await client.get(url)).text
+        assert r.gitea.gets == reads + 1
+        other = (await client.get("/badge/team/webapp.svg?environment=production")).text
+        assert ">unknown<" in other and r.gitea.gets == reads + 1
