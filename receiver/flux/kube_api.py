@@ -44,6 +44,7 @@ PLURALS: dict[str, str] = {
     "Canary": "canaries",
     "Deployment": "deployments",
     "DaemonSet": "daemonsets",
+    "ResourceSetInputProvider": "resourcesetinputproviders",
 }
 
 

@@ -49,6 +49,8 @@ FLUX_RULES = (
        for v in READ | {"patch"}}
     | {("image.toolkit.fluxcd.io", "imageupdateautomations", "patch")}
     | {("source.extensions.fluxcd.io", "artifactgenerators", "patch")}
+    # flux-operator's input providers, cached for pull request, branch and tag events.
+    | {("fluxcd.controlplane.io", "resourcesetinputproviders", v) for v in READ | {"patch"}}
     | {("", "secrets", "get")}
 )
 
@@ -486,6 +488,7 @@ def test_rbac_grants_nothing_more(helm: str, variant: str) -> None:
                     ("kustomizations", "patch"), ("helmreleases", "patch"),
                     ("imagerepositories", "patch"), ("imagepolicies", "patch"),
                     ("helmrepositories", "patch"), ("helmcharts", "patch"),
+                    ("resourcesetinputproviders", "patch"),
                     *((r, "patch") for r in PATCH_ONLY),
                     ("leases", "create"), ("leases", "update")}, (resource, verb)
             if resource in PATCH_ONLY:
