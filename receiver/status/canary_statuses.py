@@ -15,6 +15,7 @@ states only, so the named wording stays once posted.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable
 
 from receiver.bounded import BoundedMap
@@ -45,6 +46,11 @@ log = logging.getLogger("receiver.status_service")
 
 class CanaryStatuses:
     memory_size = 10_000  # canaries whose failed check or unknown commit is remembered
+    # Flagger rewrites a Canary's status at every interval: an exact repeat of what this replica
+    # queued for it within this window is not queued again (each would cost a Gitea read). It
+    # never decides what Gitea shows: another state goes at once, and the resync repairs.
+    repeat_seconds = 60.0
+    gate_read_pages = 10  # a gate reads the commit's statuses newest first, this many pages
 
     def __init__(self, settings: Settings, cluster: Cluster, templates: StatusTemplates,
                  locator: Locator, queue: StatusQueue, view: GiteaView) -> None:
@@ -54,7 +60,9 @@ class CanaryStatuses:
         self._locator = locator
         self._queue = queue
         self._view = view
-        self._read_pages = settings.statuses.resync_read_budget
+        self._queued: BoundedMap[ObjectKey, tuple[DesiredStatus, float]] = BoundedMap(
+            self.memory_size)
+        self._clock = time.monotonic
         self.failed_checks: BoundedMap[ObjectKey, str] = BoundedMap(self.memory_size)
         # Canaries whose commit cannot be told, and why (said once per reason in the log).
         self.unknown: BoundedMap[ObjectKey, str] = BoundedMap(self.memory_size)
@@ -118,6 +126,11 @@ class CanaryStatuses:
         desired = self.desired(canary)
         if desired is None or not self._queue.accepting:
             return
+        now = self._clock()
+        last = self._queued.get(canary.key)
+        if last is not None and last[0] == desired and now - last[1] < self.repeat_seconds:
+            return
+        self._queued[canary.key] = (desired, now)
         if self._queue.enqueue([desired], state_only=False) is None:
             log.warning("status queue full: canary status left to the resync",
                         extra={"canary": str(canary.key)})
@@ -128,6 +141,7 @@ class CanaryStatuses:
         if op == "delete":
             self.failed_checks.pop(obj.key, None)
             self.unknown.pop(obj.key, None)
+            self._queued.pop(obj.key, None)
             return
         self.post(obj)
 
@@ -165,7 +179,7 @@ class CanaryStatuses:
         try:
             listing = await self._view.read_commit(
                 (instances[0], repo.key, found.sha), repo.owner, repo.name, contexts,
-                Budget(self._read_pages), "gate")
+                Budget(self.gate_read_pages), "gate")
         except GiteaError as exc:
             return 503, f"cannot read the statuses of {found.sha[:12]}: {exc}"
         if not listing.covered:

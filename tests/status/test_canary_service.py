@@ -282,3 +282,18 @@ async def test_an_environment_badge_shows_the_environments_status_in_gitea() -> 
         assert r.gitea.gets == reads + 1
         other = (await client.get("/badge/team/webapp.svg?environment=production")).text
         assert ">unknown<" in other and r.gitea.gets == reads + 1
+
+
+@pytest.mark.anyio
+async def test_flaggers_status_rewrites_cost_gitea_nothing() -> None:
+    async with canary_rig() as r:
+        r.cluster.mark_canary(CANARY, "Progressing", weight=30)
+        await eventually(lambda: shows(r.gitea) == ("pending", "canary 30%, check 3/5"))
+        await eventually(lambda: r.service.queue_depth == 0)
+        reads, posts = r.gitea.gets, len(r.gitea.posts)
+        for _ in range(5):  # Flagger writes the same status again at every interval
+            r.cluster.mark_canary(CANARY, "Progressing", weight=30)
+        await eventually(lambda: r.service.queue_depth == 0)
+        assert (r.gitea.gets, len(r.gitea.posts)) == (reads, posts)
+        r.cluster.mark_canary(CANARY, "Progressing", weight=40)  # news goes at once
+        await eventually(lambda: shows(r.gitea) == ("pending", "canary 40%, check 4/5"))
