@@ -362,3 +362,78 @@ def test_a_valid_release_configuration_loads() -> None:
     assert [e.name for e in found.statuses.fleet.environments] == ["staging", "production"]
     assert found.statuses.canaries.gates["production"].require == [
         "flux/env/staging", "approve/production"]
+
+
+# -- order: deploys, Flagger's phase changes and status rewrites, in any order ------------------
+
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule  # noqa: E402
+
+
+def _stamp(at: int) -> str:
+    return f"2026-12-07T{10 + at // 3600:02d}:{at // 60 % 60:02d}:{at % 60:02d}Z"
+
+
+class CanaryOverTime(RuleBasedStateMachine):
+    """Flux applies commits, Flagger changes phases and rewrites its status, seconds pass, in
+    any order. What the bridge would post on the commit Flux applied last must be a verdict
+    Flagger reached after that commit was applied, never an earlier commit's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.now = 0
+        self.commit = 0
+        self.applied_at = 0
+        self.phase, self.phase_at, self.written_at = "Initialized", -10, -10
+        # Phases Flagger entered after the current commit was applied (whole seconds).
+        self.since_deploy: list[str] = []
+
+    def _canary(self) -> FluxObject:
+        return canary(self.phase, conditions=[{
+            "type": "Promoted", "reason": self.phase, "status": "Unknown",
+            "lastUpdateTime": _stamp(self.phase_at), "lastTransitionTime": _stamp(self.phase_at)}],
+            lastTransitionTime=_stamp(self.written_at))
+
+    def _owner(self) -> FluxObject:
+        return FluxObject({**kustomization(), "status": {
+            "lastAppliedRevision": f"main@sha1:{self.commit:040x}",
+            "conditions": [{"type": "Ready", "status": "True",
+                            "lastTransitionTime": _stamp(self.applied_at)}]}})
+
+    @rule(seconds=st.integers(1, 30))
+    def time_passes(self, seconds: int) -> None:
+        self.now += seconds
+
+    @rule()
+    def flux_applies_a_new_commit(self) -> None:
+        self.now += 1  # Flux's apply and Flagger's write are not the same instant
+        self.commit += 1
+        self.applied_at = self.now
+        self.since_deploy = []
+
+    @rule(phase=st.sampled_from(["Progressing", "WaitingPromotion", "Promoting", "Finalising",
+                                 "Succeeded", "Failed"]))
+    def flagger_changes_the_phase(self, phase: str) -> None:
+        if phase != self.phase:
+            self.phase, self.phase_at = phase, self.now
+            self.since_deploy.append(phase)
+        self.written_at = self.now
+
+    @rule()
+    def flagger_rewrites_its_status(self) -> None:
+        self.written_at = self.now
+
+    @invariant()
+    def a_posted_verdict_is_this_commits(self) -> None:
+        c = self._canary()
+        if not decided_for(c, self._owner()):
+            return
+        verdict = canary_verdict(c)
+        assert verdict is not None
+        assert self.phase in self.since_deploy, (self.phase, self.since_deploy)
+        if verdict.state == "success":
+            assert "Succeeded" in self.since_deploy
+        if verdict.state == "failure":
+            assert "Failed" in self.since_deploy
+
+
+TestCanaryOverTime = CanaryOverTime.TestCase
