@@ -4,7 +4,8 @@ CI wait ends with Flagger's decision.
 
 Peers: etcd + kube-apiserver, Gitea, source-, kustomize- and notification-controller, Flagger
 v1.36.1 (`-mesh-provider kubernetes`: blue/green, no mesh) and the bridge as
-`gitea-flux-bridge serve`, all on 127.0.0.1. Nothing runs Pods: the test plays the least of a
+`gitea-flux-bridge serve` with the chart's ServiceAccount and RBAC (canaries on), all on
+127.0.0.1. Nothing runs Pods: the test plays the least of a
 kubelet it can (`flagger_harness.ReadyReplicas`: it writes the Deployments' replica counts
 ready through the status subresource, nothing else). Flagger's analysis calls a `rollout`
 webhook the test serves (`CheckServer`: pass or fail), a `confirm-promotion` webhook on the
@@ -32,7 +33,7 @@ import httpx
 import pytest
 
 from tests.e2e import e2e_env as e2e
-from tests.e2e.e2e_harness import E2E_BINARIES, BridgeProcess, e2e_peers
+from tests.e2e.e2e_harness import E2E_BINARIES, BridgeProcess, chart_service_account, e2e_peers
 from tests.e2e.flagger_harness import (
     FLAGGER,
     CheckServer,
@@ -53,6 +54,7 @@ NOTIFY = ROOT / ".gitea" / "actions" / "notify-flux" / "notify.sh"
 CANARY_CONTEXT = f"flagger/{CLUSTER}/{APP_NS}/podinfo"
 KS_CONTEXT = e2e.status_context(CLUSTER, "Kustomization", NS, "shop")
 APPROVAL = "approve/production"
+LEASE = "canary-bridge-resync"
 
 DEPLOY_TIMEOUT = 120.0
 CANARY_TIMEOUT = 300.0  # Flagger's analysis ticks every 10 s at the least
@@ -190,6 +192,13 @@ def canaries(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Canaries]:
         plane, gitea, flux = e2e.start_peers(workdir, teardown, timings, NS, APP_NS)
         with e2e.timed(timings, "flagger CRDs"):
             install_flagger_crds(plane)
+        with e2e.timed(timings, "chart RBAC (the bridge's ServiceAccount)"):
+            # The bridge runs with exactly what the chart grants it with canaries on.
+            user, token = chart_service_account(
+                plane, "canary", NS, "--set", "config.statuses.canaries.enabled=true",
+                "--set", f"config.statuses.lease_name={LEASE}")
+            kubeconfig = plane.write_kubeconfig(workdir / "bridge-kubeconfig.yaml", token,
+                                                user=user)
         gitea.create_org(ORG)
         gitea.create_repo(ORG, REPO, private=True)
         tokens = {n: secrets.token_hex(16) for n in ("actions", "events", "flagger")}
@@ -199,13 +208,13 @@ def canaries(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Canaries]:
             bridge = BridgeProcess(e2e.bridge_config(
                 CLUSTER, gitea, tokens["events"], workdir,
                 statuses={
-                    "resync_interval_seconds": 30,
+                    "resync_interval_seconds": 30, "lease_name": LEASE,
                     "fleet": {"enabled": True, "clusters": [CLUSTER],
                               "environments": [{"name": "staging", "clusters": [CLUSTER]}]},
                     "canaries": {"enabled": True,
                                  "webhook_token": {"file": str(workdir / "flagger-token")},
                                  "gates": {"production": {"require": [APPROVAL]}}}},
-                deliveries={"canary_pickup_seconds": 60}), plane.kubeconfig, workdir)
+                deliveries={"canary_pickup_seconds": 60}), kubeconfig, workdir)
             bridge.start()
             teardown.append(bridge.stop)
         checks = CheckServer().start()
@@ -263,6 +272,11 @@ def test_the_first_rollout_is_on_the_commit_that_applied_it(canaries: Canaries) 
     labels = canaries.plane.request(
         "GET", f"/apis/apps/v1/namespaces/{APP_NS}/deployments/podinfo")["metadata"]["labels"]
     assert labels["kustomize.toolkit.fluxcd.io/name"] == "shop", labels
+    # The chart's RBAC lets the bridge list and watch Canaries and their workloads.
+    with httpx.Client(trust_env=False, timeout=10.0) as client:
+        ready = client.get(f"{canaries.bridge.url}/readyz").json()
+    assert not {"Canary", "Deployment", "DaemonSet"} & set(
+        ready.get("kinds_not_permitted", []) + ready.get("kinds_not_installed", [])), ready
 
 
 def test_a_passing_canary_holds_at_the_gate_until_approved_in_gitea(canaries: Canaries) -> None:
