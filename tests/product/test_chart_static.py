@@ -323,6 +323,8 @@ def test_rbac_rules_are_exactly_design_section_3() -> None:
             ("source.extensions.fluxcd.io", ("artifactgenerators",))):
         expected |= {(group, r, "patch") for r in resources}
     expected.add(("", "secrets", "get"))
+    # Kubernetes Events on Receivers and annotated objects: written, never read.
+    expected |= {("", "events", "create"), ("", "events", "patch")}
     assert granted == expected
 
 

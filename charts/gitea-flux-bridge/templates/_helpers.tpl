@@ -135,6 +135,11 @@ commit statuses in Gitea.
 - apiGroups: [""]
   resources: ["secrets"]
   verbs: ["get"]
+# Kubernetes Events on the Receivers and the objects a push annotates (aggregated and
+# rate-bounded): create a new one, patch its count. Never read, list or delete.
+- apiGroups: [""]
+  resources: ["events"]
+  verbs: ["create", "patch"]
 {{- end -}}
 
 {{/*
