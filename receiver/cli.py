@@ -84,12 +84,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
             return _fail(f"cannot load manifests: {exc}")
     else:
         from receiver.flux.kube import KubeCluster
+        from receiver.flux.objects import cache_kinds
 
         try:
             # The chart grants the Lease in the release namespace (POD_NAMESPACE).
             cluster = KubeCluster.from_environment(
                 store, settings.namespaces, secret_ttl_seconds=settings.secret_cache_seconds,
-                lease_namespace=os.environ.get("POD_NAMESPACE") or None)
+                lease_namespace=os.environ.get("POD_NAMESPACE") or None,
+                **cache_kinds(settings.statuses.canaries.enabled))
         except Exception as exc:  # the client raises several types for a missing config
             return _fail(f"cannot configure the Kubernetes client: {exc}")
     try:

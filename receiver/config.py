@@ -108,6 +108,9 @@ class DeliveriesConfig(_Model):
     max_count: int = Field(default=10_000, ge=1)
     max_age_seconds: float = Field(default=3600.0, gt=0)
     max_wait_seconds: float = Field(default=900.0, gt=0)
+    # `?canaries=true`: how long after the deploy a canary's earlier phase is taken as Flagger
+    # not having noticed the new revision yet (see receiver/delivery/canary_wait.py).
+    canary_pickup_seconds: float = Field(default=60.0, gt=0)
 
 
 class ShutdownConfig(_Model):
@@ -146,6 +149,13 @@ class GiteaInstance(_Model):
 DEFAULT_CONTEXT = "flux/{cluster}/{kind}/{namespace}/{name}"
 
 
+class EnvironmentConfig(_Model):
+    """One environment of the fleet: its clusters, aggregated as `flux/env/<name>`."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    clusters: list[str] = Field(min_length=1)
+
+
 class FleetConfig(_Model):
     """One aggregate status per commit for the whole fleet (see receiver/status/fleet.py)."""
 
@@ -157,6 +167,10 @@ class FleetConfig(_Model):
     context: str = "flux/fleet"
     # A cluster that has not reported on a commit for this long makes the aggregate `error`.
     stale_after_seconds: float = Field(default=3600.0, gt=0)
+    # Ordered environments (staging before production), each aggregated as
+    # `<environment_context_prefix><name>` over its clusters.
+    environments: list[EnvironmentConfig] = Field(default_factory=list)
+    environment_context_prefix: str = "flux/env/"
 
     @field_validator("repositories")
     @classmethod
@@ -187,6 +201,13 @@ class FleetConfig(_Model):
     def _complete(self) -> FleetConfig:
         if self.enabled and not self.clusters:
             raise ValueError("clusters must list the expected cluster names when enabled")
+        names = [e.name for e in self.environments]
+        if len(set(names)) != len(names):
+            raise ValueError("environments: names must be unique")
+        for env in self.environments:
+            strangers = sorted(set(env.clusters) - set(self.clusters))
+            if strangers:
+                raise ValueError(f"environment {env.name}: {strangers} not in clusters")
         return self
 
     def covers(self, owner: str, repo: str) -> bool:
@@ -205,6 +226,42 @@ class PreviewConfig(_Model):
     deployed_within_seconds: float = Field(default=7 * 86400.0, gt=0)
     # At most one write of a comment per this many seconds; changes in between coalesce.
     comment_interval_seconds: float = Field(default=10.0, ge=0, le=3600)
+
+
+class GateConfig(_Model):
+    """A promotion gate Flagger asks (`confirm-rollout`, `confirm-promotion`, `rollback`): the
+    commit statuses the analysed commit must show in Gitea (see receiver/status/gates.py)."""
+
+    # Contexts that must all show `success` (e.g. `flux/env/staging`, `approve/production`).
+    require: list[str] = Field(min_length=1)
+
+    @field_validator("require")
+    @classmethod
+    def _contexts(cls, value: list[str]) -> list[str]:
+        if any(not c.strip() for c in value):
+            raise ValueError("contexts must not be empty")
+        return [c.strip() for c in value]
+
+
+class CanaryConfig(_Model):
+    """Flagger Canaries as commit statuses, and promotion gates (receiver/status/canaries.py)."""
+
+    enabled: bool = False
+    # Placeholders: cluster, namespace, name (of the Canary).
+    context_template: str = "flagger/{cluster}/{namespace}/{name}"
+    # What Flagger's webhooks carry in their `metadata.token`; unset: every webhook is refused.
+    webhook_token: SecretSource | None = None
+    gates: dict[str, GateConfig] = Field(default_factory=dict)
+
+    @field_validator("context_template")
+    @classmethod
+    def _template(cls, value: str) -> str:
+        from receiver.templates import check_template
+
+        problem = check_template(value, frozenset({"cluster", "namespace", "name"}))
+        if problem:
+            raise ValueError(problem)
+        return value
 
 
 class StatusConfig(_Model):
@@ -228,6 +285,7 @@ class StatusConfig(_Model):
     resync_read_budget: int = Field(default=200, ge=1)
     fleet: FleetConfig = FleetConfig()
     previews: PreviewConfig = PreviewConfig()
+    canaries: CanaryConfig = CanaryConfig()
 
     @model_validator(mode="after")
     def _fleet(self) -> StatusConfig:
@@ -241,6 +299,9 @@ class StatusConfig(_Model):
                              "status belongs to; use statuses.context_template with {cluster}")
         try:
             cluster_parser(self.context_template, self.fleet.clusters)
+            if self.canaries.enabled:
+                cluster_parser(self.canaries.context_template, self.fleet.clusters,
+                               require_kind=False)
         except FleetTemplateError as exc:
             raise ValueError(f"fleet: {exc}") from None
         return self
