@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from receiver.delivery.marks import DELIVERIES_ANNOTATION
@@ -367,6 +368,42 @@ def test_lead_time_histogram_has_observations(loop: Loop) -> None:
         "notification-controller's generic-hmac Provider reached /events"
     assert metric_value(text, "gfb_statuses_total", {"result": "posted"}) > 0
 
+
+
+def test_gitea_shows_the_bridges_statuses_on_a_promotion_pull_request(loop: Loop) -> None:
+    """What a reviewer sees in Gitea: a pull request promoting main into a protected branch
+    lists the bridge's statuses of main's commit in its status panel (Gitea's commit page shows
+    them only in a hover pop-up), and the branch protection's required contexts (a glob over this
+    cluster's Kustomizations) are met by them."""
+    # A push of its own (the test holds in any order), deployed with every status success.
+    head = loop.push({APPS_FILE: configmap("apps-settings", APPS_NS, release="5")},
+                     "apps: release 5")
+    contexts = [context("apps"), context("infra"),
+                e2e.status_context(CLUSTER, "GitRepository", NS, "fleet")]
+    for name in contexts:
+        loop.wait_state(loop.gitea, ORG, REPO, head, name, "success", STATUS_TIMEOUT)
+    loop.gitea.api("POST", f"/repos/{ORG}/{REPO}/branches",
+                   {"new_branch_name": "production", "old_ref_name": loop.initial_sha})
+    # production accepts a merge only when this cluster's Kustomizations are deployed.
+    loop.gitea.api("POST", f"/repos/{ORG}/{REPO}/branch_protections", {
+        "rule_name": "production", "enable_status_check": True,
+        "status_check_contexts": [context("*")]})
+    pull = loop.gitea.api("POST", f"/repos/{ORG}/{REPO}/pulls", {
+        "head": "main", "base": "production", "title": "Promote main to production"})
+    # The page as an anonymous reader gets it: the repository public meanwhile.
+    loop.gitea.api("PATCH", f"/repos/{ORG}/{REPO}", {"private": False})
+    try:
+        with httpx.Client(trust_env=False, timeout=30) as client:
+            page = client.get(pull["html_url"]).text
+    finally:
+        loop.gitea.api("PATCH", f"/repos/{ORG}/{REPO}", {"private": True})
+    panel = page[page.rindex("commit-status-panel"):]  # the merge box's (the last one)
+    assert "All checks were successful" in panel[:2000], panel[:2000]
+    for name in contexts:
+        assert name in panel, name
+    assert panel.count("Required") == 2, "the two Kustomization contexts are the required ones"
+    merge = loop.gitea.api("GET", f"/repos/{ORG}/{REPO}/pulls/{pull['number']}")
+    assert merge["mergeable"], merge
 
 # -- helpers -----------------------------------------------------------------------------------------
 
