@@ -1,6 +1,6 @@
 """The pictures in README.md are the product's own: the badge it shows is what the README's
-simulated deploy makes the service serve, byte for byte, and the diagram names the endpoints
-the service has."""
+simulated deploy makes the service serve, byte for byte; the diagram names the endpoints the
+service has; the screenshot is the one tests/e2e/test_e2e_loop.py takes of a real Gitea."""
 
 from __future__ import annotations
 
@@ -39,3 +39,11 @@ def test_the_readme_diagram_names_the_service_endpoints() -> None:
     for endpoint in ("/hook/", "/events", "/deliveries/"):
         assert endpoint in text, endpoint
     assert "reconcile.fluxcd.io/requestedAt" in text
+
+
+def test_the_readme_screenshot_is_a_small_png() -> None:
+    shot = ROOT / "docs" / "images" / "gitea-pull-statuses.png"
+    assert f"]({shot.relative_to(ROOT)})" in README
+    data = shot.read_bytes()
+    assert data.startswith(b"\x89PNG\r\n\x1a\n")
+    assert len(data) < 200_000, "keep the repository small: a narrower window, fewer colours"
