@@ -1,4 +1,5 @@
-"""Commands: serve, plan, hook-url, sign, badge-url. Argument handling only; no decisions."""
+"""Commands: serve, plan, hook-url, sign, badge-url, doctor. Argument handling only; no
+decisions."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ EXIT_OK = 0
 EXIT_PAYLOAD = 1  # plan: the payload lacks what routing needs (the service would answer 422)
 EXIT_USAGE = 2  # bad arguments, unreadable files, bad configuration or manifests
 EXIT_STARTUP = 3  # serve: the service could not start (uvicorn's code for it)
+EXIT_PROBLEMS = 1  # doctor: problems found; hook-url --receiver: the Receiver has no usable token
 
 
 def _fail(message: str, code: int = EXIT_USAGE) -> int:
@@ -224,6 +226,13 @@ async def _narrowed(plan: Any, compiled: Any, entries: Any, content_type: str, b
 
 
 def cmd_hook_url(args: argparse.Namespace) -> int:
+    if args.receiver:
+        if args.name or args.namespace or args.token_file:
+            return _fail("--receiver reads the Receiver and its Secret: leave out --name, "
+                         "--namespace and --token-file")
+        return _hook_url_of_receiver(args)
+    if not (args.name and args.namespace and args.token_file):
+        return _fail("give --receiver NS/NAME, or all of --name, --namespace and --token-file")
     try:
         token = _token(args.token_file)
     except Exception as exc:
@@ -231,6 +240,121 @@ def cmd_hook_url(args: argparse.Namespace) -> int:
     path = "/hook/" + signatures.hook_digest(token, args.name, args.namespace)
     print((args.base_url.rstrip("/") if args.base_url else "") + path)
     return EXIT_OK
+
+
+def _hook_url_of_receiver(args: argparse.Namespace) -> int:
+    """The hook URL from the Receiver's own Secret, read as Flux reads it (raw)."""
+    from receiver.doctor import checks
+
+    namespace, _, name = args.receiver.partition("/")
+    if not namespace or not name or "/" in name:
+        return _fail("--receiver must be NAMESPACE/NAME")
+    try:
+        facts = asyncio.run(_receiver_facts(args.manifests, args.config, namespace, name))
+    except _CommandError as exc:
+        return _fail(str(exc))
+    if facts is None:
+        return _fail(f"no Receiver {args.receiver}", EXIT_PROBLEMS)
+    base = args.base_url.rstrip("/") if args.base_url else ""
+    found = checks.receiver_findings(facts, base)
+    failed = {f.check: f.message for f in found
+              if f.severity == "fail" and f.check.startswith(("token", "type"))}
+    newline = failed.pop("token-trailing-newline", None)
+    if failed:
+        return _fail(next(iter(failed.values())), EXIT_PROBLEMS)
+    if newline is not None:
+        print(f"gitea-flux-bridge: warning: {newline}", file=sys.stderr)
+    print(base + checks.hook_readings(facts)["as_stored"])
+    return EXIT_OK
+
+
+class _CommandError(Exception):
+    """A command cannot run (bad configuration, manifests or Kubernetes client): exit 2."""
+
+
+def _open_cluster(manifests: str | None, config: str | None, *,
+                  impersonate: str = "") -> tuple[Any, Any, Any]:
+    """(settings, cluster, Kubernetes client or None): manifests when the settings name them,
+    else the cluster the environment points at. The cluster is not started here."""
+    from receiver.config import ConfigError, load_settings
+    from receiver.doctor.gather import kube_client
+    from receiver.flux.memory import ManifestError, MemoryCluster
+    from receiver.flux.store import ObjectStore
+    from receiver.web.app import url_normaliser
+
+    try:
+        settings = load_settings(Path(config) if config else None,
+                                 overrides={"manifests": manifests})
+    except ConfigError as exc:
+        raise _CommandError(str(exc)) from None
+    store = ObjectStore(url_normaliser(settings))
+    if settings.manifests is not None:
+        try:
+            return settings, MemoryCluster.from_directory(store, settings.manifests), None
+        except (ManifestError, OSError) as exc:
+            raise _CommandError(f"cannot load manifests: {exc}") from None
+    from receiver.flux.kube import KubeCluster
+
+    try:
+        client = kube_client(impersonate)
+    except Exception as exc:  # the client raises several types for a missing config
+        raise _CommandError(f"cannot configure the Kubernetes client: {exc}") from None
+    cluster = KubeCluster(store, client, settings.namespaces, secret_ttl_seconds=0,
+                          lease_namespace=os.environ.get("POD_NAMESPACE") or None,
+                          owns_client=True)
+    return settings, cluster, client
+
+
+async def _receiver_facts(manifests: str | None, config: str | None, namespace: str,
+                          name: str) -> Any:
+    from receiver.doctor.gather import receiver_facts, synced
+
+    settings, cluster, _ = _open_cluster(manifests, config)
+    try:
+        await synced(cluster, 30.0)
+        found = [r for r in await receiver_facts(settings, cluster)
+                 if (r.namespace, r.name) == (namespace, name)]
+    finally:
+        await cluster.stop()
+    return found[0] if found else None
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from receiver.doctor import checks
+
+    try:
+        findings = asyncio.run(_doctor(args))
+    except _CommandError as exc:
+        return _fail(str(exc))
+    if args.output == "json":
+        print(json.dumps({"problems": checks.problems(findings),
+                          "findings": [f.as_dict() for f in findings]}, indent=2))
+    else:
+        print(checks.render_text(findings))
+    return EXIT_PROBLEMS if checks.problems(findings) else EXIT_OK
+
+
+async def _doctor(args: argparse.Namespace) -> list[Any]:
+    from receiver.doctor.checks import diagnose
+    from receiver.doctor.gather import gather, notification_facts_from, synced
+    from receiver.flux.memory import load_documents
+
+    settings, cluster, client = _open_cluster(
+        args.manifests, args.config, impersonate=args.as_user)
+    notifications = None
+    if settings.manifests is not None:
+        notifications = notification_facts_from(load_documents(settings.manifests))
+    try:
+        ready = await synced(cluster, args.timeout)
+        facts = await gather(
+            settings, cluster, source=(f"manifests {settings.manifests}" if client is None
+                                       else "cluster"),
+            base_url=args.base_url or "", api_client=client,
+            lease_namespace=args.namespace or os.environ.get("POD_NAMESPACE") or "flux-system",
+            notifications=notifications, cluster_synced=ready)
+    finally:
+        await cluster.stop()
+    return diagnose(facts)
 
 
 SIGN_SCHEMES = ("timestamped", "generic-hmac", "gitea", "hub", "bearer", "read")
@@ -320,9 +444,14 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_plan)
 
     s = sub.add_parser("hook-url", help="print a Receiver's /hook/<digest> path")
-    s.add_argument("--name", required=True)
-    s.add_argument("--namespace", required=True)
-    s.add_argument("--token-file", required=True, help=FILE_ARG_HELP)
+    s.add_argument("--receiver", metavar="NS/NAME",
+                   help="read the Receiver and its Secret (the cluster, or --manifests) and use "
+                        "the token exactly as Flux does; warns when it ends in a newline")
+    s.add_argument("--manifests", help="with --receiver: read it from this directory")
+    s.add_argument("--config", help="with --receiver: the bridge's configuration file")
+    s.add_argument("--name")
+    s.add_argument("--namespace")
+    s.add_argument("--token-file", help=FILE_ARG_HELP)
     s.add_argument("--base-url", help="prefix the path with this URL")
     s.set_defaults(func=cmd_hook_url)
 
@@ -344,6 +473,26 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--branch", required=True)
     s.add_argument("--base-url", required=True)
     s.set_defaults(func=cmd_badge_url)
+
+    s = sub.add_parser(
+        "doctor", help="report what would fail silently, per Receiver and Gitea instance",
+        description="Reads the cluster (or --manifests), the configuration and Gitea, and "
+                    "reports what would fail without a word. Exit status: 0 no problem, 1 "
+                    "problems found, 2 usage or configuration error.")
+    s.add_argument("--config", help="the bridge's configuration file (also GFB_CONFIG)")
+    s.add_argument("--manifests", help="read Flux objects from this directory, not a cluster "
+                                       "(RBAC is then not checked)")
+    s.add_argument("--base-url", help="the bridge's URL as Gitea and Flux reach it: webhooks and "
+                                      "Providers must point there")
+    s.add_argument("--as", dest="as_user", default="", metavar="USER",
+                   help="check RBAC as this user, e.g. system:serviceaccount:NS:NAME (the "
+                        "bridge's ServiceAccount; the default is whoever runs doctor)")
+    s.add_argument("--namespace", help="the bridge's namespace, where its Lease lives "
+                                       "(default: POD_NAMESPACE, else flux-system)")
+    s.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="how long to wait for the Flux objects to be listed (default 30)")
+    s.add_argument("--output", choices=["text", "json"], default="text")
+    s.set_defaults(func=cmd_doctor)
     return p
 
 

@@ -102,12 +102,12 @@ class Metrics:
             "of those goes stale)", registry=r)
         self.kinds_not_installed = Gauge(
             "gfb_kinds_not_installed", "Optional kinds (ImageRepository, ImagePolicy, "
-            "HelmRepository, HelmChart) whose CRD the API server does not serve: not cached, "
-            "looked for again", registry=r)
+            "HelmRepository, HelmChart, ResourceSetInputProvider) whose CRD the API server "
+            "does not serve: not cached, looked for again", registry=r)
         self.kinds_not_permitted = Gauge(
             "gfb_kinds_not_permitted", "Optional kinds (ImageRepository, ImagePolicy, "
-            "HelmRepository, HelmChart) the bridge's RBAC may not list or watch: not cached, "
-            "looked for again", registry=r)
+            "HelmRepository, HelmChart, ResourceSetInputProvider) the bridge's RBAC may not "
+            "list or watch: not cached, looked for again", registry=r)
         self.lead_time = Histogram(
             "gfb_push_to_ready_seconds", "Push received to touched object Ready at that commit",
             ["cluster"], buckets=LEAD_TIME_BUCKETS, registry=r)

@@ -4,7 +4,7 @@
 # dir outside the repo.
 #
 # Usage:
-#   scripts/testbin.sh [core|tools|flux|gitea|all|<component>...]   (default: core)
+#   scripts/testbin.sh [core|tools|flux|gitea|operator|all|<component>...]   (default: core)
 #   scripts/testbin.sh --print-dir          print the binary cache dir
 #   scripts/testbin.sh --moddir <component> print the component's module source dir
 #                                           (Gitea STATIC_ROOT_PATH, Flux CRDs)
@@ -13,6 +13,7 @@
 #         tools = promtool actionlint (small: a few minutes each)
 #         flux = source-controller kustomize-controller notification-controller
 #                helm-controller
+#         operator = flux-operator (ResourceSet / ResourceSetInputProvider)
 #
 # Env: GFBTEST_BIN (cache dir), GFBTEST_GO_P (go build -p, default 2).
 # Each pin is the release the tests were written against; bump them together.
@@ -29,6 +30,10 @@ HELM_CONTROLLER_VERSION=v1.6.4            # github.com/fluxcd/helm-controller (s
 GITEA_VERSION=v1.26.3                     # code.gitea.io/gitea
 PROMETHEUS_VERSION=v0.316.0               # github.com/prometheus/prometheus (promtool 3.16.0)
 ACTIONLINT_VERSION=v1.7.12                # github.com/rhysd/actionlint
+# AGPL-3.0: the tests only run it locally (unchanged but for a placeholder page for its unbuilt
+# web UI, see local_module_copy) and distribute neither binary nor source.
+FLUX_OPERATOR_VERSION=v0.59.0             # github.com/controlplaneio-fluxcd/flux-operator
+FLUX_OPERATOR_TOOLCHAIN=go1.27.0          # its go.mod needs go >= 1.27 (fetched via the Go proxy)
 
 CACHE=${GFBTEST_BIN:-$HOME/.cache/gitea-flux-bridge/testbin}
 JOBS=${GFBTEST_GO_P:-2}   # 2 cores; k8s compile units are memory hungry
@@ -40,7 +45,8 @@ K8S_MINOR=${K8S_VERSION#v1.}; K8S_MINOR=${K8S_MINOR%%.*}
 CORE=(etcd kube-apiserver helm)
 FLUX=(source-controller kustomize-controller notification-controller helm-controller)
 TOOLS=(promtool actionlint)
-ALL=("${CORE[@]}" "${TOOLS[@]}" "${FLUX[@]}" gitea)
+OPERATOR=(flux-operator)
+ALL=("${CORE[@]}" "${TOOLS[@]}" "${FLUX[@]}" gitea "${OPERATOR[@]}")
 
 die() { echo "testbin: ERROR: $*" >&2; exit 1; }
 
@@ -56,7 +62,7 @@ json_field() { sed -n 's/^[[:space:]]*"'"$1"'": "\(.*\)",\{0,1\}$/\1/p'; }
 # like `=> ./api` point into directories the module zip does not contain, and
 # their targets are published modules at the same version anyway).
 component_info() {
-	TAGS=""; CGO=0; LDFLAGS="-s -w"
+	TAGS=""; CGO=0; LDFLAGS="-s -w"; TOOLCHAIN=${GOTOOLCHAIN:-}
 	case $1 in
 	etcd)
 		MOD=go.etcd.io/etcd/server/v3; VER=$ETCD_VERSION; PKG=$MOD ;;
@@ -98,7 +104,11 @@ component_info() {
 	actionlint)
 		MOD=github.com/rhysd/actionlint; VER=$ACTIONLINT_VERSION; PKG=$MOD/cmd/actionlint
 		LDFLAGS+=" -X $MOD.version=${ACTIONLINT_VERSION#v}" ;;
-	*) die "unknown component '$1' (known: ${ALL[*]}, core, tools, flux, all)" ;;
+	flux-operator)
+		MOD=github.com/controlplaneio-fluxcd/flux-operator; VER=$FLUX_OPERATOR_VERSION
+		PKG=$MOD/cmd/operator; TOOLCHAIN=$FLUX_OPERATOR_TOOLCHAIN
+		LDFLAGS+=" -X main.VERSION=${FLUX_OPERATOR_VERSION#v}" ;;
+	*) die "unknown component '$1' (known: ${ALL[*]}, core, tools, flux, operator, all)" ;;
 	esac
 }
 
@@ -140,7 +150,31 @@ wrapper_replaces() {
 		replace github.com/microsoft/go-mssqldb => github.com/microsoft/go-mssqldb v1.9.7
 		EOF
 		;;
+	flux-operator) cat <<-'EOF'
+		// Not upstream: the module proxy reachable here refuses the pseudo-version pinned
+		// (403 "not available"); this one, from February 2026, is the nearest it serves.
+		replace github.com/google/go-containerregistry/pkg/authn/kubernetes => github.com/google/go-containerregistry/pkg/authn/kubernetes v0.0.0-20260224031529-85f2bf5f7303
+		EOF
+		;;
 	esac   # etcd: only local replaces; helm, promtool, actionlint: none
+}
+
+# A component whose module zip cannot build as published gets a writable copy next to its
+# wrapper (printed: the replace line pointing at it). flux-operator embeds its web UI from
+# web/dist, which is built by npm and not in the zip; the tests run it with the web server
+# off, so one placeholder page satisfies the embed.
+local_module_copy() {
+	local name=$1 src=$2 dir
+	case $name in
+	flux-operator)
+		dir=$(GOTOOLCHAIN=$TOOLCHAIN go_outside mod download -json "$MOD@$VER" | json_field Dir) ||
+			die "$name: cannot download $MOD@$VER"
+		[[ -d $dir ]] || die "$name: no module dir for $MOD@$VER"
+		cp -r "$dir" "$src/mod" && chmod -R u+w "$src/mod" && mkdir -p "$src/mod/web/dist" &&
+			echo '<!doctype html><title>web UI not built</title>' >"$src/mod/web/dist/index.html" ||
+			die "$name: copying its module failed"
+		echo "replace $MOD => ./mod" ;;
+	esac
 }
 
 # k/k requires every staging module as `k8s.io/<name> v0.0.0` and maps it to
@@ -183,6 +217,7 @@ build_one() {
 	rm -rf "$src"; mkdir -p "$src"
 	local replaces
 	replaces=$(wrapper_replaces "$name") || die "$name: generating wrapper replaces failed"
+	replaces+=$'\n'$(local_module_copy "$name" "$src") || die "$name: preparing its module copy failed"
 	cat >"$src/go.mod" <<-EOF
 		// Generated by gitea-flux-bridge scripts/testbin.sh; do not edit.
 		module gfb-testbin/$name
@@ -196,7 +231,7 @@ build_one() {
 	[[ -n $TAGS ]] && buildflags+=("-tags=${TAGS// /,}")
 	(
 		cd "$src"
-		export GOWORK=off GOFLAGS="${GOFLAGS:-}" CGO_ENABLED=$CGO
+		export GOWORK=off GOFLAGS="${GOFLAGS:-}" CGO_ENABLED=$CGO GOTOOLCHAIN=$TOOLCHAIN
 		# Gitea's Makefile raises SQLite's variable limit for big IN() queries.
 		[[ $name == gitea ]] && export CGO_CFLAGS="${CGO_CFLAGS:--O2 -g} -DSQLITE_MAX_VARIABLE_NUMBER=32766"
 		# `tool` directive (Go >= 1.24) records the main package in the wrapper.
@@ -216,7 +251,7 @@ build_one() {
 print_moddir() {
 	component_info "$1"
 	local out dir
-	out=$(go_outside mod download -json "$MOD@$VER") || die "$1: 'go mod download $MOD@$VER' failed: $out"
+	out=$(GOTOOLCHAIN=$TOOLCHAIN go_outside mod download -json "$MOD@$VER") || die "$1: 'go mod download $MOD@$VER' failed: $out"
 	dir=$(json_field Dir <<<"$out")
 	[[ -d $dir ]] || die "$1: no module dir for $MOD@$VER"
 	echo "$dir"
@@ -226,7 +261,7 @@ main() {
 	case ${1:-} in
 	--print-dir) echo "$CACHE"; return ;;
 	--moddir) [[ $# -eq 2 ]] || die "usage: $0 --moddir <component>"; print_moddir "$2"; return ;;
-	-h|--help) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; return ;;
+	-h|--help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; return ;;
 	esac
 	command -v go >/dev/null || die "go not found in PATH"
 	(($# > 0)) || set -- core
@@ -237,6 +272,7 @@ main() {
 		core) todo+=("${CORE[@]}") ;;
 		tools) todo+=("${TOOLS[@]}") ;;
 		flux) todo+=("${FLUX[@]}") ;;
+		operator) todo+=("${OPERATOR[@]}") ;;
 		all) todo+=("${ALL[@]}") ;;
 		*) component_info "$a"; todo+=("$a") ;;   # validates the name
 		esac

@@ -186,10 +186,23 @@ class FakeGitea:
     # unknown to the repository (compare answers 404).
     parents: dict[str, tuple[str, ...]] = field(default_factory=dict)
     compares: list[tuple[str, str, str, str]] = field(default_factory=list)  # (o, r, base, head)
+    # What `doctor` reads: the token's user (GET /user), the repositories whose user may not
+    # write (permissions.push false), those it does not administer (hooks answer 403, as
+    # Gitea's reqAdmin does), and each repository's webhooks (GET .../hooks).
+    login: str = "bridge-bot"
+    read_only: set[tuple[str, str]] = field(default_factory=set)
+    not_admin: set[tuple[str, str]] = field(default_factory=set)
+    hooks: dict[tuple[str, str], list[dict[str, Any]]] = field(default_factory=dict)
+    org_hooks: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # by organisation
+    # The token's scopes (None: all). As Gitea 1.26: reading a repository needs
+    # read:repository, posting a status write:repository (403 with Gitea's message
+    # otherwise), GET /user read:user; a create-status body that is not JSON is 422.
+    scopes: set[str] | None = None
     _next_id: int = 0
 
     _COMPARE = re.compile(r"^/repos/(?P<owner>[^/]+)/(?P<repo>[^/]+)/compare/"
                           r"(?P<base>[^/.]+)\.\.\.(?P<head>[^/.]+)$")
+    _REPO = re.compile(r"^/repos/(?P<owner>[^/]+)/(?P<repo>[^/]+)(?P<hooks>/hooks)?$")
     _PATH = re.compile(r"^/repos/(?P<owner>[^/]+)/(?P<repo>[^/]+)/"
                        r"(?:statuses/(?P<sha>[^/]+)|commits/(?P<ref>[^/]+)/statuses)$")
 
@@ -209,6 +222,25 @@ class FakeGitea:
             return httpx.Response(failure, json={"message": "injected failure", "url": ""})
         if request.headers.get("authorization") != f"token {self.token}":
             return httpx.Response(401, json={"message": "token is required", "url": ""})
+        path = request.url.path.removeprefix(self.prefix)
+        required = ("read:user" if path == "/user" else
+                    "write:repository" if request.method != "GET" else "read:repository")
+        if self.scopes is not None and not ({required, required.replace("read:", "write:")}
+                                            & self.scopes):
+            return httpx.Response(403, json={"message": (
+                "token does not have at least one of required scope(s), required="
+                f"[{required}], token scope={','.join(sorted(self.scopes))}"), "url": ""})
+        org_hooks = re.fullmatch(r"/orgs/([^/]+)/hooks", path)
+        if org_hooks is not None and request.method == "GET":
+            found = self.org_hooks.get(unquote(org_hooks[1]))
+            return (httpx.Response(404, json=NOT_FOUND) if found is None
+                    else httpx.Response(200, json=found))
+        if request.method == "GET" and path == "/user":
+            return httpx.Response(200, json={"id": 1, "login": self.login})
+        repo_path = self._REPO.match(path)
+        if repo_path is not None and request.method == "GET":
+            return self._repository(unquote(repo_path["owner"]), unquote(repo_path["repo"]),
+                                    bool(repo_path["hooks"]))
         compare = self._COMPARE.match(request.url.path.removeprefix(self.prefix))
         if compare is not None and request.method == "GET":
             return self._compare(unquote(compare["owner"]), unquote(compare["repo"]),
@@ -222,13 +254,48 @@ class FakeGitea:
         key = (owner, repo, unquote(m["sha"] or m["ref"]))
         if request.method == "GET":
             return self._list(key, request.url.params)
-        body = json.loads(request.content)
+        if (owner, repo) in self.read_only:
+            return httpx.Response(403, json={"message": "user should have write access",
+                                             "url": ""})
+        try:
+            body = json.loads(request.content)
+        except ValueError:
+            return httpx.Response(422, json={"message": "[]: unexpected EOF", "url": ""})
         if body.get("state") == "skipped" and not _takes_skipped(self.version or "1.26"):
             return httpx.Response(400, json={"message": "invalid state: skipped", "url": ""})
         status = self.add(*key, body.get("context", ""), body.get("state", ""),
                           body.get("description", ""), body.get("target_url", ""))
         self.posts.append((*key, body))
         return httpx.Response(201, json=_public(status))
+
+    def _repository(self, owner: str, repo: str, hooks: bool) -> httpx.Response:
+        if self.repos is not None and (owner, repo) not in self.repos:
+            return httpx.Response(404, json=NOT_FOUND)
+        admin = (owner, repo) not in self.not_admin
+        if hooks:
+            if not admin:
+                return httpx.Response(403, json={"message": "Must be an owner or admin",
+                                                 "url": ""})
+            return httpx.Response(200, json=self.hooks.get((owner, repo), []))
+        push = (owner, repo) not in self.read_only
+        return httpx.Response(200, json={
+            "id": 1, "name": repo, "full_name": f"{owner}/{repo}",
+            "owner": {"id": 1, "login": owner},
+            "clone_url": f"https://gitea.example.com/{owner}/{repo}.git",
+            "html_url": f"https://gitea.example.com/{owner}/{repo}",
+            "ssh_url": f"git@gitea.example.com:{owner}/{repo}.git",
+            "permissions": {"admin": admin and push, "push": push, "pull": True}})
+
+    def add_hook(self, owner: str, repo: str, url: str, *, active: bool = True,
+                 org: bool = False) -> None:
+        """A webhook as GET /repos/{owner}/{repo}/hooks lists it (swagger `Hook`); with `org`,
+        one of the owner organisation's (GET /orgs/{org}/hooks)."""
+        items = (self.org_hooks.setdefault(owner, []) if org
+                 else self.hooks.setdefault((owner, repo), []))
+        items.append({"id": len(items) + 1, "type": "gitea", "active": active,
+                      "events": ["push"], "branch_filter": "*",
+                      "config": {"url": url, "content_type": "json"},
+                      "created_at": "2026-08-07T13:04:05Z", "updated_at": "2026-08-07T13:04:05Z"})
 
     def _reachable(self, commit: str) -> set[str]:
         seen: set[str] = set()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from receiver.flux.cluster import error_for_status
+from receiver.flux.event_book import EventWrite
 from receiver.flux.memory import MemoryCluster
 from receiver.flux.objects import FluxObject, ObjectKey
 
@@ -22,3 +23,9 @@ class FaultyCluster(MemoryCluster):
             status = failures.pop(0)
             raise error_for_status(f"patch {key} failed with {status}", status)
         return await super().annotate(key, annotations, resource_version=resource_version)
+
+    async def write_event(self, write: EventWrite) -> None:
+        """`fail_events`: every Event write fails, as an API server that refuses them."""
+        if self.__dict__.get("fail_events"):
+            raise error_for_status(f"event {write.name} refused", 403)
+        await super().write_event(write)

@@ -117,3 +117,54 @@ def form_body(doc: Any) -> tuple[bytes, bytes]:
     """(HTTP body, signed bytes) for a webhook with content type form."""
     signed = gitea_bytes(doc)
     return b"payload=" + quote_plus(signed.decode()).encode(), signed
+
+
+def _label(name: str, index: int) -> dict[str, Any]:
+    return {"id": index + 1, "name": name, "exclusive": False, "is_archived": False,
+            "color": "e11d21", "description": "", "url": f"{ROOT_URL}api/v1/labels/{index + 1}"}
+
+
+def pull_request(full_name: str = "platform/fleet", number: int = 7, action: str = "opened",
+                 head: str = "feature", sha: str | None = None, base: str = "main",
+                 labels: tuple[str, ...] = (), root: str = ROOT_URL) -> dict[str, Any]:
+    """A `pull_request` event as Gitea 1.26 builds it (PullRequestPayload), the fields a
+    preview reads filled in, the rest as Gitea leaves them."""
+    sha = sha if sha is not None else sha_for(f"{full_name}#{number}@{head}")
+    repo = repository(full_name, root)
+
+    def branch(ref: str, commit_id: str) -> dict[str, Any]:
+        return {"label": ref, "ref": ref, "sha": commit_id, "repo_id": 7, "repo": repo}
+
+    pr = {
+        "id": 100 + number, "url": f"{root}{full_name}/pulls/{number}", "number": number,
+        "user": _user("dev"), "title": f"Change {number}", "body": "",
+        "labels": [_label(n, i) for i, n in enumerate(labels)], "milestone": None,
+        "assignee": None, "assignees": None, "requested_reviewers": None,
+        "requested_reviewers_teams": None, "state": "closed" if action == "closed" else "open",
+        "draft": False, "is_locked": False, "comments": 0, "review_comments": 0,
+        "additions": 1, "deletions": 0, "changed_files": 1,
+        "html_url": f"{root}{full_name}/pulls/{number}",
+        "diff_url": f"{root}{full_name}/pulls/{number}.diff",
+        "patch_url": f"{root}{full_name}/pulls/{number}.patch", "mergeable": True,
+        "merged": False, "merged_at": None, "merge_commit_sha": None, "merged_by": None,
+        "allow_maintainer_edit": False, "base": branch(base, sha_for(base)),
+        "head": branch(head, sha), "merge_base": sha_for(base),
+        "due_date": None, "created_at": "2026-12-01T10:00:00Z",
+        "updated_at": "2026-12-01T10:00:00Z", "closed_at": None, "pin_order": 0,
+    }
+    return {"action": action, "number": number, "pull_request": pr,
+            "requested_reviewer": None, "repository": repo, "sender": _user("dev"),
+            "commit_id": "", "review": None}
+
+
+def ref_created(full_name: str, ref: str, ref_type: str, sha: str,
+                root: str = ROOT_URL) -> dict[str, Any]:
+    """A `create` event (CreatePayload): `ref` is the short name."""
+    return {"sha": sha, "ref": ref, "ref_type": ref_type,
+            "repository": repository(full_name, root), "sender": _user("dev")}
+
+
+def ref_deleted(full_name: str, ref: str, ref_type: str, root: str = ROOT_URL) -> dict[str, Any]:
+    """A `delete` event (DeletePayload): no commit."""
+    return {"ref": ref, "ref_type": ref_type, "pusher_type": "user",
+            "repository": repository(full_name, root), "sender": _user("dev")}

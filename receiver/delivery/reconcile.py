@@ -257,9 +257,10 @@ class Reconciler:
         obj = self._cluster.store.get(key)
         if obj is None or not source_ready(delivery.record, view, obj, self._cluster.store.get):
             return
-        if delivery.sha and self._in_grace(delivery, key):
+        if delivery.sha and consumer_source(obj) is not None and self._in_grace(delivery, key):
             # kustomize-controller reacts to a new artifact by itself; give it a moment so
-            # our annotation does not cause a second reconcile of the same commit.
+            # our annotation does not cause a second reconcile of the same commit. (An input
+            # provider reads Gitea, not a source: nothing starts it but the request.)
             return
         self._requested.add((delivery.id, key))
         future, _ = self.patches.request(key, Mark(delivery.record.mark, delivery.record.received))

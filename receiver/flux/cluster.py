@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Protocol
 
+from receiver.flux.event_book import EventWrite
 from receiver.flux.objects import FluxObject, ObjectKey
 from receiver.flux.store import ObjectStore
 from receiver.retry import retryable_status
@@ -97,6 +98,11 @@ class Cluster(Protocol):
 
     async def try_acquire_lease(self, name: str, holder: str, duration_seconds: int) -> bool:
         """Hold (or renew) a coordination.k8s.io Lease; False while someone else holds it."""
+        ...
+
+    async def write_event(self, write: EventWrite) -> None:
+        """Create or patch one core v1 Event (`event_book.event_body`); NotFound when a patched
+        Event is gone."""
         ...
 
 

@@ -13,6 +13,7 @@ import asyncio
 import base64
 import binascii
 import os
+import socket
 import time
 from collections.abc import Collection, Mapping, Sequence
 from datetime import UTC, datetime
@@ -23,6 +24,7 @@ import kubernetes
 
 from receiver.flux import lease
 from receiver.flux.cluster import NEGATIVE_SECRET_TTL, ClusterError, Observer
+from receiver.flux.event_book import EventWrite, event_body
 from receiver.flux.kube_api import (
     CONNECT_TIMEOUT,
     MERGE_PATCH,
@@ -84,6 +86,8 @@ class KubeCluster:
             or "flux-system"
         )
         self.observe = observe
+        # Who writes the Events (reportingInstance): the pod, as the chart names it.
+        self._instance = os.environ.get("POD_NAME") or socket.gethostname()
         self._timeout = (CONNECT_TIMEOUT, request_timeout_seconds)
         self._owns_client = owns_client
         self._timed = Timer(lambda: self.observe)
@@ -253,6 +257,29 @@ class KubeCluster:
 
         raw = await asyncio.to_thread(self._timed, "patch", patch)
         return self._adopt(key, raw)
+
+    async def write_event(self, write: EventWrite) -> None:
+        """Create (a new series) or merge-patch (a repeat) one core v1 Event."""
+        body: Any = event_body(write, self._instance)
+        namespace = write.note.regarding.namespace
+
+        def call() -> None:
+            try:
+                if write.op == "create":
+                    self._core.create_namespaced_event(
+                        namespace, body, _preload_content=False, _request_timeout=self._timeout)
+                else:
+                    self._core.patch_namespaced_event(
+                        write.name, namespace, body, _content_type=MERGE_PATCH,
+                        _preload_content=False, _request_timeout=self._timeout)
+            except kubernetes.client.ApiException as exc:
+                if exc.status == 409 and write.op == "create":
+                    return  # a retried create that had gone through
+                raise cluster_error(f"writing event {namespace}/{write.name}", exc) from None
+            except Exception as exc:
+                raise cluster_error(f"writing event {namespace}/{write.name}", exc) from None
+
+        await asyncio.to_thread(self._timed, f"{write.op}_event", call)
 
     async def read_object(self, key: ObjectKey) -> FluxObject | None:
         """GET the object from the API server (same RBAC verb as the watch cache's list)."""

@@ -41,6 +41,7 @@ PLURALS: dict[str, str] = {
     "ImagePolicy": "imagepolicies",
     "ImageUpdateAutomation": "imageupdateautomations",
     "ArtifactGenerator": "artifactgenerators",
+    "ResourceSetInputProvider": "resourcesetinputproviders",
 }
 
 

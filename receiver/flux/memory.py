@@ -23,6 +23,7 @@ import yaml
 
 from receiver.flux import lease
 from receiver.flux.cluster import NEGATIVE_SECRET_TTL, NotFound, Observer, error_for_status
+from receiver.flux.event_book import EventWrite, event_body
 from receiver.flux.objects import (
     ANNOTATE_ONLY_KINDS,
     API_VERSIONS,
@@ -74,6 +75,8 @@ class MemoryCluster:
         self.secrets: dict[tuple[str, str], dict[str, bytes]] = {}
         self.patches: list[tuple[ObjectKey, dict[str, str]]] = []
         self.secret_reads = 0  # reads that reached the "API server" (not the cache)
+        self.events: dict[str, dict[str, Any]] = {}  # Kubernetes Events by name
+        self.event_writes = 0  # creates and patches of Events
         self.secret_ttl_seconds = secret_ttl_seconds
         self.clock = clock
         self._secret_cache: dict[tuple[str, str], tuple[float, dict[str, bytes] | None]] = {}
@@ -168,6 +171,17 @@ class MemoryCluster:
             return False
         self._leases[name] = spec
         return True
+
+    async def write_event(self, write: EventWrite) -> None:
+        """Kept as the API server would keep it: `events` by name, every write counted."""
+        self.event_writes += 1
+        body = event_body(write, "memory")
+        if write.op == "create":
+            self.events.setdefault(write.name, body)
+            return
+        if write.name not in self.events:
+            raise NotFound(f"event {write.name} not found")
+        self.events[write.name] = {**self.events[write.name], **body}
 
     # -- playing Flux in tests -----------------------------------------------------------------
 

@@ -21,6 +21,9 @@ HELM_GROUP = "helm.toolkit.fluxcd.io"
 NOTIFICATION_GROUP = "notification.toolkit.fluxcd.io"
 IMAGE_GROUP = "image.toolkit.fluxcd.io"
 SOURCE_EXTENSIONS_GROUP = "source.extensions.fluxcd.io"
+# flux-operator's API: a ResourceSetInputProvider lists branches, tags or pull requests.
+OPERATOR_GROUP = "fluxcd.controlplane.io"
+INPUT_PROVIDER_KIND = "ResourceSetInputProvider"
 
 # The versions served by the Flux release we target (flux2 v2.9.x); each CRD serves one.
 API_VERSIONS: dict[str, str] = {
@@ -38,13 +41,19 @@ API_VERSIONS: dict[str, str] = {
     "ImagePolicy": f"{IMAGE_GROUP}/v1",
     "ImageUpdateAutomation": f"{IMAGE_GROUP}/v1",
     "ArtifactGenerator": f"{SOURCE_EXTENSIONS_GROUP}/v1beta1",
+    # Not in the Receiver CRD's enum as Flux ships it; flux-operator adds it when it installs
+    # Flux. Routed by repository, event and filters (`push.input_providers`).
+    INPUT_PROVIDER_KIND: f"{OPERATOR_GROUP}/v1",
 }
 # The kinds routed by repository, ref and path (Git pushes) and always cached.
 ROUTED_KINDS = ("Receiver", "GitRepository", "OCIRepository", "Kustomization", "HelmRelease")
 # Cached when their CRD is installed and RBAC lets us list them, for package events: a missing
 # CRD (image-reflector-controller is an optional Flux component) or grant (RBAC managed outside
 # the chart, older than the Helm kinds' list/watch) is reported and does not hold readiness back.
-OPTIONAL_KINDS = ("ImageRepository", "ImagePolicy", "HelmRepository", "HelmChart")
+# ResourceSetInputProviders (flux-operator) are cached alike, for Gitea branch, tag and pull
+# request events.
+OPTIONAL_KINDS = ("ImageRepository", "ImagePolicy", "HelmRepository", "HelmChart",
+                  INPUT_PROVIDER_KIND)
 # The kinds the bridge caches (list+watch).
 WATCHED_KINDS = ROUTED_KINDS + OPTIONAL_KINDS
 # Every kind a Receiver's `resources` may name (the Receiver CRD's enum, NC v1.9).

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from receiver.flux.objects import FluxObject
+from receiver.flux.objects import INPUT_PROVIDER_KIND, FluxObject
 from receiver.times import epoch_seconds
 
 _HEX = re.compile(r"^(?:[0-9a-f]{40}|[0-9a-f]{64})$")
@@ -129,6 +129,9 @@ def followable(obj: FluxObject) -> bool:
     status says a chart version, never which commit produced it. One with `chartRef` to an
     OCIRepository names the artifact, and the artifact names the commit.
     """
+    if obj.kind == INPUT_PROVIDER_KIND:
+        # It lists what Gitea has; its status names no commit. Followed only to "handled".
+        return False
     if obj.kind != "HelmRelease":
         return True
     if obj.annotations.get("event.toolkit.fluxcd.io/commit"):

@@ -219,7 +219,7 @@ class GiteaClient:
 
     async def _request(
         self, name: str, method: str, path: str, *, params: dict[str, Any] | None = None,
-        body: dict[str, Any] | None = None, call: str = "",
+        body: dict[str, Any] | None = None, call: str = "", content: bytes | None = None,
     ) -> httpx.Response:
         if name not in self._clients:
             raise GiteaError(f"no Gitea instance named {name}")
@@ -229,8 +229,9 @@ class GiteaClient:
             started = time.monotonic()
             try:
                 response = await client.request(
-                    method, path, params=params, json=body,
-                    headers={"Authorization": f"token {token}"},
+                    method, path, params=params, json=body, content=content,
+                    headers={"Authorization": f"token {token}",
+                             **({"Content-Type": "application/json"} if content else {})},
                 )
             except httpx.TimeoutException:
                 self._observed(name, call, "timeout", started)
@@ -256,6 +257,27 @@ class GiteaClient:
                 retry_after=parse_retry_after(response.headers.get("retry-after")),
             )
         raise AssertionError("unreachable")  # pragma: no cover
+
+    async def get(self, instance: str, path: str, *,
+                  params: dict[str, Any] | None = None) -> httpx.Response:
+        """A GET of any API path (relative to /api/v1/), for `doctor`'s read-only checks;
+        errors as every call's (`GiteaError`, the status kept)."""
+        return await self._request(instance, "GET", path, params=params, call="get")
+
+    async def status_write_probe(self, instance: str, owner: str, repo: str
+                                 ) -> tuple[int, str]:
+        """Could this token post a commit status to the repository? Asked without writing
+        one: a create-status request whose body is not JSON. Gitea checks the token's scope
+        (`write:repository`) and the user's write access first (403), then reads the body
+        (422): so 422 means yes. Returns the HTTP status and the error (Gitea's message)."""
+        try:
+            response = await self._request(
+                instance, "POST", status_path(owner, repo, "0" * 40), content=b"{", call="probe")
+        except GiteaError as exc:
+            if exc.status == 0:
+                raise
+            return exc.status, str(exc)
+        return response.status_code, ""
 
     async def contains(self, instance: str, owner: str, repo: str, ancestor: str,
                        descendant: str) -> bool:

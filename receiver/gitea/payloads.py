@@ -360,3 +360,136 @@ def parse_gitea_package(doc: Any) -> PackagePush:
     return PackagePush(action, kind, owner.lower(),
                        name.lower() if kind == "container" else name, version.lower()
                        if kind == "container" else version, instance)
+
+
+# -- Gitea `pull_request`, `create` and `delete` events ----------------------------------------
+
+MAX_LABELS = 256  # Gitea allows many labels per issue; routing only compares their names
+MAX_LABEL_BYTES = 256
+
+
+@dataclass(frozen=True, slots=True)
+class PullRequestEvent:
+    """A Gitea `pull_request` event (`X-Gitea-Event: pull_request`, PullRequestPayload),
+    reduced to what a pull-request input provider exports and filters on."""
+
+    action: str  # opened, reopened, synchronized, edited, label_updated, closed, ...
+    number: int
+    head_ref: str  # the head branch's name, as Gitea's pull request list gives it
+    head_sha: str
+    base_ref: str
+    labels: tuple[str, ...]
+    repo_urls: tuple[str, ...]  # the base repository's: the one a provider's spec.url names
+    full_name: str
+    merged: bool = False
+
+    @property
+    def label(self) -> str:
+        return f"pull request #{self.number} ({self.action})"
+
+
+@dataclass(frozen=True, slots=True)
+class RefEvent:
+    """A branch or tag created, moved or deleted: Gitea's `create` and `delete` events, or
+    a push reduced to the same (`from_push`)."""
+
+    event: str  # create | delete | push
+    ref_type: str  # branch | tag
+    name: str  # short name: main, v1.2.0
+    sha: str  # "" for a deletion
+    repo_urls: tuple[str, ...]
+    full_name: str
+
+    @property
+    def deleted(self) -> bool:
+        return self.event == "delete" or not self.sha
+
+    @property
+    def label(self) -> str:
+        verb = {"create": "created", "delete": "deleted"}.get(self.event, "pushed")
+        return f"{self.ref_type} {self.name} {'deleted' if self.deleted else verb}"
+
+
+def _repository(doc: dict[str, Any]) -> tuple[tuple[str, ...], str]:
+    repo = _obj(doc.get("repository"))
+    urls = tuple(
+        checked(u, f"repository.{k}", MAX_URL_BYTES)
+        for k, u in ((k, _text(repo.get(k))) for k in ("clone_url", "html_url", "ssh_url")) if u)
+    if not urls:
+        raise PayloadError("payload has no repository.clone_url, html_url or ssh_url")
+    full_name = checked(_text(repo.get("full_name")), "repository.full_name", MAX_FULL_NAME_BYTES)
+    return urls, full_name
+
+
+def parse_gitea_pull_request(doc: Any) -> PullRequestEvent:
+    """A Gitea `pull_request` webhook payload (JSON already decoded). PayloadError when a field
+    routing needs is missing or garbled."""
+    if not isinstance(doc, dict):
+        raise PayloadError("payload must be a JSON object")
+    action = checked(_text(doc.get("action")).lower(), "action", 64)
+    if not action:
+        raise PayloadError("pull request event has no action")
+    pull = _obj(doc.get("pull_request"))
+    number = doc.get("number")
+    if not isinstance(number, int) or isinstance(number, bool):
+        number = pull.get("number")
+    if not isinstance(number, int) or isinstance(number, bool) or number <= 0:
+        raise PayloadError("pull request event has no number")
+    head, base = _obj(pull.get("head")), _obj(pull.get("base"))
+    head_ref = checked(_text(head.get("ref")), "pull_request.head.ref", MAX_REF_BYTES)
+    if not head_ref:
+        raise PayloadError("pull request event has no pull_request.head.ref")
+    head_sha = _sha(head.get("sha"))
+    if not head_sha:
+        raise PayloadError("pull_request.head.sha must be a full commit id")
+    raw_labels = pull.get("labels")
+    labels: list[str] = []
+    if isinstance(raw_labels, list):
+        if len(raw_labels) > MAX_LABELS:
+            raise PayloadError(f"pull_request.labels has more than {MAX_LABELS} entries")
+        for i, item in enumerate(raw_labels):
+            name = _text(_obj(item).get("name"))
+            if name:
+                labels.append(checked(name, f"pull_request.labels[{i}].name", MAX_LABEL_BYTES))
+    urls, full_name = _repository(doc)
+    return PullRequestEvent(
+        action=action, number=number, head_ref=head_ref, head_sha=head_sha,
+        base_ref=checked(_text(base.get("ref")), "pull_request.base.ref", MAX_REF_BYTES),
+        labels=tuple(labels), repo_urls=urls, full_name=full_name,
+        merged=pull.get("merged") is True)
+
+
+REF_TYPES = frozenset({"branch", "tag"})
+
+
+def parse_gitea_ref_event(doc: Any) -> RefEvent:
+    """A Gitea `create` or `delete` webhook payload (CreatePayload / DeletePayload): `ref` is
+    the short name, `ref_type` branch or tag. A create names the commit (`sha`); a delete has
+    none (and a `pusher_type`)."""
+    if not isinstance(doc, dict):
+        raise PayloadError("payload must be a JSON object")
+    ref_type = _text(doc.get("ref_type")).lower()
+    if ref_type not in REF_TYPES:
+        raise PayloadError("ref_type must be branch or tag")
+    name = checked(_text(doc.get("ref")), "ref", MAX_REF_BYTES)
+    for prefix in ("refs/heads/", "refs/tags/"):
+        name = name.removeprefix(prefix)
+    if not name:
+        raise PayloadError("payload has no ref")
+    sha = _sha(doc.get("sha"))
+    if "sha" in doc and not sha:
+        raise PayloadError("sha must be a full 40- or 64-character commit id")
+    urls, full_name = _repository(doc)
+    return RefEvent("create" if sha else "delete", ref_type, name, sha, urls, full_name)
+
+
+def ref_event_of(push: Push) -> RefEvent | None:
+    """The branch or tag a push moves (or deletes), or None for another ref."""
+    if push.branch is not None:
+        ref_type, name = "branch", push.branch
+    elif push.tag is not None:
+        ref_type, name = "tag", push.tag
+    else:
+        return None
+    return RefEvent("delete" if push.deleted else "push", ref_type, name, push.sha,
+                    push.repo_urls, push.full_name)

@@ -23,7 +23,9 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from receiver.flux.cluster import Cluster, ClusterError, secret_token
+from receiver.flux.event_book import EventNote
 from receiver.flux.objects import FluxObject, ObjectKey
+from receiver.push.push_events import token_note, type_note
 from receiver.signatures import hook_digest
 
 if TYPE_CHECKING:
@@ -63,6 +65,8 @@ class HookIndex:
         self._pending: set[asyncio.Task[str | None]] = set()
         # Receivers whose Secret holds a blank token (value: why), for /readyz and the gauge.
         self._unusable: dict[ObjectKey, str] = {}
+        # Told what a Receiver cannot be used for (a Kubernetes Event on it; set by the app).
+        self.events: Callable[[EventNote], None] = lambda note: None
 
     def __len__(self) -> int:
         return len(self._by_digest)
@@ -121,6 +125,7 @@ class HookIndex:
         if obj.spec.get("type") not in SUPPORTED_TYPES:
             self._drop(key)
             self._set_unusable(key, None)
+            self.events(type_note(obj))
             return None
         secret_name = (obj.spec.get("secretRef") or {}).get("name")
         token: str | None = None
@@ -140,6 +145,7 @@ class HookIndex:
                 log.warning("receiver has no usable token: its path answers 404", extra={
                     "receiver": str(key), "reason": why})
             self._set_unusable(key, why)
+            self.events(token_note(obj, "no token" if token is None else "blank token"))
             return None
         self._set_unusable(key, None)
         digest = hook_digest(token, obj.name, obj.namespace)

@@ -32,11 +32,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from receiver.flux.objects import FluxObject, ObjectKey
+from receiver.flux.objects import INPUT_PROVIDER_KIND, FluxObject, ObjectKey
 from receiver.flux.revisions import followable
 from receiver.flux.store import ObjectStore
-from receiver.gitea.payloads import PackagePush
+from receiver.gitea.payloads import PackagePush, ref_event_of
 from receiver.giturls import registry_host
+from receiver.push import input_providers
 from receiver.push.goregexp import go_pattern
 from receiver.push.image_policy import excluded_by, latest_tag, policy_takes
 from receiver.push.resources import Resolved, resolve_resources
@@ -412,6 +413,8 @@ def _unrelated(obj: FluxObject, url: str) -> str:
         return f"its URL is not {url}"
     if obj.kind == "GitRepository":
         return "a Git source: package events do not feed it"
+    if obj.kind == INPUT_PROVIDER_KIND:
+        return "an input provider lists Git branches, tags or pull requests, not packages"
     return "its source is not fed by the package"
 
 
@@ -424,11 +427,23 @@ def plan_selection(
     resolved: Resolved | None = None,
     gitea_prefixes: frozenset[str] = frozenset(),
 ) -> Plan:
-    """The plan for what the selector read: a package event here, anything else by
-    `routing.plan_push`. The service and `plan` both call this, so they agree."""
+    """The plan for what the selector read: a package event here, a pull request, create or
+    delete event by `input_providers`, anything else by `routing.plan_push` (a push also
+    reaches the branch and tag input providers). The service and `plan` both call this, so
+    they agree."""
+    if resolved is None:
+        resolved = resolve_resources(receiver, store, allow_cross_namespace=allow_cross_namespace)
     if selection.package is not None:
         return plan_package(receiver, selection.package, store,
                             allow_cross_namespace=allow_cross_namespace, resolved=resolved)
-    return plan_push(receiver, selection.push, store,
+    event = selection.pull_request or selection.ref_event
+    if event is not None:
+        return input_providers.plan_event(receiver, event, store, resolved=resolved,
+                                          gitea_prefixes=gitea_prefixes)
+    plan = plan_push(receiver, selection.push, store,
                      allow_cross_namespace=allow_cross_namespace, resolved=resolved,
                      note=selection.note, gitea_prefixes=gitea_prefixes)
+    if selection.push is None:
+        return plan
+    return input_providers.with_ref_providers(plan, ref_event_of(selection.push), store,
+                                              resolved, gitea_prefixes)

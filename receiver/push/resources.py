@@ -15,6 +15,7 @@ from typing import Any
 from receiver.flux.objects import (
     ANNOTATE_ONLY_KINDS,
     ANNOTATE_ONLY_SOURCES,
+    INPUT_PROVIDER_KIND,
     RECEIVER_DEFAULT_API_VERSIONS,
     ROUTED_KINDS,
     FluxObject,
@@ -94,7 +95,7 @@ def resolve_resources(
             else:
                 blind.setdefault(ObjectKey(kind, namespace, name), api_version)
                 filters.setdefault(ObjectKey(kind, namespace, name), []).append(expression)
-        elif kind not in ROUTED_KINDS or kind == "Receiver":
+        elif (kind not in ROUTED_KINDS and kind != INPUT_PROVIDER_KIND) or kind == "Receiver":
             issue(f"kind {kind} is not reconciled by the bridge")
         elif name == "*":
             labels = entry.get("matchLabels")

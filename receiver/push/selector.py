@@ -12,6 +12,11 @@ has the shape of a push, and decides that by the body alone, never by headers or
 * a **Gitea package event**: a JSON object with a `package` object and none of a push's
   keys (Gitea's PackagePayload: a container or Helm version pushed to, or deleted from, its
   registry); routed by `receiver.push.package_routing`;
+* a **Gitea pull request event**: a JSON object with a `pull_request` object and a `number`, and
+  no `comment` (a comment on a pull request carries the pull request too); routed to the input
+  providers it changes by `receiver.push.input_providers`;
+* a **Gitea create or delete event**: a JSON object with a `ref_type` and a `repository`
+  object (CreatePayload, DeletePayload): a branch or tag created or deleted, routed alike;
 * anything else (empty, `{}`, `{"action": "deploy"}`, a non-object, not JSON at all) carries
   **no push details**: every listed object is reconciled, sources first, as Flux does, and the
   reply says why.
@@ -32,10 +37,14 @@ from receiver.bounds import parse_json
 from receiver.gitea.payloads import (
     PackagePush,
     PayloadError,
+    PullRequestEvent,
     Push,
+    RefEvent,
     parse_actions_body,
     parse_gitea_package,
+    parse_gitea_pull_request,
     parse_gitea_push,
+    parse_gitea_ref_event,
 )
 
 # Keys only a Gitea (or GitHub) push payload has; a `create` or `release` event body has none.
@@ -44,6 +53,8 @@ PUSH_KEYS = frozenset({"after", "commits", "head_commit"})
 GITEA_PUSH = "gitea-push"
 ACTIONS_BODY = "actions-body"
 GITEA_PACKAGE = "gitea-package"
+GITEA_PULL_REQUEST = "gitea-pull-request"
+GITEA_REF = "gitea-ref"  # a create or delete event of a branch or tag
 GITEA_OTHER = "gitea-other"  # another Gitea event (create, release, ...): no push details
 NO_DETAILS = "none"
 
@@ -63,10 +74,13 @@ class Selection:
     """What the body was read as. `push` is None exactly when it carries no push details,
     and then `note` says why (it goes into the reply and every target's reason)."""
 
-    shape: str  # GITEA_PUSH, ACTIONS_BODY, GITEA_PACKAGE, GITEA_OTHER or NO_DETAILS
+    shape: str  # GITEA_PUSH, ACTIONS_BODY, GITEA_PACKAGE, GITEA_PULL_REQUEST, GITEA_REF,
+    # GITEA_OTHER or NO_DETAILS
     push: Push | None
     note: str = ""
     package: PackagePush | None = None  # set exactly for GITEA_PACKAGE
+    pull_request: PullRequestEvent | None = None  # set exactly for GITEA_PULL_REQUEST
+    ref_event: RefEvent | None = None  # set exactly for GITEA_REF
 
 
 def _load(document: bytes) -> tuple[bool, Any]:
@@ -84,6 +98,10 @@ def shape_of(doc: Any) -> str:
         return GITEA_PUSH
     if isinstance(doc.get("package"), dict):
         return GITEA_PACKAGE
+    if isinstance(doc.get("pull_request"), dict) and "number" in doc and "comment" not in doc:
+        return GITEA_PULL_REQUEST
+    if "ref_type" in doc and isinstance(doc.get("repository"), dict):
+        return GITEA_REF
     if isinstance(doc.get("repository"), dict):
         return GITEA_OTHER
     if "sha" in doc:
@@ -113,6 +131,10 @@ def select_payload(receiver_type: str, document: bytes) -> Selection:
             return Selection(shape, parse_actions_body(doc))
         if shape == GITEA_PACKAGE:
             return Selection(shape, None, package=parse_gitea_package(doc))
+        if shape == GITEA_PULL_REQUEST:
+            return Selection(shape, None, pull_request=parse_gitea_pull_request(doc))
+        if shape == GITEA_REF:
+            return Selection(shape, None, ref_event=parse_gitea_ref_event(doc))
     except PayloadError as exc:
         raise PayloadRefused(422, str(exc), "unprocessable") from None
     if shape == GITEA_OTHER:

@@ -10,6 +10,10 @@ from collections.abc import Mapping
 
 from receiver.flux.objects import FluxObject
 
+# The events the bridge routes by what their body says (`selector`): taken by a Receiver whose
+# spec.events is empty, as Flux takes every event there, and routed precisely.
+ROUTED_EVENTS = frozenset({"push", "package", "pull_request", "create", "delete"})
+
 
 def _names(receiver: FluxObject) -> list[str]:
     events = receiver.spec.get("events")
@@ -41,17 +45,19 @@ def event_name(headers: Mapping[str, str]) -> str:
 
 
 def answer_without_push(receiver: FluxObject, event: str) -> dict[str, str] | None:
-    """The 200 answer to an event that is not a push and that the Receiver does not list (it
-    reconciles nothing): `pong` for a ping, `ignored` for any other. None: the request goes on
-    (a push, no event named, or an event `spec.events` lists: that reconciles every listed
-    object, as Flux does)."""
-    if not event or event == "push" or listed(receiver, event):
+    """The 200 answer to an event the bridge does not route and that the Receiver does not
+    list (it reconciles nothing): `pong` for a ping, `ignored` for any other. None: the request
+    goes on (an event the bridge routes, `ROUTED_EVENTS`; no event named; or an event
+    `spec.events` lists: one the bridge cannot route reconciles every listed object, as Flux
+    does)."""
+    if not event or event in ROUTED_EVENTS or listed(receiver, event):
         return None
     if event == "ping":
         return {"status": "pong"}
     return {"status": "ignored", "event": event[:64], "reason": (
-        "not a push; list the event in the receiver's spec.events to have it reconcile every "
-        "listed object, as Flux does")}
+        "not an event the bridge routes (push, package, pull_request, create, delete); list "
+        "it in the receiver's spec.events to have it reconcile every listed object, as Flux "
+        "does")}
 
 
 def refuses_media(receiver: FluxObject, media: str, has_body: bool) -> bool:

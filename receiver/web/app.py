@@ -6,6 +6,7 @@ import contextlib
 import functools
 import gc
 import logging
+import os
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,7 +25,9 @@ from receiver.delivery.marks import replay_window
 from receiver.delivery.reconcile import Reconciler
 from receiver.delivery.store import DeliveryStore
 from receiver.flux.cluster import Cluster
+from receiver.flux.event_book import pod_note
 from receiver.flux.objects import ObjectKey
+from receiver.flux.recorder import EventRecorder
 from receiver.giturls import normalise_aliases, normalise_oci_url, normalise_repo_url
 from receiver.metrics import Metrics
 from receiver.push.hookindex import HookIndex
@@ -77,6 +80,7 @@ class Components:
     events: EventsEndpoint
     badge: BadgeEndpoint
     drain: Drain
+    recorder: EventRecorder
     ancestry: Ancestry | None = None
     # Said in every /readyz answer (e.g. that Flux is simulated): what an operator must know.
     notes: dict[str, str] = field(default_factory=dict)
@@ -95,6 +99,8 @@ def build(settings: Settings, cluster: Cluster, **status_kwargs: Any) -> Compone
     reconciler = Reconciler(cluster, deliveries, settings.reconcile, metrics, settings.cluster_name,
                             keep_marks_seconds=replay_window(settings.delivery_dedupe_seconds))
     ingest = IngestService(settings, cluster, hooks, reconciler, deliveries, metrics)
+    recorder = EventRecorder(cluster.write_event)
+    ingest.events = hooks.events = recorder.emit
     follow = DeliveriesEndpoint(settings, cluster, hooks, reconciler, deliveries)
     statuses = StatusService(settings, cluster, metrics, **status_kwargs)
     ingest.push_listeners.append(statuses.on_push_routed)
@@ -111,7 +117,7 @@ def build(settings: Settings, cluster: Cluster, **status_kwargs: Any) -> Compone
     events, badge = status_endpoints(statuses)
     return Components(settings, cluster, metrics, hooks, deliveries, reconciler, ingest, follow,
                       statuses,
-                      events, badge, Drain(), ancestry)
+                      events, badge, Drain(), recorder, ancestry)
 
 
 def status_endpoints(statuses: StatusService) -> tuple[EventsEndpoint, BadgeEndpoint]:
@@ -127,6 +133,7 @@ def create_app(settings: Settings, cluster: Cluster, **status_kwargs: Any) -> St
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await cluster.start()
+        await parts.recorder.start()
         await parts.hooks.refresh_all()
         # The cache is long-lived: keep the cyclic GC from walking it on every full collection
         # (a full pass over 10,000+ objects is a latency spike on the hook path).
@@ -150,12 +157,16 @@ def create_app(settings: Settings, cluster: Cluster, **status_kwargs: Any) -> St
             await parts.ingest.filter_sandbox.stop()
             if parts.ancestry is not None:
                 await parts.ancestry.stop()
+            await parts.recorder.stop()
             await cluster.stop()
 
     async def healthz(request: Request) -> Response:
         return PlainTextResponse("ok")
 
     indexed_once = False
+    # The bridge's own Pod (the chart sets both), for Events about the bridge itself.
+    pod_name, pod_namespace = os.environ.get("POD_NAME"), os.environ.get("POD_NAMESPACE")
+    pod = (pod_namespace, pod_name) if pod_name and pod_namespace else None
 
     async def readyz(request: Request) -> Response:
         nonlocal indexed_once
@@ -171,6 +182,11 @@ def create_app(settings: Settings, cluster: Cluster, **status_kwargs: Any) -> St
             not_installed=cluster.not_installed, not_permitted=cluster.not_permitted,
             unusable_receivers=parts.hooks.unusable(), notes=parts.notes)
         status, body = readiness(health)
+        if health.unreadable_secrets and pod is not None:
+            # Readiness probes repeat this every few seconds: the book makes it one Event.
+            for setting, why in sorted(health.unreadable_secrets.items()):
+                parts.recorder.emit(pod_note(*pod, "Warning", "SecretUnreadable",
+                                             f"{setting}: {why}; /readyz answers 503"))
         if cluster.synced and not cluster.sync_errors and not first_indexing:
             indexed_once = True
         return JSONResponse(body, status_code=status)

@@ -29,6 +29,7 @@ from receiver.delivery.reconcile import Reconciler
 from receiver.delivery.record import DeliveryRecord, encode
 from receiver.delivery.store import Delivery, DeliveryStore, record_targets
 from receiver.flux.cluster import Cluster, ClusterError
+from receiver.flux.event_book import EventNote
 from receiver.flux.objects import RECONCILE_ANNOTATION, FluxObject, ObjectKey
 from receiver.gitea.payloads import PayloadError, Push, form_payload
 from receiver.logs import delivery_id as delivery_ctx
@@ -39,6 +40,7 @@ from receiver.push.cel_sandbox import FilterBudgetExceeded, FilterBusy, FilterSa
 from receiver.push.hookindex import HookIndex
 from receiver.push.mismatch import unmatched
 from receiver.push.package_routing import plan_selection
+from receiver.push.push_events import filter_note, push_notes
 from receiver.push.receiver_specs import ReceiverSpecs
 from receiver.push.replay import SeenOnce
 from receiver.push.resource_filter import FilterEvaluationError, narrow
@@ -106,6 +108,8 @@ class IngestService:
         self.gitea_prefixes = settings.gitea_prefixes()
         self.specs = ReceiverSpecs(settings, cluster.store, metrics)
         self.filter_sandbox = FilterSandbox()
+        # Kubernetes Events (set by the app): told, never awaited, so no answer waits on them.
+        self.events: Callable[[EventNote], None] = lambda note: None
 
     # -- authentication ---------------------------------------------------------------------
 
@@ -179,6 +183,8 @@ class IngestService:
         entries = self.specs.entry_filters(receiver)
         if isinstance(compiled, str) or isinstance(entries, str):
             # Flux marks such a Receiver Stalled (InvalidCELExpression) and answers 503.
+            self.events(filter_note(receiver, "spec.resourceFilter" if isinstance(compiled, str)
+                                    else "spec.resources[].filter"))
             return self._count(name, "filter_invalid", error(
                 503, "receiver is not ready: invalid spec.resourceFilter"
                 if isinstance(compiled, str) else
@@ -317,6 +323,12 @@ class IngestService:
                 return self._replayed(name, signatures.Verdict(True, "timestamped", ""))
             return self._duplicate(name, once)
         annotated = await self._annotate_only(plan)
+        for note in push_notes(
+                receiver, plan, self.cluster.store, ref=delivery.ref, sha=delivery.sha,
+                annotated=[f"{a['kind']}/{a['namespace']}/{a['name']}" for a in annotated
+                           if a.get("state") == "annotated"],
+                unmatched=mismatch.message if mismatch is not None else ""):
+            self.events(note)
         if mismatch is not None:
             self.metrics.pushes_unmatched.labels(mismatch.reason).inc()
             log.info("push matched no source", extra={

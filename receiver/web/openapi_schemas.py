@@ -204,13 +204,13 @@ SCHEMAS: dict[str, Schema] = {
         "kinds_not_installed": {
             "type": "array", "items": {"type": "string"},
             "description": "Optional kinds (ImageRepository, ImagePolicy, HelmRepository, "
-                           "HelmChart) whose CRD the API server does not serve: not cached, "
-                           "looked for again every minute."},
+                           "HelmChart, ResourceSetInputProvider) whose CRD the API server does "
+                           "not serve: not cached, looked for again every minute."},
         "kinds_not_permitted": {
             "type": "array", "items": {"type": "string"},
             "description": "Optional kinds (ImageRepository, ImagePolicy, HelmRepository, "
-                           "HelmChart) the bridge's RBAC may not list or watch (403): not "
-                           "cached, looked for again every minute."},
+                           "HelmChart, ResourceSetInputProvider) the bridge's RBAC may not list "
+                           "or watch (403): not cached, looked for again every minute."},
     }, ("status", "objects", "receivers")),
 }
 

@@ -18,9 +18,15 @@ from receiver.push.selector import Selection
 
 def record_ref(selection: Selection) -> str:
     """A push's ref; for a container package, the OCI reference pushed (`origin.package_ref`),
-    which lets any replica tell the artifact it produced (`delivery.package.has_push`)."""
+    which lets any replica tell the artifact it produced (`delivery.package.has_push`); for a
+    pull request, its head ref (`refs/pull/<number>/head`, as Gitea names it); for a branch
+    or tag created or deleted, its full ref."""
     if selection.push is not None:
         return selection.push.ref
+    if selection.pull_request is not None:
+        return f"refs/pull/{selection.pull_request.number}/head"
+    if (ref := selection.ref_event) is not None:
+        return f"refs/{'heads' if ref.ref_type == 'branch' else 'tags'}/{ref.name}"
     package = selection.package
     registry = registry_host(package.instance) if package is not None else None
     if package is None or registry is None or package.type not in OCI_TYPES:

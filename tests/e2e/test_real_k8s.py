@@ -540,9 +540,12 @@ async def test_image_kinds_without_crds_are_not_installed_then_picked_up(
     async with run_bridge(control_plane, cluster_wide.token, absent_recheck_seconds=0.5
                           ) as bridge:
         ready = await bridge.wait_ready()
-        # tests/fixtures/crds has no HelmRepository / HelmChart CRD either (optional kinds too).
+        # tests/fixtures/crds has no HelmRepository / HelmChart CRD either, nor flux-operator's
+        # (optional kinds too).
         helm = ["HelmChart", "HelmRepository"]
-        assert ready["kinds_not_installed"] == [*helm, "ImagePolicy", "ImageRepository"]
+        operator = ["ResourceSetInputProvider"]
+        assert ready["kinds_not_installed"] == [*helm, "ImagePolicy", "ImageRepository",
+                                                *operator]
         assert bridge.cluster.sync_errors == {}
         await asyncio.to_thread(control_plane.install_crds, load_yaml_dir(OPTIONAL_CRDS))
         await asyncio.to_thread(
@@ -554,7 +557,7 @@ async def test_image_kinds_without_crds_are_not_installed_then_picked_up(
         await eventually("the ImageRepository to be cached", lambda: bridge.cluster.store.get(
             ObjectKey("ImageRepository", namespace, "app")))
         ready = (await bridge.client.get("/readyz")).json()
-        assert ready["kinds_not_installed"] == [*helm, "ImagePolicy"]
+        assert ready["kinds_not_installed"] == [*helm, "ImagePolicy", *operator]
         assert bridge.cluster.store.image_repositories_for_url(
             "gitea.example.com/platform/app")[0].name == "app"
 

@@ -19,7 +19,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("push",),  # intake decisions: which objects a push touches
     ("delivery",),  # records, marks, state, the reconcile loop
     ("status",),  # statuses: decisions and their shell
-    ("demo",),  # the simulated Flux
+    ("demo", "doctor"),  # the simulated Flux; the `doctor` command's checks
     ("web",),  # the HTTP face
     ("cli",),
 )
@@ -35,7 +35,8 @@ CORE = frozenset({
     "receiver.push.mismatch", "receiver.push.spec_events",
     "receiver.delivery.record", "receiver.delivery.marks", "receiver.delivery.state",
     "receiver.status.decisions", "receiver.status.fleet", "receiver.status.badges",
-    "receiver.status.flux_events",
+    "receiver.status.flux_events", "receiver.doctor.facts", "receiver.doctor.checks",
+    "receiver.flux.event_book", "receiver.push.push_events",
 })
 
 

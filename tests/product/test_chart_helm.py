@@ -49,7 +49,10 @@ FLUX_RULES = (
        for v in READ | {"patch"}}
     | {("image.toolkit.fluxcd.io", "imageupdateautomations", "patch")}
     | {("source.extensions.fluxcd.io", "artifactgenerators", "patch")}
+    # flux-operator's input providers, cached for pull request, branch and tag events.
+    | {("fluxcd.controlplane.io", "resourcesetinputproviders", v) for v in READ | {"patch"}}
     | {("", "secrets", "get")}
+    | {("", "events", v) for v in ("create", "patch")}
 )
 
 
@@ -486,8 +489,12 @@ def test_rbac_grants_nothing_more(helm: str, variant: str) -> None:
                     ("kustomizations", "patch"), ("helmreleases", "patch"),
                     ("imagerepositories", "patch"), ("imagepolicies", "patch"),
                     ("helmrepositories", "patch"), ("helmcharts", "patch"),
+                    ("resourcesetinputproviders", "patch"),
                     *((r, "patch") for r in PATCH_ONLY),
-                    ("leases", "create"), ("leases", "update")}, (resource, verb)
+                    ("leases", "create"), ("leases", "update"),
+                    ("events", "create"), ("events", "patch")}, (resource, verb)
+            if resource == "events":
+                assert verb in ("create", "patch"), "Events are written, never read"
             if resource in PATCH_ONLY:
                 assert verb == "patch", "kinds the bridge only annotates are never read"
 
@@ -614,7 +621,11 @@ def test_notes_tell_how_to_get_hook_urls(helm: str, tmp_path: Path) -> None:
     notes = _render_notes(tmp_path)
     assert "kubectl get receivers -A" in notes
     assert ".status.webhookPath" in notes
-    assert "gitea-flux-bridge hook-url --name" in notes
+    # From the Receiver's own Secret, read as Flux reads it (a file recipe would drop a
+    # trailing newline the Secret may hold, and give another path).
+    assert "gitea-flux-bridge hook-url --receiver NAMESPACE/RECEIVER" in notes
+    assert "base64 -d" not in notes
+    assert "gitea-flux-bridge doctor" in notes
     assert f"http://{FULLNAME}.{NAMESPACE}.svc.cluster.local:80/events" in notes
     assert "generic-hmac" in notes
     assert "config.gitea is empty" in notes

@@ -312,7 +312,9 @@ def test_rbac_rules_are_exactly_design_section_3() -> None:
                              ("helm.toolkit.fluxcd.io", ("helmreleases",)),
                              # cached for package events (receiver.flux.objects.OPTIONAL_KINDS)
                              ("source.toolkit.fluxcd.io", ("helmrepositories", "helmcharts")),
-                             ("image.toolkit.fluxcd.io", ("imagerepositories", "imagepolicies"))):
+                             ("image.toolkit.fluxcd.io", ("imagerepositories", "imagepolicies")),
+                             # cached for pull request, branch and tag events
+                             ("fluxcd.controlplane.io", ("resourcesetinputproviders",))):
         expected |= {(group, r, v) for r in resources for v in read | {"patch"}}
     # Kinds a Receiver may list that the bridge annotates by name only: patch, nothing more.
     for group, resources in (
@@ -321,6 +323,8 @@ def test_rbac_rules_are_exactly_design_section_3() -> None:
             ("source.extensions.fluxcd.io", ("artifactgenerators",))):
         expected |= {(group, r, "patch") for r in resources}
     expected.add(("", "secrets", "get"))
+    # Kubernetes Events on Receivers and annotated objects: written, never read.
+    expected |= {("", "events", "create"), ("", "events", "patch")}
     assert granted == expected
 
 

@@ -237,7 +237,7 @@ async def test_an_invalid_entry_filter_makes_the_receiver_unusable(
 
 @pytest.mark.anyio
 async def test_github_events_as_flux_honours_them(bridge_factory: Any, tmp_path: Path) -> None:
-    bridge = await _bridge(bridge_factory, tmp_path, github_spec={"events": ["Push", "create"]})
+    bridge = await _bridge(bridge_factory, tmp_path, github_spec={"events": ["Push", "release"]})
     # Not listed: Flux answers 400 and reconciles nothing; ping included.
     for event in ("issues", "ping"):
         r = await _post_gitea(bridge, event, {"action": "opened"})
@@ -253,11 +253,12 @@ async def test_github_events_as_flux_honours_them(bridge_factory: Any, tmp_path:
         "Content-Type": "application/json", "X-Gitea-Event": "push",
         "X-Gitea-Signature": sig.hmac_hex("sha256", GITEA_TOKEN, body)})
     assert r.status_code == 400 and "spec.events" in r.text, r.text
-    # Listed, not a push: every listed object, as Flux does, with the reason.
-    r = await _post_gitea(bridge, "create", {"ref": "v1.0.0", "ref_type": "tag", "sha": "a" * 40,
-                                             "repository": {"full_name": "platform/fleet"}})
+    # Listed, an event the bridge does not route: every listed object, as Flux does, with the
+    # reason.
+    r = await _post_gitea(bridge, "release", {"action": "published", "repository": {
+        "full_name": "platform/fleet"}, "release": {"tag_name": "v1.0.0"}})
     assert r.status_code == 202, r.text
-    assert r.json()["note"]
+    assert r.json()["note"] and r.json()["targets"]
 
 
 @pytest.mark.anyio

@@ -12,7 +12,13 @@ import pytest
 
 from receiver.delivery.state import awaited_source
 from receiver.flux.memory import MemoryCluster
-from receiver.flux.objects import OPTIONAL_KINDS, RECONCILE_ANNOTATION, ObjectKey, helm_chart_of
+from receiver.flux.objects import (
+    INPUT_PROVIDER_KIND,
+    OPTIONAL_KINDS,
+    RECONCILE_ANNOTATION,
+    ObjectKey,
+    helm_chart_of,
+)
 from receiver.flux.store import ObjectStore
 from receiver.gitea.payloads import parse_gitea_package
 from receiver.push.package_routing import PACKAGE_FED_KINDS, plan_package
@@ -116,7 +122,8 @@ ALL = ["HelmRepository/charts", f"HelmChart/{GENERATED}", "HelmRelease/web"]
 
 
 def test_every_cached_optional_kind_says_which_package_types_feed_it() -> None:
-    assert set(PACKAGE_FED_KINDS) == set(OPTIONAL_KINDS)
+    # ResourceSetInputProviders are cached for Git events, never fed by a package.
+    assert set(PACKAGE_FED_KINDS) == set(OPTIONAL_KINDS) - {INPUT_PROVIDER_KIND}
 
 
 def test_a_helm_release_installs_from_the_generated_chart_or_its_chart_ref() -> None:

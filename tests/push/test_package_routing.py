@@ -505,3 +505,39 @@ async def test_an_image_delivery_is_followed_until_the_reflector_handled_it(
     view = await settled_delivery(bridge, doc["delivery"], TOKEN)
     assert {t["kind"]: t["state"] for t in view["targets"]} == {
         "ImageRepository": "ready", "ImagePolicy": "ready"}, view
+
+
+@pytest.mark.anyio
+async def test_a_receiver_without_spec_events_routes_a_package_event(
+    bridge_factory: BridgeFactory, tmp_path: Path,
+) -> None:
+    # An empty spec.events takes every event, as Flux's does; the bridge routes a package
+    # precisely instead of answering `ignored`.
+    receiver = {"apiVersion": "notification.toolkit.fluxcd.io/v1", "kind": "Receiver",
+                "metadata": {"name": "images", "namespace": "flux-system"},
+                "spec": {"type": "github", "secretRef": {"name": "registry-token"},
+                         "resources": [{"kind": "ImageRepository", "name": "app"},
+                                       {"apiVersion": IMAGE_API, "kind": "ImagePolicy",
+                                        "name": "app"}]}}
+    secret = {"apiVersion": "v1", "kind": "Secret",
+              "metadata": {"name": "registry-token", "namespace": "flux-system"},
+              "stringData": {"token": TOKEN}}
+    docs = [receiver, secret, _image_repo(), _image_policy(SEMVER_1, "v1.3.0")]
+    (tmp_path / "images.yaml").write_text("\n---\n".join(json.dumps(d) for d in docs))
+    bridge = await bridge_factory(make_settings(host_aliases=ALIASES), tmp_path)
+    doc = await send_package_event(bridge, "images", TOKEN,
+                                   json.dumps(_doc(name="app", version="v1.4.0")).encode())
+    assert _names(doc["targets"]) == ["ImageRepository/app", "ImagePolicy/app"]
+    for kind in ("ImageRepository", "ImagePolicy"):
+        await until(lambda k=kind: _requested(bridge, k), what=f"{kind} annotated")
+    # A version no policy takes annotates nothing.
+    patches = len(bridge.cluster.patches)
+    doc = await send_package_event(bridge, "images", TOKEN,
+                                   json.dumps(_doc(name="app", version="v0.1.0")).encode())
+    assert doc["targets"] == []
+    assert len(bridge.cluster.patches) == patches
+
+
+def _requested(bridge: Any, kind: str) -> bool:
+    obj = bridge.cluster.store.get(ObjectKey(kind, "flux-system", "app"))
+    return obj is not None and RECONCILE_ANNOTATION in obj.annotations

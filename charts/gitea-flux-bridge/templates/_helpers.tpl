@@ -115,6 +115,11 @@ commit statuses in Gitea.
 - apiGroups: ["image.toolkit.fluxcd.io"]
   resources: ["imagerepositories", "imagepolicies"]
   verbs: ["get", "list", "watch", "patch"]
+# flux-operator's input providers (when its CRD is installed): cached to route Gitea pull
+# request, branch and tag events by repository and filters.
+- apiGroups: ["fluxcd.controlplane.io"]
+  resources: ["resourcesetinputproviders"]
+  verbs: ["get", "list", "watch", "patch"]
 # The other kinds a Receiver may list: annotated by name on every request, as Flux does, never
 # read or cached (so `name: "*"` is not resolved for them: that would need `list`).
 - apiGroups: ["source.toolkit.fluxcd.io"]
@@ -130,6 +135,11 @@ commit statuses in Gitea.
 - apiGroups: [""]
   resources: ["secrets"]
   verbs: ["get"]
+# Kubernetes Events on the Receivers and the objects a push annotates (aggregated and
+# rate-bounded): create a new one, patch its count. Never read, list or delete.
+- apiGroups: [""]
+  resources: ["events"]
+  verbs: ["create", "patch"]
 {{- end -}}
 
 {{/*

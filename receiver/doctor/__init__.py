@@ -1,0 +1,1 @@
+"""`gitea-flux-bridge doctor`: what would fail silently, found before a push does."""
