@@ -59,6 +59,12 @@ def _token(path: str, what: str = "token") -> str:
     return read_secret_file(path, dash_is_stdin=True, kind=what)
 
 
+def _no_kube(exc: ModuleNotFoundError) -> str:
+    """The `kube` extra is not installed: only commands that read a real cluster need it."""
+    return (f"reading a Kubernetes cluster needs the Kubernetes client ({exc.name} is not "
+            "installed): pip install 'gitea-flux-bridge[kube]', or use --manifests DIR")
+
+
 # -- serve -----------------------------------------------------------------------------------
 
 
@@ -102,10 +108,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     else:
         try:
             from receiver.flux.kube import KubeCluster
-        except ModuleNotFoundError as exc:  # the [kube] extra: only a real cluster needs it
-            return _fail(f"serving a Kubernetes cluster needs the Kubernetes client ({exc.name} is "
-                         "not installed): pip install 'gitea-flux-bridge[kube]', or run on "
-                         "manifests with --manifests DIR")
+        except ModuleNotFoundError as exc:
+            return _fail(_no_kube(exc))
         try:
             # The chart grants the Lease in the release namespace (POD_NAMESPACE).
             cluster = KubeCluster.from_environment(
@@ -293,8 +297,10 @@ def _open_cluster(manifests: str | None, config: str | None, *,
             return settings, MemoryCluster.from_directory(store, settings.manifests), None
         except (ManifestError, OSError) as exc:
             raise _CommandError(f"cannot load manifests: {exc}") from None
-    from receiver.flux.kube import KubeCluster
-
+    try:
+        from receiver.flux.kube import KubeCluster
+    except ModuleNotFoundError as exc:
+        raise _CommandError(_no_kube(exc)) from None
     try:
         client = kube_client(impersonate)
     except Exception as exc:  # the client raises several types for a missing config

@@ -346,8 +346,10 @@ def test_a_bad_environment_variable_is_named_without_its_value(tmp_path: Path) -
 NO_KUBERNETES = "sys.modules['kubernetes'] = None"
 
 
-def test_serving_a_cluster_without_the_kube_extra_names_the_extra() -> None:
-    line = one_line_usage_error(command("serve", prelude=NO_KUBERNETES))
+@pytest.mark.parametrize("argv", [["serve"], ["doctor"],
+                                  ["hook-url", "--receiver", "apps/actions"]])
+def test_reading_a_cluster_without_the_kube_extra_names_the_extra(argv: list[str]) -> None:
+    line = one_line_usage_error(command(*argv, prelude=NO_KUBERNETES))
     assert "pip install 'gitea-flux-bridge[kube]'" in line, line
     assert "kubernetes is not installed" in line, line
 
