@@ -100,6 +100,7 @@ fi
 if ! "${PODMAN[@]}" image exists "$BASE"; then
 	if [[ ! -s $base_tar ]]; then
 		note "making the Debian $SUITE base with mmdebstrap (about a minute)"
+		rm -f "$CACHE"/base-*.tar   # other recipes' bases
 		# (the output's name ends in .tar: mmdebstrap picks the format by the extension)
 		mmdebstrap --quiet "${MMDEBSTRAP_ARGS[@]}" "$SUITE" "$CACHE/partial-base.tar" \
 			"${MIRRORS[@]}" >"$CACHE/mmdebstrap.log" 2>&1 \
@@ -115,7 +116,7 @@ lock_key=$(sha256sum requirements.lock | cut -c1-12)
 WHEELS=$CACHE/wheels-$lock_key
 if [[ ! -d $WHEELS ]]; then
 	note "downloading the locked wheels from PyPI"
-	rm -rf "$WHEELS.partial"
+	rm -rf "$CACHE"/wheels-*   # other locks' wheels
 	# The base's platform: CPython 3.11 on glibc 2.36 (bookworm), whatever the host runs;
 	# every manylinux tag that glibc 2.36 runs (pip does not widen --platform itself).
 	platforms=(--platform any --platform manylinux2014_x86_64)
@@ -133,6 +134,9 @@ wheels_done=$(date +%s)
 	--build-arg "PYTHON_IMAGE=$BASE" --build-arg WHEELS=/wheels --volume "$WHEELS:/wheels:ro" \
 	--file Containerfile --tag "$TAG" . >/dev/null
 done_at=$(date +%s)
+# Every source change leaves the last build's images behind (about 700 MB): drop the unnamed ones
+# a day old. The builder's layers still in use are rebuilt from the cached wheels once a day.
+"${PODMAN[@]}" image prune --force --filter until=24h >/dev/null 2>&1 || true
 
 size=$("${PODMAN[@]}" image inspect --format '{{.Size}}' "$TAG")
 note "image $TAG: $((size / 1000000)) MB (base $((base_done - start))s, wheels $((wheels_done - base_done))s, build $((done_at - wheels_done))s, total $((done_at - start))s)"

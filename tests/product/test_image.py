@@ -230,6 +230,15 @@ def test_pushed_to_gitea_the_charts_reference_pulls_the_built_image(
     repository = f"127.0.0.1:{gitea.port}/{OWNER}/gitea-flux-bridge"
     digest_file = tmp_path / "digest"
     auth = ("--tls-verify=false", "--creds", f"{gitea.admin}:{gitea.token}")
+    try:
+        _push_and_pull(built, helm, gitea, repository, digest_file, auth)
+    finally:  # the pulled name goes; the built image stays under its own
+        if digest_file.is_file():
+            built.podman("rmi", f"{repository}@{digest_file.read_text().strip()}", ok=False)
+
+
+def _push_and_pull(built: Built, helm: Path, gitea: Gitea, repository: str, digest_file: Path,
+                   auth: tuple[str, ...]) -> None:
     built.podman("push", *auth, "--digestfile", str(digest_file), built.ref,
                  f"{repository}:{receiver.__version__}")
     digest = digest_file.read_text().strip()
