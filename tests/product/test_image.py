@@ -12,10 +12,12 @@ reason.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -227,18 +229,19 @@ def gitea(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gitea]:
 @pytest.mark.e2e
 def test_pushed_to_gitea_the_charts_reference_pulls_the_built_image(
         built: Built, helm: Path, gitea: Gitea, tmp_path: Path) -> None:
-    repository = f"127.0.0.1:{gitea.port}/{OWNER}/gitea-flux-bridge"
-    digest_file = tmp_path / "digest"
-    auth = ("--tls-verify=false", "--creds", f"{gitea.admin}:{gitea.token}")
-    try:
-        _push_and_pull(built, helm, gitea, repository, digest_file, auth)
-    finally:  # the pulled name goes; the built image stays under its own
-        if digest_file.is_file():
-            built.podman("rmi", f"{repository}@{digest_file.read_text().strip()}", ok=False)
+    host = f"127.0.0.1:{gitea.port}"
+    repository = f"{host}/{OWNER}/gitea-flux-bridge"
+    # Credentials in a file, not on a command line (an error message would show them).
+    authfile = tmp_path / "auth.json"
+    basic = base64.b64encode(f"{gitea.admin}:{gitea.token}".encode()).decode()
+    authfile.write_text(json.dumps({"auths": {host: {"auth": basic}}}))
+    auth = ("--tls-verify=false", "--authfile", str(authfile))
+    _push_and_pull(built, helm, gitea, repository, tmp_path, auth)
 
 
-def _push_and_pull(built: Built, helm: Path, gitea: Gitea, repository: str, digest_file: Path,
+def _push_and_pull(built: Built, helm: Path, gitea: Gitea, repository: str, tmp_path: Path,
                    auth: tuple[str, ...]) -> None:
+    digest_file = tmp_path / "digest"
     built.podman("push", *auth, "--digestfile", str(digest_file), built.ref,
                  f"{repository}:{receiver.__version__}")
     digest = digest_file.read_text().strip()
@@ -252,8 +255,11 @@ def _push_and_pull(built: Built, helm: Path, gitea: Gitea, repository: str, dige
     image = _deployment_container(helm, "--set", f"image.repository={repository}",
                                   "--set", f"image.digest={digest}")["image"]
     assert image == f"{repository}@{digest}"
-    # ... and pulling that reference from Gitea gives back the very image that was built.
-    built.podman("rmi", "--force", image, ok=False)
-    built.podman("pull", *auth, image)
-    pulled = built.podman("image", "inspect", "--format", "{{.Id}}", image).stdout.strip()
-    assert pulled == built.image_id
+    # ... and pulling that reference from Gitea, into an empty store of the test's own (as a
+    # node would), gives the very image that was built: the same ID, the config's digest.
+    # (podman wants a run root of at most 50 characters: a short directory of its own.)
+    with tempfile.TemporaryDirectory(prefix="gfb-pull-", ignore_cleanup_errors=True) as scratch:
+        store = ("--root", f"{scratch}/store", "--runroot", f"{scratch}/run")
+        built.podman(*store, "pull", *auth, image)
+        pulled = built.podman(*store, "image", "inspect", "--format", "{{.Id}}", image).stdout
+    assert pulled.strip() == built.image_id
