@@ -202,7 +202,7 @@ def _alone(number: int) -> dict[str, float]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
+    p = argparse.ArgumentParser(allow_abbrev=False)
     p.add_argument("--pushes", type=int, default=8000)
     p.add_argument("--clients", type=int, default=64)
     p.add_argument("--timeout", type=float, default=2.0,

@@ -69,6 +69,9 @@ class Metrics:
         self.statuses = Counter(
             "gfb_statuses_total", "Gitea commit statuses by Gitea instance and result (posted, "
             "deduplicated, retried, failed)", ["gitea_instance", "result"], registry=r)
+        self.pr_comments = Counter(
+            "gfb_pr_comments_total", "Pull-request comment writes by Gitea instance and result "
+            "(created, edited, deleted, unchanged, yielded)", ["gitea_instance", "result"], registry=r)
         self.gitea_requests = Histogram(
             "gfb_gitea_request_duration_seconds", "Gitea API request latency by instance, call "
             "(post_status, list_statuses, version) and code (HTTP status, or error)",

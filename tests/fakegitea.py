@@ -9,6 +9,12 @@ with the `status` field quirk, lists them as Gitea 1.26 does (the `sort` values 
 real, inverted meaning for the index sorts; `page`; `limit` defaulting to 30 and capped at 50;
 `X-Total-Count`), answers 404 for a repository it does not host (when told which it hosts),
 and can be told to fail. Requests go through respx, which keeps every call for the validator.
+
+Pull requests (`add_pull`) carry issue comments the way Gitea 1.26 keeps them: listed oldest
+first, all at once (the operation takes no paging); created (201), edited (200) and deleted
+(204) by id; only their poster (the token's user, `login`) may edit or delete one (403
+otherwise); a pull request or comment it does not have is 404. `GET /user` names the token's
+user; `GET commits/{sha}/pull` finds the merged pull request whose merge commit `sha` is.
 """
 
 from __future__ import annotations
@@ -158,6 +164,15 @@ def _public(status: dict[str, Any]) -> dict[str, Any]:
 NOT_FOUND = {"errors": None, "message": "The target couldn't be found.", "url": ""}
 
 
+def _comment_json(comment: dict[str, Any]) -> dict[str, Any]:
+    """A stored comment as swagger `Comment`."""
+    owner, repo, number = comment["pull"]
+    return {"id": comment["id"], "body": comment["body"], "user": dict(comment["user"]),
+            "html_url": f"https://gitea.test/{owner}/{repo}/pulls/{number}"
+                        f"#issuecomment-{comment['id']}",
+            "created_at": "2026-08-07T13:04:05Z", "updated_at": "2026-08-07T13:04:05Z"}
+
+
 @dataclass
 class FakeGitea:
     """Gitea's commit statuses; `fail` queues failures for the next calls.
@@ -196,9 +211,19 @@ class FakeGitea:
     org_hooks: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # by organisation
     # The token's scopes (None: all). As Gitea 1.26: reading a repository needs
     # read:repository, posting a status write:repository (403 with Gitea's message
-    # otherwise), GET /user read:user; a create-status body that is not JSON is 422.
+    # otherwise), GET /user read:user, pull-request comments read:issue (list) and
+    # write:issue (create, edit, delete); a create-status body that is not JSON is 422.
     scopes: set[str] | None = None
+    # (owner, repo, number) -> {"merged": bool, "merge_commit_sha": str, "state": str}
+    pulls: dict[tuple[str, str, int], dict[str, Any]] = field(default_factory=dict)
+    # id -> {"id", "body", "user": {"login"}, "pull": (owner, repo, number)}; ids only grow
+    comments: dict[int, dict[str, Any]] = field(default_factory=dict)
+    comments_created: int = 0  # every comment the API created, deleted ones included
+    comment_edits: int = 0
+    comment_deletes: int = 0
+    comment_lists: int = 0
     _next_id: int = 0
+    _next_comment: int = 0
 
     _COMPARE = re.compile(r"^/repos/(?P<owner>[^/]+)/(?P<repo>[^/]+)/compare/"
                           r"(?P<base>[^/.]+)\.\.\.(?P<head>[^/.]+)$")
@@ -223,8 +248,9 @@ class FakeGitea:
         if request.headers.get("authorization") != f"token {self.token}":
             return httpx.Response(401, json={"message": "token is required", "url": ""})
         path = request.url.path.removeprefix(self.prefix)
+        area = "issue" if "/issues/" in path else "repository"
         required = ("read:user" if path == "/user" else
-                    "write:repository" if request.method != "GET" else "read:repository")
+                    f"write:{area}" if request.method != "GET" else f"read:{area}")
         if self.scopes is not None and not ({required, required.replace("read:", "write:")}
                                             & self.scopes):
             return httpx.Response(403, json={"message": (
@@ -237,6 +263,9 @@ class FakeGitea:
                     else httpx.Response(200, json=found))
         if request.method == "GET" and path == "/user":
             return httpx.Response(200, json={"id": 1, "login": self.login})
+        answer = self._pull_requests(request, path)
+        if answer is not None:
+            return answer
         repo_path = self._REPO.match(path)
         if repo_path is not None and request.method == "GET":
             return self._repository(unquote(repo_path["owner"]), unquote(repo_path["repo"]),
@@ -267,6 +296,82 @@ class FakeGitea:
                           body.get("description", ""), body.get("target_url", ""))
         self.posts.append((*key, body))
         return httpx.Response(201, json=_public(status))
+
+    _ISSUE_COMMENTS = re.compile(r"^/repos/(?P<owner>[^/]+)/(?P<repo>[^/]+)/issues/"
+                                 r"(?P<number>\d+)/comments$")
+    _COMMENT = re.compile(r"^/repos/(?P<owner>[^/]+)/(?P<repo>[^/]+)/issues/comments/"
+                          r"(?P<id>\d+)$")
+    _COMMIT_PULL = re.compile(r"^/repos/(?P<owner>[^/]+)/(?P<repo>[^/]+)/commits/"
+                              r"(?P<sha>[^/]+)/pull$")
+
+    def _pull_requests(self, request: httpx.Request, path: str) -> httpx.Response | None:
+        """Comments and commit-to-pull lookups; None for any other path."""
+        method = request.method
+        if (m := self._ISSUE_COMMENTS.match(path)) is not None:
+            pull = (unquote(m["owner"]), unquote(m["repo"]), int(m["number"]))
+            if pull not in self.pulls:
+                return httpx.Response(404, json=NOT_FOUND)
+            if method == "GET":
+                self.comment_lists += 1
+                return httpx.Response(200, json=[_comment_json(c) for c in self.pull_comments(
+                    *pull)])
+            if method == "POST":
+                self.comments_created += 1
+                body = json.loads(request.content)["body"]
+                return httpx.Response(201, json=_comment_json(self.add_comment(*pull, body)))
+            return None
+        if (m := self._COMMENT.match(path)) is not None:
+            comment = self.comments.get(int(m["id"]))
+            if comment is None or comment["pull"][:2] != (unquote(m["owner"]),
+                                                          unquote(m["repo"])):
+                return httpx.Response(404, json=NOT_FOUND)
+            if method in ("PATCH", "DELETE") and comment["user"]["login"] != self.login:
+                return httpx.Response(403, json={"message": "not the poster", "url": ""})
+            if method == "PATCH":
+                self.comment_edits += 1
+                comment["body"] = json.loads(request.content)["body"]
+                return httpx.Response(200, json=_comment_json(comment))
+            if method == "DELETE":
+                self.comment_deletes += 1
+                del self.comments[comment["id"]]
+                return httpx.Response(204)
+            if method == "GET":
+                return httpx.Response(200, json=_comment_json(comment))
+            return None
+        if (m := self._COMMIT_PULL.match(path)) is not None and method == "GET":
+            owner, repo, sha = unquote(m["owner"]), unquote(m["repo"]), unquote(m["sha"])
+            for (o, r, number), pull in sorted(self.pulls.items()):
+                if (o, r) == (owner, repo) and pull.get("merged") and \
+                        pull.get("merge_commit_sha") == sha:
+                    return httpx.Response(200, json={
+                        "number": number, "merged": True, "merge_commit_sha": sha,
+                        "merged_at": pull["merged_at"], "state": "closed"})
+            return httpx.Response(404, json=NOT_FOUND)
+        return None
+
+    def add_pull(self, owner: str, repo: str, number: int, *, merged: bool = False,
+                 merge_commit_sha: str = "", merged_at: float | None = None) -> None:
+        """A pull request; a merged one was merged `merged_at` (epoch seconds; default: now)."""
+        stamp = datetime.fromtimestamp(
+            merged_at if merged_at is not None else datetime.now(UTC).timestamp(), UTC)
+        self.pulls[(owner, repo, number)] = {
+            "merged": merged, "merge_commit_sha": merge_commit_sha,
+            "merged_at": stamp.strftime("%Y-%m-%dT%H:%M:%SZ") if merged else None,
+            "state": "closed" if merged else "open"}
+
+    def add_comment(self, owner: str, repo: str, number: int, body: str,
+                    login: str | None = None) -> dict[str, Any]:
+        """Store a comment as Gitea would (also: a person commenting on the pull request)."""
+        self._next_comment += 1
+        comment = {"id": self._next_comment, "body": body,
+                   "user": {"login": login or self.login}, "pull": (owner, repo, number)}
+        self.comments[comment["id"]] = comment
+        return comment
+
+    def pull_comments(self, owner: str, repo: str, number: int) -> list[dict[str, Any]]:
+        """The pull request's comments, oldest first."""
+        return [c for _, c in sorted(self.comments.items())
+                if c["pull"] == (owner, repo, number)]
 
     def _repository(self, owner: str, repo: str, hooks: bool) -> httpx.Response:
         if self.repos is not None and (owner, repo) not in self.repos:

@@ -2,7 +2,9 @@
 
 Three calls: create a status, list a commit's statuses one page at a time, newest first (to
 see what Gitea shows before posting, and for the resync), and read Gitea's version (which
-states it accepts, see `version`). Errors come out as `GiteaError` with
+states it accepts, see `version`). For pull-request comments: list, create, edit and delete a
+pull request's issue comments, read the authenticated user (whose comments are ours) and find
+the pull request a merge commit came from. Errors come out as `GiteaError` with
 `retryable` set for timeouts, connection errors, 429 and 5xx, which the caller backs off on;
 any other 4xx is final. A 401 re-reads the token once (it may have been rotated in its Secret)
 before it counts as final.
@@ -158,6 +160,47 @@ def _total_count(response: httpx.Response) -> int | None:
     except ValueError:
         return None
     return total if total >= 0 else None
+
+
+@dataclass(frozen=True, slots=True)
+class IssueComment:
+    """One issue (pull request) comment as Gitea returns it (swagger `Comment`)."""
+
+    id: int
+    body: str
+    login: str  # its poster's login; "" when Gitea names none
+
+    @classmethod
+    def from_json(cls, doc: Any) -> IssueComment | None:
+        if not isinstance(doc, dict):
+            return None
+        ident, body, user = doc.get("id"), doc.get("body"), doc.get("user")
+        if not isinstance(ident, int) or isinstance(ident, bool):
+            return None
+        login = user.get("login") if isinstance(user, dict) else None
+        return cls(ident, body if isinstance(body, str) else "",
+                   login if isinstance(login, str) else "")
+
+
+@dataclass(frozen=True, slots=True)
+class MergedPull:
+    """What `GET commits/{sha}/pull` says of the pull request a commit was merged by."""
+
+    number: int
+    merged: bool
+    merge_commit_sha: str
+    merged_at: float | None = None  # epoch seconds
+
+
+def repo_path(owner: str, repo: str) -> str:
+    return f"repos/{quote(owner, safe='')}/{quote(repo, safe='')}"
+
+
+def _json(response: httpx.Response, what: str) -> Any:
+    try:
+        return response.json()
+    except ValueError:
+        raise GiteaError(f"{what}: not JSON", retryable=True) from None
 
 
 class GiteaClient:
@@ -344,4 +387,70 @@ class GiteaClient:
         return StatusPage(tuple(s for s in parsed if s is not None), page, limit,
                           _total_count(response))
 
+    async def current_login(self, instance: str) -> str:
+        """The login of the user the instance's token belongs to (GET /user)."""
+        doc = _json(await self._request(instance, "GET", "user", call="user"),
+                    f"GET user on {instance}")
+        login = doc.get("login") if isinstance(doc, dict) else None
+        if not isinstance(login, str) or not login:
+            raise GiteaError(f"GET user on {instance}: no login", retryable=True)
+        return login
 
+    async def list_comments(self, instance: str, owner: str, repo: str,
+                            number: int) -> list[IssueComment]:
+        """Every comment of an issue or pull request, oldest first (Gitea 1.26 sends them all at
+        once: the operation takes no paging parameters)."""
+        response = await self._request(
+            instance, "GET", f"{repo_path(owner, repo)}/issues/{number}/comments",
+            call="list_comments")
+        doc = _json(response, f"GET comments on {instance}")
+        if not isinstance(doc, list):
+            raise GiteaError(f"GET comments on {instance}: not a list", retryable=True)
+        return [c for c in (IssueComment.from_json(item) for item in doc) if c is not None]
+
+    async def create_comment(self, instance: str, owner: str, repo: str,
+                             number: int, body: str) -> IssueComment | None:
+        response = await self._request(
+            instance, "POST", f"{repo_path(owner, repo)}/issues/{number}/comments",
+            body={"body": body}, call="create_comment")
+        try:
+            return IssueComment.from_json(response.json())
+        except ValueError:
+            return None
+
+    async def edit_comment(self, instance: str, owner: str, repo: str,
+                           comment_id: int, body: str) -> None:
+        await self._request(
+            instance, "PATCH", f"{repo_path(owner, repo)}/issues/comments/{comment_id}",
+            body={"body": body}, call="edit_comment")
+
+    async def delete_comment(self, instance: str, owner: str, repo: str,
+                             comment_id: int) -> None:
+        """Delete a comment; one already gone (404) is as good as deleted."""
+        try:
+            await self._request(
+                instance, "DELETE", f"{repo_path(owner, repo)}/issues/comments/{comment_id}",
+                call="delete_comment")
+        except GiteaError as exc:
+            if exc.status != 404:
+                raise
+
+    async def merged_pull(self, instance: str, owner: str, repo: str,
+                          sha: str) -> MergedPull | None:
+        """The pull request that merged `sha` (GET commits/{sha}/pull); None when none did (404)."""
+        try:
+            response = await self._request(
+                instance, "GET", f"{repo_path(owner, repo)}/commits/{quote(sha, safe='')}/pull",
+                call="commit_pull")
+        except GiteaError as exc:
+            if exc.status == 404:
+                return None
+            raise
+        doc = _json(response, f"GET commit pull on {instance}")
+        number = doc.get("number") if isinstance(doc, dict) else None
+        if not isinstance(number, int) or isinstance(number, bool) or number <= 0:
+            return None
+        merged = doc.get("merged") is True
+        sha_merged = doc.get("merge_commit_sha")
+        return MergedPull(number, merged, sha_merged if isinstance(sha_merged, str) else "",
+                          epoch_seconds(doc.get("merged_at")))

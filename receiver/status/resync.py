@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 
 from receiver.config import Settings
@@ -30,6 +30,7 @@ from receiver.status.decisions import (
 from receiver.status.fleet_checks import FleetChecks
 from receiver.status.gitea_view import Budget, GiteaView
 from receiver.status.locator import Locator
+from receiver.status.previews import preview_status
 from receiver.status.queue import StatusQueue
 from receiver.status.versions import GiteaVersions
 from receiver.templates import StatusTemplates
@@ -60,6 +61,10 @@ class Resync:
         self._clock = clock
         self._cursors: dict[str, CommitKey] = {}  # per instance: where the last run stopped
         self.running = False  # whether the workers run (a run waits for room only then)
+        self.leader = False  # whether this replica held the Lease at its last try
+        self.on_run: list[Callable[[], None]] = []  # told at the start of every run
+        # More live-state statuses to repair alongside the consumers' (Flagger canaries).
+        self.extra: list[Callable[[], Iterable[DesiredStatus]]] = []
 
     async def once(self) -> int:
         """Queue the live-state status of every consumer of a GitRepository or OCIRepository
@@ -72,6 +77,8 @@ class Resync:
         """
         if not self._settings.gitea:
             return 0  # nowhere to post: deriving statuses would be wasted work
+        for listener in self.on_run:
+            listener()
         cfg = self._settings.statuses
         wanted = await self._desired_by_commit()
         room = max(1, int(cfg.queue_size * self.queue_share))
@@ -138,10 +145,18 @@ class Resync:
                 _, source = self._locator.object_and_source(obj.key)
                 if source is None or source.kind not in STATUS_SOURCE_KINDS:
                     continue
-                desired = desired_from_object(obj, source, self._templates,
-                                              self._locator.normalise)
-                if desired is None:
-                    continue
+                # A preview also implies a status on the head commit it should run.
+                for desired in (desired_from_object(obj, source, self._templates,
+                                                    self._locator.normalise),
+                                preview_status(obj, source, self._templates,
+                                               self._locator.normalise)):
+                    if desired is None:
+                        continue
+                    for instance in self._locator.instances(desired.repo_key):
+                        wanted.setdefault((instance, desired.repo_key, desired.sha),
+                                          []).append(desired)
+        for more in self.extra:
+            for desired in more():
                 for instance in self._locator.instances(desired.repo_key):
                     wanted.setdefault((instance, desired.repo_key, desired.sha), []).append(
                         desired)
@@ -167,6 +182,7 @@ class Resync:
                 leader = await self._cluster.try_acquire_lease(
                     cfg.lease_name, holder, cfg.lease_duration_seconds)
                 self._metrics.resync_leader.set(1 if leader else 0)
+                self.leader = leader
                 if not leader:
                     last_run = None  # on taking over, resync at once
                 elif last_run is None or self._clock() - last_run >= cfg.resync_interval_seconds:

@@ -23,11 +23,14 @@ from receiver.delivery.store import Delivery
 from receiver.flux.cluster import Cluster
 from receiver.flux.objects import FluxObject, ObjectKey
 from receiver.gitea.client import GiteaClient
-from receiver.gitea.payloads import Push
+from receiver.gitea.payloads import PullRequestEvent, Push
 from receiver.metrics import Metrics
+from receiver.status.canary_statuses import CanaryStatuses
+from receiver.status.env_badges import EnvironmentStates
 from receiver.status.fleet_checks import FleetChecks
 from receiver.status.gitea_view import GiteaView
 from receiver.status.locator import Locator
+from receiver.status.pr_service import PullComments
 from receiver.status.queue import StatusQueue
 from receiver.status.repos import repo_of
 from receiver.status.resync import Resync
@@ -81,9 +84,23 @@ class StatusService:
         self.queue.on_posted.append(self.fleet.on_posted)
         self.resync = Resync(settings, cluster, templates, self.locator, self.view, self.queue,
                              self.fleet, self.versions, metrics, clock)
+        self.canaries = CanaryStatuses(settings, cluster, templates, self.locator, self.queue,
+                                       self.view)
+        self.resync.extra.append(self.canaries.all_desired)
+        self.environments = EnvironmentStates(settings, cluster, self.locator, self.view)
         self.signals = DeliverySignals(settings, templates, self.locator, self.queue, metrics,
                                        self.memory_size)
         self.holder = f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"  # of the resync Lease
+
+        async def still_leader() -> bool:
+            return await cluster.try_acquire_lease(cfg.lease_name, self.holder,
+                                                   cfg.lease_duration_seconds)
+
+        self.comments = PullComments(settings, cluster, self._client, self.locator, templates,
+                                     self.queue, metrics, clock, lambda: self.resync.leader,
+                                     still_leader, wall_clock)
+        cluster.store.subscribe(self.comments.on_store_change)
+        self.resync.on_run.append(self.comments.resync)
         self._tasks: list[asyncio.Task[None]] = []
 
     # -- tunables that are not settings; tests shorten them ----------------------------------
@@ -121,6 +138,10 @@ class StatusService:
         self._tasks.append(asyncio.create_task(self.versions.read_all(), name="gitea-versions"))
         self._tasks.append(asyncio.create_task(self.resync.loop(self.holder),
                                                name="status-resync"))
+        self._tasks.append(asyncio.create_task(self.comments.loop(), name="pr-comments"))
+        # Know the previews cached so far now, leader or not: one that goes before this
+        # replica takes the Lease must still be torn down.
+        self.comments.resync()
         self.resync.running = True
 
     async def stop(self, grace_seconds: float = 10.0) -> None:
@@ -156,6 +177,12 @@ class StatusService:
 
     def on_target_changed(self, delivery: Delivery, key: ObjectKey, state: str) -> None:
         self.signals.on_target_changed(delivery, key, state)
+
+    def on_pull_request(self, event: PullRequestEvent) -> int:
+        """A routed `pull_request` webhook (any replica): `pending` on the new head commit for
+        each preview already running for it, and its comment checked again. Returns how many
+        statuses were queued."""
+        return self.comments.on_pull_request(event)
 
     async def resync_once(self) -> int:
         return await self.resync.once()

@@ -42,6 +42,12 @@ def declared_too_large(request: Request, limit: int) -> bool:
         return True
 
 
+async def read_capped(request: Request, limit: int) -> bytes:
+    """Read the body whole, stopping as soon as it passes `limit` (for a route that needs it
+    whole before any signature: see `read_parts` for one that checks a signature first)."""
+    return whole_body(await read_parts(request, limit))
+
+
 async def read_parts(request: Request, limit: int) -> Signed:
     """Read the body, stopping as soon as it passes `limit` (chunked bodies have no length):
     the bytes of a small one; a large one (from OFF_LOOP_BYTES) as the chunks it came in. Its

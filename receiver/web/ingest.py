@@ -31,7 +31,7 @@ from receiver.delivery.store import Delivery, DeliveryStore, record_targets
 from receiver.flux.cluster import Cluster, ClusterError
 from receiver.flux.event_book import EventNote
 from receiver.flux.objects import RECONCILE_ANNOTATION, FluxObject, ObjectKey
-from receiver.gitea.payloads import PayloadError, Push, form_payload
+from receiver.gitea.payloads import PayloadError, PullRequestEvent, Push, form_payload
 from receiver.logs import delivery_id as delivery_ctx
 from receiver.metrics import Metrics
 from receiver.push import spec_events
@@ -112,6 +112,8 @@ class IngestService:
         limits = settings.rate_limit
         self.rate = RateLimiter(limits.requests_per_second, limits.burst)
         self.push_listeners: list[PushListener] = []
+        # Told of every accepted pull_request webhook (the status side's previews).
+        self.pull_request_listeners: list[Callable[[PullRequestEvent], object]] = []
         self.gitea_prefixes = settings.gitea_prefixes()
         self.specs = ReceiverSpecs(settings, cluster.store, metrics)
         self.filter_sandbox = FilterSandbox()
@@ -327,6 +329,9 @@ class IngestService:
         for listener in self.push_listeners:
             if push is not None:
                 listener(delivery, push)
+        if selection.pull_request is not None:
+            for told in self.pull_request_listeners:
+                told(selection.pull_request)
         if await self.reconciler.start_delivery(delivery) and once is not None:
             # Another replica took this very request first; our cache had not seen its mark
             # yet, and the conditional patch found it on the objects: refused as a repeat.

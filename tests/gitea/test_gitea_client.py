@@ -324,3 +324,52 @@ def test_any_status_body_matches_the_spec(state: str, description: str, url: str
     body = CreateStatusOption(state, url, description, context).as_json()
     req = request("POST", f"/api/v1/repos/o/r/statuses/{SHA}", body)
     assert SwaggerValidator().problems(req) == []
+
+
+# -- pull-request comments ------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_comments_are_listed_created_edited_and_deleted_as_gitea_keeps_them() -> None:
+    fake = FakeGitea(prefix="/sub/api/v1")
+    fake.add_pull("team", "webapp", 7)
+    fake.add_comment("team", "webapp", 7, "LGTM", "alice")
+    client, _ = client_for(fake)
+    assert await client.current_login("eu") == fake.login
+    made = await client.create_comment("eu", "team", "webapp", 7, "<!-- m -->\nfirst")
+    assert made is not None and made.login == fake.login
+    await client.edit_comment("eu", "team", "webapp", made.id, "<!-- m -->\nsecond")
+    listed = await client.list_comments("eu", "team", "webapp", 7)
+    assert [(c.login, c.body) for c in listed] == [("alice", "LGTM"),
+                                                    (fake.login, "<!-- m -->\nsecond")]
+    await client.delete_comment("eu", "team", "webapp", made.id)
+    await client.delete_comment("eu", "team", "webapp", made.id)  # gone already: fine
+    assert [c.body for c in await client.list_comments("eu", "team", "webapp", 7)] == ["LGTM"]
+    # Someone else's comment is not ours to edit: Gitea says 403, a final error.
+    with pytest.raises(GiteaError) as refused:
+        await client.edit_comment("eu", "team", "webapp", listed[0].id, "hijacked")
+    assert refused.value.status == 403 and not refused.value.retryable
+    with pytest.raises(GiteaError) as missing:
+        await client.list_comments("eu", "team", "webapp", 99)
+    assert missing.value.status == 404
+    assert fake.problems == []
+    await client.aclose()
+
+
+@pytest.mark.anyio
+async def test_a_merge_commit_names_its_pull_request_and_other_commits_none() -> None:
+    fake = FakeGitea(prefix="/sub/api/v1")
+    fake.add_pull("team", "webapp", 3, merged=True, merge_commit_sha=SHA, merged_at=1.8e9)
+    fake.add_pull("team", "webapp", 4)
+    client, _ = client_for(fake)
+    merged = await client.merged_pull("eu", "team", "webapp", SHA)
+    assert merged is not None
+    assert (merged.number, merged.merged, merged.merge_commit_sha, merged.merged_at) == (
+        3, True, SHA, 1.8e9)
+    assert await client.merged_pull("eu", "team", "webapp", "f" * 40) is None
+    fake.fail.append(503)
+    with pytest.raises(GiteaError) as down:
+        await client.merged_pull("eu", "team", "webapp", SHA)
+    assert down.value.retryable
+    assert fake.problems == []
+    await client.aclose()
