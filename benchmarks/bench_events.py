@@ -352,7 +352,7 @@ async def dedupe_phase(bridge: str, gitea: str, objects: int, repeats: int) -> d
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, allow_abbrev=False)
     parser.add_argument("--role", choices=["driver", "bridge", "gitea"], default="driver")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--gitea-port", type=int, default=0)

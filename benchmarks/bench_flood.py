@@ -204,7 +204,7 @@ def run_class(port: int, pid: int, seconds: float, connections: int,
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
+    p = argparse.ArgumentParser(allow_abbrev=False)
     p.add_argument("--seconds", type=float, default=20.0)
     p.add_argument("--connections", type=int, default=16)
     p.add_argument("--classes", nargs="*", help="a subset of the classes, in this order")

@@ -206,7 +206,7 @@ def stop(*procs: subprocess.Popen[bytes]) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
+    p = argparse.ArgumentParser(allow_abbrev=False)
     p.add_argument("--duration", type=int, default=15)
     p.add_argument("--connections", type=int, default=64)
     p.add_argument("--threads", type=int, default=1)

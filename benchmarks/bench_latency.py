@@ -46,7 +46,7 @@ def oha(url: str, bodies: Path, token: str, duration: int, rate: float | None,
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
+    p = argparse.ArgumentParser(allow_abbrev=False)
     p.add_argument("--duration", type=int, default=10)
     p.add_argument("--saturation-seconds", type=int, default=8)
     p.add_argument("--fractions", type=float, nargs="+", default=[0.25, 0.5, 0.75])

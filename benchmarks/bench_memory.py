@@ -106,7 +106,7 @@ async def run(work: Path, max_count: int, timeout: float, trace: int) -> dict[st
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
+    p = argparse.ArgumentParser(allow_abbrev=False)
     p.add_argument("--max-count", type=int, default=10_000)
     p.add_argument("--timeout", type=float, default=3.0,
                    help="seconds until an unanswered delivery times out")

@@ -77,10 +77,14 @@ def _instrument() -> None:
     from receiver.delivery.reconcile import Reconciler
 
     _timed(ingest, "select_payload", "payload: JSON decode + parse (select_payload)")
-    _timed(ingest, "plan_selection", "routing (plan_selection)")
+    if hasattr(ingest, "plan_selection"):  # a checkout before plans were remembered
+        _timed(ingest, "plan_selection", "routing (plan_selection)")
+    else:
+        _timed(ingest.PlanCache, "plan", "routing (PlanCache.plan: remembered or routed)")
     _timed(ingest, "encode", "signed delivery id (encode)")
     _timed(ingest, "accepted_reply", "202 reply (plan as JSON)")
-    _timed(ingest, "read_capped", "body read (read_capped)")
+    reader = "read_capped" if hasattr(ingest, "read_capped") else "read_parts"
+    _timed(ingest, reader, f"body read ({reader})")
     _timed(ingest.IngestService, "_authenticate", "authentication")
     _timed(ingest.Delivery, "from_record", "delivery object")
     _timed(ingest, "record_targets", "record targets")
@@ -198,7 +202,7 @@ def _alone(number: int) -> dict[str, float]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
+    p = argparse.ArgumentParser(allow_abbrev=False)
     p.add_argument("--pushes", type=int, default=8000)
     p.add_argument("--clients", type=int, default=64)
     p.add_argument("--timeout", type=float, default=2.0,

@@ -71,7 +71,7 @@ def summarise_profile(raw: Path) -> dict[str, object]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
+    p = argparse.ArgumentParser(allow_abbrev=False)
     p.add_argument("--duration", type=int, default=10)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--connections", type=int, default=64)

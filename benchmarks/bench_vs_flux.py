@@ -386,7 +386,7 @@ def load(audit: Audit, url: str, path: str, user: str, pid: int, duration: int,
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0], allow_abbrev=False)
     p.add_argument("--duration", type=int, default=20, help="seconds of wrk load per receiver")
     p.add_argument("--connections", type=int, default=16)
     p.add_argument("--paced", type=int, default=10, help="paced pushes per receiver")

@@ -55,7 +55,7 @@ def generate(directory: Path, repos: int, kustomizations: int, receivers: int,
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
+    p = argparse.ArgumentParser(allow_abbrev=False)
     p.add_argument("directory", type=Path)
     p.add_argument("--repos", type=int, default=2000)
     p.add_argument("--kustomizations", type=int, default=10000)

@@ -121,10 +121,11 @@ def install() -> Probe:
     probe.wrap(Reconciler, "_on_change", "reconciler._on_change")
     probe.wrap(Reconciler, "_evaluate", "reconciler._evaluate (includes awaits)")
     import receiver.web.ingest as ingest_module
+    from receiver.push import plan_cache, receiver_specs
     from receiver.push.hookindex import HookIndex
 
-    probe.wrap(ingest_module, "resolve_resources", "Receiver resolution (cache miss)")
-    probe.wrap(ingest_module, "plan_selection", "routing.plan_selection")
+    probe.wrap(receiver_specs, "resolve_resources", "Receiver resolution (cache miss)")
+    probe.wrap(plan_cache, "plan_selection", "routing.plan_selection (plan cache miss)")
     probe.wrap(ingest_module, "encode", "delivery id encode")
     probe.wrap(HookIndex, "lookup_or_refresh", "hook lookup")
     startup = DrainingServer.startup

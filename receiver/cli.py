@@ -28,18 +28,41 @@ def _fail(message: str, code: int = EXIT_USAGE) -> int:
     return code
 
 
-def _read(path: str) -> bytes:
+class UsageError(Exception):
+    """A bad argument, said in one line (exit 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """No abbreviated options: `--manifest` is an error, not `--manifests`. Subcommands' parsers
+    are of this class too (argparse makes them of the parent's class)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **{**kwargs, "allow_abbrev": False})
+
+
+def _read(path: str, what: str) -> bytes:
+    """A file argument's bytes (`-` is standard input); one that cannot be read is a usage error
+    naming the file, not a traceback or a bare errno."""
     if path == "-":
         return sys.stdin.buffer.read()
-    return Path(path).read_bytes()
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise UsageError(f"cannot read {what} file {path}: {exc.strerror}") from None
 
 
-def _token(path: str) -> str:
+def _token(path: str, what: str = "token") -> str:
     """A token or key file, read as the service and notify-flux read theirs (one trailing
     newline dropped; `-` is standard input): `config.read_secret_file`."""
     from receiver.config import read_secret_file
 
-    return read_secret_file(path, dash_is_stdin=True)
+    return read_secret_file(path, dash_is_stdin=True, kind=what)
+
+
+def _no_kube(exc: ModuleNotFoundError) -> str:
+    """The `kube` extra is not installed: only commands that read a real cluster need it."""
+    return (f"reading a Kubernetes cluster needs the Kubernetes client ({exc.name} is not "
+            "installed): pip install 'gitea-flux-bridge[kube]', or use --manifests DIR")
 
 
 # -- serve -----------------------------------------------------------------------------------
@@ -83,13 +106,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
         except (ManifestError, OSError) as exc:
             return _fail(f"cannot load manifests: {exc}")
     else:
-        from receiver.flux.kube import KubeCluster
+        try:
+            from receiver.flux.kube import KubeCluster
+        except ModuleNotFoundError as exc:
+            return _fail(_no_kube(exc))
+        from receiver.flux.objects import cache_kinds
 
         try:
             # The chart grants the Lease in the release namespace (POD_NAMESPACE).
             cluster = KubeCluster.from_environment(
                 store, settings.namespaces, secret_ttl_seconds=settings.secret_cache_seconds,
-                lease_namespace=os.environ.get("POD_NAMESPACE") or None)
+                lease_namespace=os.environ.get("POD_NAMESPACE") or None,
+                **cache_kinds(settings.statuses.canaries.enabled))
         except Exception as exc:  # the client raises several types for a missing config
             return _fail(f"cannot configure the Kubernetes client: {exc}")
     try:
@@ -161,9 +189,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     elif len(receivers) != 1:
         return _fail(f"the manifests hold {len(receivers)} Receivers: name one with --receiver NS/NAME")
     try:
-        raw = _read(args.payload)
-    except OSError as exc:
-        return _fail(f"cannot read payload: {exc.strerror}")
+        raw = _read(args.payload, "payload")
+    except UsageError as exc:
+        return _fail(str(exc))
     # The service's own selector: the same body is read the same way by both.
     receiver = receivers[0]
     try:
@@ -272,8 +300,10 @@ def _open_cluster(manifests: str | None, config: str | None, *,
             return settings, MemoryCluster.from_directory(store, settings.manifests), None
         except (ManifestError, OSError) as exc:
             raise _CommandError(f"cannot load manifests: {exc}") from None
-    from receiver.flux.kube import KubeCluster
-
+    try:
+        from receiver.flux.kube import KubeCluster
+    except ModuleNotFoundError as exc:
+        raise _CommandError(_no_kube(exc)) from None
     try:
         client = kube_client(impersonate)
     except Exception as exc:  # the client raises several types for a missing config
@@ -363,7 +393,7 @@ def cmd_sign(args: argparse.Namespace) -> int:
         return _fail("the token and the body cannot both come from standard input")
     try:
         token = _token(args.token_file)
-        body = _read(args.body_file) if args.body_file else b""
+        body = _read(args.body_file, "body") if args.body_file else b""
     except Exception as exc:
         return _fail(str(exc))
     headers = {"Content-Type": "application/json"} if body else {}
@@ -380,7 +410,7 @@ def cmd_badge_url(args: argparse.Namespace) -> int:
     from receiver.status.badges import mint_badge_token
 
     try:
-        key = _token(args.key_file)
+        key = _token(args.key_file, "key")
     except Exception as exc:
         return _fail(str(exc))
     token = mint_badge_token(key, args.owner, args.repo, args.branch)
@@ -394,7 +424,7 @@ FILE_ARG_HELP = ("file holding it; - for standard input. One trailing newline is
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="gitea-flux-bridge", description=__doc__)
+    p = _Parser(prog="gitea-flux-bridge", description=__doc__)
     p.add_argument("--version", action="version", version=__version__)
     sub = p.add_subparsers(dest="command", required=True)
 

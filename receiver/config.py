@@ -108,6 +108,9 @@ class DeliveriesConfig(_Model):
     max_count: int = Field(default=10_000, ge=1)
     max_age_seconds: float = Field(default=3600.0, gt=0)
     max_wait_seconds: float = Field(default=900.0, gt=0)
+    # `?canaries=true`: how long after the deploy a canary's earlier phase is taken as Flagger
+    # not having noticed the new revision yet (see receiver/delivery/canary_wait.py).
+    canary_pickup_seconds: float = Field(default=60.0, gt=0)
 
 
 class ShutdownConfig(_Model):
@@ -146,6 +149,13 @@ class GiteaInstance(_Model):
 DEFAULT_CONTEXT = "flux/{cluster}/{kind}/{namespace}/{name}"
 
 
+class EnvironmentConfig(_Model):
+    """One environment of the fleet: its clusters, aggregated as `flux/env/<name>`."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    clusters: list[str] = Field(min_length=1)
+
+
 class FleetConfig(_Model):
     """One aggregate status per commit for the whole fleet (see receiver/status/fleet.py)."""
 
@@ -157,6 +167,10 @@ class FleetConfig(_Model):
     context: str = "flux/fleet"
     # A cluster that has not reported on a commit for this long makes the aggregate `error`.
     stale_after_seconds: float = Field(default=3600.0, gt=0)
+    # Ordered environments (staging before production), each aggregated as
+    # `<environment_context_prefix><name>` over its clusters.
+    environments: list[EnvironmentConfig] = Field(default_factory=list)
+    environment_context_prefix: str = "flux/env/"
 
     @field_validator("repositories")
     @classmethod
@@ -187,6 +201,13 @@ class FleetConfig(_Model):
     def _complete(self) -> FleetConfig:
         if self.enabled and not self.clusters:
             raise ValueError("clusters must list the expected cluster names when enabled")
+        names = [e.name for e in self.environments]
+        if len(set(names)) != len(names):
+            raise ValueError("environments: names must be unique")
+        for env in self.environments:
+            strangers = sorted(set(env.clusters) - set(self.clusters))
+            if strangers:
+                raise ValueError(f"environment {env.name}: {strangers} not in clusters")
         return self
 
     def covers(self, owner: str, repo: str) -> bool:
@@ -205,6 +226,42 @@ class PreviewConfig(_Model):
     deployed_within_seconds: float = Field(default=7 * 86400.0, gt=0)
     # At most one write of a comment per this many seconds; changes in between coalesce.
     comment_interval_seconds: float = Field(default=10.0, ge=0, le=3600)
+
+
+class GateConfig(_Model):
+    """A promotion gate Flagger asks (`confirm-rollout`, `confirm-promotion`, `rollback`): the
+    commit statuses the analysed commit must show in Gitea (see receiver/status/gates.py)."""
+
+    # Contexts that must all show `success` (e.g. `flux/env/staging`, `approve/production`).
+    require: list[str] = Field(min_length=1)
+
+    @field_validator("require")
+    @classmethod
+    def _contexts(cls, value: list[str]) -> list[str]:
+        if any(not c.strip() for c in value):
+            raise ValueError("contexts must not be empty")
+        return [c.strip() for c in value]
+
+
+class CanaryConfig(_Model):
+    """Flagger Canaries as commit statuses, and promotion gates (receiver/status/canaries.py)."""
+
+    enabled: bool = False
+    # Placeholders: cluster, namespace, name (of the Canary).
+    context_template: str = "flagger/{cluster}/{namespace}/{name}"
+    # What Flagger's webhooks carry in their `metadata.token`; unset: every webhook is refused.
+    webhook_token: SecretSource | None = None
+    gates: dict[str, GateConfig] = Field(default_factory=dict)
+
+    @field_validator("context_template")
+    @classmethod
+    def _template(cls, value: str) -> str:
+        from receiver.templates import check_template
+
+        problem = check_template(value, frozenset({"cluster", "namespace", "name"}))
+        if problem:
+            raise ValueError(problem)
+        return value
 
 
 class StatusConfig(_Model):
@@ -228,6 +285,7 @@ class StatusConfig(_Model):
     resync_read_budget: int = Field(default=200, ge=1)
     fleet: FleetConfig = FleetConfig()
     previews: PreviewConfig = PreviewConfig()
+    canaries: CanaryConfig = CanaryConfig()
 
     @model_validator(mode="after")
     def _fleet(self) -> StatusConfig:
@@ -241,6 +299,9 @@ class StatusConfig(_Model):
                              "status belongs to; use statuses.context_template with {cluster}")
         try:
             cluster_parser(self.context_template, self.fleet.clusters)
+            if self.canaries.enabled:
+                cluster_parser(self.canaries.context_template, self.fleet.clusters,
+                               require_kind=False)
         except FleetTemplateError as exc:
             raise ValueError(f"fleet: {exc}") from None
         return self
@@ -342,19 +403,27 @@ def _set_path(target: dict[str, Any], path: list[str], value: Any) -> None:
     target[path[-1]] = value
 
 
+def _env_paths(environ: Mapping[str, str]) -> dict[str, list[str]]:
+    """Each `GFB_*` override variable and the key path it sets (GFB_CONFIG names the file)."""
+    paths = {}
+    for name in environ:
+        if name.startswith(ENV_PREFIX) and name != ENV_PREFIX + "CONFIG":
+            path = [p.lower() for p in name[len(ENV_PREFIX):].split("__") if p]
+            if path:
+                paths[name] = path
+    return paths
+
+
 def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
     """`GFB_LISTEN__PORT=9000` -> {"listen": {"port": "9000"}}; YAML-parsed scalars and lists."""
     result: dict[str, Any] = {}
-    for name, raw in environ.items():
-        if not name.startswith(ENV_PREFIX) or name == ENV_PREFIX + "CONFIG":
-            continue
-        path = [p.lower() for p in name[len(ENV_PREFIX):].split("__") if p]
-        if path:
-            try:
-                value = yaml.safe_load(raw) if raw else raw
-            except yaml.YAMLError:
-                value = raw
-            _set_path(result, path, value)
+    for name, path in _env_paths(environ).items():
+        raw = environ[name]
+        try:
+            value = yaml.safe_load(raw) if raw else raw
+        except yaml.YAMLError:
+            value = raw
+        _set_path(result, path, value)
     return result
 
 
@@ -368,11 +437,37 @@ def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _format_error(exc: ValidationError) -> str:
+def _env_source(loc: tuple[str, ...], env_paths: Mapping[str, list[str]]) -> str | None:
+    """The variable that set the value at `loc` (or a mapping holding it), if one did."""
+    for name, path in sorted(env_paths.items(), key=lambda item: -len(item[1])):
+        if tuple(path) == loc[:len(path)]:
+            return name
+    return None
+
+
+def _flag_sets(flags: Mapping[str, Any], loc: tuple[str, ...]) -> bool:
+    """Whether a command-line flag set the value at `loc` (or a value holding it)."""
+    node: Any = flags
+    for part in loc:
+        if not isinstance(node, Mapping) or part not in node:
+            return False
+        node = node[part]
+        if not isinstance(node, Mapping):
+            return True
+    return bool(loc)
+
+
+def _format_error(exc: ValidationError, env_paths: Mapping[str, list[str]] | None = None,
+                  flags: Mapping[str, Any] | None = None) -> str:
+    """One `key: problem` per error; a value that came from the environment names its variable
+    (never the value: it may be a secret). A command-line flag wins over the variable."""
     lines = []
     for err in exc.errors():
-        key = ".".join(str(p) for p in err["loc"]) or "(root)"
-        lines.append(f"{key}: {err['msg']}")
+        loc = tuple(str(p) for p in err["loc"])
+        key = ".".join(loc) or "(root)"
+        variable = None if _flag_sets(flags or {}, loc) else _env_source(loc, env_paths or {})
+        where = f" (environment variable {variable})" if variable else ""
+        lines.append(f"{key}{where}: {err['msg']}")
     return "invalid configuration: " + "; ".join(lines)
 
 
@@ -384,23 +479,27 @@ def load_settings(
 ) -> Settings:
     environ = os.environ if environ is None else environ
     data: dict[str, Any] = {}
-    path = path or (Path(environ[ENV_PREFIX + "CONFIG"]) if environ.get(ENV_PREFIX + "CONFIG") else None)
+    named = "" if path is not None or not environ.get(ENV_PREFIX + "CONFIG") else (
+        f" (environment variable {ENV_PREFIX}CONFIG)")
+    path = path or (Path(environ[ENV_PREFIX + "CONFIG"]) if named else None)
     if path is not None:
         try:
             loaded = yaml.safe_load(path.read_text()) or {}
         except OSError as exc:
-            raise ConfigError(f"cannot read configuration file {path}: {exc.strerror}") from None
+            raise ConfigError(
+                f"cannot read configuration file {path}{named}: {exc.strerror}") from None
         except yaml.YAMLError as exc:
             raise ConfigError(f"configuration file {path} is not valid YAML: {exc}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"configuration file {path} must hold a mapping")
         data = loaded
     data = _merge(data, env_overrides(environ))
-    data = _merge(data, {k: v for k, v in (overrides or {}).items() if v is not None})
+    flags = {k: v for k, v in (overrides or {}).items() if v is not None}
+    data = _merge(data, flags)
     try:
         return Settings.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_format_error(exc)) from None
+        raise ConfigError(_format_error(exc, _env_paths(environ), flags)) from None
 
 
 def secret_text(raw: bytes, source: str = "secret") -> str:
@@ -413,15 +512,16 @@ def secret_text(raw: bytes, source: str = "secret") -> str:
     return value[:-1] if value.endswith("\n") else value
 
 
-def read_secret_file(path: Path | str, *, dash_is_stdin: bool = False) -> str:
+def read_secret_file(path: Path | str, *, dash_is_stdin: bool = False, kind: str = "secret"
+                     ) -> str:
     """A secret from a file (`secret_text`). Used by the service's `{file: ...}` settings and by
     every command's `--token-file` / `--key-file`, so a hook URL, a signature and a badge URL
     minted from a file always agree with the service reading the same file. With
-    `dash_is_stdin` (the commands), `-` is standard input."""
+    `dash_is_stdin` (the commands), `-` is standard input. `kind` names it in errors."""
     if dash_is_stdin and str(path) == "-":
         return secret_text(sys.stdin.buffer.read(), "standard input")
     try:
         raw = Path(path).read_bytes()
     except OSError as exc:
-        raise ConfigError(f"cannot read secret file {path}: {exc.strerror}") from None
-    return secret_text(raw, f"secret file {path}")
+        raise ConfigError(f"cannot read {kind} file {path}: {exc.strerror}") from None
+    return secret_text(raw, f"{kind} file {path}")

@@ -82,14 +82,16 @@ class FleetTemplateError(ValueError):
     deploy's."""
 
 
-def cluster_parser(template: str, clusters: Sequence[str]) -> re.Pattern[str]:
+def cluster_parser(template: str, clusters: Sequence[str], *,
+                   require_kind: bool = True) -> re.Pattern[str]:
     """A pattern that matches the contexts `template` renders for the expected `clusters`;
     group `cluster` names the cluster and group `kind` the object's kind. FleetTemplateError if
     the template has no `{cluster}` or no `{kind}`.
 
     The cluster field matches only the expected names (longest first), so a name containing
     the template's separators is still read whole; every other field matches any non-empty
-    text, and a field used twice must repeat its first value.
+    text, and a field used twice must repeat its first value. Without `require_kind` a
+    template with no `{kind}` is accepted (a canary's context: one kind, always deploying).
     """
     parts: list[str] = []
     used: set[str] = set()
@@ -108,7 +110,7 @@ def cluster_parser(template: str, clusters: Sequence[str]) -> re.Pattern[str]:
             f"context template {template!r} has no {{cluster}} placeholder, so the fleet status "
             "cannot tell which cluster a status belongs to: add {cluster} to "
             "statuses.context_template, or turn statuses.fleet off")
-    if "kind" not in used:
+    if "kind" not in used and require_kind:
         raise FleetTemplateError(
             f"context template {template!r} has no {{kind}} placeholder, so the fleet status "
             "cannot tell a deploy (Kustomization, HelmRelease) from a fetched source: add "

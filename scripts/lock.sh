@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Regenerate requirements.lock: every run-time dependency of the package (pyproject.toml's
-# [project].dependencies, transitively) pinned to one version with the sha256 of every file
-# PyPI publishes for it, plus the build backend (setuptools) the Containerfile builds the
-# package with. The Containerfile installs it with `pip install --require-hashes`.
+# [project].dependencies and the `kube` extra, which the image needs, transitively) pinned to
+# one version with the sha256 of every file PyPI publishes for it, plus the build backend
+# (setuptools) the Containerfile builds the package with. The Containerfile installs it with
+# `pip install --require-hashes`.
 #
 # Usage: scripts/lock.sh [--upgrade | --upgrade-package NAME ...]   (arguments go to pip-compile)
 #
@@ -28,5 +29,5 @@ trap 'rm -rf "$venv"' EXIT
 CUSTOM_COMPILE_COMMAND="scripts/lock.sh" "$venv/bin/pip-compile" \
   --quiet --generate-hashes --allow-unsafe --all-build-deps --strip-extras \
   --no-emit-index-url --no-emit-find-links --no-emit-trusted-host \
-  --output-file requirements.lock "$@" pyproject.toml
+  --extra kube --output-file requirements.lock "$@" pyproject.toml
 echo "lock: requirements.lock written with $("$PYTHON" -c 'import sys; print(sys.version.split()[0])')"

@@ -4,7 +4,7 @@
 # dir outside the repo.
 #
 # Usage:
-#   scripts/testbin.sh [core|tools|flux|gitea|operator|all|<component>...]   (default: core)
+#   scripts/testbin.sh [core|tools|flux|gitea|operator|flagger|all|<component>...]   (default: core)
 #   scripts/testbin.sh --print-dir          print the binary cache dir
 #   scripts/testbin.sh --moddir <component> print the component's module source dir
 #                                           (Gitea STATIC_ROOT_PATH, Flux CRDs)
@@ -14,6 +14,7 @@
 #         flux = source-controller kustomize-controller notification-controller
 #                helm-controller
 #         operator = flux-operator (ResourceSet / ResourceSetInputProvider)
+#         flagger = flagger (progressive delivery; the canary e2e test's peer)
 #
 # Env: GFBTEST_BIN (cache dir), GFBTEST_GO_P (go build -p, default 2).
 # Each pin is the release the tests were written against; bump them together.
@@ -34,6 +35,7 @@ ACTIONLINT_VERSION=v1.7.12                # github.com/rhysd/actionlint
 # web UI, see local_module_copy) and distribute neither binary nor source.
 FLUX_OPERATOR_VERSION=v0.59.0             # github.com/controlplaneio-fluxcd/flux-operator
 FLUX_OPERATOR_TOOLCHAIN=go1.27.0          # its go.mod needs go >= 1.27 (fetched via the Go proxy)
+FLAGGER_VERSION=v1.36.1                   # github.com/fluxcd/flagger
 
 CACHE=${GFBTEST_BIN:-$HOME/.cache/gitea-flux-bridge/testbin}
 JOBS=${GFBTEST_GO_P:-2}   # 2 cores; k8s compile units are memory hungry
@@ -45,8 +47,9 @@ K8S_MINOR=${K8S_VERSION#v1.}; K8S_MINOR=${K8S_MINOR%%.*}
 CORE=(etcd kube-apiserver helm)
 FLUX=(source-controller kustomize-controller notification-controller helm-controller)
 TOOLS=(promtool actionlint)
+FLAGGER=(flagger)
 OPERATOR=(flux-operator)
-ALL=("${CORE[@]}" "${TOOLS[@]}" "${FLUX[@]}" gitea "${OPERATOR[@]}")
+ALL=("${CORE[@]}" "${TOOLS[@]}" "${FLUX[@]}" gitea "${OPERATOR[@]}" "${FLAGGER[@]}")
 
 die() { echo "testbin: ERROR: $*" >&2; exit 1; }
 
@@ -108,7 +111,10 @@ component_info() {
 		MOD=github.com/controlplaneio-fluxcd/flux-operator; VER=$FLUX_OPERATOR_VERSION
 		PKG=$MOD/cmd/operator; TOOLCHAIN=$FLUX_OPERATOR_TOOLCHAIN
 		LDFLAGS+=" -X main.VERSION=${FLUX_OPERATOR_VERSION#v}" ;;
-	*) die "unknown component '$1' (known: ${ALL[*]}, core, tools, flux, operator, all)" ;;
+	flagger)
+		MOD=github.com/fluxcd/flagger; VER=$FLAGGER_VERSION; PKG=$MOD/cmd/flagger
+		LDFLAGS+=" -X $MOD/pkg/version.REVISION=$FLAGGER_VERSION" ;;
+	*) die "unknown component '$1' (known: ${ALL[*]}, core, tools, flux, operator, flagger, all)" ;;
 	esac
 }
 
@@ -261,7 +267,7 @@ main() {
 	case ${1:-} in
 	--print-dir) echo "$CACHE"; return ;;
 	--moddir) [[ $# -eq 2 ]] || die "usage: $0 --moddir <component>"; print_moddir "$2"; return ;;
-	-h|--help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; return ;;
+	-h|--help) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; return ;;
 	esac
 	command -v go >/dev/null || die "go not found in PATH"
 	(($# > 0)) || set -- core
@@ -273,6 +279,7 @@ main() {
 		tools) todo+=("${TOOLS[@]}") ;;
 		flux) todo+=("${FLUX[@]}") ;;
 		operator) todo+=("${OPERATOR[@]}") ;;
+		flagger) todo+=("${FLAGGER[@]}") ;;
 		all) todo+=("${ALL[@]}") ;;
 		*) component_info "$a"; todo+=("$a") ;;   # validates the name
 		esac

@@ -29,7 +29,7 @@ MERGE_PATCH = "application/merge-patch+json"
 # The Flux CRDs' spec.names.plural (tests/fixtures/crds): not always lower-case kind + "s".
 _PLURALS = {"GitRepository": "gitrepositories", "OCIRepository": "ocirepositories",
             "HelmRepository": "helmrepositories", "ImagePolicy": "imagepolicies",
-            "ImageRepository": "imagerepositories"}
+            "ImageRepository": "imagerepositories", "Canary": "canaries"}
 
 
 class Resource(NamedTuple):

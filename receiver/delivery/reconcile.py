@@ -156,8 +156,11 @@ class Reconciler:
             delivery.local[key] = (FAILED, "AnnotateFailed", outcome.error)
         elif delivery.record.mark in outcome.refused:
             delivery.local[key] = (FAILED, "TooManyMarks", outcome.refusal)
-        # Queued, not evaluated here: the patch's own watch event queues the same delivery,
-        # and one evaluation answers both.
+        else:
+            # A patch that went through moves the delivery only once the cache holds its mark,
+            # and that watch event queues the delivery itself (`_on_change`): an evaluation
+            # here would find it unchanged.
+            return
         self._queue_evaluation((delivery.id,))
 
     def _finish(self, delivery: Delivery) -> None:
@@ -289,7 +292,7 @@ class Reconciler:
             self._deadlines = [d for d in self._deadlines if d[1] in self._watched_by]
             heapq.heapify(self._deadlines)
         # Time-outs are part of the state function: re-evaluate just after each one passes.
-        for seconds in (self.timeouts.source_seconds, self.timeouts.consumer_seconds):
+        for seconds in {self.timeouts.source_seconds, self.timeouts.consumer_seconds}:
             heapq.heappush(self._deadlines, (received + seconds + 0.01, delivery.id))
         if self._sweeper is None or self._sweeper.done():
             self._sweeper = asyncio.create_task(self._sweep())

@@ -110,6 +110,22 @@ _COMPRESS_FROM = 512
 
 
 @functools.lru_cache(maxsize=1024)
+def _signing_key(token: str) -> bytes:
+    """The key the serializer's signer derives (django-concat), for `_sign_short`."""
+    signer = _serializer(token).make_signer()
+    return signer.derive_key()
+
+
+def _sign_short(raw: bytes, token: str) -> str:
+    """What `_serializer(token).dumps` makes of a payload whose JSON is `raw`, when that is too
+    short to compress: its base64, a dot, and the base64 of its HMAC-SHA1 with the derived key
+    (itsdangerous' format, computed here without its per-call layers; the same ids)."""
+    value = base64_encode(raw)
+    signature = base64_encode(hmac.new(_signing_key(token), value, hashlib.sha1).digest())
+    return (value + b"." + signature).decode()
+
+
+@functools.lru_cache(maxsize=1024)
 def _serializer(token: str) -> URLSafeSerializer:
     # A key of its own: the id's signature must never double as any other credential. Cached:
     # a Receiver's pushes all sign with the same key (a rotated token is simply a new entry).
@@ -133,8 +149,12 @@ def encode(record: DeliveryRecord, token: str) -> tuple[str, DeliveryRecord]:
     omitted = record.omitted
     while True:
         payload = _payload(record, targets, omitted)
-        size = len(json.dumps(payload, separators=(",", ":")))
-        token_id = serializer.dumps(payload) if size <= MAX_PAYLOAD_BYTES else ""
+        raw = json.dumps(payload, separators=(",", ":")).encode()
+        size = len(raw)
+        if size < _COMPRESS_FROM:
+            token_id = _sign_short(raw, token)
+        else:
+            token_id = serializer.dumps(payload) if size <= MAX_PAYLOAD_BYTES else ""
         if (token_id and len(token_id) <= MAX_ID_LENGTH) or not targets:
             break
         # Cut what is left over the bound: a few encodes at most, even for huge fleets.

@@ -8,26 +8,55 @@ count and age; losing one (a restart, an eviction) loses no answer, only local s
 
 from __future__ import annotations
 
+import functools
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
+from receiver.bounded import BoundedMap
 from receiver.delivery.record import ROLE_ANNOTATE, ROLE_TRACK, DeliveryRecord, RecordTarget
 from receiver.delivery.view import SUPERSEDED_OUTCOME, DeliveryView, TargetView
 from receiver.flux.objects import ObjectKey
 from receiver.flux.revisions import QUEUED
 from receiver.push.routing import Plan
 
+_T = TypeVar("_T")
+
 __all__ = ["ROLE_ANNOTATE", "ROLE_TRACK", "Delivery", "DeliveryStore", "describe", "record_targets"]
+
+
+# Plans are remembered (`push.plan_cache`), so the pushes of one Receiver to one place share
+# one plan: they share its record targets and their first view too (all immutable), instead of
+# each delivery holding copies of its own (fewer objects for the collector to walk).
+_SHARED: BoundedMap[int, tuple[object, object]] = BoundedMap(4096)
+
+
+def _shared(source: object, make: Callable[[], _T]) -> _T:
+    """`make()`, computed once per `source` object (by identity, kept alive with it)."""
+    found = _SHARED.get(id(source))
+    if found is not None and found[0] is source:
+        return found[1]  # type: ignore[return-value]
+    made = make()
+    _SHARED[id(source)] = (source, made)
+    return made
 
 
 def record_targets(plan: Plan) -> tuple[RecordTarget, ...]:
     """The plan's targets in annotation order, then the tracked ones not annotated."""
+    return _shared(plan, lambda: _record_targets(plan))
+
+
+def _record_targets(plan: Plan) -> tuple[RecordTarget, ...]:
     out = [RecordTarget(t.key, ROLE_ANNOTATE) for t in plan.targets]
     annotated = {t.key for t in plan.targets}
     out.extend(RecordTarget(t.key, ROLE_TRACK) for t in plan.tracked if t.key not in annotated)
     return tuple(out)
+
+
+def _queued(targets: tuple[RecordTarget, ...]) -> DeliveryView:
+    return DeliveryView(tuple(TargetView(t.key, t.role, QUEUED) for t in targets))
 
 
 def describe(delivery_id: str, record: DeliveryRecord, view: DeliveryView,
@@ -64,7 +93,8 @@ class Delivery:
 
     @classmethod
     def from_record(cls, id_: str, record: DeliveryRecord, plan: Plan) -> Delivery:
-        view = DeliveryView(tuple(TargetView(t.key, t.role, QUEUED) for t in record.targets))
+        targets = record.targets
+        view = _shared(targets, lambda: _queued(targets))
         return cls(id=id_, record=record, plan=plan.compact(), view=view)
 
     @property
@@ -91,6 +121,12 @@ class Delivery:
         if changed:
             self.view = view
         return changed
+
+
+@functools.lru_cache(maxsize=1024)
+def _no_plan(receiver: str) -> Plan:
+    """What a finished delivery keeps of its plan: nothing but whose it was (one per Receiver)."""
+    return Plan(receiver, (), ())
 
 
 def _push_key(delivery: Delivery) -> tuple[str, str, str]:
@@ -121,7 +157,7 @@ class DeliveryStore:
 
     def finished(self, delivery: Delivery) -> None:
         self._active.discard(delivery.id)
-        delivery.plan = Plan(delivery.plan.receiver, (), ())
+        delivery.plan = _no_plan(delivery.plan.receiver)
         if self._in_flight.get(_push_key(delivery)) == delivery.id:
             del self._in_flight[_push_key(delivery)]
 

@@ -41,6 +41,9 @@ PLURALS: dict[str, str] = {
     "ImagePolicy": "imagepolicies",
     "ImageUpdateAutomation": "imageupdateautomations",
     "ArtifactGenerator": "artifactgenerators",
+    "Canary": "canaries",
+    "Deployment": "deployments",
+    "DaemonSet": "daemonsets",
     "ResourceSetInputProvider": "resourcesetinputproviders",
 }
 

@@ -31,7 +31,7 @@ from receiver.flux.kube_api import (
     shutdown,
     stream_lines,
 )
-from receiver.flux.objects import API_VERSIONS, FluxObject
+from receiver.flux.objects import API_VERSIONS, FluxObject, slim
 from receiver.flux.store import ObjectStore
 from receiver.retry import Backoff
 
@@ -195,7 +195,7 @@ class Watches:
                     # FluxObject needs the kind, so a server that dropped them is covered.
                     item.setdefault("kind", target.kind)
                     item.setdefault("apiVersion", api_version)
-                    items.append(item)
+                    items.append(slim(item))
             page = meta.get("continue") or None
             if page is None:
                 break
@@ -294,7 +294,7 @@ class Watches:
         if kind in ("ADDED", "MODIFIED", "DELETED"):
             obj.setdefault("kind", target.kind)
             obj.setdefault("apiVersion", API_VERSIONS[target.kind])
-            self._to_loop(self._apply_event, kind, obj)
+            self._to_loop(self._apply_event, kind, slim(obj))
         elif kind != "BOOKMARK":
             return
         if isinstance(resource_version, str) and resource_version:

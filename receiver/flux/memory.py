@@ -27,9 +27,11 @@ from receiver.flux.event_book import EventWrite, event_body
 from receiver.flux.objects import (
     ANNOTATE_ONLY_KINDS,
     API_VERSIONS,
+    CANARY_WATCHED_KINDS,
     WATCHED_KINDS,
     FluxObject,
     ObjectKey,
+    slim,
 )
 from receiver.flux.store import ObjectStore
 
@@ -107,13 +109,14 @@ class MemoryCluster:
             self.secrets[(meta["namespace"], meta.get("name", ""))] = _secret_data(raw)
             return None
         # The kinds the bridge only annotates are kept too, so their patches land somewhere.
-        if raw.get("kind") not in WATCHED_KINDS and raw.get("kind") not in ANNOTATE_ONLY_KINDS:
+        if raw.get("kind") not in WATCHED_KINDS and raw.get("kind") not in ANNOTATE_ONLY_KINDS \
+                and raw.get("kind") not in CANARY_WATCHED_KINDS:
             return None
         raw.setdefault("apiVersion", API_VERSIONS[raw["kind"]])
         meta.setdefault("generation", 1)
         self._version += 1
         meta["resourceVersion"] = str(self._version)
-        return self.store.upsert(raw)
+        return self.store.upsert(slim(raw))
 
     # -- Cluster protocol ----------------------------------------------------------------------
 
@@ -200,14 +203,15 @@ class MemoryCluster:
         return self.store.upsert(raw)
 
     @staticmethod
-    def _ready(ok: bool, reason: str, message: str) -> list[dict[str, str]]:
+    def _ready(ok: bool, reason: str, message: str,
+               at: float | None = None) -> list[dict[str, str]]:
         return [
             {
                 "type": "Ready",
                 "status": "True" if ok else "False",
                 "reason": reason,
                 "message": message,
-                "lastTransitionTime": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "lastTransitionTime": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(at)),
             }
         ]
 
@@ -231,9 +235,11 @@ class MemoryCluster:
             key, artifact=artifact,
             conditions=self._ready(True, "Succeeded", f"stored artifact for digest '{revision}'"))
 
-    def mark_applied(self, key: ObjectKey, revision: str, origin_revision: str = "") -> FluxObject:
-        """Ready at `revision`; `origin_revision`: kustomize-controller's
-        `lastAppliedOriginRevision` (the artifact's `org.opencontainers.image.revision`)."""
+    def mark_applied(self, key: ObjectKey, revision: str, origin_revision: str = "", *,
+                     at: float | None = None) -> FluxObject:
+        """Ready at `revision` (since `at`, default now); `origin_revision`:
+        kustomize-controller's `lastAppliedOriginRevision` (the artifact's
+        `org.opencontainers.image.revision`)."""
         if key.kind == "HelmRelease":
             return self._mark_released(key, revision)
         origin = {"lastAppliedOriginRevision": origin_revision} if origin_revision else {}
@@ -241,7 +247,8 @@ class MemoryCluster:
             key,
             lastAppliedRevision=revision,
             lastAttemptedRevision=revision,
-            conditions=self._ready(True, "ReconciliationSucceeded", f"Applied revision: {revision}"),
+            conditions=self._ready(True, "ReconciliationSucceeded",
+                                   f"Applied revision: {revision}", at),
             **origin,
         )
 
@@ -270,6 +277,24 @@ class MemoryCluster:
                                    f"{key.name}.v{snapshot['version']} with chart "
                                    f"{chart}@{chart_version}"),
         )
+
+    def mark_canary(self, key: ObjectKey, phase: str, *, weight: int = 0, iterations: int = 0,
+                    failed_checks: int = 0, at: float | None = None) -> FluxObject:
+        """What Flagger writes on a Canary: its phase, traffic weight, iteration, failed checks
+        and when the phase was set (`at`, default now) (plays Flagger in tests)."""
+        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(at))
+        current = self.store.get(key)
+        conditions = (current.status.get("conditions") if current is not None else None) or []
+        promoted = next((c for c in conditions if c.get("type") == "Promoted"), None)
+        if promoted is None or promoted.get("reason") != phase:
+            # As Flagger: the Promoted condition changes only with the phase.
+            promoted = {"type": "Promoted", "reason": phase, "lastUpdateTime": when,
+                        "lastTransitionTime": when,
+                        "status": {"Succeeded": "True", "Initialized": "True",
+                                   "Failed": "False"}.get(phase, "Unknown")}
+        return self._update_status(key, phase=phase, canaryWeight=weight, iterations=iterations,
+                                   failedChecks=failed_checks, lastTransitionTime=when,
+                                   conditions=[promoted])
 
     def mark_progressing(self, key: ObjectKey, revision: str) -> FluxObject:
         return self._update_status(

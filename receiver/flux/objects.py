@@ -41,6 +41,11 @@ API_VERSIONS: dict[str, str] = {
     "ImagePolicy": f"{IMAGE_GROUP}/v1",
     "ImageUpdateAutomation": f"{IMAGE_GROUP}/v1",
     "ArtifactGenerator": f"{SOURCE_EXTENSIONS_GROUP}/v1beta1",
+    # Progressive delivery (`statuses.canaries`): Flagger's Canary and the workloads it targets,
+    # cached only when canaries are on.
+    "Canary": "flagger.app/v1beta1",
+    "Deployment": "apps/v1",
+    "DaemonSet": "apps/v1",
     # Not in the Receiver CRD's enum as Flux ships it; flux-operator adds it when it installs
     # Flux. Routed by repository, event and filters (`push.input_providers`).
     INPUT_PROVIDER_KIND: f"{OPERATOR_GROUP}/v1",
@@ -67,6 +72,13 @@ ANNOTATE_ONLY_KINDS = tuple(k for k in RECEIVER_KINDS if k not in ROUTED_KINDS)
 # Annotated first among those, as sources come first in Flux's `--with-source` order.
 ANNOTATE_ONLY_SOURCES = frozenset({"Bucket", "HelmChart", "HelmRepository", "ExternalArtifact",
                                    "ArtifactGenerator", "ImageRepository"})
+# Flagger's Canary and the workload kinds its `spec.targetRef` may name that Flux applies: cached
+# (optional: Flagger may not be installed) only when `statuses.canaries` is on. Workloads are
+# cached slim: their labels say which Kustomization or HelmRelease applied them, nothing else
+# of them is read.
+CANARY_KINDS = ("Canary",)
+WORKLOAD_KINDS = ("Deployment", "DaemonSet")
+CANARY_WATCHED_KINDS = CANARY_KINDS + WORKLOAD_KINDS
 SOURCE_KINDS = frozenset({"GitRepository", "OCIRepository", "Bucket", "HelmChart", "HelmRepository"})
 CONSUMER_KINDS = frozenset({"Kustomization", "HelmRelease"})
 
@@ -262,3 +274,24 @@ def consumer_paths(obj: FluxObject) -> tuple[str, ...]:
             paths.append(normalise_path(item.strip()))
     obj._paths = tuple(dict.fromkeys(paths))
     return obj._paths
+
+
+def slim(raw: dict[str, Any]) -> dict[str, Any]:
+    """What the cache keeps of an object: all of it, except a workload (`WORKLOAD_KINDS`),
+    of which only its identity and labels (a Deployment's pod template is most of its bytes)."""
+    if raw.get("kind") not in WORKLOAD_KINDS:
+        return raw
+    meta = _dict(raw.get("metadata"))
+    kept = {k: meta[k] for k in ("name", "namespace", "labels", "resourceVersion", "generation",
+                                 "uid") if k in meta}
+    return {"apiVersion": raw.get("apiVersion"), "kind": raw.get("kind"), "metadata": kept}
+
+
+def cache_kinds(canaries: bool) -> dict[str, tuple[str, ...]]:
+    """The kube backend's `kinds` and `optional_kinds`: with canaries on, Flagger's Canary and
+    the workload kinds too, optional (Flagger may not be installed, or RBAC may leave them
+    out: said on `/readyz`, not fatal)."""
+    if not canaries:
+        return {"kinds": WATCHED_KINDS, "optional_kinds": OPTIONAL_KINDS}
+    return {"kinds": WATCHED_KINDS + CANARY_WATCHED_KINDS,
+            "optional_kinds": OPTIONAL_KINDS + CANARY_WATCHED_KINDS}

@@ -16,6 +16,8 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from receiver.flux.objects import (
+    BRIDGE_PREFIX,
+    RECONCILE_ANNOTATION,
     FluxObject,
     ObjectKey,
     SourceRef,
@@ -23,6 +25,10 @@ from receiver.flux.objects import (
     helm_chart_of,
 )
 
+# Annotations that change with every request (Flux's and the bridge's own marks): the only ones
+# that never bump `routing_version` (a consumer's paths, a HelmRelease's commit, an input
+# provider's reconcile switch are annotations routing reads).
+_REQUEST_ANNOTATIONS = frozenset({RECONCILE_ANNOTATION, BRIDGE_PREFIX + "deliveries"})
 UrlNormaliser = Callable[[str], "str | None"]
 
 
@@ -67,6 +73,10 @@ class ObjectStore:
         # Bumped when an object appears, disappears or changes labels, spec or ownership of
         # a name: what a Receiver's `resources` resolve to can only change then.
         self.shape_version = 0
+        # Bumped with `shape_version`, and when what routing reads besides the shape changes: a
+        # source's artifact revision (a semver ref), an annotation other than a request's. A plan
+        # computed at one routing_version holds until the next (`push.plan_cache`).
+        self.routing_version = 0
 
     # -- reads -------------------------------------------------------------------------------
 
@@ -165,6 +175,9 @@ class ObjectStore:
         old = self._objects.get(key)
         if old is None or old.labels != obj.labels or old.spec != obj.spec:
             self.shape_version += 1
+            self.routing_version += 1
+        elif _routing_facts(old) != _routing_facts(obj):
+            self.routing_version += 1
         self._unindex(key)
         self._objects[key] = obj
         self._by_kind_ns[(key.kind, key.namespace)][key.name] = obj
@@ -242,6 +255,7 @@ class ObjectStore:
         if obj is None:
             return
         self.shape_version += 1
+        self.routing_version += 1
         self._unindex(key)
         for listener in self._listeners:
             listener("delete", obj)
@@ -303,6 +317,14 @@ class ObjectStore:
             del hosts[host]
         if not hosts:
             del self._hosts_by_path[path]
+
+
+def _routing_facts(obj: FluxObject) -> tuple[object, dict[str, str]]:
+    """What routing reads of an object besides its spec and labels (see `routing_version`): a
+    source's artifact revision, and its annotations but those every request changes."""
+    artifact = obj.status.get("artifact")
+    revision = artifact.get("revision") if isinstance(artifact, dict) else None
+    return revision, {k: v for k, v in obj.annotations.items() if k not in _REQUEST_ANNOTATIONS}
 
 
 def _drop(index: dict[Any, set[ObjectKey]], entry: object, key: ObjectKey) -> None:

@@ -45,6 +45,7 @@ from receiver.gitea.payloads import (
     parse_gitea_pull_request,
     parse_gitea_push,
     parse_gitea_ref_event,
+    push_document,
 )
 
 # Keys only a Gitea (or GitHub) push payload has; a `create` or `release` event body has none.
@@ -116,6 +117,12 @@ def select_payload(receiver_type: str, document: bytes) -> Selection:
     del receiver_type  # kept for callers: the decision is the body's shape alone
     if not document.strip():
         return Selection(NO_DETAILS, None, "no push details: the body is empty")
+    pushed = push_document(document)
+    if pushed is not None:  # the usual body, read by the compiled decoder (same answer)
+        try:
+            return Selection(GITEA_PUSH, parse_gitea_push(pushed))
+        except PayloadError as exc:
+            raise PayloadRefused(422, str(exc), "unprocessable") from None
     parsed, doc = _load(document)
     if not parsed:
         return Selection(NO_DETAILS, None, "no push details: the body is not JSON")

@@ -2,10 +2,14 @@
 
 URL shape (served by `receiver.web.badge`):
     GET /badge/{owner}/{repo}.svg?branch=<b>&cluster=<c>&style=flat|flat-square&token=<t>
+    GET /badge/{owner}/{repo}.svg?environment=<e>&branch=<b>&...   (an environment's aggregate)
 `branch` may contain '/' (it is a query parameter, not a path segment); without it every Git
 source of the repository counts. `cluster` names the cluster the badge is about; this bridge
 only knows its own, so another name reads "unknown". With a badge key configured every badge
 needs `token`, minted by `gitea-flux-bridge badge-url` for exactly that owner/repo/branch.
+
+An environment badge (`statuses.fleet.environments`) shows the environment's aggregate status
+(`flux/env/<e>`) in Gitea on the commit this cluster's sources hold, labelled with its name.
 
 The look is shields.io's flat and flat-square styles with Gitea's colours.
 """
@@ -22,7 +26,7 @@ from receiver.flux.store import ObjectStore
 from receiver.gitea.payloads import Push
 from receiver.push.routing import ref_match
 from receiver.status.descriptions import FAILURE, PENDING, SUCCESS, gitea_state
-from receiver.status.repos import repo_ref
+from receiver.status.repos import repo_ref, source_commit
 
 UNKNOWN = "unknown"
 COLOURS = {SUCCESS: "#4c1", FAILURE: "#e05d44", PENDING: "#dfb317", UNKNOWN: "#9f9f9f"}
@@ -185,3 +189,34 @@ def select_consumers(
 
 def repository_state(store: ObjectStore, owner: str, repo: str, branch: str | None) -> str:
     return combine(object_state(c) for c in select_consumers(store, owner, repo, branch))
+
+
+# -- environments (`?environment=`) ------------------------------------------------------------
+
+
+def deployed_commit(store: ObjectStore, owner: str, repo: str, branch: str | None) -> str | None:
+    """The commit this cluster's Git sources of owner/repo (following `branch`) hold: the one an
+    environment badge asks Gitea about. None when none holds one, or they disagree."""
+    wanted = (owner.lower(), repo.lower())
+    commits = set()
+    for source in store.list("GitRepository"):
+        url = source.spec.get("url")
+        ref = repo_ref(store.normalise_url(url)) if isinstance(url, str) else None
+        if ref is None or (ref.owner.lower(), ref.name.lower()) != wanted:
+            continue
+        if _branch_matches(source, branch):
+            found = source_commit(source)
+            if found:
+                commits.add(found)
+    return commits.pop() if len(commits) == 1 else None
+
+
+def status_state(state: str | None) -> str:
+    """A Gitea state as a badge state: an environment's aggregate status."""
+    if state == SUCCESS:
+        return SUCCESS
+    if state in (FAILURE, "error"):
+        return FAILURE
+    if state == PENDING:
+        return PENDING
+    return UNKNOWN

@@ -153,6 +153,11 @@ def _applied_and_attempted(
     return applied, attempted
 
 
+def applied_commit(obj: FluxObject, source: FluxObject | None) -> str | None:
+    """The commit a consumer last applied (a HelmRelease: its deployed chart's), if known."""
+    return _applied_and_attempted(obj, source)[0]
+
+
 def desired_from_object(
     obj: FluxObject, source_obj: FluxObject | None, templates: StatusTemplates,
     normalise: Normaliser,

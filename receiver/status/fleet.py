@@ -19,7 +19,11 @@ still fails it, and any report counts as a sign of life against staleness.
 A context belongs to a cluster when it parses with the context template and its `{cluster}`
 field is one of the expected names; its `{kind}` field tells a deploying object from a source,
 so the template needs both. Other contexts (other clusters, other tools, the aggregate itself)
-are ignored.
+are ignored, except a Flagger canary's (`canary_parser`): it counts as deploying, so a canary
+still analysing keeps its cluster from being done, and one rolled back, even after the
+Kustomization's `success`, fails it.
+
+Environments (`environments`): the same aggregate over each environment's clusters, in order.
 """
 
 from __future__ import annotations
@@ -68,6 +72,17 @@ def classify(context: str, parser: re.Pattern[str]) -> tuple[str, bool] | None:
     return match["cluster"], match["kind"].lower() in DEPLOYING_KINDS
 
 
+def classify_any(context: str, parser: re.Pattern[str],
+                 canary_parser: re.Pattern[str] | None) -> tuple[str, bool] | None:
+    """`classify`, and a canary's context (always deploying) when `canary_parser` is given."""
+    found = classify(context, parser)
+    if found is None and canary_parser is not None:
+        match = canary_parser.fullmatch(context)
+        if match is not None:
+            return match["cluster"], True
+    return found
+
+
 def cluster_of(context: str, parser: re.Pattern[str]) -> str | None:
     found = classify(context, parser)
     return found[0] if found else None
@@ -80,6 +95,7 @@ def _names(clusters: Iterable[str]) -> str:
 def aggregate(
     shown: Mapping[str, Report], parser: re.Pattern[str], clusters: Sequence[str],
     fleet_context: str, now: float, stale_after: float,
+    canary_parser: re.Pattern[str] | None = None,
 ) -> Aggregate | None:
     """The fleet status of a commit from what Gitea shows on it; None when no expected cluster
     has reported anything on it (nothing to say yet)."""
@@ -88,7 +104,7 @@ def aggregate(
     for context, report in shown.items():
         if context == fleet_context:
             continue
-        found = classify(context, parser)
+        found = classify_any(context, parser, canary_parser)
         if found is None:
             continue
         cluster, deploying = found
@@ -123,3 +139,21 @@ def aggregate(
             f"No report for {stale_after:g}s from {_names(stale)}"))
     return Aggregate(PENDING, truncate(
         f"Deployed in {len(done)} of {len(expected)} clusters; waiting for {_names(waiting)}"))
+
+
+def environment_aggregates(
+    shown: Mapping[str, Report], parser: re.Pattern[str],
+    environments: Sequence[tuple[str, Sequence[str]]], now: float, stale_after: float,
+    canary_parser: re.Pattern[str] | None = None,
+) -> list[tuple[str, Aggregate]]:
+    """Each environment's (context, aggregate) over its own clusters, in the configured order;
+    an environment none of whose clusters reported yet is left out. `environments`: (context,
+    clusters) pairs."""
+    out: list[tuple[str, Aggregate]] = []
+    contexts = {context for context, _ in environments}
+    others = {c: r for c, r in shown.items() if c not in contexts}
+    for context, clusters in environments:
+        verdict = aggregate(others, parser, clusters, context, now, stale_after, canary_parser)
+        if verdict is not None:
+            out.append((context, verdict))
+    return out

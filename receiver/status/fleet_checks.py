@@ -16,7 +16,7 @@ from collections.abc import Callable
 from receiver.config import Settings
 from receiver.gitea.client import GiteaError
 from receiver.status.decisions import CommitKey, DesiredStatus
-from receiver.status.fleet import aggregate
+from receiver.status.fleet import aggregate, environment_aggregates
 from receiver.status.gitea_view import Budget, GiteaView, JobKey, Listing
 from receiver.status.queue import StatusQueue
 from receiver.status.shown import needs_post
@@ -32,6 +32,12 @@ class FleetChecks:
         self._fleet = cfg.fleet
         self._parser = (cluster_parser(templates.context, cfg.fleet.clusters)
                         if cfg.fleet.enabled else None)
+        # A canary's context counts as its cluster's deploy (`fleet` module).
+        self._canary_parser = (
+            cluster_parser(cfg.canaries.context_template, cfg.fleet.clusters, require_kind=False)
+            if cfg.fleet.enabled and cfg.canaries.enabled else None)
+        self._environments = [(cfg.fleet.environment_context_prefix + env.name, env.clusters)
+                              for env in cfg.fleet.environments]
         self._view = view
         self._queue = queue
         self._wall = wall  # compared with the times Gitea gives statuses
@@ -44,7 +50,8 @@ class FleetChecks:
 
     def on_posted(self, key: JobKey, status: DesiredStatus) -> None:
         """The queue's listener: a status this replica posted may change the aggregate."""
-        if self.covers(status) and status.context != self._fleet.context:
+        if self.covers(status) and status.context != self._fleet.context and \
+                status.context not in {context for context, _ in self._environments}:
             self.soon(key[:3], status)
 
     def soon(self, commit: CommitKey, status: DesiredStatus) -> None:
@@ -92,14 +99,20 @@ class FleetChecks:
                                "commit": commit[2]})
             return
         fleet = self._fleet
-        verdict = aggregate(listing.reports, self._parser, fleet.clusters, fleet.context,
-                            self._wall(), fleet.stale_after_seconds)
-        if verdict is None:
-            return
-        desired = DesiredStatus(status.repo_key, status.owner, status.repo, commit[2],
-                                fleet.context, verdict.state, verdict.description)
-        if needs_post(listing.shown.get(fleet.context), desired.fields, state_only=False):
-            self._queue.enqueue([desired], state_only=False, instance=commit[0])
+        now = self._wall()
+        reports = {c: r for c, r in listing.reports.items()
+                   if c not in {context for context, _ in self._environments}}
+        verdicts = environment_aggregates(reports, self._parser, self._environments, now,
+                                          fleet.stale_after_seconds, self._canary_parser)
+        verdict = aggregate(reports, self._parser, fleet.clusters, fleet.context, now,
+                            fleet.stale_after_seconds, self._canary_parser)
+        if verdict is not None:
+            verdicts.append((fleet.context, verdict))
+        for context, found in verdicts:
+            desired = DesiredStatus(status.repo_key, status.owner, status.repo, commit[2],
+                                    context, found.state, found.description)
+            if needs_post(listing.shown.get(context), desired.fields, state_only=False):
+                self._queue.enqueue([desired], state_only=False, instance=commit[0])
 
     async def stop(self) -> None:
         tasks = list(self._tasks)

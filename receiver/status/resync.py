@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 
 from receiver.config import Settings
@@ -63,6 +63,8 @@ class Resync:
         self.running = False  # whether the workers run (a run waits for room only then)
         self.leader = False  # whether this replica held the Lease at its last try
         self.on_run: list[Callable[[], None]] = []  # told at the start of every run
+        # More live-state statuses to repair alongside the consumers' (Flagger canaries).
+        self.extra: list[Callable[[], Iterable[DesiredStatus]]] = []
 
     async def once(self) -> int:
         """Queue the live-state status of every consumer of a GitRepository or OCIRepository
@@ -153,6 +155,11 @@ class Resync:
                     for instance in self._locator.instances(desired.repo_key):
                         wanted.setdefault((instance, desired.repo_key, desired.sha),
                                           []).append(desired)
+        for more in self.extra:
+            for desired in more():
+                for instance in self._locator.instances(desired.repo_key):
+                    wanted.setdefault((instance, desired.repo_key, desired.sha), []).append(
+                        desired)
         return wanted
 
     async def _room(self, room: int) -> bool:

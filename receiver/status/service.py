@@ -25,6 +25,8 @@ from receiver.flux.objects import FluxObject, ObjectKey
 from receiver.gitea.client import GiteaClient
 from receiver.gitea.payloads import PullRequestEvent, Push
 from receiver.metrics import Metrics
+from receiver.status.canary_statuses import CanaryStatuses
+from receiver.status.env_badges import EnvironmentStates
 from receiver.status.fleet_checks import FleetChecks
 from receiver.status.gitea_view import GiteaView
 from receiver.status.locator import Locator
@@ -83,6 +85,10 @@ class StatusService:
         self.queue.on_posted.append(self.fleet.on_posted)
         self.resync = Resync(settings, cluster, templates, self.locator, self.view, self.queue,
                              self.fleet, self.versions, metrics, clock)
+        self.canaries = CanaryStatuses(settings, cluster, templates, self.locator, self.queue,
+                                       self.view)
+        self.resync.extra.append(self.canaries.all_desired)
+        self.environments = EnvironmentStates(settings, cluster, self.locator, self.view)
         self.signals = DeliverySignals(settings, templates, self.locator, self.queue, metrics,
                                        self.memory_size)
         self.holder = f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"  # of the resync Lease

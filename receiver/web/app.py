@@ -37,6 +37,7 @@ from receiver.web.badge import BadgeEndpoint
 from receiver.web.deliveries import DeliveriesEndpoint
 from receiver.web.drain import CloseWhileDraining, Drain
 from receiver.web.events import EventsEndpoint
+from receiver.web.flagger import FlaggerEndpoint
 from receiver.web.http import (
     BodyDeadline,
     BodyTimeout,
@@ -82,6 +83,7 @@ class Components:
     drain: Drain
     recorder: EventRecorder
     ancestry: Ancestry | None = None
+    flagger: FlaggerEndpoint | None = None
     # Said in every /readyz answer (e.g. that Flux is simulated): what an operator must know.
     notes: dict[str, str] = field(default_factory=dict)
 
@@ -118,7 +120,8 @@ def build(settings: Settings, cluster: Cluster, **status_kwargs: Any) -> Compone
     events, badge = status_endpoints(statuses)
     return Components(settings, cluster, metrics, hooks, deliveries, reconciler, ingest, follow,
                       statuses,
-                      events, badge, Drain(), recorder, ancestry)
+                      events, badge, Drain(), recorder, ancestry,
+                      FlaggerEndpoint(settings, statuses.canaries, statuses.secrets))
 
 
 def status_endpoints(statuses: StatusService) -> tuple[EventsEndpoint, BadgeEndpoint]:
@@ -126,7 +129,17 @@ def status_endpoints(statuses: StatusService) -> tuple[EventsEndpoint, BadgeEndp
     return (EventsEndpoint(statuses.settings, statuses.templates, statuses.locator,
                            statuses.secrets, statuses.queue, statuses.metrics,
                            statuses.pending_events.on_event),
-            BadgeEndpoint(statuses.settings, statuses.cluster, statuses.secrets))
+            BadgeEndpoint(statuses.settings, statuses.cluster, statuses.secrets,
+                          statuses.environments))
+
+
+def flagger_routes(flagger: FlaggerEndpoint | None) -> list[Route]:
+    """Flagger's webhooks (answer 404 while `statuses.canaries` is off)."""
+    if flagger is None:
+        return []
+    return [Route("/flagger/gates/{gate}", flagger.gate, methods=["POST"]),
+            Route("/flagger/gates/{gate}/rollback", flagger.rollback, methods=["POST"]),
+            Route("/flagger/events", flagger.event, methods=["POST"])]
 
 
 def create_app(settings: Settings, cluster: Cluster, **status_kwargs: Any) -> Starlette:
@@ -216,6 +229,7 @@ def create_app(settings: Settings, cluster: Cluster, **status_kwargs: Any) -> St
         Route("/deliveries/{id}", parts.follow.handle, methods=["GET"]),
         Route("/events", parts.events.handle, methods=["POST"]),
         Route("/badge/{path:path}", parts.badge.handle, methods=["GET"]),
+        *flagger_routes(parts.flagger),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),

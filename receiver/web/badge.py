@@ -1,4 +1,5 @@
-"""`GET /badge/{owner}/{repo}.svg?branch=&cluster=&style=&token=`: an SVG of live state (`badges`)."""
+"""`GET /badge/{owner}/{repo}.svg?branch=&cluster=&style=&token=`: an SVG of live state (`badges`);
+with `environment=`, of that environment's aggregate status in Gitea (`env_badges`)."""
 
 from __future__ import annotations
 
@@ -11,22 +12,29 @@ from starlette.responses import Response
 from receiver.config import Settings
 from receiver.flux.cluster import Cluster
 from receiver.status import badges
+from receiver.status.env_badges import EnvironmentStates
 from receiver.status.secrets import SecretReader
 
 log = logging.getLogger("receiver.status_service")
 
 
 class BadgeEndpoint:
-    def __init__(self, settings: Settings, cluster: Cluster, secrets: SecretReader) -> None:
+    def __init__(self, settings: Settings, cluster: Cluster, secrets: SecretReader,
+                 environments: EnvironmentStates | None = None) -> None:
         self._settings = settings
         self._cluster = cluster
         self._secrets = secrets
+        self._environments = environments
 
     async def handle(self, request: Request) -> Response:
         query = request.query_params
         style = query.get("style", "flat")
         style = style if style in badges.STYLES else "flat"
         label = self._settings.cluster_name
+        environment = query.get("environment")
+        if environment is not None and self._environments is not None \
+                and self._environments.known(environment):
+            label = environment
         try:
             state = await self._state(request)
         except Exception:  # a badge is never a 500; the log says why it is grey
@@ -57,4 +65,9 @@ class BadgeEndpoint:
             if key is None or not badges.token_allows(
                     key, query.get("token", ""), owner, repo, branch or ""):
                 return badges.UNKNOWN
+        if query.get("environment") is not None:
+            environment = query["environment"]
+            if self._environments is None or not self._environments.known(environment):
+                return badges.UNKNOWN
+            return await self._environments.state(owner, repo, branch, environment)
         return badges.repository_state(self._cluster.store, owner, repo, branch)

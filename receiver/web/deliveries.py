@@ -18,12 +18,13 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from receiver import signatures
 from receiver.config import Settings
+from receiver.delivery.canary_wait import canaries_by_consumer, with_canaries
 from receiver.delivery.reconcile import Reconciler
 from receiver.delivery.record import DeliveryRecord, decode, receiver_of
 from receiver.delivery.store import DeliveryStore, describe
 from receiver.delivery.view import DeliveryView
 from receiver.flux.cluster import Cluster
-from receiver.flux.objects import API_VERSIONS, ObjectKey
+from receiver.flux.objects import API_VERSIONS, CANARY_KINDS, ObjectKey
 from receiver.push.hookindex import HookIndex
 from receiver.web.changes import ChangeFeed, watched_keys
 from receiver.web.drain import Drain
@@ -73,9 +74,16 @@ class DeliveriesEndpoint:
         if found is None:
             return error(404, "no such delivery")
         delivery_id, record = found
+        canaries = request.query_params.get("canaries", "false")
+        if canaries not in ("true", "false"):
+            return error(400, "canaries must be true or false")
+        if canaries == "true" and not self.settings.statuses.canaries.enabled:
+            return error(400, "canaries are not enabled (statuses.canaries.enabled)")
+        with_canaries_ = canaries == "true"
         raw_wait = request.query_params.get("wait")
         if raw_wait is None:
-            return JSONResponse(self._describe(delivery_id, record))
+            return JSONResponse(self._describe(delivery_id, record,
+                                               self._view(delivery_id, record, with_canaries_)))
         try:
             wait = min(float(raw_wait), self.settings.deliveries.max_wait_seconds)
         except ValueError:
@@ -83,7 +91,8 @@ class DeliveriesEndpoint:
         if wait != wait or wait < 0:  # NaN or negative
             return error(400, "wait must be a number of seconds")
         return StreamingResponse(
-            self._stream(delivery_id, record, wait, request.app.state.parts.drain),
+            self._stream(delivery_id, record, wait, request.app.state.parts.drain,
+                         with_canaries_),
             media_type="application/x-ndjson")
 
     def _next_deadline(self, record: DeliveryRecord) -> float:
@@ -94,26 +103,43 @@ class DeliveriesEndpoint:
                                                      timeouts.consumer_seconds)]
         return min((a for a in ahead if a > 0), default=5.0) + 0.01
 
-    def _view(self, delivery_id: str, record: DeliveryRecord) -> DeliveryView:
+    def _view(self, delivery_id: str, record: DeliveryRecord,
+              canaries: bool = False) -> DeliveryView:
         local = self.deliveries.get(delivery_id)
-        return self.reconciler.view(record, local.local if local is not None else None)
+        view = self.reconciler.view(record, local.local if local is not None else None)
+        if not canaries:
+            return view
+        store = self.cluster.store
+        found = [c for kind in CANARY_KINDS for c in store.list(kind)]
+        return with_canaries(view, record, found, store.get, self.wall_clock(),
+                             self.settings.deliveries.canary_pickup_seconds)
+
+    def _canary_keys(self, record: DeliveryRecord) -> set[ObjectKey]:
+        """The canaries (and their workloads) of the delivery's consumers: their changes move
+        its state too."""
+        store = self.cluster.store
+        found = [c for kind in CANARY_KINDS for c in store.list(kind)]
+        owned = canaries_by_consumer(found, store.get)
+        return {c.key for t in record.targets for c in owned.get(t.key, ())}
 
     def _describe(self, delivery_id: str, record: DeliveryRecord,
                   view: DeliveryView | None = None) -> dict[str, Any]:
         return describe(delivery_id, record, view or self._view(delivery_id, record), API_VERSIONS)
 
     async def _stream(self, delivery_id: str, record: DeliveryRecord, wait: float,
-                      drain: Drain) -> Any:
+                      drain: Drain, canaries: bool = False) -> Any:
         """Newline-delimited JSON: the state now, then on every change, until it settles or
         time is up. Any replica can serve it: the state is computed from the live objects. A
         draining replica ends it with a line that tells the client to ask again (elsewhere)."""
         deadline = time.monotonic() + wait
         keys = watched_keys(record, self.cluster.store.get)
+        if canaries:
+            keys |= self._canary_keys(record)
         last: DeliveryView | None = None
         with self.changes.watching(keys) as changed:
             while True:
                 changed.clear()
-                view = self._view(delivery_id, record)
+                view = self._view(delivery_id, record, canaries)
                 if view != last:
                     last = view
                     yield json.dumps(self._describe(delivery_id, record, view)) + "\n"

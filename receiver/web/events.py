@@ -19,7 +19,7 @@ from starlette.responses import JSONResponse, Response
 from receiver.config import Settings
 from receiver.flux.objects import ObjectKey
 from receiver.metrics import Metrics
-from receiver.signatures import verify_bearer, verify_event
+from receiver.signatures import Signed, verify_bearer, verify_event
 from receiver.status.decisions import MAPPED, DesiredStatus, desired_from_event
 from receiver.status.flux_events import EventError, FluxEvent, parse_event
 from receiver.status.locator import Locator
@@ -27,14 +27,14 @@ from receiver.status.queue import StatusQueue
 from receiver.status.secrets import SecretReader
 from receiver.templates import StatusTemplates
 from receiver.web.http import (
-    OFF_LOOP_BYTES,
     UNAUTHORIZED,
     VERIFIER,
     BodyTooLarge,
     declared_too_large,
     error,
     media_type,
-    read_capped,
+    read_parts,
+    whole_body,
 )
 
 
@@ -62,11 +62,12 @@ class EventsEndpoint:
             return self._count("unsupported_media_type",
                                error(415, "content type must be application/json"))
         try:
-            body = await read_capped(request, limit)
+            parts = await read_parts(request, limit)
         except BodyTooLarge:
             return self._count("too_large", error(413, "body too large"))
-        if not await self._authorised(request, body):
+        if not await self._authorised(request, parts):
             return self._count("unauthorized", JSONResponse(UNAUTHORIZED, status_code=401))
+        body = whole_body(parts)  # only now: a stranger's large body is never joined
         try:
             event = parse_event(body)
         except EventError as exc:
@@ -97,7 +98,7 @@ class EventsEndpoint:
             return "no_instance", []
         return mapping.outcome, [mapping.status]
 
-    async def _authorised(self, request: Request, body: bytes) -> bool:
+    async def _authorised(self, request: Request, body: Signed) -> bool:
         """HMAC over the raw bytes or a bearer token; unsigned only behind the insecure switch.
 
         Presented credentials that do not verify are refused even when unsigned events are
@@ -115,7 +116,7 @@ class EventsEndpoint:
                 self._metrics.signature_failures.labels("events-hmac", "algorithm").inc()
             elif token is not None:
                 # A large body is verified off the loop (`web.http.VERIFIER`).
-                verdict = verify_event(headers, body, token) if len(body) < OFF_LOOP_BYTES \
+                verdict = verify_event(headers, body, token) if isinstance(body, bytes) \
                     else await asyncio.get_running_loop().run_in_executor(
                         VERIFIER, verify_event, headers, body, token)
                 if verdict.ok:

@@ -39,7 +39,7 @@ from receiver.push.cel_filter import CompiledFilter, RequestNotJSON
 from receiver.push.cel_sandbox import FilterBudgetExceeded, FilterBusy, FilterSandbox
 from receiver.push.hookindex import HookIndex
 from receiver.push.mismatch import unmatched
-from receiver.push.package_routing import plan_selection
+from receiver.push.plan_cache import PlanCache
 from receiver.push.push_events import filter_note, push_notes
 from receiver.push.receiver_specs import ReceiverSpecs
 from receiver.push.replay import SeenOnce
@@ -47,14 +47,14 @@ from receiver.push.resource_filter import FilterEvaluationError, narrow
 from receiver.push.routing import Plan
 from receiver.push.selector import PayloadRefused, select_payload
 from receiver.web.http import (
-    OFF_LOOP_BYTES,
     UNAUTHORIZED,
     VERIFIER,
     BodyTooLarge,
     declared_too_large,
     error,
     media_type,
-    read_capped,
+    read_parts,
+    whole_body,
 )
 from receiver.web.ratelimit import RateLimiter
 from receiver.web.replies import accepted_reply, record_ref
@@ -80,6 +80,13 @@ class _Once:
 class _Authenticated:
     verdict: signatures.Verdict
     signed: bytes  # the JSON document the sender signed (decoded form payload or raw body)
+    body: bytes = b""  # the raw body, joined once the signature holds (b"" until it does)
+
+
+def _held(verdict: signatures.Verdict, signed: signatures.Signed) -> _Authenticated:
+    """A verdict over the raw body; the body is joined only for a request that passed."""
+    body = whole_body(signed) if verdict.ok else b""
+    return _Authenticated(verdict, body, body)
 
 
 class IngestService:
@@ -110,27 +117,32 @@ class IngestService:
         self.gitea_prefixes = settings.gitea_prefixes()
         self.specs = ReceiverSpecs(settings, cluster.store, metrics)
         self.filter_sandbox = FilterSandbox()
+        self.plans = PlanCache(cluster.store,
+                               allow_cross_namespace=settings.allow_cross_namespace_refs,
+                               gitea_prefixes=self.gitea_prefixes)
         # Kubernetes Events (set by the app): told, never awaited, so no answer waits on them.
         self.events: Callable[[EventNote], None] = lambda note: None
 
     # -- authentication ---------------------------------------------------------------------
 
     def _verify(
-        self, receiver: FluxObject, token: str, headers: Mapping[str, str], body: bytes,
-        kind: str
+        self, receiver: FluxObject, token: str, headers: Mapping[str, str],
+        body: signatures.Signed, kind: str
     ) -> _Authenticated:
         rtype = receiver.spec.get("type")
         if rtype == "github":
-            signed = body
             if kind == FORM_TYPE and body:
                 # Gitea signs the JSON document, not the form-encoded body it sends; a form
                 # without that document cannot carry a valid signature (go-github alike).
+                raw = whole_body(body)
                 try:
-                    signed = form_payload(body)
+                    signed = form_payload(raw)
                 except PayloadError:
                     return _Authenticated(
-                        signatures.Verdict(False, "gitea-sha256", "undecodable-form"), body)
-            return _Authenticated(signatures.verify_gitea(headers, signed, token), signed)
+                        signatures.Verdict(False, "gitea-sha256", "undecodable-form"), raw)
+                return _Authenticated(signatures.verify_gitea(headers, signed, token), signed,
+                                      raw)
+            return _held(signatures.verify_gitea(headers, body, token), body)
         # generic and generic-hmac sign the raw bytes, whatever their content type (as Flux).
         if rtype == "generic-hmac":
             verdict = signatures.verify_generic_hmac(headers, body, token)
@@ -139,10 +151,11 @@ class IngestService:
                 headers, body, token, self.wall_clock(),
                 allow_unsigned=self.settings.insecure.allow_unsigned_generic,
             )
-        return _Authenticated(verdict, body)
+        return _held(verdict, body)
 
     async def _authenticate(
-        self, receiver: FluxObject, token: str, request: Request, body: bytes, kind: str
+        self, receiver: FluxObject, token: str, request: Request, body: signatures.Signed,
+        kind: str
     ) -> _Authenticated:
         headers = request.headers
         result = await self._verify_off_loop(receiver, token, headers, body, kind)
@@ -154,12 +167,13 @@ class IngestService:
         return result
 
     async def _verify_off_loop(self, receiver: FluxObject, token: str,
-                               headers: Mapping[str, str], body: bytes,
+                               headers: Mapping[str, str], body: signatures.Signed,
                                kind: str) -> _Authenticated:
-        """`_verify`, on the verification thread for a large body: an HMAC of 3 MiB or a form's
-        decoding takes 5-20 ms, and a flood of them would hold the event loop for all of it.
-        The HMAC releases the GIL; the decoding holds it only for each of its few C steps."""
-        if len(body) < OFF_LOOP_BYTES:
+        """`_verify`, on the verification thread for a large body (`read_parts` leaves it in
+        chunks): an HMAC of 3 MiB or a form's decoding takes 5-20 ms, and a flood of them
+        would hold the event loop for all of it. The HMAC releases the GIL; the decoding holds
+        it only for each of its few C steps."""
+        if isinstance(body, bytes):
             return self._verify(receiver, token, headers, body, kind)
         return await asyncio.get_running_loop().run_in_executor(
             VERIFIER, self._verify, receiver, token, headers, body, kind)
@@ -192,19 +206,20 @@ class IngestService:
                 if isinstance(compiled, str) else
                 "receiver is not ready: invalid spec.resources[].filter"))
         try:
-            body = await read_capped(request, limit)
+            parts = await read_parts(request, limit)
         except BodyTooLarge:
             return self._count(name, "too_large", error(413, f"body exceeds {limit} bytes"))
         kind = media_type(request)
         # Before authentication every answer is the same whatever the Receiver's type: nothing
         # about the body is judged until its signature holds.
-        auth = await self._authenticate(receiver, token, request, body, kind)
+        auth = await self._authenticate(receiver, token, request, parts, kind)
         verdict = auth.verdict
         if not verdict.ok:
             self.metrics.signature_failures.labels(verdict.scheme, verdict.reason).inc()
             log.info("signature rejected", extra={"receiver": name, "scheme": verdict.scheme,
                                                   "reason": verdict.reason})
             return self._count(name, "unauthorized", JSONResponse(UNAUTHORIZED, 401))
+        body = auth.body
         if spec_events.refuses_media(receiver, kind, bool(body)):
             return self._count(name, "unsupported_media", error(415, UNSUPPORTED_MEDIA))
         # spec.events is matched against X-GitHub-Event alone, as Flux does (Gitea sends it with
@@ -288,11 +303,7 @@ class IngestService:
             return joined
         if self.deliveries.active_count >= self.settings.deliveries.max_count:
             return self._count(name, "overloaded", error(503, "too many deliveries in flight"))
-        plan = plan_selection(
-            receiver, selection, self.cluster.store,
-            allow_cross_namespace=self.settings.allow_cross_namespace_refs,
-            resolved=self.specs.resolved(receiver), gitea_prefixes=self.gitea_prefixes,
-        )
+        plan = self.plans.plan(receiver, selection, self.specs.resolved(receiver))
         # Why nothing matched is about the push, not the filter: ask before filtering.
         mismatch = unmatched(push, self.cluster.store) if not plan.targets else None
         if compiled is not None or entries:

@@ -11,6 +11,7 @@ import json
 from typing import Any
 
 from receiver import __version__
+from receiver.web import openapi_flagger
 from receiver.web.openapi_schemas import (
     BAD_HEAD,
     FORM,
@@ -112,6 +113,12 @@ def _deliveries() -> dict[str, Any]:
              "description": "stream until the delivery settles or this many seconds pass "
                             "(capped at `deliveries.max_wait_seconds`)",
              "schema": {"type": "number", "minimum": 0}},
+            {"name": "canaries", "in": "query", "required": False,
+             "description": "`true`: also follow the Flagger canaries of its Kustomizations and "
+                            "HelmReleases (targets of role `canary`): the delivery is ready "
+                            "once they are promoted, failed once one is rolled back. Needs "
+                            "`statuses.canaries.enabled`.",
+             "schema": {"type": "string", "enum": ["true", "false"]}},
         ],
         "responses": {
             "200": {"description": "The delivery now; with `wait`, newline-delimited JSON: "
@@ -119,7 +126,9 @@ def _deliveries() -> dict[str, Any]:
                                    "marker or a retry line.",
                     "content": {JSON: {"schema": ref("Delivery")},
                                 NDJSON: {"schema": {"type": "string"}}}},
-            "400": bad_request("wait must be a number of seconds"),
+            "400": bad_request("wait must be a number of seconds",
+                               "canaries must be true or false",
+                               "canaries are not enabled (statuses.canaries.enabled)"),
             "404": error_response("Unknown, forged or unauthorised.", "no such delivery", "not found"),
             "500": INTERNAL,
         },
@@ -168,6 +177,10 @@ def _badge() -> dict[str, Any]:
             {"name": "repo", "in": "path", "required": True, "schema": string()},
             query("branch", "only sources following this branch count"),
             query("cluster", "a name other than `cluster_name` reads `unknown`"),
+            query("environment", "one of `statuses.fleet.environments`: the badge shows that "
+                  "environment's aggregate status in Gitea (`flux/env/<name>`) on the commit "
+                  "this cluster's sources hold, labelled with its name; another name reads "
+                  "`unknown`"),
             query("style", "`flat` (default) or `flat-square`; anything else renders flat"),
             query("token", "required when `badge_key` is set (`gitea-flux-bridge badge-url`)"),
             header("If-None-Match", "the ETag of a badge already held"),
@@ -207,6 +220,7 @@ def document() -> dict[str, Any]:
         "/deliveries/{id}": _deliveries(),
         "/events": _events(),
         "/badge/{owner}/{repo}.svg": _badge(),
+        **openapi_flagger.paths(),
         "/healthz": _plain("healthz", "Liveness", TEXT),
         "/readyz": readyz,
         "/metrics": _plain("metrics", "Prometheus metrics (text format)", TEXT),
@@ -228,7 +242,8 @@ def document() -> dict[str, Any]:
             "license": {"name": "Apache-2.0", "identifier": "Apache-2.0"},
         },
         "paths": paths,
-        "components": {"schemas": SCHEMAS, "securitySchemes": SECURITY_SCHEMES},
+        "components": {"schemas": {**SCHEMAS, **openapi_flagger.SCHEMAS},
+                       "securitySchemes": SECURITY_SCHEMES},
     }
 
 

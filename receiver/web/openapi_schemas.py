@@ -169,7 +169,8 @@ SCHEMAS: dict[str, Schema] = {
         "final": {"type": "boolean"},
         "omitted_targets": {"type": "integer", "minimum": 1},
         "targets": {"type": "array", "items": {"allOf": [OBJECT_KEY, obj({
-            "role": {"enum": ["annotate", "track"]},
+            "role": {"enum": ["annotate", "track", "canary"],
+                     "description": "`canary`: a Flagger canary (`?canaries=true`)"},
             "state": {"enum": TARGET_STATES},
             "detail": obj({"reason": string(), "message": string()}),
             "supersededBy": string("a `skipped` target taken to a later commit: that commit"),

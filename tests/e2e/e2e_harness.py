@@ -86,10 +86,19 @@ def e2e_peers(names: Sequence[str] = E2E_BINARIES, *, gitea: bool = True
         pytest.fail(f"Flux controllers / Gitea unavailable: {unavailable}", pytrace=False)
     try:
         bin_dir = ensure_binaries(names)
-        static_root = module_dir("gitea") if gitea else None
+        static_root = gitea_static_root() if gitea else None
     except (ControlPlaneError, subprocess.TimeoutExpired) as exc:
         pytest.fail(f"cannot build the real components: {exc}", pytrace=False)
     return bin_dir, static_root
+
+
+def gitea_static_root() -> Path:
+    """Gitea's STATIC_ROOT_PATH: with its web frontend built (`scripts/gitea-frontend.sh`) when
+    it was, else the module source, whose pages have no style and no JavaScript."""
+    out = subprocess.run(["bash", str(ROOT / "scripts" / "gitea-frontend.sh"), "--print-dir"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=60, check=False)
+    built = Path(out.stdout.strip()) if out.returncode == 0 and out.stdout.strip() else None
+    return built if built is not None and built.is_dir() else module_dir("gitea")
 
 
 def module_dir(component: str) -> Path:

@@ -18,9 +18,11 @@ The tests run in file order and build on each other's commits, as one story.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import secrets
+import shutil
 import subprocess
 import time
 from collections.abc import Iterator
@@ -28,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from receiver.delivery.marks import DELIVERIES_ANNOTATION
@@ -69,6 +72,7 @@ class Loop(e2e.BridgeEnv):
     initial_sha: str = ""
     timings: dict[str, float] = field(default_factory=dict)
     commits: dict[str, str] = field(default_factory=dict)  # what a test pushed, for later ones
+    promotion: dict[str, Any] = field(default_factory=dict)  # the pull request, once made
 
     # -- Kubernetes ----------------------------------------------------------------------------------
 
@@ -367,6 +371,79 @@ def test_lead_time_histogram_has_observations(loop: Loop) -> None:
         "notification-controller's generic-hmac Provider reached /events"
     assert metric_value(text, "gfb_statuses_total", {"result": "posted"}) > 0
 
+
+
+def _promotion(loop: Loop) -> dict[str, Any]:
+    """A pull request promoting main into `production`, a branch protected by this cluster's
+    Kustomization contexts (a glob), made once for the module around a deployed push of its own
+    (the tests using it hold in any order). Returns the pull request and the contexts."""
+    if not loop.promotion:
+        # production starts one commit behind: the pull request holds that one push.
+        before = loop.gitea.api("GET", f"/repos/{ORG}/{REPO}/branches/main")["commit"]["id"]
+        head = loop.push({APPS_FILE: configmap("apps-settings", APPS_NS, release="5")},
+                         "apps: release 5")
+        contexts = [context("apps"), context("infra"),
+                    e2e.status_context(CLUSTER, "GitRepository", NS, "fleet")]
+        for name in contexts:
+            loop.wait_state(loop.gitea, ORG, REPO, head, name, "success", STATUS_TIMEOUT)
+        loop.gitea.api("POST", f"/repos/{ORG}/{REPO}/branches",
+                       {"new_branch_name": "production", "old_ref_name": before})
+        loop.gitea.api("POST", f"/repos/{ORG}/{REPO}/branch_protections", {
+            "rule_name": "production", "enable_status_check": True,
+            "status_check_contexts": [context("*")]})
+        pull = loop.gitea.api("POST", f"/repos/{ORG}/{REPO}/pulls", {
+            "head": "main", "base": "production", "title": "Promote main to production"})
+        loop.promotion.update(pull=pull, contexts=contexts)
+    return loop.promotion
+
+
+@contextlib.contextmanager
+def _public(loop: Loop) -> Iterator[None]:
+    """The repository public meanwhile: what an anonymous reader (or browser) gets."""
+    loop.gitea.api("PATCH", f"/repos/{ORG}/{REPO}", {"private": False})
+    try:
+        yield
+    finally:
+        loop.gitea.api("PATCH", f"/repos/{ORG}/{REPO}", {"private": True})
+
+
+def test_gitea_shows_the_bridges_statuses_on_a_promotion_pull_request(loop: Loop) -> None:
+    """What a reviewer sees in Gitea: the pull request's merge box lists the bridge's statuses
+    of main's commit (Gitea's commit page shows them only in a hover pop-up), the branch
+    protection's required contexts are met by them, and it can be merged."""
+    promotion = _promotion(loop)
+    with _public(loop), httpx.Client(trust_env=False, timeout=30) as client:
+        page = client.get(promotion["pull"]["html_url"]).text
+    panel = page[page.rindex("commit-status-panel"):]  # the merge box's (the last one)
+    assert "All checks were successful" in panel[:2000], panel[:2000]
+    for name in promotion["contexts"]:
+        assert name in panel, name
+    assert panel.count("Required") == 2, "the two Kustomization contexts are the required ones"
+    merge = loop.gitea.api("GET", f"/repos/{ORG}/{REPO}/pulls/{promotion['pull']['number']}")
+    assert merge["mergeable"], merge
+
+
+def test_screenshot_of_the_statuses_in_gitea(loop: Loop, tmp_path: Path) -> None:
+    """The pull request page as a browser shows it (headless Chromium), saved as a PNG in
+    $GFBTEST_SCREENSHOTS when set (the README's picture is one), else in the test's temp dir."""
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("chromium is not installed (Debian: apt-get install chromium)")
+    if not (loop.gitea.static_root / "public" / "assets" / ".vite" / "manifest.json").is_file():
+        pytest.skip("the test Gitea has no built web frontend, so its pages have no style "
+                    "(scripts/gitea-frontend.sh builds it)")
+    promotion = _promotion(loop)
+    out = Path(os.environ.get("GFBTEST_SCREENSHOTS") or tmp_path) / "gitea-pull-statuses.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.unlink(missing_ok=True)
+    with _public(loop):
+        shot = subprocess.run([
+            chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+            "--no-proxy-server", f"--user-data-dir={tmp_path / 'chromium'}",
+            "--window-size=1000,1050", f"--screenshot={out}", promotion["pull"]["html_url"]],
+            capture_output=True, text=True, timeout=120, check=False)
+    assert out.is_file() and out.read_bytes().startswith(b"\x89PNG"), shot.stderr[-2000:]
+    print(f"  screenshot of {promotion['pull']['html_url']}: {out} ({out.stat().st_size} bytes)")
 
 # -- helpers -----------------------------------------------------------------------------------------
 

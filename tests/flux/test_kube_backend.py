@@ -21,6 +21,7 @@ from receiver.flux.objects import (
     RECONCILE_ANNOTATION,
     WATCHED_KINDS,
     ObjectKey,
+    cache_kinds,
 )
 from receiver.flux.store import ObjectStore
 from receiver.retry import Backoff
@@ -657,3 +658,58 @@ async def test_the_helm_source_kinds_are_optional_and_indexed_once_permitted(
         assert [c.name for c in cluster.store.helm_charts_for(repos[0].key, "WEB")] == [
             "flux-system-web"]
         assert cluster.not_permitted == []
+
+
+# -- canaries (`statuses.canaries`) ---------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_canaries_and_their_targets_labels_are_cached_targets_slim(
+    fake: FakeKube, make: Callable[..., KubeCluster]
+) -> None:
+    seed(fake)
+    labels = {"kustomize.toolkit.fluxcd.io/name": "app",
+              "kustomize.toolkit.fluxcd.io/namespace": "flux-system"}
+    deployment = obj("Deployment", "web", "apps", replicas=2,
+                     template={"spec": {"containers": [{"name": "web", "image": "x" * 500}]}})
+    deployment["metadata"]["labels"] = labels
+    fake.put(deployment)
+    fake.put(obj("Canary", "web", "apps", targetRef={"kind": "Deployment", "name": "web"}))
+    async with running(make(**cache_kinds(True))) as cluster:
+        await synced(cluster)
+        canary = cluster.store.get(key("Canary", "web", "apps"))
+        assert canary is not None and canary.spec["targetRef"]["name"] == "web"
+        cached = cluster.store.get(key("Deployment", "web", "apps"))
+        assert cached is not None and cached.labels == labels
+        assert "spec" not in cached.raw  # the pod template is not kept
+        # A change of the target's labels (a new owner) reaches the cache, slim as ever.
+        moved = dict(deployment, metadata={**deployment["metadata"], "labels": {"app": "web"}})
+        fake.put(moved)
+        await eventually(lambda: (d := cluster.store.get(key("Deployment", "web", "apps")))
+                         is not None and d.labels == {"app": "web"})
+        updated = cluster.store.get(key("Deployment", "web", "apps"))
+        assert updated is not None and "spec" not in updated.raw
+
+
+@pytest.mark.anyio
+async def test_without_flagger_installed_canaries_are_not_installed_not_unready(
+    fake: FakeKube, make: Callable[..., KubeCluster]
+) -> None:
+    seed(fake)
+    fake.unserve(API_VERSIONS["Canary"], "Canary")
+    async with running(make(absent_recheck_seconds=0.05, **cache_kinds(True))) as cluster:
+        await synced(cluster)
+        assert cluster.not_installed == ["Canary"]
+        assert cluster.sync_errors == {}
+    assert fake.count("list", "canaries") >= 1
+
+
+@pytest.mark.anyio
+async def test_with_canaries_off_neither_canaries_nor_workloads_are_read(
+    fake: FakeKube, make: Callable[..., KubeCluster]
+) -> None:
+    seed(fake)
+    async with running(make()) as cluster:
+        await synced(cluster)
+    assert fake.count("list", "canaries") == fake.count("list", "deployments") == 0
+    assert fake.count("list") == len(WATCHED_KINDS)

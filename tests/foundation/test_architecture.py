@@ -37,6 +37,8 @@ CORE = frozenset({
     "receiver.status.decisions", "receiver.status.fleet", "receiver.status.badges",
     "receiver.status.flux_events", "receiver.doctor.facts", "receiver.doctor.checks",
     "receiver.flux.event_book", "receiver.push.push_events",
+    "receiver.status.canaries", "receiver.status.gates",
+    "receiver.flux.canary", "receiver.delivery.canary_wait",
 })
 
 

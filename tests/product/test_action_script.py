@@ -596,6 +596,51 @@ def test_a_superseded_deployment_fails_the_step_unless_the_workflow_accepts_it(
     assert "deployed: every target" not in result.stderr
 
 
+def _with_canary(line: dict[str, Any], state: str, **detail: str) -> dict[str, Any]:
+    canary = {"apiVersion": "flagger.app/v1beta1", "kind": "Canary", "namespace": "apps",
+              "name": "web", "role": "canary", "state": state}
+    if detail:
+        canary["detail"] = detail
+    return {**line, "targets": [*line["targets"], canary]}
+
+
+def test_the_wait_follows_canaries_when_asked_and_fails_on_a_rollback(
+        scripted: Callable[..., ScriptedBridge]) -> None:
+    # Manifests applied (the Kustomization is ready), the canary still analysing, then rolled
+    # back: the step fails on the rollback, not at "applied".
+    bridge = scripted([(200, [
+        _with_canary(_progress("in_progress", False, "ready"), "reconciling",
+                     reason="Progressing", message="weight 20%"),
+        _with_canary(_progress("failed", True, "ready"), "failed", reason="RolledBack",
+                     message="the canary was rolled back")])])
+    result = run_notify(actions_env(bridge.url, "/hook/x", FLUX_BRIDGE_WAIT="30",
+                                    FLUX_BRIDGE_WAIT_CANARIES="true"))
+    assert result.returncode == 1, result.stderr
+    assert re.fullmatch(r"/deliveries/d-1\?wait=(29|30)&canaries=true", bridge.requests[1][1])
+    assert "Canary apps/web: reconciling (Progressing): weight 20%" in result.stderr
+    assert "Canary apps/web: failed (RolledBack): the canary was rolled back" in result.stderr
+    assert "deployment failed" in result.stderr
+
+
+def test_a_promoted_canary_ends_the_wait_deployed(scripted: Callable[..., ScriptedBridge]) -> None:
+    bridge = scripted([(200, [_with_canary(_progress("ready", True, "ready"), "ready",
+                                           reason="Promoted")])])
+    result = run_notify(actions_env(bridge.url, "/hook/x", FLUX_BRIDGE_WAIT="30",
+                                    FLUX_BRIDGE_WAIT_CANARIES="true"))
+    assert result.returncode == 0, result.stderr
+    assert "every canary promoted" in result.stderr
+
+
+def test_without_the_input_the_wait_does_not_ask_for_canaries(
+        scripted: Callable[..., ScriptedBridge]) -> None:
+    bridge = scripted([(200, [_progress("ready", True, "ready")])])
+    result = run_notify(actions_env(bridge.url, "/hook/x", FLUX_BRIDGE_WAIT="30"))
+    assert result.returncode == 0, result.stderr
+    assert "canaries" not in bridge.requests[1][1]
+    bad = run_notify(actions_env(bridge.url, "/hook/x", FLUX_BRIDGE_WAIT_CANARIES="maybe"))
+    assert bad.returncode == 2 and "must be true or false" in bad.stderr
+
+
 def test_accept_superseded_must_be_true_or_false() -> None:
     result = run_notify(actions_env("http://127.0.0.1:9", "/hook/x",
                                     FLUX_BRIDGE_ACCEPT_SUPERSEDED="yes please"))
@@ -724,6 +769,8 @@ def test_action_metadata() -> None:
     assert "inputs." not in step["run"]
     assert step["env"]["FLUX_BRIDGE_TOKEN"] == "${{ inputs.token }}"
     assert step["env"]["FLUX_BRIDGE_WAIT"] == "${{ inputs.wait-seconds }}"
+    assert action["inputs"]["wait-for-canaries"]["default"] == "false"
+    assert step["env"]["FLUX_BRIDGE_WAIT_CANARIES"] == "${{ inputs.wait-for-canaries }}"
     assert set(action["outputs"]) == {"delivery", "outcome"}
 
 

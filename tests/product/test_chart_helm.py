@@ -634,3 +634,19 @@ def test_notes_tell_how_to_get_hook_urls(helm: str, tmp_path: Path) -> None:
     assert "config.gitea is empty" not in full
     assert "flux-system, apps" in full
     assert "Cluster name in commit statuses: eu-west" in full
+
+
+CANARY_RULES = {("flagger.app", "canaries", v) for v in READ} | {
+    ("apps", r, v) for r in ("deployments", "daemonsets") for v in READ}
+
+
+def test_rbac_reads_canaries_and_workloads_only_when_canaries_are_on(helm: str) -> None:
+    assert not _plain(_rules(one("default", "ClusterRole"))) & CANARY_RULES
+    on = ("config.statuses.canaries.enabled=true",)
+    (cluster_role,) = [d for d in render(DEFAULT, on) if d["kind"] == "ClusterRole"]
+    assert _plain(_rules(cluster_role)) == FLUX_RULES | CANARY_RULES
+    roles = [d for d in render(FULL, on) if d["kind"] == "Role"
+             and d["metadata"]["name"] == FULLNAME]
+    assert len(roles) == 2
+    for role in roles:
+        assert _plain(_rules(role)) == FLUX_RULES | CANARY_RULES

@@ -400,8 +400,10 @@ def _lock() -> dict[str, tuple[str, list[str]]]:
 
 
 def _runtime_requirements() -> list[Requirement]:
+    """What the image installs: the dependencies and the `kube` extra (it runs in a cluster)."""
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    return [Requirement(r) for r in pyproject["project"]["dependencies"]]
+    return [Requirement(r) for r in (*pyproject["project"]["dependencies"],
+                                     *pyproject["project"]["optional-dependencies"]["kube"])]
 
 
 def test_lock_pins_every_runtime_requirement_with_hashes() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -215,7 +216,7 @@ def test_an_unreadable_token_file_is_a_usage_error(
 ) -> None:
     code, _, err = run(capsys, "hook-url", "--name", "n", "--namespace", "ns", "--token-file",
                        str(tmp_path / "missing"))
-    assert code == EXIT_USAGE and "cannot read secret file" in err
+    assert code == EXIT_USAGE and "cannot read token file" in err
     bad = tmp_path / "bad"
     bad.write_bytes(b"\xff\xfe")
     code, _, err = run(capsys, "hook-url", "--name", "n", "--namespace", "ns", "--token-file",
@@ -261,3 +262,116 @@ def test_plan_applies_the_resource_filter_as_the_service_does(
     # A filter that reads what the request lacks fails it, as the service answers 422.
     code, _, err = plan()
     assert code == EXIT_PAYLOAD and "resourceFilter could not be evaluated" in err
+
+
+# -- as a user types them: the real command in its own process -----------------------------------
+
+
+def command(*argv: str, env: dict[str, str] | None = None, prelude: str = ""
+            ) -> subprocess.CompletedProcess[str]:
+    """`gitea-flux-bridge ARGV...` in a child process (`prelude`: Python run before it)."""
+    code = f"import sys\n{prelude}\nfrom receiver.cli import main\nsys.exit(main())"
+    base = {k: v for k, v in os.environ.items()
+            if not k.startswith("GFB_") and k not in ("KUBECONFIG", "KUBERNETES_SERVICE_HOST")}
+    return subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True,
+                          cwd=REPO, env={**base, **(env or {})}, timeout=60, check=False)
+
+
+def one_line_usage_error(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode == EXIT_USAGE, (result.returncode, result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr and "[Errno" not in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize(("argv", "usage"), [
+    (["serve", "--manifest", str(FLEET)], "--manifest"),
+    (["hook-url", "--name", "n", "--namespace", "ns", "--token-file", "t", "--base", "b"],
+     "--base"),
+    (["sign", "--token-file", "t", "--body", "b"], "--body"),
+    (["plan", "--manifests", str(FLEET), "--payload", "p", "--rec", "apps/actions"], "--rec"),
+])
+def test_an_abbreviated_option_is_refused_not_guessed(argv: list[str], usage: str) -> None:
+    result = command(*argv)
+    assert result.returncode == EXIT_USAGE, (result.stdout, result.stderr)
+    assert f"unrecognized arguments: {usage}" in result.stderr
+    assert "started" not in result.stdout + result.stderr
+
+
+def test_a_file_argument_that_cannot_be_read_is_named(tmp_path: Path) -> None:
+    missing = tmp_path / "missing"
+    token = tmp_path / "token"
+    token.write_text("tok")
+    cases = {
+        ("hook-url", "--name", "n", "--namespace", "ns", "--token-file", str(missing)):
+            f"cannot read token file {missing}: No such file or directory",
+        ("sign", "--token-file", str(missing)):
+            f"cannot read token file {missing}: No such file or directory",
+        ("sign", "--token-file", str(token), "--body-file", str(missing)):
+            f"cannot read body file {missing}: No such file or directory",
+        ("sign", "--token-file", str(tmp_path)):
+            f"cannot read token file {tmp_path}: Is a directory",
+        ("badge-url", "--key-file", str(missing), "--owner", "o", "--repo", "r",
+         "--branch", "main", "--base-url", "https://b"):
+            f"cannot read key file {missing}: No such file or directory",
+        ("plan", "--manifests", str(FLEET), "--receiver", "apps/actions",
+         "--payload", str(missing)):
+            f"cannot read payload file {missing}: No such file or directory",
+        ("serve", "--config", str(missing)):
+            f"cannot read configuration file {missing}: No such file or directory",
+    }
+    for argv, message in cases.items():
+        assert one_line_usage_error(command(*argv)) == f"gitea-flux-bridge: {message}", argv
+
+
+def test_a_bad_environment_variable_is_named_without_its_value(tmp_path: Path) -> None:
+    line = one_line_usage_error(command("serve", "--manifests", str(FLEET),
+                                        env={"GFB_LOG_LEVEL": "s3cret-looking"}))
+    assert "log_level (environment variable GFB_LOG_LEVEL)" in line, line
+    assert "s3cret-looking" not in line
+    line = one_line_usage_error(command("serve", "--manifests", str(FLEET),
+                                        env={"GFB_LISTEN__PORTT": "9000"}))
+    assert "listen.portt (environment variable GFB_LISTEN__PORTT): Extra inputs" in line, line
+    # A flag wins over the variable: the error is the flag's, and says no variable.
+    line = one_line_usage_error(command("serve", "--manifests", str(FLEET), "--port", "70000",
+                                        env={"GFB_LISTEN__PORT": "9000"}))
+    assert "listen.port:" in line and "environment" not in line, line
+    missing = tmp_path / "config.yaml"
+    line = one_line_usage_error(command("serve", env={"GFB_CONFIG": str(missing)}))
+    assert f"{missing} (environment variable GFB_CONFIG): No such file" in line, line
+
+
+# Without the `kube` extra: no Kubernetes client installed.
+NO_KUBERNETES = "sys.modules['kubernetes'] = None"
+
+
+@pytest.mark.parametrize("argv", [["serve"], ["doctor"],
+                                  ["hook-url", "--receiver", "apps/actions"]])
+def test_reading_a_cluster_without_the_kube_extra_names_the_extra(argv: list[str]) -> None:
+    line = one_line_usage_error(command(*argv, prelude=NO_KUBERNETES))
+    assert "pip install 'gitea-flux-bridge[kube]'" in line, line
+    assert "kubernetes is not installed" in line, line
+
+
+def test_the_demo_and_the_tools_need_no_kubernetes_client(tmp_path: Path) -> None:
+    token = tmp_path / "token"
+    token.write_text("example-actions-token-change-me")
+    payload = tmp_path / "push.json"
+    payload.write_text(json.dumps({"repository": "https://gitea.example.com/teams/apps",
+                                   "ref": "refs/heads/production", "sha": "a" * 40}))
+    result = command("plan", "--manifests", str(FLEET), "--receiver", "apps/actions",
+                     "--payload", str(payload), prelude=NO_KUBERNETES)
+    assert result.returncode == EXIT_OK, result.stderr
+    assert "team-apps" in result.stdout
+    result = command("hook-url", "--name", "actions", "--namespace", "apps", "--token-file",
+                     str(token), prelude=NO_KUBERNETES)
+    assert result.returncode == EXIT_OK and result.stdout.startswith("/hook/"), result.stderr
+    # What `serve --manifests [--simulate-flux]` imports, without the client.
+    loaded = subprocess.run([sys.executable, "-c", (
+        f"import sys; {NO_KUBERNETES}\n"
+        "import receiver.web.app, receiver.flux.memory, receiver.demo.simulate, uvicorn\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'kubernetes'))")],
+        capture_output=True, text=True, cwd=REPO, timeout=60, check=False)
+    assert loaded.returncode == 0, loaded.stderr
+    assert loaded.stdout.strip() == "['kubernetes']"  # only the blocked entry itself

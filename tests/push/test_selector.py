@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from receiver import signatures as sig
 from receiver.cli import EXIT_OK, EXIT_PAYLOAD, main
+from receiver.gitea.payloads import PayloadError, parse_gitea_push, push_document
 from receiver.push.selector import (
     ACTIONS_BODY,
     GITEA_OTHER,
@@ -21,6 +22,7 @@ from receiver.push.selector import (
     select_payload,
     shape_of,
 )
+from tests import gitea_payloads as gp
 from tests.conftest import ACTIONS_TOKEN, FIXTURES, FLEET, GITEA_TOKEN, HMAC_TOKEN, Bridge
 
 PAYLOADS = FIXTURES / "payloads"
@@ -230,3 +232,83 @@ def test_which_events_and_media_a_github_receiver_answers_without_a_push() -> No
     assert not spec_events.refuses_media(receiver(), "application/x-www-form-urlencoded", True)
     assert not spec_events.refuses_media(receiver(), "text/plain", False)
     assert not spec_events.refuses_media(receiver("generic-hmac"), "text/plain", True)
+
+
+# -- the compiled decoder reads a push exactly as json.loads does ---------------------------------
+
+
+def _general(body: bytes) -> Any:
+    """What the selector made of a body before the compiled decoder: the whole document decoded
+    by json.loads, its shape, and (for a push) what `parse_gitea_push` reads from it."""
+    try:
+        doc = json.loads(body)
+    except (ValueError, RecursionError):
+        return ("not json",)
+    if shape_of(doc) != GITEA_PUSH:
+        return ("shape", shape_of(doc))
+    try:
+        return ("push", parse_gitea_push(doc))
+    except PayloadError as exc:
+        return ("refused", str(exc))
+
+
+def _compiled(body: bytes) -> Any:
+    doc = push_document(body)
+    if doc is None:
+        return None
+    try:
+        return ("push", parse_gitea_push(doc))
+    except PayloadError as exc:
+        return ("refused", str(exc))
+
+
+_FIELDS = ["after", "ref", "total_commits", "head_commit", "commits", "repository", "id",
+           "added", "modified", "removed", "clone_url", "html_url", "full_name", "pusher"]
+_odd_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False)
+    | st.text(max_size=12) | st.sampled_from(["main", "refs/tags/v1", "a" * 40, "0" * 40]),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
+        st.sampled_from(_FIELDS), inner, max_size=4),
+    max_leaves=10)
+_SPLICES = [b"", b"\xff", b"NaN", b"\\ud800", b"\xef\xbb\xbf", b",", b"\x01", b"[" * 3]
+
+
+@given(
+    files=st.lists(st.text(st.characters(codec="utf-8"), max_size=12), max_size=4),
+    ref=st.sampled_from(["refs/heads/main", "main", "refs/tags/v1.0.0", " ", "x" * 1100]),
+    edits=st.dictionaries(st.sampled_from(_FIELDS), _odd_values, max_size=3),
+    nested=st.sampled_from(["repository", "head_commit", "pusher", None]),
+    splice=st.sampled_from(_SPLICES), at=st.integers(0, 10**6), indent=st.sampled_from([None, 2]),
+)
+def test_the_compiled_decoder_reads_a_push_as_json_loads_does(
+        files: list[str], ref: str, edits: dict[str, Any], nested: str | None,
+        splice: bytes, at: int, indent: int | None) -> None:
+    """Whatever the body (a Gitea push, fields of other types, foreign fields, bytes that make
+    it other JSON or no JSON): where the compiled decoder gives an answer it is the general
+    path's; everywhere else (None) the selector takes the general path itself."""
+    doc = gp.push("org/app", ref, [gp.commit("org/app", "c", modified=files)])
+    if nested is not None and isinstance(doc.get(nested), dict):
+        doc[nested].update(edits)
+    else:
+        doc.update(edits)
+    body = gp.go_json(doc, indent)
+    if splice:
+        cut = at % (len(body) + 1)
+        body = body[:cut] + splice + body[cut:]
+    fast = _compiled(body)
+    if fast is not None:
+        assert fast == _general(body)
+    try:
+        chosen: Any = ("push", select_payload("generic", body).push)
+    except PayloadRefused as exc:
+        chosen = ("refused", exc.message)
+    general = _general(body)
+    if general[0] in ("push", "refused"):
+        assert chosen == general
+
+
+def test_an_unchanged_gitea_push_takes_the_compiled_decoder() -> None:
+    body = gp.gitea_bytes(gp.push("org/app", "refs/heads/main", [
+        gp.commit("org/app", "c", modified=["apps/a/x.yaml"], added=["b/ü.yaml"])]))
+    assert _compiled(body) == _general(body)
+    assert _compiled(body) is not None

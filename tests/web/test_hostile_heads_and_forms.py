@@ -15,11 +15,13 @@ from hypothesis import strategies as st
 
 from receiver import signatures as sig
 from receiver.gitea.payloads import MAX_FORM_FIELDS, PayloadError, form_payload
-from tests.conftest import ACTIONS_TOKEN, GITEA_TOKEN, Bridge
+from tests import gitea_payloads as gp
+from tests.conftest import ACTIONS_TOKEN, GITEA_TOKEN, HMAC_TOKEN, Bridge
 from tests.loopprobe import probing
 
 GITEA_PATH = "/hook/" + sig.hook_digest(GITEA_TOKEN, "gitea", "flux-system")
 ACTIONS_PATH = "/hook/" + sig.hook_digest(ACTIONS_TOKEN, "actions", "apps")
+HMAC_PATH = "/hook/" + sig.hook_digest(HMAC_TOKEN, "hmac", "flux-system")
 FORM = "application/x-www-form-urlencoded"
 
 
@@ -110,3 +112,37 @@ async def test_a_signature_with_thousands_of_candidates_is_malformed(bridge: Bri
 def test_a_long_form_field_decodes_the_same_in_slices(unit: bytes, repeat: int) -> None:
     doc = (unit * repeat)[:400_000]  # several 128 KiB slices, escapes across every cut
     assert form_payload(b"payload=" + quote_plus(doc).encode()) == doc
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("scheme", ["github", "generic-hmac", "timestamped"])
+async def test_a_large_signed_push_is_taken_and_a_forged_one_refused(
+        bridge: Bridge, scheme: str) -> None:
+    """A body from 64 KiB on is verified in the chunks it arrived in and joined only once its
+    signature holds: the one signed with the token is routed, the same bytes signed otherwise
+    are not."""
+    repo, ref, source = (("teams/apps", "refs/heads/production", ("apps", "team-apps"))
+                         if scheme == "timestamped" else
+                         ("platform/fleet", "refs/heads/main", ("flux-system", "flux-system")))
+    doc = gp.push(repo, ref, [gp.commit(repo, "big " + "x" * 200_000, modified=["a.yaml"])])
+    body = gp.gitea_bytes(doc)
+    assert len(body) > 200_000
+    path, token = {"github": (GITEA_PATH, GITEA_TOKEN), "generic-hmac": (HMAC_PATH, HMAC_TOKEN),
+                   "timestamped": (ACTIONS_PATH, ACTIONS_TOKEN)}[scheme]
+
+    def headers(key: str) -> dict[str, str]:
+        if scheme == "github":
+            return {"X-Gitea-Signature": sig.hmac_hex("sha256", key, body)}
+        if scheme == "generic-hmac":
+            return {"X-Signature": "sha256=" + sig.hmac_hex("sha256", key, body)}
+        return {"X-Signature": sig.sign_timestamped(key, body, int(time.time()))}
+
+    common = {"Content-Type": "application/json", "X-Gitea-Event": "push"}
+    forged = await bridge.client.post(path, content=body, headers={**common, **headers("nope")})
+    assert (forged.status_code, forged.json()) == (401, {"error": "unauthorized"})
+    assert bridge.cluster.patches == []
+    taken = await bridge.client.post(path, content=body, headers={**common, **headers(token)})
+    assert taken.status_code == 202, taken.text
+    assert taken.json()["commit"] == doc["after"]
+    assert ("GitRepository", *source) in {
+        (t["kind"], t["namespace"], t["name"]) for t in taken.json()["targets"]}

@@ -22,6 +22,10 @@
 #   FLUX_BRIDGE_ACCEPT_SUPERSEDED
 #                           true: a deployment superseded by a later commit (Flux went past
 #                           this one before reporting it) ends the wait with 0, not 4
+#   FLUX_BRIDGE_WAIT_CANARIES
+#                           true: the wait also follows the Flagger canaries of the deployed
+#                           Kustomizations and HelmReleases; it ends when they are promoted
+#                           (0) or one is rolled back (1), not when the manifests are applied
 #
 # Exit status: 0 accepted (and, when waiting, every target Ready at the commit);
 #              1 the deployment failed or timed out, or the wait ran out first;
@@ -57,6 +61,7 @@ ref=${FLUX_BRIDGE_REF:-${GITHUB_REF:-}}
 sha=${FLUX_BRIDGE_SHA:-${GITHUB_SHA:-}}
 raw_paths=${FLUX_BRIDGE_PATHS:-}
 accept_superseded=${FLUX_BRIDGE_ACCEPT_SUPERSEDED:-false}
+wait_canaries=${FLUX_BRIDGE_WAIT_CANARIES:-false}
 
 if [[ -z $repository ]]; then
 	server=${GITHUB_SERVER_URL:-}
@@ -96,6 +101,11 @@ case $accept_superseded in
 true | 1) accept_superseded=true ;;
 false | 0 | "") accept_superseded=false ;;
 *) die 2 "accept-superseded (FLUX_BRIDGE_ACCEPT_SUPERSEDED) must be true or false" ;;
+esac
+case $wait_canaries in
+true | 1) wait_canaries=true ;;
+false | 0 | "") wait_canaries=false ;;
+*) die 2 "wait-for-canaries (FLUX_BRIDGE_WAIT_CANARIES) must be true or false" ;;
 esac
 [[ -n $repository ]] ||
 	die 2 "no repository: set GITHUB_SERVER_URL and GITHUB_REPOSITORY, or FLUX_BRIDGE_REPOSITORY"
@@ -349,6 +359,9 @@ fi
 printf -v started '%(%s)T' -1
 deadline=$((started + wait_seconds))
 deliveries_url="$base_url/deliveries/$(urlencode "$delivery")"
+# With canaries the delivery also follows Flagger: promoted is ready, rolled back is failed.
+canaries_query=""
+[[ $wait_canaries == true ]] && canaries_query="&canaries=true"
 outcome=in_progress
 superseded_by=""
 not_found=0
@@ -362,7 +375,7 @@ while :; do
 	retry=""
 	: >"$tmp/response-headers"
 	curl "${curl_opts[@]}" --no-buffer --max-time $((remaining + 30)) -D "$tmp/response-headers" \
-		-H @"$tmp/headers" "$deliveries_url?wait=$remaining" |
+		-H @"$tmp/headers" "$deliveries_url?wait=$remaining$canaries_query" |
 		while IFS= read -r line || [[ -n $line ]]; do
 			[[ -n $line ]] || continue
 			printf '%s\n' "$line"
@@ -393,7 +406,11 @@ while :; do
 		set_output outcome "$outcome"
 		case $outcome in
 		ready)
-			say "deployed: every target is Ready at $sha"
+			if [[ $wait_canaries == true ]]; then
+				say "deployed: every target is Ready at $sha and every canary promoted"
+			else
+				say "deployed: every target is Ready at $sha"
+			fi
 			exit 0
 			;;
 		superseded)

@@ -143,6 +143,19 @@ commit statuses in Gitea.
 {{- end -}}
 
 {{/*
+Flagger canaries (config.statuses.canaries.enabled): the Canaries, and the workloads they target,
+whose labels say which Kustomization or HelmRelease applied them. Read only; granted only when on.
+*/}}
+{{- define "gfb.canaryRules" -}}
+- apiGroups: ["flagger.app"]
+  resources: ["canaries"]
+  verbs: ["get", "list", "watch"]
+- apiGroups: ["apps"]
+  resources: ["deployments", "daemonsets"]
+  verbs: ["get", "list", "watch"]
+{{- end -}}
+
+{{/*
 The pod's grace period, from the start of the preStop hook to SIGKILL: the preStop sleep, the
 drain, requests in progress, the status queue flush (config.shutdown) and 5 s to close the
 watches and exit. ?wait streams (up to config.deliveries.max_wait_seconds) are not part of it:

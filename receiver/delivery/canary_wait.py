@@ -1,0 +1,102 @@
+"""A delivery that waits for its canaries too (`GET /deliveries/{id}?canaries=true`). Pure.
+
+Flux applying the manifests is not the end of a release run by Flagger: the canary is analysed
+after, and is promoted or rolled back minutes later. Asked to, the delivery view adds one target
+per Canary whose workload was applied by one of the delivery's Kustomizations or HelmReleases
+(`flux.canary.owner_of`), role `canary`:
+
+- while its consumer is not Ready at the commit: `queued` (or `skipped`, when the consumer
+  ended another way: its failure or time-out is the delivery's outcome already);
+- once it is: `reconciling` while Flagger analyses, waits for promotion or promotes; `ready`
+  when promoted, `failed` when rolled back; a phase set before the deploy (`since`: the push,
+  or the consumer's Ready transition if later) is Flagger not having noticed yet, so it waits,
+  for at most `pickup_seconds`: a commit that does not change the workload starts no analysis,
+  and then the canary's standing phase is its outcome (a canary still rolled back fails it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from receiver.delivery.record import DeliveryRecord
+from receiver.delivery.view import DeliveryView, Lookup, TargetView
+from receiver.flux.canary import FAILED, PHASES, SUCCEEDED, owner_of, phase_changed_at, target_of
+from receiver.flux.objects import CONSUMER_KINDS, FluxObject, ObjectKey
+from receiver.flux.revisions import FAILED as FAILED_STATE
+from receiver.flux.revisions import FINAL_STATES, QUEUED, READY, RECONCILING, SKIPPED
+from receiver.times import epoch_seconds
+
+CANARY_ROLE = "canary"
+PROMOTED_PHASES = frozenset({SUCCEEDED, "Initialized"})
+# Phases in which Flagger is still at work on the current revision.
+WORKING_PHASES = frozenset(PHASES) - PROMOTED_PHASES - {FAILED, "Terminating", "Terminated"}
+
+
+def canaries_by_consumer(canaries: Iterable[FluxObject], lookup: Lookup
+                         ) -> dict[ObjectKey, list[FluxObject]]:
+    """The Canaries whose target workload each consumer applied."""
+    out: dict[ObjectKey, list[FluxObject]] = {}
+    for canary in canaries:
+        target = target_of(canary)
+        workload = lookup(target) if target is not None else None
+        owner = owner_of(workload) if workload is not None else None
+        if owner is not None:
+            out.setdefault(owner, []).append(canary)
+    return out
+
+
+def _progress(canary: FluxObject) -> str:
+    status = canary.status
+    return (f"{status.get('phase')}: weight {status.get('canaryWeight', 0)}%, iteration "
+            f"{status.get('iterations', 0)}, failed checks {status.get('failedChecks', 0)}")
+
+
+def canary_target(canary: FluxObject, consumer: TargetView, consumer_obj: FluxObject | None,
+                  received: float, now: float, pickup_seconds: float) -> TargetView:
+    """Where one canary stands for the delivery (module docstring)."""
+    key = canary.key
+    if consumer.state != READY:
+        if consumer.state in FINAL_STATES:
+            return TargetView(key, CANARY_ROLE, SKIPPED, "DeployNotReady",
+                              f"{consumer.key} ended {consumer.state}")
+        return TargetView(key, CANARY_ROLE, QUEUED, "WaitingForDeploy",
+                          f"{consumer.key} is not Ready at the commit yet")
+    since = received
+    ready = consumer_obj.condition("Ready") if consumer_obj is not None else None
+    became_ready = epoch_seconds(ready.get("lastTransitionTime")) if ready else None
+    if became_ready is not None:
+        since = max(since, became_ready)
+    phase = str(canary.status.get("phase", ""))
+    changed = epoch_seconds(phase_changed_at(canary))
+    # Kubernetes times have whole seconds: a transition in the push's second counts as after.
+    fresh = changed is not None and changed >= int(since)
+    if phase in WORKING_PHASES:
+        return TargetView(key, CANARY_ROLE, RECONCILING, phase, _progress(canary))
+    if phase not in PROMOTED_PHASES and phase != FAILED:
+        return TargetView(key, CANARY_ROLE, SKIPPED, "CanaryTerminated",
+                          f"phase {phase or 'unset'}")
+    if not fresh and now < since + pickup_seconds:
+        return TargetView(key, CANARY_ROLE, RECONCILING, "WaitingForFlagger",
+                          f"phase {phase} is from before the deploy; Flagger has not started "
+                          "an analysis yet")
+    if phase == FAILED:
+        why = "the canary was rolled back" if fresh else \
+            "no new analysis started; the canary stays rolled back"
+        return TargetView(key, CANARY_ROLE, FAILED_STATE, "RolledBack", why)
+    why = "the canary was promoted" if fresh else \
+        "no analysis started after the deploy: the workload did not change"
+    return TargetView(key, CANARY_ROLE, READY, "Promoted" if fresh else "NoAnalysis", why)
+
+
+def with_canaries(view: DeliveryView, record: DeliveryRecord, canaries: Iterable[FluxObject],
+                  lookup: Lookup, now: float, pickup_seconds: float) -> DeliveryView:
+    """The view, plus a `canary` target for every canary of its consumers."""
+    owned = canaries_by_consumer(canaries, lookup)
+    added: list[TargetView] = []
+    for target in view.targets:
+        if target.key.kind not in CONSUMER_KINDS:
+            continue
+        for canary in sorted(owned.get(target.key, ()), key=lambda c: c.key):
+            added.append(canary_target(canary, target, lookup(target.key), record.received,
+                                       now, pickup_seconds))
+    return DeliveryView((*view.targets, *added)) if added else view

@@ -1,0 +1,60 @@
+"""Flagger's Canary as the cache holds it: the workload it targets, the Flux object that
+applied that workload (from Flux's labels), and its phases. Pure."""
+
+from __future__ import annotations
+
+from receiver.flux.objects import WORKLOAD_KINDS, FluxObject, ObjectKey
+
+# The labels Flux's controllers put on every object they apply.
+OWNER_LABELS: dict[str, tuple[str, str]] = {
+    "Kustomization": ("kustomize.toolkit.fluxcd.io/name", "kustomize.toolkit.fluxcd.io/namespace"),
+    "HelmRelease": ("helm.toolkit.fluxcd.io/name", "helm.toolkit.fluxcd.io/namespace"),
+}
+
+PROGRESSING, WAITING_PROMOTION, SUCCEEDED, FAILED = (
+    "Progressing", "WaitingPromotion", "Succeeded", "Failed")
+PHASES = ("Initializing", "Initialized", "Waiting", PROGRESSING, WAITING_PROMOTION, "Promoting",
+          "Finalising", SUCCEEDED, FAILED, "Terminating", "Terminated")
+FINAL_PHASES = frozenset({SUCCEEDED, FAILED, "Initialized"})
+
+
+def target_of(canary: FluxObject) -> ObjectKey | None:
+    """The workload a Canary's `spec.targetRef` names (always in the Canary's namespace), if it
+    is a kind Flagger rolls out and the bridge caches."""
+    ref = canary.spec.get("targetRef")
+    if not isinstance(ref, dict):
+        return None
+    kind, name = ref.get("kind"), ref.get("name")
+    if kind not in WORKLOAD_KINDS or not isinstance(name, str) or not name:
+        return None
+    return ObjectKey(str(kind), canary.namespace, name)
+
+
+def owner_of(workload: FluxObject) -> ObjectKey | None:
+    """The Kustomization or HelmRelease that applied a workload, from Flux's labels. Should a
+    workload carry both, the HelmRelease's win: helm-controller labels what it installs, a
+    Kustomization labels the HelmRelease object itself, not the chart's workloads."""
+    labels = workload.labels
+    found: list[ObjectKey] = []
+    for kind in ("HelmRelease", "Kustomization"):
+        name_label, namespace_label = OWNER_LABELS[kind]
+        name, namespace = labels.get(name_label), labels.get(namespace_label)
+        if name and namespace:
+            found.append(ObjectKey(kind, namespace, name))
+    return found[0] if found else None
+
+
+def phase_changed_at(canary: FluxObject) -> str:
+    """When Flagger last changed the canary's phase (RFC 3339; "" if it does not say).
+
+    `status.lastTransitionTime` will not do: Flagger rewrites it on every status write (weight,
+    iterations, a resync of the same phase). Its `Promoted` condition changes only with the
+    phase (its reason), and its `lastUpdateTime` says when."""
+    for cond in canary.status.get("conditions") or []:
+        if isinstance(cond, dict) and cond.get("type") == "Promoted":
+            for field in ("lastUpdateTime", "lastTransitionTime"):
+                value = cond.get(field)
+                if isinstance(value, str) and value:
+                    return value
+    value = canary.status.get("lastTransitionTime")
+    return value if isinstance(value, str) else ""

@@ -1,0 +1,189 @@
+"""Flagger Canaries on the commit, and the promotion gates Flagger asks: the shell around
+`canaries` and `gates`.
+
+Every change of a cached Canary is mapped to the status of the commit it analyses and queued
+(the queue compares it with what Gitea shows; the fleet check follows each post), once Flagger
+has changed its phase since that commit was applied (`canaries.decided_for`). The resync
+derives the same statuses from the cache, so a lost change or a restart is repaired.
+
+Which check failed is not in a Canary's status: Flagger says it only in its events. Its `event`
+webhook (`note_event`) tells this replica, which names the check in the `failure` it posts;
+another replica (or the resync) says "canary analysis failed" instead. The resync compares
+states only, so the named wording stays once posted.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+
+from receiver.bounded import BoundedMap
+from receiver.config import Settings
+from receiver.flux.canary import FAILED
+from receiver.flux.cluster import Cluster
+from receiver.flux.objects import CANARY_KINDS, FluxObject, ObjectKey
+from receiver.gitea.client import GiteaError
+from receiver.status.canaries import (
+    Found,
+    Unknown,
+    analysed_commit,
+    canary_context,
+    canary_verdict,
+    decided_for,
+    failed_check,
+)
+from receiver.status.decisions import DesiredStatus, applied_commit
+from receiver.status.gates import GateAnswer, answer
+from receiver.status.gitea_view import Budget, GiteaView
+from receiver.status.locator import Locator
+from receiver.status.queue import StatusQueue
+from receiver.status.repos import RepoRef, repo_of
+from receiver.templates import StatusTemplates
+
+log = logging.getLogger("receiver.status_service")
+
+
+class CanaryStatuses:
+    memory_size = 10_000  # canaries whose failed check or unknown commit is remembered
+    # Flagger rewrites a Canary's status at every interval: an exact repeat of what this replica
+    # queued for it within this window is not queued again (each would cost a Gitea read). It
+    # never decides what Gitea shows: another state goes at once, and the resync repairs.
+    repeat_seconds = 60.0
+    gate_read_pages = 10  # a gate reads the commit's statuses newest first, this many pages
+
+    def __init__(self, settings: Settings, cluster: Cluster, templates: StatusTemplates,
+                 locator: Locator, queue: StatusQueue, view: GiteaView) -> None:
+        self._cfg = settings.statuses.canaries
+        self._cluster = cluster
+        self._templates = templates
+        self._locator = locator
+        self._queue = queue
+        self._view = view
+        self._queued: BoundedMap[ObjectKey, tuple[DesiredStatus, float]] = BoundedMap(
+            self.memory_size)
+        self._clock = time.monotonic
+        self.failed_checks: BoundedMap[ObjectKey, str] = BoundedMap(self.memory_size)
+        # Canaries whose commit cannot be told, and why (said once per reason in the log).
+        self.unknown: BoundedMap[ObjectKey, str] = BoundedMap(self.memory_size)
+        if self.enabled:
+            cluster.store.subscribe(self._on_change)
+
+    @property
+    def enabled(self) -> bool:
+        return self._cfg.enabled
+
+    # -- which commit, and what to post ------------------------------------------------------
+
+    def _source_of(self, key: ObjectKey) -> FluxObject | None:
+        return self._locator.object_and_source(key)[1]
+
+    def locate(self, canary: FluxObject) -> tuple[Found, RepoRef] | Unknown:
+        """The commit a canary analyses and its repository, or why it cannot be told."""
+        found = analysed_commit(canary, self._cluster.store.get, self._source_of,
+                                applied_commit)
+        if isinstance(found, Unknown):
+            return found
+        repo = repo_of(found.owner, found.source, self._locator.normalise)
+        if repo is None:
+            return Unknown(f"Canary {canary.namespace}/{canary.name}: {found.owner.key} has no "
+                           "Git repository to post to")
+        return found, repo
+
+    def desired(self, canary: FluxObject) -> DesiredStatus | None:
+        verdict = canary_verdict(canary, self.failed_checks.get(canary.key, ""))
+        if verdict is None:
+            return None
+        located = self.locate(canary)
+        if isinstance(located, Unknown):
+            if self.unknown.get(canary.key) != located.reason:
+                log.warning("canary status not posted: its commit cannot be told",
+                            extra={"canary": str(canary.key), "reason": located.reason})
+            self.unknown[canary.key] = located.reason
+            return None
+        self.unknown.pop(canary.key, None)
+        found, repo = located
+        if not decided_for(canary, found.owner):
+            return None
+        context = canary_context(self._cfg.context_template, self._templates.cluster, canary,
+                                 self._templates.lower)
+        return DesiredStatus(repo.key, repo.owner, repo.name, found.sha, context,
+                             verdict.state, verdict.description)
+
+    def all_desired(self) -> Iterable[DesiredStatus]:
+        """Every cached canary's status (the resync's share)."""
+        if not self.enabled:
+            return []
+        out = []
+        for kind in CANARY_KINDS:
+            for canary in self._cluster.store.list(kind):
+                desired = self.desired(canary)
+                if desired is not None:
+                    out.append(desired)
+        return out
+
+    def post(self, canary: FluxObject) -> None:
+        desired = self.desired(canary)
+        if desired is None or not self._queue.accepting:
+            return
+        now = self._clock()
+        last = self._queued.get(canary.key)
+        if last is not None and last[0] == desired and now - last[1] < self.repeat_seconds:
+            return
+        self._queued[canary.key] = (desired, now)
+        if self._queue.enqueue([desired], state_only=False) is None:
+            log.warning("status queue full: canary status left to the resync",
+                        extra={"canary": str(canary.key)})
+
+    def _on_change(self, op: str, obj: FluxObject) -> None:
+        if obj.kind not in CANARY_KINDS:
+            return
+        if op == "delete":
+            self.failed_checks.pop(obj.key, None)
+            self.unknown.pop(obj.key, None)
+            self._queued.pop(obj.key, None)
+            return
+        self.post(obj)
+
+    # -- Flagger's webhooks --------------------------------------------------------------------
+
+    def note_event(self, namespace: str, name: str, message: str) -> None:
+        """A Flagger event: remember the check it says failed, and say it if already failed."""
+        check = failed_check(message)
+        if check is None:
+            return
+        key = ObjectKey("Canary", namespace, name)
+        self.failed_checks[key] = check
+        canary = self._cluster.store.get(key)
+        if canary is not None and canary.status.get("phase") == FAILED:
+            self.post(canary)
+
+    async def gate(self, gate: str, hook: str, namespace: str, name: str) -> tuple[int, str]:
+        """(HTTP status, reason) for a Flagger gate webhook: 200 to go on (or, for `rollback`,
+        to roll back), 403 not (yet), 404 unknown gate or canary, 409 when the commit cannot
+        be told, 503 when Gitea cannot be read."""
+        require = self._cfg.gates.get(gate)
+        if require is None:
+            return 404, f"no gate named {gate!r}"
+        canary = self._cluster.store.get(ObjectKey("Canary", namespace, name))
+        if canary is None:
+            return 404, f"no Canary {namespace}/{name} in the cache"
+        located = self.locate(canary)
+        if isinstance(located, Unknown):
+            return 409, located.reason
+        found, repo = located
+        instances = self._locator.instances(repo.key)
+        if not instances:
+            return 409, f"no configured Gitea instance hosts {repo.full_name}"
+        contexts = frozenset(require.require)
+        try:
+            listing = await self._view.read_commit(
+                (instances[0], repo.key, found.sha), repo.owner, repo.name, contexts,
+                Budget(self.gate_read_pages), "gate")
+        except GiteaError as exc:
+            return 503, f"cannot read the statuses of {found.sha[:12]}: {exc}"
+        if not listing.covered:
+            return 503, f"{found.sha[:12]} has too many statuses to read"
+        shown = {c: fields[0] for c, fields in listing.shown.items()}
+        verdict: GateAnswer = answer(hook, require.require, shown, found.sha)
+        return (200 if verdict.yes else 403), verdict.reason
