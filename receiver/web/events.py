@@ -3,19 +3,22 @@
 Validate, then act: size and media type, then authentication (HMAC over the raw bytes or a
 bearer token; unsigned only behind the insecure switch), then the event, then the mapping to
 statuses (`statuses.desired_from_event`), queued with the body's digest so a redelivery of the
-same event is known.
+same event is known. A Kustomization's or HelmRelease's `success` goes with the `pending` of the
+canaries whose target it applied (`companions`, from `CanaryStatuses.on_applied`): Flagger has
+not started their analysis yet.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+from collections.abc import Callable
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from receiver.config import Settings
-from receiver.flux.objects import ObjectKey
+from receiver.flux.objects import CONSUMER_KINDS, ObjectKey
 from receiver.metrics import Metrics
 from receiver.signatures import verify_bearer, verify_event
 from receiver.status.decisions import MAPPED, DesiredStatus, desired_from_event
@@ -38,7 +41,10 @@ from receiver.web.http import (
 
 class EventsEndpoint:
     def __init__(self, settings: Settings, templates: StatusTemplates, locator: Locator,
-                 secrets: SecretReader, queue: StatusQueue, metrics: Metrics) -> None:
+                 secrets: SecretReader, queue: StatusQueue, metrics: Metrics,
+                 companions: Callable[[ObjectKey, DesiredStatus], list[DesiredStatus]]
+                 | None = None) -> None:
+        self._companions = companions
         self._settings = settings
         self._templates = templates
         self._locator = locator
@@ -87,6 +93,9 @@ class EventsEndpoint:
             return mapping.outcome, []
         if not self._locator.instances(mapping.status.repo_key):
             return "no_instance", []
+        key = ObjectKey(inv.kind, inv.namespace, inv.name)
+        if self._companions is not None and key.kind in CONSUMER_KINDS:
+            return mapping.outcome, [*self._companions(key, mapping.status), mapping.status]
         return mapping.outcome, [mapping.status]
 
     async def _authorised(self, request: Request, body: bytes) -> bool:
