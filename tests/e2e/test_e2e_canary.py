@@ -55,6 +55,7 @@ CANARY_CONTEXT = f"flagger/{CLUSTER}/{APP_NS}/podinfo"
 KS_CONTEXT = e2e.status_context(CLUSTER, "Kustomization", NS, "shop")
 APPROVAL = "approve/production"
 LEASE = "canary-bridge-resync"
+AGGREGATES = ("flux/fleet", "flux/env/staging")
 
 DEPLOY_TIMEOUT = 120.0
 CANARY_TIMEOUT = 300.0  # Flagger's analysis ticks every 10 s at the least
@@ -174,6 +175,16 @@ class Canaries(e2e.BridgeEnv):
                              params={"environment": environment}).text
         assert f">{environment}<" in svg, svg
         return next(m for m in ("deployed", "failed", "deploying", "unknown") if f">{m}<" in svg)
+
+    def aggregates_before_the_canary(self, sha: str, final: str) -> list[tuple[str, str]]:
+        """(context, state) of each fleet or environment status Gitea shows on the commit from
+        before the canary's first `final` status (Gitea numbers statuses in the order set)."""
+        shown = self.gitea.statuses(ORG, REPO, sha)
+        ends = [s["id"] for s in shown
+                if s.get("context") == CANARY_CONTEXT and s.get("status") == final]
+        assert ends, e2e.shown(shown)
+        return [(str(s["context"]), str(s["status"])) for s in shown
+                if s["id"] < min(ends) and s.get("context") in AGGREGATES]
 
     def gate_answers(self, status: int) -> int:
         return sum(1 for r in self.bridge.records("flagger gate answered")
@@ -326,6 +337,10 @@ def test_a_passing_canary_holds_at_the_gate_until_approved_in_gitea(canaries: Ca
         env.wait_status(sha, "flux/fleet", "success", 60)
         env.wait_status(sha, "flux/env/staging", "success", 60)
         assert env.badge("staging") == "deployed"
+        # Between Flux's apply and Flagger's promotion the aggregates waited, never read success.
+        early = env.aggregates_before_the_canary(sha, "success")
+        print(f"  aggregates on {sha[:12]} before the promotion: {early}")
+        assert early and all(state == "pending" for _, state in early), early
     finally:
         if job.poll() is None:
             job.kill()
@@ -358,6 +373,12 @@ def test_a_failing_canary_is_rolled_back_and_fails_the_commit_and_the_ci_wait(
         assert env.history(sha, KS_CONTEXT)[-1]["status"] == "success"
         print(f"  flux/fleet on {sha[:12]}: {e2e.described(fleet)}")
         env.wait_status(sha, "flux/env/staging", "failure", 60)
+        # The Kustomization's success came long before Flagger's verdict: no aggregate said
+        # success meanwhile.
+        early = env.aggregates_before_the_canary(sha, "failure")
+        print(f"  aggregates on {sha[:12]} before the rollback: {early}")
+        assert all(state == "pending" for _, state in early), early
+        assert "success" not in [s["status"] for c in AGGREGATES for s in env.history(sha, c)]
         env.wait("the staging badge to read failed", lambda: env.badge("staging") == "failed",
                  60)
         assert any(not passed for _, passed in env.checks.calls), "no failing check was asked"
