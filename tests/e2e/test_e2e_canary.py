@@ -312,7 +312,8 @@ def test_a_passing_canary_holds_at_the_gate_until_approved_in_gitea(canaries: Ca
         env.wait("the gate to refuse twice more", lambda: env.gate_answers(403) >= refused + 2,
                  60)
         assert env.phase("WaitingPromotion"), env.canary().get("status")
-        assert job.poll() is None, "the CI job ended before the promotion"
+        assert job.poll() is None, ("the CI job ended before the promotion",
+                                    job.communicate())
         env.timings["push -> waiting at the gate"] = time.monotonic() - started
 
         approved = time.monotonic()
