@@ -18,9 +18,8 @@ PHASES = ("Initializing", "Initialized", "Waiting", PROGRESSING, WAITING_PROMOTI
           "Finalising", SUCCEEDED, FAILED, "Terminating", "Terminated")
 FINAL_PHASES = frozenset({SUCCEEDED, FAILED, "Initialized"})
 GONE_PHASES = frozenset({"Terminating", "Terminated"})
-# Flagger's own writes to its target (scaling it up and down around an analysis) start no
-# analysis; it writes without naming a field manager, so client-go names it after the binary.
-FLAGGER_MANAGER = "flagger"
+# The field managers Flux's controllers apply a commit with (their controller names).
+FLUX_MANAGERS = frozenset({"kustomize-controller", "helm-controller"})
 
 
 def target_of(canary: FluxObject) -> ObjectKey | None:
@@ -66,14 +65,14 @@ def phase_changed_at(canary: FluxObject) -> str:
 
 
 def workload_changed_at(workload: FluxObject) -> str:
-    """When the workload itself (not its status or scale) was last changed by anyone but
-    Flagger (RFC 3339; "" if it does not say): the API server stamps a field manager's
-    `managedFields` entry only when that manager changes a field, so an apply that changed
-    nothing leaves it as it was."""
+    """When a Flux controller last changed the workload itself (RFC 3339; "" if it does not
+    say): the API server stamps a field manager's `managedFields` entry only when that manager
+    changes a field, so an apply that changed nothing leaves it as it was. Only Flux applies
+    commits; Flagger scaling its target, status and scale updates are not counted."""
     latest, latest_at = "", float("-inf")
     for entry in workload.metadata.get("managedFields") or []:
         if not isinstance(entry, dict) or entry.get("subresource") or \
-                entry.get("manager") == FLAGGER_MANAGER:
+                entry.get("manager") not in FLUX_MANAGERS:
             continue
         value = entry.get("time")
         at = epoch_seconds(value) if isinstance(value, str) else None

@@ -172,10 +172,12 @@ def _workload(*entries: tuple[str, str, str]) -> FluxObject:
             for m, sub, t in entries]}}))
 
 
-def test_the_workload_changed_when_anyone_but_flagger_last_changed_it() -> None:
+def test_the_workload_changed_when_a_flux_controller_last_changed_it() -> None:
     workload = _workload(("kustomize-controller", "", "2026-12-07T10:00:00Z"),
-                         ("kubectl-rollout", "", "2026-12-07T10:02:00Z"),
+                         ("helm-controller", "", "2026-12-07T10:02:00Z"),
+                         ("helm-controller", "scale", "2026-12-07T10:03:00Z"),
                          ("flagger", "", "2026-12-07T10:05:00Z"),
+                         ("kube-controller-manager", "", "2026-12-07T10:06:00Z"),
                          ("kube-controller-manager", "status", "2026-12-07T10:06:00Z"))
     assert workload_changed_at(workload) == "2026-12-07T10:02:00Z"
     assert "fieldsV1" not in str(workload.raw)  # the cache keeps who and when, not the fields
