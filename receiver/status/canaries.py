@@ -211,12 +211,17 @@ def commit_verdict(canary: FluxObject, workload: FluxObject, at: float | None,
     return WAITING_FOR_FLAGGER
 
 
-def waits_for_flagger(cached_sha: str | None, applied_sha: str) -> bool:
-    """A Flux event says the canary's owner applied `applied_sha`; the cache names
-    `cached_sha` as its last applied commit (None: cannot tell). Post `pending` on the applied
-    commit at once, before the cache has seen that apply? Once it has, `commit_verdict` decides
-    (the apply may have left the workload as it was)."""
-    return cached_sha != applied_sha
+def waits_for_flagger(cached_sha: str | None, cached_at: float | None, applied_sha: str,
+                      event_at: float | None) -> bool:
+    """A Flux event says the canary's owner applied `applied_sha` at `event_at`; the cache
+    names `cached_sha` (None: cannot tell) as its last applied commit, applied at `cached_at`
+    (`applied_at`). Post `pending` on the applied commit at once, before the cache has seen
+    that apply? Not once it has (`commit_verdict` decides then: the apply may have left the
+    workload as it was), nor for an event older than the apply the cache shows (a late or
+    redelivered event: its commit's status is settled)."""
+    if cached_sha == applied_sha:
+        return False
+    return cached_at is None or event_at is None or event_at >= int(cached_at)
 
 
 def canary_context(template: str, cluster: str, canary: FluxObject, lower: bool = False) -> str:

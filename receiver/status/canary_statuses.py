@@ -198,18 +198,21 @@ class CanaryStatuses:
             return
         self.post(obj)
 
-    def on_applied(self, owner: ObjectKey, status: DesiredStatus) -> list[DesiredStatus]:
-        """A Flux event says `owner` applied `status.sha` (its `success`, about to be queued):
-        `pending` for each canary whose target it applied, unless the cache already shows that
-        apply (then its changes queued what the canary says). To be queued with the owner's
-        own status; the fleet check counts them from now on."""
+    def on_applied(self, owner: ObjectKey, status: DesiredStatus,
+                   event_at: float | None) -> list[DesiredStatus]:
+        """A Flux event (at `event_at`) says `owner` applied `status.sha` (its `success`, about
+        to be queued): `pending` for each canary whose target it applied, unless the cache
+        already shows that apply or a later one (`canaries.waits_for_flagger`). To be queued
+        with the owner's own status; the fleet check counts them from now on."""
         if not self.enabled or status.state != SUCCESS:
             return []
         out = []
         for canary in self._applied_by(owner):
             located = self.locate(canary)
-            cached = located[0].sha if not isinstance(located, Unknown) else None
-            if not waits_for_flagger(cached, status.sha):
+            found = located[0] if not isinstance(located, Unknown) else None
+            if not waits_for_flagger(found.sha if found else None,
+                                     applied_at(found.owner) if found else None,
+                                     status.sha, event_at):
                 continue
             context = canary_context(self._cfg.context_template, self._templates.cluster,
                                      canary, self._templates.lower)

@@ -27,6 +27,7 @@ from receiver.status.locator import Locator
 from receiver.status.queue import StatusQueue
 from receiver.status.secrets import SecretReader
 from receiver.templates import StatusTemplates
+from receiver.times import epoch_seconds
 from receiver.web.http import (
     OFF_LOOP_BYTES,
     UNAUTHORIZED,
@@ -42,8 +43,8 @@ from receiver.web.http import (
 class EventsEndpoint:
     def __init__(self, settings: Settings, templates: StatusTemplates, locator: Locator,
                  secrets: SecretReader, queue: StatusQueue, metrics: Metrics,
-                 companions: Callable[[ObjectKey, DesiredStatus], list[DesiredStatus]]
-                 | None = None) -> None:
+                 companions: Callable[[ObjectKey, DesiredStatus, float | None],
+                                      list[DesiredStatus]] | None = None) -> None:
         self._companions = companions
         self._settings = settings
         self._templates = templates
@@ -95,7 +96,8 @@ class EventsEndpoint:
             return "no_instance", []
         key = ObjectKey(inv.kind, inv.namespace, inv.name)
         if self._companions is not None and key.kind in CONSUMER_KINDS:
-            return mapping.outcome, [*self._companions(key, mapping.status), mapping.status]
+            with_canaries = self._companions(key, mapping.status, epoch_seconds(event.timestamp))
+            return mapping.outcome, [*with_canaries, mapping.status]
         return mapping.outcome, [mapping.status]
 
     async def _authorised(self, request: Request, body: bytes) -> bool:

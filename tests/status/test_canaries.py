@@ -218,9 +218,14 @@ def test_an_apply_that_left_the_workload_keeps_flaggers_verdict() -> None:
 
 
 def test_a_flux_event_queues_the_wait_only_for_an_apply_the_cache_has_not_shown() -> None:
-    assert waits_for_flagger(None, SHA)
-    assert waits_for_flagger("1" * 40, SHA)
-    assert not waits_for_flagger(SHA, SHA)
+    older = "1" * 40
+    assert waits_for_flagger(None, None, SHA, 1000.0)
+    assert waits_for_flagger(older, 900.0, SHA, 1000.0)  # the cache has not caught up
+    assert waits_for_flagger(older, 1000.5, SHA, 1000.0)  # whole seconds: the same one
+    assert waits_for_flagger(older, 900.0, SHA, None)
+    assert not waits_for_flagger(SHA, 900.0, SHA, 1000.0)  # the cache decides
+    # A late or redelivered event of an earlier apply: that commit's status is settled.
+    assert not waits_for_flagger(SHA, 1100.0, older, 1000.0)
 
 
 # -- what the phase says -----------------------------------------------------------------------

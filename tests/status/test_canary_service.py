@@ -182,7 +182,8 @@ async def test_the_fleet_waits_for_flagger_after_the_kustomization_succeeds() ->
         r.cluster.mark_canary(CANARY, "Succeeded", at=now - 300)  # the last release
         await eventually(lambda: (found := r.gitea.latest("team", "webapp", older, FLEET))
                          is not None and found["status"] == "success")
-        body = fixture("kustomization-succeeded.json")
+        body = fixture("kustomization-succeeded.json").replace(  # sent as it happens
+            b"2026-08-07T13:04:05Z", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()).encode())
         sent = await client.post("/events", content=body, headers=signed(body))
         assert sent.status_code == 202 and sent.json()["statuses"] == 2
         await eventually(lambda: r.gitea.contexts(*REPO).get(
@@ -205,6 +206,27 @@ async def test_the_fleet_waits_for_flagger_after_the_kustomization_succeeds() ->
         deployed = first_post(r.gitea, FLEET, "success")
         assert promoted is not None and deployed is not None and promoted < deployed
         assert fleet_posts(r.gitea) == ["pending", "success"]
+
+
+@pytest.mark.anyio
+async def test_a_late_event_of_an_earlier_apply_leaves_that_commits_canary_alone() -> None:
+    older = "1" * 40
+    async with canary_rig() as r:
+        client = flagger_client(r.service)
+        r.cluster.mark_canary(CANARY, "Succeeded")  # after the apply of SHA (now)
+        await eventually(lambda: shows(r.gitea) == ("success", "Canary promoted"))
+        # notification-controller delivers, late, the event of an earlier commit's apply
+        # (its timestamp is months before the apply the cache shows).
+        body = fixture("kustomization-succeeded.json").replace(SHA.encode(), older.encode())
+        assert b"2026-08-07T13:04:05Z" in body
+        sent = await client.post("/events", content=body, headers=signed(body))
+        assert sent.status_code == 202 and sent.json()["statuses"] == 1
+        await eventually(lambda: r.gitea.latest("team", "webapp", older,
+                                                "flux/eu-west/kustomization/apps/webapp")
+                         is not None)
+        await eventually(lambda: r.service.queue_depth == 0)
+        assert r.gitea.latest("team", "webapp", older, CANARY_CONTEXT) is None
+        assert shows(r.gitea) == ("success", "Canary promoted")
 
 
 @pytest.mark.anyio
