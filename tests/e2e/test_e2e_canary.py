@@ -348,6 +348,35 @@ def test_a_passing_canary_holds_at_the_gate_until_approved_in_gitea(canaries: Ca
             job.communicate()
 
 
+def test_a_commit_that_leaves_the_workload_shows_the_standing_promotion(
+        canaries: Canaries) -> None:
+    """A commit that changes another object of the Kustomization: kustomize-controller applies
+    it without touching the Deployment (its managedFields entry keeps its time), Flagger starts
+    no analysis, and the commit shows the promotion of the workload it deploys at once; the
+    fleet does not wait for a phase change that never comes."""
+    env = canaries
+    promoted = env.phase("Succeeded")
+    assert promoted, env.canary().get("status")
+    sha = env.push({f"{APP_PATH}/notes.yaml": f"""apiVersion: v1
+kind: ConfigMap
+metadata:
+  name: shop-notes
+  namespace: {APP_NS}
+data:
+  note: "not read by podinfo"
+"""}, "shop: a ConfigMap podinfo does not use")
+    started = time.monotonic()
+    env.wait("the deploy", functools.partial(env.deployed, sha), DEPLOY_TIMEOUT)
+    history = env.wait_status(sha, CANARY_CONTEXT, "success", 60, description="Canary promoted")
+    env.wait_status(sha, "flux/fleet", "success", 60)
+    env.timings["push (workload unchanged) -> flux/fleet success"] = time.monotonic() - started
+    print(f"  {CANARY_CONTEXT} on {sha[:12]}: {e2e.described(history)}")
+    # Flagger never moved: the verdict shown is the standing one, for the same workload.
+    now = env.canary()["status"]
+    assert now.get("phase") == "Succeeded", now
+    assert now.get("conditions") == promoted["status"].get("conditions"), now
+
+
 def test_a_failing_canary_is_rolled_back_and_fails_the_commit_and_the_ci_wait(
         canaries: Canaries) -> None:
     env = canaries
