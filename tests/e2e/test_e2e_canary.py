@@ -366,6 +366,8 @@ data:
   note: "not read by podinfo"
 """}, "shop: a ConfigMap podinfo does not use")
     started = time.monotonic()
+    out, err = env.notify(sha, wait=0).communicate(timeout=60)  # the push reaches Flux now
+    assert "accepted as delivery" in err, (out, err)
     env.wait("the deploy", functools.partial(env.deployed, sha), DEPLOY_TIMEOUT)
     history = env.wait_status(sha, CANARY_CONTEXT, "success", 60, description="Canary promoted")
     env.wait_status(sha, "flux/fleet", "success", 60)
