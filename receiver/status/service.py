@@ -88,6 +88,7 @@ class StatusService:
         self.canaries = CanaryStatuses(settings, cluster, templates, self.locator, self.queue,
                                        self.view)
         self.resync.extra.append(self.canaries.all_desired)
+        self.fleet.local = self.canaries.local
         self.environments = EnvironmentStates(settings, cluster, self.locator, self.view)
         self.signals = DeliverySignals(settings, templates, self.locator, self.queue, metrics,
                                        self.memory_size)

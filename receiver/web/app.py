@@ -128,7 +128,7 @@ def status_endpoints(statuses: StatusService) -> tuple[EventsEndpoint, BadgeEndp
     """`POST /events` and `GET /badge/...` over the status side's parts."""
     return (EventsEndpoint(statuses.settings, statuses.templates, statuses.locator,
                            statuses.secrets, statuses.queue, statuses.metrics,
-                           statuses.pending_events.on_event),
+                           statuses.pending_events.on_event, statuses.canaries.on_applied),
             BadgeEndpoint(statuses.settings, statuses.cluster, statuses.secrets,
                           statuses.environments))
 
