@@ -79,3 +79,12 @@ def workload_changed_at(workload: FluxObject) -> str:
         if at is not None and at > latest_at:
             latest, latest_at = str(value), at
     return latest
+
+
+def workload_seen(canary: FluxObject, workload: FluxObject) -> bool:
+    """Has Flagger changed the canary's phase since the workload was last changed? Then its
+    phase is about the workload as it is. Strictly after: in the same second Flagger may have
+    looked just before the change. Unknown times: no."""
+    changed = epoch_seconds(workload_changed_at(workload))
+    phase = epoch_seconds(phase_changed_at(canary))
+    return changed is not None and phase is not None and int(phase) > int(changed)

@@ -42,7 +42,7 @@ from receiver.flux.canary import (
     owner_of,
     phase_changed_at,
     target_of,
-    workload_changed_at,
+    workload_seen,
 )
 from receiver.flux.objects import CONSUMER_KINDS, FluxObject, ObjectKey
 from receiver.status.descriptions import FAILURE, PENDING, SUCCESS, truncate
@@ -119,15 +119,6 @@ def decided_since(canary: FluxObject, at: float | None) -> bool:
 def decided_for(canary: FluxObject, owner: FluxObject) -> bool:
     """Has Flagger changed the canary's phase since its owner last became Ready (applied)?"""
     return decided_since(canary, applied_at(owner))
-
-
-def workload_seen(canary: FluxObject, workload: FluxObject) -> bool:
-    """Has Flagger changed the canary's phase since the workload was last changed? Then its
-    phase is about the workload as it is. Strictly after: in the same second Flagger may have
-    looked just before the change. Unknown times: no."""
-    changed = epoch_seconds(workload_changed_at(workload))
-    phase = epoch_seconds(phase_changed_at(canary))
-    return changed is not None and phase is not None and int(phase) > int(changed)
 
 
 def _int(value: object) -> int:
