@@ -190,11 +190,7 @@ def parse_gitea_push(doc: Any) -> Push:
     if not isinstance(doc, dict):
         raise PayloadError("payload must be a JSON object")
     repo = _obj(doc.get("repository"))
-    urls = tuple(
-        checked(u, f"repository.{k}", MAX_URL_BYTES)
-        for k, u in ((k, _text(repo.get(k))) for k in ("clone_url", "html_url", "ssh_url")) if u)
-    if not urls:
-        raise PayloadError("payload has no repository.clone_url, html_url or ssh_url")
+    urls = _repository_urls(repo)
     ref = checked(_text(doc.get("ref")), "ref", MAX_REF_BYTES)
     if not ref:
         raise PayloadError("payload has no ref")
@@ -481,13 +477,19 @@ class RefEvent:
         return f"{self.ref_type} {self.name} {'deleted' if self.deleted else verb}"
 
 
-def _repository(doc: dict[str, Any]) -> tuple[tuple[str, ...], str]:
-    repo = _obj(doc.get("repository"))
+def _repository_urls(repo: dict[str, Any]) -> tuple[str, ...]:
+    """The repository's clone, web and SSH URLs (at least one), each within its bound."""
     urls = tuple(
         checked(u, f"repository.{k}", MAX_URL_BYTES)
         for k, u in ((k, _text(repo.get(k))) for k in ("clone_url", "html_url", "ssh_url")) if u)
     if not urls:
         raise PayloadError("payload has no repository.clone_url, html_url or ssh_url")
+    return urls
+
+
+def _repository(doc: dict[str, Any]) -> tuple[tuple[str, ...], str]:
+    repo = _obj(doc.get("repository"))
+    urls = _repository_urls(repo)
     full_name = checked(_text(repo.get("full_name")), "repository.full_name", MAX_FULL_NAME_BYTES)
     return urls, full_name
 

@@ -170,20 +170,27 @@ def _branch_matches(source: FluxObject, branch: str | None) -> bool:
     return ref_match(source.spec.get("ref"), push)[0]
 
 
+def _sources(store: ObjectStore, owner: str, repo: str, branch: str | None) -> list[FluxObject]:
+    """The GitRepositories of owner/repo (any host, case-insensitive) that follow `branch`."""
+    wanted = (owner.lower(), repo.lower())
+    found = []
+    for source in store.list("GitRepository"):
+        url = source.spec.get("url")
+        ref = repo_ref(store.normalise_url(url)) if isinstance(url, str) else None
+        if ref is not None and (ref.owner.lower(), ref.name.lower()) == wanted \
+                and _branch_matches(source, branch):
+            found.append(source)
+    return found
+
+
 def select_consumers(
     store: ObjectStore, owner: str, repo: str, branch: str | None
 ) -> list[FluxObject]:
     """Consumers whose GitRepository is owner/repo (any host) and follows the branch."""
-    wanted = (owner.lower(), repo.lower())
     found: list[FluxObject] = []
-    for source in store.list("GitRepository"):
-        url = source.spec.get("url")
-        ref = repo_ref(store.normalise_url(url)) if isinstance(url, str) else None
-        if ref is None or (ref.owner.lower(), ref.name.lower()) != wanted:
-            continue
-        if _branch_matches(source, branch):
-            found.extend(c for c in store.consumers_of(source.key) if c.kind in CONSUMER_KINDS
-                         and consumer_source(c) is not None)
+    for source in _sources(store, owner, repo, branch):
+        found.extend(c for c in store.consumers_of(source.key) if c.kind in CONSUMER_KINDS
+                     and consumer_source(c) is not None)
     return found
 
 
@@ -197,17 +204,7 @@ def repository_state(store: ObjectStore, owner: str, repo: str, branch: str | No
 def deployed_commit(store: ObjectStore, owner: str, repo: str, branch: str | None) -> str | None:
     """The commit this cluster's Git sources of owner/repo (following `branch`) hold: the one an
     environment badge asks Gitea about. None when none holds one, or they disagree."""
-    wanted = (owner.lower(), repo.lower())
-    commits = set()
-    for source in store.list("GitRepository"):
-        url = source.spec.get("url")
-        ref = repo_ref(store.normalise_url(url)) if isinstance(url, str) else None
-        if ref is None or (ref.owner.lower(), ref.name.lower()) != wanted:
-            continue
-        if _branch_matches(source, branch):
-            found = source_commit(source)
-            if found:
-                commits.add(found)
+    commits = {c for c in map(source_commit, _sources(store, owner, repo, branch)) if c}
     return commits.pop() if len(commits) == 1 else None
 
 
