@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import statistics
@@ -271,13 +272,27 @@ def start_bridge(kubeconfig: Path, work: Path, *, timeout: float,
             if response is not None and response.status_code == 200:
                 elapsed = time.monotonic() - started
                 pid = proc.pid if wrap is None else (child_pid(proc.pid) or proc.pid)
-                return proc, pid, elapsed, rss_kib(pid), response.json()
+                kib = rss_kib(pid)
+                body = response.json()
+                body["api_calls"] = api_calls(client.get(f"http://127.0.0.1:{port}/metrics").text)
+                return proc, pid, elapsed, kib, body
             time.sleep(0.05)
+
+
+def api_calls(metrics: str) -> dict[str, list[float]]:
+    """call -> [count, seconds summed] of the Kubernetes API calls made so far."""
+    calls: dict[str, list[float]] = {}
+    for line in metrics.splitlines():
+        match = re.match(r'gfb_kubernetes_call_seconds_(count|sum)\{call="([^"]+)".*\} (\S+)', line)
+        if match is not None:
+            entry = calls.setdefault(match.group(2), [0.0, 0.0])
+            entry[match.group(1) == "sum"] += float(match.group(3))
+    return calls
 
 
 def measure_starts(kubeconfig: Path, work: Path, starts: int, expected: int,
                    timeout: float) -> dict[str, Any]:
-    seconds, rss = [], []
+    seconds, rss, calls = [], [], []
     for n in range(starts):
         proc, _, elapsed, kib, body = start_bridge(kubeconfig, work, timeout=timeout)
         stop(proc)
@@ -285,9 +300,12 @@ def measure_starts(kubeconfig: Path, work: Path, starts: int, expected: int,
             raise RuntimeError(f"ready with {body.get('objects')} objects, {expected} expected")
         seconds.append(elapsed)
         rss.append(kib / 1024)
+        calls.append(body["api_calls"])
+        made = ", ".join(f"{k} {int(c)} ({t:.1f}s)" for k, (c, t) in sorted(body["api_calls"].items()))
         print(f"  start {n + 1}: {elapsed:.2f}s, {kib / 1024:.0f} MiB, "
-              f"{body.get('objects')} objects, {body.get('receivers')} receivers", file=sys.stderr)
-    return {"seconds": seconds, "rss_mib": rss, "load": os.getloadavg()[0]}
+              f"{body.get('objects')} objects, {body.get('receivers')} receivers; "
+              f"API calls before ready: {made}", file=sys.stderr)
+    return {"seconds": seconds, "rss_mib": rss, "api_calls": calls, "load": os.getloadavg()[0]}
 
 
 def profile_start(kubeconfig: Path, work: Path, out: Path, timeout: float) -> list[str]:
