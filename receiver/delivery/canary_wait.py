@@ -9,9 +9,12 @@ per Canary whose workload was applied by one of the delivery's Kustomizations or
   ended another way: its failure or time-out is the delivery's outcome already);
 - once it is: `reconciling` while Flagger analyses, waits for promotion or promotes; `ready`
   when promoted, `failed` when rolled back; a phase set before the deploy (`since`: the push,
-  or the consumer's Ready transition if later) is Flagger not having noticed yet, so it waits,
-  for at most `pickup_seconds`: a commit that does not change the workload starts no analysis,
-  and then the canary's standing phase is its outcome (a canary still rolled back fails it).
+  or the consumer's Ready transition if later) is Flagger not having noticed yet, so it waits.
+  It waits without limit when the deploy changed the workload (a Flux field manager's time on
+  it is not older than the phase, `flux.canary.workload_seen`) or the cache cannot tell: only
+  Flagger's decision ends that wait. A commit that left the workload as it was starts no
+  analysis; after `pickup_seconds` (room for the workload's watch to lag the consumer's) the
+  canary's standing phase is its outcome (a canary still rolled back fails it).
 """
 
 from __future__ import annotations
@@ -20,7 +23,15 @@ from collections.abc import Iterable
 
 from receiver.delivery.record import DeliveryRecord
 from receiver.delivery.view import DeliveryView, Lookup, TargetView
-from receiver.flux.canary import FAILED, PHASES, SUCCEEDED, owner_of, phase_changed_at, target_of
+from receiver.flux.canary import (
+    FAILED,
+    PHASES,
+    SUCCEEDED,
+    owner_of,
+    phase_changed_at,
+    target_of,
+    workload_seen,
+)
 from receiver.flux.objects import CONSUMER_KINDS, FluxObject, ObjectKey
 from receiver.flux.revisions import FAILED as FAILED_STATE
 from receiver.flux.revisions import FINAL_STATES, QUEUED, READY, RECONCILING, SKIPPED
@@ -52,7 +63,8 @@ def _progress(canary: FluxObject) -> str:
 
 
 def canary_target(canary: FluxObject, consumer: TargetView, consumer_obj: FluxObject | None,
-                  received: float, now: float, pickup_seconds: float) -> TargetView:
+                  received: float, now: float, pickup_seconds: float,
+                  workload: FluxObject | None = None) -> TargetView:
     """Where one canary stands for the delivery (module docstring)."""
     key = canary.key
     if consumer.state != READY:
@@ -75,7 +87,15 @@ def canary_target(canary: FluxObject, consumer: TargetView, consumer_obj: FluxOb
     if phase not in PROMOTED_PHASES and phase != FAILED:
         return TargetView(key, CANARY_ROLE, SKIPPED, "CanaryTerminated",
                           f"phase {phase or 'unset'}")
+    if not fresh and (workload is None or not workload_seen(canary, workload)):
+        # The deploy changed the workload (or the cache cannot tell): Flagger owes an analysis
+        # of it, however long it takes to start. Never a verdict from an earlier release.
+        return TargetView(key, CANARY_ROLE, RECONCILING, "WaitingForFlagger",
+                          f"phase {phase} is from before the workload's last change; Flagger "
+                          "has not started its analysis yet")
     if not fresh and now < since + pickup_seconds:
+        # Flagger's phase is newer than the workload's last change as the cache holds it, but
+        # the workload's watch may lag the consumer's: wait a little before trusting that.
         return TargetView(key, CANARY_ROLE, RECONCILING, "WaitingForFlagger",
                           f"phase {phase} is from before the deploy; Flagger has not started "
                           "an analysis yet")
@@ -97,6 +117,8 @@ def with_canaries(view: DeliveryView, record: DeliveryRecord, canaries: Iterable
         if target.key.kind not in CONSUMER_KINDS:
             continue
         for canary in sorted(owned.get(target.key, ()), key=lambda c: c.key):
+            workload_key = target_of(canary)
             added.append(canary_target(canary, target, lookup(target.key), record.received,
-                                       now, pickup_seconds))
+                                       now, pickup_seconds,
+                                       lookup(workload_key) if workload_key else None))
     return DeliveryView((*view.targets, *added)) if added else view

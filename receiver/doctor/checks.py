@@ -25,6 +25,7 @@ from receiver.doctor.facts import (
 from receiver.flux.objects import (
     ANNOTATE_ONLY_KINDS,
     API_VERSIONS,
+    CANARY_WATCHED_KINDS,
     OPTIONAL_KINDS,
     ROUTED_KINDS,
 )
@@ -52,9 +53,11 @@ class Finding:
 
 
 def required_access(namespaces: Sequence[str], lease_namespace: str, lease_name: str,
-                    plural: Callable[[str], tuple[str, str]]) -> list[AccessFacts]:
+                    plural: Callable[[str], tuple[str, str]],
+                    canaries: bool = False) -> list[AccessFacts]:
     """Every (verb, resource, namespace) the bridge's RBAC must grant, unanswered yet.
-    `plural(kind)` is the kind's (group, plural)."""
+    `plural(kind)` is the kind's (group, plural); `canaries`: `statuses.canaries.enabled`
+    (then Flagger's Canaries and the workloads they target are read too)."""
     scopes = list(dict.fromkeys(namespaces)) or [""]
     needs: list[AccessFacts] = []
     for namespace in scopes:
@@ -72,6 +75,15 @@ def required_access(namespaces: Sequence[str], lease_namespace: str, lease_name:
                                      why=f"annotate {kind} objects a Receiver lists"))
         needs.append(AccessFacts("get", "", "secrets", namespace,
                                  why="read the Secrets Receivers name"))
+        if canaries:
+            # The bridge serves without them, but the statuses the settings ask for would
+            # never be posted: a failure here, not a warning.
+            for kind in CANARY_WATCHED_KINDS:
+                group, resource = plural(kind)
+                needs += [AccessFacts(verb, group, resource, namespace,
+                                      why=f"cache {kind} objects for Flagger canary statuses "
+                                          "(statuses.canaries)")
+                          for verb in ("get", "list", "watch")]
         needs += [AccessFacts(verb, "", "events", namespace, optional=True,
                               why="write Kubernetes Events on Receivers and annotated objects")
                   for verb in ("create", "patch")]

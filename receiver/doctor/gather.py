@@ -320,7 +320,8 @@ async def gather(settings: Settings, cluster: Cluster, *, source: str, base_url:
             return group, resource
 
         needs = required_access(settings.namespaces, lease_namespace,
-                                settings.statuses.lease_name, plural)
+                                settings.statuses.lease_name, plural,
+                                settings.statuses.canaries.enabled)
         access = await asyncio.to_thread(access_reviews, api_client, needs)
         if notifications is None:
             notifications = await asyncio.to_thread(

@@ -4,6 +4,7 @@ applied that workload (from Flux's labels), and its phases. Pure."""
 from __future__ import annotations
 
 from receiver.flux.objects import WORKLOAD_KINDS, FluxObject, ObjectKey
+from receiver.times import epoch_seconds
 
 # The labels Flux's controllers put on every object they apply.
 OWNER_LABELS: dict[str, tuple[str, str]] = {
@@ -16,6 +17,9 @@ PROGRESSING, WAITING_PROMOTION, SUCCEEDED, FAILED = (
 PHASES = ("Initializing", "Initialized", "Waiting", PROGRESSING, WAITING_PROMOTION, "Promoting",
           "Finalising", SUCCEEDED, FAILED, "Terminating", "Terminated")
 FINAL_PHASES = frozenset({SUCCEEDED, FAILED, "Initialized"})
+GONE_PHASES = frozenset({"Terminating", "Terminated"})
+# The field managers Flux's controllers apply a commit with (their controller names).
+FLUX_MANAGERS = frozenset({"kustomize-controller", "helm-controller"})
 
 
 def target_of(canary: FluxObject) -> ObjectKey | None:
@@ -58,3 +62,29 @@ def phase_changed_at(canary: FluxObject) -> str:
                     return value
     value = canary.status.get("lastTransitionTime")
     return value if isinstance(value, str) else ""
+
+
+def workload_changed_at(workload: FluxObject) -> str:
+    """When a Flux controller last changed the workload itself (RFC 3339; "" if it does not
+    say): the API server stamps a field manager's `managedFields` entry only when that manager
+    changes a field, so an apply that changed nothing leaves it as it was. Only Flux applies
+    commits; Flagger scaling its target, status and scale updates are not counted."""
+    latest, latest_at = "", float("-inf")
+    for entry in workload.metadata.get("managedFields") or []:
+        if not isinstance(entry, dict) or entry.get("subresource") or \
+                entry.get("manager") not in FLUX_MANAGERS:
+            continue
+        value = entry.get("time")
+        at = epoch_seconds(value) if isinstance(value, str) else None
+        if at is not None and at > latest_at:
+            latest, latest_at = str(value), at
+    return latest
+
+
+def workload_seen(canary: FluxObject, workload: FluxObject) -> bool:
+    """Has Flagger changed the canary's phase since the workload was last changed? Then its
+    phase is about the workload as it is. Strictly after: in the same second Flagger may have
+    looked just before the change. Unknown times: no."""
+    changed = epoch_seconds(workload_changed_at(workload))
+    phase = epoch_seconds(phase_changed_at(canary))
+    return changed is not None and phase is not None and int(phase) > int(changed)

@@ -278,12 +278,19 @@ def consumer_paths(obj: FluxObject) -> tuple[str, ...]:
 
 def slim(raw: dict[str, Any]) -> dict[str, Any]:
     """What the cache keeps of an object: all of it, except a workload (`WORKLOAD_KINDS`),
-    of which only its identity and labels (a Deployment's pod template is most of its bytes)."""
+    of which only its identity, labels and who changed it when (a Deployment's pod template
+    is most of its bytes)."""
     if raw.get("kind") not in WORKLOAD_KINDS:
         return raw
     meta = _dict(raw.get("metadata"))
-    kept = {k: meta[k] for k in ("name", "namespace", "labels", "resourceVersion", "generation",
-                                 "uid") if k in meta}
+    identity = ("name", "namespace", "labels", "resourceVersion", "generation", "uid")
+    kept: dict[str, Any] = {k: meta[k] for k in identity if k in meta}
+    # Who changed it last and when (`canary.workload_changed_at`), without the field sets.
+    managers = meta.get("managedFields")
+    if isinstance(managers, list):
+        kept["managedFields"] = [
+            {k: entry[k] for k in ("manager", "operation", "subresource", "time") if k in entry}
+            for entry in managers if isinstance(entry, dict)]
     return {"apiVersion": raw.get("apiVersion"), "kind": raw.get("kind"), "metadata": kept}
 
 

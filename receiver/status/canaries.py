@@ -13,6 +13,15 @@ The status, per phase (`flagger.app/v1beta1` `status.phase`):
 - Succeeded: `success`; Initialized: `success` (the first version, promoted without analysis);
 - Failed: `failure`, rolled back, naming the check that failed when one is known;
 - Initializing, Waiting: `pending`; Terminating, Terminated: no status.
+
+Whose verdict (`commit_verdict`): Flagger notices a new revision of its target only at its next
+analysis interval, and until then its phase is about an earlier commit. A commit whose apply
+changed the workload is therefore `pending` ("waiting for Flagger to start the analysis") until
+Flagger changes the phase after that apply: a canary about to run never leaves the commit, or the
+fleet and environment aggregates counting it, reading `success` in that window. A commit whose
+apply left the workload as it was (a re-reconcile, a change elsewhere in the repository) runs no
+new analysis: Flagger's phase since the workload's last change is about the workload this commit
+deploys, so its verdict, progress included, is this commit's too.
 """
 
 from __future__ import annotations
@@ -26,12 +35,14 @@ from dataclasses import dataclass
 
 from receiver.flux.canary import (
     FAILED,
+    GONE_PHASES,
     PROGRESSING,
     SUCCEEDED,
     WAITING_PROMOTION,
     owner_of,
     phase_changed_at,
     target_of,
+    workload_seen,
 )
 from receiver.flux.objects import CONSUMER_KINDS, FluxObject, ObjectKey
 from receiver.status.descriptions import FAILURE, PENDING, SUCCESS, truncate
@@ -43,11 +54,13 @@ AppliedCommit = Callable[[FluxObject, FluxObject | None], "str | None"]
 
 @dataclass(frozen=True, slots=True)
 class Found:
-    """The commit a canary analyses, and the Flux object whose revision names it."""
+    """The commit a canary analyses, the Flux object whose revision names it, and the
+    workload it applied."""
 
     sha: str
     owner: FluxObject
     source: FluxObject | None
+    workload: FluxObject
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,23 +96,29 @@ def analysed_commit(canary: FluxObject, lookup: Lookup, source_of: Lookup,
     sha = applied(owner, source)
     if not sha:
         return Unknown(f"{label}: the last applied revision of {owner_key} names no commit")
-    return Found(sha, owner, source)
+    return Found(sha, owner, source, workload)
+
+
+def applied_at(owner: FluxObject) -> float | None:
+    """When the owner last became Ready (applied what it names); None if it does not say."""
+    ready = owner.condition("Ready") or {}
+    if ready.get("status") != "True":
+        return None
+    return epoch_seconds(ready.get("lastTransitionTime"))
+
+
+def decided_since(canary: FluxObject, at: float | None) -> bool:
+    """Has Flagger changed the canary's phase since `at` (an apply)? Times are whole seconds:
+    a change in the same second counts as after. No time: the phase is taken as it is."""
+    if at is None:
+        return True
+    changed = epoch_seconds(phase_changed_at(canary))
+    return changed is not None and changed >= int(at)
 
 
 def decided_for(canary: FluxObject, owner: FluxObject) -> bool:
-    """Has Flagger changed the canary's phase since its owner last became Ready (applied)?
-
-    Until then the phase is about an earlier commit (Flagger notices a new revision at its next
-    interval), and a commit that does not change the workload starts no analysis at all: its
-    status would repeat an earlier verdict as if it were this commit's, so none is posted.
-    Times are whole seconds: a change in the same second counts as after.
-    """
-    ready = owner.condition("Ready") or {}
-    applied_at = epoch_seconds(ready.get("lastTransitionTime"))
-    if ready.get("status") != "True" or applied_at is None:
-        return True  # nothing says when it applied: the phase is taken as it is
-    changed = epoch_seconds(phase_changed_at(canary))
-    return changed is not None and changed >= int(applied_at)
+    """Has Flagger changed the canary's phase since its owner last became Ready (applied)?"""
+    return decided_since(canary, applied_at(owner))
 
 
 def _int(value: object) -> int:
@@ -165,6 +184,35 @@ def canary_verdict(canary: FluxObject, failed_check: str = "") -> Verdict | None
     if phase == "Waiting":
         return Verdict(PENDING, "Canary waiting for its rollout to be confirmed")
     return None
+
+
+WAITING_FOR_FLAGGER = Verdict(PENDING, "Canary waiting for Flagger to start the analysis")
+
+
+def commit_verdict(canary: FluxObject, workload: FluxObject, at: float | None,
+                   failed_check: str = "") -> Verdict | None:
+    """What the canary says about the commit its owner applied at `at` (`applied_at`; None
+    when not known): its phase's verdict once Flagger changed the phase after that apply, or
+    after the workload's last change (the apply changed nothing Flagger analyses); `pending`
+    until then. None for no status (a canary going away)."""
+    if canary.status.get("phase") in GONE_PHASES:
+        return None
+    if decided_since(canary, at) or workload_seen(canary, workload):
+        return canary_verdict(canary, failed_check) or WAITING_FOR_FLAGGER
+    return WAITING_FOR_FLAGGER
+
+
+def waits_for_flagger(cached_sha: str | None, cached_at: float | None, applied_sha: str,
+                      event_at: float | None) -> bool:
+    """A Flux event says the canary's owner applied `applied_sha` at `event_at`; the cache
+    names `cached_sha` (None: cannot tell) as its last applied commit, applied at `cached_at`
+    (`applied_at`). Post `pending` on the applied commit at once, before the cache has seen
+    that apply? Not once it has (`commit_verdict` decides then: the apply may have left the
+    workload as it was), nor for an event older than the apply the cache shows (a late or
+    redelivered event: its commit's status is settled)."""
+    if cached_sha == applied_sha:
+        return False
+    return cached_at is None or event_at is None or event_at >= int(cached_at)
 
 
 def canary_context(template: str, cluster: str, canary: FluxObject, lower: bool = False) -> str:

@@ -1,10 +1,15 @@
 """Flagger Canaries on the commit, and the promotion gates Flagger asks: the shell around
 `canaries` and `gates`.
 
-Every change of a cached Canary is mapped to the status of the commit it analyses and queued
-(the queue compares it with what Gitea shows; the fleet check follows each post), once Flagger
-has changed its phase since that commit was applied (`canaries.decided_for`). The resync
-derives the same statuses from the cache, so a lost change or a restart is repaired.
+Every change of a cached Canary, of its target or of the Flux object that applied the target
+is mapped to the status of the commit it analyses and queued (the queue compares it with what
+Gitea shows; the fleet check follows each post): `pending` until Flagger changes the phase after
+that commit's apply, then the phase's verdict (`canaries.commit_verdict`). A Flux event that
+says a Kustomization or HelmRelease applied a commit queues that `pending` at once, beside the
+object's own status, before the cache may have seen the apply. The fleet check counts what this
+replica last queued for its canaries (`local`), so an aggregate never reads `success` while the
+canary's `pending` is still on its way to Gitea. The resync derives the same statuses from the
+cache, so a lost change or a restart is repaired.
 
 Which check failed is not in a Canary's status: Flagger says it only in its events. Its `event`
 webhook (`note_event`) tells this replica, which names the check in the `failure` it posts;
@@ -20,20 +25,29 @@ from collections.abc import Iterable
 
 from receiver.bounded import BoundedMap
 from receiver.config import Settings
-from receiver.flux.canary import FAILED
+from receiver.flux.canary import FAILED, owner_of, target_of
 from receiver.flux.cluster import Cluster
-from receiver.flux.objects import CANARY_KINDS, FluxObject, ObjectKey
+from receiver.flux.objects import (
+    CANARY_KINDS,
+    CONSUMER_KINDS,
+    WORKLOAD_KINDS,
+    FluxObject,
+    ObjectKey,
+)
 from receiver.gitea.client import GiteaError
 from receiver.status.canaries import (
+    WAITING_FOR_FLAGGER,
     Found,
     Unknown,
     analysed_commit,
+    applied_at,
     canary_context,
-    canary_verdict,
-    decided_for,
+    commit_verdict,
     failed_check,
+    waits_for_flagger,
 )
 from receiver.status.decisions import DesiredStatus, applied_commit
+from receiver.status.descriptions import SUCCESS
 from receiver.status.gates import GateAnswer, answer
 from receiver.status.gitea_view import Budget, GiteaView
 from receiver.status.locator import Locator
@@ -91,9 +105,6 @@ class CanaryStatuses:
         return found, repo
 
     def desired(self, canary: FluxObject) -> DesiredStatus | None:
-        verdict = canary_verdict(canary, self.failed_checks.get(canary.key, ""))
-        if verdict is None:
-            return None
         located = self.locate(canary)
         if isinstance(located, Unknown):
             if self.unknown.get(canary.key) != located.reason:
@@ -103,7 +114,9 @@ class CanaryStatuses:
             return None
         self.unknown.pop(canary.key, None)
         found, repo = located
-        if not decided_for(canary, found.owner):
+        verdict = commit_verdict(canary, found.workload, applied_at(found.owner),
+                                 self.failed_checks.get(canary.key, ""))
+        if verdict is None:
             return None
         context = canary_context(self._cfg.context_template, self._templates.cluster, canary,
                                  self._templates.lower)
@@ -124,18 +137,58 @@ class CanaryStatuses:
 
     def post(self, canary: FluxObject) -> None:
         desired = self.desired(canary)
-        if desired is None or not self._queue.accepting:
+        if desired is not None:
+            self._enqueue(canary.key, desired)
+
+    def _enqueue(self, key: ObjectKey, desired: DesiredStatus) -> None:
+        if not self._queue.accepting:
             return
         now = self._clock()
-        last = self._queued.get(canary.key)
+        last = self._queued.get(key)
         if last is not None and last[0] == desired and now - last[1] < self.repeat_seconds:
             return
-        self._queued[canary.key] = (desired, now)
+        self._queued[key] = (desired, now)
         if self._queue.enqueue([desired], state_only=False) is None:
             log.warning("status queue full: canary status left to the resync",
-                        extra={"canary": str(canary.key)})
+                        extra={"canary": str(key)})
+
+    def local(self, repo_key: str, sha: str) -> dict[str, str]:
+        """Context -> state this replica says for its canaries on the commit: what it last
+        queued, or what the cache says now where it names the commit (the fleet check counts
+        them before Gitea shows them)."""
+        if not self.enabled:
+            return {}
+        found = [desired for desired, _ in self._queued.values()]
+        found.extend(self.all_desired())  # the cache now: what queued may not have, yet
+        return {desired.context: desired.state for desired in found
+                if desired.sha == sha and desired.repo_key == repo_key}
+
+    def _applied_by(self, owner: ObjectKey) -> list[FluxObject]:
+        """The cached canaries whose target the Flux object `owner` applied."""
+        store = self._cluster.store
+        out = []
+        for kind in CANARY_KINDS:
+            for canary in store.list(kind):
+                target = target_of(canary)
+                workload = store.get(target) if target is not None else None
+                if workload is not None and owner_of(workload) == owner:
+                    out.append(canary)
+        return out
+
+    def _targeting(self, workload: ObjectKey) -> list[FluxObject]:
+        return [c for kind in CANARY_KINDS for c in self._cluster.store.list(kind)
+                if target_of(c) == workload]
 
     def _on_change(self, op: str, obj: FluxObject) -> None:
+        if obj.kind in CONSUMER_KINDS:
+            # It may have applied a commit: its canaries wait for Flagger on it.
+            for canary in self._applied_by(obj.key):
+                self.post(canary)
+            return
+        if obj.kind in WORKLOAD_KINDS:
+            for canary in self._targeting(obj.key):
+                self.post(canary)
+            return
         if obj.kind not in CANARY_KINDS:
             return
         if op == "delete":
@@ -144,6 +197,31 @@ class CanaryStatuses:
             self._queued.pop(obj.key, None)
             return
         self.post(obj)
+
+    def on_applied(self, owner: ObjectKey, status: DesiredStatus,
+                   event_at: float | None) -> list[DesiredStatus]:
+        """A Flux event (at `event_at`) says `owner` applied `status.sha` (its `success`, about
+        to be queued): `pending` for each canary whose target it applied, unless the cache
+        already shows that apply or a later one (`canaries.waits_for_flagger`). To be queued
+        with the owner's own status; the fleet check counts them from now on."""
+        if not self.enabled or status.state != SUCCESS:
+            return []
+        out = []
+        for canary in self._applied_by(owner):
+            located = self.locate(canary)
+            found = located[0] if not isinstance(located, Unknown) else None
+            if not waits_for_flagger(found.sha if found else None,
+                                     applied_at(found.owner) if found else None,
+                                     status.sha, event_at):
+                continue
+            context = canary_context(self._cfg.context_template, self._templates.cluster,
+                                     canary, self._templates.lower)
+            desired = DesiredStatus(status.repo_key, status.owner, status.repo, status.sha,
+                                    context, WAITING_FOR_FLAGGER.state,
+                                    WAITING_FOR_FLAGGER.description)
+            self._queued[canary.key] = (desired, self._clock())
+            out.append(desired)
+        return out
 
     # -- Flagger's webhooks --------------------------------------------------------------------
 

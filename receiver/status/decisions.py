@@ -269,6 +269,19 @@ def replaces_waiting(waiting: DesiredStatus, waiting_state_only: bool, new: Desi
     return not (new_state_only and not waiting_state_only and waiting.state == new.state)
 
 
+def settles(pending: DesiredStatus, live: DesiredStatus | None) -> DesiredStatus | None:
+    """The live-state status to post after an event's `pending` for a consumer, once its live
+    state has moved past it at the same commit and context; None while it has not.
+
+    kustomize-controller reports a run's progress and its outcome milliseconds apart; behind a
+    Service they reach different replicas, and the `pending` may be posted after the outcome.
+    The live state is the later truth, so it gets the last word (compared as state only).
+    """
+    if live is None or live.state == PENDING or live.key != pending.key:
+        return None
+    return live
+
+
 def plan_repairs(
     desired: Iterable[DesiredStatus], shown: Mapping[str, Fields]
 ) -> list[DesiredStatus]:

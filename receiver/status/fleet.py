@@ -24,6 +24,10 @@ still analysing keeps its cluster from being done, and one rolled back, even aft
 Kustomization's `success`, fails it.
 
 Environments (`environments`): the same aggregate over each environment's clusters, in order.
+
+What this replica knows before Gitea shows it (`with_local`): the states it queued for its own
+canaries on the commit stand in for what Gitea shows for those contexts, so a Kustomization's
+`success` posted before its canary's `pending` never makes the cluster done.
 """
 
 from __future__ import annotations
@@ -61,6 +65,18 @@ def latest_reports(items: Iterable[ListedStatus]) -> dict[str, Report]:
     """The latest status per context (`statuses.latest_by_context`), with its time."""
     return {context: Report(item.state, item.at)
             for context, item in latest_by_context(items).items()}
+
+
+def with_local(shown: Mapping[str, Report], local: Mapping[str, str],
+               now: float) -> dict[str, Report]:
+    """`shown`, with each context in `local` (context -> state this replica queued) at its
+    queued state: Gitea's time when Gitea already shows that state, else `now`."""
+    out = dict(shown)
+    for context, state in local.items():
+        seen = out.get(context)
+        if seen is None or seen.state != state:
+            out[context] = Report(state, now)
+    return out
 
 
 def classify(context: str, parser: re.Pattern[str]) -> tuple[str, bool] | None:

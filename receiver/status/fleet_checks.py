@@ -16,7 +16,7 @@ from collections.abc import Callable
 from receiver.config import Settings
 from receiver.gitea.client import GiteaError
 from receiver.status.decisions import CommitKey, DesiredStatus
-from receiver.status.fleet import aggregate, environment_aggregates
+from receiver.status.fleet import aggregate, environment_aggregates, with_local
 from receiver.status.gitea_view import Budget, GiteaView, JobKey, Listing
 from receiver.status.queue import StatusQueue
 from receiver.status.shown import needs_post
@@ -41,6 +41,9 @@ class FleetChecks:
         self._view = view
         self._queue = queue
         self._wall = wall  # compared with the times Gitea gives statuses
+        # (repo key, sha) -> context -> state this replica queued for its canaries on the
+        # commit (`CanaryStatuses.local`): counted before Gitea shows them.
+        self.local: Callable[[str, str], dict[str, str]] = lambda repo_key, sha: {}
         # Checks under way per commit, and whether a post asked for another meanwhile.
         self.checks: dict[CommitKey, bool] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -100,8 +103,10 @@ class FleetChecks:
             return
         fleet = self._fleet
         now = self._wall()
-        reports = {c: r for c, r in listing.reports.items()
-                   if c not in {context for context, _ in self._environments}}
+        reports = with_local(
+            {c: r for c, r in listing.reports.items()
+             if c not in {context for context, _ in self._environments}},
+            self.local(status.repo_key, commit[2]), now)
         verdicts = environment_aggregates(reports, self._parser, self._environments, now,
                                           fleet.stale_after_seconds, self._canary_parser)
         verdict = aggregate(reports, self._parser, fleet.clusters, fleet.context, now,

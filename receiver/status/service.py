@@ -35,6 +35,7 @@ from receiver.status.queue import StatusQueue
 from receiver.status.repos import repo_of
 from receiver.status.resync import Resync
 from receiver.status.secrets import SecretReader
+from receiver.status.settle import PendingEvents
 from receiver.status.signals import DeliverySignals
 from receiver.status.versions import GiteaVersions
 from receiver.templates import CONTEXT_FIELDS, TARGET_URL_FIELDS, check_template
@@ -87,6 +88,7 @@ class StatusService:
         self.canaries = CanaryStatuses(settings, cluster, templates, self.locator, self.queue,
                                        self.view)
         self.resync.extra.append(self.canaries.all_desired)
+        self.fleet.local = self.canaries.local
         self.environments = EnvironmentStates(settings, cluster, self.locator, self.view)
         self.signals = DeliverySignals(settings, templates, self.locator, self.queue, metrics,
                                        self.memory_size)
@@ -100,6 +102,8 @@ class StatusService:
                                      self.queue, metrics, clock, lambda: self.resync.leader,
                                      still_leader, wall_clock)
         cluster.store.subscribe(self.comments.on_store_change)
+        self.pending_events = PendingEvents(self.locator, templates, self.queue)
+        cluster.store.subscribe(self.pending_events.on_store_change)
         self.resync.on_run.append(self.comments.resync)
         self._tasks: list[asyncio.Task[None]] = []
 

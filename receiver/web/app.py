@@ -127,7 +127,8 @@ def build(settings: Settings, cluster: Cluster, **status_kwargs: Any) -> Compone
 def status_endpoints(statuses: StatusService) -> tuple[EventsEndpoint, BadgeEndpoint]:
     """`POST /events` and `GET /badge/...` over the status side's parts."""
     return (EventsEndpoint(statuses.settings, statuses.templates, statuses.locator,
-                           statuses.secrets, statuses.queue, statuses.metrics),
+                           statuses.secrets, statuses.queue, statuses.metrics,
+                           statuses.pending_events.on_event, statuses.canaries.on_applied),
             BadgeEndpoint(statuses.settings, statuses.cluster, statuses.secrets,
                           statuses.environments))
 

@@ -3,19 +3,23 @@
 Validate, then act: size and media type, then authentication (HMAC over the raw bytes or a
 bearer token; unsigned only behind the insecure switch), then the event, then the mapping to
 statuses (`statuses.desired_from_event`), queued with the body's digest so a redelivery of the
-same event is known.
+same event is known; the object's own queued status is told to `on_queued` (a consumer's
+`pending` is followed until its live state moves on: `status.settle`). A Kustomization's or
+HelmRelease's `success` goes with the `pending` of the canaries whose target it applied
+(`companions`, from `CanaryStatuses.on_applied`): Flagger has not started their analysis yet.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+from collections.abc import Callable
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from receiver.config import Settings
-from receiver.flux.objects import ObjectKey
+from receiver.flux.objects import CONSUMER_KINDS, ObjectKey
 from receiver.metrics import Metrics
 from receiver.signatures import Signed, verify_bearer, verify_event
 from receiver.status.decisions import MAPPED, DesiredStatus, desired_from_event
@@ -24,6 +28,7 @@ from receiver.status.locator import Locator
 from receiver.status.queue import StatusQueue
 from receiver.status.secrets import SecretReader
 from receiver.templates import StatusTemplates
+from receiver.times import epoch_seconds
 from receiver.web.http import (
     UNAUTHORIZED,
     VERIFIER,
@@ -38,8 +43,13 @@ from receiver.web.http import (
 
 class EventsEndpoint:
     def __init__(self, settings: Settings, templates: StatusTemplates, locator: Locator,
-                 secrets: SecretReader, queue: StatusQueue, metrics: Metrics) -> None:
+                 secrets: SecretReader, queue: StatusQueue, metrics: Metrics,
+                 on_queued: Callable[[ObjectKey, DesiredStatus], None] | None = None,
+                 companions: Callable[[ObjectKey, DesiredStatus, float | None],
+                                      list[DesiredStatus]] | None = None) -> None:
+        self._companions = companions
         self._settings = settings
+        self._on_queued = on_queued
         self._templates = templates
         self._locator = locator
         self._secrets = secrets
@@ -78,6 +88,11 @@ class EventsEndpoint:
                                        origin=hashlib.sha256(body).hexdigest()[:16])
         if enqueued is None:
             return self._count("queue_full", error(503, "status queue is full"))
+        if self._on_queued is not None:
+            # The object's own status is last; the canaries' that go with it are not its own
+            # progress and are settled by the canary rules.
+            inv = event.involved
+            self._on_queued(ObjectKey(inv.kind, inv.namespace, inv.name), wanted[-1])
         return self._count("accepted", _accepted(enqueued))
 
     def _map_event(self, event: FluxEvent) -> tuple[str, list[DesiredStatus]]:
@@ -88,7 +103,11 @@ class EventsEndpoint:
             return mapping.outcome, []
         if not self._locator.instances(mapping.status.repo_key):
             return "no_instance", []
-        return mapping.outcome, [mapping.status]
+        key = ObjectKey(inv.kind, inv.namespace, inv.name)
+        if self._companions is not None and key.kind in CONSUMER_KINDS:
+            with_canaries = self._companions(key, mapping.status, epoch_seconds(event.timestamp))
+            return mapping.outcome, [*with_canaries, mapping.status]
+        return mapping.outcome, [mapping.status]  # the object's own status last (see `on_queued`)
 
     async def _authorised(self, request: Request, body: Signed) -> bool:
         """HMAC over the raw bytes or a bearer token; unsigned only behind the insecure switch.

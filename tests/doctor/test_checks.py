@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from hypothesis import given
@@ -9,7 +10,13 @@ from hypothesis import strategies as st
 
 from receiver import signatures as sig
 from receiver.config import read_secret_file
-from receiver.doctor.checks import access_findings, diagnose, hook_readings, problems
+from receiver.doctor.checks import (
+    access_findings,
+    diagnose,
+    hook_readings,
+    problems,
+    required_access,
+)
 from receiver.doctor.facts import AccessFacts, Facts, ReceiverFacts, TokenFacts
 from receiver.push.hookindex import usable_token
 
@@ -51,6 +58,35 @@ def test_a_denied_optional_grant_warns_and_a_required_one_fails() -> None:
     assert [(f.severity, f.check) for f in found] == [
         ("warn", "rbac-denied"), ("fail", "rbac-denied"), ("warn", "rbac-unchecked")]
     assert "get secrets in apps" in found[1].message
+
+
+PLURALS = {"Canary": ("flagger.app", "canaries"), "Deployment": ("apps", "deployments"),
+           "DaemonSet": ("apps", "daemonsets")}
+
+
+def _plural(kind: str) -> tuple[str, str]:
+    return PLURALS.get(kind, ("toolkit", kind.lower() + "s"))
+
+
+def test_with_canaries_on_doctor_asks_for_the_canaries_and_their_workloads() -> None:
+    def canary_needs(canaries: bool) -> set[tuple[str, str, str, str]]:
+        needs = required_access(["apps", "web"], "flux-system", "lease", _plural, canaries)
+        return {(a.verb, a.group, a.resource, a.namespace) for a in needs
+                if a.group in ("flagger.app", "apps")}
+
+    assert canary_needs(False) == set()
+    assert canary_needs(True) == {
+        (verb, group, resource, namespace) for verb in ("get", "list", "watch")
+        for group, resource in PLURALS.values() for namespace in ("apps", "web")}
+    # Denied, it fails doctor, naming the grant and the setting that needs it.
+    needs = required_access(["apps"], "flux-system", "lease", _plural, True)
+    answered = [replace(a, allowed=not (a.resource == "daemonsets" and a.verb == "watch"))
+                for a in needs]
+    found = access_findings(answered)
+    assert [(f.severity, f.check) for f in found] == [("fail", "rbac-denied")]
+    assert found[0].message.startswith("the bridge may not watch daemonsets.apps in apps")
+    assert "statuses.canaries" in found[0].message
+    assert problems(found)
 
 
 def test_a_provider_whose_address_is_in_a_secret_is_not_called_missing() -> None:

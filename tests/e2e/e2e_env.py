@@ -419,11 +419,13 @@ class BridgeEnv(InNamespace, Waiting):
         body: dict[str, Any] = response.json()
         return body
 
-    def follow(self, delivery_id: str, token: str, wait: float) -> list[dict[str, Any]]:
-        """`GET /deliveries/<id>?wait=` as a CI gate reads it: every line of the stream, the
-        last one the settled delivery (a timeout marker fails here)."""
+    def follow(self, delivery_id: str, token: str, wait: float,
+               at: BridgeProcess | None = None) -> list[dict[str, Any]]:
+        """`GET /deliveries/<id>?wait=` as a CI gate reads it (from `at`, another replica, or
+        the env's bridge): every line of the stream, the last one the settled delivery (a
+        timeout marker fails here)."""
         with httpx.Client(trust_env=False, timeout=wait + 30.0) as client:
-            response = client.get(f"{self.bridge.url}/deliveries/{delivery_id}",
+            response = client.get(f"{(at or self.bridge).url}/deliveries/{delivery_id}",
                                   params={"wait": f"{wait:g}"},
                                   headers={"Authorization": f"Bearer {token}"})
         assert response.status_code == 200, response.text

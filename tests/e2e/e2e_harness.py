@@ -503,8 +503,12 @@ logger.router.MODE =
             "config": {"url": url, "content_type": "json", "secret": secret}})
         return int(hook["id"])
 
-    def set_hook_active(self, owner: str, repo: str, hook_id: int, active: bool) -> None:
-        self.api("PATCH", f"/repos/{owner}/{repo}/hooks/{hook_id}", {"active": active})
+    def set_hook_active(self, owner: str, repo: str, hook_id: int, active: bool, *,
+                        events: Sequence[str] = ("push",)) -> None:
+        """Turn a webhook on or off. Gitea's edit resets the hook's events to `push` unless
+        they are given, so a hook made with other events must pass them again."""
+        self.api("PATCH", f"/repos/{owner}/{repo}/hooks/{hook_id}",
+                 {"active": active, "events": list(events)})
 
     def statuses(self, owner: str, repo: str, sha: str) -> list[dict[str, Any]]:
         """Every status of a commit (all of them, not only the latest per context), oldest

@@ -103,3 +103,40 @@ def test_a_secret_made_from_a_file_is_named_and_hook_url_reads_it_as_flux_does(
         assert main(["hook-url", "--receiver", f"{namespace}/gitea"]) == 0
     out = capsys.readouterr()
     assert out.out.strip() == stored and stripped in out.err
+
+
+def test_with_canaries_on_doctor_passes_the_charts_grants_and_names_them_when_missing(
+        control_plane: ControlPlane, tmp_path: Path,  # noqa: F811
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """The chart rendered with canaries on grants what doctor asks for them; the same
+    configuration run with the grants of a chart rendered with canaries off is named."""
+    lease = ("--set", "config.statuses.lease_name=canary-doctor-resync")  # one for both
+    on = (*lease, "--set", "config.statuses.canaries.enabled=true")
+    control_plane.ensure_namespace(RELEASE_NS)
+    api = control_plane.api_client()
+    accounts = {}
+    config: dict[str, Any] = {}
+    for release, args in (("can-on", on), ("can-off", lease)):
+        docs = helm_template(control_plane, release, *args)
+        rbac = [d for d in docs if d["kind"] in RBAC_KINDS]
+        if release == "can-on":
+            (configmap,) = [d for d in docs if d["kind"] == "ConfigMap"]
+            config = yaml.safe_load(configmap["data"]["config.yaml"])
+            config.pop("listen", None)
+        (accounts[release],) = [d["metadata"]["name"] for d in rbac
+                                if d["kind"] == "ServiceAccount"]
+        for doc in rbac:
+            kubernetes.utils.create_from_dict(api, doc)  # type: ignore[no-untyped-call]
+    assert config["statuses"]["canaries"]["enabled"] is True
+
+    code, findings = doctor(control_plane, tmp_path, config, accounts["can-on"], capsys)
+    assert [f["check"] for f in findings] == ["rbac"], findings
+
+    code, findings = doctor(control_plane, tmp_path, config, accounts["can-off"], capsys)
+    denied = {f["message"].split(" (")[0] for f in findings if f["check"] == "rbac-denied"}
+    scopes = [f" in {ns}" for ns in config.get("namespaces") or []] or [" cluster-wide"]
+    assert code == 1
+    assert denied == {f"the bridge may not {verb} {resource}{scope}"
+                      for verb in ("get", "list", "watch") for scope in scopes
+                      for resource in ("canaries.flagger.app", "deployments.apps",
+                                       "daemonsets.apps")}, denied

@@ -55,6 +55,7 @@ CANARY_CONTEXT = f"flagger/{CLUSTER}/{APP_NS}/podinfo"
 KS_CONTEXT = e2e.status_context(CLUSTER, "Kustomization", NS, "shop")
 APPROVAL = "approve/production"
 LEASE = "canary-bridge-resync"
+AGGREGATES = ("flux/fleet", "flux/env/staging")
 
 DEPLOY_TIMEOUT = 120.0
 CANARY_TIMEOUT = 300.0  # Flagger's analysis ticks every 10 s at the least
@@ -174,6 +175,16 @@ class Canaries(e2e.BridgeEnv):
                              params={"environment": environment}).text
         assert f">{environment}<" in svg, svg
         return next(m for m in ("deployed", "failed", "deploying", "unknown") if f">{m}<" in svg)
+
+    def aggregates_before_the_canary(self, sha: str, final: str) -> list[tuple[str, str]]:
+        """(context, state) of each fleet or environment status Gitea shows on the commit from
+        before the canary's first `final` status (Gitea numbers statuses in the order set)."""
+        shown = self.gitea.statuses(ORG, REPO, sha)
+        ends = [s["id"] for s in shown
+                if s.get("context") == CANARY_CONTEXT and s.get("status") == final]
+        assert ends, e2e.shown(shown)
+        return [(str(s["context"]), str(s["status"])) for s in shown
+                if s["id"] < min(ends) and s.get("context") in AGGREGATES]
 
     def gate_answers(self, status: int) -> int:
         return sum(1 for r in self.bridge.records("flagger gate answered")
@@ -301,7 +312,8 @@ def test_a_passing_canary_holds_at_the_gate_until_approved_in_gitea(canaries: Ca
         env.wait("the gate to refuse twice more", lambda: env.gate_answers(403) >= refused + 2,
                  60)
         assert env.phase("WaitingPromotion"), env.canary().get("status")
-        assert job.poll() is None, "the CI job ended before the promotion"
+        assert job.poll() is None, ("the CI job ended before the promotion",
+                                    job.communicate())
         env.timings["push -> waiting at the gate"] = time.monotonic() - started
 
         approved = time.monotonic()
@@ -326,10 +338,45 @@ def test_a_passing_canary_holds_at_the_gate_until_approved_in_gitea(canaries: Ca
         env.wait_status(sha, "flux/fleet", "success", 60)
         env.wait_status(sha, "flux/env/staging", "success", 60)
         assert env.badge("staging") == "deployed"
+        # Between Flux's apply and Flagger's promotion the aggregates waited, never read success.
+        early = env.aggregates_before_the_canary(sha, "success")
+        print(f"  aggregates on {sha[:12]} before the promotion: {early}")
+        assert early and all(state == "pending" for _, state in early), early
     finally:
         if job.poll() is None:
             job.kill()
             job.communicate()
+
+
+def test_a_commit_that_leaves_the_workload_shows_the_standing_promotion(
+        canaries: Canaries) -> None:
+    """A commit that changes another object of the Kustomization: kustomize-controller applies
+    it without touching the Deployment (its managedFields entry keeps its time), Flagger starts
+    no analysis, and the commit shows the promotion of the workload it deploys at once; the
+    fleet does not wait for a phase change that never comes."""
+    env = canaries
+    promoted = env.phase("Succeeded")
+    assert promoted, env.canary().get("status")
+    sha = env.push({f"{APP_PATH}/notes.yaml": f"""apiVersion: v1
+kind: ConfigMap
+metadata:
+  name: shop-notes
+  namespace: {APP_NS}
+data:
+  note: "not read by podinfo"
+"""}, "shop: a ConfigMap podinfo does not use")
+    started = time.monotonic()
+    out, err = env.notify(sha, wait=0).communicate(timeout=60)  # the push reaches Flux now
+    assert "accepted as delivery" in err, (out, err)
+    env.wait("the deploy", functools.partial(env.deployed, sha), DEPLOY_TIMEOUT)
+    history = env.wait_status(sha, CANARY_CONTEXT, "success", 60, description="Canary promoted")
+    env.wait_status(sha, "flux/fleet", "success", 60)
+    env.timings["push (workload unchanged) -> flux/fleet success"] = time.monotonic() - started
+    print(f"  {CANARY_CONTEXT} on {sha[:12]}: {e2e.described(history)}")
+    # Flagger never moved: the verdict shown is the standing one, for the same workload.
+    now = env.canary()["status"]
+    assert now.get("phase") == "Succeeded", now
+    assert now.get("conditions") == promoted["status"].get("conditions"), now
 
 
 def test_a_failing_canary_is_rolled_back_and_fails_the_commit_and_the_ci_wait(
@@ -358,6 +405,12 @@ def test_a_failing_canary_is_rolled_back_and_fails_the_commit_and_the_ci_wait(
         assert env.history(sha, KS_CONTEXT)[-1]["status"] == "success"
         print(f"  flux/fleet on {sha[:12]}: {e2e.described(fleet)}")
         env.wait_status(sha, "flux/env/staging", "failure", 60)
+        # The Kustomization's success came long before Flagger's verdict: no aggregate said
+        # success meanwhile.
+        early = env.aggregates_before_the_canary(sha, "failure")
+        print(f"  aggregates on {sha[:12]} before the rollback: {early}")
+        assert all(state == "pending" for _, state in early), early
+        assert "success" not in [s["status"] for c in AGGREGATES for s in env.history(sha, c)]
         env.wait("the staging badge to read failed", lambda: env.badge("staging") == "failed",
                  60)
         assert any(not passed for _, passed in env.checks.calls), "no failing check was asked"

@@ -302,20 +302,23 @@ def replayed_webhook(run: CaseRun) -> Sent:
     return Sent(first.body, dict(first.headers), push=first.push)
 
 
-def github_signed(body: bytes, event: str, content_type: str = "application/json",
+def github_signed(body: bytes | Callable[[CaseRun], bytes], event: str,
+                  content_type: str = "application/json",
                   signatures: tuple[str, ...] = ("hub256", "gitea")) -> Build:
-    """A crafted request to a github Receiver, signed as Gitea signs (`signatures`)."""
+    """A crafted request to a github Receiver, signed as Gitea signs (`signatures`); `body`
+    may be built from the case (a payload naming its repository)."""
     def build(run: CaseRun) -> Sent:
+        data = body(run) if callable(body) else body
         headers = {"content-type": content_type, "x-github-event": event,
                    "x-gitea-event": event, "x-gitea-delivery": str(uuid.uuid4())}
-        digest = hmac_hex("sha256", run.token, body)
+        digest = hmac_hex("sha256", run.token, data)
         if "hub256" in signatures:
             headers["x-hub-signature-256"] = f"sha256={digest}"
         if "gitea" in signatures:
             headers["x-gitea-signature"] = digest
         if "sha1" in signatures:
-            headers["x-hub-signature"] = f"sha1={hmac_hex('sha1', run.token, body)}"
-        return Sent(body, headers)
+            headers["x-hub-signature"] = f"sha1={hmac_hex('sha1', run.token, data)}"
+        return Sent(data, headers)
     return build
 
 
@@ -383,8 +386,17 @@ def gitlab(run: CaseRun) -> Sent:
 
 
 PING = json.dumps({"zen": "keep it simple", "hook_id": 1, "hook": {"type": "gitea"}}).encode()
-CREATE = json.dumps({"ref": "v1.0.0", "ref_type": "tag", "sha": "a" * 40,
-                     "repository": {"full_name": f"{ORG}/gitea-any"}}).encode()
+
+
+def create_tag(run: CaseRun) -> bytes:
+    """A tag created, as Gitea's create event names it: the repository with its URLs."""
+    gitea = run.oracle.gitea
+    return json.dumps({"ref": "v1.0.0", "ref_type": "tag", "sha": "a" * 40, "repository": {
+        "full_name": f"{ORG}/{run.case.name}", "clone_url": gitea.clone_url(ORG, run.case.name),
+        "html_url": f"{gitea.url}/{ORG}/{run.case.name}"}}).encode()
+
+
+
 DEPLOY = b'{"action":"deploy"}'
 CONTRADICTORY = json.dumps({"ref": "refs/heads/main", "after": "b" * 40}).encode()
 OVERSIZE = b'{"pad":"' + b"x" * (3 * 1024 * 1024) + b'"}'
@@ -424,7 +436,7 @@ ROWS: dict[str, list[Spec]] = {
     ],
     "gitea-any": [
         Spec("signed ping", github_signed(PING, "ping")),
-        Spec("signed create (tag) event", github_signed(CREATE, "create")),
+        Spec("signed create (tag) event", github_signed(create_tag, "create")),
         Spec("Gitea push webhook (infra)", gitea_webhook(CaseRun.push_infra)),
         Spec("signed, body a JSON array", github_signed(b"[]", "push")),
         Spec("signed, body not JSON", github_signed(b"deploy please", "push")),
@@ -548,6 +560,22 @@ def reason_not_a_push(oracle: Oracle, row: Row, obj: str) -> str | None:
     return None
 
 
+def reason_ref_event(oracle: Oracle, row: Row, obj: str) -> str | None:
+    """A branch or tag created or deleted: the bridge routes it to the input providers that list
+    refs, and leaves sources and their consumers to the push Gitea sends for the same ref (a
+    new ref with commits is also a push). Checked: the event, the object's kind, and that the
+    reply names the object as skipped for that event."""
+    event = row.sent.headers.get("x-github-event", "")
+    kind, name = obj.split("/")
+    if row.bridge_code != 202 or event not in ("create", "delete") \
+            or kind == "ResourceSetInputProvider":
+        return None
+    skipped = [s for s in row.reply.get("skipped") or []
+               if (s.get("kind"), s.get("name")) == (kind, name)
+               and f"a {event} event" in str(s.get("reason"))]
+    return f"event {event!r} names a ref, not commits: {skipped[0]['reason']}" if skipped else None
+
+
 def _bridge_accepted_delivery(run: CaseRun, delivery: str) -> Row | None:
     return run.earlier(lambda r: r.bridge_code == 202
                        and r.sent.headers.get("x-gitea-delivery") == delivery)
@@ -559,6 +587,7 @@ REASONS: dict[str, Check] = {
     "paths": reason_paths,
     "started by Flux": reason_started,
     "not a push": reason_not_a_push,
+    "ref event": reason_ref_event,
 }
 
 
@@ -988,4 +1017,4 @@ def test_bridge_answers_and_annotates_as_flux_or_says_why(
     assert any(o.startswith("Kustomization/") for r in rows for o in r.bridge_set)
     assert any(o.startswith("Kustomization/") for r in rows for o in r.flux_set)
     used = {v.split(":", 1)[0] for r in rows for v in r.reasons.values()}
-    assert {"paths", "suspended", "other ref", "not a push", "stricter"} <= used, used
+    assert {"paths", "suspended", "other ref", "not a push", "ref event", "stricter"} <= used, used

@@ -11,20 +11,24 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from receiver.config import DEFAULT_CONTEXT
-from receiver.flux.canary import PHASES, owner_of, target_of
-from receiver.flux.objects import FluxObject, ObjectKey
+from receiver.flux.canary import PHASES, owner_of, target_of, workload_changed_at
+from receiver.flux.objects import FluxObject, ObjectKey, slim
 from receiver.status.canaries import (
+    WAITING_FOR_FLAGGER,
     Found,
     Unknown,
     analysed_commit,
+    applied_at,
     canary_verdict,
+    commit_verdict,
     decided_for,
     failed_check,
     progress_words,
+    waits_for_flagger,
 )
 from receiver.status.decisions import applied_commit
 from receiver.status.descriptions import DESCRIPTION_LIMIT
-from receiver.status.fleet import Report, aggregate, environment_aggregates
+from receiver.status.fleet import Report, aggregate, environment_aggregates, with_local
 from receiver.status.gates import answer
 from receiver.templates import cluster_parser
 
@@ -159,6 +163,71 @@ def test_a_verdict_from_before_the_owner_applied_is_not_this_commits() -> None:
                        FluxObject(kustomization()))
 
 
+def _workload(*entries: tuple[str, str, str]) -> FluxObject:
+    """A cached Deployment whose managedFields hold (manager, subresource, time) entries."""
+    return FluxObject(slim({**deployment(KS_LABELS), "spec": {"replicas": 1}, "metadata": {
+        **deployment(KS_LABELS)["metadata"], "managedFields": [
+            {"manager": m, "operation": "Apply", "time": t, "fieldsType": "FieldsV1",
+             "fieldsV1": {"f:spec": {}}, **({"subresource": sub} if sub else {})}
+            for m, sub, t in entries]}}))
+
+
+def test_the_workload_changed_when_a_flux_controller_last_changed_it() -> None:
+    workload = _workload(("kustomize-controller", "", "2026-12-07T10:00:00Z"),
+                         ("helm-controller", "", "2026-12-07T10:02:00Z"),
+                         ("helm-controller", "scale", "2026-12-07T10:03:00Z"),
+                         ("flagger", "", "2026-12-07T10:05:00Z"),
+                         ("kube-controller-manager", "", "2026-12-07T10:06:00Z"),
+                         ("kube-controller-manager", "status", "2026-12-07T10:06:00Z"))
+    assert workload_changed_at(workload) == "2026-12-07T10:02:00Z"
+    assert "fieldsV1" not in str(workload.raw)  # the cache keeps who and when, not the fields
+    assert workload_changed_at(FluxObject(deployment(KS_LABELS))) == ""
+
+
+def _applied(at: str) -> FluxObject:
+    return FluxObject({**kustomization(), "status": {
+        "lastAppliedRevision": f"main@sha1:{SHA}", "conditions": [
+            {"type": "Ready", "status": "True", "lastTransitionTime": at}]}})
+
+
+def test_a_commit_waits_for_flagger_until_it_changes_the_phase_after_the_apply() -> None:
+    at = applied_at(_applied("2026-12-07T10:00:00Z"))
+    changed = _workload(("kustomize-controller", "", "2026-12-07T09:59:58Z"))
+    promoted = _phase_at("Succeeded", "2026-12-07T09:00:00Z")  # the last release's
+    assert commit_verdict(promoted, changed, at) == WAITING_FOR_FLAGGER
+    assert commit_verdict(_phase_at("Progressing", "2026-12-07T10:00:10Z"), changed, at) == \
+        canary_verdict(_phase_at("Progressing", "2026-12-07T10:00:10Z"))
+    # Nothing says when the workload changed: wait for Flagger all the same.
+    assert commit_verdict(promoted, FluxObject(deployment(KS_LABELS)), at) == \
+        WAITING_FOR_FLAGGER
+    # A canary Flagger has not initialized yet waits too; one going away says nothing.
+    assert commit_verdict(canary(phase=""), changed, None) == WAITING_FOR_FLAGGER
+    assert commit_verdict(_phase_at("Terminating", "2026-12-07T10:00:10Z"), changed, at) is None
+
+
+def test_an_apply_that_left_the_workload_keeps_flaggers_verdict() -> None:
+    """A re-reconcile, or a commit that changed something else: Flagger runs no analysis, and
+    its phase since the workload's last change is about the workload this commit deploys."""
+    at = applied_at(_applied("2026-12-07T10:00:00Z"))
+    earlier = _workload(("kustomize-controller", "", "2026-12-07T08:00:00Z"))
+    progressing = _phase_at("Progressing", "2026-12-07T09:00:00Z")
+    assert commit_verdict(progressing, earlier, at) == canary_verdict(progressing)
+    # A phase in the same second as the change may be from just before it: wait.
+    same = _workload(("kustomize-controller", "", "2026-12-07T09:00:00Z"))
+    assert commit_verdict(progressing, same, at) == WAITING_FOR_FLAGGER
+
+
+def test_a_flux_event_queues_the_wait_only_for_an_apply_the_cache_has_not_shown() -> None:
+    older = "1" * 40
+    assert waits_for_flagger(None, None, SHA, 1000.0)
+    assert waits_for_flagger(older, 900.0, SHA, 1000.0)  # the cache has not caught up
+    assert waits_for_flagger(older, 1000.5, SHA, 1000.0)  # whole seconds: the same one
+    assert waits_for_flagger(older, 900.0, SHA, None)
+    assert not waits_for_flagger(SHA, 900.0, SHA, 1000.0)  # the cache decides
+    # A late or redelivered event of an earlier apply: that commit's status is settled.
+    assert not waits_for_flagger(SHA, 1100.0, older, 1000.0)
+
+
 # -- what the phase says -----------------------------------------------------------------------
 
 def test_progress_reads_weight_and_check() -> None:
@@ -291,6 +360,17 @@ def test_environments_aggregate_their_own_clusters_in_order() -> None:
     assert [c for c, _ in only_staging] == ["flux/env/staging"]
 
 
+def test_what_this_replica_queued_counts_before_gitea_shows_it() -> None:
+    shown = {ks(c): Report("success", 900.0) for c in CLUSTERS}
+    local = with_local(shown, {flagger("prod-us"): "pending"}, 1000.0)
+    verdict = aggregate(local, PARSER, CLUSTERS, "flux/fleet", 1000.0, 600.0, CANARY_PARSER)
+    assert verdict is not None and verdict.state == "pending"
+    # A state Gitea already shows keeps Gitea's time (staleness counts from there).
+    again = with_local({**shown, flagger("prod-us"): Report("pending", 100.0)},
+                       {flagger("prod-us"): "pending"}, 1000.0)
+    assert again[flagger("prod-us")] == Report("pending", 100.0)
+
+
 # -- gates -------------------------------------------------------------------------------------
 
 REQUIRE = ["flux/env/staging", "approve/production"]
@@ -368,24 +448,35 @@ def test_a_valid_release_configuration_loads() -> None:
 
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule  # noqa: E402
 
+PROMOTED = frozenset({"Succeeded", "Initialized"})
+
 
 def _stamp(at: int) -> str:
     return f"2026-12-07T{10 + at // 3600:02d}:{at // 60 % 60:02d}:{at % 60:02d}Z"
 
 
 class CanaryOverTime(RuleBasedStateMachine):
-    """Flux applies commits, Flagger changes phases and rewrites its status, seconds pass, in
-    any order. What the bridge would post on the commit Flux applied last must be a verdict
-    Flagger reached after that commit was applied, never an earlier commit's."""
+    """Flux applies commits (changing the workload or not), Flagger changes phases and rewrites
+    its status, seconds pass, in any order. What the bridge would post on the commit Flux
+    applied last must be a verdict Flagger reached after that commit was applied, never an
+    earlier commit's; and the fleet and environment aggregates over the Kustomizations'
+    `success` and that canary status never read `success` before Flagger promoted what the
+    commit deploys."""
 
     def __init__(self) -> None:
         super().__init__()
         self.now = 0
         self.commit = 0
         self.applied_at = 0
+        # An earlier commit changed the workload at -20, Flagger initialized it at -10; the
+        # commit applied at 0 left it as it was.
+        self.changed_at = -20
+        self.changed_by_commit = False
         self.phase, self.phase_at, self.written_at = "Initialized", -10, -10
         # Phases Flagger entered after the current commit was applied (whole seconds).
         self.since_deploy: list[str] = []
+        # Phases Flagger entered after the workload last changed, with their time.
+        self.since_change: list[tuple[str, int]] = [("Initialized", -10)]
 
     def _canary(self) -> FluxObject:
         return canary(self.phase, conditions=[{
@@ -399,16 +490,27 @@ class CanaryOverTime(RuleBasedStateMachine):
             "conditions": [{"type": "Ready", "status": "True",
                             "lastTransitionTime": _stamp(self.applied_at)}]}})
 
+    def _workload(self) -> FluxObject:
+        return FluxObject(slim({**deployment(KS_LABELS), "metadata": {
+            **deployment(KS_LABELS)["metadata"], "managedFields": [
+                {"manager": "kustomize-controller", "operation": "Apply",
+                 "time": _stamp(self.changed_at)},
+                {"manager": "flagger", "operation": "Update", "time": _stamp(self.phase_at)}]}}))
+
     @rule(seconds=st.integers(1, 30))
     def time_passes(self, seconds: int) -> None:
         self.now += seconds
 
-    @rule()
-    def flux_applies_a_new_commit(self) -> None:
+    @rule(changes_workload=st.booleans())
+    def flux_applies_a_new_commit(self, changes_workload: bool) -> None:
         self.now += 1  # Flux's apply and Flagger's write are not the same instant
         self.commit += 1
         self.applied_at = self.now
         self.since_deploy = []
+        self.changed_by_commit = changes_workload
+        if changes_workload:
+            self.changed_at = self.now
+            self.since_change = []
 
     @rule(phase=st.sampled_from(["Progressing", "WaitingPromotion", "Promoting", "Finalising",
                                  "Succeeded", "Failed"]))
@@ -416,6 +518,7 @@ class CanaryOverTime(RuleBasedStateMachine):
         if phase != self.phase:
             self.phase, self.phase_at = phase, self.now
             self.since_deploy.append(phase)
+            self.since_change.append((phase, self.now))
         self.written_at = self.now
 
     @rule()
@@ -434,6 +537,35 @@ class CanaryOverTime(RuleBasedStateMachine):
             assert "Succeeded" in self.since_deploy
         if verdict.state == "failure":
             assert "Failed" in self.since_deploy
+
+    def _aggregates(self) -> list[str]:
+        verdict = commit_verdict(self._canary(), self._workload(), applied_at(self._owner()))
+        shown = {ks(c): Report("success", 1000.0) for c in CLUSTERS}
+        if verdict is not None:
+            shown[flagger("prod-us")] = Report(verdict.state, 1000.0)
+        envs = [("flux/env/staging", ["staging-eu"]),
+                ("flux/env/production", ["prod-eu", "prod-us"])]
+        found = aggregate(shown, PARSER, CLUSTERS, "flux/fleet", 1000.0, 600.0, CANARY_PARSER)
+        assert found is not None
+        prod = environment_aggregates(shown, PARSER, envs, 1000.0, 600.0, CANARY_PARSER)[1]
+        return [found.state, prod[1].state]
+
+    @invariant()
+    def the_fleet_is_never_success_before_flagger_promoted_the_commit(self) -> None:
+        states = self._aggregates()
+        if "success" not in states:
+            return
+        # Never for a commit whose canary has not reached a phase after its apply...
+        if self.changed_by_commit:
+            assert self.since_deploy, (states, self.phase, self.since_deploy)
+        # ...and only once Flagger promoted the workload as this commit leaves it.
+        assert self.phase in PROMOTED, (states, self.phase)
+        assert any(p in PROMOTED for p, _ in self.since_change), self.since_change
+
+    @invariant()
+    def a_commit_that_left_the_workload_keeps_a_promotion(self) -> None:
+        if self.phase in PROMOTED and self.phase_at > self.changed_at:
+            assert self._aggregates() == ["success", "success"]
 
 
 TestCanaryOverTime = CanaryOverTime.TestCase

@@ -137,6 +137,19 @@ async def test_a_rollback_names_the_failed_check_from_flaggers_event() -> None:
         await eventually(lambda: shows(r.gitea) == ("failure", "Canary rolled back: load-test"))
 
 
+def fleet_posts(gitea: FakeGitea, sha: str = SHA) -> list[str]:
+    return [body["state"] for *_, at, body in gitea.posts
+            if at == sha and body["context"] == FLEET]
+
+
+def first_post(gitea: FakeGitea, context: str, state: str, sha: str = SHA) -> int | None:
+    return next((i for i, (*_, at, body) in enumerate(gitea.posts) if at == sha
+                 and body["context"] == context and body["state"] == state), None)
+
+
+WAITING = ("pending", "Canary waiting for Flagger to start the analysis")
+
+
 @pytest.mark.anyio
 async def test_a_rollback_after_the_kustomization_success_fails_the_fleet() -> None:
     async with canary_rig(stale_after_seconds=3600) as r:
@@ -144,13 +157,99 @@ async def test_a_rollback_after_the_kustomization_success_fails_the_fleet() -> N
         sent = await client.post("/events", content=fixture("kustomization-succeeded.json"),
                                   headers=signed(fixture("kustomization-succeeded.json")))
         assert sent.status_code == 202
-        await eventually(lambda: r.gitea.contexts(*REPO).get(FLEET) == "success")
-        r.cluster.mark_canary(CANARY, "Progressing", weight=10)
+        # Applied, but Flagger has not looked yet: the canary, and so the fleet, wait.
         await eventually(lambda: r.gitea.contexts(*REPO).get(FLEET) == "pending")
+        assert shows(r.gitea) == WAITING
+        r.cluster.mark_canary(CANARY, "Progressing", weight=10)
+        await eventually(lambda: shows(r.gitea) == ("pending", "canary 10%, check 1/5"))
         r.cluster.mark_canary(CANARY, "Failed")
         await eventually(lambda: r.gitea.contexts(*REPO).get(FLEET) == "failure")
         assert r.gitea.contexts(*REPO)["flux/eu-west/kustomization/apps/webapp"] == "success"
         assert r.gitea.contexts(*REPO)[CANARY_CONTEXT] == "failure"
+        assert "success" not in fleet_posts(r.gitea)
+
+
+@pytest.mark.anyio
+async def test_the_fleet_waits_for_flagger_after_the_kustomization_succeeds() -> None:
+    """The event of a Kustomization's success comes before the cache shows its apply and long
+    before Flagger's next interval: Gitea must show `pending` on the fleet and the canary, never
+    `success`, until Flagger promotes that commit."""
+    older = "1" * 40
+    async with canary_rig(stale_after_seconds=3600) as r:
+        client = flagger_client(r.service)
+        now = time.time()
+        r.cluster.mark_applied(WEBAPP, f"main@sha1:{older}", at=now - 600)
+        r.cluster.mark_canary(CANARY, "Succeeded", at=now - 300)  # the last release
+        await eventually(lambda: (found := r.gitea.latest("team", "webapp", older, FLEET))
+                         is not None and found["status"] == "success")
+        body = fixture("kustomization-succeeded.json").replace(  # sent as it happens
+            b"2026-08-07T13:04:05Z", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()).encode())
+        sent = await client.post("/events", content=body, headers=signed(body))
+        assert sent.status_code == 202 and sent.json()["statuses"] == 2
+        await eventually(lambda: r.gitea.contexts(*REPO).get(
+            "flux/eu-west/kustomization/apps/webapp") == "success")
+        await eventually(lambda: r.gitea.contexts(*REPO).get(FLEET) == "pending")
+        assert shows(r.gitea) == WAITING
+        # The watch catches up with the apply; Flagger still has not moved.
+        r.cluster.mark_applied(WEBAPP, f"main@sha1:{SHA}")
+        r.cluster.mark_canary(CANARY, "Succeeded", at=now - 300)  # a rewrite, not a phase
+        assert await r.service.resync_once() >= 0
+        await eventually(lambda: r.service.queue_depth == 0 and not r.service.fleet.checks)
+        assert (r.gitea.contexts(*REPO).get(FLEET), shows(r.gitea)) == ("pending", WAITING)
+        r.cluster.mark_canary(CANARY, "Progressing", weight=20)
+        await eventually(lambda: shows(r.gitea) == ("pending", "canary 20%, check 2/5"))
+        r.cluster.mark_canary(CANARY, "Succeeded")
+        await eventually(lambda: r.gitea.contexts(*REPO).get(FLEET) == "success")
+        assert shows(r.gitea) == ("success", "Canary promoted")
+        # Gitea never showed the fleet `success` before the canary's.
+        promoted = first_post(r.gitea, CANARY_CONTEXT, "success")
+        deployed = first_post(r.gitea, FLEET, "success")
+        assert promoted is not None and deployed is not None and promoted < deployed
+        assert fleet_posts(r.gitea) == ["pending", "success"]
+
+
+@pytest.mark.anyio
+async def test_a_late_event_of_an_earlier_apply_leaves_that_commits_canary_alone() -> None:
+    older = "1" * 40
+    async with canary_rig() as r:
+        client = flagger_client(r.service)
+        r.cluster.mark_canary(CANARY, "Succeeded")  # after the apply of SHA (now)
+        await eventually(lambda: shows(r.gitea) == ("success", "Canary promoted"))
+        # notification-controller delivers, late, the event of an earlier commit's apply
+        # (its timestamp is months before the apply the cache shows).
+        body = fixture("kustomization-succeeded.json").replace(SHA.encode(), older.encode())
+        assert b"2026-08-07T13:04:05Z" in body
+        sent = await client.post("/events", content=body, headers=signed(body))
+        assert sent.status_code == 202 and sent.json()["statuses"] == 1
+        await eventually(lambda: r.gitea.latest("team", "webapp", older,
+                                                "flux/eu-west/kustomization/apps/webapp")
+                         is not None)
+        await eventually(lambda: r.service.queue_depth == 0)
+        assert r.gitea.latest("team", "webapp", older, CANARY_CONTEXT) is None
+        assert shows(r.gitea) == ("success", "Canary promoted")
+
+
+@pytest.mark.anyio
+async def test_a_re_reconcile_that_left_the_workload_keeps_the_progress() -> None:
+    """Flux re-applies the commit under analysis (Ready changes, the workload does not): the
+    progress stays on the commit without waiting for Flagger's next phase."""
+    async with canary_rig() as r:
+        now = time.time()
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now - 120))
+        r.cluster.apply({**flagger_objects()[1], "metadata": {
+            **flagger_objects()[1]["metadata"], "managedFields": [
+                {"manager": "kustomize-controller", "operation": "Apply", "time": stamp},
+                {"manager": "flagger", "operation": "Update", "time": "2099-01-01T00:00:00Z"},
+                {"manager": "kube-controller-manager", "operation": "Update",
+                 "subresource": "status", "time": "2099-01-01T00:00:00Z"}]}})
+        r.cluster.mark_applied(WEBAPP, f"main@sha1:{SHA}", at=now - 100)
+        r.cluster.mark_canary(CANARY, "Progressing", weight=10, at=now - 60)
+        await eventually(lambda: shows(r.gitea) == ("pending", "canary 10%, check 1/5"))
+        r.cluster.mark_applied(WEBAPP, f"main@sha1:{SHA}", at=now)  # re-reconciled
+        r.cluster.mark_canary(CANARY, "Progressing", weight=20, at=now - 60)
+        await eventually(lambda: shows(r.gitea) == ("pending", "canary 20%, check 2/5"))
+        await eventually(lambda: r.service.queue_depth == 0)
+        assert WAITING[1] not in [body["description"] for *_, body in r.gitea.posts]
 
 
 @pytest.mark.anyio
@@ -251,12 +350,16 @@ async def test_a_new_commit_does_not_inherit_the_last_canary_verdict() -> None:
         r.cluster.mark_canary(CANARY, "Succeeded", at=time.time() - 120)  # a status rewrite
         assert await r.service.resync_once() >= 0
         await eventually(lambda: r.service.queue_depth == 0)
-        assert r.gitea.latest("team", "webapp", newer, CANARY_CONTEXT) is None
+        posted = [body["state"] for *_, sha, body in r.gitea.posts
+                  if sha == newer and body["context"] == CANARY_CONTEXT]
+        assert posted == ["pending"]  # waiting for Flagger, never the last release's success
+        found = r.gitea.latest("team", "webapp", newer, CANARY_CONTEXT)
+        assert found is not None and found["description"] == WAITING[1]
         # Flagger starts the analysis of the new revision: now it is this commit's.
         r.cluster.mark_canary(CANARY, "Progressing", weight=10)
         await eventually(lambda: (found := r.gitea.latest("team", "webapp", newer,
                                                           CANARY_CONTEXT)) is not None
-                         and found["status"] == "pending")
+                         and found["description"] == "canary 10%, check 1/5")
 
 
 @pytest.mark.anyio

@@ -27,6 +27,7 @@ from receiver.status.decisions import (
     pending_for_push,
     plan_repairs,
     resync_schedule,
+    settles,
 )
 from receiver.status.descriptions import (
     DESCRIPTION_LIMIT,
@@ -593,3 +594,29 @@ def test_which_delivery_outcomes_post_a_status() -> None:
     assert outcome_to_post("skipped", "NotFollowed") is None
     for going in ("queued", "annotated", "reconciling"):
         assert outcome_to_post(going, "") is None
+
+
+# -- an event's pending, once the live state moved on ---------------------------------------
+
+
+def _status(state: str, sha: str = "a" * 40, context: str = "flux/c/kustomization/ns/app"
+            ) -> DesiredStatus:
+    return DesiredStatus("gitea.example.com/team/app", "team", "app", sha, context, state,
+                         f"{state} described")
+
+
+@pytest.mark.parametrize("live_state", ["success", "failure", "error"])
+def test_the_live_outcome_at_the_same_commit_follows_a_pending(live_state: str) -> None:
+    live = _status(live_state)
+    assert settles(_status("pending"), live) == live
+
+
+@pytest.mark.parametrize("live", [
+    None,  # the live state implies nothing (yet)
+    _status("pending"),  # still running
+    _status("success", sha="b" * 40),  # the outcome of another commit
+    _status("success", context="flux/c/kustomization/ns/other"),  # of another object
+])
+def test_a_pending_stands_while_the_live_state_says_nothing_later_about_it(
+        live: DesiredStatus | None) -> None:
+    assert settles(_status("pending"), live) is None
