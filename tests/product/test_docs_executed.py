@@ -66,6 +66,7 @@ NOT_RUN: list[tuple[str, str, str]] = [
     ("docs/benchmarks.md", "bench_stages", "a synopsis of a benchmark: " + BENCH),
     ("docs/benchmarks.md", "bench_flood                    # 20 s", BENCH),
     ("docs/benchmarks.md", "bench_scaling", BENCH),
+    ("docs/benchmarks.md", "bench_startup", BENCH),
     ("docs/configuration.md", "kubectl -n flux-system create secret generic gitea-flux-bridge",
      CLUSTER),
     ("docs/flux-setup.md", "--set clusterName=eu-west", CLUSTER),
