@@ -277,10 +277,14 @@ def consumer_paths(obj: FluxObject) -> tuple[str, ...]:
 
 
 def slim(raw: dict[str, Any]) -> dict[str, Any]:
-    """What the cache keeps of an object: all of it, except a workload (`WORKLOAD_KINDS`),
-    of which only its identity, labels and who changed it when (a Deployment's pod template
-    is most of its bytes)."""
+    """What the cache keeps of an object: all of it but `metadata.managedFields` (the API
+    server's field ownership: nothing here reads it, and it is about half of a Flux object's
+    bytes), except a workload (`WORKLOAD_KINDS`), of which only its identity, labels and who
+    changed it when (a Deployment's pod template is most of its bytes)."""
     if raw.get("kind") not in WORKLOAD_KINDS:
+        meta = raw.get("metadata")
+        if isinstance(meta, dict) and "managedFields" in meta:
+            raw = {**raw, "metadata": {k: v for k, v in meta.items() if k != "managedFields"}}
         return raw
     meta = _dict(raw.get("metadata"))
     identity = ("name", "namespace", "labels", "resourceVersion", "generation", "uid")
