@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import secrets
+import select
 import shutil
 import signal
 import socket
@@ -178,17 +179,17 @@ class Process:
 
 
 def _wait_exited(pid: int, timeout: float) -> bool:
-    """Wait until the child `pid` has exited, without reaping it."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
-                return True
-        except ChildProcessError:  # already reaped
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(0.05)
+    """Wait until the child `pid` has exited, without reaping it: its pidfd becomes readable
+    when it exits (the wait is the kernel's, not a poll)."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:  # already reaped
+        return True
+    try:
+        readable, _, _ = select.select([fd], [], [], timeout)
+        return bool(readable)
+    finally:
+        os.close(fd)
 
 
 # -- the control plane ----------------------------------------------------------------------------

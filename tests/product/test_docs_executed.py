@@ -19,7 +19,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ import httpx
 import pytest
 
 from receiver import signatures as sig
+from tests.e2e.realk8s import ControlPlaneError, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -211,18 +211,13 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
         cwd=workdir, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         start_new_session=True)
     try:
-        deadline = time.monotonic() + 60
-        while True:  # a condition: the live server answers ready
-            try:
-                if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError("the live server did not become ready: "
-                                     + (server.stderr.read().decode()[-2000:]
-                                        if server.stderr and server.poll() is not None else ""))
-            time.sleep(0.05)
+        def ready() -> bool:
+            if server.poll() is not None:  # it died: say why at once
+                raise ControlPlaneError("the live server exited: " + (
+                    server.stderr.read().decode()[-2000:] if server.stderr else ""))
+            return httpx.get(url + "/readyz", timeout=2).status_code == 200
+
+        wait_until("the live server to answer /readyz 200", ready, timeout=60)
         reply = httpx.post(url + ACTIONS_HOOK, headers={
             "Authorization": f"Bearer {ACTIONS_TOKEN}", "Content-Type": "application/json"},
             json={"repository": "https://gitea.example.com/teams/apps",
