@@ -64,11 +64,11 @@ class Push:
         return self.ref.removeprefix("refs/tags/") if self.ref.startswith("refs/tags/") else None
 
 
-def _obj(value: Any) -> dict[str, Any]:
+def as_object(value: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-def _text(value: Any) -> str:
+def as_text(value: Any) -> str:
     return value.strip() if isinstance(value, str) else ""
 
 
@@ -93,18 +93,18 @@ def _path_work(paths: set[str]) -> int:
     return sum((p.count("/") + 1) * len(p) for p in paths)
 
 
-def _full_ref(ref: str) -> str:
+def full_ref(ref: str) -> str:
     if ref.startswith("refs/"):
         return ref
     return f"refs/heads/{ref}"
 
 
-def _sha(value: Any) -> str:
-    sha = _text(value).lower()
+def commit_sha(value: Any) -> str:
+    sha = as_text(value).lower()
     return sha if _HEX.match(sha) else ""
 
 
-def _is_zero(sha: str) -> bool:
+def is_zero_sha(sha: str) -> bool:
     return bool(sha) and set(sha) == {"0"}
 
 
@@ -189,16 +189,16 @@ def parse_gitea_push(doc: Any) -> Push:
     """A Gitea `push` webhook payload (JSON already decoded)."""
     if not isinstance(doc, dict):
         raise PayloadError("payload must be a JSON object")
-    repo = _obj(doc.get("repository"))
-    urls = _repository_urls(repo)
-    ref = checked(_text(doc.get("ref")), "ref", MAX_REF_BYTES)
+    repo = as_object(doc.get("repository"))
+    urls = repository_urls(repo)
+    ref = checked(as_text(doc.get("ref")), "ref", MAX_REF_BYTES)
     if not ref:
         raise PayloadError("payload has no ref")
-    full_name = checked(_text(repo.get("full_name")), "repository.full_name", MAX_FULL_NAME_BYTES)
-    after = _sha(doc.get("after"))
-    deleted = _is_zero(after)
+    full_name = checked(as_text(repo.get("full_name")), "repository.full_name", MAX_FULL_NAME_BYTES)
+    after = commit_sha(doc.get("after"))
+    deleted = is_zero_sha(after)
     # An annotated tag's `after` is the tag object; head_commit names the commit.
-    head = _sha(_obj(doc.get("head_commit")).get("id"))
+    head = commit_sha(as_object(doc.get("head_commit")).get("id"))
     sha = "" if deleted else (head or after)
     if not sha and not deleted:
         raise PayloadError("payload has no commit id (after / head_commit.id)")
@@ -220,7 +220,7 @@ def parse_gitea_push(doc: Any) -> Push:
     return Push(
         repo_urls=urls,
         full_name=full_name,
-        ref=_full_ref(ref),
+        ref=full_ref(ref),
         sha=sha,
         paths=frozenset(paths) if complete else frozenset(),
         paths_complete=complete,
@@ -307,14 +307,14 @@ def parse_actions_body(doc: Any) -> Push:
     """
     if not isinstance(doc, dict):
         raise PayloadError("body must be a JSON object")
-    repository = checked(_text(doc.get("repository")), "repository", MAX_URL_BYTES)
+    repository = checked(as_text(doc.get("repository")), "repository", MAX_URL_BYTES)
     by_name = bool(_OWNER_NAME.match(repository)) and not repository.endswith((".", "/"))
     if not by_name and "://" not in repository and "@" not in repository:
         raise PayloadError("repository must be the repository's URL or owner/name")
-    ref = checked(_text(doc.get("ref")), "ref", MAX_REF_BYTES)
+    ref = checked(as_text(doc.get("ref")), "ref", MAX_REF_BYTES)
     if not ref:
         raise PayloadError("ref is required")
-    sha = _sha(doc.get("sha"))
+    sha = commit_sha(doc.get("sha"))
     if not sha:
         raise PayloadError("sha must be a full 40- or 64-character commit id")
     raw_paths = doc.get("paths")
@@ -334,235 +334,17 @@ def parse_actions_body(doc: Any) -> Push:
     return Push(
         repo_urls=() if by_name else (repository,),
         full_name=full_name,
-        ref=_full_ref(ref),
+        ref=full_ref(ref),
         sha=sha,
         paths=frozenset(paths),
         paths_complete=complete,
     )
 
-
-# -- Gitea `package` events --------------------------------------------------------------------
-
-PACKAGE_ACTIONS = frozenset({"created", "deleted"})
-# Gitea package names: a container image path may nest (`team/app`); at most 255 bytes.
-MAX_PACKAGE_NAME_BYTES = 256
-# A version: a tag (<= 128 characters in OCI) or `sha256:<64 hex>`; other types are longer.
-MAX_VERSION_BYTES = 256
-_PACKAGE_HTML = "/-/packages/"
-
-
-@dataclass(frozen=True, slots=True)
-class PackagePush:
-    """A Gitea `package` event (`X-Gitea-Event: package`), reduced to what routing needs.
-
-    `instance` is the Gitea instance URL (`scheme://host[:port][/sub-path]`), read from the
-    package's `html_url` (`<instance>/<owner>/-/packages/<type>/<name>/<version>`) or else the
-    owner's or sender's profile URL; the registry is served on that host (Gitea sends no
-    repository: it is null for package events).
-    """
-
-    action: str  # created | deleted
-    type: str  # container, helm, ... (lower case)
-    owner: str  # the package owner's login, lower case
-    name: str  # lower case for containers; may contain `/`
-    version: str  # a tag, or `sha256:<hex>` for a manifest pushed by digest
-    instance: str  # "" when the payload names none
-
-    @property
-    def deleted(self) -> bool:
-        return self.action == "deleted"
-
-    @property
-    def by_digest(self) -> bool:
-        return self.version.startswith("sha256:")
-
-    @property
-    def label(self) -> str:
-        return f"{self.type} package {self.owner}/{self.name}:{self.version}"
-
-
-def _instance_of(html_url: str, marker: str) -> str:
-    """The part of `html_url` before `marker` and the owner segment before it."""
-    head, found, _ = html_url.partition(marker)
-    if not found:
-        return ""
-    base, slash, _owner = head.rstrip("/").rpartition("/")
-    return base if slash and "://" in base else ""
-
-
-def _profile_base(html_url: str) -> str:
-    base, slash, _login = html_url.rstrip("/").rpartition("/")
-    return base if slash and "://" in base and base.partition("://")[2] else ""
-
-
-def parse_gitea_package(doc: Any) -> PackagePush:
-    """A Gitea `package` webhook payload (JSON already decoded). PayloadError when a field
-    routing needs is missing or garbled."""
-    if not isinstance(doc, dict):
-        raise PayloadError("payload must be a JSON object")
-    action = _text(doc.get("action")).lower()
-    if action not in PACKAGE_ACTIONS:
-        raise PayloadError("package event action must be created or deleted")
-    package = _obj(doc.get("package"))
-    kind = checked(_text(package.get("type")).lower(), "package.type", 64)
-    name = checked(_text(package.get("name")), "package.name", MAX_PACKAGE_NAME_BYTES)
-    version = checked(_text(package.get("version")), "package.version", MAX_VERSION_BYTES)
-    owner_obj = _obj(package.get("owner"))
-    owner = checked(_text(owner_obj.get("login")) or _text(owner_obj.get("username")),
-                    "package.owner.login", MAX_FULL_NAME_BYTES)
-    for label, value in (("type", kind), ("name", name), ("version", version),
-                         ("owner.login", owner)):
-        if not value:
-            raise PayloadError(f"package event has no package.{label}")
-    html = checked(_text(package.get("html_url")), "package.html_url", MAX_URL_BYTES)
-    instance = _instance_of(html, _PACKAGE_HTML)
-    for who in (owner_obj, _obj(doc.get("sender"))):
-        if instance:
-            break
-        instance = _profile_base(
-            checked(_text(who.get("html_url")), "html_url", MAX_URL_BYTES))
-    if not instance:
-        raise PayloadError("package event names no Gitea instance: package.html_url, "
-                           "package.owner.html_url or sender.html_url is needed")
-    return PackagePush(action, kind, owner.lower(),
-                       name.lower() if kind == "container" else name, version.lower()
-                       if kind == "container" else version, instance)
-
-
-# -- Gitea `pull_request`, `create` and `delete` events ----------------------------------------
-
-MAX_LABELS = 256  # Gitea allows many labels per issue; routing only compares their names
-MAX_LABEL_BYTES = 256
-
-
-@dataclass(frozen=True, slots=True)
-class PullRequestEvent:
-    """A Gitea `pull_request` event (`X-Gitea-Event: pull_request`, PullRequestPayload),
-    reduced to what a pull-request input provider exports and filters on."""
-
-    action: str  # opened, reopened, synchronized, edited, label_updated, closed, ...
-    number: int
-    head_ref: str  # the head branch's name, as Gitea's pull request list gives it
-    head_sha: str
-    base_ref: str
-    labels: tuple[str, ...]
-    repo_urls: tuple[str, ...]  # the base repository's: the one a provider's spec.url names
-    full_name: str
-    merged: bool = False
-
-    @property
-    def label(self) -> str:
-        return f"pull request #{self.number} ({self.action})"
-
-
-@dataclass(frozen=True, slots=True)
-class RefEvent:
-    """A branch or tag created, moved or deleted: Gitea's `create` and `delete` events, or
-    a push reduced to the same (`from_push`)."""
-
-    event: str  # create | delete | push
-    ref_type: str  # branch | tag
-    name: str  # short name: main, v1.2.0
-    sha: str  # "" for a deletion
-    repo_urls: tuple[str, ...]
-    full_name: str
-
-    @property
-    def deleted(self) -> bool:
-        return self.event == "delete" or not self.sha
-
-    @property
-    def label(self) -> str:
-        verb = {"create": "created", "delete": "deleted"}.get(self.event, "pushed")
-        return f"{self.ref_type} {self.name} {'deleted' if self.deleted else verb}"
-
-
-def _repository_urls(repo: dict[str, Any]) -> tuple[str, ...]:
+def repository_urls(repo: dict[str, Any]) -> tuple[str, ...]:
     """The repository's clone, web and SSH URLs (at least one), each within its bound."""
     urls = tuple(
         checked(u, f"repository.{k}", MAX_URL_BYTES)
-        for k, u in ((k, _text(repo.get(k))) for k in ("clone_url", "html_url", "ssh_url")) if u)
+        for k, u in ((k, as_text(repo.get(k))) for k in ("clone_url", "html_url", "ssh_url")) if u)
     if not urls:
         raise PayloadError("payload has no repository.clone_url, html_url or ssh_url")
     return urls
-
-
-def _repository(doc: dict[str, Any]) -> tuple[tuple[str, ...], str]:
-    repo = _obj(doc.get("repository"))
-    urls = _repository_urls(repo)
-    full_name = checked(_text(repo.get("full_name")), "repository.full_name", MAX_FULL_NAME_BYTES)
-    return urls, full_name
-
-
-def parse_gitea_pull_request(doc: Any) -> PullRequestEvent:
-    """A Gitea `pull_request` webhook payload (JSON already decoded). PayloadError when a field
-    routing needs is missing or garbled."""
-    if not isinstance(doc, dict):
-        raise PayloadError("payload must be a JSON object")
-    action = checked(_text(doc.get("action")).lower(), "action", 64)
-    if not action:
-        raise PayloadError("pull request event has no action")
-    pull = _obj(doc.get("pull_request"))
-    number = doc.get("number")
-    if not isinstance(number, int) or isinstance(number, bool):
-        number = pull.get("number")
-    if not isinstance(number, int) or isinstance(number, bool) or number <= 0:
-        raise PayloadError("pull request event has no number")
-    head, base = _obj(pull.get("head")), _obj(pull.get("base"))
-    head_ref = checked(_text(head.get("ref")), "pull_request.head.ref", MAX_REF_BYTES)
-    if not head_ref:
-        raise PayloadError("pull request event has no pull_request.head.ref")
-    head_sha = _sha(head.get("sha"))
-    if not head_sha:
-        raise PayloadError("pull_request.head.sha must be a full commit id")
-    raw_labels = pull.get("labels")
-    labels: list[str] = []
-    if isinstance(raw_labels, list):
-        if len(raw_labels) > MAX_LABELS:
-            raise PayloadError(f"pull_request.labels has more than {MAX_LABELS} entries")
-        for i, item in enumerate(raw_labels):
-            name = _text(_obj(item).get("name"))
-            if name:
-                labels.append(checked(name, f"pull_request.labels[{i}].name", MAX_LABEL_BYTES))
-    urls, full_name = _repository(doc)
-    return PullRequestEvent(
-        action=action, number=number, head_ref=head_ref, head_sha=head_sha,
-        base_ref=checked(_text(base.get("ref")), "pull_request.base.ref", MAX_REF_BYTES),
-        labels=tuple(labels), repo_urls=urls, full_name=full_name,
-        merged=pull.get("merged") is True)
-
-
-REF_TYPES = frozenset({"branch", "tag"})
-
-
-def parse_gitea_ref_event(doc: Any) -> RefEvent:
-    """A Gitea `create` or `delete` webhook payload (CreatePayload / DeletePayload): `ref` is
-    the short name, `ref_type` branch or tag. A create names the commit (`sha`); a delete has
-    none (and a `pusher_type`)."""
-    if not isinstance(doc, dict):
-        raise PayloadError("payload must be a JSON object")
-    ref_type = _text(doc.get("ref_type")).lower()
-    if ref_type not in REF_TYPES:
-        raise PayloadError("ref_type must be branch or tag")
-    name = checked(_text(doc.get("ref")), "ref", MAX_REF_BYTES)
-    for prefix in ("refs/heads/", "refs/tags/"):
-        name = name.removeprefix(prefix)
-    if not name:
-        raise PayloadError("payload has no ref")
-    sha = _sha(doc.get("sha"))
-    if "sha" in doc and not sha:
-        raise PayloadError("sha must be a full 40- or 64-character commit id")
-    urls, full_name = _repository(doc)
-    return RefEvent("create" if sha else "delete", ref_type, name, sha, urls, full_name)
-
-
-def ref_event_of(push: Push) -> RefEvent | None:
-    """The branch or tag a push moves (or deletes), or None for another ref."""
-    if push.branch is not None:
-        ref_type, name = "branch", push.branch
-    elif push.tag is not None:
-        ref_type, name = "tag", push.tag
-    else:
-        return None
-    return RefEvent("delete" if push.deleted else "push", ref_type, name, push.sha,
-                    push.repo_urls, push.full_name)

@@ -36,7 +36,7 @@ from typing import Any
 
 from receiver.flux.objects import INPUT_PROVIDER_KIND, FluxObject, ObjectKey
 from receiver.flux.store import ObjectStore
-from receiver.gitea.payloads import PullRequestEvent, RefEvent
+from receiver.gitea.ref_payloads import PullRequestEvent, RefEvent
 from receiver.push.goregexp import go_pattern
 from receiver.push.resources import Resolved, resolve_resources
 from receiver.push.routing import Plan, Target, _target

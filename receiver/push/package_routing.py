@@ -35,7 +35,8 @@ from typing import Any
 from receiver.flux.objects import INPUT_PROVIDER_KIND, FluxObject, ObjectKey
 from receiver.flux.revisions import followable
 from receiver.flux.store import ObjectStore
-from receiver.gitea.payloads import PackagePush, ref_event_of
+from receiver.gitea.package_payloads import PackagePush
+from receiver.gitea.ref_payloads import ref_event_of
 from receiver.giturls import registry_host
 from receiver.push import input_providers
 from receiver.push.goregexp import go_pattern

@@ -34,18 +34,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from receiver.bounds import parse_json
-from receiver.gitea.payloads import (
-    PackagePush,
-    PayloadError,
+from receiver.gitea.package_payloads import PackagePush, parse_gitea_package
+from receiver.gitea.payloads import PayloadError, Push, parse_actions_body, parse_gitea_push, push_document
+from receiver.gitea.ref_payloads import (
     PullRequestEvent,
-    Push,
     RefEvent,
-    parse_actions_body,
-    parse_gitea_package,
     parse_gitea_pull_request,
-    parse_gitea_push,
     parse_gitea_ref_event,
-    push_document,
 )
 
 # Keys only a Gitea (or GitHub) push payload has; a `create` or `release` event body has none.

@@ -17,7 +17,7 @@ from typing import Any
 
 from receiver.flux.objects import CONSUMER_KINDS, FluxObject
 from receiver.flux.revisions import applied_revision, commit_of
-from receiver.gitea.payloads import PullRequestEvent
+from receiver.gitea.ref_payloads import PullRequestEvent
 from receiver.status.decisions import DesiredStatus, build_status, desired_from_object
 from receiver.status.descriptions import (
     ERROR,

@@ -23,7 +23,8 @@ from receiver.delivery.store import Delivery
 from receiver.flux.cluster import Cluster
 from receiver.flux.objects import FluxObject, ObjectKey
 from receiver.gitea.client import GiteaClient
-from receiver.gitea.payloads import PullRequestEvent, Push
+from receiver.gitea.payloads import Push
+from receiver.gitea.ref_payloads import PullRequestEvent
 from receiver.metrics import Metrics
 from receiver.status.canary_statuses import CanaryStatuses
 from receiver.status.env_badges import EnvironmentStates

@@ -31,7 +31,8 @@ from receiver.delivery.store import Delivery, DeliveryStore, record_targets
 from receiver.flux.cluster import Cluster, ClusterError
 from receiver.flux.event_book import EventNote
 from receiver.flux.objects import RECONCILE_ANNOTATION, FluxObject, ObjectKey
-from receiver.gitea.payloads import PayloadError, PullRequestEvent, Push, form_payload
+from receiver.gitea.payloads import PayloadError, Push, form_payload
+from receiver.gitea.ref_payloads import PullRequestEvent
 from receiver.logs import delivery_id as delivery_ctx
 from receiver.metrics import Metrics
 from receiver.push import spec_events

@@ -20,7 +20,7 @@ from receiver.flux.objects import (
     helm_chart_of,
 )
 from receiver.flux.store import ObjectStore
-from receiver.gitea.payloads import parse_gitea_package
+from receiver.gitea.package_payloads import parse_gitea_package
 from receiver.push.package_routing import PACKAGE_FED_KINDS, plan_package
 from receiver.web.app import url_normaliser
 from tests.conftest import (

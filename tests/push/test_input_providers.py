@@ -18,12 +18,8 @@ from hypothesis import strategies as st
 from receiver import signatures as sig
 from receiver.flux.objects import INPUT_PROVIDER_KIND, RECONCILE_ANNOTATION, FluxObject, ObjectKey
 from receiver.flux.store import ObjectStore
-from receiver.gitea.payloads import (
-    PayloadError,
-    RefEvent,
-    parse_gitea_pull_request,
-    parse_gitea_ref_event,
-)
+from receiver.gitea.payloads import PayloadError
+from receiver.gitea.ref_payloads import RefEvent, parse_gitea_pull_request, parse_gitea_ref_event
 from receiver.push import input_providers as ip
 from receiver.push.package_routing import plan_selection
 from receiver.push.selector import GITEA_PULL_REQUEST, GITEA_REF, select_payload

@@ -15,7 +15,8 @@ from receiver.cli import EXIT_OK, main
 from receiver.flux.memory import MemoryCluster
 from receiver.flux.objects import RECONCILE_ANNOTATION, ObjectKey
 from receiver.flux.store import ObjectStore
-from receiver.gitea.payloads import PackagePush, PayloadError, parse_gitea_package
+from receiver.gitea.package_payloads import PackagePush, parse_gitea_package
+from receiver.gitea.payloads import PayloadError
 from receiver.giturls import normalise_oci_url, registry_host
 from receiver.push.package_routing import chart_version_match, oci_ref_match, plan_package
 from receiver.push.selector import GITEA_PACKAGE, select_payload

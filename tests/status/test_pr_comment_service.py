@@ -15,7 +15,7 @@ import yaml
 
 from receiver.flux.memory import MemoryCluster
 from receiver.flux.objects import ObjectKey
-from receiver.gitea.payloads import parse_gitea_pull_request
+from receiver.gitea.ref_payloads import parse_gitea_pull_request
 from receiver.metrics import Metrics
 from receiver.signatures import hmac_hex, hook_digest
 from receiver.status.service import StatusService

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from receiver.flux.objects import FluxObject
-from receiver.gitea.payloads import parse_gitea_pull_request
+from receiver.gitea.ref_payloads import parse_gitea_pull_request
 from receiver.giturls import normalise_repo_url
 from receiver.status import pr_comments as pc
 from receiver.status.previews import (
