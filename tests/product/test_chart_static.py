@@ -445,7 +445,7 @@ def test_lock_is_closed_over_the_installed_dependencies() -> None:
 
 def test_runtime_requirements_are_only_what_the_service_uses() -> None:
     names = {canonicalize_name(r.name): r for r in _runtime_requirements()}
-    # The server runs loop="uvloop" and http="httptools" (receiver/cli.py, server.http).
+    # The server runs loop="uvloop" and http="httptools" (receiver/cli, server.http).
     assert {"uvicorn", "uvloop", "httptools"} <= set(names)
     assert not names["uvicorn"].extras, "uvicorn[standard] pulls in what the service never uses"
     assert "uvloop" in (ROOT / "receiver" / "cli.py").read_text()

@@ -9,27 +9,28 @@ import contextlib
 import json
 import logging
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from receiver import __version__, signatures
+from receiver.cli.cluster_commands import cmd_doctor, hook_url_of_receiver
+from receiver.cli.common import (
+    EXIT_OK,
+    EXIT_PAYLOAD,
+    EXIT_PROBLEMS,
+    EXIT_STARTUP,
+    EXIT_USAGE,
+    UsageError,
+    fail,
+    no_kube,
+    read_file,
+    read_token,
+)
 
-EXIT_OK = 0
-EXIT_PAYLOAD = 1  # plan: the payload lacks what routing needs (the service would answer 422)
-EXIT_USAGE = 2  # bad arguments, unreadable files, bad configuration or manifests
-EXIT_STARTUP = 3  # serve: the service could not start (uvicorn's code for it)
-EXIT_PROBLEMS = 1  # doctor: problems found; hook-url --receiver: the Receiver has no usable token
-
-
-def _fail(message: str, code: int = EXIT_USAGE) -> int:
-    print(f"gitea-flux-bridge: {message}", file=sys.stderr)
-    return code
-
-
-class UsageError(Exception):
-    """A bad argument, said in one line (exit 2)."""
+# Every exit code, importable from the command's module (tests and scripts read them here).
+__all__ = ["EXIT_OK", "EXIT_PAYLOAD", "EXIT_PROBLEMS", "EXIT_STARTUP", "EXIT_USAGE", "main",
+           "parser", "sign_headers"]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -38,31 +39,6 @@ class _Parser(argparse.ArgumentParser):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **{**kwargs, "allow_abbrev": False})
-
-
-def _read(path: str, what: str) -> bytes:
-    """A file argument's bytes (`-` is standard input); one that cannot be read is a usage error
-    naming the file, not a traceback or a bare errno."""
-    if path == "-":
-        return sys.stdin.buffer.read()
-    try:
-        return Path(path).read_bytes()
-    except OSError as exc:
-        raise UsageError(f"cannot read {what} file {path}: {exc.strerror}") from None
-
-
-def _token(path: str, what: str = "token") -> str:
-    """A token or key file, read as the service and notify-flux read theirs (one trailing
-    newline dropped; `-` is standard input): `config.read_secret_file`."""
-    from receiver.config import read_secret_file
-
-    return read_secret_file(path, dash_is_stdin=True, kind=what)
-
-
-def _no_kube(exc: ModuleNotFoundError) -> str:
-    """The `kube` extra is not installed: only commands that read a real cluster need it."""
-    return (f"reading a Kubernetes cluster needs the Kubernetes client ({exc.name} is not "
-            "installed): pip install 'gitea-flux-bridge[kube]', or use --manifests DIR")
 
 
 # -- serve -----------------------------------------------------------------------------------
@@ -91,11 +67,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
             },
         )
     except ConfigError as exc:
-        return _fail(str(exc))
+        return fail(str(exc))
     if args.simulate_flux and settings.manifests is None:
-        return _fail("--simulate-flux needs --manifests: it plays Flux on the in-memory cluster")
+        return fail("--simulate-flux needs --manifests: it plays Flux on the in-memory cluster")
     if not 0 <= args.simulate_delay <= 3600:
-        return _fail("--simulate-delay must be between 0 and 3600 seconds")
+        return fail("--simulate-delay must be between 0 and 3600 seconds")
     logs.configure(settings.log_level)
     store = ObjectStore(url_normaliser(settings))
     cluster: Any
@@ -104,12 +80,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
             cluster = MemoryCluster.from_directory(
                 store, settings.manifests, secret_ttl_seconds=settings.secret_cache_seconds)
         except (ManifestError, OSError) as exc:
-            return _fail(f"cannot load manifests: {exc}")
+            return fail(f"cannot load manifests: {exc}")
     else:
         try:
             from receiver.flux.kube import KubeCluster
         except ModuleNotFoundError as exc:
-            return _fail(_no_kube(exc))
+            return fail(no_kube(exc))
         from receiver.flux.objects import cache_kinds
 
         try:
@@ -119,11 +95,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 lease_namespace=os.environ.get("POD_NAMESPACE") or None,
                 **cache_kinds(settings.statuses.canaries.enabled))
         except Exception as exc:  # the client raises several types for a missing config
-            return _fail(f"cannot configure the Kubernetes client: {exc}")
+            return fail(f"cannot configure the Kubernetes client: {exc}")
     try:
         app = create_app(settings, cluster)
     except ConfigError as exc:
-        return _fail(str(exc))
+        return fail(str(exc))
     if args.simulate_flux:
         from receiver.demo.simulate import NOTICE, FluxSimulator
 
@@ -174,34 +150,34 @@ def cmd_plan(args: argparse.Namespace) -> int:
     try:
         settings = load_settings(Path(args.config) if args.config else None)
     except ConfigError as exc:
-        return _fail(str(exc))
+        return fail(str(exc))
     store = ObjectStore(url_normaliser(settings))
     try:
         MemoryCluster.from_directory(store, Path(args.manifests))
     except (ManifestError, OSError) as exc:
-        return _fail(f"cannot load manifests: {exc}")
+        return fail(f"cannot load manifests: {exc}")
     receivers = store.list("Receiver")
     if args.receiver:
         namespace, _, name = args.receiver.partition("/")
         receivers = [r for r in receivers if (r.namespace, r.name) == (namespace, name)]
         if not receivers:
-            return _fail(f"no Receiver {args.receiver} in the manifests")
+            return fail(f"no Receiver {args.receiver} in the manifests")
     elif len(receivers) != 1:
-        return _fail(f"the manifests hold {len(receivers)} Receivers: name one with --receiver NS/NAME")
+        return fail(f"the manifests hold {len(receivers)} Receivers: name one with --receiver NS/NAME")
     try:
-        raw = _read(args.payload, "payload")
+        raw = read_file(args.payload, "payload")
     except UsageError as exc:
-        return _fail(str(exc))
+        return fail(str(exc))
     # The service's own selector: the same body is read the same way by both.
     receiver = receivers[0]
     try:
         selection = select_payload(str(receiver.spec.get("type") or ""), raw)
     except PayloadRefused as exc:
-        return _fail(f"payload rejected ({exc.status}): {exc}", EXIT_PAYLOAD)
+        return fail(f"payload rejected ({exc.status}): {exc}", EXIT_PAYLOAD)
     specs = ReceiverSpecs(settings, store, Metrics())
     compiled, entries = specs.resource_filter(receiver), specs.entry_filters(receiver)
     if isinstance(compiled, str) or isinstance(entries, str):
-        return _fail(f"the Receiver's filter is invalid (the service answers 503): "
+        return fail(f"the Receiver's filter is invalid (the service answers 503): "
                      f"{compiled if isinstance(compiled, str) else entries}")
     plan = plan_selection(receiver, selection, store,
                           allow_cross_namespace=settings.allow_cross_namespace_refs,
@@ -212,7 +188,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         try:
             plan = asyncio.run(_narrowed(plan, compiled, entries, "application/json", raw, store))
         except (FilterEvaluationError, FilterBudgetExceeded, RequestNotJSON) as exc:
-            return _fail(f"payload rejected (422): {exc}", EXIT_PAYLOAD)
+            return fail(f"payload rejected (422): {exc}", EXIT_PAYLOAD)
     print(json.dumps(plan.as_dict(store), indent=2))
     return EXIT_OK
 
@@ -235,135 +211,18 @@ async def _narrowed(plan: Any, compiled: Any, entries: Any, content_type: str, b
 def cmd_hook_url(args: argparse.Namespace) -> int:
     if args.receiver:
         if args.name or args.namespace or args.token_file:
-            return _fail("--receiver reads the Receiver and its Secret: leave out --name, "
+            return fail("--receiver reads the Receiver and its Secret: leave out --name, "
                          "--namespace and --token-file")
-        return _hook_url_of_receiver(args)
+        return hook_url_of_receiver(args)
     if not (args.name and args.namespace and args.token_file):
-        return _fail("give --receiver NS/NAME, or all of --name, --namespace and --token-file")
+        return fail("give --receiver NS/NAME, or all of --name, --namespace and --token-file")
     try:
-        token = _token(args.token_file)
+        token = read_token(args.token_file)
     except Exception as exc:
-        return _fail(str(exc))
+        return fail(str(exc))
     path = "/hook/" + signatures.hook_digest(token, args.name, args.namespace)
     print((args.base_url.rstrip("/") if args.base_url else "") + path)
     return EXIT_OK
-
-
-def _hook_url_of_receiver(args: argparse.Namespace) -> int:
-    """The hook URL from the Receiver's own Secret, read as Flux reads it (raw)."""
-    from receiver.doctor import checks
-
-    namespace, _, name = args.receiver.partition("/")
-    if not namespace or not name or "/" in name:
-        return _fail("--receiver must be NAMESPACE/NAME")
-    try:
-        facts = asyncio.run(_receiver_facts(args.manifests, args.config, namespace, name))
-    except _CommandError as exc:
-        return _fail(str(exc))
-    if facts is None:
-        return _fail(f"no Receiver {args.receiver}", EXIT_PROBLEMS)
-    base = args.base_url.rstrip("/") if args.base_url else ""
-    found = checks.receiver_findings(facts, base)
-    failed = {f.check: f.message for f in found
-              if f.severity == "fail" and f.check.startswith(("token", "type"))}
-    newline = failed.pop("token-trailing-newline", None)
-    if failed:
-        return _fail(next(iter(failed.values())), EXIT_PROBLEMS)
-    if newline is not None:
-        print(f"gitea-flux-bridge: warning: {newline}", file=sys.stderr)
-    print(base + checks.hook_readings(facts)["as_stored"])
-    return EXIT_OK
-
-
-class _CommandError(Exception):
-    """A command cannot run (bad configuration, manifests or Kubernetes client): exit 2."""
-
-
-def _open_cluster(manifests: str | None, config: str | None, *,
-                  impersonate: str = "") -> tuple[Any, Any, Any]:
-    """(settings, cluster, Kubernetes client or None): manifests when the settings name them,
-    else the cluster the environment points at. The cluster is not started here."""
-    from receiver.config import ConfigError, load_settings
-    from receiver.doctor.gather import kube_client
-    from receiver.flux.memory import ManifestError, MemoryCluster
-    from receiver.flux.store import ObjectStore
-    from receiver.web.app import url_normaliser
-
-    try:
-        settings = load_settings(Path(config) if config else None,
-                                 overrides={"manifests": manifests})
-    except ConfigError as exc:
-        raise _CommandError(str(exc)) from None
-    store = ObjectStore(url_normaliser(settings))
-    if settings.manifests is not None:
-        try:
-            return settings, MemoryCluster.from_directory(store, settings.manifests), None
-        except (ManifestError, OSError) as exc:
-            raise _CommandError(f"cannot load manifests: {exc}") from None
-    try:
-        from receiver.flux.kube import KubeCluster
-    except ModuleNotFoundError as exc:
-        raise _CommandError(_no_kube(exc)) from None
-    try:
-        client = kube_client(impersonate)
-    except Exception as exc:  # the client raises several types for a missing config
-        raise _CommandError(f"cannot configure the Kubernetes client: {exc}") from None
-    cluster = KubeCluster(store, client, settings.namespaces, secret_ttl_seconds=0,
-                          lease_namespace=os.environ.get("POD_NAMESPACE") or None,
-                          owns_client=True)
-    return settings, cluster, client
-
-
-async def _receiver_facts(manifests: str | None, config: str | None, namespace: str,
-                          name: str) -> Any:
-    from receiver.doctor.gather import receiver_facts, synced
-
-    settings, cluster, _ = _open_cluster(manifests, config)
-    try:
-        await synced(cluster, 30.0)
-        found = [r for r in await receiver_facts(settings, cluster)
-                 if (r.namespace, r.name) == (namespace, name)]
-    finally:
-        await cluster.stop()
-    return found[0] if found else None
-
-
-def cmd_doctor(args: argparse.Namespace) -> int:
-    from receiver.doctor import checks
-
-    try:
-        findings = asyncio.run(_doctor(args))
-    except _CommandError as exc:
-        return _fail(str(exc))
-    if args.output == "json":
-        print(json.dumps({"problems": checks.problems(findings),
-                          "findings": [f.as_dict() for f in findings]}, indent=2))
-    else:
-        print(checks.render_text(findings))
-    return EXIT_PROBLEMS if checks.problems(findings) else EXIT_OK
-
-
-async def _doctor(args: argparse.Namespace) -> list[Any]:
-    from receiver.doctor.checks import diagnose
-    from receiver.doctor.gather import gather, notification_facts_from, synced
-    from receiver.flux.memory import load_documents
-
-    settings, cluster, client = _open_cluster(
-        args.manifests, args.config, impersonate=args.as_user)
-    notifications = None
-    if settings.manifests is not None:
-        notifications = notification_facts_from(load_documents(settings.manifests))
-    try:
-        ready = await synced(cluster, args.timeout)
-        facts = await gather(
-            settings, cluster, source=(f"manifests {settings.manifests}" if client is None
-                                       else "cluster"),
-            base_url=args.base_url or "", api_client=client,
-            lease_namespace=args.namespace or os.environ.get("POD_NAMESPACE") or "flux-system",
-            notifications=notifications, cluster_synced=ready)
-    finally:
-        await cluster.stop()
-    return diagnose(facts)
 
 
 SIGN_SCHEMES = ("timestamped", "generic-hmac", "gitea", "hub", "bearer", "read")
@@ -386,16 +245,16 @@ def sign_headers(scheme: str, token: str, body: bytes, now: int, algorithm: str,
 
 def cmd_sign(args: argparse.Namespace) -> int:
     if (args.scheme == "read") != bool(args.delivery):
-        return _fail("--delivery ID goes with --scheme read, and only with it")
+        return fail("--delivery ID goes with --scheme read, and only with it")
     if args.scheme == "read" and args.body_file:
-        return _fail("a read (GET /deliveries/ID) has no body")
+        return fail("a read (GET /deliveries/ID) has no body")
     if {args.token_file, args.body_file} == {"-"}:
-        return _fail("the token and the body cannot both come from standard input")
+        return fail("the token and the body cannot both come from standard input")
     try:
-        token = _token(args.token_file)
-        body = _read(args.body_file, "body") if args.body_file else b""
+        token = read_token(args.token_file)
+        body = read_file(args.body_file, "body") if args.body_file else b""
     except Exception as exc:
-        return _fail(str(exc))
+        return fail(str(exc))
     headers = {"Content-Type": "application/json"} if body else {}
     headers.update(sign_headers(args.scheme, token, body, int(args.timestamp or time.time()),
                                 args.algorithm, args.delivery or ""))
@@ -410,9 +269,9 @@ def cmd_badge_url(args: argparse.Namespace) -> int:
     from receiver.status.badges import mint_badge_token
 
     try:
-        key = _token(args.key_file, "key")
+        key = read_token(args.key_file, "key")
     except Exception as exc:
-        return _fail(str(exc))
+        return fail(str(exc))
     token = mint_badge_token(key, args.owner, args.repo, args.branch)
     query = urlencode({"branch": args.branch, "token": token})
     print(f"{args.base_url.rstrip('/')}/badge/{args.owner}/{args.repo}.svg?{query}")
@@ -510,6 +369,3 @@ def main(argv: list[str] | None = None) -> int:
     code: int = args.func(args)
     return code
 
-
-if __name__ == "__main__":
-    sys.exit(main())
