@@ -120,7 +120,7 @@ def bridge_app(gitea_port: int, objects: int, secret_dir: Path) -> Any:
     from starlette.responses import JSONResponse, Response
     from starlette.routing import Route
 
-    from receiver.config import load_settings
+    from receiver.config_load import load_settings
     from receiver.flux.memory import MemoryCluster
     from receiver.flux.store import ObjectStore
     from receiver.giturls import normalise_repo_url

@@ -59,7 +59,7 @@ async def _push(client: httpx.AsyncClient,
 
 
 async def run(work: Path, max_count: int, timeout: float, trace: int) -> dict[str, object]:
-    from receiver.config import load_settings
+    from receiver.config_load import load_settings
     from receiver.flux.memory import MemoryCluster
     from receiver.flux.store import ObjectStore
     from receiver.web.app import create_app, url_normaliser

@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 
 from benchmarks.fleetgen import repo_url
-from receiver.config import load_settings
+from receiver.config_load import load_settings
 from receiver.flux.memory import MemoryCluster
 from receiver.flux.objects import ObjectKey
 from receiver.flux.store import ObjectStore

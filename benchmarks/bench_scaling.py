@@ -53,7 +53,7 @@ async def _measure(repos: int, kustomizations: int, kept: int, pushes: int,
     from benchmarks.bench_ingest import Setup
     from benchmarks.bench_memory import _bodies
     from benchmarks.bench_stages import _scope
-    from receiver.config import load_settings
+    from receiver.config_load import load_settings
     from receiver.delivery.reconcile import Reconciler
     from receiver.flux.memory import MemoryCluster
     from receiver.flux.store import ObjectStore

@@ -102,7 +102,7 @@ def _scope(path: str, body: bytes, token: str) -> dict[str, Any]:
 
 
 async def _under_load(pushes: int, clients: int, timeout: float) -> dict[str, Any]:
-    from receiver.config import load_settings
+    from receiver.config_load import load_settings
     from receiver.flux.memory import MemoryCluster
     from receiver.flux.store import ObjectStore
     from receiver.web.app import create_app, url_normaliser
@@ -156,7 +156,7 @@ async def _under_load(pushes: int, clients: int, timeout: float) -> dict[str, An
 
 
 def _alone(number: int) -> dict[str, float]:
-    from receiver.config import load_settings
+    from receiver.config_load import load_settings
     from receiver.delivery.record import DeliveryRecord, encode
     from receiver.delivery.state import evaluate
     from receiver.delivery.store import Delivery, record_targets

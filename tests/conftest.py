@@ -14,7 +14,8 @@ import httpx
 import pytest
 
 from receiver import signatures as sig
-from receiver.config import Settings, load_settings
+from receiver.config import Settings
+from receiver.config_load import load_settings
 from receiver.flux.store import ObjectStore
 from receiver.web.app import create_app, url_normaliser
 from tests.faultycluster import FaultyCluster

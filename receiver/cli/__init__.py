@@ -48,7 +48,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from receiver import logs
-    from receiver.config import ConfigError, load_settings
+    from receiver.config import ConfigError
+    from receiver.config_load import load_settings
     from receiver.flux.memory import ManifestError, MemoryCluster
     from receiver.flux.store import ObjectStore
     from receiver.web.app import create_app, url_normaliser
@@ -135,7 +136,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from receiver.config import ConfigError, load_settings
+    from receiver.config import ConfigError
+    from receiver.config_load import load_settings
     from receiver.flux.memory import ManifestError, MemoryCluster
     from receiver.flux.store import ObjectStore
     from receiver.metrics import Metrics

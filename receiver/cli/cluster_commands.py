@@ -48,7 +48,8 @@ def _open_cluster(manifests: str | None, config: str | None, *,
                   impersonate: str = "") -> tuple[Any, Any, Any]:
     """(settings, cluster, Kubernetes client or None): manifests when the settings name them,
     else the cluster the environment points at. The cluster is not started here."""
-    from receiver.config import ConfigError, load_settings
+    from receiver.config import ConfigError
+    from receiver.config_load import load_settings
     from receiver.doctor.gather import kube_client
     from receiver.flux.memory import ManifestError, MemoryCluster
     from receiver.flux.store import ObjectStore

@@ -34,8 +34,8 @@ def read_file(path: str, what: str) -> bytes:
 
 def read_token(path: str, what: str = "token") -> str:
     """A token or key file, read as the service and notify-flux read theirs (one trailing
-    newline dropped; `-` is standard input): `config.read_secret_file`."""
-    from receiver.config import read_secret_file
+    newline dropped; `-` is standard input): `secret_files.read_secret_file`."""
+    from receiver.secret_files import read_secret_file
 
     return read_secret_file(path, dash_is_stdin=True, kind=what)
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from receiver.config import ConfigError, SecretSource, Settings, read_secret_file
+from receiver.config import ConfigError, SecretSource, Settings
 from receiver.flux.cluster import Cluster
+from receiver.secret_files import read_secret_file
 
 log = logging.getLogger("receiver.status_service")
 

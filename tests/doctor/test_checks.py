@@ -9,7 +9,6 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from receiver import signatures as sig
-from receiver.config import read_secret_file
 from receiver.doctor.checks import (
     access_findings,
     diagnose,
@@ -19,6 +18,7 @@ from receiver.doctor.checks import (
 )
 from receiver.doctor.facts import AccessFacts, Facts, ReceiverFacts, TokenFacts
 from receiver.push.hookindex import usable_token
+from receiver.secret_files import read_secret_file
 
 
 def facts_for(token: str) -> ReceiverFacts:

@@ -20,7 +20,8 @@ import yaml
 
 from receiver import signatures as sig
 from receiver.cli import main
-from receiver.config import Settings, load_settings
+from receiver.config import Settings
+from receiver.config_load import load_settings
 from receiver.doctor.checks import Finding, diagnose
 from receiver.doctor.gather import gather, notification_facts_from
 from receiver.flux.memory import MemoryCluster, load_documents

@@ -9,7 +9,7 @@ import time
 import kubernetes
 import pytest
 
-from receiver.config import load_settings
+from receiver.config_load import load_settings
 from receiver.doctor.checks import diagnose
 from receiver.doctor.gather import gather, synced
 from receiver.flux.kube import KubeCluster

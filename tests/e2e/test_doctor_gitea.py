@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from receiver import signatures as sig
-from receiver.config import load_settings
+from receiver.config_load import load_settings
 from receiver.doctor.checks import Finding, diagnose
 from receiver.doctor.gather import gather, notification_facts_from
 from receiver.flux.memory import MemoryCluster, load_documents

@@ -15,7 +15,8 @@ from typing import Any
 
 import pytest
 
-from receiver.config import Settings, load_settings
+from receiver.config import Settings
+from receiver.config_load import load_settings
 from receiver.flux.memory import MemoryCluster
 from receiver.flux.objects import ObjectKey
 from receiver.flux.store import ObjectStore

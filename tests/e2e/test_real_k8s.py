@@ -30,7 +30,8 @@ from kubernetes.dynamic import DynamicClient
 from kubernetes.dynamic.exceptions import NotFoundError
 
 from receiver import signatures as sig
-from receiver.config import Settings, load_settings
+from receiver.config import Settings
+from receiver.config_load import load_settings
 from receiver.delivery.marks import DELIVERIES_ANNOTATION
 from receiver.flux.cluster import ClusterError
 from receiver.flux.kube import KubeCluster

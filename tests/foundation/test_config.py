@@ -6,7 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from receiver.config import ConfigError, load_settings, read_secret_file
+from receiver.config import ConfigError
+from receiver.config_load import load_settings
+from receiver.secret_files import read_secret_file
 
 
 def test_defaults_are_safe() -> None:

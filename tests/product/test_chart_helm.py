@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
-from receiver.config import load_settings
+from receiver.config_load import load_settings
 
 pytestmark = pytest.mark.realk8s
 

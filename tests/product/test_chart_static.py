@@ -31,7 +31,8 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from pydantic import BaseModel
 
-from receiver.config import SecretSource, Settings, env_overrides, load_settings
+from receiver.config import SecretSource, Settings
+from receiver.config_load import env_overrides, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 CHART = ROOT / "charts" / "gitea-flux-bridge"

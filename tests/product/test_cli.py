@@ -175,7 +175,7 @@ def notify_token_signature(token_file: Path, timestamp_check: str) -> bool:
 def test_every_tool_reads_a_token_file_the_same_way(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], content: bytes, token: str
 ) -> None:
-    from receiver.config import read_secret_file
+    from receiver.secret_files import read_secret_file
     from receiver.status.badges import mint_badge_token
 
     path = tmp_path / "token"

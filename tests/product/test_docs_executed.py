@@ -353,7 +353,8 @@ def _receivers(block: Block) -> list[dict[str, Any]]:
 
 @pytest.mark.parametrize("block", [b for b in blocks(YAML) if _configs(b)], ids=lambda b: b.id)
 def test_every_configuration_the_docs_show_is_one_the_bridge_takes(block: Block) -> None:
-    from receiver.config import ConfigError, load_settings
+    from receiver.config import ConfigError
+    from receiver.config_load import load_settings
 
     assumed = {k: v for (page, needle), extra in ASSUMED.items()
                if page == block.page and needle in block.text for k, v in extra.items()}

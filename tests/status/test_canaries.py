@@ -405,7 +405,7 @@ def test_confirm_and_rollback_never_both_say_yes(shown: dict[str, str]) -> None:
 # -- configuration -------------------------------------------------------------------------------
 
 def _settings(**statuses: Any) -> Any:
-    from receiver.config import load_settings
+    from receiver.config_load import load_settings
 
     return load_settings(environ={}, overrides={"cluster_name": "staging-eu",
                                                 "statuses": statuses})

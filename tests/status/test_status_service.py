@@ -24,7 +24,8 @@ from hypothesis import strategies as st
 from starlette.applications import Starlette
 from starlette.routing import Route
 
-from receiver.config import ConfigError, Settings, StatusConfig, load_settings
+from receiver.config import ConfigError, Settings, StatusConfig
+from receiver.config_load import load_settings
 from receiver.delivery.record import DeliveryRecord
 from receiver.delivery.store import Delivery, record_targets
 from receiver.delivery.view import DeliveryView, TargetView

@@ -20,7 +20,8 @@ import httpx
 import pytest
 
 from receiver import signatures as sig
-from receiver.config import ConfigError, load_settings
+from receiver.config import ConfigError
+from receiver.config_load import load_settings
 from receiver.delivery.store import Delivery
 from receiver.flux.objects import ObjectKey
 from receiver.web.drain import Drain

@@ -12,7 +12,8 @@ import pytest
 
 from receiver import signatures as sig
 from receiver.cli import EXIT_OK, main
-from receiver.config import ConfigError, load_settings
+from receiver.config import ConfigError
+from receiver.config_load import load_settings
 from tests.conftest import ACTIONS_TOKEN, FLEET, Bridge, make_settings
 
 ACTIONS_PATH = "/hook/" + sig.hook_digest(ACTIONS_TOKEN, "actions", "apps")
