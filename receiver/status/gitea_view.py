@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 from receiver.bounded import BoundedMap
 from receiver.config import Settings
-from receiver.gitea.client import CommitStatus, GiteaClient, more_pages
+from receiver.gitea.api_types import CommitStatus, more_pages
+from receiver.gitea.client import GiteaClient
 from receiver.metrics import Metrics
 from receiver.status.decisions import CommitKey
 from receiver.status.fleet import Report, latest_reports

@@ -25,7 +25,8 @@ from receiver.config import Settings
 from receiver.flux.cluster import Cluster
 from receiver.flux.objects import CONSUMER_KINDS, FluxObject, ObjectKey
 from receiver.flux.revisions import applied_revision, commit_of
-from receiver.gitea.client import GiteaClient, GiteaError, MergedPull
+from receiver.gitea.api_types import MergedPull
+from receiver.gitea.client import GiteaClient, GiteaError
 from receiver.gitea.ref_payloads import PullRequestEvent
 from receiver.metrics import Metrics
 from receiver.retry import backoff_delay

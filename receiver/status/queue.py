@@ -17,7 +17,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from receiver.config import Settings
-from receiver.gitea.client import CreateStatusOption, GiteaClient, GiteaError
+from receiver.gitea.api_types import CreateStatusOption
+from receiver.gitea.client import GiteaClient, GiteaError
 from receiver.metrics import Metrics
 from receiver.retry import backoff_delay
 from receiver.status.decisions import DesiredStatus, replaces_waiting

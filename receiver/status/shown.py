@@ -18,7 +18,7 @@ Fields = tuple[str, str, str]  # (state, description, target_url): what a status
 
 class ListedStatus(Protocol):
     """One status as a Gitea listing returns it, with the time Gitea stamped on it
-    (`gitea.client.CommitStatus` fits)."""
+    (`gitea.api_types.CommitStatus` fits)."""
 
     @property
     def state(self) -> str: ...

@@ -30,7 +30,7 @@ CORE = frozenset({
     "receiver.templates", "receiver.giturls", "receiver.signatures",
     "receiver.flux.objects", "receiver.flux.revisions", "receiver.flux.origin",
     "receiver.flux.store", "receiver.gitea.payloads", "receiver.gitea.version",
-    "receiver.gitea.package_payloads", "receiver.gitea.ref_payloads",
+    "receiver.gitea.package_payloads", "receiver.gitea.ref_payloads", "receiver.gitea.api_types",
     "receiver.push.selector", "receiver.push.routing", "receiver.push.package_routing",
     "receiver.push.resources", "receiver.push.semver", "receiver.push.image_policy",
     "receiver.push.mismatch", "receiver.push.spec_events",

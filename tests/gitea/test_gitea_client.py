@@ -12,15 +12,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from receiver.config import GiteaInstance, SecretSource
-from receiver.gitea.client import (
-    CommitStatus,
-    CreateStatusOption,
-    GiteaClient,
-    GiteaError,
-    StatusPage,
-    more_pages,
-    parse_retry_after,
-)
+from receiver.gitea.api_types import CommitStatus, CreateStatusOption, StatusPage, more_pages
+from receiver.gitea.client import GiteaClient, GiteaError, parse_retry_after
 from receiver.retry import retryable_status
 from tests.fakegitea import FakeGitea, SwaggerValidator, gitea_transport
 

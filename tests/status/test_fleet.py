@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from receiver.config import DEFAULT_CONTEXT
-from receiver.gitea.client import CommitStatus
+from receiver.gitea.api_types import CommitStatus
 from receiver.status.fleet import Aggregate, Report, aggregate, classify, cluster_of, latest_reports
 from receiver.templates import FleetTemplateError, cluster_parser
 
