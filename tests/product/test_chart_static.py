@@ -449,7 +449,7 @@ def test_runtime_requirements_are_only_what_the_service_uses() -> None:
     # The server runs loop="uvloop" and http="httptools" (receiver/cli, server.http).
     assert {"uvicorn", "uvloop", "httptools"} <= set(names)
     assert not names["uvicorn"].extras, "uvicorn[standard] pulls in what the service never uses"
-    assert "uvloop" in (ROOT / "receiver" / "cli.py").read_text()
+    assert "uvloop" in (ROOT / "receiver" / "cli" / "__init__.py").read_text()
     assert Settings().server.http == "httptools"
     for unused in ("watchfiles", "websockets", "python-dotenv"):
         assert unused not in _lock(), unused
