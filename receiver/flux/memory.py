@@ -260,10 +260,14 @@ class MemoryCluster:
             raise NotFound(str(key))
         previous = current.status.get("history")
         history = list(previous) if isinstance(previous, list) else []
+        # The cache keeps only the latest snapshot (`slim`): the release number goes on from it.
+        latest = history[0] if history and isinstance(history[0], dict) else {}
+        number = latest.get("version")
+        version = number + 1 if isinstance(number, int) else len(history) + 1
         chart = ((current.spec.get("chart") or {}).get("spec") or {}).get("chart") or key.name
         now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         snapshot = {
-            "name": key.name, "namespace": key.namespace, "version": len(history) + 1,
+            "name": key.name, "namespace": key.namespace, "version": version,
             "status": "deployed", "chartName": str(chart), "chartVersion": chart_version,
             "configDigest": "sha256:" + "0" * 64, "digest": "sha256:" + "1" * 64,
             "firstDeployed": now, "lastDeployed": now,

@@ -6,9 +6,12 @@ and status code named accessors without copying or validating the whole object.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
+
+_intern = sys.intern
 
 RECONCILE_ANNOTATION = "reconcile.fluxcd.io/requestedAt"
 # Our own annotation prefix: extra paths for a consumer, and the like.
@@ -277,15 +280,13 @@ def consumer_paths(obj: FluxObject) -> tuple[str, ...]:
 
 
 def slim(raw: dict[str, Any]) -> dict[str, Any]:
-    """What the cache keeps of an object: all of it but `metadata.managedFields` (the API
-    server's field ownership: nothing here reads it, and it is about half of a Flux object's
-    bytes), except a workload (`WORKLOAD_KINDS`), of which only its identity, labels and who
-    changed it when (a Deployment's pod template is most of its bytes)."""
+    """What the cache keeps of an object: all of it but what no reader of the cache looks at
+    and what grows with the cluster (`_unread`), with its strings shared (`_share_strings`),
+    except a workload (`WORKLOAD_KINDS`), of which only its identity, labels and who changed
+    it when (a Deployment's pod template is most of its bytes). `raw` itself is not changed
+    but for its strings, each replaced by an equal one."""
     if raw.get("kind") not in WORKLOAD_KINDS:
-        meta = raw.get("metadata")
-        if isinstance(meta, dict) and "managedFields" in meta:
-            raw = {**raw, "metadata": {k: v for k, v in meta.items() if k != "managedFields"}}
-        return raw
+        return _share_strings(_unread(raw))
     meta = _dict(raw.get("metadata"))
     identity = ("name", "namespace", "labels", "resourceVersion", "generation", "uid")
     kept: dict[str, Any] = {k: meta[k] for k in identity if k in meta}
@@ -295,7 +296,64 @@ def slim(raw: dict[str, Any]) -> dict[str, Any]:
         kept["managedFields"] = [
             {k: entry[k] for k in ("manager", "operation", "subresource", "time") if k in entry}
             for entry in managers if isinstance(entry, dict)]
-    return {"apiVersion": raw.get("apiVersion"), "kind": raw.get("kind"), "metadata": kept}
+    return _share_strings({"apiVersion": raw.get("apiVersion"), "kind": raw.get("kind"),
+                           "metadata": kept})
+
+
+def _unread(raw: dict[str, Any]) -> dict[str, Any]:
+    """`raw` without `metadata.managedFields` (the API server's field ownership: about half of
+    a listed Flux object's bytes), a Kustomization's `status.inventory` (an entry per object
+    it applied) and a HelmRelease's `status.history` past the latest snapshot (helm-controller
+    keeps up to `maxHistory`, 5 by default; only `history[0]` is read). Nothing reads them:
+    the resource filters' `res` has the metadata, never the status."""
+    out = raw
+    meta = raw.get("metadata")
+    if isinstance(meta, dict) and "managedFields" in meta:
+        out = {**out, "metadata": {k: v for k, v in meta.items() if k != "managedFields"}}
+    status = raw.get("status")
+    if not isinstance(status, dict):
+        return out
+    kind = raw.get("kind")
+    if kind == "Kustomization" and "inventory" in status:
+        out = {**out, "status": {k: v for k, v in status.items() if k != "inventory"}}
+    elif kind == "HelmRelease":
+        history = status.get("history")
+        if isinstance(history, list) and len(history) > 1:
+            out = {**out, "status": {**status, "history": history[:1]}}
+    return out
+
+
+_UNIQUE = frozenset({"uid", "resourceVersion"})
+
+
+def _share_strings(node: dict[str, Any]) -> dict[str, Any]:
+    """Replace every string value under `node` by the one equal string the process keeps
+    (`sys.intern`; it is freed with its last user), in place. A fleet repeats its kinds, API
+    versions, namespaces, labels, condition types and reasons, times and revisions in object
+    after object: one copy of each makes a cached object about a third smaller. Keys are left
+    alone (the JSON decoder already shares those within a list page), and so are values no
+    other object has (`_UNIQUE`): sharing those would only cost the table's entry."""
+    for key, value in node.items():
+        kind = type(value)
+        if kind is str:
+            if key not in _UNIQUE:
+                node[key] = _intern(value)
+        elif kind is dict:
+            _share_strings(value)
+        elif kind is list:
+            _share_list(value)
+    return node
+
+
+def _share_list(items: list[Any]) -> None:
+    for i, value in enumerate(items):
+        kind = type(value)
+        if kind is str:
+            items[i] = _intern(value)
+        elif kind is dict:
+            _share_strings(value)
+        elif kind is list:
+            _share_list(value)
 
 
 def cache_kinds(canaries: bool) -> dict[str, tuple[str, ...]]:
