@@ -208,8 +208,13 @@ class Filler:
 # -- the bridge -------------------------------------------------------------------------------------
 
 
+# The interpreter that runs the bridges (`--python`): a virtualenv with the image's packages only
+# (requirements.lock) measures the process as shipped; the test extras add about 8 MB (`rich`).
+PYTHON = [sys.executable]
+
+
 def bridge_command(config: Path) -> list[str]:
-    return [sys.executable, "-m", "receiver.cli", "serve", "--config", str(config)]
+    return [PYTHON[0], "-m", "receiver.cli", "serve", "--config", str(config)]
 
 
 def image_env(root: Path) -> dict[str, str]:
@@ -409,15 +414,19 @@ def main() -> None:
     p.add_argument("--timeout", type=float, default=900.0, help="seconds allowed to get ready")
     p.add_argument("--profile", type=Path, help="py-spy one start of the largest size here")
     p.add_argument("--json", type=Path, help="also write the results to this file")
+    p.add_argument("--python", default=sys.executable,
+                   help="the interpreter that runs the bridges (e.g. a virtualenv with "
+                        "requirements.lock installed: the image's packages, no test extras)")
     p.add_argument("--baseline", action="append", default=[], metavar="NAME=DIR",
                    help="also start the bridge from this checkout (its own image settings), "
                         "taking turns with this one")
     args = p.parse_args()
+    PYTHON[0] = args.python
     checkouts = [("this checkout", ROOT)] + [
         (name, Path(root).resolve()) for name, _, root in
         (b.partition("=") for b in args.baseline)]
     for _, root in checkouts:  # the image's modules are compiled at install time
-        subprocess.run([sys.executable, "-m", "compileall", "-q", str(root / "receiver")],
+        subprocess.run([args.python, "-m", "compileall", "-q", str(root / "receiver")],
                        check=True)
     sizes = sorted(int(s) for s in args.sizes.split(","))
     idle_sizes = {int(s) for s in args.idle_sizes.split(",") if s}
