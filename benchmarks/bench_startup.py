@@ -12,17 +12,24 @@ applied revision) unless `--no-status`. No Kustomization inventory: real ones ar
 For each size (ascending; objects are added to reach the next one), `--starts` times:
 `python -m receiver.cli serve` (what the `gitea-flux-bridge` command runs) with an admin
 kubeconfig, `/readyz` polled every 50 ms from the moment the process is spawned; the wall time
-to the first 200 and VmRSS at that moment. Medians are printed.
+to the first 200 and VmRSS at that moment. Medians are printed. The bridge runs with the
+environment its container image sets (the Containerfile's `ENV`, but `GFB_*` and `PATH`: e.g.
+`MALLOC_ARENA_MAX`) and its modules compiled, as the image ships it; `--python` names the
+interpreter (a virtualenv with only `requirements.lock` installed has the image's packages;
+the test extras add about 4 MB). `--baseline NAME=DIR` starts another checkout too, taking
+turns with this one against the same objects.
 
 `--idle-sizes N,...` then starts notification-controller (the real binary from the test binaries'
-cache, all namespaces) and the bridge side by side against the same API server and objects,
-waits until both are ready and `--settle` seconds more, and reads both VmRSS `--readings`
-times, `--interval` seconds apart (medians).
+cache, all namespaces) and the bridge side by side against the same API server and objects
+(each checkout's bridge in turn beside the same notification-controller), waits until both are
+ready and `--settle` seconds more, and reads both VmRSS `--readings` times, `--interval`
+seconds apart (medians).
 
 `--profile FILE` runs one more start of the largest size under `py-spy record` (collapsed
 stacks, 100 Hz) and prints the heaviest frames up to ready; its timing is not counted.
 
-    python -m benchmarks.bench_startup --sizes 12000,120000 --starts 3 --idle-sizes 12000
+    python -m benchmarks.bench_startup --sizes 12000,120000 --starts 3 --idle-sizes 12000 \
+        --python rt/bin/python --baseline main=../main
 """
 
 from __future__ import annotations
@@ -209,7 +216,7 @@ class Filler:
 
 
 # The interpreter that runs the bridges (`--python`): a virtualenv with the image's packages only
-# (requirements.lock) measures the process as shipped; the test extras add about 8 MB (`rich`).
+# (requirements.lock) measures the process as shipped; the test extras add about 4 MB (`rich`).
 PYTHON = [sys.executable]
 
 
