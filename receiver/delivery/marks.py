@@ -19,7 +19,7 @@ blocks another Receiver's pushes before the object's hard bound.
 from __future__ import annotations
 
 import hashlib
-import secrets
+import os
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -44,28 +44,35 @@ def replay_window(dedupe_seconds: float) -> float:
     return max(dedupe_seconds, TIMESTAMP_TOLERANCE_SECONDS * 2)
 
 
+# Every push asks for its Receiver's prefix; Receivers are few, so each is hashed once.
+@lru_cache(maxsize=4096)
 def owner_of(receiver: str) -> str:
     """The prefix every mark of one Receiver (`namespace/name`) starts with."""
     return hashlib.sha256(f"owner\0{receiver}".encode()).hexdigest()[:OWNER_DIGITS]
 
 
-def mark_for(receiver: str, replay_key: str) -> str:
-    """The mark of a one-of-a-kind request: the same for every replay of it, so a replay is known
-    by the mark already on the objects. The Receiver's prefix, then 48 bits of the request's
-    key (plenty among one Receiver's requests within the replay window)."""
+def marks_for(receiver: str, replay_key: str) -> tuple[str, str]:
+    """The mark of a one-of-a-kind request, and the mark releases before owner prefixes wrote
+    for it (still looked for while such marks may be on objects: one replay window after an
+    upgrade). The mark is the same for every replay of the request, so a replay is known by
+    the mark already on the objects: the Receiver's prefix, then 48 bits of the request's key
+    (plenty among one Receiver's requests within the replay window)."""
     digest = hashlib.sha256(f"{receiver}\0{replay_key}".encode()).hexdigest()
-    return owner_of(receiver) + digest[:16 - OWNER_DIGITS]
+    return owner_of(receiver) + digest[:16 - OWNER_DIGITS], digest[:16]
+
+
+def mark_for(receiver: str, replay_key: str) -> str:
+    return marks_for(receiver, replay_key)[0]
 
 
 def legacy_mark_for(receiver: str, replay_key: str) -> str:
-    """The mark releases before owner prefixes wrote for the same request: still looked for
-    while such marks may be on objects (one replay window after an upgrade)."""
-    return hashlib.sha256(f"{receiver}\0{replay_key}".encode()).hexdigest()[:16]
+    return marks_for(receiver, replay_key)[1]
 
 
 def fresh_mark(receiver: str) -> str:
-    """The mark of a request that names nothing one-of-a-kind (no replay protection asked)."""
-    return owner_of(receiver) + secrets.token_hex(8)[:16 - OWNER_DIGITS]
+    """The mark of a request that names nothing one-of-a-kind (no replay protection asked):
+    48 random bits after the Receiver's prefix (`os.urandom`, the source `secrets` reads)."""
+    return owner_of(receiver) + os.urandom(6).hex()
 
 
 def owner(mark: str) -> str:

@@ -76,7 +76,9 @@ class PatchCoalescer:
     def request(self, key: ObjectKey, mark: Mark) -> tuple[asyncio.Future[PatchOutcome], bool]:
         """Ask for a patch; returns (its outcome, whether it is being sent right now)."""
         loop = asyncio.get_running_loop()
-        state = self._keys.setdefault(key, _KeyState())
+        state = self._keys.get(key)
+        if state is None:
+            state = self._keys[key] = _KeyState()
         now = self._clock()
         window = self._config.coalesce_window_seconds
         if state.trailing is None and now - state.last_sent >= window:
