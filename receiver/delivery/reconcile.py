@@ -9,6 +9,7 @@ re-evaluates each delivery it accepted, and tells listeners (statuses, metrics) 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import heapq
 import logging
@@ -114,17 +115,24 @@ class Reconciler:
             self._watching[key].add(delivery.id)
         mark = Mark(delivery.record.mark, delivery.record.received)
         immediate: list[asyncio.Future[PatchOutcome]] = []
+        waiters: list[asyncio.Future[None]] = []
         for target in delivery.record.targets:
             if target.role == ROLE_ANNOTATE and target.key.kind in SOURCE_KINDS:
                 self._requested.add((delivery.id, target.key))
-                future, now = self.patches.request(target.key, mark)
+                future, waiter = self.patches.request_waitable(target.key, mark)
                 self._follow_patch(delivery, target.key, future)
-                if now:
+                if waiter is not None:
                     immediate.append(future)
+                    waiters.append(waiter)
         self._schedule_deadlines(delivery)
-        if immediate:
-            await asyncio.wait(immediate, timeout=wait_seconds)
-            await asyncio.sleep(0)  # let _patched record the outcome
+        if waiters:
+            # Each waiter is done in the step that sets its patch's outcome; `_patched` has
+            # recorded that outcome (its callback runs before this task resumes) by the time
+            # `_evaluate` below reads it. Past the time limit only the waiting stops.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait_seconds):
+                    for waiter in waiters:
+                        await waiter
         requested = sum(1 for key in watched if (delivery.id, key) in self._requested)
         taken = (bool(immediate) and len(immediate) == requested
                  and all(f.done() and not f.cancelled() and f.exception() is None
