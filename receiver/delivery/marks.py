@@ -89,15 +89,21 @@ def parse(value: str | None) -> tuple[Mark, ...]:
     """Entries of the annotation; malformed ones (someone edited it by hand) are ignored."""
     if not value:
         return ()
-    return _parse(value)
+    return tuple(Mark(mark, at) for mark, at, _ in _entries(value))
+
+
+_Entry = tuple[str, float, str]  # a mark, its time, and its text as `merge` writes it
 
 
 # A delivery's state is evaluated on every change of the objects it follows, each evaluation
 # reads the marks of every target several times, and a value changes only when an object is
-# annotated: parse each value once. Bounded: the objects deliveries in flight follow.
+# annotated: parse each value once. Bounded: the objects deliveries in flight follow. Plain
+# tuples of a str and a float, which the garbage collector stops tracking: a busy object's
+# value holds hundreds of marks, and as objects of their own they were most of the heap a
+# full collection walked.
 @lru_cache(maxsize=1024)
-def _parse(value: str) -> tuple[Mark, ...]:
-    found: list[Mark] = []
+def _entries(value: str) -> tuple[_Entry, ...]:
+    found: list[_Entry] = []
     for entry in value.split()[:MAX_ENTRIES + PER_OWNER]:
         mark, sep, at = entry.partition("@")
         if not sep or len(mark) != 16 or not set(mark) <= _MARK_CHARS:
@@ -107,8 +113,17 @@ def _parse(value: str) -> tuple[Mark, ...]:
         except ValueError:
             continue
         if stamp == stamp:  # not NaN
-            found.append(Mark(mark, stamp))
+            found.append((mark, stamp, _text(mark, stamp)))
     return tuple(found)
+
+
+def _text(mark: str, at: float) -> str:
+    return f"{mark}@{at:.3f}"
+
+
+def _entries_of(annotations: Mapping[str, str]) -> tuple[_Entry, ...]:
+    value = annotations.get(DELIVERIES_ANNOTATION)
+    return _entries(value) if value else ()
 
 
 def of(annotations: Mapping[str, str]) -> tuple[Mark, ...]:
@@ -120,14 +135,19 @@ def has(annotations: Mapping[str, str], mark: str) -> bool:
     return bool(value) and mark in _marks(value)
 
 
+def names(value: str | None) -> frozenset[str]:
+    """The marks an annotation value holds."""
+    return _marks(value) if value else frozenset()
+
+
 @lru_cache(maxsize=1024)
 def _marks(value: str) -> frozenset[str]:
-    return frozenset(m.mark for m in _parse(value))
+    return frozenset(mark for mark, _, _ in _entries(value))
 
 
 def newer_than(annotations: Mapping[str, str], at: float, mine: str) -> bool:
     """Has another delivery annotated the object after `at`? (Ours is superseded.)"""
-    return any(m.at > at and m.mark != mine for m in of(annotations))
+    return any(stamp > at and mark != mine for mark, stamp, _ in _entries_of(annotations))
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,27 +160,31 @@ class Merge:
 def merge(current: Mapping[str, str], new: Iterable[Mark], now: float,
           keep_seconds: float) -> Merge:
     """The annotation's next value: every current mark still within `keep_seconds` (never
-    evicted), plus the new ones that fit (`PER_OWNER`, `MAX_ENTRIES`), newest first."""
-    kept: list[Mark] = []
+    evicted), plus the new ones that fit (`PER_OWNER`, `MAX_ENTRIES`), newest first. The
+    marks kept are written as they were parsed, not formatted again: a busy object carries
+    hundreds, and every patch of it rewrites them all."""
+    kept: list[_Entry] = []
     seen: set[str] = set()
-    for entry in of(current):
-        if entry.mark not in seen and now - entry.at <= keep_seconds:
-            seen.add(entry.mark)
+    for entry in _entries_of(current):
+        mark, at, _ = entry
+        if mark not in seen and now - at <= keep_seconds:
+            seen.add(mark)
             kept.append(entry)
-    shares = Counter(owner(m.mark) for m in kept)
+    shares = Counter(owner(entry[0]) for entry in kept)
     written: list[Mark] = []
     refused: list[Mark] = []
-    for entry in sorted(new, key=lambda m: -m.at):
-        if entry.mark in seen:
+    for new_mark in sorted(new, key=lambda m: -m.at):
+        if new_mark.mark in seen:
             continue
-        seen.add(entry.mark)
-        if shares[owner(entry.mark)] >= PER_OWNER or len(kept) + len(written) >= MAX_ENTRIES:
-            refused.append(entry)
+        seen.add(new_mark.mark)
+        if shares[owner(new_mark.mark)] >= PER_OWNER or len(kept) + len(written) >= MAX_ENTRIES:
+            refused.append(new_mark)
             continue
-        shares[owner(entry.mark)] += 1
-        written.append(entry)
-    out = sorted(written + kept, key=lambda m: -m.at)
-    return Merge(" ".join(f"{m.mark}@{m.at:.3f}" for m in out), tuple(written), tuple(refused))
+        shares[owner(new_mark.mark)] += 1
+        written.append(new_mark)
+    out = sorted([(m.mark, m.at, _text(m.mark, m.at)) for m in written] + kept,
+                 key=lambda entry: -entry[1])
+    return Merge(" ".join(entry[2] for entry in out), tuple(written), tuple(refused))
 
 
 def refusal(keep_seconds: float) -> str:
