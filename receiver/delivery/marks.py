@@ -89,21 +89,20 @@ def parse(value: str | None) -> tuple[Mark, ...]:
     """Entries of the annotation; malformed ones (someone edited it by hand) are ignored."""
     if not value:
         return ()
-    return tuple(Mark(mark, at) for mark, at, _ in _entries(value))
-
-
-_Entry = tuple[str, float, str]  # a mark, its time, and its text as `merge` writes it
+    marks, ats = _entries(value)
+    return tuple(Mark(mark, at) for mark, at in zip(marks, ats, strict=True))
 
 
 # A delivery's state is evaluated on every change of the objects it follows, each evaluation
 # reads the marks of every target several times, and a value changes only when an object is
-# annotated: parse each value once. Bounded: the objects deliveries in flight follow. Plain
-# tuples of a str and a float, which the garbage collector stops tracking: a busy object's
-# value holds hundreds of marks, and as objects of their own they were most of the heap a
-# full collection walked.
+# annotated: parse each value once. Bounded: the objects deliveries in flight follow. Two
+# tuples, of the marks and of their times: a busy object's value holds hundreds of marks, and
+# as objects of their own they were most of what a full garbage collection walked (tuples of
+# strings and floats it stops tracking), and more memory.
 @lru_cache(maxsize=1024)
-def _entries(value: str) -> tuple[_Entry, ...]:
-    found: list[_Entry] = []
+def _entries(value: str) -> tuple[tuple[str, ...], tuple[float, ...]]:
+    marks: list[str] = []
+    ats: list[float] = []
     for entry in value.split()[:MAX_ENTRIES + PER_OWNER]:
         mark, sep, at = entry.partition("@")
         if not sep or len(mark) != 16 or not set(mark) <= _MARK_CHARS:
@@ -113,17 +112,17 @@ def _entries(value: str) -> tuple[_Entry, ...]:
         except ValueError:
             continue
         if stamp == stamp:  # not NaN
-            found.append((mark, stamp, _text(mark, stamp)))
-    return tuple(found)
+            marks.append(mark)
+            ats.append(stamp)
+    return tuple(marks), tuple(ats)
 
 
-def _text(mark: str, at: float) -> str:
-    return f"{mark}@{at:.3f}"
-
-
-def _entries_of(annotations: Mapping[str, str]) -> tuple[_Entry, ...]:
+def _entries_of(annotations: Mapping[str, str]) -> Iterable[tuple[str, float]]:
     value = annotations.get(DELIVERIES_ANNOTATION)
-    return _entries(value) if value else ()
+    if not value:
+        return ()
+    marks, ats = _entries(value)
+    return zip(marks, ats, strict=True)
 
 
 def of(annotations: Mapping[str, str]) -> tuple[Mark, ...]:
@@ -142,12 +141,12 @@ def names(value: str | None) -> frozenset[str]:
 
 @lru_cache(maxsize=1024)
 def _marks(value: str) -> frozenset[str]:
-    return frozenset(mark for mark, _, _ in _entries(value))
+    return frozenset(_entries(value)[0])
 
 
 def newer_than(annotations: Mapping[str, str], at: float, mine: str) -> bool:
     """Has another delivery annotated the object after `at`? (Ours is superseded.)"""
-    return any(stamp > at and mark != mine for mark, stamp, _ in _entries_of(annotations))
+    return any(stamp > at and mark != mine for mark, stamp in _entries_of(annotations))
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,31 +159,28 @@ class Merge:
 def merge(current: Mapping[str, str], new: Iterable[Mark], now: float,
           keep_seconds: float) -> Merge:
     """The annotation's next value: every current mark still within `keep_seconds` (never
-    evicted), plus the new ones that fit (`PER_OWNER`, `MAX_ENTRIES`), newest first. The
-    marks kept are written as they were parsed, not formatted again: a busy object carries
-    hundreds, and every patch of it rewrites them all."""
-    kept: list[_Entry] = []
+    evicted), plus the new ones that fit (`PER_OWNER`, `MAX_ENTRIES`), newest first."""
+    kept: list[tuple[str, float]] = []
     seen: set[str] = set()
-    for entry in _entries_of(current):
-        mark, at, _ = entry
+    for mark, at in _entries_of(current):
         if mark not in seen and now - at <= keep_seconds:
             seen.add(mark)
-            kept.append(entry)
-    shares = Counter(owner(entry[0]) for entry in kept)
+            kept.append((mark, at))
+    shares = Counter(owner(mark) for mark, _ in kept)
     written: list[Mark] = []
     refused: list[Mark] = []
-    for new_mark in sorted(new, key=lambda m: -m.at):
-        if new_mark.mark in seen:
+    for entry in sorted(new, key=lambda m: -m.at):
+        if entry.mark in seen:
             continue
-        seen.add(new_mark.mark)
-        if shares[owner(new_mark.mark)] >= PER_OWNER or len(kept) + len(written) >= MAX_ENTRIES:
-            refused.append(new_mark)
+        seen.add(entry.mark)
+        if shares[owner(entry.mark)] >= PER_OWNER or len(kept) + len(written) >= MAX_ENTRIES:
+            refused.append(entry)
             continue
-        shares[owner(new_mark.mark)] += 1
-        written.append(new_mark)
-    out = sorted([(m.mark, m.at, _text(m.mark, m.at)) for m in written] + kept,
-                 key=lambda entry: -entry[1])
-    return Merge(" ".join(entry[2] for entry in out), tuple(written), tuple(refused))
+        shares[owner(entry.mark)] += 1
+        written.append(entry)
+    out = sorted([(m.mark, m.at) for m in written] + kept, key=lambda pair: -pair[1])
+    return Merge(" ".join(f"{mark}@{at:.3f}" for mark, at in out), tuple(written),
+                 tuple(refused))
 
 
 def refusal(keep_seconds: float) -> str:

@@ -114,8 +114,7 @@ def test_has_follows_the_value_it_is_given_when_values_are_parsed_once() -> None
 
 
 def test_merge_writes_kept_marks_as_it_formats_new_ones() -> None:
-    """Kept marks are written from the text parsed (not formatted again): a hand-edited entry
-    still comes out in the one format, and the order is newest first."""
+    """A hand-edited entry comes out in the one format, and the order is newest first."""
     hand = f"{'a' * 16}@10 {'b' * 16}@12.5 junk {'c' * 16}@11.0004"
     out = merged({DELIVERIES_ANNOTATION: hand}, [Mark("d" * 16, 11.5)], 12.0, 60)
     assert out == (f"{'b' * 16}@12.500 {'d' * 16}@11.500 {'c' * 16}@11.000 "
