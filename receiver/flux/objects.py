@@ -121,8 +121,8 @@ class FluxObject:
     """One cached object. `raw` is never mutated after it enters the cache, so the identity
     fields are read once here (routing reads them thousands of times per second)."""
 
-    __slots__ = ("_annotations", "_paths", "_source", "api_version", "key", "kind", "name",
-                 "namespace", "raw")
+    __slots__ = ("_annotations", "_conditions", "_paths", "_source", "api_version", "key",
+                 "kind", "metadata", "name", "namespace", "raw", "spec", "status")
 
     def __init__(self, raw: Mapping[str, Any]) -> None:
         self.raw = raw
@@ -130,8 +130,13 @@ class FluxObject:
         self._source: SourceRef | object | None = _UNSET
         self._paths: tuple[str, ...] | None = None
         self._annotations: dict[str, str] | None = None
+        self._conditions: dict[str, dict[str, Any]] | None = None
         self.kind = _str(raw.get("kind"))
-        metadata = _dict(raw.get("metadata"))
+        # Read once: a delivery's evaluation reads them a dozen times per target.
+        self.metadata: dict[str, Any] = _dict(raw.get("metadata"))
+        self.spec: dict[str, Any] = _dict(raw.get("spec"))
+        self.status: dict[str, Any] = _dict(raw.get("status"))
+        metadata = self.metadata
         self.name = _str(metadata.get("name"))
         self.namespace = _str(metadata.get("namespace")) or "default"
         self.key = ObjectKey(self.kind, self.namespace, self.name)
@@ -145,10 +150,6 @@ class FluxObject:
 
     def __hash__(self) -> int:
         return hash(self.key)
-
-    @property
-    def metadata(self) -> dict[str, Any]:
-        return _dict(self.raw.get("metadata"))
 
     @property
     def labels(self) -> dict[str, str]:
@@ -173,22 +174,21 @@ class FluxObject:
         return _str(self.metadata.get("resourceVersion"))
 
     @property
-    def spec(self) -> dict[str, Any]:
-        return _dict(self.raw.get("spec"))
-
-    @property
-    def status(self) -> dict[str, Any]:
-        return _dict(self.raw.get("status"))
-
-    @property
     def suspended(self) -> bool:
         return self.spec.get("suspend") is True
 
     def condition(self, type_: str) -> dict[str, Any] | None:
-        for cond in self.status.get("conditions") or []:
-            if isinstance(cond, dict) and cond.get("type") == type_:
-                return cond
-        return None
+        """The first condition of this type (as a controller writes one of each)."""
+        if self._conditions is None:
+            found: dict[str, dict[str, Any]] = {}
+            conditions = self.status.get("conditions")
+            for cond in conditions if isinstance(conditions, list) else ():
+                if isinstance(cond, dict):
+                    kind = cond.get("type")
+                    if isinstance(kind, str) and kind not in found:
+                        found[kind] = cond
+            self._conditions = found
+        return self._conditions.get(type_)
 
 
 @dataclass(frozen=True, slots=True)

@@ -109,7 +109,17 @@ def test_has_follows_the_value_it_is_given_when_values_are_parsed_once() -> None
         assert dm.has({DELIVERIES_ANNOTATION: second}, "a" * 16)
     assert not dm.has({}, "a" * 16)
     assert not dm.has({DELIVERIES_ANNOTATION: ""}, "a" * 16)
-    assert dm.parse(first) is dm.parse(first)
+    assert dm.parse(first) == dm.parse(first)
+    assert dm.names(first) is dm.names(first)  # parsed once: the same set each time
+
+
+def test_merge_writes_kept_marks_as_it_formats_new_ones() -> None:
+    """A hand-edited entry comes out in the one format, and the order is newest first."""
+    hand = f"{'a' * 16}@10 {'b' * 16}@12.5 junk {'c' * 16}@11.0004"
+    out = merged({DELIVERIES_ANNOTATION: hand}, [Mark("d" * 16, 11.5)], 12.0, 60)
+    assert out == (f"{'b' * 16}@12.500 {'d' * 16}@11.500 {'c' * 16}@11.000 "
+                   f"{'a' * 16}@10.000")
+    assert [m.mark for m in dm.parse(out)] == ["b" * 16, "d" * 16, "c" * 16, "a" * 16]
 
 
 def test_marks_outlive_every_repeat_that_is_refused() -> None:
