@@ -1,7 +1,9 @@
-"""The binaries scripts/testbin.sh builds from their Go modules (promtool, actionlint, ...).
+"""The binaries scripts/testbin.sh provides (promtool, actionlint, ...).
 
-Taken from the cache, built on demand when missing (minutes, once). A tool that cannot be
-built fails the test that needs it: it never skips silently.
+Taken from the cache, provided on demand when missing: built from their Go modules (minutes,
+once), except promtool, which comes from PATH or Debian's `prometheus` package when apt has it
+(seconds) and is built only otherwise. A tool that cannot be provided fails the test that needs
+it: it never skips silently.
 """
 
 from __future__ import annotations
