@@ -95,11 +95,13 @@ def parse(value: str | None) -> tuple[Mark, ...]:
 
 # A delivery's state is evaluated on every change of the objects it follows, each evaluation
 # reads the marks of every target several times, and a value changes only when an object is
-# annotated: parse each value once. Bounded: the objects deliveries in flight follow. Two
+# annotated: parse each value once. Bounded (a busy object's value is tens of kilobytes
+# parsed): a value is read in bursts, by every delivery that follows its object, right after
+# the patch or watch event that brought it, so recent values are what is asked for. Two
 # tuples, of the marks and of their times: a busy object's value holds hundreds of marks, and
 # as objects of their own they were most of what a full garbage collection walked (tuples of
 # strings and floats it stops tracking), and more memory.
-@lru_cache(maxsize=1024)
+@lru_cache(maxsize=256)
 def _entries(value: str) -> tuple[tuple[str, ...], tuple[float, ...]]:
     marks: list[str] = []
     ats: list[float] = []
@@ -139,7 +141,7 @@ def names(value: str | None) -> frozenset[str]:
     return _marks(value) if value else frozenset()
 
 
-@lru_cache(maxsize=1024)
+@lru_cache(maxsize=256)
 def _marks(value: str) -> frozenset[str]:
     return frozenset(_entries(value)[0])
 

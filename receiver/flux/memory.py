@@ -70,11 +70,17 @@ def _secret_data(doc: Mapping[str, Any]) -> dict[str, bytes]:
     return data
 
 
+PATCH_LOG = 1_000
+
+
 class MemoryCluster:
     def __init__(self, store: ObjectStore, *, secret_ttl_seconds: float = 30.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.store = store
         self.secrets: dict[tuple[str, str], dict[str, bytes]] = {}
+        # The patches applied, newest last: the last PATCH_LOG to 2 x PATCH_LOG of them (a
+        # long `serve --manifests` must not keep every one: each carries the object's whole
+        # delivery-marks annotation, kilobytes on a busy source).
         self.patches: list[tuple[ObjectKey, dict[str, str]]] = []
         self.secret_reads = 0  # reads that reached the "API server" (not the cache)
         self.events: dict[str, dict[str, Any]] = {}  # Kubernetes Events by name
@@ -161,6 +167,8 @@ class MemoryCluster:
         meta["resourceVersion"] = str(self._version)
         raw["metadata"] = meta
         self.patches.append((key, dict(annotations)))
+        if len(self.patches) > 2 * PATCH_LOG:
+            del self.patches[:-PATCH_LOG]
         return self.store.upsert(raw)
 
     async def read_object(self, key: ObjectKey) -> FluxObject | None:
