@@ -25,6 +25,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 
+from receiver.bounded import BoundedMap
 from receiver.flux.objects import BRIDGE_PREFIX
 from receiver.signatures import TIMESTAMP_TOLERANCE_SECONDS
 
@@ -101,8 +102,21 @@ def parse(value: str | None) -> tuple[Mark, ...]:
 # tuples, of the marks and of their times: a busy object's value holds hundreds of marks, and
 # as objects of their own they were most of what a full garbage collection walked (tuples of
 # strings and floats it stops tracking), and more memory.
-@lru_cache(maxsize=256)
 def _entries(value: str) -> tuple[tuple[str, ...], tuple[float, ...]]:
+    found = _PARSED.get(value)
+    if found is None:
+        found = _PARSED[value] = _parse_entries(value)
+    return found
+
+
+_Entries = tuple[tuple[str, ...], tuple[float, ...]]
+_PARSED: BoundedMap[str, _Entries] = BoundedMap(256)
+# Values `merge` wrote here: canonical (`<mark>@<time with three decimals>`, newest first, each
+# mark once), so the next merge of one keeps a prefix of its text as it is (`_merge_written`).
+_WRITTEN: BoundedMap[str, None] = BoundedMap(256)
+
+
+def _parse_entries(value: str) -> _Entries:
     marks: list[str] = []
     ats: list[float] = []
     for entry in value.split()[:MAX_ENTRIES + PER_OWNER]:
@@ -162,6 +176,62 @@ def merge(current: Mapping[str, str], new: Iterable[Mark], now: float,
           keep_seconds: float) -> Merge:
     """The annotation's next value: every current mark still within `keep_seconds` (never
     evicted), plus the new ones that fit (`PER_OWNER`, `MAX_ENTRIES`), newest first."""
+    value = current.get(DELIVERIES_ANNOTATION) or ""
+    ordered = sorted(new, key=lambda m: -m.at)
+    if not value or value in _WRITTEN:
+        quick = _merge_written(value, ordered, now, keep_seconds)
+        if quick is not None:
+            return quick
+    merged = _merge_any(current, ordered, now, keep_seconds)
+    _WRITTEN[merged.value] = None
+    return merged
+
+
+def _merge_written(value: str, ordered: list[Mark], now: float,
+                   keep_seconds: float) -> Merge | None:
+    """`merge` of a value written here, newer marks only, in time independent of how many
+    marks the value holds (a busy object's hundreds were parsed and formatted again for every
+    patch): the marks kept are a prefix of the value (newest first, so those past the window
+    are at its end) and stay as they are written; the new ones go in front. None when a new
+    mark is older than the newest kept (it belongs further in: `_merge_any`)."""
+    marks, ats = _entries(value) if value else ((), ())
+    kept = len(ats)
+    while kept and now - ats[kept - 1] > keep_seconds:
+        kept -= 1
+    if kept and ordered and ordered[-1].at < ats[0]:
+        return None
+    kept_text = (value if kept == len(ats) else
+                 value[:value.find(marks[kept]) - 1] if kept else "")
+    seen = set(marks[:kept])
+    shares: dict[str, int] = {}
+    written: list[Mark] = []
+    refused: list[Mark] = []
+    for entry in ordered:
+        if entry.mark in seen:
+            continue
+        seen.add(entry.mark)
+        who = owner(entry.mark)
+        share = shares.get(who)
+        if share is None:
+            # Each entry starts its own word: a Receiver's share is its prefix's word starts.
+            share = (" " + kept_text).count(" " + who) if kept_text else 0
+        if share >= PER_OWNER or kept + len(written) >= MAX_ENTRIES:
+            refused.append(entry)
+            continue
+        shares[who] = share + 1
+        written.append(entry)
+    texts = [f"{m.mark}@{m.at:.3f}" for m in written]
+    out = " ".join([*texts, kept_text] if kept_text else texts)
+    # What parsing `out` would give, without parsing it: the times as written (three decimals).
+    _PARSED[out] = (tuple(m.mark for m in written) + marks[:kept],
+                    tuple(float(text[17:]) for text in texts) + ats[:kept])
+    _WRITTEN[out] = None
+    return Merge(out, tuple(written), tuple(refused))
+
+
+def _merge_any(current: Mapping[str, str], ordered: list[Mark], now: float,
+               keep_seconds: float) -> Merge:
+    """`merge` of any value, hand-edited ones included: every entry read and written again."""
     kept: list[tuple[str, float]] = []
     seen: set[str] = set()
     for mark, at in _entries_of(current):
@@ -171,7 +241,7 @@ def merge(current: Mapping[str, str], new: Iterable[Mark], now: float,
     shares = Counter(owner(mark) for mark, _ in kept)
     written: list[Mark] = []
     refused: list[Mark] = []
-    for entry in sorted(new, key=lambda m: -m.at):
+    for entry in ordered:
         if entry.mark in seen:
             continue
         seen.add(entry.mark)
