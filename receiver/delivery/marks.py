@@ -214,7 +214,7 @@ def _merge_written(value: str, ordered: list[Mark], now: float,
         share = shares.get(who)
         if share is None:
             # Each entry starts its own word: a Receiver's share is its prefix's word starts.
-            share = (" " + kept_text).count(" " + who) if kept_text else 0
+            share = shares[who] = (" " + kept_text).count(" " + who) if kept_text else 0
         if share >= PER_OWNER or kept + len(written) >= MAX_ENTRIES:
             refused.append(entry)
             continue
