@@ -102,21 +102,8 @@ def parse(value: str | None) -> tuple[Mark, ...]:
 # tuples, of the marks and of their times: a busy object's value holds hundreds of marks, and
 # as objects of their own they were most of what a full garbage collection walked (tuples of
 # strings and floats it stops tracking), and more memory.
+@lru_cache(maxsize=256)
 def _entries(value: str) -> tuple[tuple[str, ...], tuple[float, ...]]:
-    found = _PARSED.get(value)
-    if found is None:
-        found = _PARSED[value] = _parse_entries(value)
-    return found
-
-
-_Entries = tuple[tuple[str, ...], tuple[float, ...]]
-_PARSED: BoundedMap[str, _Entries] = BoundedMap(256)
-# Values `merge` wrote here: canonical (`<mark>@<time with three decimals>`, newest first, each
-# mark once), so the next merge of one keeps a prefix of its text as it is (`_merge_written`).
-_WRITTEN: BoundedMap[str, None] = BoundedMap(256)
-
-
-def _parse_entries(value: str) -> _Entries:
     marks: list[str] = []
     ats: list[float] = []
     for entry in value.split()[:MAX_ENTRIES + PER_OWNER]:
@@ -172,6 +159,11 @@ class Merge:
     refused: tuple[Mark, ...]  # new marks left out: their Receiver's share, or the object, is full
 
 
+# Values `merge` wrote here: canonical (`<mark>@<time with three decimals>`, newest first, each
+# mark once), so the next merge of one keeps a prefix of its text as it is (`_merge_written`).
+_WRITTEN: BoundedMap[str, None] = BoundedMap(256)
+
+
 def merge(current: Mapping[str, str], new: Iterable[Mark], now: float,
           keep_seconds: float) -> Merge:
     """The annotation's next value: every current mark still within `keep_seconds` (never
@@ -189,11 +181,11 @@ def merge(current: Mapping[str, str], new: Iterable[Mark], now: float,
 
 def _merge_written(value: str, ordered: list[Mark], now: float,
                    keep_seconds: float) -> Merge | None:
-    """`merge` of a value written here, newer marks only, in time independent of how many
-    marks the value holds (a busy object's hundreds were parsed and formatted again for every
-    patch): the marks kept are a prefix of the value (newest first, so those past the window
-    are at its end) and stay as they are written; the new ones go in front. None when a new
-    mark is older than the newest kept (it belongs further in: `_merge_any`)."""
+    """`merge` of a value written here, newer marks only, without formatting every mark the
+    value holds again (a busy object's hundreds were, for every patch): the marks kept are a
+    prefix of the value (newest first, so those past the window are at its end) and stay as
+    they are written; the new ones go in front. None when a new mark is older than the newest
+    kept (it belongs further in: `_merge_any`)."""
     marks, ats = _entries(value) if value else ((), ())
     kept = len(ats)
     while kept and now - ats[kept - 1] > keep_seconds:
@@ -222,9 +214,6 @@ def _merge_written(value: str, ordered: list[Mark], now: float,
         written.append(entry)
     texts = [f"{m.mark}@{m.at:.3f}" for m in written]
     out = " ".join([*texts, kept_text] if kept_text else texts)
-    # What parsing `out` would give, without parsing it: the times as written (three decimals).
-    _PARSED[out] = (tuple(m.mark for m in written) + marks[:kept],
-                    tuple(float(text[17:]) for text in texts) + ats[:kept])
     _WRITTEN[out] = None
     return Merge(out, tuple(written), tuple(refused))
 

@@ -142,9 +142,8 @@ own_marks = st.builds(lambda o, rest, at: Mark(o + rest, at), owners,
 def test_merging_a_value_written_here_equals_reading_it_again(
         batches: list[list[Mark]], keep: float, bound_shift: int) -> None:
     """Patch after patch, the quick merge of a value this process wrote gives exactly what
-    reading and writing every entry again gives (value, written, refused), and the entries it
-    remembers for the new value are those parsing it gives; small bounds make refusals and
-    marks leaving the window happen."""
+    reading and writing every entry again gives (value, written, refused); small bounds make
+    refusals and marks leaving the window happen."""
     import receiver.delivery.marks as marks_module
 
     original = (marks_module.PER_OWNER, marks_module.MAX_ENTRIES)
@@ -160,7 +159,6 @@ def test_merging_a_value_written_here_equals_reading_it_again(
             got = dm.merge(current, batch, now, keep)
             assert (got.value, got.written, got.refused) == (
                 expected.value, expected.written, expected.refused)
-            assert marks_module._entries(got.value) == marks_module._parse_entries(got.value)
             value = got.value
     finally:
         marks_module.PER_OWNER, marks_module.MAX_ENTRIES = original
