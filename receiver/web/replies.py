@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Collection
 from typing import Any
@@ -19,10 +20,8 @@ from receiver.push.routing import Plan
 from receiver.push.selector import Selection
 
 # Starlette's JSONResponse rendering: the reply's bytes are the same as before it was templated.
-# One encoder for every call (`json.dumps` with these arguments builds a new one each time);
-# a string it encodes in one C call.
-_dumps = json.JSONEncoder(ensure_ascii=False, allow_nan=False, indent=None,
-                          separators=(",", ":")).encode
+_dumps = functools.partial(json.dumps, ensure_ascii=False, allow_nan=False, indent=None,
+                           separators=(",", ":"))
 
 
 def record_ref(selection: Selection) -> str:
