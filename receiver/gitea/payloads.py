@@ -93,6 +93,22 @@ def _path_work(paths: set[str]) -> int:
     return sum((p.count("/") + 1) * len(p) for p in paths)
 
 
+def required_ref(value: Any, field: str, missing: str) -> str:
+    """A ref field, checked like any other (`checked`); PayloadError(`missing`) when empty."""
+    ref = checked(as_text(value), field, MAX_REF_BYTES)
+    if not ref:
+        raise PayloadError(missing)
+    return ref
+
+
+def required_sha(value: Any, missing: str) -> str:
+    """A full commit id (`commit_sha`); PayloadError(`missing`) when it is not one."""
+    sha = commit_sha(value)
+    if not sha:
+        raise PayloadError(missing)
+    return sha
+
+
 def full_ref(ref: str) -> str:
     if ref.startswith("refs/"):
         return ref
@@ -311,12 +327,8 @@ def parse_actions_body(doc: Any) -> Push:
     by_name = bool(_OWNER_NAME.match(repository)) and not repository.endswith((".", "/"))
     if not by_name and "://" not in repository and "@" not in repository:
         raise PayloadError("repository must be the repository's URL or owner/name")
-    ref = checked(as_text(doc.get("ref")), "ref", MAX_REF_BYTES)
-    if not ref:
-        raise PayloadError("ref is required")
-    sha = commit_sha(doc.get("sha"))
-    if not sha:
-        raise PayloadError("sha must be a full 40- or 64-character commit id")
+    ref = required_ref(doc.get("ref"), "ref", "ref is required")
+    sha = required_sha(doc.get("sha"), "sha must be a full 40- or 64-character commit id")
     raw_paths = doc.get("paths")
     paths: set[str] = set()
     complete = False

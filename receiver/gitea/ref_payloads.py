@@ -16,6 +16,8 @@ from receiver.gitea.payloads import (
     checked,
     commit_sha,
     repository_urls,
+    required_ref,
+    required_sha,
 )
 
 MAX_LABELS = 256  # Gitea allows many labels per issue; routing only compares their names
@@ -87,12 +89,9 @@ def parse_gitea_pull_request(doc: Any) -> PullRequestEvent:
     if not isinstance(number, int) or isinstance(number, bool) or number <= 0:
         raise PayloadError("pull request event has no number")
     head, base = as_object(pull.get("head")), as_object(pull.get("base"))
-    head_ref = checked(as_text(head.get("ref")), "pull_request.head.ref", MAX_REF_BYTES)
-    if not head_ref:
-        raise PayloadError("pull request event has no pull_request.head.ref")
-    head_sha = commit_sha(head.get("sha"))
-    if not head_sha:
-        raise PayloadError("pull_request.head.sha must be a full commit id")
+    head_ref = required_ref(head.get("ref"), "pull_request.head.ref",
+                            "pull request event has no pull_request.head.ref")
+    head_sha = required_sha(head.get("sha"), "pull_request.head.sha must be a full commit id")
     raw_labels = pull.get("labels")
     labels: list[str] = []
     if isinstance(raw_labels, list):

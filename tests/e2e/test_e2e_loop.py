@@ -427,12 +427,12 @@ def test_screenshot_of_the_statuses_in_gitea(loop: Loop, tmp_path: Path) -> None
     """The pull request page as a browser shows it (headless Chromium), saved as a PNG in
     $GFBTEST_SCREENSHOTS when set (the README's picture is one), else in the test's temp dir."""
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    missing = [why for why, absent in (
-        ("chromium is not installed (Debian: apt-get install chromium)", chromium is None),
-        ("the test Gitea has no built web frontend, so its pages have no style "
-         "(scripts/gitea-frontend.sh builds it)",
-         not (loop.gitea.static_root / "public" / "assets" / ".vite" / "manifest.json").is_file()),
-    ) if absent]
+    missing = []
+    if chromium is None:
+        missing.append("chromium is not installed (Debian: apt-get install chromium)")
+    if not (loop.gitea.static_root / "public" / "assets" / ".vite" / "manifest.json").is_file():
+        missing.append("the test Gitea has no built web frontend, so its pages have no style "
+                       "(scripts/gitea-frontend.sh builds it)")
     if missing:
         # .ci/run installs both: there, a missing one is a broken CI, not a reason to skip.
         if os.environ.get("CI"):
