@@ -12,17 +12,24 @@ applied revision) unless `--no-status`. No Kustomization inventory: real ones ar
 For each size (ascending; objects are added to reach the next one), `--starts` times:
 `python -m receiver.cli serve` (what the `gitea-flux-bridge` command runs) with an admin
 kubeconfig, `/readyz` polled every 50 ms from the moment the process is spawned; the wall time
-to the first 200 and VmRSS at that moment. Medians are printed.
+to the first 200 and VmRSS at that moment. Medians are printed. The bridge runs with the
+environment its container image sets (the Containerfile's `ENV`, but `GFB_*` and `PATH`: e.g.
+`MALLOC_ARENA_MAX`) and its modules compiled, as the image ships it; `--python` names the
+interpreter (a virtualenv with only `requirements.lock` installed has the image's packages;
+the test extras add about 4 MB). `--baseline NAME=DIR` starts another checkout too, taking
+turns with this one against the same objects.
 
 `--idle-sizes N,...` then starts notification-controller (the real binary from the test binaries'
-cache, all namespaces) and the bridge side by side against the same API server and objects,
-waits until both are ready and `--settle` seconds more, and reads both VmRSS `--readings`
-times, `--interval` seconds apart (medians).
+cache, all namespaces) and the bridge side by side against the same API server and objects
+(each checkout's bridge in turn beside the same notification-controller), waits until both are
+ready and `--settle` seconds more, and reads both VmRSS `--readings` times, `--interval`
+seconds apart (medians).
 
 `--profile FILE` runs one more start of the largest size under `py-spy record` (collapsed
 stacks, 100 Hz) and prints the heaviest frames up to ready; its timing is not counted.
 
-    python -m benchmarks.bench_startup --sizes 12000,120000 --starts 3 --idle-sizes 12000
+    python -m benchmarks.bench_startup --sizes 12000,120000 --starts 3 --idle-sizes 12000 \
+        --python rt/bin/python --baseline main=../main
 """
 
 from __future__ import annotations
@@ -208,15 +215,40 @@ class Filler:
 # -- the bridge -------------------------------------------------------------------------------------
 
 
+# The interpreter that runs the bridges (`--python`): a virtualenv with the image's packages only
+# (requirements.lock) measures the process as shipped; the test extras add about 4 MB (`rich`).
+PYTHON = [sys.executable]
+
+
 def bridge_command(config: Path) -> list[str]:
-    return [sys.executable, "-m", "receiver.cli", "serve", "--config", str(config)]
+    return [PYTHON[0], "-m", "receiver.cli", "serve", "--config", str(config)]
 
 
-def bridge_env(kubeconfig: Path) -> dict[str, str]:
+def image_env(root: Path) -> dict[str, str]:
+    """The variables the checkout's container image sets for the process (the `ENV` lines of
+    the Containerfile's last stage), but the bridge's own settings (`GFB_*`) and `PATH`: the
+    bridge then runs with the interpreter and allocator settings it ships with."""
+    path = root / "Containerfile"
+    if not path.is_file():
+        return {}
+    text = path.read_text().replace("\\\n", " ")
+    stage = text.rsplit("\nFROM ", 1)[-1]
+    env: dict[str, str] = {}
+    for line in stage.splitlines():
+        if line.startswith("ENV "):
+            for pair in line.split()[1:]:
+                name, _, value = pair.partition("=")
+                if value and not name.startswith("GFB_") and name != "PATH":
+                    env[name] = value
+    return env
+
+
+def bridge_env(kubeconfig: Path, root: Path = ROOT) -> dict[str, str]:
     env = child_env(KUBECONFIG=str(kubeconfig), PYTHONUNBUFFERED="1")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
-    for name in [n for n in env if n.startswith("GFB_") or n == "POD_NAMESPACE"]:
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH", "")) if p)
+    for name in [n for n in env if n.startswith(("GFB_", "MALLOC_")) or n == "POD_NAMESPACE"]:
         del env[name]
+    env.update(image_env(root))
     return env
 
 
@@ -247,7 +279,7 @@ def child_pid(pid: int) -> int | None:
 
 
 def start_bridge(kubeconfig: Path, work: Path, *, timeout: float,
-                 wrap: list[str] | None = None
+                 wrap: list[str] | None = None, root: Path = ROOT
                  ) -> tuple[subprocess.Popen[bytes], int, float, int, dict[str, Any]]:
     """(process, bridge pid, seconds to the first /readyz 200, VmRSS KiB then, its body)."""
     port = free_port()
@@ -255,7 +287,7 @@ def start_bridge(kubeconfig: Path, work: Path, *, timeout: float,
     started = time.monotonic()
     proc = subprocess.Popen([*(wrap or []), *bridge_command(write_config(work, port))],
                             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                            cwd=ROOT, env=bridge_env(kubeconfig), start_new_session=True)
+                            cwd=root, env=bridge_env(kubeconfig, root), start_new_session=True)
     log.close()
     url = f"http://127.0.0.1:{port}/readyz"
     with httpx.Client(trust_env=False, timeout=5.0) as client:
@@ -291,21 +323,29 @@ def api_calls(metrics: str) -> dict[str, list[float]]:
 
 
 def measure_starts(kubeconfig: Path, work: Path, starts: int, expected: int,
-                   timeout: float) -> dict[str, Any]:
-    seconds, rss, calls = [], [], []
+                   timeout: float, checkouts: list[tuple[str, Path]]
+                   ) -> dict[str, dict[str, Any]]:
+    """Per checkout: `starts` starts, the checkouts taking turns (so outside load falls on
+    each alike)."""
+    out = {name: {"seconds": [], "rss_mib": [], "api_calls": []} for name, _ in checkouts}
     for n in range(starts):
-        proc, _, elapsed, kib, body = start_bridge(kubeconfig, work, timeout=timeout)
-        stop(proc)
-        if body.get("objects", 0) < expected:
-            raise RuntimeError(f"ready with {body.get('objects')} objects, {expected} expected")
-        seconds.append(elapsed)
-        rss.append(kib / 1024)
-        calls.append(body["api_calls"])
-        made = ", ".join(f"{k} {int(c)} ({t:.1f}s)" for k, (c, t) in sorted(body["api_calls"].items()))
-        print(f"  start {n + 1}: {elapsed:.2f}s, {kib / 1024:.0f} MiB, "
-              f"{body.get('objects')} objects, {body.get('receivers')} receivers; "
-              f"API calls before ready: {made}", file=sys.stderr)
-    return {"seconds": seconds, "rss_mib": rss, "api_calls": calls, "load": os.getloadavg()[0]}
+        for name, root in checkouts:
+            proc, _, elapsed, kib, body = start_bridge(kubeconfig, work, timeout=timeout,
+                                                       root=root)
+            stop(proc)
+            if body.get("objects", 0) < expected:
+                raise RuntimeError(f"ready with {body.get('objects')} objects, {expected} expected")
+            out[name]["seconds"].append(elapsed)
+            out[name]["rss_mib"].append(kib / 1024)
+            out[name]["api_calls"].append(body["api_calls"])
+            made = ", ".join(f"{k} {int(c)} ({t:.1f}s)"
+                             for k, (c, t) in sorted(body["api_calls"].items()))
+            print(f"  start {n + 1} ({name}): {elapsed:.2f}s, {kib / 1024:.0f} MiB, "
+                  f"{body.get('objects')} objects, {body.get('receivers')} receivers; "
+                  f"API calls before ready: {made}", file=sys.stderr)
+    for result in out.values():
+        result["load"] = os.getloadavg()[0]
+    return out
 
 
 def profile_start(kubeconfig: Path, work: Path, out: Path, timeout: float) -> list[str]:
@@ -333,23 +373,31 @@ def profile_start(kubeconfig: Path, work: Path, out: Path, timeout: float) -> li
 
 
 def idle_rss(plane: ControlPlane, bin_dir: Path, work: Path, settle: float, readings: int,
-             interval: float, timeout: float) -> dict[str, Any]:
+             interval: float, timeout: float, checkouts: list[tuple[str, Path]]
+             ) -> dict[str, Any]:
+    """notification-controller started once; each checkout's bridge beside it in turn."""
     flux = FluxControllers(bin_dir, plane.kubeconfig, workdir=work / "flux",
                            startup_timeout=timeout)
     (work / "flux").mkdir(exist_ok=True)
     bridge: subprocess.Popen[bytes] | None = None
+    out: dict[str, Any] = {"notification-controller": [], "bridges": {}}
     try:
         flux.start(["notification-controller"])
         nc_pid = flux.pid("notification-controller")
-        bridge, gfb_pid, _, _, _ = start_bridge(plane.kubeconfig, work, timeout=timeout)
-        time.sleep(settle)  # both have listed and indexed; let start-up garbage go
-        nc, gfb = [], []
-        for _ in range(readings):
-            nc.append(rss_kib(nc_pid) / 1024)
-            gfb.append(rss_kib(gfb_pid) / 1024)
-            time.sleep(interval)
-        return {"notification-controller": nc, "gitea-flux-bridge": gfb,
-                "load": os.getloadavg()[0]}
+        for name, root in checkouts:
+            bridge, gfb_pid, _, _, _ = start_bridge(plane.kubeconfig, work, timeout=timeout,
+                                                    root=root)
+            time.sleep(settle)  # both have listed and indexed; let start-up garbage go
+            gfb = []
+            for _ in range(readings):
+                out["notification-controller"].append(rss_kib(nc_pid) / 1024)
+                gfb.append(rss_kib(gfb_pid) / 1024)
+                time.sleep(interval)
+            out["bridges"][name] = gfb
+            stop(bridge)
+            bridge = None
+        out["load"] = os.getloadavg()[0]
+        return out
     finally:
         if bridge is not None:
             stop(bridge)
@@ -373,7 +421,20 @@ def main() -> None:
     p.add_argument("--timeout", type=float, default=900.0, help="seconds allowed to get ready")
     p.add_argument("--profile", type=Path, help="py-spy one start of the largest size here")
     p.add_argument("--json", type=Path, help="also write the results to this file")
+    p.add_argument("--python", default=sys.executable,
+                   help="the interpreter that runs the bridges (e.g. a virtualenv with "
+                        "requirements.lock installed: the image's packages, no test extras)")
+    p.add_argument("--baseline", action="append", default=[], metavar="NAME=DIR",
+                   help="also start the bridge from this checkout (its own image settings), "
+                        "taking turns with this one")
     args = p.parse_args()
+    PYTHON[0] = args.python
+    checkouts = [("this checkout", ROOT)] + [
+        (name, Path(root).resolve()) for name, _, root in
+        (b.partition("=") for b in args.baseline)]
+    for _, root in checkouts:  # the image's modules are compiled at install time
+        subprocess.run([args.python, "-m", "compileall", "-q", str(root / "receiver")],
+                       check=True)
     sizes = sorted(int(s) for s in args.sizes.split(","))
     idle_sizes = {int(s) for s in args.idle_sizes.split(",") if s}
     if not idle_sizes <= set(sizes):
@@ -395,14 +456,15 @@ def main() -> None:
             fill = filler.fill_to(size)
             expected = filler.blocks * BLOCK
             print(f"  {fill:.0f}s; starting the bridge {args.starts} times", file=sys.stderr)
-            result = measure_starts(plane.kubeconfig, workdir, args.starts, expected,
-                                    args.timeout)
-            result.update(fill_seconds=fill, objects=expected, kinds=dict(filler.counts))
-            results["sizes"][str(size)] = result
+            by_checkout = measure_starts(plane.kubeconfig, workdir, args.starts, expected,
+                                         args.timeout, checkouts)
+            results["sizes"][str(size)] = {
+                "fill_seconds": fill, "objects": expected, "kinds": dict(filler.counts),
+                "checkouts": by_checkout}
             if size in idle_sizes:
                 print("idle RSS beside notification-controller ...", file=sys.stderr)
                 idle = idle_rss(plane, bin_dir, workdir, args.settle, args.readings,
-                                args.interval, args.timeout)
+                                args.interval, args.timeout, checkouts)
                 results["idle"][str(size)] = {**idle, "objects": expected}
         if args.profile:
             results["profile"] = profile_start(plane.kubeconfig, workdir, args.profile,
@@ -427,21 +489,25 @@ def _runs(values: list[float], fmt: Callable[[float], str]) -> str:
 
 
 def print_tables(results: dict[str, Any]) -> None:
-    print("\n| Flux objects | created in | starts | to /readyz 200 (median) | each start | "
-          "RSS at ready (median) | load avg |")
-    print("|---:|---:|---:|---:|---|---:|---:|")
-    for r in results["sizes"].values():
-        print(f"| {int(r['objects']):,} | {r['fill_seconds']:.0f} s | {len(r['seconds'])} | "
-              f"**{_median(r['seconds']):.2f} s** | {_runs(r['seconds'], '{:.2f}'.format)} | "
-              f"{_median(r['rss_mib']):.0f} MiB | {r['load']:.1f} |")
+    print("\n| Flux objects | created in | checkout | starts | to /readyz 200 (median) | "
+          "each start | RSS at ready (median) | load avg |")
+    print("|---:|---:|---|---:|---:|---|---:|---:|")
+    for size in results["sizes"].values():
+        for name, r in size["checkouts"].items():
+            print(f"| {int(size['objects']):,} | {size['fill_seconds']:.0f} s | {name} | "
+                  f"{len(r['seconds'])} | **{_median(r['seconds']):.2f} s** | "
+                  f"{_runs(r['seconds'], '{:.2f}'.format)} | {_median(r['rss_mib']):.0f} MiB "
+                  f"({_runs(r['rss_mib'], '{:.0f}'.format)}) | {r['load']:.1f} |")
     for idle in results["idle"].values():
-        print(f"\nIdle RSS, {idle['objects']:,} Flux objects, both running against the same "
-              f"API server (load avg {idle['load']:.1f}):\n")
+        print(f"\nIdle RSS, {idle['objects']:,} Flux objects, each bridge beside the same "
+              f"notification-controller and API server (load avg {idle['load']:.1f}):\n")
         print("| | median | readings |")
         print("|---|---:|---|")
-        for who in ("notification-controller", "gitea-flux-bridge"):
-            print(f"| {who} | **{_median(idle[who]):.0f} MiB** | "
-                  f"{_runs(idle[who], '{:.0f}'.format)} |")
+        rows = [("notification-controller", idle["notification-controller"])] + [
+            (f"gitea-flux-bridge ({name})", values) for name, values in idle["bridges"].items()]
+        for who, values in rows:
+            print(f"| {who} | **{_median(values):.0f} MiB** | "
+                  f"{_runs(values, '{:.0f}'.format)} |")
     for line in results.get("profile", []):
         print(line)
 

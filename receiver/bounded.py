@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Iterator, MutableMapping
-from typing import TypeVar
+from typing import Any, TypeVar, overload
 
 K = TypeVar("K")
 V = TypeVar("V")
+T = TypeVar("T")
 
 
 class BoundedMap(MutableMapping[K, V]):
@@ -23,6 +24,16 @@ class BoundedMap(MutableMapping[K, V]):
 
     def __getitem__(self, key: K) -> V:
         return self._items[key]
+
+    @overload
+    def get(self, key: K, /) -> V | None: ...
+
+    @overload
+    def get(self, key: K, default: V | T, /) -> V | T: ...
+
+    def get(self, key: K, default: Any = None, /) -> Any:
+        # Not the Mapping mixin's, which raises and catches KeyError for every miss.
+        return self._items.get(key, default)
 
     def __setitem__(self, key: K, value: V) -> None:
         self._items[key] = value

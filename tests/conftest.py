@@ -149,3 +149,24 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         terminalreporter.section("summaries")
         for line in lines:
             terminalreporter.write_line(line)
+    _slowest_modules(terminalreporter)
+
+
+def _slowest_modules(terminalreporter: Any, shown: int = 15) -> None:
+    """Each module's wall time (setup, calls and teardown: a module fixture's real peers are
+    in its first setup and last teardown), the slowest first, where a run spans several:
+    where CI's time goes, from the README's plain `python -m pytest`."""
+    seconds: dict[str, float] = {}
+    for reports in terminalreporter.stats.values():
+        for report in reports:
+            nodeid, duration = getattr(report, "nodeid", ""), getattr(report, "duration", None)
+            if nodeid and isinstance(duration, float) and getattr(report, "when", None):
+                module = nodeid.split("::", 1)[0]
+                seconds[module] = seconds.get(module, 0.0) + duration
+    if len(seconds) < 2:
+        return
+    terminalreporter.section("slowest modules")
+    total = sum(seconds.values())
+    for module, spent in sorted(seconds.items(), key=lambda item: -item[1])[:shown]:
+        terminalreporter.write_line(f"{spent:8.1f}s {100 * spent / total:5.1f}%  {module}")
+    terminalreporter.write_line(f"{total:8.1f}s in {len(seconds)} modules")

@@ -19,12 +19,13 @@ blocks another Receiver's pushes before the object's hard bound.
 from __future__ import annotations
 
 import hashlib
-import secrets
+import os
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 
+from receiver.bounded import BoundedMap
 from receiver.flux.objects import BRIDGE_PREFIX
 from receiver.signatures import TIMESTAMP_TOLERANCE_SECONDS
 
@@ -44,28 +45,35 @@ def replay_window(dedupe_seconds: float) -> float:
     return max(dedupe_seconds, TIMESTAMP_TOLERANCE_SECONDS * 2)
 
 
+# Every push asks for its Receiver's prefix; Receivers are few, so each is hashed once.
+@lru_cache(maxsize=4096)
 def owner_of(receiver: str) -> str:
     """The prefix every mark of one Receiver (`namespace/name`) starts with."""
     return hashlib.sha256(f"owner\0{receiver}".encode()).hexdigest()[:OWNER_DIGITS]
 
 
-def mark_for(receiver: str, replay_key: str) -> str:
-    """The mark of a one-of-a-kind request: the same for every replay of it, so a replay is known
-    by the mark already on the objects. The Receiver's prefix, then 48 bits of the request's
-    key (plenty among one Receiver's requests within the replay window)."""
+def marks_for(receiver: str, replay_key: str) -> tuple[str, str]:
+    """The mark of a one-of-a-kind request, and the mark releases before owner prefixes wrote
+    for it (still looked for while such marks may be on objects: one replay window after an
+    upgrade). The mark is the same for every replay of the request, so a replay is known by
+    the mark already on the objects: the Receiver's prefix, then 48 bits of the request's key
+    (plenty among one Receiver's requests within the replay window)."""
     digest = hashlib.sha256(f"{receiver}\0{replay_key}".encode()).hexdigest()
-    return owner_of(receiver) + digest[:16 - OWNER_DIGITS]
+    return owner_of(receiver) + digest[:16 - OWNER_DIGITS], digest[:16]
+
+
+def mark_for(receiver: str, replay_key: str) -> str:
+    return marks_for(receiver, replay_key)[0]
 
 
 def legacy_mark_for(receiver: str, replay_key: str) -> str:
-    """The mark releases before owner prefixes wrote for the same request: still looked for
-    while such marks may be on objects (one replay window after an upgrade)."""
-    return hashlib.sha256(f"{receiver}\0{replay_key}".encode()).hexdigest()[:16]
+    return marks_for(receiver, replay_key)[1]
 
 
 def fresh_mark(receiver: str) -> str:
-    """The mark of a request that names nothing one-of-a-kind (no replay protection asked)."""
-    return owner_of(receiver) + secrets.token_hex(8)[:16 - OWNER_DIGITS]
+    """The mark of a request that names nothing one-of-a-kind (no replay protection asked):
+    48 random bits after the Receiver's prefix (`os.urandom`, the source `secrets` reads)."""
+    return owner_of(receiver) + os.urandom(6).hex()
 
 
 def owner(mark: str) -> str:
@@ -82,15 +90,22 @@ def parse(value: str | None) -> tuple[Mark, ...]:
     """Entries of the annotation; malformed ones (someone edited it by hand) are ignored."""
     if not value:
         return ()
-    return _parse(value)
+    marks, ats = _entries(value)
+    return tuple(Mark(mark, at) for mark, at in zip(marks, ats, strict=True))
 
 
 # A delivery's state is evaluated on every change of the objects it follows, each evaluation
 # reads the marks of every target several times, and a value changes only when an object is
-# annotated: parse each value once. Bounded: the objects deliveries in flight follow.
-@lru_cache(maxsize=1024)
-def _parse(value: str) -> tuple[Mark, ...]:
-    found: list[Mark] = []
+# annotated: parse each value once. Bounded (a busy object's value is tens of kilobytes
+# parsed): a value is read in bursts, by every delivery that follows its object, right after
+# the patch or watch event that brought it, so recent values are what is asked for. Two
+# tuples, of the marks and of their times: a busy object's value holds hundreds of marks, and
+# as objects of their own they were most of what a full garbage collection walked (tuples of
+# strings and floats it stops tracking), and more memory.
+@lru_cache(maxsize=256)
+def _entries(value: str) -> tuple[tuple[str, ...], tuple[float, ...]]:
+    marks: list[str] = []
+    ats: list[float] = []
     for entry in value.split()[:MAX_ENTRIES + PER_OWNER]:
         mark, sep, at = entry.partition("@")
         if not sep or len(mark) != 16 or not set(mark) <= _MARK_CHARS:
@@ -100,8 +115,17 @@ def _parse(value: str) -> tuple[Mark, ...]:
         except ValueError:
             continue
         if stamp == stamp:  # not NaN
-            found.append(Mark(mark, stamp))
-    return tuple(found)
+            marks.append(mark)
+            ats.append(stamp)
+    return tuple(marks), tuple(ats)
+
+
+def _entries_of(annotations: Mapping[str, str]) -> Iterable[tuple[str, float]]:
+    value = annotations.get(DELIVERIES_ANNOTATION)
+    if not value:
+        return ()
+    marks, ats = _entries(value)
+    return zip(marks, ats, strict=True)
 
 
 def of(annotations: Mapping[str, str]) -> tuple[Mark, ...]:
@@ -113,14 +137,19 @@ def has(annotations: Mapping[str, str], mark: str) -> bool:
     return bool(value) and mark in _marks(value)
 
 
-@lru_cache(maxsize=1024)
+def names(value: str | None) -> frozenset[str]:
+    """The marks an annotation value holds."""
+    return _marks(value) if value else frozenset()
+
+
+@lru_cache(maxsize=256)
 def _marks(value: str) -> frozenset[str]:
-    return frozenset(m.mark for m in _parse(value))
+    return frozenset(_entries(value)[0])
 
 
 def newer_than(annotations: Mapping[str, str], at: float, mine: str) -> bool:
     """Has another delivery annotated the object after `at`? (Ours is superseded.)"""
-    return any(m.at > at and m.mark != mine for m in of(annotations))
+    return any(stamp > at and mark != mine for mark, stamp in _entries_of(annotations))
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,20 +159,78 @@ class Merge:
     refused: tuple[Mark, ...]  # new marks left out: their Receiver's share, or the object, is full
 
 
+# Values `merge` wrote here: canonical (`<mark>@<time with three decimals>`, newest first, each
+# mark once), so the next merge of one keeps a prefix of its text as it is (`_merge_written`).
+_WRITTEN: BoundedMap[str, None] = BoundedMap(256)
+
+
 def merge(current: Mapping[str, str], new: Iterable[Mark], now: float,
           keep_seconds: float) -> Merge:
     """The annotation's next value: every current mark still within `keep_seconds` (never
     evicted), plus the new ones that fit (`PER_OWNER`, `MAX_ENTRIES`), newest first."""
-    kept: list[Mark] = []
-    seen: set[str] = set()
-    for entry in of(current):
-        if entry.mark not in seen and now - entry.at <= keep_seconds:
-            seen.add(entry.mark)
-            kept.append(entry)
-    shares = Counter(owner(m.mark) for m in kept)
+    value = current.get(DELIVERIES_ANNOTATION) or ""
+    ordered = sorted(new, key=lambda m: -m.at)
+    if not value or value in _WRITTEN:
+        quick = _merge_written(value, ordered, now, keep_seconds)
+        if quick is not None:
+            return quick
+    merged = _merge_any(current, ordered, now, keep_seconds)
+    _WRITTEN[merged.value] = None
+    return merged
+
+
+def _merge_written(value: str, ordered: list[Mark], now: float,
+                   keep_seconds: float) -> Merge | None:
+    """`merge` of a value written here, newer marks only, without formatting every mark the
+    value holds again (a busy object's hundreds were, for every patch): the marks kept are a
+    prefix of the value (newest first, so those past the window are at its end) and stay as
+    they are written; the new ones go in front. None when a new mark is older than the newest
+    kept (it belongs further in: `_merge_any`)."""
+    marks, ats = _entries(value) if value else ((), ())
+    kept = len(ats)
+    while kept and now - ats[kept - 1] > keep_seconds:
+        kept -= 1
+    if kept and ordered and ordered[-1].at < ats[0]:
+        return None
+    kept_text = (value if kept == len(ats) else
+                 value[:value.find(marks[kept]) - 1] if kept else "")
+    seen = set(marks[:kept])
+    shares: dict[str, int] = {}
     written: list[Mark] = []
     refused: list[Mark] = []
-    for entry in sorted(new, key=lambda m: -m.at):
+    for entry in ordered:
+        if entry.mark in seen:
+            continue
+        seen.add(entry.mark)
+        who = owner(entry.mark)
+        share = shares.get(who)
+        if share is None:
+            # Each entry starts its own word: a Receiver's share is its prefix's word starts.
+            share = shares[who] = (" " + kept_text).count(" " + who) if kept_text else 0
+        if share >= PER_OWNER or kept + len(written) >= MAX_ENTRIES:
+            refused.append(entry)
+            continue
+        shares[who] = share + 1
+        written.append(entry)
+    texts = [f"{m.mark}@{m.at:.3f}" for m in written]
+    out = " ".join([*texts, kept_text] if kept_text else texts)
+    _WRITTEN[out] = None
+    return Merge(out, tuple(written), tuple(refused))
+
+
+def _merge_any(current: Mapping[str, str], ordered: list[Mark], now: float,
+               keep_seconds: float) -> Merge:
+    """`merge` of any value, hand-edited ones included: every entry read and written again."""
+    kept: list[tuple[str, float]] = []
+    seen: set[str] = set()
+    for mark, at in _entries_of(current):
+        if mark not in seen and now - at <= keep_seconds:
+            seen.add(mark)
+            kept.append((mark, at))
+    shares = Counter(owner(mark) for mark, _ in kept)
+    written: list[Mark] = []
+    refused: list[Mark] = []
+    for entry in ordered:
         if entry.mark in seen:
             continue
         seen.add(entry.mark)
@@ -152,8 +239,9 @@ def merge(current: Mapping[str, str], new: Iterable[Mark], now: float,
             continue
         shares[owner(entry.mark)] += 1
         written.append(entry)
-    out = sorted(written + kept, key=lambda m: -m.at)
-    return Merge(" ".join(f"{m.mark}@{m.at:.3f}" for m in out), tuple(written), tuple(refused))
+    out = sorted([(m.mark, m.at) for m in written] + kept, key=lambda pair: -pair[1])
+    return Merge(" ".join(f"{mark}@{at:.3f}" for mark, at in out), tuple(written),
+                 tuple(refused))
 
 
 def refusal(keep_seconds: float) -> str:

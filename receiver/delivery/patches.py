@@ -67,6 +67,7 @@ class PatchCoalescer:
         self._clock = clock
         self._keys: dict[ObjectKey, _KeyState] = {}
         self._sending = 0
+        self._tasks: set[asyncio.Task[None]] = set()
 
     @property
     def idle(self) -> bool:
@@ -75,20 +76,53 @@ class PatchCoalescer:
 
     def request(self, key: ObjectKey, mark: Mark) -> tuple[asyncio.Future[PatchOutcome], bool]:
         """Ask for a patch; returns (its outcome, whether it is being sent right now)."""
+        outcome, waiter = self.request_waitable(key, mark)
+        return outcome, waiter is not None
+
+    def request_waitable(self, key: ObjectKey, mark: Mark
+                         ) -> tuple[asyncio.Future[PatchOutcome], asyncio.Future[None] | None]:
+        """Ask for a patch; returns its outcome and, when it is sent right now, a future done
+        in the same step as the outcome, for a request to wait on (with a time limit: it may
+        be cancelled, the outcome never is). A waiter of the outcome itself would resume one
+        turn of the event loop later (its callbacks run a turn after it is set): under load
+        a turn is every connection's request, tens of milliseconds."""
         loop = asyncio.get_running_loop()
-        state = self._keys.setdefault(key, _KeyState())
+        state = self._keys.get(key)
+        if state is None:
+            state = self._keys[key] = _KeyState()
         now = self._clock()
         window = self._config.coalesce_window_seconds
         if state.trailing is None and now - state.last_sent >= window:
             state.last_sent = now
-            return asyncio.ensure_future(self._send(key, [mark])), True
+            outcome: asyncio.Future[PatchOutcome] = loop.create_future()
+            waiter: asyncio.Future[None] = loop.create_future()
+            task = loop.create_task(self._send_into(key, [mark], outcome, waiter))
+            self._tasks.add(task)  # the loop keeps only a weak reference
+            task.add_done_callback(self._tasks.discard)
+            return outcome, waiter
         self._metrics.patches_coalesced.inc()
         if state.trailing is None:
             state.trailing = loop.create_future()
             delay = max(0.0, state.last_sent + window - now)
             loop.call_later(delay, self._flush_trailing, key)
         state.marks[mark.mark] = mark
-        return state.trailing, False
+        return state.trailing, None
+
+    async def _send_into(self, key: ObjectKey, marks: list[Mark],
+                         outcome: asyncio.Future[PatchOutcome], waiter: asyncio.Future[None]
+                         ) -> None:
+        try:
+            result = await self._send(key, marks)
+        except asyncio.CancelledError:
+            outcome.cancel()
+            raise
+        except Exception as exc:
+            outcome.set_exception(exc)
+        else:
+            outcome.set_result(result)
+        finally:
+            if not waiter.done():
+                waiter.set_result(None)
 
     def _flush_trailing(self, key: ObjectKey) -> None:
         state = self._keys[key]

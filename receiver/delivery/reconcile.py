@@ -9,6 +9,7 @@ re-evaluates each delivery it accepted, and tells listeners (statuses, metrics) 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import heapq
 import logging
@@ -22,7 +23,7 @@ from receiver.delivery import marks as delivery_marks
 from receiver.delivery.marks import DELIVERIES_ANNOTATION, Mark
 from receiver.delivery.patches import PatchCoalescer, PatchOutcome
 from receiver.delivery.record import DeliveryRecord
-from receiver.delivery.state import evaluate, source_ready
+from receiver.delivery.state import awaited_source, evaluate, source_ready
 from receiver.delivery.store import ROLE_ANNOTATE, Delivery, DeliveryStore
 from receiver.delivery.view import Contains, DeliveryView, Local, Timeouts, never_known
 from receiver.flux.cluster import Cluster
@@ -114,17 +115,25 @@ class Reconciler:
             self._watching[key].add(delivery.id)
         mark = Mark(delivery.record.mark, delivery.record.received)
         immediate: list[asyncio.Future[PatchOutcome]] = []
+        waiters: list[asyncio.Future[None]] = []
+        listed = {target.key for target in delivery.record.targets}
         for target in delivery.record.targets:
-            if target.role == ROLE_ANNOTATE and target.key.kind in SOURCE_KINDS:
+            if target.role == ROLE_ANNOTATE and self._at_once(target.key, listed):
                 self._requested.add((delivery.id, target.key))
-                future, now = self.patches.request(target.key, mark)
+                future, waiter = self.patches.request_waitable(target.key, mark)
                 self._follow_patch(delivery, target.key, future)
-                if now:
+                if waiter is not None:
                     immediate.append(future)
+                    waiters.append(waiter)
         self._schedule_deadlines(delivery)
-        if immediate:
-            await asyncio.wait(immediate, timeout=wait_seconds)
-            await asyncio.sleep(0)  # let _patched record the outcome
+        if waiters:
+            # Each waiter is done in the step that sets its patch's outcome; `_patched` has
+            # recorded that outcome (its callback runs before this task resumes) by the time
+            # `_evaluate` below reads it. Past the time limit only the waiting stops.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait_seconds):
+                    for waiter in waiters:
+                        await waiter
         requested = sum(1 for key in watched if (delivery.id, key) in self._requested)
         taken = (bool(immediate) and len(immediate) == requested
                  and all(f.done() and not f.cancelled() and f.exception() is None
@@ -134,6 +143,15 @@ class Reconciler:
             return True
         await self._evaluate(delivery)
         return False
+
+    def _at_once(self, key: ObjectKey, listed: set[ObjectKey]) -> bool:
+        """Annotated when the push is accepted: a source, or an object that waits for no
+        source (an ImageRepository, an input provider), which `_maybe_annotate` would let go
+        at the first evaluation anyway; sent now, its patch is waited for with the sources'."""
+        if key.kind in SOURCE_KINDS:
+            return True
+        obj = self._cluster.store.get(key)
+        return obj is not None and awaited_source(obj, listed.__contains__) is None
 
     def abandon(self, delivery: Delivery) -> None:
         """Forget a delivery this replica accepted by mistake (another took it first)."""
@@ -198,8 +216,7 @@ class Reconciler:
             # Only marks changed (a patch, ours or another replica's): only the deliveries
             # whose mark just appeared moved (queued -> annotated). A busy source followed by
             # thousands of deliveries must not re-evaluate them all on every patch.
-            added = ({m.mark for m in delivery_marks.parse(marks)}
-                     - {m.mark for m in delivery_marks.parse(before[1])})
+            added = delivery_marks.names(marks) - delivery_marks.names(before[1])
             moved = [i for i in ids if (d := self._deliveries.get(i)) is not None
                      and d.record.mark in added]
             self._queue_evaluation(moved)

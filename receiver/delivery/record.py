@@ -53,6 +53,10 @@ _HEAD = re.compile(rb'\[1,"([^"\\\x00-\x1f]{1,320})",')
 _MAX_RECEIVED_MS = 253_402_300_799_999
 _MAX_OMITTED = 10**9
 
+# `json.dumps(..., separators=(",", ":"))`, with one encoder for every call (`json.dumps`
+# builds a new one for any argument but the defaults).
+_COMPACT = json.JSONEncoder(separators=(",", ":")).encode
+
 
 @dataclass(frozen=True, slots=True)
 class RecordTarget:
@@ -100,7 +104,7 @@ class _IdSerializer(URLSafeSerializer):
         return self._signer if salt is None or salt == self.salt else super().make_signer(salt)
 
     def dump_payload(self, obj: Any) -> bytes:
-        raw = json.dumps(obj, separators=(",", ":")).encode()
+        raw = _COMPACT(obj).encode()
         if len(raw) < _COMPRESS_FROM:
             return base64_encode(raw)
         return super().dump_payload(obj)
@@ -121,7 +125,7 @@ def _sign_short(raw: bytes, token: str) -> str:
     short to compress: its base64, a dot, and the base64 of its HMAC-SHA1 with the derived key
     (itsdangerous' format, computed here without its per-call layers; the same ids)."""
     value = base64_encode(raw)
-    signature = base64_encode(hmac.new(_signing_key(token), value, hashlib.sha1).digest())
+    signature = base64_encode(hmac.digest(_signing_key(token), value, "sha1"))  # one C call
     return (value + b"." + signature).decode()
 
 
@@ -149,7 +153,7 @@ def encode(record: DeliveryRecord, token: str) -> tuple[str, DeliveryRecord]:
     omitted = record.omitted
     while True:
         payload = _payload(record, targets, omitted)
-        raw = json.dumps(payload, separators=(",", ":")).encode()
+        raw = _COMPACT(payload).encode()
         size = len(raw)
         if size < _COMPRESS_FROM:
             token_id = _sign_short(raw, token)

@@ -91,7 +91,8 @@ class EventBook:
         return len(self._series)
 
     def record(self, note: EventNote, now: float) -> None:
-        note = replace(note, message=note.message[:MAX_NOTE])
+        if len(note.message) > MAX_NOTE:
+            note = replace(note, message=note.message[:MAX_NOTE])
         key = note.series_key
         series = self._series.get(key)
         if series is not None and now - series.last_seen > self.series_window:

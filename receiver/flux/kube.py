@@ -28,6 +28,7 @@ from receiver.flux.event_book import EventWrite, event_body
 from receiver.flux.kube_api import (
     CONNECT_TIMEOUT,
     MERGE_PATCH,
+    CoreV1,
     Timer,
     cluster_error,
     not_older,
@@ -75,7 +76,7 @@ class KubeCluster:
         self.store = store
         self._api_client = api_client
         self._custom = kubernetes.client.CustomObjectsApi(api_client)
-        self._core = kubernetes.client.CoreV1Api(api_client)
+        self._core = CoreV1(api_client)
         self._namespaces = tuple(dict.fromkeys(namespaces))
         self._kinds = tuple(dict.fromkeys(kinds))
         self._secret_ttl = secret_ttl_seconds
@@ -204,9 +205,7 @@ class KubeCluster:
     def _read_secret_sync(self, namespace: str, name: str) -> _SecretData | None:
         what = f"reading Secret {namespace}/{name}"
         try:
-            response = self._core.read_namespaced_secret(
-                name, namespace, _preload_content=False, _request_timeout=self._timeout
-            )
+            response = self._core.read_namespaced_secret(name, namespace, timeout=self._timeout)
             body = read_json(response)
         except kubernetes.client.ApiException as exc:
             if exc.status == 404:
@@ -266,12 +265,12 @@ class KubeCluster:
         def call() -> None:
             try:
                 if write.op == "create":
-                    self._core.create_namespaced_event(
-                        namespace, body, _preload_content=False, _request_timeout=self._timeout)
+                    response = self._core.create_namespaced_event(
+                        namespace, body, timeout=self._timeout)
                 else:
-                    self._core.patch_namespaced_event(
-                        write.name, namespace, body, _content_type=MERGE_PATCH,
-                        _preload_content=False, _request_timeout=self._timeout)
+                    response = self._core.patch_namespaced_event(
+                        write.name, namespace, body, timeout=self._timeout)
+                read_json(response)  # read whole: the connection goes back to the pool
             except kubernetes.client.ApiException as exc:
                 if exc.status == 409 and write.op == "create":
                     return  # a retried create that had gone through

@@ -70,11 +70,17 @@ def _secret_data(doc: Mapping[str, Any]) -> dict[str, bytes]:
     return data
 
 
+PATCH_LOG = 1_000
+
+
 class MemoryCluster:
     def __init__(self, store: ObjectStore, *, secret_ttl_seconds: float = 30.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.store = store
         self.secrets: dict[tuple[str, str], dict[str, bytes]] = {}
+        # The patches applied, newest last: the last PATCH_LOG to 2 x PATCH_LOG of them (a
+        # long `serve --manifests` must not keep every one: each carries the object's whole
+        # delivery-marks annotation, kilobytes on a busy source).
         self.patches: list[tuple[ObjectKey, dict[str, str]]] = []
         self.secret_reads = 0  # reads that reached the "API server" (not the cache)
         self.events: dict[str, dict[str, Any]] = {}  # Kubernetes Events by name
@@ -161,6 +167,8 @@ class MemoryCluster:
         meta["resourceVersion"] = str(self._version)
         raw["metadata"] = meta
         self.patches.append((key, dict(annotations)))
+        if len(self.patches) > 2 * PATCH_LOG:
+            del self.patches[:-PATCH_LOG]
         return self.store.upsert(raw)
 
     async def read_object(self, key: ObjectKey) -> FluxObject | None:
@@ -260,10 +268,14 @@ class MemoryCluster:
             raise NotFound(str(key))
         previous = current.status.get("history")
         history = list(previous) if isinstance(previous, list) else []
+        # The cache keeps only the latest snapshot (`slim`): the release number goes on from it.
+        latest = history[0] if history and isinstance(history[0], dict) else {}
+        number = latest.get("version")
+        version = number + 1 if isinstance(number, int) else len(history) + 1
         chart = ((current.spec.get("chart") or {}).get("spec") or {}).get("chart") or key.name
         now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         snapshot = {
-            "name": key.name, "namespace": key.namespace, "version": len(history) + 1,
+            "name": key.name, "namespace": key.namespace, "version": version,
             "status": "deployed", "chartName": str(chart), "chartVersion": chart_version,
             "configDigest": "sha256:" + "0" * 64, "digest": "sha256:" + "1" * 64,
             "firstDeployed": now, "lastDeployed": now,

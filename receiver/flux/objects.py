@@ -6,9 +6,12 @@ and status code named accessors without copying or validating the whole object.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
+
+_intern = sys.intern
 
 RECONCILE_ANNOTATION = "reconcile.fluxcd.io/requestedAt"
 # Our own annotation prefix: extra paths for a consumer, and the like.
@@ -121,8 +124,8 @@ class FluxObject:
     """One cached object. `raw` is never mutated after it enters the cache, so the identity
     fields are read once here (routing reads them thousands of times per second)."""
 
-    __slots__ = ("_annotations", "_paths", "_source", "api_version", "key", "kind", "name",
-                 "namespace", "raw")
+    __slots__ = ("_annotations", "_conditions", "_paths", "_source", "api_version", "key",
+                 "kind", "metadata", "name", "namespace", "raw", "spec", "status")
 
     def __init__(self, raw: Mapping[str, Any]) -> None:
         self.raw = raw
@@ -130,8 +133,13 @@ class FluxObject:
         self._source: SourceRef | object | None = _UNSET
         self._paths: tuple[str, ...] | None = None
         self._annotations: dict[str, str] | None = None
+        self._conditions: dict[str, dict[str, Any]] | None = None
         self.kind = _str(raw.get("kind"))
-        metadata = _dict(raw.get("metadata"))
+        # Read once: a delivery's evaluation reads them a dozen times per target.
+        self.metadata: dict[str, Any] = _dict(raw.get("metadata"))
+        self.spec: dict[str, Any] = _dict(raw.get("spec"))
+        self.status: dict[str, Any] = _dict(raw.get("status"))
+        metadata = self.metadata
         self.name = _str(metadata.get("name"))
         self.namespace = _str(metadata.get("namespace")) or "default"
         self.key = ObjectKey(self.kind, self.namespace, self.name)
@@ -145,10 +153,6 @@ class FluxObject:
 
     def __hash__(self) -> int:
         return hash(self.key)
-
-    @property
-    def metadata(self) -> dict[str, Any]:
-        return _dict(self.raw.get("metadata"))
 
     @property
     def labels(self) -> dict[str, str]:
@@ -173,22 +177,21 @@ class FluxObject:
         return _str(self.metadata.get("resourceVersion"))
 
     @property
-    def spec(self) -> dict[str, Any]:
-        return _dict(self.raw.get("spec"))
-
-    @property
-    def status(self) -> dict[str, Any]:
-        return _dict(self.raw.get("status"))
-
-    @property
     def suspended(self) -> bool:
         return self.spec.get("suspend") is True
 
     def condition(self, type_: str) -> dict[str, Any] | None:
-        for cond in self.status.get("conditions") or []:
-            if isinstance(cond, dict) and cond.get("type") == type_:
-                return cond
-        return None
+        """The first condition of this type (as a controller writes one of each)."""
+        if self._conditions is None:
+            found: dict[str, dict[str, Any]] = {}
+            conditions = self.status.get("conditions")
+            for cond in conditions if isinstance(conditions, list) else ():
+                if isinstance(cond, dict):
+                    kind = cond.get("type")
+                    if isinstance(kind, str) and kind not in found:
+                        found[kind] = cond
+            self._conditions = found
+        return self._conditions.get(type_)
 
 
 @dataclass(frozen=True, slots=True)
@@ -277,15 +280,13 @@ def consumer_paths(obj: FluxObject) -> tuple[str, ...]:
 
 
 def slim(raw: dict[str, Any]) -> dict[str, Any]:
-    """What the cache keeps of an object: all of it but `metadata.managedFields` (the API
-    server's field ownership: nothing here reads it, and it is about half of a Flux object's
-    bytes), except a workload (`WORKLOAD_KINDS`), of which only its identity, labels and who
-    changed it when (a Deployment's pod template is most of its bytes)."""
+    """What the cache keeps of an object: all of it but what no reader of the cache looks at
+    and what grows with the cluster (`_unread`), with its strings shared (`_share_strings`),
+    except a workload (`WORKLOAD_KINDS`), of which only its identity, labels and who changed
+    it when (a Deployment's pod template is most of its bytes). `raw` itself is not changed
+    but for its strings, each replaced by an equal one."""
     if raw.get("kind") not in WORKLOAD_KINDS:
-        meta = raw.get("metadata")
-        if isinstance(meta, dict) and "managedFields" in meta:
-            raw = {**raw, "metadata": {k: v for k, v in meta.items() if k != "managedFields"}}
-        return raw
+        return _share_strings(_unread(raw))
     meta = _dict(raw.get("metadata"))
     identity = ("name", "namespace", "labels", "resourceVersion", "generation", "uid")
     kept: dict[str, Any] = {k: meta[k] for k in identity if k in meta}
@@ -295,7 +296,64 @@ def slim(raw: dict[str, Any]) -> dict[str, Any]:
         kept["managedFields"] = [
             {k: entry[k] for k in ("manager", "operation", "subresource", "time") if k in entry}
             for entry in managers if isinstance(entry, dict)]
-    return {"apiVersion": raw.get("apiVersion"), "kind": raw.get("kind"), "metadata": kept}
+    return _share_strings({"apiVersion": raw.get("apiVersion"), "kind": raw.get("kind"),
+                           "metadata": kept})
+
+
+def _unread(raw: dict[str, Any]) -> dict[str, Any]:
+    """`raw` without `metadata.managedFields` (the API server's field ownership: about half of
+    a listed Flux object's bytes), a Kustomization's `status.inventory` (an entry per object
+    it applied) and a HelmRelease's `status.history` past the latest snapshot (helm-controller
+    keeps up to `maxHistory`, 5 by default; only `history[0]` is read). Nothing reads them:
+    the resource filters' `res` has the metadata, never the status."""
+    out = raw
+    meta = raw.get("metadata")
+    if isinstance(meta, dict) and "managedFields" in meta:
+        out = {**out, "metadata": {k: v for k, v in meta.items() if k != "managedFields"}}
+    status = raw.get("status")
+    if not isinstance(status, dict):
+        return out
+    kind = raw.get("kind")
+    if kind == "Kustomization" and "inventory" in status:
+        out = {**out, "status": {k: v for k, v in status.items() if k != "inventory"}}
+    elif kind == "HelmRelease":
+        history = status.get("history")
+        if isinstance(history, list) and len(history) > 1:
+            out = {**out, "status": {**status, "history": history[:1]}}
+    return out
+
+
+_UNIQUE = frozenset({"uid", "resourceVersion"})
+
+
+def _share_strings(node: dict[str, Any]) -> dict[str, Any]:
+    """Replace every string value under `node` by the one equal string the process keeps
+    (`sys.intern`; it is freed with its last user), in place. A fleet repeats its kinds, API
+    versions, namespaces, labels, condition types and reasons, times and revisions in object
+    after object: one copy of each makes a cached object about a third smaller. Keys are left
+    alone (the JSON decoder already shares those within a list page), and so are values no
+    other object has (`_UNIQUE`): sharing those would only cost the table's entry."""
+    for key, value in node.items():
+        kind = type(value)
+        if kind is str:
+            if key not in _UNIQUE:
+                node[key] = _intern(value)
+        elif kind is dict:
+            _share_strings(value)
+        elif kind is list:
+            _share_list(value)
+    return node
+
+
+def _share_list(items: list[Any]) -> None:
+    for i, value in enumerate(items):
+        kind = type(value)
+        if kind is str:
+            items[i] = _intern(value)
+        elif kind is dict:
+            _share_strings(value)
+        elif kind is list:
+            _share_list(value)
 
 
 def cache_kinds(canaries: bool) -> dict[str, tuple[str, ...]]:

@@ -7,6 +7,7 @@ is what follows the last ':' or else the last '/' (fluxcd/pkg ExtractHashFromRev
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -19,7 +20,15 @@ HELM_REVISION_META = re.compile(r"\+([0-9a-f]{12})(?:\.\d+)?$")
 
 def commit_of(revision: str) -> str | None:
     """The commit id a Git revision names, lower-case; None if it names none."""
-    if not isinstance(revision, str) or not revision.strip():
+    if not isinstance(revision, str):
+        return None
+    return _commit_of(revision)
+
+
+# Each evaluation of a delivery asks this of the same few status revisions several times.
+@functools.lru_cache(maxsize=4096)
+def _commit_of(revision: str) -> str | None:
+    if not revision.strip():
         return None
     text = revision.strip()
     if ":" in text:

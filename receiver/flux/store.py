@@ -198,7 +198,8 @@ class ObjectStore:
                 and isinstance(inc.get("repository"), dict)
                 and inc["repository"].get("name")
             }
-            self._includes_of[key] = included
+            if included:  # most have none: no empty set per GitRepository
+                self._includes_of[key] = included
             for inc_key in included:
                 self._includers[inc_key].add(key)
         if obj.kind == "OCIRepository":
@@ -298,8 +299,8 @@ class ObjectStore:
         _drop(self._helm_repos_by_url, self._helm_url_of.pop(key, None), key)
         _drop(self._charts_by_repo, self._repo_of_chart.pop(key, None), key)
         _drop(self._releases_by_chart, self._chart_of_release.pop(key, None), key)
-        for inc_key in self._includes_of.pop(key, set()):
-            self._includers[inc_key].discard(key)
+        for inc_key in self._includes_of.pop(key, ()):
+            _drop(self._includers, inc_key, key)
         source = self._source_of.pop(key, None)
         if source is not None:
             self._consumers_by_source[source].discard(key)

@@ -24,18 +24,15 @@ of a request is evaluated in one call (`<resources>.map(res, <expression>)`).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
-
-from cel_expr_python import cel  # type: ignore[import-untyped]
-from cel_expr_python.ext import ext_encoders, ext_optional, ext_strings  # type: ignore[import-untyped]
 
 from receiver.bounds import parse_json
 
 # What every filter sees; the list variable only exists for the batched evaluation.
 _BATCH = "gfb_resources"
-_STRUCT = cel.Type.Map(cel.Type.STRING, cel.Type.DYN)
 _MAX_EXPRESSION = 16_384  # a Receiver's filter longer than this is refused, not compiled
 
 
@@ -47,17 +44,28 @@ class RequestNotJSON(ValueError):
     """A JSON request body that does not decode into an object (Flux answers 500; the bridge 400)."""
 
 
-def _env() -> Any:
+@functools.cache
+def _runtime() -> tuple[Any, Any]:
+    """The CEL module and the filters' environment, loaded when a filter is first compiled.
+
+    Importing the runtime adds about 15 MB to the process, and most fleets have no filter: the
+    types and errors above stay importable without it."""
+    from cel_expr_python import cel  # type: ignore[import-untyped]
+    from cel_expr_python.ext import (  # type: ignore[import-untyped]
+        ext_encoders,
+        ext_optional,
+        ext_strings,
+    )
+
+    struct = cel.Type.Map(cel.Type.STRING, cel.Type.DYN)
     # Flux enables cel-go's strings, encoders and optional-types extensions; the same here
     # (cel-go's sets extension has no counterpart in this library).
-    return cel.NewEnv(
-        variables={"res": _STRUCT, "req": _STRUCT, _BATCH: cel.Type.List(cel.Type.DYN)},
+    env = cel.NewEnv(
+        variables={"res": struct, "req": struct, _BATCH: cel.Type.List(cel.Type.DYN)},
         extensions=[ext_strings.ExtStrings(), ext_encoders.ExtEncoders(),
                     ext_optional.ExtOptional()],
     )
-
-
-_ENV = _env()
+    return cel, env
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +79,7 @@ class CompiledFilter:
         """For each resource: True/False, or why it could not be evaluated."""
         if not resources:
             return []
+        cel = _runtime()[0]
         if self._batch is not None:
             try:
                 value = self._batch.eval(data={"res": {}, "req": req, _BATCH: list(resources)})
@@ -89,6 +98,7 @@ class CompiledFilter:
             value = self._single.eval(data={"res": res, "req": req})
         except RuntimeError as exc:  # e.g. the iteration budget
             return _short(str(exc))
+        cel = _runtime()[0]
         if value.type() == cel.Type.BOOL:
             return bool(value.value())
         return _short(str(value.value()) if value.type() == cel.Type.ERROR
@@ -103,8 +113,9 @@ def compile_filter(expression: str) -> CompiledFilter:
     """Compile and type check; InvalidFilter says why (never with request data in it)."""
     if len(expression) > _MAX_EXPRESSION:
         raise InvalidFilter(f"expression longer than {_MAX_EXPRESSION} characters")
+    cel, env = _runtime()
     try:
-        single = _ENV.compile(expression)
+        single = env.compile(expression)
     except RuntimeError as exc:
         raise InvalidFilter(_short(str(exc))) from None
     kind = single.return_type()
@@ -112,7 +123,7 @@ def compile_filter(expression: str) -> CompiledFilter:
         raise InvalidFilter(f"output type mismatch: expected bool, got {kind.name().lower()}")
     try:
         # A newline before the closing parentheses ends a trailing `//` comment.
-        batch = _ENV.compile(f"{_BATCH}.map(res, (\n{expression}\n))")
+        batch = env.compile(f"{_BATCH}.map(res, (\n{expression}\n))")
     except RuntimeError:
         batch = None
     return CompiledFilter(expression, single, batch)

@@ -26,6 +26,9 @@ class ReceiverSpecs:
             BoundedMap(10_000))
         self.filters = FilterCache()
         self._filter_invalid: dict[ObjectKey, str] = {}
+        self._compiled: BoundedMap[ObjectKey, tuple[
+            tuple[str, int], CompiledFilter | str | None,
+            dict[ObjectKey, list[CompiledFilter]] | str]] = BoundedMap(10_000)
 
     def resolved(self, receiver: FluxObject) -> Resolved:
         """The Receiver's resources, resolved again only when the cache's shape changed."""
@@ -38,6 +41,18 @@ class ReceiverSpecs:
             receiver, store, allow_cross_namespace=self._allow_cross_namespace)
         self._resolutions[receiver.key] = (stamp, resolved)
         return resolved
+
+    def compiled_filters(self, receiver: FluxObject) -> tuple[
+            CompiledFilter | str | None, dict[ObjectKey, list[CompiledFilter]] | str]:
+        """`resource_filter` and `entry_filters` together, worked out once per version of the
+        Receiver and of the cache's shape: a Receiver's every push asks for both."""
+        stamp = (receiver.resource_version, self._store.shape_version)
+        cached = self._compiled.get(receiver.key)
+        if cached is not None and cached[0] == stamp:
+            return cached[1], cached[2]
+        compiled, entries = self.resource_filter(receiver), self.entry_filters(receiver)
+        self._compiled[receiver.key] = (stamp, compiled, entries)
+        return compiled, entries
 
     def resource_filter(self, receiver: FluxObject) -> CompiledFilter | str | None:
         """The Receiver's compiled resourceFilter, None without one, or why it is invalid.

@@ -62,9 +62,9 @@ class EventsEndpoint:
 
     async def handle(self, request: Request) -> Response:
         limit = self._settings.body_limit_bytes
-        if declared_too_large(request, limit):
+        if declared_too_large(request.headers, limit):
             return self._count("too_large", error(413, "body too large"))
-        if media_type(request) != "application/json":
+        if media_type(request.headers) != "application/json":
             return self._count("unsupported_media_type",
                                error(415, "content type must be application/json"))
         try:

@@ -47,9 +47,9 @@ class FlaggerEndpoint:
     async def _call(self, request: Request) -> WebhookCall | Response:
         if not self._cfg.enabled:
             return error(404, "canaries are not enabled")
-        if declared_too_large(request, WEBHOOK_BODY_LIMIT):
+        if declared_too_large(request.headers, WEBHOOK_BODY_LIMIT):
             return error(413, "body too large")
-        if media_type(request) != "application/json":
+        if media_type(request.headers) != "application/json":
             return error(415, "content type must be application/json")
         try:
             body = await read_capped(request, WEBHOOK_BODY_LIMIT)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 from starlette.requests import ClientDisconnect, Request
@@ -31,9 +32,21 @@ def error(status: int, message: str, **extra: Any) -> JSONResponse:
     return JSONResponse({"error": message, **extra}, status_code=status)
 
 
-def declared_too_large(request: Request, limit: int) -> bool:
+def header_map(scope: Scope) -> dict[str, str]:
+    """A request's headers as a plain dict: names lower-case, the first of a repeated header
+    (as Starlette's `Headers` answers). Built once, read a dozen times by a hook request;
+    each lookup in `Headers` scans the whole list."""
+    found: dict[str, str] = {}
+    for name, value in scope["headers"]:
+        key = name.decode("latin-1").lower()
+        if key not in found:
+            found[key] = value.decode("latin-1")
+    return found
+
+
+def declared_too_large(headers: Mapping[str, str], limit: int) -> bool:
     """The Content-Length check, done before a single body byte is read."""
-    declared = request.headers.get("content-length")
+    declared = headers.get("content-length")
     if declared is None:
         return False
     try:
@@ -69,8 +82,8 @@ def whole_body(body: Signed) -> bytes:
     return body if isinstance(body, bytes) else b"".join(body)
 
 
-def media_type(request: Request) -> str:
-    return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+def media_type(headers: Mapping[str, str]) -> str:
+    return headers.get("content-type", "").split(";", 1)[0].strip().lower()
 
 
 async def client_disconnected(request: Request, exc: Exception) -> Response:

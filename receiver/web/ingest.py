@@ -16,6 +16,7 @@ import logging
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -23,7 +24,7 @@ from starlette.responses import JSONResponse, Response
 from receiver import signatures
 from receiver.config import Settings
 from receiver.delivery import marks as delivery_marks
-from receiver.delivery.marks import fresh_mark, legacy_mark_for, mark_for
+from receiver.delivery.marks import fresh_mark, marks_for
 from receiver.delivery.patches import request_value
 from receiver.delivery.reconcile import Reconciler
 from receiver.delivery.record import DeliveryRecord, encode
@@ -53,6 +54,7 @@ from receiver.web.http import (
     BodyTooLarge,
     declared_too_large,
     error,
+    header_map,
     media_type,
     read_parts,
     whole_body,
@@ -121,6 +123,7 @@ class IngestService:
         self.plans = PlanCache(cluster.store,
                                allow_cross_namespace=settings.allow_cross_namespace_refs,
                                gitea_prefixes=self.gitea_prefixes)
+        self._counters: dict[tuple[str, str], Any] = {}
         # Kubernetes Events (set by the app): told, never awaited, so no answer waits on them.
         self.events: Callable[[EventNote], None] = lambda note: None
 
@@ -155,10 +158,9 @@ class IngestService:
         return _held(verdict, body)
 
     async def _authenticate(
-        self, receiver: FluxObject, token: str, request: Request, body: signatures.Signed,
-        kind: str
+        self, receiver: FluxObject, token: str, headers: Mapping[str, str],
+        body: signatures.Signed, kind: str
     ) -> _Authenticated:
-        headers = request.headers
         result = await self._verify_off_loop(receiver, token, headers, body, kind)
         if not result.verdict.ok and result.verdict.reason == "mismatch":
             # The token may have been rotated since we cached it: read it again, once.
@@ -183,7 +185,8 @@ class IngestService:
 
     async def hook(self, request: Request) -> Response:
         limit = self.settings.body_limit_bytes
-        if declared_too_large(request, limit):
+        headers = header_map(request.scope)
+        if declared_too_large(headers, limit):
             return self._count("-", "too_large", error(413, f"body exceeds {limit} bytes"))
         if not self.cluster.synced:
             # Before the first list a real Receiver's path would look unknown: not a 404.
@@ -196,8 +199,7 @@ class IngestService:
         name = f"{receiver.namespace}/{receiver.name}"
         if receiver.suspended:
             return self._count(name, "suspended", error(503, "receiver is suspended"))
-        compiled = self.specs.resource_filter(receiver)
-        entries = self.specs.entry_filters(receiver)
+        compiled, entries = self.specs.compiled_filters(receiver)
         if isinstance(compiled, str) or isinstance(entries, str):
             # Flux marks such a Receiver Stalled (InvalidCELExpression) and answers 503.
             self.events(filter_note(receiver, "spec.resourceFilter" if isinstance(compiled, str)
@@ -210,10 +212,10 @@ class IngestService:
             parts = await read_parts(request, limit)
         except BodyTooLarge:
             return self._count(name, "too_large", error(413, f"body exceeds {limit} bytes"))
-        kind = media_type(request)
+        kind = media_type(headers)
         # Before authentication every answer is the same whatever the Receiver's type: nothing
         # about the body is judged until its signature holds.
-        auth = await self._authenticate(receiver, token, request, parts, kind)
+        auth = await self._authenticate(receiver, token, headers, parts, kind)
         verdict = auth.verdict
         if not verdict.ok:
             self.metrics.signature_failures.labels(verdict.scheme, verdict.reason).inc()
@@ -225,11 +227,11 @@ class IngestService:
             return self._count(name, "unsupported_media", error(415, UNSUPPORTED_MEDIA))
         # spec.events is matched against X-GitHub-Event alone, as Flux does (Gitea sends it with
         # every webhook); X-Gitea-Event is read below to tell a ping or another event apart.
-        refused = spec_events.refusal(receiver, request.headers.get("x-github-event", ""))
+        refused = spec_events.refusal(receiver, headers.get("x-github-event", ""))
         if refused is not None:
             return self._count(name, "event_refused", error(400, refused))
         now = self.wall_clock()
-        once = self._once(name, verdict, request, now)
+        once = self._once(name, verdict, headers, now)
         if once is not None and once.scheme_replay and once.mark in self.seen:
             return self._replayed(name, verdict)
         if not self.rate.allow(name, time.monotonic()):
@@ -238,7 +240,7 @@ class IngestService:
         token_ctx = delivery_ctx.set(once.label if once is not None else "-")
         try:
             answer = spec_events.answer_without_push(
-                receiver, spec_events.event_name(request.headers))
+                receiver, spec_events.event_name(headers))
             if answer is not None:
                 outcome = "ping" if answer["status"] == "pong" else "ignored"
                 return self._count(name, outcome, JSONResponse(answer))
@@ -246,26 +248,24 @@ class IngestService:
                 return self._duplicate(name, once)
             return await self._accept(receiver, token, name, once, auth.signed,
                                       compiled=compiled, entries=entries, request_body=(
-                                          request.headers.get("content-type", ""), body))
+                                          headers.get("content-type", ""), body))
         finally:
             delivery_ctx.reset(token_ctx)
 
-    def _once(self, name: str, verdict: signatures.Verdict, request: Request,
+    def _once(self, name: str, verdict: signatures.Verdict, headers: Mapping[str, str],
               now: float) -> _Once | None:
         """What makes this request one of a kind: its one-time signature, or Gitea's delivery
         id. Its mark is written on every object the push annotates, so a repeat is known on
         every replica, not only the one that saw the first."""
         if verdict.replay_key:
-            key = "sig:" + verdict.replay_key
-            mark = mark_for(name, key)
+            mark, legacy = marks_for(name, "sig:" + verdict.replay_key)
             return _Once(mark, verdict.replay_until, scheme_replay=True, label=mark,
-                         legacy=legacy_mark_for(name, key))
-        gitea_id = request.headers.get("x-gitea-delivery", "").strip()[:128]
+                         legacy=legacy)
+        gitea_id = headers.get("x-gitea-delivery", "").strip()[:128]
         if gitea_id:
-            key = "gitea:" + gitea_id
-            return _Once(mark_for(name, key),
-                         now + self.settings.delivery_dedupe_seconds, scheme_replay=False,
-                         label=gitea_id, gitea_id=gitea_id, legacy=legacy_mark_for(name, key))
+            mark, legacy = marks_for(name, "gitea:" + gitea_id)
+            return _Once(mark, now + self.settings.delivery_dedupe_seconds, scheme_replay=False,
+                         label=gitea_id, gitea_id=gitea_id, legacy=legacy)
         return None
 
     def _replayed(self, name: str, verdict: signatures.Verdict) -> Response:
@@ -419,5 +419,13 @@ class IngestService:
         return self._count(name, "joined", accepted_reply(delivery, delivery.plan, listed))
 
     def _count(self, receiver: str, outcome: str, response: Response) -> Response:
-        self.metrics.hook_requests.labels(receiver, outcome).inc()
+        counter = self._counters.get((receiver, outcome))
+        if counter is None:
+            # `labels()` takes a lock and builds its key on every call: look each series up
+            # once. Bounded like the series themselves (Receivers times outcomes).
+            if len(self._counters) >= 4096:
+                self._counters.clear()
+            counter = self.metrics.hook_requests.labels(receiver, outcome)
+            self._counters[(receiver, outcome)] = counter
+        counter.inc()
         return response

@@ -109,7 +109,17 @@ def test_has_follows_the_value_it_is_given_when_values_are_parsed_once() -> None
         assert dm.has({DELIVERIES_ANNOTATION: second}, "a" * 16)
     assert not dm.has({}, "a" * 16)
     assert not dm.has({DELIVERIES_ANNOTATION: ""}, "a" * 16)
-    assert dm.parse(first) is dm.parse(first)
+    assert dm.parse(first) == dm.parse(first)
+    assert dm.names(first) is dm.names(first)  # parsed once: the same set each time
+
+
+def test_merge_writes_kept_marks_as_it_formats_new_ones() -> None:
+    """A hand-edited entry comes out in the one format, and the order is newest first."""
+    hand = f"{'a' * 16}@10 {'b' * 16}@12.5 junk {'c' * 16}@11.0004"
+    out = merged({DELIVERIES_ANNOTATION: hand}, [Mark("d" * 16, 11.5)], 12.0, 60)
+    assert out == (f"{'b' * 16}@12.500 {'d' * 16}@11.500 {'c' * 16}@11.000 "
+                   f"{'a' * 16}@10.000")
+    assert [m.mark for m in dm.parse(out)] == ["b" * 16, "d" * 16, "c" * 16, "a" * 16]
 
 
 def test_marks_outlive_every_repeat_that_is_refused() -> None:
@@ -117,3 +127,38 @@ def test_marks_outlive_every_repeat_that_is_refused() -> None:
 
     assert dm.replay_window(3600) == 3600
     assert dm.replay_window(10) == 2 * TIMESTAMP_TOLERANCE_SECONDS
+
+
+# -- a value written here is merged without reading it again -----------------------------------
+
+owners = st.sampled_from(["aaaa", "bbbb", "cccc"])
+own_marks = st.builds(lambda o, rest, at: Mark(o + rest, at), owners,
+                      st.text(alphabet="0123456789abcdef", min_size=12, max_size=12),
+                      st.floats(min_value=0, max_value=1000, allow_nan=False))
+
+
+@given(st.lists(st.lists(own_marks, max_size=6), min_size=1, max_size=25),
+       st.floats(min_value=1, max_value=400), st.integers(min_value=0, max_value=3))
+def test_merging_a_value_written_here_equals_reading_it_again(
+        batches: list[list[Mark]], keep: float, bound_shift: int) -> None:
+    """Patch after patch, the quick merge of a value this process wrote gives exactly what
+    reading and writing every entry again gives (value, written, refused); small bounds make
+    refusals and marks leaving the window happen."""
+    import receiver.delivery.marks as marks_module
+
+    original = (marks_module.PER_OWNER, marks_module.MAX_ENTRIES)
+    marks_module.PER_OWNER, marks_module.MAX_ENTRIES = 3 + bound_shift, 7 + bound_shift
+    try:
+        value = ""
+        now = 0.0
+        for batch in batches:
+            now = max([now, *(m.at for m in batch)])
+            current = {DELIVERIES_ANNOTATION: value}
+            ordered = sorted(batch, key=lambda m: -m.at)
+            expected = marks_module._merge_any(current, ordered, now, keep)
+            got = dm.merge(current, batch, now, keep)
+            assert (got.value, got.written, got.refused) == (
+                expected.value, expected.written, expected.refused)
+            value = got.value
+    finally:
+        marks_module.PER_OWNER, marks_module.MAX_ENTRIES = original

@@ -168,10 +168,12 @@ async def with_gitea(bridge_factory: Any, tmp_path: Any) -> tuple[Any, Bridge]:
     fake = FakeGitea(token="gitea-api-token")
     transport, _ = gitea_transport({"gitea.example.com": fake})
     (tmp_path / "gitea").write_text("gitea-api-token")
+    # A test that makes this Gitea fail leaves statuses queued: the teardown does not give them
+    # the default 10 s to drain.
     settings = make_settings(
         gitea=[{"name": "eu", "url": "https://gitea.example.com",
                 "token": {"file": str(tmp_path / "gitea")}}],
-        statuses={"resync_interval_seconds": 3600})
+        statuses={"resync_interval_seconds": 3600}, shutdown={"flush_seconds": 0})
     bridge: Bridge = await bridge_factory(settings, transport=transport)
     return fake, bridge
 

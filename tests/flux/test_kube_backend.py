@@ -6,9 +6,12 @@ import asyncio
 import base64
 import contextlib
 import logging
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import kubernetes
@@ -742,3 +745,20 @@ async def test_with_canaries_off_neither_canaries_nor_workloads_are_read(
         await synced(cluster)
     assert fake.count("list", "canaries") == fake.count("list", "deployments") == 0
     assert fake.count("list") == len(WATCHED_KINDS)
+
+
+def test_the_backend_leaves_the_core_v1_models_unloaded() -> None:
+    """The client's `CoreV1Api` builds a pydantic model for every core/v1 type when loaded
+    (about 20 MB of every bridge's memory); the backend reads Secrets and writes Events
+    without it, through the same ApiClient (the calls themselves: the tests above)."""
+    probe = ("import sys, kubernetes\n"
+             "from receiver.flux.kube import KubeCluster\n"
+             "from receiver.flux.store import ObjectStore\n"
+             "client = kubernetes.client.ApiClient(kubernetes.client.Configuration())\n"
+             "KubeCluster(ObjectStore(lambda url: url), client)\n"
+             "print(hasattr(client, 'param_serialize'),\n"
+             "      'kubernetes.client.api.core_v1_api' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         check=True, cwd=Path(__file__).resolve().parents[2], timeout=120)
+    pydantic_client, loaded = out.stdout.split()
+    assert loaded == ("False" if pydantic_client == "True" else "True")

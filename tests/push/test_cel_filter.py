@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -269,3 +271,18 @@ async def test_without_events_every_event_is_taken(bridge_factory: Any, tmp_path
     r = await _post_gitea(bridge, "issues", {"action": "opened"})
     assert r.status_code == 200 and r.json()["status"] == "ignored"
     assert "spec.events" in r.json()["reason"]
+
+
+def test_the_cel_runtime_is_loaded_only_when_a_filter_is_compiled() -> None:
+    """Importing the CEL runtime costs about 15 MB of every bridge's memory, and most fleets have
+    no filter: the HTTP app and the filter types load without it, the first compile loads it."""
+    probe = ("import sys\n"
+             "import receiver.web.app, receiver.push.cel_worker\n"
+             "before = 'cel_expr_python' in sys.modules\n"
+             "from receiver.push.cel_filter import compile_filter\n"
+             "verdicts = compile_filter(\"res.metadata.name == 'a'\").evaluate(\n"
+             "    [{'metadata': {'name': 'a'}}, {'metadata': {'name': 'b'}}], {})\n"
+             "print(before, 'cel_expr_python' in sys.modules, verdicts)\n")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         check=True, cwd=Path(__file__).resolve().parents[2], timeout=120)
+    assert out.stdout.split("\n")[0] == "False True [True, False]"
