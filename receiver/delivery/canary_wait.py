@@ -15,11 +15,17 @@ per Canary whose workload was applied by one of the delivery's Kustomizations or
   Flagger's decision ends that wait. A commit that left the workload as it was starts no
   analysis; after `pickup_seconds` (room for the workload's watch to lag the consumer's) the
   canary's standing phase is its outcome (a canary still rolled back fails it).
+
+A canary whose workload the cache does not hold counts for the Kustomization or HelmRelease
+that applied the Canary itself, and waits for a phase newer than the deploy. Before a wait ends
+on a canary's verdict, the shell reads the canary and its workload again from the API server
+(`canary_verdicts`, `unconfirmed`): a cache behind the cluster never ends a wait.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import replace
 
 from receiver.delivery.record import DeliveryRecord
 from receiver.delivery.view import DeliveryView, Lookup, TargetView
@@ -45,12 +51,16 @@ WORKING_PHASES = frozenset(PHASES) - PROMOTED_PHASES - {FAILED, "Terminating", "
 
 def canaries_by_consumer(canaries: Iterable[FluxObject], lookup: Lookup
                          ) -> dict[ObjectKey, list[FluxObject]]:
-    """The Canaries whose target workload each consumer applied."""
+    """The Canaries whose target workload each consumer applied. A canary whose workload the
+    cache does not hold (not yet seen, or gone) counts for the consumer that applied the Canary
+    itself, if one did: it is waited for, never left out of the wait unseen."""
     out: dict[ObjectKey, list[FluxObject]] = {}
     for canary in canaries:
         target = target_of(canary)
-        workload = lookup(target) if target is not None else None
-        owner = owner_of(workload) if workload is not None else None
+        if target is None:
+            continue  # a target kind the cache does not hold: nothing can be told of it
+        workload = lookup(target)
+        owner = owner_of(workload if workload is not None else canary)
         if owner is not None:
             out.setdefault(owner, []).append(canary)
     return out
@@ -87,7 +97,11 @@ def canary_target(canary: FluxObject, consumer: TargetView, consumer_obj: FluxOb
     if phase not in PROMOTED_PHASES and phase != FAILED:
         return TargetView(key, CANARY_ROLE, SKIPPED, "CanaryTerminated",
                           f"phase {phase or 'unset'}")
-    if not fresh and (workload is None or not workload_seen(canary, workload)):
+    if not fresh and workload is None:
+        return TargetView(key, CANARY_ROLE, RECONCILING, "WaitingForFlagger",
+                          f"phase {phase} is from before the deploy and the bridge does not see "
+                          "the canary's workload: waiting for Flagger to decide again")
+    if not fresh and workload is not None and not workload_seen(canary, workload):
         # The deploy changed the workload (or the cache cannot tell): Flagger owes an analysis
         # of it, however long it takes to start. Never a verdict from an earlier release.
         return TargetView(key, CANARY_ROLE, RECONCILING, "WaitingForFlagger",
@@ -122,3 +136,19 @@ def with_canaries(view: DeliveryView, record: DeliveryRecord, canaries: Iterable
                                        now, pickup_seconds,
                                        lookup(workload_key) if workload_key else None))
     return DeliveryView((*view.targets, *added)) if added else view
+
+
+def _decided(target: TargetView) -> bool:
+    return target.role == CANARY_ROLE and target.state in (READY, FAILED_STATE)
+
+
+def canary_verdicts(view: DeliveryView) -> list[ObjectKey]:
+    """The canaries whose verdict (promoted, rolled back, no analysis) the view gives."""
+    return [t.key for t in view.targets if _decided(t)]
+
+
+def unconfirmed(view: DeliveryView, why: str) -> DeliveryView:
+    """The view with those verdicts withheld: back to `reconciling`, saying `why`."""
+    return DeliveryView(tuple(
+        replace(t, state=RECONCILING, reason="Unconfirmed", message=why) if _decided(t) else t
+        for t in view.targets))

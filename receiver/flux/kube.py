@@ -42,6 +42,7 @@ from receiver.flux.objects import (
     WATCHED_KINDS,
     FluxObject,
     ObjectKey,
+    slim,
 )
 from receiver.flux.store import ObjectStore
 from receiver.retry import Backoff
@@ -307,7 +308,7 @@ class KubeCluster:
         raw.setdefault("apiVersion", API_VERSIONS[key.kind])
         obj = FluxObject(raw)
         if self._caches(key) and not_older(obj, self.store.get(key)):
-            self.store.upsert(raw)
+            self.store.upsert(slim(raw))  # as the watch would have cached it
         return obj
 
     def _caches(self, key: ObjectKey) -> bool:

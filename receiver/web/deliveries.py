@@ -8,9 +8,11 @@ Unknown, forged and unauthorised ids look the same, so ids cannot be probed.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
+import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from starlette.requests import Request
@@ -18,17 +20,25 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from receiver import signatures
 from receiver.config import Settings
-from receiver.delivery.canary_wait import canaries_by_consumer, with_canaries
+from receiver.delivery.canary_wait import (
+    canaries_by_consumer,
+    canary_verdicts,
+    unconfirmed,
+    with_canaries,
+)
 from receiver.delivery.reconcile import Reconciler
 from receiver.delivery.record import DeliveryRecord, decode, receiver_of
 from receiver.delivery.store import DeliveryStore, describe
-from receiver.delivery.view import DeliveryView
-from receiver.flux.cluster import Cluster
-from receiver.flux.objects import API_VERSIONS, CANARY_KINDS, ObjectKey
+from receiver.delivery.view import DeliveryView, Lookup
+from receiver.flux.canary import target_of
+from receiver.flux.cluster import Cluster, ClusterError
+from receiver.flux.objects import API_VERSIONS, CANARY_KINDS, FluxObject, ObjectKey
 from receiver.push.hookindex import HookIndex
 from receiver.web.changes import ChangeFeed, watched_keys
 from receiver.web.drain import Drain
 from receiver.web.http import error
+
+log = logging.getLogger(__name__)
 
 
 class DeliveriesEndpoint:
@@ -82,8 +92,8 @@ class DeliveriesEndpoint:
         with_canaries_ = canaries == "true"
         raw_wait = request.query_params.get("wait")
         if raw_wait is None:
-            return JSONResponse(self._describe(delivery_id, record,
-                                               self._view(delivery_id, record, with_canaries_)))
+            view = await self._confirmed_view(delivery_id, record, with_canaries_)
+            return JSONResponse(self._describe(delivery_id, record, view))
         try:
             wait = min(float(raw_wait), self.settings.deliveries.max_wait_seconds)
         except ValueError:
@@ -103,16 +113,46 @@ class DeliveriesEndpoint:
                                                      timeouts.consumer_seconds)]
         return min((a for a in ahead if a > 0), default=5.0) + 0.01
 
-    def _view(self, delivery_id: str, record: DeliveryRecord,
-              canaries: bool = False) -> DeliveryView:
+    def _view(self, delivery_id: str, record: DeliveryRecord, canaries: bool = False,
+              live: Mapping[ObjectKey, FluxObject | None] | None = None) -> DeliveryView:
+        """The delivery's state from the cache; `live` objects, read from the API server, take
+        the place of their cached copies (None: the API server no longer has it)."""
         local = self.deliveries.get(delivery_id)
         view = self.reconciler.view(record, local.local if local is not None else None)
         if not canaries:
             return view
         store = self.cluster.store
         found = [c for kind in CANARY_KINDS for c in store.list(kind)]
-        return with_canaries(view, record, found, store.get, self.wall_clock(),
+        lookup: Lookup = store.get
+        if live:
+            found = [c for c in (live.get(c.key, c) for c in found) if c is not None]
+            lookup = functools.partial(_live_first, live, store.get)
+        return with_canaries(view, record, found, lookup, self.wall_clock(),
                              self.settings.deliveries.canary_pickup_seconds)
+
+    async def _confirmed_view(self, delivery_id: str, record: DeliveryRecord,
+                              canaries: bool) -> DeliveryView:
+        """The view, with any verdict Flagger's canaries give it read again from the API
+        server first: a watch that lags (or a stalled one) must not end a wait with a phase or
+        a workload the cluster has moved on from. Two reads per canary, only when the cache
+        says a canary decided; if they fail, the canary is not decided yet."""
+        view = self._view(delivery_id, record, canaries)
+        decided = canary_verdicts(view)
+        if not decided:
+            return view
+        live: dict[ObjectKey, FluxObject | None] = {}
+        try:
+            for key in decided:
+                canary = live[key] = await self.cluster.read_object(key)
+                workload = target_of(canary) if canary is not None else None
+                if workload is not None:
+                    live[workload] = await self.cluster.read_object(workload)
+        except ClusterError as exc:
+            log.warning("canary verdict not confirmed: the API server could not be read",
+                        extra={"commit": record.sha, "error": str(exc)})
+            return unconfirmed(view, "the canary's verdict could not be read again from the "
+                                     "API server; asking again")
+        return self._view(delivery_id, record, canaries, live)
 
     def _canary_keys(self, record: DeliveryRecord) -> set[ObjectKey]:
         """The canaries (and their workloads) of the delivery's consumers: their changes move
@@ -139,13 +179,15 @@ class DeliveriesEndpoint:
         with self.changes.watching(keys) as changed:
             while True:
                 changed.clear()
-                view = self._view(delivery_id, record, canaries)
+                view = await self._confirmed_view(delivery_id, record, canaries)
                 if view != last:
                     last = view
                     yield json.dumps(self._describe(delivery_id, record, view)) + "\n"
                 remaining = deadline - time.monotonic()
                 if view.settled or remaining <= 0:
-                    if not view.settled:
+                    if view.settled:
+                        _log_settled(record, view)
+                    else:
                         yield json.dumps({"delivery": delivery_id, "timeout": True,
                                           "outcome": view.outcome()}) + "\n"
                     return
@@ -156,6 +198,19 @@ class DeliveriesEndpoint:
                 # Time-outs are part of the state: look again when the next one passes.
                 await _change_or_drain(changed, drain, min(
                     remaining, self._next_deadline(record), 5.0))
+
+
+def _live_first(live: Mapping[ObjectKey, FluxObject | None], cached: Lookup,
+                key: ObjectKey) -> FluxObject | None:
+    return live[key] if key in live else cached(key)
+
+
+def _log_settled(record: DeliveryRecord, view: DeliveryView) -> None:
+    """What a waiting client was told at the end, target by target: the record to read when
+    a verdict is questioned."""
+    log.info("delivery wait settled", extra={
+        "commit": record.sha, "outcome": view.outcome(),
+        "targets": [f"{t.key} {t.role} {t.state} {t.reason}".rstrip() for t in view.targets]})
 
 
 async def _change_or_drain(changed: asyncio.Event, drain: Drain, timeout: float) -> None:

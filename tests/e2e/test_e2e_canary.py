@@ -312,8 +312,12 @@ def test_a_passing_canary_holds_at_the_gate_until_approved_in_gitea(canaries: Ca
         env.wait("the gate to refuse twice more", lambda: env.gate_answers(403) >= refused + 2,
                  60)
         assert env.phase("WaitingPromotion"), env.canary().get("status")
-        assert job.poll() is None, ("the CI job ended before the promotion",
-                                    job.communicate())
+        if job.poll() is not None:
+            out, err = job.communicate()
+            print(f"  the CI job's output:\n{out}\n{err}\n  the bridge's settled waits:")
+            for line in env.bridge.records("delivery wait settled"):
+                print(f"    {line}")
+            pytest.fail("the CI job ended before the promotion (its output is above)")
         env.timings["push -> waiting at the gate"] = time.monotonic() - started
 
         approved = time.monotonic()
