@@ -21,7 +21,8 @@ Flagger changes the phase after that apply: a canary about to run never leaves t
 fleet and environment aggregates counting it, reading `success` in that window. A commit whose
 apply left the workload as it was (a re-reconcile, a change elsewhere in the repository) runs no
 new analysis: Flagger's phase since the workload's last change is about the workload this commit
-deploys, so its verdict, progress included, is this commit's too.
+deploys, so its verdict, progress included, is this commit's too, once the shell knows the cached
+workload is the cluster's (`rests_on_workload`: read again after the apply).
 """
 
 from __future__ import annotations
@@ -189,15 +190,23 @@ def canary_verdict(canary: FluxObject, failed_check: str = "") -> Verdict | None
 WAITING_FOR_FLAGGER = Verdict(PENDING, "Canary waiting for Flagger to start the analysis")
 
 
+def rests_on_workload(canary: FluxObject, workload: FluxObject, at: float | None) -> bool:
+    """Would the verdict rest on the workload alone (the apply at `at` left it as Flagger last
+    saw it)? Then the cached workload must be the cluster's, read after that apply: a watch
+    that lags would otherwise give an earlier release's verdict to this commit."""
+    return not decided_since(canary, at) and workload_seen(canary, workload)
+
+
 def commit_verdict(canary: FluxObject, workload: FluxObject, at: float | None,
-                   failed_check: str = "") -> Verdict | None:
+                   failed_check: str = "", *, workload_current: bool = True) -> Verdict | None:
     """What the canary says about the commit its owner applied at `at` (`applied_at`; None
     when not known): its phase's verdict once Flagger changed the phase after that apply, or
-    after the workload's last change (the apply changed nothing Flagger analyses); `pending`
-    until then. None for no status (a canary going away)."""
+    after the workload's last change (the apply changed nothing Flagger analyses) provided the
+    cached workload is known to be the cluster's (`workload_current`); `pending` until then.
+    None for no status (a canary going away)."""
     if canary.status.get("phase") in GONE_PHASES:
         return None
-    if decided_since(canary, at) or workload_seen(canary, workload):
+    if decided_since(canary, at) or (workload_current and workload_seen(canary, workload)):
         return canary_verdict(canary, failed_check) or WAITING_FOR_FLAGGER
     return WAITING_FOR_FLAGGER
 

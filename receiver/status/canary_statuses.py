@@ -19,6 +19,7 @@ states only, so the named wording stays once posted.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Iterable
@@ -26,7 +27,7 @@ from collections.abc import Iterable
 from receiver.bounded import BoundedMap
 from receiver.config import Settings
 from receiver.flux.canary import FAILED, owner_of, target_of
-from receiver.flux.cluster import Cluster
+from receiver.flux.cluster import Cluster, ClusterError
 from receiver.flux.objects import (
     CANARY_KINDS,
     CONSUMER_KINDS,
@@ -44,6 +45,7 @@ from receiver.status.canaries import (
     canary_context,
     commit_verdict,
     failed_check,
+    rests_on_workload,
     waits_for_flagger,
 )
 from receiver.status.decisions import DesiredStatus, applied_commit
@@ -80,6 +82,11 @@ class CanaryStatuses:
         self.failed_checks: BoundedMap[ObjectKey, str] = BoundedMap(self.memory_size)
         # Canaries whose commit cannot be told, and why (said once per reason in the log).
         self.unknown: BoundedMap[ObjectKey, str] = BoundedMap(self.memory_size)
+        # Workload -> (resourceVersion, apply time): the API server's version read after that
+        # apply (`_workload_current`); and the reads under way.
+        self._confirmed: BoundedMap[ObjectKey, tuple[str, float | None]] = BoundedMap(
+            self.memory_size)
+        self._confirming: dict[ObjectKey, asyncio.Task[None]] = {}
         if self.enabled:
             cluster.store.subscribe(self._on_change)
 
@@ -114,14 +121,58 @@ class CanaryStatuses:
             return None
         self.unknown.pop(canary.key, None)
         found, repo = located
-        verdict = commit_verdict(canary, found.workload, applied_at(found.owner),
-                                 self.failed_checks.get(canary.key, ""))
+        at = applied_at(found.owner)
+        current = not rests_on_workload(canary, found.workload, at) or \
+            self._workload_current(found.workload, at)
+        verdict = commit_verdict(canary, found.workload, at,
+                                 self.failed_checks.get(canary.key, ""), workload_current=current)
         if verdict is None:
             return None
         context = canary_context(self._cfg.context_template, self._templates.cluster, canary,
                                  self._templates.lower)
+        if not current:
+            # A re-reconcile of the commit already shown: keep what it shows until the API
+            # server answers, rather than flip it to waiting at every Flux interval.
+            shown = self._queued.get(canary.key)
+            if shown is not None and shown[0].key == (repo.key, found.sha, context):
+                return shown[0]
         return DesiredStatus(repo.key, repo.owner, repo.name, found.sha, context,
                              verdict.state, verdict.description)
+
+    def _workload_current(self, workload: FluxObject, at: float | None) -> bool:
+        """Is the cached workload the API server's, as read after the owner's apply at `at`?
+        Asked of the API server once per apply and workload version (`_confirm`); until it
+        answers, no, and the commit waits for Flagger."""
+        if self._confirmed.get(workload.key) == (workload.resource_version, at):
+            return True
+        if workload.key not in self._confirming:
+            try:
+                task = asyncio.get_running_loop().create_task(self._confirm(workload.key, at))
+            except RuntimeError:  # no loop to read on (a synchronous caller): cannot tell
+                return False
+            self._confirming[workload.key] = task
+        return False
+
+    async def _confirm(self, key: ObjectKey, at: float | None) -> None:
+        """Read the workload from the API server (the kube backend caches the answer if newer
+        than the watch's), note its version as confirmed for the apply at `at`, and say its
+        canaries' statuses again."""
+        try:
+            live = await self._cluster.read_object(key)
+        except ClusterError as exc:
+            log.warning("canary workload not read: its commit waits for Flagger",
+                        extra={"workload": str(key), "error": str(exc)})
+            return
+        finally:
+            self._confirming.pop(key, None)
+        if live is None:
+            return
+        self._confirmed[key] = (live.resource_version, at)
+        cached = self._cluster.store.get(key)
+        if cached is not None and cached.resource_version == live.resource_version:
+            for canary in self._targeting(key):
+                self.post(canary)
+        # Otherwise the answer (or a newer watch event) changes the cache, which says them.
 
     def all_desired(self) -> Iterable[DesiredStatus]:
         """Every cached canary's status (the resync's share)."""
