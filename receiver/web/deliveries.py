@@ -32,7 +32,13 @@ from receiver.delivery.store import DeliveryStore, describe
 from receiver.delivery.view import DeliveryView, Lookup
 from receiver.flux.canary import target_of
 from receiver.flux.cluster import Cluster, ClusterError
-from receiver.flux.objects import API_VERSIONS, CANARY_KINDS, FluxObject, ObjectKey
+from receiver.flux.objects import (
+    API_VERSIONS,
+    CANARY_KINDS,
+    CANARY_WATCHED_KINDS,
+    FluxObject,
+    ObjectKey,
+)
 from receiver.push.hookindex import HookIndex
 from receiver.web.changes import ChangeFeed, watched_keys
 from receiver.web.drain import Drain
@@ -90,6 +96,11 @@ class DeliveriesEndpoint:
         if canaries == "true" and not self.settings.statuses.canaries.enabled:
             return error(400, "canaries are not enabled (statuses.canaries.enabled)")
         with_canaries_ = canaries == "true"
+        hidden = [k for k in CANARY_WATCHED_KINDS if k in self.cluster.not_permitted]
+        if with_canaries_ and hidden:
+            # Canaries it cannot see would read as none, and the wait as "promoted".
+            return error(409, "canaries cannot be followed: the bridge may not list and watch "
+                              f"{', '.join(hidden)} (RBAC; see /readyz)")
         raw_wait = request.query_params.get("wait")
         if raw_wait is None:
             view = await self._confirmed_view(delivery_id, record, with_canaries_)

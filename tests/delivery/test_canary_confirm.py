@@ -150,3 +150,23 @@ async def test_a_verdict_that_cannot_be_read_again_is_withheld(
 
 async def _answer(obj: FluxObject | None) -> FluxObject | None:
     return obj
+
+
+@pytest.mark.anyio
+async def test_canaries_the_bridge_may_not_see_are_refused_not_read_as_none(
+        bridge_factory: BridgeFactory) -> None:
+    """RBAC that leaves Canaries (or their workloads) out: the cache holds none, which a wait
+    would read as "every canary promoted". The request is refused, saying why."""
+    bridge = await bridge_factory(make_settings(statuses={"canaries": {"enabled": True}}))
+    delivery = (await _step_push(bridge, _commit(0xD0)))["delivery"]
+    bridge.cluster.not_permitted = ["Canary"]
+    for url in (f"/deliveries/{delivery}?canaries=true",
+                f"/deliveries/{delivery}?canaries=true&wait=5"):
+        refused = await bridge.client.get(url, headers=AUTH)
+        assert refused.status_code == 409, refused.text
+        assert refused.json()["error"] == (
+            "canaries cannot be followed: the bridge may not list and watch Canary (RBAC; "
+            "see /readyz)")
+    # Without canaries the delivery is followed as ever.
+    plain = await bridge.client.get(f"/deliveries/{delivery}", headers=AUTH)
+    assert plain.status_code == 200 and plain.json()["delivery"] == delivery

@@ -337,7 +337,7 @@ def test_a_passing_canary_holds_at_the_gate_until_approved_in_gitea(canaries: Ca
         env.timings["push -> CI job exit (canary promoted)"] = time.monotonic() - started
         print("  notify.sh stderr:\n    " + "\n    ".join(err.splitlines()[-8:]))
         assert job.returncode == 0, (out, err)
-        assert "every canary promoted" in err
+        assert "every canary promoted (1)" in err
         assert "Canary shop/podinfo: ready (Promoted)" in err
         env.wait_status(sha, "flux/fleet", "success", 60)
         env.wait_status(sha, "flux/env/staging", "success", 60)

@@ -628,7 +628,19 @@ def test_a_promoted_canary_ends_the_wait_deployed(scripted: Callable[..., Script
     result = run_notify(actions_env(bridge.url, "/hook/x", FLUX_BRIDGE_WAIT="30",
                                     FLUX_BRIDGE_WAIT_CANARIES="true"))
     assert result.returncode == 0, result.stderr
-    assert "every canary promoted" in result.stderr
+    assert "every canary promoted (1)" in result.stderr
+
+
+def test_a_delivery_no_canary_follows_is_not_called_promoted(
+        scripted: Callable[..., ScriptedBridge]) -> None:
+    """Asked to wait for canaries, a delivery whose workloads have none: deployed, and said
+    plainly that no canary followed it (never "every canary promoted")."""
+    bridge = scripted([(200, [_progress("ready", True, "ready")])])
+    result = run_notify(actions_env(bridge.url, "/hook/x", FLUX_BRIDGE_WAIT="30",
+                                    FLUX_BRIDGE_WAIT_CANARIES="true"))
+    assert result.returncode == 0, result.stderr
+    assert "no Flagger canary follows it" in result.stderr
+    assert "canary promoted" not in result.stderr
 
 
 def test_without_the_input_the_wait_does_not_ask_for_canaries(

@@ -364,6 +364,7 @@ canaries_query=""
 [[ $wait_canaries == true ]] && canaries_query="&canaries=true"
 outcome=in_progress
 superseded_by=""
+final_line=""
 not_found=0
 while :; do
 	printf -v now '%(%s)T' -1
@@ -393,6 +394,7 @@ while :; do
 			elif [[ $(json_field final "$line") == true || $seen == failed ]]; then
 				# A failed target settles the delivery: no need to wait for the rest.
 				final=1
+				final_line=$line
 				say "outcome: $outcome"
 				summarise_targets "$line" >&2
 			else
@@ -407,7 +409,13 @@ while :; do
 		case $outcome in
 		ready)
 			if [[ $wait_canaries == true ]]; then
-				say "deployed: every target is Ready at $sha and every canary promoted"
+				# Say what was followed: a delivery with no canary promoted none.
+				canaries=$(grep -oE '"role": ?"canary"' <<<"$final_line" | wc -l)
+				if ((canaries > 0)); then
+					say "deployed: every target is Ready at $sha and every canary promoted ($canaries)"
+				else
+					say "deployed: every target is Ready at $sha; no Flagger canary follows it"
+				fi
 			else
 				say "deployed: every target is Ready at $sha"
 			fi
