@@ -26,6 +26,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +42,7 @@ from tests.e2e.flagger_harness import (
     ReadyReplicas,
     install_flagger_crds,
 )
-from tests.e2e.realk8s import ROOT
+from tests.e2e.realk8s import ROOT, audit_policy
 
 pytestmark = pytest.mark.e2e
 
@@ -121,6 +122,7 @@ class Canaries(e2e.BridgeEnv):
     flagger: FlaggerProcess
     checks: CheckServer
     kubelet: ReadyReplicas
+    bridge_user: str = ""
     timings: dict[str, float] = field(default_factory=dict)
     commits: dict[str, str] = field(default_factory=dict)
 
@@ -186,6 +188,16 @@ class Canaries(e2e.BridgeEnv):
         return [(str(s["context"]), str(s["status"])) for s in shown
                 if s["id"] < min(ends) and s.get("context") in AGGREGATES]
 
+    def bridge_reads(self, resource: str, since: float) -> int:
+        """GETs of podinfo's `resource` (canaries, deployments) by the bridge's ServiceAccount
+        that the API server answered since `since` (unix time), from its audit log."""
+        return sum(1 for event in self.plane.audit_events()
+                   if event.get("verb") == "get"
+                   and (event.get("user") or {}).get("username") == self.bridge_user
+                   and (event.get("objectRef") or {}).get("resource") == resource
+                   and (event.get("objectRef") or {}).get("name") == "podinfo"
+                   and _unix(str(event.get("stageTimestamp", ""))) >= since)
+
     def gate_answers(self, status: int) -> int:
         return sum(1 for r in self.bridge.records("flagger gate answered")
                    if r.get("status") == status)
@@ -200,7 +212,11 @@ def canaries(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Canaries]:
         # Flagger first: a missing binary fails here with testbin's reason.
         with e2e.timed(timings, "flagger binary"):
             bin_dir, _ = e2e_peers((*E2E_BINARIES, FLAGGER))
-        plane, gitea, flux = e2e.start_peers(workdir, teardown, timings, NS, APP_NS)
+        # The API server records every read of a Canary or a Deployment: a verdict the bridge
+        # gives is read again from it first, and the test counts those reads.
+        plane, gitea, flux = e2e.start_peers(
+            workdir, teardown, timings, NS, APP_NS,
+            audit_policy=audit_policy(("flagger.app", "apps"), verbs=("get",)))
         with e2e.timed(timings, "flagger CRDs"):
             install_flagger_crds(plane)
         with e2e.timed(timings, "chart RBAC (the bridge's ServiceAccount)"):
@@ -237,7 +253,7 @@ def canaries(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Canaries]:
             flagger.start()
             teardown.append(flagger.stop)
         env = Canaries(plane, gitea, flux, bridge, workdir, tokens["actions"], flagger,
-                       checks, kubelet, timings=timings)
+                       checks, kubelet, bridge_user=user, timings=timings)
         with e2e.timed(timings, "first deploy and Flagger's initialization"):
             env.commits["initial"] = _make_shop(env, tokens)
         timings["environment total"] = time.monotonic() - started
@@ -268,6 +284,14 @@ def _make_shop(env: Canaries, tokens: dict[str, str]) -> str:
     env.wait("Flagger to initialize the canary", lambda: env.phase("Initialized"), CANARY_TIMEOUT)
     env.wait_status(sha, CANARY_CONTEXT, "success")
     return sha
+
+
+def _unix(stamp: str) -> float:
+    """An audit event's RFC 3339 time (microseconds) as unix seconds; 0 if unreadable."""
+    try:
+        return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return 0.0
 
 
 # -- the tests ---------------------------------------------------------------------------------------
@@ -321,6 +345,7 @@ def test_a_passing_canary_holds_at_the_gate_until_approved_in_gitea(canaries: Ca
         env.timings["push -> waiting at the gate"] = time.monotonic() - started
 
         approved = time.monotonic()
+        approved_at = time.time()
         env.approve(sha)
         env.wait("Flagger to promote", lambda: env.phase("Succeeded"), CANARY_TIMEOUT)
         promoted = time.monotonic() - approved
@@ -339,6 +364,10 @@ def test_a_passing_canary_holds_at_the_gate_until_approved_in_gitea(canaries: Ca
         assert job.returncode == 0, (out, err)
         assert "every canary promoted (1)" in err
         assert "Canary shop/podinfo: ready (Promoted)" in err
+        # The promotion that ended the wait was read from the API server, not the cache alone.
+        reads = {r: env.bridge_reads(r, approved_at) for r in ("canaries", "deployments")}
+        print(f"  the bridge's reads after the approval (audit log): {reads}")
+        assert reads["canaries"] >= 1 and reads["deployments"] >= 1, reads
         env.wait_status(sha, "flux/fleet", "success", 60)
         env.wait_status(sha, "flux/env/staging", "success", 60)
         assert env.badge("staging") == "deployed"
@@ -370,6 +399,7 @@ data:
   note: "not read by podinfo"
 """}, "shop: a ConfigMap podinfo does not use")
     started = time.monotonic()
+    pushed_at = time.time()
     out, err = env.notify(sha, wait=0).communicate(timeout=60)  # the push reaches Flux now
     assert "accepted as delivery" in err, (out, err)
     env.wait("the deploy", functools.partial(env.deployed, sha), DEPLOY_TIMEOUT)
@@ -381,6 +411,10 @@ data:
     now = env.canary()["status"]
     assert now.get("phase") == "Succeeded", now
     assert now.get("conditions") == promoted["status"].get("conditions"), now
+    # "The apply left the workload as it was" was read from the API server after the apply.
+    read = env.bridge_reads("deployments", pushed_at)
+    print(f"  the bridge's reads of the Deployment after the push (audit log): {read}")
+    assert read >= 1
 
 
 def test_a_failing_canary_is_rolled_back_and_fails_the_commit_and_the_ci_wait(
