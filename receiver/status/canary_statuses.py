@@ -111,7 +111,11 @@ class CanaryStatuses:
                            "Git repository to post to")
         return found, repo
 
-    def desired(self, canary: FluxObject) -> DesiredStatus | None:
+    def desired(self, canary: FluxObject, *, settled_only: bool = False) -> DesiredStatus | None:
+        """The canary's status on the commit it analyses. `settled_only` (the resync's and the
+        fleet check's reading of the cache): None rather than `pending` while the verdict
+        waits for the workload's read, so a restart does not flip settled commits to `pending`
+        and back; the read posts the verdict when it answers."""
         located = self.locate(canary)
         if isinstance(located, Unknown):
             if self.unknown.get(canary.key) != located.reason:
@@ -136,6 +140,8 @@ class CanaryStatuses:
             shown = self._queued.get(canary.key)
             if shown is not None and shown[0].key == (repo.key, found.sha, context):
                 return shown[0]
+            if settled_only:
+                return None
         return DesiredStatus(repo.key, repo.owner, repo.name, found.sha, context,
                              verdict.state, verdict.description)
 
@@ -181,7 +187,7 @@ class CanaryStatuses:
         out = []
         for kind in CANARY_KINDS:
             for canary in self._cluster.store.list(kind):
-                desired = self.desired(canary)
+                desired = self.desired(canary, settled_only=True)
                 if desired is not None:
                     out.append(desired)
         return out

@@ -3,22 +3,26 @@ on from: "the apply left the workload as it was" is read again from the API serv
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
 import pytest
 
+from receiver.flux.memory import MemoryCluster
 from receiver.flux.objects import FluxObject, ObjectKey
 from receiver.status.canaries import WAITING_FOR_FLAGGER
+from tests.fakegitea import FakeGitea
 from tests.status.test_canary_service import (
     CANARY,
     CANARY_CONTEXT,
     canary_posts,
     canary_rig,
+    canary_settings,
     flagger_objects,
     shows,
 )
-from tests.status.test_status_service import REPO, eventually
+from tests.status.test_status_service import GITEA_TOKEN, REPO, SHA, WEBAPP, eventually, rig
 
 DEPLOYMENT = ObjectKey("Deployment", "apps", "webapp")
 
@@ -67,3 +71,38 @@ async def test_a_lagging_workload_watch_never_gives_the_last_release_to_the_new_
         assert await r.service.resync_once() >= 0
         await eventually(lambda: shows(r.gitea) == ("success", "Canary promoted"))
         assert r.gitea.latest(*REPO, CANARY_CONTEXT) is not None
+
+
+@pytest.mark.anyio
+async def test_a_restart_leaves_a_settled_canary_status_alone_until_the_read_answers(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a restart nothing is queued yet, and the workload's read is slow: the resync must
+    not post `pending` over the promotion Gitea shows for the commit (and `success` after)."""
+    now = time.time()
+    gitea = FakeGitea(token=GITEA_TOKEN, clock=time.time)
+    gitea.add(*REPO, CANARY_CONTEXT, "success", "Canary promoted")
+    answer = asyncio.Event()
+    asked: list[ObjectKey] = []
+
+    def setup(cluster: MemoryCluster) -> None:
+        cluster.load(flagger_objects())
+        cluster.apply(changed_by_flux(now - 7200))
+        cluster.mark_canary(CANARY, "Succeeded", at=now - 300)
+        cluster.mark_applied(WEBAPP, f"main@sha1:{SHA}", at=now - 100)  # a re-reconcile
+
+        async def slow_read(key: ObjectKey) -> FluxObject | None:
+            asked.append(key)
+            await answer.wait()
+            return cluster.store.get(key)
+
+        monkeypatch.setattr(cluster, "read_object", slow_read)
+
+    async with rig(canary_settings(), setup=setup, fakes={"gitea.example.com": gitea}) as r:
+        assert await r.service.resync_once() >= 0
+        await eventually(lambda: DEPLOYMENT in asked)
+        await eventually(lambda: r.service.queue_depth == 0)
+        assert canary_posts(gitea) == [], gitea.posts
+        answer.set()
+        await eventually(lambda: r.service.queue_depth == 0 and not r.service.canaries._confirming)
+        assert "pending" not in canary_posts(gitea), gitea.posts
+        assert shows(gitea) == ("success", "Canary promoted")
