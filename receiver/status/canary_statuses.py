@@ -112,8 +112,8 @@ class CanaryStatuses:
         return found, repo
 
     def desired(self, canary: FluxObject, *, settled_only: bool = False) -> DesiredStatus | None:
-        """The canary's status on the commit it analyses. `settled_only` (the resync's and the
-        fleet check's reading of the cache): None rather than `pending` while the verdict
+        """The canary's status on the commit it analyses. `settled_only` (the resync's reading
+        of the cache): None rather than `pending` while the verdict
         waits for the workload's read, so a restart does not flip settled commits to `pending`
         and back; the read posts the verdict when it answers."""
         located = self.locate(canary)
@@ -180,14 +180,14 @@ class CanaryStatuses:
                 self.post(canary)
         # Otherwise the answer (or a newer watch event) changes the cache, which says them.
 
-    def all_desired(self) -> Iterable[DesiredStatus]:
-        """Every cached canary's status (the resync's share)."""
+    def all_desired(self, settled_only: bool = True) -> Iterable[DesiredStatus]:
+        """Every cached canary's status (the resync's share: `settled_only`, see `desired`)."""
         if not self.enabled:
             return []
         out = []
         for kind in CANARY_KINDS:
             for canary in self._cluster.store.list(kind):
-                desired = self.desired(canary, settled_only=True)
+                desired = self.desired(canary, settled_only=settled_only)
                 if desired is not None:
                     out.append(desired)
         return out
@@ -216,7 +216,9 @@ class CanaryStatuses:
         if not self.enabled:
             return {}
         found = [desired for desired, _ in self._queued.values()]
-        found.extend(self.all_desired())  # the cache now: what queued may not have, yet
+        # The cache now: what queued may not have, yet; a verdict still waiting for its read
+        # counts as `pending` here (counted, never posted).
+        found.extend(self.all_desired(settled_only=False))
         return {desired.context: desired.state for desired in found
                 if desired.sha == sha and desired.repo_key == repo_key}
 
