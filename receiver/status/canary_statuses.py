@@ -113,9 +113,9 @@ class CanaryStatuses:
 
     def desired(self, canary: FluxObject, *, settled_only: bool = False) -> DesiredStatus | None:
         """The canary's status on the commit it analyses. `settled_only` (the resync's reading
-        of the cache): None rather than `pending` while the verdict
-        waits for the workload's read, so a restart does not flip settled commits to `pending`
-        and back; the read posts the verdict when it answers."""
+        of the cache): None rather than `pending` while the verdict waits for the workload's
+        read, so a restart does not flip settled commits to `pending` and back; the read posts
+        the verdict when it answers."""
         located = self.locate(canary)
         if isinstance(located, Unknown):
             if self.unknown.get(canary.key) != located.reason:
