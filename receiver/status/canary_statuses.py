@@ -11,6 +11,10 @@ replica last queued for its canaries (`local`), so an aggregate never reads `suc
 canary's `pending` is still on its way to Gitea. The resync derives the same statuses from the
 cache, so a lost change or a restart is repaired.
 
+A verdict that rests on "the apply left the workload as it was" (`canaries.rests_on_workload`)
+is given only once the workload has been read from the API server after that apply (one GET
+per apply and workload version, `_workload_current`): the cache's copy may predate the apply.
+
 Which check failed is not in a Canary's status: Flagger says it only in its events. Its `event`
 webhook (`note_event`) tells this replica, which names the check in the `failure` it posts;
 another replica (or the resync) says "canary analysis failed" instead. The resync compares
