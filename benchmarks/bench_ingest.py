@@ -143,13 +143,15 @@ class Setup:
 
     def __init__(self, work: Path, repos: int = 2000, kustomizations: int = 10000,
                  receivers: int = 200, max_count: int = 10_000, workload: str = "fresh",
-                 timeout: float = 2.0, root: Path = ROOT, python: str = sys.executable) -> None:
+                 timeout: float = 2.0, root: Path = ROOT, python: str = sys.executable,
+                 receiver_for_all: bool = False) -> None:
         self.work = work
         self.root = root
         self.python = python
         self.fleet = work / "fleet"
         rtype = "generic" if workload == "fresh" else "github"
-        generate(self.fleet, repos, kustomizations, receivers, receiver_type=rtype)
+        generate(self.fleet, repos, kustomizations, receivers, receiver_type=rtype,
+                 receiver_for_all=receiver_for_all)
         self.config = work / "config.yaml"
         self.config.write_text(
             "log_level: warning\nrate_limit: {requests_per_second: 1000000000, burst: 1000000000}\n"

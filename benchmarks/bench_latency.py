@@ -7,13 +7,19 @@ Receivers; `deliveries.max_count` 10,000). Load: `oha` (cargo install oha). Firs
 rate of each endpoint (oha, 64 connections, unthrottled); then `oha -q <rate>` at each fraction
 of the **bridge's** saturation rate, the same absolute rate for both endpoints, with
 `--latency-correction` (no coordinated omission). Every request is a push of a new commit
-(`-Z`: one body per line) to one Receiver with its bearer token, so nothing joins or dedupes.
+(`-Z`: one body per line) through one hook path: the bridge's is an organisation-wide Receiver
+(`hook-all`: every GitRepository and Kustomization by label), and the bodies cycle over the
+fleet's 2,000 repositories, so nothing joins or dedupes and no object collects more than a few
+delivery marks. (Through one repository's Receiver, every push past 512 within the replay
+window is refused its mark by design, `TooManyMarks`: that measured the refusal, not a push.)
+The bridge's deliveries by outcome are printed after the runs.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import statistics
 import subprocess
@@ -22,8 +28,14 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from benchmarks.bench_ingest import Setup, stop, wait_bare, wait_ready
+import httpx
+
+from benchmarks.bench_ingest import Setup, push_body, stop, wait_bare, wait_ready
 from benchmarks.common import free_port
+from benchmarks.fleetgen import ALL_RECEIVER, ALL_TOKEN
+from receiver.signatures import hook_digest
+
+REPOS = 2000  # Setup's fleet
 
 OHA = shutil.which("oha") or str(Path.home() / ".cargo" / "bin" / "oha")
 
@@ -45,6 +57,17 @@ def oha(url: str, bodies: Path, token: str, duration: int, rate: float | None,
             "errors": sum((out.get("errorDistribution") or {}).values())}
 
 
+def delivery_outcomes(url: str) -> dict[str, float]:
+    """`gfb_deliveries_total` by outcome, from the bridge's /metrics."""
+    text = httpx.get(url, timeout=10, trust_env=False).text
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        found = re.match(r'gfb_deliveries_total\{[^}]*outcome="([^"]+)"[^}]*\} ([0-9.e+]+)$', line)
+        if found:
+            out[found.group(1)] = out.get(found.group(1), 0.0) + float(found.group(2))
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(allow_abbrev=False)
     p.add_argument("--duration", type=int, default=10)
@@ -59,12 +82,14 @@ def main() -> None:
     if not Path(OHA).exists():
         sys.exit("oha is needed: cargo install oha")
     work = Path(tempfile.mkdtemp(prefix="gfb-latency-"))
-    setup = Setup(work)
-    path, body, _ = setup.requests[0]
-    head = json.loads(body)["after"]
+    setup = Setup(work, receiver_for_all=True)
+    bridge_path = f"/hook/{hook_digest(ALL_TOKEN, ALL_RECEIVER, 'flux-system')}"
+    bare_path = setup.requests[0][0]
     bodies = work / "bodies.txt"
     with bodies.open("w") as f:
         for i in range(a.bodies):
+            body = push_body(i % REPOS, i)
+            head = json.loads(body)["after"]
             f.write(body.decode().replace(head, f"{i:040x}").replace("\n", "") + "\n")
     ports = {"bare": free_port(), "bridge": free_port()}
     procs = {"bare": setup.start_bare(ports["bare"]), "bridge": setup.start_bridge(
@@ -74,21 +99,25 @@ def main() -> None:
     try:
         wait_bare(ports["bare"])
         wait_ready(f"http://127.0.0.1:{ports['bridge']}/readyz")
-        url = {n: f"http://127.0.0.1:{port}{path}" for n, port in ports.items()}
-        sat = {n: oha(url[n], bodies, "bench-token-0", a.saturation_seconds, None, a.connections)
+        url = {"bare": f"http://127.0.0.1:{ports['bare']}{bare_path}",
+               "bridge": f"http://127.0.0.1:{ports['bridge']}{bridge_path}"}
+        token = {"bare": "bench-token-0", "bridge": ALL_TOKEN}
+        sat = {n: oha(url[n], bodies, token[n], a.saturation_seconds, None, a.connections)
                for n in ("bare", "bridge")}
         base = sat["bridge"]["rps"]
         for fraction in a.fractions:
             rate = round(base * fraction)
             for n in ("bare", "bridge"):
                 results[f"{n} {fraction:.0%}"] = {
-                    "rate": rate, **oha(url[n], bodies, "bench-token-0", a.duration, rate,
+                    "rate": rate, **oha(url[n], bodies, token[n], a.duration, rate,
                                         a.connections)}
+        outcomes = delivery_outcomes(f"http://127.0.0.1:{ports['bridge']}/metrics")
     finally:
         stop(*procs.values())
         if a.probe and (work / "probe.json").exists():
             print("probe: " + (work / "probe.json").read_text())
         shutil.rmtree(work, ignore_errors=True)
+    print(f"\nthe bridge's deliveries by outcome: {outcomes}")
     print(f"\nsaturation (oha -c{a.connections}, {a.saturation_seconds}s): bare "
           f"{sat['bare']['rps']:.0f} req/s (p99 {sat['bare']['p99']:.1f} ms), bridge "
           f"{sat['bridge']['rps']:.0f} req/s (p99 {sat['bridge']['p99']:.1f} ms); ratio "

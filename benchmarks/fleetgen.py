@@ -15,8 +15,15 @@ def repo_url(i: int) -> str:
     return f"https://{HOST}/org-{i % 50}/repo-{i}.git"
 
 
+ALL_LABEL = {"bench/all": "true"}
+ALL_RECEIVER, ALL_TOKEN = "hook-all", "bench-token-all"
+
+
 def generate(directory: Path, repos: int, kustomizations: int, receivers: int,
-             receiver_type: str = "github") -> None:
+             receiver_type: str = "github", receiver_for_all: bool = False) -> None:
+    """The fleet; `receiver_for_all` adds one more Receiver, `hook-all` (generic, token
+    `bench-token-all`), that selects every GitRepository and Kustomization by label, as an
+    organisation-wide Receiver does: pushes of every repository through one hook path."""
     directory.mkdir(parents=True, exist_ok=True)
     per_repo = max(1, kustomizations // repos)
     sources: list[dict[str, Any]] = []
@@ -25,7 +32,8 @@ def generate(directory: Path, repos: int, kustomizations: int, receivers: int,
     for i in range(repos):
         sources.append({
             "apiVersion": "source.toolkit.fluxcd.io/v1", "kind": "GitRepository",
-            "metadata": {"name": f"repo-{i}", "namespace": "flux-system"},
+            "metadata": {"name": f"repo-{i}", "namespace": "flux-system",
+                         **({"labels": ALL_LABEL} if receiver_for_all else {})},
             "spec": {"interval": "10m", "url": repo_url(i), "ref": {"branch": "main"}},
         })
     for k in range(kustomizations):
@@ -33,7 +41,8 @@ def generate(directory: Path, repos: int, kustomizations: int, receivers: int,
         consumers.append({
             "apiVersion": "kustomize.toolkit.fluxcd.io/v1", "kind": "Kustomization",
             "metadata": {"name": f"ks-{k}", "namespace": "flux-system",
-                         "labels": {"bench/receiver": str(i % receivers)}},
+                         "labels": {"bench/receiver": str(i % receivers),
+                                    **(ALL_LABEL if receiver_for_all else {})}},
             "spec": {"interval": "10m", "path": f"./clusters/region-{k // repos % per_repo}/apps",
                      "sourceRef": {"kind": "GitRepository", "name": f"repo-{i}"}},
         })
@@ -50,6 +59,17 @@ def generate(directory: Path, repos: int, kustomizations: int, receivers: int,
         hooks.append({"apiVersion": "v1", "kind": "Secret",
                       "metadata": {"name": f"hook-{r}", "namespace": "flux-system"},
                       "stringData": {"token": f"bench-token-{r}"}})
+    if receiver_for_all:
+        hooks.append({
+            "apiVersion": "notification.toolkit.fluxcd.io/v1", "kind": "Receiver",
+            "metadata": {"name": ALL_RECEIVER, "namespace": "flux-system"},
+            "spec": {"type": "generic", "secretRef": {"name": ALL_RECEIVER}, "resources": [
+                {"kind": "GitRepository", "name": "*", "matchLabels": ALL_LABEL},
+                {"apiVersion": "kustomize.toolkit.fluxcd.io/v1", "kind": "Kustomization",
+                 "name": "*", "matchLabels": ALL_LABEL}]}})
+        hooks.append({"apiVersion": "v1", "kind": "Secret",
+                      "metadata": {"name": ALL_RECEIVER, "namespace": "flux-system"},
+                      "stringData": {"token": ALL_TOKEN}})
     for name, docs in (("sources", sources), ("consumers", consumers), ("receivers", hooks)):
         (directory / f"{name}.yaml").write_text(yaml.safe_dump_all(docs, sort_keys=False))
 

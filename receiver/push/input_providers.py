@@ -245,7 +245,7 @@ def with_ref_providers(plan: Plan, event: RefEvent | None, store: ObjectStore,
                        resolved: Resolved, gitea_prefixes: frozenset[str] = frozenset()) -> Plan:
     """A push's plan with the listed input providers the pushed branch or tag changes: after
     the push's own targets (they read the Git host, not a source), the others skipped."""
-    providers = [o for o in resolved.objects(store) if o.kind == INPUT_PROVIDER_KIND]
+    providers = resolved.provider_objects(store)
     if not providers or event is None:
         return plan
     targets, skipped = route(providers, event, store, gitea_prefixes)
@@ -253,5 +253,5 @@ def with_ref_providers(plan: Plan, event: RefEvent | None, store: ObjectStore,
         plan,
         targets=(*plan.targets, *(t for _, t in sorted(targets.items()))),
         skipped=tuple(sorted((*plan.skipped, *skipped.values()), key=lambda t: t.key)),
-        unrelated=plan.unrelated - targets.keys() - skipped.keys(),
+        related=plan.related | targets.keys() | skipped.keys(),
     )

@@ -50,10 +50,17 @@ class Resolved:
     # expressions: Flux annotates such an object only when one of them is true. An object
     # also listed by an entry without a filter is not here: that entry annotates it anyway.
     entry_filters: tuple[tuple[ObjectKey, tuple[str, ...]], ...] = ()
+    # The listed input providers (a push reads them on every request: an organisation-wide
+    # Receiver lists thousands of objects, of which these are a handful).
+    providers: tuple[ObjectKey, ...] = ()
 
     def objects(self, store: ObjectStore) -> list[FluxObject]:
         """The listed objects as they are in the cache now."""
         return [o for o in (store.get(k) for k in self.ordered) if o is not None]
+
+    def provider_objects(self, store: ObjectStore) -> list[FluxObject]:
+        """The listed input providers as they are in the cache now."""
+        return [o for o in (store.get(k) for k in self.providers) if o is not None]
 
 
 def _text(value: Any) -> str:
@@ -117,4 +124,6 @@ def resolve_resources(
                                  key=lambda e: (e[1].kind not in ANNOTATE_ONLY_SOURCES, e[1])))
     entry_filters = tuple((key, tuple(exprs)) for key, exprs in filters.items()
                           if all(exprs))
-    return Resolved(tuple(found), tuple(issues), frozenset(found), annotate_only, entry_filters)
+    providers = tuple(k for k in found if k.kind == INPUT_PROVIDER_KIND)
+    return Resolved(tuple(found), tuple(issues), frozenset(found), annotate_only, entry_filters,
+                    providers)

@@ -82,22 +82,36 @@ class Plan:
     skipped: tuple[Target, ...] = field(default=())
     # Why the plan had no push to route by ("" when it had one): what the reply says.
     note: str = ""
-    # Listed objects that have nothing to do with the pushed repository. Their skip reasons
-    # are built only when asked for (`plan` prints them; the /hook reply counts them), so a
-    # Receiver that lists hundreds of objects does not cost hundreds of entries per push.
-    unrelated: frozenset[ObjectKey] = field(default=frozenset())
+    # The Receiver's listed objects, and those of them (or not) the push concerns: the rest,
+    # `unrelated`, have nothing to do with the pushed repository. Neither their skip reasons
+    # nor their set are built unless asked for (`plan` prints them; the /hook reply counts
+    # them), so a Receiver that lists thousands of objects costs no work per push for them.
+    listed: frozenset[ObjectKey] = field(default=frozenset())
+    related: frozenset[ObjectKey] = field(default=frozenset())
     # Listed objects of kinds the bridge does not route (Bucket, HelmChart, Image*...): patched
     # with Flux's annotation on every request, as Flux does, not followed. Sources first.
     annotate_only: tuple[Target, ...] = field(default=())
     # Set by `compact`: the unrelated objects counted, no longer listed.
     unrelated_count: int | None = None
 
+    @property
+    def unrelated(self) -> frozenset[ObjectKey]:
+        """Listed objects the push does not concern (built on demand: as many as listed)."""
+        return self.listed - self.related
+
+    def _unrelated_count(self) -> int:
+        if self.unrelated_count is not None:
+            return self.unrelated_count
+        # The intersection walks the smaller set: the few objects the push concerns.
+        return len(self.listed) - len(self.listed & self.related)
+
     def compact(self) -> Plan:
         """What a delivery keeps for its replies: the unrelated objects only counted (a set of
         keys per push was the largest part of a stored delivery)."""
         if self.unrelated_count is not None:
             return self
-        return replace(self, unrelated=frozenset(), unrelated_count=len(self.unrelated))
+        return replace(self, listed=frozenset(), related=frozenset(),
+                       unrelated_count=self._unrelated_count())
 
     def all_skipped(self, store: ObjectStore) -> tuple[Target, ...]:
         objs = (store.get(k) for k in self.unrelated)
@@ -124,8 +138,7 @@ class Plan:
             out["skipped"] = [t.as_dict() for t in self.all_skipped(store)]
         else:
             out["skipped"] = [t.as_dict() for t in self.skipped]
-            out["skipped_unrelated"] = (len(self.unrelated) if self.unrelated_count is None
-                                        else self.unrelated_count)
+            out["skipped_unrelated"] = self._unrelated_count()
         return out
 
 
@@ -382,13 +395,14 @@ def plan_push(
     targets = [
         _target(src, why) for key, (src, why) in matched.items() if key in listed
     ] + [t for key, t in sorted(touched.items()) if key in listed]
-    unrelated = resolved.keys - matched.keys() - touched.keys() - skipped.keys()
+    related = frozenset((*matched, *touched, *skipped))
     return Plan(
         receiver=f"{receiver.namespace}/{receiver.name}",
         targets=tuple(targets),
         # Followed are the touched consumers whose readiness at the commit can be told.
         tracked=tuple(t for key, t in sorted(touched.items()) if followable_keys.get(key, True)),
         skipped=tuple(t for _, t in sorted({**skipped, **issues}.items())),
-        unrelated=unrelated,
+        listed=resolved.keys,
+        related=related,
         annotate_only=_annotate_only(resolved, ""),
     )
