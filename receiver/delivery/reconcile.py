@@ -295,10 +295,23 @@ class Reconciler:
         due = self._grace.get((delivery.id, key))
         if due is None:
             self._grace[(delivery.id, key)] = now + grace
-            asyncio.get_running_loop().call_later(
-                grace, lambda: self._queue_evaluation((delivery.id,)))
+            asyncio.get_running_loop().call_later(grace, self._grace_over, delivery.id, key)
             return True
         return now < due
+
+    def _grace_over(self, delivery_id: str, key: ObjectKey) -> None:
+        """Evaluate the delivery once its consumer's grace is over by the clock `_in_grace`
+        reads. The loop's timer does not keep that clock: uvloop's counts whole milliseconds
+        and may fire up to one early. An evaluation then would find the consumer still in
+        its grace, and nothing would evaluate it again before the source's time-out."""
+        due = self._grace.get((delivery_id, key))
+        if due is None:
+            return  # finished or forgotten meanwhile
+        left = due - time.monotonic()
+        if left > 0:
+            asyncio.get_running_loop().call_later(left, self._grace_over, delivery_id, key)
+            return
+        self._queue_evaluation((delivery_id,))
 
     # -- deadlines: one sweeper for all deliveries, not one sleeping task each ---------------
 

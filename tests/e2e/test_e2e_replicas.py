@@ -951,6 +951,9 @@ def test_one_request_at_two_replicas_at_once_patches_each_object_once(replicas: 
     problems: list[str] = []
     totals: Counter[str] = Counter()
     hows = ("timestamped-signature", "x-gitea-delivery")
+    # Annotated this long after the push or later, the consumer waited for its source's
+    # time-out (the deadline sweep), not for its source to be Ready: a CI gate waits minutes.
+    late = env.bridge_config["reconcile"]["source_timeout_seconds"] / 2
     with httpx.Client(trust_env=False, timeout=30.0) as to_a, \
             httpx.Client(trust_env=False, timeout=30.0) as to_b:
         for round_ in range(1, RACE_ROUNDS + 1):
@@ -967,11 +970,14 @@ def test_one_request_at_two_replicas_at_once_patches_each_object_once(replicas: 
                 answers = _post_at_once([(a, to_a), (b, to_b)], hook, body, headers)
                 accepted = {str(reply["delivery"]): bridge for (status, reply, _, _), bridge
                             in zip(answers, (a, b), strict=True) if status == 202}
+                annotated_after: float | None = None
                 if accepted:
                     consumer = REPLAYED[1]
+                    posted = time.monotonic()
                     env.wait(f"round {round_}: the bridge to annotate the Kustomization",
                              lambda c=consumer, n=before[consumer][0]: env.written(*c)[0] > n,
                              DEPLOY_TIMEOUT)
+                    annotated_after = time.monotonic() - posted
             finally:
                 env.flux.resume("kustomize-controller")
             overlap = max(x[2] for x in answers) < min(x[3] for x in answers)
@@ -996,6 +1002,7 @@ def test_one_request_at_two_replicas_at_once_patches_each_object_once(replicas: 
                 for obj in REPLAYED)
             rows.append((round_, how, " ".join(str(x[0]) for x in answers),
                          "yes" if overlap else "no", ",".join(outcomes) or "-",
+                         "-" if annotated_after is None else f"{annotated_after:.1f}s",
                          f"{settled - applied_at:.2f}s before" if deployed else "NO",
                          src_ok, src_refused, ks_ok, ks_refused))
             totals.update({"rounds": 1, "in flight together": int(overlap),
@@ -1003,6 +1010,10 @@ def test_one_request_at_two_replicas_at_once_patches_each_object_once(replicas: 
                            "consumer written": ks_ok, "consumer refused": ks_refused})
             if not accepted:
                 problems.append(f"round {round_}: neither replica accepted the push: {answers}")
+            if annotated_after is not None and annotated_after >= late:
+                problems.append(f"round {round_}: the Kustomization was annotated "
+                                f"{annotated_after:.1f}s after the push: at its source's "
+                                "time-out, not once its source was Ready at the commit")
             if src_ok != 1 or ks_ok != 1:
                 problems.append(f"round {round_} ({how}): GitRepository written {src_ok} times, "
                                 f"Kustomization {ks_ok} times (once each expected)")
@@ -1013,8 +1024,8 @@ def test_one_request_at_two_replicas_at_once_patches_each_object_once(replicas: 
     print(f"  one signed push sent to {env.name(a.port)} and {env.name(b.port)} at once, "
           f"{RACE_ROUNDS} times (patches counted in the audit log):")
     print(table(rows, ["round", "request", "answers", "in flight together", "outcomes",
-                       "applied (before the answer)", "source written", "refused",
-                       "consumer written", "refused"]))
+                       "consumer annotated (after the push)", "applied (before the answer)",
+                       "source written", "refused", "consumer written", "refused"]))
     print("  totals: " + ", ".join(f"{k} {v}" for k, v in totals.items()))
     assert not problems, "\n".join(problems)
     # The race is the point: most rounds must have had both requests in flight together.
