@@ -8,8 +8,9 @@ per Canary whose workload was applied by one of the delivery's Kustomizations or
 - while its consumer is not Ready at the commit: `queued` (or `skipped`, when the consumer
   ended another way: its failure or time-out is the delivery's outcome already);
 - once it is: `reconciling` while Flagger analyses, waits for promotion or promotes; `ready`
-  when promoted, `failed` when rolled back; a phase set before the deploy (`since`: the push,
-  or the consumer's Ready transition if later) is Flagger not having noticed yet, so it waits.
+  when promoted, `failed` when rolled back; a phase not set surely after the deploy (after the
+  push and after the consumer's Ready transition, `decided_after`: a stamp in the same second
+  is not surely after) is Flagger not having noticed yet, so it waits.
   It waits without limit when the deploy changed the workload (a Flux field manager's time on
   it is not older than the phase, `flux.canary.workload_seen`) or the cache cannot tell: only
   Flagger's decision ends that wait. A commit that left the workload as it was starts no
@@ -72,6 +73,26 @@ def _progress(canary: FluxObject) -> str:
             f"{status.get('iterations', 0)}, failed checks {status.get('failedChecks', 0)}")
 
 
+def decided_after(canary: FluxObject, received: float, became_ready: float | None) -> bool:
+    """Did Flagger set the canary's phase after the push (`received`, to the millisecond) and
+    after its consumer became Ready at the commit (whole seconds)? Kubernetes stamps whole
+    seconds, and a stamp S means some time in [S, S + 1): a phase stamped in the push's second,
+    or in the second the consumer became Ready, may be from before them, so it does not count.
+    (It did once: Flagger's first rollout, stamped in the second a CI job pushed the next
+    release, ended that job's wait as "promoted".) `Initialized`, Flagger's first rollout of a
+    Canary, answers only a deploy that created the Canary: an older Canary's is about an
+    earlier release, whenever Flagger writes it."""
+    changed = epoch_seconds(phase_changed_at(canary))
+    if changed is None or changed < received:
+        return False
+    if became_ready is not None and changed <= became_ready:
+        return False
+    if canary.status.get("phase") == "Initialized":
+        created = epoch_seconds(canary.metadata.get("creationTimestamp"))
+        return created is not None and created >= received
+    return True
+
+
 def canary_target(canary: FluxObject, consumer: TargetView, consumer_obj: FluxObject | None,
                   received: float, now: float, pickup_seconds: float,
                   workload: FluxObject | None = None) -> TargetView:
@@ -89,9 +110,7 @@ def canary_target(canary: FluxObject, consumer: TargetView, consumer_obj: FluxOb
     if became_ready is not None:
         since = max(since, became_ready)
     phase = str(canary.status.get("phase", ""))
-    changed = epoch_seconds(phase_changed_at(canary))
-    # Kubernetes times have whole seconds: a transition in the push's second counts as after.
-    fresh = changed is not None and changed >= int(since)
+    fresh = decided_after(canary, received, became_ready)
     if phase in WORKING_PHASES:
         return TargetView(key, CANARY_ROLE, RECONCILING, phase, _progress(canary))
     if phase not in PROMOTED_PHASES and phase != FAILED:

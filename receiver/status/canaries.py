@@ -109,12 +109,13 @@ def applied_at(owner: FluxObject) -> float | None:
 
 
 def decided_since(canary: FluxObject, at: float | None) -> bool:
-    """Has Flagger changed the canary's phase since `at` (an apply)? Times are whole seconds:
-    a change in the same second counts as after. No time: the phase is taken as it is."""
+    """Has Flagger changed the canary's phase since `at` (an apply)? Times are whole seconds,
+    a stamp S meaning some time in [S, S + 1): a change in the apply's second may be from
+    before it, so only a later second counts. No time: the phase is taken as it is."""
     if at is None:
         return True
     changed = epoch_seconds(phase_changed_at(canary))
-    return changed is not None and changed >= int(at)
+    return changed is not None and changed > int(at)
 
 
 def decided_for(canary: FluxObject, owner: FluxObject) -> bool:

@@ -94,6 +94,39 @@ def test_while_flagger_works_it_goes_on(phase: str) -> None:
     assert judge(phase, RECEIVED + 20).state == RECONCILING
 
 
+@pytest.mark.parametrize("phase", ["Initialized", "Succeeded"])
+def test_a_phase_stamped_in_the_second_of_the_push_is_not_flaggers_answer(phase: str) -> None:
+    """Found by the whole-loop test: Flagger's first rollout was stamped in the very second the
+    CI job pushed the next release (the push at .725, the phase at .000 of that second), and
+    the wait ended "promoted" before Flagger had looked at the release."""
+    received = RECEIVED + 0.725
+    for ready_at in (RECEIVED - 3600, RECEIVED + 1):  # Ready kept from before, or new
+        same_second = canary_target(canary(phase, RECEIVED), consumer(READY),
+                                    ks_ready_at(ready_at), received, received + 1, PICKUP,
+                                    workload(RECEIVED + 1))
+        assert (same_second.state, same_second.reason) == (RECONCILING, "WaitingForFlagger")
+    # Stamped in the second the consumer became Ready: not surely after it either.
+    with_ready = canary_target(canary(phase, RECEIVED + 1), consumer(READY),
+                               ks_ready_at(RECEIVED + 1), received, received + 2, PICKUP,
+                               workload(RECEIVED + 1))
+    assert with_ready.state == RECONCILING
+
+
+def test_initialized_answers_only_the_deploy_that_created_the_canary() -> None:
+    def initialized(created: float) -> FluxObject:
+        old = canary("Initialized", RECEIVED + 20)
+        return FluxObject({**old.raw, "metadata": {**old.raw["metadata"],
+                                                   "creationTimestamp": stamp(created)}})
+
+    new = canary_target(initialized(RECEIVED + 2), consumer(READY), ks_ready_at(RECEIVED + 10),
+                        RECEIVED, RECEIVED + 30, PICKUP, workload(RECEIVED + 2))
+    assert (new.state, new.reason) == (READY, "Promoted")
+    # A Canary from an earlier release, its phase written again after this deploy.
+    older = canary_target(initialized(RECEIVED - 600), consumer(READY), ks_ready_at(RECEIVED + 10),
+                          RECEIVED, RECEIVED + 30, PICKUP, workload(RECEIVED + 2))
+    assert (older.state, older.reason) == (RECONCILING, "WaitingForFlagger")
+
+
 def test_a_status_rewrite_after_the_deploy_is_not_a_new_phase() -> None:
     # Found by the whole-loop test: Flagger rewrote the status of a canary Succeeded at the
     # last release after the next deploy, before it noticed the new revision. Only the phase's
@@ -146,7 +179,11 @@ def test_never_ready_on_a_phase_older_than_the_deploy_within_the_pickup(
     since = RECEIVED + ready_after
     if view.state == READY:
         assert state == READY and phase in ("Succeeded", "Initialized")
-        fresh = changed is not None and changed >= int(since)
+        # Surely after the push and the Ready transition, by the whole seconds Kubernetes
+        # stamps (the test's canaries are older than the push: Initialized never counts).
+        stamped = int(changed) if changed is not None else None
+        fresh = (stamped is not None and stamped >= RECEIVED and stamped > int(since)
+                 and phase != "Initialized")
         # Not decided after the deploy: only a phase newer than the workload's last change
         # by Flux stands, and only after the pickup.
         seen = changed is not None and applied is not None and int(changed) > int(applied)
@@ -234,7 +271,8 @@ async def test_the_wait_ends_when_the_canary_is_promoted_or_rolled_back(
     job = asyncio.create_task(bridge.client.get(url, headers=auth))
     await until(lambda: bridge.parts.follow.changes.waiting > 0, what="the job waiting")
     bridge.cluster.mark_canary(key, "Progressing", weight=20)
-    bridge.cluster.mark_canary(key, phase)
+    # Flagger decides at its next interval: seconds after the deploy, never in its second.
+    bridge.cluster.mark_canary(key, phase, at=time.time() + 2)
     lines = _lines((await job).text)
     assert lines[0]["outcome"] == "in_progress"
     last = lines[-1]

@@ -510,6 +510,12 @@ async def test_signed_push_annotates_exactly_the_expected_objects(
             "Kustomization apps to be annotated",
             lambda: admin.annotations("Kustomization", namespace, "apps").get(
                 RECONCILE_ANNOTATION), api=True)
+        # The API server has the patch; the bridge's cache holds it a moment later (the patch's
+        # answer or the watch event): only then does the delivery say so.
+        apps_key = ObjectKey("Kustomization", namespace, "apps")
+        await eventually("the bridge's cache to hold its patch", lambda: (
+            (cached := bridge.cluster.store.get(apps_key)) is not None
+            and cached.annotations.get(RECONCILE_ANNOTATION) == apps))
         delivery = await bridge.delivery(reply["delivery"])
         states = {(t["kind"], t["name"]): t["state"] for t in delivery["targets"]}
         assert states[("Kustomization", "apps")] in ("annotated", "reconciling"), states

@@ -78,7 +78,9 @@ def flagger_objects(labels: dict[str, str] | None = None) -> list[dict[str, Any]
 async def canary_rig(labels: dict[str, str] | None = None, **fleet: Any) -> AsyncIterator[Rig]:
     def setup(cluster: MemoryCluster) -> None:
         cluster.load(flagger_objects(labels))
-        cluster.mark_applied(WEBAPP, f"main@sha1:{SHA}")
+        # Applied a few seconds ago: Flagger's phases set now are surely after it (Kubernetes
+        # stamps whole seconds; one in the apply's second may be from before it).
+        cluster.mark_applied(WEBAPP, f"main@sha1:{SHA}", at=time.time() - 5)
 
     # Gitea stamps statuses with the wall clock the fleet check compares them with.
     gitea = FakeGitea(token=GITEA_TOKEN, clock=time.time)
@@ -196,9 +198,10 @@ async def test_the_fleet_waits_for_flagger_after_the_kustomization_succeeds() ->
         assert await r.service.resync_once() >= 0
         await eventually(lambda: r.service.queue_depth == 0 and not r.service.fleet.checks)
         assert (r.gitea.contexts(*REPO).get(FLEET), shows(r.gitea)) == ("pending", WAITING)
-        r.cluster.mark_canary(CANARY, "Progressing", weight=20)
+        # Flagger's next interval, seconds after the apply.
+        r.cluster.mark_canary(CANARY, "Progressing", weight=20, at=now + 10)
         await eventually(lambda: shows(r.gitea) == ("pending", "canary 20%, check 2/5"))
-        r.cluster.mark_canary(CANARY, "Succeeded")
+        r.cluster.mark_canary(CANARY, "Succeeded", at=now + 20)
         await eventually(lambda: r.gitea.contexts(*REPO).get(FLEET) == "success")
         assert shows(r.gitea) == ("success", "Canary promoted")
         # Gitea never showed the fleet `success` before the canary's.
