@@ -77,7 +77,6 @@ def main() -> None:
     p.add_argument("--bodies", type=int, default=4000, help="distinct commits to cycle over")
     p.add_argument("--probe", action="store_true",
                    help="run the bridge under benchmarks.probe and print its report")
-    p.add_argument("--rates", type=float, nargs="*", help="fixed rates instead of fractions")
     a = p.parse_args()
     if not Path(OHA).exists():
         sys.exit("oha is needed: cargo install oha")
