@@ -35,7 +35,7 @@ from receiver.flux.canary import (
     PHASES,
     SUCCEEDED,
     owner_of,
-    phase_changed_at,
+    phase_set_after,
     target_of,
     workload_seen,
 )
@@ -82,10 +82,8 @@ def decided_after(canary: FluxObject, received: float, became_ready: float | Non
     release, ended that job's wait as "promoted".) `Initialized`, Flagger's first rollout of a
     Canary, answers only a deploy that created the Canary: an older Canary's is about an
     earlier release, whenever Flagger writes it."""
-    changed = epoch_seconds(phase_changed_at(canary))
-    if changed is None or changed < received:
-        return False
-    if became_ready is not None and changed <= became_ready:
+    moment = received if became_ready is None else max(received, int(became_ready) + 1)
+    if not phase_set_after(canary, moment):
         return False
     if canary.status.get("phase") == "Initialized":
         created = epoch_seconds(canary.metadata.get("creationTimestamp"))

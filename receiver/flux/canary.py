@@ -81,10 +81,18 @@ def workload_changed_at(workload: FluxObject) -> str:
     return latest
 
 
+def phase_set_after(canary: FluxObject, moment: float) -> bool:
+    """Did Flagger set the canary's phase surely after `moment` (unix seconds)? Kubernetes
+    stamps whole seconds, a stamp S meaning some time in [S, S + 1): only S >= `moment` is
+    surely after it. For a moment that is itself such a stamp M, ask about M + 1: a phase set
+    in the same second may be from before it. Unknown time: no."""
+    changed = epoch_seconds(phase_changed_at(canary))
+    return changed is not None and changed >= moment
+
+
 def workload_seen(canary: FluxObject, workload: FluxObject) -> bool:
     """Has Flagger changed the canary's phase since the workload was last changed? Then its
     phase is about the workload as it is. Strictly after: in the same second Flagger may have
     looked just before the change. Unknown times: no."""
     changed = epoch_seconds(workload_changed_at(workload))
-    phase = epoch_seconds(phase_changed_at(canary))
-    return changed is not None and phase is not None and int(phase) > int(changed)
+    return changed is not None and phase_set_after(canary, int(changed) + 1)

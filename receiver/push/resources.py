@@ -56,11 +56,15 @@ class Resolved:
 
     def objects(self, store: ObjectStore) -> list[FluxObject]:
         """The listed objects as they are in the cache now."""
-        return [o for o in (store.get(k) for k in self.ordered) if o is not None]
+        return _cached(store, self.ordered)
 
     def provider_objects(self, store: ObjectStore) -> list[FluxObject]:
         """The listed input providers as they are in the cache now."""
-        return [o for o in (store.get(k) for k in self.providers) if o is not None]
+        return _cached(store, self.providers)
+
+
+def _cached(store: ObjectStore, keys: tuple[ObjectKey, ...]) -> list[FluxObject]:
+    return [o for o in (store.get(k) for k in keys) if o is not None]
 
 
 def _text(value: Any) -> str:

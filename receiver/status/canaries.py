@@ -41,7 +41,7 @@ from receiver.flux.canary import (
     SUCCEEDED,
     WAITING_PROMOTION,
     owner_of,
-    phase_changed_at,
+    phase_set_after,
     target_of,
     workload_seen,
 )
@@ -112,10 +112,7 @@ def decided_since(canary: FluxObject, at: float | None) -> bool:
     """Has Flagger changed the canary's phase since `at` (an apply)? Times are whole seconds,
     a stamp S meaning some time in [S, S + 1): a change in the apply's second may be from
     before it, so only a later second counts. No time: the phase is taken as it is."""
-    if at is None:
-        return True
-    changed = epoch_seconds(phase_changed_at(canary))
-    return changed is not None and changed > int(at)
+    return at is None or phase_set_after(canary, int(at) + 1)
 
 
 def decided_for(canary: FluxObject, owner: FluxObject) -> bool:

@@ -96,8 +96,9 @@ class DeliveriesEndpoint:
         if canaries == "true" and not self.settings.statuses.canaries.enabled:
             return error(400, "canaries are not enabled (statuses.canaries.enabled)")
         with_canaries_ = canaries == "true"
-        hidden = [k for k in CANARY_WATCHED_KINDS if k in self.cluster.not_permitted]
-        if with_canaries_ and hidden:
+        hidden = [k for k in CANARY_WATCHED_KINDS
+                  if with_canaries_ and k in self.cluster.not_permitted]
+        if hidden:
             # Canaries it cannot see would read as none, and the wait as "promoted".
             return error(409, "canaries cannot be followed: the bridge may not list and watch "
                               f"{', '.join(hidden)} (RBAC; see /readyz)")

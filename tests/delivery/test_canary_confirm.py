@@ -88,6 +88,15 @@ async def _deployed_with_a_standing_canary(bridge: Bridge) -> tuple[str, ObjectK
     return delivery, owner
 
 
+async def _standing_canary_bridge(bridge_factory: BridgeFactory
+                                  ) -> tuple[Bridge, str, ObjectKey]:
+    """A bridge following canaries, with no pickup wait, and `_deployed_with_a_standing_canary`."""
+    bridge = await bridge_factory(make_settings(
+        statuses={"canaries": {"enabled": True}}, deliveries={"canary_pickup_seconds": 0.001}))
+    delivery, owner = await _deployed_with_a_standing_canary(bridge)
+    return bridge, delivery, owner
+
+
 def _serve(bridge: Bridge, monkeypatch: pytest.MonkeyPatch,
            read: Callable[[ObjectKey], Awaitable[FluxObject | None]]) -> list[ObjectKey]:
     """The API server's answers to the bridge's GETs; returns the keys it was asked for."""
@@ -108,9 +117,7 @@ def _canary_rows(doc: dict[str, Any]) -> list[tuple[str, str]]:
 @pytest.mark.anyio
 async def test_a_verdict_the_api_server_contradicts_does_not_end_the_wait(
         bridge_factory: BridgeFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    bridge = await bridge_factory(make_settings(
-        statuses={"canaries": {"enabled": True}}, deliveries={"canary_pickup_seconds": 0.001}))
-    delivery, owner = await _deployed_with_a_standing_canary(bridge)
+    bridge, delivery, owner = await _standing_canary_bridge(bridge_factory)
     cached = bridge.cluster.store.get
     # The API server agrees with the cache: the commit left the workload as it was, so the
     # standing promotion is the canary's outcome, confirmed by a read of each.
@@ -135,9 +142,7 @@ async def test_a_verdict_the_api_server_contradicts_does_not_end_the_wait(
 @pytest.mark.anyio
 async def test_a_verdict_that_cannot_be_read_again_is_withheld(
         bridge_factory: BridgeFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    bridge = await bridge_factory(make_settings(
-        statuses={"canaries": {"enabled": True}}, deliveries={"canary_pickup_seconds": 0.001}))
-    delivery, _ = await _deployed_with_a_standing_canary(bridge)
+    bridge, delivery, _ = await _standing_canary_bridge(bridge_factory)
 
     async def unreachable(key: ObjectKey) -> FluxObject | None:
         raise ClusterError(f"reading {key}: connection refused", retryable=True)
