@@ -17,6 +17,8 @@ most `burst` writes and then one per `refill_seconds`. A series whose last write
 from __future__ import annotations
 
 import hashlib
+import heapq
+import itertools
 from collections import OrderedDict
 from dataclasses import dataclass, replace
 from typing import Literal
@@ -55,8 +57,9 @@ class EventWrite:
     last_seen: float
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class _Series:
+    key: tuple[ObjectKey, str, str]
     name: str
     note: EventNote  # the latest
     first_seen: float
@@ -64,6 +67,7 @@ class _Series:
     count: int
     written_count: int = 0  # what the API server has (0: not created yet)
     written_at: float = float("-inf")
+    due_at: float | None = None  # when its pending write is next tried (None: nothing pending)
 
 
 @dataclass(slots=True)
@@ -73,8 +77,13 @@ class _Bucket:
 
 
 class EventBook:
-    """The pending Events of the whole process. `record` is O(1) and never does I/O; a writer
-    asks `due(now)` for the writes to make."""
+    """The pending Events of the whole process. `record` never does I/O; a writer asks
+    `due(now)` for the writes to make.
+
+    Every operation costs what it touches, not what the book holds: a busy fleet keeps thousands
+    of series (one per source a push annotates), and the writer is woken by every push. Pending
+    writes wait in a heap by the time they are due; series and buckets are kept oldest first,
+    so forgetting the idle ones reads only those."""
 
     def __init__(self, *, patch_interval: float = 30.0, series_window: float = 600.0,
                  burst: int = 10, refill_seconds: float = 60.0, max_series: int = 4096) -> None:
@@ -84,7 +93,10 @@ class EventBook:
         self.refill_seconds = refill_seconds
         self.max_series = max_series
         self._series: OrderedDict[tuple[ObjectKey, str, str], _Series] = OrderedDict()
-        self._buckets: dict[ObjectKey, _Bucket] = {}
+        self._buckets: OrderedDict[ObjectKey, _Bucket] = OrderedDict()  # by last spend
+        # (due at, order of scheduling, series); an entry whose series has moved on is skipped.
+        self._pending: list[tuple[float, int, _Series]] = []
+        self._order = itertools.count()
         self.dropped = 0  # series forgotten unwritten because `max_series` was reached
 
     def __len__(self) -> int:
@@ -98,8 +110,9 @@ class EventBook:
         if series is not None and now - series.last_seen > self.series_window:
             series = None  # gone quiet long enough: a new Event
         if series is None:
-            self._series[key] = _Series(_event_name(note, now), note, now, now, 1)
+            series = self._series[key] = _Series(key, _event_name(note, now), note, now, now, 1)
             self._series.move_to_end(key)
+            self._schedule(series, now)  # a new series is created at once
             while len(self._series) > self.max_series:
                 _, old = self._series.popitem(last=False)
                 if old.written_count < old.count:
@@ -107,31 +120,47 @@ class EventBook:
             return
         series.note, series.last_seen, series.count = note, now, series.count + 1
         self._series.move_to_end(key)
+        if series.due_at is None:  # a repeat of what is written: patched an interval after
+            self._schedule(series, max(now, series.written_at + self.patch_interval))
 
-    def _spend(self, regarding: ObjectKey, now: float) -> bool:
+    def _schedule(self, series: _Series, at: float) -> None:
+        series.due_at = at
+        heapq.heappush(self._pending, (at, next(self._order), series))
+
+    def _current(self, at: float, series: _Series) -> bool:
+        """Whether a heap entry still stands for its series' pending write."""
+        return series.due_at == at and self._series.get(series.key) is series
+
+    def _spend(self, regarding: ObjectKey, now: float) -> float:
+        """Spend a token of the object's bucket: 0.0 if spent, else the seconds until one."""
         bucket = self._buckets.get(regarding)
         if bucket is None:
             bucket = self._buckets[regarding] = _Bucket(float(self.burst), now)
         bucket.tokens = min(float(self.burst),
                             bucket.tokens + (now - bucket.at) / self.refill_seconds)
         bucket.at = now
+        self._buckets.move_to_end(regarding)
         if bucket.tokens < 1.0:
-            return False
+            return (1.0 - bucket.tokens) * self.refill_seconds
         bucket.tokens -= 1.0
-        return True
+        return 0.0
 
     def due(self, now: float) -> list[EventWrite]:
         """The writes to make now (each spends its object's budget); what is not due yet, or
-        over budget, stays pending and is asked for again."""
+        over budget, stays pending and is asked for again when it can be written."""
         writes: list[EventWrite] = []
-        for series in list(self._series.values()):
+        while self._pending and self._pending[0][0] <= now:
+            at, _, series = heapq.heappop(self._pending)
+            if not self._current(at, series):
+                continue
+            series.due_at = None
             if series.written_count >= series.count:
                 continue
+            wait = self._spend(series.note.regarding, now)
+            if wait > 0.0:
+                self._schedule(series, now + wait)
+                continue
             create = series.written_count == 0
-            if not create and now - series.written_at < self.patch_interval:
-                continue
-            if not self._spend(series.note.regarding, now):
-                continue
             writes.append(EventWrite("create" if create else "patch", series.name, series.note,
                                      series.count, series.first_seen, series.last_seen))
             series.written_count, series.written_at = series.count, now
@@ -140,10 +169,9 @@ class EventBook:
 
     def next_due(self, now: float) -> float | None:
         """Seconds until a pending write may be due (None: nothing pending)."""
-        waits = [0.0 if s.written_count == 0 else
-                 max(0.0, s.written_at + self.patch_interval - now)
-                 for s in self._series.values() if s.written_count < s.count]
-        return min(waits) if waits else None
+        while self._pending and not self._current(self._pending[0][0], self._pending[0][2]):
+            heapq.heappop(self._pending)
+        return max(0.0, self._pending[0][0] - now) if self._pending else None
 
     def lost(self, write: EventWrite) -> None:
         """The API server no longer has the Event (a patch found it gone): the next
@@ -153,14 +181,22 @@ class EventBook:
             del self._series[write.note.series_key]
 
     def _forget_idle(self, now: float) -> None:
-        idle = [k for k, s in self._series.items()
-                if s.written_count >= s.count and now - s.last_seen > self.series_window]
+        # Oldest first: a series moves to the end when it recurs, so the idle ones lead.
+        idle = []
+        for key, series in self._series.items():
+            if now - series.last_seen <= self.series_window:
+                break
+            if series.written_count >= series.count:
+                idle.append(key)
         for key in idle:
             del self._series[key]
-        live = {k[0] for k in self._series}
-        for regarding in [r for r, b in self._buckets.items()
-                          if r not in live and b.tokens + (now - b.at) / self.refill_seconds
-                          >= self.burst]:
+        # A bucket full again is as good as none (a new one starts full); the oldest spends
+        # lead, and one untouched for `burst * refill_seconds` is surely full.
+        full_after = self.burst * self.refill_seconds
+        while self._buckets:
+            regarding, bucket = next(iter(self._buckets.items()))
+            if now - bucket.at < full_after:
+                break
             del self._buckets[regarding]
 
 

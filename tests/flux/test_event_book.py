@@ -97,3 +97,43 @@ def test_the_event_body_is_a_core_v1_event_and_a_repeat_patches_its_count() -> N
     assert patch.name == create.name
     assert event_body(patch, "pod-1") == {"count": 2, "lastTimestamp": "2023-11-14T22:13:25Z",
                                           "message": "second"}
+
+
+def test_an_object_over_budget_is_asked_for_when_its_next_token_is_back() -> None:
+    book = EventBook(patch_interval=0.0, burst=2, refill_seconds=60.0)
+    for reason in range(3):  # three series on one object, a budget of two
+        book.record(note(0, reason), 100.0)
+    assert len(book.due(100.0)) == 2
+    # The writer sleeps until the bucket holds a token again, not in a poll loop.
+    assert book.next_due(100.0) == 60.0
+    assert book.due(159.0) == []
+    (late,) = book.due(160.0)
+    assert late.op == "create" and late.note.reason == REASONS[2][1]
+    assert book.next_due(160.0) is None
+
+
+def test_idle_series_and_full_buckets_are_forgotten_so_the_book_stays_small() -> None:
+    book = EventBook(patch_interval=1.0, series_window=600.0, burst=10, refill_seconds=60.0)
+    many = [ObjectKey("GitRepository", "apps", f"repo-{i}") for i in range(500)]
+    for i, key in enumerate(many):
+        book.record(EventNote(key, "source.toolkit.fluxcd.io/v1", "Normal",
+                              "ReconcileRequested", "m"), float(i))
+        assert len(book.due(float(i))) == 1
+    book.record(note(0, 0), 700.0)  # a fresh series keeps what is not idle
+    assert len(book.due(700.0)) == 1
+    assert len(book) == 500 - 100 + 1  # series last seen more than 600 s before 700 are gone
+    book.due(1200.0)
+    assert len(book) == 1 and len(book._buckets) == 1  # full buckets went with them
+    # A series forgotten and heard of again is a new Event.
+    book.record(EventNote(many[0], "source.toolkit.fluxcd.io/v1", "Normal",
+                          "ReconcileRequested", "again"), 1300.0)
+    (again,) = book.due(1300.0)
+    assert again.op == "create" and again.count == 1
+
+
+def test_the_series_over_the_cap_are_dropped_oldest_first_and_counted() -> None:
+    book = EventBook(max_series=2)
+    for obj in range(3):
+        book.record(note(obj, 0), 1.0)
+    assert len(book) == 2 and book.dropped == 1
+    assert [w.note.regarding for w in book.due(1.0)] == OBJECTS[1:]
