@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -134,7 +134,11 @@ def of(annotations: Mapping[str, str]) -> tuple[Mark, ...]:
 
 def has(annotations: Mapping[str, str], mark: str) -> bool:
     value = annotations.get(DELIVERIES_ANNOTATION)
-    return bool(value) and mark in _marks(value)
+    if not value:
+        return False
+    if _written_here(value):
+        return _find(value, mark) >= 0
+    return mark in _marks(value)
 
 
 def names(value: str | None) -> frozenset[str]:
@@ -149,7 +153,29 @@ def _marks(value: str) -> frozenset[str]:
 
 def newer_than(annotations: Mapping[str, str], at: float, mine: str) -> bool:
     """Has another delivery annotated the object after `at`? (Ours is superseded.)"""
+    value = annotations.get(DELIVERIES_ANNOTATION)
+    if value and _written_here(value):
+        for mark, stamp in _leading(value):  # newest first: stop at the first not newer
+            if stamp <= at:
+                return False
+            if mark != mine:
+                return True
+        return False
     return any(stamp > at and mark != mine for mark, stamp in _entries_of(annotations))
+
+
+def added(before: str | None, after: str | None) -> frozenset[str]:
+    """The marks the value `after` holds and `before` did not (an object's value changed)."""
+    if not after:
+        return frozenset()
+    if before and _written_here(before) and _written_here(after):
+        # `merge` put the new marks in front of a prefix of `before`: only they are read.
+        head = before.find(" ")
+        at = _find(after, before[:before.index("@", 0, len(before) if head < 0 else head)])
+        if at >= 0 and before.startswith(after[at:]):
+            return frozenset(mark for mark, _ in _leading(after[:at].rstrip())
+                             if _find(before, mark) < 0)
+    return names(after) - names(before)
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,9 +185,53 @@ class Merge:
     refused: tuple[Mark, ...]  # new marks left out: their Receiver's share, or the object, is full
 
 
-# Values `merge` wrote here: canonical (`<mark>@<time with three decimals>`, newest first, each
-# mark once), so the next merge of one keeps a prefix of its text as it is (`_merge_written`).
-_WRITTEN: BoundedMap[str, None] = BoundedMap(256)
+# Values `merge` wrote in this process: canonical (`<mark>@<time with three decimals>`, newest
+# first, each mark once), so questions about one are answered by scanning its text, never
+# parsing it (a busy object's value holds hundreds of marks, and every push asked several
+# questions of it and merged it), and the next merge keeps a prefix of it as it is. Kept by
+# the string's hash (process-random SipHash, cached on the string), not the value: the values
+# of thousands of busy objects are megabytes. A hand-edited value passes for one of these only
+# by a 64-bit collision its editor cannot aim at.
+_WRITTEN: BoundedMap[tuple[int, int], None] = BoundedMap(16384)
+
+
+def _remember(value: str) -> None:
+    _WRITTEN[(hash(value), len(value))] = None
+
+
+def _written_here(value: str) -> bool:
+    return (hash(value), len(value)) in _WRITTEN
+
+
+def _find(value: str, mark: str) -> int:
+    """Where the entry of `mark` starts in a canonical value, or -1."""
+    if len(mark) != 16 or not value:
+        return -1
+    if value.startswith(mark + "@"):
+        return 0
+    at = value.find(" " + mark + "@")
+    return at + 1 if at >= 0 else -1
+
+
+def _leading(value: str) -> Iterator[tuple[str, float]]:
+    """The entries of a canonical value, read from the front only as far as asked."""
+    start = 0
+    while start < len(value):
+        end = value.find(" ", start)
+        end = len(value) if end < 0 else end
+        yield value[start:start + 16], float(value[start + 17:end])
+        start = end + 1
+
+
+def _unexpired(value: str, now: float, keep_seconds: float) -> str:
+    """A canonical value without its entries past `keep_seconds` (the oldest, at its end)."""
+    end = len(value)
+    while end > 0:
+        start = value.rfind(" ", 0, end) + 1
+        if now - float(value[start + 17:end]) <= keep_seconds:
+            break
+        end = max(start - 1, 0)
+    return value[:end]
 
 
 def merge(current: Mapping[str, str], new: Iterable[Mark], now: float,
@@ -170,36 +240,32 @@ def merge(current: Mapping[str, str], new: Iterable[Mark], now: float,
     evicted), plus the new ones that fit (`PER_OWNER`, `MAX_ENTRIES`), newest first."""
     value = current.get(DELIVERIES_ANNOTATION) or ""
     ordered = sorted(new, key=lambda m: -m.at)
-    if not value or value in _WRITTEN:
+    if not value or _written_here(value):
         quick = _merge_written(value, ordered, now, keep_seconds)
         if quick is not None:
             return quick
     merged = _merge_any(current, ordered, now, keep_seconds)
-    _WRITTEN[merged.value] = None
+    _remember(merged.value)
     return merged
 
 
 def _merge_written(value: str, ordered: list[Mark], now: float,
                    keep_seconds: float) -> Merge | None:
-    """`merge` of a value written here, newer marks only, without formatting every mark the
-    value holds again (a busy object's hundreds were, for every patch): the marks kept are a
-    prefix of the value (newest first, so those past the window are at its end) and stay as
-    they are written; the new ones go in front. None when a new mark is older than the newest
-    kept (it belongs further in: `_merge_any`)."""
-    marks, ats = _entries(value) if value else ((), ())
-    kept = len(ats)
-    while kept and now - ats[kept - 1] > keep_seconds:
-        kept -= 1
-    if kept and ordered and ordered[-1].at < ats[0]:
+    """`merge` of a value written here, newer marks only, without reading the marks the value
+    holds again (a busy object's hundreds were, for every patch): the marks kept are a prefix
+    of the value (newest first, so those past the window are at its end) and stay as they are
+    written; the new ones go in front. None when a new mark is older than the newest kept (it
+    belongs further in: `_merge_any`)."""
+    kept_text = _unexpired(value, now, keep_seconds) if value else ""
+    if kept_text and ordered and ordered[-1].at < next(_leading(kept_text))[1]:
         return None
-    kept_text = (value if kept == len(ats) else
-                 value[:value.find(marks[kept]) - 1] if kept else "")
-    seen = set(marks[:kept])
+    kept = kept_text.count(" ") + 1 if kept_text else 0
+    seen: set[str] = set()
     shares: dict[str, int] = {}
     written: list[Mark] = []
     refused: list[Mark] = []
     for entry in ordered:
-        if entry.mark in seen:
+        if entry.mark in seen or _find(kept_text, entry.mark) >= 0:
             continue
         seen.add(entry.mark)
         who = owner(entry.mark)
@@ -214,7 +280,7 @@ def _merge_written(value: str, ordered: list[Mark], now: float,
         written.append(entry)
     texts = [f"{m.mark}@{m.at:.3f}" for m in written]
     out = " ".join([*texts, kept_text] if kept_text else texts)
-    _WRITTEN[out] = None
+    _remember(out)
     return Merge(out, tuple(written), tuple(refused))
 
 

@@ -216,7 +216,7 @@ class Reconciler:
             # Only marks changed (a patch, ours or another replica's): only the deliveries
             # whose mark just appeared moved (queued -> annotated). A busy source followed by
             # thousands of deliveries must not re-evaluate them all on every patch.
-            added = delivery_marks.names(marks) - delivery_marks.names(before[1])
+            added = delivery_marks.added(before[1], marks)
             moved = [i for i in ids if (d := self._deliveries.get(i)) is not None
                      and d.record.mark in added]
             self._queue_evaluation(moved)

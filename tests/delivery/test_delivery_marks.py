@@ -162,3 +162,38 @@ def test_merging_a_value_written_here_equals_reading_it_again(
             value = got.value
     finally:
         marks_module.PER_OWNER, marks_module.MAX_ENTRIES = original
+
+
+@given(st.lists(st.lists(own_marks, max_size=6), min_size=1, max_size=25),
+       st.floats(min_value=1, max_value=400), st.lists(own_marks, max_size=4),
+       st.floats(min_value=0, max_value=1000))
+def test_a_value_written_here_answers_as_reading_every_entry_would(
+        batches: list[list[Mark]], keep: float, strangers: list[Mark], at: float) -> None:
+    """The questions every push asks of a busy object's marks (is mine there, did a later
+    delivery annotate it, which marks did this change add) are answered from the text of a
+    value written here; the answers equal those of reading every entry, patch after patch."""
+    before, now = "", 0.0
+    for batch in batches:
+        now = max([now, *(m.at for m in batch)])
+        after = dm.merge({DELIVERIES_ANNOTATION: before}, batch, now, keep).value
+        entries = dm.parse(after)
+        for probe in [*batch, *strangers, *entries]:
+            assert dm.has({DELIVERIES_ANNOTATION: after}, probe.mark) == (
+                probe.mark in {m.mark for m in entries})
+            assert dm.newer_than({DELIVERIES_ANNOTATION: after}, at, probe.mark) == any(
+                m.at > at and m.mark != probe.mark for m in entries)
+        assert dm.added(before, after) == (
+            {m.mark for m in entries} - {m.mark for m in dm.parse(before)})
+        before = after
+
+
+def test_a_hand_edited_value_is_read_entry_by_entry() -> None:
+    """A value this process did not write may be in any order, with junk: its answers come
+    from reading it whole, not from its text."""
+    hand = f"{A}@10 junk {B}@30.5 {C}@20"
+    assert dm.has({DELIVERIES_ANNOTATION: hand}, B)
+    assert not dm.has({DELIVERIES_ANNOTATION: "junk" + A + "@5"}, A)
+    assert dm.newer_than({DELIVERIES_ANNOTATION: hand}, 25.0, A)  # B, though not in front
+    assert not dm.newer_than({DELIVERIES_ANNOTATION: hand}, 30.5, A)
+    assert dm.added(hand, f"{C}@40.000 " + hand) == frozenset()
+    assert dm.added(f"{A}@10", hand) == {B, C}
