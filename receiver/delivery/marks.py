@@ -173,8 +173,10 @@ def added(before: str | None, after: str | None) -> frozenset[str]:
         head = before.find(" ")
         at = _find(after, before[:before.index("@", 0, len(before) if head < 0 else head)])
         if at >= 0 and before.startswith(after[at:]):
+            # New marks are not in the prefix kept; only the entries that left can hold one.
+            left = before[len(after) - at:]
             return frozenset(mark for mark, _ in _leading(after[:at].rstrip())
-                             if _find(before, mark) < 0)
+                             if _find(left.lstrip(), mark) < 0)
     return names(after) - names(before)
 
 
@@ -272,7 +274,8 @@ def _merge_written(value: str, ordered: list[Mark], now: float,
         share = shares.get(who)
         if share is None:
             # Each entry starts its own word: a Receiver's share is its prefix's word starts.
-            share = shares[who] = (" " + kept_text).count(" " + who) if kept_text else 0
+            share = shares[who] = (kept_text.count(" " + who)
+                                   + kept_text.startswith(who)) if kept_text else 0
         if share >= PER_OWNER or kept + len(written) >= MAX_ENTRIES:
             refused.append(entry)
             continue

@@ -157,11 +157,12 @@ class PatchCoalescer:
                     obj = await self._cluster.read_object(key)
                     if obj is None:
                         raise NotFound(f"{key} not found")
-                missing = [m for m in marks if not delivery_marks.has(obj.annotations, m.mark)]
-                if not missing:
-                    return PatchOutcome(True, already=True)
-                merge = delivery_marks.merge(obj.annotations, missing, time.time(),
+                # A mark the object holds already (another replica's patch for the same
+                # request, or a replay) is neither written nor refused.
+                merge = delivery_marks.merge(obj.annotations, marks, time.time(),
                                              self._keep_marks)
+                if not merge.written and not merge.refused:
+                    return PatchOutcome(True, already=True)
                 refused = frozenset(m.mark for m in merge.refused)
                 if refused:
                     self._metrics.annotate_errors.labels(key.kind, "marks_full").inc()
