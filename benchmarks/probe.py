@@ -34,9 +34,22 @@ class Probe:
         self.lag: list[float] = []
         self.timed: dict[str, list[float]] = {}
         self.started = time.monotonic()
+        self.full_walks: list[int] = []  # objects a full collection walked, each time
+        self.full_kinds: dict[str, int] = {}  # ... by type, at the last one
+        self.full_kinds_each: list[dict[str, int]] = []
 
     def on_gc(self, phase: str, info: dict[str, Any]) -> None:
         if phase == "start":
+            if info["generation"] == 2:  # what a full collection walks (outside its pause)
+                walked = gc.get_objects(generation=2) + gc.get_objects(generation=1)
+                self.full_walks.append(len(walked))
+                kinds: dict[str, int] = {}
+                for obj in walked:
+                    kinds[type(obj).__name__] = kinds.get(type(obj).__name__, 0) + 1
+                self.full_kinds = dict(sorted(kinds.items(), key=lambda kv: -kv[1])[:15])
+                self.full_kinds_each.append({k: kinds.get(k, 0) for k in (
+                    "FluxObject", "SourceRef", "ObjectKey", "dict", "DeliveryRecord", "Delivery")})
+                del walked
             self._gc_start = time.perf_counter()
         else:
             self.gc_pauses[info["generation"]].append(time.perf_counter() - self._gc_start)
@@ -84,6 +97,9 @@ class Probe:
             "gc": {f"gen{g}": summary(v) for g, v in self.gc_pauses.items()},
             "gc_threshold": gc.get_threshold(),
             "gc_frozen": gc.get_freeze_count(),
+            "gc_full_walks": self.full_walks,
+            "gc_full_kinds": self.full_kinds,
+            "gc_full_kinds_each": self.full_kinds_each,
             "loop_lag": summary(self.lag),
             "loop_lag_over_ms": {str(ms): sum(1 for v in self.lag if v * 1000 > ms)
                                  for ms in (1, 5, 10, 20, 50)},
