@@ -12,13 +12,18 @@ of the **bridge's** saturation rate, the same absolute rate for both endpoints, 
 fleet's 2,000 repositories, so nothing joins or dedupes and no object collects more than a few
 delivery marks. (Through one repository's Receiver, every push past 512 within the replay
 window is refused its mark by design, `TooManyMarks`: that measured the refusal, not a push.)
-The bridge's deliveries by outcome are printed after the runs.
+The bridge's deliveries by outcome are printed after the runs, and for each fixed rate the
+bridge's CPU per push: its process CPU time over the run (background work included: patches,
+evaluations, time-outs, Events) divided by the pushes answered, which a saturation burst hides
+(work a push leaves behind runs after the burst). `--bridge-root` runs the bridge from another
+checkout (before/after with the same script).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import statistics
@@ -68,6 +73,12 @@ def delivery_outcomes(url: str) -> dict[str, float]:
     return out
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(allow_abbrev=False)
     p.add_argument("--duration", type=int, default=10)
@@ -75,13 +86,16 @@ def main() -> None:
     p.add_argument("--fractions", type=float, nargs="+", default=[0.25, 0.5, 0.75])
     p.add_argument("--connections", type=int, default=64)
     p.add_argument("--bodies", type=int, default=4000, help="distinct commits to cycle over")
+    p.add_argument("--bridge-root", type=Path, default=None,
+                   help="run the bridge from this checkout (default: this one)")
     p.add_argument("--probe", action="store_true",
                    help="run the bridge under benchmarks.probe and print its report")
     a = p.parse_args()
     if not Path(OHA).exists():
         sys.exit("oha is needed: cargo install oha")
     work = Path(tempfile.mkdtemp(prefix="gfb-latency-"))
-    setup = Setup(work, receiver_for_all=True)
+    setup = Setup(work, receiver_for_all=True,
+                  **({"root": a.bridge_root.resolve()} if a.bridge_root else {}))
     bridge_path = f"/hook/{hook_digest(ALL_TOKEN, ALL_RECEIVER, 'flux-system')}"
     bare_path = setup.requests[0][0]
     bodies = work / "bodies.txt"
@@ -107,9 +121,12 @@ def main() -> None:
         for fraction in a.fractions:
             rate = round(base * fraction)
             for n in ("bare", "bridge"):
+                before = cpu_seconds(procs[n].pid)
+                run = oha(url[n], bodies, token[n], a.duration, rate, a.connections)
+                used = cpu_seconds(procs[n].pid) - before
                 results[f"{n} {fraction:.0%}"] = {
-                    "rate": rate, **oha(url[n], bodies, token[n], a.duration, rate,
-                                        a.connections)}
+                    "rate": rate, **run,
+                    "cpu_us_per_push": used / max(1.0, run["rps"] * a.duration) * 1e6}
         outcomes = delivery_outcomes(f"http://127.0.0.1:{ports['bridge']}/metrics")
     finally:
         stop(*procs.values())
@@ -122,15 +139,16 @@ def main() -> None:
           f"{sat['bridge']['rps']:.0f} req/s (p99 {sat['bridge']['p99']:.1f} ms); ratio "
           f"{sat['bridge']['rps'] / sat['bare']['rps']:.2f}\n")
     print("| rate (share of bridge saturation) | endpoint | achieved req/s | p50 ms | p99 ms "
-          "| p99.9 ms | p99 / bare p99 | non-2xx |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
+          "| p99.9 ms | p99 / bare p99 | non-2xx | CPU µs per request |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for fraction in a.fractions:
         bare = results[f"bare {fraction:.0%}"]
         for n in ("bare", "bridge"):
             r = results[f"{n} {fraction:.0%}"]
             ratio = r["p99"] / bare["p99"] if bare["p99"] else float("nan")
             print(f"| {r['rate']} ({fraction:.0%}) | {n} | {r['rps']:.0f} | {r['p50']:.2f} | "
-                  f"{r['p99']:.2f} | {r['p999']:.2f} | {ratio:.2f} | {r['non2xx'] + r['errors']} |")
+                  f"{r['p99']:.2f} | {r['p999']:.2f} | {ratio:.2f} | {r['non2xx'] + r['errors']} | "
+                  f"{r['cpu_us_per_push']:.0f} |")
     print("JSON " + json.dumps({"saturation": sat, "fixed": results,
                                 "median_p99_ratio": statistics.median(
                                     results[f"bridge {f:.0%}"]["p99"] / results[f"bare {f:.0%}"]["p99"]
