@@ -25,7 +25,7 @@ class EventRecorder:
     def __init__(self, write: Writer, book: EventBook | None = None, *,
                  clock: Callable[[], float] = time.time) -> None:
         self._write = write
-        self.book = book or EventBook()
+        self.book = book if book is not None else EventBook()  # an empty book is falsy
         self._clock = clock
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None

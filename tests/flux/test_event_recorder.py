@@ -1,0 +1,51 @@
+"""The Events writer: a new Event is written at once, and repeats are patched on the interval
+of the book it was given."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from receiver.flux.event_book import EventBook, EventNote, EventWrite
+from receiver.flux.objects import ObjectKey
+from receiver.flux.recorder import EventRecorder
+from tests.conftest import until
+
+pytestmark = pytest.mark.anyio
+
+SOURCE = ObjectKey("GitRepository", "apps", "podinfo")
+
+
+def requested(message: str) -> EventNote:
+    return EventNote(SOURCE, "source.toolkit.fluxcd.io/v1", "Normal", "ReconcileRequested",
+                     message)
+
+
+async def test_repeats_are_patched_on_the_interval_of_the_book_given() -> None:
+    writes: list[EventWrite] = []
+
+    async def write(w: EventWrite) -> None:
+        writes.append(w)
+
+    # Empty, so falsy: it must still be the book used (not a default one, patched at 30 s).
+    book = EventBook(patch_interval=0.5)
+    recorder = EventRecorder(write, book)
+    await recorder.start()
+    try:
+        recorder.emit(requested("push 0"))
+        await until(lambda: writes, what="the create")
+        for i in range(1, 200):  # pushes arrive in turns of the loop of their own
+            recorder.emit(requested(f"push {i}"))
+            await asyncio.sleep(0)
+        assert writes[0].op == "create" and len(writes) == 1
+        (patch,) = await until(lambda: writes[1:], what="the patch after the interval")
+        assert (patch.op, patch.count, patch.note.message) == ("patch", 200, "push 199")
+        assert patch.name == writes[0].name
+        # A new series still wakes it at once.
+        recorder.emit(EventNote(SOURCE, "source.toolkit.fluxcd.io/v1", "Warning",
+                                "PushMatchedNothing", "nothing"))
+        (warning,) = await until(lambda: writes[2:], what="the new Event")
+        assert warning.op == "create" and warning.note.reason == "PushMatchedNothing"
+    finally:
+        await recorder.stop()
