@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import shutil
 import statistics
@@ -36,7 +35,7 @@ from typing import Any
 import httpx
 
 from benchmarks.bench_ingest import Setup, push_body, stop, wait_bare, wait_ready
-from benchmarks.common import free_port
+from benchmarks.common import cpu_seconds, free_port
 from benchmarks.fleetgen import ALL_RECEIVER, ALL_TOKEN
 from receiver.signatures import hook_digest
 
@@ -71,12 +70,6 @@ def delivery_outcomes(url: str) -> dict[str, float]:
         if found:
             out[found.group(1)] = out.get(found.group(1), 0.0) + float(found.group(2))
     return out
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process, from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def main() -> None:

@@ -63,6 +63,7 @@ from typing import Any
 
 import httpx
 
+from benchmarks.common import cpu_seconds
 from receiver import signatures as sig
 from tests.e2e.e2e_harness import BridgeProcess, FluxControllers, ensure_binaries, rss_kib
 from tests.e2e.realk8s import ControlPlane, wait_until
@@ -213,11 +214,6 @@ def tally(calls: Counter[tuple[str, str, str]], user: str) -> tuple[int, int, di
         elif verb in ("get", "list"):
             reads += count
     return writes, reads, dict(by_object)
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 @contextmanager

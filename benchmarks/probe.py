@@ -35,8 +35,7 @@ class Probe:
         self.timed: dict[str, list[float]] = {}
         self.started = time.monotonic()
         self.full_walks: list[int] = []  # objects a full collection walked, each time
-        self.full_kinds: dict[str, int] = {}  # ... by type, at the last one
-        self.full_kinds_each: list[dict[str, int]] = []
+        self.full_kinds: list[dict[str, int]] = []  # ... the most numerous types, each time
 
     def on_gc(self, phase: str, info: dict[str, Any]) -> None:
         if phase == "start":
@@ -46,9 +45,7 @@ class Probe:
                 kinds: dict[str, int] = {}
                 for obj in walked:
                     kinds[type(obj).__name__] = kinds.get(type(obj).__name__, 0) + 1
-                self.full_kinds = dict(sorted(kinds.items(), key=lambda kv: -kv[1])[:15])
-                self.full_kinds_each.append({k: kinds.get(k, 0) for k in (
-                    "FluxObject", "SourceRef", "ObjectKey", "dict", "DeliveryRecord", "Delivery")})
+                self.full_kinds.append(dict(sorted(kinds.items(), key=lambda kv: -kv[1])[:15]))
                 del walked
             self._gc_start = time.perf_counter()
         else:
@@ -99,7 +96,6 @@ class Probe:
             "gc_frozen": gc.get_freeze_count(),
             "gc_full_walks": self.full_walks,
             "gc_full_kinds": self.full_kinds,
-            "gc_full_kinds_each": self.full_kinds_each,
             "loop_lag": summary(self.lag),
             "loop_lag_over_ms": {str(ms): sum(1 for v in self.lag if v * 1000 > ms)
                                  for ms in (1, 5, 10, 20, 50)},

@@ -170,8 +170,7 @@ def added(before: str | None, after: str | None) -> frozenset[str]:
         return frozenset()
     if before and _written_here(before) and _written_here(after):
         # `merge` put the new marks in front of a prefix of `before`: only they are read.
-        head = before.find(" ")
-        at = _find(after, before[:before.index("@", 0, len(before) if head < 0 else head)])
+        at = _find(after, before[:16])  # where the old value's newest entry is now
         if at >= 0 and before.startswith(after[at:]):
             # New marks are not in the prefix kept; only the entries that left can hold one.
             left = before[len(after) - at:]

@@ -154,8 +154,6 @@ class EventBook:
             if not self._current(at, series):
                 continue
             series.due_at = None
-            if series.written_count >= series.count:
-                continue
             wait = self._spend(series.note.regarding, now)
             if wait > 0.0:
                 self._schedule(series, now + wait)
