@@ -48,6 +48,19 @@ def push_body(repo: int, seq: int) -> bytes:
             return body
 
 
+# The part of both scripts that makes each request's delivery id (and, fresh, its commit) one
+# of a kind: a counter per thread, the thread's number and the run's nonce. setup() runs in
+# the main Lua state and numbers the threads; thread:set() makes the number a global of that
+# thread's own state, which request() reads (a local `tid` would read 0 in every thread, and
+# two threads would send the same ids and commits: joins and duplicates, not pushes).
+_LUA_THREADS = """local i = 0
+local threads = 0
+local nonce = "00000000"
+setup = function(thread) threads = threads + 1; thread:set("tid", threads) end
+init = function(args) if args[1] then nonce = args[1] end end
+"""
+
+
 def lua_script(requests: list[tuple[str, bytes, str]]) -> str:
     entries = ",\n".join(
         f'{{path="{p}", sig="{s}", body=[==[{b.decode()}]==]}}' for p, b, s in requests)
@@ -55,12 +68,7 @@ def lua_script(requests: list[tuple[str, bytes, str]]) -> str:
 local reqs = {{
 {entries}
 }}
-local i = 0
-local tid = 0
-local nonce = "00000000"
-setup = function(thread) tid = tid + 1; thread:set("tid", tid) end
-init = function(args) if args[1] then nonce = args[1] end end
-request = function()
+{_LUA_THREADS}request = function()
   i = i + 1
   local r = reqs[(i % #reqs) + 1]
   local headers = {{}}
@@ -86,12 +94,7 @@ def fresh_lua_script(requests: list[tuple[str, list[bytes], str]]) -> str:
 local reqs = {{
 {entries}
 }}
-local i = 0
-local tid = 0
-local nonce = "00000000"
-setup = function(thread) tid = tid + 1; thread:set("tid", tid) end
-init = function(args) if args[1] then nonce = args[1] end end
-request = function()
+{_LUA_THREADS}request = function()
   i = i + 1
   local r = reqs[(i % #reqs) + 1]
   local sha = nonce .. string.format("%02x%030d", tid, i)
