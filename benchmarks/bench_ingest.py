@@ -19,6 +19,7 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 from benchmarks.common import free_port, parse_wrk, rss_mb
 from benchmarks.fleetgen import HOST, generate
@@ -226,6 +227,9 @@ def main() -> None:
     p.add_argument("--baseline", action="append", default=[], metavar="NAME=DIR[:PYTHON]",
                    help="also run the bridge from this checkout (e.g. a release) in each round, "
                         "with its own interpreter (default DIR/.venv/bin/python); repeatable")
+    p.add_argument("--probe", action="store_true",
+                   help="run this checkout's bridge under benchmarks.probe and print what the "
+                        "server saw of each request, beside wrk's latency")
     a = p.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("wrk is needed: apt-get install -y wrk")
@@ -233,7 +237,10 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="gfb-bench-"))
     setup = Setup(work, a.repos, a.kustomizations, a.receivers, a.max_count, a.workload, a.timeout)
     ports = {"bare": free_port(), "bridge": free_port()}
-    procs = {"bare": setup.start_bare(ports["bare"]), "bridge": setup.start_bridge(ports["bridge"])}
+    probe_out = work / "probe.json"
+    procs = {"bare": setup.start_bare(ports["bare"]), "bridge": setup.start_bridge(
+        ports["bridge"], module="benchmarks.probe" if a.probe else "receiver.cli",
+        env={"PROBE_OUT": str(probe_out)} if a.probe else None)}
     baselines = []
     for spec in a.baseline:
         name, _, where = spec.partition("=")
@@ -267,6 +274,7 @@ def main() -> None:
                 metrics[n] = r.read().decode()
     finally:
         stop(*procs.values())
+        probe = json.loads(probe_out.read_text()) if a.probe and probe_out.exists() else None
         shutil.rmtree(work, ignore_errors=True)
 
     def med(name: str, key: str) -> float:
@@ -298,7 +306,23 @@ def main() -> None:
         print(f"{n}: pushes accepted {accepted:.0f}; GitRepository patches {annotated:.0f} over "
               f"{a.receivers} sources in {seconds} s = "
               f"{annotated / a.receivers / seconds:.2f} per object per second")
+    if probe is not None:
+        print_probe(probe)
     print("JSON " + json.dumps({n: rounds[n] for n in names}))
+
+
+def print_probe(probe: dict[str, Any]) -> None:
+    """What the bridge saw of its requests over all rounds (`benchmarks.probe`), in ms."""
+    print("\nthe bridge, as the server saw it (all rounds; ms):")
+    for label, summary in probe["timed"].items():
+        if label.startswith("HTTP"):
+            print(f"  {label}: n {summary['count']}, p50 {summary.get('p50_ms')}, "
+                  f"p99 {summary.get('p99_ms')}, p99.9 {summary.get('p999_ms')}, "
+                  f"max {summary.get('max_ms')}")
+    lag = probe["loop_lag"]
+    print(f"  event-loop lag: p99 {lag.get('p99_ms')}, max {lag.get('max_ms')}; full "
+          f"collections {probe['gc']['gen2'].get('count')}, longest "
+          f"{probe['gc']['gen2'].get('max_ms')}")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,12 @@ Probes, all written to `PROBE_OUT` as JSON when the server stops:
 - watch handling: time in `ObjectStore.upsert` with its listeners (what a watch event or an
   in-memory patch costs on the loop) and in the reconciler's evaluation of a delivery;
 - threads: CPU seconds per thread from /proc (the Kubernetes client's watch threads and the
-  `asyncio.to_thread` pool that sends patches and reads Secrets).
+  `asyncio.to_thread` pool that sends patches and reads Secrets);
+- HTTP, as the server sees it: each request from the parser's first byte of it to its last
+  byte handed to the socket ("request cycle"), and on each connection the time from one
+  response to the next request's first byte ("between requests": the way back to the client,
+  its turn, and the way in). A load generator's latency that both leave unexplained was spent
+  in the generator or the kernel, not in the bridge.
 """
 
 from __future__ import annotations
@@ -121,6 +126,33 @@ def thread_cpu() -> dict[str, float]:
     return out
 
 
+def time_http(probe: Probe) -> None:
+    """Time each request as uvicorn's httptools protocol sees it (see the module's docstring)."""
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    cycles = probe.timed.setdefault("HTTP request cycle (first byte in to last byte out)", [])
+    between = probe.timed.setdefault("HTTP between requests on a connection", [])
+    began = HttpToolsProtocol.on_message_begin
+    completed = HttpToolsProtocol.on_response_complete
+
+    def on_message_begin(self: Any) -> None:
+        now = time.perf_counter()
+        last = getattr(self, "_probe_done", None)
+        if last is not None:
+            between.append(now - last)
+        self._probe_begun = now
+        began(self)
+
+    def on_response_complete(self: Any) -> None:
+        now = time.perf_counter()
+        cycles.append(now - self._probe_begun)
+        self._probe_done = now
+        completed(self)
+
+    HttpToolsProtocol.on_message_begin = on_message_begin  # type: ignore[method-assign]
+    HttpToolsProtocol.on_response_complete = on_response_complete  # type: ignore[method-assign]
+
+
 def install() -> Probe:
     probe = Probe()
     gc.callbacks.append(probe.on_gc)
@@ -140,6 +172,7 @@ def install() -> Probe:
     probe.wrap(plan_cache, "plan_selection", "routing.plan_selection (plan cache miss)")
     probe.wrap(ingest_module, "encode", "delivery id encode")
     probe.wrap(HookIndex, "lookup_or_refresh", "hook lookup")
+    time_http(probe)
     startup = DrainingServer.startup
 
     async def startup_with_heartbeat(self: Any, *args: Any, **kwargs: Any) -> Any:
