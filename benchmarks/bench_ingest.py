@@ -185,11 +185,12 @@ class Setup:
              str(self.config), "--port", str(port)],
             env={**self.env, "PYTHONPATH": str(self.root), **(env or {})}, cwd=self.root)
 
-    def start_bare(self, port: int) -> subprocess.Popen[bytes]:
+    def start_bare(self, port: int, spin_us: int = 0) -> subprocess.Popen[bytes]:
         return subprocess.Popen(
             [sys.executable, "-m", "uvicorn", "benchmarks.bare_app:app", "--port", str(port),
              "--loop", "uvloop", "--http", "httptools", "--no-access-log", "--log-level",
-             "warning"], env={**self.env, "BARE_TOKEN": "bench-token-0"}, cwd=ROOT)
+             "warning"], env={**self.env, "BARE_TOKEN": "bench-token-0",
+                              "BARE_SPIN_US": str(spin_us)}, cwd=ROOT)
 
 
 def wait_bare(port: int, timeout: float = 30) -> None:
@@ -227,6 +228,10 @@ def main() -> None:
     p.add_argument("--baseline", action="append", default=[], metavar="NAME=DIR[:PYTHON]",
                    help="also run the bridge from this checkout (e.g. a release) in each round, "
                         "with its own interpreter (default DIR/.venv/bin/python); repeatable")
+    p.add_argument("--control-us", type=int, default=0, metavar="N",
+                   help="also run the bare endpoint spending N µs more CPU per request (e.g. "
+                        "the bridge's CPU per push less the bare's): the latency any endpoint "
+                        "of that cost gets from the same load generator")
     p.add_argument("--probe", action="store_true",
                    help="run this checkout's bridge under benchmarks.probe and print what the "
                         "server saw of each request, beside wrk's latency")
@@ -241,6 +246,10 @@ def main() -> None:
     procs = {"bare": setup.start_bare(ports["bare"]), "bridge": setup.start_bridge(
         ports["bridge"], module="benchmarks.probe" if a.probe else "receiver.cli",
         env={"PROBE_OUT": str(probe_out)} if a.probe else None)}
+    control = f"bare + {a.control_us} µs" if a.control_us > 0 else ""
+    if control:
+        ports[control] = free_port()
+        procs[control] = setup.start_bare(ports[control], a.control_us)
     baselines = []
     for spec in a.baseline:
         name, _, where = spec.partition("=")
@@ -252,21 +261,23 @@ def main() -> None:
         ports[name] = free_port()
         procs[name] = base.start_bridge(ports[name])
         baselines.append(name)
-    names = ["bare", *baselines, "bridge"]
-    bridges = [n for n in names if n != "bare"]
+    bares = ["bare", control] if control else ["bare"]
+    names = [*bares, *baselines, "bridge"]
+    bridges = [n for n in names if n not in bares]
     rss_loaded: dict[str, float] = {}
     rss_after: dict[str, float] = {}
     metrics: dict[str, str] = {}
     rounds: dict[str, list[dict[str, float]]] = {n: [] for n in names}
     try:
-        wait_bare(ports["bare"])
+        for n in bares:
+            wait_bare(ports[n])
         for n in bridges:
             wait_ready(f"http://127.0.0.1:{ports[n]}/readyz")
             rss_loaded[n] = rss_mb(procs[n].pid)
         for _ in range(a.rounds):
             for n in names:
                 rounds[n].append(run_wrk(f"http://127.0.0.1:{ports[n]}",
-                                         setup.bare_script if n == "bare" else setup.script,
+                                         setup.bare_script if n in bares else setup.script,
                                          a.duration, a.connections, a.threads))
         for n in bridges:
             rss_after[n] = rss_mb(procs[n].pid)
@@ -288,7 +299,7 @@ def main() -> None:
           "| first round / median | RSS MB |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for n in names:
-        rss = f"{rss_loaded[n]:.0f} loaded / {rss_after[n]:.0f} after" if n != "bare" else "-"
+        rss = f"{rss_loaded[n]:.0f} loaded / {rss_after[n]:.0f} after" if n in bridges else "-"
         print(f"| {n} | {med(n, 'rps'):.0f} | {med(n, 'rps') / med('bare', 'rps'):.2f} | "
               f"{med(n, 'p50'):.2f} | {med(n, 'p99'):.2f} | {med(n, 'p99') / med('bare', 'p99'):.2f} | "
               f"{med(n, 'non2xx'):.0f} | {rounds[n][0]['rps'] / med(n, 'rps'):.2f} | {rss} |")
@@ -297,7 +308,7 @@ def main() -> None:
         bare_rps = rounds["bare"][i]["rps"]
         print(f"  round {i + 1}: " + "; ".join(
             f"{n} {rounds[n][i]['rps']:.0f} rps p99 {rounds[n][i]['p99']:.1f}"
-            + (f" ({rounds[n][i]['rps'] / bare_rps:.2f})" if n != "bare" else "") for n in names))
+            + (f" ({rounds[n][i]['rps'] / bare_rps:.2f})" if n in bridges else "") for n in names))
     seconds = a.duration * a.rounds
     for n in bridges:
         annotated = sum(float(m) for m in re.findall(
