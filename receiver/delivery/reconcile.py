@@ -39,6 +39,12 @@ from receiver.metrics import Metrics
 log = logging.getLogger(__name__)
 # Longest stretch of delivery evaluations before the loop serves requests again (seconds).
 EVALUATION_SLICE = 0.002
+# Shortest sleep of the deadline sweeper (seconds): deadlines due within it are swept together.
+# Time-outs are minutes long, so one reported up to this late costs nothing. Sleeping until
+# each deadline instead woke the loop once per push, and several times when the next one was
+# under a millisecond away (uvloop's timers count whole milliseconds and may fire up to one
+# early): 7.7 wakes per push at 550 pushes a second.
+SWEEP_EVERY = 0.01
 
 
 DeliveryListener = Callable[[Delivery, ObjectKey, str], None]
@@ -333,7 +339,7 @@ class Reconciler:
             due, id_ = self._deadlines[0]
             wait = due - time.time()
             if wait > 0:
-                await asyncio.sleep(min(wait, 1.0))
+                await asyncio.sleep(min(max(wait, SWEEP_EVERY), 1.0))
                 started = time.perf_counter()
                 continue
             heapq.heappop(self._deadlines)

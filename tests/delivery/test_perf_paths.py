@@ -3,6 +3,9 @@ evaluations a change causes, time-sliced. Behaviour only; timings are benchmarks
 
 from __future__ import annotations
 
+import asyncio
+import sys
+import time
 from typing import Any
 
 import pytest
@@ -10,9 +13,9 @@ import pytest
 from receiver.delivery import reconcile
 from receiver.delivery.store import Delivery
 from receiver.flux.objects import ObjectKey
-from receiver.flux.revisions import QUEUED
+from receiver.flux.revisions import QUEUED, TIMED_OUT
 from tests import gitea_payloads as gp
-from tests.conftest import Bridge, until
+from tests.conftest import Bridge, BridgeFactory, make_settings, until
 from tests.web.test_ingest import SOURCE, app_push, post_gitea
 
 pytestmark = pytest.mark.anyio
@@ -123,3 +126,35 @@ async def test_one_change_evaluates_every_follower_in_slices(bridge: Bridge, mon
     # Every other delivery saw the change too (its view was computed again after it).
     await until(lambda: all(d.view.get(SOURCE).state != QUEUED for d in deliveries),
                 what="every follower evaluated")
+
+
+async def test_the_time_outs_of_pushes_milliseconds_apart_are_swept_together(
+        bridge_factory: BridgeFactory, monkeypatch: Any) -> None:
+    """Forty pushes received a few milliseconds apart time out within a tenth of a second: the
+    sweeper wakes a few times for them all, not once per push (each wake a timer and a turn
+    of the loop)."""
+    timeout = 0.3
+    bridge = await bridge_factory(make_settings(reconcile={
+        "source_timeout_seconds": timeout, "consumer_timeout_seconds": timeout}))
+    real_sleep = asyncio.sleep
+    sweeps = 0
+
+    async def counted_sleep(delay: float, result: Any = None) -> Any:
+        nonlocal sweeps
+        if sys._getframe(1).f_code is reconcile.Reconciler._sweep.__code__:
+            sweeps += 1
+        return await real_sleep(delay, result)
+
+    monkeypatch.setattr(reconcile.asyncio, "sleep", counted_sleep)
+    start = time.time()
+    received = iter(start + n / 1000 for n in range(1000))  # each reading a millisecond on
+    bridge.parts.ingest.wall_clock = lambda: next(received)
+    deliveries = []
+    for n in range(40):
+        r = await post_gitea(bridge, app_push(f"clusters/eu-west/apps/sweep-{n}.yaml"))
+        assert r.status_code == 202, r.text
+        deliveries.append(bridge.parts.deliveries.get(r.json()["delivery"]))
+    await until(lambda: all(d.view.get(SOURCE).state == TIMED_OUT for d in deliveries),
+                timeout + 10.0, "every push timed out")
+    # Unswept: one sleep until each of the forty deadlines (and more when a timer fires early).
+    assert sweeps <= 12, f"the sweeper woke {sweeps} times for 40 time-outs"
