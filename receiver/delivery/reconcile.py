@@ -39,12 +39,12 @@ from receiver.metrics import Metrics
 log = logging.getLogger(__name__)
 # Longest stretch of delivery evaluations before the loop serves requests again (seconds).
 EVALUATION_SLICE = 0.002
-# Shortest sleep of the deadline sweeper (seconds): deadlines due within it are swept together.
-# Time-outs are minutes long, so one reported up to this late costs nothing. Sleeping until
-# each deadline instead woke the loop once per push, and several times when the next one was
-# under a millisecond away (uvloop's timers count whole milliseconds and may fire up to one
-# early): 7.7 wakes per push at 550 pushes a second.
-SWEEP_EVERY = 0.01
+# Shortest sleep of the deadline sweeper (seconds); deadlines due within it are swept together.
+# Sleeping until each deadline exactly, the sweeper woke several times for one when the next
+# was under a millisecond away (uvloop's timers count whole milliseconds and may fire one early):
+# 7.7 wakes per push at 550 pushes a second. Not longer: the time-outs of a busy second swept
+# in one go hold every request behind them.
+SWEEP_EVERY = 0.002
 
 
 DeliveryListener = Callable[[Delivery, ObjectKey, str], None]

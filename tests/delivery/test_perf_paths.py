@@ -128,33 +128,35 @@ async def test_one_change_evaluates_every_follower_in_slices(bridge: Bridge, mon
                 what="every follower evaluated")
 
 
-async def test_the_time_outs_of_pushes_milliseconds_apart_are_swept_together(
+async def test_the_time_outs_of_pushes_under_a_millisecond_apart_are_swept_together(
         bridge_factory: BridgeFactory, monkeypatch: Any) -> None:
-    """Forty pushes received a few milliseconds apart time out within a tenth of a second: the
-    sweeper wakes a few times for them all, not once per push (each wake a timer and a turn
-    of the loop)."""
+    """Eighty pushes received about half a millisecond apart time out within 40 ms: the sweeper
+    never sleeps less than `SWEEP_EVERY` and sweeps what fell due meanwhile, instead of waking
+    once per push (each wake a timer and a turn of the loop; more when a timer fires early)."""
     timeout = 0.3
     bridge = await bridge_factory(make_settings(reconcile={
         "source_timeout_seconds": timeout, "consumer_timeout_seconds": timeout}))
     real_sleep = asyncio.sleep
-    sweeps = 0
+    naps: list[float] = []
 
     async def counted_sleep(delay: float, result: Any = None) -> Any:
-        nonlocal sweeps
         if sys._getframe(1).f_code is reconcile.Reconciler._sweep.__code__:
-            sweeps += 1
+            naps.append(delay)
         return await real_sleep(delay, result)
 
     monkeypatch.setattr(reconcile.asyncio, "sleep", counted_sleep)
     start = time.time()
-    received = iter(start + n / 1000 for n in range(1000))  # each reading a millisecond on
-    bridge.parts.ingest.wall_clock = lambda: next(received)
+    readings = iter(start + n / 4000 for n in range(10_000))  # each reading 0.25 ms on
+    bridge.parts.ingest.wall_clock = lambda: next(readings)
     deliveries = []
-    for n in range(40):
+    for n in range(80):
         r = await post_gitea(bridge, app_push(f"clusters/eu-west/apps/sweep-{n}.yaml"))
         assert r.status_code == 202, r.text
         deliveries.append(bridge.parts.deliveries.get(r.json()["delivery"]))
     await until(lambda: all(d.view.get(SOURCE).state == TIMED_OUT for d in deliveries),
                 timeout + 10.0, "every push timed out")
-    # Unswept: one sleep until each of the forty deadlines (and more when a timer fires early).
-    assert sweeps <= 12, f"the sweeper woke {sweeps} times for 40 time-outs"
+    span = deliveries[-1].record.received - deliveries[0].record.received
+    assert min(naps) >= reconcile.SWEEP_EVERY, f"the sweeper slept {min(naps)} s"
+    # Unswept: a sleep until each distinct deadline (about one per push here).
+    assert len(naps) <= span / reconcile.SWEEP_EVERY + 4, (
+        f"the sweeper woke {len(naps)} times for 80 time-outs over {span * 1000:.0f} ms")
