@@ -59,6 +59,7 @@ NOT_RUN: list[tuple[str, str, str]] = [
     ("docs/benchmarks.md", "git worktree add --detach", BENCH + " (and two old checkouts)"),
     ("docs/benchmarks.md", "bench_latency --duration 10", BENCH),
     ("docs/benchmarks.md", "bench_latency --bridge-root", BENCH),
+    ("docs/benchmarks.md", "--control-us 330 --probe", BENCH),
     ("docs/benchmarks.md", "# the afternoon's runs", BENCH),
     ("docs/benchmarks.md", "bench_memory", BENCH),
     ("docs/benchmarks.md", "bench_routing", BENCH),
