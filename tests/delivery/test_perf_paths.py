@@ -131,8 +131,9 @@ async def test_one_change_evaluates_every_follower_in_slices(bridge: Bridge, mon
 async def test_the_time_outs_of_pushes_under_a_millisecond_apart_are_swept_together(
         bridge_factory: BridgeFactory, monkeypatch: Any) -> None:
     """Eighty pushes received about half a millisecond apart time out within 40 ms: the sweeper
-    never sleeps less than `SWEEP_EVERY` and sweeps what fell due meanwhile, instead of waking
-    once per push (each wake a timer and a turn of the loop; more when a timer fires early)."""
+    never sleeps less than `SWEEP_EVERY` and sweeps what fell due meanwhile. Sleeping until each
+    deadline, it woke once per push, and again and again when uvloop fired a sub-millisecond
+    timer early (each wake a timer and a turn of the loop)."""
     timeout = 0.3
     bridge = await bridge_factory(make_settings(reconcile={
         "source_timeout_seconds": timeout, "consumer_timeout_seconds": timeout}))
@@ -155,8 +156,6 @@ async def test_the_time_outs_of_pushes_under_a_millisecond_apart_are_swept_toget
         deliveries.append(bridge.parts.deliveries.get(r.json()["delivery"]))
     await until(lambda: all(d.view.get(SOURCE).state == TIMED_OUT for d in deliveries),
                 timeout + 10.0, "every push timed out")
-    span = deliveries[-1].record.received - deliveries[0].record.received
-    assert min(naps) >= reconcile.SWEEP_EVERY, f"the sweeper slept {min(naps)} s"
-    # Unswept: a sleep until each distinct deadline (about one per push here).
-    assert len(naps) <= span / reconcile.SWEEP_EVERY + 4, (
-        f"the sweeper woke {len(naps)} times for 80 time-outs over {span * 1000:.0f} ms")
+    # Unswept: a sleep until each next deadline, half a millisecond on (how many such sleeps
+    # there are depends on how fast this machine posts, so only their length is held here).
+    assert naps and min(naps) >= reconcile.SWEEP_EVERY, f"the sweeper slept {min(naps)} s"
