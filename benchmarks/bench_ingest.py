@@ -178,12 +178,14 @@ class Setup:
         self.bare_script.write_text(lua_script(self.requests[:1]))
         self.env = {**os.environ, "PYTHONPATH": str(ROOT)}
 
-    def start_bridge(self, port: int, module: str = "receiver.cli",
-                     env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    def start_bridge(self, port: int, probe_out: Path | None = None) -> subprocess.Popen[bytes]:
+        """`serve` on the fleet; under `benchmarks.probe`, reporting to `probe_out`, if given."""
+        module, env = (("benchmarks.probe", {"PROBE_OUT": str(probe_out)}) if probe_out
+                       else ("receiver.cli", {}))
         return subprocess.Popen(
             [self.python, "-m", module, "serve", "--manifests", str(self.fleet), "--config",
              str(self.config), "--port", str(port)],
-            env={**self.env, "PYTHONPATH": str(self.root), **(env or {})}, cwd=self.root)
+            env={**self.env, "PYTHONPATH": str(self.root), **env}, cwd=self.root)
 
     def start_bare(self, port: int, spin_us: int = 0) -> subprocess.Popen[bytes]:
         return subprocess.Popen(
@@ -244,8 +246,7 @@ def main() -> None:
     ports = {"bare": free_port(), "bridge": free_port()}
     probe_out = work / "probe.json"
     procs = {"bare": setup.start_bare(ports["bare"]), "bridge": setup.start_bridge(
-        ports["bridge"], module="benchmarks.probe" if a.probe else "receiver.cli",
-        env={"PROBE_OUT": str(probe_out)} if a.probe else None)}
+        ports["bridge"], probe_out if a.probe else None)}
     control = f"bare + {a.control_us} µs" if a.control_us > 0 else ""
     if control:
         ports[control] = free_port()

@@ -99,8 +99,7 @@ def main() -> None:
             f.write(body.decode().replace(head, f"{i:040x}").replace("\n", "") + "\n")
     ports = {"bare": free_port(), "bridge": free_port()}
     procs = {"bare": setup.start_bare(ports["bare"]), "bridge": setup.start_bridge(
-        ports["bridge"], module="benchmarks.probe" if a.probe else "receiver.cli",
-        env={"PROBE_OUT": str(work / "probe.json")} if a.probe else None)}
+        ports["bridge"], work / "probe.json" if a.probe else None)}
     results: dict[str, dict[str, Any]] = {}
     try:
         wait_bare(ports["bare"])

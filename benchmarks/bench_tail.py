@@ -87,7 +87,7 @@ def main() -> None:
     setup = Setup(work, max_count=a.max_count, workload=a.workload)
     port = free_port()
     probe_out = work / "probe.json"
-    bridge = setup.start_bridge(port, module="benchmarks.probe", env={"PROBE_OUT": str(probe_out)})
+    bridge = setup.start_bridge(port, probe_out)
     rounds = []
     sampler = None
     try:
