@@ -300,26 +300,49 @@ def slim(raw: dict[str, Any]) -> dict[str, Any]:
                            "metadata": kept})
 
 
+# What no reader of the cache looks at, by kind: (spec fields, status fields). A HelmRelease's
+# `values` and `postRenderers` and a Kustomization's `patches` and `postBuild` are most of a real
+# consumer's bytes (a chart's values run to kilobytes); a source's artifact keeps its revision,
+# digest, metadata and `lastUpdateTime`, not where source-controller stores it.
+_UNREAD_SPEC: dict[str, frozenset[str]] = {
+    "HelmRelease": frozenset({"values", "postRenderers"}),
+    "Kustomization": frozenset({"patches", "postBuild"}),
+}
+_UNREAD_ARTIFACT = frozenset({"url", "path", "size"})
+_ARTIFACT_KINDS = frozenset({"GitRepository", "OCIRepository", "Bucket", "HelmChart"})
+
+
 def _unread(raw: dict[str, Any]) -> dict[str, Any]:
     """`raw` without `metadata.managedFields` (the API server's field ownership: about half of
-    a listed Flux object's bytes), a Kustomization's `status.inventory` (an entry per object
-    it applied) and a HelmRelease's `status.history` past the latest snapshot (helm-controller
-    keeps up to `maxHistory`, 5 by default; only `history[0]` is read). Nothing reads them:
-    the resource filters' `res` has the metadata, never the status."""
+    a listed Flux object's bytes), the bulk of a consumer's spec that routing never reads
+    (`_UNREAD_SPEC`), a source artifact's storage address (`_UNREAD_ARTIFACT`), a
+    Kustomization's `status.inventory` (an entry per object it applied) and a HelmRelease's
+    `status.history` past the latest snapshot (helm-controller keeps up to `maxHistory`, 5 by
+    default; only `history[0]` is read). Nothing reads them: the resource filters' `res` has
+    the metadata, never the spec or status. `raw` is not changed: what goes is left out of
+    new dicts."""
     out = raw
     meta = raw.get("metadata")
     if isinstance(meta, dict) and "managedFields" in meta:
         out = {**out, "metadata": {k: v for k, v in meta.items() if k != "managedFields"}}
+    kind = _str(raw.get("kind"))
+    spec, unread_spec = raw.get("spec"), _UNREAD_SPEC.get(kind)
+    if unread_spec and isinstance(spec, dict) and not unread_spec.isdisjoint(spec):
+        out = {**out, "spec": {k: v for k, v in spec.items() if k not in unread_spec}}
     status = raw.get("status")
     if not isinstance(status, dict):
         return out
-    kind = raw.get("kind")
     if kind == "Kustomization" and "inventory" in status:
         out = {**out, "status": {k: v for k, v in status.items() if k != "inventory"}}
     elif kind == "HelmRelease":
         history = status.get("history")
         if isinstance(history, list) and len(history) > 1:
             out = {**out, "status": {**status, "history": history[:1]}}
+    elif kind in _ARTIFACT_KINDS:
+        artifact = status.get("artifact")
+        if isinstance(artifact, dict) and not _UNREAD_ARTIFACT.isdisjoint(artifact):
+            kept = {k: v for k, v in artifact.items() if k not in _UNREAD_ARTIFACT}
+            out = {**out, "status": {**status, "artifact": kept}}
     return out
 
 

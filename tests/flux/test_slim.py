@@ -1,6 +1,7 @@
 """What the cache keeps of an object (`slim`): every reader of the cache sees the same answer.
 
-The cache drops `metadata.managedFields`, a Kustomization's `status.inventory` and a
+The cache drops `metadata.managedFields`, a consumer's values, post-renderers, patches and
+substitutions, a source artifact's storage address, a Kustomization's `status.inventory` and a
 HelmRelease's release history past the latest snapshot, and shares equal strings between
 objects. The readers routing, delivery states, statuses and badges use are asked the same
 questions about an object as listed and as cached.
@@ -29,6 +30,7 @@ from receiver.flux.origin import (
     artifact_revision,
     consumer_at_artifact,
     consumer_commits,
+    has_pushed_artifact,
     is_oci,
     source_url,
 )
@@ -87,15 +89,24 @@ def listed_objects(draw: st.DrawFn) -> dict[str, Any]:
                                             "oci://registry.example/charts/web"]))
     elif kind == "Kustomization":
         spec.update(path=draw(words), sourceRef={"kind": "GitRepository", "name": draw(words)})
+        if draw(st.booleans()):
+            spec.update(patches=[{"patch": draw(words), "target": {"kind": "Deployment"}}],
+                        postBuild={"substitute": {"cluster": draw(words)}})
     else:
         spec.update(chartRef={"kind": "OCIRepository", "name": draw(words)})
+        if draw(st.booleans()):
+            spec.update(values={"image": {"tag": draw(words)}, "replicaCount": 2},
+                        postRenderers=[{"kustomize": {"patches": [{"patch": draw(words)}]}}])
     status: dict[str, Any] = {
         "observedGeneration": draw(st.integers(0, 3)), "conditions": draw(conditions),
         "lastHandledReconcileAt": draw(words), "lastAttemptedRevision": draw(words),
         "lastAppliedRevision": draw(words)}
     if kind in ("GitRepository", "OCIRepository"):
         status["artifact"] = {"revision": draw(words), "digest": draw(words),
-                              "metadata": draw(st.dictionaries(words, words, max_size=2))}
+                              "metadata": draw(st.dictionaries(words, words, max_size=2)),
+                              "lastUpdateTime": draw(words), "size": 40960,
+                              "path": f"gitrepository/apps/{draw(words)}.tar.gz",
+                              "url": f"http://source-controller/apps/{draw(words)}.tar.gz"}
     elif kind == "Kustomization" and draw(st.booleans()):
         status["inventory"] = draw(inventory)
     elif kind == "HelmRelease":
@@ -112,14 +123,18 @@ READERS: dict[str, Callable[[FluxObject], object]] = {
     "annotations": lambda o: o.annotations,
     "generation, resourceVersion, suspended": lambda o: (
         o.generation, o.resource_version, o.suspended),
-    "spec": lambda o: o.spec,
+    # All of it but what no reader reads: a consumer's values, post-renderers, patches and
+    # substitutions (routing reads its source, paths and chart; nothing renders it).
+    "spec": lambda o: {k: v for k, v in o.spec.items()
+                       if k not in ("values", "postRenderers", "patches", "postBuild")},
     "conditions": lambda o: [o.condition(t) for t in ("Ready", "Stalled", "Reconciling")],
     "routing": lambda o: (consumer_source(o), consumer_paths(o), helm_chart_of(o)),
     "revisions": lambda o: (applied_revision(o), attempted_revision(o), at_rest(o),
                             followable(o), handled_since(o, 0.0)),
     "progress": lambda o: progress_at(o, SHA),
     "source": lambda o: (is_oci(o), artifact_revision(o), artifact_metadata(o),
-                         source_url(o), artifact_commit(o)),
+                         source_url(o), artifact_commit(o), has_pushed_artifact(
+                             o, artifact_revision(o).rpartition("@")[0], 0.0, False)),
     "resource filter's res": lambda o: resource_document(o.api_version, o.kind, {
         k: v for k, v in o.metadata.items() if k != "managedFields"}),
 }
@@ -150,6 +165,33 @@ def test_the_cache_keeps_neither_field_ownership_nor_inventories_nor_old_release
     release = slim({"kind": "HelmRelease", "metadata": {"name": "web"},
                     "status": {"history": releases, "lastAttemptedRevision": "1.0.5"}})
     assert release["status"] == {"history": releases[:1], "lastAttemptedRevision": "1.0.5"}
+
+
+def test_the_cache_keeps_no_chart_values_patches_or_artifact_addresses() -> None:
+    """A consumer's values and patches are most of its bytes in a real fleet (kilobytes of
+    chart values each), and nothing the bridge does reads them; nor where an artifact is
+    stored. What routing and statuses read stays."""
+    values = {"image": {"repository": "registry.example/web", "tag": "1.2.3"},
+              "resources": {"limits": {"memory": "256Mi"}}, "ingress": {"hosts": ["web"] * 50}}
+    release = slim({"kind": "HelmRelease", "metadata": {"name": "web"}, "spec": {
+        "chartRef": {"kind": "OCIRepository", "name": "web"}, "values": values,
+        "postRenderers": [{"kustomize": {"patches": [{"patch": "- op: add"}]}}]}})
+    assert release["spec"] == {"chartRef": {"kind": "OCIRepository", "name": "web"}}
+    kustomization = slim({"kind": "Kustomization", "metadata": {"name": "apps"}, "spec": {
+        "path": "./apps", "sourceRef": {"kind": "GitRepository", "name": "fleet"},
+        "patches": [{"patch": "- op: replace"}], "postBuild": {"substitute": {"env": "prod"}}}})
+    assert kustomization["spec"] == {"path": "./apps",
+                                     "sourceRef": {"kind": "GitRepository", "name": "fleet"}}
+    artifact = {"revision": "main@sha1:1", "digest": "sha256:2", "lastUpdateTime": "T",
+                "metadata": {"a": "b"}, "size": 4096, "path": "gitrepository/a/b/1.tar.gz",
+                "url": "http://source-controller/gitrepository/a/b/1.tar.gz"}
+    source = slim({"kind": "GitRepository", "metadata": {"name": "fleet"},
+                   "spec": {"url": "https://gitea.example/org/fleet.git"},
+                   "status": {"artifact": artifact, "observedGeneration": 1}})
+    assert source["status"] == {"observedGeneration": 1, "artifact": {
+        "revision": "main@sha1:1", "digest": "sha256:2", "lastUpdateTime": "T",
+        "metadata": {"a": "b"}}}
+    assert source["spec"] == {"url": "https://gitea.example/org/fleet.git"}
 
 
 def test_equal_strings_of_cached_objects_are_one_string() -> None:
