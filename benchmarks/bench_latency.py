@@ -29,6 +29,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +73,20 @@ def delivery_outcomes(url: str) -> dict[str, float]:
     return out
 
 
+def print_stalls(stalls: dict[str, Any], windows: dict[str, tuple[float, float]]) -> None:
+    """The probe's loop stalls (`benchmarks.stalls`) that fell in the bridge's fixed-rate runs."""
+    for name, (began, ended) in windows.items():
+        inside = [s for s in stalls["longest"] if began <= s["wall_time"] <= ended]
+        print(f"\nloop stalls over {stalls['threshold_ms']:.0f} ms at {name}: {len(inside)}, "
+              f"{sum(s['ms'] for s in inside):.0f} ms in all")
+        for s in inside[:8]:
+            print(f"  {s['ms']} ms at +{s['wall_time'] - began:.2f} s: main thread ran "
+                  f"{s.get('main_run_ms')} ms, waited for a CPU {s.get('main_waited_for_cpu_ms')} "
+                  f"ms; other threads {s.get('other_threads_cpu_ms')} ms; collector {s['gc_ms']} ms")
+            for count, stack in s["stacks"][:3]:
+                print(f"      {count} x {stack}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(allow_abbrev=False)
     p.add_argument("--duration", type=int, default=10)
@@ -101,6 +116,7 @@ def main() -> None:
     procs = {"bare": setup.start_bare(ports["bare"]), "bridge": setup.start_bridge(
         ports["bridge"], work / "probe.json" if a.probe else None)}
     results: dict[str, dict[str, Any]] = {}
+    windows: dict[str, tuple[float, float]] = {}  # the fixed-rate runs of the bridge, wall time
     try:
         wait_bare(ports["bare"])
         wait_ready(f"http://127.0.0.1:{ports['bridge']}/readyz")
@@ -113,9 +129,11 @@ def main() -> None:
         for fraction in a.fractions:
             rate = round(base * fraction)
             for n in ("bare", "bridge"):
-                before = cpu_seconds(procs[n].pid)
+                before, began = cpu_seconds(procs[n].pid), time.time()
                 run = oha(url[n], bodies, token[n], a.duration, rate, a.connections)
                 used = cpu_seconds(procs[n].pid) - before
+                if n == "bridge":
+                    windows[f"{fraction:.0%}"] = (began, time.time())
                 results[f"{n} {fraction:.0%}"] = {
                     "rate": rate, **run,
                     "cpu_us_per_push": used / max(1.0, run["rps"] * a.duration) * 1e6}
@@ -123,7 +141,9 @@ def main() -> None:
     finally:
         stop(*procs.values())
         if a.probe and (work / "probe.json").exists():
-            print("probe: " + (work / "probe.json").read_text())
+            report = json.loads((work / "probe.json").read_text())
+            print("probe: " + json.dumps({k: v for k, v in report.items() if k != "stalls"}))
+            print_stalls(report["stalls"], windows)
         shutil.rmtree(work, ignore_errors=True)
     print(f"\nthe bridge's deliveries by outcome: {outcomes}")
     print(f"\nsaturation (oha -c{a.connections}, {a.saturation_seconds}s): bare "

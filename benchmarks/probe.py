@@ -5,6 +5,8 @@
 Probes, all written to `PROBE_OUT` as JSON when the server stops:
 - garbage collector pauses (`gc.callbacks`): count, total, max and the slowest by generation;
 - event-loop lag: a heartbeat task sleeps 5 ms and records how late it wakes;
+- stalls: each time the heartbeat is 20 ms late, what the loop's thread was doing, whether it
+  had a CPU, and the collector's share (`benchmarks.stalls`);
 - watch handling: time in `ObjectStore.upsert` with its listeners (what a watch event or an
   in-memory patch costs on the loop) and in the reconciler's evaluation of a delivery;
 - threads: CPU seconds per thread from /proc (the Kubernetes client's watch threads and the
@@ -29,6 +31,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks.stalls import StallWatch
+
 HEARTBEAT = 0.005
 
 
@@ -41,6 +45,7 @@ class Probe:
         self.started = time.monotonic()
         self.full_walks: list[int] = []  # objects a full collection walked, each time
         self.full_kinds: list[dict[str, int]] = []  # ... the most numerous types, each time
+        self.stalls = StallWatch()
 
     def on_gc(self, phase: str, info: dict[str, Any]) -> None:
         if phase == "start":
@@ -54,13 +59,16 @@ class Probe:
                 del walked
             self._gc_start = time.perf_counter()
         else:
-            self.gc_pauses[info["generation"]].append(time.perf_counter() - self._gc_start)
+            ended = time.perf_counter()
+            self.gc_pauses[info["generation"]].append(ended - self._gc_start)
+            self.stalls.on_gc_pause(ended, ended - self._gc_start)
 
     async def heartbeat(self) -> None:
         while True:
             before = time.perf_counter()
             await asyncio.sleep(HEARTBEAT)
             self.lag.append(time.perf_counter() - before - HEARTBEAT)
+            self.stalls.beat()
 
     def wrap(self, owner: Any, name: str, label: str) -> None:
         original = getattr(owner, name)
@@ -106,6 +114,7 @@ class Probe:
                                  for ms in (1, 5, 10, 20, 50)},
             "timed": {k: summary(v) for k, v in self.timed.items()},
             "threads": thread_cpu(),
+            "stalls": self.stalls.report(),
         }
 
 
@@ -177,6 +186,7 @@ def install() -> Probe:
 
     async def startup_with_heartbeat(self: Any, *args: Any, **kwargs: Any) -> Any:
         probe.task = asyncio.get_running_loop().create_task(probe.heartbeat())  # type: ignore[attr-defined]
+        probe.stalls.start()
         return await startup(self, *args, **kwargs)
 
     DrainingServer.startup = startup_with_heartbeat  # type: ignore[method-assign]
