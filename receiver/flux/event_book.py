@@ -102,7 +102,9 @@ class EventBook:
     def __len__(self) -> int:
         return len(self._series)
 
-    def record(self, note: EventNote, now: float) -> None:
+    def record(self, note: EventNote, now: float) -> float | None:
+        """Note one occurrence; returns when a write it scheduled is due (None: it scheduled
+        none, as for a repeat of a series whose patch is already pending)."""
         if len(note.message) > MAX_NOTE:
             note = replace(note, message=note.message[:MAX_NOTE])
         key = note.series_key
@@ -117,11 +119,14 @@ class EventBook:
                 _, old = self._series.popitem(last=False)
                 if old.written_count < old.count:
                     self.dropped += 1
-            return
+            return now
         series.note, series.last_seen, series.count = note, now, series.count + 1
         self._series.move_to_end(key)
-        if series.due_at is None:  # a repeat of what is written: patched an interval after
-            self._schedule(series, max(now, series.written_at + self.patch_interval))
+        if series.due_at is not None:
+            return None
+        # A repeat of what is written: patched an interval after.
+        self._schedule(series, max(now, series.written_at + self.patch_interval))
+        return series.due_at
 
     def _schedule(self, series: _Series, at: float) -> None:
         series.due_at = at

@@ -3,7 +3,9 @@
 `emit` only tells the pure `EventBook` (no I/O, no await), so a request never waits for the
 API server and a failed write never changes an answer. One task writes what the book says is
 due, when it is due; a write that fails is logged at debug level and counted, never retried
-in a loop (the next occurrence is written in its turn).
+in a loop (the next occurrence is written in its turn). The task is woken only when an
+occurrence makes a write due before its timer: most pushes repeat a series whose patch is
+already pending, and cost no wake-up.
 """
 
 from __future__ import annotations
@@ -28,13 +30,15 @@ class EventRecorder:
         self.book = book if book is not None else EventBook()  # an empty book is falsy
         self._clock = clock
         self._wake = asyncio.Event()
+        self._wake_at = float("-inf")  # when the sleeping writer's timer fires (clock time)
         self._task: asyncio.Task[None] | None = None
         self.written = 0
         self.failed = 0
 
     def emit(self, note: EventNote) -> None:
-        self.book.record(note, self._clock())
-        self._wake.set()
+        due = self.book.record(note, self._clock())
+        if due is not None and due < self._wake_at:
+            self._wake.set()
 
     async def start(self) -> None:
         if self._task is None:
@@ -66,10 +70,22 @@ class EventRecorder:
                     "error": str(exc)})
 
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
             self._wake.clear()
+            self._wake_at = float("-inf")  # what is recorded while writing is seen below
             await self._write_due()
-            wait = self.book.next_due(self._clock())
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), None if wait is None else max(wait,
-                                                                                       0.05))
+            now = self._clock()
+            wait = self.book.next_due(now)
+            timer = None
+            if wait is None:
+                self._wake_at = float("inf")
+            else:
+                wait = max(wait, 0.05)
+                self._wake_at = now + wait
+                timer = loop.call_later(wait, self._wake.set)
+            try:
+                await self._wake.wait()
+            finally:
+                if timer is not None:
+                    timer.cancel()

@@ -46,3 +46,44 @@ async def test_repeats_are_patched_on_the_interval_of_the_book_given() -> None:
         assert warning.op == "create" and warning.note.reason == "PushMatchedNothing"
     finally:
         await recorder.stop()
+
+
+class CountingBook(EventBook):
+    """Counts how often the writer woke to ask what is due."""
+
+    asked = 0
+
+    def due(self, now: float) -> list[EventWrite]:
+        self.asked += 1
+        return super().due(now)
+
+
+async def test_a_repeat_whose_patch_is_pending_does_not_wake_the_writer() -> None:
+    """Most pushes repeat a series the writer already has a timer for: they must cost it no
+    wake-up (one per push was a task and a timer each, on every push's path)."""
+    writes: list[EventWrite] = []
+
+    async def write(w: EventWrite) -> None:
+        writes.append(w)
+
+    book = CountingBook(patch_interval=30.0)
+    recorder = EventRecorder(write, book)
+    await recorder.start()
+    try:
+        recorder.emit(requested("push 0"))
+        await until(lambda: writes, what="the create")
+        await until(lambda: recorder._wake_at > 0, what="the writer asleep on its timer")
+        asked = book.asked
+        for i in range(1, 500):
+            recorder.emit(requested(f"push {i}"))
+        # A new series in between still wakes it, once; the repeats after it do not.
+        recorder.emit(EventNote(SOURCE, "source.toolkit.fluxcd.io/v1", "Warning",
+                                "PushMatchedNothing", "nothing"))
+        await until(lambda: writes[1:], what="the new series' Event")
+        await until(lambda: recorder._wake_at > 0, what="the writer asleep again")
+        assert book.asked == asked + 1
+        for i in range(500, 1000):
+            recorder.emit(requested(f"push {i}"))
+        assert book.asked == asked + 1 and len(writes) == 2
+    finally:
+        await recorder.stop()
