@@ -82,7 +82,8 @@ def print_stalls(stalls: dict[str, Any], windows: dict[str, tuple[float, float]]
         for s in inside[:8]:
             print(f"  {s['ms']} ms at +{s['wall_time'] - began:.2f} s: main thread ran "
                   f"{s.get('main_run_ms')} ms, waited for a CPU {s.get('main_waited_for_cpu_ms')} "
-                  f"ms; other threads {s.get('other_threads_cpu_ms')} ms; collector {s['gc_ms']} ms")
+                  f"ms; other threads {s.get('other_threads_cpu_ms')} ms; collector {s['gc_ms']} ms"
+                  f" (generations {s['gc_generations']})")
             for count, stack in s["stacks"][:3]:
                 print(f"      {count} x {stack}")
 
@@ -143,6 +144,7 @@ def main() -> None:
         if a.probe and (work / "probe.json").exists():
             report = json.loads((work / "probe.json").read_text())
             print("probe: " + json.dumps({k: v for k, v in report.items() if k != "stalls"}))
+            print(f"\ncollector pauses over the whole run: {report['gc']}")
             print_stalls(report["stalls"], windows)
         shutil.rmtree(work, ignore_errors=True)
     print(f"\nthe bridge's deliveries by outcome: {outcomes}")

@@ -4,6 +4,11 @@
 
 Probes, all written to `PROBE_OUT` as JSON when the server stops:
 - garbage collector pauses (`gc.callbacks`): count, total, max and the slowest by generation;
+  each collection over 10 ms with what it freed; with PROBE_GC_YOUNG=1 also how many young
+  objects it found and the largest containers among them, with PROBE_GC_WHO=1 who caused each
+  full collection, with PROBE_FULL_WALKS=1 what each full collection walked, by type (these
+  three cost time outside the pauses, inside the loop's stalls); at exit, the unreachable
+  objects that were frozen (`gc.freeze`), which no collection could free;
 - event-loop lag: a heartbeat task sleeps 5 ms and records how late it wakes;
 - stalls: each time the heartbeat is 20 ms late, what the loop's thread was doing, whether it
   had a CPU, and the collector's share (`benchmarks.stalls`);
@@ -34,6 +39,7 @@ from typing import Any
 from benchmarks.stalls import StallWatch
 
 HEARTBEAT = 0.005
+FULL_WALKS = os.environ.get("PROBE_FULL_WALKS") == "1"
 
 
 class Probe:
@@ -46,10 +52,26 @@ class Probe:
         self.full_walks: list[int] = []  # objects a full collection walked, each time
         self.full_kinds: list[dict[str, int]] = []  # ... the most numerous types, each time
         self.stalls = StallWatch()
+        self.slow_collections: list[dict[str, Any]] = []
 
     def on_gc(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start" and info["generation"] == 2 and os.environ.get("PROBE_GC_WHO"):
+            import traceback
+            self.slow_collections.append({"who": traceback.format_stack(limit=8)[:-1],
+                                          "count": gc.get_count(),
+                                          "threshold": gc.get_threshold(),
+                                          "frozen": gc.get_freeze_count()})
+        if phase == "start" and info["generation"] == 0 and os.environ.get("PROBE_GC_YOUNG"):
+            young = gc.get_objects(generation=0)
+            sized = sorted(((len(o), type(o).__name__) for o in young
+                            if isinstance(o, (list, dict, set, tuple))), reverse=True)[:3]
+            self._young = {"objects": len(young), "largest": sized,
+                           "contained": sum(n for n, _ in sized)}
+            del young
         if phase == "start":
-            if info["generation"] == 2:  # what a full collection walks (outside its pause)
+            # What a full collection walks (outside its pause, but inside the loop's stall:
+            # opt-in, PROBE_FULL_WALKS=1).
+            if info["generation"] == 2 and FULL_WALKS:
                 walked = gc.get_objects(generation=2) + gc.get_objects(generation=1)
                 self.full_walks.append(len(walked))
                 kinds: dict[str, int] = {}
@@ -61,7 +83,14 @@ class Probe:
         else:
             ended = time.perf_counter()
             self.gc_pauses[info["generation"]].append(ended - self._gc_start)
-            self.stalls.on_gc_pause(ended, ended - self._gc_start)
+            if ended - self._gc_start > 0.01:  # a slow one: how much did it free?
+                self.slow_collections.append({
+                    "at": round(time.time(), 3), "generation": info["generation"],
+                    "ms": round((ended - self._gc_start) * 1000, 1),
+                    "collected": info["collected"], "uncollectable": info["uncollectable"],
+                    "tracked_after": sum(gc.get_count()),
+                    "young": getattr(self, "_young", None)})
+            self.stalls.on_gc_pause(ended, ended - self._gc_start, info["generation"])
 
     async def heartbeat(self) -> None:
         while True:
@@ -108,6 +137,8 @@ class Probe:
             "gc_threshold": gc.get_threshold(),
             "gc_frozen": gc.get_freeze_count(),
             "gc_full_walks": self.full_walks,
+            "gc_slow": self.slow_collections,
+            "gc_frozen_garbage": frozen_garbage(),
             "gc_full_kinds": self.full_kinds,
             "loop_lag": summary(self.lag),
             "loop_lag_over_ms": {str(ms): sum(1 for v in self.lag if v * 1000 > ms)
@@ -116,6 +147,15 @@ class Probe:
             "threads": thread_cpu(),
             "stalls": self.stalls.report(),
         }
+
+
+def frozen_garbage() -> int:
+    """Unreachable objects the collector could not see because they were frozen (the app
+    freezes what it keeps): collect what it can see, then unfreeze and count what else goes.
+    Run at exit only: the second collection walks everything."""
+    gc.collect()
+    gc.unfreeze()
+    return gc.collect()
 
 
 def thread_cpu() -> dict[str, float]:

@@ -63,16 +63,18 @@ class StallWatch:
         self.stalls: list[Stall] = []
         # (perf_counter, main thread's run ns, its runqueue wait ns, process CPU s) per look
         self._readings: collections.deque[tuple[float, int, int, float]] = collections.deque(
-            maxlen=2000)
-        self.gc_pauses: collections.deque[tuple[float, float]] = collections.deque(maxlen=5000)
+            maxlen=50_000)  # 200 s of looks
+        # (perf_counter at its end, seconds, generation) per collection
+        self.gc_pauses: collections.deque[tuple[float, float, int]] = collections.deque(
+            maxlen=50_000)
 
     def beat(self) -> None:
         """Called by the heartbeat on each wake."""
         self._beat = time.perf_counter()
         self._wall_beat = time.time()
 
-    def on_gc_pause(self, ended: float, seconds: float) -> None:
-        self.gc_pauses.append((ended, seconds))
+    def on_gc_pause(self, ended: float, seconds: float, generation: int) -> None:
+        self.gc_pauses.append((ended, seconds, generation))
 
     def start(self) -> None:
         threading.Thread(target=self._run, name="probe stall watch", daemon=True).start()
@@ -100,22 +102,26 @@ class StallWatch:
                 frame = sys._current_frames().get(self._main)
                 current.stacks[_stack(frame)] += 1
 
-    def _at(self, moment: float) -> tuple[float, int, int, float] | None:
+    @staticmethod
+    def _at(readings: list[tuple[float, int, int, float]],
+            moment: float) -> tuple[float, int, int, float] | None:
         """The reading taken nearest `moment`."""
-        if not self._readings:
-            return None
-        return min(self._readings, key=lambda r: abs(r[0] - moment))
+        return min(readings, key=lambda r: abs(r[0] - moment)) if readings else None
 
     def report(self, top: int = 1000) -> dict[str, Any]:
         """The `top` longest stalls, longest first."""
         rows = []
-        for stall in sorted(self.stalls, key=lambda s: s.began - s.ended)[:top]:
-            first, last = self._at(stall.began), self._at(stall.ended)
+        # The watch thread goes on while this reads: work on copies.
+        readings, stalls, pauses = list(self._readings), list(self.stalls), list(self.gc_pauses)
+        for stall in sorted(stalls, key=lambda s: s.began - s.ended)[:top]:
+            first, last = self._at(readings, stall.began), self._at(readings, stall.ended)
             row: dict[str, Any] = {
                 "wall_time": round(stall.wall_began, 3),
                 "ms": round((stall.ended - stall.began) * 1000, 1),
-                "gc_ms": round(sum(s for end, s in self.gc_pauses
+                "gc_ms": round(sum(s for end, s, _ in pauses
                                    if stall.began <= end <= stall.ended) * 1000, 1),
+                "gc_generations": sorted({g for end, _, g in pauses
+                                          if stall.began <= end <= stall.ended}),
                 "stacks": [[n, s] for s, n in stall.stacks.most_common(4)],
             }
             if first and last and first is not last:
@@ -125,6 +131,6 @@ class StallWatch:
                            other_threads_cpu_ms=round((last[3] - first[3]) * 1000 - main_run, 1),
                            measured_over_ms=round((last[0] - first[0]) * 1000, 1))
             rows.append(row)
-        return {"threshold_ms": self.threshold * 1000, "count": len(self.stalls),
-                "total_ms": round(sum(s.ended - s.began for s in self.stalls) * 1000, 1),
+        return {"threshold_ms": self.threshold * 1000, "count": len(stalls),
+                "total_ms": round(sum(s.ended - s.began for s in stalls) * 1000, 1),
                 "longest": rows}
