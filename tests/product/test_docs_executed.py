@@ -71,6 +71,7 @@ NOT_RUN: list[tuple[str, str, str]] = [
     ("docs/benchmarks.md", "bench_scaling", BENCH),
     ("docs/benchmarks.md", "--profile startup.collapsed", BENCH),
     ("docs/benchmarks.md", "--baseline main=../main", BENCH),
+    ("docs/benchmarks.md", "--fractions 0.5 --probe", BENCH),
     ("docs/configuration.md", "kubectl -n flux-system create secret generic gitea-flux-bridge",
      CLUSTER),
     ("docs/flux-setup.md", "--set clusterName=eu-west", CLUSTER),
