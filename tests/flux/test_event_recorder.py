@@ -20,15 +20,19 @@ def requested(message: str) -> EventNote:
                      message)
 
 
-async def test_repeats_are_patched_on_the_interval_of_the_book_given() -> None:
+def recorder_on(book: EventBook) -> tuple[EventRecorder, list[EventWrite]]:
+    """A recorder on `book` whose writes land in the list returned with it."""
     writes: list[EventWrite] = []
 
     async def write(w: EventWrite) -> None:
         writes.append(w)
 
+    return EventRecorder(write, book), writes
+
+
+async def test_repeats_are_patched_on_the_interval_of_the_book_given() -> None:
     # Empty, so falsy: it must still be the book used (not a default one, patched at 30 s).
-    book = EventBook(patch_interval=0.5)
-    recorder = EventRecorder(write, book)
+    recorder, writes = recorder_on(EventBook(patch_interval=0.5))
     await recorder.start()
     try:
         recorder.emit(requested("push 0"))
@@ -61,13 +65,8 @@ class CountingBook(EventBook):
 async def test_a_repeat_whose_patch_is_pending_does_not_wake_the_writer() -> None:
     """Most pushes repeat a series the writer already has a timer for: they must cost it no
     wake-up (one per push was a task and a timer each, on every push's path)."""
-    writes: list[EventWrite] = []
-
-    async def write(w: EventWrite) -> None:
-        writes.append(w)
-
     book = CountingBook(patch_interval=30.0)
-    recorder = EventRecorder(write, book)
+    recorder, writes = recorder_on(book)
     await recorder.start()
     try:
         recorder.emit(requested("push 0"))
