@@ -47,12 +47,6 @@ from receiver.flux.objects import (
 from receiver.flux.store import ObjectStore
 from receiver.retry import Backoff
 
-# Objects per list page. Each page is read and decoded whole, the five kinds at once, and what
-# the process keeps after the lists grows with the page: pages of 100 leave it 6 MiB smaller,
-# idle with 12,000 cached objects, than pages of 500, and it starts as fast; 50 saves no more
-# (docs/benchmarks.md §11).
-LIST_PAGE = 100
-
 LEASE_GROUP, LEASE_VERSION, LEASE_PLURAL = "coordination.k8s.io", "v1", "leases"
 _SecretData = Mapping[str, bytes]
 
@@ -73,7 +67,7 @@ class KubeCluster:
         observe: Observer | None = None,
         backoff: Backoff | None = None,
         request_timeout_seconds: float = 30.0,
-        list_page_size: int = LIST_PAGE,
+        list_page_size: int = 500,
         owns_client: bool = False,
         optional_kinds: Collection[str] = OPTIONAL_KINDS,
         absent_recheck_seconds: float = 60.0,
