@@ -40,6 +40,8 @@ from benchmarks.stalls import StallWatch
 
 HEARTBEAT = 0.005
 FULL_WALKS = os.environ.get("PROBE_FULL_WALKS") == "1"
+GC_WHO = bool(os.environ.get("PROBE_GC_WHO"))
+GC_YOUNG = bool(os.environ.get("PROBE_GC_YOUNG"))
 
 
 class Probe:
@@ -53,15 +55,16 @@ class Probe:
         self.full_kinds: list[dict[str, int]] = []  # ... the most numerous types, each time
         self.stalls = StallWatch()
         self.slow_collections: list[dict[str, Any]] = []
+        self._young: dict[str, Any] | None = None  # what the last young collection found
 
     def on_gc(self, phase: str, info: dict[str, Any]) -> None:
-        if phase == "start" and info["generation"] == 2 and os.environ.get("PROBE_GC_WHO"):
+        if phase == "start" and info["generation"] == 2 and GC_WHO:
             import traceback
             self.slow_collections.append({"who": traceback.format_stack(limit=8)[:-1],
                                           "count": gc.get_count(),
                                           "threshold": gc.get_threshold(),
                                           "frozen": gc.get_freeze_count()})
-        if phase == "start" and info["generation"] == 0 and os.environ.get("PROBE_GC_YOUNG"):
+        if phase == "start" and info["generation"] == 0 and GC_YOUNG:
             young = gc.get_objects(generation=0)
             sized = sorted(((len(o), type(o).__name__) for o in young
                             if isinstance(o, (list, dict, set, tuple))), reverse=True)[:3]
@@ -89,7 +92,7 @@ class Probe:
                     "ms": round((ended - self._gc_start) * 1000, 1),
                     "collected": info["collected"], "uncollectable": info["uncollectable"],
                     "tracked_after": sum(gc.get_count()),
-                    "young": getattr(self, "_young", None)})
+                    "young": self._young})
             self.stalls.on_gc_pause(ended, ended - self._gc_start, info["generation"])
 
     async def heartbeat(self) -> None:

@@ -20,6 +20,7 @@ microseconds each look; that is the probe's own cost.
 
 from __future__ import annotations
 
+import bisect
 import collections
 import sys
 import threading
@@ -105,8 +106,10 @@ class StallWatch:
     @staticmethod
     def _at(readings: list[tuple[float, int, int, float]],
             moment: float) -> tuple[float, int, int, float] | None:
-        """The reading taken nearest `moment`."""
-        return min(readings, key=lambda r: abs(r[0] - moment)) if readings else None
+        """The reading taken nearest `moment` (readings are in time order)."""
+        i = bisect.bisect_left(readings, moment, key=lambda r: r[0])
+        near = readings[max(i - 1, 0):i + 1]
+        return min(near, key=lambda r: abs(r[0] - moment)) if near else None
 
     def report(self, top: int = 1000) -> dict[str, Any]:
         """The `top` longest stalls, longest first."""

@@ -83,6 +83,8 @@ CANARY_KINDS = ("Canary",)
 WORKLOAD_KINDS = ("Deployment", "DaemonSet")
 CANARY_WATCHED_KINDS = CANARY_KINDS + WORKLOAD_KINDS
 SOURCE_KINDS = frozenset({"GitRepository", "OCIRepository", "Bucket", "HelmChart", "HelmRepository"})
+# The sources whose `status.artifact` is what they fetched (its revision is the one applied).
+ARTIFACT_KINDS = frozenset({"GitRepository", "OCIRepository", "Bucket", "HelmChart"})
 CONSUMER_KINDS = frozenset({"Kustomization", "HelmRelease"})
 
 # Flux's receiver fills in apiVersion only for these kinds (receiver_handlers.go defaults);
@@ -300,7 +302,7 @@ def slim(raw: dict[str, Any]) -> dict[str, Any]:
                            "metadata": kept})
 
 
-# What no reader of the cache looks at, by kind: (spec fields, status fields). A HelmRelease's
+# The spec fields no reader of the cache looks at, by kind. A HelmRelease's
 # `values` and `postRenderers` and a Kustomization's `patches` and `postBuild` are most of a real
 # consumer's bytes (a chart's values run to kilobytes); a source's artifact keeps its revision,
 # digest, metadata and `lastUpdateTime`, not where source-controller stores it.
@@ -309,7 +311,12 @@ _UNREAD_SPEC: dict[str, frozenset[str]] = {
     "Kustomization": frozenset({"patches", "postBuild"}),
 }
 _UNREAD_ARTIFACT = frozenset({"url", "path", "size"})
-_ARTIFACT_KINDS = frozenset({"GitRepository", "OCIRepository", "Bucket", "HelmChart"})
+_MANAGED_FIELDS = frozenset({"managedFields"})
+_INVENTORY = frozenset({"inventory"})
+
+
+def _without(mapping: dict[str, Any], keys: frozenset[str]) -> dict[str, Any]:
+    return {k: v for k, v in mapping.items() if k not in keys}
 
 
 def _unread(raw: dict[str, Any]) -> dict[str, Any]:
@@ -324,25 +331,24 @@ def _unread(raw: dict[str, Any]) -> dict[str, Any]:
     out = raw
     meta = raw.get("metadata")
     if isinstance(meta, dict) and "managedFields" in meta:
-        out = {**out, "metadata": {k: v for k, v in meta.items() if k != "managedFields"}}
+        out = {**out, "metadata": _without(meta, _MANAGED_FIELDS)}
     kind = _str(raw.get("kind"))
     spec, unread_spec = raw.get("spec"), _UNREAD_SPEC.get(kind)
     if unread_spec and isinstance(spec, dict) and not unread_spec.isdisjoint(spec):
-        out = {**out, "spec": {k: v for k, v in spec.items() if k not in unread_spec}}
+        out = {**out, "spec": _without(spec, unread_spec)}
     status = raw.get("status")
     if not isinstance(status, dict):
         return out
     if kind == "Kustomization" and "inventory" in status:
-        out = {**out, "status": {k: v for k, v in status.items() if k != "inventory"}}
+        out = {**out, "status": _without(status, _INVENTORY)}
     elif kind == "HelmRelease":
         history = status.get("history")
         if isinstance(history, list) and len(history) > 1:
             out = {**out, "status": {**status, "history": history[:1]}}
-    elif kind in _ARTIFACT_KINDS:
+    elif kind in ARTIFACT_KINDS:
         artifact = status.get("artifact")
         if isinstance(artifact, dict) and not _UNREAD_ARTIFACT.isdisjoint(artifact):
-            kept = {k: v for k, v in artifact.items() if k not in _UNREAD_ARTIFACT}
-            out = {**out, "status": {**status, "artifact": kept}}
+            out = {**out, "status": {**status, "artifact": _without(artifact, _UNREAD_ARTIFACT)}}
     return out
 
 

@@ -11,7 +11,7 @@ import functools
 import re
 from dataclasses import dataclass
 
-from receiver.flux.objects import INPUT_PROVIDER_KIND, FluxObject
+from receiver.flux.objects import ARTIFACT_KINDS, INPUT_PROVIDER_KIND, FluxObject
 from receiver.times import epoch_seconds
 
 _HEX = re.compile(r"^(?:[0-9a-f]{40}|[0-9a-f]{64})$")
@@ -102,7 +102,7 @@ def at_rest(obj: FluxObject) -> bool:
 
 def applied_revision(obj: FluxObject) -> str:
     """The revision an object last applied (consumer) or fetched (source)."""
-    if obj.kind in ("GitRepository", "OCIRepository", "Bucket", "HelmChart"):
+    if obj.kind in ARTIFACT_KINDS:
         artifact = obj.status.get("artifact")
         return str(artifact.get("revision", "")) if isinstance(artifact, dict) else ""
     if obj.kind == "HelmRelease":
